@@ -1,0 +1,312 @@
+"""`registry`: the operator's command line for the on-chain registry and the embedded localnet.
+
+Every command takes ``--rpc`` (default: the localnet on 127.0.0.1:8899) and, where it signs,
+``--keypair``. Errors print one line naming what was wrong and exit non-zero; no tracebacks for
+mistakes an operator can make.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from urllib.parse import urlparse
+
+from solders.keypair import Keypair
+from solders.pubkey import Pubkey
+
+from registry import program as p
+from registry.client import DEFAULT_RPC_URL, RegistryClient, RegistryError
+from registry.keys import load_keypair, save_keypair
+from registry.tokens import SERVICES, Grant, mint_token
+
+LAMPORTS_PER_SOL = 1_000_000_000
+DEFAULT_KEYPAIR = Path(".local/keys/authority.json")
+
+
+class CliError(Exception):
+    """A mistake the operator can fix; printed as one line."""
+
+
+def _pubkey(value: str) -> Pubkey:
+    try:
+        return Pubkey.from_string(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a base58 Solana public key") from None
+
+
+def _role(value: str) -> p.Role:
+    try:
+        return p.Role.parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def is_local_rpc(url: str) -> bool:
+    host = urlparse(url).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+async def ensure_funded(client: RegistryClient, keypair: Keypair, min_sol: float = 0.5) -> None:
+    """On the localnet, top a signer up so operators never need a separate airdrop step."""
+    if not is_local_rpc(client.rpc_url):
+        return
+    balance = (await client.rpc.get_balance(keypair.pubkey())).value
+    if balance < min_sol * LAMPORTS_PER_SOL:
+        await client.airdrop(keypair.pubkey(), int(2 * LAMPORTS_PER_SOL))
+
+
+# ------------------------------------------------------------------ commands
+
+
+def cmd_keygen(args: argparse.Namespace) -> None:
+    keypair = Keypair()
+    save_keypair(keypair, args.out, overwrite=args.force)
+    print(f"wrote {args.out}\npubkey {keypair.pubkey()}")
+
+
+def cmd_localnet(args: argparse.Namespace) -> None:
+    from registry.localnet import run_localnet
+
+    programs = [] if args.no_program else [(p.SO_PATH, p.PROGRAM_KEYPAIR_PATH)]
+    run_localnet(args.port, Path(args.ledger), programs, host=args.host)
+
+
+async def cmd_init(args: argparse.Namespace, client: RegistryClient) -> None:
+    authority = load_keypair(args.keypair)
+    existing = await client.get_registry()
+    if existing is not None:
+        if existing.authority != authority.pubkey():
+            raise CliError(
+                f"registry already initialised with authority {existing.authority}, "
+                f"not {authority.pubkey()}"
+            )
+        print(f"registry already initialised: authority {existing.authority}, "
+              f"heartbeat TTL {existing.heartbeat_ttl}s")
+        return
+    await ensure_funded(client, authority)
+    sig = await client.initialize_registry(authority, args.ttl)
+    print(f"registry initialised: authority {authority.pubkey()}, heartbeat TTL {args.ttl}s\n"
+          f"signature {sig}")
+
+
+async def cmd_issuer(args: argparse.Namespace, client: RegistryClient) -> None:
+    if args.issuer_cmd == "list":
+        issuers = await client.list_issuers()
+        if args.json:
+            print(json.dumps([{"key": str(i.key), "added_at": i.added_at} for i in issuers], indent=2))
+        else:
+            for i in issuers:
+                print(f"{i.key}  added {_ago(i.added_at)}")
+            if not issuers:
+                print("no issuers")
+        return
+    authority = load_keypair(args.keypair)
+    await ensure_funded(client, authority)
+    if args.issuer_cmd == "add":
+        if str(args.key) in await client.issuer_keys():
+            print(f"issuer {args.key} already listed")
+            return
+        sig = await client.add_issuer(authority, args.key)
+        print(f"issuer {args.key} added\nsignature {sig}")
+    else:
+        sig = await client.remove_issuer(authority, args.key)
+        print(f"issuer {args.key} removed\nsignature {sig}")
+
+
+def _fields(args: argparse.Namespace) -> p.NodeFields:
+    return p.NodeFields(
+        url=args.url, lat=args.lat, lon=args.lon, country=args.country.upper(),
+        capacity=args.capacity, version=args.version,
+    )
+
+
+async def cmd_node(args: argparse.Namespace, client: RegistryClient) -> None:
+    if args.node_cmd in ("suspend", "activate"):
+        authority = load_keypair(args.keypair)
+        status = p.NodeStatus.SUSPENDED if args.node_cmd == "suspend" else p.NodeStatus.ACTIVE
+        sig = await client.set_node_status(authority, args.owner, status)
+        print(f"node {args.owner} {status.label}\nsignature {sig}")
+        return
+    owner = load_keypair(args.keypair)
+    await ensure_funded(client, owner)
+    if args.node_cmd == "register":
+        sig = await client.register_node(owner, args.role, _fields(args))
+        print(f"node {owner.pubkey()} registered as {args.role.label}\nsignature {sig}")
+    elif args.node_cmd == "update":
+        sig = await client.update_node(owner, _fields(args))
+        print(f"node {owner.pubkey()} updated\nsignature {sig}")
+    else:
+        sig = await client.deregister_node(owner)
+        print(f"node {owner.pubkey()} deregistered\nsignature {sig}")
+
+
+async def cmd_nodes(args: argparse.Namespace, client: RegistryClient) -> None:
+    nodes = await client.list_nodes(args.role)
+    if args.json:
+        print(json.dumps([n.to_json() for n in nodes], indent=2))
+        return
+    print(format_nodes_table(nodes))
+
+
+def format_nodes_table(nodes: list[p.NodeAccount], now: float | None = None) -> str:
+    if not nodes:
+        return "no nodes registered"
+    header = ("ROLE", "URL", "LOCATION", "LOAD", "HEARTBEAT", "STATUS", "VERSION", "PUBKEY")
+    rows = [header]
+    for n in nodes:
+        status = n.status.label + (" (stale)" if n.stale else "")
+        rows.append((
+            n.role.label,
+            n.url,
+            f"{n.country} {n.lat:.2f},{n.lon:.2f}",
+            f"{n.load}/{n.capacity}",
+            _ago(n.last_heartbeat, now),
+            status,
+            n.version,
+            str(n.owner),
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _ago(ts: int, now: float | None = None) -> str:
+    age = int((time.time() if now is None else now) - ts)
+    if age < 120:
+        return f"{age}s ago"
+    if age < 7200:
+        return f"{age // 60}m ago"
+    return f"{age // 3600}h ago"
+
+
+async def cmd_airdrop(args: argparse.Namespace, client: RegistryClient) -> None:
+    if not is_local_rpc(client.rpc_url):
+        raise CliError(f"airdrop is for the localnet only; {client.rpc_url} is not a loopback RPC")
+    if args.sol <= 0:
+        raise CliError(f"--sol must be positive, got {args.sol}")
+    sig = await client.airdrop(args.to, int(args.sol * LAMPORTS_PER_SOL))
+    balance = (await client.rpc.get_balance(args.to)).value / LAMPORTS_PER_SOL
+    print(f"airdropped {args.sol} SOL to {args.to} (balance {balance} SOL)\nsignature {sig}")
+
+
+def cmd_token_mint(args: argparse.Namespace) -> None:
+    issuer = load_keypair(args.issuer_key)
+    try:
+        grant = Grant(service=args.service, room=args.room, limit=args.limit)
+        print(mint_token(issuer, args.identity, grant, args.ttl))
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+# ------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="registry", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def rpc(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--rpc", default=DEFAULT_RPC_URL, help=f"JSON-RPC URL (default {DEFAULT_RPC_URL})")
+
+    def keypair(sp: argparse.ArgumentParser, default: Path | None = DEFAULT_KEYPAIR) -> None:
+        sp.add_argument("--keypair", type=Path, default=default, required=default is None,
+                        help=f"signer keypair file (default {default})" if default else "signer keypair file")
+
+    sp = sub.add_parser("keygen", help="write a new keypair file (Solana CLI format)")
+    sp.add_argument("out", type=Path)
+    sp.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    sp = sub.add_parser("localnet", help="run the embedded localnet (JSON-RPC over LiteSVM)")
+    sp.add_argument("--port", type=int, default=8899)
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--ledger", default=".local/ledger", help="state directory (kept across restarts)")
+    sp.add_argument("--no-program", action="store_true", help="do not deploy the registry program")
+
+    sp = sub.add_parser("init", help="initialise the registry (the signer becomes its authority)")
+    rpc(sp); keypair(sp)
+    sp.add_argument("--ttl", type=int, default=30, help="heartbeat TTL in seconds (default 30)")
+
+    sp = sub.add_parser("issuer", help="gateway keys that nodes trust")
+    isub = sp.add_subparsers(dest="issuer_cmd", required=True)
+    for name in ("add", "remove"):
+        s = isub.add_parser(name); rpc(s); keypair(s); s.add_argument("key", type=_pubkey)
+    s = isub.add_parser("list"); rpc(s); s.add_argument("--json", action="store_true")
+
+    sp = sub.add_parser("nodes", help="list registered nodes")
+    rpc(sp)
+    sp.add_argument("--role", type=_role)
+    sp.add_argument("--json", action="store_true")
+
+    sp = sub.add_parser("node", help="register, update or deregister a node; suspend or activate one")
+    nsub = sp.add_subparsers(dest="node_cmd", required=True)
+    for name in ("register", "update"):
+        s = nsub.add_parser(name); rpc(s); keypair(s, None)
+        if name == "register":
+            s.add_argument("--role", type=_role, required=True)
+        s.add_argument("--url", required=True)
+        s.add_argument("--lat", type=float, required=True)
+        s.add_argument("--lon", type=float, required=True)
+        s.add_argument("--country", required=True, help="ISO 3166-1 alpha-2, e.g. DE")
+        s.add_argument("--capacity", type=int, required=True)
+        s.add_argument("--version", default="0.1.0")
+    s = nsub.add_parser("deregister"); rpc(s); keypair(s, None)
+    for name in ("suspend", "activate"):
+        s = nsub.add_parser(name, help="authority only"); rpc(s); keypair(s)
+        s.add_argument("owner", type=_pubkey, help="the node's public key")
+
+    sp = sub.add_parser("airdrop", help="fund a wallet with test SOL (localnet only)")
+    rpc(sp)
+    sp.add_argument("--to", type=_pubkey, required=True)
+    sp.add_argument("--sol", type=float, default=1.0)
+
+    sp = sub.add_parser("token", help="session tokens")
+    tsub = sp.add_subparsers(dest="token_cmd", required=True)
+    s = tsub.add_parser("mint", help="print a signed token, to test a node without a gateway")
+    s.add_argument("--issuer-key", type=Path, required=True)
+    s.add_argument("--service", choices=SERVICES, required=True)
+    s.add_argument("--identity", required=True)
+    s.add_argument("--ttl", type=int, required=True, help="seconds")
+    s.add_argument("--room", help="room name (webrtc)")
+    s.add_argument("--limit", type=int, help="seconds (stt) or characters (tts)")
+    return parser
+
+
+ASYNC_COMMANDS: dict[str, Callable[[argparse.Namespace, RegistryClient], Awaitable[None]]] = {
+    "init": cmd_init, "issuer": cmd_issuer, "node": cmd_node, "nodes": cmd_nodes,
+    "airdrop": cmd_airdrop,
+}
+
+
+async def _run_async(args: argparse.Namespace) -> None:
+    async with RegistryClient(args.rpc) as client:
+        await ASYNC_COMMANDS[args.cmd](args, client)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "keygen":
+            cmd_keygen(args)
+        elif args.cmd == "localnet":
+            cmd_localnet(args)
+        elif args.cmd == "token":
+            cmd_token_mint(args)
+        else:
+            asyncio.run(_run_async(args))
+    except p.RegistryProgramError as exc:
+        print(f"registry: refused by the program: {exc.name} ({exc.code})", file=sys.stderr)
+        return 1
+    except (CliError, RegistryError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"registry: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 up: setup
-	$(PY) -m registry.devnet
+	$(PY) scripts/devnet.py
 
 test: setup
 	$(PY) -m pytest -q

@@ -14,17 +14,15 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from urllib.parse import urlparse
 
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
 from registry import program as p
-from registry.client import DEFAULT_RPC_URL, RegistryClient, RegistryError
+from registry.client import LAMPORTS_PER_SOL, DEFAULT_RPC_URL, RegistryClient, RegistryError, is_local_rpc
 from registry.keys import load_keypair, save_keypair
 from registry.tokens import SERVICES, Grant, mint_token
 
-LAMPORTS_PER_SOL = 1_000_000_000
 DEFAULT_KEYPAIR = Path(".local/keys/authority.json")
 
 
@@ -44,20 +42,6 @@ def _role(value: str) -> p.Role:
         return p.Role.parse(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def is_local_rpc(url: str) -> bool:
-    host = urlparse(url).hostname or ""
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
-async def ensure_funded(client: RegistryClient, keypair: Keypair, min_sol: float = 0.5) -> None:
-    """On the localnet, top a signer up so operators never need a separate airdrop step."""
-    if not is_local_rpc(client.rpc_url):
-        return
-    balance = (await client.rpc.get_balance(keypair.pubkey())).value
-    if balance < min_sol * LAMPORTS_PER_SOL:
-        await client.airdrop(keypair.pubkey(), int(2 * LAMPORTS_PER_SOL))
 
 
 # ------------------------------------------------------------------ commands
@@ -88,7 +72,7 @@ async def cmd_init(args: argparse.Namespace, client: RegistryClient) -> None:
         print(f"registry already initialised: authority {existing.authority}, "
               f"heartbeat TTL {existing.heartbeat_ttl}s")
         return
-    await ensure_funded(client, authority)
+    await client.ensure_funded(authority)
     sig = await client.initialize_registry(authority, args.ttl)
     print(f"registry initialised: authority {authority.pubkey()}, heartbeat TTL {args.ttl}s\n"
           f"signature {sig}")
@@ -106,7 +90,7 @@ async def cmd_issuer(args: argparse.Namespace, client: RegistryClient) -> None:
                 print("no issuers")
         return
     authority = load_keypair(args.keypair)
-    await ensure_funded(client, authority)
+    await client.ensure_funded(authority)
     if args.issuer_cmd == "add":
         if str(args.key) in await client.issuer_keys():
             print(f"issuer {args.key} already listed")
@@ -133,7 +117,7 @@ async def cmd_node(args: argparse.Namespace, client: RegistryClient) -> None:
         print(f"node {args.owner} {status.label}\nsignature {sig}")
         return
     owner = load_keypair(args.keypair)
-    await ensure_funded(client, owner)
+    await client.ensure_funded(owner)
     if args.node_cmd == "register":
         sig = await client.register_node(owner, args.role, _fields(args))
         print(f"node {owner.pubkey()} registered as {args.role.label}\nsignature {sig}")

@@ -12,6 +12,7 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from urllib.parse import urlparse
 
 from based58 import b58encode
 
@@ -30,6 +31,7 @@ from solders.transaction import Transaction
 from registry import program as p
 
 DEFAULT_RPC_URL = "http://127.0.0.1:8899"
+LAMPORTS_PER_SOL = 1_000_000_000
 
 _CUSTOM_RE = re.compile(r"(?:InstructionErrorCustom\(|Custom\()(?:code: )?(\d+)\)")
 _HEX_RE = re.compile(r"custom program error: 0x([0-9a-fA-F]+)")
@@ -144,6 +146,14 @@ class RegistryClient:
         await self.rpc.confirm_transaction(sig, Confirmed, sleep_seconds=0.05)
         return sig
 
+    async def ensure_funded(self, keypair: Keypair, min_sol: float = 0.5) -> None:
+        """On the localnet, top a signer up so operators never need a separate airdrop step."""
+        if not is_local_rpc(self.rpc_url):
+            return
+        balance = (await self.rpc.get_balance(keypair.pubkey())).value
+        if balance < min_sol * LAMPORTS_PER_SOL:
+            await self.airdrop(keypair.pubkey(), 2 * LAMPORTS_PER_SOL)
+
     # ------------------------------------------------------------ reads
 
     async def _account_data(self, address: Pubkey) -> bytes | None:
@@ -210,6 +220,12 @@ class RegistryClient:
         return [str(i.key) for i in await self.list_issuers()]
 
 
+def is_local_rpc(url: str) -> bool:
+    """Loopback RPC = our localnet: the only place airdrops and auto-funding are allowed."""
+    host = urlparse(url).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def mark_stale(nodes: list[p.NodeAccount], ttl: int, now: float | None = None) -> list[p.NodeAccount]:
     current = time.time() if now is None else now
     return [replace(n, stale=current - n.last_heartbeat > ttl) for n in nodes]
@@ -254,7 +270,9 @@ def _b58(raw: bytes) -> str:
 __all__ = [
     "DEFAULT_RPC_URL",
     "RegistryClient",
+    "LAMPORTS_PER_SOL",
     "RegistryError",
+    "is_local_rpc",
     "decode_node_fast",
     "mark_stale",
     "program_error_from",

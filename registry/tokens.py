@@ -173,6 +173,7 @@ def verify_token(
             algorithms=[ALGORITHM],
             leeway=leeway,
             options={"require": ["exp", "nbf", "iss", "sub", "jti"], "verify_exp": False,
+                     "verify_iat": False,
                      "verify_nbf": False},
         )
     except jwt.InvalidSignatureError:

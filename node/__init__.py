@@ -1,0 +1,1 @@
+"""Voice-network nodes: one agent (keys, registration, heartbeat, drain) and a plug-in per role."""

@@ -1,0 +1,258 @@
+"""The node agent: one key, one registry entry, a heartbeat, health and metrics, and a graceful exit.
+
+Life of a node: load (or create) its key; serve HTTP; make its registry entry match the config
+(register the first time, update when the operator changed URL, location, capacity or version);
+heartbeat with the role's live load; on SIGTERM/SIGINT stop taking sessions, wait for live ones up
+to ``drain_timeout``, then deregister (rent back to the node key) so gateways stop routing to it at
+once instead of after the TTL. A node killed with SIGKILL simply stops heartbeating and is reported
+stale after the registry's TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from solders.pubkey import Pubkey
+
+from node.config import NodeConfig
+from node.roles import ROLE_SERVICE, Role, RoleContext, load_role
+from registry import program as p
+from registry.client import RegistryClient, RegistryError
+from registry.keys import load_or_create_keypair
+from registry.tokens import TokenVerifier
+
+log = logging.getLogger("node.agent")
+
+NODE_VERSION = "0.1.0"
+RoleFactory = Callable[[RoleContext], Role]
+
+
+class NodeStartError(Exception):
+    """The node cannot join the network; the message says why and what to do."""
+
+
+class Metrics:
+    """Prometheus series for one agent (a registry of its own, so tests can run several agents)."""
+
+    def __init__(self, role: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"role": role}
+        self.load = Gauge("voicenet_node_load", "Live sessions", registry=self.registry,
+                          labelnames=["role"]).labels(**labels)
+        self.capacity = Gauge("voicenet_node_capacity", "Declared capacity",
+                              registry=self.registry, labelnames=["role"]).labels(**labels)
+        self.draining = Gauge("voicenet_node_draining", "1 while draining", registry=self.registry,
+                              labelnames=["role"]).labels(**labels)
+        self.heartbeats = Counter("voicenet_node_heartbeats", "Heartbeat transactions sent",
+                                  registry=self.registry, labelnames=["role", "result"])
+        self.last_heartbeat = Gauge("voicenet_node_last_heartbeat_timestamp_seconds",
+                                    "Unix time of the last confirmed heartbeat",
+                                    registry=self.registry, labelnames=["role"]).labels(**labels)
+        self.role = role
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class NodeAgent:
+    def __init__(self, config: NodeConfig, role_factory: RoleFactory | None = None) -> None:
+        if config.role is None:
+            raise NodeStartError("the config names no role")
+        self.config = config
+        self.role_name = config.role
+        self.keypair = load_or_create_keypair(config.keypair)
+        program_id = Pubkey.from_string(config.program_id) if config.program_id else p.PROGRAM_ID
+        self.client = RegistryClient(config.rpc_url, program_id)
+        self.verifier = TokenVerifier(
+            self.client.issuer_keys, ROLE_SERVICE[self.role_name], cache_ttl=config.issuer_cache_seconds
+        )
+        context = RoleContext(
+            role=self.role_name,
+            settings=config.role_settings(self.role_name),
+            keypair=self.keypair,
+            verifier=self.verifier,
+            public_url=config.public_url,
+            gateway_url=config.gateway_url,
+            state_dir=config.state_dir,
+            log=logging.getLogger(f"node.{self.role_name}"),
+        )
+        self.role: Role = role_factory(context) if role_factory else load_role(self.role_name, context)
+        self.metrics = Metrics(self.role_name)
+        self.state = "starting"
+        self.last_heartbeat: float | None = None
+        self.heartbeat_failures = 0
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+        self.app = self._build_app()
+
+    @property
+    def pubkey(self) -> Pubkey:
+        return self.keypair.pubkey()
+
+    # ------------------------------------------------------------ HTTP
+
+    def _build_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        self.role.routes(app)
+        return app
+
+    async def _health(self, request: web.Request) -> web.Response:
+        body = {
+            "status": "ok" if self.state == "serving" else self.state,
+            "role": self.role_name,
+            "pubkey": str(self.pubkey),
+            "load": self.role.load(),
+            "capacity": self.role.capacity,
+            "last_heartbeat": self.last_heartbeat,
+            "heartbeat_failures": self.heartbeat_failures,
+            "version": self.version,
+        }
+        return web.json_response(body, status=200 if self.state == "serving" else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        self.metrics.load.set(self.role.load())
+        self.metrics.capacity.set(self.role.capacity)
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    @property
+    def version(self) -> str:
+        return self.config.version or NODE_VERSION
+
+    def _fields(self) -> p.NodeFields:
+        loc = self.config.location
+        return p.NodeFields(
+            url=self.config.public_url, lat=loc.lat, lon=loc.lon, country=loc.country,
+            capacity=self.role.capacity, version=self.version,
+        )
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.listen_host, self.config.listen_port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else self.config.listen_port
+        log.info("%s node %s listening on %s:%s (public %s)", self.role_name, self.pubkey,
+                 self.config.listen_host, self.port, self.config.public_url)
+        await self.role.start()
+        await self.ensure_registered()
+        await self.heartbeat_once()
+        self.state = "serving"
+        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
+
+    async def ensure_registered(self) -> None:
+        """Make the on-chain entry match the config: register, update, or leave it as it is."""
+        try:
+            await self.client.ensure_funded(self.keypair)
+            await self.client.require_registry()
+            existing = await self.client.get_node(self.pubkey)
+            wanted = self._fields()
+            if existing is None:
+                await self.client.register_node(self.keypair, p.Role.parse(self.role_name), wanted)
+                log.info("registered %s node %s at %s", self.role_name, self.pubkey, wanted.url)
+                return
+            if existing.role.label != self.role_name:
+                raise NodeStartError(
+                    f"key {self.pubkey} is registered as a {existing.role.label} node, not "
+                    f"{self.role_name}: use another keypair or `registry node deregister` first"
+                )
+            if existing.status is p.NodeStatus.SUSPENDED:
+                raise NodeStartError(
+                    f"node {self.pubkey} is suspended by the registry authority; "
+                    "it cannot heartbeat until the authority activates it"
+                )
+            if _differs(existing, wanted):
+                await self.client.update_node(self.keypair, wanted)
+                log.info("updated registry entry of node %s", self.pubkey)
+            else:
+                log.info("registry entry of node %s is up to date", self.pubkey)
+        except RegistryError as exc:
+            raise NodeStartError(str(exc)) from None
+
+    async def heartbeat_once(self) -> bool:
+        load, capacity = self.role.load(), self.role.capacity
+        try:
+            await self.client.heartbeat(self.keypair, load, capacity)
+        except (RegistryError, p.RegistryProgramError, OSError) as exc:
+            self.heartbeat_failures += 1
+            self.metrics.heartbeats.labels(role=self.role_name, result="error").inc()
+            log.warning("heartbeat failed (%s); retrying in %.0fs", exc, self.config.heartbeat_interval)
+            return False
+        self.last_heartbeat = time.time()
+        self.metrics.heartbeats.labels(role=self.role_name, result="ok").inc()
+        self.metrics.last_heartbeat.set(self.last_heartbeat)
+        log.debug("heartbeat load %d/%d", load, capacity)
+        return True
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval)
+            await self.heartbeat_once()
+
+    async def shutdown(self) -> None:
+        """Drain, then leave the registry; safe to call more than once."""
+        if self.state in ("stopping", "stopped"):
+            return
+        self.state = "draining"
+        self.metrics.draining.set(1)
+        log.info("draining: no new sessions, waiting up to %.0fs for %d live ones",
+                 self.config.drain_timeout, self.role.load())
+        await self.role.drain()
+        deadline = time.monotonic() + self.config.drain_timeout
+        while self.role.load() > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        self.state = "stopping"
+        if self._heartbeat_task:
+            self._heartbeat_task.cancel()
+        await self.role.stop()
+        if self.config.deregister_on_exit:
+            try:
+                await self.client.deregister_node(self.keypair)
+                log.info("deregistered node %s", self.pubkey)
+            except (RegistryError, p.RegistryProgramError, OSError) as exc:
+                log.warning("could not deregister (%s); the entry goes stale after the TTL", exc)
+        if self._runner:
+            await self._runner.cleanup()
+        await self.client.close()
+        self.state = "stopped"
+
+
+def _differs(node: p.NodeAccount, wanted: p.NodeFields) -> bool:
+    return (
+        node.url != wanted.url
+        or p.to_micro(node.lat) != p.to_micro(wanted.lat)
+        or p.to_micro(node.lon) != p.to_micro(wanted.lon)
+        or node.country != wanted.country
+        or node.capacity != wanted.capacity
+        or node.version != wanted.version
+    )
+
+
+async def serve(config: NodeConfig, role_factory: RoleFactory | None = None) -> None:
+    """Run a node until SIGTERM or SIGINT, then drain and deregister."""
+    agent = NodeAgent(config, role_factory)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await agent.start()
+    except BaseException:
+        await agent.shutdown()
+        raise
+    print(f"{agent.role_name} node {agent.pubkey} ready on {config.public_url}", flush=True)
+    await stop.wait()
+    await agent.shutdown()

@@ -1,0 +1,116 @@
+"""A node's YAML config, validated with pydantic so a typo names the key and the fix.
+
+Unknown keys are errors (a misspelt ``capcity`` silently ignored would register the wrong node).
+The role's own settings live under a key named for the role (``stt:``, ``tts:``, ``sfu:``) and are
+validated by the role plug-in, not here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from registry.client import DEFAULT_RPC_URL
+from registry.program import MAX_URL_LEN, VERSION_LEN
+
+ROLE_NAMES = ("sfu", "stt", "tts")
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the file, the key and the problem."""
+
+
+class Location(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lat: float = Field(ge=-90, le=90, description="latitude in degrees")
+    lon: float = Field(ge=-180, le=180, description="longitude in degrees")
+    country: str = Field(description="ISO 3166-1 alpha-2 code, e.g. DE")
+
+    @field_validator("country")
+    @classmethod
+    def _country(cls, v: str) -> str:
+        v = v.strip().upper()
+        if len(v) != 2 or not v.isascii() or not v.isalpha():
+            raise ValueError(f"{v!r} is not a two-letter ISO country code such as DE or US")
+        return v
+
+
+class NodeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["sfu", "stt", "tts"] | None = None
+    keypair: Path = Field(description="the node's key; created on first start if missing")
+    rpc_url: str = DEFAULT_RPC_URL
+    program_id: str | None = None
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(ge=0, le=65535)
+    public_url: str = Field(min_length=1, max_length=MAX_URL_LEN)
+    location: Location
+    capacity: int = Field(ge=1)
+    version: str | None = Field(default=None, min_length=1, max_length=VERSION_LEN)
+    gateway_url: str | None = None
+    heartbeat_interval: float = Field(default=10.0, gt=0)
+    drain_timeout: float = Field(default=30.0, ge=0)
+    deregister_on_exit: bool = True
+    issuer_cache_seconds: float = Field(default=10.0, gt=0)
+    state_dir: Path = Path(".local/node")
+    sfu: dict[str, Any] = Field(default_factory=dict)
+    stt: dict[str, Any] = Field(default_factory=dict)
+    tts: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("public_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.isascii() or any(c.isspace() for c in v):
+            raise ValueError("public_url must be printable ASCII without spaces")
+        if "://" not in v:
+            raise ValueError(f"public_url {v!r} needs a scheme, e.g. http://127.0.0.1:8001")
+        return v
+
+    def role_settings(self, role: str) -> dict[str, Any]:
+        return dict(getattr(self, role))
+
+
+def load_config(path: str | Path, role: str | None = None) -> NodeConfig:
+    """Read and validate a node config; ``role`` from the command line wins over the file's.
+
+    Relative paths in the file are relative to the working directory (the repository root under
+    `make up`), like every other path the CLIs take.
+    """
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} not found (see configs/ for commented examples)") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of keys to values")
+    if role is not None:
+        if role not in ROLE_NAMES:
+            raise ConfigError(f"unknown role {role!r}: expected one of {', '.join(ROLE_NAMES)}")
+        raw["role"] = role
+    try:
+        config = NodeConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{p}: " + format_validation_error(exc)) from None
+    if config.role is None:
+        raise ConfigError(f"{p}: no role: pass --role {{sfu,stt,tts}} or set `role:` in the file")
+    return config
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key {key!r} (check the spelling against configs/)")
+        elif err["type"] == "missing":
+            parts.append(f"missing required key {key!r}")
+        else:
+            parts.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(parts)

@@ -1,0 +1,77 @@
+"""The narrow interface between the node agent and a role (sfu, stt, tts).
+
+The agent owns keys, registration, heartbeats, health and drain; a role owns its protocol. A role
+module exposes ``create_role(context) -> Role``. Roles never import each other and import only the
+agent's public pieces (this module, ``node.config``) and ``registry``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from aiohttp import web
+from solders.keypair import Keypair
+
+from registry.tokens import TokenVerifier
+
+ROLE_MODULES = {"sfu": "node.sfu", "stt": "node.stt", "tts": "node.tts"}
+ROLE_SERVICE = {"sfu": "webrtc", "stt": "stt", "tts": "tts"}
+
+
+class RoleNotBuilt(Exception):
+    """The role's plug-in is not part of this build; we refuse rather than fake it."""
+
+
+@dataclass
+class RoleContext:
+    """What the agent hands a role: its settings, identity, and the shared token verifier."""
+
+    role: str
+    settings: dict[str, Any]
+    keypair: Keypair
+    verifier: TokenVerifier
+    public_url: str
+    gateway_url: str | None
+    state_dir: Any
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("node"))
+
+
+@runtime_checkable
+class Role(Protocol):
+    """A role plug-in. ``load()`` is what the heartbeat reports; it must be cheap to call."""
+
+    name: str
+
+    @property
+    def capacity(self) -> int: ...
+
+    def routes(self, app: web.Application) -> None:
+        """Add the role's HTTP/WebSocket routes to the node's app."""
+
+    async def start(self) -> None: ...
+
+    async def drain(self) -> None:
+        """Stop taking new sessions; live sessions go on until they end or the agent times out."""
+
+    async def stop(self) -> None: ...
+
+    def load(self) -> int: ...
+
+
+def load_role(name: str, context: RoleContext) -> Role:
+    module_name = ROLE_MODULES.get(name)
+    if module_name is None:
+        raise RoleNotBuilt(f"unknown role {name!r}: expected one of {', '.join(ROLE_MODULES)}")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        raise RoleNotBuilt(
+            f"the {name} role is not built in this version of the node (no module {module_name}); "
+            "run a node of a role that exists"
+        ) from None
+    return module.create_role(context)

@@ -1,0 +1,174 @@
+"""`make up`: the whole network on this machine, in the foreground.
+
+Starts the localnet (registry program deployed), initialises the registry, lists the gateway's key
+as a trusted issuer, then starts the gateway and one node of each role that this build has. Each
+child's output is prefixed with its name. Ctrl-C (or SIGTERM) stops the children in reverse order,
+so nodes drain and deregister while the chain is still up. State lives under `.local/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from registry.client import RegistryClient, RegistryError  # noqa: E402
+from registry.keys import load_or_create_keypair  # noqa: E402
+
+LOCAL = ROOT / ".local"
+RPC_PORT = 8899
+RPC_URL = f"http://127.0.0.1:{RPC_PORT}"
+GATEWAY_URL = "http://127.0.0.1:8402"
+HEARTBEAT_TTL = 30
+NODE_PORTS = {"sfu": 7880, "stt": 8001, "tts": 8002}
+
+
+class Child:
+    def __init__(self, name: str, argv: list[str]) -> None:
+        self.name = name
+        self.argv = argv
+        self.proc: asyncio.subprocess.Process | None = None
+        self._pump: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self._pump = asyncio.create_task(self._prefix_output())
+
+    async def _prefix_output(self) -> None:
+        assert self.proc and self.proc.stdout
+        async for line in self.proc.stdout:
+            print(f"[{self.name}] {line.decode(errors='replace').rstrip()}", flush=True)
+
+    async def stop(self, timeout: float = 40.0) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout)
+        except asyncio.TimeoutError:
+            print(f"[{self.name}] did not stop in {timeout:.0f}s; killing", flush=True)
+            self.proc.kill()
+            await self.proc.wait()
+        if self._pump:
+            await self._pump
+
+
+async def wait_http(url: str, what: str, timeout: float = 60.0) -> None:
+    import aiohttp
+
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(url) as resp:
+                    if resp.status < 500:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"{what} did not come up at {url} within {timeout:.0f}s")
+
+
+async def wait_rpc(client: RegistryClient, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            await client.rpc.get_slot()
+            return
+        except Exception:  # noqa: BLE001 - any failure means "not up yet"
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"the localnet did not answer at {RPC_URL} within {timeout:.0f}s")
+
+
+async def bootstrap_registry(client: RegistryClient) -> str:
+    """Initialise the registry and list the gateway key as an issuer; idempotent across restarts."""
+    authority = load_or_create_keypair(LOCAL / "keys" / "authority.json")
+    issuer = load_or_create_keypair(LOCAL / "keys" / "gateway-issuer.json")
+    await client.ensure_funded(authority)
+    registry = await client.get_registry()
+    if registry is None:
+        await client.initialize_registry(authority, HEARTBEAT_TTL)
+        print(f"registry initialised (authority {authority.pubkey()}, TTL {HEARTBEAT_TTL}s)")
+    if str(issuer.pubkey()) not in await client.issuer_keys():
+        await client.add_issuer(authority, issuer.pubkey())
+        print(f"gateway issuer {issuer.pubkey()} listed on the registry")
+    return str(issuer.pubkey())
+
+
+def built(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+async def main() -> int:
+    LOCAL.mkdir(exist_ok=True)
+    py = sys.executable
+    children: list[Child] = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def start(child: Child) -> None:
+        children.append(child)
+        await child.start()
+
+    try:
+        await start(Child("localnet", [py, "-m", "registry.cli", "localnet", "--port", str(RPC_PORT),
+                                       "--ledger", str(LOCAL / "ledger")]))
+        async with RegistryClient(RPC_URL) as client:
+            await wait_rpc(client)
+            issuer = await bootstrap_registry(client)
+        urls = {"localnet (Solana JSON-RPC)": RPC_URL}
+        if built("gateway.app"):
+            await start(Child("gateway", [py, "-m", "gateway.cli", "--config", "configs/gateway.yaml"]))
+            await wait_http(f"{GATEWAY_URL}/internal/health", "the gateway")
+            urls["gateway"] = GATEWAY_URL
+        else:
+            print("gateway: not built in this version; skipped")
+        for role, port in NODE_PORTS.items():
+            if not built(f"node.{role}"):
+                print(f"{role} node: role not built in this version; skipped")
+                continue
+            await start(Child(role, [py, "-m", "node.cli", "--role", role,
+                                     "--config", f"configs/node-{role}.yaml"]))
+            await wait_http(f"http://127.0.0.1:{port}/health", f"the {role} node", timeout=180)
+            urls[f"{role} node"] = f"http://127.0.0.1:{port}"
+        for name, url in urls.items():
+            print(f"  {name:28} {url}")
+        print(f"  {'trusted issuer (gateway key)':28} {issuer}")
+        print("ready", flush=True)
+        while not stop.is_set():
+            dead = [c for c in children if c.proc and c.proc.returncode is not None]
+            if dead:
+                print(f"{dead[0].name} exited with code {dead[0].proc.returncode}; stopping", flush=True)
+                return 1
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+        return 0
+    except (RuntimeError, RegistryError) as exc:
+        print(f"make up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        print("stopping...", flush=True)
+        for child in reversed(children):
+            await child.stop()
+        print("stopped", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

@@ -1,0 +1,61 @@
+"""Node configs: every shipped config loads; mistakes name the key and the fix."""
+
+from pathlib import Path
+
+import pytest
+
+from node import cli
+from node.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+BASE = (CONFIGS / "node-stt.yaml").read_text()
+
+
+@pytest.mark.parametrize("role", ["sfu", "stt", "tts"])
+def test_shipped_configs_load(role: str) -> None:
+    config = load_config(CONFIGS / f"node-{role}.yaml", role)
+    assert config.role == role
+    assert config.capacity >= 1
+    assert config.public_url.startswith("http://127.0.0.1:")
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "node.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown key 'capcity'"):
+        load_config(write(tmp_path, BASE + "capcity: 3\n"), "stt")
+
+
+def test_bad_values_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="location.country"):
+        load_config(write(tmp_path, BASE.replace("country: DE", "country: Germany")), "stt")
+    with pytest.raises(ConfigError, match="location.lat"):
+        load_config(write(tmp_path, BASE.replace("lat: 52.52", "lat: 123")), "stt")
+    with pytest.raises(ConfigError, match="capacity"):
+        load_config(write(tmp_path, BASE.replace("capacity: 16", "capacity: 0")), "stt")
+    with pytest.raises(ConfigError, match="public_url"):
+        load_config(write(tmp_path, BASE.replace("public_url: http://", "public_url: ")), "stt")
+
+
+def test_missing_key_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="missing required key 'public_url'"):
+        load_config(write(tmp_path, BASE.replace("public_url:", "# public_url:")), "stt")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "keypair: [unclosed\n"), "stt")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml", "stt")
+
+
+def test_no_role_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no role"):
+        load_config(write(tmp_path, BASE))
+
+
+def test_cli_refuses_a_bad_config_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--role", "stt", "--config", str(write(tmp_path, BASE + "bogus: 1\n"))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("node: ") and "bogus" in err and "Traceback" not in err

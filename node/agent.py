@@ -79,6 +79,7 @@ class NodeAgent:
             keypair=self.keypair,
             verifier=self.verifier,
             public_url=config.public_url,
+            capacity=config.capacity,
             gateway_url=config.gateway_url,
             state_dir=config.state_dir,
             log=logging.getLogger(f"node.{self.role_name}"),

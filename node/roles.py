@@ -34,6 +34,7 @@ class RoleContext:
     keypair: Keypair
     verifier: TokenVerifier
     public_url: str
+    capacity: int
     gateway_url: str | None
     state_dir: Any
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("node"))

@@ -144,7 +144,7 @@ class ObjectFile:
     symbols: list[Symbol]
 
     @classmethod
-    def parse(cls, raw: bytes) -> "ObjectFile":
+    def parse(cls, raw: bytes) -> ObjectFile:
         if len(raw) < EHDR.size or raw[:4] != b"\x7fELF":
             raise LinkError("input is not an ELF file")
         (ident, e_type, e_machine, _v, _entry, _phoff, e_shoff, _flags, _ehsize, _phentsize,
@@ -176,7 +176,7 @@ class ObjectFile:
         strtab = sections[symtab.link].data
         symbols = []
         for i in range(symtab.size // SYM.size):
-            st_name, st_info, _other, shndx, value, size = SYM.unpack_from(symtab.data, i * SYM.size)
+            st_name, st_info, _o, shndx, value, size = SYM.unpack_from(symtab.data, i * SYM.size)
             symbols.append(
                 Symbol(_cstr(strtab, st_name), st_info >> 4, st_info & 0xF, shndx, value, size)
             )

@@ -1,0 +1,616 @@
+/* The voice-network node registry: a Solana program in C with Anchor's ABI.
+ *
+ * Instruction data = sha256("global:<snake_name>")[:8] + Borsh arguments; account data =
+ * sha256("account:<Name>")[:8] + fixed-layout fields (see idl.json and README.md). The
+ * discriminators and error codes come from discriminators.h, generated from idl.json by
+ * build.py. Errors are returned as Custom(code) after logging "error: <Name>".
+ *
+ * Every instruction checks: exact account count and instruction length, signer and writable
+ * flags, the System Program id, the owner and discriminator (and size) of every account it
+ * reads, the PDA of every program account (recomputed with its stored bump; canonical bump via
+ * sol_try_find_program_address at creation), checked arithmetic, and closes accounts by
+ * draining lamports, zeroing and truncating the data and handing them back to the System
+ * Program.
+ */
+#include "sol.h"
+#include "discriminators.h"
+
+#define MAX_ACCOUNTS 8
+#define ACCOUNT_STORAGE_OVERHEAD 128
+#define MAX_TTL_SECONDS 86400
+#define MAX_URL_LEN 200
+#define VERSION_LEN 16
+#define MAX_LAT 90000000
+#define MAX_LON 180000000
+
+/* Registry PDA ["registry"] */
+#define REGISTRY_SIZE 72
+#define REG_AUTHORITY 8
+#define REG_TTL 40
+#define REG_NODE_COUNT 48
+#define REG_ISSUER_COUNT 56
+#define REG_BUMP 64
+
+/* Issuer PDA ["issuer", key] */
+#define ISSUER_SIZE 56
+#define ISS_KEY 8
+#define ISS_ADDED_AT 40
+#define ISS_BUMP 48
+
+/* Node PDA ["node", owner] */
+#define NODE_SIZE 308
+#define NODE_OWNER 8
+#define NODE_REGISTERED_AT 40
+#define NODE_LAST_HEARTBEAT 48
+#define NODE_LAST_HEARTBEAT_SLOT 56
+#define NODE_LAT 64
+#define NODE_LON 68
+#define NODE_CAPACITY 72
+#define NODE_LOAD 76
+#define NODE_ROLE 80
+#define NODE_STATUS 81
+#define NODE_BUMP 82
+#define NODE_COUNTRY 84
+#define NODE_VERSION 88
+#define NODE_URL_LEN 104
+#define NODE_URL 108
+
+#define ROLE_MAX 2
+#define STATUS_ACTIVE 0
+#define STATUS_SUSPENDED 1
+
+/* System Program instruction indices */
+#define SYS_CREATE_ACCOUNT 0
+#define SYS_ASSIGN 1
+#define SYS_TRANSFER 2
+#define SYS_ALLOCATE 8
+
+#define FIELD(type, data, off) (*(type *)((data) + (off)))
+
+typedef struct {
+    u8 *acc[MAX_ACCOUNTS];
+    u64 num_accounts;
+    const u8 *data;
+    u64 data_len;
+    Key program_id;
+} Ctx;
+
+static __attribute__((noinline)) u64 fail(u64 code, const char *msg, u64 len) {
+    sol_log_(msg, len);
+    return code;
+}
+
+#define FAIL(name) return fail(E_##name, "error: " #name, sizeof("error: " #name) - 1)
+#define TRY(expr)                                                                            \
+    do {                                                                                     \
+        u64 rc_ = (expr);                                                                    \
+        if (rc_) return rc_;                                                                 \
+    } while (0)
+
+static const char SEED_REGISTRY[] = "registry";
+static const char SEED_ISSUER[] = "issuer";
+static const char SEED_NODE[] = "node";
+
+/* ---------------------------------------------------------------- account checks */
+
+static u64 need_signer(const u8 *rec) {
+    if (!ACC_IS_SIGNER(rec)) FAIL(MissingSignature);
+    return 0;
+}
+
+static u64 need_writable(const u8 *rec) {
+    if (!ACC_IS_WRITABLE(rec)) FAIL(NotWritable);
+    return 0;
+}
+
+static u64 need_system_program(const u8 *rec) {
+    if (!key_is_zero(ACC_KEY(rec))) FAIL(WrongSystemProgram);
+    return 0;
+}
+
+/* A program account of the given type: owned by this program, exact size, right
+ * discriminator. A missing account (system-owned, no data) is NotInitialized. */
+static u64 load_account(const Ctx *c, const u8 *rec, u64 disc, u64 size) {
+    u64 len = *ACC_DATA_LEN(rec);
+    if (!key_eq(ACC_OWNER(rec), &c->program_id)) {
+        if (len == 0 && key_is_zero(ACC_OWNER(rec))) FAIL(NotInitialized);
+        FAIL(WrongAccountOwner);
+    }
+    if (len < 8 || FIELD(u64, ACC_DATA(rec), 0) == 0) FAIL(NotInitialized);
+    if (FIELD(u64, ACC_DATA(rec), 0) != disc || len != size) FAIL(WrongDiscriminator);
+    return 0;
+}
+
+/* An account about to be created must not exist yet: still owned by the System Program and
+ * without data (it may hold lamports: someone can always send some to an address). */
+static u64 need_absent(const u8 *rec) {
+    if (!key_is_zero(ACC_OWNER(rec)) || *ACC_DATA_LEN(rec) != 0) FAIL(AlreadyInitialized);
+    return 0;
+}
+
+static void seeds2(SolSeed *s, const char *prefix, u64 prefix_len, const Key *key) {
+    s[0].addr = (const u8 *)prefix;
+    s[0].len = prefix_len;
+    s[1].addr = (const u8 *)key;
+    s[1].len = 32;
+}
+
+/* The account's address must be create_program_address(seeds): the stored bump is the last
+ * seed, so one hash instead of a search. */
+static u64 check_pda(const Ctx *c, const u8 *rec, const SolSeed *seeds, u64 n) {
+    Key addr;
+    if (sol_create_program_address(seeds, n, &c->program_id, &addr) != 0 ||
+        !key_eq(&addr, ACC_KEY(rec)))
+        FAIL(InvalidPda);
+    return 0;
+}
+
+/* The canonical PDA of seeds must be the account; returns the canonical bump. */
+static u64 find_pda(const Ctx *c, const u8 *rec, const SolSeed *seeds, u64 n, u8 *bump) {
+    Key addr;
+    if (sol_try_find_program_address(seeds, n, &c->program_id, &addr, bump) != 0 ||
+        !key_eq(&addr, ACC_KEY(rec)))
+        FAIL(InvalidPda);
+    return 0;
+}
+
+/* The Registry account (owner, discriminator, PDA with its stored bump). */
+static u64 load_registry(const Ctx *c, const u8 *reg) {
+    TRY(load_account(c, reg, DISC_REGISTRY, REGISTRY_SIZE));
+    SolSeed s[2] = {{(const u8 *)SEED_REGISTRY, sizeof(SEED_REGISTRY) - 1},
+                    {ACC_DATA(reg) + REG_BUMP, 1}};
+    return check_pda(c, reg, s, 2);
+}
+
+/* A Node account whose PDA is derived from `owner` (the signer's key, or the stored one). */
+static u64 load_node(const Ctx *c, const u8 *node, const Key *owner) {
+    TRY(load_account(c, node, DISC_NODE, NODE_SIZE));
+    SolSeed s[3];
+    seeds2(s, SEED_NODE, sizeof(SEED_NODE) - 1, owner);
+    s[2].addr = ACC_DATA(node) + NODE_BUMP;
+    s[2].len = 1;
+    return check_pda(c, node, s, 3);
+}
+
+/* A Node account driven by its owner's signature: PDA from the signer, stored owner = signer. */
+static u64 load_own_node(const Ctx *c, const u8 *node, const u8 *owner) {
+    TRY(load_node(c, node, ACC_KEY(owner)));
+    if (!key_eq((const Key *)(ACC_DATA(node) + NODE_OWNER), ACC_KEY(owner))) FAIL(NotNodeOwner);
+    return 0;
+}
+
+static u64 need_authority(const u8 *reg, const u8 *signer) {
+    if (!key_eq((const Key *)(ACC_DATA(reg) + REG_AUTHORITY), ACC_KEY(signer)))
+        FAIL(NotAuthority);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- rent and creation */
+
+/* U64_MAX / b, hidden from the optimiser: `a > U64_MAX / b` would otherwise become a 128-bit
+ * multiply-with-overflow, a libcall BPF does not have. */
+static inline u64 max_factor(u64 b) {
+    u64 q = U64_MAX / b;
+    __asm__("" : "+r"(q));
+    return q;
+}
+
+/* Rent::minimum_balance without floating point: ((128 + space) * lamports_per_byte_year)
+ * * exemption_threshold, the f64 threshold decoded as m * 2^e. Exact (the same lamports as the
+ * runtime's f64 arithmetic) for the dyadic thresholds clusters use (2.0, 1.0); for any other
+ * threshold the mantissa is rounded up and so is the result: at most a few lamports more than
+ * the minimum, never less. */
+static u64 rent_exempt_minimum(u64 space, u64 *out) {
+    SolRent rent;
+    sol_get_rent_sysvar(&rent);
+    u64 bytes = ACCOUNT_STORAGE_OVERHEAD + space;
+    u64 lpby = rent.lamports_per_byte_year;
+    if (lpby != 0 && bytes > max_factor(lpby)) FAIL(Overflow);
+    u64 base = bytes * lpby;
+    u64 bits = rent.exemption_threshold_bits;
+    u64 exp = (bits >> 52) & 0x7ff;
+    u64 frac = bits & ((1ULL << 52) - 1);
+    if (bits >> 63 || exp == 0x7ff) FAIL(Overflow);
+    if (exp == 0 || base == 0) { /* zero or subnormal threshold: nothing to pay */
+        *out = 0;
+        return 0;
+    }
+    u64 m = frac | (1ULL << 52);
+    i64 e = (i64)exp - 1075;
+    while ((m & 1) == 0) {
+        m >>= 1;
+        e += 1;
+    }
+    int inexact = 0;
+    while (m != 1 && base > max_factor(m)) {
+        m = (m >> 1) + (m & 1); /* ceil(m / 2) */
+        e += 1;
+        inexact = 1;
+    }
+    u64 v = base * m;
+    if (e >= 0) {
+        if (e >= 64 || v > (U64_MAX >> e)) FAIL(Overflow);
+        v <<= e;
+    } else {
+        u64 shift = (u64)(-e);
+        u64 kept = shift >= 64 ? 0 : v >> shift;
+        if (inexact && (shift >= 64 || (kept << shift) != v)) kept += 1;
+        v = kept;
+    }
+    *out = v;
+    return 0;
+}
+
+typedef struct {
+    u8 *payer;
+    u8 *target;
+    u8 *system;
+    const SolSeed *seeds; /* the target's PDA seeds, bump included */
+    u64 nseeds;
+    u64 space;
+    const Key *owner;
+} Create;
+
+static void account_info(SolAccountMeta *meta, SolAccountInfo *info, u8 *rec) {
+    meta->pubkey = ACC_KEY(rec);
+    meta->is_writable = 1;
+    meta->is_signer = 1;
+    info->key = ACC_KEY(rec);
+    info->lamports = ACC_LAMPORTS(rec);
+    info->data_len = *ACC_DATA_LEN(rec);
+    info->data = ACC_DATA(rec);
+    info->owner = ACC_OWNER(rec);
+    info->rent_epoch = 0;
+    info->is_signer = ACC_IS_SIGNER(rec);
+    info->is_writable = ACC_IS_WRITABLE(rec);
+    info->executable = ACC_EXECUTABLE(rec);
+}
+
+/* One System Program instruction over [payer?, target], the target signing with its seeds. */
+static u64 system_invoke(const Create *cr, u8 *data, u64 data_len, int with_payer) {
+    SolAccountMeta metas[2];
+    SolAccountInfo infos[2];
+    u64 n = 0;
+    if (with_payer) {
+        account_info(&metas[0], &infos[0], cr->payer);
+        n = 1;
+    }
+    account_info(&metas[n], &infos[n], cr->target);
+    n += 1;
+    SolInstruction ix = {ACC_KEY(cr->system), metas, n, data, data_len};
+    SolSignerSeeds signer = {cr->seeds, cr->nseeds};
+    return sol_invoke_signed_c(&ix, infos, n, &signer, 1);
+}
+
+/* Create the PDA `target`, rent-exempt, `space` bytes, owned by this program. If someone
+ * already sent lamports to the address, CreateAccount would fail, so top it up, allocate and
+ * assign instead. */
+static u64 create_pda(const Create *cr) {
+    u64 need;
+    TRY(rent_exempt_minimum(cr->space, &need));
+    u64 have = *ACC_LAMPORTS(cr->target);
+    u8 buf[52];
+    if (have == 0) {
+        wr_u32(buf, SYS_CREATE_ACCOUNT);
+        wr_u64(buf + 4, need);
+        wr_u64(buf + 12, cr->space);
+        __builtin_memcpy(buf + 20, cr->owner, 32);
+        return system_invoke(cr, buf, 52, 1);
+    }
+    if (have < need) {
+        wr_u32(buf, SYS_TRANSFER);
+        wr_u64(buf + 4, need - have);
+        TRY(system_invoke(cr, buf, 12, 1));
+    }
+    wr_u32(buf, SYS_ALLOCATE);
+    wr_u64(buf + 4, cr->space);
+    TRY(system_invoke(cr, buf, 12, 0));
+    wr_u32(buf, SYS_ASSIGN);
+    __builtin_memcpy(buf + 4, cr->owner, 32);
+    return system_invoke(cr, buf, 36, 0);
+}
+
+/* Close a program account: lamports to `dest`, data zeroed and truncated, owner back to the
+ * System Program, so it cannot be read or revived later in the same transaction. */
+static u64 close_account(u8 *rec, u8 *dest) {
+    u64 amount = *ACC_LAMPORTS(rec);
+    u64 *to = ACC_LAMPORTS(dest);
+    if (*to + amount < *to) FAIL(Overflow);
+    *to += amount;
+    *ACC_LAMPORTS(rec) = 0;
+    sol_memset_(ACC_DATA(rec), 0, *ACC_DATA_LEN(rec));
+    *ACC_DATA_LEN(rec) = 0;
+    Key *owner = ACC_OWNER(rec);
+    owner->w[0] = owner->w[1] = owner->w[2] = owner->w[3] = 0;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- node fields */
+
+static int printable(u8 ch) { return ch >= 0x21 && ch <= 0x7e; }
+
+/* url[len], then lat i32, lon i32, country [u8;2], capacity u32, version [u8;16]. */
+#define FIELDS_TAIL 30
+
+static u64 validate_fields(const u8 *url, u64 len) {
+    if (len < 1 || len > MAX_URL_LEN) FAIL(InvalidUrl);
+    for (u64 i = 0; i < len; i++)
+        if (!printable(url[i])) FAIL(InvalidUrl);
+    const u8 *q = url + len;
+    i64 lat = (i32)rd_u32(q);
+    if (lat < -MAX_LAT || lat > MAX_LAT) FAIL(InvalidLatitude);
+    i64 lon = (i32)rd_u32(q + 4);
+    if (lon < -MAX_LON || lon > MAX_LON) FAIL(InvalidLongitude);
+    if (q[8] < 'A' || q[8] > 'Z' || q[9] < 'A' || q[9] > 'Z') FAIL(InvalidCountry);
+    if (rd_u32(q + 10) == 0) FAIL(InvalidCapacity);
+    const u8 *v = q + 14;
+    if (v[0] == 0) FAIL(InvalidVersion);
+    int ended = 0;
+    for (u64 i = 0; i < VERSION_LEN; i++) {
+        if (ended) {
+            if (v[i] != 0) FAIL(InvalidVersion);
+        } else if (v[i] == 0) {
+            ended = 1;
+        } else if (!printable(v[i])) {
+            FAIL(InvalidVersion);
+        }
+    }
+    return 0;
+}
+
+static void write_fields(u8 *d, const u8 *url, u64 len) {
+    const u8 *q = url + len;
+    FIELD(u32, d, NODE_LAT) = rd_u32(q);
+    FIELD(u32, d, NODE_LON) = rd_u32(q + 4);
+    d[NODE_COUNTRY] = q[8];
+    d[NODE_COUNTRY + 1] = q[9];
+    FIELD(u32, d, NODE_CAPACITY) = rd_u32(q + 10);
+    sol_memcpy_(d + NODE_VERSION, q + 14, VERSION_LEN);
+    FIELD(u32, d, NODE_URL_LEN) = (u32)len;
+    sol_memcpy_(d + NODE_URL, url, len);
+    sol_memset_(d + NODE_URL + len, 0, MAX_URL_LEN - len);
+}
+
+/* ---------------------------------------------------------------- instructions */
+
+/* initialize_registry(heartbeat_ttl: i64): [registry w, authority s w, system_program] */
+static u64 initialize_registry(const Ctx *c) {
+    if (c->num_accounts != 3 || c->data_len != 16) FAIL(InvalidInstruction);
+    u8 *reg = c->acc[0], *auth = c->acc[1], *sys = c->acc[2];
+    TRY(need_signer(auth));
+    TRY(need_writable(auth));
+    TRY(need_writable(reg));
+    TRY(need_system_program(sys));
+    i64 ttl = (i64)rd_u64(c->data + 8);
+    if (ttl < 1 || ttl > MAX_TTL_SECONDS) FAIL(InvalidTtl);
+    u8 bump;
+    SolSeed s[2] = {{(const u8 *)SEED_REGISTRY, sizeof(SEED_REGISTRY) - 1}, {&bump, 1}};
+    TRY(find_pda(c, reg, s, 1, &bump));
+    TRY(need_absent(reg));
+    Create cr = {auth, reg, sys, s, 2, REGISTRY_SIZE, &c->program_id};
+    TRY(create_pda(&cr));
+    u8 *d = ACC_DATA(reg);
+    FIELD(u64, d, 0) = DISC_REGISTRY;
+    FIELD(Key, d, REG_AUTHORITY) = *ACC_KEY(auth);
+    FIELD(i64, d, REG_TTL) = ttl;
+    FIELD(u64, d, REG_NODE_COUNT) = 0;
+    FIELD(u64, d, REG_ISSUER_COUNT) = 0;
+    d[REG_BUMP] = bump;
+    return 0;
+}
+
+/* add_issuer(key: Pubkey): [registry w, issuer w, authority s w, system_program] */
+static u64 add_issuer(const Ctx *c) {
+    if (c->num_accounts != 4 || c->data_len != 40) FAIL(InvalidInstruction);
+    u8 *reg = c->acc[0], *iss = c->acc[1], *auth = c->acc[2], *sys = c->acc[3];
+    TRY(need_signer(auth));
+    TRY(need_writable(auth));
+    TRY(need_writable(reg));
+    TRY(need_writable(iss));
+    TRY(need_system_program(sys));
+    TRY(load_registry(c, reg));
+    TRY(need_authority(reg, auth));
+    Key key;
+    for (int i = 0; i < 4; i++) key.w[i] = rd_u64(c->data + 8 + 8 * i);
+    u8 bump;
+    SolSeed s[3];
+    seeds2(s, SEED_ISSUER, sizeof(SEED_ISSUER) - 1, &key);
+    s[2].addr = &bump;
+    s[2].len = 1;
+    TRY(find_pda(c, iss, s, 2, &bump));
+    TRY(need_absent(iss));
+    u64 count = FIELD(u64, ACC_DATA(reg), REG_ISSUER_COUNT);
+    if (count == U64_MAX) FAIL(Overflow);
+    Create cr = {auth, iss, sys, s, 3, ISSUER_SIZE, &c->program_id};
+    TRY(create_pda(&cr));
+    SolClock clock;
+    sol_get_clock_sysvar(&clock);
+    u8 *d = ACC_DATA(iss);
+    FIELD(u64, d, 0) = DISC_ISSUER;
+    FIELD(Key, d, ISS_KEY) = key;
+    FIELD(i64, d, ISS_ADDED_AT) = clock.unix_timestamp;
+    d[ISS_BUMP] = bump;
+    FIELD(u64, ACC_DATA(reg), REG_ISSUER_COUNT) = count + 1;
+    return 0;
+}
+
+/* remove_issuer(): [registry w, issuer w, authority s w] */
+static u64 remove_issuer(const Ctx *c) {
+    if (c->num_accounts != 3 || c->data_len != 8) FAIL(InvalidInstruction);
+    u8 *reg = c->acc[0], *iss = c->acc[1], *auth = c->acc[2];
+    TRY(need_signer(auth));
+    TRY(need_writable(auth));
+    TRY(need_writable(reg));
+    TRY(need_writable(iss));
+    TRY(load_registry(c, reg));
+    TRY(need_authority(reg, auth));
+    TRY(load_account(c, iss, DISC_ISSUER, ISSUER_SIZE));
+    SolSeed s[3];
+    seeds2(s, SEED_ISSUER, sizeof(SEED_ISSUER) - 1, (const Key *)(ACC_DATA(iss) + ISS_KEY));
+    s[2].addr = ACC_DATA(iss) + ISS_BUMP;
+    s[2].len = 1;
+    TRY(check_pda(c, iss, s, 3));
+    u64 count = FIELD(u64, ACC_DATA(reg), REG_ISSUER_COUNT);
+    if (count == 0) FAIL(Overflow);
+    TRY(close_account(iss, auth));
+    FIELD(u64, ACC_DATA(reg), REG_ISSUER_COUNT) = count - 1;
+    return 0;
+}
+
+/* register_node(role u8, url string, lat i32, lon i32, country [u8;2], capacity u32,
+ * version [u8;16]): [registry w, node w, owner s w, system_program] */
+static u64 register_node(const Ctx *c) {
+    if (c->num_accounts != 4 || c->data_len < 13) FAIL(InvalidInstruction);
+    u64 url_len = rd_u32(c->data + 9);
+    if (c->data_len != 13 + url_len + FIELDS_TAIL) FAIL(InvalidInstruction);
+    u8 *reg = c->acc[0], *node = c->acc[1], *owner = c->acc[2], *sys = c->acc[3];
+    TRY(need_signer(owner));
+    TRY(need_writable(owner));
+    TRY(need_writable(reg));
+    TRY(need_writable(node));
+    TRY(need_system_program(sys));
+    TRY(load_registry(c, reg));
+    u8 role = c->data[8];
+    if (role > ROLE_MAX) FAIL(InvalidRole);
+    const u8 *url = c->data + 13;
+    TRY(validate_fields(url, url_len));
+    u8 bump;
+    SolSeed s[3];
+    seeds2(s, SEED_NODE, sizeof(SEED_NODE) - 1, ACC_KEY(owner));
+    s[2].addr = &bump;
+    s[2].len = 1;
+    TRY(find_pda(c, node, s, 2, &bump));
+    TRY(need_absent(node));
+    u64 count = FIELD(u64, ACC_DATA(reg), REG_NODE_COUNT);
+    if (count == U64_MAX) FAIL(Overflow);
+    Create cr = {owner, node, sys, s, 3, NODE_SIZE, &c->program_id};
+    TRY(create_pda(&cr));
+    SolClock clock;
+    sol_get_clock_sysvar(&clock);
+    u8 *d = ACC_DATA(node);
+    FIELD(u64, d, 0) = DISC_NODE;
+    FIELD(Key, d, NODE_OWNER) = *ACC_KEY(owner);
+    FIELD(i64, d, NODE_REGISTERED_AT) = clock.unix_timestamp;
+    FIELD(i64, d, NODE_LAST_HEARTBEAT) = clock.unix_timestamp;
+    FIELD(u64, d, NODE_LAST_HEARTBEAT_SLOT) = clock.slot;
+    FIELD(u32, d, NODE_LOAD) = 0;
+    d[NODE_ROLE] = role;
+    d[NODE_STATUS] = STATUS_ACTIVE;
+    d[NODE_BUMP] = bump;
+    write_fields(d, url, url_len);
+    FIELD(u64, ACC_DATA(reg), REG_NODE_COUNT) = count + 1;
+    return 0;
+}
+
+/* heartbeat(load u32, capacity u32): [node w, owner s] */
+static u64 heartbeat(const Ctx *c) {
+    if (c->num_accounts != 2 || c->data_len != 16) FAIL(InvalidInstruction);
+    u8 *node = c->acc[0], *owner = c->acc[1];
+    TRY(need_signer(owner));
+    TRY(need_writable(node));
+    TRY(load_own_node(c, node, owner));
+    u8 *d = ACC_DATA(node);
+    if (d[NODE_STATUS] != STATUS_ACTIVE) FAIL(NodeSuspended);
+    u32 load = rd_u32(c->data + 8);
+    u32 capacity = rd_u32(c->data + 12);
+    if (capacity == 0) FAIL(InvalidCapacity);
+    SolClock clock;
+    sol_get_clock_sysvar(&clock);
+    FIELD(u32, d, NODE_LOAD) = load;
+    FIELD(u32, d, NODE_CAPACITY) = capacity;
+    FIELD(i64, d, NODE_LAST_HEARTBEAT) = clock.unix_timestamp;
+    FIELD(u64, d, NODE_LAST_HEARTBEAT_SLOT) = clock.slot;
+    return 0;
+}
+
+/* update_node(url, lat, lon, country, capacity, version): [node w, owner s] */
+static u64 update_node(const Ctx *c) {
+    if (c->num_accounts != 2 || c->data_len < 12) FAIL(InvalidInstruction);
+    u64 url_len = rd_u32(c->data + 8);
+    if (c->data_len != 12 + url_len + FIELDS_TAIL) FAIL(InvalidInstruction);
+    u8 *node = c->acc[0], *owner = c->acc[1];
+    TRY(need_signer(owner));
+    TRY(need_writable(node));
+    TRY(load_own_node(c, node, owner));
+    const u8 *url = c->data + 12;
+    TRY(validate_fields(url, url_len));
+    write_fields(ACC_DATA(node), url, url_len);
+    return 0;
+}
+
+/* deregister_node(): [registry w, node w, owner s w]. Refused while suspended: otherwise a
+ * suspended node could shed its suspension by deregistering and registering again. */
+static u64 deregister_node(const Ctx *c) {
+    if (c->num_accounts != 3 || c->data_len != 8) FAIL(InvalidInstruction);
+    u8 *reg = c->acc[0], *node = c->acc[1], *owner = c->acc[2];
+    TRY(need_signer(owner));
+    TRY(need_writable(owner));
+    TRY(need_writable(reg));
+    TRY(need_writable(node));
+    TRY(load_registry(c, reg));
+    TRY(load_own_node(c, node, owner));
+    if (ACC_DATA(node)[NODE_STATUS] != STATUS_ACTIVE) FAIL(NodeSuspended);
+    u64 count = FIELD(u64, ACC_DATA(reg), REG_NODE_COUNT);
+    if (count == 0) FAIL(Overflow);
+    TRY(close_account(node, owner));
+    FIELD(u64, ACC_DATA(reg), REG_NODE_COUNT) = count - 1;
+    return 0;
+}
+
+/* set_node_status(status u8): [registry, node w, authority s] */
+static u64 set_node_status(const Ctx *c) {
+    if (c->num_accounts != 3 || c->data_len != 9) FAIL(InvalidInstruction);
+    u8 *reg = c->acc[0], *node = c->acc[1], *auth = c->acc[2];
+    TRY(need_signer(auth));
+    TRY(need_writable(node));
+    TRY(load_registry(c, reg));
+    TRY(need_authority(reg, auth));
+    TRY(load_node(c, node, (const Key *)(ACC_DATA(node) + NODE_OWNER)));
+    u8 status = c->data[8];
+    if (status > STATUS_SUSPENDED) FAIL(InvalidStatus);
+    ACC_DATA(node)[NODE_STATUS] = status;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- entrypoint */
+
+u64 entrypoint(u8 *input) {
+    Ctx c;
+    u64 n = FIELD(u64, input, 0);
+    if (n > MAX_ACCOUNTS) FAIL(InvalidInstruction);
+    u8 *p = input + 8;
+    for (u64 i = 0; i < n; i++) {
+        if (p[0] == NON_DUP_MARKER) {
+            c.acc[i] = p;
+            p += 88 + *ACC_DATA_LEN(p) + MAX_PERMITTED_DATA_INCREASE;
+            p = (u8 *)(((u64)p + 7) & ~7ULL);
+            p += 8; /* rent_epoch */
+        } else {
+            u64 first = p[0];
+            if (first >= i) FAIL(InvalidInstruction);
+            c.acc[i] = c.acc[first];
+            p += 8;
+        }
+    }
+    c.num_accounts = n;
+    c.data_len = FIELD(u64, p, 0);
+    c.data = p + 8;
+    const u8 *pid = c.data + c.data_len;
+    if (((u64)pid & 7) == 0) {
+        c.program_id = *(const Key *)pid;
+    } else {
+        for (int i = 0; i < 4; i++) c.program_id.w[i] = rd_u64(pid + 8 * i);
+    }
+    if (c.data_len < 8) FAIL(InvalidInstruction);
+    switch (FIELD(u64, c.data, 0)) {
+    case IX_INITIALIZE_REGISTRY: return initialize_registry(&c);
+    case IX_ADD_ISSUER: return add_issuer(&c);
+    case IX_REMOVE_ISSUER: return remove_issuer(&c);
+    case IX_REGISTER_NODE: return register_node(&c);
+    case IX_HEARTBEAT: return heartbeat(&c);
+    case IX_UPDATE_NODE: return update_node(&c);
+    case IX_DEREGISTER_NODE: return deregister_node(&c);
+    case IX_SET_NODE_STATUS: return set_node_status(&c);
+    default: FAIL(InvalidInstruction);
+    }
+}

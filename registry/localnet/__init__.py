@@ -1,0 +1,139 @@
+"""Embedded Solana localnet: LiteSVM (the real Agave SVM) behind JSON-RPC.
+
+Use :func:`start_localnet` in-process (e.g. as a pytest fixture) or
+:func:`run_localnet` from the CLI (``registry localnet``).  State lives in a
+ledger directory and survives restarts; programs given on the first start are
+deployed through the real upgradeable loader at their fixed program ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from .deploy import SvmTarget, deploy_program, is_deployed, load_keypair
+from .journal import LedgerLockedError
+from .rpc import make_app
+from .svm import LocalSvm, PreflightError
+
+__all__ = [
+    "LedgerLockedError",
+    "LocalSvm",
+    "Localnet",
+    "PreflightError",
+    "deploy_programs",
+    "run_localnet",
+    "start_localnet",
+]
+
+log = logging.getLogger(__name__)
+
+ProgramSpec = tuple[str | Path, str | Path]  # (.so path, program keypair path)
+
+
+def deploy_programs(svm: LocalSvm, programs: Sequence[ProgramSpec]) -> list[str]:
+    """Deploy each (so, keypair) whose program id is not on chain yet.
+
+    The faucet pays and is the upgrade authority.  Returns the ids deployed.
+    """
+    deployed = []
+    target = SvmTarget(svm)
+    for so_path, kp_path in programs:
+        kp = load_keypair(kp_path)
+        if is_deployed(target, kp.pubkey()):
+            continue
+        so = Path(so_path)
+        if not so.is_file():
+            raise FileNotFoundError(
+                f"program binary {so} not found (needed to deploy {kp.pubkey()})"
+            )
+        deploy_program(target, so, kp, svm.faucet)
+        log.info("deployed %s at %s", so.name, kp.pubkey())
+        deployed.append(str(kp.pubkey()))
+    return deployed
+
+
+@dataclass
+class Localnet:
+    """Handle of a running in-process localnet."""
+
+    svm: LocalSvm
+    url: str
+    host: str
+    port: int
+    _runner: web.AppRunner
+
+    async def close(self) -> None:
+        """Stop serving and release the ledger (idempotent)."""
+        if self._runner is not None:
+            runner, self._runner = self._runner, None  # type: ignore[assignment]
+            await runner.cleanup()
+            self.svm.close()
+
+
+async def start_localnet(
+    port: int = 0,
+    ledger_dir: str | Path | None = None,
+    programs: Sequence[ProgramSpec] = (),
+    *,
+    host: str = "127.0.0.1",
+    now: Callable[[], float] = time.time,
+) -> Localnet:
+    """Start serving on ``host:port`` (0 = any free port) in the running loop.
+
+    ``ledger_dir=None`` keeps state in memory only.  ``now`` replaces the wall
+    clock (tests use it to age blockhashes without sleeping).
+    """
+    svm = LocalSvm(Path(ledger_dir) if ledger_dir is not None else None, now=now)
+    try:
+        deploy_programs(svm, programs)
+        runner = web.AppRunner(make_app(svm), access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host, port, reuse_address=True)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+    except BaseException:
+        svm.close()
+        raise
+    sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
+    bound = sockets[0].getsockname()[1] if sockets else port
+    return Localnet(svm=svm, url=f"http://{host}:{bound}", host=host, port=bound, _runner=runner)
+
+
+def run_localnet(
+    port: int,
+    ledger: Path,
+    programs: list[tuple[Path, Path]],
+    host: str = "127.0.0.1",
+) -> None:
+    """Serve until SIGINT/SIGTERM (blocking); for ``registry localnet``."""
+
+    async def main() -> None:
+        net = await start_localnet(port, ledger, programs, host=host)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+        print(
+            f"localnet listening on {net.url} (ledger {ledger}, slot {net.svm.current_slot()})",
+            flush=True,
+        )
+        try:
+            await stop.wait()
+        finally:
+            await net.close()
+
+    asyncio.run(main())

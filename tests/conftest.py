@@ -1,0 +1,116 @@
+"""Shared fixtures: a real localnet process (the `registry localnet` CLI) with the program deployed.
+
+One localnet serves the whole session; tests that need a fresh chain start their own. The registry
+is initialised once with a short heartbeat TTL so staleness can be observed in seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from solders.keypair import Keypair
+
+from registry.client import RegistryClient
+from registry.keys import save_keypair
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_TTL = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_rpc(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    body = b'{"jsonrpc":"2.0","id":1,"method":"getHealth"}'
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"localnet exited with {proc.returncode}")
+        try:
+            req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"localnet at {url} did not come up in {timeout}s")
+
+
+@dataclass
+class Localnet:
+    url: str
+    ledger: Path
+    proc: subprocess.Popen[bytes]
+    port: int
+
+    def stop(self, sig: int = 15) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+
+
+def start_localnet_process(ledger: Path, port: int | None = None) -> Localnet:
+    port = port or free_port()
+    log = open(ledger.parent / f"localnet-{port}.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "registry.cli", "localnet", "--port", str(port), "--ledger", str(ledger)],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_rpc(url, proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return Localnet(url, ledger, proc, port)
+
+
+@pytest.fixture(scope="session")
+def localnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Localnet]:
+    base = tmp_path_factory.mktemp("localnet")
+    net = start_localnet_process(base / "ledger")
+    yield net
+    net.stop()
+
+
+@dataclass
+class Chain:
+    """The session localnet with an initialised registry and its authority's key on disk."""
+
+    url: str
+    authority: Keypair
+    authority_path: Path
+    issuer: Keypair
+    issuer_path: Path
+    ttl: int
+
+
+@pytest.fixture(scope="session")
+def chain(localnet: Localnet, tmp_path_factory: pytest.TempPathFactory) -> Chain:
+    keys = tmp_path_factory.mktemp("keys")
+    authority, issuer = Keypair(), Keypair()
+    save_keypair(authority, keys / "authority.json")
+    save_keypair(issuer, keys / "issuer.json")
+
+    async def setup() -> None:
+        async with RegistryClient(localnet.url) as client:
+            await client.ensure_funded(authority)
+            await client.initialize_registry(authority, TEST_TTL)
+            await client.add_issuer(authority, issuer.pubkey())
+
+    asyncio.run(setup())
+    return Chain(localnet.url, authority, keys / "authority.json", issuer, keys / "issuer.json", TEST_TTL)

@@ -1,0 +1,178 @@
+"""Node agents as real processes on the localnet: register, heartbeat, drain, die.
+
+The role is tests/support/probe_role.py (the real roles have their own tests); everything the agent
+does — keys, registration, heartbeats with the role's load, health, metrics, SIGTERM drain and
+deregistration, staleness after SIGKILL — runs for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from registry.client import RegistryClient
+from registry.keys import load_keypair
+from registry.tokens import Grant, mint_token
+from tests.conftest import ROOT, Chain, free_port
+
+
+def node_config(tmp: Path, chain: Chain, name: str, **over: object) -> tuple[Path, int]:
+    port = free_port()
+    config = {
+        "role": "stt",
+        "keypair": str(tmp / f"{name}.json"),
+        "rpc_url": chain.url,
+        "listen_port": port,
+        "public_url": f"http://127.0.0.1:{port}",
+        "location": {"lat": 50.1, "lon": 8.7, "country": "DE"},
+        "capacity": 5,
+        "heartbeat_interval": 0.5,
+        "drain_timeout": 5,
+        "issuer_cache_seconds": 1,
+        **over,
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, port
+
+
+def start_node(config: Path, tmp: Path) -> subprocess.Popen[bytes]:
+    log = open(tmp / f"{config.stem}.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", "tests.support.probe_role", str(config)],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+async def wait_health(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"node exited with {proc.returncode}"
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/health") as resp:
+                    if resp.status == 200:
+                        return await resp.json()
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+    raise AssertionError("node did not become healthy")
+
+
+async def test_two_agents_register_heartbeat_and_one_dies(chain: Chain, tmp_path: Path) -> None:
+    cfg_a, port_a = node_config(tmp_path, chain, "a")
+    cfg_b, port_b = node_config(tmp_path, chain, "b", role="tts")
+    a, b = start_node(cfg_a, tmp_path), start_node(cfg_b, tmp_path)
+    try:
+        health_a = await wait_health(port_a, a)
+        health_b = await wait_health(port_b, b)
+        key_a = load_keypair(tmp_path / "a.json").pubkey()  # created by the agent on first start
+        key_b = load_keypair(tmp_path / "b.json").pubkey()
+        assert health_a["pubkey"] == str(key_a) and health_b["role"] == "tts"
+
+        async with aiohttp.ClientSession() as http:
+            await http.post(f"http://127.0.0.1:{port_a}/probe/load", json={"load": 3})
+            async with RegistryClient(chain.url) as client:
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    node = await client.get_node(key_a)
+                    if node.load == 3:
+                        break
+                    await asyncio.sleep(0.3)
+                assert node.load == 3 and node.capacity == 5 and node.url.endswith(str(port_a))
+                first_beat = node.last_heartbeat
+                await asyncio.sleep(1.5)
+                assert (await client.get_node(key_a)).last_heartbeat > first_beat
+
+                async with http.get(f"http://127.0.0.1:{port_a}/metrics") as resp:
+                    text = await resp.text()
+                assert 'voicenet_node_load{role="stt"} 3.0' in text
+                assert 'voicenet_node_heartbeats_total{result="ok",role="stt"}' in text
+
+                a.send_signal(signal.SIGKILL)
+                a.wait()
+                await asyncio.sleep(chain.ttl + 2)
+                nodes = {n.owner: n for n in await client.list_nodes()}
+                assert nodes[key_a].stale, "a killed node must be reported stale after the TTL"
+                assert not nodes[key_b].stale, "the live node keeps heartbeating"
+    finally:
+        for proc in (a, b):
+            if proc.poll() is None:
+                proc.kill()
+
+
+async def test_sigterm_drains_and_deregisters(chain: Chain, tmp_path: Path) -> None:
+    cfg, port = node_config(tmp_path, chain, "c", drain_timeout=3)
+    proc = start_node(cfg, tmp_path)
+    try:
+        await wait_health(port, proc)
+        key = load_keypair(tmp_path / "c.json").pubkey()
+        async with aiohttp.ClientSession() as http, RegistryClient(chain.url) as client:
+            token = mint_token(chain.issuer, "agent", Grant("stt", limit=60), 60)
+            async with http.post(f"http://127.0.0.1:{port}/probe/verify", json={"token": token}) as r:
+                assert r.status == 200 and (await r.json())["identity"] == "agent"
+            await http.post(f"http://127.0.0.1:{port}/probe/load", json={"load": 1})
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            async with http.get(f"http://127.0.0.1:{port}/health") as r:
+                assert r.status == 503 and (await r.json())["status"] == "draining"
+            assert proc.wait(timeout=30) == 0
+            assert time.monotonic() - started >= 2.5  # waited out the live session (drain_timeout)
+            assert await client.get_node(key) is None, "a stopped node leaves the registry"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+async def test_restart_updates_the_entry_when_config_changes(chain: Chain, tmp_path: Path) -> None:
+    cfg, port = node_config(tmp_path, chain, "d", deregister_on_exit=False)
+    proc = start_node(cfg, tmp_path)
+    await wait_health(port, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    key = load_keypair(tmp_path / "d.json").pubkey()
+    async with RegistryClient(chain.url) as client:
+        assert (await client.get_node(key)).capacity == 5  # kept: deregister_on_exit is false
+        config = yaml.safe_load(cfg.read_text())
+        config["capacity"] = 9
+        config["location"]["country"] = "NL"
+        cfg.write_text(yaml.safe_dump(config))
+        proc = start_node(cfg, tmp_path)
+        try:
+            await wait_health(port, proc)
+            node = await client.get_node(key)
+            assert (node.capacity, node.country) == (9, "NL")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+
+
+async def test_foreign_token_is_refused_by_the_node(chain: Chain, tmp_path: Path) -> None:
+    from solders.keypair import Keypair
+
+    cfg, port = node_config(tmp_path, chain, "e")
+    proc = start_node(cfg, tmp_path)
+    try:
+        await wait_health(port, proc)
+        async with aiohttp.ClientSession() as http:
+            for token, code in [
+                (mint_token(Keypair(), "x", Grant("stt", limit=5), 60), "untrusted_issuer"),
+                (mint_token(chain.issuer, "x", Grant("tts", limit=5), 60), "wrong_service"),
+                (mint_token(chain.issuer, "x", Grant("stt", limit=5), 60, now=time.time() - 600),
+                 "token_expired"),
+            ]:
+                async with http.post(f"http://127.0.0.1:{port}/probe/verify",
+                                     json={"token": token}) as r:
+                    assert r.status == 401
+                    assert (await r.json())["error"] == code
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)

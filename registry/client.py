@@ -19,7 +19,11 @@ from based58 import b58encode
 from solana.exceptions import SolanaRpcException
 from solana.rpc.async_api import AsyncClient
 from solana.rpc.commitment import Confirmed
-from solana.rpc.core import RPCException
+from solana.rpc.core import (
+    RPCException,
+    TransactionExpiredBlockheightExceededError,
+    UnconfirmedTxError,
+)
 from solana.rpc.types import MemcmpOpts, TxOpts
 from solders.instruction import Instruction
 from solders.keypair import Keypair
@@ -91,18 +95,20 @@ class RegistryClient:
                 bytes(tx), opts=TxOpts(skip_confirmation=True, preflight_commitment=Confirmed)
             )
             sig = resp.value
-            await self.rpc.confirm_transaction(sig, Confirmed, sleep_seconds=0.05)
+            confirmed = await self.rpc.confirm_transaction(sig, Confirmed, sleep_seconds=0.05)
         except (RPCException, SolanaRpcException) as exc:
             program_error = program_error_from(exc)
             if program_error is not None:
                 raise program_error from None
             raise RegistryError(f"{self.rpc_url}: transaction refused: {exc}") from exc
+        except (UnconfirmedTxError, TransactionExpiredBlockheightExceededError) as exc:
+            raise RegistryError(f"{self.rpc_url}: transaction not confirmed: {exc}") from exc
         except OSError as exc:
             raise RegistryError(
                 f"cannot reach the Solana RPC at {self.rpc_url}: {exc} "
                 "(is the localnet running? `make up` or `registry localnet`)"
             ) from exc
-        status = (await self.rpc.get_signature_statuses([sig])).value[0]
+        status = confirmed.value[0]
         if status is not None and status.err is not None:
             program_error = program_error_from(RegistryError(repr(status.err)))
             if program_error is not None:
@@ -201,7 +207,7 @@ class RegistryClient:
             self.program_id, encoding="base64", filters=filters
         )
         nodes = [decode_node_fast(acc.pubkey, bytes(acc.account.data)) for acc in resp.value]
-        nodes.sort(key=lambda n: str(n.owner))
+        nodes.sort(key=lambda n: (n.role, n.url, str(n.owner)))
         return mark_stale(nodes, registry.heartbeat_ttl, now)
 
     async def list_issuers(self) -> list[p.IssuerAccount]:

@@ -59,3 +59,13 @@ def test_cli_refuses_a_bad_config_with_one_line(tmp_path: Path, capsys: pytest.C
     assert cli.main(["--role", "stt", "--config", str(write(tmp_path, BASE + "bogus: 1\n"))]) == 2
     err = capsys.readouterr().err
     assert err.startswith("node: ") and "bogus" in err and "Traceback" not in err
+
+
+def test_a_role_that_is_not_built_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from node import roles
+
+    monkeypatch.setitem(roles.ROLE_MODULES, "stt", "node.not_built_role")
+    with pytest.raises(roles.RoleNotBuilt, match="stt role is not built"):
+        roles.load_role("stt", None)  # type: ignore[arg-type]
+    with pytest.raises(roles.RoleNotBuilt, match="unknown role"):
+        roles.load_role("mixer", None)  # type: ignore[arg-type]

@@ -10,17 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from registry.client import DEFAULT_RPC_URL
 from registry.program import MAX_URL_LEN, VERSION_LEN
+from registry.settings import SettingsError, read_yaml_mapping, validate_settings
 
 ROLE_NAMES = ("sfu", "stt", "tts")
 
 
-class ConfigError(Exception):
-    """A config file that cannot be used; the message names the file, the key and the problem."""
+ConfigError = SettingsError
 
 
 class Location(BaseModel):
@@ -81,36 +80,12 @@ def load_config(path: str | Path, role: str | None = None) -> NodeConfig:
     Relative paths in the file are relative to the working directory (the repository root under
     `make up`), like every other path the CLIs take.
     """
-    p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file {p} not found (see configs/ for commented examples)") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping of keys to values")
+    raw = read_yaml_mapping(path)
     if role is not None:
         if role not in ROLE_NAMES:
             raise ConfigError(f"unknown role {role!r}: expected one of {', '.join(ROLE_NAMES)}")
         raw["role"] = role
-    try:
-        config = NodeConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"{p}: " + format_validation_error(exc)) from None
+    config = validate_settings(NodeConfig, raw, path)
     if config.role is None:
-        raise ConfigError(f"{p}: no role: pass --role {{sfu,stt,tts}} or set `role:` in the file")
+        raise ConfigError(f"{path}: no role: pass --role {{sfu,stt,tts}} or set `role:` in the file")
     return config
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        key = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            parts.append(f"unknown key {key!r} (check the spelling against configs/)")
-        elif err["type"] == "missing":
-            parts.append(f"missing required key {key!r}")
-        else:
-            parts.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
-    return "; ".join(parts)

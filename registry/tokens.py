@@ -9,6 +9,8 @@ so removing an issuer on chain revokes its tokens everywhere once the cache expi
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
@@ -245,3 +247,56 @@ class TokenVerifier:
                 raise
         issuers = await self.trusted_issuers(force=True)
         return verify_token(token, issuers, self.service, now=now, leeway=self.leeway)
+
+
+# ---------------------------------------------------------------- signed bodies (node -> gateway)
+
+BODY_TOKEN_TTL_SECONDS = 300
+BODY_SIGNATURE_HEADER = "Authorization"
+
+
+def body_digest(body: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(body).digest()).decode()
+
+
+def sign_body(signer: Keypair, body: bytes, now: float | None = None,
+              ttl_seconds: int = BODY_TOKEN_TTL_SECONDS) -> str:
+    """A JWT by a node's own key that binds one request body (LiveKit's webhook scheme).
+
+    The ``sha256`` claim is base64(SHA-256(body)); ``iss``/``kid`` is the node key. Sent as
+    ``Authorization: Bearer <jwt>`` with usage events and SFU webhooks.
+    """
+    issued = int(now if now is not None else time.time())
+    key = str(signer.pubkey())
+    claims = {"iss": key, "nbf": issued, "iat": issued, "exp": issued + ttl_seconds,
+              "sha256": body_digest(body)}
+    return jwt.encode(claims, _private_key(signer), algorithm=ALGORITHM, headers={"kid": key})
+
+
+def verify_body(token: str, body: bytes, now: float | None = None,
+                leeway: int = DEFAULT_LEEWAY_SECONDS) -> str:
+    """Check a body token's signature, time and digest; return the signer's key (base58).
+
+    Whether that key may post is the caller's question (a registered, active node on chain).
+    """
+    if not isinstance(token, str) or token.count(".") != 2:
+        raise TokenError("invalid_token", "request signature is not a JWT")
+    try:
+        header = jwt.get_unverified_header(token)
+        issuer = jwt.decode(token, options={"verify_signature": False}).get("iss")
+        if header.get("alg") != ALGORITHM or not isinstance(issuer, str):
+            raise TokenError("invalid_token", "request signature must be EdDSA with an iss claim")
+        key = _public_key(Pubkey.from_string(issuer))
+        claims = jwt.decode(token, key, algorithms=[ALGORITHM],
+                            options={"require": ["exp", "iss", "sha256"], "verify_exp": False,
+                                     "verify_nbf": False, "verify_iat": False})
+    except jwt.InvalidSignatureError:
+        raise TokenError("invalid_signature", "request signature does not verify") from None
+    except (jwt.PyJWTError, ValueError) as exc:
+        raise TokenError("invalid_token", f"request signature rejected: {exc}") from None
+    current = time.time() if now is None else now
+    if current > claims["exp"] + leeway:
+        raise TokenError("token_expired", "request signature expired")
+    if claims["sha256"] != body_digest(body):
+        raise TokenError("body_mismatch", "request body does not match the signed sha256 claim")
+    return issuer

@@ -478,7 +478,7 @@ async def test_deploy_bad_elf_fails_cleanly(tmp_path: Path) -> None:
     await net.close()
 
 
-@pytest.mark.skipif(not REGISTRY_SO.is_file(), reason="programs/registry/registry.so not built yet")
+
 async def test_registry_program_deploys_at_its_fixed_id(tmp_path: Path) -> None:
     net = await start_localnet(0, tmp_path / "ledger", [(REGISTRY_SO, REGISTRY_KEYPAIR)])
     try:

@@ -135,3 +135,26 @@ async def test_verifier_cache_refreshes_for_new_issuer_and_expires_removed() -> 
     with pytest.raises(TokenError) as err:
         await verifier.verify(token)
     assert err.value.code == "untrusted_issuer"
+
+
+def test_signed_body_binds_signer_and_bytes() -> None:
+    from registry.tokens import sign_body, verify_body
+
+    node = Keypair()
+    body = b'{"session_id":"s","event":"usage"}'
+    token = sign_body(node, body)
+    assert verify_body(token, body) == str(node.pubkey())
+    for bad, code in [
+        ((token, body + b" "), "body_mismatch"),
+        ((sign_body(node, body, now=time.time() - 1000), body), "token_expired"),
+        (("a.b.c", body), "invalid_token"),
+    ]:
+        with pytest.raises(TokenError) as err:
+            verify_body(*bad)
+        assert err.value.code == code
+    # A signature by another key under this node's iss does not verify.
+    head, claims, _ = token.split(".")
+    other_sig = sign_body(Keypair(), body).split(".")[2]
+    with pytest.raises(TokenError) as err:
+        verify_body(f"{head}.{claims}.{other_sig}", body)
+    assert err.value.code == "invalid_signature"

@@ -1,0 +1,51 @@
+"""The gateway's YAML config, validated key by key (a misspelt key is an error, not a default)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from registry.client import DEFAULT_RPC_URL
+from registry.settings import SettingsError, read_yaml_mapping, validate_settings
+
+
+GatewayConfigError = SettingsError
+
+
+class DefaultLocation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lat: float = Field(ge=-90, le=90)
+    lon: float = Field(ge=-180, le=180)
+    country: str = Field(min_length=2, max_length=2)
+
+
+class GatewayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(default=8402, ge=0, le=65535)
+    public_url: str = "http://127.0.0.1:8402"
+    rpc_url: str = DEFAULT_RPC_URL
+    program_id: str | None = None
+    issuer_keypair: Path = Path(".local/keys/gateway-issuer.json")
+    database_url: str = "sqlite+aiosqlite:///.local/gateway.db"
+    registry_refresh_seconds: float = Field(default=3.0, gt=0)
+    default_location: DefaultLocation = DefaultLocation(lat=50.11, lon=8.68, country="DE")
+    geoip_mmdb: Path | None = None
+    trust_forwarded_for: bool = True
+    auth_window_seconds: int = Field(default=30, ge=1)
+    sweep_interval_seconds: float = Field(default=5.0, gt=0)
+    settle_grace_seconds: int = Field(default=30, ge=0)
+    tts_session_minutes: int = Field(default=60, ge=1)
+    max_duration_minutes: int = Field(default=24 * 60, ge=1)
+    max_tts_characters: int = Field(default=10_000_000, ge=1)
+    default_max_concurrent_sessions: int = Field(default=10, ge=1)
+    default_max_api_rate: int = Field(default=50, ge=1)
+
+
+def load_gateway_config(path: str | Path | None) -> GatewayConfig:
+    """Read the gateway config; no path gives the built-in local defaults."""
+    if path is None:
+        return GatewayConfig()
+    return validate_settings(GatewayConfig, read_yaml_mapping(path), path)

@@ -1,0 +1,377 @@
+"""Wallet-signature auth: every check in verify_request, the replay guard, and the middleware
+through a real aiohttp server on loopback."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from eth_account import Account
+from solders.keypair import Keypair
+
+from gateway.auth import (
+    DEFAULT_EXEMPT_PATHS,
+    AuthError,
+    MemoryReplayGuard,
+    Wallet,
+    is_exempt,
+    sign_request,
+    signed_message,
+    verify_request,
+    wallet_auth_middleware,
+)
+
+NOW = 1_700_000_000
+PATH = "/v1/webrtc/token"
+EVM_KEY = "0x" + "11" * 32
+EVM_ADDRESS = Account.from_key(EVM_KEY).address
+
+
+@pytest.fixture
+def kp() -> Keypair:
+    return Keypair.from_seed(bytes(range(32)))
+
+
+def fails(code: str, method: str, path: str, headers: dict[str, str], now: float = NOW) -> str:
+    with pytest.raises(AuthError) as ei:
+        verify_request(method, path, headers, now)
+    assert ei.value.code == code, str(ei.value)
+    return str(ei.value)
+
+
+# ---------------------------------------------------------------- happy paths
+
+
+def test_solana_happy_path(kp: Keypair) -> None:
+    h = sign_request("POST", PATH, kp, "solana", NOW)
+    assert h["Authorization"].startswith("solana:")
+    w = verify_request("POST", PATH, h, NOW)
+    assert w == Wallet(str(kp.pubkey()), "solana")
+    assert w.expires_at == NOW + 30 and w.signature_id
+
+
+def test_evm_happy_path() -> None:
+    h = sign_request("POST", PATH, EVM_KEY, "evm", NOW)
+    assert h["Authorization"].startswith("evm:0x") and len(h["Authorization"]) == 4 + 2 + 130
+    assert verify_request("POST", PATH, h, NOW) == Wallet(EVM_ADDRESS, "evm")
+
+
+def test_message_format_and_query_stripped(kp: Keypair) -> None:
+    assert (
+        signed_message("post", "/v1/webrtc/token?x=1", 1700000000)
+        == b"POST\n/v1/webrtc/token\n1700000000"
+    )
+    h = sign_request("GET", "/v1/account/sessions?limit=5", kp, "solana", NOW)
+    verify_request("GET", "/v1/account/sessions", h, NOW)
+    verify_request("GET", "/v1/account/sessions?limit=50", h, NOW)
+
+
+def test_urlsafe_unpadded_base64_accepted(kp: Keypair) -> None:
+    h = sign_request("POST", PATH, kp, "solana", NOW)
+    raw = base64.b64decode(h["Authorization"].split(":", 1)[1])
+    h["Authorization"] = "solana:" + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    verify_request("POST", PATH, h, NOW)
+
+
+def test_evm_address_compared_case_insensitively() -> None:
+    h = sign_request("POST", PATH, EVM_KEY, "evm", NOW)
+    for spelled in (EVM_ADDRESS.lower(), "0x" + EVM_ADDRESS[2:].upper()):
+        h["X-Wallet-Address"] = spelled
+        assert verify_request("POST", PATH, h, NOW).address == EVM_ADDRESS  # canonical checksum
+
+
+def test_evm_v_zero_one_accepted() -> None:
+    h = sign_request("POST", PATH, EVM_KEY, "evm", NOW)
+    sig = bytes.fromhex(h["Authorization"][6:])
+    h["Authorization"] = "evm:0x" + (sig[:64] + bytes([sig[64] - 27])).hex()
+    verify_request("POST", PATH, h, NOW)
+
+
+def test_headers_case_insensitive_and_chain_case(kp: Keypair) -> None:
+    h = {k.lower(): v for k, v in sign_request("POST", PATH, kp, "solana", NOW).items()}
+    h["x-wallet-chain"] = "Solana"
+    verify_request("POST", PATH, h, NOW)
+
+
+# ---------------------------------------------------------------- failures
+
+
+@pytest.mark.parametrize(
+    "name", ["Authorization", "X-Wallet-Address", "X-Wallet-Chain", "X-Timestamp"]
+)
+def test_each_missing_header(kp: Keypair, name: str) -> None:
+    h = sign_request("POST", PATH, kp, "solana", NOW)
+    del h[name]
+    assert f"missing header {name}" in fails("missing_header", "POST", PATH, h)
+    h[name] = "  "
+    fails("missing_header", "POST", PATH, h)
+
+
+def test_unknown_chain(kp: Keypair) -> None:
+    h = sign_request("POST", PATH, kp, "solana", NOW)
+    h["X-Wallet-Chain"] = "tron"
+    h["Authorization"] = "tron:" + h["Authorization"].split(":", 1)[1]
+    assert "'tron'" in fails("bad_chain", "POST", PATH, h)
+
+
+def test_chain_mismatch(kp: Keypair) -> None:
+    h = sign_request("POST", PATH, kp, "solana", NOW)
+    h["Authorization"] = "evm:" + h["Authorization"].split(":", 1)[1]
+    msg = fails("chain_mismatch", "POST", PATH, h)
+    assert "'evm'" in msg and "'solana'" in msg
+
+
+def test_authorization_without_chain_prefix(kp: Keypair) -> None:
+    h = sign_request("POST", PATH, kp, "solana", NOW)
+    h["Authorization"] = h["Authorization"].split(":", 1)[1]
+    fails("bad_authorization", "POST", PATH, h)
+
+
+@pytest.mark.parametrize("offset", [31, -31, 3600])
+def test_timestamp_skew_refused(kp: Keypair, offset: int) -> None:
+    h = sign_request("POST", PATH, kp, "solana", NOW)
+    msg = fails("timestamp_skew", "POST", PATH, h, now=NOW - offset)
+    assert ("ahead of" if offset > 0 else "behind") in msg and "±30" in msg
+
+
+@pytest.mark.parametrize("offset", [30, -30, 0])
+def test_timestamp_at_window_edge_accepted(kp: Keypair, offset: int) -> None:
+    h = sign_request("POST", PATH, kp, "solana", NOW)
+    verify_request("POST", PATH, h, NOW - offset)
+
+
+def test_skew_is_configurable(kp: Keypair) -> None:
+    h = sign_request("POST", PATH, kp, "solana", NOW)
+    with pytest.raises(AuthError, match="limit ±5 s"):
+        verify_request("POST", PATH, h, NOW + 6, max_skew=5)
+    assert verify_request("POST", PATH, h, NOW + 100, max_skew=120).expires_at == NOW + 120
+
+
+@pytest.mark.parametrize("ts", ["abc", "1700000000.5", "-5", "１７"])
+def test_bad_timestamp(kp: Keypair, ts: str) -> None:
+    h = sign_request("POST", PATH, kp, "solana", NOW)
+    h["X-Timestamp"] = ts
+    fails("bad_timestamp", "POST", PATH, h)
+
+
+@pytest.mark.parametrize("sig", ["not*base64!", "AAAA", "A" * 87])
+def test_bad_base64_signature(kp: Keypair, sig: str) -> None:
+    h = sign_request("POST", PATH, kp, "solana", NOW)
+    h["Authorization"] = "solana:" + sig
+    assert "bad signature encoding" in fails("bad_signature_encoding", "POST", PATH, h)
+
+
+def test_bad_solana_address(kp: Keypair) -> None:
+    h = sign_request("POST", PATH, kp, "solana", NOW)
+    h["X-Wallet-Address"] = "0OIl"
+    fails("bad_address", "POST", PATH, h)
+
+
+def test_wrong_solana_signer(kp: Keypair) -> None:
+    h = sign_request("POST", PATH, kp, "solana", NOW)
+    h["X-Wallet-Address"] = str(Keypair().pubkey())
+    assert "signature mismatch" in fails("signature_mismatch", "POST", PATH, h)
+
+
+def test_wrong_evm_signer() -> None:
+    h = sign_request("POST", PATH, EVM_KEY, "evm", NOW)
+    h["X-Wallet-Address"] = Account.create().address
+    msg = fails("signature_mismatch", "POST", PATH, h)
+    assert EVM_ADDRESS in msg
+
+
+@pytest.mark.parametrize("chain,key", [("solana", None), ("evm", EVM_KEY)])
+@pytest.mark.parametrize("method,path", [("GET", PATH), ("POST", "/v1/stt/session")])
+def test_signature_for_another_method_or_path(
+    kp: Keypair, chain: str, key, method: str, path: str
+) -> None:
+    h = sign_request(method, path, key or kp, chain, NOW)
+    fails("signature_mismatch", "POST", PATH, h)
+
+
+def test_signature_for_another_timestamp(kp: Keypair) -> None:
+    h = sign_request("POST", PATH, kp, "solana", NOW)
+    h["X-Timestamp"] = str(NOW + 1)
+    fails("signature_mismatch", "POST", PATH, h)
+
+
+@pytest.mark.parametrize(
+    "sig",
+    ["abcd", "0xzz" + "00" * 63, "0x" + "00" * 64, "0x" + "00" * 66, "0x" + "11" * 64 + "05"],
+)
+def test_malformed_evm_signature(sig: str) -> None:
+    h = sign_request("POST", PATH, EVM_KEY, "evm", NOW)
+    h["Authorization"] = "evm:" + sig
+    fails("bad_signature_encoding", "POST", PATH, h)
+
+
+def test_unrecoverable_evm_signature() -> None:
+    h = sign_request("POST", PATH, EVM_KEY, "evm", NOW)
+    h["Authorization"] = "evm:0x" + "00" * 64 + "1b"  # r = s = 0
+    fails("signature_mismatch", "POST", PATH, h)
+
+
+def test_bad_evm_address() -> None:
+    h = sign_request("POST", PATH, EVM_KEY, "evm", NOW)
+    h["X-Wallet-Address"] = "0x1234"
+    fails("bad_address", "POST", PATH, h)
+
+
+def test_sign_request_rejects_wrong_key_types(kp: Keypair) -> None:
+    with pytest.raises(TypeError):
+        sign_request("GET", PATH, EVM_KEY, "solana", NOW)
+    with pytest.raises(TypeError):
+        sign_request("GET", PATH, kp, "evm", NOW)
+    with pytest.raises(ValueError, match="'btc'"):
+        sign_request("GET", PATH, kp, "btc", NOW)
+
+
+# ---------------------------------------------------------------- replay identity
+
+
+def test_replay_id_ignores_signature_spelling() -> None:
+    """Re-encoding a signature or flipping ECDSA s -> n-s must not yield a fresh replay id."""
+    n = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+    h = sign_request("POST", PATH, EVM_KEY, "evm", NOW)
+    sig = bytes.fromhex(h["Authorization"][6:])
+    s = int.from_bytes(sig[32:64], "big")
+    flipped = sig[:32] + (n - s).to_bytes(32, "big") + bytes([55 - sig[64]])
+    ids = {verify_request("POST", PATH, h, NOW).signature_id}
+    for alt in ("0x" + sig.hex().upper(), "0x" + flipped.hex()):
+        ids.add(
+            verify_request("POST", PATH, {**h, "Authorization": "evm:" + alt}, NOW).signature_id
+        )
+    assert len(ids) == 1
+
+
+async def test_memory_guard_forgets_after_window() -> None:
+    now = [1000.0]
+    g = MemoryReplayGuard(clock=lambda: now[0])
+    assert await g.mark_used("a", 1030.0)
+    assert not await g.mark_used("a", 1030.0)
+    assert await g.is_used("a")
+    await g.mark_used("b", 1010.0)
+    now[0] = 1020.0
+    assert not await g.is_used("b") and await g.is_used("a")
+    now[0] = 1031.0
+    assert len(g) == 0
+    await g.mark_used("c", 2000.0)
+    await g.release("c")
+    assert not await g.is_used("c")
+
+
+# ---------------------------------------------------------------- middleware, real server
+
+
+@pytest.fixture
+async def client():
+    clock = [float(NOW)]
+    status = {"code": 200}
+
+    async def token(request: web.Request) -> web.Response:
+        w: Wallet = request["wallet"]
+        if status["code"] == 402 and "X-Payment" not in request.headers:
+            return web.json_response({"error": "payment required"}, status=402)
+        return web.json_response({"address": w.address, "chain": w.chain})
+
+    async def raise402(request: web.Request) -> web.Response:
+        raise web.HTTPPaymentRequired()
+
+    async def public(request: web.Request) -> web.Response:
+        return web.json_response({"wallet": str(request.get("wallet"))})
+
+    app = web.Application(middlewares=[wallet_auth_middleware(clock=lambda: clock[0])])
+    app.router.add_post(PATH, token)
+    app.router.add_post("/v1/raise402", raise402)
+    for p in (
+        "/v1/pricing",
+        "/v1/servers/status",
+        "/openapi.json",
+        "/internal/health",
+        "/v1/webhooks/sfu",
+    ):
+        app.router.add_route("*", p, public)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as c:
+        c.clock, c.status = clock, status  # type: ignore[attr-defined]
+        yield c
+
+
+async def test_middleware_happy_path_both_chains(client, kp: Keypair) -> None:
+    for key, chain, address in ((kp, "solana", str(kp.pubkey())), (EVM_KEY, "evm", EVM_ADDRESS)):
+        r = await client.post(PATH, headers=sign_request("POST", PATH, key, chain, NOW))
+        assert r.status == 200, await r.text()
+        assert await r.json() == {"address": address, "chain": chain}
+
+
+async def test_middleware_refuses_with_reason(client, kp: Keypair) -> None:
+    r = await client.post(PATH)
+    assert r.status == 401
+    assert (await r.json()) == {"error": "missing header Authorization"}
+    h = sign_request("POST", PATH, kp, "solana", NOW - 100)
+    r = await client.post(PATH, headers=h)
+    assert r.status == 401 and "timestamp skew" in (await r.json())["error"]
+    h = sign_request("POST", "/v1/other", kp, "solana", NOW)
+    r = await client.post(PATH, headers=h)
+    assert r.status == 401 and "signature mismatch" in (await r.json())["error"]
+
+
+async def test_middleware_verifies_path_without_query(client, kp: Keypair) -> None:
+    r = await client.post(PATH + "?debug=1", headers=sign_request("POST", PATH, kp, "solana", NOW))
+    assert r.status == 200
+
+
+async def test_replay_after_200_refused(client, kp: Keypair) -> None:
+    h = sign_request("POST", PATH, kp, "solana", NOW)
+    assert (await client.post(PATH, headers=h)).status == 200
+    r = await client.post(PATH, headers=h)
+    assert r.status == 401 and "replayed signature" in (await r.json())["error"]
+    # A re-spelled copy of the same signature is the same authorisation.
+    raw = base64.b64decode(h["Authorization"].split(":", 1)[1])
+    alt = {**h, "Authorization": "solana:" + base64.urlsafe_b64encode(raw).decode().rstrip("=")}
+    assert (await client.post(PATH, headers=alt)).status == 401
+    # Once the window has passed the skew check refuses it (and the guard may forget it).
+    client.clock[0] = NOW + 31
+    r = await client.post(PATH, headers=h)
+    assert r.status == 401 and "timestamp skew" in (await r.json())["error"]
+
+
+async def test_reuse_after_402_allowed(client) -> None:
+    client.status["code"] = 402
+    h = sign_request("POST", PATH, EVM_KEY, "evm", NOW)
+    assert (await client.post(PATH, headers=h)).status == 402
+    assert (await client.post(PATH, headers=h)).status == 402  # still not used up
+    r = await client.post(PATH, headers={**h, "X-Payment": "paid"})
+    assert r.status == 200
+    assert (await client.post(PATH, headers={**h, "X-Payment": "paid"})).status == 401
+
+
+async def test_reuse_after_raised_402_allowed(client, kp: Keypair) -> None:
+    h = sign_request("POST", "/v1/raise402", kp, "solana", NOW)
+    assert (await client.post("/v1/raise402", headers=h)).status == 402
+    assert (await client.post("/v1/raise402", headers=h)).status == 402
+
+
+async def test_404_under_v1_uses_the_signature(client, kp: Keypair) -> None:
+    h = sign_request("POST", "/v1/nowhere", kp, "solana", NOW)
+    assert (await client.post("/v1/nowhere", headers=h)).status == 404
+    assert (await client.post("/v1/nowhere", headers=h)).status == 401
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/pricing", "/v1/servers/status", "/openapi.json", "/internal/health", "/v1/webhooks/sfu"],
+)
+async def test_exempt_paths_need_no_signature(client, path: str) -> None:
+    r = await client.get(path)
+    assert r.status == 200 and (await r.json()) == {"wallet": "None"}
+
+
+async def test_dot_segments_never_exempt(client) -> None:
+    r = await client.get("/v1/webhooks/../account")
+    assert r.status == 401
+    assert is_exempt("/v1/webhooks/sfu", DEFAULT_EXEMPT_PATHS)
+    assert not is_exempt("/v1/webhooks/./sfu", DEFAULT_EXEMPT_PATHS)
+    assert is_exempt("/internal", DEFAULT_EXEMPT_PATHS)
+    assert not is_exempt("/v1/pricing/x", DEFAULT_EXEMPT_PATHS)

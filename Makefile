@@ -4,13 +4,14 @@
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
-APT_PKGS := clang-19 llvm-19
+APT_PKGS := clang-19 llvm-19 postgresql
 
 .PHONY: setup up test program bench clean-local apt
 
 setup: apt $(STAMP)
 
-# Debian packages: the C compiler for the on-chain program (the build test rebuilds it).
+# Debian packages: the C compiler for the on-chain program (the build test rebuilds it) and
+# PostgreSQL (the ledger is tested on SQLite and on a throwaway PostgreSQL server).
 apt:
 	@dpkg -s $(APT_PKGS) >/dev/null 2>&1 || { \
 	  echo "installing Debian packages: $(APT_PKGS)"; \

@@ -25,7 +25,6 @@ class GatewayConfig(BaseModel):
 
     listen_host: str = "127.0.0.1"
     listen_port: int = Field(default=8402, ge=0, le=65535)
-    public_url: str = "http://127.0.0.1:8402"
     rpc_url: str = DEFAULT_RPC_URL
     program_id: str | None = None
     issuer_keypair: Path = Path(".local/keys/gateway-issuer.json")
@@ -38,9 +37,7 @@ class GatewayConfig(BaseModel):
     sweep_interval_seconds: float = Field(default=5.0, gt=0)
     settle_grace_seconds: int = Field(default=30, ge=0)
     tts_session_minutes: int = Field(default=60, ge=1)
-    max_duration_minutes: int = Field(default=24 * 60, ge=1)
-    max_tts_characters: int = Field(default=10_000_000, ge=1)
-    default_max_concurrent_sessions: int = Field(default=10, ge=1)
+    # Requests per second for wallets without an account yet (accounts carry their own limit).
     default_max_api_rate: int = Field(default=50, ge=1)
 
 

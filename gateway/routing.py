@@ -221,6 +221,19 @@ class NodeDirectory:
             )
         return self._nodes
 
+    async def find(self, owner: str) -> NodeAccount | None:
+        """A registered node by its key; an unknown key forces one fresh read (it may be new)."""
+        for node in await self.nodes():
+            if str(node.owner) == owner:
+                return node
+        if self._clock() - self._fetched_at < 1.0:
+            return None
+        try:
+            await self.refresh()
+        except Exception:  # noqa: BLE001 - keep the view we have
+            return None
+        return next((n for n in self._nodes or [] if str(n.owner) == owner), None)
+
     async def healthy(self, role: Role | str) -> list[NodeAccount]:
         """Nodes of ``role`` that may take a new session: not stale, not suspended, not full."""
         role = Role.parse(role)

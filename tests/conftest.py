@@ -12,15 +12,21 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import pytest
 from solders.keypair import Keypair
+from sqlalchemy.engine import make_url
 
 from registry.client import RegistryClient
 from registry.keys import save_keypair
+
+# A throwaway PostgreSQL server (session fixture ``pg_url``), for the ledger on both databases.
+pytest_plugins = ["tests.pg"]
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_TTL = 3
@@ -114,3 +120,21 @@ def chain(localnet: Localnet, tmp_path_factory: pytest.TempPathFactory) -> Chain
 
     asyncio.run(setup())
     return Chain(localnet.url, authority, keys / "authority.json", issuer, keys / "issuer.json", TEST_TTL)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """An empty database: a new SQLite file, or a new database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/ledger.db"
+        return
+    server = make_url(request.getfixturevalue("pg_url"))
+    name = f"ledger_{uuid.uuid4().hex[:12]}"
+    admin_dsn = server.set(drivername="postgresql").render_as_string(hide_password=False)
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield server.set(database=name).render_as_string(hide_password=False)
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()

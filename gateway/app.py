@@ -1,0 +1,477 @@
+"""The gateway's HTTP API (aiohttp): parse, authenticate, delegate, answer in the spec's shapes.
+
+Routes follow ``spec/gateway-api.md``. Wallet-signed routes get ``request["wallet"]`` from the
+auth middleware; node routes (``/internal/events``, ``/v1/webhooks/sfu``) must carry a JWT signed by
+a node key that is registered and active on chain, bound to the body by its ``sha256`` claim.
+Errors are ``{"error": "..."}`` with 400/401/402/404/429/503 as the spec lists them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+from solders.keypair import Keypair
+
+from gateway import schemas
+from gateway.auth import MemoryReplayGuard, wallet_auth_middleware
+from gateway.config import GatewayConfig
+from gateway.geo import InvalidClientIP, Location, Locator, client_address
+from gateway.ledger import (
+    ConcurrencyLimit,
+    InsufficientCredits,
+    Ledger,
+    NotSessionNode,
+    SessionClosed,
+    UnknownSession,
+    pricing,
+)
+from gateway.ratelimit import RateLimiter
+from gateway.routing import DirectoryUnavailable, NoCapacity, NodeDirectory
+from gateway.sessions import NoAccount, NotFound, SessionService, iso
+from registry import jsonsafe
+from registry.program import NodeStatus
+from registry.settings import format_validation_error
+from registry.tokens import TokenError, verify_body
+
+log = logging.getLogger("gateway")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Gateway:
+    """Everything a request handler needs; built once per process by ``create_app``."""
+
+    config: GatewayConfig
+    ledger: Ledger
+    directory: NodeDirectory
+    locator: Locator
+    sessions: SessionService
+    limiter: RateLimiter
+
+
+GATEWAY_KEY = web.AppKey("gateway", Gateway)
+
+
+def error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def parse_body(request: web.Request, model: type[schemas.Body]) -> Any:
+    raw = await request.read()
+    try:
+        data = jsonsafe.loads(raw) if raw else {}
+    except (ValueError, UnicodeDecodeError):
+        raise web.HTTPBadRequest(text='{"error": "request body is not valid JSON"}',
+                                 content_type="application/json") from None
+    if not isinstance(data, dict):
+        raise _bad("request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _bad(format_validation_error(exc)) from None
+
+
+def _bad(message: str) -> web.HTTPBadRequest:
+    import json
+
+    return web.HTTPBadRequest(text=json.dumps({"error": message}), content_type="application/json")
+
+
+def gw(request: web.Request) -> Gateway:
+    return request.app[GATEWAY_KEY]
+
+
+def wallet_of(request: web.Request) -> tuple[str, str]:
+    wallet = request["wallet"]
+    return wallet.chain, wallet.address
+
+
+def client_ip(request: web.Request, explicit: str | None = None) -> str:
+    try:
+        return client_address(request, explicit,
+                              trust_forwarded_for=gw(request).config.trust_forwarded_for)
+    except InvalidClientIP as exc:
+        raise _bad(str(exc)) from None
+
+
+# ---------------------------------------------------------------- middleware
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map domain errors to the spec's status codes, once, for every route."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except NoAccount as exc:
+        return error(402, str(exc))
+    except InsufficientCredits as exc:
+        return error(402, f"insufficient credits: need {exc.needed} microcredits, "
+                          f"{exc.available} available")
+    except ConcurrencyLimit as exc:
+        return error(429, f"concurrent session limit reached ({exc.limit} active sessions)")
+    except (NotFound, UnknownSession) as exc:
+        return error(404, str(exc))
+    except SessionClosed as exc:
+        return error(400, f"session {exc.session_id} is {exc.status}; create a new one")
+    except NoCapacity as exc:
+        return error(503, f"no servers available: {exc}")
+    except DirectoryUnavailable as exc:
+        return error(503, f"no servers available: registry unreachable ({exc})")
+
+
+def rate_limit_middleware(limiter: RateLimiter) -> Any:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        wallet = request.get("wallet")
+        if wallet is not None:
+            account = await gw(request).ledger.get_account(wallet.chain, wallet.address)
+            rate = account.max_api_rate if account else gw(request).config.default_max_api_rate
+            if not limiter.allow(f"{wallet.chain}:{wallet.address.lower()}", rate):
+                return error(429, f"rate limit exceeded: at most {rate} requests per second")
+        return await handler(request)
+
+    return middleware
+
+
+# ---------------------------------------------------------------- public
+
+
+async def pricing_handler(request: web.Request) -> web.Response:
+    return web.json_response({**pricing.pricing_document(),
+                              "minimum_purchase_usd": float(pricing.MIN_PURCHASE_USD)})
+
+
+async def servers_status(request: web.Request) -> web.Response:
+    counts = await gw(request).directory.counts()
+    services = {s: {**c, "available": c["healthy"] > 0} for s, c in counts.items()}
+    return web.json_response({"services": services, "updated_at": iso(datetime.now(UTC))})
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+# ---------------------------------------------------------------- account
+
+
+def _micro(value: int) -> str:
+    return str(value)
+
+
+async def account_handler(request: web.Request) -> web.Response:
+    chain, address = wallet_of(request)
+    view = await gw(request).ledger.account_view(chain, address)
+    if view is None:
+        return error(404, f"no account for {chain} wallet {address}: purchase or be granted credits")
+    return web.json_response({
+        "id": view.id, "wallet_address": view.wallet_address, "wallet_chain": view.wallet_chain,
+        "credit_balance": _micro(view.credit_balance),
+        "available_balance": _micro(view.available_balance),
+        "max_concurrent_sessions": view.max_concurrent_sessions, "max_api_rate": view.max_api_rate,
+        "created_at": iso(view.created_at),
+    })
+
+
+def _page(request: web.Request, with_status: bool) -> schemas.Page:
+    query = dict(request.query)
+    if not with_status and "status" in query:
+        raise _bad("status is not a filter of this list")
+    try:
+        return schemas.Page.model_validate(query)
+    except ValidationError as exc:
+        raise _bad(format_validation_error(exc)) from None
+
+
+async def _account_id(request: web.Request) -> str:
+    chain, address = wallet_of(request)
+    account = await gw(request).ledger.get_account(chain, address)
+    if account is None:
+        raise web.HTTPNotFound(text=f'{{"error": "no account for {chain} wallet {address}"}}',
+                               content_type="application/json")
+    return account.id
+
+
+async def transactions_handler(request: web.Request) -> web.Response:
+    page = _page(request, with_status=False)
+    rows = await gw(request).ledger.list_transactions(await _account_id(request), page.limit,
+                                                       page.offset)
+    return web.json_response({"transactions": [{
+        "id": t.id, "type": t.kind, "amount_microcredits": _micro(t.amount),
+        "hold_microcredits": _micro(t.hold), "balance_after": _micro(t.balance_after),
+        "available_after": _micro(t.available_after), "session_id": t.session_id,
+        "reference": t.reference, "memo": t.memo, "created_at": iso(t.created_at),
+    } for t in rows], "limit": page.limit, "offset": page.offset})
+
+
+async def sessions_handler(request: web.Request) -> web.Response:
+    page = _page(request, with_status=True)
+    rows = await gw(request).ledger.list_sessions(await _account_id(request), page.limit,
+                                                   page.offset, status=page.status)
+    out = []
+    for r in rows:
+        item = r.public()
+        for key in ("reserved_microcredits", "charged_microcredits"):
+            item[key] = _micro(item[key])
+        for key in ("token_expires_at", "started_at", "ended_at"):
+            item[key] = iso(item[key])
+        out.append(item)
+    return web.json_response({"sessions": out, "limit": page.limit, "offset": page.offset})
+
+
+# ---------------------------------------------------------------- sessions
+
+
+async def webrtc_token(request: web.Request) -> web.Response:
+    body = await parse_body(request, schemas.WebrtcTokenRequest)
+    out = await gw(request).sessions.webrtc_token(*wallet_of(request), body,
+                                                  client_ip(request, body.client_ip))
+    return web.json_response(out)
+
+
+async def webrtc_extend(request: web.Request) -> web.Response:
+    body = await parse_body(request, schemas.SessionExtend)
+    return web.json_response(await gw(request).sessions.webrtc_extend(*wallet_of(request), body))
+
+
+async def stt_session(request: web.Request) -> web.Response:
+    body = await parse_body(request, schemas.SttSessionRequest)
+    out = await gw(request).sessions.stt_session(*wallet_of(request), body, client_ip(request))
+    return web.json_response(out)
+
+
+async def stt_extend(request: web.Request) -> web.Response:
+    body = await parse_body(request, schemas.SessionExtend)
+    return web.json_response(await gw(request).sessions.stt_extend(*wallet_of(request), body))
+
+
+async def tts_session(request: web.Request) -> web.Response:
+    body = await parse_body(request, schemas.TtsSessionRequest)
+    out = await gw(request).sessions.tts_session(*wallet_of(request), body, client_ip(request))
+    return web.json_response(out)
+
+
+async def tts_extend(request: web.Request) -> web.Response:
+    body = await parse_body(request, schemas.TtsExtend)
+    return web.json_response(await gw(request).sessions.tts_extend(*wallet_of(request), body))
+
+
+async def agent_session(request: web.Request) -> web.Response:
+    body = await parse_body(request, schemas.AgentSessionRequest)
+    agent_ip = client_ip(request)
+    user_ip = client_ip(request, body.client_ip) if body.client_ip else agent_ip
+    out = await gw(request).sessions.agent_session(*wallet_of(request), body, agent_ip, user_ip)
+    return web.json_response(out)
+
+
+async def agent_extend(request: web.Request) -> web.Response:
+    body = await parse_body(request, schemas.AgentExtend)
+    return web.json_response(await gw(request).sessions.agent_extend(*wallet_of(request), body))
+
+
+# ---------------------------------------------------------------- from nodes
+
+
+async def node_signed_body(request: web.Request) -> tuple[str, bytes]:
+    """The body and the key of the active, registered node that signed it; 401 otherwise."""
+    body = await request.read()
+    auth = request.headers.get("Authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise _unauthorized("missing Authorization: Bearer <JWT signed by the node key>")
+    try:
+        signer = verify_body(token.strip(), body)
+    except TokenError as exc:
+        raise _unauthorized(f"node signature refused: {exc}") from None
+    node = await gw(request).directory.find(signer)
+    if node is None:
+        raise _unauthorized(f"{signer} is not a node registered on the registry")
+    if node.status is not NodeStatus.ACTIVE:
+        raise _unauthorized(f"node {signer} is {node.status.label}")
+    return signer, body
+
+
+def _unauthorized(message: str) -> web.HTTPUnauthorized:
+    import json
+
+    return web.HTTPUnauthorized(text=json.dumps({"error": message}), content_type="application/json")
+
+
+def _json_body(body: bytes) -> Any:
+    try:
+        return jsonsafe.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise _bad("request body is not valid JSON") from None
+
+
+async def _report(request: web.Request, node: str, session_id: str, units: int,
+                  final: bool) -> dict[str, Any]:
+    try:
+        result = await gw(request).ledger.record_usage(session_id, node, units, final=final)
+    except NotSessionNode:
+        raise _unauthorized(f"session {session_id} was not routed to node {node}") from None
+    return {"session_id": session_id, "status": result.status,
+            "charged_microcredits": _micro(result.charged_microcredits),
+            "refunded_microcredits": _micro(result.refunded_microcredits)}
+
+
+async def internal_events(request: web.Request) -> web.Response:
+    node, raw = await node_signed_body(request)
+    data = _json_body(raw)
+    if not isinstance(data, dict):
+        raise _bad("request body must be a JSON object")
+    try:
+        event = schemas.UsageEvent.model_validate(data)
+    except ValidationError as exc:
+        raise _bad(format_validation_error(exc)) from None
+    record = await gw(request).ledger.get_session(event.session_id)
+    if record is None:
+        return error(404, f"unknown session {event.session_id}")
+    if record.service == "tts":
+        units = event.usage.used_characters
+    else:
+        seconds = event.usage.duration_seconds
+        units = None if seconds is None else int(-(-seconds // 1))
+    if units is None:
+        field = "used_characters" if record.service == "tts" else "duration_seconds"
+        raise _bad(f"usage.{field} is required for a {record.service} session")
+    return web.json_response(await _report(request, node, record.session_id, units,
+                                           event.event == "complete"))
+
+
+async def sfu_webhook(request: web.Request) -> web.Response:
+    """LiveKit-style WebhookEvent JSON from an SFU node: bills participant time.
+
+    ``participant_left`` carries the participant's ``joinedAt``; the time in the room is added to
+    the session's running usage. ``room_finished`` settles every session of the room on that node.
+    """
+    node, raw = await node_signed_body(request)
+    data = _json_body(raw)
+    if not isinstance(data, dict) or not isinstance(data.get("event"), str):
+        raise _bad("webhook body must be a WebhookEvent object with an 'event' field")
+    event = data["event"]
+    ledger = gw(request).ledger
+    if event == "participant_left":
+        participant = data.get("participant") or {}
+        session_id = (participant.get("attributes") or {}).get("session_id")
+        joined, left = participant.get("joinedAt"), data.get("createdAt")
+        if not isinstance(session_id, str) or not _ints(joined, left):
+            raise _bad("participant_left needs participant.attributes.session_id, "
+                       "participant.joinedAt and createdAt (unix seconds)")
+        record = await ledger.get_session(session_id)
+        if record is None:
+            return error(404, f"unknown session {session_id}")
+        spent = max(0, int(left) - int(joined))
+        return web.json_response(await _report(request, node, session_id,
+                                               record.usage_units + spent, final=False))
+    if event == "room_finished":
+        room = (data.get("room") or {}).get("name")
+        if not isinstance(room, str) or not room:
+            raise _bad("room_finished needs room.name")
+        settled = []
+        for record in await ledger.list_room_sessions(room, node):
+            settled.append(await _report(request, node, record.session_id, record.usage_units,
+                                         final=True))
+        return web.json_response({"settled": settled})
+    # room_started, participant_joined, track_published: lifecycle only, nothing to bill.
+    log.debug("sfu webhook %s from %s", event, node)
+    return web.json_response({"ok": True})
+
+
+def _ints(*values: Any) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+
+
+# ---------------------------------------------------------------- assembly
+
+
+ROUTES: list[tuple[str, str, Handler, str]] = [
+    ("GET", "/v1/pricing", pricing_handler, "Current pricing and limits"),
+    ("GET", "/v1/servers/status", servers_status, "Healthy nodes and capacity by service"),
+    ("GET", "/v1/account", account_handler, "Account details and balances"),
+    ("GET", "/v1/account/transactions", transactions_handler, "Credit transaction history"),
+    ("GET", "/v1/account/sessions", sessions_handler, "Sessions, optionally by status"),
+    ("POST", "/v1/webrtc/token", webrtc_token, "Create a WebRTC session"),
+    ("POST", "/v1/webrtc/token/extend", webrtc_extend, "Extend a WebRTC session"),
+    ("POST", "/v1/stt/session", stt_session, "Create a speech-to-text session"),
+    ("POST", "/v1/stt/session/extend", stt_extend, "Extend a speech-to-text session"),
+    ("POST", "/v1/tts/session", tts_session, "Create a text-to-speech session"),
+    ("POST", "/v1/tts/session/extend", tts_extend, "Extend a text-to-speech session"),
+    ("POST", "/v1/agent-session", agent_session, "Create a WebRTC + STT + TTS bundle"),
+    ("POST", "/v1/agent-session/extend", agent_extend, "Extend an agent session bundle"),
+    ("POST", "/v1/webhooks/sfu", sfu_webhook, "SFU lifecycle webhooks (node-signed)"),
+    ("POST", "/internal/events", internal_events, "Usage events from STT/TTS nodes (node-signed)"),
+    ("GET", "/internal/health", health, "Health check"),
+]
+
+
+async def _sweeper(app: web.Application) -> Any:
+    gateway = app[GATEWAY_KEY]
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(gateway.config.sweep_interval_seconds)
+            try:
+                settled = await gateway.ledger.sweep(
+                    grace=timedelta(seconds=gateway.config.settle_grace_seconds))
+                if settled:
+                    log.info("sweeper settled %d expired session(s)", len(settled))
+            except Exception:  # noqa: BLE001 - the sweeper must outlive a database blip
+                log.exception("sweeper failed; retrying")
+
+    task = asyncio.create_task(loop())
+    yield
+    task.cancel()
+    with suppress(asyncio.CancelledError):
+        await task
+
+
+async def _lifecycle(app: web.Application) -> Any:
+    gateway = app[GATEWAY_KEY]
+    await gateway.ledger.migrate()
+    await gateway.directory.start()
+    yield
+    await gateway.directory.close()
+    await gateway.ledger.close()
+    gateway.locator.close()
+
+
+def create_app(config: GatewayConfig, issuer: Keypair, list_nodes: Any,
+               ledger: Ledger | None = None) -> web.Application:
+    """The gateway app. ``list_nodes`` is the registry read (``RegistryClient.list_nodes``)."""
+    ledger = ledger or Ledger(config.database_url)
+    directory = NodeDirectory(list_nodes, config.registry_refresh_seconds)
+    loc = config.default_location
+    locator = Locator(Location(loc.lat, loc.lon, loc.country), config.geoip_mmdb)
+    limiter = RateLimiter()
+    service = SessionService(ledger, directory, locator, issuer, config.tts_session_minutes)
+    # Outermost first: auth must see the final status (a 402 gives the signature back), so the
+    # domain-error mapping runs inside it.
+    app = web.Application(middlewares=[
+        wallet_auth_middleware(MemoryReplayGuard(time.time), max_skew=config.auth_window_seconds),
+        rate_limit_middleware(limiter),
+        errors_middleware,
+    ], client_max_size=64 * 1024)
+    app[GATEWAY_KEY] = Gateway(config, ledger, directory, locator, service, limiter)
+    for method, path, handler, _ in ROUTES:
+        app.router.add_route(method, path, handler)
+    from gateway.openapi import openapi_handler
+
+    app.router.add_get("/openapi.json", openapi_handler)
+    app.cleanup_ctx.append(_lifecycle)
+    app.cleanup_ctx.append(_sweeper)
+    return app
+
+
+__all__ = ["create_app", "ROUTES", "BaseModel"]

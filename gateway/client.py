@@ -1,0 +1,259 @@
+"""Agent SDK: an async client for the gateway that signs every request with the agent's wallet.
+
+    async with GatewayClient("http://127.0.0.1:8402", keypair) as gw:
+        session = await gw.create_agent_session("room-1", "agent", duration_minutes=5,
+                                                client_identity="user-42")
+        session.webrtc.client.token, session.stt.server_url, ...
+
+Errors are typed (``InsufficientCredits``, ``ConcurrencyLimit``, ``RateLimit``, ``NoCapacity``,
+``NotFound``, ``AuthenticationError``, ``BadRequest``), each carrying the gateway's message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from solders.keypair import Keypair
+
+from gateway.auth import sign_request
+
+
+class GatewayError(Exception):
+    def __init__(self, status: int, message: str, body: Any = None) -> None:
+        self.status = status
+        self.message = message
+        self.body = body
+        super().__init__(f"{status}: {message}")
+
+
+class BadRequest(GatewayError):
+    pass
+
+
+class AuthenticationError(GatewayError):
+    pass
+
+
+class InsufficientCredits(GatewayError):
+    """402: buy credits (or, for a purchase, the x402 payment requirements are in ``body``)."""
+
+
+class NotFound(GatewayError):
+    pass
+
+
+class RateLimit(GatewayError):
+    pass
+
+
+class ConcurrencyLimit(GatewayError):
+    pass
+
+
+class NoCapacity(GatewayError):
+    pass
+
+
+def error_for(status: int, message: str, body: Any) -> GatewayError:
+    if status == 429:
+        cls: type[GatewayError] = ConcurrencyLimit if "concurrent" in message else RateLimit
+    else:
+        cls = {400: BadRequest, 401: AuthenticationError, 402: InsufficientCredits,
+               404: NotFound, 503: NoCapacity}.get(status, GatewayError)
+    return cls(status, message, body)
+
+
+@dataclass(frozen=True)
+class WebrtcSession:
+    session_id: str
+    token: str
+    ws_url: str
+    expires_at: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, d: dict[str, Any]) -> "WebrtcSession":
+        return cls(d.get("session_id", ""), d["token"], d.get("ws_url", ""),
+                   d.get("expires_at") or d.get("new_expires_at"), d)
+
+
+@dataclass(frozen=True)
+class ServiceSession:
+    """An STT or TTS session: connect to ``server_url`` with ``token`` as the session key."""
+
+    session_id: str
+    token: str
+    server_url: str
+    expires_at: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, d: dict[str, Any]) -> "ServiceSession":
+        return cls(d.get("session_id", ""), d["token"], d.get("server_url", ""),
+                   d.get("expires_at") or d.get("new_expires_at"), d)
+
+
+@dataclass(frozen=True)
+class DualWebrtc:
+    agent: WebrtcSession
+    client: WebrtcSession
+
+
+@dataclass(frozen=True)
+class AgentSession:
+    bundle_id: str
+    webrtc: WebrtcSession | DualWebrtc
+    stt: ServiceSession
+    tts: ServiceSession
+    expires_at: str | None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, d: dict[str, Any], bundle_id: str = "") -> "AgentSession":
+        rtc = d["webrtc"]
+        webrtc: WebrtcSession | DualWebrtc = (
+            DualWebrtc(WebrtcSession.of(rtc["agent"]), WebrtcSession.of(rtc["client"]))
+            if "agent" in rtc else WebrtcSession.of(rtc))
+        return cls(d.get("bundle_id", bundle_id), webrtc, ServiceSession.of(d["stt"]),
+                   ServiceSession.of(d["tts"]), d.get("expires_at"), d)
+
+
+@dataclass(frozen=True)
+class AccountInfo:
+    id: str
+    wallet_address: str
+    wallet_chain: str
+    credit_balance: int
+    available_balance: int
+    max_concurrent_sessions: int
+    max_api_rate: int
+    created_at: str
+
+    @classmethod
+    def of(cls, d: dict[str, Any]) -> "AccountInfo":
+        return cls(d["id"], d["wallet_address"], d["wallet_chain"], int(d["credit_balance"]),
+                   int(d["available_balance"]), d["max_concurrent_sessions"], d["max_api_rate"],
+                   d["created_at"])
+
+
+class GatewayClient:
+    """``key`` is a solders ``Keypair`` (chain ``solana``) or an EVM private key (chain ``evm``)."""
+
+    def __init__(self, base_url: str, key: Keypair | str | bytes, chain: str = "solana",
+                 timeout: float = 30.0, session: aiohttp.ClientSession | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.key = key
+        self.chain = chain
+        self._own_session = session is None
+        self._session = session or aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=timeout))
+
+    async def close(self) -> None:
+        if self._own_session:
+            await self._session.close()
+
+    async def __aenter__(self) -> "GatewayClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def request(self, method: str, path: str, body: dict[str, Any] | None = None,
+                      params: dict[str, Any] | None = None, signed: bool = True,
+                      headers: dict[str, str] | None = None) -> Any:
+        """One call; raises the typed error for any non-2xx answer."""
+        all_headers = dict(headers or {})
+        if signed:
+            all_headers.update(sign_request(method, path, self.key, self.chain))
+        query = {k: v for k, v in (params or {}).items() if v is not None}
+        async with self._session.request(method, self.base_url + path, json=body, params=query,
+                                         headers=all_headers) as resp:
+            try:
+                data = await resp.json(content_type=None)
+            except ValueError:
+                data = {"error": (await resp.text())[:500]}
+            if resp.status >= 400:
+                message = data.get("error", "") if isinstance(data, dict) else str(data)
+                raise error_for(resp.status, message or resp.reason or "", data)
+            return data
+
+    @staticmethod
+    def _body(**fields: Any) -> dict[str, Any]:
+        return {k: v for k, v in fields.items() if v is not None}
+
+    # ------------------------------------------------------------ public
+
+    async def pricing(self) -> dict[str, Any]:
+        return await self.request("GET", "/v1/pricing", signed=False)
+
+    async def servers_status(self) -> dict[str, Any]:
+        return await self.request("GET", "/v1/servers/status", signed=False)
+
+    # ------------------------------------------------------------ account
+
+    async def account(self) -> AccountInfo:
+        return AccountInfo.of(await self.request("GET", "/v1/account"))
+
+    async def transactions(self, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
+        data = await self.request("GET", "/v1/account/transactions",
+                                  params={"limit": limit, "offset": offset})
+        return data["transactions"]
+
+    async def sessions(self, limit: int = 50, offset: int = 0,
+                       status: str | None = None) -> list[dict[str, Any]]:
+        data = await self.request("GET", "/v1/account/sessions",
+                                  params={"limit": limit, "offset": offset, "status": status})
+        return data["sessions"]
+
+    # ------------------------------------------------------------ sessions
+
+    async def create_webrtc_token(self, room_name: str, participant_identity: str,
+                                  duration_minutes: float, metadata: str | None = None,
+                                  client_ip: str | None = None) -> WebrtcSession:
+        return WebrtcSession.of(await self.request("POST", "/v1/webrtc/token", self._body(
+            room_name=room_name, participant_identity=participant_identity,
+            duration_minutes=duration_minutes, metadata=metadata, client_ip=client_ip)))
+
+    async def extend_webrtc_token(self, session_id: str, additional_minutes: float) -> WebrtcSession:
+        return WebrtcSession.of(await self.request("POST", "/v1/webrtc/token/extend", {
+            "session_id": session_id, "additional_minutes": additional_minutes}))
+
+    async def create_stt_session(self, duration_minutes: float,
+                                 language: str | None = None) -> ServiceSession:
+        return ServiceSession.of(await self.request("POST", "/v1/stt/session", self._body(
+            duration_minutes=duration_minutes, language=language)))
+
+    async def extend_stt_session(self, session_id: str, additional_minutes: float) -> ServiceSession:
+        return ServiceSession.of(await self.request("POST", "/v1/stt/session/extend", {
+            "session_id": session_id, "additional_minutes": additional_minutes}))
+
+    async def create_tts_session(self, max_characters: int,
+                                 language: str | None = None) -> ServiceSession:
+        return ServiceSession.of(await self.request("POST", "/v1/tts/session", self._body(
+            max_characters=max_characters, language=language)))
+
+    async def extend_tts_session(self, session_id: str,
+                                 additional_characters: int) -> ServiceSession:
+        return ServiceSession.of(await self.request("POST", "/v1/tts/session/extend", {
+            "session_id": session_id, "additional_characters": additional_characters}))
+
+    async def create_agent_session(
+        self, room_name: str, participant_identity: str, duration_minutes: float,
+        language: str | None = None, tts_max_characters: int | None = None,
+        metadata: str | None = None, client_ip: str | None = None,
+        client_identity: str | None = None,
+    ) -> AgentSession:
+        return AgentSession.of(await self.request("POST", "/v1/agent-session", self._body(
+            room_name=room_name, participant_identity=participant_identity,
+            duration_minutes=duration_minutes, language=language,
+            tts_max_characters=tts_max_characters, metadata=metadata, client_ip=client_ip,
+            client_identity=client_identity)))
+
+    async def extend_agent_session(self, bundle_id: str, additional_minutes: float,
+                                   additional_tts_characters: int | None = None) -> AgentSession:
+        data = await self.request("POST", "/v1/agent-session/extend", self._body(
+            bundle_id=bundle_id, additional_minutes=additional_minutes,
+            additional_tts_characters=additional_tts_characters))
+        return AgentSession.of(data, bundle_id)

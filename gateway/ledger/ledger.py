@@ -1,0 +1,830 @@
+"""The credits ledger: accounts, reservations, usage charges, refunds.
+
+Balance model (amounts are int microcredits everywhere):
+
+* ``credit_balance`` is the money the account has not spent: purchases + grants - charges.
+* ``held_microcredits`` is the part of it reserved by the account's *active* sessions (the sum of
+  their ``reserved_microcredits``). ``available_balance = credit_balance - held_microcredits``.
+* Every change of either figure is one row in ``transactions`` with two signed columns,
+  ``amount`` (change of credit_balance) and ``hold`` (change of the amount held):
+
+  ========  =========  =========  ===========================================================
+  kind      amount     hold       when
+  ========  =========  =========  ===========================================================
+  purchase  +paid      0          a payment is credited (idempotent by ``reference``)
+  grant     +granted   0          an operator grants credits
+  reserve   0          +R         a session is created or extended (R = what it reserves)
+  charge    -C         -C         settlement: C = cost of the reported usage, capped at R total
+  refund    0          -(R - C)   settlement: the unused rest of the reservation is released
+  ========  =========  =========  ===========================================================
+
+  so at every commit ``credit_balance == sum(amount)`` and ``held == sum(hold)`` == the
+  reservations of the active sessions; each row also carries ``balance_after`` and
+  ``available_after``. A zero charge or zero refund writes no row.
+* A reservation is granted only if it fits the available balance, and a charge never exceeds its
+  reservation, so ``0 <= held <= credit_balance``: neither balance can go below zero.
+* Usage is reported cumulatively by the node (seconds for webrtc/stt, characters for tts). While
+  the session is active each report updates the session's running ``usage_units`` and
+  ``charged_microcredits`` (monotonic: a lower total is ignored); money moves once, at settlement
+  (``final=True`` -> completed, or the sweeper -> expired): one ``charge`` and one ``refund`` row,
+  exactly once, guarded by the session's status change under the account lock. A settled
+  session is ``completed`` (final report) or ``expired`` (sweeper); ``ended_at`` is when the
+  ledger settled it.
+* ``max_concurrent_sessions`` counts the account's active sessions, a bundle's sessions once.
+
+Concurrency: every write transaction locks the account row first (PostgreSQL: ``SELECT ... FOR
+UPDATE``; SQLite: ``BEGIN IMMEDIATE`` -- one writer per database file -- plus an asyncio lock per
+``Ledger`` so one process does not spin on SQLite's busy handler), then reads and changes that
+account's sessions. Several gateway processes may share one PostgreSQL database, or one SQLite
+file (WAL mode) on one machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+
+from . import pricing
+from .errors import (
+    AccountNotFound,
+    ConcurrencyLimit,
+    DuplicatePayment,
+    InsufficientCredits,
+    NotSessionNode,
+    SessionClosed,
+    UnknownSession,
+)
+from .models import VERSION_TABLE, accounts, sessions, transactions
+from .records import (
+    Account,
+    AccountView,
+    Audit,
+    Bundle,
+    Extension,
+    SessionRecord,
+    SessionSpec,
+    Transaction,
+    UsageResult,
+)
+
+WALLET_CHAINS = ("solana", "evm")
+SESSION_STATUSES = ("active", "completed", "expired")
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+_PG_MIGRATION_LOCK = 0x6C656467  # pg_advisory_xact_lock key: several gateways migrate at once
+
+Row = Mapping[str, Any]
+
+
+def normalize_url(url: str) -> str:
+    """``sqlite:///path`` and ``postgresql://...`` get their async drivers."""
+    u = make_url(url)
+    backend, driver = u.get_backend_name(), u.get_driver_name()
+    if backend == "sqlite" and driver != "aiosqlite":
+        u = u.set(drivername="sqlite+aiosqlite")
+    elif backend == "postgresql" and driver != "asyncpg":
+        u = u.set(drivername="postgresql+asyncpg")
+    elif backend not in ("sqlite", "postgresql"):
+        raise ValueError(f"unsupported ledger database {backend!r}: use sqlite or postgresql")
+    return u.render_as_string(hide_password=False)
+
+
+def _wallet(chain: str, address: str) -> tuple[str, str]:
+    if chain not in WALLET_CHAINS:
+        raise ValueError(f"wallet_chain must be one of {WALLET_CHAINS}, got {chain!r}")
+    if not isinstance(address, str) or not address:
+        raise ValueError("wallet_address is required")
+    # EVM addresses are case-insensitive (EIP-55 is only a checksum): one account per wallet.
+    return chain, address.lower() if chain == "evm" else address
+
+
+def _positive(name: str, value: int, *, zero_ok: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
+        raise ValueError(f"{name} must be a {'non-negative' if zero_ok else 'positive'} int, "
+                         f"got {value!r}")
+    return value
+
+
+def _aware(name: str, value: datetime) -> datetime:
+    if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be a timezone-aware datetime, got {value!r}")
+    return value.astimezone(UTC)
+
+
+def _page(limit: int, offset: int) -> tuple[int, int]:
+    _positive("limit", limit)
+    _positive("offset", offset, zero_ok=True)
+    return limit, offset
+
+
+def _account(row: Row) -> Account:
+    return Account(
+        id=row["id"],
+        wallet_chain=row["wallet_chain"],
+        wallet_address=row["wallet_address"],
+        credit_balance=row["credit_balance"],
+        held_microcredits=row["held_microcredits"],
+        max_concurrent_sessions=row["max_concurrent_sessions"],
+        max_api_rate=row["max_api_rate"],
+        created_at=row["created_at"],
+    )
+
+
+def _transaction(row: Row) -> Transaction:
+    return Transaction(**{k: row[k] for k in Transaction.__dataclass_fields__})
+
+
+def _session(row: Row) -> SessionRecord:
+    fields = {k: row[k] for k in SessionRecord.__dataclass_fields__ if k != "session_id"}
+    return SessionRecord(session_id=row["id"], **fields)
+
+
+class _Acct:
+    """The locked account row while a write transaction changes it."""
+
+    def __init__(self, row: Row) -> None:
+        self.id: str = row["id"]
+        self.credit: int = row["credit_balance"]
+        self.held: int = row["held_microcredits"]
+        self.max_sessions: int = row["max_concurrent_sessions"]
+
+    @property
+    def available(self) -> int:
+        return self.credit - self.held
+
+
+class Ledger:
+    """``Ledger(url)``; ``await migrate()`` at startup; ``await close()`` at shutdown.
+
+    ``url``: ``sqlite:///path/to/ledger.db`` (default driver aiosqlite) or
+    ``postgresql://user@host/db`` (asyncpg). ``clock`` returns the current aware UTC time.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        sqlite_busy_timeout: float = 30.0,
+        pool_size: int = 5,
+        max_overflow: int = 10,
+        echo: bool = False,
+    ) -> None:
+        self.url = normalize_url(url)
+        u = make_url(self.url)
+        self.backend = u.get_backend_name()
+        self._pg = self.backend == "postgresql"
+        self._clock = clock or (lambda: datetime.now(UTC))
+        kwargs: dict[str, Any] = {"echo": echo}
+        if self._pg:
+            kwargs.update(pool_size=pool_size, max_overflow=max_overflow)
+        else:
+            db = u.database
+            if not db or db == ":memory:" or u.query.get("mode") == "memory":
+                raise ValueError("the SQLite ledger needs a file (sqlite:///path/ledger.db)")
+            Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": sqlite_busy_timeout}
+        self._engine = create_async_engine(self.url, **kwargs)
+        self._wengine = self._engine.execution_options(ledger_write=True)
+        self._sqlite_lock: asyncio.Lock | None = None
+        if not self._pg:
+            self._sqlite_lock = asyncio.Lock()
+            self._install_sqlite_hooks(int(sqlite_busy_timeout * 1000))
+
+    def _install_sqlite_hooks(self, busy_ms: int) -> None:
+        sync_engine = self._engine.sync_engine
+
+        @event.listens_for(sync_engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
+            cur = dbapi_conn.cursor()
+            for pragma in ("journal_mode=WAL", "foreign_keys=ON", "synchronous=NORMAL",
+                           f"busy_timeout={busy_ms}"):
+                cur.execute(f"PRAGMA {pragma}")
+            cur.close()
+
+        @event.listens_for(sync_engine, "begin")
+        def _on_begin(conn: sa.Connection) -> None:
+            write = conn.get_execution_options().get("ledger_write")
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    async def __aenter__(self) -> Ledger:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---------------------------------------------------------------- schema
+
+    async def migrate(self, revision: str = "head") -> None:
+        """Create or upgrade the schema (Alembic, in one transaction; safe from several
+        processes at once)."""
+        async with self._write() as conn:
+            if self._pg:
+                await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"),
+                                   {"k": _PG_MIGRATION_LOCK})
+            await conn.run_sync(_alembic_upgrade, revision)
+
+    async def schema_revision(self) -> str | None:
+        async with self._engine.connect() as conn:
+            return await conn.run_sync(_alembic_current)
+
+    # ---------------------------------------------------------------- plumbing
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        async with self._sqlite_lock or contextlib.nullcontext():
+            async with self._wengine.begin() as conn:
+                yield conn
+
+    @contextlib.asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        async with self._engine.connect() as conn:
+            yield conn
+
+    def _now(self) -> datetime:
+        return _aware("clock()", self._clock())
+
+    async def _lock_account(
+        self, conn: AsyncConnection, account_id: str, *, skip_locked: bool = False
+    ) -> _Acct | None:
+        stmt = sa.select(accounts).where(accounts.c.id == account_id)
+        if self._pg:
+            stmt = stmt.with_for_update(skip_locked=skip_locked)
+        row = (await conn.execute(stmt)).mappings().first()
+        return _Acct(row) if row else None
+
+    async def _ensure_account(
+        self, conn: AsyncConnection, chain: str, address: str, now: datetime
+    ) -> _Acct:
+        insert = postgresql.insert if self._pg else sqlite.insert
+        await conn.execute(
+            insert(accounts)
+            .values(id=str(uuid.uuid4()), wallet_chain=chain, wallet_address=address,
+                    credit_balance=0, held_microcredits=0, created_at=now)
+            .on_conflict_do_nothing(index_elements=["wallet_chain", "wallet_address"])
+        )
+        stmt = sa.select(accounts).where(
+            accounts.c.wallet_chain == chain, accounts.c.wallet_address == address
+        )
+        if self._pg:
+            stmt = stmt.with_for_update()
+        return _Acct((await conn.execute(stmt)).mappings().one())
+
+    async def _post(
+        self,
+        conn: AsyncConnection,
+        acct: _Acct,
+        kind: str,
+        now: datetime,
+        *,
+        amount: int = 0,
+        hold: int = 0,
+        session_id: str | None = None,
+        reference: str | None = None,
+        memo: str | None = None,
+    ) -> Transaction:
+        """Apply one movement to the locked account and record it (the account row is written
+        by ``_save``)."""
+        acct.credit += amount
+        acct.held += hold
+        if not 0 <= acct.held <= acct.credit:  # unreachable unless a caller's check is wrong
+            raise AssertionError(f"ledger invariant broken on {acct.id}: "
+                                 f"credit {acct.credit}, held {acct.held}")
+        row = (
+            await conn.execute(
+                sa.insert(transactions)
+                .values(account_id=acct.id, kind=kind, amount=amount, hold=hold,
+                        balance_after=acct.credit, available_after=acct.available,
+                        session_id=session_id, reference=reference, memo=memo, created_at=now)
+                .returning(*transactions.c)
+            )
+        ).mappings().one()
+        return _transaction(row)
+
+    async def _save(self, conn: AsyncConnection, acct: _Acct) -> None:
+        await conn.execute(
+            sa.update(accounts).where(accounts.c.id == acct.id)
+            .values(credit_balance=acct.credit, held_microcredits=acct.held)
+        )
+
+    async def _session_row(self, conn: AsyncConnection, session_id: str) -> Row | None:
+        return (
+            await conn.execute(sa.select(sessions).where(sessions.c.id == session_id))
+        ).mappings().first()
+
+    # ---------------------------------------------------------------- credits
+
+    async def grant(
+        self, wallet_chain: str, wallet_address: str, microcredits: int, memo: str | None = None
+    ) -> Transaction:
+        """Operator credit; creates the account if needed."""
+        return await self._credit("grant", wallet_chain, wallet_address, microcredits, None, memo)
+
+    async def credit_purchase(
+        self,
+        wallet_chain: str,
+        wallet_address: str,
+        microcredits: int,
+        reference: str,
+        memo: str | None = None,
+    ) -> Transaction:
+        """Credit a payment once: a second call with the same ``reference`` (the payment's
+        signature or hash) raises DuplicatePayment and changes nothing."""
+        if not isinstance(reference, str) or not reference:
+            raise ValueError("a purchase needs its payment reference")
+        return await self._credit(
+            "purchase", wallet_chain, wallet_address, microcredits, reference, memo
+        )
+
+    async def _credit(
+        self, kind: str, chain: str, address: str, amount: int, reference: str | None,
+        memo: str | None,
+    ) -> Transaction:
+        chain, address = _wallet(chain, address)
+        _positive("microcredits", amount)
+        now = self._now()
+        try:
+            async with self._write() as conn:
+                acct = await self._ensure_account(conn, chain, address, now)
+                if reference is not None:
+                    seen = await conn.scalar(
+                        sa.select(transactions.c.id).where(
+                            transactions.c.kind == "purchase", transactions.c.reference == reference
+                        )
+                    )
+                    if seen is not None:
+                        raise DuplicatePayment(reference)
+                tx = await self._post(conn, acct, kind, now, amount=amount, reference=reference,
+                                      memo=memo)
+                await self._save(conn, acct)
+                return tx
+        except IntegrityError as e:  # the same reference credited to another wallet concurrently
+            if reference is not None and "reference" in str(e.orig).lower():
+                raise DuplicatePayment(reference) from None
+            raise
+
+    async def set_limits(
+        self,
+        account_id: str,
+        *,
+        max_concurrent_sessions: int | None = None,
+        max_api_rate: int | None = None,
+    ) -> Account:
+        values: dict[str, int] = {}
+        if max_concurrent_sessions is not None:
+            values["max_concurrent_sessions"] = _positive(
+                "max_concurrent_sessions", max_concurrent_sessions)
+        if max_api_rate is not None:
+            values["max_api_rate"] = _positive("max_api_rate", max_api_rate)
+        async with self._write() as conn:
+            if await self._lock_account(conn, account_id) is None:
+                raise AccountNotFound(account_id)
+            if values:
+                await conn.execute(
+                    sa.update(accounts).where(accounts.c.id == account_id).values(**values))
+            row = (await conn.execute(
+                sa.select(accounts).where(accounts.c.id == account_id))).mappings().one()
+            return _account(row)
+
+    # ---------------------------------------------------------------- sessions
+
+    async def create_session(
+        self,
+        account_id: str,
+        service: str,
+        reserve_microcredits: int,
+        limit_units: int,
+        token_expires_at: datetime,
+        node_pubkey: str,
+        server_url: str,
+        room_name: str | None = None,
+        participant_identity: str | None = None,
+        bundle_id: str | None = None,
+        metadata: Any = None,
+        session_id: str | None = None,
+    ) -> SessionRecord:
+        """Reserve ``reserve_microcredits`` and open an active session.
+
+        Raises InsufficientCredits (reservation above the available balance), ConcurrencyLimit
+        (the account's active sessions -- a bundle counts once -- would exceed its limit),
+        AccountNotFound."""
+        spec = SessionSpec(service, reserve_microcredits, limit_units, token_expires_at,
+                           node_pubkey, server_url, room_name, participant_identity, metadata,
+                           session_id)
+        async with self._write() as conn:
+            (record,) = await self._open(conn, account_id, [spec], bundle_id)
+            return record
+
+    async def create_bundle(
+        self, account_id: str, specs: Sequence[SessionSpec], bundle_id: str | None = None
+    ) -> Bundle:
+        """Open several sessions under one ``bundle_id``, all or nothing."""
+        if not specs:
+            raise ValueError("a bundle needs at least one session")
+        bundle_id = bundle_id or str(uuid.uuid4())
+        async with self._write() as conn:
+            records = await self._open(conn, account_id, list(specs), bundle_id)
+        return Bundle(bundle_id, records)
+
+    async def _open(
+        self, conn: AsyncConnection, account_id: str, specs: list[SessionSpec],
+        bundle_id: str | None,
+    ) -> list[SessionRecord]:
+        now = self._now()
+        checked = []
+        for s in specs:
+            pricing.rate(s.service)
+            _positive("reserve_microcredits", s.reserve_microcredits)
+            _positive("limit_units", s.limit_units)
+            if not s.node_pubkey or not s.server_url:
+                raise ValueError("node_pubkey and server_url are required")
+            checked.append((s, s.session_id or str(uuid.uuid4()),
+                            _aware("token_expires_at", s.token_expires_at)))
+        acct = await self._lock_account(conn, account_id)
+        if acct is None:
+            raise AccountNotFound(account_id)
+        active = set(
+            (await conn.scalars(
+                sa.select(sa.func.coalesce(sessions.c.bundle_id, sessions.c.id)).distinct()
+                .where(sessions.c.account_id == account_id, sessions.c.status == "active")
+            )).all()
+        )
+        new = {bundle_id} if bundle_id else {sid for _, sid, _ in checked}
+        if len(active | new) > acct.max_sessions:
+            raise ConcurrencyLimit(acct.max_sessions)
+        needed = sum(s.reserve_microcredits for s in specs)
+        if needed > acct.available:
+            raise InsufficientCredits(needed, acct.available)
+        records = []
+        for s, sid, expires in checked:
+            row = (
+                await conn.execute(
+                    sa.insert(sessions)
+                    .values(id=sid, account_id=account_id, service=s.service, bundle_id=bundle_id,
+                            status="active", room_name=s.room_name,
+                            participant_identity=s.participant_identity,
+                            server_url=s.server_url, node_pubkey=s.node_pubkey,
+                            reserved_microcredits=s.reserve_microcredits,
+                            charged_microcredits=0, usage_units=0, limit_units=s.limit_units,
+                            token_expires_at=expires, started_at=now, ended_at=None,
+                            metadata=s.metadata)
+                    .returning(*sessions.c)
+                )
+            ).mappings().one()
+            await self._post(conn, acct, "reserve", now, hold=s.reserve_microcredits,
+                             session_id=sid, memo=f"{s.service} session")
+            records.append(_session(row))
+        await self._save(conn, acct)
+        return records
+
+    async def extend(
+        self,
+        session_id: str,
+        additional_units: int,
+        token_expires_at: datetime | None = None,
+        reserve_microcredits: int | None = None,
+    ) -> SessionRecord:
+        """Reserve more for an active session: ``limit_units += additional_units``, the
+        reservation grows by ``reserve_microcredits`` (default: the price of the units), and the
+        token expiry moves to ``token_expires_at`` when given. Raises InsufficientCredits,
+        SessionClosed (already settled), UnknownSession."""
+        (record,) = await self._extend(
+            [Extension(session_id, additional_units, token_expires_at, reserve_microcredits)],
+            None,
+        )
+        return record
+
+    async def extend_bundle(
+        self, bundle_id: str, extensions: Sequence[Extension]
+    ) -> list[SessionRecord]:
+        """``extend`` for several sessions of one bundle, all or nothing."""
+        if not extensions:
+            raise ValueError("nothing to extend")
+        return await self._extend(list(extensions), bundle_id)
+
+    async def _extend(
+        self, exts: list[Extension], bundle_id: str | None
+    ) -> list[SessionRecord]:
+        now = self._now()
+        for e in exts:
+            _positive("additional_units", e.additional_units, zero_ok=True)
+            if e.reserve_microcredits is not None:
+                _positive("reserve_microcredits", e.reserve_microcredits, zero_ok=True)
+        async with self._write() as conn:
+            first = await self._session_row(conn, exts[0].session_id)
+            if first is None or (bundle_id is not None and first["bundle_id"] != bundle_id):
+                raise UnknownSession(exts[0].session_id)
+            acct = await self._lock_account(conn, first["account_id"])
+            assert acct is not None
+            plan = []
+            for e in exts:
+                row = await self._session_row(conn, e.session_id)  # current, under the lock
+                if row is None or row["account_id"] != acct.id or (
+                        bundle_id is not None and row["bundle_id"] != bundle_id):
+                    raise UnknownSession(e.session_id)
+                if row["status"] != "active":
+                    raise SessionClosed(e.session_id, row["status"])
+                reserve = (e.reserve_microcredits if e.reserve_microcredits is not None
+                           else pricing.cost(row["service"], e.additional_units))
+                plan.append((e, row, reserve))
+            needed = sum(reserve for _, _, reserve in plan)
+            if needed > acct.available:
+                raise InsufficientCredits(needed, acct.available)
+            records = []
+            for e, row, reserve in plan:
+                values: dict[str, Any] = {
+                    "reserved_microcredits": row["reserved_microcredits"] + reserve,
+                    "limit_units": row["limit_units"] + e.additional_units,
+                }
+                if e.token_expires_at is not None:
+                    values["token_expires_at"] = _aware("token_expires_at", e.token_expires_at)
+                new = (await conn.execute(
+                    sa.update(sessions).where(sessions.c.id == e.session_id).values(**values)
+                    .returning(*sessions.c)
+                )).mappings().one()
+                if reserve:
+                    await self._post(conn, acct, "reserve", now, hold=reserve,
+                                     session_id=e.session_id, memo=f"{row['service']} extension")
+                records.append(_session(new))
+            await self._save(conn, acct)
+            return records
+
+    # ---------------------------------------------------------------- usage and settlement
+
+    async def record_usage(
+        self, session_id: str, node_pubkey: str, units: int, final: bool = False
+    ) -> UsageResult:
+        """A node's cumulative usage report (seconds for webrtc/stt, characters for tts).
+
+        The running charge is ``min(cost(max reported units), reserved)``; a lower total than an
+        earlier one is ignored. ``final=True`` settles: charge, refund the rest, status
+        ``completed``. Reports on a settled session (a repeated final included) change nothing
+        and return its settlement. Raises UnknownSession, NotSessionNode."""
+        _positive("units", units, zero_ok=True)
+        now = self._now()
+        async with self._write() as conn:
+            row = await self._session_row(conn, session_id)
+            if row is None:
+                raise UnknownSession(session_id)
+            if row["node_pubkey"] != node_pubkey:
+                raise NotSessionNode(session_id, node_pubkey)
+            acct = await self._lock_account(conn, row["account_id"])
+            assert acct is not None
+            row = await self._session_row(conn, session_id)  # current, under the lock
+            assert row is not None
+            if row["status"] != "active":
+                return self._result(row, units, settled=True, changed=False)
+            usage = max(row["usage_units"], units)
+            if final:
+                return await self._settle(conn, acct, row, usage, "completed", now)
+            if usage == row["usage_units"]:
+                return self._result(row, units, settled=False, changed=False)
+            charged = min(pricing.cost(row["service"], usage), row["reserved_microcredits"])
+            new = (await conn.execute(
+                sa.update(sessions).where(sessions.c.id == session_id)
+                .values(usage_units=usage, charged_microcredits=charged)
+                .returning(*sessions.c)
+            )).mappings().one()
+            return self._result(new, units, settled=False, changed=True)
+
+    async def _settle(
+        self, conn: AsyncConnection, acct: _Acct, row: Row, usage: int, status: str,
+        now: datetime,
+    ) -> UsageResult:
+        reserved = row["reserved_microcredits"]
+        charged = min(pricing.cost(row["service"], usage), reserved)
+        refund = reserved - charged
+        sid = row["id"]
+        new = (await conn.execute(
+            sa.update(sessions).where(sessions.c.id == sid, sessions.c.status == "active")
+            .values(status=status, usage_units=usage, charged_microcredits=charged, ended_at=now)
+            .returning(*sessions.c)
+        )).mappings().one()
+        if charged:
+            await self._post(conn, acct, "charge", now, amount=-charged, hold=-charged,
+                             session_id=sid, memo=f"{row['service']} usage: {usage}")
+        if refund:
+            await self._post(conn, acct, "refund", now, hold=-refund, session_id=sid,
+                             memo=f"{row['service']} unused reservation")
+        await self._save(conn, acct)
+        return self._result(new, usage, settled=True, changed=True)
+
+    @staticmethod
+    def _result(row: Row, reported: int, *, settled: bool, changed: bool) -> UsageResult:
+        usage = max(row["usage_units"], reported)
+        overage_units = max(0, usage - row["limit_units"])
+        full_cost = pricing.cost(row["service"], usage)
+        return UsageResult(
+            session_id=row["id"],
+            account_id=row["account_id"],
+            service=row["service"],
+            status=row["status"],
+            usage_units=row["usage_units"],
+            limit_units=row["limit_units"],
+            reserved_microcredits=row["reserved_microcredits"],
+            charged_microcredits=row["charged_microcredits"],
+            refunded_microcredits=(row["reserved_microcredits"] - row["charged_microcredits"]
+                                   if settled else None),
+            overage_units=overage_units,
+            overage_microcredits=max(0, full_cost - row["reserved_microcredits"]),
+            settled=settled,
+            changed=changed,
+        )
+
+    async def sweep(
+        self,
+        now: datetime | None = None,
+        grace: timedelta = timedelta(seconds=60),
+        limit: int = 1000,
+    ) -> list[UsageResult]:
+        """Settle active sessions whose token expired more than ``grace`` ago without a final
+        report: charge the usage reported so far, refund the rest, status ``expired``. Returns the
+        sessions this call settled. Idempotent; safe from several processes at once."""
+        now = _aware("now", now) if now is not None else self._now()
+        cutoff = now - grace
+        async with self._read() as conn:
+            due = (await conn.execute(
+                sa.select(sessions.c.id, sessions.c.account_id)
+                .where(sessions.c.status == "active", sessions.c.token_expires_at <= cutoff)
+                .order_by(sessions.c.token_expires_at).limit(limit)
+            )).all()
+        settled = []
+        for sid, account_id in due:
+            async with self._write() as conn:
+                # another sweeper holding this account settles it (or the next sweep does)
+                acct = await self._lock_account(conn, account_id, skip_locked=True)
+                if acct is None:
+                    continue
+                row = await self._session_row(conn, sid)
+                if (row is None or row["status"] != "active"
+                        or row["token_expires_at"] > cutoff):  # settled or extended meanwhile
+                    continue
+                settled.append(
+                    await self._settle(conn, acct, row, row["usage_units"], "expired", now))
+        return settled
+
+    # ---------------------------------------------------------------- reads
+
+    async def get_account(self, wallet_chain: str, wallet_address: str) -> Account | None:
+        """None until the wallet's first purchase or grant."""
+        chain, address = _wallet(wallet_chain, wallet_address)
+        async with self._read() as conn:
+            row = (await conn.execute(
+                sa.select(accounts).where(accounts.c.wallet_chain == chain,
+                                          accounts.c.wallet_address == address)
+            )).mappings().first()
+        return _account(row) if row else None
+
+    async def get_account_by_id(self, account_id: str) -> Account | None:
+        async with self._read() as conn:
+            row = (await conn.execute(
+                sa.select(accounts).where(accounts.c.id == account_id))).mappings().first()
+        return _account(row) if row else None
+
+    async def account_view(self, wallet_chain: str, wallet_address: str) -> AccountView | None:
+        a = await self.get_account(wallet_chain, wallet_address)
+        if a is None:
+            return None
+        return AccountView(
+            id=a.id, wallet_address=a.wallet_address, wallet_chain=a.wallet_chain,
+            credit_balance=a.credit_balance, available_balance=a.available_balance,
+            max_concurrent_sessions=a.max_concurrent_sessions, max_api_rate=a.max_api_rate,
+            created_at=a.created_at,
+        )
+
+    async def list_transactions(
+        self, account_id: str, limit: int = 50, offset: int = 0
+    ) -> list[Transaction]:
+        """Newest first."""
+        limit, offset = _page(limit, offset)
+        async with self._read() as conn:
+            rows = (await conn.execute(
+                sa.select(transactions).where(transactions.c.account_id == account_id)
+                .order_by(transactions.c.id.desc()).limit(limit).offset(offset)
+            )).mappings().all()
+        return [_transaction(r) for r in rows]
+
+    async def list_sessions(
+        self, account_id: str, limit: int = 50, offset: int = 0, status: str | None = None
+    ) -> list[SessionRecord]:
+        """Newest first; ``status`` filters (active, completed, expired)."""
+        limit, offset = _page(limit, offset)
+        stmt = sa.select(sessions).where(sessions.c.account_id == account_id)
+        if status is not None:
+            if status not in SESSION_STATUSES:
+                raise ValueError(f"status must be one of {SESSION_STATUSES}, got {status!r}")
+            stmt = stmt.where(sessions.c.status == status)
+        stmt = stmt.order_by(sessions.c.started_at.desc(), sessions.c.id.desc())
+        async with self._read() as conn:
+            rows = (await conn.execute(stmt.limit(limit).offset(offset))).mappings().all()
+        return [_session(r) for r in rows]
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        async with self._read() as conn:
+            row = await self._session_row(conn, session_id)
+        return _session(row) if row else None
+
+    async def list_bundle(self, bundle_id: str) -> list[SessionRecord]:
+        async with self._read() as conn:
+            rows = (await conn.execute(
+                sa.select(sessions).where(sessions.c.bundle_id == bundle_id)
+                .order_by(sessions.c.started_at, sessions.c.id)
+            )).mappings().all()
+        return [_session(r) for r in rows]
+
+    async def list_accounts(self, limit: int = 100, offset: int = 0) -> list[Account]:
+        """Operator view: every account, newest first."""
+        limit, offset = _page(limit, offset)
+        async with self._read() as conn:
+            rows = (await conn.execute(
+                sa.select(accounts).order_by(accounts.c.created_at.desc(), accounts.c.id)
+                .limit(limit).offset(offset))).mappings().all()
+        return [_account(r) for r in rows]
+
+    async def list_all_sessions(
+        self, limit: int = 100, offset: int = 0, status: str | None = None
+    ) -> list[SessionRecord]:
+        """Operator view: sessions of every account, newest first."""
+        limit, offset = _page(limit, offset)
+        stmt = sa.select(sessions)
+        if status is not None:
+            if status not in SESSION_STATUSES:
+                raise ValueError(f"status must be one of {SESSION_STATUSES}, got {status!r}")
+            stmt = stmt.where(sessions.c.status == status)
+        stmt = stmt.order_by(sessions.c.started_at.desc(), sessions.c.id.desc())
+        async with self._read() as conn:
+            rows = (await conn.execute(stmt.limit(limit).offset(offset))).mappings().all()
+        return [_session(r) for r in rows]
+
+    async def list_room_sessions(self, room_name: str, node_pubkey: str) -> list[SessionRecord]:
+        """Active WebRTC sessions of one room routed to one SFU node (settled at room_finished)."""
+        async with self._read() as conn:
+            rows = (await conn.execute(
+                sa.select(sessions).where(
+                    sessions.c.service == "webrtc", sessions.c.status == "active",
+                    sessions.c.room_name == room_name, sessions.c.node_pubkey == node_pubkey)
+                .order_by(sessions.c.started_at, sessions.c.id)
+            )).mappings().all()
+        return [_session(r) for r in rows]
+
+    async def audit(self, account_id: str) -> Audit:
+        """The account's invariants, read in one transaction (see ``Audit.ok``)."""
+        async with self._read() as conn:
+            if self._pg:
+                await conn.execute(sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+            a = (await conn.execute(
+                sa.select(accounts).where(accounts.c.id == account_id))).mappings().first()
+            if a is None:
+                raise AccountNotFound(account_id)
+            t = transactions.c
+            sums = (await conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(t.amount), 0),
+                          sa.func.coalesce(sa.func.sum(t.hold), 0),
+                          sa.func.min(t.balance_after), sa.func.min(t.available_after))
+                .where(t.account_id == account_id)
+            )).one()
+            active = await conn.scalar(
+                sa.select(sa.func.coalesce(sa.func.sum(sessions.c.reserved_microcredits), 0))
+                .where(sessions.c.account_id == account_id, sessions.c.status == "active"))
+        min_after = None if sums[2] is None else min(int(sums[2]), int(sums[3]))
+        return Audit(account_id=account_id, credit_balance=a["credit_balance"],
+                     held_microcredits=a["held_microcredits"], sum_amount=int(sums[0]),
+                     sum_hold=int(sums[1]), active_reserved=int(active),
+                     min_after=min_after)
+
+
+def _alembic_config(connection: sa.Connection) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def _alembic_upgrade(connection: sa.Connection, revision: str) -> None:
+    from alembic import command
+
+    command.upgrade(_alembic_config(connection), revision)
+
+
+def _alembic_current(connection: sa.Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    ctx = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+    return ctx.get_current_revision()

@@ -1,0 +1,283 @@
+"""Selling sessions: price, reserve, route, sign. The HTTP layer (``gateway.app``) only parses.
+
+A session is one token for one node: a WebRTC participant, an STT stream, or a TTS stream. Creating
+one reserves its price in the ledger, picks a node near the client from the registry, and signs a
+token with the gateway's issuer key (which nodes trust because it is listed on chain). The node
+later reports usage; the ledger charges it and refunds the rest once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from solders.keypair import Keypair
+
+from gateway import schemas
+from gateway.geo import Location, Locator
+from gateway.ledger import Ledger, pricing
+from gateway.ledger.records import Account, Extension, SessionRecord, SessionSpec
+from gateway.routing import SERVICE_ROLES, NodeDirectory
+from registry.program import NodeAccount
+from registry.tokens import Grant, mint_token
+
+log = logging.getLogger("gateway.sessions")
+
+DEFAULT_TTS_CHARACTERS = 10_000
+
+
+class NotFound(Exception):
+    """A session or bundle that does not exist or belongs to another wallet (answered 404)."""
+
+
+class NoAccount(Exception):
+    """The wallet has never bought or been granted credits (answered 402: buy some)."""
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
+
+
+def ws_url(url: str) -> str:
+    """LiveKit clients connect with ws(s)://; nodes register their http(s) URL."""
+    if url.startswith("https://"):
+        return "wss://" + url[len("https://"):]
+    if url.startswith("http://"):
+        return "ws://" + url[len("http://"):]
+    return url
+
+
+def minutes_to_seconds(minutes: float) -> int:
+    return max(1, math.ceil(minutes * 60))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one session goes and what it costs."""
+
+    service: str
+    node: NodeAccount
+    units: int
+    expires_at: datetime
+
+    @property
+    def reserve(self) -> int:
+        return pricing.cost(self.service, self.units)
+
+
+class SessionService:
+    def __init__(
+        self,
+        ledger: Ledger,
+        directory: NodeDirectory,
+        locator: Locator,
+        issuer: Keypair,
+        tts_session_minutes: int = 60,
+    ) -> None:
+        self.ledger = ledger
+        self.directory = directory
+        self.locator = locator
+        self.issuer = issuer
+        self.tts_session_minutes = tts_session_minutes
+
+    # ------------------------------------------------------------ helpers
+
+    async def account(self, chain: str, address: str) -> Account:
+        account = await self.ledger.get_account(chain, address)
+        if account is None:
+            raise NoAccount(
+                f"no credits for {chain} wallet {address}: purchase credits first "
+                "(POST /v1/credits/purchase)"
+            )
+        return account
+
+    async def place(self, service: str, client_ip: str, units: int, expires_at: datetime) -> Placement:
+        location: Location = self.locator.locate(client_ip)
+        node = await self.directory.choose(SERVICE_ROLES[service], location)
+        return Placement(service, node, units, expires_at)
+
+    def _token(self, record: SessionRecord, identity: str, grant: Grant,
+               extra: dict[str, Any] | None = None) -> str:
+        ttl = int((record.token_expires_at - datetime.now(UTC)).total_seconds())
+        return mint_token(self.issuer, identity, grant, max(ttl, 1), session_id=record.session_id,
+                          extra=extra)
+
+    def token_for(self, record: SessionRecord) -> str:
+        """A token for the session as it stands (after create or extend: the new expiry/limit)."""
+        if record.service == "webrtc":
+            meta = record.metadata or {}
+            extra = {"name": record.participant_identity}
+            if meta.get("metadata") is not None:
+                extra["metadata"] = meta["metadata"]
+            return self._token(record, record.participant_identity or "participant",
+                               Grant("webrtc", room=record.room_name), extra)
+        identity = (record.metadata or {}).get("identity") or record.account_id
+        return self._token(record, identity, Grant(record.service, limit=record.limit_units))
+
+    async def owned(self, account: Account, session_id: str, service: str) -> SessionRecord:
+        record = await self.ledger.get_session(session_id)
+        if record is None or record.account_id != account.id or record.service != service:
+            raise NotFound(f"no {service} session {session_id} for this wallet")
+        return record
+
+    @staticmethod
+    def _spec(p: Placement, **fields: Any) -> SessionSpec:
+        return SessionSpec(
+            service=p.service, reserve_microcredits=p.reserve, limit_units=p.units,
+            token_expires_at=p.expires_at, node_pubkey=str(p.node.owner), server_url=p.node.url,
+            session_id=str(uuid.uuid4()), **fields,
+        )
+
+    async def _create(self, account: Account, spec: SessionSpec) -> SessionRecord:
+        return await self.ledger.create_session(
+            account.id, spec.service, spec.reserve_microcredits, spec.limit_units,
+            spec.token_expires_at, spec.node_pubkey, spec.server_url, room_name=spec.room_name,
+            participant_identity=spec.participant_identity, metadata=spec.metadata,
+            session_id=spec.session_id,
+        )
+
+    # ------------------------------------------------------------ WebRTC
+
+    async def webrtc_token(self, chain: str, address: str, body: schemas.WebrtcTokenRequest,
+                           client_ip: str) -> dict[str, Any]:
+        account = await self.account(chain, address)
+        seconds = minutes_to_seconds(body.duration_minutes)
+        expires = datetime.now(UTC) + timedelta(seconds=seconds)
+        placement = await self.place("webrtc", client_ip, seconds, expires)
+        record = await self._create(account, self._spec(
+            placement, room_name=body.room_name, participant_identity=body.participant_identity,
+            metadata={"metadata": body.metadata}))
+        return {"session_id": record.session_id, "token": self.token_for(record),
+                "ws_url": ws_url(record.server_url), "expires_at": iso(record.token_expires_at)}
+
+    async def _extend_time(self, record: SessionRecord, minutes: float) -> SessionRecord:
+        seconds = minutes_to_seconds(minutes)
+        return await self.ledger.extend(
+            record.session_id, seconds,
+            token_expires_at=max(record.token_expires_at, datetime.now(UTC)) + timedelta(seconds=seconds),
+        )
+
+    async def webrtc_extend(self, chain: str, address: str,
+                            body: schemas.SessionExtend) -> dict[str, Any]:
+        account = await self.account(chain, address)
+        record = await self._extend_time(await self.owned(account, body.session_id, "webrtc"),
+                                         body.additional_minutes)
+        return {"session_id": record.session_id, "token": self.token_for(record),
+                "ws_url": ws_url(record.server_url), "expires_at": iso(record.token_expires_at),
+                "new_expires_at": iso(record.token_expires_at)}
+
+    # ------------------------------------------------------------ STT and TTS
+
+    async def stt_session(self, chain: str, address: str, body: schemas.SttSessionRequest,
+                          client_ip: str) -> dict[str, Any]:
+        account = await self.account(chain, address)
+        seconds = minutes_to_seconds(body.duration_minutes)
+        placement = await self.place("stt", client_ip, seconds,
+                                     datetime.now(UTC) + timedelta(seconds=seconds))
+        record = await self._create(account, self._spec(
+            placement, metadata={"language": body.language, "identity": address}))
+        return self._service_view(record)
+
+    async def stt_extend(self, chain: str, address: str,
+                         body: schemas.SessionExtend) -> dict[str, Any]:
+        account = await self.account(chain, address)
+        record = await self._extend_time(await self.owned(account, body.session_id, "stt"),
+                                         body.additional_minutes)
+        return {**self._service_view(record), "new_expires_at": iso(record.token_expires_at)}
+
+    def _tts_expiry(self) -> datetime:
+        return datetime.now(UTC) + timedelta(minutes=self.tts_session_minutes)
+
+    async def tts_session(self, chain: str, address: str, body: schemas.TtsSessionRequest,
+                          client_ip: str) -> dict[str, Any]:
+        account = await self.account(chain, address)
+        placement = await self.place("tts", client_ip, body.max_characters, self._tts_expiry())
+        record = await self._create(account, self._spec(
+            placement, metadata={"language": body.language, "identity": address}))
+        return self._service_view(record)
+
+    async def tts_extend(self, chain: str, address: str, body: schemas.TtsExtend) -> dict[str, Any]:
+        account = await self.account(chain, address)
+        record = await self.owned(account, body.session_id, "tts")
+        record = await self.ledger.extend(record.session_id, body.additional_characters,
+                                          token_expires_at=max(record.token_expires_at,
+                                                               self._tts_expiry()))
+        return {**self._service_view(record), "new_expires_at": iso(record.token_expires_at)}
+
+    def _service_view(self, record: SessionRecord) -> dict[str, Any]:
+        return {"session_id": record.session_id, "token": self.token_for(record),
+                "server_url": record.server_url, "expires_at": iso(record.token_expires_at)}
+
+    # ------------------------------------------------------------ agent bundle
+
+    async def agent_session(self, chain: str, address: str, body: schemas.AgentSessionRequest,
+                            agent_ip: str, client_ip: str) -> dict[str, Any]:
+        """WebRTC (one or two participants) + STT + TTS, reserved and created all or nothing."""
+        account = await self.account(chain, address)
+        seconds = minutes_to_seconds(body.duration_minutes)
+        expires = datetime.now(UTC) + timedelta(seconds=seconds)
+        agent_rtc = await self.place("webrtc", agent_ip, seconds, expires)
+        specs = [self._spec(agent_rtc, room_name=body.room_name,
+                            participant_identity=body.participant_identity,
+                            metadata={"metadata": body.metadata, "role": "agent"})]
+        if body.client_identity:
+            client_rtc = await self.place("webrtc", client_ip, seconds, expires)
+            specs.append(self._spec(client_rtc, room_name=body.room_name,
+                                    participant_identity=body.client_identity,
+                                    metadata={"metadata": body.metadata, "role": "client"}))
+        stt = await self.place("stt", agent_ip, seconds, expires)
+        tts = await self.place("tts", agent_ip, body.tts_max_characters, expires)
+        specs.append(self._spec(stt, metadata={"language": body.language,
+                                               "identity": body.participant_identity}))
+        specs.append(self._spec(tts, metadata={"language": body.language,
+                                               "identity": body.participant_identity}))
+        bundle = await self.ledger.create_bundle(account.id, specs, bundle_id=str(uuid.uuid4()))
+        return {"bundle_id": bundle.bundle_id, **self._bundle_view(bundle.sessions, extended=False),
+                "expires_at": iso(expires)}
+
+    def _bundle_view(self, records: list[SessionRecord], extended: bool) -> dict[str, Any]:
+        rtc = [r for r in records if r.service == "webrtc"]
+        by_service = {r.service: r for r in records if r.service != "webrtc"}
+
+        def rtc_view(r: SessionRecord) -> dict[str, Any]:
+            view = {"session_id": r.session_id, "token": self.token_for(r),
+                    "ws_url": ws_url(r.server_url)}
+            if extended:
+                view["new_expires_at"] = iso(r.token_expires_at)
+            return view
+
+        def service_view(r: SessionRecord) -> dict[str, Any]:
+            if extended:
+                return {"token": self.token_for(r), "new_expires_at": iso(r.token_expires_at)}
+            return {"session_id": r.session_id, "token": self.token_for(r),
+                    "server_url": r.server_url}
+
+        if len(rtc) == 2:
+            agent = next(r for r in rtc if (r.metadata or {}).get("role") == "agent")
+            client = next(r for r in rtc if r is not agent)
+            webrtc: dict[str, Any] = {"agent": rtc_view(agent), "client": rtc_view(client)}
+        else:
+            webrtc = rtc_view(rtc[0])
+            if extended:
+                webrtc = {"token": webrtc["token"], "new_expires_at": webrtc["new_expires_at"]}
+        return {"webrtc": webrtc, "stt": service_view(by_service["stt"]),
+                "tts": service_view(by_service["tts"])}
+
+    async def agent_extend(self, chain: str, address: str,
+                           body: schemas.AgentExtend) -> dict[str, Any]:
+        account = await self.account(chain, address)
+        records = await self.ledger.list_bundle(body.bundle_id)
+        if not records or records[0].account_id != account.id:
+            raise NotFound(f"no agent session bundle {body.bundle_id} for this wallet")
+        seconds = minutes_to_seconds(body.additional_minutes)
+        extensions = []
+        for r in records:
+            new_expiry = max(r.token_expires_at, datetime.now(UTC)) + timedelta(seconds=seconds)
+            units = (body.additional_tts_characters or 0) if r.service == "tts" else seconds
+            extensions.append(Extension(r.session_id, units, token_expires_at=new_expiry))
+        updated = await self.ledger.extend_bundle(body.bundle_id, extensions)
+        return self._bundle_view(updated, extended=True)

@@ -15,6 +15,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -22,6 +23,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from solders.pubkey import Pubkey
 
 from node.config import NodeConfig
+from node.outbox import Outbox
 from node.roles import ROLE_SERVICE, Role, RoleContext, load_role
 from registry import program as p
 from registry.client import RegistryClient, RegistryError
@@ -73,6 +75,10 @@ class NodeAgent:
         self.verifier = TokenVerifier(
             self.client.issuer_keys, ROLE_SERVICE[self.role_name], cache_ttl=config.issuer_cache_seconds
         )
+        self.outbox = Outbox(
+            Path(config.state_dir) / f"outbox-{self.role_name}-{str(self.keypair.pubkey())[:8]}.sqlite",
+            config.gateway_url, self.keypair,
+        )
         context = RoleContext(
             role=self.role_name,
             settings=config.role_settings(self.role_name),
@@ -82,6 +88,7 @@ class NodeAgent:
             capacity=config.capacity,
             gateway_url=config.gateway_url,
             state_dir=config.state_dir,
+            outbox=self.outbox,
             log=logging.getLogger(f"node.{self.role_name}"),
         )
         self.role: Role = role_factory(context) if role_factory else load_role(self.role_name, context)
@@ -148,6 +155,7 @@ class NodeAgent:
         self.port = sockets[0].getsockname()[1] if sockets else self.config.listen_port
         log.info("%s node %s listening on %s:%s (public %s)", self.role_name, self.pubkey,
                  self.config.listen_host, self.port, self.config.public_url)
+        await self.outbox.start()
         await self.role.start()
         await self.ensure_registered()
         await self.heartbeat_once()
@@ -219,6 +227,7 @@ class NodeAgent:
         if self._heartbeat_task:
             self._heartbeat_task.cancel()
         await self.role.stop()
+        await self.outbox.stop()
         if self.config.deregister_on_exit:
             try:
                 await self.client.deregister_node(self.keypair)

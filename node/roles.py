@@ -15,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 from aiohttp import web
 from solders.keypair import Keypair
 
+from node.outbox import Outbox
 from registry.tokens import TokenVerifier
 
 ROLE_MODULES = {"sfu": "node.sfu", "stt": "node.stt", "tts": "node.tts"}
@@ -27,7 +28,8 @@ class RoleNotBuilt(Exception):
 
 @dataclass
 class RoleContext:
-    """What the agent hands a role: its settings, identity, and the shared token verifier."""
+    """What the agent hands a role: its settings, identity, the shared token verifier, and the
+    durable outbox through which usage events and webhooks reach the gateway."""
 
     role: str
     settings: dict[str, Any]
@@ -37,6 +39,7 @@ class RoleContext:
     capacity: int
     gateway_url: str | None
     state_dir: Any
+    outbox: Outbox
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("node"))
 
 

@@ -1,0 +1,175 @@
+"""A durable outbox for what nodes tell the gateway: usage events and SFU webhooks.
+
+Billing must survive a gateway blip and a node crash: every event is written to a small SQLite
+file (fsync'd, WAL) before it is sent, sent in order with a JWT signed by the node key over the
+exact body bytes (``registry.tokens.sign_body``), retried with exponential backoff, and deleted
+only once the gateway answered 2xx. A 4xx other than 408/429 means the gateway will never accept
+it (unknown session, bad shape): it is moved to a dead-letter table and logged, not retried.
+
+Usage reports are cumulative, so a newer report for the same session replaces an unsent older one
+(``key``); a ``complete`` event is never replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from solders.keypair import Keypair
+
+from registry.tokens import sign_body
+
+log = logging.getLogger("node.outbox")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    path TEXT NOT NULL,
+    body BLOB NOT NULL,
+    key TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_key ON outbox(key);
+CREATE TABLE IF NOT EXISTS dead (
+    id INTEGER PRIMARY KEY, path TEXT, body BLOB, status INTEGER, reason TEXT, created_at REAL
+);
+"""
+
+
+class Outbox:
+    def __init__(self, path: Path, gateway_url: str | None, signer: Keypair,
+                 max_backoff: float = 60.0, timeout: float = 10.0) -> None:
+        self.path = path
+        self.gateway_url = gateway_url.rstrip("/") if gateway_url else None
+        self.signer = signer
+        self.max_backoff = max_backoff
+        self.timeout = timeout
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self.sent = 0
+        self.failures = 0
+
+    # ------------------------------------------------------------ producer side
+
+    def enqueue(self, path: str, payload: dict[str, Any], key: str | None = None) -> None:
+        """Persist one event (durable when this returns); ``key`` replaces an unsent older one."""
+        body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+        now = time.time()
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            if key is not None:
+                self._db.execute("DELETE FROM outbox WHERE key = ?", (key,))
+            self._db.execute(
+                "INSERT INTO outbox (path, body, key, next_at, created_at) VALUES (?, ?, ?, ?, ?)",
+                (path, body, key, now, now))
+        self._wake.set()
+
+    def report_usage(self, session_id: str, complete: bool, *, duration_seconds: float | None = None,
+                     used_characters: int | None = None) -> None:
+        """The gateway's ``/internal/events`` body: cumulative usage, ``complete`` settles."""
+        usage: dict[str, Any] = {}
+        if duration_seconds is not None:
+            usage["duration_seconds"] = round(duration_seconds, 3)
+        if used_characters is not None:
+            usage["used_characters"] = int(used_characters)
+        event = "complete" if complete else "usage"
+        self.enqueue("/internal/events", {"session_id": session_id, "event": event,
+                                          "usage": usage},
+                     key=None if complete else f"usage:{session_id}")
+
+    def pending(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+
+    def dead(self) -> list[tuple[str, int, str]]:
+        return [tuple(r) for r in self._db.execute("SELECT path, status, reason FROM dead")]
+
+    # ------------------------------------------------------------ sender side
+
+    async def start(self) -> None:
+        if self.gateway_url is None:
+            log.warning("no gateway_url configured: usage events are kept in %s, not sent", self.path)
+            return
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self, flush_timeout: float = 5.0) -> None:
+        """Try to deliver what is queued for up to ``flush_timeout``; the rest stays on disk."""
+        if self._task is not None:
+            deadline = time.monotonic() + flush_timeout
+            while self.pending() and time.monotonic() < deadline and self._due_now():
+                self._wake.set()
+                await asyncio.sleep(0.05)
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._http is not None:
+            await self._http.close()
+        self._db.close()
+
+    def _due_now(self) -> bool:
+        row = self._db.execute("SELECT MIN(next_at) FROM outbox").fetchone()
+        return row[0] is not None and row[0] <= time.time() + 0.5
+
+    async def _run(self) -> None:
+        while True:
+            row = self._db.execute(
+                "SELECT id, path, body, attempts, next_at FROM outbox ORDER BY id LIMIT 1"
+            ).fetchone()
+            if row is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            event_id, path, body, attempts, next_at = row
+            delay = next_at - time.time()
+            if delay > 0:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            await self._deliver(event_id, path, bytes(body), attempts)
+
+    async def _deliver(self, event_id: int, path: str, body: bytes, attempts: int) -> None:
+        assert self._http is not None and self.gateway_url is not None
+        headers = {"Authorization": f"Bearer {sign_body(self.signer, body)}",
+                   "Content-Type": "application/json"}
+        try:
+            async with self._http.post(self.gateway_url + path, data=body, headers=headers) as resp:
+                status, text = resp.status, (await resp.text())[:300]
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            status, text = 0, str(exc) or type(exc).__name__
+        if 200 <= status < 300:
+            self._db.execute("DELETE FROM outbox WHERE id = ?", (event_id,))
+            self.sent += 1
+            return
+        if 400 <= status < 500 and status not in (408, 429):
+            log.error("gateway refused %s (HTTP %d: %s); moved to dead letters", path, status, text)
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute("INSERT INTO dead SELECT id, path, body, ?, ?, created_at "
+                                 "FROM outbox WHERE id = ?", (status, text, event_id))
+                self._db.execute("DELETE FROM outbox WHERE id = ?", (event_id,))
+            return
+        self.failures += 1
+        backoff = min(self.max_backoff, 0.5 * 2 ** attempts)
+        log.warning("could not deliver %s (%s); retry %d in %.1fs", path,
+                    f"HTTP {status}: {text}" if status else text, attempts + 1, backoff)
+        self._db.execute("UPDATE outbox SET attempts = attempts + 1, next_at = ? WHERE id = ?",
+                         (time.time() + backoff, event_id))

@@ -11,6 +11,8 @@ Errors are typed (``InsufficientCredits``, ``ConcurrencyLimit``, ``RateLimit``, 
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +20,9 @@ import aiohttp
 from solders.keypair import Keypair
 
 from gateway.auth import sign_request
+
+# Timestamps the SDK may use around the current second: well inside the gateway's +-30 s window.
+SKEW_MARGIN = 20
 
 
 class GatewayError(Exception):
@@ -146,9 +151,30 @@ class GatewayClient:
         self.base_url = base_url.rstrip("/")
         self.key = key
         self.chain = chain
+        self._used: dict[str, set[int]] = {}
         self._own_session = session is None
         self._session = session or aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=timeout))
+
+    async def _fresh_timestamp(self, method: str, path: str) -> int:
+        """A timestamp this wallet has not signed ``METHOD PATH`` with yet.
+
+        The signed message has one-second resolution and the gateway refuses a signature it has
+        answered before, so two identical calls in the same second need different timestamps:
+        take the current second if unused, else the nearest unused one within the gateway's
+        window (kept inside +-SKEW_MARGIN s), waiting only when all of them are taken.
+        """
+        key = f"{method.upper()} {path}"
+        while True:
+            now = int(time.time())
+            used = self._used.setdefault(key, set())
+            used.difference_update({t for t in used if t < now - SKEW_MARGIN})
+            for offset in range(SKEW_MARGIN + 1):
+                for ts in ((now - offset, now + offset) if offset else (now,)):
+                    if ts not in used:
+                        used.add(ts)
+                        return ts
+            await asyncio.sleep(0.2)
 
     async def close(self) -> None:
         if self._own_session:
@@ -166,7 +192,8 @@ class GatewayClient:
         """One call; raises the typed error for any non-2xx answer."""
         all_headers = dict(headers or {})
         if signed:
-            all_headers.update(sign_request(method, path, self.key, self.chain))
+            all_headers.update(sign_request(method, path, self.key, self.chain,
+                                            now=await self._fresh_timestamp(method, path)))
         query = {k: v for k, v in (params or {}).items() if v is not None}
         async with self._session.request(method, self.base_url + path, json=body, params=query,
                                          headers=all_headers) as resp:

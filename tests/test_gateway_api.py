@@ -1,0 +1,501 @@
+"""The gateway's HTTP API end to end: a real localnet with real node entries, a real ledger, the
+real aiohttp app on loopback, and the SDK as the client. Nodes here are registry entries with
+their keys (the routing and the node-signed callbacks only need those); the roles have their own
+tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from solders.keypair import Keypair
+
+from gateway.app import ROUTES, create_app
+from gateway.auth import sign_request
+from gateway.client import (
+    BadRequest,
+    ConcurrencyLimit,
+    DualWebrtc,
+    GatewayClient,
+    InsufficientCredits,
+    NoCapacity,
+    NotFound,
+    RateLimit,
+)
+from gateway.config import GatewayConfig
+from gateway.ledger import Ledger
+from registry import program as p
+from registry.client import RegistryClient
+from registry.tokens import sign_body, verify_token
+from tests.conftest import Localnet, start_localnet_process
+
+NODES = {  # name: (role, url, lat, lon, country)
+    "sfu-de": (p.Role.SFU, "https://sfu-de.test", 50.11, 8.68, "DE"),
+    "sfu-us": (p.Role.SFU, "https://sfu-us.test", 38.9, -77.0, "US"),
+    "sfu-sg": (p.Role.SFU, "https://sfu-sg.test", 1.35, 103.8, "SG"),
+    "stt-de": (p.Role.STT, "https://stt-de.test", 52.5, 13.4, "DE"),
+    "stt-us": (p.Role.STT, "https://stt-us.test", 37.7, -122.4, "US"),
+    "tts-de": (p.Role.TTS, "https://tts-de.test", 48.1, 11.6, "DE"),
+}
+US_IP, SG_IP = "8.8.8.8", "202.166.126.10"
+
+
+@dataclass
+class Net:
+    url: str
+    authority: Keypair
+    issuer: Keypair
+    nodes: dict[str, Keypair]
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> Net:
+    """A localnet of its own (long TTL, known nodes) so routing is deterministic."""
+    localnet: Localnet = start_localnet_process(tmp_path_factory.mktemp("gw") / "ledger")
+    authority, issuer = Keypair(), Keypair()
+    nodes = {name: Keypair() for name in NODES}
+
+    async def setup() -> None:
+        async with RegistryClient(localnet.url) as client:
+            await client.ensure_funded(authority)
+            await client.initialize_registry(authority, 3600)
+            await client.add_issuer(authority, issuer.pubkey())
+            for name, (role, url, lat, lon, country) in NODES.items():
+                await client.ensure_funded(nodes[name])
+                await client.register_node(nodes[name], role,
+                                           p.NodeFields(url, lat, lon, country, 100, "0.1.0"))
+
+    asyncio.run(setup())
+    yield Net(localnet.url, authority, issuer, nodes)
+    localnet.stop()
+
+
+@dataclass
+class Gw:
+    url: str
+    ledger: Ledger
+    net: Net
+    registry: RegistryClient
+    http: aiohttp.ClientSession
+
+    def client(self, key: Keypair | str | None = None, chain: str = "solana") -> GatewayClient:
+        return GatewayClient(self.url, key or Keypair(), chain, session=self.http)
+
+    async def funded(self, usd: float = 1.0, chain: str = "solana") -> GatewayClient:
+        key: Keypair | str = Keypair() if chain == "solana" else "0x" + "11" * 31 + f"{int(time.time_ns()) % 256:02x}"
+        client = self.client(key, chain)
+        address = str(key.pubkey()) if isinstance(key, Keypair) else _evm_address(key)
+        await self.ledger.grant(chain, address, int(usd * 1_000_000), memo="test")
+        return client
+
+    async def post_signed(self, path: str, body: bytes, node: str) -> aiohttp.ClientResponse:
+        token = sign_body(self.net.nodes[node], body)
+        return await self.http.post(self.url + path, data=body, headers={
+            "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+
+
+def _evm_address(key: str) -> str:
+    from eth_account import Account
+
+    return Account.from_key(key).address
+
+
+def gateway_config(tmp: Path, db_url: str, **over: object) -> GatewayConfig:
+    return GatewayConfig(database_url=db_url, registry_refresh_seconds=0.2,
+                         sweep_interval_seconds=0.2, settle_grace_seconds=0, **over)
+
+
+@pytest.fixture
+async def gw(net: Net, tmp_path: Path) -> AsyncIterator[Gw]:
+    db = f"sqlite+aiosqlite:///{tmp_path}/gateway.db"
+    async with _serve(net, tmp_path, db) as g:
+        yield g
+
+
+class _serve:
+    def __init__(self, net: Net, tmp: Path, db: str) -> None:
+        self.net, self.tmp, self.db = net, tmp, db
+
+    async def __aenter__(self) -> Gw:
+        self.registry = RegistryClient(self.net.url)
+        self.ledger = Ledger(self.db)
+        app = create_app(gateway_config(self.tmp, self.db), self.net.issuer,
+                         self.registry.list_nodes, ledger=self.ledger)
+        self.server = TestServer(app, host="127.0.0.1")
+        await self.server.start_server()
+        self.http = aiohttp.ClientSession()
+        return Gw(str(self.server.make_url("")).rstrip("/"), self.ledger, self.net, self.registry,
+                  self.http)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.close()
+        await self.server.close()
+        await self.registry.close()
+
+
+async def audit_ok(g: Gw, client: GatewayClient) -> None:
+    account = await client.account()
+    audit = await g.ledger.audit(account.id)
+    assert audit.ok, audit
+
+
+# ---------------------------------------------------------------- public routes
+
+
+async def test_pricing_and_servers_status_are_public(gw: Gw) -> None:
+    async with gw.http.get(gw.url + "/v1/pricing") as r:
+        body = await r.json()
+    assert body["microcredits_per_usd"] == 1_000_000
+    assert body["rates"]["webrtc"] == {"unit": "per_minute", "microcredits": 1000, "usd": 0.001}
+    assert body["rates"]["stt"]["microcredits"] == 6000
+    assert body["rates"]["tts"] == {"unit": "per_1k_characters", "microcredits": 8000, "usd": 0.008}
+    status = await gw.client().servers_status()
+    assert status["services"]["webrtc"]["healthy"] == 3
+    assert status["services"]["stt"]["healthy"] == 2
+    assert status["services"]["tts"] == {"total": 1, "healthy": 1, "capacity": 100, "load": 0,
+                                         "available": True}
+    async with gw.http.get(gw.url + "/internal/health") as r:
+        assert await r.json() == {"status": "ok"}
+
+
+async def test_openapi_describes_every_route(gw: Gw) -> None:
+    async with gw.http.get(gw.url + "/openapi.json") as r:
+        doc = await r.json()
+    served = {(m.lower(), path) for m, path, _, _ in ROUTES}
+    described = {(m, path) for path, ops in doc["paths"].items() for m in ops}
+    assert served == described
+    assert doc["paths"]["/v1/webrtc/token"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"]["required"] == ["duration_minutes", "room_name", "participant_identity"]
+
+
+# ---------------------------------------------------------------- accounts
+
+
+async def test_unknown_wallet_is_404_then_402(gw: Gw) -> None:
+    client = gw.client()
+    with pytest.raises(NotFound):
+        await client.account()
+    with pytest.raises(InsufficientCredits, match="purchase credits"):
+        await client.create_stt_session(duration_minutes=1)
+
+
+async def test_account_shape_and_grant(gw: Gw) -> None:
+    client = await gw.funded(0.5)
+    account = await client.account()
+    raw = await client.request("GET", "/v1/account")
+    assert set(raw) == {"id", "wallet_address", "wallet_chain", "credit_balance",
+                        "available_balance", "max_concurrent_sessions", "max_api_rate",
+                        "created_at"}
+    assert raw["credit_balance"] == "500000" and raw["available_balance"] == "500000"
+    assert account.wallet_chain == "solana" and account.wallet_address == str(client.key.pubkey())
+    [tx] = await client.transactions()
+    assert tx["type"] == "grant" and tx["amount_microcredits"] == "500000"
+
+
+async def test_evm_wallet_works_end_to_end(gw: Gw) -> None:
+    client = await gw.funded(0.1, chain="evm")
+    session = await client.create_webrtc_token("evm-room", "evm-agent", 2)
+    assert (await client.account()).available_balance == 100_000 - 2_000
+
+
+# ---------------------------------------------------------------- sessions and money
+
+
+async def test_webrtc_reserve_extend_usage_refund(gw: Gw) -> None:
+    client = await gw.funded(1.0)
+    session = await client.create_webrtc_token("room-1", "agent-7", duration_minutes=10,
+                                               metadata="hello")
+    claims = verify_token(session.token, {str(gw.net.issuer.pubkey())}, "webrtc")
+    assert (claims.identity, claims.room, claims.session_id) == ("agent-7", "room-1",
+                                                                 session.session_id)
+    assert claims.raw["metadata"] == "hello"
+    assert 590 <= claims.expires_at - time.time() <= 601
+    assert session.ws_url == "wss://sfu-de.test"  # loopback client -> default location (DE)
+    account = await client.account()
+    assert (account.credit_balance, account.available_balance) == (1_000_000, 990_000)
+
+    extended = await client.extend_webrtc_token(session.session_id, 5)
+    new_claims = verify_token(extended.token, {str(gw.net.issuer.pubkey())}, "webrtc")
+    assert new_claims.expires_at >= claims.expires_at + 299
+    assert (await client.account()).available_balance == 985_000
+
+    # The SFU reports 90 s in the room, then the room finishes: charge 1,500, refund the rest.
+    record = await gw.ledger.get_session(session.session_id)
+    left = {"event": "participant_left", "id": "EV_1", "createdAt": 1_000_090,
+            "room": {"name": "room-1"},
+            "participant": {"identity": "agent-7", "joinedAt": 1_000_000,
+                            "attributes": {"session_id": session.session_id}}}
+    node = next(n for n, k in gw.net.nodes.items() if str(k.pubkey()) == record.node_pubkey)
+    r = await gw.post_signed("/v1/webhooks/sfu", json.dumps(left).encode(), node)
+    assert r.status == 200, await r.text()
+    finished = {"event": "room_finished", "id": "EV_2", "createdAt": 1_000_100,
+                "room": {"name": "room-1"}}
+    r = await gw.post_signed("/v1/webhooks/sfu", json.dumps(finished).encode(), node)
+    assert r.status == 200
+    [settled] = (await r.json())["settled"]
+    assert settled["charged_microcredits"] == "1500"
+    account = await client.account()
+    assert (account.credit_balance, account.available_balance) == (998_500, 998_500)
+    kinds = [t["type"] for t in await client.transactions()]
+    assert sorted(kinds) == ["charge", "grant", "refund", "reserve", "reserve"]
+    [listed] = await client.sessions(status="completed")
+    assert listed["charged_microcredits"] == "1500" and listed["reserved_microcredits"] == "15000"
+    assert set(listed) == {"session_id", "service", "bundle_id", "status", "room_name",
+                           "server_url", "reserved_microcredits", "charged_microcredits",
+                           "token_expires_at", "started_at", "ended_at"}
+    await audit_ok(gw, client)
+
+
+async def test_geo_routing_by_client_ip_and_forwarded_for(gw: Gw) -> None:
+    client = await gw.funded(1.0)
+    us = await client.create_webrtc_token("geo", "a", 1, client_ip=US_IP)
+    sg = await client.create_webrtc_token("geo", "b", 1, client_ip=SG_IP)
+    assert (us.ws_url, sg.ws_url) == ("wss://sfu-us.test", "wss://sfu-sg.test")
+    body = json.dumps({"duration_minutes": 1}).encode()
+    headers = {**sign_request("POST", "/v1/stt/session", client.key), "X-Forwarded-For": US_IP,
+               "Content-Type": "application/json"}
+    async with gw.http.post(gw.url + "/v1/stt/session", data=body, headers=headers) as r:
+        assert (await r.json())["server_url"] == "https://stt-us.test"
+
+
+async def test_stt_and_tts_sessions_usage_and_limits(gw: Gw) -> None:
+    client = await gw.funded(1.0)
+    stt = await client.create_stt_session(duration_minutes=2, language="en")
+    trusted = {str(gw.net.issuer.pubkey())}
+    assert verify_token(stt.token, trusted, "stt").limit == 120
+    assert stt.server_url == "https://stt-de.test"
+    stt2 = await client.extend_stt_session(stt.session_id, 1)
+    assert verify_token(stt2.token, trusted, "stt").limit == 180
+
+    tts = await client.create_tts_session(max_characters=2000)
+    assert verify_token(tts.token, trusted, "tts").limit == 2000
+    tts2 = await client.extend_tts_session(tts.session_id, 500)
+    assert verify_token(tts2.token, trusted, "tts").limit == 2500
+    # reserved: stt 3 min = 18,000; tts 2,500 chars = 20,000
+    assert (await client.account()).available_balance == 1_000_000 - 18_000 - 20_000
+
+    # The STT node reports 61.2 s (billed as 62 s = 6,200), then completes.
+    for event, seconds in (("usage", 30), ("complete", 61.2)):
+        body = json.dumps({"session_id": stt.session_id, "event": event,
+                           "usage": {"duration_seconds": seconds}}).encode()
+        r = await gw.post_signed("/internal/events", body, "stt-de")
+        assert r.status == 200, await r.text()
+    body = json.dumps({"session_id": tts.session_id, "event": "complete",
+                       "usage": {"used_characters": 1234}}).encode()
+    r = await gw.post_signed("/internal/events", body, "tts-de")
+    assert r.status == 200
+    account = await client.account()
+    assert account.credit_balance == 1_000_000 - 6_200 - 9_872
+    assert account.available_balance == account.credit_balance
+    # A second completion changes nothing.
+    r = await gw.post_signed("/internal/events", body, "tts-de")
+    assert r.status == 200
+    assert (await client.account()).credit_balance == account.credit_balance
+    await audit_ok(gw, client)
+
+
+async def test_agent_session_dual_and_single(gw: Gw) -> None:
+    client = await gw.funded(1.0)
+    trusted = {str(gw.net.issuer.pubkey())}
+    dual = await client.create_agent_session("tutor", "agent", 5, language="en",
+                                             client_identity="user-42", client_ip=SG_IP)
+    assert isinstance(dual.webrtc, DualWebrtc)
+    assert dual.webrtc.agent.ws_url == "wss://sfu-de.test"  # the server's own (loopback) address
+    assert dual.webrtc.client.ws_url == "wss://sfu-sg.test"  # the end user's client_ip
+    assert verify_token(dual.webrtc.client.token, trusted, "webrtc").identity == "user-42"
+    assert verify_token(dual.tts.token, trusted, "tts").limit == 10_000
+    # 2 x 5 min webrtc (10,000) + 5 min stt (30,000) + 10,000 chars tts (80,000)
+    assert (await client.account()).available_balance == 1_000_000 - 120_000
+
+    ext = await client.extend_agent_session(dual.bundle_id, 1, additional_tts_characters=1000)
+    assert isinstance(ext.webrtc, DualWebrtc) and ext.webrtc.client.expires_at
+    assert verify_token(ext.tts.token, trusted, "tts").limit == 11_000
+    assert (await client.account()).available_balance == 1_000_000 - 120_000 - 2_000 - 6_000 - 8_000
+
+    single = await client.create_agent_session("solo", "agent", 1)
+    assert not isinstance(single.webrtc, DualWebrtc) and single.webrtc.ws_url
+    raw = await client.request("POST", "/v1/agent-session/extend",
+                               {"bundle_id": single.bundle_id, "additional_minutes": 1})
+    assert set(raw["webrtc"]) == {"token", "new_expires_at"}
+    assert set(raw["stt"]) == {"token", "new_expires_at"}
+    sessions = await client.sessions(limit=10)
+    assert {s["bundle_id"] for s in sessions} == {dual.bundle_id, single.bundle_id}
+    await audit_ok(gw, client)
+
+
+async def test_sweeper_settles_expired_sessions(gw: Gw) -> None:
+    client = await gw.funded(0.1)
+    session = await client.create_stt_session(duration_minutes=0.02)  # 2 s
+    body = json.dumps({"session_id": session.session_id, "event": "usage",
+                       "usage": {"duration_seconds": 1}}).encode()
+    assert (await gw.post_signed("/internal/events", body, "stt-de")).status == 200
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        [s] = await client.sessions()
+        if s["status"] == "expired":
+            break
+        await asyncio.sleep(0.3)
+    assert s["status"] == "expired" and s["charged_microcredits"] == "100"
+    account = await client.account()
+    assert (account.credit_balance, account.available_balance) == (99_900, 99_900)
+    await audit_ok(gw, client)
+
+
+# ---------------------------------------------------------------- refusals
+
+
+async def test_errors_are_the_documented_codes(gw: Gw) -> None:
+    client = await gw.funded(0.01)  # 10,000 microcredits
+    with pytest.raises(InsufficientCredits, match="insufficient credits"):
+        await client.create_stt_session(duration_minutes=2)  # 12,000
+    for body, field in [
+        ({"duration_minutes": -1}, "duration_minutes"),
+        ({"duration_minutes": 1, "langauge": "en"}, "langauge"),
+        ({}, "duration_minutes"),
+    ]:
+        with pytest.raises(BadRequest, match=field):
+            await client.request("POST", "/v1/stt/session", body)
+    with pytest.raises(BadRequest, match="client_ip"):
+        await client.create_webrtc_token("r", "i", 1, client_ip="not-an-ip")
+    with pytest.raises(BadRequest, match="UUID"):
+        await client.extend_stt_session("nope", 1)
+    with pytest.raises(NotFound):
+        await client.extend_stt_session("00000000-0000-0000-0000-000000000000", 1)
+    headers = {**sign_request("POST", "/v1/stt/session", client.key),
+               "Content-Type": "application/json"}
+    async with gw.http.post(gw.url + "/v1/stt/session", data=b"{nope", headers=headers) as r:
+        assert r.status == 400 and "not valid JSON" in (await r.json())["error"]
+    # Someone else's session is not found (and not extended).
+    mine = await client.create_webrtc_token("r", "i", 1)
+    other = await gw.funded(0.1)
+    with pytest.raises(NotFound):
+        await other.extend_webrtc_token(mine.session_id, 1)
+    assert (await client.account()).available_balance == 9_000
+
+
+async def test_auth_failures_and_replay(gw: Gw) -> None:
+    client = await gw.funded(0.1)
+    async with gw.http.get(gw.url + "/v1/account") as r:
+        assert r.status == 401 and "missing header" in (await r.json())["error"]
+    headers = sign_request("GET", "/v1/account", client.key)
+    async with gw.http.get(gw.url + "/v1/account", headers=headers) as r:
+        assert r.status == 200
+    async with gw.http.get(gw.url + "/v1/account", headers=headers) as r:
+        assert r.status == 401 and "replayed" in (await r.json())["error"]
+    stale = sign_request("GET", "/v1/account", client.key, now=time.time() - 120)
+    async with gw.http.get(gw.url + "/v1/account", headers=stale) as r:
+        assert r.status == 401 and "skew" in (await r.json())["error"]
+    wrong_path = sign_request("GET", "/v1/account/sessions", client.key)
+    async with gw.http.get(gw.url + "/v1/account", headers=wrong_path) as r:
+        assert r.status == 401
+    # A 402 does not use the signature up: the same signed request may be retried.
+    poor = gw.client()
+    headers = {**sign_request("POST", "/v1/tts/session", poor.key),
+               "Content-Type": "application/json"}
+    body = json.dumps({"max_characters": 10}).encode()
+    for _ in range(2):
+        async with gw.http.post(gw.url + "/v1/tts/session", data=body, headers=headers) as r:
+            assert r.status == 402
+
+
+async def test_concurrency_and_rate_limits(gw: Gw) -> None:
+    client = await gw.funded(1.0)
+    account = await client.account()
+    await gw.ledger.set_limits(account.id, max_concurrent_sessions=2)
+    await client.create_stt_session(1)
+    await client.create_stt_session(1)
+    with pytest.raises(ConcurrencyLimit, match="concurrent"):
+        await client.create_stt_session(1)
+    await gw.ledger.set_limits(account.id, max_api_rate=3, max_concurrent_sessions=10)
+    results = await asyncio.gather(*(client.account() for _ in range(10)), return_exceptions=True)
+    assert any(isinstance(r, RateLimit) for r in results)
+    assert any(not isinstance(r, Exception) for r in results)
+
+
+async def test_no_healthy_node_is_503(gw: Gw) -> None:
+    client = await gw.funded(1.0)
+    tts = gw.net.nodes["tts-de"]
+    await gw.registry.set_node_status(gw.net.authority, tts.pubkey(), p.NodeStatus.SUSPENDED)
+    try:
+        await asyncio.sleep(0.5)  # the directory refreshes every 0.2 s here
+        with pytest.raises(NoCapacity, match="no servers available"):
+            await client.create_tts_session(100)
+        assert (await client.account()).available_balance == 1_000_000  # nothing reserved
+        status = await client.servers_status()
+        assert status["services"]["tts"]["available"] is False
+    finally:
+        await gw.registry.set_node_status(gw.net.authority, tts.pubkey(), p.NodeStatus.ACTIVE)
+
+
+async def test_only_the_routed_registered_node_may_post_usage(gw: Gw) -> None:
+    client = await gw.funded(0.1)
+    session = await client.create_stt_session(1)
+    body = json.dumps({"session_id": session.session_id, "event": "complete",
+                       "usage": {"duration_seconds": 60}}).encode()
+    stranger = Keypair()  # not registered
+    r = await gw.http.post(gw.url + "/internal/events", data=body,
+                           headers={"Authorization": f"Bearer {sign_body(stranger, body)}"})
+    assert r.status == 401 and "not a node registered" in (await r.json())["error"]
+    r = await gw.post_signed("/internal/events", body, "stt-us")  # registered, not routed
+    assert r.status == 401 and "not routed" in (await r.json())["error"]
+    r = await gw.http.post(gw.url + "/internal/events", data=body)
+    assert r.status == 401
+    # Signed for other bytes than those sent.
+    token = sign_body(gw.net.nodes["stt-de"], body)
+    r = await gw.http.post(gw.url + "/internal/events", data=body.replace(b"60", b"6"),
+                           headers={"Authorization": f"Bearer {token}"})
+    assert r.status == 401 and "sha256" in (await r.json())["error"]
+    [s] = await client.sessions()
+    assert s["status"] == "active" and s["charged_microcredits"] == "0"
+    r = await gw.post_signed("/internal/events", body, "stt-de")
+    assert r.status == 200
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_fifty_concurrent_creations_against_ten(
+    net: Net, tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    db_url = (f"sqlite+aiosqlite:///{tmp_path}/gw.db" if backend == "sqlite"
+              else await _pg_database(request))
+    async with _serve(net, tmp_path, db_url) as g:
+        client = await g.funded(0.01)  # 10,000 = ten 1-minute WebRTC participants
+        account = await client.account()
+        await g.ledger.set_limits(account.id, max_concurrent_sessions=100, max_api_rate=100)
+        results = await asyncio.gather(
+            *(client.create_webrtc_token("crowd", f"p{i}", 1) for i in range(50)),
+            return_exceptions=True)
+        ok = [r for r in results if not isinstance(r, Exception)]
+        refused = [r for r in results if isinstance(r, InsufficientCredits)]
+        assert (len(ok), len(refused)) == (10, 40), [r for r in results if isinstance(r, Exception)
+                                                     and not isinstance(r, InsufficientCredits)]
+        account = await client.account()
+        assert (account.credit_balance, account.available_balance) == (10_000, 0)
+        assert len(await client.sessions(limit=100)) == 10
+        await audit_ok(g, client)
+
+
+async def _pg_database(request: pytest.FixtureRequest) -> str:
+    import uuid
+
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    server = make_url(request.getfixturevalue("pg_url"))
+    name = f"gw_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(server.set(drivername="postgresql").render_as_string(
+        hide_password=False))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    return server.set(database=name).render_as_string(hide_password=False)
+
+

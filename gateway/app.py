@@ -136,8 +136,10 @@ def rate_limit_middleware(limiter: RateLimiter) -> Any:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         wallet = request.get("wallet")
         if wallet is not None:
-            account = await gw(request).ledger.get_account(wallet.chain, wallet.address)
-            rate = account.max_api_rate if account else gw(request).config.default_max_api_rate
+            try:
+                rate = (await gw(request).sessions.account(wallet.chain, wallet.address)).max_api_rate
+            except NoAccount:
+                rate = gw(request).config.default_max_api_rate
             if not limiter.allow(f"{wallet.chain}:{wallet.address.lower()}", rate):
                 return error(429, f"rate limit exceeded: at most {rate} requests per second")
         return await handler(request)
@@ -414,6 +416,14 @@ ROUTES: list[tuple[str, str, Handler, str]] = [
     ("POST", "/internal/events", internal_events, "Usage events from STT/TTS nodes (node-signed)"),
     ("GET", "/internal/health", health, "Health check"),
 ]
+# Credit purchases (x402 and the other rails) live in gateway.payments; their routes join here.
+try:
+    from gateway.payments.routes import PAYMENT_ROUTES
+except ModuleNotFoundError as exc:  # pragma: no cover - only while payments are being built
+    if exc.name not in ("gateway.payments", "gateway.payments.routes"):
+        raise
+    PAYMENT_ROUTES = []
+ROUTES += PAYMENT_ROUTES
 
 
 async def _sweeper(app: web.Application) -> Any:

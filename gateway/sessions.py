@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,6 +29,7 @@ from registry.tokens import Grant, mint_token
 log = logging.getLogger("gateway.sessions")
 
 DEFAULT_TTS_CHARACTERS = 10_000
+ACCOUNT_CACHE_SECONDS = 2.0
 
 
 class NotFound(Exception):
@@ -83,11 +85,22 @@ class SessionService:
         self.locator = locator
         self.issuer = issuer
         self.tts_session_minutes = tts_session_minutes
+        self._accounts: dict[tuple[str, str], tuple[Account, float]] = {}
 
     # ------------------------------------------------------------ helpers
 
     async def account(self, chain: str, address: str) -> Account:
+        """The caller's account, from a short cache: ids and limits rarely change, and every
+        balance check happens again inside the ledger's write transaction anyway."""
+        key = (chain, address.lower() if chain == "evm" else address)
+        hit = self._accounts.get(key)
+        if hit is not None and time.monotonic() - hit[1] < ACCOUNT_CACHE_SECONDS:
+            return hit[0]
         account = await self.ledger.get_account(chain, address)
+        if account is not None:
+            if len(self._accounts) > 100_000:
+                self._accounts.clear()
+            self._accounts[key] = (account, time.monotonic())
         if account is None:
             raise NoAccount(
                 f"no credits for {chain} wallet {address}: purchase credits first "

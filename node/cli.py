@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per RPC call otherwise
     try:
         config = load_config(args.config, args.role)
         asyncio.run(serve(config))

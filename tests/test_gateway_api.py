@@ -415,6 +415,7 @@ async def test_concurrency_and_rate_limits(gw: Gw) -> None:
     with pytest.raises(ConcurrencyLimit, match="concurrent"):
         await client.create_stt_session(1)
     await gw.ledger.set_limits(account.id, max_api_rate=3, max_concurrent_sessions=10)
+    await asyncio.sleep(2.1)  # the gateway caches an account's limits for 2 s
     results = await asyncio.gather(*(client.account() for _ in range(10)), return_exceptions=True)
     assert any(isinstance(r, RateLimit) for r in results)
     assert any(not isinstance(r, Exception) for r in results)

@@ -4,11 +4,14 @@
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
+# The official x402 client pins construct-typing>=0.7, anchorpy <0.6: it gets a venv of its own,
+# used by the payment tests to pay the gateway as a real agent would.
+X402_STAMP := .venv-x402/.installed
 APT_PKGS := clang-19 llvm-19 postgresql
 
 .PHONY: setup up test program bench clean-local apt
 
-setup: apt $(STAMP)
+setup: apt $(STAMP) $(X402_STAMP)
 
 # Debian packages: the C compiler for the on-chain program (the build test rebuilds it) and
 # PostgreSQL (the ledger is tested on SQLite and on a throwaway PostgreSQL server).
@@ -23,6 +26,12 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[test]'
 	@touch $(STAMP)
 
+$(X402_STAMP):
+	@test -x .venv-x402/bin/python || python3 -m venv .venv-x402
+	.venv-x402/bin/pip install -q --upgrade pip
+	.venv-x402/bin/pip install -q 'x402[svm,httpx]==2.25.0'
+	@touch $(X402_STAMP)
+
 up: setup
 	$(PY) scripts/devnet.py
 
@@ -34,6 +43,8 @@ program: apt
 
 bench: setup
 	$(PY) bench/registry.py
+	$(PY) bench/gateway.py
+	$(PY) bench/payments.py
 
 clean-local:
 	rm -rf .local

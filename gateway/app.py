@@ -417,12 +417,8 @@ ROUTES: list[tuple[str, str, Handler, str]] = [
     ("GET", "/internal/health", health, "Health check"),
 ]
 # Credit purchases (x402 and the other rails) live in gateway.payments; their routes join here.
-try:
-    from gateway.payments.routes import PAYMENT_ROUTES
-except ModuleNotFoundError as exc:  # pragma: no cover - only while payments are being built
-    if exc.name not in ("gateway.payments", "gateway.payments.routes"):
-        raise
-    PAYMENT_ROUTES = []
+from gateway.payments.routes import PAYMENT_ROUTES  # noqa: E402
+
 ROUTES += PAYMENT_ROUTES
 
 
@@ -481,6 +477,9 @@ def create_app(config: GatewayConfig, issuer: Keypair, list_nodes: Any,
     app.router.add_get("/openapi.json", openapi_handler)
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(_sweeper)
+    from gateway.payments import setup_payments
+
+    setup_payments(app)
     return app
 
 

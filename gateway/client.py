@@ -23,6 +23,7 @@ from gateway.auth import sign_request
 
 # Timestamps the SDK may use around the current second: well inside the gateway's +-30 s window.
 SKEW_MARGIN = 20
+DEFAULT_PAYMENT_RPC = "http://127.0.0.1:8899"  # where purchase_credits reads blockhash and mint
 
 
 class GatewayError(Exception):
@@ -284,3 +285,94 @@ class GatewayClient:
             bundle_id=bundle_id, additional_minutes=additional_minutes,
             additional_tts_characters=additional_tts_characters))
         return AgentSession.of(data, bundle_id)
+
+    # ------------------------------------------------------------ credits (x402)
+
+    @property
+    def address(self) -> str:
+        if isinstance(self.key, Keypair):
+            return str(self.key.pubkey())
+        from eth_account import Account
+
+        return Account.from_key(self.key).address
+
+    async def purchase_credits(self, amount_usd: float, *, rpc_url: str | None = None,
+                               evm_chain_id: int = 8453) -> dict[str, Any]:
+        """Buy credits with an x402 payment from this client's wallet, automatically.
+
+        ``POST /v1/credits/purchase`` answers 402 with the payment requirements; this builds the
+        payment with the caller's key for its own chain (Solana: a TransferChecked transaction,
+        partially signed, the fee payer slot left for the gateway, blockhash and mint read from
+        ``rpc_url``; EVM: an EIP-3009 authorization) and retries the same signed request with it.
+        Returns ``{account_id, credited_microcredits, amount_usd}`` plus ``payment_response``
+        (the decoded settlement header). Raises the typed errors (InsufficientCredits carries
+        the 402 body when the payment is refused)."""
+        import base64
+        import json
+
+        from gateway.payments import payer
+
+        path = "/v1/credits/purchase"
+        body = {"wallet_address": self.address, "wallet_chain": self.chain,
+                "amount_usd": amount_usd}
+        # Signed once: the gateway gives a signature back on 402, so the paid retry reuses it.
+        auth = sign_request("POST", path, self.key, self.chain,
+                            now=await self._fresh_timestamp("POST", path))
+        async with self._session.post(self.base_url + path, json=body, headers=auth) as resp:
+            data = await self._json(resp)
+            if resp.status != 402:
+                self._raise_for(resp.status, data, resp.reason)
+                return data
+            version, accepts = payer.requirements_from_402(resp.headers, data)
+        want = "solana:" if self.chain == "solana" else "eip155:"
+        v1_names = ("solana", "solana-devnet", "solana-testnet") if self.chain == "solana" \
+            else ("base", "base-sepolia")
+        offer = next((a for a in accepts if a.get("scheme") == "exact" and (
+            str(a.get("network", "")).startswith(want) or a.get("network") in v1_names)), None)
+        if offer is None:
+            raise InsufficientCredits(402, f"the gateway offers no x402 payment on {self.chain}",
+                                      data)
+        if self.chain == "solana":
+            assert isinstance(self.key, Keypair)
+            tx = await payer.svm_transaction(self.key, offer, rpc_url or DEFAULT_PAYMENT_RPC)
+            payload: dict[str, Any] = {"transaction": tx}
+        else:
+            network = str(offer.get("network", ""))
+            chain_id = int(network.split(":")[1]) if network.startswith("eip155:") else evm_chain_id
+            payload = payer.evm_authorization(self.key, offer, chain_id)  # type: ignore[arg-type]
+        name, value = payer.payment_header(version, offer, payload, self.base_url + path)
+        async with self._session.post(self.base_url + path, json=body,
+                                      headers={**auth, name: value}) as resp:
+            data = await self._json(resp)
+            self._raise_for(resp.status, data, resp.reason)
+            settle = (resp.headers.get("PAYMENT-RESPONSE")
+                      or resp.headers.get("X-PAYMENT-RESPONSE"))
+        if settle:
+            data["payment_response"] = json.loads(base64.b64decode(settle))
+        return data
+
+    async def ensure_credits(self, min_available_microcredits: int, top_up_usd: float, *,
+                             rpc_url: str | None = None) -> dict[str, Any] | None:
+        """Top up: buy ``top_up_usd`` of credits when ``available_balance`` is below
+        ``min_available_microcredits`` (or the wallet has no account yet). Returns the purchase,
+        or None when the balance was enough."""
+        try:
+            available = (await self.account()).available_balance
+        except NotFound:
+            available = 0
+        if available >= min_available_microcredits:
+            return None
+        return await self.purchase_credits(top_up_usd, rpc_url=rpc_url)
+
+    @staticmethod
+    async def _json(resp: aiohttp.ClientResponse) -> Any:
+        try:
+            return await resp.json(content_type=None)
+        except ValueError:
+            return {"error": (await resp.text())[:500]}
+
+    @staticmethod
+    def _raise_for(status: int, data: Any, reason: str | None) -> None:
+        if status >= 400:
+            message = data.get("error", "") if isinstance(data, dict) else str(data)
+            raise error_for(status, message or reason or "", data)

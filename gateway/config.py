@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.payments.config import PaymentsConfig
 from registry.client import DEFAULT_RPC_URL
 from registry.settings import SettingsError, read_yaml_mapping, validate_settings
 
@@ -39,6 +40,8 @@ class GatewayConfig(BaseModel):
     tts_session_minutes: int = Field(default=60, ge=1)
     # Requests per second for wallets without an account yet (accounts carry their own limit).
     default_max_api_rate: int = Field(default=50, ge=1)
+    # Credit purchases: x402 on Solana (and EVM), MPP and TRON challenges (gateway/payments).
+    payments: PaymentsConfig = PaymentsConfig()
 
 
 def load_gateway_config(path: str | Path | None) -> GatewayConfig:

@@ -23,6 +23,9 @@ REQUEST_MODELS: dict[str, type[schemas.Body]] = {
     "/v1/agent-session/extend": schemas.AgentExtend,
     "/internal/events": schemas.UsageEvent,
 }
+from gateway.payments.routes import PAYMENT_REQUEST_MODELS  # noqa: E402
+
+REQUEST_MODELS.update(PAYMENT_REQUEST_MODELS)
 PUBLIC = {"/v1/pricing", "/v1/servers/status", "/internal/health"}
 NODE_SIGNED = {"/internal/events", "/v1/webhooks/sfu"}
 PAGED = {"/v1/account/transactions", "/v1/account/sessions"}

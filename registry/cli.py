@@ -170,11 +170,25 @@ def _ago(ts: int, now: float | None = None) -> str:
 async def cmd_airdrop(args: argparse.Namespace, client: RegistryClient) -> None:
     if not is_local_rpc(client.rpc_url):
         raise CliError(f"airdrop is for the localnet only; {client.rpc_url} is not a loopback RPC")
-    if args.sol <= 0:
+    sol = args.sol if args.sol is not None else (0 if args.usdc else 1.0)
+    if sol < 0 or (sol == 0 and not args.usdc):
         raise CliError(f"--sol must be positive, got {args.sol}")
-    sig = await client.airdrop(args.to, int(args.sol * LAMPORTS_PER_SOL))
-    balance = (await client.rpc.get_balance(args.to)).value / LAMPORTS_PER_SOL
-    print(f"airdropped {args.sol} SOL to {args.to} (balance {balance} SOL)\nsignature {sig}")
+    if args.usdc is not None and args.usdc <= 0:
+        raise CliError(f"--usdc must be positive, got {args.usdc}")
+    if sol:
+        sig = await client.airdrop(args.to, int(sol * LAMPORTS_PER_SOL))
+        balance = (await client.rpc.get_balance(args.to)).value / LAMPORTS_PER_SOL
+        print(f"airdropped {sol} SOL to {args.to} (balance {balance} SOL)\nsignature {sig}")
+    if args.usdc:
+        from registry import usdc
+
+        try:
+            account = await usdc.mint_test_usdc(client, args.to, str(args.usdc))
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        held = (await client.rpc.get_token_account_balance(account)).value.ui_amount_string
+        print(f"minted {args.usdc} test USDC ({usdc.test_usdc_mint()}) to {args.to} "
+              f"(token account {account}, balance {held} USDC)")
 
 
 def cmd_token_mint(args: argparse.Namespace) -> None:
@@ -242,10 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
         s = nsub.add_parser(name, help="authority only"); rpc(s); keypair(s)
         s.add_argument("owner", type=_pubkey, help="the node's public key")
 
-    sp = sub.add_parser("airdrop", help="fund a wallet with test SOL (localnet only)")
+    sp = sub.add_parser("airdrop", help="fund a wallet with test SOL and test USDC (localnet only)")
     rpc(sp)
     sp.add_argument("--to", type=_pubkey, required=True)
-    sp.add_argument("--sol", type=float, default=1.0)
+    sp.add_argument("--sol", type=float, default=None,
+                    help="SOL to airdrop (default 1, or 0 when only --usdc is given)")
+    sp.add_argument("--usdc", type=float, default=None,
+                    help="test USDC to mint to the wallet's token account (the mint `make up` "
+                         "created, .local/keys/usdc-mint.json)")
 
     sp = sub.add_parser("token", help="session tokens")
     tsub = sp.add_subparsers(dest="token_cmd", required=True)

@@ -105,6 +105,21 @@ async def bootstrap_registry(client: RegistryClient) -> str:
     return str(issuer.pubkey())
 
 
+async def bootstrap_payments(client: RegistryClient) -> str:
+    """Test USDC (a 6-decimal SPL mint, its keys under .local/keys) and SOL for the gateway's fee
+    payer, so x402 purchases work on the localnet; idempotent across restarts."""
+    from registry import usdc
+
+    mint, created = await usdc.ensure_test_usdc(client, LOCAL / "keys" / "usdc-mint.json",
+                                                LOCAL / "keys" / "usdc-mint-authority.json")
+    if created:
+        print(f"test USDC mint {mint} created "
+              "(fund a wallet: registry airdrop --to ADDR --usdc 10)")
+    fee_payer = load_or_create_keypair(LOCAL / "keys" / "gateway-fee-payer.json")
+    await client.ensure_funded(fee_payer, min_sol=1.0)
+    return str(mint)
+
+
 def built(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
@@ -131,6 +146,7 @@ async def main() -> int:
         async with RegistryClient(RPC_URL) as client:
             await wait_rpc(client)
             issuer = await bootstrap_registry(client)
+            usdc_mint = await bootstrap_payments(client)
         urls = {"localnet (Solana JSON-RPC)": RPC_URL}
         if built("gateway.app"):
             await start(Child("gateway", [py, "-m", "gateway.cli", "--config", "configs/gateway.yaml"]))
@@ -149,6 +165,7 @@ async def main() -> int:
         for name, url in urls.items():
             print(f"  {name:28} {url}")
         print(f"  {'trusted issuer (gateway key)':28} {issuer}")
+        print(f"  {'test USDC mint (x402)':28} {usdc_mint}")
         print("ready", flush=True)
         while not stop.is_set():
             dead = [c for c in children if c.proc and c.proc.returncode is not None]

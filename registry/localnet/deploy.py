@@ -15,13 +15,13 @@ of ``UpgradeableLoaderInstruction`` is encoded here by hand.
 
 from __future__ import annotations
 
-import json
 import struct
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+from registry.keys import load_keypair  # noqa: F401  (re-exported for callers)
 from solders.account import Account
 from solders.hash import Hash
 from solders.instruction import AccountMeta, Instruction
@@ -95,14 +95,6 @@ def deploy_with_max_data_len_ix(
             AccountMeta(authority, True, False),
         ],
     )
-
-
-def load_keypair(path: str | Path) -> Keypair:
-    """Read a Solana CLI keypair file (JSON array of 64 bytes)."""
-    raw = json.loads(Path(path).read_text())
-    if not isinstance(raw, list) or len(raw) != 64:
-        raise ValueError(f"{path}: not a Solana keypair file (expected a JSON array of 64 bytes)")
-    return Keypair.from_bytes(bytes(raw))
 
 
 def is_deployed(target: DeployTarget, program_id: Pubkey) -> bool:

@@ -28,6 +28,8 @@ from solders.pubkey import Pubkey
 from solders.signature import Signature
 from solders.transaction import VersionedTransaction
 
+from registry import jsonsafe
+
 from .codec import (
     TOKEN_PROGRAMS,
     EncodingError,
@@ -678,7 +680,7 @@ class Dispatcher:
 
     def handle_payload(self, body: bytes) -> Any:
         try:
-            payload = json.loads(body)
+            payload = jsonsafe.loads(body)
         except (ValueError, UnicodeDecodeError, RecursionError):
             return _error(-32700, "Parse error")
         if isinstance(payload, list):

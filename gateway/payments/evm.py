@@ -1,0 +1,247 @@
+"""The exact scheme on EVM chains (USDC on Base): EIP-3009 ``transferWithAuthorization``.
+
+The client signs an EIP-712 ``TransferWithAuthorization(from, to, value, validAfter, validBefore,
+nonce)`` for the token contract; the gateway verifies it here (signer, recipient, exact amount,
+validity window, chain and token domain) and settles by submitting the authorization from a relayer
+key through the configured EVM RPC, then waits for the receipt.
+
+Tested here: verification, end to end through the HTTP route. NOT tested here: settlement, since
+no EVM chain runs on this machine; ``settle`` is written against the standard JSON-RPC methods
+(eth_chainId, eth_getTransactionCount, eth_estimateGas, eth_getBlockByNumber,
+eth_maxPriorityFeePerGas, eth_sendRawTransaction, eth_getTransactionReceipt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .x402 import PaymentInvalid
+
+P = "invalid_exact_evm_payload"
+TRANSFER_WITH_AUTHORIZATION_VRS = (
+    "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
+)
+# A payment must stay valid long enough to be settled (x402 uses 6 s, one Base block is 2 s).
+MIN_VALIDITY_LEFT = 6
+AUTH_TYPES = {
+    "EIP712Domain": [
+        {"name": "name", "type": "string"}, {"name": "version", "type": "string"},
+        {"name": "chainId", "type": "uint256"}, {"name": "verifyingContract", "type": "address"},
+    ],
+    "TransferWithAuthorization": [
+        {"name": "from", "type": "address"}, {"name": "to", "type": "address"},
+        {"name": "value", "type": "uint256"}, {"name": "validAfter", "type": "uint256"},
+        {"name": "validBefore", "type": "uint256"}, {"name": "nonce", "type": "bytes32"},
+    ],
+}
+
+
+@dataclass(frozen=True)
+class EvmRules:
+    chain_id: int
+    asset: str
+    token_name: str
+    token_version: str
+    pay_to: str
+    amount: int
+
+
+@dataclass(frozen=True)
+class EvmPayment:
+    payer: str  # checksummed
+    to: str
+    value: int
+    valid_after: int
+    valid_before: int
+    nonce: bytes
+    signature: bytes
+
+    def reference(self, chain_id: int, asset: str) -> str:
+        """What makes the authorization unique on chain: (token, from, nonce)."""
+        return f"evm:{chain_id}:{asset.lower()}:{self.payer.lower()}:0x{self.nonce.hex()}"
+
+
+def typed_data(r: EvmRules, a: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "types": AUTH_TYPES, "primaryType": "TransferWithAuthorization",
+        "domain": {"name": r.token_name, "version": r.token_version, "chainId": r.chain_id,
+                   "verifyingContract": r.asset},
+        "message": a,
+    }
+
+
+def _uint(v: Any, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise PaymentInvalid(f"{P}_authorization", f"authorization.{name} must be a number string")
+    try:
+        n = int(v, 0) if isinstance(v, str) else v
+    except ValueError:
+        raise PaymentInvalid(f"{P}_authorization",
+                             f"authorization.{name} {v!r} is not a number") from None
+    if not 0 <= n < 2**256:
+        raise PaymentInvalid(f"{P}_authorization", f"authorization.{name} is out of range")
+    return n
+
+
+def verify(payload: dict[str, Any], r: EvmRules, now: float | None = None) -> EvmPayment:
+    from eth_account import Account
+    from eth_account.messages import encode_typed_data
+    from eth_utils import is_hex_address, to_checksum_address
+
+    now = time.time() if now is None else now
+    auth, sig_text = payload.get("authorization"), payload.get("signature")
+    if not isinstance(auth, dict) or not isinstance(sig_text, str):
+        raise PaymentInvalid(f"{P}_authorization",
+                             "payload must carry 'authorization' and 'signature'")
+    frm, to = auth.get("from"), auth.get("to")
+    if not isinstance(frm, str) or not is_hex_address(frm) or not isinstance(to, str) \
+            or not is_hex_address(to):
+        raise PaymentInvalid(f"{P}_authorization",
+                             "authorization.from and .to must be 0x addresses")
+    value = _uint(auth.get("value"), "value")
+    after = _uint(auth.get("validAfter"), "validAfter")
+    before = _uint(auth.get("validBefore"), "validBefore")
+    nonce_text = auth.get("nonce")
+    try:
+        nonce = bytes.fromhex(nonce_text[2:]) if isinstance(nonce_text, str) \
+            and nonce_text.startswith("0x") else b""
+        sig = bytes.fromhex(sig_text[2:]) if sig_text.startswith("0x") else b""
+    except ValueError:
+        nonce, sig = b"", b""
+    if len(nonce) != 32:
+        raise PaymentInvalid(f"{P}_authorization", "authorization.nonce must be 32 bytes of 0x-hex")
+    if len(sig) != 65:
+        raise PaymentInvalid(f"{P}_signature",
+                             "signature must be 65 bytes of 0x-hex (r, s, v); smart-wallet "
+                             "signatures are not accepted")
+    if to.lower() != r.pay_to.lower():
+        raise PaymentInvalid(f"{P}_recipient_mismatch",
+                             f"the authorization pays {to}; this purchase pays {r.pay_to}")
+    if value != r.amount:
+        raise PaymentInvalid(f"{P}_amount_mismatch",
+                             f"the authorization is for {value} base units; this purchase is "
+                             f"exactly {r.amount}")
+    if after > now:
+        raise PaymentInvalid(f"{P}_authorization_valid_after",
+                             f"the authorization is not valid before {after} (now {int(now)})")
+    if before < now + MIN_VALIDITY_LEFT:
+        raise PaymentInvalid(f"{P}_authorization_valid_before",
+                             f"the authorization expired or expires too soon (validBefore "
+                             f"{before}, now {int(now)})")
+    message = {"from": to_checksum_address(frm), "to": to_checksum_address(to), "value": value,
+               "validAfter": after, "validBefore": before, "nonce": nonce}
+    try:
+        signable = encode_typed_data(full_message=typed_data(r, message))
+        signer = Account.recover_message(signable, signature=sig)
+    except Exception as exc:  # noqa: BLE001 - eth_keys raises assorted types for bad r/s/v
+        raise PaymentInvalid(f"{P}_signature", f"the signature does not recover: {exc}") from None
+    if signer.lower() != frm.lower():
+        raise PaymentInvalid(f"{P}_signature",
+                             f"the authorization is signed by {signer}, not by {frm} (wrong chain, "
+                             "token or amount signed?)")
+    return EvmPayment(to_checksum_address(frm), to_checksum_address(to), value, after, before,
+                      nonce, sig)
+
+
+def transfer_calldata(p: EvmPayment) -> bytes:
+    from eth_abi import encode
+    from eth_utils import keccak
+
+    selector = keccak(text=TRANSFER_WITH_AUTHORIZATION_VRS)[:4]
+    v = p.signature[64] if p.signature[64] >= 27 else p.signature[64] + 27
+    return selector + encode(
+        ["address", "address", "uint256", "uint256", "uint256", "bytes32", "uint8", "bytes32",
+         "bytes32"],
+        [p.payer, p.to, p.value, p.valid_after, p.valid_before, p.nonce, v, p.signature[:32],
+         p.signature[32:64]])
+
+
+class EvmUnavailable(Exception):
+    """No answer from the EVM RPC: nothing was sent (``sent`` False) or the outcome is unknown."""
+
+    def __init__(self, message: str, sent: bool = False) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+class EvmSettler:
+    """Submits authorizations from a relayer key and waits for their receipts (UNTESTED here)."""
+
+    def __init__(self, rpc_url: str | None, relayer_key_file: Path, chain_id: int,
+                 timeout: float = 60.0) -> None:
+        self.rpc_url = rpc_url
+        self.relayer_key_file = relayer_key_file
+        self.chain_id = chain_id
+        self.timeout = timeout
+        self._ids = itertools.count(1)
+        self._session: aiohttp.ClientSession | None = None
+        self._lock = asyncio.Lock()  # one relayer nonce at a time
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def call(self, method: str, *params: Any) -> Any:
+        if not self.rpc_url:
+            raise EvmUnavailable("no EVM RPC configured (payments.evm.rpc_url)")
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
+        body = {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": list(params)}
+        try:
+            async with self._session.post(self.rpc_url, json=body) as resp:
+                data = await resp.json(content_type=None)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            raise EvmUnavailable(f"cannot reach the EVM RPC at {self.rpc_url}: {exc!r}") from None
+        if "error" in data:
+            raise EvmUnavailable(f"EVM RPC refused {method}: {data['error']}")
+        return data.get("result")
+
+    def _relayer(self) -> Any:
+        from eth_account import Account
+
+        try:
+            key = Path(self.relayer_key_file).read_text().strip()
+        except OSError as exc:
+            raise EvmUnavailable(f"no relayer key ({self.relayer_key_file}): {exc}") from None
+        return Account.from_key(key)
+
+    async def submit(self, asset: str, p: EvmPayment) -> str:
+        """Sign and send the transferWithAuthorization call; returns the transaction hash.
+
+        Raises EvmUnavailable(sent=False) when nothing reached the chain."""
+        relayer = self._relayer()
+        async with self._lock:
+            chain = int(await self.call("eth_chainId"), 16)
+            if chain != self.chain_id:
+                raise EvmUnavailable(f"the EVM RPC is chain {chain}, configured {self.chain_id}")
+            data = "0x" + transfer_calldata(p).hex()
+            call = {"from": relayer.address, "to": asset, "data": data}
+            gas = int(await self.call("eth_estimateGas", call), 16)
+            nonce = int(await self.call("eth_getTransactionCount", relayer.address, "pending"), 16)
+            block = await self.call("eth_getBlockByNumber", "latest", False)
+            base_fee = int(block.get("baseFeePerGas", "0x0"), 16)
+            tip = int(await self.call("eth_maxPriorityFeePerGas"), 16)
+            tx = {"type": 2, "chainId": self.chain_id, "nonce": nonce, "to": asset,
+                  "data": data, "value": 0, "gas": gas * 12 // 10,
+                  "maxPriorityFeePerGas": tip, "maxFeePerGas": 2 * base_fee + tip}
+            signed = relayer.sign_transaction(tx)
+            raw = "0x" + bytes(signed.raw_transaction).hex()
+            try:
+                return str(await self.call("eth_sendRawTransaction", raw))
+            except EvmUnavailable as exc:
+                raise EvmUnavailable(str(exc), sent=True) from None
+
+    async def receipt(self, tx_hash: str, timeout: float | None = None) -> dict[str, Any] | None:
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            r = await self.call("eth_getTransactionReceipt", tx_hash)
+            if r is not None or time.monotonic() >= deadline:
+                return r
+            await asyncio.sleep(1.0)

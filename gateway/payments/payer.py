@@ -1,0 +1,141 @@
+"""The paying side of x402, for the agent SDK (``GatewayClient.purchase_credits``) and tests.
+
+``svm_transaction`` builds what the official x402 client builds for the exact scheme on Solana
+(SetComputeUnitLimit, SetComputeUnitPrice, TransferChecked to ATA(payTo), a random Memo; v0
+message, fee payer = ``extra.feePayer`` left unsigned in slot 0). Keyword overrides exist so tests
+can build the hostile variants the gateway must refuse. ``evm_authorization`` signs an EIP-3009
+TransferWithAuthorization as x402's EVM client does.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from typing import Any
+
+import aiohttp
+from solders.hash import Hash
+from solders.instruction import AccountMeta, Instruction
+from solders.keypair import Keypair
+from solders.message import MessageV0, to_bytes_versioned
+from solders.pubkey import Pubkey
+from solders.signature import Signature
+from solders.transaction import VersionedTransaction
+
+from .svm import COMPUTE_BUDGET, MEMO_PROGRAM, ata
+
+
+async def _rpc(url: str, method: str, *params: Any) -> Any:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url, json={"jsonrpc": "2.0", "id": 1, "method": method,
+                                     "params": list(params)}) as r:
+            data = await r.json(content_type=None)
+    if "error" in data:
+        raise RuntimeError(f"{method}: {data['error']}")
+    return data["result"]
+
+
+async def mint_info(rpc_url: str, mint: Pubkey) -> tuple[Pubkey, int]:
+    value = (await _rpc(rpc_url, "getAccountInfo", str(mint), {"encoding": "base64"}))["value"]
+    if value is None:
+        raise RuntimeError(f"mint {mint} not found at {rpc_url}")
+    return Pubkey.from_string(value["owner"]), base64.b64decode(value["data"][0])[44]
+
+
+async def latest_blockhash(rpc_url: str) -> Hash:
+    return Hash.from_string((await _rpc(rpc_url, "getLatestBlockhash"))["value"]["blockhash"])
+
+
+async def svm_transaction(
+    payer: Keypair, requirement: dict[str, Any], rpc_url: str, *,
+    amount: int | None = None, pay_to: Pubkey | None = None, mint: Pubkey | None = None,
+    cu_limit: int = 20_000, cu_price: int = 1, blockhash: Hash | None = None,
+    memo: bytes | None = None, memo_accounts: list[AccountMeta] | None = None,
+    authority: Pubkey | None = None, extra_signers: list[Keypair] | None = None,
+    extra_instructions: list[Instruction] | None = None,
+) -> str:
+    """Base64 of the partially signed transaction (slot 0 left for the fee payer)."""
+    fee_payer = Pubkey.from_string(requirement["extra"]["feePayer"])
+    mint = mint or Pubkey.from_string(requirement["asset"])
+    pay_to = pay_to or Pubkey.from_string(requirement["payTo"])
+    token_program, decimals = await mint_info(rpc_url, mint)
+    amount = int(requirement.get("amount") or requirement["maxAmountRequired"]) \
+        if amount is None else amount
+    authority = authority or payer.pubkey()
+    ixs = [
+        Instruction(COMPUTE_BUDGET, bytes([2]) + cu_limit.to_bytes(4, "little"), []),
+        Instruction(COMPUTE_BUDGET, bytes([3]) + cu_price.to_bytes(8, "little"), []),
+        Instruction(token_program, bytes([12]) + amount.to_bytes(8, "little") + bytes([decimals]), [
+            AccountMeta(ata(authority, mint, token_program), False, True),
+            AccountMeta(mint, False, False),
+            AccountMeta(ata(pay_to, mint, token_program), False, True),
+            AccountMeta(authority, True, False)]),
+        Instruction(MEMO_PROGRAM, memo if memo is not None else os.urandom(16).hex().encode(),
+                    memo_accounts or []),
+        *(extra_instructions or []),
+    ]
+    blockhash = blockhash or await latest_blockhash(rpc_url)
+    message = MessageV0.try_compile(fee_payer, ixs, [], blockhash)
+    data = to_bytes_versioned(message)
+    signers = {payer.pubkey(): payer, **{k.pubkey(): k for k in extra_signers or []}}
+    keys = list(message.account_keys)
+    sigs = [signers[k].sign_message(data) if k in signers else Signature.default()
+            for k in keys[:message.header.num_required_signatures]]
+    return base64.b64encode(bytes(VersionedTransaction.populate(message, sigs))).decode()
+
+
+def evm_authorization(key: str, requirement: dict[str, Any], chain_id: int, *,
+                      value: int | None = None, to: str | None = None,
+                      valid_after: int | None = None, valid_before: int | None = None,
+                      token_name: str | None = None) -> dict[str, Any]:
+    """An x402 exact EVM payload: EIP-3009 authorization signed with EIP-712."""
+    from eth_account import Account
+    from eth_account.messages import encode_typed_data
+
+    from .evm import EvmRules, typed_data
+
+    account = Account.from_key(key)
+    extra = requirement.get("extra") or {}
+    now = int(time.time())
+    auth = {"from": account.address, "to": to or requirement["payTo"],
+            "value": int(requirement.get("amount") or requirement["maxAmountRequired"])
+            if value is None else value,
+            "validAfter": now - 600 if valid_after is None else valid_after,
+            "validBefore": now + int(requirement.get("maxTimeoutSeconds", 300))
+            if valid_before is None else valid_before,
+            "nonce": os.urandom(32)}
+    rules = EvmRules(chain_id, requirement["asset"], token_name or extra.get("name", ""),
+                     extra.get("version", ""), requirement["payTo"], 0)
+    signed = account.sign_message(encode_typed_data(full_message=typed_data(rules, auth)))
+    return {"signature": "0x" + bytes(signed.signature).hex(),
+            "authorization": {**{k: str(v) for k, v in auth.items() if k != "nonce"},
+                              "from": auth["from"], "to": auth["to"],
+                              "nonce": "0x" + auth["nonce"].hex()}}
+
+
+def payment_header(version: int, requirement: dict[str, Any], payload: dict[str, Any],
+                   resource: str = "") -> tuple[str, str]:
+    """(header name, value) carrying ``payload`` for ``requirement`` (a v2 ``accepts`` entry or
+    a v1 one)."""
+    if version == 1:
+        body: dict[str, Any] = {"x402Version": 1, "scheme": requirement["scheme"],
+                                "network": requirement["network"], "payload": payload}
+        name = "X-PAYMENT"
+    else:
+        body = {"x402Version": 2, "accepted": requirement, "payload": payload,
+                "resource": {"url": resource}}
+        name = "PAYMENT-SIGNATURE"
+    return name, base64.b64encode(json.dumps(body).encode()).decode()
+
+
+def requirements_from_402(headers: Any, body: Any) -> tuple[int, list[dict[str, Any]]]:
+    """(version, accepts) from a 402: the v2 header when present, else the v1 body."""
+    header = headers.get("PAYMENT-REQUIRED") if headers is not None else None
+    if header:
+        data = json.loads(base64.b64decode(header))
+        return 2, list(data.get("accepts") or [])
+    if isinstance(body, dict) and body.get("x402Version") == 1:
+        return 1, list(body.get("accepts") or [])
+    raise ValueError("the 402 carries no x402 payment requirements")

@@ -1,0 +1,187 @@
+"""The exact scheme on Solana, verified before the gateway co-signs anything (DESIGN section 8).
+
+The client sends a transaction it signed with the fee-payer slot (index 0) left for us. We sign
+only a transaction of this exact shape::
+
+    0  ComputeBudget SetComputeUnitLimit   (limit <= cap)
+    1  ComputeBudget SetComputeUnitPrice   (price <= 5 lamports/CU)
+    2  Token TransferChecked               exactly `amount` of `mint` to ATA(payTo, mint),
+                                           authority = the payer, a signer of the transaction
+    3+ Memo (or Lighthouse assertions), at most three
+
+with our fee payer as the transaction's fee payer and in **no** instruction's accounts (so the
+signature we add can only pay the network fee), no address lookup tables (every account in
+plain sight), exactly two signers (us and the payer), and the payer's signature valid. Rules and
+reason codes follow the official x402 facilitator (x402 2.25.0), stricter where DESIGN says so:
+the amount must be exact (x402 accepts more), the fee payer may appear in no instruction at all
+(x402 checks only the transfer authority), and the compute-unit limit is capped too (with the
+price cap alone a payer could make us pay 7 SOL of priority fees).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from dataclasses import dataclass
+
+from solders.message import MessageV0, to_bytes_versioned
+from solders.pubkey import Pubkey
+from solders.signature import Signature
+from solders.transaction import VersionedTransaction
+
+from .x402 import PaymentInvalid
+
+COMPUTE_BUDGET = Pubkey.from_string("ComputeBudget111111111111111111111111111111")
+TOKEN_PROGRAM = Pubkey.from_string("TokenkegQfeZyiNwAJbNbGKPFXCWuBvf9Ss623VQ5DA")
+TOKEN_2022_PROGRAM = Pubkey.from_string("TokenzQdBNbLqP5VEhdkAS6EPFLC1PHnBqCXEpPxuEb")
+ASSOCIATED_TOKEN_PROGRAM = Pubkey.from_string("ATokenGPvbdGVxr1b2hvZbsiqW5xWH25efTNsLJA8knL")
+MEMO_PROGRAM = Pubkey.from_string("MemoSq4gqABAXKb96qnH8TysNcWxMyWCqXgDLGmfcHr")
+MEMO_V1_PROGRAM = Pubkey.from_string("Memo1UhkJRfHyvLMcVucJwxXeuD728EqVDDwQDxFMNo")
+LIGHTHOUSE_PROGRAM = Pubkey.from_string("L2TExMFKdjpN9kozasaurPirfHy9P8sbXoAN1qA3S95")
+OPTIONAL_PROGRAMS = (MEMO_PROGRAM, MEMO_V1_PROGRAM, LIGHTHOUSE_PROGRAM)
+MAX_TX_BYTES = 1232
+
+P = "invalid_exact_svm_payload"
+
+
+def ata(owner: Pubkey, mint: Pubkey, token_program: Pubkey = TOKEN_PROGRAM) -> Pubkey:
+    return Pubkey.find_program_address([bytes(owner), bytes(token_program), bytes(mint)],
+                                       ASSOCIATED_TOKEN_PROGRAM)[0]
+
+
+@dataclass(frozen=True)
+class SvmRules:
+    fee_payer: Pubkey
+    mint: Pubkey
+    token_program: Pubkey
+    decimals: int
+    pay_to: Pubkey
+    amount: int
+    max_cu_price_microlamports: int
+    max_cu_limit: int
+
+
+@dataclass(frozen=True)
+class SvmPayment:
+    tx: VersionedTransaction
+    payer: Pubkey  # the transfer authority: who paid, and who gets the credits
+    source: Pubkey
+    amount: int
+    message_hash: str  # sha256 of the message: the same payment in any signature spelling
+
+
+def decode_transaction(b64: object) -> VersionedTransaction:
+    if not isinstance(b64, str) or not b64:
+        raise PaymentInvalid(f"{P}_transaction_could_not_be_decoded",
+                             "payload.transaction must be a base64 string")
+    try:
+        raw = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise PaymentInvalid(f"{P}_transaction_could_not_be_decoded",
+                             "payload.transaction is not base64") from None
+    if len(raw) > MAX_TX_BYTES:
+        raise PaymentInvalid(f"{P}_transaction_could_not_be_decoded",
+                             f"transaction is {len(raw)} bytes (max {MAX_TX_BYTES})")
+    try:
+        return VersionedTransaction.from_bytes(raw)
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes, any decode error
+        raise PaymentInvalid(f"{P}_transaction_could_not_be_decoded",
+                             f"payload.transaction is not a Solana transaction: {exc}") from None
+
+
+def verify(tx: VersionedTransaction, r: SvmRules) -> SvmPayment:
+    """Every rule above, or PaymentInvalid naming the first one broken."""
+    msg = tx.message
+    keys = list(msg.account_keys)
+    header = msg.header
+    if isinstance(msg, MessageV0) and msg.address_table_lookups:
+        raise PaymentInvalid(f"{P}_address_lookup_tables",
+                             "address lookup tables are not accepted: every account must be listed")
+    if not keys or keys[0] != r.fee_payer:
+        raise PaymentInvalid(f"{P}_missing_fee_payer",
+                             f"the transaction's fee payer must be {r.fee_payer} "
+                             f"(extra.feePayer), not {keys[0] if keys else 'nothing'}")
+    ixs = list(msg.instructions)
+    if not 3 <= len(ixs) <= 6:
+        raise PaymentInvalid(f"{P}_transaction_instructions_length",
+                             f"expected 3 to 6 instructions, got {len(ixs)}")
+
+    def program(i: int) -> Pubkey:
+        return keys[ixs[i].program_id_index]
+
+    # SECURITY: the signature we add must authorise nothing but the fee.
+    for n, ix in enumerate(ixs):
+        if ix.program_id_index == 0 or 0 in bytes(ix.accounts):
+            raise PaymentInvalid(f"{P}_transaction_fee_payer_included_in_instruction_accounts",
+                                 f"instruction {n} uses the fee payer {r.fee_payer}: the fee payer "
+                                 "may only pay the network fee")
+
+    if header.num_required_signatures != 2 or len(tx.signatures) != 2:
+        raise PaymentInvalid(f"{P}_signers",
+                             "the transaction must have exactly two signers: the fee payer and "
+                             f"the payer (it has {header.num_required_signatures})")
+
+    limit_data = bytes(ixs[0].data)
+    if program(0) != COMPUTE_BUDGET or len(limit_data) != 5 or limit_data[0] != 2 \
+            or bytes(ixs[0].accounts):
+        raise PaymentInvalid(f"{P}_transaction_instructions_compute_limit_instruction",
+                             "instruction 0 must be ComputeBudget SetComputeUnitLimit")
+    limit = int.from_bytes(limit_data[1:5], "little")
+    if limit > r.max_cu_limit:
+        raise PaymentInvalid(f"{P}_transaction_instructions_compute_limit_instruction_too_high",
+                             f"compute unit limit {limit} is above the cap {r.max_cu_limit}")
+    price_data = bytes(ixs[1].data)
+    if program(1) != COMPUTE_BUDGET or len(price_data) != 9 or price_data[0] != 3 \
+            or bytes(ixs[1].accounts):
+        raise PaymentInvalid(f"{P}_transaction_instructions_compute_price_instruction",
+                             "instruction 1 must be ComputeBudget SetComputeUnitPrice")
+    price = int.from_bytes(price_data[1:9], "little")
+    if price > r.max_cu_price_microlamports:
+        raise PaymentInvalid(f"{P}_transaction_instructions_compute_price_instruction_too_high",
+                             f"compute unit price {price} micro-lamports is above the cap "
+                             f"{r.max_cu_price_microlamports} "
+                             f"({r.max_cu_price_microlamports / 1e6:g} lamports/CU)")
+
+    t = ixs[2]
+    data, accts = bytes(t.data), bytes(t.accounts)
+    if program(2) not in (TOKEN_PROGRAM, TOKEN_2022_PROGRAM) or len(data) != 10 or data[0] != 12 \
+            or len(accts) != 4:
+        raise PaymentInvalid(f"{P}_no_transfer_instruction",
+                             "instruction 2 must be one SPL Token TransferChecked "
+                             "(source, mint, destination, authority)")
+    source, mint, dest, authority = (keys[i] for i in accts)
+    amount = int.from_bytes(data[1:9], "little")
+    if program(2) != r.token_program or mint != r.mint:
+        raise PaymentInvalid(f"{P}_mint_mismatch",
+                             f"the transfer is of mint {mint} (program {program(2)}); this "
+                             f"purchase is paid in {r.mint}")
+    if data[9] != r.decimals:
+        raise PaymentInvalid(f"{P}_mint_mismatch",
+                             f"TransferChecked says {data[9]} decimals; {r.mint} has {r.decimals}")
+    want_dest = ata(r.pay_to, r.mint, r.token_program)
+    if dest != want_dest:
+        raise PaymentInvalid(f"{P}_recipient_mismatch",
+                             f"the transfer goes to {dest}; it must go to {want_dest}, the "
+                             f"{r.mint} account of {r.pay_to}")
+    if amount != r.amount:
+        raise PaymentInvalid(f"{P}_amount_mismatch",
+                             f"the transfer is {amount} base units; this purchase is exactly "
+                             f"{r.amount}")
+    if accts[3] >= header.num_required_signatures:
+        raise PaymentInvalid(f"{P}_authority_not_signer",
+                             f"the transfer authority {authority} does not sign the transaction")
+
+    for n in range(3, len(ixs)):
+        if program(n) not in OPTIONAL_PROGRAMS:
+            raise PaymentInvalid(f"{P}_unknown_instruction",
+                                 f"instruction {n} calls {program(n)}: only Memo (or Lighthouse) "
+                                 "instructions may follow the transfer")
+
+    message = to_bytes_versioned(msg)
+    payer_sig: Signature = tx.signatures[1]
+    if not payer_sig.verify(keys[1], message):
+        raise PaymentInvalid(f"{P}_signature",
+                             f"the signature of {keys[1]} does not verify over the transaction")
+    return SvmPayment(tx=tx, payer=authority, source=source, amount=amount,
+                      message_hash=hashlib.sha256(message).hexdigest())

@@ -1,0 +1,196 @@
+"""TTS node figures: time to first audio, real-time factor, real-time streams per core.
+
+    .venv/bin/python bench/tts.py [--runs 10] [--streams 1,2,3] [--threads 0]
+
+Runs the TTS role in-process on a real WebSocket server (node/tts/harness.py) with the real
+Kokoro-82M int8 weights, and prints, in the same run:
+
+* engine: the raw engine's synthesis time for the very first clause the node would speak;
+* TTFA p50/p95 for a one-sentence reply and for a long text, measured at the client from sending
+  the text to the first audio frame, and the node's overhead over the engine's first-clause time;
+* RTF: engine compute time / audio duration over a long text, segment by segment as the node does;
+* streams: K clients each speaking ~15 s at once; a stream "holds" when no frame ran late after
+  its first (underruns); the largest K that holds, divided by the cores, is streams per core.
+
+The CPU is shared on dev machines: run it on a quiet box for numbers you quote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import aiohttp
+from solders.keypair import Keypair
+
+from node.tts.engine import VoiceSpec, create_engine, plan_segments
+from node.tts.harness import RoleServer
+
+SHORT = [
+    "Sure, I can help you with that right away.",
+    "The meeting has been moved to three o'clock tomorrow.",
+    "Your order will arrive on Friday afternoon.",
+    "I think that is a great idea for the weekend.",
+    "Let me check the schedule and get back to you.",
+]
+LONG = (
+    "Thanks for calling. I have looked at your account and everything seems to be in order. "
+    "Your last payment arrived on the fifth, and the next one is due at the end of the month. "
+    "If you would like, I can set up an automatic payment so that you never have to think about "
+    "it again. It only takes a minute, and you can cancel it at any time from the app or by "
+    "calling us. Is there anything else I can help you with today?"
+)
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    k = (len(xs) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+async def first_audio(srv: RoleServer, http: aiohttp.ClientSession, text: str) -> tuple[float, float]:
+    """(time to first audio frame, audio seconds) for one text on a fresh socket."""
+    ws = await http.ws_connect(srv.url)
+    await ws.send_json({"session_key": srv.token()})
+    assert json.loads((await ws.receive()).data)["type"] == "ready"
+    t0 = time.perf_counter()
+    await ws.send_json({"text": text})
+    ttfa = None
+    frames = 0
+    while True:
+        m = await ws.receive(timeout=120)
+        if m.type == aiohttp.WSMsgType.BINARY:
+            if ttfa is None:
+                ttfa = time.perf_counter() - t0
+                await ws.send_json({"type": "clear"})  # only the first audio matters here
+            frames += 1
+        elif json.loads(m.data)["type"] in ("done", "cleared"):
+            break
+    await ws.close()
+    return ttfa or float("nan"), frames * 0.02
+
+
+async def stream_trial(srv: RoleServer, k: int, text: str) -> tuple[int, float, list[float]]:
+    """K simultaneous streams; returns (underruns, stall seconds, TTFAs)."""
+    before = dict(srv.role.stats)
+    async with aiohttp.ClientSession() as http:
+        async def one() -> float:
+            ws = await http.ws_connect(srv.url)
+            await ws.send_json({"session_key": srv.token()})
+            await ws.receive()
+            t0 = time.perf_counter()
+            await ws.send_json({"text": text})
+            ttfa = None
+            while True:
+                m = await ws.receive(timeout=300)
+                if m.type == aiohttp.WSMsgType.BINARY:
+                    ttfa = ttfa or time.perf_counter() - t0
+                elif json.loads(m.data)["type"] == "done":
+                    break
+            await ws.close()
+            return ttfa or float("nan")
+
+        ttfas = await asyncio.gather(*(one() for _ in range(k)))
+    return (int(srv.role.stats["underruns"] - before["underruns"]),
+            srv.role.stats["stall_seconds"] - before["stall_seconds"], list(ttfas))
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    cores = os.cpu_count() or 1
+    t = time.perf_counter()
+    engine = create_engine("kokoro-onnx", threads=args.threads)
+    print(f"engine kokoro-onnx int8, providers {engine.providers}, {cores} cores, "
+          f"loaded in {time.perf_counter() - t:.1f} s")
+    voice = VoiceSpec.parse("af_heart")
+    engine.synthesize("Warm up.", voice, 1.0)
+
+    # raw engine: first clause of each text, and RTF over the long text
+    def engine_first(text: str) -> tuple[str, float]:
+        seg = plan_segments(text, "a", engine)[0].text
+        t0 = time.perf_counter()
+        engine.synthesize(seg, voice, 1.0)
+        return seg, time.perf_counter() - t0
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp, \
+            RoleServer(engine, Keypair(), Path(tmp), settings={"warmup": False}) as srv:
+        async with aiohttp.ClientSession() as http:
+            rows = {}
+            inner = {}
+            for label, texts in (("short", SHORT), ("long", [LONG])):
+                ttfas, raws = [], []
+                mark = len(srv.role.first_audio)
+                for i in range(args.runs):
+                    text = texts[i % len(texts)]
+                    seg, raw = engine_first(text)
+                    ttfa, _ = await first_audio(srv, http, text)
+                    # let the cleared stream's segment in flight finish before the next run
+                    await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+                        srv.role.scheduler.idle(), srv.loop))
+                    ttfas.append(ttfa)
+                    raws.append(raw)
+                rows[label] = (ttfas, raws, seg)
+                inner[label] = list(srv.role.first_audio)[mark:]
+            print("\ntime to first audio (client: text sent -> first 20 ms frame), "
+                  f"{args.runs} runs each")
+            for label, (ttfas, raws, seg) in rows.items():
+                over = statistics.median(ttfas) - statistics.median(raws)
+                print(f"  {label:5s} TTFA p50 {pct(ttfas, 50) * 1000:6.0f} ms  p95 {pct(ttfas, 95) * 1000:6.0f} ms"
+                      f" | engine first clause p50 {pct(raws, 50) * 1000:6.0f} ms"
+                      f" p95 {pct(raws, 95) * 1000:6.0f} ms | node overhead p50 {over * 1000:+5.0f} ms"
+                      f"  (e.g. first clause {seg!r})")
+            print("  inside the node, same runs (text received -> first frame sent, vs the engine's "
+                  "time for that very first clause):")
+            for label, pairs in inner.items():
+                node = [a for a, _ in pairs]
+                over = [a - b for a, b in pairs]
+                print(f"  {label:5s} node TTFA p50 {pct(node, 50) * 1000:6.0f} ms p95 {pct(node, 95) * 1000:6.0f} ms"
+                      f" | engine p50 {pct([b for _, b in pairs], 50) * 1000:6.0f} ms"
+                      f" | node adds p50 {pct(over, 50) * 1000:5.1f} ms p95 {pct(over, 95) * 1000:5.1f} ms")
+
+        # RTF over the long text, as the node synthesizes it
+        segs = plan_segments(LONG, "a", engine)
+        t0, c0 = time.perf_counter(), time.process_time()
+        samples = sum(len(engine.synthesize(s.text, voice, 1.0)) for s in segs)
+        compute, cpu = time.perf_counter() - t0, time.process_time() - c0
+        audio = samples / engine.sample_rate
+        print(f"\nreal-time factor: {compute:.2f} s wall for {audio:.2f} s of audio "
+              f"({len(segs)} segments) = RTF {compute / audio:.2f}; CPU {cpu:.2f} s = "
+              f"{cpu / audio:.2f} core-seconds per audio second -> at most {audio / cpu:.1f} "
+              "real-time streams per core by CPU alone (load-independent)")
+        print(f"  load average now {os.getloadavg()[0]:.1f} on {cores} cores")
+
+        print("\nconcurrent real-time streams (each ~25 s of speech, started together)")
+        best = 0
+        for k in args.streams:
+            under, stall, ttfas = await stream_trial(srv, k, LONG)
+            ok = under == 0
+            best = k if ok and k > best else best
+            print(f"  {k} streams: underruns {under:3d}, stalled {stall:5.2f} s, "
+                  f"TTFA max {max(ttfas) * 1000:5.0f} ms -> {'holds' if ok else 'gaps'}")
+            if not ok:
+                break
+        print(f"  => {best} real-time streams without gaps on {cores} cores = "
+              f"{best / cores:.1f} per core")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3, 4])
+    ap.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = all cores)")
+    asyncio.run(main_async(ap.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""How many audio subscribers one core of the SFU forwards to without loss, and the latency it adds.
+
+Method
+------
+* The SFU role runs alone in its own process (``serve``): the real ``node.sfu`` role on aiohttp +
+  aiortc, a static token issuer instead of the chain, no gateway. Python runs it on one thread, so
+  the process is bounded by one core; its CPU time is read from ``/proc/<pid>/stat``.
+* One publisher (this process) joins over the LiveKit signal protocol (``node.sfu.client``) and
+  publishes one Opus-shaped stream: 50 packets/s of 80 bytes, each carrying a sequence number and
+  the CLOCK_MONOTONIC send time (the SFU never looks inside the payload: it forwards, it does not
+  decode). DTLS-SRTP, RTP and RTCP are real.
+* ``--workers`` subscriber processes join N subscribers to the same room and receive through
+  aiortc's passthrough, so the clients spend no time decoding. Each records, over the same
+  ``--seconds`` window, the sequence numbers (loss = gaps) and the one-way latency from the
+  publisher's hand-off to its RTP sender until the subscriber's receiver saw the packet.
+* Latency through the node is compared with the same publisher streaming directly to one
+  subscriber (no SFU): the difference of the percentiles is the latency the node adds.
+* Steps of N run one after another; the answer is the largest N with zero lost packets while the
+  SFU process stayed under ``--max-cpu`` of one core, and streams/core = N / (SFU CPU fraction).
+
+Run: ``python bench/sfu.py --steps 50,100,200 --workers 2 --seconds 10``; give the machine enough
+cores for the subscriber workers (they cost about what the SFU does), or the clients, not the node,
+become the bottleneck. Output: one JSON line per step and a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from solders.keypair import Keypair  # noqa: E402
+
+from node.sfu.client import LiveKitClient  # noqa: E402
+from node.sfu.forward import ForwardTrack, install_passthrough  # noqa: E402
+from registry.tokens import Grant, mint_token  # noqa: E402
+
+PAYLOAD = 80
+PPS = 50
+HEADER = struct.Struct("!IQ")
+
+
+# ---------------------------------------------------------------- the SFU process
+
+
+async def serve(port: int, issuer: str) -> None:
+    import logging
+
+    from aiohttp import web
+
+    from node.outbox import Outbox
+    from node.roles import RoleContext
+    from node.sfu import create_role
+    from registry.tokens import TokenVerifier
+
+    logging.basicConfig(level="WARNING")
+
+    async def issuers() -> list[str]:
+        return [issuer]
+
+    node = Keypair()
+    state = Path(tempfile.mkdtemp())
+    context = RoleContext("sfu", {"empty_timeout": 5, "speaker_interval": 1.0}, node,
+                          TokenVerifier(issuers, "webrtc", cache_ttl=3600), "http://127.0.0.1",
+                          100000, None, state, Outbox(state / "outbox.sqlite", None, node))
+    role = create_role(context)
+    app = web.Application()
+    role.routes(app)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await role.start()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+# ---------------------------------------------------------------- publisher
+
+
+class Pacer:
+    """Feeds a ForwardTrack with numbered packets at 50/s (what an Opus publisher sends)."""
+
+    def __init__(self, track: ForwardTrack) -> None:
+        self.track, self.seq = track, 0
+
+    async def run(self) -> None:
+        start = time.monotonic()
+        pad = bytes(PAYLOAD - HEADER.size)
+        while True:
+            self.seq += 1
+            packet = av.Packet(HEADER.pack(self.seq, time.monotonic_ns()) + pad)
+            packet.pts = self.seq * 960
+            packet.time_base = Fraction(1, 48000)
+            self.track.push(packet)
+            delay = start + self.seq / PPS - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.window: tuple[float, float] | None = None
+        self.seqs: list[int] = []
+        self.latency_ms: list[float] = []
+        self.total = 0
+
+    def on_frame(self, packet: av.Packet) -> None:
+        self.total += 1
+        now = time.monotonic()
+        if self.window is None or not self.window[0] <= now < self.window[1]:
+            return
+        seq, sent = HEADER.unpack_from(bytes(packet))
+        self.seqs.append(seq)
+        self.latency_ms.append((time.monotonic_ns() - sent) / 1e6)
+
+    def lost(self) -> int:
+        if not self.seqs:
+            return -1
+        return (max(self.seqs) - min(self.seqs) + 1) - len(set(self.seqs))
+
+
+# ---------------------------------------------------------------- subscriber worker
+
+
+async def subscribers(url: str, tokens: list[str], settle: float, seconds: float) -> dict[str, Any]:
+    recorders: list[Recorder] = []
+    clients: list[LiveKitClient] = []
+    gate = asyncio.Semaphore(8)
+
+    async def join(token: str) -> None:
+        recorder = Recorder()
+        recorders.append(recorder)
+
+        def on_track(track_sid: str, owner: str, receiver: Any) -> None:
+            install_passthrough(receiver, recorder.on_frame)
+
+        client = LiveKitClient(url, token, on_track=on_track)
+        clients.append(client)
+        async with gate:
+            await client.connect()
+
+    await asyncio.gather(*(join(t) for t in tokens))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(r.total == 0 for r in recorders):
+        await asyncio.sleep(0.2)
+    receiving = sum(1 for r in recorders if r.total)
+    print("ready", flush=True)
+    start = time.monotonic() + settle
+    for r in recorders:
+        r.window = (start, start + seconds)
+    await asyncio.sleep(settle + seconds + 0.5)
+    result = {"subscribers": len(recorders), "receiving": receiving,
+              "lost": sum(max(0, r.lost()) for r in recorders),
+              "silent": sum(1 for r in recorders if not r.seqs),
+              "packets": sum(len(r.seqs) for r in recorders),
+              "latency_ms": [x for r in recorders for x in r.latency_ms[::5]]}
+    for c in clients:
+        await c.close()
+    return result
+
+
+# ---------------------------------------------------------------- direct baseline
+
+
+async def direct_baseline(seconds: float) -> list[float]:
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    cfg = RTCConfiguration(iceServers=[])
+    pub, sub = RTCPeerConnection(cfg), RTCPeerConnection(cfg)
+    track = ForwardTrack(max_queue=50)
+    recorder = Recorder()
+
+    @sub.on("track")
+    def on_track(t: Any) -> None:
+        receiver = next(x.receiver for x in sub.getTransceivers() if x.receiver.track is t)
+        install_passthrough(receiver, recorder.on_frame)
+
+    pub.addTrack(track)
+    await pub.setLocalDescription(await pub.createOffer())
+    await sub.setRemoteDescription(pub.localDescription)
+    await sub.setLocalDescription(await sub.createAnswer())
+    await pub.setRemoteDescription(sub.localDescription)
+    pacer = asyncio.ensure_future(Pacer(track).run())
+    await asyncio.sleep(2)
+    recorder.window = (time.monotonic(), time.monotonic() + seconds)
+    await asyncio.sleep(seconds)
+    pacer.cancel()
+    await pub.close()
+    await sub.close()
+    return recorder.latency_ms
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pct(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)), 2) if values else float("nan")
+
+
+async def run(args: argparse.Namespace) -> None:
+    issuer = Keypair()
+    port = args.port
+    server = subprocess.Popen([sys.executable, __file__, "serve", "--port", str(port),
+                               "--issuer", str(issuer.pubkey())], stdout=subprocess.PIPE,
+                              cwd=ROOT)
+    assert server.stdout is not None
+    assert server.stdout.readline().strip() == b"ready"
+    url = f"ws://127.0.0.1:{port}"
+    room = "bench"
+    base = await direct_baseline(args.seconds)
+    base50, base95 = pct(base, 50), pct(base, 95)
+    print(json.dumps({"baseline_direct_ms": {"p50": base50, "p95": base95}}), flush=True)
+
+    track = ForwardTrack(track_id="bench-tone", max_queue=50)
+    publisher = LiveKitClient(url, mint_token(issuer, "publisher", Grant("webrtc", room=room),
+                                              3600))
+    await publisher.connect()
+    await publisher.publish(track, "tone")
+    pacer = asyncio.ensure_future(Pacer(track).run())
+    summary = []
+    try:
+        for n in args.steps:
+            per = [n // args.workers + (1 if i < n % args.workers else 0)
+                   for i in range(args.workers)]
+            spec = []
+            for w, count in enumerate(per):
+                spec.append([mint_token(issuer, f"s{n}-{w}-{i}", Grant("webrtc", room=room,
+                                                                        can_publish=False), 3600)
+                             for i in range(count)])
+            workers = []
+            for tokens in spec:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, __file__, "subscribe", "--url", url, "--settle",
+                    str(args.settle), "--seconds", str(args.seconds), stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, cwd=ROOT, limit=1 << 26)
+                assert proc.stdin is not None
+                proc.stdin.write(json.dumps(tokens).encode() + b"\n")
+                await proc.stdin.drain()
+                proc.stdin.close()
+                workers.append(proc)
+            for proc in workers:
+                assert proc.stdout is not None
+                line = await proc.stdout.readline()
+                assert line.strip() == b"ready", line
+            await asyncio.sleep(args.settle)
+            cpu0, t0 = cpu_seconds(server.pid), time.monotonic()
+            await asyncio.sleep(args.seconds)
+            cpu = (cpu_seconds(server.pid) - cpu0) / (time.monotonic() - t0)
+            results = []
+            for proc in workers:
+                assert proc.stdout is not None
+                results.append(json.loads(await proc.stdout.readline()))
+                await proc.wait()
+            lat = [x for r in results for x in r["latency_ms"]]
+            expected = n * PPS * args.seconds
+            packets = sum(r["packets"] for r in results)
+            step = {
+                "subscribers": n, "receiving": sum(r["receiving"] for r in results),
+                # Fewer packets than sent inside the window (or seconds of latency) means the
+                # subscriber processes, not the SFU, fell behind: the step says nothing of the SFU.
+                "clients_kept_up": packets >= 0.97 * expected and pct(lat, 95) < 200,
+                "expected_packets": expected,
+                "silent": sum(r["silent"] for r in results),
+                "lost_packets": sum(r["lost"] for r in results),
+                "packets": packets,
+                "sfu_cpu_core_fraction": round(cpu, 3),
+                "streams_per_core": round(n / cpu) if cpu > 0 else None,
+                "latency_ms": {"p50": pct(lat, 50), "p95": pct(lat, 95)},
+                "added_latency_ms": {"p50": round(pct(lat, 50) - base50, 2),
+                                     "p95": round(pct(lat, 95) - base95, 2)},
+            }
+            print(json.dumps(step), flush=True)
+            summary.append(step)
+            await asyncio.sleep(6)  # the SFU notices the departures (pc close) before the next step
+    finally:
+        pacer.cancel()
+        await publisher.close()
+        server.terminate()
+        server.wait()
+    clean = [s for s in summary if s["lost_packets"] == 0 and s["silent"] == 0
+             and s["clients_kept_up"] and s["sfu_cpu_core_fraction"] <= args.max_cpu]
+    marginal = None
+    if len(clean) >= 2:  # CPU per extra stream, without the fixed cost of the publisher and loop
+        lo, hi = clean[0], clean[-1]
+        extra = (hi["sfu_cpu_core_fraction"] - lo["sfu_cpu_core_fraction"]) / \
+            (hi["subscribers"] - lo["subscribers"])
+        marginal = round(1 / extra) if extra > 0 else None
+    best = max(clean, key=lambda s: s["subscribers"]) if clean else None
+    print(json.dumps({"summary": {
+        "max_subscribers_without_loss": best["subscribers"] if best else 0,
+        "sfu_cpu_at_that_load": best["sfu_cpu_core_fraction"] if best else None,
+        "streams_per_core_at_that_load": best["streams_per_core"] if best else None,
+        "streams_per_core_marginal": marginal,
+        "added_latency_ms": best["added_latency_ms"] if best else None,
+        "cpu_count": os.cpu_count()}}), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd")
+    s = sub.add_parser("serve")
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--issuer", required=True)
+    w = sub.add_parser("subscribe")
+    w.add_argument("--url", required=True)
+    w.add_argument("--settle", type=float, default=2)
+    w.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--steps", default="25,50,100")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--settle", type=float, default=2)
+    parser.add_argument("--max-cpu", type=float, default=0.9)
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    if args.cmd == "serve":
+        asyncio.run(serve(args.port, args.issuer))
+    elif args.cmd == "subscribe":
+        tokens = json.loads(sys.stdin.readline())
+        result = asyncio.run(subscribers(args.url, tokens, args.settle, args.seconds))
+        print(json.dumps(result), flush=True)
+    else:
+        args.steps = [int(x) for x in args.steps.split(",")]
+        if not args.port:
+            import socket
+
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                args.port = sock.getsockname()[1]
+        asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()

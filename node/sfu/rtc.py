@@ -1,0 +1,711 @@
+"""Rooms and participants: LiveKit's signal protocol on aiortc.
+
+One ``Participant`` per signal WebSocket. It owns two peer connections, as LiveKit clients expect:
+the *publisher* (the client offers; its audio tracks and data channels come in) and the
+*subscriber* (this server offers; the other participants' tracks and the server's ``_reliable`` /
+``_lossy`` data channels go out). We join with ``subscriber_primary = true``, so the subscriber is
+offered right after the JoinResponse. Media is forwarded without transcoding (``forward.py``).
+
+Everything a participant does to the room happens on the event loop; sending to a peer never
+awaits that peer (signal writes are queued per participant, media goes through bounded track
+queues), so one slow or dead participant cannot stall the room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.rtcdatachannel import RTCDataChannel
+from aiortc.sdp import candidate_from_sdp
+from livekit.protocol import models, rtc
+
+from node.sfu.forward import ForwardTrack, install_passthrough, level_to_unit
+from node.sfu.settings import SfuSettings
+from registry.tokens import Claims
+
+log = logging.getLogger("node.sfu")
+
+PROTOCOL_VERSION = 16
+SERVER_VERSION = "1.9.0-voicenet"
+
+
+def new_sid(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_urlsafe(9).replace('-', 'x').replace('_', 'y')}"
+
+
+@dataclass
+class PublishedTrack:
+    sid: str
+    cid: str
+    name: str
+    owner: "Participant"
+    source: int = models.TrackSource.MICROPHONE
+    muted: bool = False
+    mid: str = ""
+    mime_type: str = "audio/opus"
+    receiving: bool = False  # the media arrived and the passthrough is installed
+    subscribers: dict[str, ForwardTrack] = field(default_factory=dict)  # participant sid -> track
+    level_dbov: int = 127
+    level_at: float = 0.0
+    frames: int = 0
+
+    def info(self) -> models.TrackInfo:
+        return models.TrackInfo(sid=self.sid, type=models.TrackType.AUDIO, name=self.name,
+                                muted=self.muted, source=self.source, mime_type=self.mime_type,
+                                mid=self.mid, stereo=False)
+
+    def on_frame(self, packet: Any) -> None:
+        self.frames += 1
+        if self.muted:
+            return
+        for track in list(self.subscribers.values()):
+            track.push(packet)
+
+    def on_level(self, dbov: int) -> None:
+        self.level_dbov = dbov
+        self.level_at = time.monotonic()
+
+
+class SignalError(Exception):
+    """A request the client may not make; answered with a RequestResponse, the session lives on."""
+
+
+class Participant:
+    def __init__(self, room: "Room", claims: Claims, ws: web.WebSocketResponse,
+                 settings: SfuSettings, name: str = "", remote: bool = False) -> None:
+        self.room = room
+        self.claims = claims
+        self.ws = ws
+        self.settings = settings
+        self.sid = new_sid("PA")
+        self.identity = claims.identity
+        self.name = name or claims.raw.get("name", "") if claims.raw else name
+        self.session_id = claims.session_id
+        self.expires_at = claims.expires_at
+        self.joined_at = time.time()
+        self.state = models.ParticipantInfo.State.JOINING
+        grant = claims.grant
+        self.can_publish = bool(grant.get("canPublish", True))
+        self.can_subscribe = bool(grant.get("canSubscribe", True))
+        self.can_publish_data = bool(grant.get("canPublishData", True))
+        self.remote = remote  # a relay from a peer SFU node: visible, but not billed or counted
+        self.tracks: dict[str, PublishedTrack] = {}  # sid -> track
+        self._pending_cids: dict[str, PublishedTrack] = {}
+        self._unannounced: dict[str, Any] = {}  # cid -> receiver of media sent before add_track
+        config = RTCConfiguration(iceServers=[])
+        self.publisher = RTCPeerConnection(config)
+        self.subscriber = RTCPeerConnection(config)
+        self._early_candidates: dict[int, list[Any]] = {id(self.publisher): [],
+                                                        id(self.subscriber): []}
+        self._sub_channels: dict[str, RTCDataChannel] = {}
+        self._sub_data_backlog: list[tuple[str, bytes]] = []
+        self._negotiate_lock = asyncio.Lock()
+        self._awaiting_answer = False
+        self._renegotiate = False
+        self._offer_id = 0
+        self._subscribed_transceivers: dict[str, Any] = {}  # track sid -> transceiver
+        self._out: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=1000)
+        self._writer: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.last_ping = time.monotonic()
+        self.closed = asyncio.Event()
+        self.disconnect_reason = models.DisconnectReason.CLIENT_INITIATED
+        self._wire_peer_connections()
+
+    # ------------------------------------------------------------ info
+
+    def info(self) -> models.ParticipantInfo:
+        perm = models.ParticipantPermission(can_subscribe=self.can_subscribe,
+                                            can_publish=self.can_publish,
+                                            can_publish_data=self.can_publish_data)
+        return models.ParticipantInfo(
+            sid=self.sid, identity=self.identity, name=self.name or "", state=self.state,
+            tracks=[t.info() for t in self.tracks.values()], joined_at=int(self.joined_at),
+            joined_at_ms=int(self.joined_at * 1000), version=1, permission=perm,
+            is_publisher=bool(self.tracks), region=self.settings.region)
+
+    # ------------------------------------------------------------ signal out
+
+    def send(self, response: rtc.SignalResponse) -> None:
+        """Queue a signal message; never blocks (a client that stops reading gets dropped)."""
+        if self.closed.is_set():
+            return
+        try:
+            self._out.put_nowait(response.SerializeToString())
+        except asyncio.QueueFull:
+            log.warning("participant %s is not reading its signal socket; dropping it",
+                        self.identity)
+            self.spawn(self.close(models.DisconnectReason.STATE_MISMATCH))
+
+    async def _write_loop(self) -> None:
+        while True:
+            data = await self._out.get()
+            if data is None:
+                return
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s <- %s", self.identity,
+                          rtc.SignalResponse.FromString(data).WhichOneof("message"))
+            try:
+                await self.ws.send_bytes(data)
+            except (ConnectionError, RuntimeError):
+                return
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def request_response(self, request_id: int, reason: int, message: str, **kw: Any) -> None:
+        self.send(rtc.SignalResponse(request_response=rtc.RequestResponse(
+            request_id=request_id, reason=reason, message=message, **kw)))
+
+    # ------------------------------------------------------------ peer connections
+
+    def _wire_peer_connections(self) -> None:
+        @self.publisher.on("track")
+        def on_track(track: Any) -> None:
+            receiver = next((t.receiver for t in self.publisher.getTransceivers()
+                             if t.receiver.track is track), None)
+            published = self._pending_cids.get(track.id)
+            if published is None:
+                # A client that did not send add_track for this cid: take the oldest pending one.
+                published = next((p for p in self._pending_cids.values() if not p.receiving), None)
+            if receiver is not None and published is None and track.kind == "audio":
+                self._unannounced[track.id] = receiver  # add_track may still come
+                return
+            if receiver is None or published is None or track.kind != "audio":
+                log.info("%s sent an unannounced %s track %s; ignored", self.identity,
+                         track.kind, track.id)
+                return
+            transceiver = next(t for t in self.publisher.getTransceivers()
+                               if t.receiver is receiver)
+            published.mid = transceiver.mid or ""
+            install_passthrough(receiver, published.on_frame, published.on_level)
+            published.receiving = True
+
+        @self.publisher.on("datachannel")
+        def on_datachannel(channel: RTCDataChannel) -> None:
+            @channel.on("message")
+            def on_message(message: Any) -> None:
+                if isinstance(message, str):
+                    message = message.encode()
+                self.room.on_data(self, channel.label, message)
+
+        @self.publisher.on("connectionstatechange")
+        async def on_pub_state() -> None:
+            if self.publisher.connectionState == "failed":
+                await self.close(models.DisconnectReason.MEDIA_FAILURE)
+
+        @self.subscriber.on("connectionstatechange")
+        async def on_sub_state() -> None:
+            if self.subscriber.connectionState == "failed":
+                await self.close(models.DisconnectReason.MEDIA_FAILURE)
+
+        for label, options in (("_reliable", {"ordered": True}),
+                               ("_lossy", {"ordered": False, "maxRetransmits": 0})):
+            channel = self.subscriber.createDataChannel(label, **options)
+            self._sub_channels[label] = channel
+
+            @channel.on("open")
+            def on_open() -> None:
+                self._flush_data()
+
+    def send_data(self, label: str, payload: bytes) -> None:
+        channel = self._sub_channels.get(label) or self._sub_channels["_reliable"]
+        if channel.readyState != "open":
+            if len(self._sub_data_backlog) < 256:
+                self._sub_data_backlog.append((label, payload))
+            return
+        try:
+            channel.send(payload)
+        except Exception as exc:  # a closing transport
+            log.debug("data to %s lost: %s", self.identity, exc)
+
+    def _flush_data(self) -> None:
+        backlog, self._sub_data_backlog = self._sub_data_backlog, []
+        for label, payload in backlog:
+            self.send_data(label, payload)
+
+    async def negotiate_subscriber(self) -> None:
+        """Offer on the subscriber connection; one offer in flight at a time, more coalesce."""
+        if self.closed.is_set():
+            return
+        async with self._negotiate_lock:
+            if self._awaiting_answer:
+                self._renegotiate = True
+                return
+            self._awaiting_answer = True
+            offer = await self.subscriber.createOffer()
+            await self.subscriber.setLocalDescription(offer)
+            self._offer_id += 1
+            self.send(rtc.SignalResponse(offer=rtc.SessionDescription(
+                type="offer", sdp=self.subscriber.localDescription.sdp, id=self._offer_id)))
+
+    async def _on_subscriber_answer(self, sdp: str) -> None:
+        async with self._negotiate_lock:
+            if self.subscriber.signalingState != "have-local-offer":
+                return
+            await self.subscriber.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
+            await self._add_early_candidates(self.subscriber)
+            self._awaiting_answer = False
+            again, self._renegotiate = self._renegotiate, False
+        if again:
+            await self.negotiate_subscriber()
+
+    def subscribe(self, track: PublishedTrack) -> None:
+        """Start forwarding ``track`` to this participant (renegotiation is the caller's)."""
+        if not self.can_subscribe or track.sid in self._subscribed_transceivers or \
+                track.owner is self:
+            return
+        forward = ForwardTrack(track_id=track.sid, max_queue=self.settings.subscriber_queue)
+        sender = self.subscriber.addTrack(forward)
+        # LiveKit clients attach a subscribed track by its msid stream id: PA_<owner>|TR_<track>.
+        sender._stream_id = f"{track.owner.sid}|{track.sid}"
+        transceiver = next(t for t in self.subscriber.getTransceivers() if t.sender is sender)
+        self._subscribed_transceivers[track.sid] = transceiver
+        track.subscribers[self.sid] = forward
+
+    def unsubscribe(self, track: PublishedTrack) -> bool:
+        """Stop forwarding ``track``; aiortc 1.16 has no removeTrack: the m-line goes inactive."""
+        forward = track.subscribers.pop(self.sid, None)
+        if forward is not None:
+            forward.stop()
+        transceiver = self._subscribed_transceivers.pop(track.sid, None)
+        if transceiver is None:
+            return False
+        transceiver.sender.replaceTrack(None)
+        transceiver.direction = "inactive"
+        return True
+
+    # ------------------------------------------------------------ signal in
+
+    async def handle(self, request: rtc.SignalRequest) -> None:
+        kind = request.WhichOneof("message")
+        log.debug("%s -> %s", self.identity, kind)
+        if kind == "offer":
+            await self._on_publisher_offer(request.offer)
+        elif kind == "answer":
+            await self._on_subscriber_answer(request.answer.sdp)
+        elif kind == "trickle":
+            await self._on_trickle(request.trickle)
+        elif kind == "add_track":
+            self._on_add_track(request.add_track)
+        elif kind == "mute":
+            self.room.set_muted(self, request.mute.sid, request.mute.muted)
+        elif kind == "subscription":
+            self._on_subscription(request.subscription)
+        elif kind == "ping_req":
+            self.last_ping = time.monotonic()
+            now_ms = int(time.time() * 1000)
+            self.send(rtc.SignalResponse(pong_resp=rtc.Pong(
+                last_ping_timestamp=request.ping_req.timestamp, timestamp=now_ms)))
+        elif kind == "ping":
+            self.last_ping = time.monotonic()
+            self.send(rtc.SignalResponse(pong=request.ping))
+        elif kind == "leave":
+            await self.close(models.DisconnectReason.CLIENT_INITIATED, send_leave=False)
+        elif kind in ("track_setting", "update_layers", "subscription_permission", "sync_state",
+                      "simulate", "update_metadata", "update_audio_track", "update_video_track"):
+            log.debug("%s: %s accepted and ignored", self.identity, kind)
+        else:
+            raise SignalError(f"unsupported request {kind!r}")
+
+    async def _on_publisher_offer(self, offer: rtc.SessionDescription) -> None:
+        await self.publisher.setRemoteDescription(RTCSessionDescription(offer.sdp, "offer"))
+        await self._add_early_candidates(self.publisher)
+        answer = await self.publisher.createAnswer()
+        await self.publisher.setLocalDescription(answer)
+        self.send(rtc.SignalResponse(answer=rtc.SessionDescription(
+            type="answer", sdp=self.publisher.localDescription.sdp, id=offer.id)))
+        for published in list(self._pending_cids.values()):
+            if published.receiving:
+                self._pending_cids.pop(published.cid, None)
+                self.room.publish(self, published)
+
+    async def _on_trickle(self, trickle: rtc.TrickleRequest) -> None:
+        pc = self.publisher if trickle.target == rtc.SignalTarget.PUBLISHER else self.subscriber
+        try:
+            init = json.loads(trickle.candidateInit)
+        except ValueError:
+            raise SignalError("trickle candidateInit is not JSON") from None
+        text = init.get("candidate") or ""
+        if not text:
+            return  # end of candidates
+        if text.startswith("candidate:"):
+            text = text[len("candidate:"):]
+        try:
+            candidate = candidate_from_sdp(text)
+        except (ValueError, IndexError):
+            raise SignalError("trickle candidate does not parse") from None
+        candidate.sdpMid = init.get("sdpMid")
+        candidate.sdpMLineIndex = init.get("sdpMLineIndex")
+        if pc.remoteDescription is None:
+            # Candidates often overtake their offer/answer: keep them for it. Never wait here:
+            # the read loop must go on to the very offer/answer (and pings) behind them.
+            if len(self._early_candidates[id(pc)]) < 64:
+                self._early_candidates[id(pc)].append(candidate)
+            return
+        await pc.addIceCandidate(candidate)
+
+    async def _add_early_candidates(self, pc: RTCPeerConnection) -> None:
+        early, self._early_candidates[id(pc)] = self._early_candidates[id(pc)], []
+        for candidate in early:
+            await pc.addIceCandidate(candidate)
+
+    def _on_add_track(self, req: rtc.AddTrackRequest) -> None:
+        if not self.can_publish:
+            self.request_response(0, rtc.RequestResponse.Reason.NOT_ALLOWED,
+                                  "this token does not allow publishing (canPublish is false)",
+                                  add_track=req)
+            log.info("refused add_track from %s: no canPublish", self.identity)
+            return
+        if req.type != models.TrackType.AUDIO:
+            self.request_response(0, rtc.RequestResponse.Reason.UNSUPPORTED_TYPE,
+                                  "this SFU forwards audio (and data) only", add_track=req)
+            return
+        if req.cid in self._pending_cids:
+            published = self._pending_cids[req.cid]
+        else:
+            published = PublishedTrack(sid=new_sid("TR"), cid=req.cid, name=req.name, owner=self,
+                                       source=req.source or models.TrackSource.MICROPHONE,
+                                       muted=req.muted)
+            self._pending_cids[req.cid] = published
+        self.send(rtc.SignalResponse(track_published=rtc.TrackPublishedResponse(
+            cid=req.cid, track=published.info())))
+        receiver = self._unannounced.pop(req.cid, None)
+        if receiver is not None and not published.receiving:  # the media came first
+            install_passthrough(receiver, published.on_frame, published.on_level)
+            published.receiving = True
+            self._pending_cids.pop(req.cid, None)
+            self.room.publish(self, published)
+
+    def _on_subscription(self, sub: rtc.UpdateSubscription) -> None:
+        sids = list(sub.track_sids) + [s for pt in sub.participant_tracks for s in pt.track_sids]
+        for sid in sids:
+            track = self.room.find_track(sid)
+            if track is None:
+                continue
+            forward = track.subscribers.get(self.sid)
+            if forward is not None:
+                forward.paused = not sub.subscribe
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Serve the signal socket until the client leaves, is removed or its token expires."""
+        self._writer = asyncio.ensure_future(self._write_loop())
+        self.spawn(self._watchdog())
+        try:
+            async for msg in self.ws:
+                if msg.type == web.WSMsgType.BINARY:
+                    await self._dispatch(msg.data)
+                elif msg.type == web.WSMsgType.TEXT:
+                    await self._dispatch_text(msg.data)
+                elif msg.type in (web.WSMsgType.ERROR, web.WSMsgType.CLOSE):
+                    break
+                if self.closed.is_set():
+                    break
+        finally:
+            reason = self.disconnect_reason if self.closed.is_set() else \
+                models.DisconnectReason.SIGNAL_CLOSE if not self.ws.closed else \
+                models.DisconnectReason.CLIENT_INITIATED
+            await self.close(reason, send_leave=False)
+
+    async def _dispatch(self, data: bytes) -> None:
+        request = rtc.SignalRequest()
+        try:
+            request.ParseFromString(data)
+        except Exception:
+            log.info("malformed signal frame from %s (%d bytes)", self.identity, len(data))
+            self.request_response(0, rtc.RequestResponse.Reason.INVALID_REQUEST,
+                                  "malformed SignalRequest protobuf")
+            return
+        await self._handle_safely(request)
+
+    async def _dispatch_text(self, text: str) -> None:
+        from google.protobuf import json_format
+
+        request = rtc.SignalRequest()
+        try:
+            json_format.Parse(text, request)
+        except Exception:
+            self.request_response(0, rtc.RequestResponse.Reason.INVALID_REQUEST,
+                                  "malformed SignalRequest JSON")
+            return
+        await self._handle_safely(request)
+
+    async def _handle_safely(self, request: rtc.SignalRequest) -> None:
+        try:
+            await self.handle(request)
+        except SignalError as exc:
+            self.request_response(0, rtc.RequestResponse.Reason.INVALID_REQUEST, str(exc))
+        except Exception as exc:  # a bad SDP must not take the node down
+            log.exception("signal request from %s failed", self.identity)
+            self.request_response(0, rtc.RequestResponse.Reason.UNCLASSIFIED_ERROR,
+                                  f"{type(exc).__name__}: {exc}")
+
+    async def _watchdog(self) -> None:
+        """Token expiry and ping timeout; a refreshed token moves ``expires_at``."""
+        while not self.closed.is_set():
+            await asyncio.sleep(0.5)
+            if time.time() >= self.expires_at:
+                log.info("token of %s in %s expired; disconnecting", self.identity, self.room.name)
+                await self.close(models.DisconnectReason.PARTICIPANT_REMOVED)
+                return
+            if time.monotonic() - self.last_ping > self.settings.ping_timeout:
+                log.info("%s missed pings for %ss; disconnecting", self.identity,
+                         self.settings.ping_timeout)
+                await self.close(models.DisconnectReason.CONNECTION_TIMEOUT)
+                return
+
+    async def close(self, reason: int = models.DisconnectReason.CLIENT_INITIATED,
+                    send_leave: bool = True) -> None:
+        if self.closed.is_set():
+            return
+        self.disconnect_reason = reason
+        if send_leave and not self.ws.closed:
+            try:
+                await self.ws.send_bytes(rtc.SignalResponse(leave=rtc.LeaveRequest(
+                    can_reconnect=False, reason=reason,
+                    action=rtc.LeaveRequest.Action.DISCONNECT)).SerializeToString())
+            except (ConnectionError, RuntimeError):
+                pass
+        self.closed.set()
+        self.state = models.ParticipantInfo.State.DISCONNECTED
+        self.room.leave(self)
+        self._out.put_nowait(None) if not self._out.full() else None
+        for task in list(self._tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        await self.publisher.close()
+        await self.subscriber.close()
+        if not self.ws.closed:
+            await self.ws.close()
+
+
+class Room:
+    def __init__(self, name: str, settings: SfuSettings,
+                 on_event: Callable[[str, dict[str, Any]], None]) -> None:
+        self.name = name
+        self.sid = new_sid("RM")
+        self.settings = settings
+        self.created_at = time.time()
+        self.participants: dict[str, Participant] = {}  # sid -> participant
+        self._on_event = on_event
+        self._speakers: dict[str, float] = {}  # participant sid -> level last sent
+        self._speaker_task: asyncio.Task[None] | None = None
+        self._empty_since: float | None = time.monotonic()
+        self.finished = False
+        self.data_packets = 0
+
+    def info(self) -> models.Room:
+        return models.Room(sid=self.sid, name=self.name, creation_time=int(self.created_at),
+                           creation_time_ms=int(self.created_at * 1000),
+                           empty_timeout=int(self.settings.empty_timeout),
+                           max_participants=self.settings.max_participants,
+                           num_participants=len(self.visible()),
+                           num_publishers=sum(1 for p in self.visible() if p.tracks),
+                           enabled_codecs=[models.Codec(mime="audio/opus")])
+
+    def visible(self) -> list[Participant]:
+        return [p for p in self.participants.values() if not p.remote]
+
+    def by_identity(self, identity: str) -> Participant | None:
+        return next((p for p in self.participants.values() if p.identity == identity), None)
+
+    def find_track(self, sid: str) -> PublishedTrack | None:
+        for p in self.participants.values():
+            if sid in p.tracks:
+                return p.tracks[sid]
+        return None
+
+    # ------------------------------------------------------------ membership
+
+    async def join(self, participant: Participant) -> None:
+        old = self.by_identity(participant.identity)
+        if old is not None:
+            await old.close(models.DisconnectReason.DUPLICATE_IDENTITY)
+        first = not self.participants
+        self.participants[participant.sid] = participant
+        if not participant.remote:
+            self._empty_since = None
+        participant.state = models.ParticipantInfo.State.JOINED
+        others = [p.info() for p in self.participants.values() if p is not participant]
+        s = self.settings
+        join = rtc.JoinResponse(
+            room=self.info(), participant=participant.info(), other_participants=others,
+            server_version=SERVER_VERSION, subscriber_primary=True,
+            ping_interval=s.ping_interval, ping_timeout=s.ping_timeout,
+            ice_servers=[rtc.ICEServer(urls=i.urls, username=i.username, credential=i.credential)
+                         for i in s.ice_servers],
+            server_info=models.ServerInfo(version=SERVER_VERSION, protocol=PROTOCOL_VERSION,
+                                          region=s.region),
+        )
+        participant.send(rtc.SignalResponse(join=join))
+        if first:
+            self._event("room_started")
+        if not participant.remote:
+            self._event("participant_joined", participant)
+        for other in self.participants.values():
+            for track in other.tracks.values():
+                if not (participant.remote and track.owner.remote):
+                    participant.subscribe(track)
+        await participant.negotiate_subscriber()
+        self.broadcast_update([participant], exclude=participant)
+        if self._speaker_task is None:
+            self._speaker_task = asyncio.ensure_future(self._speaker_loop())
+
+    def leave(self, participant: Participant) -> None:
+        if self.participants.pop(participant.sid, None) is None:
+            return
+        for track in participant.tracks.values():
+            for sub in list(self.participants.values()):
+                if sub.unsubscribe(track):
+                    sub.spawn(sub.negotiate_subscriber())
+            for forward in track.subscribers.values():
+                forward.stop()
+            track.subscribers.clear()
+        for other in self.participants.values():
+            for track in other.tracks.values():
+                track.subscribers.pop(participant.sid, None)
+        self.broadcast_update([participant])
+        if not participant.remote:
+            self._event("participant_left", participant)
+        if not self.visible() and self._empty_since is None:
+            self._empty_since = time.monotonic()
+
+    def publish(self, owner: Participant, track: PublishedTrack) -> None:
+        owner.tracks[track.sid] = track
+        for sub in self.participants.values():
+            if sub is not owner and not sub.closed.is_set() and not (sub.remote and owner.remote):
+                sub.subscribe(track)
+                sub.spawn(sub.negotiate_subscriber())
+        self.broadcast_update([owner], exclude=owner)
+        owner.send(rtc.SignalResponse(update=rtc.ParticipantUpdate(participants=[owner.info()])))
+        if not owner.remote:
+            self._event("track_published", owner, track)
+
+    def set_muted(self, owner: Participant, track_sid: str, muted: bool) -> None:
+        track = owner.tracks.get(track_sid)
+        if track is None:
+            return
+        track.muted = muted
+        self.broadcast_update([owner])
+
+    def broadcast_update(self, changed: list[Participant], exclude: Participant | None = None) \
+            -> None:
+        infos = [p.info() for p in changed]
+        message = rtc.SignalResponse(update=rtc.ParticipantUpdate(participants=infos))
+        for p in list(self.participants.values()):
+            if p is not exclude:
+                p.send(message)
+
+    # ------------------------------------------------------------ data
+
+    def on_data(self, sender: Participant, label: str, payload: bytes) -> None:
+        if not sender.can_publish_data:
+            log.info("dropped data from %s: no canPublishData", sender.identity)
+            return
+        packet = models.DataPacket()
+        try:
+            packet.ParseFromString(payload)
+        except Exception:
+            log.info("malformed data packet from %s", sender.identity)
+            return
+        if packet.WhichOneof("value") is None:
+            return
+        if sender.remote:  # relayed from a peer node, which already stamped the sender
+            self.send_data(packet, label, set(packet.destination_identities), exclude=sender)
+            return
+        # The SFU, not the client, says who sent it.
+        packet.participant_identity = sender.identity
+        packet.participant_sid = sender.sid
+        destinations = set(packet.destination_identities)
+        if packet.HasField("user"):
+            packet.user.participant_identity = sender.identity
+            packet.user.participant_sid = sender.sid
+            destinations |= set(packet.user.destination_identities)
+        self.send_data(packet, label, destinations, exclude=sender)
+
+    def send_data(self, packet: models.DataPacket, label: str, destinations: set[str],
+                  exclude: Participant | None = None) -> int:
+        self.data_packets += 1
+        out = packet.SerializeToString()
+        delivered = 0
+        for p in list(self.participants.values()):
+            if p is exclude or (destinations and p.identity not in destinations and not p.remote):
+                continue
+            if not p.can_subscribe and not p.remote:
+                continue
+            p.send_data(label if label in ("_reliable", "_lossy") else "_reliable", out)
+            delivered += 1
+        return delivered
+
+    # ------------------------------------------------------------ speakers
+
+    async def _speaker_loop(self) -> None:
+        threshold = self.settings.speaker_threshold_dbov
+        while not self.finished:
+            await asyncio.sleep(self.settings.speaker_interval)
+            now = time.monotonic()
+            active: dict[str, float] = {}
+            for p in self.participants.values():
+                levels = [t.level_dbov for t in p.tracks.values()
+                          if not t.muted and now - t.level_at < 0.6 and t.level_dbov <= threshold]
+                if levels:
+                    active[p.sid] = level_to_unit(min(levels))
+            if set(active) == set(self._speakers):
+                self._speakers = active
+                continue
+            infos = [models.SpeakerInfo(sid=sid, level=level, active=True)
+                     for sid, level in sorted(active.items(), key=lambda kv: -kv[1])]
+            infos += [models.SpeakerInfo(sid=sid, level=0.0, active=False)
+                      for sid in self._speakers if sid not in active]
+            self._speakers = active
+            message = rtc.SignalResponse(speakers_changed=rtc.SpeakersChanged(speakers=infos))
+            for p in list(self.participants.values()):
+                p.send(message)
+
+    def speakers(self) -> dict[str, float]:
+        return dict(self._speakers)
+
+    # ------------------------------------------------------------ webhooks
+
+    def _event(self, event: str, participant: Participant | None = None,
+               track: PublishedTrack | None = None) -> None:
+        body: dict[str, Any] = {"event": event, "room": {"sid": self.sid, "name": self.name,
+                                                           "creationTime": int(self.created_at)}}
+        if participant is not None:
+            body["participant"] = {
+                "sid": participant.sid, "identity": participant.identity,
+                "joinedAt": int(participant.joined_at), "state": models.ParticipantInfo.State.Name(
+                    participant.state),
+                "attributes": {"session_id": participant.session_id},
+            }
+        if track is not None:
+            body["track"] = {"sid": track.sid, "type": "AUDIO", "name": track.name,
+                             "mimeType": track.mime_type}
+        self._on_event(event, body)
+
+    def empty_for(self) -> float | None:
+        if self.visible() or self._empty_since is None:
+            return None
+        return time.monotonic() - self._empty_since
+
+    async def finish(self) -> None:
+        self.finished = True
+        for p in list(self.participants.values()):
+            await p.close(models.DisconnectReason.ROOM_DELETED)
+        if self._speaker_task is not None:
+            self._speaker_task.cancel()
+        self._event("room_finished")

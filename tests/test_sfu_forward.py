@@ -1,0 +1,151 @@
+"""node/sfu/forward.py: Opus forwarding without decode/encode, on aiortc's internals.
+
+End to end with three real aiortc peer connections on loopback: a publisher encodes a 440 Hz
+tone; the "SFU" receives it through the passthrough and forwards it with ``ForwardTrack``; a
+subscriber decodes it. The SFU's own sender must never call the Opus encoder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import time
+
+import av
+import numpy as np
+import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection
+from aiortc.codecs import opus
+from aiortc.mediastreams import MediaStreamTrack
+
+from node.sfu import forward
+from node.sfu.forward import ForwardTrack, install_passthrough, level_to_unit
+
+
+class Tone(MediaStreamTrack):
+    kind = "audio"
+
+    def __init__(self, freq: float = 440.0) -> None:
+        super().__init__()
+        self.freq, self.n, self.start = freq, 0, None
+
+    async def recv(self) -> av.AudioFrame:
+        if self.start is None:
+            self.start = time.monotonic()
+        wait = self.start + self.n / 48000 - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        t = (np.arange(960) + self.n) / 48000
+        samples = (np.sin(2 * np.pi * self.freq * t) * 10000).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate, frame.pts = 48000, self.n
+        frame.time_base = fractions.Fraction(1, 48000)
+        self.n += 960
+        return frame
+
+
+async def connect(offerer: RTCPeerConnection, answerer: RTCPeerConnection) -> None:
+    await offerer.setLocalDescription(await offerer.createOffer())
+    await answerer.setRemoteDescription(offerer.localDescription)
+    await answerer.setLocalDescription(await answerer.createAnswer())
+    await offerer.setRemoteDescription(answerer.localDescription)
+
+
+def dominant(samples: np.ndarray, rate: int = 48000) -> float:
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
+    return float(np.fft.rfftfreq(len(samples), 1 / rate)[spectrum.argmax()])
+
+
+async def test_forwarded_opus_is_the_tone_and_never_reencoded(monkeypatch: pytest.MonkeyPatch) \
+        -> None:
+    encoders: list[int] = []
+    real_encode = opus.OpusEncoder.encode
+
+    def counting_encode(self, frame, force_keyframe=False):  # type: ignore[no-untyped-def]
+        encoders.append(id(self))
+        return real_encode(self, frame, force_keyframe)
+
+    monkeypatch.setattr(opus.OpusEncoder, "encode", counting_encode)
+    cfg = RTCConfiguration(iceServers=[])
+    pub, sfu_in, sfu_out, sub = (RTCPeerConnection(cfg) for _ in range(4))
+    levels: list[int] = []
+    relay = ForwardTrack(track_id="TR_test")
+    frames = 0
+
+    def on_frame(packet: av.Packet) -> None:
+        nonlocal frames
+        frames += 1
+        assert isinstance(packet, av.Packet) and packet.time_base == fractions.Fraction(1, 48000)
+        relay.push(packet)
+
+    @sfu_in.on("track")
+    def on_track(track: MediaStreamTrack) -> None:
+        receiver = next(t.receiver for t in sfu_in.getTransceivers() if t.receiver.track is track)
+        install_passthrough(receiver, on_frame, levels.append)
+
+    received: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()
+    sub.on("track", lambda t: received.done() or received.set_result(t))
+    try:
+        pub.addTrack(Tone())
+        await connect(pub, sfu_in)
+        out_sender = sfu_out.addTrack(relay)
+        await connect(sfu_out, sub)
+        track = await asyncio.wait_for(received, 20)
+        chunks = []
+        deadline = time.monotonic() + 20
+        while sum(len(c) for c in chunks) < 48000 and time.monotonic() < deadline:
+            frame = await asyncio.wait_for(track.recv(), 10)
+            chunks.append(frame.to_ndarray().reshape(-1)[:: frame.layout.nb_channels if
+                                                        len(frame.layout.channels) > 1 else 1])
+        audio = np.concatenate(chunks)[-24000:].astype(float)
+        assert abs(dominant(audio) - 440) < 5, dominant(audio)
+        assert frames > 25 and relay.forwarded > 25 and relay.dropped == 0
+        assert levels and min(levels) < 40, "the audio level is read at the receiver"
+        sfu_encoder = out_sender._RTCRtpSender__encoder
+        assert sfu_encoder is not None and id(sfu_encoder) not in encoders, \
+            "the SFU's sender must only pack, never encode"
+        assert encoders, "the publisher did encode (sanity check of the spy)"
+    finally:
+        for pc in (pub, sfu_in, sfu_out, sub):
+            await pc.close()
+
+
+async def test_forward_track_drops_oldest_when_a_subscriber_stalls() -> None:
+    stalled, live = ForwardTrack(max_queue=3), ForwardTrack(max_queue=3)
+    for i in range(10):
+        packet = av.Packet(bytes([i]))
+        packet.pts = i * 960
+        for track in (stalled, live):
+            track.push(packet)
+        assert bytes(await live.recv()) == bytes([i])  # the live one is never held back
+    assert stalled.dropped == 7
+    assert [bytes(await stalled.recv()) for _ in range(3)] == [bytes([7]), bytes([8]), bytes([9])]
+    stalled.paused = True
+    stalled.push(av.Packet(b"x"))
+    assert not stalled._frames
+    stalled.stop()
+    with pytest.raises(Exception):
+        await asyncio.wait_for(stalled.recv(), 1)
+
+
+def test_direct_queue_delivers_opus_and_passes_the_stop_signal() -> None:
+    got: list[av.Packet] = []
+    q = forward._DirectQueue(got.append)
+
+    class Codec:
+        def __init__(self, mime: str) -> None:
+            self.mimeType = mime
+
+    from aiortc.jitterbuffer import JitterFrame
+
+    q.put((Codec("audio/opus"), JitterFrame(b"\x01\x02", 960)))
+    q.put((Codec("audio/PCMU"), JitterFrame(b"\x03", 160)))
+    assert len(got) == 1 and bytes(got[0]) == b"\x01\x02" and got[0].pts == 960
+    q.put(None)
+    assert q.get() is None  # the idle decoder thread wakes up and ends
+
+
+def test_levels_and_internals_check() -> None:
+    forward.check_compatible()
+    assert level_to_unit(0) == 1.0 and level_to_unit(127) < 0.001
+    assert 0.09 < level_to_unit(20) < 0.11

@@ -448,6 +448,7 @@ async def _lifecycle(app: web.Application) -> Any:
     await gateway.ledger.migrate()
     await gateway.directory.start()
     yield
+    await gateway.sessions.close()
     await gateway.directory.close()
     await gateway.ledger.close()
     gateway.locator.close()
@@ -461,7 +462,8 @@ def create_app(config: GatewayConfig, issuer: Keypair, list_nodes: Any,
     loc = config.default_location
     locator = Locator(Location(loc.lat, loc.lon, loc.country), config.geoip_mmdb)
     limiter = RateLimiter()
-    service = SessionService(ledger, directory, locator, issuer, config.tts_session_minutes)
+    service = SessionService(ledger, directory, locator, issuer, config.tts_session_minutes,
+                             config.refresh_sfu_tokens)
     # Outermost first: auth must see the final status (a 402 gives the signature back), so the
     # domain-error mapping runs inside it.
     app = web.Application(middlewares=[

@@ -38,6 +38,8 @@ class GatewayConfig(BaseModel):
     sweep_interval_seconds: float = Field(default=5.0, gt=0)
     settle_grace_seconds: int = Field(default=30, ge=0)
     tts_session_minutes: int = Field(default=60, ge=1)
+    # On WebRTC extend, push the new token to the SFU holding the participant (POST /rtc/refresh).
+    refresh_sfu_tokens: bool = True
     # Requests per second for wallets without an account yet (accounts carry their own limit).
     default_max_api_rate: int = Field(default=50, ge=1)
     # Credit purchases: x402 on Solana (and EVM), MPP and TRON challenges (gateway/payments).

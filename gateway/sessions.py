@@ -8,6 +8,7 @@ later reports usage; the ledger charges it and refunds the rest once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -79,6 +80,7 @@ class SessionService:
         locator: Locator,
         issuer: Keypair,
         tts_session_minutes: int = 60,
+        refresh_sfu_tokens: bool = True,
     ) -> None:
         self.ledger = ledger
         self.directory = directory
@@ -86,6 +88,8 @@ class SessionService:
         self.issuer = issuer
         self.tts_session_minutes = tts_session_minutes
         self._accounts: dict[tuple[str, str], tuple[Account, float]] = {}
+        self.refresh_sfu_tokens = refresh_sfu_tokens
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ helpers
 
@@ -153,6 +157,34 @@ class SessionService:
             session_id=spec.session_id,
         )
 
+    # ------------------------------------------------------------ live token refresh
+
+    def push_refresh(self, record: SessionRecord, token: str) -> None:
+        """Hand an extended WebRTC token to the SFU holding the participant (``POST /rtc/refresh``,
+        authenticated by the token itself) so it is not disconnected at the old expiry. Best
+        effort, in the background: the client holds the new token too and can present it."""
+        if not self.refresh_sfu_tokens:
+            return
+        task = asyncio.create_task(self._post_refresh(record.server_url, token, record.session_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _post_refresh(self, server_url: str, token: str, session_id: str) -> None:
+        import aiohttp
+
+        url = server_url.rstrip("/") + "/rtc/refresh"
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+                async with http.post(url, headers={"Authorization": f"Bearer {token}"}) as resp:
+                    log.debug("refresh of session %s at %s: HTTP %d", session_id, url, resp.status)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            log.info("could not push the refreshed token of session %s to %s: %s",
+                     session_id, url, exc)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
     # ------------------------------------------------------------ WebRTC
 
     async def webrtc_token(self, chain: str, address: str, body: schemas.WebrtcTokenRequest,
@@ -179,7 +211,9 @@ class SessionService:
         account = await self.account(chain, address)
         record = await self._extend_time(await self.owned(account, body.session_id, "webrtc"),
                                          body.additional_minutes)
-        return {"session_id": record.session_id, "token": self.token_for(record),
+        token = self.token_for(record)
+        self.push_refresh(record, token)
+        return {"session_id": record.session_id, "token": token,
                 "ws_url": ws_url(record.server_url), "expires_at": iso(record.token_expires_at),
                 "new_expires_at": iso(record.token_expires_at)}
 
@@ -261,6 +295,7 @@ class SessionService:
                     "ws_url": ws_url(r.server_url)}
             if extended:
                 view["new_expires_at"] = iso(r.token_expires_at)
+                self.push_refresh(r, view["token"])
             return view
 
         def service_view(r: SessionRecord) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from solders.keypair import Keypair
 
@@ -109,6 +110,8 @@ def _evm_address(key: str) -> str:
 
 
 def gateway_config(tmp: Path, db_url: str, **over: object) -> GatewayConfig:
+    # The module's nodes have made-up URLs: pushing refreshed tokens to them is tested apart.
+    over.setdefault("refresh_sfu_tokens", False)
     return GatewayConfig(database_url=db_url, registry_refresh_seconds=0.2,
                          sweep_interval_seconds=0.2, settle_grace_seconds=0, **over)
 
@@ -121,13 +124,13 @@ async def gw(net: Net, tmp_path: Path) -> AsyncIterator[Gw]:
 
 
 class _serve:
-    def __init__(self, net: Net, tmp: Path, db: str) -> None:
-        self.net, self.tmp, self.db = net, tmp, db
+    def __init__(self, net: Net, tmp: Path, db: str, **config: object) -> None:
+        self.net, self.tmp, self.db, self.config = net, tmp, db, config
 
     async def __aenter__(self) -> Gw:
         self.registry = RegistryClient(self.net.url)
         self.ledger = Ledger(self.db)
-        app = create_app(gateway_config(self.tmp, self.db), self.net.issuer,
+        app = create_app(gateway_config(self.tmp, self.db, **self.config), self.net.issuer,
                          self.registry.list_nodes, ledger=self.ledger)
         self.server = TestServer(app, host="127.0.0.1")
         await self.server.start_server()
@@ -500,3 +503,38 @@ async def _pg_database(request: pytest.FixtureRequest) -> str:
     return server.set(database=name).render_as_string(hide_password=False)
 
 
+
+
+async def test_extend_pushes_the_new_token_to_the_sfu(net: Net, tmp_path: Path) -> None:
+    """The SFU holding a participant gets the extended token (POST /rtc/refresh, bearer = token),
+    so the participant is not cut off at the old expiry (the SFU's side is in tests/test_sfu.py)."""
+    received: list[str] = []
+
+    async def refresh(request: web.Request) -> web.Response:
+        received.append(request.headers["Authorization"].removeprefix("Bearer "))
+        return web.json_response({"ok": True})
+
+    sfu = web.Application()
+    sfu.router.add_post("/rtc/refresh", refresh)
+    server = TestServer(sfu, host="127.0.0.1")
+    await server.start_server()
+    node = Keypair()
+    async with RegistryClient(net.url) as registry:
+        await registry.ensure_funded(node)
+        await registry.register_node(node, p.Role.SFU, p.NodeFields(
+            str(server.make_url("")).rstrip("/"), -33.9, 151.2, "AU", 10, "0.1.0"))
+        try:
+            async with _serve(net, tmp_path, f"sqlite+aiosqlite:///{tmp_path}/r.db",
+                              refresh_sfu_tokens=True) as g:
+                client = await g.funded(0.1)
+                session = await client.create_webrtc_token("far", "p", 1, client_ip="1.1.1.1")
+                assert session.ws_url.startswith("ws://127.0.0.1:")
+                extended = await client.extend_webrtc_token(session.session_id, 2)
+                for _ in range(50):
+                    if received:
+                        break
+                    await asyncio.sleep(0.05)
+                assert received == [extended.token]
+        finally:
+            await registry.deregister_node(node)
+            await server.close()

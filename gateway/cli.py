@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per RPC call otherwise
+    for noisy in ("httpx", "alembic"):  # one line per RPC call / migration step otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         config = load_gateway_config(args.config)
         if args.cmd in (None, "serve"):

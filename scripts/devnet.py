@@ -41,6 +41,9 @@ class Child:
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # Own process group: Ctrl-C reaches only this supervisor, which then stops the
+            # children in reverse order (nodes deregister while the chain is still up).
+            start_new_session=True,
         )
         self._pump = asyncio.create_task(self._prefix_output())
 

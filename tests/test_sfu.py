@@ -33,6 +33,7 @@ from node.agent import NodeAgent
 from node.config import Location, NodeConfig
 from registry.client import RegistryClient
 from registry.tokens import Grant, mint_token
+from tests.support.audio import dominant_hz
 from tests.conftest import Chain, free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -129,17 +130,6 @@ def tone_frames(freq: float = 440.0) -> Any:
 async def play(source: lk.AudioSource, freq: float = 440.0) -> None:
     for frame in tone_frames(freq):
         await source.capture_frame(frame)
-
-
-def dominant_hz(samples: np.ndarray) -> float:
-    """The strongest frequency of the audible band (50 Hz up): a stall on a loaded machine puts
-    energy near 0 Hz (the envelope), which is not a tone."""
-    x = samples.astype(float)
-    x = (x - x.mean()) * np.hanning(len(x))
-    spectrum = np.abs(np.fft.rfft(x))
-    freqs = np.fft.rfftfreq(len(x), 1 / 48000)
-    spectrum[freqs < 50] = 0
-    return float(freqs[spectrum.argmax()])
 
 
 # ---------------------------------------------------------------- the official SDK

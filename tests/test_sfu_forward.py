@@ -20,6 +20,7 @@ from aiortc.mediastreams import MediaStreamTrack
 
 from node.sfu import forward
 from node.sfu.forward import ForwardTrack, install_passthrough, level_to_unit
+from tests.support.audio import dominant_hz
 
 
 class Tone(MediaStreamTrack):
@@ -49,11 +50,6 @@ async def connect(offerer: RTCPeerConnection, answerer: RTCPeerConnection) -> No
     await answerer.setRemoteDescription(offerer.localDescription)
     await answerer.setLocalDescription(await answerer.createAnswer())
     await offerer.setRemoteDescription(answerer.localDescription)
-
-
-def dominant(samples: np.ndarray, rate: int = 48000) -> float:
-    spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
-    return float(np.fft.rfftfreq(len(samples), 1 / rate)[spectrum.argmax()])
 
 
 async def test_forwarded_opus_is_the_tone_and_never_reencoded(monkeypatch: pytest.MonkeyPatch) \
@@ -98,7 +94,7 @@ async def test_forwarded_opus_is_the_tone_and_never_reencoded(monkeypatch: pytes
             chunks.append(frame.to_ndarray().reshape(-1)[:: frame.layout.nb_channels if
                                                         len(frame.layout.channels) > 1 else 1])
         audio = np.concatenate(chunks)[-24000:].astype(float)
-        assert abs(dominant(audio) - 440) < 5, dominant(audio)
+        assert abs(dominant_hz(audio) - 440) < 5, dominant_hz(audio)
         assert frames > 25 and relay.forwarded > 25 and relay.dropped == 0
         assert levels and min(levels) < 40, "the audio level is read at the receiver"
         sfu_encoder = out_sender._RTCRtpSender__encoder

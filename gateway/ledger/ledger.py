@@ -33,28 +33,33 @@ Balance model (amounts are int microcredits everywhere):
 * ``max_concurrent_sessions`` counts the account's active sessions, a bundle's sessions once.
 
 Concurrency: every write transaction locks the account row first (PostgreSQL: ``SELECT ... FOR
-UPDATE``; SQLite: ``BEGIN IMMEDIATE`` -- one writer per database file -- plus an asyncio lock per
-``Ledger`` so one process does not spin on SQLite's busy handler), then reads and changes that
+UPDATE``; SQLite: ``BEGIN IMMEDIATE`` -- one writer per database file), then reads and changes that
 account's sessions. Several gateway processes may share one PostgreSQL database, or one SQLite
 file (WAL mode) on one machine.
+
+Execution: each transaction body is a plain function of a sync ``sa.Connection``. On PostgreSQL it
+runs through ``AsyncConnection.run_sync`` (asyncpg). On SQLite the whole body runs in one hop on
+the ``Ledger``'s single writer thread (its own pysqlite connection; reads on a reader thread), so a
+transaction costs one thread hop instead of one per statement, and one process never has two
+writers spinning on SQLite's busy handler. A call returns once its transaction has committed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from . import pricing
 from .errors import (
@@ -85,6 +90,7 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _PG_MIGRATION_LOCK = 0x6C656467  # pg_advisory_xact_lock key: several gateways migrate at once
 
 Row = Mapping[str, Any]
+T = TypeVar("T")
 
 
 def normalize_url(url: str) -> str:
@@ -150,6 +156,46 @@ def _session(row: Row) -> SessionRecord:
     return SessionRecord(session_id=row["id"], **fields)
 
 
+# Hot-path statements, built once: SQLAlchemy memoizes their cache keys, so executing them costs
+# no statement construction or cache-key generation (most of a transaction's CPU time otherwise).
+_ACCOUNT_BY_ID = sa.select(accounts).where(accounts.c.id == sa.bindparam("account_id"))
+_ACCOUNT_BY_ID_FOR_UPDATE = {
+    skip: _ACCOUNT_BY_ID.with_for_update(skip_locked=skip) for skip in (False, True)
+}
+_ACCOUNT_BY_WALLET = sa.select(accounts).where(
+    accounts.c.wallet_chain == sa.bindparam("chain"),
+    accounts.c.wallet_address == sa.bindparam("address"))
+_SESSION_BY_ID = sa.select(sessions).where(sessions.c.id == sa.bindparam("session_id"))
+_ACTIVE_SESSION_KEYS = (
+    sa.select(sa.func.coalesce(sessions.c.bundle_id, sessions.c.id)).distinct()
+    .where(sessions.c.account_id == sa.bindparam("account_id"), sessions.c.status == "active")
+)
+_INSERT_SESSION = sa.insert(sessions).returning(*sessions.c)
+_INSERT_TRANSACTION = sa.insert(transactions).returning(*transactions.c)
+_SAVE_ACCOUNT = (
+    sa.update(accounts).where(accounts.c.id == sa.bindparam("acct_id"))
+    .values(credit_balance=sa.bindparam("acct_credit"), held_microcredits=sa.bindparam("acct_held"))
+)
+
+_SQLITE_READERS = 2  # reader threads (and pooled connections) per SQLite Ledger
+
+
+def _install_sqlite_hooks(sync_engine: sa.Engine, busy_ms: int) -> None:
+    @event.listens_for(sync_engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
+        cur = dbapi_conn.cursor()
+        for pragma in ("journal_mode=WAL", "foreign_keys=ON", "synchronous=NORMAL",
+                       f"busy_timeout={busy_ms}"):
+            cur.execute(f"PRAGMA {pragma}")
+        cur.close()
+
+    @event.listens_for(sync_engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        write = conn.get_execution_options().get("ledger_write")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
 class _Acct:
     """The locked account row while a write transaction changes it."""
 
@@ -167,8 +213,9 @@ class _Acct:
 class Ledger:
     """``Ledger(url)``; ``await migrate()`` at startup; ``await close()`` at shutdown.
 
-    ``url``: ``sqlite:///path/to/ledger.db`` (default driver aiosqlite) or
-    ``postgresql://user@host/db`` (asyncpg). ``clock`` returns the current aware UTC time.
+    ``url``: ``sqlite:///path/to/ledger.db`` (the ledger's work runs on pysqlite threads;
+    ``_engine`` is an aiosqlite engine on the same file) or ``postgresql://user@host/db``
+    (asyncpg). ``clock`` returns the current aware UTC time.
     """
 
     def __init__(
@@ -197,30 +244,34 @@ class Ledger:
             kwargs["connect_args"] = {"timeout": sqlite_busy_timeout}
         self._engine = create_async_engine(self.url, **kwargs)
         self._wengine = self._engine.execution_options(ledger_write=True)
-        self._sqlite_lock: asyncio.Lock | None = None
+        self._sync_engine: sa.Engine | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._reader: ThreadPoolExecutor | None = None
         if not self._pg:
-            self._sqlite_lock = asyncio.Lock()
-            self._install_sqlite_hooks(int(sqlite_busy_timeout * 1000))
-
-    def _install_sqlite_hooks(self, busy_ms: int) -> None:
-        sync_engine = self._engine.sync_engine
-
-        @event.listens_for(sync_engine, "connect")
-        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-            dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
-            cur = dbapi_conn.cursor()
-            for pragma in ("journal_mode=WAL", "foreign_keys=ON", "synchronous=NORMAL",
-                           f"busy_timeout={busy_ms}"):
-                cur.execute(f"PRAGMA {pragma}")
-            cur.close()
-
-        @event.listens_for(sync_engine, "begin")
-        def _on_begin(conn: sa.Connection) -> None:
-            write = conn.get_execution_options().get("ledger_write")
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+            busy_ms = int(sqlite_busy_timeout * 1000)
+            # the aiosqlite engine (``_engine``) stays for tools and tests that want an
+            # AsyncConnection; the ledger's own work runs on the sync engine, on its threads
+            _install_sqlite_hooks(self._engine.sync_engine, busy_ms)
+            self._sync_engine = sa.create_engine(
+                u.set(drivername="sqlite+pysqlite"), echo=echo, pool_size=_SQLITE_READERS + 1,
+                connect_args={"timeout": sqlite_busy_timeout, "check_same_thread": False})
+            _install_sqlite_hooks(self._sync_engine, busy_ms)
+            self._sync_wengine = self._sync_engine.execution_options(ledger_write=True)
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="ledger-sqlite-writer")
+            self._reader = ThreadPoolExecutor(_SQLITE_READERS,
+                                              thread_name_prefix="ledger-sqlite-reader")
 
     async def close(self) -> None:
         await self._engine.dispose()
+        if self._sync_engine is not None:
+            await asyncio.to_thread(self._close_sqlite)
+
+    def _close_sqlite(self) -> None:
+        assert self._writer is not None and self._reader is not None
+        assert self._sync_engine is not None
+        self._writer.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
+        self._sync_engine.dispose()
 
     async def __aenter__(self) -> Ledger:
         return self
@@ -233,46 +284,68 @@ class Ledger:
     async def migrate(self, revision: str = "head") -> None:
         """Create or upgrade the schema (Alembic, in one transaction; safe from several
         processes at once)."""
-        async with self._write() as conn:
-            if self._pg:
-                await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"),
-                                   {"k": _PG_MIGRATION_LOCK})
-            await conn.run_sync(_alembic_upgrade, revision)
+        pg = self._pg
+
+        def body(conn: sa.Connection) -> None:
+            if pg:
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"),
+                             {"k": _PG_MIGRATION_LOCK})
+            _alembic_upgrade(conn, revision)
+
+        await self._tx(body)
 
     async def schema_revision(self) -> str | None:
-        async with self._engine.connect() as conn:
-            return await conn.run_sync(_alembic_current)
+        return await self._rtx(_alembic_current)
 
     # ---------------------------------------------------------------- plumbing
 
-    @contextlib.asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncConnection]:
-        async with self._sqlite_lock or contextlib.nullcontext():
+    async def _tx(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` as one write transaction (committed when this returns;
+        rolled back if ``fn`` raises)."""
+        if self._pg:
             async with self._wengine.begin() as conn:
-                yield conn
+                return await conn.run_sync(fn, *args)
+        return await self._on_thread(self._writer, self._sqlite_tx, fn, args)
 
-    @contextlib.asynccontextmanager
-    async def _read(self) -> AsyncIterator[AsyncConnection]:
-        async with self._engine.connect() as conn:
-            yield conn
+    async def _rtx(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` in one read-only transaction."""
+        if self._pg:
+            async with self._engine.connect() as conn:
+                return await conn.run_sync(fn, *args)
+        return await self._on_thread(self._reader, self._sqlite_read, fn, args)
+
+    async def _on_thread(self, pool: ThreadPoolExecutor | None, run: Callable[..., T],
+                         fn: Callable[..., Any], args: tuple[Any, ...]) -> T:
+        assert pool is not None
+        fut = asyncio.get_running_loop().run_in_executor(pool, run, fn, args)
+        # a cancelled caller does not cancel its transaction (queued or running): it commits
+        # or rolls back as if the caller had waited, and the writer thread stays in order
+        return await asyncio.shield(fut)
+
+    def _sqlite_tx(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        with self._sync_wengine.begin() as conn:
+            return fn(conn, *args)
+
+    def _sqlite_read(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        assert self._sync_engine is not None
+        with self._sync_engine.connect() as conn:
+            return fn(conn, *args)
 
     def _now(self) -> datetime:
         return _aware("clock()", self._clock())
 
-    async def _lock_account(
-        self, conn: AsyncConnection, account_id: str, *, skip_locked: bool = False
+    def _lock_account(
+        self, conn: sa.Connection, account_id: str, *, skip_locked: bool = False
     ) -> _Acct | None:
-        stmt = sa.select(accounts).where(accounts.c.id == account_id)
-        if self._pg:
-            stmt = stmt.with_for_update(skip_locked=skip_locked)
-        row = (await conn.execute(stmt)).mappings().first()
+        stmt = _ACCOUNT_BY_ID_FOR_UPDATE[skip_locked] if self._pg else _ACCOUNT_BY_ID
+        row = conn.execute(stmt, {"account_id": account_id}).mappings().first()
         return _Acct(row) if row else None
 
-    async def _ensure_account(
-        self, conn: AsyncConnection, chain: str, address: str, now: datetime
+    def _ensure_account(
+        self, conn: sa.Connection, chain: str, address: str, now: datetime
     ) -> _Acct:
         insert = postgresql.insert if self._pg else sqlite.insert
-        await conn.execute(
+        conn.execute(
             insert(accounts)
             .values(id=str(uuid.uuid4()), wallet_chain=chain, wallet_address=address,
                     credit_balance=0, held_microcredits=0, created_at=now)
@@ -283,11 +356,11 @@ class Ledger:
         )
         if self._pg:
             stmt = stmt.with_for_update()
-        return _Acct((await conn.execute(stmt)).mappings().one())
+        return _Acct((conn.execute(stmt)).mappings().one())
 
-    async def _post(
+    def _post(
         self,
-        conn: AsyncConnection,
+        conn: sa.Connection,
         acct: _Acct,
         kind: str,
         now: datetime,
@@ -305,27 +378,19 @@ class Ledger:
         if not 0 <= acct.held <= acct.credit:  # unreachable unless a caller's check is wrong
             raise AssertionError(f"ledger invariant broken on {acct.id}: "
                                  f"credit {acct.credit}, held {acct.held}")
-        row = (
-            await conn.execute(
-                sa.insert(transactions)
-                .values(account_id=acct.id, kind=kind, amount=amount, hold=hold,
-                        balance_after=acct.credit, available_after=acct.available,
-                        session_id=session_id, reference=reference, memo=memo, created_at=now)
-                .returning(*transactions.c)
-            )
-        ).mappings().one()
+        row = conn.execute(_INSERT_TRANSACTION, {
+            "account_id": acct.id, "kind": kind, "amount": amount, "hold": hold,
+            "balance_after": acct.credit, "available_after": acct.available,
+            "session_id": session_id, "reference": reference, "memo": memo, "created_at": now,
+        }).mappings().one()
         return _transaction(row)
 
-    async def _save(self, conn: AsyncConnection, acct: _Acct) -> None:
-        await conn.execute(
-            sa.update(accounts).where(accounts.c.id == acct.id)
-            .values(credit_balance=acct.credit, held_microcredits=acct.held)
-        )
+    def _save(self, conn: sa.Connection, acct: _Acct) -> None:
+        conn.execute(_SAVE_ACCOUNT,
+                     {"acct_id": acct.id, "acct_credit": acct.credit, "acct_held": acct.held})
 
-    async def _session_row(self, conn: AsyncConnection, session_id: str) -> Row | None:
-        return (
-            await conn.execute(sa.select(sessions).where(sessions.c.id == session_id))
-        ).mappings().first()
+    def _session_row(self, conn: sa.Connection, session_id: str) -> Row | None:
+        return conn.execute(_SESSION_BY_ID, {"session_id": session_id}).mappings().first()
 
     # ---------------------------------------------------------------- credits
 
@@ -358,21 +423,23 @@ class Ledger:
         chain, address = _wallet(chain, address)
         _positive("microcredits", amount)
         now = self._now()
-        try:
-            async with self._write() as conn:
-                acct = await self._ensure_account(conn, chain, address, now)
-                if reference is not None:
-                    seen = await conn.scalar(
-                        sa.select(transactions.c.id).where(
-                            transactions.c.kind == "purchase", transactions.c.reference == reference
-                        )
+
+        def body(conn: sa.Connection) -> Transaction:
+            acct = self._ensure_account(conn, chain, address, now)
+            if reference is not None:
+                seen = conn.scalar(
+                    sa.select(transactions.c.id).where(
+                        transactions.c.kind == "purchase", transactions.c.reference == reference
                     )
-                    if seen is not None:
-                        raise DuplicatePayment(reference)
-                tx = await self._post(conn, acct, kind, now, amount=amount, reference=reference,
-                                      memo=memo)
-                await self._save(conn, acct)
-                return tx
+                )
+                if seen is not None:
+                    raise DuplicatePayment(reference)
+            tx = self._post(conn, acct, kind, now, amount=amount, reference=reference, memo=memo)
+            self._save(conn, acct)
+            return tx
+
+        try:
+            return await self._tx(body)
         except IntegrityError as e:  # the same reference credited to another wallet concurrently
             if reference is not None and "reference" in str(e.orig).lower():
                 raise DuplicatePayment(reference) from None
@@ -391,15 +458,18 @@ class Ledger:
                 "max_concurrent_sessions", max_concurrent_sessions)
         if max_api_rate is not None:
             values["max_api_rate"] = _positive("max_api_rate", max_api_rate)
-        async with self._write() as conn:
-            if await self._lock_account(conn, account_id) is None:
+
+        def body(conn: sa.Connection) -> Account:
+            if self._lock_account(conn, account_id) is None:
                 raise AccountNotFound(account_id)
             if values:
-                await conn.execute(
+                conn.execute(
                     sa.update(accounts).where(accounts.c.id == account_id).values(**values))
-            row = (await conn.execute(
-                sa.select(accounts).where(accounts.c.id == account_id))).mappings().one()
+            row = conn.execute(
+                sa.select(accounts).where(accounts.c.id == account_id)).mappings().one()
             return _account(row)
+
+        return await self._tx(body)
 
     # ---------------------------------------------------------------- sessions
 
@@ -426,9 +496,8 @@ class Ledger:
         spec = SessionSpec(service, reserve_microcredits, limit_units, token_expires_at,
                            node_pubkey, server_url, room_name, participant_identity, metadata,
                            session_id)
-        async with self._write() as conn:
-            (record,) = await self._open(conn, account_id, [spec], bundle_id)
-            return record
+        (record,) = await self._tx(self._open, account_id, [spec], bundle_id)
+        return record
 
     async def create_bundle(
         self, account_id: str, specs: Sequence[SessionSpec], bundle_id: str | None = None
@@ -437,12 +506,11 @@ class Ledger:
         if not specs:
             raise ValueError("a bundle needs at least one session")
         bundle_id = bundle_id or str(uuid.uuid4())
-        async with self._write() as conn:
-            records = await self._open(conn, account_id, list(specs), bundle_id)
+        records = await self._tx(self._open, account_id, list(specs), bundle_id)
         return Bundle(bundle_id, records)
 
-    async def _open(
-        self, conn: AsyncConnection, account_id: str, specs: list[SessionSpec],
+    def _open(
+        self, conn: sa.Connection, account_id: str, specs: list[SessionSpec],
         bundle_id: str | None,
     ) -> list[SessionRecord]:
         now = self._now()
@@ -455,15 +523,10 @@ class Ledger:
                 raise ValueError("node_pubkey and server_url are required")
             checked.append((s, s.session_id or str(uuid.uuid4()),
                             _aware("token_expires_at", s.token_expires_at)))
-        acct = await self._lock_account(conn, account_id)
+        acct = self._lock_account(conn, account_id)
         if acct is None:
             raise AccountNotFound(account_id)
-        active = set(
-            (await conn.scalars(
-                sa.select(sa.func.coalesce(sessions.c.bundle_id, sessions.c.id)).distinct()
-                .where(sessions.c.account_id == account_id, sessions.c.status == "active")
-            )).all()
-        )
+        active = set(conn.scalars(_ACTIVE_SESSION_KEYS, {"account_id": account_id}).all())
         new = {bundle_id} if bundle_id else {sid for _, sid, _ in checked}
         if len(active | new) > acct.max_sessions:
             raise ConcurrencyLimit(acct.max_sessions)
@@ -472,24 +535,19 @@ class Ledger:
             raise InsufficientCredits(needed, acct.available)
         records = []
         for s, sid, expires in checked:
-            row = (
-                await conn.execute(
-                    sa.insert(sessions)
-                    .values(id=sid, account_id=account_id, service=s.service, bundle_id=bundle_id,
-                            status="active", room_name=s.room_name,
-                            participant_identity=s.participant_identity,
-                            server_url=s.server_url, node_pubkey=s.node_pubkey,
-                            reserved_microcredits=s.reserve_microcredits,
-                            charged_microcredits=0, usage_units=0, limit_units=s.limit_units,
-                            token_expires_at=expires, started_at=now, ended_at=None,
-                            metadata=s.metadata)
-                    .returning(*sessions.c)
-                )
-            ).mappings().one()
-            await self._post(conn, acct, "reserve", now, hold=s.reserve_microcredits,
-                             session_id=sid, memo=f"{s.service} session")
+            row = conn.execute(_INSERT_SESSION, {
+                "id": sid, "account_id": account_id, "service": s.service,
+                "bundle_id": bundle_id, "status": "active", "room_name": s.room_name,
+                "participant_identity": s.participant_identity, "server_url": s.server_url,
+                "node_pubkey": s.node_pubkey, "reserved_microcredits": s.reserve_microcredits,
+                "charged_microcredits": 0, "usage_units": 0, "limit_units": s.limit_units,
+                "token_expires_at": expires, "started_at": now, "ended_at": None,
+                "metadata": s.metadata,
+            }).mappings().one()
+            self._post(conn, acct, "reserve", now, hold=s.reserve_microcredits,
+                       session_id=sid, memo=f"{s.service} session")
             records.append(_session(row))
-        await self._save(conn, acct)
+        self._save(conn, acct)
         return records
 
     async def extend(
@@ -525,15 +583,16 @@ class Ledger:
             _positive("additional_units", e.additional_units, zero_ok=True)
             if e.reserve_microcredits is not None:
                 _positive("reserve_microcredits", e.reserve_microcredits, zero_ok=True)
-        async with self._write() as conn:
-            first = await self._session_row(conn, exts[0].session_id)
+
+        def body(conn: sa.Connection) -> list[SessionRecord]:
+            first = self._session_row(conn, exts[0].session_id)
             if first is None or (bundle_id is not None and first["bundle_id"] != bundle_id):
                 raise UnknownSession(exts[0].session_id)
-            acct = await self._lock_account(conn, first["account_id"])
+            acct = self._lock_account(conn, first["account_id"])
             assert acct is not None
             plan = []
             for e in exts:
-                row = await self._session_row(conn, e.session_id)  # current, under the lock
+                row = self._session_row(conn, e.session_id)  # current, under the lock
                 if row is None or row["account_id"] != acct.id or (
                         bundle_id is not None and row["bundle_id"] != bundle_id):
                     raise UnknownSession(e.session_id)
@@ -553,16 +612,18 @@ class Ledger:
                 }
                 if e.token_expires_at is not None:
                     values["token_expires_at"] = _aware("token_expires_at", e.token_expires_at)
-                new = (await conn.execute(
+                new = (conn.execute(
                     sa.update(sessions).where(sessions.c.id == e.session_id).values(**values)
                     .returning(*sessions.c)
                 )).mappings().one()
                 if reserve:
-                    await self._post(conn, acct, "reserve", now, hold=reserve,
-                                     session_id=e.session_id, memo=f"{row['service']} extension")
+                    self._post(conn, acct, "reserve", now, hold=reserve,
+                               session_id=e.session_id, memo=f"{row['service']} extension")
                 records.append(_session(new))
-            await self._save(conn, acct)
+            self._save(conn, acct)
             return records
+
+        return await self._tx(body)
 
     # ---------------------------------------------------------------- usage and settlement
 
@@ -577,51 +638,54 @@ class Ledger:
         and return its settlement. Raises UnknownSession, NotSessionNode."""
         _positive("units", units, zero_ok=True)
         now = self._now()
-        async with self._write() as conn:
-            row = await self._session_row(conn, session_id)
+
+        def body(conn: sa.Connection) -> UsageResult:
+            row = self._session_row(conn, session_id)
             if row is None:
                 raise UnknownSession(session_id)
             if row["node_pubkey"] != node_pubkey:
                 raise NotSessionNode(session_id, node_pubkey)
-            acct = await self._lock_account(conn, row["account_id"])
+            acct = self._lock_account(conn, row["account_id"])
             assert acct is not None
-            row = await self._session_row(conn, session_id)  # current, under the lock
+            row = self._session_row(conn, session_id)  # current, under the lock
             assert row is not None
             if row["status"] != "active":
                 return self._result(row, units, settled=True, changed=False)
             usage = max(row["usage_units"], units)
             if final:
-                return await self._settle(conn, acct, row, usage, "completed", now)
+                return self._settle(conn, acct, row, usage, "completed", now)
             if usage == row["usage_units"]:
                 return self._result(row, units, settled=False, changed=False)
             charged = min(pricing.cost(row["service"], usage), row["reserved_microcredits"])
-            new = (await conn.execute(
+            new = (conn.execute(
                 sa.update(sessions).where(sessions.c.id == session_id)
                 .values(usage_units=usage, charged_microcredits=charged)
                 .returning(*sessions.c)
             )).mappings().one()
             return self._result(new, units, settled=False, changed=True)
 
-    async def _settle(
-        self, conn: AsyncConnection, acct: _Acct, row: Row, usage: int, status: str,
+        return await self._tx(body)
+
+    def _settle(
+        self, conn: sa.Connection, acct: _Acct, row: Row, usage: int, status: str,
         now: datetime,
     ) -> UsageResult:
         reserved = row["reserved_microcredits"]
         charged = min(pricing.cost(row["service"], usage), reserved)
         refund = reserved - charged
         sid = row["id"]
-        new = (await conn.execute(
+        new = (conn.execute(
             sa.update(sessions).where(sessions.c.id == sid, sessions.c.status == "active")
             .values(status=status, usage_units=usage, charged_microcredits=charged, ended_at=now)
             .returning(*sessions.c)
         )).mappings().one()
         if charged:
-            await self._post(conn, acct, "charge", now, amount=-charged, hold=-charged,
-                             session_id=sid, memo=f"{row['service']} usage: {usage}")
+            self._post(conn, acct, "charge", now, amount=-charged, hold=-charged,
+                       session_id=sid, memo=f"{row['service']} usage: {usage}")
         if refund:
-            await self._post(conn, acct, "refund", now, hold=-refund, session_id=sid,
-                             memo=f"{row['service']} unused reservation")
-        await self._save(conn, acct)
+            self._post(conn, acct, "refund", now, hold=-refund, session_id=sid,
+                       memo=f"{row['service']} unused reservation")
+        self._save(conn, acct)
         return self._result(new, usage, settled=True, changed=True)
 
     @staticmethod
@@ -657,43 +721,49 @@ class Ledger:
         sessions this call settled. Idempotent; safe from several processes at once."""
         now = _aware("now", now) if now is not None else self._now()
         cutoff = now - grace
-        async with self._read() as conn:
-            due = (await conn.execute(
+
+        def find(conn: sa.Connection) -> list[Any]:
+            return list(conn.execute(
                 sa.select(sessions.c.id, sessions.c.account_id)
                 .where(sessions.c.status == "active", sessions.c.token_expires_at <= cutoff)
                 .order_by(sessions.c.token_expires_at).limit(limit)
-            )).all()
+            ).all())
+
+        def settle(conn: sa.Connection, sid: str, account_id: str) -> UsageResult | None:
+            # another sweeper holding this account settles it (or the next sweep does)
+            acct = self._lock_account(conn, account_id, skip_locked=True)
+            if acct is None:
+                return None
+            row = self._session_row(conn, sid)
+            if (row is None or row["status"] != "active"
+                    or row["token_expires_at"] > cutoff):  # settled or extended meanwhile
+                return None
+            return self._settle(conn, acct, row, row["usage_units"], "expired", now)
+
         settled = []
-        for sid, account_id in due:
-            async with self._write() as conn:
-                # another sweeper holding this account settles it (or the next sweep does)
-                acct = await self._lock_account(conn, account_id, skip_locked=True)
-                if acct is None:
-                    continue
-                row = await self._session_row(conn, sid)
-                if (row is None or row["status"] != "active"
-                        or row["token_expires_at"] > cutoff):  # settled or extended meanwhile
-                    continue
-                settled.append(
-                    await self._settle(conn, acct, row, row["usage_units"], "expired", now))
+        for sid, account_id in await self._rtx(find):
+            result = await self._tx(settle, sid, account_id)
+            if result is not None:
+                settled.append(result)
         return settled
 
     # ---------------------------------------------------------------- reads
 
+    async def _all(self, stmt: sa.Select[Any]) -> list[Row]:
+        return await self._rtx(lambda conn: list(conn.execute(stmt).mappings().all()))
+
+    async def _first(self, stmt: sa.Select[Any], params: dict[str, Any] | None = None
+                     ) -> Row | None:
+        return await self._rtx(lambda conn: conn.execute(stmt, params).mappings().first())
+
     async def get_account(self, wallet_chain: str, wallet_address: str) -> Account | None:
         """None until the wallet's first purchase or grant."""
         chain, address = _wallet(wallet_chain, wallet_address)
-        async with self._read() as conn:
-            row = (await conn.execute(
-                sa.select(accounts).where(accounts.c.wallet_chain == chain,
-                                          accounts.c.wallet_address == address)
-            )).mappings().first()
+        row = await self._first(_ACCOUNT_BY_WALLET, {"chain": chain, "address": address})
         return _account(row) if row else None
 
     async def get_account_by_id(self, account_id: str) -> Account | None:
-        async with self._read() as conn:
-            row = (await conn.execute(
-                sa.select(accounts).where(accounts.c.id == account_id))).mappings().first()
+        row = await self._first(_ACCOUNT_BY_ID, {"account_id": account_id})
         return _account(row) if row else None
 
     async def account_view(self, wallet_chain: str, wallet_address: str) -> AccountView | None:
@@ -712,11 +782,9 @@ class Ledger:
     ) -> list[Transaction]:
         """Newest first."""
         limit, offset = _page(limit, offset)
-        async with self._read() as conn:
-            rows = (await conn.execute(
-                sa.select(transactions).where(transactions.c.account_id == account_id)
-                .order_by(transactions.c.id.desc()).limit(limit).offset(offset)
-            )).mappings().all()
+        rows = await self._all(
+            sa.select(transactions).where(transactions.c.account_id == account_id)
+            .order_by(transactions.c.id.desc()).limit(limit).offset(offset))
         return [_transaction(r) for r in rows]
 
     async def list_sessions(
@@ -730,30 +798,25 @@ class Ledger:
                 raise ValueError(f"status must be one of {SESSION_STATUSES}, got {status!r}")
             stmt = stmt.where(sessions.c.status == status)
         stmt = stmt.order_by(sessions.c.started_at.desc(), sessions.c.id.desc())
-        async with self._read() as conn:
-            rows = (await conn.execute(stmt.limit(limit).offset(offset))).mappings().all()
+        rows = await self._all(stmt.limit(limit).offset(offset))
         return [_session(r) for r in rows]
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
-        async with self._read() as conn:
-            row = await self._session_row(conn, session_id)
+        row = await self._rtx(self._session_row, session_id)
         return _session(row) if row else None
 
     async def list_bundle(self, bundle_id: str) -> list[SessionRecord]:
-        async with self._read() as conn:
-            rows = (await conn.execute(
-                sa.select(sessions).where(sessions.c.bundle_id == bundle_id)
-                .order_by(sessions.c.started_at, sessions.c.id)
-            )).mappings().all()
+        rows = await self._all(
+            sa.select(sessions).where(sessions.c.bundle_id == bundle_id)
+            .order_by(sessions.c.started_at, sessions.c.id))
         return [_session(r) for r in rows]
 
     async def list_accounts(self, limit: int = 100, offset: int = 0) -> list[Account]:
         """Operator view: every account, newest first."""
         limit, offset = _page(limit, offset)
-        async with self._read() as conn:
-            rows = (await conn.execute(
-                sa.select(accounts).order_by(accounts.c.created_at.desc(), accounts.c.id)
-                .limit(limit).offset(offset))).mappings().all()
+        rows = await self._all(
+            sa.select(accounts).order_by(accounts.c.created_at.desc(), accounts.c.id)
+            .limit(limit).offset(offset))
         return [_account(r) for r in rows]
 
     async def list_all_sessions(
@@ -767,46 +830,46 @@ class Ledger:
                 raise ValueError(f"status must be one of {SESSION_STATUSES}, got {status!r}")
             stmt = stmt.where(sessions.c.status == status)
         stmt = stmt.order_by(sessions.c.started_at.desc(), sessions.c.id.desc())
-        async with self._read() as conn:
-            rows = (await conn.execute(stmt.limit(limit).offset(offset))).mappings().all()
+        rows = await self._all(stmt.limit(limit).offset(offset))
         return [_session(r) for r in rows]
 
     async def list_room_sessions(self, room_name: str, node_pubkey: str) -> list[SessionRecord]:
         """Active WebRTC sessions of one room routed to one SFU node (settled at room_finished)."""
-        async with self._read() as conn:
-            rows = (await conn.execute(
-                sa.select(sessions).where(
-                    sessions.c.service == "webrtc", sessions.c.status == "active",
-                    sessions.c.room_name == room_name, sessions.c.node_pubkey == node_pubkey)
-                .order_by(sessions.c.started_at, sessions.c.id)
-            )).mappings().all()
+        rows = await self._all(
+            sa.select(sessions).where(
+                sessions.c.service == "webrtc", sessions.c.status == "active",
+                sessions.c.room_name == room_name, sessions.c.node_pubkey == node_pubkey)
+            .order_by(sessions.c.started_at, sessions.c.id))
         return [_session(r) for r in rows]
 
     async def audit(self, account_id: str) -> Audit:
         """The account's invariants, read in one transaction (see ``Audit.ok``)."""
-        async with self._read() as conn:
-            if self._pg:
-                await conn.execute(sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
-            a = (await conn.execute(
-                sa.select(accounts).where(accounts.c.id == account_id))).mappings().first()
+        pg = self._pg
+
+        def body(conn: sa.Connection) -> Audit:
+            if pg:
+                conn.execute(sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+            a = conn.execute(
+                sa.select(accounts).where(accounts.c.id == account_id)).mappings().first()
             if a is None:
                 raise AccountNotFound(account_id)
             t = transactions.c
-            sums = (await conn.execute(
+            sums = conn.execute(
                 sa.select(sa.func.coalesce(sa.func.sum(t.amount), 0),
                           sa.func.coalesce(sa.func.sum(t.hold), 0),
                           sa.func.min(t.balance_after), sa.func.min(t.available_after))
                 .where(t.account_id == account_id)
-            )).one()
-            active = await conn.scalar(
+            ).one()
+            active = conn.scalar(
                 sa.select(sa.func.coalesce(sa.func.sum(sessions.c.reserved_microcredits), 0))
                 .where(sessions.c.account_id == account_id, sessions.c.status == "active"))
-        min_after = None if sums[2] is None else min(int(sums[2]), int(sums[3]))
-        return Audit(account_id=account_id, credit_balance=a["credit_balance"],
-                     held_microcredits=a["held_microcredits"], sum_amount=int(sums[0]),
-                     sum_hold=int(sums[1]), active_reserved=int(active),
-                     min_after=min_after)
+            min_after = None if sums[2] is None else min(int(sums[2]), int(sums[3]))
+            return Audit(account_id=account_id, credit_balance=a["credit_balance"],
+                         held_microcredits=a["held_microcredits"], sum_amount=int(sums[0]),
+                         sum_hold=int(sums[1]), active_reserved=int(active),
+                         min_after=min_after)
 
+        return await self._rtx(body)
 
 def _alembic_config(connection: sa.Connection) -> Any:
     from alembic.config import Config

@@ -75,9 +75,7 @@ class PaymentBook:
         self.ledger = ledger
 
     async def get(self, signature: str) -> PaymentRecord | None:
-        async with self.ledger._read() as conn:
-            row = (await conn.execute(
-                sa.select(payments).where(payments.c.signature == signature))).mappings().first()
+        row = await self.ledger._first(sa.select(payments).where(payments.c.signature == signature))
         return _record(row) if row else None
 
     async def record_pending(
@@ -89,14 +87,17 @@ class PaymentBook:
         if isinstance(microcredits, bool) or not isinstance(microcredits, int) or microcredits <= 0:
             raise ValueError(f"microcredits must be a positive int, got {microcredits!r}")
         now = self.ledger._now()
+
+        def body(conn: sa.Connection) -> Any:
+            return conn.execute(
+                sa.insert(payments).values(
+                    id=str(uuid.uuid4()), chain=chain, signature=signature, status=PENDING,
+                    amount_microcredits=microcredits, wallet_address=address, account_id=None,
+                    detail=detail, created_at=now, updated_at=now)
+                .returning(*payments.c)).mappings().one()
+
         try:
-            async with self.ledger._write() as conn:
-                row = (await conn.execute(
-                    sa.insert(payments).values(
-                        id=str(uuid.uuid4()), chain=chain, signature=signature, status=PENDING,
-                        amount_microcredits=microcredits, wallet_address=address, account_id=None,
-                        detail=detail, created_at=now, updated_at=now)
-                    .returning(*payments.c))).mappings().one()
+            row = await self.ledger._tx(body)
         except IntegrityError:
             raise DuplicatePayment(signature) from None
         return _record(row)
@@ -104,18 +105,21 @@ class PaymentBook:
     async def _move(self, signature: str, to: str, from_: tuple[str, ...],
                     detail: dict[str, Any] | None = None) -> PaymentRecord | None:
         now = self.ledger._now()
-        async with self.ledger._write() as conn:
-            row = (await conn.execute(
-                sa.select(payments).where(payments.c.signature == signature))).mappings().first()
+
+        def body(conn: sa.Connection) -> Any:
+            row = conn.execute(
+                sa.select(payments).where(payments.c.signature == signature)).mappings().first()
             if row is None or row["status"] not in from_:
                 return None
             values: dict[str, Any] = {"status": to, "updated_at": now}
             if detail:
                 values["detail"] = {**(row["detail"] or {}), **detail}
-            new = (await conn.execute(
+            return conn.execute(
                 sa.update(payments).where(payments.c.id == row["id"],
                                           payments.c.status == row["status"])
-                .values(**values).returning(*payments.c))).mappings().first()
+                .values(**values).returning(*payments.c)).mappings().first()
+
+        new = await self.ledger._tx(body)
         return _record(new) if new else None
 
     async def mark_confirmed(self, signature: str, **detail: Any) -> PaymentRecord | None:
@@ -135,11 +139,12 @@ class PaymentBook:
 
     async def forget(self, signature: str) -> bool:
         """Delete a pending record whose transaction never reached the chain."""
-        async with self.ledger._write() as conn:
-            result = await conn.execute(
+        def body(conn: sa.Connection) -> int:
+            return conn.execute(
                 sa.delete(payments).where(payments.c.signature == signature,
-                                          payments.c.status == PENDING))
-        return bool(result.rowcount)
+                                          payments.c.status == PENDING)).rowcount
+
+        return bool(await self.ledger._tx(body))
 
     async def credit(self, signature: str, memo: str | None = None) -> tuple[PaymentRecord,
                                                                              Transaction]:
@@ -148,33 +153,35 @@ class PaymentBook:
         signature), the balance and the status ``credited``. DuplicatePayment if it was credited
         already; PaymentStateError if it failed."""
         now = self.ledger._now()
+        ledger = self.ledger
+
+        def body(conn: sa.Connection) -> tuple[PaymentRecord, Transaction]:
+            stmt = sa.select(payments).where(payments.c.signature == signature)
+            if ledger._pg:
+                stmt = stmt.with_for_update()
+            row = conn.execute(stmt).mappings().first()
+            if row is None:
+                raise PaymentStateError(signature, "unknown", CREDITED)
+            if row["status"] == CREDITED:
+                raise DuplicatePayment(signature)
+            if row["status"] not in UNSETTLED:
+                raise PaymentStateError(signature, row["status"], CREDITED)
+            acct = ledger._ensure_account(conn, row["chain"], row["wallet_address"], now)
+            seen = conn.scalar(sa.select(transactions.c.id).where(
+                transactions.c.kind == "purchase", transactions.c.reference == signature))
+            if seen is not None:
+                raise DuplicatePayment(signature)
+            tx = ledger._post(conn, acct, "purchase", now, amount=row["amount_microcredits"],
+                              reference=signature, memo=memo)
+            ledger._save(conn, acct)
+            new = conn.execute(
+                sa.update(payments).where(payments.c.id == row["id"])
+                .values(status=CREDITED, account_id=acct.id, updated_at=now)
+                .returning(*payments.c)).mappings().one()
+            return _record(new), tx
+
         try:
-            async with self.ledger._write() as conn:
-                stmt = sa.select(payments).where(payments.c.signature == signature)
-                if self.ledger._pg:
-                    stmt = stmt.with_for_update()
-                row = (await conn.execute(stmt)).mappings().first()
-                if row is None:
-                    raise PaymentStateError(signature, "unknown", CREDITED)
-                if row["status"] == CREDITED:
-                    raise DuplicatePayment(signature)
-                if row["status"] not in UNSETTLED:
-                    raise PaymentStateError(signature, row["status"], CREDITED)
-                acct = await self.ledger._ensure_account(conn, row["chain"],
-                                                         row["wallet_address"], now)
-                seen = await conn.scalar(sa.select(transactions.c.id).where(
-                    transactions.c.kind == "purchase", transactions.c.reference == signature))
-                if seen is not None:
-                    raise DuplicatePayment(signature)
-                tx = await self.ledger._post(conn, acct, "purchase", now,
-                                             amount=row["amount_microcredits"],
-                                             reference=signature, memo=memo)
-                await self.ledger._save(conn, acct)
-                new = (await conn.execute(
-                    sa.update(payments).where(payments.c.id == row["id"])
-                    .values(status=CREDITED, account_id=acct.id, updated_at=now)
-                    .returning(*payments.c))).mappings().one()
-                return _record(new), tx
+            return await ledger._tx(body)
         except IntegrityError as exc:  # the purchase reference, credited concurrently
             if "reference" in str(exc.orig).lower():
                 raise DuplicatePayment(signature) from None
@@ -187,13 +194,10 @@ class PaymentBook:
         stmt = sa.select(payments).where(payments.c.status.in_(UNSETTLED))
         if older_than is not None:
             stmt = stmt.where(payments.c.updated_at <= self.ledger._now() - older_than)
-        async with self.ledger._read() as conn:
-            rows = (await conn.execute(
-                stmt.order_by(payments.c.created_at).limit(limit))).mappings().all()
+        rows = await self.ledger._all(stmt.order_by(payments.c.created_at).limit(limit))
         return [_record(r) for r in rows]
 
     async def count_by_status(self) -> dict[str, int]:
-        async with self.ledger._read() as conn:
-            rows = (await conn.execute(
-                sa.select(payments.c.status, sa.func.count()).group_by(payments.c.status))).all()
-        return {status: int(n) for status, n in rows}
+        rows = await self.ledger._all(
+            sa.select(payments.c.status, sa.func.count().label("n")).group_by(payments.c.status))
+        return {r["status"]: int(r["n"]) for r in rows}

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import jwt
@@ -97,11 +98,22 @@ class Claims:
 
 
 def _private_key(keypair: Keypair) -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.from_private_bytes(bytes(keypair)[:32])
+    return _private_key_from_seed(bytes(keypair)[:32])
+
+
+@lru_cache(maxsize=64)
+def _private_key_from_seed(seed: bytes) -> Ed25519PrivateKey:
+    # A gateway signs every token with the same key: build the key object once, not per token.
+    return Ed25519PrivateKey.from_private_bytes(seed)
+
+
+@lru_cache(maxsize=4096)
+def _public_key_from_bytes(raw: bytes) -> Ed25519PublicKey:
+    return Ed25519PublicKey.from_public_bytes(raw)
 
 
 def _public_key(pubkey: Pubkey) -> Ed25519PublicKey:
-    return Ed25519PublicKey.from_public_bytes(bytes(pubkey))
+    return _public_key_from_bytes(bytes(pubkey))
 
 
 def mint_token(

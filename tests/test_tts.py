@@ -29,6 +29,8 @@ from solders.keypair import Keypair
 
 from node.models.kokoro import ALL_VOICES, LANGUAGES, VOICES, KokoroFiles, ensure_kokoro
 from node.tts.engine import (
+    BUDGET_MARGIN,
+    DEFAULT_COST,
     MAX_PHONEMES,
     OTHER_MAX_CHARS,
     EngineError,
@@ -177,6 +179,17 @@ def test_planner_cuts_first_clause_short_and_respects_limits(engine) -> None:
     assert all(engine.phoneme_length(s.text, "a") <= MAX_PHONEMES for s in segs)
     assert " ".join(s.text for s in segs).split() == long_en.split()
     assert all(s.text.endswith(".") for s in segs[2:])  # later cuts at sentence boundaries
+    # re-planning mid-text (engine=None: the default cost model, deterministic): with 1.5 s of
+    # audio buffered the next segment is cut to be ready in time; with 20 s whole sentences
+    rest = " ".join(f"Sentence number {i} talks about the weather, the wind and the sea around the island." for i in range(8))
+    thin = plan_segments(rest, "a", None, ahead_seconds=1.5)
+    fixed, per_char, _ = DEFAULT_COST
+    assert len(thin[0].text) <= (1.6 * BUDGET_MARGIN - fixed) / per_char
+    assert thin[0].text == "Sentence number 0 talks about the weather,"
+    assert " ".join(s.text for s in thin).split() == rest.split()
+    thick = plan_segments(rest, "a", None, ahead_seconds=20.0)
+    assert len(thick[0].text) > 60 and all(s.text.endswith(".") for s in thick)
+    assert " ".join(s.text for s in thick).split() == rest.split()
     long_es = " ".join(f"La frase número {i} habla del tiempo y del mar." for i in range(80))
     segs = plan_segments(long_es, "e", engine)
     assert all(len(s.text) <= OTHER_MAX_CHARS for s in segs)

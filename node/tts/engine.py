@@ -145,14 +145,15 @@ class KokoroOnnxEngine:
         self._blends: dict[tuple[str, ...], np.ndarray] = {}
         self._lock = threading.Lock()
         self._cost_scale = 1.0  # measured / modelled synthesis time, smoothed
+        # audio seconds per character of text at speed 1, per language, smoothed over segments
+        self._audio_per_char: dict[str, float] = {}
 
-    def estimate(self) -> tuple[float, float, float]:
-        """(seconds per call, seconds per character, audio seconds per character) as measured."""
-        from node.tts.engine import DEFAULT_COST
-
+    def estimate(self, lang_code: str | None = None) -> tuple[float, float, float]:
+        """(seconds per call, seconds per character, audio seconds per character at speed 1)
+        as measured lately (the audio rate for ``lang_code`` once one segment of it was heard)."""
         fixed, per_char, audio = DEFAULT_COST
         k = min(max(self._cost_scale, 0.3), 4.0)
-        return fixed * k, per_char * k, audio
+        return fixed * k, per_char * k, self._audio_per_char.get(lang_code or "", audio)
 
     def voices(self) -> list[str]:
         return sorted(self._voices)
@@ -187,7 +188,12 @@ class KokoroOnnxEngine:
         fixed, per_char, _ = DEFAULT_COST
         ratio = (time.perf_counter() - t0) / (fixed * len(batches) + per_char * len(text))
         self._cost_scale = 0.7 * self._cost_scale + 0.3 * ratio
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+        out = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+        if len(text) >= 20:  # a few words say little about the rate (edge trimming, one long word)
+            rate = len(out) / self.sample_rate * speed / len(text)
+            old = self._audio_per_char.get(voice.lang_code)
+            self._audio_per_char[voice.lang_code] = rate if old is None else 0.7 * old + 0.3 * rate
+        return out
 
     def word_weights(self, text: str, lang_code: str) -> list[tuple[str, float]] | None:
         words = text.split()
@@ -371,7 +377,8 @@ def cut_at(text: str, max_chars: int) -> tuple[str, str]:
 
 def plan_segments(text: str, lang_code: str, engine: Engine | None = None, *,
                   cut_first: bool = True, first_words: int = 4, speed: float = 1.0,
-                  lead_seconds: float = 0.1, min_chars: int = 40) -> list[Segment]:
+                  lead_seconds: float = 0.1, min_chars: int = 30,
+                  ahead_seconds: float | None = None) -> list[Segment]:
     """Segments to synthesize in order: a short first one, then ones sized so each is ready
     before the audio ahead of it runs out, growing to whole sentences within the model limits.
 
@@ -381,6 +388,10 @@ def plan_segments(text: str, lang_code: str, engine: Engine | None = None, *,
     when they fit, otherwise the sentence is cut at a natural break. English segments stay within
     510 phonemes, other languages within 400 characters; Japanese and Chinese (no spaces) are
     cut at sentence ends only.
+
+    ``ahead_seconds``: re-plan the rest of a text mid-way: that much audio is already buffered
+    ahead of the listener, so even the first segment is sized to be ready before it runs out
+    (no first-clause cut).
     """
     english = lang_code in ("a", "b")
     if english and engine is not None:
@@ -400,21 +411,27 @@ def plan_segments(text: str, lang_code: str, engine: Engine | None = None, *,
     if not atoms:
         return []
     spaced = lang_code not in ("j", "z")
-    if cut_first and spaced:
+    if cut_first and spaced and ahead_seconds is None:
         head, rest = first_cut(atoms[0], first_words)
         atoms[0] = head
         if rest:
             atoms.insert(1, rest)
 
-    fixed, per_char, audio_per_char = _cost_model(engine)
-    first = atoms.popleft()
-    segments = [Segment(first, _pause_for(first))]
-    played = audio_per_char * len(first) / speed + segments[0].pause_after
+    fixed, per_char, audio_per_char = _cost_model(engine, lang_code)
+    segments: list[Segment] = []
+    if ahead_seconds is None:
+        first = atoms.popleft()
+        segments.append(Segment(first, _pause_for(first)))
+        played = audio_per_char * len(first) / speed + segments[0].pause_after
+    else:
+        played = ahead_seconds
     synth = 0.0
     while atoms:
-        budget = played + lead_seconds - synth
+        # plan each call to finish with a margin to spare: the cost model is an average, and
+        # one late segment is an audible gap
+        budget = (played + lead_seconds) * BUDGET_MARGIN - synth
         # never below min_chars: each call costs a fixed ~0.4 s, so slicing finer only adds calls
-        # (and breaks prosody); a gap after the first clause falls at a natural break instead
+        # (and breaks prosody); a gap, if any, falls at a natural break instead
         max_chars = int((budget - fixed) / per_char)
         if max_chars < min_chars:
             # the engine cannot get ahead here (short audio so far, or a slow machine): take the
@@ -448,10 +465,18 @@ def plan_segments(text: str, lang_code: str, engine: Engine | None = None, *,
 
 
 # Kokoro int8 on 2 CPU cores (measured): ~0.42 s per call plus ~16 ms per character; speech
-# at speed 1.0 is ~60 ms per character of English text.
-DEFAULT_COST = (0.42, 0.016, 0.06)
+# at speed 1.0 is ~52 ms per character of English text (af_heart, sentences of 30-190 characters;
+# the engine refines it per language from what it synthesizes).
+DEFAULT_COST = (0.42, 0.016, 0.052)
+# a segment's planned synthesis must fit in this share of the audio buffered ahead of it
+BUDGET_MARGIN = 0.8
 
 
-def _cost_model(engine: Engine | None) -> tuple[float, float, float]:
+def _cost_model(engine: Engine | None, lang_code: str | None = None) -> tuple[float, float, float]:
     est = getattr(engine, "estimate", None)
-    return est() if callable(est) else DEFAULT_COST
+    if not callable(est):
+        return DEFAULT_COST
+    try:
+        return est(lang_code)
+    except TypeError:  # an engine whose estimate() takes no language
+        return est()

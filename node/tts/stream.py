@@ -21,6 +21,7 @@ started is released. Usage is reported cumulatively through the outbox, periodic
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -409,7 +410,9 @@ class TtsStream:
                                         lead_seconds=self.settings.lead_frames * FRAME_SECONDS))
         resampler = Resampler(engine.sample_rate)
         align = self.settings.alignment
-        for seg in segments:
+        segments.reverse()  # popped from the end
+        while segments:
+            seg = segments.pop()
             # stay at most lookahead_seconds ahead of playback
             while self.buffered_seconds() > self.settings.lookahead_seconds:
                 self._changed.clear()
@@ -441,6 +444,18 @@ class TtsStream:
             item.frames.extend(frames)
             item.produced += len(frames)
             self._changed.set()
+            if segments:
+                # re-size the rest from the audio really buffered now and the engine's latest
+                # cost: a segment slower than planned (load) shrinks the next one instead of
+                # leaving a gap; a faster engine grows them sooner
+                # streams synthesizing at once share the engine: each gets its share of the time
+                sharing = sum(1 for st in self.role.streams if st._producing is not None)
+                ahead = self.buffered_seconds() / max(1, sharing)
+                rest = " ".join(x.text for x in reversed(segments))
+                segments = await loop.run_in_executor(None, functools.partial(
+                    plan_segments, rest, spec.lang_code, engine, speed=speed,
+                    lead_seconds=self.settings.lead_frames * FRAME_SECONDS, ahead_seconds=ahead))
+                segments.reverse()
         tail = resampler.push(np.zeros(0, dtype=np.float32), last=True)
         item.frames.extend(tail)
         item.produced += len(tail)

@@ -33,7 +33,7 @@ from node.agent import NodeAgent
 from node.config import Location, NodeConfig
 from registry.client import RegistryClient
 from registry.tokens import Grant, mint_token
-from tests.support.audio import dominant_hz
+from tests.support.audio import tone_hz
 from tests.conftest import Chain, free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -177,7 +177,7 @@ async def test_livekit_sdk_hears_the_tone_gets_data_and_speakers_and_is_billed(s
         await wait_for(lambda: sum(len(s) for s in samples) > 48000 * 1.5, 15, "1.5 s of audio")
         audio = np.concatenate(samples)[-48000:]
         assert np.sqrt(np.mean(audio.astype(float) ** 2)) > 1000, "bob hears more than silence"
-        assert abs(dominant_hz(audio) - 440) < 5
+        assert abs(tone_hz(audio) - 440) < 5
 
         await alice.local_participant.publish_data(b"hello bob", reliable=True, topic="chat")
         await wait_for(lambda: data, 10, "the data message")
@@ -494,7 +494,7 @@ async def test_a_room_spans_two_nodes(sfu: Setup, tmp_path: Path) -> None:
         reader = asyncio.ensure_future(read())
         await wait_for(lambda: sum(len(s) for s in samples) > 48000, 15, "audio over the relay")
         audio = np.concatenate(samples)[-24000:]
-        assert abs(dominant_hz(audio) - 440) < 5, "bob on node B hears alice on node A"
+        assert abs(tone_hz(audio) - 440) < 5, "bob on node B hears alice on node A"
         await alice.local_participant.publish_data(b"across", reliable=True)
         await wait_for(lambda: data, 10, "data over the relay")
         # The packet keeps participant_identity "alice"; B's SDK knows no participant of that

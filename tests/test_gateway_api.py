@@ -130,7 +130,8 @@ class _serve:
     async def __aenter__(self) -> Gw:
         self.registry = RegistryClient(self.net.url)
         self.ledger = Ledger(self.db)
-        app = create_app(gateway_config(self.tmp, self.db, **self.config), self.net.issuer,
+        config = gateway_config(self.tmp, self.db, rpc_url=self.net.url, **self.config)
+        app = create_app(config, self.net.issuer,
                          self.registry.list_nodes, ledger=self.ledger)
         self.server = TestServer(app, host="127.0.0.1")
         await self.server.start_server()

@@ -69,7 +69,7 @@ async def sfu(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> AsyncIt
     db = f"sqlite+aiosqlite:///{tmp}/gateway.db"
     registry = RegistryClient(chain.url)
     ledger = Ledger(db)
-    gw_config = GatewayConfig(database_url=db, registry_refresh_seconds=0.2,
+    gw_config = GatewayConfig(database_url=db, rpc_url=chain.url, registry_refresh_seconds=0.2,
                               sweep_interval_seconds=0.5, settle_grace_seconds=0,
                               default_location=DefaultLocation(**WHERE))
     server = TestServer(create_app(gw_config, chain.issuer, registry.list_nodes, ledger=ledger),

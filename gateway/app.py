@@ -9,6 +9,7 @@ Errors are ``{"error": "..."}`` with 400/401/402/404/429/503 as the spec lists t
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -66,25 +67,39 @@ def error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-async def parse_body(request: web.Request, model: type[schemas.Body]) -> Any:
-    raw = await request.read()
+def http_error(cls: type[web.HTTPError], message: str) -> web.HTTPError:
+    """An aiohttp HTTP exception carrying the API's ``{"error": ...}`` body, ready to raise."""
+    return cls(text=json.dumps({"error": message}), content_type="application/json")
+
+
+def _bad(message: str) -> web.HTTPError:
+    return http_error(web.HTTPBadRequest, message)
+
+
+def _unauthorized(message: str) -> web.HTTPError:
+    return http_error(web.HTTPUnauthorized, message)
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object (an empty body is ``{}``); 400 naming what is wrong."""
     try:
         data = jsonsafe.loads(raw) if raw else {}
     except (ValueError, UnicodeDecodeError):
-        raise web.HTTPBadRequest(text='{"error": "request body is not valid JSON"}',
-                                 content_type="application/json") from None
+        raise _bad("request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise _bad("request body must be a JSON object")
+    return data
+
+
+def validated(raw: bytes, model: type[schemas.Body]) -> Any:
     try:
-        return model.model_validate(data)
+        return model.model_validate(json_object(raw))
     except ValidationError as exc:
         raise _bad(format_validation_error(exc)) from None
 
 
-def _bad(message: str) -> web.HTTPBadRequest:
-    import json
-
-    return web.HTTPBadRequest(text=json.dumps({"error": message}), content_type="application/json")
+async def parse_body(request: web.Request, model: type[schemas.Body]) -> Any:
+    return validated(await request.read(), model)
 
 
 def gw(request: web.Request) -> Gateway:
@@ -200,8 +215,7 @@ async def _account_id(request: web.Request) -> str:
     chain, address = wallet_of(request)
     account = await gw(request).ledger.get_account(chain, address)
     if account is None:
-        raise web.HTTPNotFound(text=f'{{"error": "no account for {chain} wallet {address}"}}',
-                               content_type="application/json")
+        raise http_error(web.HTTPNotFound, f"no account for {chain} wallet {address}")
     return account.id
 
 
@@ -304,19 +318,6 @@ async def node_signed_body(request: web.Request) -> tuple[str, bytes]:
     return signer, body
 
 
-def _unauthorized(message: str) -> web.HTTPUnauthorized:
-    import json
-
-    return web.HTTPUnauthorized(text=json.dumps({"error": message}), content_type="application/json")
-
-
-def _json_body(body: bytes) -> Any:
-    try:
-        return jsonsafe.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise _bad("request body is not valid JSON") from None
-
-
 async def _report(request: web.Request, node: str, session_id: str, units: int,
                   final: bool) -> dict[str, Any]:
     try:
@@ -330,13 +331,7 @@ async def _report(request: web.Request, node: str, session_id: str, units: int,
 
 async def internal_events(request: web.Request) -> web.Response:
     node, raw = await node_signed_body(request)
-    data = _json_body(raw)
-    if not isinstance(data, dict):
-        raise _bad("request body must be a JSON object")
-    try:
-        event = schemas.UsageEvent.model_validate(data)
-    except ValidationError as exc:
-        raise _bad(format_validation_error(exc)) from None
+    event = validated(raw, schemas.UsageEvent)
     record = await gw(request).ledger.get_session(event.session_id)
     if record is None:
         return error(404, f"unknown session {event.session_id}")
@@ -359,8 +354,8 @@ async def sfu_webhook(request: web.Request) -> web.Response:
     the session's running usage. ``room_finished`` settles every session of the room on that node.
     """
     node, raw = await node_signed_body(request)
-    data = _json_body(raw)
-    if not isinstance(data, dict) or not isinstance(data.get("event"), str):
+    data = json_object(raw)
+    if not isinstance(data.get("event"), str):
         raise _bad("webhook body must be a WebhookEvent object with an 'event' field")
     event = data["event"]
     ledger = gw(request).ledger

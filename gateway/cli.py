@@ -24,6 +24,7 @@ from gateway.ledger import Ledger, pricing
 from registry import program as p
 from registry.client import RegistryClient
 from registry.keys import load_or_create_keypair
+from registry.logs import configure_logging
 from registry.settings import SettingsError
 
 log = logging.getLogger("gateway")
@@ -120,10 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "alembic"):  # one line per RPC call / migration step otherwise
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(args.log_level)
     try:
         config = load_gateway_config(args.config)
         if args.cmd in (None, "serve"):

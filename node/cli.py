@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
 from node.agent import NodeStartError, serve
 from node.config import ROLE_NAMES, ConfigError, load_config
 from node.roles import RoleNotBuilt
+from registry.logs import configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,10 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per RPC call otherwise
+    configure_logging(args.log_level)
     try:
         config = load_config(args.config, args.role)
         asyncio.run(serve(config))

@@ -135,16 +135,7 @@ def _page(limit: int, offset: int) -> tuple[int, int]:
 
 
 def _account(row: Row) -> Account:
-    return Account(
-        id=row["id"],
-        wallet_chain=row["wallet_chain"],
-        wallet_address=row["wallet_address"],
-        credit_balance=row["credit_balance"],
-        held_microcredits=row["held_microcredits"],
-        max_concurrent_sessions=row["max_concurrent_sessions"],
-        max_api_rate=row["max_api_rate"],
-        created_at=row["created_at"],
-    )
+    return Account(**{k: row[k] for k in Account.__dataclass_fields__})
 
 
 def _transaction(row: Row) -> Transaction:

@@ -18,7 +18,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .deploy import SvmTarget, deploy_program, is_deployed, load_keypair
+from registry.keys import load_keypair
+
+from .deploy import SvmTarget, deploy_program, is_deployed
 from .journal import LedgerLockedError
 from .rpc import make_app
 from .svm import LocalSvm, PreflightError

@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from registry.keys import load_keypair  # noqa: F401  (re-exported for callers)
 from solders.account import Account
 from solders.hash import Hash
 from solders.instruction import AccountMeta, Instruction

@@ -90,6 +90,7 @@ class SessionService:
         self._accounts: dict[tuple[str, str], tuple[Account, float]] = {}
         self.refresh_sfu_tokens = refresh_sfu_tokens
         self._tasks: set[asyncio.Task[None]] = set()
+        self._http: Any = None  # aiohttp.ClientSession, made on the first push
 
     # ------------------------------------------------------------ helpers
 
@@ -173,10 +174,11 @@ class SessionService:
         import aiohttp
 
         url = server_url.rstrip("/") + "/rtc/refresh"
+        if self._http is None:  # one pooled client for every push, not one per extend
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
-                async with http.post(url, headers={"Authorization": f"Bearer {token}"}) as resp:
-                    log.debug("refresh of session %s at %s: HTTP %d", session_id, url, resp.status)
+            async with self._http.post(url, headers={"Authorization": f"Bearer {token}"}) as resp:
+                log.debug("refresh of session %s at %s: HTTP %d", session_id, url, resp.status)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             log.info("could not push the refreshed token of session %s to %s: %s",
                      session_id, url, exc)
@@ -184,6 +186,8 @@ class SessionService:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        if self._http is not None:
+            await self._http.close()
 
     # ------------------------------------------------------------ WebRTC
 

@@ -458,7 +458,7 @@ def create_app(config: GatewayConfig, issuer: Keypair, list_nodes: Any,
     locator = Locator(Location(loc.lat, loc.lon, loc.country), config.geoip_mmdb)
     limiter = RateLimiter()
     service = SessionService(ledger, directory, locator, issuer, config.tts_session_minutes,
-                             config.refresh_sfu_tokens)
+                             config.refresh_sfu_tokens, config.account_cache_seconds)
     # Outermost first: auth must see the final status (a 402 gives the signature back), so the
     # domain-error mapping runs inside it.
     app = web.Application(middlewares=[

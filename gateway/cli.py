@@ -16,6 +16,7 @@ import sys
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+import uvloop
 from aiohttp import web
 from solders.pubkey import Pubkey
 
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_gateway_config(args.config)
         if args.cmd in (None, "serve"):
-            asyncio.run(serve(config))
+            uvloop.run(serve(config))  # libuv's loop: less CPU per request than asyncio's
         elif args.cmd == "credits":
             asyncio.run(grant(config, args.wallet, args.chain, args.usd, args.memo))
         elif args.cmd == "accounts":

@@ -42,6 +42,10 @@ class GatewayConfig(BaseModel):
     refresh_sfu_tokens: bool = True
     # Requests per second for wallets without an account yet (accounts carry their own limit).
     default_max_api_rate: int = Field(default=50, ge=1)
+    # How long a wallet's account id and limits are reused without a ledger read: a changed
+    # max_api_rate applies within this. Balances and the concurrent-session limit are checked in
+    # the ledger's transaction on every request regardless.
+    account_cache_seconds: float = Field(default=10.0, ge=0)
     # Credit purchases: x402 on Solana (and EVM), MPP and TRON challenges (gateway/payments).
     payments: PaymentsConfig = PaymentsConfig()
 

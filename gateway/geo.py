@@ -157,6 +157,9 @@ def load_country_centroids(path: Path = CENTROIDS_PATH) -> dict[str, tuple[float
     return out
 
 
+_MAX_REMEMBERED = 65_536  # addresses whose location a Locator keeps
+
+
 class Locator:
     """IP -> ``Location``. The embedded database loads lazily on the first public address (about
     0.1 s and 75 MB of memory, IPv4 and IPv6), so a local setup that only sees 127.0.0.1 never
@@ -175,6 +178,7 @@ class Locator:
         self.centroids = load_country_centroids() if centroids is None else centroids
         self._mmdb: Any = None
         self._fast: Any = None
+        self._seen: dict[str | None, Location] = {}  # the databases never change while we run
         if mmdb_path:
             import maxminddb
 
@@ -205,6 +209,14 @@ class Locator:
 
     def locate(self, ip: str | None) -> Location:
         """Never raises for bad input: an address that cannot be placed gets the default."""
+        hit = self._seen.get(ip)
+        if hit is None:
+            if len(self._seen) >= _MAX_REMEMBERED:
+                self._seen.clear()
+            hit = self._seen[ip] = self._lookup(ip)
+        return hit
+
+    def _lookup(self, ip: str | None) -> Location:
         addr = parse_ip(ip)
         if addr is None:
             return self._fallback("invalid")

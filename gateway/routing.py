@@ -120,6 +120,9 @@ def score_nodes(
     return out
 
 
+_MAX_CACHED_CHOICES = 65_536
+
+
 class NodeDirectory:
     """The registry's node list, cached. ``start()`` refreshes every ``refresh_seconds`` in the
     background; without it (tests, one-off tools) a read refreshes when the view is that old.
@@ -150,6 +153,9 @@ class NodeDirectory:
         self._last_error: BaseException | None = None
         self._inflight: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        # (role, client) -> winner for the current view: a view is fixed (staleness included)
+        # until the next fetch, and scoring every node on every request is most of routing's cost
+        self._choices: dict[tuple[Role, Location], NodeAccount] = {}
 
     # ------------------------------------------------ lifecycle
 
@@ -202,6 +208,7 @@ class NodeDirectory:
             self._last_error = exc
             raise
         self._nodes, self._fetched_at, self._last_error = nodes, self._clock(), None
+        self._choices = {}
         log.debug("node directory: %d nodes", len(nodes))
 
     async def nodes(self) -> list[NodeAccount]:
@@ -258,7 +265,11 @@ class NodeDirectory:
     async def choose(self, role: Role | str, client: Location) -> NodeAccount:
         """The best node of ``role`` for a client at ``client``; ``NoCapacity`` if there is none."""
         role = Role.parse(role)
-        mine = [n for n in await self.nodes() if n.role == role]
+        nodes = await self.nodes()
+        explain = log.isEnabledFor(logging.DEBUG)
+        if not explain and (hit := self._choices.get((role, client))) is not None:
+            return hit
+        mine = [n for n in nodes if n.role == role]
         skipped = [(n, r) for n in mine if (r := unhealthy_reason(n)) is not None]
         healthy = [n for n in mine if unhealthy_reason(n) is None]
         ranked = score_nodes(
@@ -274,7 +285,11 @@ class NodeDirectory:
                 role, f"{len(mine)} registered ({reasons})" if mine else "none registered"
             )
         winner = ranked[0]
-        if log.isEnabledFor(logging.DEBUG):
+        if nodes is self._nodes:
+            if len(self._choices) >= _MAX_CACHED_CHOICES:
+                self._choices.clear()
+            self._choices[(role, client)] = winner.node
+        if explain:
             log.debug(
                 "route %s client=%s winner=%s candidates=[%s] skipped=[%s]",
                 role.label,

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import math
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,7 +20,7 @@ from solders.keypair import Keypair
 
 from gateway import schemas
 from gateway.geo import Location, Locator
-from gateway.ledger import Ledger, pricing
+from gateway.ledger import Ledger, pricing, uuid7
 from gateway.ledger.records import Account, Extension, SessionRecord, SessionSpec
 from gateway.routing import SERVICE_ROLES, NodeDirectory
 from registry.program import NodeAccount
@@ -30,7 +29,6 @@ from registry.tokens import Grant, mint_token
 log = logging.getLogger("gateway.sessions")
 
 DEFAULT_TTS_CHARACTERS = 10_000
-ACCOUNT_CACHE_SECONDS = 2.0
 
 
 class NotFound(Exception):
@@ -81,6 +79,7 @@ class SessionService:
         issuer: Keypair,
         tts_session_minutes: int = 60,
         refresh_sfu_tokens: bool = True,
+        account_cache_seconds: float = 10.0,
     ) -> None:
         self.ledger = ledger
         self.directory = directory
@@ -88,6 +87,7 @@ class SessionService:
         self.issuer = issuer
         self.tts_session_minutes = tts_session_minutes
         self._accounts: dict[tuple[str, str], tuple[Account, float]] = {}
+        self.account_cache_seconds = account_cache_seconds
         self.refresh_sfu_tokens = refresh_sfu_tokens
         self._tasks: set[asyncio.Task[None]] = set()
         self._http: Any = None  # aiohttp.ClientSession, made on the first push
@@ -99,7 +99,7 @@ class SessionService:
         balance check happens again inside the ledger's write transaction anyway."""
         key = (chain, address.lower() if chain == "evm" else address)
         hit = self._accounts.get(key)
-        if hit is not None and time.monotonic() - hit[1] < ACCOUNT_CACHE_SECONDS:
+        if hit is not None and time.monotonic() - hit[1] < self.account_cache_seconds:
             return hit[0]
         account = await self.ledger.get_account(chain, address)
         if account is not None:
@@ -147,7 +147,7 @@ class SessionService:
         return SessionSpec(
             service=p.service, reserve_microcredits=p.reserve, limit_units=p.units,
             token_expires_at=p.expires_at, node_pubkey=str(p.node.owner), server_url=p.node.url,
-            session_id=str(uuid.uuid4()), **fields,
+            session_id=uuid7(), **fields,
         )
 
     async def _create(self, account: Account, spec: SessionSpec) -> SessionRecord:
@@ -286,7 +286,7 @@ class SessionService:
                                                "identity": body.participant_identity}))
         specs.append(self._spec(tts, metadata={"language": body.language,
                                                "identity": body.participant_identity}))
-        bundle = await self.ledger.create_bundle(account.id, specs, bundle_id=str(uuid.uuid4()))
+        bundle = await self.ledger.create_bundle(account.id, specs, bundle_id=uuid7())
         return {"bundle_id": bundle.bundle_id, **self._bundle_view(bundle.sessions, extended=False),
                 "expires_at": iso(expires)}
 

@@ -112,6 +112,7 @@ def _evm_address(key: str) -> str:
 def gateway_config(tmp: Path, db_url: str, **over: object) -> GatewayConfig:
     # The module's nodes have made-up URLs: pushing refreshed tokens to them is tested apart.
     over.setdefault("refresh_sfu_tokens", False)
+    over.setdefault("account_cache_seconds", 2.0)
     return GatewayConfig(database_url=db_url, registry_refresh_seconds=0.2,
                          sweep_interval_seconds=0.2, settle_grace_seconds=0, **over)
 
@@ -419,7 +420,7 @@ async def test_concurrency_and_rate_limits(gw: Gw) -> None:
     with pytest.raises(ConcurrencyLimit, match="concurrent"):
         await client.create_stt_session(1)
     await gw.ledger.set_limits(account.id, max_api_rate=3, max_concurrent_sessions=10)
-    await asyncio.sleep(2.1)  # the gateway caches an account's limits for 2 s
+    await asyncio.sleep(2.1)  # the gateway caches an account's limits (2 s in these tests)
     results = await asyncio.gather(*(client.account() for _ in range(10)), return_exceptions=True)
     assert any(isinstance(r, RateLimit) for r in results)
     assert any(not isinstance(r, Exception) for r in results)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -34,7 +35,8 @@ from gateway.ledger import (
     UnknownSession,
     pricing,
 )
-from gateway.ledger.models import UTCDateTime
+from gateway.ledger.ids import uuid7
+from gateway.ledger.models import UTCDateTime, accounts
 from gateway.ledger.records import PUBLIC_SESSION_FIELDS
 
 NODE = "NodeA1111111111111111111111111111111111111"
@@ -302,6 +304,73 @@ async def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
         Ledger("sqlite:///:memory:")
     with pytest.raises(ValueError):
         Ledger("mysql://x/y")
+
+
+async def test_sqlite_group_commit_rolls_back_only_the_failing_jobs(tmp_path: Path) -> None:
+    """Write transactions queued together share one COMMIT (writer.py), each in a savepoint:
+    a job that raises loses its own writes and gets its exception; the others are stored."""
+    lg = Ledger(f"sqlite:///{tmp_path}/ledger.db")
+    await lg.migrate()
+    created = now()
+
+    def body(conn: sa.Connection, i: int) -> int:
+        conn.execute(sa.insert(accounts).values(
+            id=f"acct-{i}", wallet_chain="solana", wallet_address=f"wallet-{i}",
+            credit_balance=0, held_microcredits=0, created_at=created))
+        if i % 3 == 0:
+            raise ValueError(f"job {i} refuses")
+        return i
+
+    try:
+        results = await asyncio.gather(*(lg._tx(body, i) for i in range(60)),
+                                       return_exceptions=True)
+        for i, result in enumerate(results):
+            if i % 3 == 0:
+                assert isinstance(result, ValueError) and str(result) == f"job {i} refuses"
+            else:
+                assert result == i
+        stored = {a.id for a in await lg.list_accounts(limit=100)}
+        assert stored == {f"acct-{i}" for i in range(60) if i % 3}
+    finally:
+        await lg.close()
+
+
+async def test_sqlite_wal_is_checkpointed_off_the_write_path(tmp_path: Path) -> None:
+    """The writer's COMMITs never checkpoint (wal_autocheckpoint=0); a background thread copies
+    the WAL into the database file, so the file grows while the WAL is reused."""
+    db = tmp_path / "ledger.db"
+    lg = Ledger(f"sqlite:///{db}")
+    await lg.migrate()
+    try:
+        async with lg._engine.connect() as conn:  # the tools' engine keeps SQLite's default
+            assert (await conn.exec_driver_sql("PRAGMA wal_autocheckpoint")).scalar() == 1000
+        assert await lg._rtx(
+            lambda c: c.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar()) == 0
+        size_before = db.stat().st_size
+        account_id = await funded(lg, 10**12)
+        await lg.set_limits(account_id, max_concurrent_sessions=10**6)
+        await asyncio.gather(*(open_session(lg, account_id) for _ in range(400)))
+        for _ in range(50):  # CHECKPOINT_SECONDS is 1
+            if db.stat().st_size > size_before:
+                break
+            await asyncio.sleep(0.1)
+        assert db.stat().st_size > size_before
+        assert len(await lg.list_sessions(account_id, limit=500)) == 400
+    finally:
+        await lg.close()
+
+
+def test_session_ids_are_time_ordered_uuid7() -> None:
+    ids = []
+    for _ in range(3):
+        ids.append(uuid7())
+        time.sleep(0.002)
+    parsed = [uuid.UUID(i) for i in ids]
+    assert all(u.version == 7 and u.variant == uuid.RFC_4122 for u in parsed)
+    assert ids == sorted(ids) and len(set(ids)) == 3  # later ids sort after earlier ones
+    stamp_ms = int(ids[0].replace("-", "")[:12], 16)
+    assert abs(stamp_ms / 1000 - time.time()) < 5
+    assert len({uuid7() for _ in range(10_000)}) == 10_000  # random bits within a millisecond
 
 
 # ------------------------------------------------------------------------------------ accounts

@@ -181,6 +181,22 @@ async def test_no_capacity_names_the_reasons() -> None:
         await directory().choose("sfu", LONDON)
 
 
+async def test_a_choice_is_reused_only_until_the_next_registry_read() -> None:
+    registry = FakeRegistry([node("london"), node("frankfurt")])
+    d = NodeDirectory(registry)
+    assert (await d.choose("sfu", LONDON)).url == "wss://london.example"
+    assert (await d.choose("sfu", LONDON)).url == "wss://london.example"
+    assert registry.calls == 1
+    registry.nodes = [node("london", load=10), node("frankfurt")]  # London is full now
+    assert (await d.choose("sfu", LONDON)).url == "wss://london.example"  # same view
+    await d.refresh()
+    assert (await d.choose("sfu", LONDON)).url == "wss://frankfurt.example"
+    registry.nodes = [node("london", stale=True)]
+    await d.refresh()
+    with pytest.raises(NoCapacity, match="stale"):
+        await d.choose("sfu", LONDON)
+
+
 async def test_choice_is_logged_in_one_line(caplog: pytest.LogCaptureFixture) -> None:
     d = directory(node("london", load=3), node("frankfurt"), node("newyork", stale=True))
     with caplog.at_level(logging.DEBUG, logger="gateway.routing"):

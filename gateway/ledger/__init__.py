@@ -10,6 +10,7 @@ from .errors import (
     SessionClosed,
     UnknownSession,
 )
+from .ids import uuid7
 from .ledger import Ledger, normalize_url
 from .records import (
     Account,
@@ -43,4 +44,5 @@ __all__ = [
     "UnknownSession",
     "UsageResult",
     "normalize_url",
+    "uuid7",
 ]

@@ -39,9 +39,11 @@ file (WAL mode) on one machine.
 
 Execution: each transaction body is a plain function of a sync ``sa.Connection``. On PostgreSQL it
 runs through ``AsyncConnection.run_sync`` (asyncpg). On SQLite the whole body runs in one hop on
-the ``Ledger``'s single writer thread (its own pysqlite connection; reads on a reader thread), so a
-transaction costs one thread hop instead of one per statement, and one process never has two
-writers spinning on SQLite's busy handler. A call returns once its transaction has committed.
+the ``Ledger``'s single writer thread (its own pysqlite connection; reads on reader threads), so a
+transaction costs one thread hop instead of one per statement, one process never has two writers
+spinning on SQLite's busy handler, and bodies queued together commit together (``writer.py``:
+one savepoint each). The hot statements are ``Prepared`` (``prepared.py``). A call returns once
+its transaction has committed.
 """
 
 from __future__ import annotations
@@ -71,7 +73,9 @@ from .errors import (
     SessionClosed,
     UnknownSession,
 )
+from .ids import uuid7
 from .models import VERSION_TABLE, accounts, sessions, transactions
+from .prepared import Prepared
 from .records import (
     Account,
     AccountView,
@@ -83,6 +87,7 @@ from .records import (
     Transaction,
     UsageResult,
 )
+from .writer import GroupWriter
 
 WALLET_CHAINS = ("solana", "evm")
 SESSION_STATUSES = ("active", "completed", "expired")
@@ -147,23 +152,32 @@ def _session(row: Row) -> SessionRecord:
     return SessionRecord(session_id=row["id"], **fields)
 
 
-# Hot-path statements, built once: SQLAlchemy memoizes their cache keys, so executing them costs
-# no statement construction or cache-key generation (most of a transaction's CPU time otherwise).
-_ACCOUNT_BY_ID = sa.select(accounts).where(accounts.c.id == sa.bindparam("account_id"))
+# Hot-path statements, compiled once (``Prepared``: straight to the driver on SQLite).
+_ACCOUNT_BY_ID_STMT = sa.select(accounts).where(accounts.c.id == sa.bindparam("account_id"))
+_ACCOUNT_BY_ID = Prepared(_ACCOUNT_BY_ID_STMT)
 _ACCOUNT_BY_ID_FOR_UPDATE = {
-    skip: _ACCOUNT_BY_ID.with_for_update(skip_locked=skip) for skip in (False, True)
+    skip: Prepared(_ACCOUNT_BY_ID_STMT.with_for_update(skip_locked=skip)) for skip in (False, True)
 }
-_ACCOUNT_BY_WALLET = sa.select(accounts).where(
+_ACCOUNT_BY_WALLET = Prepared(sa.select(accounts).where(
     accounts.c.wallet_chain == sa.bindparam("chain"),
-    accounts.c.wallet_address == sa.bindparam("address"))
-_SESSION_BY_ID = sa.select(sessions).where(sessions.c.id == sa.bindparam("session_id"))
-_ACTIVE_SESSION_KEYS = (
-    sa.select(sa.func.coalesce(sessions.c.bundle_id, sessions.c.id)).distinct()
-    .where(sessions.c.account_id == sa.bindparam("account_id"), sessions.c.status == "active")
-)
-_INSERT_SESSION = sa.insert(sessions).returning(*sessions.c)
-_INSERT_TRANSACTION = sa.insert(transactions).returning(*transactions.c)
-_SAVE_ACCOUNT = (
+    accounts.c.wallet_address == sa.bindparam("address")))
+_SESSION_BY_ID = Prepared(
+    sa.select(sessions).where(sessions.c.id == sa.bindparam("session_id")))
+_ACTIVE_SESSION_COUNT = Prepared(
+    sa.select(sa.func.count(sa.distinct(sa.func.coalesce(sessions.c.bundle_id, sessions.c.id)))
+              .label("n"))
+    .where(sessions.c.account_id == sa.bindparam("account_id"), sessions.c.status == "active"))
+_BUNDLE_ACTIVE = Prepared(
+    sa.select(sessions.c.id).where(sessions.c.account_id == sa.bindparam("account_id"),
+                                   sessions.c.bundle_id == sa.bindparam("bundle_id"),
+                                   sessions.c.status == "active").limit(1))
+# the inserts return only the generated id: the rest of the row is what was written
+_INSERT_SESSION = Prepared(sa.insert(sessions))
+_INSERT_TRANSACTION = Prepared(
+    sa.insert(transactions)
+    .values({c.key: sa.bindparam(c.key, type_=c.type) for c in transactions.c if c.key != "id"})
+    .returning(transactions.c.id))
+_SAVE_ACCOUNT = Prepared(
     sa.update(accounts).where(accounts.c.id == sa.bindparam("acct_id"))
     .values(credit_balance=sa.bindparam("acct_credit"), held_microcredits=sa.bindparam("acct_held"))
 )
@@ -171,13 +185,18 @@ _SAVE_ACCOUNT = (
 _SQLITE_READERS = 2  # reader threads (and pooled connections) per SQLite Ledger
 
 
-def _install_sqlite_hooks(sync_engine: sa.Engine, busy_ms: int) -> None:
+def _install_sqlite_hooks(sync_engine: sa.Engine, busy_ms: int, *,
+                          auto_checkpoint: bool = True) -> None:
+    pragmas = ["journal_mode=WAL", "foreign_keys=ON", "synchronous=NORMAL",
+               f"busy_timeout={busy_ms}"]
+    if not auto_checkpoint:  # the GroupWriter's own thread checkpoints
+        pragmas.append("wal_autocheckpoint=0")
+
     @event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
         cur = dbapi_conn.cursor()
-        for pragma in ("journal_mode=WAL", "foreign_keys=ON", "synchronous=NORMAL",
-                       f"busy_timeout={busy_ms}"):
+        for pragma in pragmas:
             cur.execute(f"PRAGMA {pragma}")
         cur.close()
 
@@ -236,7 +255,7 @@ class Ledger:
         self._engine = create_async_engine(self.url, **kwargs)
         self._wengine = self._engine.execution_options(ledger_write=True)
         self._sync_engine: sa.Engine | None = None
-        self._writer: ThreadPoolExecutor | None = None
+        self._writer: GroupWriter | None = None
         self._reader: ThreadPoolExecutor | None = None
         if not self._pg:
             busy_ms = int(sqlite_busy_timeout * 1000)
@@ -246,9 +265,8 @@ class Ledger:
             self._sync_engine = sa.create_engine(
                 u.set(drivername="sqlite+pysqlite"), echo=echo, pool_size=_SQLITE_READERS + 1,
                 connect_args={"timeout": sqlite_busy_timeout, "check_same_thread": False})
-            _install_sqlite_hooks(self._sync_engine, busy_ms)
-            self._sync_wengine = self._sync_engine.execution_options(ledger_write=True)
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="ledger-sqlite-writer")
+            _install_sqlite_hooks(self._sync_engine, busy_ms, auto_checkpoint=False)
+            self._writer = GroupWriter(self._sync_engine.execution_options(ledger_write=True))
             self._reader = ThreadPoolExecutor(_SQLITE_READERS,
                                               thread_name_prefix="ledger-sqlite-reader")
 
@@ -260,7 +278,7 @@ class Ledger:
     def _close_sqlite(self) -> None:
         assert self._writer is not None and self._reader is not None
         assert self._sync_engine is not None
-        self._writer.shutdown(wait=True)
+        self._writer.close()
         self._reader.shutdown(wait=True)
         self._sync_engine.dispose()
 
@@ -283,20 +301,24 @@ class Ledger:
                              {"k": _PG_MIGRATION_LOCK})
             _alembic_upgrade(conn, revision)
 
-        await self._tx(body)
+        await self._tx(body, alone=True)
 
     async def schema_revision(self) -> str | None:
         return await self._rtx(_alembic_current)
 
     # ---------------------------------------------------------------- plumbing
 
-    async def _tx(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _tx(self, fn: Callable[..., T], *args: Any, alone: bool = False) -> T:
         """Run ``fn(conn, *args)`` as one write transaction (committed when this returns;
-        rolled back if ``fn`` raises)."""
+        rolled back if ``fn`` raises). On SQLite it may share its COMMIT with other bodies queued
+        at the same time, unless ``alone``."""
         if self._pg:
             async with self._wengine.begin() as conn:
                 return await conn.run_sync(fn, *args)
-        return await self._on_thread(self._writer, self._sqlite_tx, fn, args)
+        assert self._writer is not None
+        # a cancelled caller does not cancel its transaction (queued or running): it commits
+        # or rolls back as if the caller had waited
+        return await asyncio.shield(self._writer.submit(fn, args, alone=alone))
 
     async def _rtx(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` in one read-only transaction."""
@@ -308,14 +330,7 @@ class Ledger:
     async def _on_thread(self, pool: ThreadPoolExecutor | None, run: Callable[..., T],
                          fn: Callable[..., Any], args: tuple[Any, ...]) -> T:
         assert pool is not None
-        fut = asyncio.get_running_loop().run_in_executor(pool, run, fn, args)
-        # a cancelled caller does not cancel its transaction (queued or running): it commits
-        # or rolls back as if the caller had waited, and the writer thread stays in order
-        return await asyncio.shield(fut)
-
-    def _sqlite_tx(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-        with self._sync_wengine.begin() as conn:
-            return fn(conn, *args)
+        return await asyncio.get_running_loop().run_in_executor(pool, run, fn, args)
 
     def _sqlite_read(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         assert self._sync_engine is not None
@@ -329,7 +344,7 @@ class Ledger:
         self, conn: sa.Connection, account_id: str, *, skip_locked: bool = False
     ) -> _Acct | None:
         stmt = _ACCOUNT_BY_ID_FOR_UPDATE[skip_locked] if self._pg else _ACCOUNT_BY_ID
-        row = conn.execute(stmt, {"account_id": account_id}).mappings().first()
+        row = stmt.first(conn, {"account_id": account_id})
         return _Acct(row) if row else None
 
     def _ensure_account(
@@ -369,19 +384,20 @@ class Ledger:
         if not 0 <= acct.held <= acct.credit:  # unreachable unless a caller's check is wrong
             raise AssertionError(f"ledger invariant broken on {acct.id}: "
                                  f"credit {acct.credit}, held {acct.held}")
-        row = conn.execute(_INSERT_TRANSACTION, {
+        row = {
             "account_id": acct.id, "kind": kind, "amount": amount, "hold": hold,
             "balance_after": acct.credit, "available_after": acct.available,
             "session_id": session_id, "reference": reference, "memo": memo, "created_at": now,
-        }).mappings().one()
+        }
+        row["id"] = _INSERT_TRANSACTION.one(conn, row)["id"]
         return _transaction(row)
 
     def _save(self, conn: sa.Connection, acct: _Acct) -> None:
-        conn.execute(_SAVE_ACCOUNT,
-                     {"acct_id": acct.id, "acct_credit": acct.credit, "acct_held": acct.held})
+        _SAVE_ACCOUNT.rows(conn, {"acct_id": acct.id, "acct_credit": acct.credit,
+                                  "acct_held": acct.held})
 
     def _session_row(self, conn: sa.Connection, session_id: str) -> Row | None:
-        return conn.execute(_SESSION_BY_ID, {"session_id": session_id}).mappings().first()
+        return _SESSION_BY_ID.first(conn, {"session_id": session_id})
 
     # ---------------------------------------------------------------- credits
 
@@ -496,7 +512,7 @@ class Ledger:
         """Open several sessions under one ``bundle_id``, all or nothing."""
         if not specs:
             raise ValueError("a bundle needs at least one session")
-        bundle_id = bundle_id or str(uuid.uuid4())
+        bundle_id = bundle_id or uuid7()
         records = await self._tx(self._open, account_id, list(specs), bundle_id)
         return Bundle(bundle_id, records)
 
@@ -512,21 +528,25 @@ class Ledger:
             _positive("limit_units", s.limit_units)
             if not s.node_pubkey or not s.server_url:
                 raise ValueError("node_pubkey and server_url are required")
-            checked.append((s, s.session_id or str(uuid.uuid4()),
+            checked.append((s, s.session_id or uuid7(),
                             _aware("token_expires_at", s.token_expires_at)))
         acct = self._lock_account(conn, account_id)
         if acct is None:
             raise AccountNotFound(account_id)
-        active = set(conn.scalars(_ACTIVE_SESSION_KEYS, {"account_id": account_id}).all())
-        new = {bundle_id} if bundle_id else {sid for _, sid, _ in checked}
-        if len(active | new) > acct.max_sessions:
+        active = _ACTIVE_SESSION_COUNT.one(conn, {"account_id": account_id})["n"]
+        if bundle_id is None:
+            new = len(checked)
+        else:  # a bundle counts once, and not again if it is already open
+            new = 0 if _BUNDLE_ACTIVE.first(
+                conn, {"account_id": account_id, "bundle_id": bundle_id}) else 1
+        if active + new > acct.max_sessions:
             raise ConcurrencyLimit(acct.max_sessions)
         needed = sum(s.reserve_microcredits for s in specs)
         if needed > acct.available:
             raise InsufficientCredits(needed, acct.available)
         records = []
         for s, sid, expires in checked:
-            row = conn.execute(_INSERT_SESSION, {
+            row = {
                 "id": sid, "account_id": account_id, "service": s.service,
                 "bundle_id": bundle_id, "status": "active", "room_name": s.room_name,
                 "participant_identity": s.participant_identity, "server_url": s.server_url,
@@ -534,7 +554,8 @@ class Ledger:
                 "charged_microcredits": 0, "usage_units": 0, "limit_units": s.limit_units,
                 "token_expires_at": expires, "started_at": now, "ended_at": None,
                 "metadata": s.metadata,
-            }).mappings().one()
+            }
+            _INSERT_SESSION.rows(conn, row)
             self._post(conn, acct, "reserve", now, hold=s.reserve_microcredits,
                        session_id=sid, memo=f"{s.service} session")
             records.append(_session(row))
@@ -743,8 +764,10 @@ class Ledger:
     async def _all(self, stmt: sa.Select[Any]) -> list[Row]:
         return await self._rtx(lambda conn: list(conn.execute(stmt).mappings().all()))
 
-    async def _first(self, stmt: sa.Select[Any], params: dict[str, Any] | None = None
-                     ) -> Row | None:
+    async def _first(self, stmt: Prepared | sa.Select[Any],
+                     params: dict[str, Any] | None = None) -> Row | None:
+        if isinstance(stmt, Prepared):
+            return await self._rtx(stmt.first, params or {})
         return await self._rtx(lambda conn: conn.execute(stmt, params).mappings().first())
 
     async def get_account(self, wallet_chain: str, wallet_address: str) -> Account | None:

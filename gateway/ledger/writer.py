@@ -1,0 +1,170 @@
+"""The SQLite ledger's one writer thread, committing queued transactions in groups.
+
+Why a group commit: SQLite allows one writer per file, so every write transaction of the process
+queues for that thread anyway; when requests arrive faster than one ``BEGIN IMMEDIATE ...
+COMMIT`` each, the thread takes everything queued and runs it in one SQLite transaction, each
+job inside its own ``SAVEPOINT``. A job that raises is rolled back to its savepoint alone and gets
+its exception; the others commit together. Every job's future resolves only after the COMMIT that
+holds it has returned, so a caller still sees "committed" or an exception, never anything
+in between; a failed BEGIN or COMMIT fails every job of the group (none of them is stored).
+
+Checkpoints: the ledger's connections turn SQLite's automatic checkpoint off, and a second thread
+copies the WAL back into the database every ``CHECKPOINT_SECONDS`` (``PASSIVE``: it never blocks
+the writer). Otherwise the COMMIT that crosses the WAL's size limit does that copy itself, on the
+write path, holding the write lock. A crash loses nothing either way: the WAL is replayed on open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+
+log = logging.getLogger("gateway.ledger")
+
+MAX_GROUP = 128  # jobs per SQLite transaction: bounds the latency one group adds to the next
+CHECKPOINT_SECONDS = 1.0
+
+
+@dataclass
+class _Job:
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    alone: bool  # runs as a transaction of its own (schema migrations)
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.future = self.loop.create_future()
+
+
+_STOP = object()
+
+
+class GroupWriter:
+    """``submit(fn, args)`` -> a future of ``fn(conn, *args)`` once committed.
+
+    ``engine`` must begin write transactions with ``BEGIN IMMEDIATE`` (the ledger's connect and
+    begin hooks) so a group holds the write lock from its first statement.
+    """
+
+    def __init__(self, engine: sa.Engine, name: str = "ledger-sqlite-writer") -> None:
+        self._engine = engine
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._closed = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._checkpointer = threading.Thread(target=self._checkpoints, name=f"{name}-checkpoint",
+                                              daemon=True)
+        self._thread.start()
+        self._checkpointer.start()
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], *,
+               alone: bool = False) -> asyncio.Future[Any]:
+        if self._closed:
+            raise RuntimeError("the ledger is closed")
+        job = _Job(fn, args, alone, asyncio.get_running_loop())
+        self._queue.put(job)
+        return job.future
+
+    def close(self) -> None:
+        """Finish every job queued so far, then stop the thread."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(_STOP)
+        self._thread.join()
+        self._stop.set()
+        self._checkpointer.join()
+        self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file as far as readers allow (never waits for them)."""
+        conn = self._engine.raw_connection()
+        try:
+            conn.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)")  # type: ignore[union-attr]
+        finally:
+            conn.close()
+
+    def _checkpoints(self) -> None:
+        while not self._stop.wait(CHECKPOINT_SECONDS):
+            try:
+                self.checkpoint()
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                log.warning("ledger WAL checkpoint failed (will retry): %s", exc)
+
+    # ---------------------------------------------------------------- the thread
+
+    def _run(self) -> None:
+        carry: Any = None
+        while True:
+            job = carry if carry is not None else self._queue.get()
+            carry = None
+            if job is _STOP:
+                return
+            group = [job]
+            while not job.alone and len(group) < MAX_GROUP:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP or nxt.alone:
+                    carry = nxt
+                    break
+                group.append(nxt)
+            self._settle(group, self._commit(group))
+
+    def _commit(self, group: list[_Job]) -> list[tuple[bool, Any]]:
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            with self._engine.begin() as conn:
+                if len(group) == 1:  # its own transaction: an exception rolls it all back
+                    outcomes.append((True, group[0].fn(conn, *group[0].args)))
+                else:
+                    raw = conn.connection.driver_connection
+                    assert raw is not None
+                    for job in group:
+                        outcomes.append(self._in_savepoint(raw, conn, job))
+        except Exception as exc:  # noqa: BLE001 - BEGIN, COMMIT, or the single job failed
+            if len(group) > 1:
+                log.error("ledger group commit of %d transactions failed: %s", len(group), exc)
+            return [(False, exc)] * len(group)
+        return outcomes
+
+    @staticmethod
+    def _in_savepoint(raw: Any, conn: sa.Connection, job: _Job) -> tuple[bool, Any]:
+        raw.execute("SAVEPOINT ledger_job")
+        try:
+            value = job.fn(conn, *job.args)
+        except Exception as exc:  # noqa: BLE001 - handed to the job's caller
+            raw.execute("ROLLBACK TO ledger_job")
+            raw.execute("RELEASE ledger_job")
+            return (False, exc)
+        raw.execute("RELEASE ledger_job")
+        return (True, value)
+
+    @staticmethod
+    def _settle(group: list[_Job], outcomes: list[tuple[bool, Any]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, bool, Any]]] = {}
+        for job, (ok, value) in zip(group, outcomes, strict=True):
+            by_loop.setdefault(job.loop, []).append((job, ok, value))
+        for loop, done in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, done)
+            except RuntimeError:  # that event loop is closed: nobody is waiting any more
+                pass
+
+
+def _resolve(done: list[tuple[_Job, bool, Any]]) -> None:
+    for job, ok, value in done:
+        if job.future.cancelled():
+            continue
+        if ok:
+            job.future.set_result(value)
+        else:
+            job.future.set_exception(value)

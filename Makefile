@@ -7,14 +7,15 @@ STAMP   := .venv/.installed
 # The official x402 client pins construct-typing>=0.7, anchorpy <0.6: it gets a venv of its own,
 # used by the payment tests to pay the gateway as a real agent would.
 X402_STAMP := .venv-x402/.installed
-APT_PKGS := clang-19 llvm-19 postgresql
+APT_PKGS := clang-19 llvm-19 postgresql wrk
 
 .PHONY: setup up test program bench clean-local apt models
 
 setup: apt $(STAMP) $(X402_STAMP) models
 
-# Debian packages: the C compiler for the on-chain program (the build test rebuilds it) and
-# PostgreSQL (the ledger is tested on SQLite and on a throwaway PostgreSQL server).
+# Debian packages: the C compiler for the on-chain program (the build test rebuilds it),
+# PostgreSQL (the ledger is tested on SQLite and on a throwaway PostgreSQL server) and wrk (the
+# load generator of bench/gateway.py).
 apt:
 	@dpkg -s $(APT_PKGS) >/dev/null 2>&1 || { \
 	  echo "installing Debian packages: $(APT_PKGS)"; \

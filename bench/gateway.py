@@ -1,13 +1,17 @@
 """Gateway load benchmark: POST /v1/webrtc/token on SQLite and PostgreSQL, /internal/health as the
 baseline of the same server.
 
-    .venv/bin/python bench/gateway.py [--seconds 5] [--concurrency 32] [--backends sqlite,postgresql]
+    .venv/bin/python bench/gateway.py [--seconds 8] [--concurrency 16,32] [--backends sqlite,postgresql]
 
-Method: a localnet process with one registered SFU node, a gateway *process* per backend (the real
-`gateway` CLI), and this process as the load generator on loopback (so the two share the machine's
-2 cores). Every token request is a real wallet-signed request (400 funded wallets, each signature
-used once, as the gateway demands), reserving credits in the ledger and minting an Ed25519 token.
-Each phase runs for a fixed time; figures are requests per second and p50/p99 latency.
+Method: a localnet process with one registered SFU node; one gateway *process* per backend (the
+real `gateway` CLI); `wrk` (one thread, Debian's package, installed by `make setup`) as the load
+generator on loopback, sharing the machine's cores with the gateway. Every token request is a real
+wallet-signed request: 3,000 funded wallets, each (wallet, timestamp) pair used once, as the
+gateway demands; the requests are signed before each phase (signing is the client's cost, not the
+server's), and each one reserves credits in the ledger and mints an Ed25519 token. Each phase runs
+for a fixed time after a 2 s warm-up. Figures: wrk's requests per second and latency percentiles,
+the gateway process's CPU time per request, and, as a check, the sessions the ledger stored. The
+PostgreSQL server is the tests' throwaway one (fsync off) on the same machine.
 """
 
 from __future__ import annotations
@@ -15,28 +19,38 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
+import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
+import sqlalchemy as sa  # noqa: E402
 from solders.keypair import Keypair  # noqa: E402
 
 from gateway.auth import sign_request  # noqa: E402
 from gateway.ledger import Ledger  # noqa: E402
+from gateway.ledger.models import sessions  # noqa: E402
 from registry import program as p  # noqa: E402
 from registry.client import RegistryClient  # noqa: E402
 from registry.keys import save_keypair  # noqa: E402
 from tests.conftest import free_port, start_localnet_process  # noqa: E402
 from tests.pg import PgServer, find_bindir  # noqa: E402
 
-WALLETS = 400
+WALLETS = 3000
+MAX_RPS = 3000  # requests signed per second of a phase (a faster run would replay: non-2xx)
+TOKEN_PATH = "/v1/webrtc/token"
+BODY = json.dumps({"room_name": "bench", "participant_identity": "p",
+                   "duration_minutes": 1}).encode()
+WRK_SCRIPT = ROOT / "bench" / "wrk_replay.lua"
 
 
 async def setup_chain(url: str, issuer: Keypair) -> None:
@@ -47,7 +61,7 @@ async def setup_chain(url: str, issuer: Keypair) -> None:
         await client.add_issuer(authority, issuer.pubkey())
         await client.ensure_funded(node)
         await client.register_node(node, p.Role.SFU,
-                                   p.NodeFields("https://sfu.bench", 50.1, 8.7, "DE", 100000, "0.1.0"))
+                                   p.NodeFields("https://sfu.bench", 50.1, 8.7, "DE", 10**6, "0.1.0"))
 
 
 async def fund(db_url: str, wallets: list[Keypair]) -> None:
@@ -56,6 +70,12 @@ async def fund(db_url: str, wallets: list[Keypair]) -> None:
         for w in wallets:
             tx = await ledger.grant("solana", str(w.pubkey()), 10**12, memo="bench")
             await ledger.set_limits(tx.account_id, max_concurrent_sessions=10**6, max_api_rate=10**6)
+
+
+async def count_sessions(db_url: str) -> int:
+    async with Ledger(db_url) as ledger:
+        return await ledger._rtx(
+            lambda conn: conn.execute(sa.select(sa.func.count()).select_from(sessions)).scalar())
 
 
 def start_gateway(tmp: Path, rpc: str, db_url: str, issuer_path: Path) -> tuple[subprocess.Popen, str]:
@@ -85,74 +105,115 @@ async def wait_up(url: str) -> None:
 
 
 class Signer:
-    """Hands out a never-used (wallet, timestamp) pair per request."""
+    """Signs token requests ahead of a phase, each with a (wallet, timestamp) pair never used
+    before (the gateway refuses a replayed signature). Per wallet the timestamps move forward
+    about as fast as the clock, so every one is well inside the gateway's +-30 s window."""
 
     def __init__(self, wallets: list[Keypair]) -> None:
         self.wallets = wallets
-        self.i = 0
-        self.base = int(time.time())
+        self.next_ts = [0] * len(wallets)
 
-    def headers(self, path: str) -> dict[str, str]:
-        wallet = self.wallets[self.i % len(self.wallets)]
-        offset = (self.i // len(self.wallets)) % 50 - 25  # 50 timestamps inside the +-30 s window
-        if self.i and self.i % (len(self.wallets) * 50) == 0:
-            self.base = int(time.time())
-        self.i += 1
-        return sign_request("POST", path, wallet, now=int(time.time()) + offset)
-
-
-async def load(url: str, method: str, path: str, seconds: float, concurrency: int,
-               signer: Signer | None) -> tuple[float, list[float], int]:
-    latencies: list[float] = []
-    errors = 0
-    body = json.dumps({"room_name": "bench", "participant_identity": "p",
-                       "duration_minutes": 1}).encode()
-    deadline = time.perf_counter() + seconds
-    conn = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=conn) as http:
-        async def worker() -> None:
-            nonlocal errors
-            while time.perf_counter() < deadline:
-                headers = {"Content-Type": "application/json"}
-                if signer is not None:
-                    headers.update(signer.headers(path))
-                t0 = time.perf_counter()
-                async with http.request(method, url + path, headers=headers,
-                                        data=body if method == "POST" else None) as r:
-                    await r.read()
-                    if r.status != 200:
-                        errors += 1
-                latencies.append(time.perf_counter() - t0)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - t0
-    return len(latencies) / elapsed, latencies, errors
+    def write(self, path: Path, url: str, seconds: float) -> None:
+        host = url.split("//", 1)[1]
+        per_wallet = -(-int(MAX_RPS * seconds) // len(self.wallets))
+        now = int(time.time())
+        start = [max(ts, now - 5) for ts in self.next_ts]
+        with open(path, "wb") as out:
+            for j in range(per_wallet):
+                for i, wallet in enumerate(self.wallets):
+                    headers = sign_request("POST", TOKEN_PATH, wallet, now=start[i] + j)
+                    head = (f"POST {TOKEN_PATH} HTTP/1.1\r\nHost: {host}\r\n"
+                            "Content-Type: application/json\r\n"
+                            f"Content-Length: {len(BODY)}\r\n"
+                            + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n")
+                    out.write(head.encode() + BODY + b"\0")
+        self.next_ts = [s + per_wallet for s in start]
 
 
-def pct(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100)[int(q) - 1] * 1000 if len(values) > 2 else float("nan")
+@dataclass
+class Run:
+    rps: float
+    requests: int
+    non_2xx: int
+    p50_ms: float
+    p99_ms: float
+    cpu_us: float  # gateway process CPU time per request
 
 
-async def bench_backend(name: str, url: str, seconds: float, concurrency: int,
-                        wallets: list[Keypair]) -> None:
-    await wait_up(url)
-    await load(url, "GET", "/internal/health", 1, concurrency, None)  # warm up
-    rps_h, lat_h, _ = await load(url, "GET", "/internal/health", seconds, concurrency, None)
-    rps_t, lat_t, err = await load(url, "POST", "/v1/webrtc/token", seconds, concurrency,
-                                   Signer(wallets))
-    print(f"{name:10}  /internal/health  {rps_h:7.0f} req/s  p50 {pct(lat_h, 50):6.1f} ms"
-          f"  p99 {pct(lat_h, 99):6.1f} ms")
-    print(f"{name:10}  /v1/webrtc/token  {rps_t:7.0f} req/s  p50 {pct(lat_t, 50):6.1f} ms"
-          f"  p99 {pct(lat_t, 99):6.1f} ms  errors {err}  ({rps_t / rps_h:.2f}x of health)")
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def _ms(text: str) -> float:
+    found = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if found is None:
+        raise ValueError(f"wrk latency {text!r} is not a number with a unit")
+    value, unit = found.groups()
+    return float(value) * _UNITS[unit]
+
+
+def process_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(url: str, pid: int, seconds: float, concurrency: int, requests: Path | None) -> Run:
+    cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--latency"]
+    if requests is not None:
+        cmd += ["-s", str(WRK_SCRIPT), url + TOKEN_PATH, "--", str(requests)]
+    else:
+        cmd += [url + "/internal/health"]
+    cpu0 = process_cpu(pid)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    cpu = process_cpu(pid) - cpu0
+    done = int(re.search(r"(\d+) requests in", out).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    if errors:
+        print(f"    wrk socket errors: {errors.group(1)}")
+    return Run(
+        rps=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        requests=done,
+        non_2xx=int(bad.group(1)) if bad else 0,
+        p50_ms=_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),
+        p99_ms=_ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),
+        cpu_us=cpu / max(done, 1) * 1e6,
+    )
+
+
+def line(backend: str, what: str, r: Run, extra: str = "") -> str:
+    return (f"{backend:10}  {what:24} {r.rps:7.0f} req/s  p50 {r.p50_ms:6.1f} ms  "
+            f"p99 {r.p99_ms:6.1f} ms  cpu {r.cpu_us:5.0f} us/req{extra}")
+
+
+def bench_backend(name: str, url: str, pid: int, db_url: str, tmp: Path, seconds: float,
+                  levels: list[int], signer: Signer) -> None:
+    asyncio.run(wait_up(url))
+    wrk(url, pid, 2, 32, None)  # warm-up
+    health = wrk(url, pid, seconds, 32, None)
+    print(line(name, "/internal/health c=32", health), flush=True)
+    requests = tmp / "requests.bin"
+    for concurrency in levels:
+        signer.write(requests, url, 2)
+        wrk(url, pid, 2, concurrency, requests)  # warm-up
+        before = asyncio.run(count_sessions(db_url))
+        signer.write(requests, url, seconds)
+        token = wrk(url, pid, seconds, concurrency, requests)
+        stored = asyncio.run(count_sessions(db_url)) - before
+        print(line(name, f"{TOKEN_PATH} c={concurrency}", token,
+                   f"  non-2xx {token.non_2xx}  sessions stored {stored}"
+                   f"  ({token.rps / health.rps:.2f}x of health)"), flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--concurrency", default="16,32",
+                        help="comma-separated connection counts for the token phases")
     parser.add_argument("--backends", default="sqlite,postgresql")
     args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("bench/gateway.py needs wrk (apt-get install wrk; `make setup` installs it)")
+    levels = [int(c) for c in args.concurrency.split(",")]
     wallets = [Keypair() for _ in range(WALLETS)]
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
@@ -162,8 +223,8 @@ def main() -> None:
         pg = None
         try:
             asyncio.run(setup_chain(net.url, issuer))
-            print(f"loopback, {args.concurrency} concurrent connections, {args.seconds:.0f} s per "
-                  "phase; gateway and load generator share the machine")
+            print(f"loopback, wrk -t1, {args.seconds:g} s per phase; gateway (one process) and wrk "
+                  f"share the machine's {os.cpu_count()} cores")
             for backend in args.backends.split(","):
                 if backend == "sqlite":
                     db_url = f"sqlite+aiosqlite:///{tmp}/gateway.db"
@@ -178,7 +239,8 @@ def main() -> None:
                 asyncio.run(fund(db_url, wallets))
                 proc, url = start_gateway(tmp, net.url, db_url, tmp / "issuer.json")
                 try:
-                    asyncio.run(bench_backend(backend, url, args.seconds, args.concurrency, wallets))
+                    bench_backend(backend, url, proc.pid, db_url, tmp, args.seconds, levels,
+                                  Signer(wallets))
                 finally:
                     proc.terminate()
                     proc.wait()

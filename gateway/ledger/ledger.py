@@ -153,10 +153,15 @@ def _session(row: Row) -> SessionRecord:
 
 
 # Hot-path statements, compiled once (``Prepared``: straight to the driver on SQLite).
-_ACCOUNT_BY_ID_STMT = sa.select(accounts).where(accounts.c.id == sa.bindparam("account_id"))
-_ACCOUNT_BY_ID = Prepared(_ACCOUNT_BY_ID_STMT)
-_ACCOUNT_BY_ID_FOR_UPDATE = {
-    skip: Prepared(_ACCOUNT_BY_ID_STMT.with_for_update(skip_locked=skip)) for skip in (False, True)
+_ACCOUNT_BY_ID = Prepared(sa.select(accounts).where(accounts.c.id == sa.bindparam("account_id")))
+# what a write transaction needs of the account it locks (see _Acct)
+_LOCK_ACCOUNT_STMT = (
+    sa.select(accounts.c.id, accounts.c.credit_balance, accounts.c.held_microcredits,
+              accounts.c.max_concurrent_sessions)
+    .where(accounts.c.id == sa.bindparam("account_id")))
+_LOCK_ACCOUNT = Prepared(_LOCK_ACCOUNT_STMT)
+_LOCK_ACCOUNT_FOR_UPDATE = {
+    skip: Prepared(_LOCK_ACCOUNT_STMT.with_for_update(skip_locked=skip)) for skip in (False, True)
 }
 _ACCOUNT_BY_WALLET = Prepared(sa.select(accounts).where(
     accounts.c.wallet_chain == sa.bindparam("chain"),
@@ -343,7 +348,7 @@ class Ledger:
     def _lock_account(
         self, conn: sa.Connection, account_id: str, *, skip_locked: bool = False
     ) -> _Acct | None:
-        stmt = _ACCOUNT_BY_ID_FOR_UPDATE[skip_locked] if self._pg else _ACCOUNT_BY_ID
+        stmt = _LOCK_ACCOUNT_FOR_UPDATE[skip_locked] if self._pg else _LOCK_ACCOUNT
         row = stmt.first(conn, {"account_id": account_id})
         return _Acct(row) if row else None
 

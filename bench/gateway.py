@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,6 +181,12 @@ def wrk(url: str, pid: int, seconds: float, concurrency: int, requests: Path | N
     )
 
 
+def machine_speed() -> float:
+    """Microseconds for a fixed pure-Python loop: this machine's speed varies by a fifth or more
+    from minute to minute (other tenants of the host), and every figure here moves with it."""
+    return min(timeit.repeat("sum(range(1000))", number=2000, repeat=5)) / 2000 * 1e6
+
+
 def line(backend: str, what: str, r: Run, extra: str = "") -> str:
     return (f"{backend:10}  {what:24} {r.rps:7.0f} req/s  p50 {r.p50_ms:6.1f} ms  "
             f"p99 {r.p99_ms:6.1f} ms  cpu {r.cpu_us:5.0f} us/req{extra}")
@@ -188,6 +195,7 @@ def line(backend: str, what: str, r: Run, extra: str = "") -> str:
 def bench_backend(name: str, url: str, pid: int, db_url: str, tmp: Path, seconds: float,
                   levels: list[int], signer: Signer) -> None:
     asyncio.run(wait_up(url))
+    print(f"{name:10}  machine speed: sum(range(1000)) takes {machine_speed():.1f} us", flush=True)
     wrk(url, pid, 2, 32, None)  # warm-up
     health = wrk(url, pid, seconds, 32, None)
     print(line(name, "/internal/health c=32", health), flush=True)

@@ -306,14 +306,18 @@ async def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
         Ledger("mysql://x/y")
 
 
-async def test_sqlite_group_commit_rolls_back_only_the_failing_jobs(tmp_path: Path) -> None:
-    """Write transactions queued together share one COMMIT (writer.py), each in a savepoint:
-    a job that raises loses its own writes and gets its exception; the others are stored."""
+@pytest.mark.parametrize("fails", ["before writing", "after writing"])
+async def test_sqlite_group_commit_keeps_a_failing_job_out(tmp_path: Path, fails: str) -> None:
+    """Write transactions queued together share one COMMIT (writer.py): a job that raises gets
+    its exception and leaves no row, whether it failed before or after writing; the others are
+    stored, and fewer SQLite transactions than jobs ran."""
     lg = Ledger(f"sqlite:///{tmp_path}/ledger.db")
     await lg.migrate()
     created = now()
 
     def body(conn: sa.Connection, i: int) -> int:
+        if i % 3 == 0 and fails == "before writing":
+            raise ValueError(f"job {i} refuses")
         conn.execute(sa.insert(accounts).values(
             id=f"acct-{i}", wallet_chain="solana", wallet_address=f"wallet-{i}",
             credit_balance=0, held_microcredits=0, created_at=created))
@@ -322,6 +326,8 @@ async def test_sqlite_group_commit_rolls_back_only_the_failing_jobs(tmp_path: Pa
         return i
 
     try:
+        assert lg._writer is not None
+        jobs, transactions = lg._writer.jobs, lg._writer.transactions
         results = await asyncio.gather(*(lg._tx(body, i) for i in range(60)),
                                        return_exceptions=True)
         for i, result in enumerate(results):
@@ -331,6 +337,11 @@ async def test_sqlite_group_commit_rolls_back_only_the_failing_jobs(tmp_path: Pa
                 assert result == i
         stored = {a.id for a in await lg.list_accounts(limit=100)}
         assert stored == {f"acct-{i}" for i in range(60) if i % 3}
+        ran = lg._writer.jobs - jobs
+        if fails == "before writing":  # grouped, and no group had to be run again
+            assert ran == 60 and lg._writer.transactions - transactions < 60
+        else:  # groups with a job that wrote and failed were run again job by job
+            assert ran > 60
     finally:
         await lg.close()
 

@@ -2,11 +2,16 @@
 
 Why a group commit: SQLite allows one writer per file, so every write transaction of the process
 queues for that thread anyway; when requests arrive faster than one ``BEGIN IMMEDIATE ...
-COMMIT`` each, the thread takes everything queued and runs it in one SQLite transaction, each
-job inside its own ``SAVEPOINT``. A job that raises is rolled back to its savepoint alone and gets
-its exception; the others commit together. Every job's future resolves only after the COMMIT that
-holds it has returned, so a caller still sees "committed" or an exception, never anything
-in between; a failed BEGIN or COMMIT fails every job of the group (none of them is stored).
+COMMIT`` each, the thread takes everything queued and runs it in one SQLite transaction.
+
+A job that raises gets its exception and must leave nothing behind. The ledger's bodies check
+before they write (a refused reservation writes nothing), so the common failure changed no row
+(``total_changes``) and the group goes on. A job that raises after writing cannot be undone alone:
+the whole group is rolled back and each of its jobs runs again in a transaction of its own (they
+are plain functions of the connection, so running one again is the same as running it later).
+Every job's future resolves only after the COMMIT that holds it has returned, so a caller sees
+"committed" or an exception, never anything in between; a failed BEGIN or COMMIT fails every job
+of the group (none of them is stored).
 
 Checkpoints: the ledger's connections turn SQLite's automatic checkpoint off, and a second thread
 copies the WAL back into the database every ``CHECKPOINT_SECONDS`` (``PASSIVE``: it never blocks
@@ -47,6 +52,10 @@ class _Job:
 _STOP = object()
 
 
+class _WroteThenFailed(Exception):
+    """A job of a group raised after changing rows: the group is rolled back and run job by job."""
+
+
 class GroupWriter:
     """``submit(fn, args)`` -> a future of ``fn(conn, *args)`` once committed.
 
@@ -58,6 +67,8 @@ class GroupWriter:
         self._engine = engine
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._closed = False
+        self.jobs = 0  # jobs run, and SQLite transactions they took (replays included)
+        self.transactions = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._checkpointer = threading.Thread(target=self._checkpoints, name=f"{name}-checkpoint",
@@ -121,6 +132,8 @@ class GroupWriter:
 
     def _commit(self, group: list[_Job]) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
+        self.transactions += 1
+        self.jobs += len(group)
         try:
             with self._engine.begin() as conn:
                 if len(group) == 1:  # its own transaction: an exception rolls it all back
@@ -129,24 +142,20 @@ class GroupWriter:
                     raw = conn.connection.driver_connection
                     assert raw is not None
                     for job in group:
-                        outcomes.append(self._in_savepoint(raw, conn, job))
+                        before = raw.total_changes
+                        try:
+                            outcomes.append((True, job.fn(conn, *job.args)))
+                        except Exception as exc:  # noqa: BLE001 - handed to the job's caller
+                            if raw.total_changes != before:
+                                raise _WroteThenFailed from exc
+                            outcomes.append((False, exc))
+        except _WroteThenFailed:
+            return [self._commit([job])[0] for job in group]
         except Exception as exc:  # noqa: BLE001 - BEGIN, COMMIT, or the single job failed
             if len(group) > 1:
                 log.error("ledger group commit of %d transactions failed: %s", len(group), exc)
             return [(False, exc)] * len(group)
         return outcomes
-
-    @staticmethod
-    def _in_savepoint(raw: Any, conn: sa.Connection, job: _Job) -> tuple[bool, Any]:
-        raw.execute("SAVEPOINT ledger_job")
-        try:
-            value = job.fn(conn, *job.args)
-        except Exception as exc:  # noqa: BLE001 - handed to the job's caller
-            raw.execute("ROLLBACK TO ledger_job")
-            raw.execute("RELEASE ledger_job")
-            return (False, exc)
-        raw.execute("RELEASE ledger_job")
-        return (True, value)
 
     @staticmethod
     def _settle(group: list[_Job], outcomes: list[tuple[bool, Any]]) -> None:

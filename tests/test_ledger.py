@@ -346,6 +346,20 @@ async def test_sqlite_group_commit_keeps_a_failing_job_out(tmp_path: Path, fails
         await lg.close()
 
 
+async def test_sqlite_close_commits_everything_already_submitted(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    lg = Ledger(url)
+    await lg.migrate()
+    account_id = await funded(lg, 10**9)
+    opening = [asyncio.ensure_future(open_session(lg, account_id)) for _ in range(5)]
+    await asyncio.sleep(0)  # each has handed its transaction to the ledger, none is committed
+    await lg.close()
+    ids = {(await task).session_id for task in opening}
+    async with Ledger(url) as again:
+        assert {s.session_id for s in await again.list_sessions(account_id)} == ids
+        assert (await again.audit(account_id)).ok
+
+
 async def test_sqlite_wal_is_checkpointed_off_the_write_path(tmp_path: Path) -> None:
     """The writer's COMMITs never checkpoint (wal_autocheckpoint=0); a background thread copies
     the WAL into the database file, so the file grows while the WAL is reused."""

@@ -22,6 +22,7 @@ write path, holding the write lock. A crash loses nothing either way: the WAL is
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
@@ -65,7 +66,9 @@ class GroupWriter:
 
     def __init__(self, engine: sa.Engine, name: str = "ledger-sqlite-writer") -> None:
         self._engine = engine
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()  # lists of jobs, then _STOP
+        self._batch: list[_Job] | None = None  # jobs submitted in this turn of the event loop
+        self._lock = threading.Lock()
         self._closed = False
         self.jobs = 0  # jobs run, and SQLite transactions they took (replays included)
         self.transactions = 0
@@ -78,17 +81,33 @@ class GroupWriter:
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], *,
                alone: bool = False) -> asyncio.Future[Any]:
-        if self._closed:
-            raise RuntimeError("the ledger is closed")
         job = _Job(fn, args, alone, asyncio.get_running_loop())
-        self._queue.put(job)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the ledger is closed")
+            if self._batch is None:
+                # One hand-over per turn of the event loop, not one per job: the writer wakes
+                # once for everything the turn's requests submitted, and they commit together.
+                self._batch = []
+                job.loop.call_soon(self._hand_over)
+            self._batch.append(job)
         return job.future
 
+    def _hand_over(self) -> None:
+        with self._lock:
+            batch, self._batch = self._batch, None
+        if batch:
+            self._queue.put(batch)
+
     def close(self) -> None:
-        """Finish every job queued so far, then stop the thread."""
-        if not self._closed:
-            self._closed = True
-            self._queue.put(_STOP)
+        """Finish every job submitted so far, then stop the thread."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                if self._batch:
+                    self._queue.put(self._batch)
+                self._batch = None
+                self._queue.put(_STOP)
         self._thread.join()
         self._stop.set()
         self._checkpointer.join()
@@ -112,22 +131,29 @@ class GroupWriter:
     # ---------------------------------------------------------------- the thread
 
     def _run(self) -> None:
-        carry: Any = None
-        while True:
-            job = carry if carry is not None else self._queue.get()
-            carry = None
-            if job is _STOP:
-                return
-            group = [job]
-            while not job.alone and len(group) < MAX_GROUP:
+        pending: collections.deque[_Job] = collections.deque()
+        stopping = False
+        while pending or not stopping:
+            if not pending:
+                item = self._queue.get()
+                if item is _STOP:
+                    return
+                pending.extend(item)
+            while not stopping and len(pending) < MAX_GROUP:  # whatever else is waiting
                 try:
-                    nxt = self._queue.get_nowait()
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if nxt is _STOP or nxt.alone:
-                    carry = nxt
-                    break
-                group.append(nxt)
+                if item is _STOP:
+                    stopping = True
+                else:
+                    pending.extend(item)
+            if pending[0].alone:
+                group = [pending.popleft()]
+            else:
+                group = []
+                while pending and not pending[0].alone and len(group) < MAX_GROUP:
+                    group.append(pending.popleft())
             self._settle(group, self._commit(group))
 
     def _commit(self, group: list[_Job]) -> list[tuple[bool, Any]]:

@@ -168,10 +168,15 @@ _ACCOUNT_BY_WALLET = Prepared(sa.select(accounts).where(
     accounts.c.wallet_address == sa.bindparam("address")))
 _SESSION_BY_ID = Prepared(
     sa.select(sessions).where(sessions.c.id == sa.bindparam("session_id")))
+_ACTIVE_KEYS = sa.func.count(sa.distinct(sa.func.coalesce(sessions.c.bundle_id, sessions.c.id)))
 _ACTIVE_SESSION_COUNT = Prepared(
-    sa.select(sa.func.count(sa.distinct(sa.func.coalesce(sessions.c.bundle_id, sessions.c.id)))
-              .label("n"))
+    sa.select(_ACTIVE_KEYS.label("n"))
     .where(sessions.c.account_id == sa.bindparam("account_id"), sessions.c.status == "active"))
+# SQLite: the account and its active-session count in one statement (see Ledger._lock_for_open)
+_LOCK_ACCOUNT_WITH_ACTIVE = Prepared(_LOCK_ACCOUNT_STMT.add_columns(
+    sa.select(_ACTIVE_KEYS)
+    .where(sessions.c.account_id == accounts.c.id, sessions.c.status == "active")
+    .scalar_subquery().label("active")))
 _BUNDLE_ACTIVE = Prepared(
     sa.select(sessions.c.id).where(sessions.c.account_id == sa.bindparam("account_id"),
                                    sessions.c.bundle_id == sa.bindparam("bundle_id"),
@@ -351,6 +356,22 @@ class Ledger:
         stmt = _LOCK_ACCOUNT_FOR_UPDATE[skip_locked] if self._pg else _LOCK_ACCOUNT
         row = stmt.first(conn, {"account_id": account_id})
         return _Acct(row) if row else None
+
+    def _lock_for_open(self, conn: sa.Connection, account_id: str) -> tuple[_Acct, int]:
+        """The locked account and its active sessions (a bundle counts once). On SQLite one
+        statement does both: ``BEGIN IMMEDIATE`` already keeps every other writer out. On
+        PostgreSQL the count runs after ``FOR UPDATE`` holds the row, so it sees a session that
+        another transaction committed while this one waited for the lock."""
+        params = {"account_id": account_id}
+        if self._pg:
+            acct = self._lock_account(conn, account_id)
+            active = _ACTIVE_SESSION_COUNT.one(conn, params)["n"] if acct else 0
+        else:
+            row = _LOCK_ACCOUNT_WITH_ACTIVE.first(conn, params)
+            acct, active = (_Acct(row), row["active"]) if row else (None, 0)
+        if acct is None:
+            raise AccountNotFound(account_id)
+        return acct, active
 
     def _ensure_account(
         self, conn: sa.Connection, chain: str, address: str, now: datetime
@@ -535,10 +556,7 @@ class Ledger:
                 raise ValueError("node_pubkey and server_url are required")
             checked.append((s, s.session_id or uuid7(),
                             _aware("token_expires_at", s.token_expires_at)))
-        acct = self._lock_account(conn, account_id)
-        if acct is None:
-            raise AccountNotFound(account_id)
-        active = _ACTIVE_SESSION_COUNT.one(conn, {"account_id": account_id})["n"]
+        acct, active = self._lock_for_open(conn, account_id)
         if bundle_id is None:
             new = len(checked)
         else:  # a bundle counts once, and not again if it is already open

@@ -175,8 +175,8 @@ def wrk(url: str, pid: int, seconds: float, concurrency: int, requests: Path | N
         rps=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
         requests=done,
         non_2xx=int(bad.group(1)) if bad else 0,
-        p50_ms=_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),
-        p99_ms=_ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),
+        p50_ms=_ms(re.search(r"^\s+50%\s+(\S+)", out, re.MULTILINE).group(1)),
+        p99_ms=_ms(re.search(r"^\s+99%\s+(\S+)", out, re.MULTILINE).group(1)),
         cpu_us=cpu / max(done, 1) * 1e6,
     )
 

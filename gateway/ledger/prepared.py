@@ -2,7 +2,7 @@
 
 Why: on SQLite a ledger statement costs about 10 us in the driver but 60-100 us through
 ``Connection.execute`` (execution context, events, result objects), and the ledger's writer
-thread runs five of them per session it opens, all under the GIL the event loop needs. A
+thread runs four of them per session it opens, all under the GIL the event loop needs. A
 ``Prepared`` keeps the Core statement as the one definition of the SQL (same columns, same type
 conversions: its bind and result processors are the column types' own), and skips the rest.
 On PostgreSQL (asyncpg, where the round trip dominates) it simply runs through ``conn.execute``.

@@ -264,6 +264,9 @@ class Ledger:
             kwargs["connect_args"] = {"timeout": sqlite_busy_timeout}
         self._engine = create_async_engine(self.url, **kwargs)
         self._wengine = self._engine.execution_options(ledger_write=True)
+        # one-statement reads need no transaction: on PostgreSQL that saves the BEGIN and
+        # ROLLBACK round trips around them (asyncpg's autocommit is set client-side)
+        self._one_statement = self._engine.execution_options(isolation_level="AUTOCOMMIT")
         self._sync_engine: sa.Engine | None = None
         self._writer: GroupWriter | None = None
         self._reader: ThreadPoolExecutor | None = None
@@ -330,10 +333,11 @@ class Ledger:
         # or rolls back as if the caller had waited
         return await asyncio.shield(self._writer.submit(fn, args, alone=alone))
 
-    async def _rtx(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(conn, *args)`` in one read-only transaction."""
+    async def _rtx(self, fn: Callable[..., T], *args: Any, one_statement: bool = False) -> T:
+        """Run ``fn(conn, *args)`` in one read-only transaction (``one_statement``: ``fn`` runs a
+        single statement, which is a transaction by itself)."""
         if self._pg:
-            async with self._engine.connect() as conn:
+            async with (self._one_statement if one_statement else self._engine).connect() as conn:
                 return await conn.run_sync(fn, *args)
         return await self._on_thread(self._reader, self._sqlite_read, fn, args)
 
@@ -790,7 +794,7 @@ class Ledger:
     async def _first(self, stmt: Prepared | sa.Select[Any],
                      params: dict[str, Any] | None = None) -> Row | None:
         if isinstance(stmt, Prepared):
-            return await self._rtx(stmt.first, params or {})
+            return await self._rtx(stmt.first, params or {}, one_statement=True)
         return await self._rtx(lambda conn: conn.execute(stmt, params).mappings().first())
 
     async def get_account(self, wallet_chain: str, wallet_address: str) -> Account | None:
@@ -839,7 +843,7 @@ class Ledger:
         return [_session(r) for r in rows]
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
-        row = await self._rtx(self._session_row, session_id)
+        row = await self._rtx(self._session_row, session_id, one_statement=True)
         return _session(row) if row else None
 
     async def list_bundle(self, bundle_id: str) -> list[SessionRecord]:

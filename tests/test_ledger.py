@@ -212,6 +212,20 @@ async def test_several_processes_migrate_at_once(db_url: str) -> None:
             await lg.close()
 
 
+async def test_sqlite_new_file_opened_by_several_ledgers_at_once(tmp_path: Path) -> None:
+    """Switching a new file to WAL takes an exclusive lock that SQLite refuses at once (no busy
+    wait) to all but one of several connections doing it together: they must try again, not fail
+    with "database is locked". Twenty new files, three ledgers each."""
+    for i in range(20):
+        lgs = [Ledger(f"sqlite:///{tmp_path}/ledger-{i}.db") for _ in range(3)]
+        try:
+            await asyncio.gather(*(lg.migrate() for lg in lgs))
+            assert {await lg.schema_revision() for lg in lgs} == {"0002"}
+        finally:
+            for lg in lgs:
+                await lg.close()
+
+
 async def test_upgrade_from_revision_1_keeps_data(db_url: str) -> None:
     """A database written at revision 0001 (no held_microcredits column, no payments table)
     upgrades to head: the held amount is backfilled from active sessions and the ledger works."""

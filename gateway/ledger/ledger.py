@@ -49,6 +49,8 @@ its transaction has committed.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -195,10 +197,28 @@ _SAVE_ACCOUNT = Prepared(
 _SQLITE_READERS = 2  # reader threads (and pooled connections) per SQLite Ledger
 
 
+def _ensure_wal(cur: Any, busy_ms: int) -> None:
+    """Put the file in WAL mode (a property of the file: once is enough). The switch needs an
+    exclusive lock, and when several connections switch a new file at once SQLite refuses some
+    of them at once rather than wait (waiting could deadlock), so those try again until the busy
+    timeout, by when the file is in WAL mode."""
+    deadline = time.monotonic() + busy_ms / 1000
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode")
+            if str(cur.fetchone()[0]).lower() == "wal":
+                return
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.fetchall()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _install_sqlite_hooks(sync_engine: sa.Engine, busy_ms: int, *,
                           auto_checkpoint: bool = True) -> None:
-    pragmas = ["journal_mode=WAL", "foreign_keys=ON", "synchronous=NORMAL",
-               f"busy_timeout={busy_ms}"]
+    pragmas = ["foreign_keys=ON", "synchronous=NORMAL", f"busy_timeout={busy_ms}"]
     if not auto_checkpoint:  # the GroupWriter's own thread checkpoints
         pragmas.append("wal_autocheckpoint=0")
 
@@ -206,6 +226,7 @@ def _install_sqlite_hooks(sync_engine: sa.Engine, busy_ms: int, *,
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
         cur = dbapi_conn.cursor()
+        _ensure_wal(cur, busy_ms)
         for pragma in pragmas:
             cur.execute(f"PRAGMA {pragma}")
         cur.close()

@@ -812,11 +812,8 @@ class Ledger:
     async def _all(self, stmt: sa.Select[Any]) -> list[Row]:
         return await self._rtx(lambda conn: list(conn.execute(stmt).mappings().all()))
 
-    async def _first(self, stmt: Prepared | sa.Select[Any],
-                     params: dict[str, Any] | None = None) -> Row | None:
-        if isinstance(stmt, Prepared):
-            return await self._rtx(stmt.first, params or {}, one_statement=True)
-        return await self._rtx(lambda conn: conn.execute(stmt, params).mappings().first())
+    async def _first(self, stmt: Prepared, params: dict[str, Any]) -> Row | None:
+        return await self._rtx(stmt.first, params, one_statement=True)
 
     async def get_account(self, wallet_chain: str, wallet_address: str) -> Account | None:
         """None until the wallet's first purchase or grant."""

@@ -29,6 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from .errors import DuplicatePayment, LedgerError
 from .ledger import Ledger, _wallet
 from .models import payments, transactions
+from .prepared import Prepared
 from .records import Transaction
 
 PENDING, CONFIRMED, CREDITED, FAILED = "pending", "confirmed", "credited", "failed"
@@ -68,6 +69,10 @@ def _record(row: Any) -> PaymentRecord:
         created_at=row["created_at"], updated_at=row["updated_at"])
 
 
+_BY_SIGNATURE = Prepared(
+    sa.select(payments).where(payments.c.signature == sa.bindparam("signature")))
+
+
 class PaymentBook:
     """Payment records on a ``Ledger``'s database (same engine, same locking rules)."""
 
@@ -75,7 +80,7 @@ class PaymentBook:
         self.ledger = ledger
 
     async def get(self, signature: str) -> PaymentRecord | None:
-        row = await self.ledger._first(sa.select(payments).where(payments.c.signature == signature))
+        row = await self.ledger._first(_BY_SIGNATURE, {"signature": signature})
         return _record(row) if row else None
 
     async def record_pending(
@@ -107,8 +112,7 @@ class PaymentBook:
         now = self.ledger._now()
 
         def body(conn: sa.Connection) -> Any:
-            row = conn.execute(
-                sa.select(payments).where(payments.c.signature == signature)).mappings().first()
+            row = _BY_SIGNATURE.first(conn, {"signature": signature})
             if row is None or row["status"] not in from_:
                 return None
             values: dict[str, Any] = {"status": to, "updated_at": now}

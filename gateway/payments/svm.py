@@ -122,21 +122,21 @@ def verify(tx: VersionedTransaction, r: SvmRules) -> SvmPayment:
                              "the transaction must have exactly two signers: the fee payer and "
                              f"the payer (it has {header.num_required_signatures})")
 
-    limit_data = bytes(ixs[0].data)
-    if program(0) != COMPUTE_BUDGET or len(limit_data) != 5 or limit_data[0] != 2 \
-            or bytes(ixs[0].accounts):
-        raise PaymentInvalid(f"{P}_transaction_instructions_compute_limit_instruction",
-                             "instruction 0 must be ComputeBudget SetComputeUnitLimit")
-    limit = int.from_bytes(limit_data[1:5], "little")
+    def compute_budget(i: int, tag: int, size: int, code: str, name: str) -> int:
+        """The little-endian argument of ComputeBudget instruction ``i`` (``tag``, ``size``
+        bytes), which must take no accounts."""
+        data = bytes(ixs[i].data)
+        if (program(i) != COMPUTE_BUDGET or len(data) != 1 + size or data[0] != tag
+                or bytes(ixs[i].accounts)):
+            raise PaymentInvalid(f"{P}_transaction_instructions_{code}",
+                                 f"instruction {i} must be ComputeBudget {name}")
+        return int.from_bytes(data[1:], "little")
+
+    limit = compute_budget(0, 2, 4, "compute_limit_instruction", "SetComputeUnitLimit")
     if limit > r.max_cu_limit:
         raise PaymentInvalid(f"{P}_transaction_instructions_compute_limit_instruction_too_high",
                              f"compute unit limit {limit} is above the cap {r.max_cu_limit}")
-    price_data = bytes(ixs[1].data)
-    if program(1) != COMPUTE_BUDGET or len(price_data) != 9 or price_data[0] != 3 \
-            or bytes(ixs[1].accounts):
-        raise PaymentInvalid(f"{P}_transaction_instructions_compute_price_instruction",
-                             "instruction 1 must be ComputeBudget SetComputeUnitPrice")
-    price = int.from_bytes(price_data[1:9], "little")
+    price = compute_budget(1, 3, 8, "compute_price_instruction", "SetComputeUnitPrice")
     if price > r.max_cu_price_microlamports:
         raise PaymentInvalid(f"{P}_transaction_instructions_compute_price_instruction_too_high",
                              f"compute unit price {price} micro-lamports is above the cap "

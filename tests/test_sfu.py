@@ -35,6 +35,7 @@ from registry.client import RegistryClient
 from registry.tokens import Grant, mint_token
 from tests.support.audio import tone_hz
 from tests.conftest import Chain, free_port
+from tests.support.http import serve
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -132,6 +133,15 @@ async def play(source: lk.AudioSource, freq: float = 440.0) -> None:
         await source.capture_frame(frame)
 
 
+def record_audio(remote: lk.Track, samples: list[np.ndarray]) -> asyncio.Future[None]:
+    """Append the 48 kHz mono PCM that ``remote`` delivers to ``samples``, until cancelled."""
+    async def read() -> None:
+        async for event in lk.AudioStream(remote, sample_rate=48000, num_channels=1):
+            samples.append(np.frombuffer(event.frame.data, dtype=np.int16).copy())
+
+    return asyncio.ensure_future(read())
+
+
 # ---------------------------------------------------------------- the official SDK
 
 
@@ -168,12 +178,7 @@ async def test_livekit_sdk_hears_the_tone_gets_data_and_speakers_and_is_billed(s
 
         remote = await asyncio.wait_for(subscribed, 15)
         samples: list[np.ndarray] = []
-
-        async def read() -> None:
-            async for event in lk.AudioStream(remote, sample_rate=48000, num_channels=1):
-                samples.append(np.frombuffer(event.frame.data, dtype=np.int16).copy())
-
-        reader = asyncio.ensure_future(read())
+        reader = record_audio(remote, samples)
         await wait_for(lambda: sum(len(s) for s in samples) > 48000 * 1.5, 15, "1.5 s of audio")
         audio = np.concatenate(samples)[-48000:]
         assert np.sqrt(np.mean(audio.astype(float) ** 2)) > 1000, "bob hears more than silence"
@@ -486,12 +491,7 @@ async def test_a_room_spans_two_nodes(sfu: Setup, tmp_path: Path) -> None:
         player = asyncio.ensure_future(play(source))
         remote = await asyncio.wait_for(subscribed, 20)
         samples: list[np.ndarray] = []
-
-        async def read() -> None:
-            async for event in lk.AudioStream(remote, sample_rate=48000, num_channels=1):
-                samples.append(np.frombuffer(event.frame.data, dtype=np.int16).copy())
-
-        reader = asyncio.ensure_future(read())
+        reader = record_audio(remote, samples)
         await wait_for(lambda: sum(len(s) for s in samples) > 48000, 15, "audio over the relay")
         audio = np.concatenate(samples)[-24000:]
         assert abs(tone_hz(audio) - 440) < 5, "bob on node B hears alice on node A"
@@ -603,10 +603,7 @@ async def test_webhooks_survive_a_gateway_blip(tmp_path: Path) -> None:
                                    f"http://127.0.0.1:{gw_port}", tmp_path, outbox))
     app = web.Application()
     role.routes(app)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, port = await serve(app)
     await outbox.start()
     await role.start()
     received: list[dict[str, Any]] = []
@@ -622,7 +619,7 @@ async def test_webhooks_survive_a_gateway_blip(tmp_path: Path) -> None:
 
     gateway = web.Application()
     gateway.router.add_post("/v1/webhooks/sfu", webhook)
-    gw_runner = web.AppRunner(gateway)
+    gw_runner: web.AppRunner | None = None
     try:
         sid = str(uuid.uuid4())
         token = mint_token(issuer, "blip", Grant("webrtc", room="blip"), 60, session_id=sid)
@@ -635,8 +632,7 @@ async def test_webhooks_survive_a_gateway_blip(tmp_path: Path) -> None:
             await ws.close()
         await wait_for(lambda: outbox.failures >= 1, 10, "a failed delivery")
         assert outbox.pending() == 4 and received == []
-        await gw_runner.setup()
-        await web.TCPSite(gw_runner, "127.0.0.1", gw_port).start()
+        gw_runner, _ = await serve(gateway, gw_port)  # the gateway comes up late
         await wait_for(lambda: outbox.pending() == 0, 15, "the outbox drained")
         assert [e["event"] for e in received] == ["room_started", "participant_joined",
                                                   "participant_left", "room_finished"]
@@ -648,4 +644,5 @@ async def test_webhooks_survive_a_gateway_blip(tmp_path: Path) -> None:
         await role.stop()
         await outbox.stop()
         await runner.cleanup()
-        await gw_runner.cleanup()
+        if gw_runner is not None:
+            await gw_runner.cleanup()

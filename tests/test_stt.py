@@ -34,6 +34,7 @@ from node.stt.settings import STTSettings, load_settings
 from registry.client import RegistryClient
 from registry.tokens import Grant, TokenVerifier, mint_token
 from tests.conftest import ROOT, Chain, free_port
+from tests.support.http import serve
 from tests.support.speech import corpus, noise, silence, speak, stream_audio, word_errors
 
 pytestmark = pytest.mark.timeout(120)
@@ -75,10 +76,7 @@ async def stt_node(chain: Chain, tmp: Path, models: Models, capacity: int = 4,
 
     gw = web.Application()
     gw.router.add_post("/internal/events", internal_events)
-    gw_runner = web.AppRunner(gw)
-    await gw_runner.setup()
-    gw_port = free_port()
-    await web.TCPSite(gw_runner, "127.0.0.1", gw_port).start()
+    gw_runner, gw_port = await serve(gw)
 
     client = RegistryClient(chain.url)
     key = Keypair()
@@ -91,9 +89,7 @@ async def stt_node(chain: Chain, tmp: Path, models: Models, capacity: int = 4,
     role = STTRole(context, load_settings(settings), models)
     app = web.Application()
     role.routes(app)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, _ = await serve(app, port)
     await outbox.start()
     await role.start()
     node = Node(role, f"ws://127.0.0.1:{port}/v1/stream", events)

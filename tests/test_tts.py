@@ -45,6 +45,7 @@ from registry.keys import load_keypair
 from registry.settings import SettingsError
 from registry.tokens import Grant, mint_token
 from tests.conftest import ROOT, Chain, free_port
+from tests.support.http import serve
 
 FRAME_BYTES = 1920
 
@@ -444,10 +445,7 @@ async def test_node_role_tts_process(chain: Chain, tmp_path: Path) -> None:
 
     gw_app = web.Application()
     gw_app.router.add_post("/internal/events", events)
-    gw_runner = web.AppRunner(gw_app)
-    await gw_runner.setup()
-    gw_port = free_port()
-    await web.TCPSite(gw_runner, "127.0.0.1", gw_port).start()
+    gw_runner, gw_port = await serve(gw_app)
     port = free_port()
     cfg = {
         "keypair": str(tmp_path / "tts.json"), "rpc_url": chain.url, "listen_port": port,

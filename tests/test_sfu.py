@@ -35,7 +35,7 @@ from registry.client import RegistryClient
 from registry.tokens import Grant, mint_token
 from tests.support.audio import tone_hz
 from tests.conftest import Chain, free_port
-from tests.support.http import serve
+from tests.support.serving import serve
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

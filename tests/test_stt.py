@@ -34,7 +34,7 @@ from node.stt.settings import STTSettings, load_settings
 from registry.client import RegistryClient
 from registry.tokens import Grant, TokenVerifier, mint_token
 from tests.conftest import ROOT, Chain, free_port
-from tests.support.http import serve
+from tests.support.serving import serve
 from tests.support.speech import corpus, noise, silence, speak, stream_audio, word_errors
 
 pytestmark = pytest.mark.timeout(120)

@@ -45,7 +45,7 @@ from registry.keys import load_keypair
 from registry.settings import SettingsError
 from registry.tokens import Grant, mint_token
 from tests.conftest import ROOT, Chain, free_port
-from tests.support.http import serve
+from tests.support.serving import serve
 
 FRAME_BYTES = 1920
 

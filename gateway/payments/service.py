@@ -237,17 +237,9 @@ class PaymentService:
                                  "the wallet that paid, so wallet_address must be the payer")
         full = cosign(payment.tx, self.fee_payer)
         sig = str(full.signatures[0])
-        seen = await self.book.get(sig)
-        if seen is not None:
-            raise _replay(seen)
-        detail = {"network": offer.network, "asset": offer.asset, "pay_to": offer.pay_to,
-                  "amount_atomic": offer.amount, "amount_usd": str(amount_usd),
-                  "x402_version": p.version, "message_hash": payment.message_hash,
-                  "tx": base64.b64encode(bytes(full)).decode()}
-        try:
-            await self.book.record_pending("solana", sig, micro, payer, detail)
-        except DuplicatePayment:
-            raise _replay(await self.book.get(sig) or _stub(sig)) from None
+        await self._claim("solana", sig, micro, payer, amount_usd, p, offer,
+                          message_hash=payment.message_hash,
+                          tx=base64.b64encode(bytes(full)).decode())
         try:
             await self.sol_rpc.send(full)
         except RpcRefused as exc:
@@ -279,6 +271,22 @@ class PaymentService:
         return Purchase(rec.account_id or "", rec.amount_microcredits, amount_usd, sig,
                         p.network, payer, offer.amount)
 
+    async def _claim(self, chain: str, reference: str, micro: int, payer: str,
+                     amount_usd: Decimal, p: PaymentPayload, offer: Offer,
+                     **rail_detail: Any) -> None:
+        """Record the payment as pending before anything is sent; one seen before (or claimed by
+        a concurrent request) is a replay, answered with its state."""
+        seen = await self.book.get(reference)
+        if seen is not None:
+            raise _replay(seen)
+        detail = {"network": offer.network, "asset": offer.asset, "pay_to": offer.pay_to,
+                  "amount_atomic": offer.amount, "amount_usd": str(amount_usd),
+                  "x402_version": p.version, **rail_detail}
+        try:
+            await self.book.record_pending(chain, reference, micro, payer, detail)
+        except DuplicatePayment:
+            raise _replay(await self.book.get(reference) or _stub(reference)) from None
+
     async def _statuses_or_none(self, tx: VersionedTransaction) -> list[Any]:
         try:
             return await self.sol_rpc.statuses([tx.signatures[0]])
@@ -309,18 +317,10 @@ class PaymentService:
                                  f"the body names {wallet_chain} wallet {wallet_address}: credits "
                                  "go to the wallet that paid")
         ref = payment.reference(e.chain_id, e.asset)
-        seen = await self.book.get(ref)
-        if seen is not None:
-            raise _replay(seen)
-        detail = {"network": offer.network, "asset": e.asset, "pay_to": offer.pay_to,
-                  "amount_atomic": offer.amount, "amount_usd": str(amount_usd),
-                  "x402_version": p.version, "valid_before": payment.valid_before,
-                  "authorization": p.payload.get("authorization"),
-                  "signature": "0x" + payment.signature.hex()}
-        try:
-            await self.book.record_pending("evm", ref, micro, payment.payer, detail)
-        except DuplicatePayment:
-            raise _replay(await self.book.get(ref) or _stub(ref)) from None
+        await self._claim("evm", ref, micro, payment.payer, amount_usd, p, offer,
+                          valid_before=payment.valid_before,
+                          authorization=p.payload.get("authorization"),
+                          signature="0x" + payment.signature.hex())
         try:
             tx_hash = await self.evm.submit(e.asset, payment)
         except evm.EvmUnavailable as exc:

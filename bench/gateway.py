@@ -134,7 +134,6 @@ class Signer:
 @dataclass
 class Run:
     rps: float
-    requests: int
     non_2xx: int
     p50_ms: float
     p99_ms: float
@@ -173,7 +172,6 @@ def wrk(url: str, pid: int, seconds: float, concurrency: int, requests: Path | N
         print(f"    wrk socket errors: {errors.group(1)}")
     return Run(
         rps=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        requests=done,
         non_2xx=int(bad.group(1)) if bad else 0,
         p50_ms=_ms(re.search(r"^\s+50%\s+(\S+)", out, re.MULTILINE).group(1)),
         p99_ms=_ms(re.search(r"^\s+99%\s+(\S+)", out, re.MULTILINE).group(1)),

@@ -360,12 +360,8 @@ class Ledger:
         if self._pg:
             async with (self._one_statement if one_statement else self._engine).connect() as conn:
                 return await conn.run_sync(fn, *args)
-        return await self._on_thread(self._reader, self._sqlite_read, fn, args)
-
-    async def _on_thread(self, pool: ThreadPoolExecutor | None, run: Callable[..., T],
-                         fn: Callable[..., Any], args: tuple[Any, ...]) -> T:
-        assert pool is not None
-        return await asyncio.get_running_loop().run_in_executor(pool, run, fn, args)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._reader, self._sqlite_read, fn, args)
 
     def _sqlite_read(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         assert self._sync_engine is not None

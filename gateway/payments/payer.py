@@ -24,7 +24,9 @@ from solders.pubkey import Pubkey
 from solders.signature import Signature
 from solders.transaction import VersionedTransaction
 
-from .svm import COMPUTE_BUDGET, MEMO_PROGRAM, ata
+from registry.usdc import ata
+
+from .svm import COMPUTE_BUDGET, MEMO_PROGRAM
 
 
 async def _rpc(url: str, method: str, *params: Any) -> Any:

@@ -22,7 +22,9 @@ from solders.pubkey import Pubkey
 from solders.signature import Signature
 from solders.transaction import Transaction, VersionedTransaction
 
-from .svm import ASSOCIATED_TOKEN_PROGRAM, TOKEN_2022_PROGRAM, TOKEN_PROGRAM, ata
+from registry.usdc import ata
+
+from .svm import ASSOCIATED_TOKEN_PROGRAM, TOKEN_2022_PROGRAM, TOKEN_PROGRAM
 
 log = logging.getLogger("gateway.payments")
 SYSTEM_PROGRAM = Pubkey.from_string("11111111111111111111111111111111")

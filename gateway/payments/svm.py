@@ -25,17 +25,19 @@ import binascii
 import hashlib
 from dataclasses import dataclass
 
+from solders.compute_budget import ID as COMPUTE_BUDGET
 from solders.message import MessageV0, to_bytes_versioned
 from solders.pubkey import Pubkey
 from solders.signature import Signature
 from solders.transaction import VersionedTransaction
+from spl.token.constants import ASSOCIATED_TOKEN_PROGRAM_ID as ASSOCIATED_TOKEN_PROGRAM
+from spl.token.constants import TOKEN_2022_PROGRAM_ID as TOKEN_2022_PROGRAM
+from spl.token.constants import TOKEN_PROGRAM_ID as TOKEN_PROGRAM
+
+from registry.usdc import ata
 
 from .x402 import PaymentInvalid
 
-COMPUTE_BUDGET = Pubkey.from_string("ComputeBudget111111111111111111111111111111")
-TOKEN_PROGRAM = Pubkey.from_string("TokenkegQfeZyiNwAJbNbGKPFXCWuBvf9Ss623VQ5DA")
-TOKEN_2022_PROGRAM = Pubkey.from_string("TokenzQdBNbLqP5VEhdkAS6EPFLC1PHnBqCXEpPxuEb")
-ASSOCIATED_TOKEN_PROGRAM = Pubkey.from_string("ATokenGPvbdGVxr1b2hvZbsiqW5xWH25efTNsLJA8knL")
 MEMO_PROGRAM = Pubkey.from_string("MemoSq4gqABAXKb96qnH8TysNcWxMyWCqXgDLGmfcHr")
 MEMO_V1_PROGRAM = Pubkey.from_string("Memo1UhkJRfHyvLMcVucJwxXeuD728EqVDDwQDxFMNo")
 LIGHTHOUSE_PROGRAM = Pubkey.from_string("L2TExMFKdjpN9kozasaurPirfHy9P8sbXoAN1qA3S95")
@@ -43,11 +45,6 @@ OPTIONAL_PROGRAMS = (MEMO_PROGRAM, MEMO_V1_PROGRAM, LIGHTHOUSE_PROGRAM)
 MAX_TX_BYTES = 1232
 
 P = "invalid_exact_svm_payload"
-
-
-def ata(owner: Pubkey, mint: Pubkey, token_program: Pubkey = TOKEN_PROGRAM) -> Pubkey:
-    return Pubkey.find_program_address([bytes(owner), bytes(token_program), bytes(mint)],
-                                       ASSOCIATED_TOKEN_PROGRAM)[0]
 
 
 @dataclass(frozen=True)

@@ -613,3 +613,22 @@ async def test_jsonrpc_error_for_custom_program_error_is_parseable(net: Net) -> 
         "Transaction simulation failed: Error processing Instruction 1:"
     )
     assert any(TOKEN_PROGRAM_ID.__str__() in line for line in failure.data.logs)
+
+
+def test_token_2022_accounts_are_told_apart_by_their_kind_byte() -> None:
+    """Token-2022 accounts may be longer than the classic layouts: the byte after the 165-byte
+    account base says mint (1) or account (2). Only the real Token-2022 program id counts."""
+    from solders.account import Account
+    from spl.token.constants import TOKEN_2022_PROGRAM_ID, TOKEN_PROGRAM_ID
+
+    from registry.localnet.codec import token_kind
+
+    def account(owner: Pubkey, data: bytes) -> Account:
+        return Account(lamports=1, data=data, owner=owner, executable=False, rent_epoch=0)
+
+    extended = bytes(165)
+    assert token_kind(account(TOKEN_2022_PROGRAM_ID, extended + b"\x02" + bytes(10))) == "account"
+    assert token_kind(account(TOKEN_2022_PROGRAM_ID, extended + b"\x01" + bytes(10))) == "mint"
+    assert token_kind(account(TOKEN_PROGRAM_ID, bytes(165))) == "account"
+    assert token_kind(account(TOKEN_PROGRAM_ID, bytes(82))) == "mint"
+    assert token_kind(account(Pubkey.new_unique(), bytes(165))) is None

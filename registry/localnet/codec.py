@@ -16,9 +16,8 @@ from typing import Any
 from solders.account import Account
 from solders.pubkey import Pubkey
 from solders.rpc.responses import RpcSimulateTransactionResult
-from solders.token import ID as TOKEN_PROGRAM_ID
+from spl.token.constants import TOKEN_2022_PROGRAM_ID, TOKEN_PROGRAM_ID
 
-TOKEN_2022_PROGRAM_ID = Pubkey.from_string("TokenzQdBNbLqP5VEhdkAS5EA6EmEZC5YH9cdPVBm5w")
 TOKEN_PROGRAMS = (TOKEN_PROGRAM_ID, TOKEN_2022_PROGRAM_ID)
 MAX_BASE58_BYTES = 128
 TOKEN_ACCOUNT_LEN = 165

@@ -7,6 +7,7 @@ is initialised once with a short heartbeat TTL so staleness can be observed in s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -128,7 +129,20 @@ async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/ledger.db"
         return
-    server = make_url(request.getfixturevalue("pg_url"))
+    async with new_pg_database(request.getfixturevalue("pg_url")) as url:
+        yield url
+
+
+@pytest.fixture
+async def pg_db_url(pg_url: str) -> AsyncIterator[str]:
+    """A new, empty database on the session's PostgreSQL (for what only PostgreSQL has)."""
+    async with new_pg_database(pg_url) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def new_pg_database(pg_url: str) -> AsyncIterator[str]:
+    server = make_url(pg_url)
     name = f"ledger_{uuid.uuid4().hex[:12]}"
     admin_dsn = server.set(drivername="postgresql").render_as_string(hide_password=False)
     admin = await asyncpg.connect(admin_dsn)

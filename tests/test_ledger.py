@@ -42,6 +42,7 @@ from gateway.ledger.records import PUBLIC_SESSION_FIELDS
 NODE = "NodeA1111111111111111111111111111111111111"
 OTHER_NODE = "NodeB2222222222222222222222222222222222222"
 STT_MINUTE = 6_000
+HEAD = "0003"  # the newest migration
 
 
 def now() -> datetime:
@@ -191,7 +192,7 @@ async def test_migrate_creates_the_models_schema_and_is_idempotent(ledger: Ledge
     from gateway.ledger.models import VERSION_TABLE, metadata
 
     await ledger.migrate()  # again: a no-op
-    assert await ledger.schema_revision() == "0002"
+    assert await ledger.schema_revision() == HEAD
 
     def diff(conn: sa.Connection) -> list:
         ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
@@ -205,7 +206,7 @@ async def test_several_processes_migrate_at_once(db_url: str) -> None:
     lgs = [Ledger(db_url) for _ in range(3)]
     try:
         await asyncio.gather(*(lg.migrate() for lg in lgs))
-        assert {await lg.schema_revision() for lg in lgs} == {"0002"}
+        assert {await lg.schema_revision() for lg in lgs} == {HEAD}
         await funded(lgs[1], 1000)
     finally:
         for lg in lgs:
@@ -220,7 +221,7 @@ async def test_sqlite_new_file_opened_by_several_ledgers_at_once(tmp_path: Path)
         lgs = [Ledger(f"sqlite:///{tmp_path}/ledger-{i}.db") for _ in range(3)]
         try:
             await asyncio.gather(*(lg.migrate() for lg in lgs))
-            assert {await lg.schema_revision() for lg in lgs} == {"0002"}
+            assert {await lg.schema_revision() for lg in lgs} == {HEAD}
         finally:
             for lg in lgs:
                 await lg.close()
@@ -285,7 +286,7 @@ async def test_upgrade_from_revision_1_keeps_data(db_url: str) -> None:
     lg = Ledger(db_url)
     try:
         await lg.migrate()
-        assert await lg.schema_revision() == "0002"
+        assert await lg.schema_revision() == HEAD
         view = await lg.account_view("solana", "OldWallet")
         assert view is not None and view.id == aid
         assert (view.credit_balance, view.available_balance) == (97_000, 85_000)
@@ -302,6 +303,33 @@ async def test_upgrade_from_revision_1_keeps_data(db_url: str) -> None:
                 "wallet_address, created_at, updated_at) VALUES "
                 "('p1', 'solana', 'sig-2', 'pending', 100000, 'OldWallet', :t, :t)"),
                 {"t": now().replace(tzinfo=None) if lg.backend == "sqlite" else now()})
+    finally:
+        await lg.close()
+
+
+async def test_postgresql_connections_closed_by_the_server_are_replaced(pg_db_url: str) -> None:
+    """The server drops every connection (a restart, an admin's pg_terminate_backend): the
+    ledger's next calls open new ones and succeed, and a write cut off mid-transaction leaves
+    nothing behind."""
+    lg = Ledger(pg_db_url, pool_size=4)
+    await lg.migrate()
+    try:
+        aid = await funded(lg, 100_000)
+        await asyncio.gather(*(open_session(lg, aid) for _ in range(4)))  # four pooled conns
+        admin = await asyncpg.connect(make_url(pg_db_url).set(drivername="postgresql")
+                                      .render_as_string(hide_password=False))
+        try:
+            killed = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        finally:
+            await admin.close()
+        assert killed >= 4
+        await asyncio.sleep(0.2)
+        assert (await acct(lg, aid)).available_balance == 100_000 - 4 * STT_MINUTE  # a read
+        await asyncio.gather(*(open_session(lg, aid) for _ in range(4)))  # writes
+        assert len(await lg.list_sessions(aid, status="active")) == 8
+        await check_invariants(lg, aid)
     finally:
         await lg.close()
 
@@ -802,6 +830,34 @@ async def test_a_bundle_counts_once_toward_the_session_limit(ledger: Ledger) -> 
         await ledger.create_bundle(aid, bundle_specs())
     with pytest.raises(ConcurrencyLimit):
         await open_session(ledger, aid)
+
+
+async def test_a_bundle_frees_its_slot_when_its_last_session_settles(ledger: Ledger) -> None:
+    """The account's counter of active sessions follows settlement: a bundle stays one active
+    session until its last member is settled (by a final report or by the sweeper)."""
+    aid = await funded(ledger, 1_000_000)
+    await ledger.set_limits(aid, max_concurrent_sessions=2)
+    first = await ledger.create_bundle(aid, bundle_specs(dual=False))
+    single = await open_session(ledger, aid, expires_in=timedelta(hours=1))  # not swept below
+    with pytest.raises(ConcurrencyLimit):
+        await open_session(ledger, aid)
+    webrtc, stt, tts = first.sessions
+    await ledger.record_usage(webrtc.session_id, NODE, 30, final=True)
+    await ledger.record_usage(tts.session_id, OTHER_NODE, 500, final=True)
+    with pytest.raises(ConcurrencyLimit):  # the bundle's stt session is still active
+        await open_session(ledger, aid)
+    await check_invariants(ledger, aid)
+    swept = await ledger.sweep(stt.token_expires_at + timedelta(minutes=2))
+    assert [r.session_id for r in swept] == [stt.session_id]
+    await check_invariants(ledger, aid)
+    replacement = await open_session(ledger, aid)  # the bundle's slot is free again
+    with pytest.raises(ConcurrencyLimit):
+        await open_session(ledger, aid)
+    await ledger.record_usage(single.session_id, NODE, 10, final=True)
+    await ledger.record_usage(single.session_id, NODE, 10, final=True)  # a repeat counts nothing
+    await open_session(ledger, aid)
+    await check_invariants(ledger, aid)
+    assert (await ledger.audit(aid)).active_sessions == 2 and replacement.status == "active"
 
 
 # ------------------------------------------------------------------------------------ reads

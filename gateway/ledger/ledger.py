@@ -30,7 +30,9 @@ Balance model (amounts are int microcredits everywhere):
   exactly once, guarded by the session's status change under the account lock. A settled
   session is ``completed`` (final report) or ``expired`` (sweeper); ``ended_at`` is when the
   ledger settled it.
-* ``max_concurrent_sessions`` counts the account's active sessions, a bundle's sessions once.
+* ``max_concurrent_sessions`` limits the account's active sessions, a bundle's sessions once:
+  ``active_sessions`` on the account row counts them (opening adds, settling a key's last active
+  session subtracts), so the check needs no query over ``sessions``.
 
 Concurrency: every write transaction locks the account row first (PostgreSQL: ``SELECT ... FOR
 UPDATE``; SQLite: ``BEGIN IMMEDIATE`` -- one writer per database file), then reads and changes that
@@ -38,11 +40,13 @@ account's sessions. Several gateway processes may share one PostgreSQL database,
 file (WAL mode) on one machine.
 
 Execution: each transaction body is a plain function of a sync ``sa.Connection``. On PostgreSQL it
-runs through ``AsyncConnection.run_sync`` (asyncpg). On SQLite the whole body runs in one hop on
+runs through ``AsyncConnection.run_sync`` (asyncpg) on a connection in autocommit, between the
+ledger's own ``BEGIN`` and ``COMMIT`` (``_pg_transaction``), so that the ``Prepared`` statements
+sent straight to asyncpg belong to the transaction. On SQLite the whole body runs in one hop on
 the ``Ledger``'s single writer thread (its own pysqlite connection; reads on reader threads), so a
 transaction costs one thread hop instead of one per statement, one process never has two writers
-spinning on SQLite's busy handler, and bodies queued together commit together (``writer.py``:
-one savepoint each). The hot statements are ``Prepared`` (``prepared.py``). A call returns once
+spinning on SQLite's busy handler, and bodies queued together commit together
+(``writer.py``). The hot statements are ``Prepared`` (``prepared.py``). A call returns once
 its transaction has committed.
 """
 
@@ -159,7 +163,7 @@ _ACCOUNT_BY_ID = Prepared(sa.select(accounts).where(accounts.c.id == sa.bindpara
 # what a write transaction needs of the account it locks (see _Acct)
 _LOCK_ACCOUNT_STMT = (
     sa.select(accounts.c.id, accounts.c.credit_balance, accounts.c.held_microcredits,
-              accounts.c.max_concurrent_sessions)
+              accounts.c.active_sessions, accounts.c.max_concurrent_sessions)
     .where(accounts.c.id == sa.bindparam("account_id")))
 _LOCK_ACCOUNT = Prepared(_LOCK_ACCOUNT_STMT)
 _LOCK_ACCOUNT_FOR_UPDATE = {
@@ -170,20 +174,10 @@ _ACCOUNT_BY_WALLET = Prepared(sa.select(accounts).where(
     accounts.c.wallet_address == sa.bindparam("address")))
 _SESSION_BY_ID = Prepared(
     sa.select(sessions).where(sessions.c.id == sa.bindparam("session_id")))
-_ACTIVE_KEYS = sa.func.count(sa.distinct(sa.func.coalesce(sessions.c.bundle_id, sessions.c.id)))
-_ACTIVE_SESSION_COUNT = Prepared(
-    sa.select(_ACTIVE_KEYS.label("n"))
-    .where(sessions.c.account_id == sa.bindparam("account_id"), sessions.c.status == "active"))
-# SQLite: the account and its active-session count in one statement (see Ledger._lock_for_open)
-_LOCK_ACCOUNT_WITH_ACTIVE = Prepared(_LOCK_ACCOUNT_STMT.add_columns(
-    sa.select(_ACTIVE_KEYS)
-    .where(sessions.c.account_id == accounts.c.id, sessions.c.status == "active")
-    .scalar_subquery().label("active")))
 _BUNDLE_ACTIVE = Prepared(
     sa.select(sessions.c.id).where(sessions.c.account_id == sa.bindparam("account_id"),
                                    sessions.c.bundle_id == sa.bindparam("bundle_id"),
                                    sessions.c.status == "active").limit(1))
-# the inserts return only the generated id: the rest of the row is what was written
 _INSERT_SESSION = Prepared(sa.insert(sessions))
 _INSERT_TRANSACTION = Prepared(
     sa.insert(transactions)
@@ -191,8 +185,8 @@ _INSERT_TRANSACTION = Prepared(
     .returning(transactions.c.id))
 _SAVE_ACCOUNT = Prepared(
     sa.update(accounts).where(accounts.c.id == sa.bindparam("acct_id"))
-    .values(credit_balance=sa.bindparam("acct_credit"), held_microcredits=sa.bindparam("acct_held"))
-)
+    .values(credit_balance=sa.bindparam("acct_credit"), held_microcredits=sa.bindparam("acct_held"),
+            active_sessions=sa.bindparam("acct_active")))
 
 _SQLITE_READERS = 2  # reader threads (and pooled connections) per SQLite Ledger
 
@@ -237,6 +231,46 @@ def _install_sqlite_hooks(sync_engine: sa.Engine, busy_ms: int, *,
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
+class _StaleConnection(Exception):
+    """Carries (as ``__cause__``) an error met on a connection the server had closed;
+    ``retry``: nothing of the body reached the server, so it may run again on a new one."""
+
+    def __init__(self, retry: bool) -> None:
+        super().__init__()
+        self.retry = retry
+
+
+def _pg_transaction(conn: sa.Connection, begin: str | None, fn: Callable[..., T],
+                    args: tuple[Any, ...]) -> T:
+    """``fn(conn, *args)`` between ``begin`` and COMMIT on an autocommit asyncpg connection
+    (``begin`` None: ``fn`` is one read, no transaction). Whatever ``fn`` raises rolls back; a
+    connection that cannot roll back is invalidated, so the pool never hands out one left in a
+    transaction."""
+    driver = conn.connection.dbapi_connection
+    assert driver is not None
+    run = driver.run_async  # type: ignore[attr-defined]
+    raw = driver.driver_connection  # type: ignore[attr-defined]
+    started = False
+    try:
+        if begin is None:
+            return fn(conn, *args)
+        run(lambda c: c.execute(begin))
+        started = True
+        result = fn(conn, *args)
+        run(lambda c: c.execute("COMMIT"))
+        return result
+    except BaseException as exc:
+        if raw.is_closed():
+            conn.invalidate()
+            raise _StaleConnection(retry=not started) from exc
+        if raw.is_in_transaction():
+            try:
+                run(lambda c: c.execute("ROLLBACK"))
+            except BaseException:
+                conn.invalidate()
+        raise
+
+
 class _Acct:
     """The locked account row while a write transaction changes it."""
 
@@ -244,6 +278,7 @@ class _Acct:
         self.id: str = row["id"]
         self.credit: int = row["credit_balance"]
         self.held: int = row["held_microcredits"]
+        self.active: int = row["active_sessions"]
         self.max_sessions: int = row["max_concurrent_sessions"]
 
     @property
@@ -265,8 +300,7 @@ class Ledger:
         *,
         clock: Callable[[], datetime] | None = None,
         sqlite_busy_timeout: float = 30.0,
-        pool_size: int = 5,
-        max_overflow: int = 10,
+        pool_size: int = 16,
         echo: bool = False,
     ) -> None:
         self.url = normalize_url(url)
@@ -276,18 +310,22 @@ class Ledger:
         self._clock = clock or (lambda: datetime.now(UTC))
         kwargs: dict[str, Any] = {"echo": echo}
         if self._pg:
-            kwargs.update(pool_size=pool_size, max_overflow=max_overflow)
+            # a fixed pool: an overflow connection would be opened and closed around single
+            # requests under load (a TCP connect, a PostgreSQL backend fork and an SSL attempt,
+            # each time); requests beyond it wait for a connection
+            kwargs.update(pool_size=_positive("pool_size", pool_size), max_overflow=0,
+                          isolation_level="AUTOCOMMIT")
         else:
             db = u.database
             if not db or db == ":memory:" or u.query.get("mode") == "memory":
                 raise ValueError("the SQLite ledger needs a file (sqlite:///path/ledger.db)")
             Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"timeout": sqlite_busy_timeout}
+        # PostgreSQL: the ledger's connections run in autocommit (asyncpg's setting is
+        # client-side) and the ledger sends BEGIN and COMMIT itself (_pg_run), so that the
+        # statements ``Prepared`` sends straight to asyncpg are inside the transaction, and a
+        # one-statement read needs no transaction at all
         self._engine = create_async_engine(self.url, **kwargs)
-        self._wengine = self._engine.execution_options(ledger_write=True)
-        # one-statement reads need no transaction: on PostgreSQL that saves the BEGIN and
-        # ROLLBACK round trips around them (asyncpg's autocommit is set client-side)
-        self._one_statement = self._engine.execution_options(isolation_level="AUTOCOMMIT")
         self._sync_engine: sa.Engine | None = None
         self._writer: GroupWriter | None = None
         self._reader: ThreadPoolExecutor | None = None
@@ -345,23 +383,34 @@ class Ledger:
     async def _tx(self, fn: Callable[..., T], *args: Any, alone: bool = False) -> T:
         """Run ``fn(conn, *args)`` as one write transaction (committed when this returns;
         rolled back if ``fn`` raises). On SQLite it may share its COMMIT with other bodies queued
-        at the same time, unless ``alone``."""
+        at the same time, unless ``alone``. A cancelled caller does not cancel its transaction
+        (queued or running): it commits or rolls back as if the caller had waited."""
         if self._pg:
-            async with self._wengine.begin() as conn:
-                return await conn.run_sync(fn, *args)
+            return await asyncio.shield(self._pg_run(fn, args, "BEGIN"))
         assert self._writer is not None
-        # a cancelled caller does not cancel its transaction (queued or running): it commits
-        # or rolls back as if the caller had waited
         return await asyncio.shield(self._writer.submit(fn, args, alone=alone))
 
     async def _rtx(self, fn: Callable[..., T], *args: Any, one_statement: bool = False) -> T:
         """Run ``fn(conn, *args)`` in one read-only transaction (``one_statement``: ``fn`` runs a
         single statement, which is a transaction by itself)."""
         if self._pg:
-            async with (self._one_statement if one_statement else self._engine).connect() as conn:
-                return await conn.run_sync(fn, *args)
+            return await self._pg_run(fn, args, None if one_statement else "BEGIN READ ONLY")
         return await asyncio.get_running_loop().run_in_executor(
             self._reader, self._sqlite_read, fn, args)
+
+    async def _pg_run(self, fn: Callable[..., T], args: tuple[Any, ...], begin: str | None) -> T:
+        for attempt in (1, 2):
+            try:
+                async with self._engine.connect() as conn:
+                    return await conn.run_sync(_pg_transaction, begin, fn, args)
+            except _StaleConnection as stale:
+                # the server closed the connection (a restart, say): the pool's other
+                # connections are as old, so they are all replaced, as SQLAlchemy does on a
+                # disconnect; a body that had not started runs once more on a new connection
+                await self._engine.dispose(close=False)
+                if not stale.retry or attempt == 2:
+                    raise stale.__cause__ from None  # type: ignore[misc]
+        raise AssertionError("unreachable")
 
     def _sqlite_read(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         assert self._sync_engine is not None
@@ -377,22 +426,6 @@ class Ledger:
         stmt = _LOCK_ACCOUNT_FOR_UPDATE[skip_locked] if self._pg else _LOCK_ACCOUNT
         row = stmt.first(conn, {"account_id": account_id})
         return _Acct(row) if row else None
-
-    def _lock_for_open(self, conn: sa.Connection, account_id: str) -> tuple[_Acct, int]:
-        """The locked account and its active sessions (a bundle counts once). On SQLite one
-        statement does both: ``BEGIN IMMEDIATE`` already keeps every other writer out. On
-        PostgreSQL the count runs after ``FOR UPDATE`` holds the row, so it sees a session that
-        another transaction committed while this one waited for the lock."""
-        params = {"account_id": account_id}
-        if self._pg:
-            acct = self._lock_account(conn, account_id)
-            active = _ACTIVE_SESSION_COUNT.one(conn, params)["n"] if acct else 0
-        else:
-            row = _LOCK_ACCOUNT_WITH_ACTIVE.first(conn, params)
-            acct, active = (_Acct(row), row["active"]) if row else (None, 0)
-        if acct is None:
-            raise AccountNotFound(account_id)
-        return acct, active
 
     def _ensure_account(
         self, conn: sa.Connection, chain: str, address: str, now: datetime
@@ -440,8 +473,16 @@ class Ledger:
         return _transaction(row)
 
     def _save(self, conn: sa.Connection, acct: _Acct) -> None:
+        if acct.active < 0:  # unreachable unless a settlement counted a session twice
+            raise AssertionError(f"ledger invariant broken on {acct.id}: "
+                                 f"{acct.active} active sessions")
         _SAVE_ACCOUNT.rows(conn, {"acct_id": acct.id, "acct_credit": acct.credit,
-                                  "acct_held": acct.held})
+                                  "acct_held": acct.held, "acct_active": acct.active})
+
+    @staticmethod
+    def _bundle_open(conn: sa.Connection, account_id: str, bundle_id: str) -> bool:
+        return _BUNDLE_ACTIVE.first(
+            conn, {"account_id": account_id, "bundle_id": bundle_id}) is not None
 
     def _session_row(self, conn: sa.Connection, session_id: str) -> Row | None:
         return _SESSION_BY_ID.first(conn, {"session_id": session_id})
@@ -577,14 +618,16 @@ class Ledger:
                 raise ValueError("node_pubkey and server_url are required")
             checked.append((s, s.session_id or uuid7(),
                             _aware("token_expires_at", s.token_expires_at)))
-        acct, active = self._lock_for_open(conn, account_id)
+        acct = self._lock_account(conn, account_id)
+        if acct is None:
+            raise AccountNotFound(account_id)
         if bundle_id is None:
             new = len(checked)
         else:  # a bundle counts once, and not again if it is already open
-            new = 0 if _BUNDLE_ACTIVE.first(
-                conn, {"account_id": account_id, "bundle_id": bundle_id}) else 1
-        if active + new > acct.max_sessions:
+            new = 0 if self._bundle_open(conn, account_id, bundle_id) else 1
+        if acct.active + new > acct.max_sessions:
             raise ConcurrencyLimit(acct.max_sessions)
+        acct.active += new
         needed = sum(s.reserve_microcredits for s in specs)
         if needed > acct.available:
             raise InsufficientCredits(needed, acct.available)
@@ -735,6 +778,8 @@ class Ledger:
             .values(status=status, usage_units=usage, charged_microcredits=charged, ended_at=now)
             .returning(*sessions.c)
         )).mappings().one()
+        if row["bundle_id"] is None or not self._bundle_open(conn, acct.id, row["bundle_id"]):
+            acct.active -= 1  # a bundle's last session closes the bundle
         if charged:
             self._post(conn, acct, "charge", now, amount=-charged, hold=-charged,
                        session_id=sid, memo=f"{row['service']} usage: {usage}")
@@ -915,13 +960,16 @@ class Ledger:
                           sa.func.min(t.balance_after), sa.func.min(t.available_after))
                 .where(t.account_id == account_id)
             ).one()
-            active = conn.scalar(
-                sa.select(sa.func.coalesce(sa.func.sum(sessions.c.reserved_microcredits), 0))
-                .where(sessions.c.account_id == account_id, sessions.c.status == "active"))
+            s = sessions.c
+            active = conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(s.reserved_microcredits), 0),
+                          sa.func.count(sa.distinct(sa.func.coalesce(s.bundle_id, s.id))))
+                .where(s.account_id == account_id, s.status == "active")).one()
             min_after = None if sums[2] is None else min(int(sums[2]), int(sums[3]))
             return Audit(account_id=account_id, credit_balance=a["credit_balance"],
                          held_microcredits=a["held_microcredits"], sum_amount=int(sums[0]),
-                         sum_hold=int(sums[1]), active_reserved=int(active),
+                         sum_hold=int(sums[1]), active_reserved=int(active[0]),
+                         active_sessions=a["active_sessions"], active_keys=int(active[1]),
                          min_after=min_after)
 
         return await self._rtx(body)

@@ -54,6 +54,8 @@ accounts = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
     # revision 0002: the part of credit_balance held by active sessions; == sum(transactions.hold)
     sa.Column("held_microcredits", sa.BigInteger, nullable=False, server_default="0"),
+    # revision 0003: the account's active sessions, a bundle counted once (the concurrency limit)
+    sa.Column("active_sessions", sa.Integer, nullable=False, server_default="0"),
     sa.UniqueConstraint("wallet_chain", "wallet_address", name="uq_accounts_wallet"),
     sa.CheckConstraint("credit_balance >= 0", name="ck_accounts_credit_balance_nonneg"),
 )

@@ -159,6 +159,8 @@ class Audit:
     sum_amount: int  # sum(transactions.amount)
     sum_hold: int  # sum(transactions.hold)
     active_reserved: int  # sum(reserved_microcredits) of the active sessions
+    active_sessions: int  # the account's counter of active sessions
+    active_keys: int  # its active sessions counted (a bundle once)
     min_after: int | None  # lowest balance_after / available_after ever recorded
 
     @property
@@ -166,6 +168,7 @@ class Audit:
         return (
             self.credit_balance == self.sum_amount
             and self.held_microcredits == self.sum_hold == self.active_reserved
+            and self.active_sessions == self.active_keys
             and 0 <= self.held_microcredits <= self.credit_balance
             and (self.min_after is None or self.min_after >= 0)
         )

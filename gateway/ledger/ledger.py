@@ -178,11 +178,51 @@ _BUNDLE_ACTIVE = Prepared(
     sa.select(sessions.c.id).where(sessions.c.account_id == sa.bindparam("account_id"),
                                    sessions.c.bundle_id == sa.bindparam("bundle_id"),
                                    sessions.c.status == "active").limit(1))
+# Reserve on the account row only where the reservation fits the available balance and the new
+# sessions fit the session limit: check and change in one statement, which on PostgreSQL takes
+# the row lock itself and, if it had to wait for it, checks the newest version of the row.
+_RESERVE_STMT = (
+    sa.update(accounts)
+    .where(accounts.c.id == sa.bindparam("account_id"),
+           accounts.c.credit_balance - accounts.c.held_microcredits
+           >= sa.bindparam("reserve", type_=sa.BigInteger),
+           accounts.c.active_sessions + sa.bindparam("new", type_=sa.Integer)
+           <= accounts.c.max_concurrent_sessions)
+    .values(held_microcredits=accounts.c.held_microcredits + sa.bindparam("reserve"),
+            active_sessions=accounts.c.active_sessions + sa.bindparam("new"))
+    .returning(*_LOCK_ACCOUNT_STMT.selected_columns))
+_RESERVE = Prepared(_RESERVE_STMT)
 _INSERT_SESSION = Prepared(sa.insert(sessions))
 _INSERT_TRANSACTION = Prepared(
     sa.insert(transactions)
     .values({c.key: sa.bindparam(c.key, type_=c.type) for c in transactions.c if c.key != "id"})
     .returning(transactions.c.id))
+
+def _open_one_statement() -> sa.Select[Any]:
+    """PostgreSQL: one session opened in one statement (no BEGIN, no COMMIT: one round trip
+    instead of six): ``_RESERVE``, then the session row and its ``reserve`` transaction, each
+    inserted only if the reservation was made. Returns the transaction's id, or no row when the
+    account refused (``Ledger._open`` then tells why)."""
+    reserved = _RESERVE_STMT.cte("reserved")
+    opened = sa.insert(sessions).from_select(
+        [c.key for c in sessions.c],
+        sa.select(*(reserved.c.id if c.key == "account_id" else sa.bindparam(c.key, type_=c.type)
+                    for c in sessions.c)).select_from(reserved),
+    ).cte("opened")
+    t = transactions.c
+    posted = sa.insert(transactions).from_select(
+        [t.account_id, t.kind, t.amount, t.hold, t.balance_after, t.available_after,
+         t.session_id, t.memo, t.created_at],
+        sa.select(reserved.c.id, sa.literal("reserve"), sa.literal(0, sa.BigInteger),
+                  sa.bindparam("reserve"), reserved.c.credit_balance,
+                  reserved.c.credit_balance - reserved.c.held_microcredits,
+                  sa.bindparam("id", type_=t.session_id.type), sa.bindparam("memo", type_=t.memo.type),
+                  sa.bindparam("started_at", type_=t.created_at.type)).select_from(reserved),
+    ).returning(t.id).cte("posted")
+    return sa.select(posted.c.id).add_cte(opened)
+
+
+_OPEN_ONE = Prepared(_open_one_statement())
 _SAVE_ACCOUNT = Prepared(
     sa.update(accounts).where(accounts.c.id == sa.bindparam("acct_id"))
     .values(credit_balance=sa.bindparam("acct_credit"), held_microcredits=sa.bindparam("acct_held"),
@@ -233,36 +273,40 @@ def _install_sqlite_hooks(sync_engine: sa.Engine, busy_ms: int, *,
 
 class _StaleConnection(Exception):
     """Carries (as ``__cause__``) an error met on a connection the server had closed;
-    ``retry``: nothing of the body reached the server, so it may run again on a new one."""
+    ``maybe_done``: the body's changes may have been committed (COMMIT, or its one statement,
+    was sent), so it must not run again."""
 
-    def __init__(self, retry: bool) -> None:
+    def __init__(self, maybe_done: bool) -> None:
         super().__init__()
-        self.retry = retry
+        self.maybe_done = maybe_done
 
 
 def _pg_transaction(conn: sa.Connection, begin: str | None, fn: Callable[..., T],
                     args: tuple[Any, ...]) -> T:
     """``fn(conn, *args)`` between ``begin`` and COMMIT on an autocommit asyncpg connection
-    (``begin`` None: ``fn`` is one read, no transaction). Whatever ``fn`` raises rolls back; a
-    connection that cannot roll back is invalidated, so the pool never hands out one left in a
-    transaction."""
+    (``begin`` None: ``fn`` runs one statement, no transaction). Whatever ``fn`` raises rolls
+    back; a connection that cannot roll back is invalidated, so the pool never hands out one
+    left in a transaction."""
     driver = conn.connection.dbapi_connection
     assert driver is not None
     run = driver.run_async  # type: ignore[attr-defined]
     raw = driver.driver_connection  # type: ignore[attr-defined]
-    started = False
+    if raw.is_closed():  # seen closed before anything was sent
+        conn.invalidate()
+        raise _StaleConnection(maybe_done=False)
+    committing = begin is None  # one statement commits as it runs
     try:
         if begin is None:
             return fn(conn, *args)
         run(lambda c: c.execute(begin))
-        started = True
         result = fn(conn, *args)
+        committing = True
         run(lambda c: c.execute("COMMIT"))
         return result
     except BaseException as exc:
         if raw.is_closed():
             conn.invalidate()
-            raise _StaleConnection(retry=not started) from exc
+            raise _StaleConnection(maybe_done=committing) from exc
         if raw.is_in_transaction():
             try:
                 run(lambda c: c.execute("ROLLBACK"))
@@ -394,11 +438,13 @@ class Ledger:
         """Run ``fn(conn, *args)`` in one read-only transaction (``one_statement``: ``fn`` runs a
         single statement, which is a transaction by itself)."""
         if self._pg:
-            return await self._pg_run(fn, args, None if one_statement else "BEGIN READ ONLY")
+            return await self._pg_run(fn, args, None if one_statement else "BEGIN READ ONLY",
+                                      reads_only=True)
         return await asyncio.get_running_loop().run_in_executor(
             self._reader, self._sqlite_read, fn, args)
 
-    async def _pg_run(self, fn: Callable[..., T], args: tuple[Any, ...], begin: str | None) -> T:
+    async def _pg_run(self, fn: Callable[..., T], args: tuple[Any, ...], begin: str | None, *,
+                      reads_only: bool = False) -> T:
         for attempt in (1, 2):
             try:
                 async with self._engine.connect() as conn:
@@ -406,10 +452,13 @@ class Ledger:
             except _StaleConnection as stale:
                 # the server closed the connection (a restart, say): the pool's other
                 # connections are as old, so they are all replaced, as SQLAlchemy does on a
-                # disconnect; a body that had not started runs once more on a new connection
+                # disconnect. The body runs once more on a new connection unless it writes and
+                # may have committed (the caller then gets the error and can look).
                 await self._engine.dispose(close=False)
-                if not stale.retry or attempt == 2:
-                    raise stale.__cause__ from None  # type: ignore[misc]
+                if attempt == 2 or (stale.maybe_done and not reads_only):
+                    if stale.__cause__ is None:
+                        raise ConnectionError("the ledger's database closed the connection")
+                    raise stale.__cause__ from None
         raise AssertionError("unreachable")
 
     def _sqlite_read(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
@@ -591,6 +640,11 @@ class Ledger:
         spec = SessionSpec(service, reserve_microcredits, limit_units, token_expires_at,
                            node_pubkey, server_url, room_name, participant_identity, metadata,
                            session_id)
+        if self._pg and bundle_id is None:  # the common case in one round trip
+            record = await asyncio.shield(
+                self._pg_run(self._open_one, (account_id, spec), begin=None))
+            if record is not None:
+                return record
         (record,) = await self._tx(self._open, account_id, [spec], bundle_id)
         return record
 
@@ -604,50 +658,75 @@ class Ledger:
         records = await self._tx(self._open, account_id, list(specs), bundle_id)
         return Bundle(bundle_id, records)
 
-    def _open(
-        self, conn: sa.Connection, account_id: str, specs: list[SessionSpec],
-        bundle_id: str | None,
-    ) -> list[SessionRecord]:
+    def _session_rows(
+        self, account_id: str, specs: list[SessionSpec], bundle_id: str | None
+    ) -> list[Row]:
+        """The new sessions' rows, from checked specs."""
         now = self._now()
-        checked = []
+        rows = []
         for s in specs:
             pricing.rate(s.service)
             _positive("reserve_microcredits", s.reserve_microcredits)
             _positive("limit_units", s.limit_units)
             if not s.node_pubkey or not s.server_url:
                 raise ValueError("node_pubkey and server_url are required")
-            checked.append((s, s.session_id or uuid7(),
-                            _aware("token_expires_at", s.token_expires_at)))
-        acct = self._lock_account(conn, account_id)
-        if acct is None:
-            raise AccountNotFound(account_id)
-        if bundle_id is None:
-            new = len(checked)
-        else:  # a bundle counts once, and not again if it is already open
-            new = 0 if self._bundle_open(conn, account_id, bundle_id) else 1
-        if acct.active + new > acct.max_sessions:
-            raise ConcurrencyLimit(acct.max_sessions)
-        acct.active += new
-        needed = sum(s.reserve_microcredits for s in specs)
-        if needed > acct.available:
-            raise InsufficientCredits(needed, acct.available)
-        records = []
-        for s, sid, expires in checked:
-            row = {
-                "id": sid, "account_id": account_id, "service": s.service,
+            rows.append({
+                "id": s.session_id or uuid7(), "account_id": account_id, "service": s.service,
                 "bundle_id": bundle_id, "status": "active", "room_name": s.room_name,
                 "participant_identity": s.participant_identity, "server_url": s.server_url,
                 "node_pubkey": s.node_pubkey, "reserved_microcredits": s.reserve_microcredits,
                 "charged_microcredits": 0, "usage_units": 0, "limit_units": s.limit_units,
-                "token_expires_at": expires, "started_at": now, "ended_at": None,
-                "metadata": s.metadata,
-            }
+                "token_expires_at": _aware("token_expires_at", s.token_expires_at),
+                "started_at": now, "ended_at": None, "metadata": s.metadata,
+            })
+        return rows
+
+    def _open_one(
+        self, conn: sa.Connection, account_id: str, spec: SessionSpec
+    ) -> SessionRecord | None:
+        """PostgreSQL, one session: ``_OPEN_ONE``. None if the account refused it (or is
+        missing): ``_open`` then runs and says why, or opens it if the account changed since."""
+        (row,) = self._session_rows(account_id, [spec], None)
+        params = {**row, "reserve": spec.reserve_microcredits, "new": 1,
+                  "memo": f"{spec.service} session"}
+        return _session(row) if _OPEN_ONE.first(conn, params) else None
+
+    def _open(
+        self, conn: sa.Connection, account_id: str, specs: list[SessionSpec],
+        bundle_id: str | None,
+    ) -> list[SessionRecord]:
+        rows = self._session_rows(account_id, specs, bundle_id)
+        if bundle_id is None:
+            new = len(rows)
+        else:  # a bundle counts once, and not again if it is already open: checked under the
+            # account's lock, or two opens of one bundle would both count it
+            if self._lock_account(conn, account_id) is None:
+                raise AccountNotFound(account_id)
+            new = 0 if self._bundle_open(conn, account_id, bundle_id) else 1
+        needed = sum(r["reserved_microcredits"] for r in rows)
+        params = {"account_id": account_id, "reserve": needed, "new": new}
+        while (reserved := _RESERVE.first(conn, params)) is None:
+            self._refusal(conn, account_id, needed, new)
+        acct = _Acct(reserved)
+        acct.held -= needed  # the reserve rows below record the holds one by one
+        for row in rows:
             _INSERT_SESSION.rows(conn, row)
-            self._post(conn, acct, "reserve", now, hold=s.reserve_microcredits,
-                       session_id=sid, memo=f"{s.service} session")
-            records.append(_session(row))
-        self._save(conn, acct)
-        return records
+            self._post(conn, acct, "reserve", row["started_at"],
+                       hold=row["reserved_microcredits"], session_id=row["id"],
+                       memo=f"{row['service']} session")
+        return [_session(row) for row in rows]
+
+    def _refusal(self, conn: sa.Connection, account_id: str, needed: int, new: int) -> None:
+        """Why ``_RESERVE`` changed nothing: raises AccountNotFound, ConcurrencyLimit or
+        InsufficientCredits. Returns if, read under the lock, the reservation fits after all (on
+        PostgreSQL the account may have changed in between): the caller reserves again."""
+        acct = self._lock_account(conn, account_id)
+        if acct is None:
+            raise AccountNotFound(account_id)
+        if acct.active + new > acct.max_sessions:
+            raise ConcurrencyLimit(acct.max_sessions)
+        if needed > acct.available:
+            raise InsufficientCredits(needed, acct.available)
 
     async def extend(
         self,

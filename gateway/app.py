@@ -452,7 +452,7 @@ async def _lifecycle(app: web.Application) -> Any:
 def create_app(config: GatewayConfig, issuer: Keypair, list_nodes: Any,
                ledger: Ledger | None = None) -> web.Application:
     """The gateway app. ``list_nodes`` is the registry read (``RegistryClient.list_nodes``)."""
-    ledger = ledger or Ledger(config.database_url)
+    ledger = ledger or Ledger(config.database_url, pool_size=config.database_pool_size)
     directory = NodeDirectory(list_nodes, config.registry_refresh_seconds)
     loc = config.default_location
     locator = Locator(Location(loc.lat, loc.lon, loc.country), config.geoip_mmdb)

@@ -30,6 +30,9 @@ class GatewayConfig(BaseModel):
     program_id: str | None = None
     issuer_keypair: Path = Path(".local/keys/gateway-issuer.json")
     database_url: str = "sqlite+aiosqlite:///.local/gateway.db"
+    # PostgreSQL connections this gateway process keeps open (a fixed pool; requests beyond it
+    # wait for one). Unused on SQLite.
+    database_pool_size: int = Field(default=16, ge=1)
     registry_refresh_seconds: float = Field(default=3.0, gt=0)
     default_location: DefaultLocation = DefaultLocation(lat=50.11, lon=8.68, country="DE")
     geoip_mmdb: Path | None = None

@@ -5,9 +5,11 @@ through ``Connection.execute`` (execution context, events, result objects, and o
 SQLAlchemy's cursor adapter), and a session open runs four or five of them. A ``Prepared`` keeps
 the Core statement as the one definition of the SQL (same columns, same type conversions: its bind
 and result processors are the column types' own for the dialect), and skips the rest. On asyncpg
-the statement goes through ``run_async`` on the pooled connection (asyncpg's own statement cache
-prepares it once per connection); the ledger's PostgreSQL connections run in autocommit with the
-ledger's own ``BEGIN``/``COMMIT`` around each body, so it runs inside the body's transaction.
+``rows`` goes through ``run_async`` on the pooled connection of a transaction body (the ledger's
+PostgreSQL connections run in autocommit with the ledger's own ``BEGIN``/``COMMIT`` around each
+body, so the statement is inside the body's transaction), and ``fetch`` runs a statement that is
+a transaction by itself straight from the event loop. asyncpg's statement cache prepares each
+statement once per connection.
 
 A constraint violation raises SQLAlchemy's ``IntegrityError`` (its ``orig`` the driver's), as
 ``Connection.execute`` would; other driver errors propagate as the driver raised them.
@@ -49,14 +51,8 @@ class Prepared:
         return entry
 
     def rows(self, conn: sa.Connection, params: Mapping[str, Any]) -> list[Row]:
-        sql, binds, columns = (self._compiled.get(conn.dialect)
-                               or self._compile(conn.dialect))
-        args = []
-        for name, bind, literal in binds:
-            value = params.get(name, literal)
-            if value is _REQUIRED:
-                raise KeyError(f"statement parameter {name!r} missing for: {sql}")
-            args.append(value if bind is None else bind(value))
+        """Run on a Connection's driver connection (asyncpg: from the greenlet of ``run_sync``)."""
+        sql, args, columns = self._bind(conn.dialect, params)
         driver = conn.connection.dbapi_connection
         try:
             if conn.dialect.driver == "asyncpg":
@@ -65,8 +61,28 @@ class Prepared:
                 fetched = driver.execute(sql, args).fetchall()  # type: ignore[union-attr]
         except _INTEGRITY_ERRORS as exc:
             raise sa.exc.IntegrityError(sql, args, exc) from exc
-        return [{key: (value if proc is None else proc(value))
-                 for (key, proc), value in zip(columns, row, strict=True)} for row in fetched]
+        return _converted(columns, fetched)
+
+    async def fetch(self, driver: asyncpg.Connection, dialect: Dialect,
+                    params: Mapping[str, Any]) -> list[Row]:
+        """Run on a bare asyncpg connection, from the event loop (no Connection, no greenlet:
+        for a statement that is a transaction by itself)."""
+        sql, args, columns = self._bind(dialect, params)
+        try:
+            fetched = await driver.fetch(sql, *args)
+        except _INTEGRITY_ERRORS as exc:
+            raise sa.exc.IntegrityError(sql, args, exc) from exc
+        return _converted(columns, fetched)
+
+    def _bind(self, dialect: Dialect, params: Mapping[str, Any]) -> tuple[str, list[Any], Any]:
+        sql, binds, columns = self._compiled.get(dialect) or self._compile(dialect)
+        args = []
+        for name, bind, literal in binds:
+            value = params.get(name, literal)
+            if value is _REQUIRED:
+                raise KeyError(f"statement parameter {name!r} missing for: {sql}")
+            args.append(value if bind is None else bind(value))
+        return sql, args, columns
 
     def first(self, conn: sa.Connection, params: Mapping[str, Any]) -> Row | None:
         found = self.rows(conn, params)
@@ -77,3 +93,8 @@ class Prepared:
         if len(found) != 1:
             raise sa.exc.NoResultFound(f"expected one row, got {len(found)}")
         return found[0]
+
+
+def _converted(columns: list[Any], fetched: Any) -> list[Row]:
+    return [{key: (value if proc is None else proc(value))
+             for (key, proc), value in zip(columns, row, strict=True)} for row in fetched]

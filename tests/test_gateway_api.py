@@ -207,7 +207,7 @@ async def test_account_shape_and_grant(gw: Gw) -> None:
 
 async def test_evm_wallet_works_end_to_end(gw: Gw) -> None:
     client = await gw.funded(0.1, chain="evm")
-    session = await client.create_webrtc_token("evm-room", "evm-agent", 2)
+    await client.create_webrtc_token("evm-room", "evm-agent", 2)
     assert (await client.account()).available_balance == 100_000 - 2_000
 
 
@@ -465,12 +465,9 @@ async def test_only_the_routed_registered_node_may_post_usage(gw: Gw) -> None:
     assert r.status == 200
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 async def test_fifty_concurrent_creations_against_ten(
-    net: Net, tmp_path: Path, backend: str, request: pytest.FixtureRequest
+    net: Net, tmp_path: Path, db_url: str
 ) -> None:
-    db_url = (f"sqlite+aiosqlite:///{tmp_path}/gw.db" if backend == "sqlite"
-              else await _pg_database(request))
     async with _serve(net, tmp_path, db_url) as g:
         client = await g.funded(0.01)  # 10,000 = ten 1-minute WebRTC participants
         account = await client.account()
@@ -486,25 +483,6 @@ async def test_fifty_concurrent_creations_against_ten(
         assert (account.credit_balance, account.available_balance) == (10_000, 0)
         assert len(await client.sessions(limit=100)) == 10
         await audit_ok(g, client)
-
-
-async def _pg_database(request: pytest.FixtureRequest) -> str:
-    import uuid
-
-    import asyncpg
-    from sqlalchemy.engine import make_url
-
-    server = make_url(request.getfixturevalue("pg_url"))
-    name = f"gw_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(server.set(drivername="postgresql").render_as_string(
-        hide_password=False))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    return server.set(database=name).render_as_string(hide_password=False)
-
-
 
 
 async def test_extend_pushes_the_new_token_to_the_sfu(net: Net, tmp_path: Path) -> None:

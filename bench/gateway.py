@@ -10,8 +10,9 @@ wallet-signed request: 3,000 funded wallets, each (wallet, timestamp) pair used 
 gateway demands; the requests are signed before each phase (signing is the client's cost, not the
 server's), and each one reserves credits in the ledger and mints an Ed25519 token. Each phase runs
 for a fixed time after a 2 s warm-up. Figures: wrk's requests per second and latency percentiles,
-the gateway process's CPU time per request, and, as a check, the sessions the ledger stored. The
-PostgreSQL server is the tests' throwaway one (fsync off) on the same machine.
+the gateway process's CPU time per request (and the PostgreSQL server's, all its processes), and, as
+a check, the sessions the ledger stored. The PostgreSQL server is the tests' throwaway one (fsync
+off) on the same machine.
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ class Run:
     p50_ms: float
     p99_ms: float
     cpu_us: float  # gateway process CPU time per request
+    db_cpu_us: float | None  # the PostgreSQL server's (all its processes) per request
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
@@ -151,20 +153,43 @@ def _ms(text: str) -> float:
     return float(value) * _UNITS[unit]
 
 
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def process_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wrk(url: str, pid: int, seconds: float, concurrency: int, requests: Path | None) -> Run:
+def server_cpu(pid: int) -> float:
+    """CPU time of a server and its child processes (PostgreSQL: one backend per connection),
+    including children that have exited."""
+    fields = _stat(pid)
+    total = sum(int(f) for f in fields[11:15])
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(pid):
+            try:
+                child = _stat(int(entry.name))
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if child[1] == str(pid):
+                total += int(child[11]) + int(child[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(url: str, pid: int, seconds: float, concurrency: int, requests: Path | None,
+        db_pid: int | None = None) -> Run:
     cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--latency"]
     if requests is not None:
         cmd += ["-s", str(WRK_SCRIPT), url + TOKEN_PATH, "--", str(requests)]
     else:
         cmd += [url + "/internal/health"]
     cpu0 = process_cpu(pid)
+    db0 = server_cpu(db_pid) if db_pid else 0.0
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     cpu = process_cpu(pid) - cpu0
+    db_cpu = server_cpu(db_pid) - db0 if db_pid else None
     done = int(re.search(r"(\d+) requests in", out).group(1))
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: (.*)", out)
@@ -176,6 +201,7 @@ def wrk(url: str, pid: int, seconds: float, concurrency: int, requests: Path | N
         p50_ms=_ms(re.search(r"^\s+50%\s+(\S+)", out, re.MULTILINE).group(1)),
         p99_ms=_ms(re.search(r"^\s+99%\s+(\S+)", out, re.MULTILINE).group(1)),
         cpu_us=cpu / max(done, 1) * 1e6,
+        db_cpu_us=None if db_cpu is None else db_cpu / max(done, 1) * 1e6,
     )
 
 
@@ -187,11 +213,13 @@ def machine_speed() -> float:
 
 def line(backend: str, what: str, r: Run, extra: str = "") -> str:
     return (f"{backend:10}  {what:24} {r.rps:7.0f} req/s  p50 {r.p50_ms:6.1f} ms  "
-            f"p99 {r.p99_ms:6.1f} ms  cpu {r.cpu_us:5.0f} us/req{extra}")
+            f"p99 {r.p99_ms:6.1f} ms  cpu {r.cpu_us:5.0f} us/req"
+            + ("" if r.db_cpu_us is None else f" (+ database server {r.db_cpu_us:4.0f})")
+            + extra)
 
 
 def bench_backend(name: str, url: str, pid: int, db_url: str, tmp: Path, seconds: float,
-                  levels: list[int], signer: Signer) -> None:
+                  levels: list[int], signer: Signer, db_pid: int | None) -> None:
     asyncio.run(wait_up(url))
     print(f"{name:10}  machine speed: sum(range(1000)) takes {machine_speed():.1f} us", flush=True)
     wrk(url, pid, 2, 32, None)  # warm-up
@@ -203,7 +231,7 @@ def bench_backend(name: str, url: str, pid: int, db_url: str, tmp: Path, seconds
         wrk(url, pid, 2, concurrency, requests)  # warm-up
         before = asyncio.run(count_sessions(db_url))
         signer.write(requests, url, seconds)
-        token = wrk(url, pid, seconds, concurrency, requests)
+        token = wrk(url, pid, seconds, concurrency, requests, db_pid)
         stored = asyncio.run(count_sessions(db_url)) - before
         print(line(name, f"{TOKEN_PATH} c={concurrency}", token,
                    f"  non-2xx {token.non_2xx}  sessions stored {stored}"
@@ -232,6 +260,7 @@ def main() -> None:
             print(f"loopback, wrk -t1, {args.seconds:g} s per phase; gateway (one process) and wrk "
                   f"share the machine's {os.cpu_count()} cores")
             for backend in args.backends.split(","):
+                db_pid = None
                 if backend == "sqlite":
                     db_url = f"sqlite+aiosqlite:///{tmp}/gateway.db"
                 else:
@@ -241,12 +270,12 @@ def main() -> None:
                         continue
                     pg = PgServer(bindir)
                     pg.start()
-                    db_url = pg.url()
+                    db_url, db_pid = pg.url(), pg.proc.pid if pg.proc else None
                 asyncio.run(fund(db_url, wallets))
                 proc, url = start_gateway(tmp, net.url, db_url, tmp / "issuer.json")
                 try:
                     bench_backend(backend, url, proc.pid, db_url, tmp, args.seconds, levels,
-                                  Signer(wallets))
+                                  Signer(wallets), db_pid)
                 finally:
                     proc.terminate()
                     proc.wait()

@@ -334,6 +334,41 @@ async def test_postgresql_connections_closed_by_the_server_are_replaced(pg_db_ur
         await lg.close()
 
 
+async def test_postgresql_open_refused_then_waits_for_the_account_and_sees_its_commit(
+    pg_db_url: str,
+) -> None:
+    """The balance does not cover a session when the open starts, but another transaction holds
+    the account's row lock with a grant not yet committed: the open waits for that lock and then
+    reserves against the committed balance (refused by its snapshot, read again under the lock)
+    instead of refusing on a stale read."""
+    lg = Ledger(pg_db_url)
+    await lg.migrate()
+    admin = await asyncpg.connect(make_url(pg_db_url).set(drivername="postgresql")
+                                  .render_as_string(hide_password=False))
+    try:
+        aid = await funded(lg, 1000)  # less than one STT minute
+        tr = admin.transaction()
+        await tr.start()
+        await admin.execute("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", aid)
+        await admin.execute(
+            "UPDATE accounts SET credit_balance = credit_balance + 10000 WHERE id = $1", aid)
+        await admin.execute(
+            "INSERT INTO transactions (account_id, kind, amount, hold, balance_after, "
+            "available_after, memo, created_at) VALUES ($1, 'grant', 10000, 0, 11000, 11000, "
+            "'test', now())", aid)
+        opening = asyncio.create_task(open_session(lg, aid))
+        await asyncio.sleep(0.5)
+        assert not opening.done()  # waiting for the account's lock
+        await tr.commit()
+        session = await asyncio.wait_for(opening, 10)
+        assert session.reserved_microcredits == STT_MINUTE
+        assert (await acct(lg, aid)).available_balance == 11_000 - STT_MINUTE
+        await check_invariants(lg, aid)
+    finally:
+        await admin.close()
+        await lg.close()
+
+
 async def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
     lg = Ledger(f"sqlite:///{tmp_path}/sub/dir/ledger.db")  # parent directories are created
     try:

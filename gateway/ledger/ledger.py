@@ -35,8 +35,9 @@ Balance model (amounts are int microcredits everywhere):
   session subtracts), so the check needs no query over ``sessions``.
 
 Concurrency: every write transaction locks the account row first (PostgreSQL: ``SELECT ... FOR
-UPDATE``; SQLite: ``BEGIN IMMEDIATE`` -- one writer per database file), then reads and changes that
-account's sessions. Several gateway processes may share one PostgreSQL database, or one SQLite
+UPDATE``, or the conditional ``UPDATE`` that reserves for new sessions, which re-checks the row's
+newest version if it waited for the lock; SQLite: ``BEGIN IMMEDIATE`` -- one writer per database
+file), then reads and changes that account's sessions. Several gateway processes may share one PostgreSQL database, or one SQLite
 file (WAL mode) on one machine.
 
 Execution: each transaction body is a plain function of a sync ``sa.Connection``. On PostgreSQL it

@@ -1,18 +1,20 @@
-"""Gateway load benchmark: POST /v1/webrtc/token on SQLite and PostgreSQL, /internal/health as the
-baseline of the same server.
+"""Gateway load benchmark: POST /v1/webrtc/token and POST /v1/agent-session on SQLite and
+PostgreSQL, /internal/health as the baseline of the same server.
 
-    .venv/bin/python bench/gateway.py [--seconds 8] [--concurrency 16,32] [--backends sqlite,postgresql]
+    .venv/bin/python bench/gateway.py [--seconds 8] [--concurrency 16,32]
+        [--backends sqlite,postgresql] [--endpoints webrtc-token,agent-session]
 
-Method: a localnet process with one registered SFU node; one gateway *process* per backend (the
-real `gateway` CLI); `wrk` (one thread, Debian's package, installed by `make setup`) as the load
-generator on loopback, sharing the machine's cores with the gateway. Every token request is a real
-wallet-signed request: 3,000 funded wallets, each (wallet, timestamp) pair used once, as the
-gateway demands; the requests are signed before each phase (signing is the client's cost, not the
-server's), and each one reserves credits in the ledger and mints an Ed25519 token. Each phase runs
-for a fixed time after a 2 s warm-up. Figures: wrk's requests per second and latency percentiles,
-the gateway process's CPU time per request (and the PostgreSQL server's, all its processes), and, as
-a check, the sessions the ledger stored. The PostgreSQL server is the tests' throwaway one (fsync
-off) on the same machine.
+Method: a localnet process with one registered node of each role; one gateway *process* per
+backend (the real `gateway` CLI); `wrk` (one thread, Debian's package, installed by `make setup`)
+as the load generator on loopback, sharing the machine's cores with the gateway. Every request is
+a real wallet-signed request: 3,000 funded wallets, each (wallet, timestamp) pair used once, as
+the gateway demands; the requests are signed before each phase (signing is the client's cost, not
+the server's). A token request reserves credits for one session in the ledger and mints an
+Ed25519 token; an agent session opens a bundle of three sessions (WebRTC, STT, TTS) and mints a
+token for each. Each phase runs for a fixed time after a 2 s warm-up. Figures: wrk's requests per
+second and latency percentiles, the gateway process's CPU time per request (and the PostgreSQL
+server's, all its processes), and, as a check, the sessions the ledger stored per answer. The
+PostgreSQL server is the tests' throwaway one (fsync off) on the same machine.
 """
 
 from __future__ import annotations
@@ -49,21 +51,37 @@ from tests.pg import PgServer, find_bindir  # noqa: E402
 
 WALLETS = 3000
 MAX_RPS = 3000  # requests signed per second of a phase (a faster run would replay: non-2xx)
-TOKEN_PATH = "/v1/webrtc/token"
-BODY = json.dumps({"room_name": "bench", "participant_identity": "p",
-                   "duration_minutes": 1}).encode()
+
+@dataclass(frozen=True)
+class Endpoint:
+    path: str
+    body: bytes
+    sessions: int  # sessions the ledger stores per answer
+
+
+ENDPOINTS = {
+    # the figure the target is about
+    "webrtc-token": Endpoint("/v1/webrtc/token", json.dumps(
+        {"room_name": "bench", "participant_identity": "p", "duration_minutes": 1}).encode(), 1),
+    # what an agent calls: a bundle of WebRTC + STT + TTS sessions, a token for each
+    "agent-session": Endpoint("/v1/agent-session", json.dumps(
+        {"room_name": "bench", "participant_identity": "agent", "duration_minutes": 1,
+         "tts_max_characters": 2000}).encode(), 3),
+}
 WRK_SCRIPT = ROOT / "bench" / "wrk_replay.lua"
 
 
 async def setup_chain(url: str, issuer: Keypair) -> None:
-    authority, node = Keypair(), Keypair()
+    authority = Keypair()
     async with RegistryClient(url) as client:
         await client.ensure_funded(authority)
         await client.initialize_registry(authority, 3600)
         await client.add_issuer(authority, issuer.pubkey())
-        await client.ensure_funded(node)
-        await client.register_node(node, p.Role.SFU,
-                                   p.NodeFields("https://sfu.bench", 50.1, 8.7, "DE", 10**6, "0.1.0"))
+        for role in (p.Role.SFU, p.Role.STT, p.Role.TTS):
+            node = Keypair()
+            await client.ensure_funded(node)
+            await client.register_node(node, role, p.NodeFields(
+                f"https://{role.name.lower()}.bench", 50.1, 8.7, "DE", 10**6, "0.1.0"))
 
 
 async def fund(db_url: str, wallets: list[Keypair]) -> None:
@@ -115,7 +133,7 @@ class Signer:
         self.wallets = wallets
         self.next_ts = [0] * len(wallets)
 
-    def write(self, path: Path, url: str, seconds: float) -> None:
+    def write(self, path: Path, url: str, seconds: float, endpoint: Endpoint) -> None:
         host = url.split("//", 1)[1]
         per_wallet = -(-int(MAX_RPS * seconds) // len(self.wallets))
         now = int(time.time())
@@ -123,17 +141,18 @@ class Signer:
         with open(path, "wb") as out:
             for j in range(per_wallet):
                 for i, wallet in enumerate(self.wallets):
-                    headers = sign_request("POST", TOKEN_PATH, wallet, now=start[i] + j)
-                    head = (f"POST {TOKEN_PATH} HTTP/1.1\r\nHost: {host}\r\n"
+                    headers = sign_request("POST", endpoint.path, wallet, now=start[i] + j)
+                    head = (f"POST {endpoint.path} HTTP/1.1\r\nHost: {host}\r\n"
                             "Content-Type: application/json\r\n"
-                            f"Content-Length: {len(BODY)}\r\n"
+                            f"Content-Length: {len(endpoint.body)}\r\n"
                             + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n")
-                    out.write(head.encode() + BODY + b"\0")
+                    out.write(head.encode() + endpoint.body + b"\0")
         self.next_ts = [s + per_wallet for s in start]
 
 
 @dataclass
 class Run:
+    done: int
     rps: float
     non_2xx: int
     p50_ms: float
@@ -180,9 +199,10 @@ def server_cpu(pid: int) -> float:
 
 def wrk(url: str, pid: int, seconds: float, concurrency: int, requests: Path | None,
         db_pid: int | None = None) -> Run:
+    """``requests``: a file of pre-signed requests to replay; None: GET /internal/health."""
     cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--latency"]
     if requests is not None:
-        cmd += ["-s", str(WRK_SCRIPT), url + TOKEN_PATH, "--", str(requests)]
+        cmd += ["-s", str(WRK_SCRIPT), url, "--", str(requests)]
     else:
         cmd += [url + "/internal/health"]
     cpu0 = process_cpu(pid)
@@ -196,6 +216,7 @@ def wrk(url: str, pid: int, seconds: float, concurrency: int, requests: Path | N
     if errors:
         print(f"    wrk socket errors: {errors.group(1)}")
     return Run(
+        done=done,
         rps=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
         non_2xx=int(bad.group(1)) if bad else 0,
         p50_ms=_ms(re.search(r"^\s+50%\s+(\S+)", out, re.MULTILINE).group(1)),
@@ -219,23 +240,27 @@ def line(backend: str, what: str, r: Run, extra: str = "") -> str:
 
 
 def bench_backend(name: str, url: str, pid: int, db_url: str, tmp: Path, seconds: float,
-                  levels: list[int], signer: Signer, db_pid: int | None) -> None:
+                  levels: list[int], endpoints: list[Endpoint], signer: Signer,
+                  db_pid: int | None) -> None:
     asyncio.run(wait_up(url))
     print(f"{name:10}  machine speed: sum(range(1000)) takes {machine_speed():.1f} us", flush=True)
     wrk(url, pid, 2, 32, None)  # warm-up
     health = wrk(url, pid, seconds, 32, None)
     print(line(name, "/internal/health c=32", health), flush=True)
     requests = tmp / "requests.bin"
-    for concurrency in levels:
-        signer.write(requests, url, 2)
-        wrk(url, pid, 2, concurrency, requests)  # warm-up
-        before = asyncio.run(count_sessions(db_url))
-        signer.write(requests, url, seconds)
-        token = wrk(url, pid, seconds, concurrency, requests, db_pid)
-        stored = asyncio.run(count_sessions(db_url)) - before
-        print(line(name, f"{TOKEN_PATH} c={concurrency}", token,
-                   f"  non-2xx {token.non_2xx}  sessions stored {stored}"
-                   f"  ({token.rps / health.rps:.2f}x of health)"), flush=True)
+    for endpoint in endpoints:
+        for concurrency in levels:
+            signer.write(requests, url, 2, endpoint)
+            wrk(url, pid, 2, concurrency, requests)  # warm-up
+            before = asyncio.run(count_sessions(db_url))
+            signer.write(requests, url, seconds, endpoint)
+            run = wrk(url, pid, seconds, concurrency, requests, db_pid)
+            stored = asyncio.run(count_sessions(db_url)) - before
+            answered = run.done - run.non_2xx
+            print(line(name, f"{endpoint.path} c={concurrency}", run,
+                       f"  non-2xx {run.non_2xx}  sessions stored {stored}"
+                       f" ({stored / max(answered, 1):.2f} per answer, {endpoint.sessions} expected)"
+                       f"  ({run.rps / health.rps:.2f}x of health)"), flush=True)
 
 
 def main() -> None:
@@ -244,10 +269,16 @@ def main() -> None:
     parser.add_argument("--concurrency", default="16,32",
                         help="comma-separated connection counts for the token phases")
     parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument("--endpoints", default=",".join(ENDPOINTS),
+                        help=f"comma-separated, of: {', '.join(ENDPOINTS)}")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("bench/gateway.py needs wrk (apt-get install wrk; `make setup` installs it)")
     levels = [int(c) for c in args.concurrency.split(",")]
+    try:
+        endpoints = [ENDPOINTS[e] for e in args.endpoints.split(",")]
+    except KeyError as e:
+        sys.exit(f"unknown endpoint {e}: choose from {', '.join(ENDPOINTS)}")
     wallets = [Keypair() for _ in range(WALLETS)]
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
@@ -275,7 +306,7 @@ def main() -> None:
                 proc, url = start_gateway(tmp, net.url, db_url, tmp / "issuer.json")
                 try:
                     bench_backend(backend, url, proc.pid, db_url, tmp, args.seconds, levels,
-                                  Signer(wallets), db_pid)
+                                  endpoints, Signer(wallets), db_pid)
                 finally:
                     proc.terminate()
                     proc.wait()

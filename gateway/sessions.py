@@ -286,7 +286,7 @@ class SessionService:
                                                "identity": body.participant_identity}))
         specs.append(self._spec(tts, metadata={"language": body.language,
                                                "identity": body.participant_identity}))
-        bundle = await self.ledger.create_bundle(account.id, specs, bundle_id=uuid7())
+        bundle = await self.ledger.create_bundle(account.id, specs)
         return {"bundle_id": bundle.bundle_id, **self._bundle_view(bundle.sessions, extended=False),
                 "expires_at": iso(expires)}
 

@@ -867,6 +867,23 @@ async def test_a_bundle_counts_once_toward_the_session_limit(ledger: Ledger) -> 
         await open_session(ledger, aid)
 
 
+async def test_a_session_joining_an_open_bundle_takes_no_new_slot(ledger: Ledger) -> None:
+    aid = await funded(ledger, 1_000_000)
+    await ledger.set_limits(aid, max_concurrent_sessions=1)
+    b = await ledger.create_bundle(aid, bundle_specs(dual=False))
+    joined = await open_session(ledger, aid, bundle_id=b.bundle_id)  # the bundle's one slot
+    assert joined.bundle_id == b.bundle_id
+    with pytest.raises(ConcurrencyLimit):  # a bundle of its own needs a second slot
+        await ledger.create_bundle(aid, bundle_specs(dual=False), bundle_id=str(uuid.uuid4()))
+    with pytest.raises(ConcurrencyLimit):
+        await open_session(ledger, aid)
+    for s in [*b.sessions, joined]:
+        await ledger.record_usage(s.session_id, s.node_pubkey, 1, final=True)
+    await check_invariants(ledger, aid)
+    assert (await ledger.audit(aid)).active_sessions == 0
+    await open_session(ledger, aid)
+
+
 async def test_a_bundle_frees_its_slot_when_its_last_session_settles(ledger: Ledger) -> None:
     """The account's counter of active sessions follows settlement: a bundle stays one active
     session until its last member is settled (by a final report or by the sweeper)."""

@@ -680,7 +680,7 @@ class Ledger:
                 return _session(row)
             # refused (or no such account): the general path says why, or opens the session
             # if the account changed in between
-        (record,) = await self._tx(self._open, account_id, [spec], bundle_id)
+        (record,) = await self._tx(self._open, account_id, [spec], bundle_id, True)
         return record
 
     async def create_bundle(
@@ -689,8 +689,9 @@ class Ledger:
         """Open several sessions under one ``bundle_id``, all or nothing."""
         if not specs:
             raise ValueError("a bundle needs at least one session")
+        named = bundle_id is not None  # a new id needs no check that the bundle is open
         bundle_id = bundle_id or uuid7()
-        records = await self._tx(self._open, account_id, list(specs), bundle_id)
+        records = await self._tx(self._open, account_id, list(specs), bundle_id, named)
         return Bundle(bundle_id, records)
 
     def _session_rows(
@@ -718,11 +719,14 @@ class Ledger:
 
     def _open(
         self, conn: sa.Connection, account_id: str, specs: list[SessionSpec],
-        bundle_id: str | None,
+        bundle_id: str | None, named: bool,
     ) -> list[SessionRecord]:
+        """``named``: the caller chose ``bundle_id`` (else the ledger did: a new bundle)."""
         rows = self._session_rows(account_id, specs, bundle_id)
         if bundle_id is None:
             new = len(rows)
+        elif not named:
+            new = 1
         else:  # a bundle counts once, and not again if it is already open: checked under the
             # account's lock, or two opens of one bundle would both count it
             if self._lock_account(conn, account_id) is None:

@@ -312,8 +312,8 @@ def _pg_transaction(conn: sa.Connection, begin: str, fn: Callable[..., T],
         if raw.is_in_transaction():
             try:
                 run(lambda c: c.execute("ROLLBACK"))
-            except BaseException:
-                conn.invalidate()
+            except BaseException:  # noqa: BLE001 -- whatever stopped it (a cancel included),
+                conn.invalidate()  # the connection is not reused; the body's error is raised
         raise
 
 

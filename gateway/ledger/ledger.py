@@ -82,7 +82,7 @@ from .errors import (
 )
 from .ids import uuid7
 from .models import VERSION_TABLE, accounts, sessions, transactions
-from .prepared import Prepared
+from .prepared import Prepared, PreparedInsert
 from .records import (
     Account,
     AccountView,
@@ -193,7 +193,9 @@ _RESERVE_STMT = (
             active_sessions=accounts.c.active_sessions + sa.bindparam("new"))
     .returning(*_LOCK_ACCOUNT_STMT.selected_columns))
 _RESERVE = Prepared(_RESERVE_STMT)
-_INSERT_SESSION = Prepared(sa.insert(sessions))
+_INSERT_SESSIONS = PreparedInsert(sessions, [c.key for c in sessions.c])
+_INSERT_RESERVES = PreparedInsert(
+    transactions, [c.key for c in transactions.c if c.key != "id"])
 _INSERT_TRANSACTION = Prepared(
     sa.insert(transactions)
     .values({c.key: sa.bindparam(c.key, type_=c.type) for c in transactions.c if c.key != "id"})
@@ -540,18 +542,26 @@ class Ledger:
     ) -> Transaction:
         """Apply one movement to the locked account and record it (the account row is written
         by ``_save``)."""
+        row = self._movement(acct, kind, now, amount=amount, hold=hold, session_id=session_id,
+                             reference=reference, memo=memo)
+        row["id"] = _INSERT_TRANSACTION.one(conn, row)["id"]
+        return _transaction(row)
+
+    @staticmethod
+    def _movement(acct: _Acct, kind: str, now: datetime, *, amount: int = 0, hold: int = 0,
+                  session_id: str | None = None, reference: str | None = None,
+                  memo: str | None = None) -> Row:
+        """Apply one movement to the account in hand; its ``transactions`` row (without id)."""
         acct.credit += amount
         acct.held += hold
         if not 0 <= acct.held <= acct.credit:  # unreachable unless a caller's check is wrong
             raise AssertionError(f"ledger invariant broken on {acct.id}: "
                                  f"credit {acct.credit}, held {acct.held}")
-        row = {
+        return {
             "account_id": acct.id, "kind": kind, "amount": amount, "hold": hold,
             "balance_after": acct.credit, "available_after": acct.available,
             "session_id": session_id, "reference": reference, "memo": memo, "created_at": now,
         }
-        row["id"] = _INSERT_TRANSACTION.one(conn, row)["id"]
-        return _transaction(row)
 
     def _save(self, conn: sa.Connection, acct: _Acct) -> None:
         if acct.active < 0:  # unreachable unless a settlement counted a session twice
@@ -737,12 +747,12 @@ class Ledger:
         while (reserved := _RESERVE.first(conn, params)) is None:
             self._refusal(conn, account_id, needed, new)
         acct = _Acct(reserved)
-        acct.held -= needed  # the reserve rows below record the holds one by one
-        for row in rows:
-            _INSERT_SESSION.rows(conn, row)
-            self._post(conn, acct, "reserve", row["started_at"],
-                       hold=row["reserved_microcredits"], session_id=row["id"],
-                       memo=_opening_memo(row["service"]))
+        acct.held -= needed  # the reserve rows record the holds one by one
+        reserves = [self._movement(acct, "reserve", row["started_at"],
+                                   hold=row["reserved_microcredits"], session_id=row["id"],
+                                   memo=_opening_memo(row["service"])) for row in rows]
+        _INSERT_SESSIONS.run(conn, rows)
+        _INSERT_RESERVES.run(conn, reserves)
         return [_session(row) for row in rows]
 
     def _refusal(self, conn: sa.Connection, account_id: str, needed: int, new: int) -> None:

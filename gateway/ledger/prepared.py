@@ -98,3 +98,25 @@ class Prepared:
 def _converted(columns: list[Any], fetched: Any) -> list[Row]:
     return [{key: (value if proc is None else proc(value))
              for (key, proc), value in zip(columns, row, strict=True)} for row in fetched]
+
+
+class PreparedInsert:
+    """``INSERT INTO table (...) VALUES (...), (...)``: several rows in one statement (one round
+    trip), compiled once per row count. Rows go in in the order given (serial ids follow it)."""
+
+    def __init__(self, table: sa.Table, columns: list[str]) -> None:
+        self.table = table
+        self.columns = columns
+        self._by_count: dict[int, Prepared] = {}
+
+    def run(self, conn: sa.Connection, rows: list[Mapping[str, Any]]) -> None:
+        if not rows:
+            return
+        stmt = self._by_count.get(len(rows))
+        if stmt is None:
+            types = {c.key: c.type for c in self.table.c}
+            stmt = self._by_count[len(rows)] = Prepared(sa.insert(self.table).values([
+                {key: sa.bindparam(f"{key}_{i}", type_=types[key]) for key in self.columns}
+                for i in range(len(rows))]))
+        stmt.rows(conn, {f"{key}_{i}": row[key]
+                         for i, row in enumerate(rows) for key in self.columns})

@@ -140,12 +140,16 @@ async def pg_db_url(pg_url: str) -> AsyncIterator[str]:
         yield url
 
 
+def asyncpg_dsn(url: str) -> str:
+    """A ledger URL (``postgresql+asyncpg://``) as a DSN ``asyncpg.connect`` takes."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
 @contextlib.asynccontextmanager
 async def new_pg_database(pg_url: str) -> AsyncIterator[str]:
     server = make_url(pg_url)
     name = f"ledger_{uuid.uuid4().hex[:12]}"
-    admin_dsn = server.set(drivername="postgresql").render_as_string(hide_password=False)
-    admin = await asyncpg.connect(admin_dsn)
+    admin = await asyncpg.connect(asyncpg_dsn(pg_url))
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
         yield server.set(database=name).render_as_string(hide_password=False)

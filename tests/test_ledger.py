@@ -18,7 +18,6 @@ from pathlib import Path
 import asyncpg
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 
 from gateway.ledger import (
     Account,
@@ -38,6 +37,7 @@ from gateway.ledger import (
 from gateway.ledger.ids import uuid7
 from gateway.ledger.models import UTCDateTime, accounts
 from gateway.ledger.records import PUBLIC_SESSION_FIELDS
+from tests.conftest import asyncpg_dsn
 
 NODE = "NodeA1111111111111111111111111111111111111"
 OTHER_NODE = "NodeB2222222222222222222222222222222222222"
@@ -316,8 +316,7 @@ async def test_postgresql_connections_closed_by_the_server_are_replaced(pg_db_ur
     try:
         aid = await funded(lg, 100_000)
         await asyncio.gather(*(open_session(lg, aid) for _ in range(4)))  # four pooled conns
-        admin = await asyncpg.connect(make_url(pg_db_url).set(drivername="postgresql")
-                                      .render_as_string(hide_password=False))
+        admin = await asyncpg.connect(asyncpg_dsn(pg_db_url))
         try:
             killed = await admin.fetchval(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
@@ -343,8 +342,7 @@ async def test_postgresql_open_refused_then_waits_for_the_account_and_sees_its_c
     instead of refusing on a stale read."""
     lg = Ledger(pg_db_url)
     await lg.migrate()
-    admin = await asyncpg.connect(make_url(pg_db_url).set(drivername="postgresql")
-                                  .render_as_string(hide_password=False))
+    admin = await asyncpg.connect(asyncpg_dsn(pg_db_url))
     try:
         aid = await funded(lg, 1000)  # less than one STT minute
         tr = admin.transaction()

@@ -201,6 +201,7 @@ _INSERT_TRANSACTION = Prepared(
     .values({c.key: sa.bindparam(c.key, type_=c.type) for c in transactions.c if c.key != "id"})
     .returning(transactions.c.id))
 
+
 def _opening_memo(service: str) -> str:
     return f"{service} session"
 
@@ -288,6 +289,15 @@ class _StaleConnection(Exception):
         self.maybe_done = maybe_done
 
 
+def _raise_if_closed(driver: Any, invalidate: Callable[[], None], maybe_done: bool,
+                     cause: BaseException | None = None) -> None:
+    """A connection the server closed is invalidated (the pool drops it) and reported as
+    ``_StaleConnection``; an open one is left alone."""
+    if driver.is_closed():
+        invalidate()
+        raise _StaleConnection(maybe_done) from cause
+
+
 def _pg_transaction(conn: sa.Connection, begin: str, fn: Callable[..., T],
                     args: tuple[Any, ...]) -> T:
     """``fn(conn, *args)`` between ``begin`` and COMMIT on an autocommit asyncpg connection.
@@ -297,9 +307,7 @@ def _pg_transaction(conn: sa.Connection, begin: str, fn: Callable[..., T],
     assert driver is not None
     run = driver.run_async  # type: ignore[attr-defined]
     raw = driver.driver_connection  # type: ignore[attr-defined]
-    if raw.is_closed():  # seen closed before anything was sent
-        conn.invalidate()
-        raise _StaleConnection(maybe_done=False)
+    _raise_if_closed(raw, conn.invalidate, maybe_done=False)  # nothing sent yet
     committing = False
     try:
         run(lambda c: c.execute(begin))
@@ -308,9 +316,7 @@ def _pg_transaction(conn: sa.Connection, begin: str, fn: Callable[..., T],
         run(lambda c: c.execute("COMMIT"))
         return result
     except BaseException as exc:
-        if raw.is_closed():
-            conn.invalidate()
-            raise _StaleConnection(maybe_done=committing) from exc
+        _raise_if_closed(raw, conn.invalidate, maybe_done=committing, cause=exc)
         if raw.is_in_transaction():
             try:
                 run(lambda c: c.execute("ROLLBACK"))
@@ -360,7 +366,10 @@ class Ledger:
         if self._pg:
             # a fixed pool: an overflow connection would be opened and closed around single
             # requests under load (a TCP connect, a PostgreSQL backend fork and an SSL attempt,
-            # each time); requests beyond it wait for a connection
+            # each time); requests beyond it wait for a connection. Autocommit (asyncpg's
+            # setting is client-side): the ledger sends BEGIN and COMMIT itself (_pg_run), so
+            # the statements ``Prepared`` sends straight to asyncpg are inside the transaction,
+            # and a one-statement call needs no transaction at all.
             kwargs.update(pool_size=_positive("pool_size", pool_size), max_overflow=0,
                           isolation_level="AUTOCOMMIT")
         else:
@@ -369,10 +378,6 @@ class Ledger:
                 raise ValueError("the SQLite ledger needs a file (sqlite:///path/ledger.db)")
             Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"timeout": sqlite_busy_timeout}
-        # PostgreSQL: the ledger's connections run in autocommit (asyncpg's setting is
-        # client-side) and the ledger sends BEGIN and COMMIT itself (_pg_run), so that the
-        # statements ``Prepared`` sends straight to asyncpg are inside the transaction, and a
-        # one-statement read needs no transaction at all
         self._engine = create_async_engine(self.url, **kwargs)
         self._sync_engine: sa.Engine | None = None
         self._writer: GroupWriter | None = None
@@ -434,20 +439,22 @@ class Ledger:
         at the same time, unless ``alone``. A cancelled caller does not cancel its transaction
         (queued or running): it commits or rolls back as if the caller had waited."""
         if self._pg:
-            return await asyncio.shield(self._pg_run(fn, args, "BEGIN"))
+            return await asyncio.shield(self._pg_run(fn, args, reads_only=False))
         assert self._writer is not None
         return await asyncio.shield(self._writer.submit(fn, args, alone=alone))
 
     async def _rtx(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` in one read-only transaction."""
         if self._pg:
-            return await self._pg_run(fn, args, "BEGIN READ ONLY", reads_only=True)
+            return await self._pg_run(fn, args, reads_only=True)
         return await asyncio.get_running_loop().run_in_executor(
             self._reader, self._sqlite_read, fn, args)
 
-    async def _pg_run(self, fn: Callable[..., T], args: tuple[Any, ...], begin: str, *,
-                      reads_only: bool = False) -> T:
-        """``fn(conn, *args)`` in a transaction that starts with ``begin``."""
+    async def _pg_run(self, fn: Callable[..., T], args: tuple[Any, ...], *,
+                      reads_only: bool) -> T:
+        """``fn(conn, *args)`` in one transaction (``reads_only``: a read-only one)."""
+        begin = "BEGIN READ ONLY" if reads_only else "BEGIN"
+
         async def attempt() -> T:
             async with self._engine.connect() as conn:
                 return await conn.run_sync(_pg_transaction, begin, fn, args)
@@ -462,15 +469,11 @@ class Ledger:
             pooled = await self._engine.raw_connection()
             try:
                 driver = pooled.driver_connection
-                if driver.is_closed():  # seen closed before anything was sent
-                    pooled.invalidate()
-                    raise _StaleConnection(maybe_done=False)
+                _raise_if_closed(driver, pooled.invalidate, maybe_done=False)  # nothing sent yet
                 try:
                     return await stmt.fetch(driver, self._engine.dialect, params)
                 except BaseException as exc:
-                    if driver.is_closed():
-                        pooled.invalidate()
-                        raise _StaleConnection(maybe_done=True) from exc
+                    _raise_if_closed(driver, pooled.invalidate, maybe_done=True, cause=exc)
                     if isinstance(exc, asyncio.CancelledError):  # asyncpg may be mid-query
                         pooled.invalidate()
                     raise

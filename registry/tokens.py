@@ -4,6 +4,10 @@ A node trusts no shared secret: a token is good only if its ``kid``/``iss`` is a
 the registry program, the signature verifies with that very key, the time lies inside nbf..exp,
 and the grant is for the node's service. The issuer list is read from chain through a short cache,
 so removing an issuer on chain revokes its tokens everywhere once the cache expires.
+
+A token carries the key of the node the gateway routed it to (``aud``); a node that verifies with
+its own key as ``audience`` refuses tokens routed elsewhere (``wrong_node``), so one session's
+token cannot be spent on several nodes of the role at once.
 """
 
 from __future__ import annotations
@@ -135,8 +139,14 @@ def mint_token(
     session_id: str | None = None,
     now: float | None = None,
     extra: dict[str, Any] | None = None,
+    audience: str | None = None,
 ) -> str:
-    """Sign a token for one session; ``jti`` is the session id the node reports usage against."""
+    """Sign a token for one session; ``jti`` is the session id the node reports usage against.
+
+    ``audience`` is the key (base58) of the node the gateway routed the session to: it becomes
+    the ``aud`` claim, and nodes refuse a token whose ``aud`` is not their own key. It is optional
+    only so that a token minted by hand for testing (``registry token mint``) still works on
+    nodes that verify without an audience."""
     if ttl_seconds <= 0:
         raise ValueError(f"ttl_seconds must be positive, got {ttl_seconds}")
     if not identity:
@@ -154,6 +164,10 @@ def mint_token(
         **(extra or {}),
         **grant.claims(sid),
     }
+    if audience is not None:
+        if not audience:
+            raise ValueError("audience must be a node key (base58), not empty")
+        claims["aud"] = audience
     return _encode(claims, issuer)
 
 
@@ -192,8 +206,12 @@ def verify_token(
     service: str,
     now: float | None = None,
     leeway: int = DEFAULT_LEEWAY_SECONDS,
+    audience: str | None = None,
 ) -> Claims:
-    """Check a token against a set of issuer keys (base58); raise TokenError naming the failed check."""
+    """Check a token against a set of issuer keys (base58); raise TokenError naming the failed check.
+
+    With ``audience`` (the verifying node's own key) the token's ``aud`` must be exactly that key:
+    a token without ``aud``, or routed to another node, is refused with ``wrong_node``."""
     if not isinstance(token, str) or token.count(".") != 2:
         raise TokenError("invalid_token", "token is not a JWT (three base64url parts)")
     try:
@@ -219,8 +237,9 @@ def verify_token(
             key,
             algorithms=[ALGORITHM],
             leeway=leeway,
+            # ``aud`` is checked below, so that a wrong one is ``wrong_node`` and not a PyJWT error
             options={"require": ["exp", "nbf", "iss", "sub", "jti"], "verify_exp": False,
-                     "verify_iat": False,
+                     "verify_iat": False, "verify_aud": False,
                      "verify_nbf": False},
         )
     except jwt.InvalidSignatureError:
@@ -235,6 +254,8 @@ def verify_token(
     actual = service_of(claims)
     if actual != service:
         raise TokenError("wrong_service", f"token grants {actual!r}, this node serves {service!r}")
+    if audience is not None:
+        _check_audience(claims.get("aud"), audience)
     grant_key = "video" if service == "webrtc" else service
     return Claims(
         issuer=issuer,
@@ -246,6 +267,15 @@ def verify_token(
         grant=dict(claims[grant_key]),
         raw=claims,
     )
+
+
+def _check_audience(aud: Any, audience: str) -> None:
+    if aud is None:
+        raise TokenError("wrong_node", f"token names no node (no aud claim); this node is {audience}: "
+                                       "ask the gateway for a session routed to this node")
+    if aud != audience:
+        raise TokenError("wrong_node", f"token was routed to node {aud}, this node is {audience}: "
+                                       "use the node the gateway answered with")
 
 
 IssuerSource = Callable[[], Awaitable[Iterable[str]]]
@@ -264,6 +294,7 @@ class TokenVerifier:
         service: str,
         cache_ttl: float = 10.0,
         leeway: int = DEFAULT_LEEWAY_SECONDS,
+        audience: str | None = None,
     ) -> None:
         if service not in SERVICES:
             raise ValueError(f"unknown service {service!r}: expected one of {', '.join(SERVICES)}")
@@ -271,6 +302,7 @@ class TokenVerifier:
         self.service = service
         self.cache_ttl = cache_ttl
         self.leeway = leeway
+        self.audience = audience  # the node's own key: tokens routed elsewhere are refused
         self._issuers: frozenset[str] = frozenset()
         self._fetched_at = float("-inf")
         self._lock = asyncio.Lock()
@@ -283,15 +315,20 @@ class TokenVerifier:
                 self._fetched_at = time.monotonic()
             return self._issuers
 
-    async def verify(self, token: str, now: float | None = None) -> Claims:
+    async def verify(self, token: str, now: float | None = None,
+                     audience: str | None = None) -> Claims:
+        """``audience`` (else the verifier's own) is the key a token's ``aud`` must name."""
+        aud = audience if audience is not None else self.audience
         issuers = await self.trusted_issuers()
         try:
-            return verify_token(token, issuers, self.service, now=now, leeway=self.leeway)
+            return verify_token(token, issuers, self.service, now=now, leeway=self.leeway,
+                                audience=aud)
         except TokenError as exc:
             if exc.code != "untrusted_issuer":
                 raise
         issuers = await self.trusted_issuers(force=True)
-        return verify_token(token, issuers, self.service, now=now, leeway=self.leeway)
+        return verify_token(token, issuers, self.service, now=now, leeway=self.leeway,
+                            audience=aud)
 
 
 # ---------------------------------------------------------------- signed bodies (node -> gateway)

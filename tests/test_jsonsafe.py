@@ -22,3 +22,24 @@ def test_strings_do_not_count_and_normal_documents_parse() -> None:
     assert jsonsafe.loads(b'{"k": "\\"[[["}') == {"k": '"[[['}
     with pytest.raises(ValueError):
         jsonsafe.loads(b"{not json")
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le",
+                                      "utf-32-be"])
+def test_only_utf8_is_accepted(encoding: str) -> None:
+    """UTF-16/32 (with or without a byte order mark) is refused before the depth scan, which
+    reads bytes and could be fooled by a wide character holding a quote byte (U+2222)."""
+    deep = '{"s": "\u2222", "a": ' + "[" * 5000 + "]" * 5000 + "}"
+    for doc in ('{"ok": 1}', deep):
+        with pytest.raises(jsonsafe.JsonNotUtf8, match="UTF-8"):
+            jsonsafe.loads(doc.encode(encoding))
+    with pytest.raises(jsonsafe.JsonNotUtf8, match="offset 7"):
+        jsonsafe.loads(b'{"ok": \xff}')
+    assert jsonsafe.loads('{"s": "\u2222"}'.encode()) == {"s": "\u2222"}
+
+
+def test_deep_json_is_refused_as_text_and_as_utf8_bytes() -> None:
+    deep = '{"s": "\u2222", "a": ' + "[" * 5000 + "]" * 5000 + "}"
+    for doc in (deep, deep.encode()):
+        with pytest.raises(jsonsafe.JsonTooDeep):
+            jsonsafe.loads(doc)

@@ -158,3 +158,45 @@ def test_signed_body_binds_signer_and_bytes() -> None:
     with pytest.raises(TokenError) as err:
         verify_body(f"{head}.{claims}.{other_sig}", body)
     assert err.value.code == "invalid_signature"
+
+
+NODE_A, NODE_B = str(Keypair().pubkey()), str(Keypair().pubkey())
+
+
+def test_audience_names_the_routed_node_and_only_that_node_accepts() -> None:
+    token = mint_token(ISSUER, "agent", Grant("stt", limit=10), 60, audience=NODE_A)
+    assert jwt.decode(token, options={"verify_signature": False})["aud"] == NODE_A
+    assert verify_token(token, trusted(), "stt", audience=NODE_A).raw["aud"] == NODE_A
+    with pytest.raises(TokenError) as err:
+        verify_token(token, trusted(), "stt", audience=NODE_B)
+    assert err.value.code == "wrong_node"
+    assert NODE_A in str(err.value) and NODE_B in str(err.value)
+
+
+def test_a_token_without_audience_is_refused_by_a_node_that_checks() -> None:
+    token = mint_token(ISSUER, "agent", Grant("tts", limit=10), 60)
+    assert "aud" not in jwt.decode(token, options={"verify_signature": False})
+    with pytest.raises(TokenError) as err:
+        verify_token(token, trusted(), "tts", audience=NODE_A)
+    assert err.value.code == "wrong_node"
+    assert "no aud" in str(err.value)
+    # a verifier that names no audience (a hand-made test token, the CLI) still accepts both
+    assert verify_token(token, trusted(), "tts").identity == "agent"
+    with_aud = mint_token(ISSUER, "agent", Grant("tts", limit=10), 60, audience=NODE_A)
+    assert verify_token(with_aud, trusted(), "tts").identity == "agent"
+    with pytest.raises(ValueError, match="audience"):
+        mint_token(ISSUER, "agent", Grant("tts", limit=10), 60, audience="")
+
+
+async def test_verifier_checks_its_own_audience_or_the_one_passed() -> None:
+    async def source() -> set[str]:
+        return trusted()
+
+    token = mint_token(ISSUER, "a", Grant("webrtc", room="r"), 60, audience=NODE_A)
+    assert (await TokenVerifier(source, "webrtc", audience=NODE_A).verify(token)).room == "r"
+    with pytest.raises(TokenError) as err:
+        await TokenVerifier(source, "webrtc", audience=NODE_B).verify(token)
+    assert err.value.code == "wrong_node"
+    with pytest.raises(TokenError) as err:
+        await TokenVerifier(source, "webrtc").verify(token, audience=NODE_B)
+    assert err.value.code == "wrong_node"

@@ -11,13 +11,25 @@ over the message ``METHOD\\nPATH\\nTIMESTAMP`` (path without the query string). 
 it with Ed25519 (signature in base64, standard or URL-safe alphabet, padding optional); EVM wallets
 sign it with EIP-191 ``personal_sign`` and the signer is recovered from the signature.
 
-Replay: a signed request is good for one answer. The guard is keyed on *what was signed by whom*
-(chain, signer, message), not on the signature text, because the same authorisation has many
-spellings: base64 with or without padding or in the URL-safe alphabet, hex in either case, EVM
-``v`` as 27/28 or 0/1, and an ECDSA signature ``(r, s)`` is equally valid as ``(r, n - s)``.
-Both schemes are deterministic, so an honest client never produces two different signatures for
-one message anyway. The x402 flow answers 402 and the client retries *the same* signed request
-with a payment attached, so a 402 gives the signature back instead of using it up.
+Replay: a signed request that spends or changes anything (every method but GET and HEAD) is good
+for one answer. The guard is keyed on *what was signed by whom* (chain, signer, message), not on
+the signature text, because the same authorisation has many spellings: base64 with or without
+padding or in the URL-safe alphabet, hex in either case, EVM ``v`` as 27/28 or 0/1, and an ECDSA
+signature ``(r, s)`` is equally valid as ``(r, n - s)``. Both schemes are deterministic, so an
+honest client never produces two different signatures for one message anyway. A refused copy gets
+401 ``replayed signature: ...``.
+
+Two exceptions, both narrow:
+
+* 402. The x402 flow answers 402 and the client retries *the same* signed request with a payment
+  attached, so a 402 gives the signature back, bound to the SHA-256 of the body it answered: the
+  message signs no body, so without that binding the returned signature would authorise any body
+  (another wallet, another amount). A retry with another body is refused as a replay.
+* Reads. A client written from the reference signs ``X-Timestamp`` in whole seconds, so two
+  identical GETs within one second carry identical headers. A read spends nothing and shows only
+  the signer's own data, so copies of a signed GET (or HEAD) are answered for
+  ``SAFE_REPEAT_SECONDS`` after its first answer (its second, plus a second of network delay);
+  later copies are refused as replays.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -42,6 +55,10 @@ log = logging.getLogger(__name__)
 
 CHAINS = ("solana", "evm")
 DEFAULT_MAX_SKEW = 30
+# Reads: copies of one signed GET/HEAD are answered this long after its first answer (clients sign
+# whole seconds, so an honest repeat comes within one second; one more covers network delay).
+SAFE_METHODS = frozenset({"GET", "HEAD"})
+SAFE_REPEAT_SECONDS = 2.0
 DEFAULT_EXEMPT_PATHS: tuple[str, ...] = (
     "/v1/pricing",
     "/v1/servers/status",
@@ -236,18 +253,37 @@ def _show(message: bytes) -> str:
 # ---------------------------------------------------------------- replay guard
 
 
+class Claim(Enum):
+    """What a ``ReplayGuard`` says about a signed request: answer it, or why not."""
+
+    GRANTED = "granted"
+    REPLAYED = "replayed"  # already answered (or being answered)
+    OTHER_BODY = "other_body"  # given back by a 402 for another body
+
+
+@dataclass
+class _Entry:
+    expires_at: float
+    # Set while the signature is given back after a 402: the SHA-256 of the body it answered.
+    offered_body: str | None = None
+    # A read (GET/HEAD): identical copies are answered until then.
+    repeat_until: float = 0.0
+
+
 class ReplayGuard(Protocol):
     """Where used signatures are remembered. Async so a database can back it.
 
-    ``mark_used`` must be atomic (test-and-set): it returns False when the id was already used, so
-    two concurrent copies of one request cannot both pass. ``release`` gives an id back (after 402).
+    ``claim`` must be atomic (test-and-set), so two concurrent copies of one request cannot both
+    pass. ``release`` gives an id back after a 402, for a retry with the same body only.
     """
 
     async def is_used(self, signature_id: str) -> bool: ...
 
-    async def mark_used(self, signature_id: str, expires_at: float) -> bool: ...
+    async def claim(
+        self, signature_id: str, expires_at: float, body_hash: str, repeat_for: float = 0.0
+    ) -> Claim: ...
 
-    async def release(self, signature_id: str) -> None: ...
+    async def release(self, signature_id: str, body_hash: str) -> None: ...
 
 
 class MemoryReplayGuard:
@@ -257,34 +293,48 @@ class MemoryReplayGuard:
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self._used: dict[str, float] = {}
+        self._entries: dict[str, _Entry] = {}
         self._expiry: list[tuple[float, str]] = []
 
     def __len__(self) -> int:
         self._prune()
-        return len(self._used)
+        return len(self._entries)
 
     def _prune(self) -> None:
         now = self._clock()
         while self._expiry and self._expiry[0][0] < now:
             expires_at, sig = heapq.heappop(self._expiry)
-            if self._used.get(sig) == expires_at:
-                del self._used[sig]
+            entry = self._entries.get(sig)
+            if entry is not None and entry.expires_at == expires_at:
+                del self._entries[sig]
 
     async def is_used(self, signature_id: str) -> bool:
         self._prune()
-        return signature_id in self._used
+        entry = self._entries.get(signature_id)
+        return entry is not None and entry.offered_body is None
 
-    async def mark_used(self, signature_id: str, expires_at: float) -> bool:
+    async def claim(
+        self, signature_id: str, expires_at: float, body_hash: str, repeat_for: float = 0.0
+    ) -> Claim:
+        """Test-and-set in one step (no await inside): GRANTED marks the id used."""
         self._prune()
-        if signature_id in self._used:
-            return False
-        self._used[signature_id] = expires_at
-        heapq.heappush(self._expiry, (expires_at, signature_id))
-        return True
+        now = self._clock()
+        entry = self._entries.get(signature_id)
+        if entry is None:
+            self._entries[signature_id] = _Entry(expires_at, repeat_until=now + repeat_for)
+            heapq.heappush(self._expiry, (expires_at, signature_id))
+            return Claim.GRANTED
+        if entry.offered_body is not None:
+            if entry.offered_body != body_hash:
+                return Claim.OTHER_BODY
+            entry.offered_body = None
+            return Claim.GRANTED
+        return Claim.GRANTED if now < entry.repeat_until else Claim.REPLAYED
 
-    async def release(self, signature_id: str) -> None:
-        self._used.pop(signature_id, None)  # its heap entry is skipped when it surfaces
+    async def release(self, signature_id: str, body_hash: str) -> None:
+        entry = self._entries.get(signature_id)
+        if entry is not None:
+            entry.offered_body = body_hash
 
 
 # ---------------------------------------------------------------- aiohttp middleware
@@ -329,7 +379,8 @@ def wallet_auth_middleware(
     """Authenticate ``/v1/*`` requests; put the ``Wallet`` on ``request["wallet"]``.
 
     Failures answer 401 ``{"error": "<which check failed>"}``. The signature is claimed before the
-    handler runs (so a concurrent copy is refused) and given back if the answer is 402.
+    handler runs (so a concurrent copy is refused) and given back, bound to the body's hash, if the
+    answer is 402.
     """
     guard = guard if guard is not None else MemoryReplayGuard(clock)
     exempt = tuple(exempt_paths)
@@ -350,30 +401,42 @@ def wallet_auth_middleware(
         except AuthError as exc:
             log.info("auth refused %s %s: %s", request.method, path, exc)
             return _unauthorized(str(exc))
-        if not await guard.mark_used(wallet.signature_id, wallet.expires_at):
-            log.info(
-                "auth refused %s %s: replayed signature from %s",
-                request.method,
-                path,
-                wallet.address,
-            )
-            return _unauthorized(
-                "replayed signature: this signed request "
-                f"(X-Timestamp {request.headers.get(H_TIMESTAMP)}) "
-                "was already answered; sign a new one"
-            )
+        safe = request.method in SAFE_METHODS
+        # aiohttp keeps the bytes read, so the handler reads the same body again.
+        body_hash = "" if safe else hashlib.sha256(await request.read()).hexdigest()
+        claim = await guard.claim(
+            wallet.signature_id,
+            wallet.expires_at,
+            body_hash,
+            repeat_for=SAFE_REPEAT_SECONDS if safe else 0.0,
+        )
+        if claim is not Claim.GRANTED:
+            log.info("auth refused %s %s: %s signature from %s",
+                     request.method, path, claim.value, wallet.address)
+            return _unauthorized(_replay_message(request, claim))
         _set_wallet(request, wallet)
         try:
             response = await handler(request)
         except web.HTTPException as exc:
             if exc.status == 402:
-                await guard.release(wallet.signature_id)
+                await guard.release(wallet.signature_id, body_hash)
             raise
         if response.status == 402:
-            await guard.release(wallet.signature_id)
+            await guard.release(wallet.signature_id, body_hash)
         return response
 
     return middleware
+
+
+def _replay_message(request: web.Request, claim: Claim) -> str:
+    """The 401 text for a refused copy: what was replayed and what to do instead."""
+    signed = f"this signed request (X-Timestamp {request.headers.get(H_TIMESTAMP)})"
+    if claim is Claim.OTHER_BODY:
+        return (
+            f"replayed signature: {signed} was answered 402 for another body; a signature given "
+            "back by a 402 may be retried only with the identical body; sign a new request"
+        )
+    return f"replayed signature: {signed} was already answered; sign a new one"
 
 
 # ---------------------------------------------------------------- client side

@@ -13,7 +13,9 @@ from solders.keypair import Keypair
 
 from gateway.auth import (
     DEFAULT_EXEMPT_PATHS,
+    SAFE_REPEAT_SECONDS,
     AuthError,
+    Claim,
     MemoryReplayGuard,
     Wallet,
     is_exempt,
@@ -249,17 +251,37 @@ def test_replay_id_ignores_signature_spelling() -> None:
 async def test_memory_guard_forgets_after_window() -> None:
     now = [1000.0]
     g = MemoryReplayGuard(clock=lambda: now[0])
-    assert await g.mark_used("a", 1030.0)
-    assert not await g.mark_used("a", 1030.0)
+    assert await g.claim("a", 1030.0, "") is Claim.GRANTED
+    assert await g.claim("a", 1030.0, "") is Claim.REPLAYED
     assert await g.is_used("a")
-    await g.mark_used("b", 1010.0)
+    await g.claim("b", 1010.0, "")
     now[0] = 1020.0
     assert not await g.is_used("b") and await g.is_used("a")
     now[0] = 1031.0
     assert len(g) == 0
-    await g.mark_used("c", 2000.0)
-    await g.release("c")
+    await g.claim("c", 2000.0, "h1")
+    await g.release("c", "h1")
     assert not await g.is_used("c")
+
+
+async def test_memory_guard_binds_a_released_id_to_its_body() -> None:
+    g = MemoryReplayGuard(clock=lambda: 1000.0)
+    assert await g.claim("a", 1030.0, "body-1") is Claim.GRANTED
+    await g.release("a", "body-1")
+    assert await g.claim("a", 1030.0, "body-2") is Claim.OTHER_BODY
+    assert not await g.is_used("a")  # the refused copy did not use it up
+    assert await g.claim("a", 1030.0, "body-1") is Claim.GRANTED
+    assert await g.claim("a", 1030.0, "body-1") is Claim.REPLAYED
+
+
+async def test_memory_guard_repeats_reads_for_their_window_only() -> None:
+    now = [1000.0]
+    g = MemoryReplayGuard(clock=lambda: now[0])
+    assert await g.claim("r", 1030.0, "", repeat_for=2.0) is Claim.GRANTED
+    now[0] = 1001.9
+    assert await g.claim("r", 1030.0, "", repeat_for=2.0) is Claim.GRANTED
+    now[0] = 1002.0
+    assert await g.claim("r", 1030.0, "", repeat_for=2.0) is Claim.REPLAYED
 
 
 # ---------------------------------------------------------------- middleware, real server
@@ -276,6 +298,15 @@ async def client():
             return web.json_response({"error": "payment required"}, status=402)
         return web.json_response({"address": w.address, "chain": w.chain})
 
+    async def account(request: web.Request) -> web.Response:
+        return web.json_response({"address": request["wallet"].address})
+
+    async def buy(request: web.Request) -> web.Response:
+        body = await request.json()
+        if "X-Payment" not in request.headers:
+            return web.json_response({"error": "payment required"}, status=402)
+        return web.json_response({"bought_for": body["wallet"]})
+
     async def raise402(request: web.Request) -> web.Response:
         raise web.HTTPPaymentRequired()
 
@@ -285,6 +316,8 @@ async def client():
     app = web.Application(middlewares=[wallet_auth_middleware(clock=lambda: clock[0])])
     app.router.add_post(PATH, token)
     app.router.add_post("/v1/raise402", raise402)
+    app.router.add_get("/v1/account", account)
+    app.router.add_post("/v1/buy", buy)
     for p in (
         "/v1/pricing",
         "/v1/servers/status",
@@ -375,3 +408,37 @@ async def test_dot_segments_never_exempt(client) -> None:
     assert not is_exempt("/v1/webhooks/./sfu", DEFAULT_EXEMPT_PATHS)
     assert is_exempt("/internal", DEFAULT_EXEMPT_PATHS)
     assert not is_exempt("/v1/pricing/x", DEFAULT_EXEMPT_PATHS)
+
+
+async def test_402_signature_reused_only_with_the_identical_body(client, kp: Keypair) -> None:
+    h = sign_request("POST", "/v1/buy", kp, "solana", NOW)
+    mine = {"wallet": str(kp.pubkey())}
+    assert (await client.post("/v1/buy", json=mine, headers=h)).status == 402
+    # The signature came back for *this* body: another body (another wallet) is a replay ...
+    r = await client.post("/v1/buy", json={"wallet": "someone-else"},
+                          headers={**h, "X-Payment": "paid"})
+    assert r.status == 401
+    error = (await r.json())["error"]
+    assert error.startswith("replayed signature") and "answered 402 for another body" in error
+    # ... that used nothing up: the identical body still goes through, once.
+    r = await client.post("/v1/buy", json=mine, headers={**h, "X-Payment": "paid"})
+    assert r.status == 200 and (await r.json()) == {"bought_for": mine["wallet"]}
+    r = await client.post("/v1/buy", json=mine, headers={**h, "X-Payment": "paid"})
+    assert r.status == 401 and "already answered" in (await r.json())["error"]
+
+
+async def test_identical_get_within_its_second_is_answered(client, kp: Keypair) -> None:
+    h = sign_request("GET", "/v1/account", kp, "solana", NOW)
+    for _ in range(3):  # one second, three identical reads, as a reference client sends them
+        r = await client.get("/v1/account", headers=h)
+        assert r.status == 200 and (await r.json()) == {"address": str(kp.pubkey())}
+    client.clock[0] = NOW + SAFE_REPEAT_SECONDS
+    r = await client.get("/v1/account", headers=h)
+    assert r.status == 401 and "replayed signature" in (await r.json())["error"]
+
+
+async def test_identical_post_within_its_second_is_refused(client, kp: Keypair) -> None:
+    h = sign_request("POST", PATH, kp, "solana", NOW)
+    assert (await client.post(PATH, headers=h)).status == 200
+    r = await client.post(PATH, headers=h)  # the same clock second: still a replay
+    assert r.status == 401 and "replayed signature" in (await r.json())["error"]

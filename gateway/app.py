@@ -32,12 +32,13 @@ from gateway.ledger import (
     Ledger,
     NotSessionNode,
     SessionClosed,
+    SessionRecord,
     UnknownSession,
     pricing,
 )
 from gateway.ratelimit import RateLimiter
 from gateway.routing import DirectoryUnavailable, NoCapacity, NodeDirectory
-from gateway.sessions import NoAccount, NotFound, SessionService, iso
+from gateway.sessions import NoAccount, NotFound, SessionService, billable_units, iso
 from registry import jsonsafe
 from registry.program import NodeStatus
 from registry.settings import format_validation_error
@@ -318,13 +319,16 @@ async def node_signed_body(request: web.Request) -> tuple[str, bytes]:
     return signer, body
 
 
-async def _report(request: web.Request, node: str, session_id: str, units: int,
-                  final: bool) -> dict[str, Any]:
+async def _report(request: web.Request, node: str, record: SessionRecord, units: int,
+                  final: bool, event_id: str | None = None) -> dict[str, Any]:
+    """Apply a node's usage report, capped by what could physically have happened."""
+    units = billable_units(record, units)
     try:
-        result = await gw(request).ledger.record_usage(session_id, node, units, final=final)
+        result = await gw(request).ledger.record_usage(record.session_id, node, units,
+                                                       final=final, event_id=event_id)
     except NotSessionNode:
-        raise _unauthorized(f"session {session_id} was not routed to node {node}") from None
-    return {"session_id": session_id, "status": result.status,
+        raise _unauthorized(f"session {record.session_id} was not routed to node {node}") from None
+    return {"session_id": record.session_id, "status": result.status,
             "charged_microcredits": _micro(result.charged_microcredits),
             "refunded_microcredits": _micro(result.refunded_microcredits)}
 
@@ -343,45 +347,45 @@ async def internal_events(request: web.Request) -> web.Response:
     if units is None:
         field = "used_characters" if record.service == "tts" else "duration_seconds"
         raise _bad(f"usage.{field} is required for a {record.service} session")
-    return web.json_response(await _report(request, node, record.session_id, units,
+    return web.json_response(await _report(request, node, record, units,
                                            event.event == "complete"))
 
 
 async def sfu_webhook(request: web.Request) -> web.Response:
     """LiveKit-style WebhookEvent JSON from an SFU node: bills participant time.
 
-    ``participant_left`` carries the participant's ``joinedAt``; the time in the room is added to
-    the session's running usage. ``room_finished`` settles every session of the room on that node.
+    ``participant_left`` settles the participant's own session: its usage is the time between
+    the participant's ``joinedAt`` and the event's ``createdAt`` (not a sum of deltas, so a
+    retried or replayed event cannot add it twice; its ``id`` is also applied once), and the SFU
+    is told to refuse the token from then on. ``room_finished`` bills nothing: a session that
+    never joined settles when its token expires, and its token stays good until then.
     """
     node, raw = await node_signed_body(request)
     data = json_object(raw)
     if not isinstance(data.get("event"), str):
         raise _bad("webhook body must be a WebhookEvent object with an 'event' field")
     event = data["event"]
-    ledger = gw(request).ledger
     if event == "participant_left":
-        participant = data.get("participant") or {}
-        session_id = (participant.get("attributes") or {}).get("session_id")
-        joined, left = participant.get("joinedAt"), data.get("createdAt")
+        participant = data.get("participant")
+        participant = participant if isinstance(participant, dict) else {}
+        attributes = participant.get("attributes")
+        session_id = attributes.get("session_id") if isinstance(attributes, dict) else None
+        joined, left, event_id = participant.get("joinedAt"), data.get("createdAt"), data.get("id")
         if not isinstance(session_id, str) or not _ints(joined, left):
             raise _bad("participant_left needs participant.attributes.session_id, "
                        "participant.joinedAt and createdAt (unix seconds)")
-        record = await ledger.get_session(session_id)
+        if event_id is not None and not (isinstance(event_id, str) and 0 < len(event_id) <= 128):
+            raise _bad("webhook id must be a string of 1..128 characters")
+        if int(left) < int(joined):
+            raise _bad(f"participant_left: createdAt {left} is before joinedAt {joined}")
+        record = await gw(request).ledger.get_session(session_id)
         if record is None:
             return error(404, f"unknown session {session_id}")
-        spent = max(0, int(left) - int(joined))
-        return web.json_response(await _report(request, node, session_id,
-                                               record.usage_units + spent, final=False))
-    if event == "room_finished":
-        room = (data.get("room") or {}).get("name")
-        if not isinstance(room, str) or not room:
-            raise _bad("room_finished needs room.name")
-        settled = []
-        for record in await ledger.list_room_sessions(room, node):
-            settled.append(await _report(request, node, record.session_id, record.usage_units,
-                                         final=True))
-        return web.json_response({"settled": settled})
-    # room_started, participant_joined, track_published: lifecycle only, nothing to bill.
+        report = await _report(request, node, record, int(left) - int(joined), final=True,
+                               event_id=event_id)
+        gw(request).sessions.push_revoke(record)
+        return web.json_response(report)
+    # room_started, room_finished, participant_joined, track_published: nothing to bill.
     log.debug("sfu webhook %s from %s", event, node)
     return web.json_response({"ok": True})
 

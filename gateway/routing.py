@@ -27,6 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from registry.nodeurl import node_url_problem
 from registry.program import NodeAccount, NodeStatus, Role
 
 from .geo import Location
@@ -65,11 +66,14 @@ def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
 
 
 def unhealthy_reason(node: NodeAccount) -> str | None:
-    """Why a node must not get new sessions, or None: stale heartbeat, suspended, or full."""
+    """Why a node must not get new sessions, or None: stale heartbeat, not active (pending
+    admission or suspended), a URL that would carry tokens in clear text, or full."""
     if node.stale:
         return "stale"
     if node.status != NodeStatus.ACTIVE:
         return node.status.label
+    if node_url_problem(node.url):
+        return "insecure url"
     if node.load >= node.capacity:
         return f"full {node.load}/{node.capacity}"
     return None

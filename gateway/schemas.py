@@ -107,5 +107,5 @@ class UsageEvent(Body):
 
 class Page(Body):
     limit: int = Field(default=50, ge=1, le=500)
-    offset: int = Field(default=0, ge=0)
+    offset: int = Field(default=0, ge=0, le=1_000_000_000)
     status: Literal["active", "completed", "expired"] | None = None

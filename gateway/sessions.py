@@ -9,6 +9,9 @@ later reports usage; the ledger charges it and refunds the rest once.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import json
 import logging
 import math
 import time
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
 from solders.keypair import Keypair
 
 from gateway import schemas
@@ -23,8 +27,9 @@ from gateway.geo import Location, Locator
 from gateway.ledger import Ledger, pricing, uuid7
 from gateway.ledger.records import Account, Extension, SessionRecord, SessionSpec
 from gateway.routing import SERVICE_ROLES, NodeDirectory
+from registry.nodeurl import node_url_problem
 from registry.program import NodeAccount
-from registry.tokens import Grant, mint_token
+from registry.tokens import Grant, mint_token, sign_body
 
 log = logging.getLogger("gateway.sessions")
 
@@ -54,6 +59,38 @@ def ws_url(url: str) -> str:
 
 def minutes_to_seconds(minutes: float) -> int:
     return max(1, math.ceil(minutes * 60))
+
+
+ROOM_DIGEST_CHARS = 20  # base32: 100 bits of SHA-256
+
+
+def sfu_room(account_id: str, room_name: str) -> str:
+    """The SFU's name for an account's room: the caller's name and a digest of (account, name).
+
+    A room belongs to the account that created it. Two wallets asking for ``tutor-room`` get two
+    SFU rooms, so one wallet's token can never land in another's conversation; the caller's
+    name stays readable at the front for operators. Names cannot collide across accounts: the
+    fixed-length digest at the end covers the whole name and the account."""
+    digest = hashlib.sha256(f"{account_id}\x00{room_name}".encode()).digest()
+    tag = base64.b32encode(digest).decode().lower()[:ROOM_DIGEST_CHARS]
+    return f"{room_name}~{tag}"
+
+
+# A node's clock and ours may disagree by a rounding and a report in flight.
+USAGE_SLACK_SECONDS = 2
+
+
+def billable_units(record: SessionRecord, reported: int, now: datetime | None = None) -> int:
+    """What a node may bill: its report capped by what could physically have happened.
+
+    A session cannot have streamed for longer than it has existed (seconds for WebRTC and STT,
+    counted from its creation, before any connection) nor spoken more characters than it was
+    sold, so even an admitted node that lies bills at most the real time that passed."""
+    if record.service == "tts":
+        return min(reported, record.limit_units)
+    now = now or datetime.now(UTC)
+    elapsed = math.ceil(max(0.0, (now - record.started_at).total_seconds()))
+    return min(reported, elapsed + USAGE_SLACK_SECONDS)
 
 
 @dataclass(frozen=True)
@@ -120,9 +157,10 @@ class SessionService:
 
     def _token(self, record: SessionRecord, identity: str, grant: Grant,
                extra: dict[str, Any] | None = None) -> str:
+        """A token only the node the session was routed to accepts (``aud``), extensions too."""
         ttl = int((record.token_expires_at - datetime.now(UTC)).total_seconds())
         return mint_token(self.issuer, identity, grant, max(ttl, 1), session_id=record.session_id,
-                          extra=extra)
+                          extra=extra, audience=record.node_pubkey)
 
     def token_for(self, record: SessionRecord) -> str:
         """A token for the session as it stands (after create or extend: the new expiry/limit)."""
@@ -131,8 +169,9 @@ class SessionService:
             extra = {"name": record.participant_identity}
             if meta.get("metadata") is not None:
                 extra["metadata"] = meta["metadata"]
+            room = sfu_room(record.account_id, record.room_name or "")
             return self._token(record, record.participant_identity or "participant",
-                               Grant("webrtc", room=record.room_name), extra)
+                               Grant("webrtc", room=room), extra)
         identity = (record.metadata or {}).get("identity") or record.account_id
         return self._token(record, identity, Grant(record.service, limit=record.limit_units))
 
@@ -158,30 +197,42 @@ class SessionService:
             session_id=spec.session_id,
         )
 
-    # ------------------------------------------------------------ live token refresh
+    # ------------------------------------------------------------ pushes to the SFU
 
     def push_refresh(self, record: SessionRecord, token: str) -> None:
         """Hand an extended WebRTC token to the SFU holding the participant (``POST /rtc/refresh``,
         authenticated by the token itself) so it is not disconnected at the old expiry. Best
         effort, in the background: the client holds the new token too and can present it."""
-        if not self.refresh_sfu_tokens:
+        if self.refresh_sfu_tokens:
+            self._push(record, "/rtc/refresh", b"", f"Bearer {token}")
+
+    def push_revoke(self, record: SessionRecord) -> None:
+        """Tell the SFU a settled session's token is dead (``POST /rtc/revoke``, a body signed
+        by this gateway's issuer key), so it refuses the token at join and drops a participant
+        still connected with it. Best effort: the token also dies at its expiry."""
+        if self.refresh_sfu_tokens:
+            body = json.dumps({"session_ids": [record.session_id]}).encode()
+            self._push(record, "/rtc/revoke", body, f"Bearer {sign_body(self.issuer, body)}")
+
+    def _push(self, record: SessionRecord, path: str, body: bytes, auth: str) -> None:
+        problem = node_url_problem(record.server_url)
+        if problem:  # never send a token or a signed body over plain http off loopback
+            log.warning("not pushing %s of session %s: %s", path, record.session_id, problem)
             return
-        task = asyncio.create_task(self._post_refresh(record.server_url, token, record.session_id))
+        url = record.server_url.rstrip("/") + path
+        task = asyncio.create_task(self._post(url, body, auth, record.session_id))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _post_refresh(self, server_url: str, token: str, session_id: str) -> None:
-        import aiohttp
-
-        url = server_url.rstrip("/") + "/rtc/refresh"
+    async def _post(self, url: str, body: bytes, auth: str, session_id: str) -> None:
         if self._http is None:  # one pooled client for every push, not one per extend
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        headers = {"Authorization": auth, "Content-Type": "application/json"}
         try:
-            async with self._http.post(url, headers={"Authorization": f"Bearer {token}"}) as resp:
-                log.debug("refresh of session %s at %s: HTTP %d", session_id, url, resp.status)
+            async with self._http.post(url, data=body, headers=headers) as resp:
+                log.debug("push for session %s to %s: HTTP %d", session_id, url, resp.status)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            log.info("could not push the refreshed token of session %s to %s: %s",
-                     session_id, url, exc)
+            log.info("could not push to %s for session %s: %s", url, session_id, exc)
 
     async def close(self) -> None:
         for task in list(self._tasks):

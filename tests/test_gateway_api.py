@@ -33,10 +33,12 @@ from gateway.client import (
 )
 from gateway.config import GatewayConfig
 from gateway.ledger import Ledger
+from gateway.sessions import sfu_room
 from registry import program as p
 from registry.client import RegistryClient
 from registry.tokens import sign_body, verify_token
 from tests.conftest import Localnet, start_localnet_process
+from tests.support.ledger import backdate
 
 NODES = {  # name: (role, url, lat, lon, country)
     "sfu-de": (p.Role.SFU, "https://sfu-de.test", 50.11, 8.68, "DE"),
@@ -219,8 +221,11 @@ async def test_webrtc_reserve_extend_usage_refund(gw: Gw) -> None:
     session = await client.create_webrtc_token("room-1", "agent-7", duration_minutes=10,
                                                metadata="hello")
     claims = verify_token(session.token, {str(gw.net.issuer.pubkey())}, "webrtc")
-    assert (claims.identity, claims.room, claims.session_id) == ("agent-7", "room-1",
-                                                                 session.session_id)
+    account = await client.account()
+    # The SFU room is the account's own: its name, then a digest of (account, name).
+    assert (claims.identity, claims.room, claims.session_id) == (
+        "agent-7", sfu_room(account.id, "room-1"), session.session_id)
+    assert claims.room.startswith("room-1~")
     assert claims.raw["metadata"] == "hello"
     assert 590 <= claims.expires_at - time.time() <= 601
     assert session.ws_url == "wss://sfu-de.test"  # loopback client -> default location (DE)
@@ -232,21 +237,23 @@ async def test_webrtc_reserve_extend_usage_refund(gw: Gw) -> None:
     assert new_claims.expires_at >= claims.expires_at + 299
     assert (await client.account()).available_balance == 985_000
 
-    # The SFU reports 90 s in the room, then the room finishes: charge 1,500, refund the rest.
+    # The participant leaves after 90 s in the room: its session settles, charge 1,500, refund
+    # the rest. The room finishing afterwards bills nothing more.
     record = await gw.ledger.get_session(session.session_id)
+    await backdate(gw.ledger, session.session_id, 90)  # the session is 90 s old
     left = {"event": "participant_left", "id": "EV_1", "createdAt": 1_000_090,
-            "room": {"name": "room-1"},
+            "room": {"name": claims.room},
             "participant": {"identity": "agent-7", "joinedAt": 1_000_000,
                             "attributes": {"session_id": session.session_id}}}
     node = next(n for n, k in gw.net.nodes.items() if str(k.pubkey()) == record.node_pubkey)
     r = await gw.post_signed("/v1/webhooks/sfu", json.dumps(left).encode(), node)
     assert r.status == 200, await r.text()
+    settled = await r.json()
+    assert (settled["status"], settled["charged_microcredits"]) == ("completed", "1500")
     finished = {"event": "room_finished", "id": "EV_2", "createdAt": 1_000_100,
-                "room": {"name": "room-1"}}
+                "room": {"name": claims.room}}
     r = await gw.post_signed("/v1/webhooks/sfu", json.dumps(finished).encode(), node)
-    assert r.status == 200
-    [settled] = (await r.json())["settled"]
-    assert settled["charged_microcredits"] == "1500"
+    assert r.status == 200 and await r.json() == {"ok": True}
     account = await client.account()
     assert (account.credit_balance, account.available_balance) == (998_500, 998_500)
     kinds = [t["type"] for t in await client.transactions()]
@@ -288,6 +295,7 @@ async def test_stt_and_tts_sessions_usage_and_limits(gw: Gw) -> None:
     assert (await client.account()).available_balance == 1_000_000 - 18_000 - 20_000
 
     # The STT node reports 61.2 s (billed as 62 s = 6,200), then completes.
+    await backdate(gw.ledger, stt.session_id, 62)
     for event, seconds in (("usage", 30), ("complete", 61.2)):
         body = json.dumps({"session_id": stt.session_id, "event": event,
                            "usage": {"duration_seconds": seconds}}).encode()

@@ -81,7 +81,7 @@ from .errors import (
     UnknownSession,
 )
 from .ids import uuid7
-from .models import VERSION_TABLE, accounts, sessions, transactions
+from .models import VERSION_TABLE, accounts, node_events, sessions, transactions
 from .prepared import Prepared, PreparedInsert
 from .records import (
     Account,
@@ -848,15 +848,19 @@ class Ledger:
     # ---------------------------------------------------------------- usage and settlement
 
     async def record_usage(
-        self, session_id: str, node_pubkey: str, units: int, final: bool = False
+        self, session_id: str, node_pubkey: str, units: int, final: bool = False,
+        event_id: str | None = None,
     ) -> UsageResult:
         """A node's cumulative usage report (seconds for webrtc/stt, characters for tts).
 
         The running charge is ``min(cost(max reported units), reserved)``; a lower total than an
         earlier one is ignored. ``final=True`` settles: charge, refund the rest, status
         ``completed``. Reports on a settled session (a repeated final included) change nothing
-        and return its settlement. Raises UnknownSession, NotSessionNode."""
+        and return its settlement. An ``event_id`` is applied once per node: the same id again
+        (a retried or replayed webhook) changes nothing. Raises UnknownSession, NotSessionNode."""
         _positive("units", units, zero_ok=True)
+        if event_id is not None and not 0 < len(event_id) <= 128:
+            raise ValueError(f"event id must be 1..128 characters, got {len(event_id)}")
         now = self._now()
 
         def body(conn: sa.Connection) -> UsageResult:
@@ -869,6 +873,10 @@ class Ledger:
             assert acct is not None
             row = self._session_row(conn, session_id)  # current, under the lock
             assert row is not None
+            if event_id is not None and not self._first_time(conn, node_pubkey, event_id,
+                                                             session_id, now):
+                return self._result(row, row["usage_units"], settled=row["status"] != "active",
+                                    changed=False)
             if row["status"] != "active":
                 return self._result(row, units, settled=True, changed=False)
             usage = max(row["usage_units"], units)
@@ -885,6 +893,21 @@ class Ledger:
             return self._result(new, units, settled=False, changed=True)
 
         return await self._tx(body)
+
+    @staticmethod
+    def _first_time(conn: sa.Connection, node_pubkey: str, event_id: str, session_id: str,
+                    now: datetime) -> bool:
+        """Record a node's event id; False when it was applied before. Runs under the lock of the
+        session's account, so two deliveries of one event cannot both see it as new."""
+        seen = conn.execute(
+            sa.select(node_events.c.event_id).where(node_events.c.node_pubkey == node_pubkey,
+                                                    node_events.c.event_id == event_id)
+        ).first()
+        if seen is not None:
+            return False
+        conn.execute(sa.insert(node_events).values(node_pubkey=node_pubkey, event_id=event_id,
+                                                   session_id=session_id, created_at=now))
+        return True
 
     def _settle(
         self, conn: sa.Connection, acct: _Acct, row: Row, usage: int, status: str,
@@ -1056,15 +1079,6 @@ class Ledger:
             stmt = stmt.where(sessions.c.status == status)
         stmt = stmt.order_by(sessions.c.started_at.desc(), sessions.c.id.desc())
         rows = await self._all(stmt.limit(limit).offset(offset))
-        return [_session(r) for r in rows]
-
-    async def list_room_sessions(self, room_name: str, node_pubkey: str) -> list[SessionRecord]:
-        """Active WebRTC sessions of one room routed to one SFU node (settled at room_finished)."""
-        rows = await self._all(
-            sa.select(sessions).where(
-                sessions.c.service == "webrtc", sessions.c.status == "active",
-                sessions.c.room_name == room_name, sessions.c.node_pubkey == node_pubkey)
-            .order_by(sessions.c.started_at, sessions.c.id))
         return [_session(r) for r in rows]
 
     async def audit(self, account_id: str) -> Audit:

@@ -129,3 +129,13 @@ payments = sa.Table(
     sa.UniqueConstraint("signature", name="uq_payments_signature"),
     sa.Index("ix_payments_status", "status"),
 )
+
+# revision 0004: node events already applied (SFU webhooks), so a replayed one applies nothing.
+node_events = sa.Table(
+    "node_events",
+    metadata,
+    sa.Column("node_pubkey", sa.String(64), primary_key=True),
+    sa.Column("event_id", sa.String(128), primary_key=True),
+    sa.Column("session_id", sa.String(36), sa.ForeignKey("sessions.id"), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)

@@ -15,6 +15,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from gateway.app import create_app
 from gateway.auth import sign_request
 from gateway.client import GatewayClient, InsufficientCredits
 from gateway.config import GatewayConfig
-from gateway.ledger import Ledger
+from gateway.ledger import Ledger, pricing
 from gateway.ledger.payments import PaymentBook
 from gateway.payments import PAYMENTS_KEY, payer, setup_payments
 from gateway.payments.config import PaymentsConfig, SolanaPayments
@@ -302,10 +303,29 @@ async def test_fee_payer_inside_an_instruction_refused(pay: Pay) -> None:
 
 async def test_compute_unit_price_and_limit_caps(pay: Pay) -> None:
     key = await pay.wallet()
-    await refused(pay, key, 402, "compute_price_instruction_too_high", cu_price=5_000_001)
-    await refused(pay, key, 402, "compute_limit_instruction_too_high", cu_limit=1_400_000)
-    status, body, _ = await pay.pay(key, cu_price=5_000_000)  # exactly the cap is fine
+    s = pay.config.payments.solana
+    price, limit = s.max_compute_unit_price_microlamports, s.max_compute_unit_limit
+    await refused(pay, key, 402, "compute_price_instruction_too_high", cu_price=price + 1)
+    await refused(pay, key, 402, "compute_limit_instruction_too_high", cu_limit=limit + 1)
+    fee_payer = pay.service.fee_payer.pubkey()
+    fee_before = (await pay.chain.rpc.get_balance(fee_payer)).value
+    status, body, _ = await pay.pay(key, cu_price=price, cu_limit=limit)  # exactly the caps
     assert status == 200, body
+    # The fee payer paid at most the documented worst case. (The localnet's LiteSVM charges the
+    # base fee only, 5,000 lamports a signature, so the priority part shows on a real cluster.)
+    spent = fee_before - (await pay.chain.rpc.get_balance(fee_payer)).value
+    assert 0 < spent <= s.worst_case_fee_lamports()
+
+
+def test_default_caps_keep_the_fee_a_small_known_share() -> None:
+    """The arithmetic the config documents: at most 0.000012 SOL a purchase, which at SOL = $500
+    is 6% of the smallest purchase, 1% of it being priority fee the payer chose."""
+    s = SolanaPayments()
+    assert s.worst_case_fee_lamports() == 12_000
+    sol_usd, lamports = Decimal(500), Decimal(1_000_000_000)
+    smallest = pricing.MIN_PURCHASE_USD
+    assert s.worst_case_fee_lamports() / lamports * sol_usd / smallest == Decimal("0.06")
+    assert (s.worst_case_fee_lamports() - 10_000) / lamports * sol_usd / smallest == Decimal("0.01")
 
 
 async def test_replayed_transaction_refused(pay: Pay) -> None:

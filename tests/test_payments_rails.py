@@ -209,7 +209,8 @@ def test_default_config_parses_and_yaml_section(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parent.parent
     cfg = load_gateway_config(root / "configs" / "gateway.yaml")
     assert cfg.payments.solana.network == "solana:EtWTRABZaYq6iMfeYKouRu166VU2xqa1"
-    assert cfg.payments.solana.max_compute_unit_price_microlamports == 5_000_000
+    assert cfg.payments.solana.max_compute_unit_price_microlamports == 50_000
+    assert cfg.payments.solana.max_compute_unit_limit == 40_000
     assert GatewayConfig().payments == cfg.payments
     with pytest.raises(ValueError, match="less than or equal to 5000000"):
         SolanaPayments(max_compute_unit_price_microlamports=5_000_001)

@@ -19,8 +19,19 @@ SOLANA_TESTNET = "solana:4uhcVJyU9pJkvQyS88uRDiswHXSCkY3z"
 SOLANA_V1_NAMES = {SOLANA_MAINNET: "solana", SOLANA_DEVNET: "solana-devnet",
                    SOLANA_TESTNET: "solana-testnet"}
 EVM_V1_NAMES = {8453: "base", 84532: "base-sepolia"}
-# 5 lamports per compute unit (DESIGN section 8), in micro-lamports as ComputeBudget counts it.
+# The highest compute-unit price the config accepts: 5 lamports per CU (DESIGN section 8, and the
+# official x402 facilitator's cap), in micro-lamports as ComputeBudget counts it.
 MAX_CU_PRICE_MICROLAMPORTS = 5_000_000
+# What the fee payer signs for by default. The priority fee is price x limit / 10^6 lamports, so:
+#   worst-case priority fee = 50,000 x 40,000 / 10^6 = 2,000 lamports
+#   plus the base fee of two signatures (2 x 5,000)  = 12,000 lamports = 0.000012 SOL per purchase.
+# At SOL = $500 that is $0.001 of priority fee (1% of the smallest purchase, $0.10) and $0.006 in
+# all (6%). The official x402 client asks 20,000 CU at 1 micro-lamport per CU (x402 2.25.0,
+# DEFAULT_COMPUTE_UNIT_LIMIT / DEFAULT_COMPUTE_UNIT_PRICE_MICROLAMPORTS): well inside both caps.
+# (The previous caps, 5 lamports/CU x 200,000 CU, let a payer spend 0.001 SOL of our fees.)
+DEFAULT_MAX_CU_PRICE_MICROLAMPORTS = 50_000
+DEFAULT_MAX_CU_LIMIT = 40_000
+BASE_FEE_LAMPORTS_PER_SIGNATURE = 5_000
 
 
 class _Model(BaseModel):
@@ -42,14 +53,23 @@ class SolanaPayments(_Model):
     pay_to_keypair: Path = Path(".local/keys/gateway-pay-to.json")
     # Co-signs every payment as fee payer (it pays the network fees, never the amount).
     fee_payer_keypair: Path = Path(".local/keys/gateway-fee-payer.json")
-    max_compute_unit_price_microlamports: int = Field(default=MAX_CU_PRICE_MICROLAMPORTS, ge=0,
-                                                      le=MAX_CU_PRICE_MICROLAMPORTS)
-    max_compute_unit_limit: int = Field(default=200_000, ge=1_000, le=1_400_000)
+    # Caps on what a payer's transaction may make the fee payer pay (arithmetic above); a payment
+    # above either is refused (402, ..._compute_price_instruction_too_high / _limit_..._too_high).
+    max_compute_unit_price_microlamports: int = Field(default=DEFAULT_MAX_CU_PRICE_MICROLAMPORTS,
+                                                      ge=0, le=MAX_CU_PRICE_MICROLAMPORTS)
+    max_compute_unit_limit: int = Field(default=DEFAULT_MAX_CU_LIMIT, ge=1_000, le=1_400_000)
     max_timeout_seconds: int = Field(default=60, ge=5, le=3600)
     confirm_timeout_seconds: float = Field(default=30.0, gt=0)
     # Pending payments older than this are reconciled against the chain by a background loop
     # (and all of them at startup).
     reconcile_interval_seconds: float = Field(default=10.0, gt=0)
+
+    def worst_case_fee_lamports(self) -> int:
+        """The most one purchase can cost the fee payer under these caps: the base fee of its two
+        signatures plus the priority fee, which Solana rounds up to whole lamports."""
+        priority = -(-self.max_compute_unit_price_microlamports * self.max_compute_unit_limit
+                     // 1_000_000)
+        return 2 * BASE_FEE_LAMPORTS_PER_SIGNATURE + priority
 
 
 class EvmPayments(_Model):

@@ -3,8 +3,8 @@
 The client sends a transaction it signed with the fee-payer slot (index 0) left for us. We sign
 only a transaction of this exact shape::
 
-    0  ComputeBudget SetComputeUnitLimit   (limit <= cap)
-    1  ComputeBudget SetComputeUnitPrice   (price <= 5 lamports/CU)
+    0  ComputeBudget SetComputeUnitLimit   (limit <= cap, 40,000 CU by default)
+    1  ComputeBudget SetComputeUnitPrice   (price <= cap, 50,000 micro-lamports/CU by default)
     2  Token TransferChecked               exactly `amount` of `mint` to ATA(payTo, mint),
                                            authority = the payer, a signer of the transaction
     3+ Memo (or Lighthouse assertions), at most three
@@ -14,8 +14,9 @@ signature we add can only pay the network fee), no address lookup tables (every 
 plain sight), exactly two signers (us and the payer), and the payer's signature valid. Rules and
 reason codes follow the official x402 facilitator (x402 2.25.0), stricter where DESIGN says so:
 the amount must be exact (x402 accepts more), the fee payer may appear in no instruction at all
-(x402 checks only the transfer authority), and the compute-unit limit is capped too (with the
-price cap alone a payer could make us pay 7 SOL of priority fees).
+(x402 checks only the transfer authority), and both compute-unit caps are config keys whose
+defaults keep the fee payer's worst case at 0.000012 SOL a purchase (x402's price cap alone would
+let a payer make us pay 7 SOL of priority fees; see gateway/payments/config.py).
 """
 
 from __future__ import annotations

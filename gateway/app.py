@@ -85,7 +85,9 @@ def json_object(raw: bytes) -> dict[str, Any]:
     """A request body as a JSON object (an empty body is ``{}``); 400 naming what is wrong."""
     try:
         data = jsonsafe.loads(raw) if raw else {}
-    except (ValueError, UnicodeDecodeError):
+    except (jsonsafe.JsonNotUtf8, jsonsafe.JsonTooDeep) as exc:
+        raise _bad(f"request body is not valid JSON: {exc}") from None
+    except ValueError:
         raise _bad("request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise _bad("request body must be a JSON object")

@@ -30,6 +30,9 @@ PROGRAM_KEYPAIR_PATH = PROGRAM_DIR / "program-keypair.json"
 
 # Fixed program id of the embedded localnet deployment (its keypair is committed: localnet only).
 PROGRAM_ID = Pubkey.from_string("54qRqffWyocWmu78z7iGGX6humQ7JEayFouaAqzcqZ1C")
+# The BPF upgradeable loader (loader v3): it owns the program and its ProgramData account, which
+# holds the upgrade authority, the only key `initialize_registry` accepts.
+BPF_LOADER_UPGRADEABLE_ID = Pubkey.from_string("BPFLoaderUpgradeab1e11111111111111111111111")
 
 REGISTRY_SEED = b"registry"
 ISSUER_SEED = b"issuer"
@@ -42,7 +45,8 @@ NODE_SIZE = 308
 MAX_URL_LEN = 200
 VERSION_LEN = 16
 
-# Byte offsets inside a Node account used by memcmp filters.
+# Byte offsets inside the Registry account and a Node account (memcmp filters, tests).
+REGISTRY_POLICY_OFFSET = 65
 NODE_OWNER_OFFSET = 8
 NODE_ROLE_OFFSET = 80
 NODE_STATUS_OFFSET = 81
@@ -76,8 +80,35 @@ class Role(IntEnum):
 
 
 class NodeStatus(IntEnum):
+    """A node's standing; only ACTIVE nodes are routed to, may heartbeat or update their entry."""
+
     ACTIVE = 0
     SUSPENDED = 1
+    PENDING = 2  # registered under the approval policy, waiting for `registry node approve`
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class Policy(IntEnum):
+    """How the registry admits new nodes: APPROVAL (they start pending until the authority
+    approves them) or OPEN (they start active)."""
+
+    APPROVAL = 0
+    OPEN = 1
+
+    @classmethod
+    def parse(cls, value: "str | int | Policy") -> "Policy":
+        """Accept 'approval'/'open' (any case), the byte, or a Policy; name the choices otherwise."""
+        if isinstance(value, Policy):
+            return value
+        if isinstance(value, int):
+            return cls(value)
+        try:
+            return cls[str(value).strip().upper()]
+        except KeyError:
+            raise ValueError(f"unknown admission policy {value!r}: expected approval or open") from None
 
     @property
     def label(self) -> str:
@@ -136,6 +167,11 @@ def node_pda(owner: Pubkey, program_id: Pubkey = PROGRAM_ID) -> tuple[Pubkey, in
     return Pubkey.find_program_address([NODE_SEED, bytes(owner)], program_id)
 
 
+def programdata_address(program_id: Pubkey = PROGRAM_ID) -> Pubkey:
+    """The program's ProgramData account: the loader's PDA [program id]."""
+    return Pubkey.find_program_address([bytes(program_id)], BPF_LOADER_UPGRADEABLE_ID)[0]
+
+
 # ---------------------------------------------------------------- field encoding
 
 
@@ -170,13 +206,23 @@ def _ix(
 
 
 def initialize_registry_ix(
-    authority: Pubkey, heartbeat_ttl: int, program_id: Pubkey = PROGRAM_ID
+    authority: Pubkey,
+    heartbeat_ttl: int,
+    policy: Policy = Policy.APPROVAL,
+    program_id: Pubkey = PROGRAM_ID,
 ) -> Instruction:
+    """``authority`` must be the program's upgrade authority; APPROVAL is the safe default."""
     registry, _ = registry_pda(program_id)
     return _ix(
         "initialize_registry",
-        [(registry, False, True), (authority, True, True), (SYSTEM_PROGRAM_ID, False, False)],
-        {"heartbeat_ttl": heartbeat_ttl},
+        [
+            (registry, False, True),
+            (authority, True, True),
+            (SYSTEM_PROGRAM_ID, False, False),
+            (program_id, False, False),
+            (programdata_address(program_id), False, False),
+        ],
+        {"heartbeat_ttl": heartbeat_ttl, "policy": int(Policy.parse(policy))},
         program_id,
     )
 
@@ -295,6 +341,17 @@ def set_node_status_ix(
     )
 
 
+def approve_node_ix(authority: Pubkey, owner: Pubkey, program_id: Pubkey = PROGRAM_ID) -> Instruction:
+    registry, _ = registry_pda(program_id)
+    node, _ = node_pda(owner, program_id)
+    return _ix(
+        "approve_node",
+        [(registry, False, False), (node, False, True), (authority, True, False)],
+        {},
+        program_id,
+    )
+
+
 # ---------------------------------------------------------------- accounts
 
 
@@ -309,6 +366,7 @@ class RegistryAccount:
     heartbeat_ttl: int
     node_count: int
     issuer_count: int
+    policy: Policy
 
 
 @dataclass(frozen=True)
@@ -366,7 +424,8 @@ def _decode(name: str, data: bytes) -> Any:
 
 def decode_registry(address: Pubkey, data: bytes) -> RegistryAccount:
     a = _decode("Registry", data)
-    return RegistryAccount(address, a.authority, a.heartbeat_ttl, a.node_count, a.issuer_count)
+    return RegistryAccount(address, a.authority, a.heartbeat_ttl, a.node_count, a.issuer_count,
+                           Policy(a.policy))
 
 
 def decode_issuer(address: Pubkey, data: bytes) -> IssuerAccount:

@@ -1,5 +1,9 @@
 """The registry program (programs/registry/registry.so) in an in-process LiteSVM.
 
+The program is deployed through the real BPF upgradeable loader (buffer, write, deploy), so it
+has a real ProgramData account naming its upgrade authority, the only key that may initialise
+the registry.
+
 Every instruction, allowed and refused: each on-chain rule gets a hostile transaction (flipped
 signer/writable flags, substituted or forged accounts, garbage data) and the exact custom error
 code is asserted. Compute units are deterministic, so they are asserted too (heartbeat <= 5000).
@@ -16,7 +20,6 @@ from solders.account import Account
 from solders.clock import Clock
 from solders.instruction import AccountMeta, Instruction
 from solders.keypair import Keypair
-from solders.litesvm import LiteSVM
 from solders.pubkey import Pubkey
 from solders.rent import Rent
 from solders.system_program import ID as SYSTEM_PROGRAM_ID
@@ -25,6 +28,10 @@ from solders.transaction import Transaction
 from solders.transaction_metadata import FailedTransactionMetadata
 
 from registry import program as P
+from registry.keys import load_keypair
+from registry.localnet.deploy import LiteSvmTarget, deploy_program
+from registry.localnet.svm import build_litesvm
+from registry.nodeurl import node_url_problem
 
 PID = P.PROGRAM_ID
 ERR = P.error_codes()
@@ -81,12 +88,17 @@ def with_accounts(ix: Instruction, metas: list[AccountMeta]) -> Instruction:
 
 
 class Chain:
-    """A LiteSVM with the program loaded, a fee payer, and helpers that assert outcomes."""
+    """A LiteSVM with the program deployed by ``upgrade_authority``, a fee payer, and helpers
+    that assert outcomes."""
 
     def __init__(self) -> None:
-        self.svm = LiteSVM()
-        self.svm.add_program(PID, P.SO_PATH.read_bytes())
+        self.svm = build_litesvm()
         self.payer = self.fund()
+        self.upgrade_authority = self.fund()
+        deploy_program(LiteSvmTarget(self.svm), P.SO_PATH, load_keypair(P.PROGRAM_KEYPAIR_PATH),
+                       self.payer, upgrade_authority=self.upgrade_authority)
+        # A program deployed in a slot can be invoked from the next one.
+        self.svm.warp_to_slot(self.svm.get_clock().slot + 1)
         self.registry, self.registry_bump = P.registry_pda()
 
     def fund(self, lamports: int = 10 * 10**9) -> Keypair:
@@ -174,9 +186,12 @@ class Chain:
         )
 
     # -- setup shortcuts
-    def init(self, ttl: int = 60) -> Keypair:
-        auth = self.fund()
-        self.ok(P.initialize_registry_ix(auth.pubkey(), ttl), auth, cu="initialize_registry")
+    def init(self, ttl: int = 60, policy: P.Policy = P.Policy.OPEN) -> Keypair:
+        """Initialise as the upgrade authority; OPEN so nodes start active unless a test is
+        about admission."""
+        auth = self.upgrade_authority
+        self.ok(P.initialize_registry_ix(auth.pubkey(), ttl, policy), auth,
+                cu="initialize_registry")
         self.authority = auth
         return auth
 
@@ -224,17 +239,75 @@ def set_field(data: bytes, offset: int, fmt: str, value) -> bytes:
 # ================================================================ initialize_registry
 
 
-def test_initialize_registry(chain: Chain):
+@pytest.mark.parametrize("policy", list(P.Policy))
+def test_initialize_registry(chain: Chain, policy: P.Policy):
     chain.set_clock(10, 1_700_000_000)
-    auth = chain.init(ttl=90)
+    auth = chain.init(ttl=90, policy=policy)
     reg = chain.reg()
-    assert (reg.authority, reg.heartbeat_ttl, reg.node_count, reg.issuer_count) == (
-        auth.pubkey(), 90, 0, 0)
+    assert (reg.authority, reg.heartbeat_ttl, reg.node_count, reg.issuer_count, reg.policy) == (
+        auth.pubkey(), 90, 0, 0, policy)
     acc = chain.account(chain.registry)
     assert acc.owner == PID and len(acc.data) == P.REGISTRY_SIZE
     assert acc.lamports == chain.svm.minimum_balance_for_rent_exemption(P.REGISTRY_SIZE)
     assert acc.data[64] == chain.registry_bump  # canonical bump stored
-    assert bytes(acc.data[65:72]) == bytes(7)
+    assert acc.data[P.REGISTRY_POLICY_OFFSET] == int(policy)
+    assert bytes(acc.data[66:72]) == bytes(6)
+
+
+@pytest.mark.parametrize("policy", [2, 255])
+def test_initialize_registry_invalid_policy(chain: Chain, policy: int):
+    auth = chain.upgrade_authority
+    ix = P.initialize_registry_ix(auth.pubkey(), 60)
+    ix = with_data(ix, bytes(ix.data)[:16] + bytes([policy]))
+    assert chain.fails(ix, auth) == "InvalidPolicy"
+    assert chain.account(chain.registry) is None
+
+
+def test_initialize_registry_only_by_upgrade_authority(chain: Chain):
+    """Not "first caller wins": any other key, however early, is refused."""
+    mallory = chain.fund()
+    ix = P.initialize_registry_ix(mallory.pubkey(), 60, P.Policy.OPEN)
+    assert chain.fails(ix, mallory) == "NotUpgradeAuthority"
+    assert chain.account(chain.registry) is None
+    chain.init()
+    assert chain.reg().authority == chain.upgrade_authority.pubkey()
+
+
+def _programdata_with(chain: Chain, authority: Pubkey | None) -> bytes:
+    data = bytearray(chain.data(P.programdata_address()))
+    data[12:45] = (b"\1" + bytes(authority)) if authority else bytes(33)
+    return bytes(data)
+
+
+def test_initialize_registry_immutable_program_has_no_authority(chain: Chain):
+    """A program without an upgrade authority (Option None) has no key that may initialise."""
+    auth = chain.upgrade_authority
+    pdata = P.programdata_address()
+    chain.forge(pdata, _programdata_with(chain, None), owner=P.BPF_LOADER_UPGRADEABLE_ID)
+    assert chain.fails(P.initialize_registry_ix(auth.pubkey(), 60), auth) == "NotUpgradeAuthority"
+    assert chain.account(chain.registry) is None
+
+
+def test_initialize_registry_forged_program_accounts(chain: Chain):
+    """The upgrade authority must come from this program's real ProgramData, not a look-alike."""
+    mallory = chain.fund()
+    ix = P.initialize_registry_ix(mallory.pubkey(), 60)
+    pdata = P.programdata_address()
+    # A ProgramData look-alike naming mallory, at another address: owned by mallory's program,
+    # or (what the loader would never do) by the loader itself.
+    fake = Pubkey.new_unique()
+    for owner in (Pubkey.new_unique(), P.BPF_LOADER_UPGRADEABLE_ID):
+        chain.forge(fake, _programdata_with(chain, mallory.pubkey()), owner=owner)
+        assert chain.fails(tamper(ix, 4, pubkey=fake), mallory) == "InvalidProgramData"
+    # Another program's account in place of this one (the system program, a wallet, the
+    # registry PDA), and this program's ProgramData in the program's place.
+    for key in (SYSTEM_PROGRAM_ID, mallory.pubkey(), chain.registry, pdata):
+        assert chain.fails(tamper(ix, 3, pubkey=key), mallory) == "InvalidProgramData"
+    # The program account in the ProgramData slot.
+    assert chain.fails(tamper(ix, 4, pubkey=PID), mallory) == "InvalidProgramData"
+    # The real ProgramData, but mallory is not its authority.
+    assert chain.fails(ix, mallory) == "NotUpgradeAuthority"
+    assert chain.account(chain.registry) is None
 
 
 @pytest.mark.parametrize("ttl", [1, 86_400])
@@ -245,16 +318,17 @@ def test_initialize_registry_ttl_bounds_allowed(chain: Chain, ttl: int):
 
 @pytest.mark.parametrize("ttl", [0, -1, 86_401, -(2**63), 2**63 - 1])
 def test_initialize_registry_invalid_ttl(chain: Chain, ttl: int):
-    auth = chain.fund()
+    auth = chain.upgrade_authority
     assert chain.fails(P.initialize_registry_ix(auth.pubkey(), ttl), auth) == "InvalidTtl"
     assert chain.account(chain.registry) is None
 
 
 def test_initialize_registry_twice(ready: Chain):
-    other = ready.fund()
-    ix = P.initialize_registry_ix(other.pubkey(), 30)
-    assert ready.fails(ix, other) == "AlreadyInitialized"
-    assert ready.reg().authority == ready.authority.pubkey()
+    auth = ready.upgrade_authority
+    ix = P.initialize_registry_ix(auth.pubkey(), 30, P.Policy.APPROVAL)
+    assert ready.fails(ix, auth) == "AlreadyInitialized"
+    reg = ready.reg()
+    assert (reg.authority, reg.heartbeat_ttl, reg.policy) == (auth.pubkey(), 60, P.Policy.OPEN)
 
 
 def test_initialize_registry_prefunded_pda(chain: Chain):
@@ -277,7 +351,7 @@ def test_initialize_registry_prefunded_over_rent(chain: Chain):
 
 
 def test_initialize_registry_hostile(chain: Chain):
-    auth = chain.fund()
+    auth = chain.upgrade_authority
     ix = P.initialize_registry_ix(auth.pubkey(), 60)
     assert chain.fails(tamper(ix, 1, signer=False)) == "MissingSignature"
     assert chain.fails(tamper(ix, 1, writable=False), auth) == "NotWritable"
@@ -299,7 +373,8 @@ def test_garbage_instruction_data(ready: Chain):
     auth = ready.authority
     ix = P.initialize_registry_ix(auth.pubkey(), 60)
     for data in [b"", b"\x01", bytes(7), bytes(8), b"\xff" * 16, disc("initialize_registry"),
-                 disc("initialize_registry") + bytes(9), disc("initializeRegistry") + bytes(8)]:
+                 disc("initialize_registry") + bytes(8), disc("initialize_registry") + bytes(10),
+                 disc("initializeRegistry") + bytes(9)]:
         assert ready.fails(with_data(ix, data), auth) == "InvalidInstruction", data
 
 
@@ -314,8 +389,9 @@ def test_wrong_account_count(ready: Chain):
     many = metas + [AccountMeta(Pubkey.new_unique(), False, False) for _ in range(8)]
     assert ready.fails(with_accounts(ix, many), owner) == "InvalidInstruction"
     ix = P.initialize_registry_ix(ready.authority.pubkey(), 60)
-    assert ready.fails(with_accounts(ix, list(ix.accounts)[:2]), ready.authority) == (
-        "InvalidInstruction")
+    for n in (2, 3, 4):
+        assert ready.fails(with_accounts(ix, list(ix.accounts)[:n]), ready.authority) == (
+            "InvalidInstruction")
 
 
 @pytest.mark.parametrize("name,builder", [
@@ -325,6 +401,7 @@ def test_wrong_account_count(ready: Chain):
     ("set_node_status",
      lambda c: P.set_node_status_ix(c.authority.pubkey(), c.authority.pubkey(), 1)),
     ("heartbeat", lambda c: P.heartbeat_ix(c.authority.pubkey(), 1, 1)),
+    ("approve_node", lambda c: P.approve_node_ix(c.authority.pubkey(), c.authority.pubkey())),
 ])
 def test_wrong_data_length(ready: Chain, name: str, builder):
     ix = builder(ready)
@@ -532,9 +609,10 @@ def _update_raw(chain: Chain, owner: Keypair, **over) -> Instruction:
 
 
 VALID_FIELDS = [
-    dict(url=b"x"),
-    dict(url=b"h" * 200),
-    dict(url=bytes(range(0x21, 0x7F))),
+    dict(url=b"https://x"),
+    dict(url=b"https://" + b"h" * 192),
+    dict(url=b"https://h/" + bytes(range(0x21, 0x7F))),
+    dict(url=b"http://127.0.0.1:8001"),
     dict(lat=90_000_000, lon=180_000_000),
     dict(lat=-90_000_000, lon=-180_000_000),
     dict(lat=0, lon=0),
@@ -549,6 +627,8 @@ VALID_FIELDS = [
 
 INVALID_FIELDS = [
     (dict(url=b""), "InvalidUrl"),
+    (dict(url=b"x"), "InsecureUrl"),
+    (dict(url=b"http://sfu.example.net"), "InsecureUrl"),
     (dict(url=b"h" * 201), "InvalidUrl"),
     (dict(url=b"https://a b"), "InvalidUrl"),
     (dict(url=b"https://a\x7f"), "InvalidUrl"),
@@ -693,10 +773,10 @@ def test_heartbeat(ready: Chain):
     assert (n.url, n.version, n.role, n.status) == (
         FIELDS.url, FIELDS.version, P.Role.SFU, P.NodeStatus.ACTIVE)
     ready.set_clock(251, 1_700_000_076)
-    ready.ok(P.heartbeat_ix(owner.pubkey(), 2**32 - 1, 1), owner)
+    ready.ok(P.heartbeat_ix(owner.pubkey(), 0, 1), owner)
     n = ready.node(owner.pubkey())
     assert (n.load, n.capacity, n.last_heartbeat, n.last_heartbeat_slot) == (
-        2**32 - 1, 1, 1_700_000_076, 251)
+        0, 1, 1_700_000_076, 251)
 
 
 def test_heartbeat_compute_units(ready: Chain):
@@ -796,8 +876,9 @@ def test_update_node(ready: Chain):
 
 def test_update_node_full_length_url(ready: Chain):
     owner = ready.register()
-    ready.ok(_update_raw(ready, owner, url=b"u" * 200), owner)
-    assert ready.node(owner.pubkey()).url == "u" * 200
+    url = b"wss://" + b"u" * 194
+    ready.ok(_update_raw(ready, owner, url=url), owner)
+    assert ready.node(owner.pubkey()).url == url.decode()
 
 
 @pytest.mark.parametrize("over,error", INVALID_FIELDS,
@@ -819,13 +900,18 @@ def test_update_node_malformed_data(ready: Chain):
 
 
 def test_update_node_while_suspended(ready: Chain):
-    """Suspension stops heartbeats, not corrections of the entry."""
+    """A suspended node cannot move its entry while the authority looks at it."""
     owner = ready.register()
     auth = ready.authority
     ready.ok(P.set_node_status_ix(auth.pubkey(), owner.pubkey(), P.NodeStatus.SUSPENDED), auth)
-    ready.ok(P.update_node_ix(owner.pubkey(), replace(FIELDS, capacity=9)), owner)
-    n = ready.node(owner.pubkey())
-    assert (n.capacity, n.status) == (9, P.NodeStatus.SUSPENDED)
+    addr = P.node_pda(owner.pubkey())[0]
+    before = ready.data(addr)
+    ix = P.update_node_ix(owner.pubkey(), replace(FIELDS, capacity=9))
+    assert ready.fails(ix, owner) == "NodeSuspended"
+    assert ready.data(addr) == before
+    ready.ok(P.set_node_status_ix(auth.pubkey(), owner.pubkey(), P.NodeStatus.ACTIVE), auth)
+    ready.ok(ix, owner)
+    assert ready.node(owner.pubkey()).capacity == 9
 
 
 def test_update_node_hostile(ready: Chain):
@@ -992,6 +1078,182 @@ def test_set_node_status_hostile(ready: Chain):
     assert ready.node(owner.pubkey()).status == P.NodeStatus.ACTIVE
 
 
+# ================================================================ admission (approval policy)
+
+
+@pytest.fixture
+def gated(chain: Chain) -> Chain:
+    """Registry initialised under the approval policy."""
+    chain.init(policy=P.Policy.APPROVAL)
+    return chain
+
+
+def test_open_policy_node_starts_active(ready: Chain):
+    owner = ready.register()
+    assert ready.node(owner.pubkey()).status == P.NodeStatus.ACTIVE
+    ready.ok(P.heartbeat_ix(owner.pubkey(), 1, 10), owner)
+
+
+def test_approval_policy_node_starts_pending(gated: Chain):
+    owner = gated.register(P.Role.STT)
+    n = gated.node(owner.pubkey())
+    assert (n.status, n.status.label) == (P.NodeStatus.PENDING, "pending")
+    assert gated.reg().node_count == 1
+
+
+def test_pending_node_cannot_heartbeat_or_update(gated: Chain):
+    owner = gated.register()
+    addr = P.node_pda(owner.pubkey())[0]
+    before = gated.data(addr)
+    assert gated.fails(P.heartbeat_ix(owner.pubkey(), 0, 10), owner) == "NodePending"
+    ix = P.update_node_ix(owner.pubkey(), replace(FIELDS, capacity=2**32 - 1))
+    assert gated.fails(ix, owner) == "NodePending"
+    assert gated.data(addr) == before
+
+
+def test_approve_node(gated: Chain):
+    owner = gated.register()
+    other = gated.register()
+    auth = gated.authority
+    gated.ok(P.approve_node_ix(auth.pubkey(), owner.pubkey()), auth, cu="approve_node")
+    assert gated.node(owner.pubkey()).status == P.NodeStatus.ACTIVE
+    assert gated.node(other.pubkey()).status == P.NodeStatus.PENDING
+    # Approved: it may heartbeat and update now.
+    gated.ok(P.heartbeat_ix(owner.pubkey(), 2, 10), owner)
+    gated.ok(P.update_node_ix(owner.pubkey(), replace(FIELDS, capacity=11)), owner)
+    n = gated.node(owner.pubkey())
+    assert (n.load, n.capacity) == (2, 11)
+
+
+def test_approve_node_not_authority(gated: Chain):
+    owner = gated.register()
+    addr = P.node_pda(owner.pubkey())[0]
+    before = gated.data(addr)
+    # Neither the node itself nor any other key may admit it.
+    for mallory in (owner, gated.fund()):
+        ix = P.approve_node_ix(mallory.pubkey(), owner.pubkey())
+        assert gated.fails(ix, mallory) == "NotAuthority"
+    assert gated.fails(tamper(P.approve_node_ix(gated.authority.pubkey(), owner.pubkey()), 2,
+                              signer=False)) == "MissingSignature"
+    assert gated.data(addr) == before
+
+
+def test_approve_node_only_pending(gated: Chain):
+    """An approval never lifts a suspension, nor touches an active node."""
+    owner = gated.register()
+    auth = gated.authority
+    gated.ok(P.approve_node_ix(auth.pubkey(), owner.pubkey()), auth)
+    assert gated.fails(P.approve_node_ix(auth.pubkey(), owner.pubkey()), auth) == "NodeNotPending"
+    gated.ok(P.set_node_status_ix(auth.pubkey(), owner.pubkey(), P.NodeStatus.SUSPENDED), auth)
+    assert gated.fails(P.approve_node_ix(auth.pubkey(), owner.pubkey()), auth) == "NodeNotPending"
+    assert gated.node(owner.pubkey()).status == P.NodeStatus.SUSPENDED
+    unregistered = gated.fund()
+    ix = P.approve_node_ix(auth.pubkey(), unregistered.pubkey())
+    assert gated.fails(ix, auth) == "NotInitialized"
+
+
+def test_approve_node_hostile(gated: Chain):
+    owner = gated.register()
+    auth = gated.authority
+    ix = P.approve_node_ix(auth.pubkey(), owner.pubkey())
+    assert gated.fails(tamper(ix, 1, writable=False), auth) == "NotWritable"
+    assert gated.fails(tamper(ix, 1, pubkey=gated.registry), auth) == "WrongDiscriminator"
+    fake = Pubkey.new_unique()
+    gated.forge(fake, gated.data(P.node_pda(owner.pubkey())[0]), owner=PID)
+    assert gated.fails(tamper(ix, 1, pubkey=fake), auth) == "InvalidPda"
+    # A registry of mallory's making naming her as authority.
+    mallory = gated.fund()
+    data = bytearray(gated.data(gated.registry))
+    data[8:40] = bytes(mallory.pubkey())
+    gated.forge(fake, bytes(data), owner=PID)
+    evil = tamper(tamper(ix, 0, pubkey=fake), 2, pubkey=mallory.pubkey())
+    assert gated.fails(evil, mallory) == "InvalidPda"
+    assert gated.node(owner.pubkey()).status == P.NodeStatus.PENDING
+
+
+def test_deregister_pending_node(gated: Chain):
+    """A pending node may leave and gets its rent back."""
+    owner = gated.register()
+    addr = P.node_pda(owner.pubkey())[0]
+    rent = gated.account(addr).lamports
+    before = gated.svm.get_balance(owner.pubkey())
+    gated.ok(P.deregister_node_ix(owner.pubkey()), owner)
+    assert gated.is_closed(addr)
+    assert gated.svm.get_balance(owner.pubkey()) == before + rent
+    assert gated.reg().node_count == 0
+
+
+def test_activate_pending_node_admits_it(gated: Chain):
+    owner = gated.register()
+    auth = gated.authority
+    gated.ok(P.set_node_status_ix(auth.pubkey(), owner.pubkey(), P.NodeStatus.ACTIVE), auth)
+    assert gated.node(owner.pubkey()).status == P.NodeStatus.ACTIVE
+
+
+# ================================================================ heartbeat load <= capacity
+
+
+@pytest.mark.parametrize("load,capacity", [(0, 1), (10, 10), (2**32 - 1, 2**32 - 1)])
+def test_heartbeat_load_up_to_capacity(ready: Chain, load: int, capacity: int):
+    owner = ready.register()
+    ready.ok(P.heartbeat_ix(owner.pubkey(), load, capacity), owner)
+    n = ready.node(owner.pubkey())
+    assert (n.load, n.capacity) == (load, capacity)
+
+
+@pytest.mark.parametrize("load,capacity", [(11, 10), (2, 1), (2**32 - 1, 2**32 - 2)])
+def test_heartbeat_load_over_capacity(ready: Chain, load: int, capacity: int):
+    owner = ready.register()
+    addr = P.node_pda(owner.pubkey())[0]
+    before = ready.data(addr)
+    assert ready.fails(P.heartbeat_ix(owner.pubkey(), load, capacity), owner) == (
+        "LoadExceedsCapacity")
+    assert ready.data(addr) == before
+
+
+# ================================================================ node URL rule
+
+
+ALLOWED_URLS = [
+    "https://sfu.example.net", "wss://sfu.example.net:7880/rtc", "HTTPS://X.EXAMPLE",
+    "https://[2001:db8::1]:443/", "https://a:", "https://h?q=1#f",
+    "http://127.0.0.1:8001", "http://127.255.255.254/x", "http://localhost:7880",
+    "http://LocalHost", "http://[::1]:8080/path", "ws://127.0.0.1:7880", "ws://localhost/rtc",
+    "http://user@127.0.0.1:9", "http://evil.example@localhost/",
+]
+REFUSED_URLS = [
+    "x", "//sfu.example.net", "ftp://sfu.example.net", "https:/x", "https://", "https:///path",
+    "https://:443", "https://user@", "https://a:99999", "https://a:8x", "https://a:123456",
+    "https://[::1", "http://sfu.example.net", "ws://sfu.example.net", "http://10.0.0.1:80",
+    "http://127.0.0.1.evil.example", "http://localhost.evil.example", "http://127.1",
+    "http://0127.0.0.1", "http://127.0.0.256", "http://127.0.0.1.", "http://[::2]",
+    "http://128.0.0.1", "http://127.0.0.1@evil.example", "http:127.0.0.1", "file://localhost/x",
+]
+
+
+@pytest.mark.parametrize("url", ALLOWED_URLS)
+def test_node_url_allowed(ready: Chain, url: str):
+    assert node_url_problem(url) is None, "the on-chain rule and registry/nodeurl.py must agree"
+    owner = ready.register(fields=replace(FIELDS, url=url))
+    assert ready.node(owner.pubkey()).url == url
+    ready.ok(P.update_node_ix(owner.pubkey(), replace(FIELDS, url=url + "/v2")), owner)
+
+
+@pytest.mark.parametrize("url", REFUSED_URLS)
+def test_node_url_refused(ready: Chain, url: str):
+    assert node_url_problem(url) is not None, "the on-chain rule and registry/nodeurl.py must agree"
+    owner = ready.fund()
+    ix = P.register_node_ix(owner.pubkey(), P.Role.SFU, replace(FIELDS, url=url))
+    assert ready.fails(ix, owner) == "InsecureUrl"
+    assert ready.account(P.node_pda(owner.pubkey())[0]) is None
+    registered = ready.register()
+    addr = P.node_pda(registered.pubkey())[0]
+    before = ready.data(addr)
+    ix = P.update_node_ix(registered.pubkey(), replace(FIELDS, url=url))
+    assert ready.fails(ix, registered) == "InsecureUrl"
+    assert ready.data(addr) == before
+
+
 # ================================================================ rent
 
 
@@ -1029,6 +1291,11 @@ def test_compute_units_report(ready: Chain):
     ready.ok(P.set_node_status_ix(auth.pubkey(), owner.pubkey(), P.NodeStatus.ACTIVE), auth,
              cu="set_node_status")
     ready.ok(P.remove_issuer_ix(auth.pubkey(), key), auth, cu="remove_issuer")
+    pending = ready.fund()
+    ready.forge(ready.registry, set_field(ready.data(ready.registry), P.REGISTRY_POLICY_OFFSET,
+                                          "<B", int(P.Policy.APPROVAL)))
+    ready.ok(P.register_node_ix(pending.pubkey(), P.Role.STT, FIELDS), pending)
+    ready.ok(P.approve_node_ix(auth.pubkey(), pending.pubkey()), auth, cu="approve_node")
     ready.ok(P.deregister_node_ix(owner.pubkey()), owner, cu="deregister_node")
     print("\ncompute units per instruction:")
     for name in sorted(CU):

@@ -30,6 +30,10 @@
 #define REG_NODE_COUNT 48
 #define REG_ISSUER_COUNT 56
 #define REG_BUMP 64
+#define REG_POLICY 65
+
+#define POLICY_APPROVAL 0
+#define POLICY_OPEN 1
 
 /* Issuer PDA ["issuer", key] */
 #define ISSUER_SIZE 56
@@ -58,6 +62,17 @@
 #define ROLE_MAX 2
 #define STATUS_ACTIVE 0
 #define STATUS_SUSPENDED 1
+#define STATUS_PENDING 2
+
+/* BPF upgradeable loader (loader v3): the program account is [u32 tag 2, ProgramData address];
+ * its ProgramData account, the PDA [program id] of the loader, is [u32 tag 3, u64 slot,
+ * Option<Pubkey> upgrade authority] followed by the ELF. */
+#define LOADER_PROGRAM_TAG 2
+#define LOADER_PROGRAMDATA_TAG 3
+#define PROGRAM_ACCOUNT_LEN 36
+#define PROGRAMDATA_AUTHORITY_TAG 12
+#define PROGRAMDATA_AUTHORITY 13
+#define PROGRAMDATA_METADATA_LEN 45
 
 /* System Program instruction indices */
 #define SYS_CREATE_ACCOUNT 0
@@ -90,6 +105,9 @@ static __attribute__((noinline)) u64 fail(u64 code, const char *msg, u64 len) {
 static const char SEED_REGISTRY[] = "registry";
 static const char SEED_ISSUER[] = "issuer";
 static const char SEED_NODE[] = "node";
+/* BPFLoaderUpgradeab1e11111111111111111111111, as four little-endian words. */
+static const Key LOADER_V3 = {{0xb0a1884e91f6a802ULL, 0x2bae63f73e1510e2ULL,
+                               0xd224c1163db9c200ULL, 0x00008004107a53c0ULL}};
 
 /* ---------------------------------------------------------------- account checks */
 
@@ -182,6 +200,55 @@ static u64 load_own_node(const Ctx *c, const u8 *node, const u8 *owner) {
 static u64 need_authority(const u8 *reg, const u8 *signer) {
     if (!key_eq((const Key *)(ACC_DATA(reg) + REG_AUTHORITY), ACC_KEY(signer)))
         FAIL(NotAuthority);
+    return 0;
+}
+
+/* A Pubkey at an unaligned offset of account data. */
+static void read_key(Key *out, const u8 *p) {
+    for (int i = 0; i < 4; i++) out->w[i] = rd_u64(p + 8 * i);
+}
+
+/* The program account `prog` must be this program under the upgradeable loader and name
+ * `pdata` as its ProgramData, which must also be the loader's PDA [program id]. */
+static u64 need_program_data(const Ctx *c, const u8 *prog, const u8 *pdata) {
+    if (!key_eq(ACC_KEY(prog), &c->program_id) || !key_eq(ACC_OWNER(prog), &LOADER_V3) ||
+        *ACC_DATA_LEN(prog) != PROGRAM_ACCOUNT_LEN ||
+        rd_u32(ACC_DATA(prog)) != LOADER_PROGRAM_TAG)
+        FAIL(InvalidProgramData);
+    Key named, derived;
+    read_key(&named, ACC_DATA(prog) + 4);
+    u8 bump;
+    SolSeed s[1] = {{(const u8 *)&c->program_id, 32}};
+    if (!key_eq(&named, ACC_KEY(pdata)) ||
+        sol_try_find_program_address(s, 1, &LOADER_V3, &derived, &bump) != 0 ||
+        !key_eq(&derived, ACC_KEY(pdata)))
+        FAIL(InvalidProgramData);
+    if (!key_eq(ACC_OWNER(pdata), &LOADER_V3) || *ACC_DATA_LEN(pdata) < PROGRAMDATA_METADATA_LEN ||
+        rd_u32(ACC_DATA(pdata)) != LOADER_PROGRAMDATA_TAG)
+        FAIL(InvalidProgramData);
+    return 0;
+}
+
+/* Only whoever may replace the program may create its registry: the signer must be the upgrade
+ * authority stored in ProgramData (an immutable program, without one, has no such key). This
+ * closes the race where the first caller after a deploy would own the registry. */
+static u64 need_upgrade_authority(const Ctx *c, const u8 *prog, const u8 *pdata,
+                                  const u8 *signer) {
+    TRY(need_program_data(c, prog, pdata));
+    const u8 *d = ACC_DATA(pdata);
+    if (d[PROGRAMDATA_AUTHORITY_TAG] != 1) FAIL(NotUpgradeAuthority);
+    Key authority;
+    read_key(&authority, d + PROGRAMDATA_AUTHORITY);
+    if (!key_eq(&authority, ACC_KEY(signer))) FAIL(NotUpgradeAuthority);
+    return 0;
+}
+
+/* Heartbeats and updates only from admitted, unsuspended nodes: a pending node must not steer
+ * its entry (nor look alive) before the authority has approved it. */
+static u64 need_active(const u8 *node) {
+    u8 status = ACC_DATA(node)[NODE_STATUS];
+    if (status == STATUS_PENDING) FAIL(NodePending);
+    if (status != STATUS_ACTIVE) FAIL(NodeSuspended);
     return 0;
 }
 
@@ -329,6 +396,95 @@ static u64 close_account(u8 *rec, u8 *dest) {
 
 static int printable(u8 ch) { return ch >= 0x21 && ch <= 0x7e; }
 
+static u8 lower(u8 ch) { return (ch >= 'A' && ch <= 'Z') ? (u8)(ch + 32) : ch; }
+
+/* The offset just past "<scheme>://" when url starts with it (scheme case-insensitive, as URL
+ * parsers read it), else 0. */
+static u64 scheme_end(const u8 *url, u64 len, const char *scheme, u64 slen) {
+    if (len < slen + 3) return 0;
+    for (u64 i = 0; i < slen; i++)
+        if (lower(url[i]) != (u8)scheme[i]) return 0;
+    if (url[slen] != ':' || url[slen + 1] != '/' || url[slen + 2] != '/') return 0;
+    return slen + 3;
+}
+
+/* One decimal octet (0..255, no leading zero) of a dotted quad; its length, or 0. */
+static u64 octet(const u8 *p, u64 n, u64 *value) {
+    u64 i = 0, v = 0;
+    while (i < n && i < 4 && p[i] >= '0' && p[i] <= '9') v = v * 10 + (p[i++] - '0');
+    if (i == 0 || i > 3 || v > 255 || (i > 1 && p[0] == '0')) return 0;
+    *value = v;
+    return i;
+}
+
+/* localhost, [::1] or 127.x.x.x: the hosts registry/nodeurl.py calls loopback. */
+static int loopback_host(const u8 *h, u64 n) {
+    static const char LOCALHOST[] = "localhost";
+    static const char V6[] = "[::1]";
+    if (n == 9) {
+        int same = 1;
+        for (u64 i = 0; i < 9; i++) same &= lower(h[i]) == (u8)LOCALHOST[i];
+        if (same) return 1;
+    }
+    if (n == 5) {
+        int same = 1;
+        for (u64 i = 0; i < 5; i++) same &= h[i] == (u8)V6[i];
+        if (same) return 1;
+    }
+    u64 at = 0, v = 0, first = 0;
+    for (int k = 0; k < 4; k++) {
+        if (k > 0) {
+            if (at >= n || h[at] != '.') return 0;
+            at += 1;
+        }
+        u64 used = octet(h + at, n - at, &v);
+        if (used == 0) return 0;
+        if (k == 0) first = v;
+        at += used;
+    }
+    return at == n && first == 127;
+}
+
+/* Tokens travel to a node's URL, so only TLS: https:// or wss:// with a host and a numeric port
+ * (if any); plain http:// or ws:// only to a loopback host. The host is what follows the last
+ * '@' of the authority, as URL parsers read it. The same rule as registry/nodeurl.py. */
+static u64 check_url_scheme(const u8 *url, u64 len) {
+    int plain = 0;
+    u64 start = scheme_end(url, len, "https", 5);
+    if (!start) start = scheme_end(url, len, "wss", 3);
+    if (!start) {
+        plain = 1;
+        start = scheme_end(url, len, "http", 4);
+        if (!start) start = scheme_end(url, len, "ws", 2);
+    }
+    if (!start) FAIL(InsecureUrl);
+    u64 end = start;
+    while (end < len && url[end] != '/' && url[end] != '?' && url[end] != '#') end++;
+    u64 host = start;
+    for (u64 i = start; i < end; i++)
+        if (url[i] == '@') host = i + 1;
+    u64 host_end = host;
+    if (host < end && url[host] == '[') {
+        while (host_end < end && url[host_end] != ']') host_end++;
+        if (host_end == end) FAIL(InsecureUrl);
+        host_end += 1;
+    } else {
+        while (host_end < end && url[host_end] != ':') host_end++;
+    }
+    if (host_end == host) FAIL(InsecureUrl);
+    if (host_end < end) {
+        if (url[host_end] != ':' || end - host_end > 6) FAIL(InsecureUrl);
+        u64 port = 0;
+        for (u64 i = host_end + 1; i < end; i++) {
+            if (url[i] < '0' || url[i] > '9') FAIL(InsecureUrl);
+            port = port * 10 + (url[i] - '0');
+        }
+        if (port > 65535) FAIL(InsecureUrl);
+    }
+    if (plain && !loopback_host(url + host, host_end - host)) FAIL(InsecureUrl);
+    return 0;
+}
+
 /* url[len], then lat i32, lon i32, country [u8;2], capacity u32, version [u8;16]. */
 #define FIELDS_TAIL 30
 
@@ -336,6 +492,7 @@ static u64 validate_fields(const u8 *url, u64 len) {
     if (len < 1 || len > MAX_URL_LEN) FAIL(InvalidUrl);
     for (u64 i = 0; i < len; i++)
         if (!printable(url[i])) FAIL(InvalidUrl);
+    TRY(check_url_scheme(url, len));
     const u8 *q = url + len;
     i64 lat = (i32)rd_u32(q);
     if (lat < -MAX_LAT || lat > MAX_LAT) FAIL(InvalidLatitude);
@@ -373,16 +530,20 @@ static void write_fields(u8 *d, const u8 *url, u64 len) {
 
 /* ---------------------------------------------------------------- instructions */
 
-/* initialize_registry(heartbeat_ttl: i64): [registry w, authority s w, system_program] */
+/* initialize_registry(heartbeat_ttl: i64, policy: u8): [registry w, authority s w,
+ * system_program, program, program_data]. The signer must be the program's upgrade authority. */
 static u64 initialize_registry(const Ctx *c) {
-    if (c->num_accounts != 3 || c->data_len != 16) FAIL(InvalidInstruction);
+    if (c->num_accounts != 5 || c->data_len != 17) FAIL(InvalidInstruction);
     u8 *reg = c->acc[0], *auth = c->acc[1], *sys = c->acc[2];
     TRY(need_signer(auth));
     TRY(need_writable(auth));
     TRY(need_writable(reg));
     TRY(need_system_program(sys));
+    TRY(need_upgrade_authority(c, c->acc[3], c->acc[4], auth));
     i64 ttl = (i64)rd_u64(c->data + 8);
     if (ttl < 1 || ttl > MAX_TTL_SECONDS) FAIL(InvalidTtl);
+    u8 policy = c->data[16];
+    if (policy > POLICY_OPEN) FAIL(InvalidPolicy);
     u8 bump;
     SolSeed s[2] = {{(const u8 *)SEED_REGISTRY, sizeof(SEED_REGISTRY) - 1}, {&bump, 1}};
     TRY(find_pda(c, reg, s, 1, &bump));
@@ -396,6 +557,7 @@ static u64 initialize_registry(const Ctx *c) {
     FIELD(u64, d, REG_NODE_COUNT) = 0;
     FIELD(u64, d, REG_ISSUER_COUNT) = 0;
     d[REG_BUMP] = bump;
+    d[REG_POLICY] = policy;
     return 0;
 }
 
@@ -495,25 +657,27 @@ static u64 register_node(const Ctx *c) {
     FIELD(u64, d, NODE_LAST_HEARTBEAT_SLOT) = clock.slot;
     FIELD(u32, d, NODE_LOAD) = 0;
     d[NODE_ROLE] = role;
-    d[NODE_STATUS] = STATUS_ACTIVE;
+    d[NODE_STATUS] = ACC_DATA(reg)[REG_POLICY] == POLICY_OPEN ? STATUS_ACTIVE : STATUS_PENDING;
     d[NODE_BUMP] = bump;
     write_fields(d, url, url_len);
     FIELD(u64, ACC_DATA(reg), REG_NODE_COUNT) = count + 1;
     return 0;
 }
 
-/* heartbeat(load u32, capacity u32): [node w, owner s] */
+/* heartbeat(load u32, capacity u32): [node w, owner s]. Only an active node; load <= capacity
+ * (a node advertising more room than it has would attract every session). */
 static u64 heartbeat(const Ctx *c) {
     if (c->num_accounts != 2 || c->data_len != 16) FAIL(InvalidInstruction);
     u8 *node = c->acc[0], *owner = c->acc[1];
     TRY(need_signer(owner));
     TRY(need_writable(node));
     TRY(load_own_node(c, node, owner));
+    TRY(need_active(node));
     u8 *d = ACC_DATA(node);
-    if (d[NODE_STATUS] != STATUS_ACTIVE) FAIL(NodeSuspended);
     u32 load = rd_u32(c->data + 8);
     u32 capacity = rd_u32(c->data + 12);
     if (capacity == 0) FAIL(InvalidCapacity);
+    if (load > capacity) FAIL(LoadExceedsCapacity);
     SolClock clock;
     sol_get_clock_sysvar(&clock);
     FIELD(u32, d, NODE_LOAD) = load;
@@ -523,7 +687,9 @@ static u64 heartbeat(const Ctx *c) {
     return 0;
 }
 
-/* update_node(url, lat, lon, country, capacity, version): [node w, owner s] */
+/* update_node(url, lat, lon, country, capacity, version): [node w, owner s]. Only an active
+ * node: a pending one must not change what the authority is asked to approve, a suspended one
+ * must not move its entry while the authority looks at it. */
 static u64 update_node(const Ctx *c) {
     if (c->num_accounts != 2 || c->data_len < 12) FAIL(InvalidInstruction);
     u64 url_len = rd_u32(c->data + 8);
@@ -532,6 +698,7 @@ static u64 update_node(const Ctx *c) {
     TRY(need_signer(owner));
     TRY(need_writable(node));
     TRY(load_own_node(c, node, owner));
+    TRY(need_active(node));
     const u8 *url = c->data + 12;
     TRY(validate_fields(url, url_len));
     write_fields(ACC_DATA(node), url, url_len);
@@ -539,7 +706,8 @@ static u64 update_node(const Ctx *c) {
 }
 
 /* deregister_node(): [registry w, node w, owner s w]. Refused while suspended: otherwise a
- * suspended node could shed its suspension by deregistering and registering again. */
+ * suspended node could shed its suspension by deregistering and registering again. A pending
+ * node may leave (and take its rent back). */
 static u64 deregister_node(const Ctx *c) {
     if (c->num_accounts != 3 || c->data_len != 8) FAIL(InvalidInstruction);
     u8 *reg = c->acc[0], *node = c->acc[1], *owner = c->acc[2];
@@ -549,7 +717,7 @@ static u64 deregister_node(const Ctx *c) {
     TRY(need_writable(node));
     TRY(load_registry(c, reg));
     TRY(load_own_node(c, node, owner));
-    if (ACC_DATA(node)[NODE_STATUS] != STATUS_ACTIVE) FAIL(NodeSuspended);
+    if (ACC_DATA(node)[NODE_STATUS] == STATUS_SUSPENDED) FAIL(NodeSuspended);
     u64 count = FIELD(u64, ACC_DATA(reg), REG_NODE_COUNT);
     if (count == 0) FAIL(Overflow);
     TRY(close_account(node, owner));
@@ -569,6 +737,21 @@ static u64 set_node_status(const Ctx *c) {
     u8 status = c->data[8];
     if (status > STATUS_SUSPENDED) FAIL(InvalidStatus);
     ACC_DATA(node)[NODE_STATUS] = status;
+    return 0;
+}
+
+/* approve_node(): [registry, node w, authority s]. Admits a pending node (pending -> active);
+ * any other status is refused, so an approval cannot lift a suspension by accident. */
+static u64 approve_node(const Ctx *c) {
+    if (c->num_accounts != 3 || c->data_len != 8) FAIL(InvalidInstruction);
+    u8 *reg = c->acc[0], *node = c->acc[1], *auth = c->acc[2];
+    TRY(need_signer(auth));
+    TRY(need_writable(node));
+    TRY(load_registry(c, reg));
+    TRY(need_authority(reg, auth));
+    TRY(load_node(c, node, (const Key *)(ACC_DATA(node) + NODE_OWNER)));
+    if (ACC_DATA(node)[NODE_STATUS] != STATUS_PENDING) FAIL(NodeNotPending);
+    ACC_DATA(node)[NODE_STATUS] = STATUS_ACTIVE;
     return 0;
 }
 
@@ -611,6 +794,7 @@ u64 entrypoint(u8 *input) {
     case IX_UPDATE_NODE: return update_node(&c);
     case IX_DEREGISTER_NODE: return deregister_node(&c);
     case IX_SET_NODE_STATUS: return set_node_status(&c);
+    case IX_APPROVE_NODE: return approve_node(&c);
     default: FAIL(InvalidInstruction);
     }
 }

@@ -31,7 +31,8 @@ from solders.system_program import CreateAccountParams, create_account
 from solders.sysvar import CLOCK, RENT
 from solders.transaction import Transaction
 
-BPF_LOADER_UPGRADEABLE_ID = Pubkey.from_string("BPFLoaderUpgradeab1e11111111111111111111111")
+from registry.program import BPF_LOADER_UPGRADEABLE_ID, programdata_address
+
 PACKET_DATA_SIZE = 1232
 BUFFER_METADATA_SIZE = 37  # enum tag u32 + Option<Pubkey> authority
 PROGRAM_ACCOUNT_SIZE = 36  # enum tag u32 + programdata address
@@ -71,10 +72,6 @@ def write_ix(buffer: Pubkey, authority: Pubkey, offset: int, data: bytes) -> Ins
         struct.pack("<IIQ", 1, offset, len(data)) + data,
         [AccountMeta(buffer, False, True), AccountMeta(authority, True, False)],
     )
-
-
-def programdata_address(program_id: Pubkey) -> Pubkey:
-    return Pubkey.find_program_address([bytes(program_id)], BPF_LOADER_UPGRADEABLE_ID)[0]
 
 
 def deploy_with_max_data_len_ix(
@@ -227,6 +224,33 @@ class SvmTarget:
                 self._svm.send_transaction(t)
             except PreflightError as exc:
                 raise DeployError(f"{exc.message}; logs: {exc.logs[-5:]}") from exc
+
+
+class LiteSvmTarget:
+    """Deploy into a bare ``solders.litesvm.LiteSVM`` (program tests): the real loader, so the
+    program gets a real ProgramData account with its upgrade authority. Build the SVM with
+    :func:`registry.localnet.svm.build_litesvm`, which allows loader-v3 deployments."""
+
+    def __init__(self, svm: object) -> None:
+        self._svm = svm
+
+    def latest_blockhash(self) -> Hash:
+        return self._svm.latest_blockhash()  # type: ignore[attr-defined]
+
+    def minimum_balance_for_rent_exemption(self, size: int) -> int:
+        return self._svm.minimum_balance_for_rent_exemption(size)  # type: ignore[attr-defined]
+
+    def get_account(self, key: Pubkey) -> Account | None:
+        acc = self._svm.get_account(key)  # type: ignore[attr-defined]
+        return acc if acc is not None and acc.lamports > 0 else None
+
+    def send_all(self, txs: Sequence[Transaction]) -> None:
+        from solders.transaction_metadata import FailedTransactionMetadata
+
+        for t in txs:
+            result = self._svm.send_transaction(t)  # type: ignore[attr-defined]
+            if isinstance(result, FailedTransactionMetadata):
+                raise DeployError(f"{result.err()}; logs: {list(result.meta().logs())[-5:]}")
 
 
 class LocalSvmLike(Protocol):

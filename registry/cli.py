@@ -20,7 +20,8 @@ from solders.pubkey import Pubkey
 
 from registry import program as p
 from registry.client import LAMPORTS_PER_SOL, DEFAULT_RPC_URL, RegistryClient, RegistryError, is_local_rpc
-from registry.keys import load_keypair, save_keypair
+from registry.keys import load_keypair, load_or_create_keypair, save_keypair
+from registry.nodeurl import check_node_url
 from registry.tokens import SERVICES, Grant, mint_token
 
 DEFAULT_KEYPAIR = Path(".local/keys/authority.json")
@@ -44,6 +45,13 @@ def _role(value: str) -> p.Role:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _policy(value: str) -> p.Policy:
+    try:
+        return p.Policy.parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 # ------------------------------------------------------------------ commands
 
 
@@ -57,7 +65,11 @@ def cmd_localnet(args: argparse.Namespace) -> None:
     from registry.localnet import run_localnet
 
     programs = [] if args.no_program else [(p.SO_PATH, p.PROGRAM_KEYPAIR_PATH)]
-    run_localnet(args.port, Path(args.ledger), programs, host=args.host)
+    # The upgrade authority is the one key `registry init` accepts: by default the same file
+    # `registry init --keypair` reads, so `make up` (and an operator) can initialise.
+    authority = load_or_create_keypair(args.authority)
+    run_localnet(args.port, Path(args.ledger), programs, host=args.host,
+                 upgrade_authority=authority)
 
 
 async def cmd_init(args: argparse.Namespace, client: RegistryClient) -> None:
@@ -70,12 +82,21 @@ async def cmd_init(args: argparse.Namespace, client: RegistryClient) -> None:
                 f"not {authority.pubkey()}"
             )
         print(f"registry already initialised: authority {existing.authority}, "
-              f"heartbeat TTL {existing.heartbeat_ttl}s")
+              f"heartbeat TTL {existing.heartbeat_ttl}s, policy {existing.policy.label}")
         return
     await client.ensure_funded(authority)
-    sig = await client.initialize_registry(authority, args.ttl)
-    print(f"registry initialised: authority {authority.pubkey()}, heartbeat TTL {args.ttl}s\n"
-          f"signature {sig}")
+    try:
+        sig = await client.initialize_registry(authority, args.ttl, args.policy)
+    except p.RegistryProgramError as exc:
+        if exc.name != "NotUpgradeAuthority":
+            raise
+        raise CliError(
+            f"{authority.pubkey()} is not the registry program's upgrade authority: only that "
+            "key may run `registry init` (on the localnet: the --authority key it was started "
+            f"with, default {DEFAULT_KEYPAIR})"
+        ) from None
+    print(f"registry initialised: authority {authority.pubkey()}, heartbeat TTL {args.ttl}s, "
+          f"policy {args.policy.label}\nsignature {sig}")
 
 
 async def cmd_issuer(args: argparse.Namespace, client: RegistryClient) -> None:
@@ -103,6 +124,10 @@ async def cmd_issuer(args: argparse.Namespace, client: RegistryClient) -> None:
 
 
 def _fields(args: argparse.Namespace) -> p.NodeFields:
+    try:
+        check_node_url(args.url)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     return p.NodeFields(
         url=args.url, lat=args.lat, lon=args.lon, country=args.country.upper(),
         capacity=args.capacity, version=args.version,
@@ -110,6 +135,11 @@ def _fields(args: argparse.Namespace) -> p.NodeFields:
 
 
 async def cmd_node(args: argparse.Namespace, client: RegistryClient) -> None:
+    if args.node_cmd == "approve":
+        authority = load_keypair(args.keypair)
+        sig = await client.approve_node(authority, args.owner)
+        print(f"node {args.owner} approved: active\nsignature {sig}")
+        return
     if args.node_cmd in ("suspend", "activate"):
         authority = load_keypair(args.keypair)
         status = p.NodeStatus.SUSPENDED if args.node_cmd == "suspend" else p.NodeStatus.ACTIVE
@@ -120,7 +150,11 @@ async def cmd_node(args: argparse.Namespace, client: RegistryClient) -> None:
     await client.ensure_funded(owner)
     if args.node_cmd == "register":
         sig = await client.register_node(owner, args.role, _fields(args))
-        print(f"node {owner.pubkey()} registered as {args.role.label}\nsignature {sig}")
+        node = await client.get_node(owner.pubkey())
+        status = node.status.label if node else "unknown"
+        print(f"node {owner.pubkey()} registered as {args.role.label} ({status})\nsignature {sig}")
+        if node is not None and node.status is p.NodeStatus.PENDING:
+            print(f"waiting for the registry authority: registry node approve {owner.pubkey()}")
     elif args.node_cmd == "update":
         sig = await client.update_node(owner, _fields(args))
         print(f"node {owner.pubkey()} updated\nsignature {sig}")
@@ -223,10 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--ledger", default=".local/ledger", help="state directory (kept across restarts)")
     sp.add_argument("--no-program", action="store_true", help="do not deploy the registry program")
+    sp.add_argument("--authority", type=Path, default=DEFAULT_KEYPAIR,
+                    help="the program's upgrade authority, the only key `registry init` accepts "
+                         f"(default {DEFAULT_KEYPAIR}, created if missing)")
 
-    sp = sub.add_parser("init", help="initialise the registry (the signer becomes its authority)")
+    sp = sub.add_parser("init", help="initialise the registry (the program's upgrade authority "
+                                     "signs and becomes its authority)")
     rpc(sp); keypair(sp)
     sp.add_argument("--ttl", type=int, default=30, help="heartbeat TTL in seconds (default 30)")
+    sp.add_argument("--policy", type=_policy, default=p.Policy.APPROVAL,
+                    help="admission of new nodes: approval (they wait, pending, for "
+                         "`registry node approve`) or open (active at once); default approval")
 
     sp = sub.add_parser("issuer", help="gateway keys that nodes trust")
     isub = sp.add_subparsers(dest="issuer_cmd", required=True)
@@ -239,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--role", type=_role)
     sp.add_argument("--json", action="store_true")
 
-    sp = sub.add_parser("node", help="register, update or deregister a node; suspend or activate one")
+    sp = sub.add_parser("node", help="register, update or deregister a node; approve, suspend or "
+                                     "activate one")
     nsub = sp.add_subparsers(dest="node_cmd", required=True)
     for name in ("register", "update"):
         s = nsub.add_parser(name); rpc(s); keypair(s, None)
@@ -252,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--capacity", type=int, required=True)
         s.add_argument("--version", default="0.1.0")
     s = nsub.add_parser("deregister"); rpc(s); keypair(s, None)
-    for name in ("suspend", "activate"):
+    for name in ("approve", "suspend", "activate"):
         s = nsub.add_parser(name, help="authority only"); rpc(s); keypair(s)
         s.add_argument("owner", type=_pubkey, help="the node's public key")
 

@@ -116,8 +116,12 @@ class RegistryClient:
             raise RegistryError(f"transaction {sig} failed: {status.err}")
         return sig
 
-    async def initialize_registry(self, authority: Keypair, heartbeat_ttl: int) -> Signature:
-        ix = p.initialize_registry_ix(authority.pubkey(), heartbeat_ttl, self.program_id)
+    async def initialize_registry(
+        self, authority: Keypair, heartbeat_ttl: int, policy: p.Policy = p.Policy.APPROVAL
+    ) -> Signature:
+        """``authority`` must be the program's upgrade authority (the localnet's: the key
+        ``registry localnet --authority`` deployed with)."""
+        ix = p.initialize_registry_ix(authority.pubkey(), heartbeat_ttl, policy, self.program_id)
         return await self.send([ix], [authority])
 
     async def add_issuer(self, authority: Keypair, key: Pubkey) -> Signature:
@@ -145,6 +149,11 @@ class RegistryClient:
         self, authority: Keypair, owner: Pubkey, status: p.NodeStatus
     ) -> Signature:
         ix = p.set_node_status_ix(authority.pubkey(), owner, status, self.program_id)
+        return await self.send([ix], [authority])
+
+    async def approve_node(self, authority: Keypair, owner: Pubkey) -> Signature:
+        """Admit a pending node (authority only)."""
+        ix = p.approve_node_ix(authority.pubkey(), owner, self.program_id)
         return await self.send([ix], [authority])
 
     async def airdrop(self, to: Pubkey, lamports: int) -> Signature:

@@ -1,7 +1,10 @@
 """Shared fixtures: a real localnet process (the `registry localnet` CLI) with the program deployed.
 
-One localnet serves the whole session; tests that need a fresh chain start their own. The registry
-is initialised once with a short heartbeat TTL so staleness can be observed in seconds.
+One localnet serves the whole session; tests that need a fresh chain start their own. Each localnet
+deploys the program with an upgrade authority of its own (``Localnet.authority``): the only key
+the program lets initialise the registry. The session registry is initialised once by that key,
+under the `open` admission policy (nodes are active at once: tests not about admission), with a
+short heartbeat TTL so staleness can be observed in seconds.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import pytest
 from solders.keypair import Keypair
 from sqlalchemy.engine import make_url
 
+from registry import program as p
 from registry.client import RegistryClient
-from registry.keys import save_keypair
+from registry.keys import load_or_create_keypair, save_keypair
 
 # A throwaway PostgreSQL server (session fixture ``pg_url``), for the ledger on both databases.
 pytest_plugins = ["tests.pg"]
@@ -63,6 +67,8 @@ class Localnet:
     ledger: Path
     proc: subprocess.Popen[bytes]
     port: int
+    authority: Keypair  # the program's upgrade authority: `registry init` signs with it
+    authority_path: Path
 
     def stop(self, sig: int = 15) -> None:
         if self.proc.poll() is None:
@@ -71,10 +77,15 @@ class Localnet:
 
 
 def start_localnet_process(ledger: Path, port: int | None = None) -> Localnet:
+    """A `registry localnet` process; its upgrade authority's key is kept next to the ledger
+    (``<ledger>-authority.json``), so a restart on the same ledger keeps it."""
     port = port or free_port()
+    authority_path = ledger.parent / f"{ledger.name}-authority.json"
+    authority = load_or_create_keypair(authority_path)
     log = open(ledger.parent / f"localnet-{port}.log", "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "registry.cli", "localnet", "--port", str(port), "--ledger", str(ledger)],
+        [sys.executable, "-m", "registry.cli", "localnet", "--port", str(port), "--ledger", str(ledger),
+         "--authority", str(authority_path)],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     url = f"http://127.0.0.1:{port}"
@@ -83,7 +94,7 @@ def start_localnet_process(ledger: Path, port: int | None = None) -> Localnet:
     except BaseException:
         proc.kill()
         raise
-    return Localnet(url, ledger, proc, port)
+    return Localnet(url, ledger, proc, port, authority, authority_path)
 
 
 @pytest.fixture(scope="session")
@@ -94,9 +105,17 @@ def localnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Localnet]:
     net.stop()
 
 
+async def init_registry(net: Localnet, ttl: int, policy: p.Policy = p.Policy.OPEN) -> None:
+    """Initialise ``net``'s registry as its upgrade authority (the one key allowed)."""
+    async with RegistryClient(net.url) as client:
+        await client.ensure_funded(net.authority)
+        await client.initialize_registry(net.authority, ttl, policy)
+
+
 @dataclass
 class Chain:
-    """The session localnet with an initialised registry and its authority's key on disk."""
+    """The session localnet with an initialised registry (policy `open`) and its authority's key
+    on disk."""
 
     url: str
     authority: Keypair
@@ -109,18 +128,17 @@ class Chain:
 @pytest.fixture(scope="session")
 def chain(localnet: Localnet, tmp_path_factory: pytest.TempPathFactory) -> Chain:
     keys = tmp_path_factory.mktemp("keys")
-    authority, issuer = Keypair(), Keypair()
-    save_keypair(authority, keys / "authority.json")
+    authority, issuer = localnet.authority, Keypair()
     save_keypair(issuer, keys / "issuer.json")
 
     async def setup() -> None:
+        await init_registry(localnet, TEST_TTL, p.Policy.OPEN)
         async with RegistryClient(localnet.url) as client:
-            await client.ensure_funded(authority)
-            await client.initialize_registry(authority, TEST_TTL)
             await client.add_issuer(authority, issuer.pubkey())
 
     asyncio.run(setup())
-    return Chain(localnet.url, authority, keys / "authority.json", issuer, keys / "issuer.json", TEST_TTL)
+    return Chain(localnet.url, authority, localnet.authority_path, issuer, keys / "issuer.json",
+                 TEST_TTL)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -34,6 +34,7 @@ from solders.transaction import Transaction
 from spl.token import instructions as spl
 
 from registry.localnet import Localnet, start_localnet
+from registry.localnet.rpc import MAX_AIRDROP_LAMPORTS, MAX_BATCH_REQUESTS
 from registry.localnet.deploy import (
     BPF_LOADER_UPGRADEABLE_ID,
     DeployError,
@@ -480,15 +481,17 @@ async def test_deploy_bad_elf_fails_cleanly(tmp_path: Path) -> None:
 
 
 async def test_registry_program_deploys_at_its_fixed_id(tmp_path: Path) -> None:
-    net = await start_localnet(0, tmp_path / "ledger", [(REGISTRY_SO, REGISTRY_KEYPAIR)])
+    authority = Keypair()
+    net = await start_localnet(0, tmp_path / "ledger", [(REGISTRY_SO, REGISTRY_KEYPAIR)],
+                               upgrade_authority=authority)
+    program_id = Pubkey.from_string("54qRqffWyocWmu78z7iGGX6humQ7JEayFouaAqzcqZ1C")
     try:
         async with AsyncClient(net.url) as c:
-            acc = (
-                await c.get_account_info(
-                    Pubkey.from_string("54qRqffWyocWmu78z7iGGX6humQ7JEayFouaAqzcqZ1C")
-                )
-            ).value
+            acc = (await c.get_account_info(program_id)).value
             assert acc is not None and acc.executable and acc.owner == BPF_LOADER_UPGRADEABLE_ID
+            # The upgrade authority is the key asked for (the one `registry init` accepts).
+            pd = (await c.get_account_info(programdata_address(program_id))).value
+            assert pd is not None and bytes(pd.data[12:45]) == b"\1" + bytes(authority.pubkey())
     finally:
         await net.close()
 
@@ -531,6 +534,37 @@ def req(method: object, params: object = None) -> str:
 async def test_jsonrpc_errors(net: Net, body: str, code: int) -> None:
     resp = await raw_rpc(net.url, body)
     assert isinstance(resp, dict) and resp["error"]["code"] == code, resp
+
+
+async def test_airdrop_cap(net: Net) -> None:
+    """An airdrop up to the cap lands; one lamport more is a JSON-RPC error and moves nothing."""
+    alice = await funded(net.client, MAX_AIRDROP_LAMPORTS)
+    assert (await net.client.get_balance(alice.pubkey())).value == MAX_AIRDROP_LAMPORTS
+    bob = Keypair()
+    resp = await raw_rpc(net.url, req("requestAirdrop", [str(bob.pubkey()), MAX_AIRDROP_LAMPORTS + 1]))
+    assert isinstance(resp, dict) and resp["error"]["code"] == -32602, resp
+    assert "exceeds the localnet's limit" in resp["error"]["message"]
+    assert (await net.client.get_balance(bob.pubkey())).value == 0
+
+
+async def test_batch_size_cap(net: Net) -> None:
+    """A batch of MAX_BATCH_REQUESTS is answered; one more request is refused as a whole
+    (one JSON-RPC error, HTTP 200, not a 500) and none of its requests runs."""
+    bob = Keypair()
+
+    def batch(n: int) -> str:
+        return json.dumps([{"jsonrpc": "2.0", "id": i, "method": "requestAirdrop",
+                            "params": [str(bob.pubkey()), 1 + i]} for i in range(n)])
+
+    resp = await raw_rpc(net.url, batch(MAX_BATCH_REQUESTS + 1))
+    assert isinstance(resp, dict) and resp["error"]["code"] == -32600, resp
+    assert "exceeds the limit" in resp["error"]["message"]
+    assert (await net.client.get_balance(bob.pubkey())).value == 0
+    resp = await raw_rpc(net.url, batch(MAX_BATCH_REQUESTS))
+    assert isinstance(resp, list) and len(resp) == MAX_BATCH_REQUESTS
+    assert all("result" in r for r in resp), resp[:3]
+    expected = sum(1 + i for i in range(MAX_BATCH_REQUESTS))
+    assert (await net.client.get_balance(bob.pubkey())).value == expected
 
 
 async def test_batch_request(net: Net) -> None:

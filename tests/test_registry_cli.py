@@ -50,7 +50,7 @@ def test_register_list_deregister(chain: Chain, tmp_path: Path) -> None:
     assert any(pub in line and "tts" in line and "12" in line for line in table.splitlines())
 
     twice = registry("node", "register", "--rpc", chain.url, "--keypair", str(key), "--role", "tts",
-                     "--url", "http://x", "--lat", "0", "--lon", "0", "--country", "FR",
+                     "--url", "https://x.example", "--lat", "0", "--lon", "0", "--country", "FR",
                      "--capacity", "1", check=False)
     assert twice.returncode == 1
     assert "AlreadyInitialized" in twice.stderr and "Traceback" not in twice.stderr

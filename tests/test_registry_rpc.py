@@ -80,10 +80,11 @@ async def test_refusals_through_rpc(chain: Chain) -> None:
         for bad, name in [
             (p.NodeFields("", 0, 0, "DE", 1, "1"), "InvalidUrl"),
             (p.NodeFields("h" * 201, 0, 0, "DE", 1, "1"), "InvalidUrl"),
-            (p.NodeFields("http://x", 91, 0, "DE", 1, "1"), "InvalidLatitude"),
-            (p.NodeFields("http://x", 0, -181, "DE", 1, "1"), "InvalidLongitude"),
-            (p.NodeFields("http://x", 0, 0, "de", 1, "1"), "InvalidCountry"),
-            (p.NodeFields("http://x", 0, 0, "DE", 0, "1"), "InvalidCapacity"),
+            (p.NodeFields("https://x", 91, 0, "DE", 1, "1"), "InvalidLatitude"),
+            (p.NodeFields("https://x", 0, -181, "DE", 1, "1"), "InvalidLongitude"),
+            (p.NodeFields("https://x", 0, 0, "de", 1, "1"), "InvalidCountry"),
+            (p.NodeFields("https://x", 0, 0, "DE", 0, "1"), "InvalidCapacity"),
+            (p.NodeFields("http://x", 0, 0, "DE", 1, "1"), "InsecureUrl"),
         ]:
             await expect_error(name, client.register_node(stranger, p.Role.SFU, bad))
         bad_role = p.register_node_ix(stranger.pubkey(), 7, FIELDS)  # type: ignore[arg-type]
@@ -97,6 +98,8 @@ async def test_refusals_through_rpc(chain: Chain) -> None:
         assert (await client.get_node(owner.pubkey())).status is p.NodeStatus.SUSPENDED
         await client.set_node_status(chain.authority, owner.pubkey(), p.NodeStatus.ACTIVE)
         await client.heartbeat(owner, 1, 8)
+        await expect_error("LoadExceedsCapacity", client.heartbeat(owner, 9, 8))
+        assert (await client.get_node(owner.pubkey())).load == 1
 
         # Someone else's key cannot heartbeat, update or close my node.
         node_pda, _ = p.node_pda(owner.pubkey())
@@ -163,11 +166,11 @@ async def test_issuers_and_token_trust_follow_the_chain(chain: Chain) -> None:
 async def test_restart_keeps_state(tmp_path: Path) -> None:
     net = start_localnet_process(tmp_path / "ledger")
     try:
-        authority, owner = Keypair(), Keypair()
+        authority, owner = net.authority, Keypair()
         async with RegistryClient(net.url) as client:
             await client.ensure_funded(authority)
             await client.ensure_funded(owner)
-            await client.initialize_registry(authority, 60)
+            await client.initialize_registry(authority, 60, p.Policy.OPEN)
             await client.register_node(owner, p.Role.TTS, FIELDS)
             await client.heartbeat(owner, 2, 8)
             before = await client.get_node(owner.pubkey())

@@ -3,7 +3,9 @@
 Use :func:`start_localnet` in-process (e.g. as a pytest fixture) or
 :func:`run_localnet` from the CLI (``registry localnet``).  State lives in a
 ledger directory and survives restarts; programs given on the first start are
-deployed through the real upgradeable loader at their fixed program ids.
+deployed through the real upgradeable loader at their fixed program ids, with
+an upgrade authority of the caller's choosing: the only key the registry
+program lets initialise its registry.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
+
+from solders.keypair import Keypair
 
 from registry.keys import load_keypair
 
@@ -40,10 +44,13 @@ log = logging.getLogger(__name__)
 ProgramSpec = tuple[str | Path, str | Path]  # (.so path, program keypair path)
 
 
-def deploy_programs(svm: LocalSvm, programs: Sequence[ProgramSpec]) -> list[str]:
+def deploy_programs(
+    svm: LocalSvm, programs: Sequence[ProgramSpec], upgrade_authority: Keypair | None = None
+) -> list[str]:
     """Deploy each (so, keypair) whose program id is not on chain yet.
 
-    The faucet pays and is the upgrade authority.  Returns the ids deployed.
+    The faucet pays; ``upgrade_authority`` (default: the faucet) becomes the
+    programs' upgrade authority.  Returns the ids deployed.
     """
     deployed = []
     target = SvmTarget(svm)
@@ -56,8 +63,10 @@ def deploy_programs(svm: LocalSvm, programs: Sequence[ProgramSpec]) -> list[str]
             raise FileNotFoundError(
                 f"program binary {so} not found (needed to deploy {kp.pubkey()})"
             )
-        deploy_program(target, so, kp, svm.faucet)
-        log.info("deployed %s at %s", so.name, kp.pubkey())
+        authority = upgrade_authority or svm.faucet
+        deploy_program(target, so, kp, svm.faucet, upgrade_authority=authority)
+        log.info("deployed %s at %s (upgrade authority %s)", so.name, kp.pubkey(),
+                 authority.pubkey())
         deployed.append(str(kp.pubkey()))
     return deployed
 
@@ -87,15 +96,17 @@ async def start_localnet(
     *,
     host: str = "127.0.0.1",
     now: Callable[[], float] = time.time,
+    upgrade_authority: Keypair | None = None,
 ) -> Localnet:
     """Start serving on ``host:port`` (0 = any free port) in the running loop.
 
     ``ledger_dir=None`` keeps state in memory only.  ``now`` replaces the wall
-    clock (tests use it to age blockhashes without sleeping).
+    clock (tests use it to age blockhashes without sleeping).  Programs are
+    deployed with ``upgrade_authority`` (default: the faucet).
     """
     svm = LocalSvm(Path(ledger_dir) if ledger_dir is not None else None, now=now)
     try:
-        deploy_programs(svm, programs)
+        deploy_programs(svm, programs, upgrade_authority)
         runner = web.AppRunner(make_app(svm), access_log=None, handle_signals=False)
         await runner.setup()
         try:
@@ -117,11 +128,13 @@ def run_localnet(
     ledger: Path,
     programs: list[tuple[Path, Path]],
     host: str = "127.0.0.1",
+    upgrade_authority: Keypair | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM (blocking); for ``registry localnet``."""
 
     async def main() -> None:
-        net = await start_localnet(port, ledger, programs, host=host)
+        net = await start_localnet(port, ledger, programs, host=host,
+                                   upgrade_authority=upgrade_authority)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

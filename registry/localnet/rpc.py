@@ -47,6 +47,11 @@ from .svm import FEATURE_SET_ID, SOLANA_CORE_VERSION, LocalSvm, PreflightError
 log = logging.getLogger(__name__)
 
 MAX_MULTIPLE_ACCOUNTS = 100
+# One HTTP body may not make the server run without bound: a batch holds at most this many
+# requests (each may send a transaction); larger batches get one JSON-RPC error.
+MAX_BATCH_REQUESTS = 100
+# The faucet holds 500M SOL: an airdrop larger than this is a mistake or an attempt to drain it.
+MAX_AIRDROP_LAMPORTS = 1_000 * 1_000_000_000
 MAX_SIGNATURE_STATUSES = 256
 MAX_BASE58_TX_LEN = 1683  # base58 of a 1232-byte packet
 MAX_TX_BYTES = 1232
@@ -531,6 +536,11 @@ class RpcMethods:
         _config(p, 2)
         if lamports == 0:
             raise invalid_params("Invalid params: lamports must be positive")
+        if lamports > MAX_AIRDROP_LAMPORTS:
+            raise invalid_params(
+                f"Invalid params: airdrop of {lamports} lamports exceeds the localnet's limit of "
+                f"{MAX_AIRDROP_LAMPORTS} ({MAX_AIRDROP_LAMPORTS // 1_000_000_000} SOL) per request"
+            )
         try:
             return str(self.svm.airdrop(key, lamports))
         except PreflightError as exc:
@@ -686,6 +696,12 @@ class Dispatcher:
         if isinstance(payload, list):
             if not payload:
                 return _error(-32600, "Invalid request")
+            if len(payload) > MAX_BATCH_REQUESTS:
+                return _error(
+                    -32600,
+                    f"Invalid request: batch of {len(payload)} requests exceeds the limit of "
+                    f"{MAX_BATCH_REQUESTS}; split it",
+                )
             return [self.handle_one(r) for r in payload]
         return self.handle_one(payload)
 

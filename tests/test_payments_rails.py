@@ -1,6 +1,6 @@
 """The other rails: EVM (x402 exact, EIP-3009) verified end to end through the route; MPP and
-TRON challenges and their refusals. No EVM chain runs here: EVM *settlement* is not exercised
-beyond "the RPC is unreachable, so nothing was used and nothing credited" (503).
+TRON challenges and their refusals. Here the EVM RPC is unreachable ("nothing was used and nothing
+credited", 503); settlement on a real EVM, front-running included, is in test_payments_evm.py.
 """
 
 from __future__ import annotations

@@ -5,10 +5,21 @@ nonce)`` for the token contract; the gateway verifies it here (signer, recipient
 validity window, chain and token domain) and settles by submitting the authorization from a relayer
 key through the configured EVM RPC, then waits for the receipt.
 
-Tested here: verification, end to end through the HTTP route. NOT tested here: settlement, since
-no EVM chain runs on this machine; ``settle`` is written against the standard JSON-RPC methods
-(eth_chainId, eth_getTransactionCount, eth_estimateGas, eth_getBlockByNumber,
-eth_maxPriorityFeePerGas, eth_sendRawTransaction, eth_getTransactionReceipt).
+Front-running: anyone who sees the authorization (in the mempool, or the client itself) may submit
+it first; the gateway's own submission then reverts although the gateway was paid. x402 clients sign
+``TransferWithAuthorization``, so the payee-only ``receiveWithAuthorization`` (another EIP-712
+type) cannot carry their signature. Instead, before sending and after a revert, the gateway asks
+the token: ``authorizationState(from, nonce)`` says whether the nonce is used, and the
+``AuthorizationUsed(from, nonce)`` log, immediately followed in the same transaction by
+``Transfer(from, payTo, value)`` from the token (the order FiatToken emits them), says it was used
+to pay us exactly this amount. Only then is it credited; a nonce used for anything else (the payer
+signed another authorization with the same nonce) is a failed payment.
+
+Tested here against a real EVM (py-evm through eth-tester, an EIP-3009 token compiled from Vyper,
+behind a JSON-RPC server on loopback): settlement, the front-run, and a nonce used elsewhere.
+Settlement uses the standard JSON-RPC methods (eth_chainId, eth_getTransactionCount,
+eth_estimateGas, eth_getBlockByNumber, eth_maxPriorityFeePerGas, eth_sendRawTransaction,
+eth_getTransactionReceipt, eth_call, eth_getLogs, eth_blockNumber).
 """
 
 from __future__ import annotations
@@ -28,6 +39,12 @@ P = "invalid_exact_evm_payload"
 TRANSFER_WITH_AUTHORIZATION_VRS = (
     "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
 )
+AUTHORIZATION_STATE = "authorizationState(address,bytes32)"
+AUTHORIZATION_USED_EVENT = "AuthorizationUsed(address,bytes32)"
+TRANSFER_EVENT = "Transfer(address,address,uint256)"
+# How far back (before the gateway first saw a payment) its use is looked for: x402 clients date
+# validAfter 10 minutes back, and a client may submit its own authorization before paying us.
+LOOKBACK_BLOCKS = 600
 # A payment must stay valid long enough to be settled (x402 uses 6 s, one Base block is 2 s).
 MIN_VALIDITY_LEFT = 6
 AUTH_TYPES = {
@@ -66,6 +83,14 @@ class EvmPayment:
     def reference(self, chain_id: int, asset: str) -> str:
         """What makes the authorization unique on chain: (token, from, nonce)."""
         return f"evm:{chain_id}:{asset.lower()}:{self.payer.lower()}:0x{self.nonce.hex()}"
+
+    @classmethod
+    def from_record(cls, authorization: dict[str, Any], signature: str) -> EvmPayment:
+        """The payment as recorded at claim time (already verified then), for the reconciler."""
+        a = authorization
+        return cls(a["from"], a["to"], int(a["value"]), int(a["validAfter"]),
+                   int(a["validBefore"]), bytes.fromhex(a["nonce"][2:]),
+                   bytes.fromhex(signature[2:]))
 
 
 def typed_data(r: EvmRules, a: dict[str, Any]) -> dict[str, Any]:
@@ -163,6 +188,40 @@ def transfer_calldata(p: EvmPayment) -> bytes:
          p.signature[32:64]])
 
 
+def _selector(signature: str) -> bytes:
+    from eth_utils import keccak
+
+    return keccak(text=signature)[:4]
+
+
+def _topic(signature: str) -> str:
+    from eth_utils import keccak
+
+    return "0x" + keccak(text=signature).hex()
+
+
+def _address_topic(address: str) -> str:
+    return "0x" + "00" * 12 + address.lower()[2:]
+
+
+def paid_by(receipt: dict[str, Any], used_log: dict[str, Any], asset: str, p: EvmPayment) -> bool:
+    """True when ``used_log`` (AuthorizationUsed(p.payer, p.nonce)) is directly followed, in its
+    successful transaction, by the token's Transfer(p.payer, p.to, p.value): the authorization
+    paid us. Adjacency matters: a transaction may use several authorizations."""
+    if int(receipt.get("status", "0x0"), 16) != 1:
+        return False
+    index = int(used_log["logIndex"], 16) + 1
+    for log in receipt.get("logs") or []:
+        if int(log["logIndex"], 16) != index:
+            continue
+        topics = [t.lower() for t in log.get("topics") or []]
+        return (log["address"].lower() == asset.lower()
+                and topics == [_topic(TRANSFER_EVENT), _address_topic(p.payer),
+                               _address_topic(p.to)]
+                and int(log.get("data") or "0x0", 16) == p.value)
+    return False
+
+
 class EvmUnavailable(Exception):
     """No answer from the EVM RPC: nothing was sent (``sent`` False) or the outcome is unknown."""
 
@@ -172,7 +231,8 @@ class EvmUnavailable(Exception):
 
 
 class EvmSettler:
-    """Submits authorizations from a relayer key and waits for their receipts (UNTESTED here)."""
+    """Submits authorizations from a relayer key, waits for their receipts, and finds who used an
+    authorization when the relayer's own submission was beaten to it."""
 
     def __init__(self, rpc_url: str | None, relayer_key_file: Path, chain_id: int,
                  timeout: float = 60.0) -> None:
@@ -237,6 +297,30 @@ class EvmSettler:
                 return str(await self.call("eth_sendRawTransaction", raw))
             except EvmUnavailable as exc:
                 raise EvmUnavailable(str(exc), sent=True) from None
+
+    async def block_number(self) -> int:
+        return int(await self.call("eth_blockNumber"), 16)
+
+    async def authorization_used(self, asset: str, p: EvmPayment) -> bool:
+        """The token's ``authorizationState(from, nonce)``: used (or canceled) already?"""
+        from eth_abi import encode
+
+        data = _selector(AUTHORIZATION_STATE) + encode(["address", "bytes32"], [p.payer, p.nonce])
+        out = await self.call("eth_call", {"to": asset, "data": "0x" + data.hex()}, "latest")
+        return int(out or "0x0", 16) != 0
+
+    async def find_use(self, asset: str, p: EvmPayment, from_block: int) -> str | None:
+        """The transaction that used this authorization to pay ``p.to`` exactly ``p.value``, from
+        ``from_block`` on; None when it was not used, or used otherwise."""
+        logs = await self.call("eth_getLogs", {
+            "address": asset, "fromBlock": hex(max(0, from_block)), "toBlock": "latest",
+            "topics": [_topic(AUTHORIZATION_USED_EVENT), _address_topic(p.payer),
+                       "0x" + p.nonce.hex()]})
+        for log in logs or []:
+            receipt = await self.call("eth_getTransactionReceipt", log["transactionHash"])
+            if receipt is not None and paid_by(receipt, log, asset, p):
+                return str(log["transactionHash"])
+        return None
 
     async def receipt(self, tx_hash: str, timeout: float | None = None) -> dict[str, Any] | None:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)

@@ -317,12 +317,18 @@ class PaymentService:
                                  f"the body names {wallet_chain} wallet {wallet_address}: credits "
                                  "go to the wallet that paid")
         ref = payment.reference(e.chain_id, e.asset)
+        try:
+            from_block = await self.evm.block_number() - evm.LOOKBACK_BLOCKS
+        except evm.EvmUnavailable as exc:
+            raise SettlementUnavailable(
+                f"EVM settlement unavailable: {exc}; the authorization was not used and "
+                "nothing was credited") from None
         await self._claim("evm", ref, micro, payment.payer, amount_usd, p, offer,
                           valid_before=payment.valid_before,
                           authorization=p.payload.get("authorization"),
-                          signature="0x" + payment.signature.hex())
+                          signature="0x" + payment.signature.hex(), from_block=from_block)
         try:
-            tx_hash = await self.evm.submit(e.asset, payment)
+            tx_hash = await self._evm_send(e.asset, payment)
         except evm.EvmUnavailable as exc:
             if not exc.sent:
                 await self.book.forget(ref)
@@ -331,19 +337,45 @@ class PaymentService:
                     "nothing was credited") from None
             raise SettlementPending(f"the EVM transfer may have been sent ({exc}); it will be "
                                     "credited if it lands", ref) from None
-        await self.book.annotate(ref, tx_hash=tx_hash)
-        receipt = await self.evm.receipt(tx_hash)
-        if receipt is None:
-            raise SettlementPending(f"EVM transaction {tx_hash} not confirmed yet; it will be "
-                                    "credited when it is", ref)
-        if int(receipt.get("status", "0x0"), 16) != 1:
-            await self.book.mark_failed(ref, f"reverted: {tx_hash}")
-            raise PaymentInvalid("transaction_failed", f"EVM transaction {tx_hash} reverted; "
-                                                       "nothing was credited")
-        await self.book.mark_confirmed(ref, block=receipt.get("blockNumber"))
+        if tx_hash is not None:
+            await self.book.annotate(ref, tx_hash=tx_hash)
+            receipt = await self.evm.receipt(tx_hash)
+            if receipt is None:
+                raise SettlementPending(f"EVM transaction {tx_hash} not confirmed yet; it will be "
+                                        "credited when it is", ref)
+            if int(receipt.get("status", "0x0"), 16) == 1:
+                await self.book.mark_confirmed(ref, block=receipt.get("blockNumber"))
+                rec = await self._credit(ref)
+                return Purchase(rec.account_id or "", rec.amount_microcredits, amount_usd,
+                                tx_hash, p.network, payment.payer, offer.amount)
+        # Not sent because already used, or reverted: someone may have submitted it first.
+        winner = await self.evm.find_use(e.asset, payment, from_block)
+        if winner is None:
+            what = f"EVM transaction {tx_hash} reverted" if tx_hash else \
+                "the authorization's nonce was already used"
+            await self.book.mark_failed(ref, f"{what}; not used to pay {payment.to}")
+            raise PaymentInvalid("transaction_failed",
+                                 f"{what} and no transfer of {payment.value} to {payment.to} "
+                                 "used it; nothing was credited")
+        log.info("EVM payment %s was submitted by someone else (%s): credited", ref, winner)
+        await self.book.mark_confirmed(ref, used_by=winner)
         rec = await self._credit(ref)
-        return Purchase(rec.account_id or "", rec.amount_microcredits, amount_usd, tx_hash,
+        return Purchase(rec.account_id or "", rec.amount_microcredits, amount_usd, winner,
                         p.network, payment.payer, offer.amount)
+
+    async def _evm_send(self, asset: str, payment: evm.EvmPayment) -> str | None:
+        """Submit the authorization unless its nonce is used already (front-run, or the client
+        submitted it itself): the transaction hash, or None when it was not sent for that reason.
+        A submission refused at gas estimation is re-checked: a front-runner may have won the
+        race between the check and the estimate."""
+        if await self.evm.authorization_used(asset, payment):
+            return None
+        try:
+            return await self.evm.submit(asset, payment)
+        except evm.EvmUnavailable as exc:
+            if not exc.sent and await self.evm.authorization_used(asset, payment):
+                return None
+            raise
 
     # ---------------------------------------------------------------- reconciliation
 
@@ -397,17 +429,25 @@ class PaymentService:
         tx_hash = rec.detail.get("tx_hash")
         if tx_hash:
             receipt = await self.evm.receipt(tx_hash, timeout=0)
-            if receipt is not None:
-                if int(receipt.get("status", "0x0"), 16) == 1:
-                    await self.book.mark_confirmed(rec.signature)
-                    await self._credit(rec.signature)
-                    return "credited"
-                await self.book.mark_failed(rec.signature, f"reverted: {tx_hash}")
-                return "failed"
-        if int(rec.detail.get("valid_before", 0)) < time.time() and not tx_hash:
-            await self.book.mark_failed(rec.signature, "authorization expired unsent")
-            return "failed"
-        return "waiting"
+            if receipt is None:
+                return "waiting"
+            if int(receipt.get("status", "0x0"), 16) == 1:
+                await self.book.mark_confirmed(rec.signature)
+                await self._credit(rec.signature)
+                return "credited"
+        elif int(rec.detail.get("valid_before", 0)) >= time.time():
+            return "waiting"
+        # Reverted, or expired unsent: credited only if someone else used it to pay us.
+        payment = evm.EvmPayment.from_record(rec.detail["authorization"], rec.detail["signature"])
+        winner = await self.evm.find_use(rec.detail.get("asset") or self.cfg.evm.asset, payment,
+                                         int(rec.detail.get("from_block", 0)))
+        if winner is not None:
+            await self.book.mark_confirmed(rec.signature, used_by=winner)
+            await self._credit(rec.signature)
+            return "credited"
+        why = f"reverted: {tx_hash}" if tx_hash else "authorization expired unsent"
+        await self.book.mark_failed(rec.signature, why)
+        return "failed"
 
 
 def _stub(ref: str) -> PaymentRecord:

@@ -2,7 +2,10 @@
 
 Life of a node: load (or create) its key; serve HTTP; make its registry entry match the config
 (register the first time, update when the operator changed URL, location, capacity or version);
-heartbeat with the role's live load; on SIGTERM/SIGINT stop taking sessions, wait for live ones up
+heartbeat with the role's live load. Under the registry's `approval` policy a new entry is pending:
+the agent then serves /health as not ready ("pending"), logs the command the registry authority
+must run, and polls the chain until the entry is approved; only then does it heartbeat. On
+SIGTERM/SIGINT stop taking sessions, wait for live ones up
 to ``drain_timeout``, then deregister (rent back to the node key) so gateways stop routing to it at
 once instead of after the TTL. A node killed with SIGKILL simply stops heartbeating and is reported
 stale after the registry's TTL.
@@ -157,13 +160,58 @@ class NodeAgent:
                  self.config.listen_host, self.port, self.config.public_url)
         await self.outbox.start()
         await self.role.start()
-        await self.ensure_registered()
+        status = await self.ensure_registered()
+        if status is p.NodeStatus.PENDING:
+            # Not an error: the authority has yet to admit this key. Stay up, not ready.
+            self.state = "pending"
+            self._heartbeat_task = asyncio.create_task(self._await_approval())
+            return
+        await self._begin_serving()
+
+    async def _begin_serving(self) -> None:
         await self.heartbeat_once()
         self.state = "serving"
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
 
-    async def ensure_registered(self) -> None:
-        """Make the on-chain entry match the config: register, update, or leave it as it is."""
+    def approval_command(self) -> str:
+        """What the registry authority runs to admit this node."""
+        return f"registry node approve {self.pubkey} --rpc {self.config.rpc_url}"
+
+    async def _await_approval(self) -> None:
+        """Poll the entry until the authority approves it, then bring the entry up to date and
+        start heartbeating. Chain errors are logged and retried, never fatal."""
+        log.warning("node %s is pending: waiting for the registry authority's approval; the "
+                    "authority runs `%s`", self.pubkey, self.approval_command())
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval)
+            try:
+                status = await self._status()
+            except (RegistryError, p.RegistryProgramError, NodeStartError, OSError) as exc:
+                log.warning("checking approval failed (%s); retrying in %.0fs", exc,
+                            self.config.heartbeat_interval)
+                continue
+            if status is p.NodeStatus.ACTIVE:
+                break
+            log.debug("node %s still %s", self.pubkey, status.label)
+        log.info("node %s approved by the registry authority", self.pubkey)
+        try:
+            await self.ensure_registered()  # apply config changes held back while pending
+        except NodeStartError as exc:
+            log.warning("could not update the registry entry after approval: %s", exc)
+        await self.heartbeat_once()
+        self.state = "serving"
+        await self._heartbeat_loop()  # this task is self._heartbeat_task: shutdown cancels it
+
+    async def _status(self) -> p.NodeStatus:
+        """The entry's status; registers again if the entry vanished while waiting."""
+        node = await self.client.get_node(self.pubkey)
+        if node is None:
+            return await self.ensure_registered()
+        return node.status
+
+    async def ensure_registered(self) -> p.NodeStatus:
+        """Make the on-chain entry match the config: register, update, or leave it as it is.
+        Returns the entry's status (PENDING: the authority has not approved it yet)."""
         try:
             await self.client.ensure_funded(self.keypair)
             await self.client.require_registry()
@@ -172,7 +220,8 @@ class NodeAgent:
             if existing is None:
                 await self.client.register_node(self.keypair, p.Role.parse(self.role_name), wanted)
                 log.info("registered %s node %s at %s", self.role_name, self.pubkey, wanted.url)
-                return
+                registered = await self.client.get_node(self.pubkey)
+                return registered.status if registered else p.NodeStatus.PENDING
             if existing.role.label != self.role_name:
                 raise NodeStartError(
                     f"key {self.pubkey} is registered as a {existing.role.label} node, not "
@@ -183,16 +232,23 @@ class NodeAgent:
                     f"node {self.pubkey} is suspended by the registry authority; "
                     "it cannot heartbeat until the authority activates it"
                 )
+            if existing.status is p.NodeStatus.PENDING:
+                if _differs(existing, wanted):
+                    log.info("node %s is pending: its entry is updated once approved", self.pubkey)
+                return existing.status
             if _differs(existing, wanted):
                 await self.client.update_node(self.keypair, wanted)
                 log.info("updated registry entry of node %s", self.pubkey)
             else:
                 log.info("registry entry of node %s is up to date", self.pubkey)
+            return existing.status
         except RegistryError as exc:
             raise NodeStartError(str(exc)) from None
 
     async def heartbeat_once(self) -> bool:
-        load, capacity = self.role.load(), self.role.capacity
+        # The program refuses load > capacity: an overloaded node reports itself full.
+        capacity = self.role.capacity
+        load = min(self.role.load(), capacity)
         try:
             await self.client.heartbeat(self.keypair, load, capacity)
         except (RegistryError, p.RegistryProgramError, OSError) as exc:
@@ -263,6 +319,10 @@ async def serve(config: NodeConfig, role_factory: RoleFactory | None = None) -> 
     except BaseException:
         await agent.shutdown()
         raise
-    print(f"{agent.role_name} node {agent.pubkey} ready on {config.public_url}", flush=True)
+    if agent.state == "pending":
+        print(f"{agent.role_name} node {agent.pubkey} on {config.public_url} is pending: waiting "
+              f"for the registry authority to run `{agent.approval_command()}`", flush=True)
+    else:
+        print(f"{agent.role_name} node {agent.pubkey} ready on {config.public_url}", flush=True)
     await stop.wait()
     await agent.shutdown()

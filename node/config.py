@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from registry.client import DEFAULT_RPC_URL
+from registry.nodeurl import node_url_problem
 from registry.program import MAX_URL_LEN, VERSION_LEN
 from registry.settings import SettingsError, read_yaml_mapping, validate_settings
 
@@ -67,7 +68,12 @@ class NodeConfig(BaseModel):
         if not v.isascii() or any(c.isspace() for c in v):
             raise ValueError("public_url must be printable ASCII without spaces")
         if "://" not in v:
-            raise ValueError(f"public_url {v!r} needs a scheme, e.g. http://127.0.0.1:8001")
+            raise ValueError(f"public_url {v!r} needs a scheme, e.g. https://stt.example.net "
+                             "(http://127.0.0.1:8001 on this machine)")
+        # The registry program refuses the same URLs; say so before the node tries.
+        problem = node_url_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
     def role_settings(self, role: str) -> dict[str, Any]:

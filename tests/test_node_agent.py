@@ -18,10 +18,13 @@ from pathlib import Path
 import aiohttp
 import yaml
 
+import pytest
+
+from registry import program as p
 from registry.client import RegistryClient
 from registry.keys import load_keypair
 from registry.tokens import Grant, mint_token
-from tests.conftest import ROOT, Chain, free_port
+from tests.conftest import ROOT, Chain, Localnet, free_port, init_registry, start_localnet_process
 
 
 def node_config(tmp: Path, chain: Chain, name: str, **over: object) -> tuple[Path, int]:
@@ -176,3 +179,65 @@ async def test_foreign_token_is_refused_by_the_node(chain: Chain, tmp_path: Path
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory: pytest.TempPathFactory):
+    """A localnet of its own whose registry admits nodes only on the authority's approval."""
+    net = start_localnet_process(tmp_path_factory.mktemp("gated") / "ledger")
+    asyncio.run(init_registry(net, 3, p.Policy.APPROVAL))
+    yield net
+    net.stop()
+
+
+async def get_health(port: int) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/health") as r:
+        return r.status, await r.json()
+
+
+async def test_pending_node_waits_for_approval_then_serves(gated: Localnet, tmp_path: Path) -> None:
+    cfg, port = node_config(tmp_path, gated, "f")  # type: ignore[arg-type]
+    proc = start_node(cfg, tmp_path)
+    try:
+        async with RegistryClient(gated.url) as client:
+            deadline = time.monotonic() + 60
+            node = None
+            while node is None and time.monotonic() < deadline:
+                assert proc.poll() is None, f"a pending node must not exit ({proc.returncode})"
+                if (tmp_path / "f.json").exists():
+                    node = await client.get_node(load_keypair(tmp_path / "f.json").pubkey())
+                await asyncio.sleep(0.2)
+            assert node is not None and node.status is p.NodeStatus.PENDING
+            key = node.owner
+            # Up, not ready, and it says what the authority must run.
+            status, body = 0, {}
+            while time.monotonic() < deadline:
+                try:
+                    status, body = await get_health(port)
+                    break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.2)
+            assert (status, body["status"], body["pubkey"]) == (503, "pending", str(key))
+            await asyncio.sleep(1.5)  # several polls: it keeps waiting, never heartbeats
+            assert proc.poll() is None
+            assert (await get_health(port))[1]["status"] == "pending"
+            still = await client.get_node(key)
+            assert (still.status, still.last_heartbeat) == (p.NodeStatus.PENDING, node.last_heartbeat)
+            log_text = (tmp_path / "f.log").read_text()
+            assert f"registry node approve {key} --rpc {gated.url}" in log_text
+
+            await client.approve_node(gated.authority, key)
+            health = await wait_health(port, proc)
+            assert health["status"] == "ok"
+            async with aiohttp.ClientSession() as http:
+                await http.post(f"http://127.0.0.1:{port}/probe/load", json={"load": 2})
+            while time.monotonic() < deadline:
+                node = await client.get_node(key)
+                if node.load == 2:
+                    break
+                await asyncio.sleep(0.3)
+            assert (node.status, node.load) == (p.NodeStatus.ACTIVE, 2)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)

@@ -41,6 +41,22 @@ def test_bad_values_are_named(tmp_path: Path) -> None:
         load_config(write(tmp_path, BASE.replace("public_url: http://", "public_url: ")), "stt")
 
 
+@pytest.mark.parametrize("url", ["http://stt.example.net:8001", "ws://10.0.0.5", "ftp://x.example",
+                                 "http://127.0.0.1.evil.example"])
+def test_public_url_must_be_tls_or_loopback(tmp_path: Path, url: str) -> None:
+    """The registry program would refuse these (InsecureUrl): the config says so first."""
+    text = BASE.replace("public_url: http://127.0.0.1:8001", f"public_url: {url}")
+    with pytest.raises(ConfigError, match="public_url.*https://"):
+        load_config(write(tmp_path, text), "stt")
+
+
+@pytest.mark.parametrize("url", ["https://stt.example.net", "wss://sfu.example.net:7880",
+                                 "http://localhost:8001", "http://[::1]:8001"])
+def test_public_url_tls_or_loopback_is_accepted(tmp_path: Path, url: str) -> None:
+    text = BASE.replace("public_url: http://127.0.0.1:8001", f"public_url: {url}")
+    assert load_config(write(tmp_path, text), "stt").public_url == url
+
+
 def test_missing_key_and_bad_yaml(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="missing required key 'public_url'"):
         load_config(write(tmp_path, BASE.replace("public_url:", "# public_url:")), "stt")

@@ -1,7 +1,9 @@
 """`make up`: the whole network on this machine, in the foreground.
 
-Starts the localnet (registry program deployed), initialises the registry, lists the gateway's key
-as a trusted issuer, then starts the gateway and one node of each role that this build has. Each
+Starts the localnet (registry program deployed with .local/keys/authority.json as its upgrade
+authority), initialises the registry under the `approval` admission policy, lists the gateway's key
+as a trusted issuer, then starts the gateway and one node of each role that this build has,
+approving each of its own nodes (their keys are .local/keys/node-<role>.json) once they register. Each
 child's output is prefixed with its name. Ctrl-C (or SIGTERM) stops the children in reverse order,
 so nodes drain and deregister while the chain is still up. State lives under `.local/`.
 """
@@ -19,8 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from registry import program as p  # noqa: E402
 from registry.client import RegistryClient, RegistryError  # noqa: E402
 from registry.keys import load_or_create_keypair  # noqa: E402
+from solders.keypair import Keypair  # noqa: E402
 
 LOCAL = ROOT / ".local"
 RPC_PORT = 8899
@@ -28,6 +32,7 @@ RPC_URL = f"http://127.0.0.1:{RPC_PORT}"
 GATEWAY_URL = "http://127.0.0.1:8402"
 HEARTBEAT_TTL = 30
 NODE_PORTS = {"sfu": 7880, "stt": 8001, "tts": 8002}
+AUTHORITY_KEY = LOCAL / "keys" / "authority.json"
 
 
 class Child:
@@ -95,13 +100,14 @@ async def wait_rpc(client: RegistryClient, timeout: float = 60.0) -> None:
 
 async def bootstrap_registry(client: RegistryClient) -> str:
     """Initialise the registry and list the gateway key as an issuer; idempotent across restarts."""
-    authority = load_or_create_keypair(LOCAL / "keys" / "authority.json")
+    authority = load_or_create_keypair(AUTHORITY_KEY)
     issuer = load_or_create_keypair(LOCAL / "keys" / "gateway-issuer.json")
     await client.ensure_funded(authority)
     registry = await client.get_registry()
     if registry is None:
-        await client.initialize_registry(authority, HEARTBEAT_TTL)
-        print(f"registry initialised (authority {authority.pubkey()}, TTL {HEARTBEAT_TTL}s)")
+        await client.initialize_registry(authority, HEARTBEAT_TTL, p.Policy.APPROVAL)
+        print(f"registry initialised (authority {authority.pubkey()}, TTL {HEARTBEAT_TTL}s, "
+              "policy approval)")
     if str(issuer.pubkey()) not in await client.issuer_keys():
         await client.add_issuer(authority, issuer.pubkey())
         print(f"gateway issuer {issuer.pubkey()} listed on the registry")
@@ -121,6 +127,30 @@ async def bootstrap_payments(client: RegistryClient) -> str:
     fee_payer = load_or_create_keypair(LOCAL / "keys" / "gateway-fee-payer.json")
     await client.ensure_funded(fee_payer, min_sol=1.0)
     return str(mint)
+
+
+def node_key_path(role: str) -> Path:
+    """The keypair file the role's shipped config names (configs/node-<role>.yaml)."""
+    from node.config import load_config
+
+    return ROOT / load_config(ROOT / "configs" / f"node-{role}.yaml", role).keypair
+
+
+async def approve_own_node(client: RegistryClient, authority: Keypair, role: str, node_key: Keypair,
+                           timeout: float = 180.0) -> None:
+    """Wait for this network's own node to register, and admit it if it is pending: the same
+    instruction as `registry node approve KEY`. Nobody else's node is approved."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        node = await client.get_node(node_key.pubkey())
+        if node is not None and node.status is p.NodeStatus.PENDING:
+            await client.approve_node(authority, node_key.pubkey())
+            print(f"{role} node {node_key.pubkey()} approved")
+            return
+        if node is not None:
+            return
+        await asyncio.sleep(0.3)
+    raise RuntimeError(f"the {role} node {node_key.pubkey()} did not register within {timeout:.0f}s")
 
 
 def built(module: str) -> bool:
@@ -145,7 +175,8 @@ async def main() -> int:
 
     try:
         await start(Child("localnet", [py, "-m", "registry.cli", "localnet", "--port", str(RPC_PORT),
-                                       "--ledger", str(LOCAL / "ledger")]))
+                                       "--ledger", str(LOCAL / "ledger"),
+                                       "--authority", str(AUTHORITY_KEY)]))
         async with RegistryClient(RPC_URL) as client:
             await wait_rpc(client)
             issuer = await bootstrap_registry(client)
@@ -161,8 +192,13 @@ async def main() -> int:
             if not built(f"node.{role}"):
                 print(f"{role} node: role not built in this version; skipped")
                 continue
+            # Created here if missing, so the key to approve is known before the node starts.
+            node_key = load_or_create_keypair(node_key_path(role))
             await start(Child(role, [py, "-m", "node.cli", "--role", role,
                                      "--config", f"configs/node-{role}.yaml"]))
+            async with RegistryClient(RPC_URL) as client:
+                await approve_own_node(client, load_or_create_keypair(AUTHORITY_KEY), role,
+                                       node_key)
             await wait_http(f"http://127.0.0.1:{port}/health", f"the {role} node", timeout=180)
             urls[f"{role} node"] = f"http://127.0.0.1:{port}"
         for name, url in urls.items():

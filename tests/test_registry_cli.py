@@ -103,3 +103,52 @@ def test_bad_input_is_one_line(chain: Chain) -> None:
     assert proc.returncode == 2 and "not a base58" in proc.stderr
     proc = registry("init", "--rpc", chain.url, "--keypair", "/nonexistent/k.json", check=False)
     assert proc.returncode == 1 and "registry keygen" in proc.stderr
+
+
+def test_init_policy_and_approve(tmp_path: Path) -> None:
+    """On a fresh localnet: init only by the upgrade authority, `--policy approval`, a new node is
+    listed as pending until `registry node approve`, and cannot update its entry meanwhile."""
+    from tests.conftest import start_localnet_process
+
+    net = start_localnet_process(tmp_path / "ledger")
+    try:
+        stranger = tmp_path / "stranger.json"
+        registry("keygen", str(stranger))
+        refused = registry("init", "--rpc", net.url, "--keypair", str(stranger), "--policy", "open",
+                           check=False)
+        assert refused.returncode == 1 and "not the registry program's upgrade authority" in (
+            refused.stderr)
+        bad = registry("init", "--rpc", net.url, "--keypair", str(net.authority_path), "--policy",
+                       "lax", check=False)
+        assert bad.returncode == 2 and "expected approval or open" in bad.stderr
+        out = registry("init", "--rpc", net.url, "--keypair", str(net.authority_path)).stdout
+        assert "policy approval" in out  # the default
+
+        key = tmp_path / "node.json"
+        registry("keygen", str(key))
+        pub = str(load_keypair(key).pubkey())
+        node_args = ["--rpc", net.url, "--keypair", str(key), "--url", "https://stt.example.net",
+                     "--lat", "1", "--lon", "2", "--country", "SG", "--capacity", "3"]
+        out = registry("node", "register", "--role", "stt", *node_args).stdout
+        assert "(pending)" in out and f"registry node approve {pub}" in out
+        table = registry("nodes", "--rpc", net.url).stdout.splitlines()
+        assert any(pub in line and "pending" in line for line in table)
+        update = registry("node", "update", *node_args[:-1], "4", check=False)
+        assert update.returncode == 1 and "NodePending" in update.stderr
+        insecure = registry("node", "update", *[a if a != "https://stt.example.net"
+                                                else "http://stt.example.net" for a in node_args],
+                            check=False)
+        assert insecure.returncode == 1 and "https://" in insecure.stderr
+
+        not_authority = registry("node", "approve", pub, "--rpc", net.url, "--keypair", str(key),
+                                 check=False)
+        assert not_authority.returncode == 1 and "NotAuthority" in not_authority.stderr
+        registry("node", "approve", pub, "--rpc", net.url, "--keypair", str(net.authority_path))
+        nodes = json.loads(registry("nodes", "--rpc", net.url, "--json").stdout)
+        assert next(n for n in nodes if n["pubkey"] == pub)["status"] == "active"
+        again = registry("node", "approve", pub, "--rpc", net.url, "--keypair",
+                         str(net.authority_path), check=False)
+        assert again.returncode == 1 and "NodeNotPending" in again.stderr
+        registry("node", "update", *node_args[:-1], "4")
+    finally:
+        net.stop()

@@ -35,7 +35,9 @@ def _official_client_installed() -> None:
 
 async def official_client(pay: Pay, keypair: Path, amount: float, version: int,
                           wallet: str | None = None) -> dict[str, Any]:
-    args = [str(X402_PYTHON), str(SCRIPT), "--url", pay.url, "--keypair", str(keypair),
+    # -P: the script's folder (tests/support) is not put first on sys.path, where a module named
+    # like a standard one (signal.py) would shadow it.
+    args = [str(X402_PYTHON), "-P", str(SCRIPT), "--url", pay.url, "--keypair", str(keypair),
             "--rpc", pay.net.url, "--asset", str(pay.mint), "--amount", str(amount),
             "--x402-version", str(version)]
     if wallet:

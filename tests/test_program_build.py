@@ -102,7 +102,9 @@ def test_discriminators_header_matches_anchor():
         "IX_UPDATE_NODE": P.update_node_ix(owner, P.NodeFields("u", 0, 0, "DE", 1, "1")),
         "IX_DEREGISTER_NODE": P.deregister_node_ix(owner),
         "IX_SET_NODE_STATUS": P.set_node_status_ix(owner, key, P.NodeStatus.ACTIVE),
+        "IX_APPROVE_NODE": P.approve_node_ix(owner, key),
     }
+    assert set(ixs) == {k for k in values if k.startswith("IX_")}, "every instruction is checked"
     for name, ix in ixs.items():
         assert values[name] == int.from_bytes(bytes(ix.data)[:8], "little"), name
     for acc in ("Registry", "Issuer", "Node"):

@@ -402,6 +402,13 @@ async def test_auth_failures_and_replay(gw: Gw) -> None:
     async with gw.http.get(gw.url + "/v1/account", headers=headers) as r:
         assert r.status == 200
     async with gw.http.get(gw.url + "/v1/account", headers=headers) as r:
+        assert r.status == 200, "an identical signed GET within its second is answered again"
+    spend = {**sign_request("POST", "/v1/stt/session", client.key),
+             "Content-Type": "application/json"}
+    body = json.dumps({"duration_minutes": 1}).encode()
+    async with gw.http.post(gw.url + "/v1/stt/session", data=body, headers=spend) as r:
+        assert r.status == 200
+    async with gw.http.post(gw.url + "/v1/stt/session", data=body, headers=spend) as r:
         assert r.status == 401 and "replayed" in (await r.json())["error"]
     stale = sign_request("GET", "/v1/account", client.key, now=time.time() - 120)
     async with gw.http.get(gw.url + "/v1/account", headers=stale) as r:

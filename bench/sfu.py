@@ -85,7 +85,7 @@ async def serve(port: int, issuer: str) -> None:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     await role.start()
-    print("ready", flush=True)
+    print(f"ready {node.pubkey()}", flush=True)  # tokens name the node they are for
     await asyncio.Event().wait()
 
 
@@ -224,7 +224,8 @@ async def run(args: argparse.Namespace) -> None:
                                "--issuer", str(issuer.pubkey())], stdout=subprocess.PIPE,
                               cwd=ROOT)
     assert server.stdout is not None
-    assert server.stdout.readline().strip() == b"ready"
+    ready, node_key = server.stdout.readline().decode().split()
+    assert ready == "ready"
     url = f"ws://127.0.0.1:{port}"
     room = "bench"
     base = await direct_baseline(args.seconds)
@@ -233,7 +234,7 @@ async def run(args: argparse.Namespace) -> None:
 
     track = ForwardTrack(track_id="bench-tone", max_queue=50)
     publisher = LiveKitClient(url, mint_token(issuer, "publisher", Grant("webrtc", room=room),
-                                              3600))
+                                              3600, audience=node_key))
     await publisher.connect()
     await publisher.publish(track, "tone")
     pacer = asyncio.ensure_future(Pacer(track).run())
@@ -245,7 +246,8 @@ async def run(args: argparse.Namespace) -> None:
             spec = []
             for w, count in enumerate(per):
                 spec.append([mint_token(issuer, f"s{n}-{w}-{i}", Grant("webrtc", room=room,
-                                                                        can_publish=False), 3600)
+                                                                        can_publish=False), 3600,
+                                        audience=node_key)
                              for i in range(count)])
             workers = []
             for tokens in spec:

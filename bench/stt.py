@@ -107,7 +107,7 @@ class LocalNode:
         async def issuers() -> list[str]:
             return [issuer]
 
-        key = Keypair()
+        key = self.node_key = Keypair()
         self.outbox = Outbox(Path(self.tmp.name) / "outbox.sqlite", None, key)
         port = free_port()
         ctx = RoleContext("stt", self.settings, key, TokenVerifier(issuers, "stt"),
@@ -129,7 +129,8 @@ class LocalNode:
         self.tmp.cleanup()
 
     def token(self) -> str:
-        return mint_token(self.issuer, "bench", Grant("stt", limit=3600), 3600)
+        return mint_token(self.issuer, "bench", Grant("stt", limit=3600), 3600,
+                          audience=str(self.node_key.pubkey()))
 
 
 async def one_stream(node: LocalNode, audio: np.ndarray, expected: int,

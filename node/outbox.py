@@ -173,3 +173,53 @@ class Outbox:
                     f"HTTP {status}: {text}" if status else text, attempts + 1, backoff)
         self._db.execute("UPDATE outbox SET attempts = attempts + 1, next_at = ? WHERE id = ?",
                          (time.time() + backoff, event_id))
+
+
+class SessionStore:
+    """What each session used on this node and whether it settled, in a SQLite file that survives
+    a restart, so a client reconnecting to a restarted node cannot get its session's units again.
+
+    One row per session (``used`` in the role's unit: seconds for STT, characters for TTS;
+    ``completed``: settled with the gateway); rows are dropped a day after the session expired.
+    Without a path it keeps nothing (tests, tools). Shared by the roles that bill by session.
+    """
+
+    def __init__(self, path: Path | None, table: str = "sessions") -> None:
+        if not table.isidentifier():
+            raise ValueError(f"table name {table!r} is not an identifier")
+        self._table = table
+        self._db: sqlite3.Connection | None = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"CREATE TABLE IF NOT EXISTS {table} (session_id TEXT PRIMARY KEY, "
+                             "used REAL NOT NULL, completed INTEGER NOT NULL, expires_at REAL)")
+
+    def save(self, session_id: str, used: float, completed: bool, expires_at: float) -> None:
+        if self._db is not None:
+            self._db.execute(f"INSERT OR REPLACE INTO {self._table} VALUES (?, ?, ?, ?)",
+                             (session_id, used, int(completed), expires_at))
+            self._db.execute(f"DELETE FROM {self._table} WHERE expires_at < ?",
+                             (time.time() - 86_400,))
+
+    def load(self, session_id: str) -> tuple[float, bool] | None:
+        """(used, completed) as last saved, or None for a session this node never saved."""
+        if self._db is None:
+            return None
+        row = self._db.execute(f"SELECT used, completed FROM {self._table} WHERE session_id = ?",
+                               (session_id,)).fetchone()
+        return None if row is None else (float(row[0]), bool(row[1]))
+
+    def completed_since(self, since: float) -> dict[str, float]:
+        """Settled sessions whose ``expires_at`` is after ``since``: session id -> expires_at."""
+        if self._db is None:
+            return {}
+        rows = self._db.execute(f"SELECT session_id, expires_at FROM {self._table} "
+                                "WHERE completed = 1 AND expires_at >= ?", (since,))
+        return {str(sid): float(exp) for sid, exp in rows}
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None

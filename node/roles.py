@@ -16,7 +16,7 @@ from aiohttp import web
 from solders.keypair import Keypair
 
 from node.outbox import Outbox
-from registry.tokens import TokenVerifier
+from registry.tokens import Claims, TokenVerifier
 
 ROLE_MODULES = {"sfu": "node.sfu", "stt": "node.stt", "tts": "node.tts"}
 ROLE_SERVICE = {"sfu": "webrtc", "stt": "stt", "tts": "tts"}
@@ -41,6 +41,17 @@ class RoleContext:
     state_dir: Any
     outbox: Outbox
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("node"))
+
+    @property
+    def node_key(self) -> str:
+        """This node's public key (base58): the ``aud`` its tokens must carry."""
+        return str(self.keypair.pubkey())
+
+    async def verify(self, token: str) -> Claims:
+        """Verify a client's token for this very node: a token the gateway routed to another node
+        (or one naming no node) is refused with ``wrong_node``, so a session cannot be spent on
+        several nodes at once. Every role verifies client tokens through this."""
+        return await self.verifier.verify(token, audience=self.node_key)
 
 
 @runtime_checkable

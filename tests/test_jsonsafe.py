@@ -43,3 +43,10 @@ def test_deep_json_is_refused_as_text_and_as_utf8_bytes() -> None:
     for doc in (deep, deep.encode()):
         with pytest.raises(jsonsafe.JsonTooDeep):
             jsonsafe.loads(doc)
+
+
+def test_utf16_bytes_read_as_text_are_refused_clearly() -> None:
+    """A WebSocket text frame holding UTF-16 is valid UTF-8 (NUL is a character): still refused."""
+    text = '{"type": "ping"}'.encode("utf-16-le").decode("utf-8")
+    with pytest.raises(jsonsafe.JsonNotUtf8, match="NUL"):
+        jsonsafe.loads(text)

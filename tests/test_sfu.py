@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jwt
 import numpy as np
 import pytest
 import pytest_asyncio
@@ -32,10 +33,12 @@ from gateway.ledger import Ledger
 from node.agent import NodeAgent
 from node.config import Location, NodeConfig
 from registry.client import RegistryClient
+from registry.keys import load_keypair
 from registry.tokens import Grant, mint_token
 from tests.support.audio import tone_hz
 from tests.conftest import Chain, free_port
 from tests.support.serving import serve
+from tests.support.signal import RawClient
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -59,9 +62,11 @@ class Setup:
 
     def token(self, identity: str, room: str = "lobby", ttl: int = 600,
               issuer: Keypair | None = None, session_id: str | None = None,
-              now: float | None = None, **grant: Any) -> str:
+              now: float | None = None, node: str | None = None, **grant: Any) -> str:
+        """A token for this node (``aud``), or for ``node`` (another node's key)."""
         return mint_token(issuer or self.chain.issuer, identity,
-                          Grant("webrtc", room=room, **grant), ttl, session_id=session_id, now=now)
+                          Grant("webrtc", room=room, **grant), ttl, session_id=session_id, now=now,
+                          audience=node or str(self.agent.pubkey))
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -153,6 +158,9 @@ async def test_livekit_sdk_hears_the_tone_gets_data_and_speakers_and_is_billed(s
         alice_s = await gw.create_webrtc_token(room_name, "alice", 5)
         bob_s = await gw.create_webrtc_token(room_name, "bob", 5)
     assert alice_s.ws_url == sfu.ws_url, "the gateway routed the session to our node"
+    # the SFU's room is the account's own (its name plus a digest of account and name)
+    sfu_name = jwt.decode(alice_s.token, options={"verify_signature": False})["video"]["room"]
+    assert sfu_name.startswith(f"{room_name}~")
 
     alice, bob = lk.Room(), lk.Room()
     data: list[tuple[bytes, str]] = []
@@ -189,7 +197,7 @@ async def test_livekit_sdk_hears_the_tone_gets_data_and_speakers_and_is_billed(s
         assert data[0] == (b"hello bob", "alice")
         await wait_for(lambda: any("alice" in s for s in speakers), 10, "speakers_changed")
 
-        published = sfu.role.rooms[room_name].find_track(publication.sid)
+        published = sfu.role.rooms[sfu_name].find_track(publication.sid)
         forwarded = next(iter(published.subscribers.values()))
         assert forwarded.forwarded > 50 and forwarded.dropped == 0
         # A subscription change from the client pauses forwarding to it, and resumes it.
@@ -206,11 +214,11 @@ async def test_livekit_sdk_hears_the_tone_gets_data_and_speakers_and_is_billed(s
         await alice.disconnect()
 
     await wait_for(lambda: sfu.role.load() == 0, 10, "both participants gone")
-    events = [e["event"] for e in sfu.role.events if e["room"]["name"] == room_name]
+    events = [e["event"] for e in sfu.role.events if e["room"]["name"] == sfu_name]
     assert events[:2] == ["room_started", "participant_joined"]
     assert events.count("participant_left") == 2 and "track_published" in events
     await wait_for(lambda: "room_finished" in [
-        e["event"] for e in sfu.role.events if e["room"]["name"] == room_name], 10, "room_finished")
+        e["event"] for e in sfu.role.events if e["room"]["name"] == sfu_name], 10, "room_finished")
     # The webhooks went through the outbox, signed by the node key, and the gateway billed them.
     await wait_for(lambda: sfu.agent.outbox.pending() == 0, 15, "outbox drained")
     assert sfu.agent.outbox.dead() == []
@@ -265,27 +273,6 @@ async def test_the_sdk_refuses_a_bad_token_without_crashing(sfu: Setup) -> None:
         await asyncio.wait_for(room.connect(sfu.ws_url, sfu.token("eve", issuer=Keypair())), 20)
     ok = await connect(sfu, sfu.token("carol", room="after-refusal"))  # the process lives on
     await ok.disconnect()
-
-
-class RawClient:
-    """A bare signal client: enough of the protocol to test what the SDK would not send."""
-
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self.ws = ws
-
-    async def send(self, request: rtc.SignalRequest | bytes) -> None:
-        await self.ws.send_bytes(request if isinstance(request, bytes)
-                                 else request.SerializeToString())
-
-    async def next(self, kind: str, timeout: float = 5.0) -> rtc.SignalResponse:
-        deadline = time.monotonic() + timeout
-        while True:
-            msg = await self.ws.receive(timeout=max(0.05, deadline - time.monotonic()))
-            if msg.type != aiohttp.WSMsgType.BINARY:
-                raise AssertionError(f"socket ended: {msg.type}")
-            response = rtc.SignalResponse.FromString(msg.data)
-            if response.WhichOneof("message") == kind:
-                return response
 
 
 async def raw_join(setup: Setup, token: str) -> tuple[RawClient, rtc.JoinResponse]:
@@ -474,12 +461,23 @@ async def test_a_room_spans_two_nodes(sfu: Setup, tmp_path: Path) -> None:
     player = reader = None
     try:
         await alice.connect(sfu.ws_url, sfu.token("alice", room="span"))  # on node A
-        await bob.connect(url_b, sfu.token("bob", room="span"))  # on node B
+        key_b = str(node_b.pubkey)
+        await bob.connect(url_b, sfu.token("bob", room="span", node=key_b))  # on node B
         admin = sfu.token("linker", room="span", room_admin=True)
+        peer = sfu.token("linker", room="span", room_admin=True, node=key_b)
         async with sfu.http.post(sfu.http_url + "/relay/link", json={"peer_url": url_b},
                                  headers={"Authorization": f"Bearer {admin}"}) as r:
+            assert r.status == 400 and "peer_token" in await r.text()
+        async with sfu.http.post(sfu.http_url + "/relay/link",
+                                 json={"peer_url": url_b, "peer_token": admin},
+                                 headers={"Authorization": f"Bearer {admin}"}) as r:
+            assert r.status == 502, "B refuses a token routed to A"
+        async with sfu.http.post(sfu.http_url + "/relay/link",
+                                 json={"peer_url": url_b, "peer_token": peer},
+                                 headers={"Authorization": f"Bearer {admin}"}) as r:
             assert r.status == 200, await r.text()
-        async with sfu.http.post(sfu.http_url + "/relay/link", json={"peer_url": url_b},
+        async with sfu.http.post(sfu.http_url + "/relay/link",
+                                 json={"peer_url": url_b, "peer_token": peer},
                                  headers={"Authorization": f"Bearer {sfu.token('x', room='span')}"}
                                  ) as r:
             assert r.status == 403, "linking needs roomAdmin"
@@ -546,7 +544,8 @@ async def test_node_cli_runs_the_sfu_role(chain: Chain, tmp_path: Path) -> None:
     try:
         health = await wait_health(port, proc)
         assert health["role"] == "sfu" and health["load"] == 0
-        token = mint_token(chain.issuer, "cli", Grant("webrtc", room="cli"), 60)
+        node_key = str(load_keypair(config.parent / "sfu-cli.json").pubkey())
+        token = mint_token(chain.issuer, "cli", Grant("webrtc", room="cli"), 60, audience=node_key)
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{port}/rtc/validate",
                                 params={"access_token": token}) as r:
@@ -622,7 +621,8 @@ async def test_webhooks_survive_a_gateway_blip(tmp_path: Path) -> None:
     gw_runner: web.AppRunner | None = None
     try:
         sid = str(uuid.uuid4())
-        token = mint_token(issuer, "blip", Grant("webrtc", room="blip"), 60, session_id=sid)
+        token = mint_token(issuer, "blip", Grant("webrtc", room="blip"), 60, session_id=sid,
+                           audience=str(node_key.pubkey()))
         async with aiohttp.ClientSession() as http:
             ws = await http.ws_connect(f"ws://127.0.0.1:{port}/rtc?access_token={token}")
             client = RawClient(ws)

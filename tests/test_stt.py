@@ -32,12 +32,18 @@ from node.roles import RoleContext
 from node.stt.server import Models, STTRole
 from node.stt.settings import STTSettings, load_settings
 from registry.client import RegistryClient
+from registry.keys import load_keypair
 from registry.tokens import Grant, TokenVerifier, mint_token
 from tests.conftest import ROOT, Chain, free_port
 from tests.support.serving import serve
 from tests.support.speech import corpus, noise, silence, speak, stream_audio, word_errors
 
 pytestmark = pytest.mark.timeout(120)
+
+# Tests that send recorded audio as fast as possible (speed=None) test transcription, not pacing:
+# they give the stream a burst budget as long as their audio (an operator setting for batch
+# clients); pacing itself is tested in tests/security/test_node_attacks.py.
+BATCH_BURST = 600.0
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +67,7 @@ class Node:
     def token(self, chain: Chain, seconds: int = 300, session_id: str | None = None,
               ttl: int = 600) -> str:
         return mint_token(chain.issuer, "agent", Grant("stt", limit=seconds), ttl,
-                          session_id=session_id)
+                          session_id=session_id, audience=self.role.context.node_key)
 
 
 @contextlib.asynccontextmanager
@@ -163,7 +169,8 @@ def finals(client: Client) -> list[dict[str, Any]]:
 async def test_wer_on_24_kokoro_sentences_faster_than_real_time(
         chain: Chain, tmp_path: Path, stt_models: Models,
         sentences: list[tuple[str, np.ndarray]]) -> None:
-    async with stt_node(chain, tmp_path, stt_models, interim_results=False) as node, \
+    async with stt_node(chain, tmp_path, stt_models, interim_results=False,
+                        burst_seconds=BATCH_BURST) as node, \
             connect(node, {"session_key": node.token(chain), "language": "en"}) as c:
         ready = await c.type("ready")
         assert ready["language"] == "en" and ready["client_id"] and ready["remaining_seconds"] > 290
@@ -233,7 +240,7 @@ async def test_real_time_stream_events_in_order_interims_and_expiry(
 
 async def test_silence_and_noise_produce_nothing(chain: Chain, tmp_path: Path,
                                                  stt_models: Models) -> None:
-    async with stt_node(chain, tmp_path, stt_models) as node, \
+    async with stt_node(chain, tmp_path, stt_models, burst_seconds=BATCH_BURST) as node, \
             connect(node, {"session_key": node.token(chain)}) as c:
         await c.type("ready")
         audio = np.concatenate([silence(2), noise(3, 0.05), noise(2, 0.2, seed=3), silence(1)])
@@ -250,7 +257,8 @@ async def test_flush_reset_and_mid_session_config(chain: Chain, tmp_path: Path,
                                                   stt_models: Models,
                                                   sentences: list[tuple[str, np.ndarray]]) -> None:
     (t1, s1), (t2, s2) = sentences[0], sentences[1]
-    async with stt_node(chain, tmp_path, stt_models, interim_results=False) as node, \
+    async with stt_node(chain, tmp_path, stt_models, interim_results=False,
+                        burst_seconds=BATCH_BURST) as node, \
             connect(node, {"session_key": node.token(chain)}) as c:
         await c.type("ready")
         # flush: speech with no trailing silence is forced out
@@ -312,11 +320,16 @@ async def test_tokens_are_checked(chain: Chain, tmp_path: Path, stt_models: Mode
             "tts": mint_token(chain.issuer, "x", Grant("tts", limit=60), 60),
             "expired": mint_token(chain.issuer, "x", Grant("stt", limit=60), 1,
                                   now=time.time() - 60),
+            "no node": mint_token(chain.issuer, "x", Grant("stt", limit=60), 60),
+            "other node": mint_token(chain.issuer, "x", Grant("stt", limit=60), 60,
+                                     audience=str(Keypair().pubkey())),
         }
         for name, token in cases.items():
             async with connect(node, {"session_key": token}) as c:
                 err = await c.type("error")
                 assert err["error"] == "invalid_token", (name, err)
+                if name.endswith("node"):
+                    assert err["message"].startswith("wrong_node:"), err
                 await c.closed()
         async with connect(node, {"language": "en"}) as c:  # no session_key at all
             assert (await c.type("error"))["error"] == "invalid_token"
@@ -384,7 +397,8 @@ async def test_node_process_serves_stt(chain: Chain, tmp_path: Path,
         "listen_port": port, "public_url": f"http://127.0.0.1:{port}",
         "location": {"lat": 50.1, "lon": 8.7, "country": "DE"}, "capacity": 3,
         "heartbeat_interval": 1, "drain_timeout": 2, "state_dir": str(tmp_path / "state"),
-        "stt": {"whisper": {"models": ["tiny.en"]}, "interim_results": False},
+        "stt": {"whisper": {"models": ["tiny.en"]}, "interim_results": False,
+                "burst_seconds": BATCH_BURST},
     }
     path = tmp_path / "node-stt.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -406,7 +420,8 @@ async def test_node_process_serves_stt(chain: Chain, tmp_path: Path,
                 await asyncio.sleep(0.3)
             assert health and health["role"] == "stt" and health["capacity"] == 3
             text, audio = sentences[2]
-            token = mint_token(chain.issuer, "a", Grant("stt", limit=60), 60)
+            node_key = str(load_keypair(tmp_path / "stt.json").pubkey())
+            token = mint_token(chain.issuer, "a", Grant("stt", limit=60), 60, audience=node_key)
             async with http.ws_connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
                 c = Client(ws)
                 await ws.send_json({"type": "config", "session_key": token})

@@ -1,5 +1,5 @@
-"""The SFU role: HTTP routes (signal WebSocket, validate, refresh, Twirp RoomService), the room
-table, webhooks through the agent's durable outbox, and the load the heartbeat reports."""
+"""The SFU role: HTTP routes (signal WebSocket, validate, refresh, revoke, Twirp RoomService), the
+room table, webhooks through the agent's durable outbox, and the load the heartbeat reports."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -16,15 +17,18 @@ from livekit.protocol import models, room as room_pb
 
 from node.roles import RoleContext
 from node.sfu.forward import check_compatible
+from node.sfu.revoked import BadRevocation, Revocations, session_ids
 from node.sfu.rtc import Participant, Room
 from node.sfu.settings import SfuSettings
+from registry import jsonsafe
 from registry.settings import validate_settings
-from registry.tokens import Claims, TokenError
+from registry.tokens import Claims, TokenError, verify_body
 
 log = logging.getLogger("node.sfu")
 
 WEBHOOK_PATH = "/v1/webhooks/sfu"
 TWIRP_PREFIX = "/twirp/livekit.RoomService/"
+MAX_REVOKE_BODY = 256 * 1024  # 1000 ids of 128 characters, quoted, fit
 
 
 class Refusal(Exception):
@@ -52,6 +56,9 @@ class SfuRole:
         self.draining = False
         self._janitor: asyncio.Task[None] | None = None
         self.events: list[dict[str, Any]] = []  # the last webhooks, for tests and /metrics
+        revoked_file = f"sfu-revoked-{context.node_key[:8]}.sqlite"
+        self.revoked = Revocations(Path(context.state_dir) / revoked_file
+                                   if context.state_dir else None)
 
     @property
     def capacity(self) -> int:
@@ -68,6 +75,7 @@ class SfuRole:
         app.router.add_route("*", "/rtc/v1", self.not_v1)
         app.router.add_route("*", "/rtc/v1/{tail:.*}", self.not_v1)
         app.router.add_post("/rtc/refresh", self.refresh)
+        app.router.add_post("/rtc/revoke", self.revoke)
         app.router.add_post(TWIRP_PREFIX + "{method}", self.twirp)
         app.router.add_post("/relay/link", self.relay_link)
 
@@ -84,6 +92,7 @@ class SfuRole:
             for p in list(room.participants.values()):
                 await p.close(models.DisconnectReason.SERVER_SHUTDOWN)
             await self._finish(room)
+        self.revoked.close()
 
     async def _janitor_loop(self) -> None:
         while True:
@@ -92,6 +101,7 @@ class SfuRole:
                 empty = room.empty_for()
                 if empty is not None and empty >= self.settings.empty_timeout:
                     await self._finish(room)
+            self.revoked.prune()
 
     async def _finish(self, room: Room) -> None:
         if self.rooms.get(room.name) is room:
@@ -101,7 +111,8 @@ class SfuRole:
     # ------------------------------------------------------------ webhooks
 
     def _emit(self, event: str, body: dict[str, Any]) -> None:
-        body = {**body, "id": f"EV_{uuid.uuid4().hex[:12]}", "createdAt": int(time.time())}
+        # a unique id per event (LiveKit's WebhookEvent.id): the gateway applies each one once
+        body = {**body, "id": f"EV_{uuid.uuid4().hex}", "createdAt": int(time.time())}
         self.events.append(body)
         del self.events[:-200]
         if self.settings.webhooks:
@@ -114,9 +125,12 @@ class SfuRole:
             raise Refusal(401, "no_token", "no token: pass Authorization: Bearer <token> or "
                                            "?access_token=<token>")
         try:
-            claims = await self.context.verifier.verify(token)
+            claims = await self.context.verify(token)
         except TokenError as exc:
             raise Refusal(401, exc.code, str(exc)) from None
+        if claims.session_id in self.revoked:
+            raise Refusal(401, "session_ended", f"session {claims.session_id} has ended (settled "
+                                                "by the gateway): ask the gateway for a new token")
         grant = claims.grant
         room = grant.get("room")
         if not grant.get("roomJoin") or not room:
@@ -137,6 +151,41 @@ class SfuRole:
 
     async def not_v1(self, request: web.Request) -> web.Response:
         return web.Response(status=404, text="signal v1 is not served here; use /rtc")
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        """The gateway's list of settled sessions: their tokens are refused from now on and their
+        live participants are disconnected (LiveKit ``leave``). Signed by a trusted issuer key
+        over the exact body (``registry.tokens.sign_body``)."""
+        def refuse(status: int, code: str, message: str) -> web.Response:
+            log.info("refused a revoke: %s: %s", code, message)
+            return web.json_response({"error": code, "message": message}, status=status)
+
+        if (request.content_length or 0) > MAX_REVOKE_BODY:
+            return refuse(413, "too_large", f"a revoke body is at most {MAX_REVOKE_BODY} bytes")
+        body = await request.content.read(MAX_REVOKE_BODY + 1)
+        if len(body) > MAX_REVOKE_BODY:
+            return refuse(413, "too_large", f"a revoke body is at most {MAX_REVOKE_BODY} bytes")
+        try:
+            signer = verify_body(bearer(request) or "", body)
+        except TokenError as exc:
+            return refuse(401, exc.code, str(exc))
+        if signer not in await self.context.verifier.trusted_issuers() and \
+                signer not in await self.context.verifier.trusted_issuers(force=True):
+            return refuse(403, "untrusted_issuer",
+                          f"{signer} is not a gateway key listed on the registry")
+        try:
+            ids = session_ids(jsonsafe.loads(body))
+        except (BadRevocation, ValueError) as exc:
+            return refuse(400, "bad_request", str(exc))
+        self.revoked.revoke(ids)
+        wanted = set(ids)
+        for room in list(self.rooms.values()):
+            for p in list(room.participants.values()):
+                if not p.remote and p.session_id in wanted:
+                    log.info("session %s of %s in %s revoked; disconnecting", p.session_id,
+                             p.identity, room.name)
+                    await p.close(models.DisconnectReason.PARTICIPANT_REMOVED)
+        return web.json_response({"revoked": len(ids)})
 
     async def validate(self, request: web.Request) -> web.Response:
         try:
@@ -174,7 +223,10 @@ class SfuRole:
             if exc.code not in ("draining", "no_capacity", "room_full"):
                 return web.json_response({"error": exc.code, "message": str(exc)},
                                          status=exc.status)
-            claims = await self.context.verifier.verify(bearer(request) or "")
+            claims = await self.context.verify(bearer(request) or "")
+            if claims.session_id in self.revoked:
+                return web.json_response({"error": "session_ended",
+                                          "message": "this session has ended"}, status=401)
         room = self.rooms.get(claims.grant["room"])
         target = room.by_identity(claims.identity) if room else None
         if target is None or target.session_id != claims.session_id:
@@ -186,8 +238,9 @@ class SfuRole:
     # ------------------------------------------------------------ relay to a peer node
 
     async def relay_link(self, request: web.Request) -> web.Response:
-        """Join this node's room to the same room on a peer SFU node (``peer_url``), under a
-        roomAdmin token for that room; the peer verifies the same token against the chain."""
+        """Join this node's room to the same room on a peer SFU node (``peer_url``). The bearer is
+        a roomAdmin token for this node; ``peer_token`` a roomAdmin token for the same room routed
+        to the peer (tokens name their node), which the peer verifies against the chain."""
         from node.sfu.relay import RelayParticipant
 
         token = bearer(request)
@@ -200,18 +253,21 @@ class SfuRole:
                                       "message": "linking a room needs a roomAdmin token"},
                                      status=403)
         try:
-            body = await request.json()
-            peer_url = str(body["peer_url"])
+            body = jsonsafe.loads(await request.read())
+            peer_url, peer_token = body["peer_url"], body["peer_token"]
+            if not isinstance(peer_url, str) or not isinstance(peer_token, str):
+                raise TypeError
         except (ValueError, KeyError, TypeError):
             return web.json_response({"error": "bad_request",
-                                      "message": "body must be {\"peer_url\": \"ws://...\"}"},
-                                     status=400)
+                                      "message": "body must be {\"peer_url\": \"ws://...\", "
+                                                 "\"peer_token\": \"<roomAdmin token for the peer "
+                                                 "node>\"}"}, status=400)
         room_name = claims.grant["room"]
         room = self.rooms.get(room_name)
         if room is None:
             room = self.rooms[room_name] = Room(room_name, self.settings, self._emit)
         identity = f"relay-{str(self.context.keypair.pubkey())[:8]}"
-        link = RelayParticipant(room, peer_url, token or "", identity)
+        link = RelayParticipant(room, peer_url, peer_token, identity)
         try:
             await link.start()
         except Exception as exc:
@@ -243,7 +299,8 @@ class SfuRole:
         req = message_type()
         try:
             if as_json:
-                json_format.Parse(body or b"{}", req, ignore_unknown_fields=True)
+                json_format.ParseDict(jsonsafe.loads(body or b"{}"), req,
+                                      ignore_unknown_fields=True)
             else:
                 req.ParseFromString(body)
         except Exception as exc:
@@ -252,7 +309,7 @@ class SfuRole:
         if not token:
             return _twirp_error(401, "unauthenticated", "no token")
         try:
-            claims = await self.context.verifier.verify(token)
+            claims = await self.context.verify(token)
         except TokenError as exc:
             return _twirp_error(401, "unauthenticated", str(exc))
         if not claims.grant.get("roomAdmin"):

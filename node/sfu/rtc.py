@@ -14,7 +14,6 @@ queues), so one slow or dead participant cannot stall the room.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import time
@@ -30,11 +29,13 @@ from livekit.protocol import models, rtc
 
 from node.sfu.forward import ForwardTrack, install_passthrough, level_to_unit
 from node.sfu.settings import SfuSettings
+from registry import jsonsafe
 from registry.tokens import Claims
 
 log = logging.getLogger("node.sfu")
 
 PROTOCOL_VERSION = 16
+MAX_PENDING_TRACKS = 32  # add_track requests awaiting their media, per participant
 SERVER_VERSION = "1.9.0-voicenet"
 
 
@@ -181,7 +182,8 @@ class Participant:
                 # A client that did not send add_track for this cid: take the oldest pending one.
                 published = next((p for p in self._pending_cids.values() if not p.receiving), None)
             if receiver is not None and published is None and track.kind == "audio":
-                self._unannounced[track.id] = receiver  # add_track may still come
+                if len(self._unannounced) < MAX_PENDING_TRACKS:
+                    self._unannounced[track.id] = receiver  # add_track may still come
                 return
             if receiver is None or published is None or track.kind != "audio":
                 log.info("%s sent an unannounced %s track %s; ignored", self.identity,
@@ -335,9 +337,11 @@ class Participant:
     async def _on_trickle(self, trickle: rtc.TrickleRequest) -> None:
         pc = self.publisher if trickle.target == rtc.SignalTarget.PUBLISHER else self.subscriber
         try:
-            init = json.loads(trickle.candidateInit)
-        except ValueError:
-            raise SignalError("trickle candidateInit is not JSON") from None
+            init = jsonsafe.loads(trickle.candidateInit)
+        except ValueError as exc:
+            raise SignalError(f"trickle candidateInit is not JSON: {exc}") from None
+        if not isinstance(init, dict):
+            raise SignalError("trickle candidateInit must be a JSON object")
         text = init.get("candidate") or ""
         if not text:
             return  # end of candidates
@@ -375,6 +379,15 @@ class Participant:
             return
         if req.cid in self._pending_cids:
             published = self._pending_cids[req.cid]
+        elif len(self._pending_cids) >= MAX_PENDING_TRACKS:
+            # each pending request holds server memory until its media arrives: bound them
+            log.info("refused add_track from %s: %d requests already await their media",
+                     self.identity, len(self._pending_cids))
+            self.request_response(0, rtc.RequestResponse.Reason.LIMIT_EXCEEDED,
+                                  f"at most {MAX_PENDING_TRACKS} add_track requests may await "
+                                  "their media; send the offer with the tracks first",
+                                  add_track=req)
+            return
         else:
             published = PublishedTrack(sid=new_sid("TR"), cid=req.cid, name=req.name, owner=self,
                                        source=req.source or models.TrackSource.MICROPHONE,
@@ -437,7 +450,7 @@ class Participant:
 
         request = rtc.SignalRequest()
         try:
-            json_format.Parse(text, request)
+            json_format.ParseDict(jsonsafe.loads(text), request)
         except Exception:
             self.request_response(0, rtc.RequestResponse.Reason.INVALID_REQUEST,
                                   "malformed SignalRequest JSON")

@@ -7,10 +7,11 @@ the paid limit less the connected time, and never past the token's expiry.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from node.outbox import SessionStore
 
 
 @dataclass
@@ -63,40 +64,27 @@ class SessionClock:
 class Clocks:
     """All sessions this node has seen; finished ones are dropped once settled.
 
-    With a ``store`` (a SQLite file under the node's state dir) the seconds used are saved at
-    every usage report, so a node restart does not hand a reconnecting client its time again: the
-    clock resumes from the last report (at most one report interval is lost, as with billing).
+    With a ``store`` (a SQLite file under the node's state dir, ``node.outbox.SessionStore``) the
+    seconds used are saved at every usage report, so a node restart does not hand a reconnecting
+    client its time again: the clock resumes from the last report (at most one report interval is
+    lost, as with billing).
     """
 
     def __init__(self, store: Path | None = None) -> None:
         self.sessions: dict[str, SessionClock] = {}
-        self._db: sqlite3.Connection | None = None
-        if store is not None:
-            store.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(store, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS clocks (session_id TEXT PRIMARY KEY, "
-                             "used REAL NOT NULL, completed INTEGER NOT NULL, expires_at REAL)")
+        self._store = SessionStore(store, table="clocks")
 
     def save(self, clock: SessionClock, used: float) -> None:
-        if self._db is not None:
-            self._db.execute("INSERT OR REPLACE INTO clocks VALUES (?, ?, ?, ?)",
-                             (clock.session_id, used, int(clock.completed), clock.expires_at))
-            self._db.execute("DELETE FROM clocks WHERE expires_at < ?", (time.time() - 86_400,))
+        self._store.save(clock.session_id, used, clock.completed, clock.expires_at)
 
     def _restore(self, clock: SessionClock) -> None:
-        if self._db is None:
-            return
-        row = self._db.execute("SELECT used, completed FROM clocks WHERE session_id = ?",
-                               (clock.session_id,)).fetchone()
-        if row is not None:
-            clock.used_before, clock.completed = float(row[0]), bool(row[1])
-            clock.last_reported = float(row[0])
+        saved = self._store.load(clock.session_id)
+        if saved is not None:
+            clock.used_before, clock.completed = saved
+            clock.last_reported = saved[0]
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        self._store.close()
 
     def get_or_create(self, session_id: str, limit: float, expires_at: float) -> SessionClock:
         clock = self.sessions.get(session_id)

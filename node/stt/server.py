@@ -35,6 +35,7 @@ from node.stt.stream import FrontEnd, Utterance
 from node.stt.trimming import trim
 from node.stt.vad import SAMPLE_RATE, SileroModel, VadConfig
 from node.stt.validation import ValidationConfig, rms_dbfs, validate
+from registry import jsonsafe
 from registry.settings import SettingsError
 from registry.tokens import Claims, TokenError
 
@@ -232,6 +233,32 @@ class STTRole:
         return ws
 
 
+class RealtimeBudget:
+    """A token bucket of audio seconds: real time refills it, up to ``burst`` seconds ahead.
+
+    A client streaming live audio never empties it; one sending faster than real time gets
+    ``burst`` seconds ahead and then only real time, so the transcriber never does more work
+    than the session pays for, however fast frames arrive."""
+
+    def __init__(self, burst: float, now: float | None = None) -> None:
+        self.burst = burst
+        self.tokens = burst
+        self.at = time.monotonic() if now is None else now
+        self.accepted = 0.0  # audio seconds let through
+        self.dropped = 0.0   # audio seconds refused
+
+    def take(self, seconds: float, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        self.tokens = min(self.burst, self.tokens + (now - self.at))
+        self.at = now
+        if seconds > self.tokens:
+            self.dropped += seconds
+            return False
+        self.tokens -= seconds
+        self.accepted += seconds
+        return True
+
+
 class Connection:
     def __init__(self, role: STTRole, ws: web.WebSocketResponse, client_id: str) -> None:
         self.role, self.ws, self.client_id = role, ws, client_id
@@ -240,7 +267,11 @@ class Connection:
         self.language = "en"
         self.force_model: str | None = None
         self.frontend: FrontEnd | None = None
-        self.audio_in: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        # bounded: a front end that falls behind stops the socket reads, not the node's memory
+        self.audio_in: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(
+            maxsize=self.settings.audio_queue_frames)
+        self.budget = RealtimeBudget(self.settings.burst_seconds)
+        self.rate_limited = False  # a rate_limited error was sent and the client did not slow down
         self.jobs: deque[Utterance] = deque()
         self.jobs_ready = asyncio.Event()
         self.tasks: list[asyncio.Task[Any]] = []
@@ -351,9 +382,10 @@ class Connection:
     @staticmethod
     def _parse(text: str) -> dict[str, Any]:
         try:
-            data = json.loads(text)
-        except ValueError:
-            raise ProtocolError("invalid_json", "text messages must be JSON objects") from None
+            data = jsonsafe.loads(text)
+        except ValueError as exc:
+            raise ProtocolError("invalid_json",
+                                f"text messages must be JSON objects in UTF-8: {exc}") from None
         if not isinstance(data, dict):
             raise ProtocolError("invalid_json", "text messages must be JSON objects")
         return data
@@ -363,7 +395,7 @@ class Connection:
         if not isinstance(token, str) or not token:
             raise ProtocolError("invalid_token", "session_key is required", fatal=fatal)
         try:
-            claims = await self.role.context.verifier.verify(token)
+            claims = await self.role.context.verify(token)
         except TokenError as exc:
             raise ProtocolError("invalid_token", f"{exc.code}: {exc}", fatal=fatal) from None
         if not claims.limit:
@@ -460,7 +492,7 @@ class Connection:
         self.spec_for.clear()
         while not self.audio_in.empty():
             self.audio_in.get_nowait()
-        self.audio_in.put_nowait(("reset", None))
+        self.audio_in.put_nowait(("reset", None))  # fits: the queue was just emptied
 
     async def _audio(self, data: bytes) -> None:
         if len(data) == 0 or len(data) % 2:
@@ -473,8 +505,25 @@ class Connection:
                              f"{self.settings.max_frame_ms:g} ms ({max_bytes} bytes); "
                              "send 20-100 ms")
             return
+        if not await self._within_budget(len(data) / 2 / SAMPLE_RATE):
+            return
         audio = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
         await self.audio_in.put(("audio", (audio, time.monotonic())))
+
+    async def _within_budget(self, seconds: float) -> bool:
+        """Real time plus ``burst_seconds``: past it a frame is dropped, and the client hears
+        once (not per frame) until it has slowed down to half a burst of headroom again."""
+        if self.budget.take(seconds):
+            if self.rate_limited and self.budget.tokens >= self.budget.burst / 2:
+                self.rate_limited = False
+            return True
+        if not self.rate_limited:
+            self.rate_limited = True
+            await self.error("rate_limited",
+                             f"audio is arriving faster than real time (more than "
+                             f"{self.budget.burst:g} s ahead); frames are dropped until it "
+                             "slows down: send audio at its own pace")
+        return False
 
     # ------------------------------------------------------------ loops
 

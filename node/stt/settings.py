@@ -74,6 +74,12 @@ class STTSettings(_Strict):
     usage_report_interval: float = Field(default=15.0, gt=0)
     expiry_warnings: list[int] = Field(default_factory=lambda: [60, 10])
     max_frame_ms: float = Field(default=1000, gt=0)
+    burst_seconds: float = Field(
+        default=2.0, ge=0.1, description="audio a client may send ahead of real time; beyond "
+                                         "it frames are dropped with one rate_limited error")
+    audio_queue_frames: int = Field(
+        default=256, ge=8, description="frames waiting for the front end per stream; when full, "
+                                       "the node stops reading the socket (TCP backpressure)")
     frontend_threads: int = Field(default=2, ge=1)
     model_cache: Path | None = Field(
         default=None, description="where split models are joined; default $VOICENET_MODEL_DIR "

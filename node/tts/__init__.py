@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from pathlib import Path
 
 from aiohttp import web
 
@@ -19,6 +20,7 @@ from node.roles import RoleContext
 from node.tts.engine import Engine, VoiceSpec, create_engine
 from node.tts.scheduler import Scheduler
 from node.tts.settings import TtsSettings, load_settings
+from node.tts.usage import Sessions
 
 log = logging.getLogger("node.tts")
 
@@ -32,6 +34,11 @@ class TtsRole:
         self._engine = engine
         self.scheduler = Scheduler(self.settings.workers)
         self.streams: set = set()
+        usage_file = f"tts-usage-{context.node_key[:8]}.sqlite"
+        self.sessions = Sessions(context.outbox,
+                                 Path(context.state_dir) / usage_file if context.state_dir else None,
+                                 self.settings.reconnect_grace)
+        self._usage_task: asyncio.Task[None] | None = None
         self.draining = False
         self.started_at = time.time()
         # underruns: times a playing text ran dry because the engine fell behind (CPU starved)
@@ -65,6 +72,19 @@ class TtsRole:
             spec = VoiceSpec.parse(self.settings.voice, self.settings.lang_code)
             await loop.run_in_executor(None, self.engine.synthesize, "Ready.", spec, 1.0)
         self.scheduler.start()
+        self._usage_task = asyncio.create_task(self._usage_loop())
+
+    async def _usage_loop(self) -> None:
+        """Usage of every session every ``usage_interval``; idle sessions settle within 0.5 s of
+        their reconnect grace."""
+        tick = min(0.5, self.settings.usage_interval)
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(tick)
+            due = time.monotonic() - last >= self.settings.usage_interval
+            if due:
+                last = time.monotonic()
+            self.sessions.sweep(report=due)
 
     def _load_engine(self) -> Engine:
         s = self.settings
@@ -82,6 +102,9 @@ class TtsRole:
     async def stop(self) -> None:
         for stream in list(self.streams):
             await stream.ws.close(code=1001, message=b"node stopping")
+        if self._usage_task is not None:
+            self._usage_task.cancel()
+        self.sessions.close()
         await self.scheduler.stop()
 
     def load(self) -> int:

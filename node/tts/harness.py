@@ -10,6 +10,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class RoleServer:
         self.settings = settings or {}
         self.capacity = capacity
         self.port = free_port()
+        self.node_key = Keypair()  # the node's key: its tokens carry it as their audience
         self._ready = threading.Event()
         self._error: BaseException | None = None
 
@@ -61,7 +63,7 @@ class RoleServer:
         async def issuers() -> list[str]:
             return [issuer_key]
 
-        node_key = Keypair()
+        node_key = self.node_key
         self.outbox = Outbox(self.state / "outbox.sqlite", None, node_key)
         context = RoleContext(role="tts", settings=self.settings, keypair=node_key,
                               verifier=TokenVerifier(issuers, "tts"), public_url="",
@@ -91,7 +93,20 @@ class RoleServer:
 
     def token(self, limit: int = 10_000, session_id: str | None = None, ttl: int = 600) -> str:
         return mint_token(self.issuer, "tester", Grant("tts", limit=limit), ttl,
-                          session_id=session_id or str(uuid.uuid4()))
+                          session_id=session_id or str(uuid.uuid4()),
+                          audience=str(self.node_key.pubkey()))
+
+    def completion(self, session_id: str, timeout: float = 15.0) -> dict | None:
+        """The session's ``complete`` event, once the node settled it (after its last socket
+        closed and the reconnect grace passed), or None if it did not within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done = [e for e in self.usage_events()
+                    if e["session_id"] == session_id and e["event"] == "complete"]
+            if done:
+                return done[-1]
+            time.sleep(0.1)
+        return None
 
     def usage_events(self) -> list[dict]:
         rows = self.outbox._db.execute("SELECT body FROM outbox ORDER BY id").fetchall()

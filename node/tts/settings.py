@@ -29,6 +29,9 @@ class TtsSettings(BaseModel):
     lookahead_seconds: float = Field(default=6.0, gt=0, description="synthesis runs this far ahead")
     first_clause_words: int = Field(default=4, ge=1, le=40)
     usage_interval: float = Field(default=10.0, gt=0, description="seconds between usage reports")
+    reconnect_grace: float = Field(
+        default=5.0, ge=0,
+        description="seconds a session with no socket waits for a reconnect before it settles")
     auth_timeout: float = Field(default=10.0, gt=0)
     alignment: bool = True
     warmup: bool = True

@@ -14,8 +14,8 @@ leaves after ``cleared``.
 
 Characters: a text is *reserved* against the token's limit when accepted (so a text past the limit
 is refused with an error), and *used* (billed) when its synthesis starts; a cleared text that never
-started is released. Usage is reported cumulatively through the outbox, periodically and with
-``complete`` when the socket closes.
+started is released. The counts belong to the token's session (``node.tts.usage``), not to the
+socket: every socket of one session draws from one limit, and the role reports usage per session.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ import soxr
 from aiohttp import WSMsgType, web
 
 from node.tts.engine import EngineError, Segment, VoiceSpec, check_speed, plan_segments
+from node.tts.usage import SessionEnded, TtsSession
+from registry import jsonsafe
 from registry.tokens import Claims, TokenError
 
 if TYPE_CHECKING:
@@ -116,11 +118,7 @@ class TtsStream:
         self.ws = ws
         self.claims: Claims | None = None
         self.session_id = ""
-        self.limit = 0
-        self.expires_at = 0.0
-        self.reserved = 0          # accepted characters (queued + started)
-        self.used = 0              # characters whose synthesis started (billed)
-        self.reported = -1
+        self.session: TtsSession | None = None  # shared by every socket of the token's session
         self.voice = Voice(VoiceSpec.parse(self.settings.voice, self.settings.lang_code),
                            self.settings.speed)
         self.items: deque[Item] = deque()
@@ -131,8 +129,11 @@ class TtsStream:
         self._producer: asyncio.Task[None] | None = None
         self._producing: Item | None = None
         self._player: asyncio.Task[None] | None = None
-        self._usage_task: asyncio.Task[None] | None = None
         self.frames_sent = 0
+
+    @property
+    def expires_at(self) -> float:
+        return self.session.expires_at if self.session is not None else 0.0
 
     # ------------------------------------------------------------------ sending
 
@@ -158,21 +159,22 @@ class TtsStream:
         self.role.streams.add(self)
         self._producer = asyncio.create_task(self._produce())
         self._player = asyncio.create_task(self._play())
-        self._usage_task = asyncio.create_task(self._usage_loop())
         try:
             await self._read()
         finally:
             self.role.streams.discard(self)
-            for t in (self._producer, self._player, self._usage_task):
+            for t in (self._producer, self._player):
                 if t is not None:
                     t.cancel()
-            for t in (self._producer, self._player, self._usage_task):
+            for t in (self._producer, self._player):
                 if t is not None:
                     try:
                         await t
                     except (asyncio.CancelledError, Exception):
                         pass
-            self._report(complete=True)
+            unstarted = sum(i.chars for i in self.items if not i.synth_started and not i.cancelled)
+            assert self.session is not None
+            self.role.sessions.detach(self.session, unstarted)
 
     async def _authenticate(self) -> bool:
         try:
@@ -187,11 +189,11 @@ class TtsStream:
             await self.ws.close(code=4401, message=b"auth required")
             return False
         try:
-            data = json.loads(msg.data)
+            data = jsonsafe.loads(msg.data)
             if not isinstance(data, dict) or not isinstance(data.get("session_key"), str):
                 raise ProtocolError("auth: the first message must be {\"session_key\": \"eyJ...\"}")
             try:
-                claims = await self.role.context.verifier.verify(data["session_key"])
+                claims = await self.role.context.verify(data["session_key"])
             except TokenError as exc:
                 raise ProtocolError(f"auth: {exc.code}: {exc}") from None
             if claims.service != "tts" or claims.limit is None:
@@ -202,17 +204,24 @@ class TtsStream:
                 raise ProtocolError("node is at capacity: open a new session through the gateway")
             if "config" in data:
                 self._apply_config(data["config"])
+            session = self.role.sessions.attach(claims.session_id, int(claims.limit),
+                                                float(claims.expires_at))
+        except SessionEnded as exc:
+            await self.error(f"auth: session_ended: {exc}")
+            await self.ws.close(code=4401, message=b"session ended")
+            return False
         except (ValueError, ProtocolError, EngineError) as exc:
-            await self.error(str(exc) if not isinstance(exc, json.JSONDecodeError)
-                             else "auth: the first message is not valid JSON")
+            bad_json = isinstance(exc, ValueError) and not isinstance(exc, EngineError)
+            await self.error(f"auth: the first message is not valid JSON ({exc})" if bad_json
+                             else str(exc))
             await self.ws.close(code=4401, message=b"auth failed")
             return False
         self.claims = claims
         self.session_id = claims.session_id
-        self.limit = int(claims.limit)
-        self.expires_at = float(claims.expires_at)
+        self.session = session
         await self.send_json({"type": "ready", "session_id": self.session_id,
-                              "limit_characters": self.limit,
+                              "limit_characters": session.limit,
+                              "remaining_characters": session.remaining(),
                               "expires_in": max(0, int(self.expires_at - time.time()))})
         return True
 
@@ -236,9 +245,9 @@ class TtsStream:
             context_id = None
             try:
                 try:
-                    data = json.loads(msg.data)
-                except ValueError:
-                    raise ProtocolError("message is not valid JSON") from None
+                    data = jsonsafe.loads(msg.data)
+                except ValueError as exc:
+                    raise ProtocolError(f"message is not valid JSON: {exc}") from None
                 if not isinstance(data, dict):
                     raise ProtocolError("message must be a JSON object")
                 context_id = data.get("context_id")
@@ -313,11 +322,13 @@ class TtsStream:
                                 f"{self.settings.max_text_chars} per message")
         voice = self._voice_from(data, self.voice)
         chars = len(text)
-        if self.reserved + chars > self.limit:
+        session = self.session
+        assert session is not None
+        if session.reserved + chars > session.limit:
             raise ProtocolError(
                 f"character limit reached: this text has {chars} characters, "
-                f"{max(0, self.limit - self.reserved)} of the session's {self.limit} remain; "
-                "extend the session")
+                f"{session.remaining()} of the session's {session.limit} remain (shared by "
+                "every socket of the session); extend the session")
         if len(self.items) >= self.settings.max_queued_texts:
             raise ProtocolError(f"too many queued texts (at most {self.settings.max_queued_texts}): "
                                 "wait for done or clear")
@@ -325,7 +336,7 @@ class TtsStream:
                 len({i.context_id for i in self.items if i.context_id}) >= self.settings.max_contexts:
             raise ProtocolError(f"too many open contexts (at most {self.settings.max_contexts})")
         self._seq += 1
-        self.reserved += chars
+        session.reserved += chars
         self.items.append(Item(self._seq, text, voice, context_id, chars))
         self._changed.set()
 
@@ -335,8 +346,8 @@ class TtsStream:
             if context_id is None or item.context_id == context_id:
                 item.cancelled = True
                 item.frames.clear()
-                if not item.synth_started:
-                    self.reserved -= item.chars
+                if not item.synth_started and self.session is not None:
+                    self.session.reserved -= item.chars
             else:
                 keep.append(item)
         self.items = keep
@@ -361,15 +372,16 @@ class TtsStream:
         if not isinstance(token, str):
             raise ProtocolError("extend needs {\"type\": \"extend\", \"session_key\": \"eyJ...\"}")
         try:
-            claims = await self.role.context.verifier.verify(token)
+            claims = await self.role.context.verify(token)
         except TokenError as exc:
             raise ProtocolError(f"extend: {exc.code}: {exc}") from None
         if claims.session_id != self.session_id or claims.limit is None:
             raise ProtocolError("extend: the key is for another session")
-        self.limit = max(self.limit, int(claims.limit))
-        self.expires_at = max(self.expires_at, float(claims.expires_at))
-        await self.send_json({"type": "extended", "expires_in": max(0, int(self.expires_at - time.time())),
-                              "limit_characters": self.limit})
+        assert self.session is not None
+        self.session.extend(int(claims.limit), float(claims.expires_at))
+        await self.send_json({"type": "extended",
+                              "expires_in": max(0, int(self.expires_at - time.time())),
+                              "limit_characters": self.session.limit})
 
     # ------------------------------------------------------------------ producer
 
@@ -386,7 +398,8 @@ class TtsStream:
                 continue
             if not item.synth_started:
                 item.synth_started = True
-                self.used += item.chars
+                assert self.session is not None
+                self.session.used += item.chars
             self._producing = item
             try:
                 await self._produce_item(engine, item)
@@ -551,22 +564,3 @@ class TtsStream:
         while item.events and (final or item.events[0][0] <= item.played):
             _, msg = item.events.popleft()
             await self.send_json(msg)
-
-    # ------------------------------------------------------------------ usage
-
-    def _report(self, complete: bool) -> None:
-        if not self.session_id:
-            return
-        if not complete and self.used == self.reported:
-            return
-        try:
-            self.role.context.outbox.report_usage(self.session_id, complete,
-                                                  used_characters=self.used)
-            self.reported = self.used
-        except Exception:  # the outbox is durable; a failure here is a local disk problem
-            log.exception("could not record usage for session %s", self.session_id)
-
-    async def _usage_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.role.settings.usage_interval)
-            self._report(complete=False)

@@ -71,11 +71,11 @@ ENDPOINTS = {
 WRK_SCRIPT = ROOT / "bench" / "wrk_replay.lua"
 
 
-async def setup_chain(url: str, issuer: Keypair) -> None:
-    authority = Keypair()
+async def setup_chain(url: str, authority: Keypair, issuer: Keypair) -> None:
+    """``authority``: the localnet program's upgrade authority, the one key that may init."""
     async with RegistryClient(url) as client:
         await client.ensure_funded(authority)
-        await client.initialize_registry(authority, 3600)
+        await client.initialize_registry(authority, 3600, p.Policy.OPEN)
         await client.add_issuer(authority, issuer.pubkey())
         for role in (p.Role.SFU, p.Role.STT, p.Role.TTS):
             node = Keypair()
@@ -287,7 +287,7 @@ def main() -> None:
         net = start_localnet_process(tmp / "ledger")
         pg = None
         try:
-            asyncio.run(setup_chain(net.url, issuer))
+            asyncio.run(setup_chain(net.url, net.authority, issuer))
             print(f"loopback, wrk -t1, {args.seconds:g} s per phase; gateway (one process) and wrk "
                   f"share the machine's {os.cpu_count()} cores")
             for backend in args.backends.split(","):

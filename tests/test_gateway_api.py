@@ -63,13 +63,13 @@ class Net:
 def net(tmp_path_factory: pytest.TempPathFactory) -> Net:
     """A localnet of its own (long TTL, known nodes) so routing is deterministic."""
     localnet: Localnet = start_localnet_process(tmp_path_factory.mktemp("gw") / "ledger")
-    authority, issuer = Keypair(), Keypair()
+    authority, issuer = localnet.authority, Keypair()  # the program's upgrade authority
     nodes = {name: Keypair() for name in NODES}
 
     async def setup() -> None:
         async with RegistryClient(localnet.url) as client:
             await client.ensure_funded(authority)
-            await client.initialize_registry(authority, 3600)
+            await client.initialize_registry(authority, 3600, p.Policy.OPEN)
             await client.add_issuer(authority, issuer.pubkey())
             for name, (role, url, lat, lon, country) in NODES.items():
                 await client.ensure_funded(nodes[name])
@@ -382,7 +382,8 @@ async def test_errors_are_the_documented_codes(gw: Gw) -> None:
         await client.extend_stt_session("nope", 1)
     with pytest.raises(NotFound):
         await client.extend_stt_session("00000000-0000-0000-0000-000000000000", 1)
-    headers = {**sign_request("POST", "/v1/stt/session", client.key),
+    # A second the SDK has not signed in (its 402 above gave that signature back for its body).
+    headers = {**sign_request("POST", "/v1/stt/session", client.key, now=time.time() + 20),
                "Content-Type": "application/json"}
     async with gw.http.post(gw.url + "/v1/stt/session", data=b"{nope", headers=headers) as r:
         assert r.status == 400 and "not valid JSON" in (await r.json())["error"]

@@ -38,7 +38,7 @@ from registry.tokens import Grant, mint_token
 from tests.support.audio import tone_hz
 from tests.conftest import Chain, free_port
 from tests.support.serving import serve
-from tests.support.signal import RawClient
+from tests.support.livekit_signal import RawClient
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

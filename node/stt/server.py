@@ -397,7 +397,10 @@ class Connection:
         try:
             claims = await self.role.context.verify(token)
         except TokenError as exc:
-            raise ProtocolError("invalid_token", f"{exc.code}: {exc}", fatal=fatal) from None
+            # A key routed to another node has a code of its own: the client should ask the
+            # gateway again rather than retry here.
+            code = "wrong_node" if exc.code == "wrong_node" else "invalid_token"
+            raise ProtocolError(code, f"{exc.code}: {exc}", fatal=fatal) from None
         if not claims.limit:
             raise ProtocolError("invalid_token", "the token grants no STT seconds", fatal=fatal)
         return claims

@@ -31,7 +31,7 @@ from registry.client import RegistryClient
 from registry.tokens import Grant, TokenVerifier, mint_token, sign_body
 from tests.conftest import Chain, free_port
 from tests.support.serving import serve
-from tests.support.signal import RawClient
+from tests.support.livekit_signal import RawClient
 from tests.support.speech import silence, stream_audio
 from tests.test_stt import connect as stt_connect
 from tests.test_stt import stt_models, stt_node  # noqa: F401  (stt_models is a fixture)
@@ -60,7 +60,7 @@ async def test_stt_token_routed_to_node_a_is_refused_by_node_b(
         token = stt_token(chain, a.role.context.node_key)
         async with stt_connect(b, {"session_key": token}) as c:
             err = await c.type("error")
-            assert err["error"] == "invalid_token" and err["message"].startswith("wrong_node:")
+            assert err["error"] == "wrong_node" and err["message"].startswith("wrong_node:")
             assert a.role.context.node_key in err["message"]
             await c.closed()
         assert b.role.clocks.sessions == {} and b.role.load() == 0

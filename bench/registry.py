@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ from solders.transaction import Transaction  # noqa: E402
 from registry import program as p  # noqa: E402
 from registry.client import RegistryClient  # noqa: E402
 from registry.localnet import LocalSvm, deploy_programs  # noqa: E402
-from tests.conftest import free_port, wait_for_rpc  # noqa: E402
+from tests.conftest import start_localnet_process  # noqa: E402
 
 PROGRAMS = [(p.SO_PATH, p.PROGRAM_KEYPAIR_PATH)]
 
@@ -52,14 +51,16 @@ def compute_units() -> None:
     from solders.signature import Signature
 
     svm = LocalSvm(None)
-    deploy_programs(svm, PROGRAMS)
     authority, node, issuer = Keypair(), Keypair(), Keypair()
+    deploy_programs(svm, PROGRAMS, upgrade_authority=authority)  # the one key that may init
     for k in (authority, node):
         svm.airdrop(k.pubkey(), 10**10)
     steps = [
-        ("initialize_registry", [p.initialize_registry_ix(authority.pubkey(), 30)], [authority]),
+        ("initialize_registry", [p.initialize_registry_ix(authority.pubkey(), 30,
+                                                          p.Policy.APPROVAL)], [authority]),
         ("add_issuer", [p.add_issuer_ix(authority.pubkey(), issuer.pubkey())], [authority]),
         ("register_node", [p.register_node_ix(node.pubkey(), p.Role.STT, fields(1))], [node]),
+        ("approve_node", [p.approve_node_ix(authority.pubkey(), node.pubkey())], [authority]),
         ("heartbeat", [p.heartbeat_ix(node.pubkey(), 3, 16)], [node]),
         ("update_node", [p.update_node_ix(node.pubkey(), fields(2))], [node]),
         ("set_node_status", [p.set_node_status_ix(authority.pubkey(), node.pubkey(),
@@ -78,10 +79,10 @@ def compute_units() -> None:
 
 def populate(ledger: Path, count: int) -> None:
     svm = LocalSvm(ledger)
-    deploy_programs(svm, PROGRAMS)
     authority = Keypair()
+    deploy_programs(svm, PROGRAMS, upgrade_authority=authority)
     svm.airdrop(authority.pubkey(), 10**10)
-    send(svm, [p.initialize_registry_ix(authority.pubkey(), 3600)], [authority])
+    send(svm, [p.initialize_registry_ix(authority.pubkey(), 3600, p.Policy.OPEN)], [authority])
     started = time.perf_counter()
     for i in range(count):
         owner = Keypair()
@@ -90,16 +91,6 @@ def populate(ledger: Path, count: int) -> None:
     rate = count / (time.perf_counter() - started)
     print(f"  registered {count} nodes in-process ({rate:.0f} registrations/s with journal)")
     svm.close()
-
-
-def start_localnet(ledger: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "registry.cli", "localnet", "--port", str(port),
-                             "--ledger", str(ledger)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    wait_for_rpc(url, proc, timeout=120)
-    return proc, url
 
 
 async def time_listing(url: str, count: int, repeats: int = 5) -> None:
@@ -118,12 +109,12 @@ async def time_listing(url: str, count: int, repeats: int = 5) -> None:
               f"{statistics.median(per_role)*1000:.1f} ms")
 
 
-async def throughput(url: str, seconds: float) -> None:
+async def throughput(url: str, seconds: float, authority: Keypair) -> None:
+    """``authority``: the localnet program's upgrade authority (the one key that may init)."""
     async with RegistryClient(url) as client:
-        authority = Keypair()
         await client.ensure_funded(authority)
         if await client.get_registry() is None:
-            await client.initialize_registry(authority, 3600)
+            await client.initialize_registry(authority, 3600, p.Policy.OPEN)
         owners = [Keypair() for _ in range(8)]
         for i, owner in enumerate(owners):
             await client.ensure_funded(owner)
@@ -157,19 +148,17 @@ def main() -> None:
             ledger = Path(tmp) / f"ledger-{count}"
             print(f"listing {count} nodes:")
             populate(ledger, count)
-            proc, url = start_localnet(ledger)
+            net = start_localnet_process(ledger)
             try:
-                asyncio.run(time_listing(url, count))
+                asyncio.run(time_listing(net.url, count))
             finally:
-                proc.terminate()
-                proc.wait()
+                net.stop()
         print("localnet throughput over JSON-RPC (separate localnet process, loopback):")
-        proc, url = start_localnet(Path(tmp) / "ledger-tps")
+        net = start_localnet_process(Path(tmp) / "ledger-tps")
         try:
-            asyncio.run(throughput(url, args.seconds))
+            asyncio.run(throughput(net.url, args.seconds, net.authority))
         finally:
-            proc.terminate()
-            proc.wait()
+            net.stop()
 
 
 if __name__ == "__main__":

@@ -229,7 +229,7 @@ def cmd_token_mint(args: argparse.Namespace) -> None:
     issuer = load_keypair(args.issuer_key)
     try:
         grant = Grant(service=args.service, room=args.room, limit=args.limit)
-        print(mint_token(issuer, args.identity, grant, args.ttl))
+        print(mint_token(issuer, args.identity, grant, args.ttl, audience=str(args.audience)))
     except ValueError as exc:
         raise CliError(str(exc)) from None
 
@@ -316,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ttl", type=int, required=True, help="seconds")
     s.add_argument("--room", help="room name (webrtc)")
     s.add_argument("--limit", type=int, help="seconds (stt) or characters (tts)")
+    s.add_argument("--audience", required=True, type=_pubkey, metavar="NODE_KEY",
+                   help="the node key the token is for (aud): every other node refuses it")
     return parser
 
 

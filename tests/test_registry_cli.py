@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from solders.keypair import Keypair
+
 from registry.keys import load_keypair
 from registry.tokens import verify_token
 from tests.conftest import ROOT, Chain
@@ -79,13 +81,19 @@ def test_suspend_and_activate_by_authority(chain: Chain, tmp_path: Path) -> None
 def test_issuer_list_and_token_mint(chain: Chain) -> None:
     listed = json.loads(registry("issuer", "list", "--rpc", chain.url, "--json").stdout)
     assert str(chain.issuer.pubkey()) in {i["key"] for i in listed}
+    node = str(Keypair().pubkey())
     token = registry("token", "mint", "--issuer-key", str(chain.issuer_path), "--service", "webrtc",
-                     "--identity", "alice", "--ttl", "60", "--room", "demo").stdout.strip()
-    claims = verify_token(token, {i["key"] for i in listed}, "webrtc")
+                     "--identity", "alice", "--ttl", "60", "--room", "demo",
+                     "--audience", node).stdout.strip()
+    claims = verify_token(token, {i["key"] for i in listed}, "webrtc", audience=node)
     assert (claims.identity, claims.room) == ("alice", "demo")
     bad = registry("token", "mint", "--issuer-key", str(chain.issuer_path), "--service", "stt",
-                   "--identity", "a", "--ttl", "60", check=False)
+                   "--identity", "a", "--ttl", "60", "--audience", node, check=False)
     assert bad.returncode == 1 and "limit" in bad.stderr
+    bad = registry("token", "mint", "--issuer-key", str(chain.issuer_path), "--service", "stt",
+                   "--identity", "a", "--ttl", "60", "--limit", "5", "--audience", "nope",
+                   check=False)
+    assert bad.returncode != 0 and "'nope' is not a base58" in bad.stderr
 
 
 def test_airdrop_is_localnet_only(chain: Chain, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from anchorpy import Idl
 from anchorpy.coder.accounts import AccountsCoder
@@ -55,43 +55,52 @@ MAX_TTL_SECONDS = 86_400
 MICRO = 1_000_000
 
 
-class Role(IntEnum):
-    """A node's service; the byte stored on chain."""
-
-    SFU = 0
-    STT = 1
-    TTS = 2
+class _ByteEnum(IntEnum):
+    """A one-byte choice stored on chain, parsed from its name (any case), the byte or itself."""
 
     @classmethod
-    def parse(cls, value: "str | int | Role") -> "Role":
-        """Accept 'sfu'/'stt'/'tts' (any case), the byte, or a Role; name the choices otherwise."""
-        if isinstance(value, Role):
+    def _kind(cls) -> str:
+        return cls.__name__.lower()
+
+    @classmethod
+    def parse(cls, value: "str | int | _ByteEnum") -> Self:
+        """The member ``value`` names; a ValueError naming the choices otherwise."""
+        if isinstance(value, cls):
             return value
         if isinstance(value, int):
             return cls(value)
         try:
             return cls[str(value).strip().upper()]
         except KeyError:
-            raise ValueError(f"unknown role {value!r}: expected one of sfu, stt, tts") from None
+            choices = ", ".join(m.label for m in cls)
+            raise ValueError(f"unknown {cls._kind()} {value!r}: expected one of {choices}") from None
 
     @property
     def label(self) -> str:
         return self.name.lower()
 
 
-class NodeStatus(IntEnum):
+class Role(_ByteEnum):
+    """A node's service; the byte stored on chain."""
+
+    SFU = 0
+    STT = 1
+    TTS = 2
+
+
+class NodeStatus(_ByteEnum):
     """A node's standing; only ACTIVE nodes are routed to, may heartbeat or update their entry."""
 
     ACTIVE = 0
     SUSPENDED = 1
     PENDING = 2  # registered under the approval policy, waiting for `registry node approve`
 
-    @property
-    def label(self) -> str:
-        return self.name.lower()
+    @classmethod
+    def _kind(cls) -> str:
+        return "node status"
 
 
-class Policy(IntEnum):
+class Policy(_ByteEnum):
     """How the registry admits new nodes: APPROVAL (they start pending until the authority
     approves them) or OPEN (they start active)."""
 
@@ -99,20 +108,8 @@ class Policy(IntEnum):
     OPEN = 1
 
     @classmethod
-    def parse(cls, value: "str | int | Policy") -> "Policy":
-        """Accept 'approval'/'open' (any case), the byte, or a Policy; name the choices otherwise."""
-        if isinstance(value, Policy):
-            return value
-        if isinstance(value, int):
-            return cls(value)
-        try:
-            return cls[str(value).strip().upper()]
-        except KeyError:
-            raise ValueError(f"unknown admission policy {value!r}: expected approval or open") from None
-
-    @property
-    def label(self) -> str:
-        return self.name.lower()
+    def _kind(cls) -> str:
+        return "admission policy"
 
 
 @cache

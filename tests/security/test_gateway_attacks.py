@@ -38,6 +38,14 @@ def node_named(g: Gw, pubkey: str) -> str:
     return next(n for n, k in g.net.nodes.items() if str(k.pubkey()) == pubkey)
 
 
+async def webrtc_session(g: Gw, client: GatewayClient, room: str,
+                         identity: str = "caller") -> tuple[Any, Any, str, str]:
+    """A WebRTC session, its ledger record, the name of the node it went to, and its SFU room."""
+    session = await client.create_webrtc_token(room, identity, 10)
+    record = await g.ledger.get_session(session.session_id)
+    return session, record, node_named(g, record.node_pubkey), sfu_room(record.account_id, room)
+
+
 def participant_left(session_id: str, room: str, joined: int, left: int,
                      event_id: str = "EV_left") -> bytes:
     return json.dumps({"event": "participant_left", "id": event_id, "createdAt": left,
@@ -147,11 +155,8 @@ async def test_room_finished_does_not_settle_sessions_that_never_joined(gw: Gw) 
     reservation (settled at expiry), instead of being closed with its token still working; the
     participant who left is settled by its own leave."""
     client = await gw.funded(1.0)
-    joined = await client.create_webrtc_token("talk", "caller", 10)
+    joined, _, node, room = await webrtc_session(gw, client, "talk")
     unused = await client.create_webrtc_token("talk", "late", 10)
-    record = await gw.ledger.get_session(joined.session_id)
-    node = node_named(gw, record.node_pubkey)
-    room = sfu_room(record.account_id, "talk")
     await backdate(gw.ledger, joined.session_id, 30)
     r = await gw.post_signed("/v1/webhooks/sfu",
                              participant_left(joined.session_id, room, 1_000, 1_030), node)
@@ -172,10 +177,7 @@ async def test_room_finished_does_not_settle_sessions_that_never_joined(gw: Gw) 
 
 async def test_replayed_and_concurrent_participant_left_bill_once(gw: Gw) -> None:
     client = await gw.funded(1.0)
-    session = await client.create_webrtc_token("talk", "caller", 10)
-    record = await gw.ledger.get_session(session.session_id)
-    node = node_named(gw, record.node_pubkey)
-    room = sfu_room(record.account_id, "talk")
+    session, _, node, room = await webrtc_session(gw, client, "talk")
     await backdate(gw.ledger, session.session_id, 120)
     body = participant_left(session.session_id, room, 5_000, 5_060)
     # Two deliveries of one event at once, then the same event again, then a "new" event id
@@ -196,11 +198,8 @@ async def test_replayed_and_concurrent_participant_left_bill_once(gw: Gw) -> Non
 
 async def test_a_malformed_webhook_changes_nothing(gw: Gw) -> None:
     client = await gw.funded(1.0)
-    session = await client.create_webrtc_token("talk", "caller", 10)
-    record = await gw.ledger.get_session(session.session_id)
-    node = node_named(gw, record.node_pubkey)
+    session, _, node, room = await webrtc_session(gw, client, "talk")
     before = await ledger_state(gw, client)
-    room = sfu_room(record.account_id, "talk")
     for body in (participant_left(session.session_id, room, 2_000, 1_000),  # left before joined
                  participant_left(session.session_id, room, 1_000, 1_010, "x" * 129),
                  json.dumps({"event": "participant_left", "participant": ["nope"]}).encode(),

@@ -23,6 +23,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from registry import jsonsafe
+
 from .config import MppPayments, TronPayments
 from .x402 import EXPOSE, H_PAYMENT_REQUIRED, Offer, PaymentInvalid, b64json
 
@@ -82,7 +84,7 @@ class MppChallenges:
         if scheme.lower() != "payment" or not token.strip():
             return "malformed-credential", "expected 'Payment <base64url credential>'"
         try:
-            cred = json.loads(_unb64url(token.strip()))
+            cred = jsonsafe.loads(_unb64url(token.strip()))
         except (binascii.Error, ValueError, UnicodeDecodeError):
             return "malformed-credential", "the credential is not base64url-encoded JSON"
         ch = cred.get("challenge") if isinstance(cred, dict) else None

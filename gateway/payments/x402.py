@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from registry import jsonsafe
+
 H_PAYMENT_REQUIRED = "PAYMENT-REQUIRED"
 H_PAYMENT_SIGNATURE = "PAYMENT-SIGNATURE"
 H_PAYMENT_RESPONSE = "PAYMENT-RESPONSE"
@@ -101,7 +103,7 @@ def decode_header(value: str, name: str) -> dict[str, Any]:
     t += "=" * (-len(t) % 4)
     try:
         raw = base64.b64decode(t, validate=True)
-        data = json.loads(raw)
+        data = jsonsafe.loads(raw)
     except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
         raise PaymentInvalid("invalid_payload",
                              f"malformed {name} header: not base64-encoded JSON ({exc})") from None

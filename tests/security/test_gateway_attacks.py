@@ -6,6 +6,7 @@ ledger (balances, sessions, transactions) is exactly as it was.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import time
@@ -16,6 +17,7 @@ import pytest
 from gateway.auth import sign_request
 from gateway.client import GatewayClient, NotFound
 from gateway.ledger import pricing
+from gateway.payments.x402 import PaymentInvalid, decode_header
 from gateway.routing import unhealthy_reason
 from gateway.sessions import sfu_room
 from registry.tokens import TokenError, verify_token
@@ -249,3 +251,15 @@ def test_nodes_with_plain_http_urls_off_loopback_are_never_routed() -> None:
         assert unhealthy_reason(dataclasses.replace(secure, url=url)) == "insecure url"
     for url in ("http://127.0.0.1:7880", "ws://localhost:7880", "http://[::1]:7880"):
         assert unhealthy_reason(dataclasses.replace(secure, url=url)) is None
+
+
+def test_payment_headers_in_utf16_or_too_deep_are_refused_cleanly() -> None:
+    """The x402 header is base64 JSON: decoded through the same UTF-8-only, depth-bounded parser
+    as every body, so a UTF-16 or deeply nested payload is the documented invalid_payload."""
+    ok = base64.b64encode(json.dumps({"x402Version": 1}).encode()).decode()
+    assert decode_header(ok, "X-PAYMENT") == {"x402Version": 1}
+    for raw in (json.dumps({"x402Version": 1}).encode("utf-16"),
+                json.dumps({"x402Version": 1}).encode("utf-32"),
+                ("[" * 2000 + "]" * 2000).encode()):
+        with pytest.raises(PaymentInvalid, match="malformed X-PAYMENT header"):
+            decode_header(base64.b64encode(raw).decode(), "X-PAYMENT")

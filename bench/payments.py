@@ -37,7 +37,8 @@ from solders.keypair import Keypair  # noqa: E402
 from gateway.app import create_app  # noqa: E402
 from gateway.auth import sign_request  # noqa: E402
 from gateway.config import GatewayConfig  # noqa: E402
-from gateway.payments import payer, setup_payments  # noqa: E402
+from gateway.payments import payer  # noqa: E402
+from gateway.payments.wiring import setup_payments  # noqa: E402
 from gateway.payments.config import PaymentsConfig, SolanaPayments  # noqa: E402
 from registry import usdc  # noqa: E402
 from registry.client import RegistryClient  # noqa: E402

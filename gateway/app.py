@@ -9,22 +9,21 @@ Errors are ``{"error": "..."}`` with 400/401/402/404/429/503 as the spec lists t
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from solders.keypair import Keypair
 
 from gateway import schemas
 from gateway.auth import MemoryReplayGuard, wallet_auth_middleware
+from gateway.bodies import bad_request, error, http_error, json_object, parse_body, validated
 from gateway.config import GatewayConfig
+from gateway.context import GATEWAY_KEY, ROUTES_KEY, Gateway, gw
 from gateway.geo import InvalidClientIP, Location, Locator, client_address
 from gateway.ledger import (
     ConcurrencyLimit,
@@ -36,77 +35,25 @@ from gateway.ledger import (
     UnknownSession,
     pricing,
 )
+from gateway.openapi import openapi_handler
+from gateway.payments.wiring import setup_payments
+from gateway.payments.routes import PAYMENT_ROUTES
 from gateway.ratelimit import RateLimiter
+from gateway.routes import Handler, Route, unsigned_paths
 from gateway.routing import DirectoryUnavailable, NoCapacity, NodeDirectory
 from gateway.sessions import NoAccount, NotFound, SessionService, billable_units, iso
-from registry import jsonsafe
 from registry.program import NodeStatus
 from registry.settings import format_validation_error
 from registry.tokens import TokenError, verify_body
 
 log = logging.getLogger("gateway")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass
-class Gateway:
-    """Everything a request handler needs; built once per process by ``create_app``."""
-
-    config: GatewayConfig
-    ledger: Ledger
-    directory: NodeDirectory
-    locator: Locator
-    sessions: SessionService
-    limiter: RateLimiter
-
-
-GATEWAY_KEY = web.AppKey("gateway", Gateway)
-
-
-def error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
-
-
-def http_error(cls: type[web.HTTPError], message: str) -> web.HTTPError:
-    """An aiohttp HTTP exception carrying the API's ``{"error": ...}`` body, ready to raise."""
-    return cls(text=json.dumps({"error": message}), content_type="application/json")
-
-
 def _bad(message: str) -> web.HTTPError:
-    return http_error(web.HTTPBadRequest, message)
+    return bad_request(message)
 
 
 def _unauthorized(message: str) -> web.HTTPError:
     return http_error(web.HTTPUnauthorized, message)
-
-
-def json_object(raw: bytes) -> dict[str, Any]:
-    """A request body as a JSON object (an empty body is ``{}``); 400 naming what is wrong."""
-    try:
-        data = jsonsafe.loads(raw) if raw else {}
-    except (jsonsafe.JsonNotUtf8, jsonsafe.JsonTooDeep) as exc:
-        raise _bad(f"request body is not valid JSON: {exc}") from None
-    except ValueError:
-        raise _bad("request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise _bad("request body must be a JSON object")
-    return data
-
-
-def validated(raw: bytes, model: type[schemas.Body]) -> Any:
-    try:
-        return model.model_validate(json_object(raw))
-    except ValidationError as exc:
-        raise _bad(format_validation_error(exc)) from None
-
-
-async def parse_body(request: web.Request, model: type[schemas.Body]) -> Any:
-    return validated(await request.read(), model)
-
-
-def gw(request: web.Request) -> Gateway:
-    return request.app[GATEWAY_KEY]
 
 
 def wallet_of(request: web.Request) -> tuple[str, str]:
@@ -399,28 +346,39 @@ def _ints(*values: Any) -> bool:
 # ---------------------------------------------------------------- assembly
 
 
-ROUTES: list[tuple[str, str, Handler, str]] = [
-    ("GET", "/v1/pricing", pricing_handler, "Current pricing and limits"),
-    ("GET", "/v1/servers/status", servers_status, "Healthy nodes and capacity by service"),
-    ("GET", "/v1/account", account_handler, "Account details and balances"),
-    ("GET", "/v1/account/transactions", transactions_handler, "Credit transaction history"),
-    ("GET", "/v1/account/sessions", sessions_handler, "Sessions, optionally by status"),
-    ("POST", "/v1/webrtc/token", webrtc_token, "Create a WebRTC session"),
-    ("POST", "/v1/webrtc/token/extend", webrtc_extend, "Extend a WebRTC session"),
-    ("POST", "/v1/stt/session", stt_session, "Create a speech-to-text session"),
-    ("POST", "/v1/stt/session/extend", stt_extend, "Extend a speech-to-text session"),
-    ("POST", "/v1/tts/session", tts_session, "Create a text-to-speech session"),
-    ("POST", "/v1/tts/session/extend", tts_extend, "Extend a text-to-speech session"),
-    ("POST", "/v1/agent-session", agent_session, "Create a WebRTC + STT + TTS bundle"),
-    ("POST", "/v1/agent-session/extend", agent_extend, "Extend an agent session bundle"),
-    ("POST", "/v1/webhooks/sfu", sfu_webhook, "SFU lifecycle webhooks (node-signed)"),
-    ("POST", "/internal/events", internal_events, "Usage events from STT/TTS nodes (node-signed)"),
-    ("GET", "/internal/health", health, "Health check"),
-]
-# Credit purchases (x402 and the other rails) live in gateway.payments; their routes join here.
-from gateway.payments.routes import PAYMENT_ROUTES  # noqa: E402
-
-ROUTES += PAYMENT_ROUTES
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/v1/pricing", pricing_handler, "Current pricing and limits", auth="public"),
+    Route("GET", "/v1/servers/status", servers_status, "Healthy nodes and capacity by service",
+          auth="public"),
+    Route("GET", "/v1/account", account_handler, "Account details and balances"),
+    Route("GET", "/v1/account/transactions", transactions_handler, "Credit transaction history",
+          paged=True),
+    Route("GET", "/v1/account/sessions", sessions_handler, "Sessions, optionally by status",
+          paged=True),
+    Route("POST", "/v1/webrtc/token", webrtc_token, "Create a WebRTC session",
+          model=schemas.WebrtcTokenRequest),
+    Route("POST", "/v1/webrtc/token/extend", webrtc_extend, "Extend a WebRTC session",
+          model=schemas.SessionExtend),
+    Route("POST", "/v1/stt/session", stt_session, "Create a speech-to-text session",
+          model=schemas.SttSessionRequest),
+    Route("POST", "/v1/stt/session/extend", stt_extend, "Extend a speech-to-text session",
+          model=schemas.SessionExtend),
+    Route("POST", "/v1/tts/session", tts_session, "Create a text-to-speech session",
+          model=schemas.TtsSessionRequest),
+    Route("POST", "/v1/tts/session/extend", tts_extend, "Extend a text-to-speech session",
+          model=schemas.TtsExtend),
+    Route("POST", "/v1/agent-session", agent_session, "Create a WebRTC + STT + TTS bundle",
+          model=schemas.AgentSessionRequest),
+    Route("POST", "/v1/agent-session/extend", agent_extend, "Extend an agent session bundle",
+          model=schemas.AgentExtend),
+    Route("POST", "/v1/webhooks/sfu", sfu_webhook, "SFU lifecycle webhooks (node-signed)",
+          auth="node"),
+    Route("POST", "/internal/events", internal_events,
+          "Usage events from STT/TTS nodes (node-signed)", auth="node", model=schemas.UsageEvent),
+    Route("GET", "/internal/health", health, "Health check", auth="public"),
+    # Credit purchases (x402 and the other rails) live in gateway.payments.
+    *PAYMENT_ROUTES,
+)
 
 
 async def _sweeper(app: web.Application) -> Any:
@@ -468,22 +426,20 @@ def create_app(config: GatewayConfig, issuer: Keypair, list_nodes: Any,
     # Outermost first: auth must see the final status (a 402 gives the signature back), so the
     # domain-error mapping runs inside it.
     app = web.Application(middlewares=[
-        wallet_auth_middleware(MemoryReplayGuard(time.time), max_skew=config.auth_window_seconds),
+        wallet_auth_middleware(MemoryReplayGuard(time.time), unsigned_paths(ROUTES),
+                               max_skew=config.auth_window_seconds),
         rate_limit_middleware(limiter),
         errors_middleware,
     ], client_max_size=64 * 1024)
     app[GATEWAY_KEY] = Gateway(config, ledger, directory, locator, service, limiter)
-    for method, path, handler, _ in ROUTES:
-        app.router.add_route(method, path, handler)
-    from gateway.openapi import openapi_handler
-
+    app[ROUTES_KEY] = ROUTES
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, route.handler)
     app.router.add_get("/openapi.json", openapi_handler)
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(_sweeper)
-    from gateway.payments import setup_payments
-
     setup_payments(app)
     return app
 
 
-__all__ = ["create_app", "ROUTES", "BaseModel"]
+__all__ = ["create_app", "ROUTES"]

@@ -1,34 +1,19 @@
 """``GET /openapi.json``: the API described from the route table and the request models.
 
-Built from the same ``ROUTES`` list the app registers and the same pydantic models it validates
-with, so the document cannot drift from what is served (a test compares both).
+Built from the same ``Route`` table the app registers (``gateway.routes``, handed over in the app)
+and the same pydantic models it validates with, so the document cannot drift from what is served
+(a test compares both).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
 
-from gateway import schemas
-
-REQUEST_MODELS: dict[str, type[schemas.Body]] = {
-    "/v1/webrtc/token": schemas.WebrtcTokenRequest,
-    "/v1/webrtc/token/extend": schemas.SessionExtend,
-    "/v1/stt/session": schemas.SttSessionRequest,
-    "/v1/stt/session/extend": schemas.SessionExtend,
-    "/v1/tts/session": schemas.TtsSessionRequest,
-    "/v1/tts/session/extend": schemas.TtsExtend,
-    "/v1/agent-session": schemas.AgentSessionRequest,
-    "/v1/agent-session/extend": schemas.AgentExtend,
-    "/internal/events": schemas.UsageEvent,
-}
-from gateway.payments.routes import PAYMENT_REQUEST_MODELS  # noqa: E402
-
-REQUEST_MODELS.update(PAYMENT_REQUEST_MODELS)
-PUBLIC = {"/v1/pricing", "/v1/servers/status", "/internal/health"}
-NODE_SIGNED = {"/internal/events", "/v1/webhooks/sfu"}
-PAGED = {"/v1/account/transactions", "/v1/account/sessions"}
+from gateway.context import ROUTES_KEY
+from gateway.routes import Route
 
 ERROR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
 ERRORS = {
@@ -39,25 +24,25 @@ ERRORS = {
 }
 
 
-def build_document(routes: list[tuple[str, str, Any, str]]) -> dict[str, Any]:
+def build_document(routes: Iterable[Route]) -> dict[str, Any]:
     paths: dict[str, Any] = {}
-    for method, path, _handler, summary in routes:
+    for route in routes:
+        path = route.path
         op: dict[str, Any] = {
-            "summary": summary,
+            "summary": route.summary,
             "responses": {"200": {"description": "OK"},
                           **{code: {"description": text,
                                     "content": {"application/json": {"schema": ERROR}}}
                              for code, text in ERRORS.items()}},
         }
-        if path in NODE_SIGNED:
+        if route.auth == "node":
             op["security"] = [{"nodeSignature": []}]
-        elif path not in PUBLIC:
+        elif route.auth == "wallet":
             op["security"] = [{"walletSignature": []}]
-        model = REQUEST_MODELS.get(path)
-        if model is not None:
+        if route.model is not None:
             op["requestBody"] = {"required": True, "content": {
-                "application/json": {"schema": model.model_json_schema()}}}
-        if path in PAGED:
+                "application/json": {"schema": route.model.model_json_schema()}}}
+        if route.paged:
             op["parameters"] = [
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
                                                             "maximum": 500, "default": 50}},
@@ -67,7 +52,7 @@ def build_document(routes: list[tuple[str, str, Any, str]]) -> dict[str, Any]:
             if path.endswith("/sessions"):
                 op["parameters"].append({"name": "status", "in": "query", "schema": {
                     "type": "string", "enum": ["active", "completed", "expired"]}})
-        paths.setdefault(path, {})[method.lower()] = op
+        paths.setdefault(path, {})[route.method.lower()] = op
     return {
         "openapi": "3.1.0",
         "info": {"title": "voicenet gateway", "version": "0.1.0",
@@ -87,6 +72,4 @@ def build_document(routes: list[tuple[str, str, Any, str]]) -> dict[str, Any]:
 
 
 async def openapi_handler(request: web.Request) -> web.Response:
-    from gateway.app import ROUTES
-
-    return web.json_response(build_document(ROUTES))
+    return web.json_response(build_document(request.app[ROUTES_KEY]))

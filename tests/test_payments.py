@@ -33,7 +33,8 @@ from gateway.client import GatewayClient, InsufficientCredits
 from gateway.config import GatewayConfig
 from gateway.ledger import Ledger, pricing
 from gateway.ledger.payments import PaymentBook
-from gateway.payments import PAYMENTS_KEY, payer, setup_payments
+from gateway.payments import payer
+from gateway.payments.wiring import PAYMENTS_KEY, setup_payments
 from gateway.payments.config import PaymentsConfig, SolanaPayments
 from gateway.payments.solana import cosign
 from registry import usdc

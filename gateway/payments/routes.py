@@ -13,10 +13,12 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import Field, field_validator
 
+from gateway.bodies import parse_body
 from gateway.ledger import pricing
+from gateway.routes import Route
 from gateway.schemas import Body
 
-from . import payments_of
+from .wiring import payments_of
 from .challenges import H_PAYMENT_AUTHORIZATION, problem, tron_offer, tron_refusal, tron_required
 from .service import SettlementPending, SettlementUnavailable
 from .x402 import (
@@ -72,8 +74,6 @@ def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = No
 
 
 async def purchase(request: web.Request) -> web.Response:
-    from gateway.app import parse_body
-
     body: PurchaseRequest = await parse_body(request, PurchaseRequest)
     svc = await payments_of(request)
     await svc.ensure_ready()
@@ -112,8 +112,6 @@ async def purchase(request: web.Request) -> web.Response:
 
 
 async def purchase_mpp(request: web.Request) -> web.Response:
-    from gateway.app import parse_body
-
     body: MppPurchaseRequest = await parse_body(request, MppPurchaseRequest)
     svc = await payments_of(request)
     usd = Decimal(str(body.amount_usd))
@@ -133,8 +131,6 @@ async def purchase_mpp(request: web.Request) -> web.Response:
 
 
 async def purchase_tron(request: web.Request) -> web.Response:
-    from gateway.app import parse_body
-
     body: TronPurchaseRequest = await parse_body(request, TronPurchaseRequest)
     svc = await payments_of(request)
     usd = Decimal(str(body.amount_usd))
@@ -154,13 +150,11 @@ async def purchase_tron(request: web.Request) -> web.Response:
         return _json(402, data, headers)
 
 
-PAYMENT_ROUTES = [
-    ("POST", "/v1/credits/purchase", purchase, "Purchase credits with an x402 payment"),
-    ("POST", "/v1/credits/purchase/mpp", purchase_mpp, "Purchase credits via MPP (challenge)"),
-    ("POST", "/v1/credits/purchase/tron", purchase_tron, "Purchase credits via TRON (challenge)"),
-]
-PAYMENT_REQUEST_MODELS: dict[str, type[Body]] = {
-    "/v1/credits/purchase": PurchaseRequest,
-    "/v1/credits/purchase/mpp": MppPurchaseRequest,
-    "/v1/credits/purchase/tron": TronPurchaseRequest,
-}
+PAYMENT_ROUTES = (
+    Route("POST", "/v1/credits/purchase", purchase, "Purchase credits with an x402 payment",
+          model=PurchaseRequest),
+    Route("POST", "/v1/credits/purchase/mpp", purchase_mpp, "Purchase credits via MPP (challenge)",
+          model=MppPurchaseRequest),
+    Route("POST", "/v1/credits/purchase/tron", purchase_tron,
+          "Purchase credits via TRON (challenge)", model=TronPurchaseRequest),
+)

@@ -253,27 +253,3 @@ def ensure_kokoro(cache_dir: Path | None = None, fetch: bool = True) -> KokoroFi
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     return KokoroFiles(model=_assemble_model(cache), voices=_build_voices(cache, fetch))
-
-
-# --------------------------------------------------------------------------- tiny synthesis helper
-
-_engine = None
-
-
-def synthesize(text: str, voice: str = "af_heart", speed: float = 1.0,
-               lang_code: str | None = None) -> tuple[np.ndarray, int]:
-    """Speak ``text`` with the offline Kokoro model: ``(float32 mono audio, 24000)``.
-
-    For tests and tools (e.g. making speech for STT tests). The model loads once per process.
-    ``lang_code`` defaults to the voice's own language (its first letter).
-    """
-    global _engine
-    if _engine is None:
-        from node.tts.engine import KokoroOnnxEngine
-
-        _engine = KokoroOnnxEngine(ensure_kokoro())
-    from node.tts.engine import VoiceSpec
-
-    spec = VoiceSpec.parse(voice, lang_code or voice[0])
-    audio = _engine.synthesize(text, spec, speed)
-    return audio.astype(np.float32, copy=False), SAMPLE_RATE

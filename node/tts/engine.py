@@ -28,7 +28,7 @@ from typing import Protocol
 
 import numpy as np
 
-from node.models.kokoro import ALL_VOICES, LANGUAGES, SAMPLE_RATE, KokoroFiles
+from node.models.kokoro import ALL_VOICES, LANGUAGES, SAMPLE_RATE, KokoroFiles, ensure_kokoro
 
 MAX_PHONEMES = 510          # English: the model's context
 OTHER_MAX_CHARS = 400       # other languages: characters per segment
@@ -271,8 +271,6 @@ class MlxEngine(KokoroTorchEngine):
 def create_engine(name: str, threads: int = 0, provider: str = "auto",
                   files: KokoroFiles | None = None, spin: bool = False) -> Engine:
     if name == "kokoro-onnx":
-        from node.models.kokoro import ensure_kokoro
-
         return KokoroOnnxEngine(files or ensure_kokoro(), threads=threads, provider=provider,
                                 spin=spin)
     if name == "kokoro":
@@ -480,3 +478,23 @@ def _cost_model(engine: Engine | None, lang_code: str | None = None) -> tuple[fl
         return est(lang_code)
     except TypeError:  # an engine whose estimate() takes no language
         return est()
+
+
+# --------------------------------------------------------------------------- tiny synthesis helper
+
+_engine = None
+
+
+def synthesize(text: str, voice: str = "af_heart", speed: float = 1.0,
+               lang_code: str | None = None) -> tuple[np.ndarray, int]:
+    """Speak ``text`` with the offline Kokoro model: ``(float32 mono audio, 24000)``.
+
+    For tests and tools (e.g. making speech for STT tests). The model loads once per process.
+    ``lang_code`` defaults to the voice's own language (its first letter).
+    """
+    global _engine
+    if _engine is None:
+        _engine = KokoroOnnxEngine(ensure_kokoro())
+    spec = VoiceSpec.parse(voice, lang_code or voice[0])
+    audio = _engine.synthesize(text, spec, speed)
+    return audio.astype(np.float32, copy=False), SAMPLE_RATE

@@ -1,7 +1,8 @@
 """Real speech for the STT tests: sentences spoken by Kokoro-82M (a neural voice), at 16 kHz.
 
-``synthesize`` comes from ``node.models.kokoro`` (the offline Kokoro pack). Generated audio is kept
-in a cache directory keyed by text, voice and speed, so a test session speaks each sentence once.
+``synthesize`` comes from ``node.tts.engine`` (Kokoro, from the offline pack). Generated audio is
+kept in a cache directory keyed by text, voice and speed, so a test session speaks each sentence
+once.
 Also: WER, PCM16 helpers and a client that streams PCM in 20 ms frames, in real time or faster.
 """
 
@@ -70,7 +71,7 @@ def speak(text: str, voice: str = "af_heart", speed: float = 1.0,
     path = cache / f"{key}.npy"
     if path.is_file():
         return np.load(path)
-    from node.models.kokoro import synthesize
+    from node.tts.engine import synthesize
 
     audio, rate = synthesize(text, voice, speed)
     if rate != 24000:

@@ -1,0 +1,346 @@
+"""``NetworkSTT``: speech to text on one of the network's STT nodes, over its WebSocket protocol.
+
+The node's protocol (``node/stt/README.md``): a ``config`` with the session key, ``ready``, then
+16 kHz PCM16 binary frames in; ``vad_event``, ``transcription``, ``session_expiring`` and
+``error`` out. A dropped socket is not the end of a session: the node's clock pauses while no
+socket is connected and the same ``session_key`` resumes it, so the stream reconnects (a few tries,
+with backoff) and carries on. Refusals that a retry cannot fix (a bad or foreign key, an expired
+session, a draining node) end the stream with an ``error`` event instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from agents.plugins import SpeechEvent
+
+log = logging.getLogger("agents.stt")
+
+# Errors after which the node closes the socket and reconnecting with the same key cannot help.
+FATAL_CODES = frozenset({"invalid_token", "wrong_node", "session_expired", "session_taken_over",
+                         "draining", "server_full", "config_timeout"})
+_END = object()
+
+
+class STTConnectError(Exception):
+    """The node refused the stream or could not be reached; ``code`` is the node's error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+def stream_url(server_url: str) -> str:
+    """The node's ``/v1/stream`` WebSocket URL from the ``server_url`` the gateway returned
+    (``http(s)://host:port``; a URL that already names a stream path is kept)."""
+    url = server_url.rstrip("/")
+    if url.startswith("https://"):
+        url = "wss://" + url[len("https://"):]
+    elif url.startswith("http://"):
+        url = "ws://" + url[len("http://"):]
+    elif not url.startswith(("ws://", "wss://")):
+        raise ValueError(f"server_url {server_url!r} is not an http(s) or ws(s) URL: pass the "
+                         "server_url of the gateway's STT/TTS session")
+    if not url.endswith(("/v1/stream", "/stream")):
+        url += "/v1/stream"
+    return url
+
+
+class NetworkSTT:
+    """STT provider for our nodes: one ``stream()`` per remote participant."""
+
+    def __init__(self, server_url: str, session_key: str, *, language: str = "en",
+                 reconnect_tries: int = 6, backoff_seconds: float = 0.5,
+                 ping_interval: float = 15.0, event_queue_size: int = 256) -> None:
+        self.url = stream_url(server_url)
+        self.session_key = session_key
+        self.language = language
+        self.reconnect_tries = reconnect_tries
+        self.backoff_seconds = backoff_seconds
+        self.ping_interval = ping_interval
+        self.event_queue_size = event_queue_size
+
+    async def stream(self, language: str | None = None) -> NetworkSTTStream:
+        stream = NetworkSTTStream(self, language or self.language)
+        await stream.start()
+        return stream
+
+    async def extend(self, session_key: str) -> None:
+        """The key new streams (and reconnects of this provider's streams) use from now on."""
+        self.session_key = session_key
+
+
+class NetworkSTTStream:
+    """One STT WebSocket: audio in, ``SpeechEvent``s out (``events()``), reconnecting on drops."""
+
+    def __init__(self, owner: NetworkSTT, language: str) -> None:
+        self.owner = owner
+        self.language = language
+        self.session_key = owner.session_key
+        self.events_queue: asyncio.Queue[Any] = asyncio.Queue(owner.event_queue_size)
+        self.reconnects = 0
+        self.session_id: str | None = None
+        self.remaining_seconds: float | None = None
+        self._http = aiohttp.ClientSession()
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._pending: deque[bytes] = deque()  # audio pushed while reconnecting (at most 1 s)
+        self._pending_bytes = 0
+        self._closing = False
+        self._ended = False
+        self._reader: asyncio.Task[None] | None = None
+        self._pinger: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------ life
+
+    async def start(self) -> None:
+        try:
+            self._ws = await self._connect()
+        except BaseException:
+            await self._http.close()
+            raise
+        self._reader = asyncio.create_task(self._read_loop(), name="stt-reader")
+        self._pinger = asyncio.create_task(self._ping_loop(), name="stt-ping")
+
+    async def _connect(self) -> aiohttp.ClientWebSocketResponse:
+        """Open the socket, send the config, wait for ``ready``; raise STTConnectError if refused."""
+        try:
+            ws = await self._http.ws_connect(self.owner.url, timeout=aiohttp.ClientWSTimeout(
+                ws_close=5.0), max_msg_size=1 << 20)
+        except (aiohttp.ClientError, OSError) as exc:
+            raise STTConnectError("unreachable", f"{self.owner.url}: {exc}") from None
+        await ws.send_json({"type": "config", "session_key": self.session_key,
+                            "language": self.language})
+        try:
+            while True:
+                msg = await ws.receive(timeout=15.0)
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    raise STTConnectError("closed", f"the node closed the socket before ready "
+                                          f"({msg.type.name} {msg.data!r})")
+                data = _parse(msg.data)
+                if data is None:
+                    continue
+                if data.get("type") == "ready":
+                    self.session_id = data.get("session_id") or self.session_id
+                    self.remaining_seconds = _number(data.get("remaining_seconds"))
+                    return ws
+                if data.get("type") == "error":
+                    raise STTConnectError(str(data.get("error")), str(data.get("message", "")))
+        except TimeoutError:
+            await ws.close()
+            raise STTConnectError("timeout", "no ready from the node within 15 s") from None
+        except BaseException:
+            await ws.close()
+            raise
+
+    async def aclose(self) -> None:
+        self._closing = True
+        for task in (self._pinger, self._reader):
+            if task is not None:
+                task.cancel()
+        for task in (self._pinger, self._reader):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self._ws is not None:
+            await self._ws.close()
+        await self._http.close()
+        self._end()
+
+    def _end(self) -> None:
+        """Tell ``events()`` there is nothing more (never blocks: drops the oldest if full)."""
+        if self._ended:
+            return
+        self._ended = True
+        if self.events_queue.full():
+            self.events_queue.get_nowait()
+        self.events_queue.put_nowait(_END)
+
+    # ------------------------------------------------------------ the STTStream interface
+
+    async def push(self, pcm16: bytes) -> None:
+        if len(pcm16) % 2:
+            raise ValueError(f"PCM16 audio has 2 bytes per sample; got {len(pcm16)} bytes")
+        if len(pcm16) > 32_000:
+            raise ValueError(f"a frame holds at most 1 s (32000 bytes) of 16 kHz PCM16; got "
+                             f"{len(pcm16)}: split it")
+        if self._ended or not pcm16:
+            return
+        ws = self._ws
+        if ws is None or ws.closed:
+            self._hold(pcm16)
+            return
+        try:
+            await ws.send_bytes(pcm16)
+        except (ConnectionError, RuntimeError):
+            self._hold(pcm16)
+
+    def _hold(self, pcm16: bytes) -> None:
+        """Keep the last second of audio while reconnecting, so a short drop loses no words."""
+        self._pending.append(pcm16)
+        self._pending_bytes += len(pcm16)
+        while self._pending_bytes > 32_000:
+            self._pending_bytes -= len(self._pending.popleft())
+
+    async def events(self) -> AsyncIterator[SpeechEvent]:
+        while True:
+            item = await self.events_queue.get()
+            if item is _END:
+                self.events_queue.put_nowait(_END)  # later readers end too
+                return
+            yield item
+
+    async def extend(self, session_key: str) -> None:
+        self.session_key = session_key
+        self.owner.session_key = session_key
+        if self._ws is not None and not self._ws.closed:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self._ws.send_json({"type": "extend", "session_key": session_key})
+
+    # ------------------------------------------------------------ reading
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                fatal = await self._read_socket()
+                if fatal or self._closing:
+                    break
+                if not await self._reconnect():
+                    break
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug here must not leave the consumer waiting forever
+            log.exception("STT stream reader failed; ending the stream")
+            await self._emit(SpeechEvent("error", text="internal error in the STT reader",
+                                         code="internal"))
+        finally:
+            if not self._closing:
+                self._end()
+
+    async def _read_socket(self) -> bool:
+        """Read until the socket ends; True when the node ended the session for good."""
+        assert self._ws is not None
+        async for msg in self._ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                event = self._event(msg.data)
+                if event is not None:
+                    await self._emit(event)
+                    if event.type == "error" and event.code in FATAL_CODES:
+                        log.warning("STT node ended the session (%s: %s); not reconnecting",
+                                    event.code, event.text)
+                        return True
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                log.warning("STT node sent a %d-byte binary message; the protocol has none, "
+                            "skipped", len(msg.data))
+        return False
+
+    async def _reconnect(self) -> bool:
+        backoff = self.owner.backoff_seconds
+        for attempt in range(1, self.owner.reconnect_tries + 1):
+            log.warning("STT socket to %s dropped; reconnecting with the same session key "
+                        "(try %d of %d, in %.1f s)", self.owner.url, attempt,
+                        self.owner.reconnect_tries, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+            try:
+                self._ws = await self._connect()
+            except STTConnectError as exc:
+                if exc.code in FATAL_CODES:
+                    log.warning("STT reconnect refused (%s); giving up", exc)
+                    await self._emit(SpeechEvent("error", text=str(exc), code=exc.code))
+                    return False
+                log.warning("STT reconnect try %d failed: %s", attempt, exc)
+                continue
+            self.reconnects += 1
+            log.info("STT stream reconnected to %s (session %s, %.0f s left)", self.owner.url,
+                     self.session_id, self.remaining_seconds or 0)
+            await self._send_held()
+            return True
+        log.error("STT node %s unreachable after %d tries; ending the stream", self.owner.url,
+                  self.owner.reconnect_tries)
+        await self._emit(SpeechEvent("error", text=f"STT node {self.owner.url} unreachable",
+                                     code="disconnected"))
+        return False
+
+    async def _send_held(self) -> None:
+        held, self._pending, self._pending_bytes = list(self._pending), deque(), 0
+        for chunk in held:
+            await self.push(chunk)
+
+    async def _ping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.owner.ping_interval)
+            ws = self._ws
+            if ws is not None and not ws.closed:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await ws.send_json({"type": "ping"})
+
+    async def _emit(self, event: SpeechEvent) -> None:
+        await self.events_queue.put(event)
+
+    def _event(self, text: str) -> SpeechEvent | None:
+        """A node message as a SpeechEvent; None for messages the agent has no use for and for
+        malformed ones (logged)."""
+        data = _parse(text)
+        if data is None:
+            return None
+        kind = data.get("type")
+        try:
+            if kind == "vad_event":
+                event = data["event"]
+                if event not in ("speech_start", "speech_end"):
+                    raise ValueError(f"unknown vad event {event!r}")
+                return SpeechEvent(event, at=_number(data.get("timestamp")))
+            if kind == "transcription":
+                if not isinstance(data["text"], str) or not isinstance(data["is_final"], bool):
+                    raise ValueError("text must be a string and is_final a boolean")
+                return SpeechEvent("final" if data["is_final"] else "interim", text=data["text"],
+                                   latency_ms=_number(data.get("latency_ms")))
+            if kind == "session_expiring":
+                remaining = _number(data["remaining_seconds"])
+                if remaining is None:
+                    raise ValueError("remaining_seconds must be a number")
+                self.remaining_seconds = remaining
+                return SpeechEvent("expiring", remaining_seconds=remaining)
+            if kind == "session_expired":
+                return SpeechEvent("error", text="the STT session ran out", code="session_expired")
+            if kind == "error":
+                return SpeechEvent("error", text=str(data.get("message", "")),
+                                   code=str(data["error"]))
+            if kind == "session_extended":
+                self.remaining_seconds = _number(data.get("remaining_seconds"))
+                log.info("STT session extended: %.0f s left", self.remaining_seconds or 0)
+                return None
+            if kind in ("pong", "ready"):
+                return None
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("STT node sent a malformed %r message (%s), skipped: %.200s", kind,
+                        exc, text)
+            return None
+        log.warning("STT node sent an unknown message type %r, skipped: %.200s", kind, text)
+        return None
+
+
+def _parse(text: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        log.warning("node sent a message that is not JSON (%s), skipped: %.200s", exc, text)
+        return None
+    if not isinstance(data, dict):
+        log.warning("node sent a JSON message that is not an object, skipped: %.200s", text)
+        return None
+    return data
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)

@@ -520,17 +520,21 @@ class Pipeline:
                 self._pieces[n] = answer
 
     async def _played_out(self, answer: _Answer, quiet: float = 0.6) -> None:
-        """Until the room played every piece: each finished (or, from a TTS that does not mark
-        a piece's end, audio received and then ``quiet`` seconds without more) and sent out."""
-        while True:
+        """Until the room played every piece. A piece has ended when the TTS says so (an empty
+        SpeechAudio, or ``is_done(piece)`` where the stream offers it), else after audio and then
+        ``quiet`` seconds without more. Held for two polls in a row, so audio the voice reader
+        is just handing over is not missed."""
+        is_done = getattr(self.voice, "is_done", None)
+        held = 0
+        while held < 2:
+            await asyncio.sleep(0.02)
             now = time.monotonic()
             done = all(
-                (p.finished or (p.received > 0 and now - answer.last_audio >= quiet))
+                (p.finished or (is_done is not None and is_done(n))
+                 or (is_done is None and p.received > 0 and now - answer.last_audio >= quiet))
                 and self.output.played_samples(n) >= p.received
                 for n, p in answer.pieces.items())
-            if done:
-                return
-            await asyncio.sleep(0.02)
+            held = held + 1 if done else 0
 
     async def _read_voice(self, voice: TTSStream) -> None:
         """The TTS audio, in order, to the room; audio of a stopped answer is dropped."""

@@ -46,12 +46,12 @@ BACKCHANNELS = frozenset({
 
 
 class AudioOutput(Protocol):
-    """Where the agent's voice goes (the room's published track)."""
+    """Where the agent's voice goes: the room's published track (``agents.room.AgentRoom``)."""
 
-    async def play(self, pcm16: bytes, piece: int) -> None:
-        """Queue 48 kHz mono PCM16 of TTS piece ``piece``; returns once queued for sending."""
+    async def play(self, audio: SpeechAudio) -> None:
+        """Queue a chunk of 48 kHz mono PCM16; returns once queued for sending."""
 
-    async def flush(self) -> None:
+    def flush(self) -> Any:
         """Drop every queued sample at once (barge-in)."""
 
     def played_samples(self, piece: int) -> int:
@@ -208,7 +208,8 @@ class Pipeline:
                  config: PipelineConfig | None = None, *, chunker: Chunker | None = None,
                  transcript: Transcript | None = None,
                  on_expiring: Callable[[str, SpeechEvent], Awaitable[None]] | None = None,
-                 on_turn: Callable[[TurnMetrics], None] | None = None) -> None:
+                 on_turn: Callable[[TurnMetrics], None] | None = None,
+                 on_lost: Callable[[str], None] | None = None) -> None:
         self.stt, self.llm, self.tts, self.output = stt, llm, tts, output
         self.config = config or PipelineConfig()
         self.context = ChatContext(self.config.instructions, self.config.history_tokens)
@@ -216,6 +217,7 @@ class Pipeline:
         self.transcript = transcript
         self.on_expiring = on_expiring
         self.on_turn = on_turn
+        self.on_lost = on_lost  # an STT or TTS stream ended for good (its node went away)
         self.ready = asyncio.Event()  # the caller hears the agent's track (say() waits for it)
         self.turns: list[TurnMetrics] = []
         self.callers: dict[str, _Caller] = {}
@@ -310,10 +312,11 @@ class Pipeline:
             raise
         except Exception as exc:
             log.warning("STT stream of %s ended: %s", caller.identity, exc)
-        else:
-            if caller.identity in self.callers and not self._closed:
-                log.warning("STT stream of %s ended; its speech is no longer heard",
-                            caller.identity)
+        if caller.identity in self.callers and not self._closed:
+            log.warning("STT stream of %s ended; its speech is no longer heard",
+                        caller.identity)
+            if self.on_lost is not None:
+                self.on_lost(f"the STT stream of {caller.identity}")
 
     # ------------------------------------------------------------ what the caller does
 
@@ -430,7 +433,7 @@ class Pipeline:
         self._answer = None
         for n in answer.pieces:
             self._pieces.pop(n, None)
-        await self.output.flush()
+        self.output.flush()
         answer.turn.barge_in_stop_ms = (time.monotonic() - t0) * 1000
         if answer.task is not None and answer.task is not asyncio.current_task():
             answer.task.cancel()
@@ -440,6 +443,7 @@ class Pipeline:
                 await asyncio.wait_for(self.voice.clear(), 5)
             except Exception as exc:
                 log.warning("TTS clear failed (%s); old audio is dropped by piece", exc)
+        self.output.flush()  # a frame the voice reader was handing over as we stopped
         await self._finish(answer, outcome)
 
     async def _finish(self, answer: _Answer, outcome: str) -> None:
@@ -484,7 +488,7 @@ class Pipeline:
             if self._answer is answer:
                 self._answer = None
                 if outcome != "answered":
-                    await self.output.flush()
+                    self.output.flush()
                     if self.voice is not None:
                         with contextlib.suppress(Exception):
                             await asyncio.wait_for(self.voice.clear(), 5)
@@ -545,13 +549,15 @@ class Pipeline:
                     continue
                 self._on_audio(answer, chunk)
                 if chunk.pcm16:
-                    await self.output.play(chunk.pcm16, chunk.piece)
+                    await self.output.play(chunk)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.warning("the agent's voice (TTS stream) failed: %s", exc)
         if not self._closed:
             log.warning("the agent's voice (TTS stream) ended; answers can no longer be heard")
+            if self.on_lost is not None:
+                self.on_lost("the TTS stream")
 
     def _on_audio(self, answer: _Answer, chunk: SpeechAudio) -> None:
         piece = answer.pieces[chunk.piece]

@@ -148,10 +148,10 @@ class RealTimeOutput:
         self.first_frame_at: float | None = None
         self.task = asyncio.create_task(self._play())
 
-    async def play(self, pcm16: bytes, piece: int) -> None:
-        await self.queue.put((pcm16, piece))
+    async def play(self, audio: SpeechAudio) -> None:
+        await self.queue.put((audio.pcm16, audio.piece))
 
-    async def flush(self) -> None:
+    def flush(self) -> None:
         self.flushes += 1
         while not self.queue.empty():
             self.queue.get_nowait()

@@ -9,150 +9,37 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from solders.keypair import Keypair
 
-from gateway.app import ROUTES, create_app
+from gateway.app import ROUTES
 from gateway.auth import sign_request
 from gateway.client import (
     BadRequest,
     ConcurrencyLimit,
     DualWebrtc,
-    GatewayClient,
     InsufficientCredits,
     NoCapacity,
     NotFound,
     RateLimit,
 )
-from gateway.config import GatewayConfig
-from gateway.ledger import Ledger
 from gateway.sessions import sfu_room
 from registry import program as p
 from registry.client import RegistryClient
 from registry.tokens import sign_body, verify_token
-from tests.conftest import Localnet, start_localnet_process
+from tests.support.gateway_net import (
+    SG_IP,
+    US_IP,
+    Gw,
+    Net,
+    audit_ok,
+    serve_gateway,
+)
 from tests.support.ledger import backdate
-
-NODES = {  # name: (role, url, lat, lon, country)
-    "sfu-de": (p.Role.SFU, "https://sfu-de.test", 50.11, 8.68, "DE"),
-    "sfu-us": (p.Role.SFU, "https://sfu-us.test", 38.9, -77.0, "US"),
-    "sfu-sg": (p.Role.SFU, "https://sfu-sg.test", 1.35, 103.8, "SG"),
-    "stt-de": (p.Role.STT, "https://stt-de.test", 52.5, 13.4, "DE"),
-    "stt-us": (p.Role.STT, "https://stt-us.test", 37.7, -122.4, "US"),
-    "tts-de": (p.Role.TTS, "https://tts-de.test", 48.1, 11.6, "DE"),
-}
-US_IP, SG_IP = "8.8.8.8", "202.166.126.10"
-
-
-@dataclass
-class Net:
-    url: str
-    authority: Keypair
-    issuer: Keypair
-    nodes: dict[str, Keypair]
-
-
-@pytest.fixture(scope="module")
-def net(tmp_path_factory: pytest.TempPathFactory) -> Net:
-    """A localnet of its own (long TTL, known nodes) so routing is deterministic."""
-    localnet: Localnet = start_localnet_process(tmp_path_factory.mktemp("gw") / "ledger")
-    authority, issuer = localnet.authority, Keypair()  # the program's upgrade authority
-    nodes = {name: Keypair() for name in NODES}
-
-    async def setup() -> None:
-        async with RegistryClient(localnet.url) as client:
-            await client.ensure_funded(authority)
-            await client.initialize_registry(authority, 3600, p.Policy.OPEN)
-            await client.add_issuer(authority, issuer.pubkey())
-            for name, (role, url, lat, lon, country) in NODES.items():
-                await client.ensure_funded(nodes[name])
-                await client.register_node(nodes[name], role,
-                                           p.NodeFields(url, lat, lon, country, 100, "0.1.0"))
-
-    asyncio.run(setup())
-    yield Net(localnet.url, authority, issuer, nodes)
-    localnet.stop()
-
-
-@dataclass
-class Gw:
-    url: str
-    ledger: Ledger
-    net: Net
-    registry: RegistryClient
-    http: aiohttp.ClientSession
-
-    def client(self, key: Keypair | str | None = None, chain: str = "solana") -> GatewayClient:
-        return GatewayClient(self.url, key or Keypair(), chain, session=self.http)
-
-    async def funded(self, usd: float = 1.0, chain: str = "solana") -> GatewayClient:
-        key: Keypair | str = Keypair() if chain == "solana" else "0x" + "11" * 31 + f"{int(time.time_ns()) % 256:02x}"
-        client = self.client(key, chain)
-        address = str(key.pubkey()) if isinstance(key, Keypair) else _evm_address(key)
-        await self.ledger.grant(chain, address, int(usd * 1_000_000), memo="test")
-        return client
-
-    async def post_signed(self, path: str, body: bytes, node: str) -> aiohttp.ClientResponse:
-        token = sign_body(self.net.nodes[node], body)
-        return await self.http.post(self.url + path, data=body, headers={
-            "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-
-
-def _evm_address(key: str) -> str:
-    from eth_account import Account
-
-    return Account.from_key(key).address
-
-
-def gateway_config(tmp: Path, db_url: str, **over: object) -> GatewayConfig:
-    # The module's nodes have made-up URLs: pushing refreshed tokens to them is tested apart.
-    over.setdefault("refresh_sfu_tokens", False)
-    over.setdefault("account_cache_seconds", 2.0)
-    return GatewayConfig(database_url=db_url, registry_refresh_seconds=0.2,
-                         sweep_interval_seconds=0.2, settle_grace_seconds=0, **over)
-
-
-@pytest.fixture
-async def gw(net: Net, tmp_path: Path) -> AsyncIterator[Gw]:
-    db = f"sqlite+aiosqlite:///{tmp_path}/gateway.db"
-    async with _serve(net, tmp_path, db) as g:
-        yield g
-
-
-class _serve:
-    def __init__(self, net: Net, tmp: Path, db: str, **config: object) -> None:
-        self.net, self.tmp, self.db, self.config = net, tmp, db, config
-
-    async def __aenter__(self) -> Gw:
-        self.registry = RegistryClient(self.net.url)
-        self.ledger = Ledger(self.db)
-        config = gateway_config(self.tmp, self.db, rpc_url=self.net.url, **self.config)
-        app = create_app(config, self.net.issuer,
-                         self.registry.list_nodes, ledger=self.ledger)
-        self.server = TestServer(app, host="127.0.0.1")
-        await self.server.start_server()
-        self.http = aiohttp.ClientSession()
-        return Gw(str(self.server.make_url("")).rstrip("/"), self.ledger, self.net, self.registry,
-                  self.http)
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.http.close()
-        await self.server.close()
-        await self.registry.close()
-
-
-async def audit_ok(g: Gw, client: GatewayClient) -> None:
-    account = await client.account()
-    audit = await g.ledger.audit(account.id)
-    assert audit.ok, audit
-
 
 # ---------------------------------------------------------------- public routes
 
@@ -482,9 +369,9 @@ async def test_only_the_routed_registered_node_may_post_usage(gw: Gw) -> None:
 
 
 async def test_fifty_concurrent_creations_against_ten(
-    net: Net, tmp_path: Path, db_url: str
+    gateway_net: Net, tmp_path: Path, db_url: str
 ) -> None:
-    async with _serve(net, tmp_path, db_url) as g:
+    async with serve_gateway(gateway_net, tmp_path, db_url) as g:
         client = await g.funded(0.01)  # 10,000 = ten 1-minute WebRTC participants
         account = await client.account()
         await g.ledger.set_limits(account.id, max_concurrent_sessions=100, max_api_rate=100)
@@ -501,7 +388,7 @@ async def test_fifty_concurrent_creations_against_ten(
         await audit_ok(g, client)
 
 
-async def test_extend_pushes_the_new_token_to_the_sfu(net: Net, tmp_path: Path) -> None:
+async def test_extend_pushes_the_new_token_to_the_sfu(gateway_net: Net, tmp_path: Path) -> None:
     """The SFU holding a participant gets the extended token (POST /rtc/refresh, bearer = token),
     so the participant is not cut off at the old expiry (the SFU's side is in tests/test_sfu.py)."""
     received: list[str] = []
@@ -515,12 +402,12 @@ async def test_extend_pushes_the_new_token_to_the_sfu(net: Net, tmp_path: Path) 
     server = TestServer(sfu, host="127.0.0.1")
     await server.start_server()
     node = Keypair()
-    async with RegistryClient(net.url) as registry:
+    async with RegistryClient(gateway_net.url) as registry:
         await registry.ensure_funded(node)
         await registry.register_node(node, p.Role.SFU, p.NodeFields(
             str(server.make_url("")).rstrip("/"), -33.9, 151.2, "AU", 10, "0.1.0"))
         try:
-            async with _serve(net, tmp_path, f"sqlite+aiosqlite:///{tmp_path}/r.db",
+            async with serve_gateway(gateway_net, tmp_path, f"sqlite+aiosqlite:///{tmp_path}/r.db",
                               refresh_sfu_tokens=True) as g:
                 client = await g.funded(0.1)
                 session = await client.create_webrtc_token("far", "p", 1, client_ip="1.1.1.1")

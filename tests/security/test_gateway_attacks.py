@@ -22,7 +22,7 @@ from gateway.routing import unhealthy_reason
 from gateway.sessions import sfu_room
 from registry.tokens import TokenError, verify_token
 from tests.support.ledger import backdate
-from tests.test_gateway_api import Gw, audit_ok, gw, net  # noqa: F401 - fixtures
+from tests.support.gateway_net import Gw, audit_ok
 from tests.test_routing import node as make_node
 
 

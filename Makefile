@@ -7,15 +7,15 @@ STAMP   := .venv/.installed
 # The official x402 client pins construct-typing>=0.7, anchorpy <0.6: it gets a venv of its own,
 # used by the payment tests to pay the gateway as a real agent would.
 X402_STAMP := .venv-x402/.installed
-APT_PKGS := clang-19 llvm-19 postgresql wrk
+APT_PKGS := clang-19 llvm-19 postgresql wrk chromium
 
-.PHONY: setup up test program bench clean-local apt models
+.PHONY: setup up test program bench clean-local apt models browser web
 
-setup: apt $(STAMP) $(X402_STAMP) models
+setup: apt $(STAMP) $(X402_STAMP) models browser web
 
 # Debian packages: the C compiler for the on-chain program (the build test rebuilds it),
 # PostgreSQL (the ledger is tested on SQLite and on a throwaway PostgreSQL server) and wrk (the
-# load generator of bench/gateway.py).
+# load generator of bench/gateway.py) and chromium (the browser the demo tests drive).
 apt:
 	@dpkg -s $(APT_PKGS) >/dev/null 2>&1 || { \
 	  echo "installing Debian packages: $(APT_PKGS)"; \
@@ -34,6 +34,20 @@ $(X402_STAMP):
 	.venv-x402/bin/pip install -q --upgrade pip
 	.venv-x402/bin/pip install -q 'x402[svm,httpx]==2.25.0'
 	@touch $(X402_STAMP)
+
+# The browser tests drive Debian's chromium (installed by `apt`) with Playwright for Python.
+# Playwright cannot download browsers here: the tests launch /usr/bin/chromium.
+BROWSER_STAMP := .venv/.browser-installed
+browser: $(BROWSER_STAMP)
+
+$(BROWSER_STAMP): $(STAMP)
+	$(PIP) install -q 'playwright==1.65.2'
+	@touch $(BROWSER_STAMP)
+
+# The demo pages' third-party files (stock livekit-client UMD build, world map TopoJSON and its
+# decoder), fetched from the npm registry into the git-ignored demo/static/vendor/ (stamped).
+web: $(STAMP)
+	$(PY) -m demo.vendor
 
 # Offline model pack: joins/fetches the weights the roles need into .local/models (fast when done).
 models: $(STAMP)

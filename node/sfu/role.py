@@ -37,6 +37,11 @@ class Refusal(Exception):
         super().__init__(message)
 
 
+# The validate answers carry no secret (a reason code for the token the caller already holds);
+# LiveKit's own server opens them to any origin too.
+CROSS_ORIGIN = {"Access-Control-Allow-Origin": "*"}
+
+
 def bearer(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     if header.lower().startswith("bearer "):
@@ -150,7 +155,12 @@ class SfuRole:
     # ------------------------------------------------------------ routes
 
     async def not_v1(self, request: web.Request) -> web.Response:
-        return web.Response(status=404, text="signal v1 is not served here; use /rtc")
+        """Signal v1 (one peer connection) is not served: the v0 path (/rtc, two peer
+        connections) is. A client that tried /rtc/v1 asks /rtc/v1/validate why it failed, and a
+        404 whose body does not say "requested room does not exist" makes it retry on /rtc. A
+        browser page reads that answer only if it is open to any origin (CORS)."""
+        return web.Response(status=404, text="signal v1 is not served here; use /rtc",
+                            headers=CROSS_ORIGIN)
 
     async def revoke(self, request: web.Request) -> web.Response:
         """The gateway's list of settled sessions: their tokens are refused from now on and their
@@ -188,11 +198,14 @@ class SfuRole:
         return web.json_response({"revoked": len(ids)})
 
     async def validate(self, request: web.Request) -> web.Response:
+        """Why a join would fail (or ``success``); readable by a page of any origin, as the
+        browser client asks it after a failed WebSocket to tell the user the reason."""
         try:
             await self.authorise(bearer(request), request.query.get("room"))
         except Refusal as exc:
-            return web.Response(status=exc.status, text=f"{exc.code}: {exc}")
-        return web.Response(text="success")
+            return web.Response(status=exc.status, text=f"{exc.code}: {exc}",
+                                headers=CROSS_ORIGIN)
+        return web.Response(text="success", headers=CROSS_ORIGIN)
 
     async def rtc(self, request: web.Request) -> web.StreamResponse:
         try:

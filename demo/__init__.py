@@ -1,0 +1,1 @@
+"""The browser demo: a small aiohttp app serving plain HTML/JS pages (the network map today)."""

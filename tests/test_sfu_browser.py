@@ -1,0 +1,187 @@
+"""The stock livekit-client (npm, 2.x UMD build as `make setup` fetches it) in Chromium joins our
+SFU with its default options, with a token bought from the real gateway.
+
+Its default is signal v1 (one peer connection) on /rtc/v1; our SFU serves v0 (/rtc, two peer
+connections) and answers /rtc/v1/validate with a 404, open to any origin, that the client reads
+as "no v1 here" and retries on /rtc. The test checks that path (the page's WebSockets and its
+validate fetch), then audio both ways: the page's fake microphone (a 660 Hz WAV) is heard by a
+``livekit`` Python SDK participant, and the page hears the SDK's 440 Hz tone (Web Audio).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import pytest_asyncio
+from livekit import rtc as lk
+from solders.keypair import Keypair
+
+from gateway.client import GatewayClient
+from tests.conftest import Chain
+from tests.support.audio import tone_hz
+from tests.support.browser import (
+    SfuNet,
+    chromium,
+    console_log,
+    page_site,
+    sfu_and_gateway,
+    write_tone_wav,
+)
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+# Far from the other test nodes, so the gateway routes these sessions to this module's node.
+WHERE = {"lat": -36.85, "lon": 174.76, "country": "NZ"}
+MIC_HZ, SDK_HZ = 660.0, 440.0
+
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>sfu browser test</title>
+<script src="/vendor/livekit-client.umd.js"></script></head>
+<body><p id="state">idle</p>
+<script>
+const LK = window.LivekitClient;
+window.heard = null;
+
+// Joins with the client's default connect options; only the capture processing is off, so the
+// fake microphone's tone reaches the other side unchanged.
+async function join(url, token) {
+  const room = new LK.Room({audioCaptureDefaults: {
+    echoCancellation: false, noiseSuppression: false, autoGainControl: false}});
+  window.room = room;
+  room.on(LK.RoomEvent.TrackSubscribed, (track) => {
+    if (track.kind === 'audio') window.heard = listen(track);
+  });
+  await room.connect(url, token);
+  await room.localParticipant.setMicrophoneEnabled(true);
+  document.getElementById('state').textContent = room.state;
+  return room.state;
+}
+
+// Web Audio on the received track: RMS and the strongest frequency, sampled every 100 ms.
+function listen(track) {
+  const element = track.attach();  // Chromium only runs a remote stream that is played
+  document.body.appendChild(element);
+  const ctx = new AudioContext();
+  const source = ctx.createMediaStreamSource(new MediaStream([track.mediaStreamTrack]));
+  const analyser = ctx.createAnalyser();
+  analyser.fftSize = 8192;
+  source.connect(analyser);
+  const samples = [];
+  const wave = new Float32Array(analyser.fftSize);
+  const spectrum = new Float32Array(analyser.frequencyBinCount);
+  setInterval(() => {
+    analyser.getFloatTimeDomainData(wave);
+    analyser.getFloatFrequencyData(spectrum);
+    let sum = 0;
+    for (const v of wave) sum += v * v;
+    let best = 0;
+    for (let i = 1; i < spectrum.length; i++) if (spectrum[i] > spectrum[best]) best = i;
+    samples.push({rms: Math.sqrt(sum / wave.length), hz: best * ctx.sampleRate / analyser.fftSize});
+  }, 100);
+  return samples;
+}
+</script></body></html>
+"""
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def net(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SfuNet]:
+    async with sfu_and_gateway(chain, tmp_path_factory.mktemp("sfu-browser"), WHERE) as n:
+        yield n
+
+
+async def tone(source: lk.AudioSource, freq: float) -> None:
+    n = 0
+    while True:
+        t = (np.arange(480) + n) / 48000
+        n += 480
+        pcm = (np.sin(2 * np.pi * freq * t) * 12000).astype(np.int16)
+        await source.capture_frame(lk.AudioFrame(pcm.tobytes(), 48000, 1, 480))
+
+
+async def record_first_audio(room: lk.Room, identity: str, seconds: float) -> np.ndarray:
+    """``seconds`` of 48 kHz PCM from ``identity``'s first audio track."""
+    subscribed: asyncio.Future[lk.Track] = asyncio.get_running_loop().create_future()
+
+    def on_track(track: lk.Track, pub: Any, participant: lk.RemoteParticipant) -> None:
+        if participant.identity == identity and not subscribed.done():
+            subscribed.set_result(track)
+
+    room.on("track_subscribed", on_track)
+    for participant in room.remote_participants.values():
+        for pub in participant.track_publications.values():
+            if participant.identity == identity and pub.track is not None:
+                on_track(pub.track, pub, participant)
+    track = await asyncio.wait_for(subscribed, 20)
+    chunks: list[np.ndarray] = []
+    async for event in lk.AudioStream(track, sample_rate=48000, num_channels=1):
+        chunks.append(np.frombuffer(event.frame.data, dtype=np.int16).copy())
+        if sum(len(c) for c in chunks) >= seconds * 48000:
+            break
+    return np.concatenate(chunks)
+
+
+async def test_stock_client_joins_with_default_options_and_audio_flows_both_ways(
+        net: SfuNet, tmp_path: Path) -> None:
+    wallet = Keypair()
+    await net.ledger.grant("solana", str(wallet.pubkey()), 2_000_000, memo="browser test")
+    room_name = f"browser-{uuid.uuid4().hex[:6]}"
+    async with GatewayClient(net.gateway_url, wallet, session=net.http) as gw:
+        page_s = await gw.create_webrtc_token(room_name, "browser", 5)
+        sdk_s = await gw.create_webrtc_token(room_name, "python", 5)
+    assert page_s.ws_url == net.ws_url, "the gateway routed the page's session to our node"
+
+    sdk = lk.Room()
+    await asyncio.wait_for(sdk.connect(sdk_s.ws_url, sdk_s.token), 20)
+    source = lk.AudioSource(48000, 1)
+    await sdk.local_participant.publish_track(
+        lk.LocalAudioTrack.create_audio_track("tone", source),
+        lk.TrackPublishOptions(source=lk.TrackSource.SOURCE_MICROPHONE))
+    player = asyncio.ensure_future(tone(source, SDK_HZ))
+    mic = write_tone_wav(tmp_path / "mic.wav", MIC_HZ)
+    try:
+        async with chromium(mic) as browser, page_site(PAGE) as site:
+            page = await browser.new_page()
+            log = console_log(page)
+            sockets: list[str] = []
+            validates: list[tuple[str, int, str | None]] = []
+            page.on("websocket", lambda ws: sockets.append(ws.url))
+            page.on("response", lambda r: validates.append(
+                (r.url, r.status, r.headers.get("access-control-allow-origin")))
+                if "/validate" in r.url else None)
+            await page.goto(site + "/")
+            state = await page.evaluate("([u, t]) => join(u, t)", [page_s.ws_url, page_s.token])
+            assert state == "connected", "\n".join(log)
+
+            # The default path: /rtc/v1 first, its validate read cross-origin (404), then /rtc.
+            paths = [s.split("?")[0].removeprefix(net.ws_url) for s in sockets]
+            assert paths[:1] == ["/rtc/v1"] and paths[-1] == "/rtc", (paths, log)
+            assert any(url.split("?")[0].endswith("/rtc/v1/validate") and status == 404
+                       and cors == "*" for url, status, cors in validates), validates
+
+            # The page's fake microphone, as the Python SDK hears it.
+            heard_by_sdk = await asyncio.wait_for(record_first_audio(sdk, "browser", 3.0), 40)
+            assert abs(tone_hz(heard_by_sdk[-48000 * 2:]) - MIC_HZ) < 10, "the page's 660 Hz"
+
+            # The SDK's tone, as the page's Web Audio measured it (the last second of samples).
+            await page.wait_for_function("window.heard && window.heard.length >= 20",
+                                         timeout=20_000)
+            samples = json.loads(await page.evaluate("JSON.stringify(window.heard.slice(-10))"))
+            loud = [s for s in samples if s["rms"] > 0.05]
+            assert len(loud) >= 8, (samples, log)
+            peak = float(np.median([s["hz"] for s in loud]))
+            assert abs(peak - SDK_HZ) < 15, (peak, samples)
+            print(f"page heard rms={np.median([s['rms'] for s in loud]):.3f} peak={peak:.0f} Hz;"
+                  f" sdk heard {tone_hz(heard_by_sdk[-96000:]):.0f} Hz")
+            await page.screenshot(path=str(tmp_path / "sfu-browser.png"))
+            await page.evaluate("window.room.disconnect()")
+    finally:
+        player.cancel()
+        await sdk.disconnect()

@@ -4,6 +4,8 @@ from the real gateway. The caller's Kokoro-spoken question reaches the agent as 
 our STT node transcribes; the agent's 48 kHz voice reaches the caller; a flush stops it.
 """
 
+# The module fixture ``network`` is imported, then requested by name:
+# ruff: noqa: F811
 from __future__ import annotations
 
 import asyncio
@@ -93,7 +95,7 @@ async def test_agent_hears_the_caller_and_the_caller_hears_the_agent(network: Ne
             if any(topic == "transcript" for topic, _, _ in caller.data):
                 break
             await asyncio.sleep(0.05)
-        topic, payload, sender = next(d for d in caller.data if d[0] == "transcript")
+        _, payload, sender = next(d for d in caller.data if d[0] == "transcript")
         assert json.loads(payload) == {"who": "agent", "text": "hello", "final": True}
         assert sender == agent.identity
 

@@ -114,10 +114,10 @@ class Network:
     # ------------------------------------------------------------ processes
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        log = open(self.tmp / f"{name}.log", "ab")
-        return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        with open(self.tmp / f"{name}.log", "ab") as log:  # the child keeps its own handle
+            return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log,
+                                    stderr=subprocess.STDOUT,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     def start_gateway(self) -> None:
         port = free_port()
@@ -140,7 +140,7 @@ class Network:
             [sys.executable, "-m", "gateway.cli", "--config", str(self.tmp / "gateway.yaml"),
              "credits", "grant", "--wallet", str(self.wallet.pubkey()), "--chain", "solana",
              "--usd", str(usd), "--memo", "agents test"],
-            cwd=ROOT, capture_output=True, text=True, timeout=60)
+            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
         if out.returncode != 0:
             raise RuntimeError(f"gateway credits grant failed: {out.stderr}")
 

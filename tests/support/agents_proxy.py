@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Self
 
 import aiohttp
 from aiohttp import web
@@ -22,7 +23,7 @@ class WSProxy:
         self._runner: web.AppRunner | None = None
         self.url = ""
 
-    async def start(self) -> "WSProxy":
+    async def start(self) -> Self:
         app = web.Application()
         app.router.add_get("/v1/stream", self._handle)
         self._runner, port = await serve(app)
@@ -34,7 +35,7 @@ class WSProxy:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    async def __aenter__(self) -> "WSProxy":
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:

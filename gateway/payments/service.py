@@ -31,11 +31,11 @@ from solders.pubkey import Pubkey
 from solders.transaction import VersionedTransaction
 
 from gateway.ledger import DuplicatePayment, Ledger, pricing
-from gateway.ledger.payments import CREDITED, FAILED, PaymentBook, PaymentRecord
 from registry.client import LAMPORTS_PER_SOL, is_local_rpc
 from registry.keys import load_keypair, load_or_create_keypair
 
 from . import evm, svm
+from .book import CREDITED, FAILED, PaymentBook, PaymentRecord
 from .challenges import MppChallenges
 from .config import EVM_V1_NAMES, SOLANA_V1_NAMES, PaymentsConfig
 from .solana import (

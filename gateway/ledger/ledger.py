@@ -37,8 +37,8 @@ Balance model (amounts are int microcredits everywhere):
 Concurrency: every write transaction locks the account row first (PostgreSQL: ``SELECT ... FOR
 UPDATE``, or the conditional ``UPDATE`` that reserves for new sessions, which re-checks the row's
 newest version if it waited for the lock; SQLite: ``BEGIN IMMEDIATE`` -- one writer per database
-file), then reads and changes that account's sessions. Several gateway processes may share one PostgreSQL database, or one SQLite
-file (WAL mode) on one machine.
+file), then reads and changes that account's sessions. Several gateway processes may share one
+PostgreSQL database, or one SQLite file (WAL mode) on one machine.
 
 Execution: each transaction body is a plain function of a sync ``sa.Connection``, run by the
 database layer (``db.py``: connections, transactions, the SQLite writer thread, the PostgreSQL
@@ -194,7 +194,8 @@ def _open_one_statement() -> sa.Select[Any]:
         sa.select(reserved.c.id, sa.literal("reserve"), sa.literal(0, sa.BigInteger),
                   sa.bindparam("reserve"), reserved.c.credit_balance,
                   reserved.c.credit_balance - reserved.c.held_microcredits,
-                  sa.bindparam("id", type_=t.session_id.type), sa.bindparam("memo", type_=t.memo.type),
+                  sa.bindparam("id", type_=t.session_id.type),
+                  sa.bindparam("memo", type_=t.memo.type),
                   sa.bindparam("started_at", type_=t.created_at.type)).select_from(reserved),
     ).returning(t.id).cte("posted")
     return sa.select(posted.c.id).add_cte(opened)

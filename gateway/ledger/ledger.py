@@ -802,15 +802,8 @@ class Ledger:
         self, account_id: str, limit: int = 50, offset: int = 0, status: str | None = None
     ) -> list[SessionRecord]:
         """Newest first; ``status`` filters (active, completed, expired)."""
-        limit, offset = _page(limit, offset)
-        stmt = sa.select(sessions).where(sessions.c.account_id == account_id)
-        if status is not None:
-            if status not in SESSION_STATUSES:
-                raise ValueError(f"status must be one of {SESSION_STATUSES}, got {status!r}")
-            stmt = stmt.where(sessions.c.status == status)
-        stmt = stmt.order_by(sessions.c.started_at.desc(), sessions.c.id.desc())
-        rows = await self.db.all(stmt.limit(limit).offset(offset))
-        return [_session(r) for r in rows]
+        return await self._sessions_page(
+            sa.select(sessions).where(sessions.c.account_id == account_id), limit, offset, status)
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
         row = await self.db.first(_SESSION_BY_ID, {"session_id": session_id})
@@ -834,8 +827,12 @@ class Ledger:
         self, limit: int = 100, offset: int = 0, status: str | None = None
     ) -> list[SessionRecord]:
         """Operator view: sessions of every account, newest first."""
+        return await self._sessions_page(sa.select(sessions), limit, offset, status)
+
+    async def _sessions_page(self, stmt: sa.Select[Any], limit: int, offset: int,
+                             status: str | None) -> list[SessionRecord]:
+        """One page of ``stmt``'s sessions, newest first, of one ``status`` if given."""
         limit, offset = _page(limit, offset)
-        stmt = sa.select(sessions)
         if status is not None:
             if status not in SESSION_STATUSES:
                 raise ValueError(f"status must be one of {SESSION_STATUSES}, got {status!r}")

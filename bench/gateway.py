@@ -94,7 +94,7 @@ async def fund(db_url: str, wallets: list[Keypair]) -> None:
 
 async def count_sessions(db_url: str) -> int:
     async with Ledger(db_url) as ledger:
-        return await ledger._rtx(
+        return await ledger.db.read(
             lambda conn: conn.execute(sa.select(sa.func.count()).select_from(sessions)).scalar())
 
 

@@ -198,7 +198,7 @@ async def test_migrate_creates_the_models_schema_and_is_idempotent(ledger: Ledge
         ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
         return compare_metadata(ctx, metadata)
 
-    async with ledger._engine.connect() as conn:
+    async with ledger.db.engine.connect() as conn:
         assert await conn.run_sync(diff) == []
 
 
@@ -251,7 +251,7 @@ async def test_upgrade_from_revision_1_keeps_data(db_url: str) -> None:
             sa.Column("created_at", UTCDateTime))
         t0 = now() - timedelta(minutes=10)
         aid, done, live = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
-        async with lg._engine.begin() as conn:
+        async with lg.db.engine.begin() as conn:
             # purchase 100000; a completed stt session (reserved 6000, charged 3000);
             # an active one (reserved 12000)
             await conn.execute(acc.insert().values(
@@ -297,7 +297,7 @@ async def test_upgrade_from_revision_1_keeps_data(db_url: str) -> None:
         assert (settled.charged_microcredits, settled.refunded_microcredits) == (9000, 3000)
         assert (await acct(lg, aid)).available_balance == 88_000
         await check_invariants(lg, aid)
-        async with lg._engine.begin() as conn:  # the new table is there
+        async with lg.db.engine.begin() as conn:  # the new table is there
             await conn.execute(sa.text(
                 "INSERT INTO payments (id, chain, signature, status, amount_microcredits, "
                 "wallet_address, created_at, updated_at) VALUES "
@@ -371,7 +371,7 @@ async def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
     lg = Ledger(f"sqlite:///{tmp_path}/sub/dir/ledger.db")  # parent directories are created
     try:
         await lg.migrate()
-        async with lg._engine.connect() as conn:
+        async with lg.db.engine.connect() as conn:
             assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
     finally:
         await lg.close()
@@ -401,9 +401,9 @@ async def test_sqlite_group_commit_keeps_a_failing_job_out(tmp_path: Path, fails
         return i
 
     try:
-        assert lg._writer is not None
-        jobs, transactions = lg._writer.jobs, lg._writer.transactions
-        results = await asyncio.gather(*(lg._tx(body, i) for i in range(60)),
+        assert lg.db.writer is not None
+        jobs, transactions = lg.db.writer.jobs, lg.db.writer.transactions
+        results = await asyncio.gather(*(lg.db.write(body, i) for i in range(60)),
                                        return_exceptions=True)
         for i, result in enumerate(results):
             if i % 3 == 0:
@@ -412,9 +412,9 @@ async def test_sqlite_group_commit_keeps_a_failing_job_out(tmp_path: Path, fails
                 assert result == i
         stored = {a.id for a in await lg.list_accounts(limit=100)}
         assert stored == {f"acct-{i}" for i in range(60) if i % 3}
-        ran = lg._writer.jobs - jobs
+        ran = lg.db.writer.jobs - jobs
         if fails == "before writing":  # grouped, and no group had to be run again
-            assert ran == 60 and lg._writer.transactions - transactions < 60
+            assert ran == 60 and lg.db.writer.transactions - transactions < 60
         else:  # groups with a job that wrote and failed were run again job by job
             assert ran > 60
     finally:
@@ -442,9 +442,9 @@ async def test_sqlite_wal_is_checkpointed_off_the_write_path(tmp_path: Path) -> 
     lg = Ledger(f"sqlite:///{db}")
     await lg.migrate()
     try:
-        async with lg._engine.connect() as conn:  # the tools' engine keeps SQLite's default
+        async with lg.db.engine.connect() as conn:  # the tools' engine keeps SQLite's default
             assert (await conn.exec_driver_sql("PRAGMA wal_autocheckpoint")).scalar() == 1000
-        assert await lg._rtx(
+        assert await lg.db.read(
             lambda c: c.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar()) == 0
         size_before = db.stat().st_size
         account_id = await funded(lg, 10**12)

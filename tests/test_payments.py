@@ -32,7 +32,7 @@ from gateway.auth import sign_request
 from gateway.client import GatewayClient, InsufficientCredits
 from gateway.config import GatewayConfig
 from gateway.ledger import Ledger, pricing
-from gateway.ledger.payments import PaymentBook
+from gateway.payments.book import PaymentBook
 from gateway.payments import payer
 from gateway.payments.wiring import PAYMENTS_KEY, setup_payments
 from gateway.payments.config import PaymentsConfig, SolanaPayments

@@ -26,7 +26,7 @@ from eth_tester import EthereumTester, PyEVMBackend
 from eth_tester.exceptions import TransactionFailed, ValidationError
 from eth_utils import keccak
 
-from gateway.ledger.payments import PaymentBook
+from gateway.payments.book import PaymentBook
 from gateway.payments import evm, payer
 from gateway.payments.config import EvmPayments, PaymentsConfig
 from tests.test_payments import Pay, pay  # noqa: F401 - the fixture

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from gateway.ledger import DuplicatePayment, Ledger
-from gateway.ledger.payments import PaymentBook, PaymentStateError
+from gateway.payments.book import PaymentBook, PaymentStateError
 
 
 async def test_claim_and_credit_exactly_once_across_processes(db_url: str) -> None:

@@ -16,7 +16,7 @@ import pytest
 from eth_account import Account
 
 from gateway.config import GatewayConfig
-from gateway.ledger.payments import PaymentBook
+from gateway.payments.book import PaymentBook
 from gateway.payments import evm, payer
 from gateway.payments.challenges import MppChallenges
 from gateway.payments.config import EvmPayments, MppPayments, PaymentsConfig, SolanaPayments

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from gateway.ledger.payments import PaymentBook
+from gateway.payments.book import PaymentBook
 from registry.keys import save_keypair
 from tests.test_payments import DEVNET, Pay, pay  # noqa: F401 - the fixture
 

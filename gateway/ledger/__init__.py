@@ -1,5 +1,6 @@
 """The gateway's credits ledger (SQLite or PostgreSQL). See ``ledger.py`` for the balance model."""
 
+from .db import Database, normalize_url
 from .errors import (
     AccountNotFound,
     ConcurrencyLimit,
@@ -11,7 +12,7 @@ from .errors import (
     UnknownSession,
 )
 from .ids import uuid7
-from .ledger import Ledger, normalize_url
+from .ledger import Ledger
 from .records import (
     Account,
     AccountView,
@@ -31,6 +32,7 @@ __all__ = [
     "Audit",
     "Bundle",
     "ConcurrencyLimit",
+    "Database",
     "DuplicatePayment",
     "Extension",
     "InsufficientCredits",

@@ -37,40 +37,27 @@ Balance model (amounts are int microcredits everywhere):
 Concurrency: every write transaction locks the account row first (PostgreSQL: ``SELECT ... FOR
 UPDATE``, or the conditional ``UPDATE`` that reserves for new sessions, which re-checks the row's
 newest version if it waited for the lock; SQLite: ``BEGIN IMMEDIATE`` -- one writer per database
-file), then reads and changes that account's sessions. Several gateway processes may share one PostgreSQL database, or one SQLite
-file (WAL mode) on one machine.
+file), then reads and changes that account's sessions. Several gateway processes may share one
+PostgreSQL database, or one SQLite file (WAL mode) on one machine.
 
-Execution: each transaction body is a plain function of a sync ``sa.Connection``. On PostgreSQL it
-runs through ``AsyncConnection.run_sync`` (asyncpg) on a connection in autocommit, between the
-ledger's own ``BEGIN`` and ``COMMIT`` (``_pg_transaction``), so that the ``Prepared`` statements
-sent straight to asyncpg belong to the transaction. On SQLite the whole body runs in one hop on
-the ``Ledger``'s single writer thread (its own pysqlite connection; reads on reader threads), so a
-transaction costs one thread hop instead of one per statement, one process never has two writers
-spinning on SQLite's busy handler, and bodies queued together commit together
-(``writer.py``). The hot statements are ``Prepared`` (``prepared.py``). A call returns once
-its transaction has committed.
+Execution: each transaction body is a plain function of a sync ``sa.Connection``, run by the
+database layer (``db.py``: connections, transactions, the SQLite writer thread, the PostgreSQL
+BEGIN/COMMIT and retry, the dialect differences). The hot statements are ``Prepared``
+(``prepared.py``). A call returns once its transaction has committed.
 """
 
 from __future__ import annotations
 
-import asyncio
-import sqlite3
-import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from . import pricing
+from .db import Database, Row
 from .errors import (
     AccountNotFound,
     ConcurrencyLimit,
@@ -81,7 +68,7 @@ from .errors import (
     UnknownSession,
 )
 from .ids import uuid7
-from .models import VERSION_TABLE, accounts, node_events, sessions, transactions
+from .models import accounts, node_events, sessions, transactions
 from .prepared import Prepared, PreparedInsert
 from .records import (
     Account,
@@ -94,31 +81,14 @@ from .records import (
     Transaction,
     UsageResult,
 )
-from .writer import GroupWriter
 
 WALLET_CHAINS = ("solana", "evm")
 SESSION_STATUSES = ("active", "completed", "expired")
-MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-_PG_MIGRATION_LOCK = 0x6C656467  # pg_advisory_xact_lock key: several gateways migrate at once
-
-Row = Mapping[str, Any]
-T = TypeVar("T")
 
 
-def normalize_url(url: str) -> str:
-    """``sqlite:///path`` and ``postgresql://...`` get their async drivers."""
-    u = make_url(url)
-    backend, driver = u.get_backend_name(), u.get_driver_name()
-    if backend == "sqlite" and driver != "aiosqlite":
-        u = u.set(drivername="sqlite+aiosqlite")
-    elif backend == "postgresql" and driver != "asyncpg":
-        u = u.set(drivername="postgresql+asyncpg")
-    elif backend not in ("sqlite", "postgresql"):
-        raise ValueError(f"unsupported ledger database {backend!r}: use sqlite or postgresql")
-    return u.render_as_string(hide_password=False)
 
-
-def _wallet(chain: str, address: str) -> tuple[str, str]:
+def wallet(chain: str, address: str) -> tuple[str, str]:
+    """The account key of a wallet, checked: (chain, address), EVM addresses lower-cased."""
     if chain not in WALLET_CHAINS:
         raise ValueError(f"wallet_chain must be one of {WALLET_CHAINS}, got {chain!r}")
     if not isinstance(address, str) or not address:
@@ -224,7 +194,8 @@ def _open_one_statement() -> sa.Select[Any]:
         sa.select(reserved.c.id, sa.literal("reserve"), sa.literal(0, sa.BigInteger),
                   sa.bindparam("reserve"), reserved.c.credit_balance,
                   reserved.c.credit_balance - reserved.c.held_microcredits,
-                  sa.bindparam("id", type_=t.session_id.type), sa.bindparam("memo", type_=t.memo.type),
+                  sa.bindparam("id", type_=t.session_id.type),
+                  sa.bindparam("memo", type_=t.memo.type),
                   sa.bindparam("started_at", type_=t.created_at.type)).select_from(reserved),
     ).returning(t.id).cte("posted")
     return sa.select(posted.c.id).add_cte(opened)
@@ -235,95 +206,6 @@ _SAVE_ACCOUNT = Prepared(
     sa.update(accounts).where(accounts.c.id == sa.bindparam("acct_id"))
     .values(credit_balance=sa.bindparam("acct_credit"), held_microcredits=sa.bindparam("acct_held"),
             active_sessions=sa.bindparam("acct_active")))
-
-_SQLITE_READERS = 2  # reader threads (and pooled connections) per SQLite Ledger
-
-
-def _ensure_wal(cur: Any, busy_ms: int) -> None:
-    """Put the file in WAL mode (a property of the file: once is enough). The switch needs an
-    exclusive lock, and when several connections switch a new file at once SQLite refuses some
-    of them at once rather than wait (waiting could deadlock), so those try again until the busy
-    timeout, by when the file is in WAL mode."""
-    deadline = time.monotonic() + busy_ms / 1000
-    while True:
-        try:
-            cur.execute("PRAGMA journal_mode")
-            if str(cur.fetchone()[0]).lower() == "wal":
-                return
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.fetchall()
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
-
-
-def _install_sqlite_hooks(sync_engine: sa.Engine, busy_ms: int, *,
-                          auto_checkpoint: bool = True) -> None:
-    pragmas = ["foreign_keys=ON", "synchronous=NORMAL", f"busy_timeout={busy_ms}"]
-    if not auto_checkpoint:  # the GroupWriter's own thread checkpoints
-        pragmas.append("wal_autocheckpoint=0")
-
-    @event.listens_for(sync_engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
-        cur = dbapi_conn.cursor()
-        _ensure_wal(cur, busy_ms)
-        for pragma in pragmas:
-            cur.execute(f"PRAGMA {pragma}")
-        cur.close()
-
-    @event.listens_for(sync_engine, "begin")
-    def _on_begin(conn: sa.Connection) -> None:
-        write = conn.get_execution_options().get("ledger_write")
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
-
-
-class _StaleConnection(Exception):
-    """Carries (as ``__cause__``) an error met on a connection the server had closed;
-    ``maybe_done``: the body's changes may have been committed (COMMIT, or its one statement,
-    was sent), so it must not run again."""
-
-    def __init__(self, maybe_done: bool) -> None:
-        super().__init__()
-        self.maybe_done = maybe_done
-
-
-def _raise_if_closed(driver: Any, invalidate: Callable[[], None], maybe_done: bool,
-                     cause: BaseException | None = None) -> None:
-    """A connection the server closed is invalidated (the pool drops it) and reported as
-    ``_StaleConnection``; an open one is left alone."""
-    if driver.is_closed():
-        invalidate()
-        raise _StaleConnection(maybe_done) from cause
-
-
-def _pg_transaction(conn: sa.Connection, begin: str, fn: Callable[..., T],
-                    args: tuple[Any, ...]) -> T:
-    """``fn(conn, *args)`` between ``begin`` and COMMIT on an autocommit asyncpg connection.
-    Whatever ``fn`` raises rolls back; a connection that cannot roll back is invalidated, so the
-    pool never hands out one left in a transaction."""
-    driver = conn.connection.dbapi_connection
-    assert driver is not None
-    run = driver.run_async  # type: ignore[attr-defined]
-    raw = driver.driver_connection  # type: ignore[attr-defined]
-    _raise_if_closed(raw, conn.invalidate, maybe_done=False)  # nothing sent yet
-    committing = False
-    try:
-        run(lambda c: c.execute(begin))
-        result = fn(conn, *args)
-        committing = True
-        run(lambda c: c.execute("COMMIT"))
-        return result
-    except BaseException as exc:
-        _raise_if_closed(raw, conn.invalidate, maybe_done=committing, cause=exc)
-        if raw.is_in_transaction():
-            try:
-                run(lambda c: c.execute("ROLLBACK"))
-            except BaseException:  # noqa: BLE001 -- whatever stopped it (a cancel included),
-                conn.invalidate()  # the connection is not reused; the body's error is raised
-        raise
-
 
 class _Acct:
     """The locked account row while a write transaction changes it."""
@@ -343,9 +225,9 @@ class _Acct:
 class Ledger:
     """``Ledger(url)``; ``await migrate()`` at startup; ``await close()`` at shutdown.
 
-    ``url``: ``sqlite:///path/to/ledger.db`` (the ledger's work runs on pysqlite threads;
-    ``_engine`` is an aiosqlite engine on the same file) or ``postgresql://user@host/db``
-    (asyncpg). ``clock`` returns the current aware UTC time.
+    ``url``: ``sqlite:///path/to/ledger.db`` or ``postgresql://user@host/db`` (see ``db.py``);
+    ``db`` is that database, for records kept beside the accounts (payments). ``clock`` returns
+    the current aware UTC time.
     """
 
     def __init__(
@@ -357,55 +239,14 @@ class Ledger:
         pool_size: int = 16,
         echo: bool = False,
     ) -> None:
-        self.url = normalize_url(url)
-        u = make_url(self.url)
-        self.backend = u.get_backend_name()
-        self._pg = self.backend == "postgresql"
+        self.db = Database(url, sqlite_busy_timeout=sqlite_busy_timeout, pool_size=pool_size,
+                           echo=echo)
+        self.url = self.db.url
+        self.backend = self.db.backend
         self._clock = clock or (lambda: datetime.now(UTC))
-        kwargs: dict[str, Any] = {"echo": echo}
-        if self._pg:
-            # a fixed pool: an overflow connection would be opened and closed around single
-            # requests under load (a TCP connect, a PostgreSQL backend fork and an SSL attempt,
-            # each time); requests beyond it wait for a connection. Autocommit (asyncpg's
-            # setting is client-side): the ledger sends BEGIN and COMMIT itself (_pg_run), so
-            # the statements ``Prepared`` sends straight to asyncpg are inside the transaction,
-            # and a one-statement call needs no transaction at all.
-            kwargs.update(pool_size=_positive("pool_size", pool_size), max_overflow=0,
-                          isolation_level="AUTOCOMMIT")
-        else:
-            db = u.database
-            if not db or db == ":memory:" or u.query.get("mode") == "memory":
-                raise ValueError("the SQLite ledger needs a file (sqlite:///path/ledger.db)")
-            Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            kwargs["connect_args"] = {"timeout": sqlite_busy_timeout}
-        self._engine = create_async_engine(self.url, **kwargs)
-        self._sync_engine: sa.Engine | None = None
-        self._writer: GroupWriter | None = None
-        self._reader: ThreadPoolExecutor | None = None
-        if not self._pg:
-            busy_ms = int(sqlite_busy_timeout * 1000)
-            # the aiosqlite engine (``_engine``) stays for tools and tests that want an
-            # AsyncConnection; the ledger's own work runs on the sync engine, on its threads
-            _install_sqlite_hooks(self._engine.sync_engine, busy_ms)
-            self._sync_engine = sa.create_engine(
-                u.set(drivername="sqlite+pysqlite"), echo=echo, pool_size=_SQLITE_READERS + 1,
-                connect_args={"timeout": sqlite_busy_timeout, "check_same_thread": False})
-            _install_sqlite_hooks(self._sync_engine, busy_ms, auto_checkpoint=False)
-            self._writer = GroupWriter(self._sync_engine.execution_options(ledger_write=True))
-            self._reader = ThreadPoolExecutor(_SQLITE_READERS,
-                                              thread_name_prefix="ledger-sqlite-reader")
 
     async def close(self) -> None:
-        await self._engine.dispose()
-        if self._sync_engine is not None:
-            await asyncio.to_thread(self._close_sqlite)
-
-    def _close_sqlite(self) -> None:
-        assert self._writer is not None and self._reader is not None
-        assert self._sync_engine is not None
-        self._writer.close()
-        self._reader.shutdown(wait=True)
-        self._sync_engine.dispose()
+        await self.db.close()
 
     async def __aenter__(self) -> Ledger:
         return self
@@ -418,107 +259,29 @@ class Ledger:
     async def migrate(self, revision: str = "head") -> None:
         """Create or upgrade the schema (Alembic, in one transaction; safe from several
         processes at once)."""
-        pg = self._pg
-
-        def body(conn: sa.Connection) -> None:
-            if pg:
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"),
-                             {"k": _PG_MIGRATION_LOCK})
-            _alembic_upgrade(conn, revision)
-
-        await self._tx(body, alone=True)
+        await self.db.migrate(revision)
 
     async def schema_revision(self) -> str | None:
-        return await self._rtx(_alembic_current)
+        return await self.db.schema_revision()
 
     # ---------------------------------------------------------------- plumbing
 
-    async def _tx(self, fn: Callable[..., T], *args: Any, alone: bool = False) -> T:
-        """Run ``fn(conn, *args)`` as one write transaction (committed when this returns;
-        rolled back if ``fn`` raises). On SQLite it may share its COMMIT with other bodies queued
-        at the same time, unless ``alone``. A cancelled caller does not cancel its transaction
-        (queued or running): it commits or rolls back as if the caller had waited."""
-        if self._pg:
-            return await asyncio.shield(self._pg_run(fn, args, reads_only=False))
-        assert self._writer is not None
-        return await asyncio.shield(self._writer.submit(fn, args, alone=alone))
-
-    async def _rtx(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(conn, *args)`` in one read-only transaction."""
-        if self._pg:
-            return await self._pg_run(fn, args, reads_only=True)
-        return await asyncio.get_running_loop().run_in_executor(
-            self._reader, self._sqlite_read, fn, args)
-
-    async def _pg_run(self, fn: Callable[..., T], args: tuple[Any, ...], *,
-                      reads_only: bool) -> T:
-        """``fn(conn, *args)`` in one transaction (``reads_only``: a read-only one)."""
-        begin = "BEGIN READ ONLY" if reads_only else "BEGIN"
-
-        async def attempt() -> T:
-            async with self._engine.connect() as conn:
-                return await conn.run_sync(_pg_transaction, begin, fn, args)
-
-        return await self._pg_retrying(attempt, reads_only)
-
-    async def _pg_statement(self, stmt: Prepared, params: Mapping[str, Any], *,
-                            reads_only: bool) -> list[Row]:
-        """One statement, a transaction by itself, on a pooled connection straight from the
-        event loop: no ``Connection`` and no greenlet hop (half the client's cost of a read)."""
-        async def attempt() -> list[Row]:
-            pooled = await self._engine.raw_connection()
-            try:
-                driver = pooled.driver_connection
-                _raise_if_closed(driver, pooled.invalidate, maybe_done=False)  # nothing sent yet
-                try:
-                    return await stmt.fetch(driver, self._engine.dialect, params)
-                except BaseException as exc:
-                    _raise_if_closed(driver, pooled.invalidate, maybe_done=True, cause=exc)
-                    if isinstance(exc, asyncio.CancelledError):  # asyncpg may be mid-query
-                        pooled.invalidate()
-                    raise
-            finally:
-                pooled.close()  # back to the pool
-
-        return await self._pg_retrying(attempt, reads_only)
-
-    async def _pg_retrying(self, attempt: Callable[[], Awaitable[T]], reads_only: bool) -> T:
-        for n in (1, 2):
-            try:
-                return await attempt()
-            except _StaleConnection as stale:
-                # the server closed the connection (a restart, say): the pool's other
-                # connections are as old, so they are all replaced, as SQLAlchemy does on a
-                # disconnect. The work runs once more on a new connection unless it writes and
-                # may have committed (the caller then gets the error and can look).
-                await self._engine.dispose(close=False)
-                if n == 2 or (stale.maybe_done and not reads_only):
-                    if stale.__cause__ is None:
-                        raise ConnectionError("the ledger's database closed the connection")
-                    raise stale.__cause__ from None
-        raise AssertionError("unreachable")
-
-    def _sqlite_read(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-        assert self._sync_engine is not None
-        with self._sync_engine.connect() as conn:
-            return fn(conn, *args)
-
-    def _now(self) -> datetime:
+    def now(self) -> datetime:
+        """The ledger clock's time (aware UTC): every record written carries it."""
         return _aware("clock()", self._clock())
 
     def _lock_account(
         self, conn: sa.Connection, account_id: str, *, skip_locked: bool = False
     ) -> _Acct | None:
-        stmt = _LOCK_ACCOUNT_FOR_UPDATE[skip_locked] if self._pg else _LOCK_ACCOUNT
+        stmt = _LOCK_ACCOUNT_FOR_UPDATE[skip_locked] if self.db.is_postgres else _LOCK_ACCOUNT
         row = stmt.first(conn, {"account_id": account_id})
         return _Acct(row) if row else None
 
     def _ensure_account(
         self, conn: sa.Connection, chain: str, address: str, now: datetime
     ) -> _Acct:
-        insert = postgresql.insert if self._pg else sqlite.insert
         conn.execute(
-            insert(accounts)
+            self.db.insert(accounts)
             .values(id=str(uuid.uuid4()), wallet_chain=chain, wallet_address=address,
                     credit_balance=0, held_microcredits=0, created_at=now)
             .on_conflict_do_nothing(index_elements=["wallet_chain", "wallet_address"])
@@ -526,9 +289,7 @@ class Ledger:
         stmt = sa.select(accounts).where(
             accounts.c.wallet_chain == chain, accounts.c.wallet_address == address
         )
-        if self._pg:
-            stmt = stmt.with_for_update()
-        return _Acct((conn.execute(stmt)).mappings().one())
+        return _Acct((conn.execute(self.db.for_update(stmt))).mappings().one())
 
     def _post(
         self,
@@ -609,30 +370,42 @@ class Ledger:
         self, kind: str, chain: str, address: str, amount: int, reference: str | None,
         memo: str | None,
     ) -> Transaction:
-        chain, address = _wallet(chain, address)
+        chain, address = wallet(chain, address)
         _positive("microcredits", amount)
-        now = self._now()
+        now = self.now()
 
         def body(conn: sa.Connection) -> Transaction:
-            acct = self._ensure_account(conn, chain, address, now)
-            if reference is not None:
-                seen = conn.scalar(
-                    sa.select(transactions.c.id).where(
-                        transactions.c.kind == "purchase", transactions.c.reference == reference
-                    )
-                )
-                if seen is not None:
-                    raise DuplicatePayment(reference)
-            tx = self._post(conn, acct, kind, now, amount=amount, reference=reference, memo=memo)
-            self._save(conn, acct)
-            return tx
+            return self.post_credit(conn, kind, chain, address, amount, now, reference=reference,
+                                    memo=memo)
 
         try:
-            return await self._tx(body)
+            return await self.db.write(body)
         except IntegrityError as e:  # the same reference credited to another wallet concurrently
             if reference is not None and "reference" in str(e.orig).lower():
                 raise DuplicatePayment(reference) from None
             raise
+
+    def post_credit(
+        self, conn: sa.Connection, kind: str, chain: str, address: str, amount: int,
+        now: datetime, *, reference: str | None = None, memo: str | None = None,
+    ) -> Transaction:
+        """Inside a write transaction (``db.write``): credit ``amount`` to the wallet's account
+        (created if needed) as a ``grant`` or ``purchase`` row. So that a payment record can
+        change its status in the same transaction as the credit it pays for. A purchase whose
+        ``reference`` was credited before raises DuplicatePayment; ``chain`` and ``address`` are
+        checked (``wallet``) by the caller."""
+        acct = self._ensure_account(conn, chain, address, now)
+        if reference is not None:
+            seen = conn.scalar(
+                sa.select(transactions.c.id).where(
+                    transactions.c.kind == "purchase", transactions.c.reference == reference
+                )
+            )
+            if seen is not None:
+                raise DuplicatePayment(reference)
+        tx = self._post(conn, acct, kind, now, amount=amount, reference=reference, memo=memo)
+        self._save(conn, acct)
+        return tx
 
     async def set_limits(
         self,
@@ -658,7 +431,7 @@ class Ledger:
                 sa.select(accounts).where(accounts.c.id == account_id)).mappings().one()
             return _account(row)
 
-        return await self._tx(body)
+        return await self.db.write(body)
 
     # ---------------------------------------------------------------- sessions
 
@@ -685,15 +458,15 @@ class Ledger:
         spec = SessionSpec(service, reserve_microcredits, limit_units, token_expires_at,
                            node_pubkey, server_url, room_name, participant_identity, metadata,
                            session_id)
-        if self._pg and bundle_id is None:  # the common case in one round trip
+        if self.db.is_postgres and bundle_id is None:  # the common case in one round trip
             (row,) = self._session_rows(account_id, [spec], None)
             params = {**row, "reserve": reserve_microcredits, "new": 1,
                       "memo": _opening_memo(service)}
-            if await asyncio.shield(self._pg_statement(_OPEN_ONE, params, reads_only=False)):
+            if await self.db.statement(_OPEN_ONE, params, reads_only=False):
                 return _session(row)
             # refused (or no such account): the general path says why, or opens the session
             # if the account changed in between
-        (record,) = await self._tx(self._open, account_id, [spec], bundle_id, True)
+        (record,) = await self.db.write(self._open, account_id, [spec], bundle_id, True)
         return record
 
     async def create_bundle(
@@ -704,14 +477,14 @@ class Ledger:
             raise ValueError("a bundle needs at least one session")
         named = bundle_id is not None  # a new id needs no check that the bundle is open
         bundle_id = bundle_id or uuid7()
-        records = await self._tx(self._open, account_id, list(specs), bundle_id, named)
+        records = await self.db.write(self._open, account_id, list(specs), bundle_id, named)
         return Bundle(bundle_id, records)
 
     def _session_rows(
         self, account_id: str, specs: list[SessionSpec], bundle_id: str | None
     ) -> list[Row]:
         """The new sessions' rows, from checked specs."""
-        now = self._now()
+        now = self.now()
         rows = []
         for s in specs:
             pricing.rate(s.service)
@@ -798,7 +571,7 @@ class Ledger:
     async def _extend(
         self, exts: list[Extension], bundle_id: str | None
     ) -> list[SessionRecord]:
-        now = self._now()
+        now = self.now()
         for e in exts:
             _positive("additional_units", e.additional_units, zero_ok=True)
             if e.reserve_microcredits is not None:
@@ -843,7 +616,7 @@ class Ledger:
             self._save(conn, acct)
             return records
 
-        return await self._tx(body)
+        return await self.db.write(body)
 
     # ---------------------------------------------------------------- usage and settlement
 
@@ -861,7 +634,7 @@ class Ledger:
         _positive("units", units, zero_ok=True)
         if event_id is not None and not 0 < len(event_id) <= 128:
             raise ValueError(f"event id must be 1..128 characters, got {len(event_id)}")
-        now = self._now()
+        now = self.now()
 
         def body(conn: sa.Connection) -> UsageResult:
             row = self._session_row(conn, session_id)
@@ -892,7 +665,7 @@ class Ledger:
             )).mappings().one()
             return self._result(new, units, settled=False, changed=True)
 
-        return await self._tx(body)
+        return await self.db.write(body)
 
     @staticmethod
     def _first_time(conn: sa.Connection, node_pubkey: str, event_id: str, session_id: str,
@@ -964,7 +737,7 @@ class Ledger:
         """Settle active sessions whose token expired more than ``grace`` ago without a final
         report: charge the usage reported so far, refund the rest, status ``expired``. Returns the
         sessions this call settled. Idempotent; safe from several processes at once."""
-        now = _aware("now", now) if now is not None else self._now()
+        now = _aware("now", now) if now is not None else self.now()
         cutoff = now - grace
 
         def find(conn: sa.Connection) -> list[Any]:
@@ -986,32 +759,22 @@ class Ledger:
             return self._settle(conn, acct, row, row["usage_units"], "expired", now)
 
         settled = []
-        for sid, account_id in await self._rtx(find):
-            result = await self._tx(settle, sid, account_id)
+        for sid, account_id in await self.db.read(find):
+            result = await self.db.write(settle, sid, account_id)
             if result is not None:
                 settled.append(result)
         return settled
 
     # ---------------------------------------------------------------- reads
 
-    async def _all(self, stmt: sa.Select[Any]) -> list[Row]:
-        return await self._rtx(lambda conn: list(conn.execute(stmt).mappings().all()))
-
-    async def _first(self, stmt: Prepared, params: dict[str, Any]) -> Row | None:
-        """The first row of a one-statement read."""
-        if self._pg:
-            found = await self._pg_statement(stmt, params, reads_only=True)
-            return found[0] if found else None
-        return await self._rtx(stmt.first, params)
-
     async def get_account(self, wallet_chain: str, wallet_address: str) -> Account | None:
         """None until the wallet's first purchase or grant."""
-        chain, address = _wallet(wallet_chain, wallet_address)
-        row = await self._first(_ACCOUNT_BY_WALLET, {"chain": chain, "address": address})
+        chain, address = wallet(wallet_chain, wallet_address)
+        row = await self.db.first(_ACCOUNT_BY_WALLET, {"chain": chain, "address": address})
         return _account(row) if row else None
 
     async def get_account_by_id(self, account_id: str) -> Account | None:
-        row = await self._first(_ACCOUNT_BY_ID, {"account_id": account_id})
+        row = await self.db.first(_ACCOUNT_BY_ID, {"account_id": account_id})
         return _account(row) if row else None
 
     async def account_view(self, wallet_chain: str, wallet_address: str) -> AccountView | None:
@@ -1030,7 +793,7 @@ class Ledger:
     ) -> list[Transaction]:
         """Newest first."""
         limit, offset = _page(limit, offset)
-        rows = await self._all(
+        rows = await self.db.all(
             sa.select(transactions).where(transactions.c.account_id == account_id)
             .order_by(transactions.c.id.desc()).limit(limit).offset(offset))
         return [_transaction(r) for r in rows]
@@ -1039,22 +802,15 @@ class Ledger:
         self, account_id: str, limit: int = 50, offset: int = 0, status: str | None = None
     ) -> list[SessionRecord]:
         """Newest first; ``status`` filters (active, completed, expired)."""
-        limit, offset = _page(limit, offset)
-        stmt = sa.select(sessions).where(sessions.c.account_id == account_id)
-        if status is not None:
-            if status not in SESSION_STATUSES:
-                raise ValueError(f"status must be one of {SESSION_STATUSES}, got {status!r}")
-            stmt = stmt.where(sessions.c.status == status)
-        stmt = stmt.order_by(sessions.c.started_at.desc(), sessions.c.id.desc())
-        rows = await self._all(stmt.limit(limit).offset(offset))
-        return [_session(r) for r in rows]
+        return await self._sessions_page(
+            sa.select(sessions).where(sessions.c.account_id == account_id), limit, offset, status)
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
-        row = await self._first(_SESSION_BY_ID, {"session_id": session_id})
+        row = await self.db.first(_SESSION_BY_ID, {"session_id": session_id})
         return _session(row) if row else None
 
     async def list_bundle(self, bundle_id: str) -> list[SessionRecord]:
-        rows = await self._all(
+        rows = await self.db.all(
             sa.select(sessions).where(sessions.c.bundle_id == bundle_id)
             .order_by(sessions.c.started_at, sessions.c.id))
         return [_session(r) for r in rows]
@@ -1062,7 +818,7 @@ class Ledger:
     async def list_accounts(self, limit: int = 100, offset: int = 0) -> list[Account]:
         """Operator view: every account, newest first."""
         limit, offset = _page(limit, offset)
-        rows = await self._all(
+        rows = await self.db.all(
             sa.select(accounts).order_by(accounts.c.created_at.desc(), accounts.c.id)
             .limit(limit).offset(offset))
         return [_account(r) for r in rows]
@@ -1071,19 +827,23 @@ class Ledger:
         self, limit: int = 100, offset: int = 0, status: str | None = None
     ) -> list[SessionRecord]:
         """Operator view: sessions of every account, newest first."""
+        return await self._sessions_page(sa.select(sessions), limit, offset, status)
+
+    async def _sessions_page(self, stmt: sa.Select[Any], limit: int, offset: int,
+                             status: str | None) -> list[SessionRecord]:
+        """One page of ``stmt``'s sessions, newest first, of one ``status`` if given."""
         limit, offset = _page(limit, offset)
-        stmt = sa.select(sessions)
         if status is not None:
             if status not in SESSION_STATUSES:
                 raise ValueError(f"status must be one of {SESSION_STATUSES}, got {status!r}")
             stmt = stmt.where(sessions.c.status == status)
         stmt = stmt.order_by(sessions.c.started_at.desc(), sessions.c.id.desc())
-        rows = await self._all(stmt.limit(limit).offset(offset))
+        rows = await self.db.all(stmt.limit(limit).offset(offset))
         return [_session(r) for r in rows]
 
     async def audit(self, account_id: str) -> Audit:
         """The account's invariants, read in one transaction (see ``Audit.ok``)."""
-        pg = self._pg
+        pg = self.db.is_postgres
 
         def body(conn: sa.Connection) -> Audit:
             if pg:
@@ -1111,25 +871,4 @@ class Ledger:
                          active_sessions=a["active_sessions"], active_keys=int(active[1]),
                          min_after=min_after)
 
-        return await self._rtx(body)
-
-def _alembic_config(connection: sa.Connection) -> Any:
-    from alembic.config import Config
-
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    cfg.attributes["connection"] = connection
-    return cfg
-
-
-def _alembic_upgrade(connection: sa.Connection, revision: str) -> None:
-    from alembic import command
-
-    command.upgrade(_alembic_config(connection), revision)
-
-
-def _alembic_current(connection: sa.Connection) -> str | None:
-    from alembic.runtime.migration import MigrationContext
-
-    ctx = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
-    return ctx.get_current_revision()
+        return await self.db.read(body)

@@ -31,11 +31,12 @@ from solders.pubkey import Pubkey
 from solders.transaction import VersionedTransaction
 
 from gateway.ledger import DuplicatePayment, Ledger, pricing
-from gateway.ledger.payments import CREDITED, FAILED, PaymentBook, PaymentRecord
 from registry.client import LAMPORTS_PER_SOL, is_local_rpc
 from registry.keys import load_keypair, load_or_create_keypair
+from registry.usdc import to_atomic
 
 from . import evm, svm
+from .book import CREDITED, FAILED, PaymentBook, PaymentRecord
 from .challenges import MppChallenges
 from .config import EVM_V1_NAMES, SOLANA_V1_NAMES, PaymentsConfig
 from .solana import (
@@ -191,12 +192,12 @@ class PaymentService:
         if self.solana_error is None and self.mint and self.pay_to and self.fee_payer:
             out.append(Offer(
                 "solana", "exact", s.network, SOLANA_V1_NAMES.get(s.network), str(self.mint.mint),
-                str(self.pay_to), _atomic(amount_usd, self.mint.decimals), s.max_timeout_seconds,
+                str(self.pay_to), to_atomic(amount_usd, self.mint.decimals), s.max_timeout_seconds,
                 {"feePayer": str(self.fee_payer.pubkey())}))
         if e.enabled and e.pay_to:
             out.append(Offer(
                 "evm", "exact", f"eip155:{e.chain_id}", EVM_V1_NAMES.get(e.chain_id), e.asset,
-                e.pay_to, _atomic(amount_usd, e.decimals), e.max_timeout_seconds,
+                e.pay_to, to_atomic(amount_usd, e.decimals), e.max_timeout_seconds,
                 {"name": e.token_name, "version": e.token_version}))
         out.sort(key=lambda o: o.rail != wallet_chain)  # the caller's own chain first
         return out
@@ -399,7 +400,7 @@ class PaymentService:
         tx = VersionedTransaction.from_bytes(base64.b64decode(rec.detail["tx"]))
         # Blockhash first, status second: if the blockhash is already invalid and the status is
         # still unknown, the transaction can never land.
-        valid = await self.sol_rpc.blockhash_valid(tx.message.recent_blockhash)
+        valid = await self.sol_rpc.blockhash_valid(tx.message)
         (status,) = await self.sol_rpc.statuses([tx.signatures[0]])
         if status is not None:
             if status.err is not None:
@@ -457,17 +458,9 @@ def _stub(ref: str) -> PaymentRecord:
     return PaymentRecord("", "", ref, "pending", 0, "", None, {}, now, now)
 
 
-def _atomic(amount_usd: Decimal, decimals: int) -> int:
-    v = amount_usd * (10 ** decimals)
-    if v != v.to_integral_value():
-        raise ValueError(f"amount_usd {amount_usd} has more decimals than the asset ({decimals})")
-    return int(v)
-
-
 def _explain(exc: RpcRefused) -> str:
     text = exc.message
-    logs = (exc.data or {}).get("logs") if isinstance(exc.data, dict) else None
-    for line in logs or []:
+    for line in exc.logs:
         low = line.lower()
         if "insufficient" in low or "error" in low and "program log" in low:
             return f"{text} ({line.strip()})"

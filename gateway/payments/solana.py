@@ -1,33 +1,44 @@
 """Solana settlement: co-sign as fee payer, send, confirm; the chain reads reconciliation needs.
 
-A thin JSON-RPC client over aiohttp (the handful of calls used here, base64 everywhere), the same
-against our localnet and a real cluster.
+The calls go through solana-py's ``AsyncClient`` (the same against our localnet and a real
+cluster). What settlement must tell apart is only whether the RPC answered: ``RpcRefused`` (it
+answered with an error, e.g. a preflight failure: nothing landed) or ``RpcUnavailable`` (no
+answer: the outcome is unknown), so every call sorts solana-py's errors into those two.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import itertools
 import logging
 import time
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
-import aiohttp
+import httpx
+from solana.exceptions import SolanaRpcException
+from solana.rpc.async_api import AsyncClient
+from solana.rpc.commitment import Confirmed
+from solana.rpc.core import RPCException
+from solana.rpc.types import TxOpts
+from solders.account import Account
 from solders.hash import Hash
+from solders.instruction import Instruction
 from solders.keypair import Keypair
-from solders.message import Message, to_bytes_versioned
+from solders.message import Message, VersionedMessage, to_bytes_versioned
 from solders.pubkey import Pubkey
 from solders.signature import Signature
 from solders.transaction import Transaction, VersionedTransaction
+from solders.transaction_status import TransactionConfirmationStatus, TransactionStatus
+from spl.token.instructions import create_idempotent_associated_token_account
 
 from registry.usdc import ata
 
-from .svm import ASSOCIATED_TOKEN_PROGRAM, TOKEN_2022_PROGRAM, TOKEN_PROGRAM
+from .svm import TOKEN_2022_PROGRAM, TOKEN_PROGRAM
 
 log = logging.getLogger("gateway.payments")
-SYSTEM_PROGRAM = Pubkey.from_string("11111111111111111111111111111111")
+T = TypeVar("T")
+_LANDED = (TransactionConfirmationStatus.Confirmed, TransactionConfirmationStatus.Finalized)
 
 
 class RpcUnavailable(Exception):
@@ -35,106 +46,78 @@ class RpcUnavailable(Exception):
 
 
 class RpcRefused(Exception):
-    """The RPC answered with an error (e.g. a preflight failure): nothing landed."""
+    """The RPC answered with an error (e.g. a preflight failure): nothing landed. ``logs``: the
+    simulation's program logs, when the refusal carries them."""
 
-    def __init__(self, code: int, message: str, data: Any = None) -> None:
+    def __init__(self, message: str, logs: Sequence[str] = ()) -> None:
         super().__init__(message)
-        self.code = code
         self.message = message
-        self.data = data
-
-
-@dataclass(frozen=True)
-class TxStatus:
-    slot: int
-    err: Any
-    confirmation: str | None
+        self.logs = list(logs)
 
 
 class SolanaRpc:
+    """The handful of calls settlement makes, on one ``AsyncClient`` (commitment confirmed)."""
+
     def __init__(self, url: str, timeout: float = 15.0) -> None:
         self.url = url
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._session: aiohttp.ClientSession | None = None
-        self._ids = itertools.count(1)
+        self.client = AsyncClient(url, commitment=Confirmed, timeout=timeout)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.client.close()
 
-    async def call(self, method: str, *params: Any) -> Any:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
-        body = {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": list(params)}
+    async def _answer(self, request: Awaitable[T]) -> T:
+        """``request``'s response, or the outcome sorted into RpcRefused / RpcUnavailable."""
         try:
-            async with self._session.post(self.url, json=body) as resp:
-                if resp.status != 200:
-                    raise RpcUnavailable(f"{self.url} answered HTTP {resp.status} to {method}")
-                data = await resp.json(content_type=None)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            return await request
+        except RPCException as exc:
+            error = exc.args[0] if exc.args else exc
+            simulation = getattr(error, "data", None)
+            raise RpcRefused(str(getattr(error, "message", error)),
+                             getattr(simulation, "logs", None) or ()) from None
+        except SolanaRpcException as exc:
+            raise RpcUnavailable(f"cannot reach the Solana RPC at {self.url}: "
+                                 f"{exc.__cause__!r}") from None
+        except (httpx.HTTPError, asyncio.TimeoutError, OSError) as exc:
             raise RpcUnavailable(f"cannot reach the Solana RPC at {self.url}: {exc!r}") from None
-        if not isinstance(data, dict):
-            raise RpcUnavailable(f"{self.url} answered {method} with non-JSON-RPC data")
-        if "error" in data:
-            err = data["error"] or {}
-            raise RpcRefused(int(err.get("code", 0)), str(err.get("message", "")), err.get("data"))
-        return data.get("result")
 
     # ---------------------------------------------------------------- reads
 
-    async def account(self, key: Pubkey) -> dict[str, Any] | None:
-        value = (await self.call("getAccountInfo", str(key),
-                                 {"encoding": "base64", "commitment": "confirmed"}))["value"]
-        if value is None:
-            return None
-        return {"owner": Pubkey.from_string(value["owner"]), "lamports": value["lamports"],
-                "data": base64.b64decode(value["data"][0])}
+    async def account(self, key: Pubkey) -> Account | None:
+        return (await self._answer(self.client.get_account_info(key))).value
 
     async def balance(self, key: Pubkey) -> int:
-        return int((await self.call("getBalance", str(key), {"commitment": "confirmed"}))["value"])
-
-    async def token_balance(self, account: Pubkey) -> int | None:
-        try:
-            value = (await self.call("getTokenAccountBalance", str(account),
-                                     {"commitment": "confirmed"}))["value"]
-        except RpcRefused:
-            return None
-        return int(value["amount"])
+        return (await self._answer(self.client.get_balance(key))).value
 
     async def latest_blockhash(self) -> Hash:
-        value = (await self.call("getLatestBlockhash", {"commitment": "confirmed"}))["value"]
-        return Hash.from_string(value["blockhash"])
+        return (await self._answer(self.client.get_latest_blockhash())).value.blockhash
 
-    async def blockhash_valid(self, blockhash: Hash) -> bool:
-        return bool((await self.call("isBlockhashValid", str(blockhash),
-                                     {"commitment": "confirmed"}))["value"])
+    async def blockhash_valid(self, message: VersionedMessage) -> bool:
+        """Whether ``message``'s blockhash can still land (the RPC prices only such a message:
+        ``getFeeForMessage`` answers null for an expired blockhash; solana-py has no
+        ``isBlockhashValid``)."""
+        fee = await self._answer(self.client.get_fee_for_message(message))
+        return fee.value is not None
 
-    async def statuses(self, sigs: list[Signature]) -> list[TxStatus | None]:
-        values = (await self.call("getSignatureStatuses", [str(s) for s in sigs],
-                                  {"searchTransactionHistory": True}))["value"]
-        return [None if v is None else TxStatus(v.get("slot", 0), v.get("err"),
-                                                v.get("confirmationStatus"))
-                for v in values]
+    async def statuses(self, sigs: list[Signature]) -> list[TransactionStatus | None]:
+        return list((await self._answer(self.client.get_signature_statuses(
+            sigs, search_transaction_history=True))).value)
 
     # ---------------------------------------------------------------- writes
 
     async def send(self, tx: VersionedTransaction | Transaction) -> Signature:
         """Send with preflight (the RPC simulates first; a refusal means nothing landed)."""
-        raw = base64.b64encode(bytes(tx)).decode()
-        sig = await self.call("sendTransaction", raw, {"encoding": "base64",
-                                                       "preflightCommitment": "confirmed",
-                                                       "maxRetries": 0})
-        return Signature.from_string(sig)
+        opts = TxOpts(skip_confirmation=True, preflight_commitment=Confirmed, max_retries=0)
+        return (await self._answer(self.client.send_raw_transaction(bytes(tx), opts))).value
 
-    async def wait(self, sig: Signature, timeout: float) -> TxStatus | None:
-        """The transaction's status once confirmed, or None if not seen within ``timeout``."""
+    async def wait(self, sig: Signature, timeout: float) -> TransactionStatus | None:
+        """The transaction's status once confirmed (or failed), or None if not seen within
+        ``timeout`` (solana-py's ``confirm_transaction`` raises instead, after its own timeout)."""
         deadline = time.monotonic() + timeout
         delay = 0.02
         while True:
             (status,) = await self.statuses([sig])
-            if status is not None and (status.err is not None or status.confirmation
-                                       in ("confirmed", "finalized")):
+            if status is not None and (status.err is not None
+                                       or status.confirmation_status in _LANDED):
                 return status
             if time.monotonic() >= deadline:
                 return None
@@ -142,18 +125,18 @@ class SolanaRpc:
             delay = min(delay * 2, 0.5)
 
     async def airdrop(self, to: Pubkey, lamports: int) -> None:
-        sig = Signature.from_string(await self.call("requestAirdrop", str(to), lamports))
+        sig = (await self._answer(self.client.request_airdrop(to, lamports))).value
         await self.wait(sig, 30)
 
-    async def send_and_confirm(self, instructions: list[Any], signers: list[Keypair],
+    async def send_and_confirm(self, instructions: list[Instruction], signers: list[Keypair],
                                timeout: float = 30.0) -> Signature:
         blockhash = await self.latest_blockhash()
         message = Message.new_with_blockhash(instructions, signers[0].pubkey(), blockhash)
         sig = await self.send(Transaction(signers, message, blockhash))
         status = await self.wait(sig, timeout)
         if status is None or status.err is not None:
-            raise RpcRefused(0, f"transaction {sig} did not confirm: "
-                                f"{status.err if status else 'timeout'}")
+            raise RpcRefused(f"transaction {sig} did not confirm: "
+                             f"{status.err if status else 'timeout'}")
         return sig
 
 
@@ -174,23 +157,18 @@ async def read_mint(rpc: SolanaRpc, mint: Pubkey) -> MintInfo:
     acc = await rpc.account(mint)
     if acc is None:
         raise RuntimeError(f"payment asset {mint} is not on the chain at {rpc.url}")
-    if acc["owner"] not in (TOKEN_PROGRAM, TOKEN_2022_PROGRAM) or len(acc["data"]) < 82:
-        raise RuntimeError(f"payment asset {mint} is not an SPL token mint (owner {acc['owner']})")
-    return MintInfo(mint, acc["owner"], acc["data"][44])
+    if acc.owner not in (TOKEN_PROGRAM, TOKEN_2022_PROGRAM) or len(acc.data) < 82:
+        raise RuntimeError(f"payment asset {mint} is not an SPL token mint (owner {acc.owner})")
+    return MintInfo(mint, acc.owner, acc.data[44])
 
 
 async def ensure_token_account(rpc: SolanaRpc, payer: Keypair, owner: Pubkey,
                                mint: MintInfo) -> Pubkey:
     """The pay-to wallet's token account must exist for the client's TransferChecked to land."""
-    from solders.instruction import AccountMeta, Instruction
-
     account = ata(owner, mint.mint, mint.token_program)
     if await rpc.account(account) is None:
-        ix = Instruction(ASSOCIATED_TOKEN_PROGRAM, bytes([1]), [  # CreateIdempotent
-            AccountMeta(payer.pubkey(), True, True), AccountMeta(account, False, True),
-            AccountMeta(owner, False, False), AccountMeta(mint.mint, False, False),
-            AccountMeta(SYSTEM_PROGRAM, False, False),
-            AccountMeta(mint.token_program, False, False)])
+        ix = create_idempotent_associated_token_account(payer.pubkey(), owner, mint.mint,
+                                                        mint.token_program)
         await rpc.send_and_confirm([ix], [payer])
         log.info("created the pay-to token account %s (%s of %s)", account, mint.mint, owner)
     return account

@@ -31,7 +31,6 @@ from solders.message import MessageV0, to_bytes_versioned
 from solders.pubkey import Pubkey
 from solders.signature import Signature
 from solders.transaction import VersionedTransaction
-from spl.token.constants import ASSOCIATED_TOKEN_PROGRAM_ID as ASSOCIATED_TOKEN_PROGRAM
 from spl.token.constants import TOKEN_2022_PROGRAM_ID as TOKEN_2022_PROGRAM
 from spl.token.constants import TOKEN_PROGRAM_ID as TOKEN_PROGRAM
 

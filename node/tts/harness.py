@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 import uuid
@@ -23,12 +22,6 @@ from node.tts import TtsRole
 from registry.tokens import Grant, TokenVerifier, mint_token
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RoleServer:
     """The TTS role on a real HTTP server in a thread with its own loop (shared by a module)."""
 
@@ -37,7 +30,7 @@ class RoleServer:
         self.engine, self.issuer, self.state = engine, issuer, state
         self.settings = settings or {}
         self.capacity = capacity
-        self.port = free_port()
+        self.port = 0  # the port the system picked, once the server is up
         self.node_key = Keypair()  # the node's key: its tokens carry it as their audience
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -75,7 +68,8 @@ class RoleServer:
         await self.role.start()
         runner = web.AppRunner(app)
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", self.port).start()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        self.port = runner.addresses[0][1]
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self._ready.set()

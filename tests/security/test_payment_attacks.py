@@ -12,7 +12,7 @@ from typing import Any
 from solders.keypair import Keypair
 
 from gateway.auth import sign_request
-from gateway.ledger.payments import PaymentBook
+from gateway.payments.book import PaymentBook
 from gateway.payments import payer
 from tests.test_payments import PATH, Pay, pay  # noqa: F401 - the fixture
 from tests.test_payments_evm import (  # noqa: F401 - the fixtures

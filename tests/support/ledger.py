@@ -15,6 +15,6 @@ async def backdate(ledger: Ledger, session_id: str, seconds: float) -> None:
     bills no more time than a session has existed, and a test cannot wait 90 s for each report."""
     record = await ledger.get_session(session_id)
     assert record is not None, f"no session {session_id}"
-    async with ledger._engine.begin() as conn:
+    async with ledger.db.engine.begin() as conn:
         await conn.execute(sa.update(sessions).where(sessions.c.id == session_id)
                            .values(started_at=record.started_at - timedelta(seconds=seconds)))

@@ -1,4 +1,6 @@
-"""Payment records: what the gateway sent to a chain, and whether it has been credited.
+"""Payment records: what the gateway sent to a chain, and whether it has been credited (the
+payment state machine; ``service.py`` drives it). The records live in the ledger's database and
+a credit is written in the same transaction as the ledger's ``purchase`` row (``post_credit``).
 
 One row per on-chain payment in ``payments`` (revision 0002), keyed by its chain reference
 (``signature``: the Solana transaction signature, or the EVM authorization's identity), unique.
@@ -26,11 +28,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from .errors import DuplicatePayment, LedgerError
-from .ledger import Ledger, _wallet
-from .models import payments, transactions
-from .prepared import Prepared
-from .records import Transaction
+from gateway.ledger import DuplicatePayment, Ledger, LedgerError, Transaction
+from gateway.ledger.ledger import wallet
+from gateway.ledger.models import payments
+from gateway.ledger.prepared import Prepared
 
 PENDING, CONFIRMED, CREDITED, FAILED = "pending", "confirmed", "credited", "failed"
 UNSETTLED = (PENDING, CONFIRMED)
@@ -80,7 +81,7 @@ class PaymentBook:
         self.ledger = ledger
 
     async def get(self, signature: str) -> PaymentRecord | None:
-        row = await self.ledger._first(_BY_SIGNATURE, {"signature": signature})
+        row = await self.ledger.db.first(_BY_SIGNATURE, {"signature": signature})
         return _record(row) if row else None
 
     async def record_pending(
@@ -88,10 +89,10 @@ class PaymentBook:
         detail: dict[str, Any],
     ) -> PaymentRecord:
         """Claim ``signature`` before sending it; DuplicatePayment if it was ever claimed."""
-        chain, address = _wallet(chain, wallet_address)
+        chain, address = wallet(chain, wallet_address)
         if isinstance(microcredits, bool) or not isinstance(microcredits, int) or microcredits <= 0:
             raise ValueError(f"microcredits must be a positive int, got {microcredits!r}")
-        now = self.ledger._now()
+        now = self.ledger.now()
 
         def body(conn: sa.Connection) -> Any:
             return conn.execute(
@@ -102,14 +103,14 @@ class PaymentBook:
                 .returning(*payments.c)).mappings().one()
 
         try:
-            row = await self.ledger._tx(body)
+            row = await self.ledger.db.write(body)
         except IntegrityError:
             raise DuplicatePayment(signature) from None
         return _record(row)
 
     async def _move(self, signature: str, to: str, from_: tuple[str, ...],
                     detail: dict[str, Any] | None = None) -> PaymentRecord | None:
-        now = self.ledger._now()
+        now = self.ledger.now()
 
         def body(conn: sa.Connection) -> Any:
             row = _BY_SIGNATURE.first(conn, {"signature": signature})
@@ -123,7 +124,7 @@ class PaymentBook:
                                           payments.c.status == row["status"])
                 .values(**values).returning(*payments.c)).mappings().first()
 
-        new = await self.ledger._tx(body)
+        new = await self.ledger.db.write(body)
         return _record(new) if new else None
 
     async def mark_confirmed(self, signature: str, **detail: Any) -> PaymentRecord | None:
@@ -148,7 +149,7 @@ class PaymentBook:
                 sa.delete(payments).where(payments.c.signature == signature,
                                           payments.c.status == PENDING)).rowcount
 
-        return bool(await self.ledger._tx(body))
+        return bool(await self.ledger.db.write(body))
 
     async def credit(self, signature: str, memo: str | None = None) -> tuple[PaymentRecord,
                                                                              Transaction]:
@@ -156,36 +157,29 @@ class PaymentBook:
         wallet that paid: one database transaction writes the ``purchase`` row (reference = the
         signature), the balance and the status ``credited``. DuplicatePayment if it was credited
         already; PaymentStateError if it failed."""
-        now = self.ledger._now()
+        now = self.ledger.now()
         ledger = self.ledger
 
         def body(conn: sa.Connection) -> tuple[PaymentRecord, Transaction]:
             stmt = sa.select(payments).where(payments.c.signature == signature)
-            if ledger._pg:
-                stmt = stmt.with_for_update()
-            row = conn.execute(stmt).mappings().first()
+            row = conn.execute(ledger.db.for_update(stmt)).mappings().first()
             if row is None:
                 raise PaymentStateError(signature, "unknown", CREDITED)
             if row["status"] == CREDITED:
                 raise DuplicatePayment(signature)
             if row["status"] not in UNSETTLED:
                 raise PaymentStateError(signature, row["status"], CREDITED)
-            acct = ledger._ensure_account(conn, row["chain"], row["wallet_address"], now)
-            seen = conn.scalar(sa.select(transactions.c.id).where(
-                transactions.c.kind == "purchase", transactions.c.reference == signature))
-            if seen is not None:
-                raise DuplicatePayment(signature)
-            tx = ledger._post(conn, acct, "purchase", now, amount=row["amount_microcredits"],
-                              reference=signature, memo=memo)
-            ledger._save(conn, acct)
+            tx = ledger.post_credit(conn, "purchase", row["chain"], row["wallet_address"],
+                                    row["amount_microcredits"], now, reference=signature,
+                                    memo=memo)
             new = conn.execute(
                 sa.update(payments).where(payments.c.id == row["id"])
-                .values(status=CREDITED, account_id=acct.id, updated_at=now)
+                .values(status=CREDITED, account_id=tx.account_id, updated_at=now)
                 .returning(*payments.c)).mappings().one()
             return _record(new), tx
 
         try:
-            return await ledger._tx(body)
+            return await ledger.db.write(body)
         except IntegrityError as exc:  # the purchase reference, credited concurrently
             if "reference" in str(exc.orig).lower():
                 raise DuplicatePayment(signature) from None
@@ -197,11 +191,11 @@ class PaymentBook:
         ``older_than`` (a live request is still working on younger ones)."""
         stmt = sa.select(payments).where(payments.c.status.in_(UNSETTLED))
         if older_than is not None:
-            stmt = stmt.where(payments.c.updated_at <= self.ledger._now() - older_than)
-        rows = await self.ledger._all(stmt.order_by(payments.c.created_at).limit(limit))
+            stmt = stmt.where(payments.c.updated_at <= self.ledger.now() - older_than)
+        rows = await self.ledger.db.all(stmt.order_by(payments.c.created_at).limit(limit))
         return [_record(r) for r in rows]
 
     async def count_by_status(self) -> dict[str, int]:
-        rows = await self.ledger._all(
+        rows = await self.ledger.db.all(
             sa.select(payments.c.status, sa.func.count().label("n")).group_by(payments.c.status))
         return {r["status"]: int(r["n"]) for r in rows}

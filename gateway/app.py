@@ -126,6 +126,29 @@ async def servers_status(request: web.Request) -> web.Response:
     return web.json_response({"services": services, "updated_at": iso(datetime.now(UTC))})
 
 
+async def nodes_handler(request: web.Request) -> web.Response:
+    """Every registered node as the gateway last read the registry, for maps and dashboards:
+    public facts only (all of them are on chain anyway), so no wallet signature, and readable by
+    a page of any origin (the network map is served by the demo app, not the gateway)."""
+    now = time.time()
+    nodes = [{
+        "key": str(n.owner),
+        "role": n.role.label,
+        "url": n.url,
+        "lat": n.lat,
+        "lon": n.lon,
+        "country": n.country,
+        "load": n.load,
+        "capacity": n.capacity,
+        "version": n.version,
+        "status": n.status.label,
+        "stale": n.stale,
+        "heartbeat_age_seconds": max(0, round(now - n.last_heartbeat)),
+    } for n in await gw(request).directory.nodes()]
+    return web.json_response({"nodes": nodes, "updated_at": iso(datetime.now(UTC))},
+                             headers={"Access-Control-Allow-Origin": "*"})
+
+
 async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -375,6 +398,8 @@ ROUTES: tuple[Route, ...] = (
           auth="node"),
     Route("POST", "/internal/events", internal_events,
           "Usage events from STT/TTS nodes (node-signed)", auth="node", model=schemas.UsageEvent),
+    Route("GET", "/v1/nodes", nodes_handler, "Every registered node: role, URL, location, "
+          "load, status, heartbeat age", auth="public"),
     Route("GET", "/internal/health", health, "Health check", auth="public"),
     # Credit purchases (x402 and the other rails) live in gateway.payments.
     *PAYMENT_ROUTES,

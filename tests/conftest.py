@@ -31,7 +31,7 @@ from registry.client import RegistryClient
 from registry.keys import load_or_create_keypair, save_keypair
 
 # A throwaway PostgreSQL server (session fixture ``pg_url``), for the ledger on both databases.
-pytest_plugins = ["tests.pg", "tests.support.gateway_net"]
+pytest_plugins = ["tests.pg", "tests.support.gateway_net", "tests.support.agents_network"]
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_TTL = 3

@@ -4,8 +4,6 @@ spoken by Kokoro (tests/support/speech.py). A loopback relay (tests/support/agen
 sockets and slips malformed messages in, which the real nodes never do on their own.
 """
 
-# The module fixture ``network`` is imported, then requested by name:
-# ruff: noqa: F811
 from __future__ import annotations
 
 import asyncio
@@ -20,7 +18,7 @@ import pytest
 from agents.network_stt import NetworkSTT, NetworkSTTStream, stream_url
 from agents.network_tts import NetworkTTS, NetworkTTSStream
 from agents.plugins import SpeechAudio, SpeechEvent
-from tests.support.agents_network import Network, network  # noqa: F401  (module fixture)
+from tests.support.agents_network import Network  # the `network` fixture: a conftest plugin
 from tests.support.agents_proxy import WSProxy
 from tests.support.speech import pcm16, silence, speak, word_errors, words
 

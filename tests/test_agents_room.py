@@ -4,8 +4,6 @@ from the real gateway. The caller's Kokoro-spoken question reaches the agent as 
 our STT node transcribes; the agent's 48 kHz voice reaches the caller; a flush stops it.
 """
 
-# The module fixture ``network`` is imported, then requested by name:
-# ruff: noqa: F811
 from __future__ import annotations
 
 import asyncio
@@ -19,7 +17,7 @@ from agents.network_stt import NetworkSTT
 from agents.plugins import SpeechAudio
 from agents.room import AgentRoom, RoomEvent
 from tests.support.agents_caller import Caller
-from tests.support.agents_network import Network, network  # noqa: F401  (module fixture)
+from tests.support.agents_network import Network  # the `network` fixture: a conftest plugin
 from tests.support.audio import tone_hz
 from tests.support.speech import silence, speak, word_errors
 

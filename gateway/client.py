@@ -23,6 +23,9 @@ from gateway.auth import sign_request
 
 # Timestamps the SDK may use around the current second: well inside the gateway's +-30 s window.
 SKEW_MARGIN = 20
+# Timestamps each wallet has signed, per "METHOD PATH": shared by every client of one wallet in
+# this process (an agent and its session manager often hold two), so none reuses a signature.
+_SIGNED: dict[tuple[str, str], dict[str, set[int]]] = {}
 DEFAULT_PAYMENT_RPC = "http://127.0.0.1:8899"  # where purchase_credits reads blockhash and mint
 
 
@@ -152,7 +155,7 @@ class GatewayClient:
         self.base_url = base_url.rstrip("/")
         self.key = key
         self.chain = chain
-        self._used: dict[str, set[int]] = {}
+        self._used = _SIGNED.setdefault((chain, self.address.lower()), {})
         self._own_session = session is None
         self._session = session or aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=timeout))

@@ -421,3 +421,12 @@ async def test_extend_pushes_the_new_token_to_the_sfu(gateway_net: Net, tmp_path
         finally:
             await registry.deregister_node(node)
             await server.close()
+
+
+async def test_two_clients_of_one_wallet_never_repeat_a_signature(gw: Gw) -> None:
+    """An agent often holds two clients of its wallet (its session manager and itself): the same
+    signed request from both within one second must not be refused as a replay."""
+    first = await gw.funded(1.0)
+    second = gw.client(first.key)
+    sessions = await asyncio.gather(*(c.create_stt_session(1) for c in (first, second, first)))
+    assert len({s.session_id for s in sessions}) == 3

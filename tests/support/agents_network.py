@@ -79,7 +79,6 @@ class Network:
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     where: dict[str, Any] = field(default_factory=lambda: dict(WHERE))
-    _signed: dict[str, set[int]] = field(default_factory=dict)
 
     # ------------------------------------------------------------ addresses
 
@@ -93,14 +92,9 @@ class Network:
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
     def gateway(self, **kwargs: Any) -> GatewayClient:
-        """A gateway client signed by the funded wallet (close it, or use ``async with``).
-
-        All clients of this network share one record of the timestamps already signed: the
-        gateway refuses a repeated signature, and two fresh clients signing the same request in
-        the same second would otherwise repeat one."""
-        client = GatewayClient(self.gateway_url, self.wallet, **kwargs)
-        client._used = self._signed
-        return client
+        """A gateway client signed by the funded wallet (close it, or use ``async with``). Clients
+        of one wallet in one process share the record of timestamps already signed."""
+        return GatewayClient(self.gateway_url, self.wallet, **kwargs)
 
     async def agent_session(self, room: str | None = None, minutes: float = 5,
                             tts_max_characters: int = 2000,

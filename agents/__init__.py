@@ -1,5 +1,24 @@
 """Voice agents on the network: a spoken conversation through our SFU, STT and TTS nodes.
 
+The public surface: ``VoiceAgent`` (one agent in one room, paid by one agent-session bundle), the
+plug-in interfaces ``STT``, ``LLM`` and ``TTS`` (``agents.plugins``), the providers for our nodes
+(``NetworkSTT``, ``NetworkTTS``), the room (``AgentRoom``), the LLMs (``OpenAICompatibleLLM``,
+``EmbeddedLLM``) and the text chunker (``agents.text``).
+
 Imports ``gateway.client`` (the SDK an agent developer uses anyway) and never the gateway's
 server side nor ``node/``.
 """
+
+from agents import text
+from agents.agent import VoiceAgent
+from agents.llm import EmbeddedLLM, OpenAICompatibleLLM
+from agents.network_stt import NetworkSTT
+from agents.network_tts import NetworkTTS
+from agents.pipeline import Pipeline, PipelineConfig
+from agents.plugins import (LLM, STT, TTS, ChatMessage, LLMError, SpeechAudio, SpeechEvent,
+                            WordTiming)
+from agents.room import AgentRoom
+
+__all__ = ["VoiceAgent", "Pipeline", "PipelineConfig", "STT", "LLM", "TTS", "ChatMessage",
+           "LLMError", "SpeechAudio", "SpeechEvent", "WordTiming", "NetworkSTT", "NetworkTTS",
+           "AgentRoom", "OpenAICompatibleLLM", "EmbeddedLLM", "text"]

@@ -231,7 +231,8 @@ class Pipeline:
     # ------------------------------------------------------------ life
 
     async def start(self) -> None:
-        self.voice = await self.tts.stream(self.config.voice, self.config.language)
+        # The voice implies its language (TTS language codes are the engine's, not ISO).
+        self.voice = await self.tts.stream(self.config.voice)
         self._reader = asyncio.create_task(self._read_voice(self.voice), name="agent-voice")
 
     async def aclose(self) -> None:
@@ -260,16 +261,27 @@ class Pipeline:
 
     # ------------------------------------------------------------ participants
 
-    async def add_participant(self, identity: str, audio: AsyncIterator[bytes],
+    async def add_participant(self, identity: str, audio: AsyncIterator[bytes] | None = None,
                               name: str | None = None) -> None:
-        """Listen to one remote participant: its 16 kHz PCM16 goes to its own STT stream."""
+        """Open ``identity``'s STT stream (at once, so it is ready before the first word) and
+        listen to its 16 kHz PCM16 when ``audio`` is given (else later, with ``listen_to``)."""
         if identity in self.callers:
             await self.remove_participant(identity)
         caller = _Caller(identity, name)
         self.callers[identity] = caller
         caller.stream = await self.stt.stream(self.config.language)
-        caller.tasks = [asyncio.create_task(self._pump(caller, audio), name=f"stt-in-{identity}"),
-                        asyncio.create_task(self._listen(caller), name=f"stt-out-{identity}")]
+        caller.tasks.append(asyncio.create_task(self._listen(caller), name=f"stt-out-{identity}"))
+        if audio is not None:
+            await self.listen_to(identity, audio)
+
+    async def listen_to(self, identity: str, audio: AsyncIterator[bytes]) -> None:
+        """Send ``identity``'s audio (16 kHz mono PCM16) to its STT stream."""
+        caller = self.callers.get(identity)
+        if caller is None:
+            await self.add_participant(identity, audio)
+            return
+        caller.tasks.append(asyncio.create_task(self._pump(caller, audio),
+                                                name=f"stt-in-{identity}"))
 
     async def remove_participant(self, identity: str) -> None:
         caller = self.callers.pop(identity, None)

@@ -1,0 +1,298 @@
+"""A voice agent end to end: our SFU, STT and TTS nodes (real weights) and the gateway on the
+localnet, as processes (tests/support/agents_network.py); the agent is ``VoiceAgent`` with a
+scripted LLM (known answers, at once); the caller is a second participant on the official
+``livekit`` SDK (tests/support/agents_caller.py) that speaks Kokoro-made questions and records
+what it hears. What it heard goes back through our STT node, and the words must be the ones the
+LLM wrote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import numpy as np
+import pytest
+import soxr
+
+from agents import NetworkSTT, VoiceAgent
+from agents.pipeline import PipelineConfig
+from agents.plugins import ChatMessage, SpeechEvent
+from gateway.client import AgentSession, DualWebrtc, GatewayClient
+from tests.support.agents_caller import Caller
+from tests.support.agents_network import Network, network  # noqa: F401  (module fixture)
+from tests.support.speech import pcm16, silence, speak, word_errors
+
+pytestmark = pytest.mark.timeout(420)
+
+GREETING = "Hello, I am the museum guide."
+ANSWERS = {
+    "open": "The museum opens at nine in the morning.",
+    "tickets": "Tickets cost twelve euros for adults.",
+    "history": ("The museum was founded a long time ago by a group of painters. They wanted a "
+                "place where everyone could see their work for free. Over the years the "
+                "collection grew from a few rooms of paintings to three large buildings."),
+    "cost": "A ticket costs twelve euros.",
+}
+
+
+class ScriptedLLM:
+    """Answers at once, word by word, with the answer whose key appears in the question;
+    ``stall`` makes it hang on the first question instead."""
+
+    def __init__(self, stall: bool = False) -> None:
+        self.stall = stall
+        self.prompts: list[list[ChatMessage]] = []
+
+    async def chat(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
+        self.prompts.append(list(messages))
+        if self.stall:
+            self.stall = False
+            await asyncio.sleep(3600)
+        question = messages[-1].content.lower()
+        answer = next((a for k, a in ANSWERS.items() if k in question), "I did not catch that.")
+        for i, word in enumerate(answer.split()):
+            yield word if i == 0 else " " + word
+
+    async def aclose(self) -> None:
+        pass
+
+
+NUMBERS = {"9": "nine", "12": "twelve"}
+
+
+def spelled(text: str) -> str:
+    """Digits Whisper writes for the numbers our answers spell out."""
+    return " ".join(NUMBERS.get(w.strip(".,?!"), w) for w in text.split())
+
+
+def client_grant(session: AgentSession):  # type: ignore[no-untyped-def]
+    assert isinstance(session.webrtc, DualWebrtc)
+    return session.webrtc.client
+
+
+async def until(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def answered(agent: VoiceAgent, count: int, timeout: float = 60) -> None:
+    assert agent.pipeline is not None
+    pipeline = agent.pipeline
+    await until(lambda: len([t for t in pipeline.turns if t.who != agent.identity]) >= count
+                and not pipeline.speaking, timeout, f"{count} answered turns")
+
+
+async def transcribe(gw: GatewayClient, audio48k: np.ndarray) -> str:
+    """What our STT node hears in the recording (silences over 0.6 s shortened, real time)."""
+    audio = soxr.resample(audio48k.astype(np.float32) / 32768, 48000, 16000)
+    frames = audio[: len(audio) // 320 * 320].reshape(-1, 320)
+    loud = np.sqrt((frames ** 2).mean(axis=1)) > 0.01
+    keep, quiet = [], 0
+    for frame, is_loud in zip(frames, loud):
+        quiet = 0 if is_loud else quiet + 1
+        if quiet <= 30:
+            keep.append(frame)
+    audio = np.concatenate([*keep, np.zeros(16000, dtype=np.float32)])
+    session = await gw.create_stt_session(2, language="en")
+    stream = await NetworkSTT(session.server_url, session.token).stream()
+    finals: list[str] = []
+
+    async def read() -> None:
+        async for event in stream.events():
+            if event.type == "final":
+                finals.append(event.text)
+
+    reader = asyncio.create_task(read())
+    data = pcm16(audio)
+    t0 = time.monotonic()
+    for k, i in enumerate(range(0, len(data), 640)):
+        await stream.push(data[i:i + 640])
+        await asyncio.sleep(max(0.0, t0 + (k + 1) * 0.02 - time.monotonic()))
+    await asyncio.sleep(3)
+    await stream.aclose()
+    reader.cancel()
+    return " ".join(finals)
+
+
+async def start(net: Network, llm: ScriptedLLM, **kwargs: object) -> tuple[VoiceAgent, Caller,
+                                                                          GatewayClient]:
+    gw = net.gateway()
+    session = await net.agent_session(**{k: kwargs.pop(k) for k in ("minutes",
+                                                                    "tts_max_characters")
+                                         if k in kwargs})  # type: ignore[arg-type]
+    agent = VoiceAgent(llm, session=session, gateway=gw, **kwargs)  # type: ignore[arg-type]
+    await agent.start()
+    caller = Caller()
+    grant = client_grant(session)
+    await caller.join(grant.ws_url, grant.token)
+    await caller.say(silence(0.5))  # the mic is published and subscribed before any word
+    return agent, caller, gw
+
+
+async def test_the_agent_answers_each_question_and_the_caller_hears_those_words(
+        network: Network) -> None:
+    questions = {q: speak(q) for q in ("When does the museum open?", "How much are the tickets?")}
+    agent, caller, gw = await start(network, ScriptedLLM())
+    try:
+        assert agent.pipeline is not None
+        await asyncio.wait_for(agent.say(GREETING), 60)  # waits for the caller's client-ready
+        for i, audio in enumerate(questions.values()):
+            await caller.say(audio, tail_silence=0.2)
+            await answered(agent, i + 1)
+        history = agent.pipeline.history
+        assert [m.role for m in history] == ["assistant", "user", "assistant", "user",
+                                             "assistant"], (history, agent.pipeline.turns)
+        assert [m.role for m in history] == ["assistant", "user", "assistant", "user",
+                                             "assistant"]
+        assert [history[i].content for i in (0, 2, 4)] == [GREETING, ANSWERS["open"],
+                                                           ANSWERS["tickets"]]
+        for question, said in zip(("When does the museum open?", "How much are the tickets?"),
+                                  (history[1].content, history[3].content)):
+            errors, n = word_errors(question, said)
+            assert errors <= 2, (question, said)
+        turns = [t for t in agent.pipeline.turns if t.who == "caller"]
+        for turn in turns:
+            assert turn.outcome == "answered"
+            assert turn.voice_to_voice_ms is not None and turn.llm_first_token_ms is not None
+            logging.getLogger("test").info("voice-to-voice %.0f ms", turn.voice_to_voice_ms)
+        # The client page's feed: the caller's words and the agent's, with latency figures.
+        topics = [t for t, _, who in caller.data if who == agent.identity]
+        assert topics and set(topics) == {"transcript"}
+
+        heard = await transcribe(gw, caller.heard_pcm())
+        spoken = " ".join(history[i].content for i in (0, 2, 4))
+        errors, n = word_errors(spoken, spelled(heard))
+        # Whisper tiny.en mishears a word or two in twenty ("at nine" as "what nine").
+        assert errors <= n // 5, f"the agent said {spoken!r}, the caller heard {heard!r}"
+    finally:
+        await caller.leave()
+        await agent.aclose()
+        await gw.close()
+
+
+async def test_barge_in_stops_the_agent_and_a_backchannel_does_not(network: Network) -> None:
+    agent, caller, gw = await start(network, ScriptedLLM())
+    try:
+        pipeline = agent.pipeline
+        assert pipeline is not None
+        await until(lambda: caller.agent_track is not None and caller.agent_track.done(), 20,
+                    "the caller subscribed")
+        await asyncio.sleep(1)  # the caller's client-ready
+        # A backchannel over the agent: it goes on to the end.
+        await caller.say(speak("Tell me about the history of the museum."), tail_silence=0.2)
+        await until(lambda: caller.first_audible(since=caller.speech_ended_at or 0) is not None,
+                    30, "the answer")
+        await asyncio.sleep(1.5)
+        await caller.say(speak("Mhm."))
+        await answered(agent, 1, timeout=90)
+        first = [t for t in pipeline.turns if t.who == "caller"][0]
+        assert first.outcome == "answered"
+        assert pipeline.history[1] == ChatMessage("assistant", ANSWERS["history"])
+
+        # Real words over the agent: it stops, and only what was played enters the history.
+        await caller.say(speak("Tell me about the history of the museum again."),
+                         tail_silence=0.2)
+        await until(lambda: caller.first_audible(since=caller.speech_ended_at or 0) is not None,
+                    30, "the second answer")
+        await asyncio.sleep(2.0)
+        await caller.say(speak("Wait, how much does a ticket cost?"), tail_silence=0.2)
+        await answered(agent, 3, timeout=90)
+        turns = [t for t in pipeline.turns if t.who == "caller"]
+        assert [t.outcome for t in turns] == ["answered", "interrupted", "answered"]
+        logging.getLogger("test").info("barge-in stop %.1f ms", turns[1].barge_in_stop_ms or -1)
+        cut = pipeline.history[3]
+        assert cut.role == "assistant" and ANSWERS["history"].startswith(cut.content)
+        assert 0 < len(cut.content.split()) < len(ANSWERS["history"].split())
+        assert pipeline.history[4].role == "user" and "cost" in pipeline.history[4].content
+        assert pipeline.history[5] == ChatMessage("assistant", ANSWERS["cost"])
+    finally:
+        await caller.leave()
+        await agent.aclose()
+        await gw.close()
+
+
+async def settled(gw: GatewayClient, session: AgentSession, services: set[str],
+                  timeout: float) -> list[dict[str, object]]:
+    """Wait until the bundle's sessions of ``services`` settled; their transactions."""
+    assert isinstance(session.webrtc, DualWebrtc)
+    ids = {"stt": {session.stt.session_id}, "tts": {session.tts.session_id},
+           "webrtc": {session.webrtc.agent.session_id, session.webrtc.client.session_id}}
+    want = set().union(*(ids[s] for s in services))
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = {s["session_id"]: s for s in await gw.sessions(limit=100)}
+        # completed: the node's final report; expired: the sweeper, at the token's expiry
+        if all(rows.get(sid, {}).get("status") in ("completed", "expired") for sid in want):
+            break
+        assert time.monotonic() < deadline, f"not settled: {[rows.get(s) for s in want]}"
+        await asyncio.sleep(1)
+    txs = [t for t in await gw.transactions(limit=200) if t["session_id"] in want]
+    for sid in want:
+        kinds = sorted(t["type"] for t in txs if t["session_id"] == sid)
+        # Reserved once (plus once per extension), charged at most once, refunded once.
+        assert kinds.count("charge") <= 1 and kinds.count("refund") == 1, (sid, kinds)
+    return txs
+
+
+async def test_extension_a_stalled_llm_and_the_caller_leaving(
+        network: Network, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    question = speak("When does the museum open?")
+    # A bundle of 1.1 minutes: the STT node says session_expiring (60 s left) at once.
+    agent, caller, gw = await start(network, ScriptedLLM(stall=True), minutes=1.1,
+                                    config=PipelineConfig(llm_timeout=3), extend_minutes=2)
+    assert agent.session is not None
+    bundle = agent.session
+    try:
+        pipeline = agent.pipeline
+        assert pipeline is not None
+        await until(lambda: agent.extensions >= 1, 30, "the extension")
+        assert "stt session expiring" in caplog.text
+        assert agent.session.stt.token != bundle.stt.token
+        await caller.say(question, tail_silence=0.2)
+        await answered(agent, 1)
+        assert [t.outcome for t in pipeline.turns] == ["llm_timeout"]
+        assert "LLM gave no token for 3 s" in caplog.text
+        await caller.say(question, tail_silence=0.2)
+        await answered(agent, 2)
+        assert pipeline.history[-1] == ChatMessage("assistant", ANSWERS["open"])
+        run = asyncio.create_task(agent.run())
+        await caller.leave()
+        await asyncio.wait_for(run, 30)  # the last human left: the agent ends by itself
+        # WebRTC and TTS settle at once (the STT node settles at the token's expiry: next test)
+        txs = await settled(gw, bundle, {"webrtc", "tts"}, 60)
+        assert sum(-int(t["amount_microcredits"]) for t in txs if t["type"] == "charge") > 0
+        assert [t["type"] for t in txs if t["session_id"] == bundle.tts.session_id
+                ].count("reserve") == 2  # bought, then extended
+    finally:
+        await caller.leave()
+        await agent.aclose()
+        await gw.close()
+
+
+async def test_the_caller_leaving_settles_the_whole_bundle(network: Network) -> None:
+    question = speak("How much are the tickets?")
+    agent, caller, gw = await start(network, ScriptedLLM(), minutes=0.5, auto_extend=False)
+    bundle = agent.session
+    assert bundle is not None
+    try:
+        await caller.say(question, tail_silence=0.2)
+        await answered(agent, 1)
+        run = asyncio.create_task(agent.run())
+        await caller.leave()
+        await asyncio.wait_for(run, 30)
+        txs = await settled(gw, bundle, {"webrtc", "tts", "stt"}, 90)
+        for sid in (bundle.stt.session_id, bundle.tts.session_id):
+            charge = [-int(t["amount_microcredits"]) for t in txs
+                      if t["session_id"] == sid and t["type"] == "charge"]
+            assert charge and charge[0] > 0, (sid, txs)
+    finally:
+        await caller.leave()
+        await agent.aclose()
+        await gw.close()

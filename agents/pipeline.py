@@ -237,12 +237,12 @@ class Pipeline:
 
     async def aclose(self) -> None:
         """Stop talking and listening; close the STT streams and the voice."""
-        self._closed = True
         for identity in list(self.callers):
             await self.remove_participant(identity)
-        if self._answer is not None and self._answer.task is not None:
-            self._answer.task.cancel()
-            await asyncio.gather(self._answer.task, return_exceptions=True)
+        async with self._lock:
+            self._closed = True
+            if self._answer is not None:  # cut short: recorded as far as it was heard
+                await self._stop(self._answer)
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)

@@ -9,7 +9,9 @@ LLM wrote.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 
@@ -296,3 +298,43 @@ async def test_the_caller_leaving_settles_the_whole_bundle(network: Network) -> 
         await caller.leave()
         await agent.aclose()
         await gw.close()
+
+
+async def test_the_agent_command_prints_the_grant_and_talks_with_the_embedded_llm(
+        network: Network) -> None:
+    """`agent` as a process, no --llm: the embedded SmolLM2 answers; the caller joins with the
+    grant it printed, hears the greeting and an answer, leaves, and the process ends by itself."""
+    question = speak("What is the capital of France?")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agents.cli", "--gateway", network.gateway_url,
+        "--wallet", str(network.tmp / "wallet.json"), "--room", "cli-room",
+        "--greeting", "Hello, ask me anything.", "--minutes", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    caller = Caller()
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 120)
+        grant = json.loads(line)
+        assert set(grant) == {"ws_url", "token", "room"} and grant["room"] == "cli-room"
+        await caller.join(grant["ws_url"], grant["token"])
+        await caller.say(silence(0.5))
+        await until(lambda: caller.first_audible() is not None, 60, "the greeting")
+        await asyncio.sleep(4)  # the greeting plays out
+        await caller.say(question, tail_silence=0.2)
+
+        def said() -> list[dict[str, object]]:
+            return [m for m in (json.loads(p) for t, p, _ in caller.data if t == "transcript")
+                    if m["who"] == "agent" and m["final"]]
+
+        await until(lambda: len(said()) >= 2, 90, "the greeting and an answer")
+        assert said()[1]["text"] and said()[1]["latency"]["voice_to_voice_ms"] is not None
+        await caller.leave()
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+        log = (await proc.stderr.read()).decode()
+        assert "turn caller: answered" in log, log[-3000:]
+        assert "capital of France" in log
+    finally:
+        await caller.leave()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

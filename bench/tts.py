@@ -1,6 +1,6 @@
 """TTS node figures: time to first audio, real-time factor, real-time streams per core.
 
-    .venv/bin/python bench/tts.py [--runs 10] [--streams 1,2,3] [--threads 0]
+    .venv/bin/python bench/tts.py [--runs 10] [--capacity 16] [--threads 0]
 
 Runs the TTS role in-process on a real WebSocket server (node/tts/harness.py) with the real
 Kokoro-82M int8 weights, and prints, in the same run:
@@ -9,8 +9,11 @@ Kokoro-82M int8 weights, and prints, in the same run:
 * TTFA p50/p95 for a one-sentence reply and for a long text, measured at the client from sending
   the text to the first audio frame, and the node's overhead over the engine's first-clause time;
 * RTF: engine compute time / audio duration over a long text, segment by segment as the node does;
-* streams: K clients each speaking ~15 s at once; a stream "holds" when no frame ran late after
-  its first (underruns); the largest K that holds, divided by the cores, is streams per core.
+* capacity: the node calibrates at start as a real node does (node/capacity.py; --capacity is the
+  config's upper bound) and advertises what it measured; then as many clients as it advertises
+  speak ~25 s each at once, and one more client tries to join while they play. It prints the
+  underruns (a frame that ran late after the first) and whether the extra client got
+  ``server_full``: the advertised capacity is true when there are none and it did.
 
 The CPU is shared on dev machines: run it on a quiet box for numbers you quote.
 """
@@ -79,8 +82,21 @@ async def first_audio(srv: RoleServer, http: aiohttp.ClientSession, text: str) -
     return ttfa or float("nan"), frames * 0.02
 
 
-async def stream_trial(srv: RoleServer, k: int, text: str) -> tuple[int, float, list[float]]:
-    """K simultaneous streams; returns (underruns, stall seconds, TTFAs)."""
+async def one_more(srv: RoleServer, http: aiohttp.ClientSession) -> str:
+    """Try to open one more stream; what the node answered."""
+    ws = await http.ws_connect(srv.url)
+    await ws.send_json({"session_key": srv.token()})
+    msg = json.loads((await ws.receive(timeout=30)).data)
+    closing = await ws.receive(timeout=10)
+    await ws.close()
+    if msg.get("error") == "server_full":
+        return f"refused cleanly: server_full, close code {closing.data}"
+    return f"NOT refused: {msg}"
+
+
+async def stream_trial(srv: RoleServer, k: int, text: str) -> tuple[int, float, list[float], str]:
+    """K simultaneous streams and, once they play, one more; returns (underruns, stall seconds,
+    TTFAs, what the extra client got)."""
     before = dict(srv.role.stats)
     async with aiohttp.ClientSession() as http:
         async def one() -> float:
@@ -99,9 +115,13 @@ async def stream_trial(srv: RoleServer, k: int, text: str) -> tuple[int, float, 
             await ws.close()
             return ttfa or float("nan")
 
-        ttfas = await asyncio.gather(*(one() for _ in range(k)))
+        streams = [asyncio.ensure_future(one()) for _ in range(k)]
+        while srv.role.load() < k and not any(t.done() for t in streams):
+            await asyncio.sleep(0.05)
+        extra = await one_more(srv, http)
+        ttfas = await asyncio.gather(*streams)
     return (int(srv.role.stats["underruns"] - before["underruns"]),
-            srv.role.stats["stall_seconds"] - before["stall_seconds"], list(ttfas))
+            srv.role.stats["stall_seconds"] - before["stall_seconds"], list(ttfas), extra)
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -123,7 +143,13 @@ async def main_async(args: argparse.Namespace) -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp, \
-            RoleServer(engine, Keypair(), Path(tmp), settings={"warmup": False}) as srv:
+            RoleServer(engine, Keypair(), Path(tmp), settings={"warmup": False},
+                       capacity=args.capacity, calibrate=True) as srv:
+        cal = srv.role.context.calibration
+        print(f"calibration: {cal.cost:.2f} core-seconds per second of speech (one thread per "
+              f"inference) on {cal.cores} cores -> advertises {srv.role.capacity} streams "
+              f"(config upper bound {args.capacity}); scheduler: {srv.role.scheduler.workers} "
+              "workers")
         async with aiohttp.ClientSession() as http:
             rows = {}
             inner = {}
@@ -170,24 +196,24 @@ async def main_async(args: argparse.Namespace) -> None:
               "real-time streams per core by CPU alone (load-independent)")
         print(f"  load average now {os.getloadavg()[0]:.1f} on {cores} cores")
 
-        print("\nconcurrent real-time streams (each ~25 s of speech, started together)")
-        best = 0
-        for k in args.streams:
-            under, stall, ttfas = await stream_trial(srv, k, LONG)
-            ok = under == 0
-            best = k if ok and k > best else best
-            print(f"  {k} streams: underruns {under:3d}, stalled {stall:5.2f} s, "
-                  f"TTFA max {max(ttfas) * 1000:5.0f} ms -> {'holds' if ok else 'gaps'}")
-            if not ok:
-                break
-        print(f"  => {best} real-time streams without gaps on {cores} cores = "
-              f"{best / cores:.1f} per core")
+        k = srv.role.capacity
+        print(f"\nat the advertised capacity: {k} real-time streams (each ~25 s of speech, "
+              "started together), and one more client while they play")
+        wide = srv.role.scheduler.wide_jobs
+        under, stall, ttfas, extra = await stream_trial(srv, k, LONG)
+        print(f"  {k} streams: underruns {under}, stalled {stall:.2f} s, first audio p50 "
+              f"{pct(ttfas, 50) * 1000:.0f} ms max {max(ttfas) * 1000:.0f} ms -> "
+              f"{'no stream underran' if under == 0 else 'GAPS'}; jobs on every core "
+              f"{srv.role.scheduler.wide_jobs - wide}")
+        print(f"  stream {k + 1}: {extra}")
+        print(f"  load average now {os.getloadavg()[0]:.1f} on {cores} cores")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3, 4])
+    ap.add_argument("--capacity", type=int, default=16,
+                    help="the config's capacity: the upper bound of what the node advertises")
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = all cores)")
     asyncio.run(main_async(ap.parse_args()))
 

@@ -51,8 +51,16 @@ class Metrics:
         labels = {"role": role}
         self.load = Gauge("voicenet_node_load", "Live sessions", registry=self.registry,
                           labelnames=["role"]).labels(**labels)
-        self.capacity = Gauge("voicenet_node_capacity", "Declared capacity",
+        self.capacity = Gauge("voicenet_node_capacity",
+                              "Advertised capacity (measured at start, at most the configured)",
                               registry=self.registry, labelnames=["role"]).labels(**labels)
+        self.capacity_configured = Gauge("voicenet_node_capacity_configured",
+                                         "The config's capacity: the upper bound",
+                                         registry=self.registry, labelnames=["role"]).labels(**labels)
+        self.unit_cost = Gauge("voicenet_node_unit_cost_core_seconds",
+                               "Measured core-seconds per second of one unit of work (0: not "
+                               "calibrated)", registry=self.registry,
+                               labelnames=["role"]).labels(**labels)
         self.draining = Gauge("voicenet_node_draining", "1 while draining", registry=self.registry,
                               labelnames=["role"]).labels(**labels)
         self.heartbeats = Counter("voicenet_node_heartbeats", "Heartbeat transactions sent",
@@ -82,7 +90,7 @@ class NodeAgent:
             Path(config.state_dir) / f"outbox-{self.role_name}-{str(self.keypair.pubkey())[:8]}.sqlite",
             config.gateway_url, self.keypair,
         )
-        context = RoleContext(
+        self.context = context = RoleContext(
             role=self.role_name,
             settings=config.role_settings(self.role_name),
             keypair=self.keypair,
@@ -93,6 +101,7 @@ class NodeAgent:
             state_dir=config.state_dir,
             outbox=self.outbox,
             log=logging.getLogger(f"node.{self.role_name}"),
+            calibrate=config.calibrate,
         )
         self.role: Role = role_factory(context) if role_factory else load_role(self.role_name, context)
         self.metrics = Metrics(self.role_name)
@@ -124,6 +133,7 @@ class NodeAgent:
             "pubkey": str(self.pubkey),
             "load": self.role.load(),
             "capacity": self.role.capacity,
+            "capacity_configured": self.config.capacity,
             "last_heartbeat": self.last_heartbeat,
             "heartbeat_failures": self.heartbeat_failures,
             "version": self.version,
@@ -133,6 +143,9 @@ class NodeAgent:
     async def _metrics(self, request: web.Request) -> web.Response:
         self.metrics.load.set(self.role.load())
         self.metrics.capacity.set(self.role.capacity)
+        self.metrics.capacity_configured.set(self.config.capacity)
+        calibration = self.context.calibration
+        self.metrics.unit_cost.set(calibration.cost if calibration else 0.0)
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     @property

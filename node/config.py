@@ -50,7 +50,11 @@ class NodeConfig(BaseModel):
     listen_port: int = Field(ge=0, le=65535)
     public_url: str = Field(min_length=1, max_length=MAX_URL_LEN)
     location: Location
-    capacity: int = Field(ge=1)
+    capacity: int = Field(ge=1, description="the most sessions this node takes; it advertises "
+                                            "less when its start-up calibration measures less")
+    calibrate: bool = Field(default=True, description="measure the capacity at start (cached per "
+                                                      "machine and model); false: advertise "
+                                                      "`capacity` as typed")
     version: str | None = Field(default=None, min_length=1, max_length=VERSION_LEN)
     gateway_url: str | None = None
     heartbeat_interval: float = Field(default=10.0, gt=0)

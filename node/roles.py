@@ -7,14 +7,17 @@ agent's public pieces (this module, ``node.config``) and ``registry``.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from aiohttp import web
 from solders.keypair import Keypair
 
+from node.capacity import Calibration, calibrate
 from node.outbox import Outbox
 from registry.tokens import Claims, TokenVerifier
 
@@ -41,6 +44,9 @@ class RoleContext:
     state_dir: Any
     outbox: Outbox
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("node"))
+    # measure the capacity at start (node/capacity.py); False: advertise the config's as typed
+    calibrate: bool = True
+    calibration: Calibration | None = None
 
     @property
     def node_key(self) -> str:
@@ -52,6 +58,21 @@ class RoleContext:
         (or one naming no node) is refused with ``wrong_node``, so a session cannot be spent on
         several nodes at once. Every role verifies client tokens through this."""
         return await self.verifier.verify(token, audience=self.node_key)
+
+    async def measured_capacity(self, model: str, measure: Callable[[], float]) -> int:
+        """The capacity to advertise: what this machine carries at the cost ``measure`` returns
+        (core-seconds per second of one unit of work, run in a thread, cached per machine and
+        model), at most the config's ``capacity``. Every role derives its capacity through this."""
+        if not self.calibrate:
+            return self.capacity
+        self.calibration = await asyncio.get_running_loop().run_in_executor(
+            None, calibrate, self.role, model, measure, self.state_dir)
+        advertised = self.calibration.capacity(self.capacity)
+        self.log.info("%s capacity %d (%.3f core-seconds per unit-second on %d cores%s; config "
+                      "allows %d)", self.role, advertised, self.calibration.cost,
+                      self.calibration.cores, ", cached" if self.calibration.cached else "",
+                      self.capacity)
+        return advertised
 
 
 @runtime_checkable

@@ -344,6 +344,30 @@ async def test_no_healthy_node_is_503(gw: Gw) -> None:
         await gw.registry.set_node_status(gw.net.authority, tts.pubkey(), p.NodeStatus.ACTIVE)
 
 
+async def test_a_node_at_its_measured_capacity_gets_no_session(gw: Gw) -> None:
+    """Nodes heartbeat the capacity they measured and a load of at most that (node/agent.py): a
+    full node is passed over for the next nearest, and with none left the answer is 503 and
+    nothing is reserved."""
+    client = await gw.funded(1.0)
+    stt_de, tts_de = gw.net.nodes["stt-de"], gw.net.nodes["tts-de"]
+    await gw.registry.heartbeat(stt_de, 2, 2)   # measured 2 streams, both in use
+    await gw.registry.heartbeat(tts_de, 1, 1)
+    try:
+        await asyncio.sleep(0.5)  # the directory refreshes every 0.2 s here
+        stt = await client.create_stt_session(1)
+        assert stt.server_url == "https://stt-us.test"  # the nearest with headroom
+        spent = 1_000_000 - (await client.account()).available_balance
+        with pytest.raises(NoCapacity, match="no servers available"):
+            await client.create_tts_session(100)
+        assert 1_000_000 - (await client.account()).available_balance == spent
+        await gw.registry.heartbeat(stt_de, 1, 2)  # one stream ended: headroom again
+        await asyncio.sleep(0.5)
+        assert (await client.create_stt_session(1)).server_url == "https://stt-de.test"
+    finally:
+        await gw.registry.heartbeat(stt_de, 0, 100)
+        await gw.registry.heartbeat(tts_de, 0, 100)
+
+
 async def test_only_the_routed_registered_node_may_post_usage(gw: Gw) -> None:
     client = await gw.funded(0.1)
     session = await client.create_stt_session(1)

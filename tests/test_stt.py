@@ -72,7 +72,9 @@ class Node:
 
 @contextlib.asynccontextmanager
 async def stt_node(chain: Chain, tmp: Path, models: Models, capacity: int = 4,
-                   **settings: Any) -> AsyncIterator[Node]:
+                   calibrate: bool = False, **settings: Any) -> AsyncIterator[Node]:
+    """An STT role on loopback; ``calibrate``: measure its capacity at start as a node does
+    (``capacity`` is then the upper bound), off so that tests opening streams get ``capacity``."""
     events: list[dict[str, Any]] = []
 
     async def internal_events(request: web.Request) -> web.Response:
@@ -91,7 +93,8 @@ async def stt_node(chain: Chain, tmp: Path, models: Models, capacity: int = 4,
     context = RoleContext(role="stt", settings=settings, keypair=key,
                           verifier=TokenVerifier(client.issuer_keys, "stt", cache_ttl=30),
                           public_url=f"http://127.0.0.1:{port}", capacity=capacity,
-                          gateway_url=f"http://127.0.0.1:{gw_port}", state_dir=tmp, outbox=outbox)
+                          gateway_url=f"http://127.0.0.1:{gw_port}", state_dir=tmp, outbox=outbox,
+                          calibrate=calibrate)
     role = STTRole(context, load_settings(settings), models)
     app = web.Application()
     role.routes(app)
@@ -343,9 +346,32 @@ async def test_tokens_are_checked(chain: Chain, tmp_path: Path, stt_models: Mode
         assert node.role.load() == 0
 
 
+async def test_capacity_is_measured_with_the_real_models_and_cached(
+        chain: Chain, tmp_path: Path, stt_models: Models) -> None:
+    """At start the role measures one real-time stream (front end over real speech, a Whisper
+    final) and advertises what the cores carry, at most the config's; a restart on the same
+    machine and models reuses the figure."""
+    from node.capacity import derive_capacity, usable_cores
+
+    async with stt_node(chain, tmp_path, stt_models, capacity=64, calibrate=True) as node:
+        cal = node.role.context.calibration
+        assert cal is not None and not cal.cached and 0 < cal.cost < 2
+        assert node.role.capacity == derive_capacity(cal.cost, usable_cores(), 64)
+        assert 1 <= node.role.capacity <= 64
+        first = node.role.capacity
+    async with stt_node(chain, tmp_path, stt_models, capacity=64, calibrate=True) as node:
+        again = node.role.context.calibration
+        assert again is not None and again.cached and again.cost == cal.cost
+        assert node.role.capacity == first
+    async with stt_node(chain, tmp_path, stt_models, capacity=2, calibrate=True) as node:
+        assert node.role.capacity == min(first, 2)  # the config bounds what is advertised
+
+
 async def test_server_full_at_capacity_and_extend(chain: Chain, tmp_path: Path,
                                                   stt_models: Models) -> None:
-    async with stt_node(chain, tmp_path, stt_models, capacity=1) as node:
+    # measured capacity bounded by the config's 1: the node is full with one stream
+    async with stt_node(chain, tmp_path, stt_models, capacity=1, calibrate=True) as node:
+        assert node.role.capacity == 1 and node.role.context.calibration is not None
         sid = "extend-" + str(time.time())
         async with connect(node, {"session_key": node.token(chain, 100, session_id=sid)}) as a:
             await a.type("ready")
@@ -419,7 +445,9 @@ async def test_node_process_serves_stt(chain: Chain, tmp_path: Path,
                             health = await resp.json()
                             break
                 await asyncio.sleep(0.3)
-            assert health and health["role"] == "stt" and health["capacity"] == 3
+            # measured at start, the config's 3 as the upper bound
+            assert health and health["role"] == "stt" and 1 <= health["capacity"] <= 3
+            assert health["capacity_configured"] == 3
             text, audio = sentences[2]
             node_key = str(load_keypair(tmp_path / "stt.json").pubkey())
             token = mint_token(chain.issuer, "a", Grant("stt", limit=60), 60, audience=node_key)

@@ -435,6 +435,46 @@ async def test_contexts_prepare_ahead_and_clear_separately(server: RoleServer) -
 # --------------------------------------------------------------------------- the real node
 
 
+async def test_capacity_is_measured_cached_and_full_answers_server_full(engine, tmp_path: Path) -> None:
+    """The role measures one stream's cost with the real model at start and advertises what the
+    cores carry, at most the config's 2; a restart reuses the cached figure; the socket past the
+    capacity gets ``server_full`` (close 1013) while the streams already in use go on speaking."""
+    from node.capacity import CACHE_FILE, derive_capacity, usable_cores
+
+    with RoleServer(engine, Keypair(), tmp_path, capacity=2, calibrate=True) as srv:
+        cal = srv.role.context.calibration
+        assert cal is not None and not cal.cached and 0 < cal.cost < 10
+        capacity = srv.role.capacity
+        assert 1 <= capacity <= 2 and capacity == derive_capacity(cal.cost, usable_cores(), 2)
+        assert [k.split("|")[0] for k in json.loads((tmp_path / CACHE_FILE).read_text())] == ["tts"]
+        async with aiohttp.ClientSession() as http:
+            live = [await connect(http, srv, srv.token()) for _ in range(capacity)]
+            assert srv.role.load() == capacity
+            ws = await http.ws_connect(srv.url)
+            await ws.send_json({"session_key": srv.token()})
+            refused = await ws.receive_json(timeout=30)
+            assert refused["type"] == "error" and refused["error"] == "server_full", refused
+            assert f"at capacity ({capacity} streams)" in refused["message"]
+            closing = await ws.receive(timeout=10)
+            assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 1013
+            assert srv.role.load() == capacity
+            await live[0].send({"text": "Still here."})
+            heard = await live[0].until("done")
+            assert len(pcm(heard)) > 0
+            await live[-1].ws.close()
+            deadline = time.monotonic() + 10
+            while srv.role.load() >= capacity and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            live[-1] = await connect(http, srv, srv.token())  # a freed slot is taken again
+            for c in live:
+                await c.ws.close()
+    with RoleServer(engine, Keypair(), tmp_path, capacity=2, calibrate=True) as again:
+        cached = again.role.context.calibration
+        assert cached is not None and cached.cached and cached.cost == cal.cost
+        assert again.role.capacity == capacity
+
+
+
 async def test_node_role_tts_process(chain: Chain, tmp_path: Path) -> None:
     """`node --role tts` on the localnet: loads Kokoro, registers, serves a stream, load = streams,
     and posts usage to the gateway's /internal/events signed by its node key."""

@@ -25,6 +25,7 @@ from aiohttp import WSMsgType, web
 
 from node.models.whisper import gtcrn_path, silero_vad_path
 from node.roles import RoleContext
+from node.stt.calibration import stream_cost
 from node.stt.clock import Clocks, SessionClock
 from node.stt.denoise import GTCRNModel
 from node.stt.engines import EngineState, EngineUnavailable, ParakeetEngine, WhisperEngine, route
@@ -84,6 +85,7 @@ class STTRole:
             threshold=s.vad.threshold, min_confidence=s.validation.min_confidence,
             min_speech_ratio=s.validation.min_speech_ratio, min_rms_dbfs=s.validation.min_rms_dbfs)
         self.pools: dict[str, InferencePool] = {}
+        self._capacity = context.capacity  # until start() measured it
         self.frontend_pool: ThreadPoolExecutor | None = None
         clock_file = f"stt-clocks-{str(context.keypair.pubkey())[:8]}.sqlite"
         self.clocks = Clocks(Path(context.state_dir) / clock_file if context.state_dir else None)
@@ -99,7 +101,7 @@ class STTRole:
 
     @property
     def capacity(self) -> int:
-        return self.context.capacity
+        return self._capacity
 
     def load(self) -> int:
         return len(self.live)
@@ -117,6 +119,11 @@ class STTRole:
                                                    s.interim_max_utilization)
         self.frontend_pool = ThreadPoolExecutor(s.frontend_threads, thread_name_prefix="stt-fe")
         await asyncio.get_running_loop().run_in_executor(self.frontend_pool, self.models.load)
+        m = self.models
+        self._capacity = await self.context.measured_capacity(
+            f"whisper:{','.join(s.whisper.models)}:{m.whisper.device}:{m.whisper.compute_type}:"
+            f"threads={s.whisper.cpu_threads}:denoise={s.denoise}",
+            lambda: stream_cost(m.silero, m.gtcrn, self.vad_config, m.whisper, s.word_timestamps))
         self._usage_task = asyncio.create_task(self._usage_loop())
         log.info("stt ready: whisper %s on %s/%s, denoise %s, capacity %d",
                  ",".join(s.whisper.models), self.models.whisper.device,

@@ -3,7 +3,9 @@
 Kokoro-82M (int8 ONNX via kokoro-onnx by default, see :mod:`node.tts.engine`) speaks queued texts
 as 48 kHz PCM16 frames of 20 ms at real-time pace, with barge-in (``clear``), session extension,
 per-message voice/language/speed, voice blends, named contexts and approximate word timestamps.
-The heartbeat load is the number of live streams. See ``node/tts/README.md``.
+The heartbeat load is the number of live streams; the capacity is measured at start
+(:func:`stream_cost`, cached per machine and model) and bounded by the config's. At capacity a new
+socket is refused with ``server_full``. See ``node/tts/README.md``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,21 @@ from node.tts.usage import Sessions
 
 log = logging.getLogger("node.tts")
 
+# ~6 s of speech: long enough that the fixed cost of a call weighs as it does in a stream
+CALIBRATION_TEXT = ("I have looked at your account, and everything seems to be in order. "
+                    "Your last payment arrived on the fifth, and the next one is due soon.")
+
+
+def stream_cost(engine: Engine, spec: VoiceSpec) -> float:
+    """Core-seconds of CPU per second of speech, synthesized as under load (one thread per
+    inference, the scheduler's choice when streams share the node): the cost of one real-time
+    stream. Blocking; process CPU time, so threads the engine spawns are counted too."""
+    engine.synthesize("Warm up.", spec, 1.0, threads=1)
+    c0 = time.process_time()
+    audio = engine.synthesize(CALIBRATION_TEXT, spec, 1.0, threads=1)
+    cpu = time.process_time() - c0
+    return cpu / max(len(audio) / engine.sample_rate, 1e-3)
+
 
 class TtsRole:
     name = "tts"
@@ -33,6 +50,7 @@ class TtsRole:
         self.settings: TtsSettings = load_settings(context.settings)
         self._engine = engine
         self.scheduler = Scheduler(self.settings.workers)
+        self._capacity = context.capacity  # until start() measured it
         self.streams: set = set()
         usage_file = f"tts-usage-{context.node_key[:8]}.sqlite"
         self.sessions = Sessions(context.outbox,
@@ -55,7 +73,7 @@ class TtsRole:
 
     @property
     def capacity(self) -> int:
-        return self.context.capacity
+        return self._capacity
 
     def routes(self, app: web.Application) -> None:
         app.router.add_get("/v1/stream", self._stream)
@@ -68,9 +86,12 @@ class TtsRole:
             t0 = time.monotonic()
             self._engine = await loop.run_in_executor(None, self._load_engine)
             log.info("tts engine %s loaded in %.1f s", s.engine, time.monotonic() - t0)
+        spec = VoiceSpec.parse(self.settings.voice, self.settings.lang_code)
         if self.settings.warmup:
-            spec = VoiceSpec.parse(self.settings.voice, self.settings.lang_code)
             await loop.run_in_executor(None, self.engine.synthesize, "Ready.", spec, 1.0)
+        model = f"{self.engine.name}:{self.settings.provider}:{spec.label}"
+        self._capacity = await self.context.measured_capacity(
+            model, lambda: stream_cost(self.engine, spec))
         self.scheduler.start()
         self._usage_task = asyncio.create_task(self._usage_loop())
 

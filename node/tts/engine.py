@@ -98,8 +98,10 @@ class Engine(Protocol):
     def phoneme_length(self, text: str, lang_code: str) -> int:
         """How long ``text`` is in the unit the model's context is measured in."""
 
-    def synthesize(self, text: str, voice: VoiceSpec, speed: float) -> np.ndarray:
-        """Blocking: float32 mono audio at ``sample_rate`` for one segment, edge silence trimmed."""
+    def synthesize(self, text: str, voice: VoiceSpec, speed: float,
+                   threads: int | None = None) -> np.ndarray:
+        """Blocking: float32 mono audio at ``sample_rate`` for one segment, edge silence trimmed.
+        ``threads``: a hint from the scheduler (1 under load); engines may ignore it."""
 
     def word_weights(self, text: str, lang_code: str) -> list[tuple[str, float]] | None:
         """Words of ``text`` with relative durations, for approximate alignment; None if unknown."""
@@ -124,11 +126,6 @@ class KokoroOnnxEngine:
         # phonemizer warns on every word-count mismatch (we fall back to characters for those)
         logging.getLogger("phonemizer").setLevel(logging.ERROR)
 
-        opts = rt.SessionOptions()
-        opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
-        opts.inter_op_num_threads = 1
-        # busy-waiting worker threads burn the cores other streams (and processes) need
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         available = rt.get_available_providers()
         if provider == "auto":
             providers = [p for p in ("CUDAExecutionProvider",) if p in available]
@@ -138,9 +135,25 @@ class KokoroOnnxEngine:
                 raise EngineUnavailable(f"onnxruntime provider {provider!r} is not available here "
                                         f"(have {', '.join(available)})")
             providers = [provider]
-        session = rt.InferenceSession(str(files.model), sess_options=opts, providers=providers)
-        self.providers = session.get_providers()
-        self._k = Kokoro.from_session(session, str(files.voices))
+
+        def session(n: int) -> rt.InferenceSession:
+            opts = rt.SessionOptions()
+            opts.intra_op_num_threads = n
+            opts.inter_op_num_threads = 1
+            # busy-waiting worker threads burn the cores other streams (and processes) need
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+            return rt.InferenceSession(str(files.model), sess_options=opts, providers=providers)
+
+        # Two sessions over the same weights: a wide one (every core on one inference: the
+        # lowest latency, for a lone request such as a new stream's first clause) and a narrow
+        # one (one thread: under load, one inference per core in parallel gives more audio per
+        # core-second than every core on each inference in turn).
+        self.threads = threads or (os.cpu_count() or 1)
+        wide = session(self.threads)
+        self.providers = wide.get_providers()
+        self._k = Kokoro.from_session(wide, str(files.voices))
+        self._narrow = (Kokoro.from_session(session(1), str(files.voices))
+                        if self.threads > 1 else self._k)
         self._voices = {n: np.asarray(self._k.voices[n], dtype=np.float32) for n in self._k.voices}
         self._blends: dict[tuple[str, ...], np.ndarray] = {}
         self._lock = threading.Lock()
@@ -172,18 +185,22 @@ class KokoroOnnxEngine:
     def phoneme_length(self, text: str, lang_code: str) -> int:
         return len(self.phonemize(text, lang_code))
 
-    def synthesize(self, text: str, voice: VoiceSpec, speed: float) -> np.ndarray:
+    def synthesize(self, text: str, voice: VoiceSpec, speed: float,
+                   threads: int | None = None) -> np.ndarray:
+        """``threads=1``: the narrow session (one inference per core under load); otherwise
+        the wide one (all of ``self.threads`` on this inference)."""
         from kokoro_onnx.chunker import split_phonemes
 
         phonemes = self.phonemize(text, voice.lang_code)
         if not phonemes:
             return np.zeros(0, dtype=np.float32)
         style = self._style(voice)
+        model = self._narrow if threads == 1 else self._k
         parts = []
         t0 = time.perf_counter()
         batches = split_phonemes(phonemes, MAX_PHONEMES)
         for batch in batches:
-            audio, _ = self._k._create_batch(batch, style, speed, True, 0.0)
+            audio, _ = model._create_batch(batch, style, speed, True, 0.0)
             parts.append(np.asarray(audio, dtype=np.float32))
         fixed, per_char, _ = DEFAULT_COST
         ratio = (time.perf_counter() - t0) / (fixed * len(batches) + per_char * len(text))
@@ -239,7 +256,8 @@ class KokoroTorchEngine:
     def phoneme_length(self, text: str, lang_code: str) -> int:
         return len(text)
 
-    def synthesize(self, text: str, voice: VoiceSpec, speed: float) -> np.ndarray:
+    def synthesize(self, text: str, voice: VoiceSpec, speed: float,
+                   threads: int | None = None) -> np.ndarray:
         pipe = self._pipeline(voice.lang_code)
         parts = [np.asarray(r.audio, dtype=np.float32)
                  for r in pipe(text, voice=voice.label, speed=speed) if r.audio is not None]
@@ -261,7 +279,8 @@ class MlxEngine(KokoroTorchEngine):
             raise EngineUnavailable("engine 'mlx' needs Apple silicon and `pip install mlx-audio`") from exc
         self._mlx = load_model(repo_id)
 
-    def synthesize(self, text: str, voice: VoiceSpec, speed: float) -> np.ndarray:
+    def synthesize(self, text: str, voice: VoiceSpec, speed: float,
+                   threads: int | None = None) -> np.ndarray:
         parts = [np.asarray(r.audio, dtype=np.float32) for r in
                  self._mlx.generate(text=text, voice=voice.label, speed=speed,
                                     lang_code=voice.lang_code)]

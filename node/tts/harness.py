@@ -26,10 +26,13 @@ class RoleServer:
     """The TTS role on a real HTTP server in a thread with its own loop (shared by a module)."""
 
     def __init__(self, engine, issuer: Keypair, state: Path, settings: dict | None = None,
-                 capacity: int = 8) -> None:
+                 capacity: int = 8, calibrate: bool = False) -> None:
+        """``calibrate``: measure the capacity at start as a node does (``capacity`` is then the
+        upper bound); off by default so tests that open several sockets get ``capacity``."""
         self.engine, self.issuer, self.state = engine, issuer, state
         self.settings = settings or {}
         self.capacity = capacity
+        self.calibrate = calibrate
         self.port = 0  # the port the system picked, once the server is up
         self.node_key = Keypair()  # the node's key: its tokens carry it as their audience
         self._ready = threading.Event()
@@ -61,7 +64,7 @@ class RoleServer:
         context = RoleContext(role="tts", settings=self.settings, keypair=node_key,
                               verifier=TokenVerifier(issuers, "tts"), public_url="",
                               capacity=self.capacity, gateway_url=None, state_dir=self.state,
-                              outbox=self.outbox)
+                              outbox=self.outbox, calibrate=self.calibrate)
         self.role = TtsRole(context, engine=self.engine)
         app = web.Application()
         self.role.routes(app)

@@ -3,6 +3,13 @@
 Every stream on the node asks for its next segment with the time its listener's audio runs out;
 the workers take the most urgent job first, so a new stream's first clause overtakes a long text
 that is already seconds ahead, and no stream starves while another is comfortably buffered.
+
+There is one worker per core, and each job is told how many threads to use: a job that runs
+alone (nothing else queued or running) gets every core (``threads=None``: the lowest latency,
+e.g. the first clause of the only stream), a job that shares the node gets one thread
+(``threads=1``), so under load every core runs its own inference: on 2 cores that gave more
+audio per core-second than both cores on each inference in turn, which is what lets two streams
+play without gaps.
 """
 
 from __future__ import annotations
@@ -15,18 +22,22 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from node.capacity import usable_cores
+
 
 class Scheduler:
-    def __init__(self, workers: int = 1) -> None:
-        self.workers = workers
-        self._heap: list[tuple[float, int, Callable[[], Any], asyncio.Future[Any]]] = []
+    def __init__(self, workers: int = 0) -> None:
+        """``workers``: inferences at once; 0 = one per core this process may use."""
+        self.workers = workers or usable_cores()
+        self._heap: list[tuple[float, int, Callable[[int | None], Any], asyncio.Future[Any]]] = []
         self._seq = itertools.count()
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tts-synth")
+        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="tts-synth")
         self.busy_seconds = 0.0
         self.jobs = 0
         self.running = 0
+        self.wide_jobs = 0  # jobs that ran alone on every core
 
     def start(self) -> None:
         self._wake = asyncio.Event()
@@ -48,8 +59,9 @@ class Scheduler:
         while self.running or self._heap:
             await asyncio.sleep(0.01)
 
-    async def run(self, fn: Callable[[], Any], deadline: float) -> Any:
-        """Run blocking ``fn`` on a worker thread; more urgent (earlier) deadlines go first.
+    async def run(self, fn: Callable[[int | None], Any], deadline: float) -> Any:
+        """Run blocking ``fn(threads)`` on a worker thread; more urgent (earlier) deadlines go
+        first. ``threads`` is None when the job runs alone (use every core), else 1.
 
         Cancelling the caller drops a queued job; a job already running finishes on its thread and
         its result is discarded.
@@ -71,9 +83,12 @@ class Scheduler:
             if fut.cancelled():
                 continue
             t0 = time.monotonic()
+            alone = self.running == 0 and not self._heap
+            threads = None if alone or self.workers == 1 else 1
+            self.wide_jobs += threads is None
             self.running += 1
             try:
-                result = await loop.run_in_executor(self._pool, fn)
+                result = await loop.run_in_executor(self._pool, fn, threads)
             except Exception as exc:  # handed to the stream that asked
                 if not fut.done():
                     fut.set_exception(exc)

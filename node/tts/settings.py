@@ -16,9 +16,12 @@ class TtsSettings(BaseModel):
     engine: Literal["kokoro-onnx", "kokoro", "mlx"] = "kokoro-onnx"
     model_dir: Path | None = Field(default=None, description="cache for the assembled Kokoro files")
     provider: str = Field(default="auto", description="onnxruntime provider, or auto (CUDA if present)")
-    threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads; 0 = all cores")
+    threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads of a job that "
+                                                      "runs alone; 0 = all cores (jobs that share "
+                                                      "the node use one each)")
     spin: bool = Field(default=False, description="let onnxruntime threads busy-wait")
-    workers: int = Field(default=1, ge=1, le=64, description="segments synthesized at once")
+    workers: int = Field(default=0, ge=0, le=64,
+                         description="segments synthesized at once; 0 = one per core")
     voice: str = "af_heart"
     lang_code: str | None = None
     speed: float = Field(default=1.0, ge=0.5, le=2.0)

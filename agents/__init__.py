@@ -15,10 +15,20 @@ from agents.llm import EmbeddedLLM, OpenAICompatibleLLM
 from agents.network_stt import NetworkSTT
 from agents.network_tts import NetworkTTS
 from agents.pipeline import Pipeline, PipelineConfig
-from agents.plugins import (LLM, STT, TTS, ChatMessage, LLMError, SpeechAudio, SpeechEvent,
-                            WordTiming)
+from agents.plugins import (
+    LLM,
+    STT,
+    TTS,
+    ChatMessage,
+    LLMError,
+    SpeechAudio,
+    SpeechEvent,
+    WordTiming,
+)
 from agents.room import AgentRoom
 
-__all__ = ["VoiceAgent", "Pipeline", "PipelineConfig", "STT", "LLM", "TTS", "ChatMessage",
-           "LLMError", "SpeechAudio", "SpeechEvent", "WordTiming", "NetworkSTT", "NetworkTTS",
-           "AgentRoom", "OpenAICompatibleLLM", "EmbeddedLLM", "text"]
+__all__ = [
+    "LLM", "STT", "TTS", "AgentRoom", "ChatMessage", "EmbeddedLLM", "LLMError", "NetworkSTT",
+    "NetworkTTS", "OpenAICompatibleLLM", "Pipeline", "PipelineConfig", "SpeechAudio",
+    "SpeechEvent", "VoiceAgent", "WordTiming", "text",
+]

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 from datetime import datetime
-from typing import Any
+from typing import Any, Self
 
 from agents.pipeline import Chunker, Pipeline, PipelineConfig
 from agents.plugins import LLM, STT, TTS, SpeechEvent
@@ -231,7 +231,7 @@ class VoiceAgent:
             await self.room.aclose()
         log.info("agent %r left; the bundle settles with the nodes' last reports", self.identity)
 
-    async def __aenter__(self) -> "VoiceAgent":
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -243,7 +243,7 @@ class VoiceAgent:
     async def _await_caller(self) -> None:
         try:
             await asyncio.wait_for(self._joined.wait(), self.join_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("no caller joined room %r within %.0f s; ending the session",
                         self.room_name or "", self.join_timeout)
             self.ended.set()
@@ -303,7 +303,7 @@ def _seconds_left(expires_at: str | None) -> float | None:
     if not expires_at:
         return None
     try:
-        when = datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
+        when = datetime.fromisoformat(expires_at)
     except ValueError:
         return None
     return when.timestamp() - time.time()

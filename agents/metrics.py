@@ -45,6 +45,7 @@ class TurnMetrics:
     tts_first_audio_ms: float | None = None
     voice_to_voice_ms: float | None = None
     barge_in_stop_ms: float | None = None
+    stopped_at: float | None = None  # monotonic time the agent's audio was flushed (barge-in)
 
     def latency(self) -> dict[str, float | None]:
         """The figures alone, for the ``transcript`` data message."""

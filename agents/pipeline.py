@@ -33,8 +33,19 @@ from typing import Any, Protocol
 
 from agents import metrics
 from agents.metrics import TurnMetrics
-from agents.plugins import (LLM, STT, TTS, TTS_SAMPLE_RATE, ChatMessage, LLMError, SpeechAudio,
-                            SpeechEvent, STTStream, TTSStream, WordTiming)
+from agents.plugins import (
+    LLM,
+    STT,
+    TTS,
+    TTS_SAMPLE_RATE,
+    ChatMessage,
+    LLMError,
+    SpeechAudio,
+    SpeechEvent,
+    STTStream,
+    TTSStream,
+    WordTiming,
+)
 
 log = logging.getLogger("agents.pipeline")
 
@@ -307,7 +318,7 @@ class Pipeline:
                 await caller.stream.push(pcm)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (any failure: logged, the conversation goes on)
             log.warning("audio from %s stopped reaching STT: %s", caller.identity, exc)
 
     async def _listen(self, caller: _Caller) -> None:
@@ -322,7 +333,7 @@ class Pipeline:
                     log.exception("event %r from %s's STT stream failed", event, caller.identity)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (any failure: logged, the conversation goes on)
             log.warning("STT stream of %s ended: %s", caller.identity, exc)
         if caller.identity in self.callers and not self._closed:
             log.warning("STT stream of %s ended; its speech is no longer heard",
@@ -348,7 +359,7 @@ class Pipeline:
             if event.text.strip():
                 await self._send_transcript(caller.identity, event.text, final=False)
             if self.speaking and not self._backchannel(event.text):
-                await self.interrupt(f"{caller.identity} said {event.text!r}")
+                await self.interrupt(f"{caller.identity} said {event.text!r}", now)
         elif event.type == "final":
             await self._on_final(caller, event, now)
         elif event.type == "expiring":
@@ -366,7 +377,7 @@ class Pipeline:
                      caller.identity, text)
             return
         if self.speaking:
-            await self.interrupt(f"{caller.identity} said {text!r}")
+            await self.interrupt(f"{caller.identity} said {text!r}", now)
         caller.texts.append(text)
         caller.final_at = now
         await self._send_transcript(caller.identity, text, final=True)
@@ -379,7 +390,8 @@ class Pipeline:
     async def _interrupt_after(self, caller: _Caller) -> None:
         await asyncio.sleep(self.config.min_interruption)
         if caller.speaking and self.speaking:
-            await self.interrupt(f"{caller.identity} spoke for {self.config.min_interruption} s")
+            await self.interrupt(f"{caller.identity} spoke for {self.config.min_interruption} s",
+                                 time.monotonic())
 
     def _schedule_commit(self, caller: _Caller) -> None:
         _cancel(caller.commit)
@@ -407,7 +419,7 @@ class Pipeline:
         if wait_ready:
             try:
                 await asyncio.wait_for(self.ready.wait(), self.config.ready_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("no caller got ready within %.0f s; saying %r anyway",
                             self.config.ready_timeout, text)
         answer = _Answer(TurnMetrics(self.config.agent_identity, ""), None, text=text)
@@ -428,32 +440,34 @@ class Pipeline:
             self._answer = answer
             answer.task = asyncio.create_task(self._run(answer), name="agent-answer")
 
-    async def interrupt(self, why: str) -> None:
-        """Barge-in: stop the current answer now (flush the room, clear the TTS)."""
+    async def interrupt(self, why: str, detected_at: float | None = None) -> None:
+        """Barge-in: stop the current answer now (flush the room, clear the TTS).
+        ``detected_at``: when the speech was detected (monotonic), for ``barge_in_stop_ms``."""
         async with self._lock:
             answer = self._answer
             if answer is not None:
                 log.info("barge-in: %s", why)
-                await self._stop(answer)
+                await self._stop(answer, detected_at)
 
-    async def _stop(self, answer: _Answer) -> None:
+    async def _stop(self, answer: _Answer, detected_at: float | None = None) -> None:
         """Flush first (what the caller hears stops at once), then cancel and clear the TTS,
         then record what was heard: ``interrupted``, or ``replaced`` when none of it was heard
         (the caller went on before the answer began). Called with the lock held."""
-        t0 = time.monotonic()
+        t0 = detected_at if detected_at is not None else time.monotonic()
         outcome = "interrupted" if answer.anything_played(self.output) else "replaced"
         self._answer = None
         for n in answer.pieces:
             self._pieces.pop(n, None)
         self.output.flush()
-        answer.turn.barge_in_stop_ms = (time.monotonic() - t0) * 1000
+        answer.turn.stopped_at = time.monotonic()
+        answer.turn.barge_in_stop_ms = (answer.turn.stopped_at - t0) * 1000
         if answer.task is not None and answer.task is not asyncio.current_task():
             answer.task.cancel()
             await asyncio.gather(answer.task, return_exceptions=True)
         if self.voice is not None:
             try:
                 await asyncio.wait_for(self.voice.clear(), 5)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001  (any failure: logged, the conversation goes on)
                 log.warning("TTS clear failed (%s); old audio is dropped by piece", exc)
         self.output.flush()  # a frame the voice reader was handing over as we stopped
         await self._finish(answer, outcome)
@@ -462,7 +476,7 @@ class Pipeline:
         heard = answer.heard(self.output)
         answer.turn.answer, answer.turn.outcome = heard, outcome
         if outcome == "answered":
-            answer.turn.barge_in_stop_ms = None
+            answer.turn.barge_in_stop_ms = answer.turn.stopped_at = None
         if heard:
             self.context.add(ChatMessage("assistant", heard))
         if answer.question is not None or heard:
@@ -489,7 +503,7 @@ class Pipeline:
             outcome = "llm_error"
             log.warning("LLM failed, the turn of %s gets no (further) answer: %s",
                         answer.turn.who, exc)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             outcome = "llm_timeout"
             log.warning("LLM gave no token for %.0f s, the turn of %s is dropped",
                         self.config.llm_timeout, answer.turn.who)
@@ -564,7 +578,7 @@ class Pipeline:
                     await self.output.play(chunk)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (any failure: logged, the conversation goes on)
             log.warning("the agent's voice (TTS stream) failed: %s", exc)
         if not self._closed:
             log.warning("the agent's voice (TTS stream) ended; answers can no longer be heard")
@@ -592,7 +606,7 @@ class Pipeline:
         try:
             await self.transcript({"who": who, "text": text, "final": final,
                                    "latency": latency or {}})
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (any failure: logged, the conversation goes on)
             log.warning("transcript message not sent: %s", exc)
 
 

@@ -21,10 +21,10 @@ import soxr
 
 from agents import NetworkSTT, VoiceAgent
 from agents.pipeline import PipelineConfig
-from agents.plugins import ChatMessage, SpeechEvent
+from agents.plugins import ChatMessage
 from gateway.client import AgentSession, DualWebrtc, GatewayClient
 from tests.support.agents_caller import Caller
-from tests.support.agents_network import Network, network  # noqa: F401  (module fixture)
+from tests.support.agents_network import Network  # the `network` fixture: a conftest plugin
 from tests.support.speech import pcm16, silence, speak, word_errors
 
 pytestmark = pytest.mark.timeout(420)
@@ -193,7 +193,7 @@ async def test_barge_in_stops_the_agent_and_a_backchannel_does_not(network: Netw
         await asyncio.sleep(1.5)
         await caller.say(speak("Mhm."))
         await answered(agent, 1, timeout=90)
-        first = [t for t in pipeline.turns if t.who == "caller"][0]
+        first = next(t for t in pipeline.turns if t.who == "caller")
         assert first.outcome == "answered"
         assert pipeline.history[1] == ChatMessage("assistant", ANSWERS["history"])
 

@@ -13,12 +13,20 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Self
 
 import numpy as np
 import pytest
 
 from agents.pipeline import ChatContext, Pipeline, PipelineConfig, approx_tokens, is_backchannel
-from agents.plugins import TTS_SAMPLE_RATE, ChatMessage, LLMError, SpeechAudio, SpeechEvent, WordTiming
+from agents.plugins import (
+    TTS_SAMPLE_RATE,
+    ChatMessage,
+    LLMError,
+    SpeechAudio,
+    SpeechEvent,
+    WordTiming,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -202,7 +210,7 @@ class Setup:
     async def _transcript(self, message: dict[str, object]) -> None:
         self.transcripts.append(message)
 
-    async def __aenter__(self) -> "Setup":
+    async def __aenter__(self) -> Self:
         await self.pipeline.start()
         return self
 

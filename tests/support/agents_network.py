@@ -146,7 +146,10 @@ class Network:
         config = {
             "role": role, "keypair": str(self.tmp / f"{role}.json"), "rpc_url": self.chain.url,
             "listen_port": port, "public_url": f"http://127.0.0.1:{port}",
-            "location": self.where, "capacity": 8, "heartbeat_interval": 0.5,
+            # A typed capacity: these tests are about conversations, not about what this machine
+            # can hold (calibration is tested in test_node_capacity and the roles' tests), and
+            # a test's session must not wait for the previous one's load to reach the chain.
+            "location": self.where, "capacity": 8, "calibrate": False, "heartbeat_interval": 0.5,
             "drain_timeout": 1, "issuer_cache_seconds": 1,
             "state_dir": str(self.tmp / f"state-{role}"), "gateway_url": self.gateway_url,
             **_role_settings(role),

@@ -134,10 +134,13 @@ def chunk(text: str, finish: str | None = None) -> bytes:
 
 async def failure(llm: OpenAICompatibleLLM, messages: list[ChatMessage] = QUESTION) -> str:
     """The LLMError message of a chat that must fail, bounded so a hang fails the test."""
-    with pytest.raises(LLMError) as error:
-        async with asyncio.timeout(30):
-            async for _ in llm.chat(messages):
-                pass
+    try:
+        with pytest.raises(LLMError) as error:
+            async with asyncio.timeout(30):
+                async for _ in llm.chat(messages):
+                    pass
+    finally:
+        await llm.aclose()
     return str(error.value)
 
 
@@ -154,18 +157,6 @@ async def test_streams_an_answer_from_llama_cpp_server(llama_server: str) -> Non
           f"{deltas / seconds:.1f} deltas/s: {text!r}")
     assert text.strip()
     assert deltas > 1  # streamed, not one block
-
-
-async def test_a_speaker_name_reaches_the_model(llama_server: str) -> None:
-    llm = OpenAICompatibleLLM(llama_server, "smollm2", timeout=60,
-                              options={"max_tokens": 20, "temperature": 0})
-    messages = [ChatMessage("system", "Repeat the user's message exactly, nothing else."),
-                ChatMessage("user", "hello there", name="Ana")]
-    try:
-        text, *_ = await timed(llm.chat(messages))
-    finally:
-        await llm.aclose()
-    assert "Ana" in text, text
 
 
 async def test_stopping_mid_answer_closes_the_connection(llama_server: str) -> None:
@@ -189,8 +180,7 @@ async def test_stopping_mid_answer_closes_the_connection(llama_server: str) -> N
         with contextlib.suppress(asyncio.CancelledError):
             await task
         assert await wait_closed(port) == 0
-        text, *_ = await timed(OpenAICompatibleLLM(llama_server, "smollm2", timeout=60,
-                                                   options={"max_tokens": 10}).chat(QUESTION))
+        text, *_ = await timed(llm.chat(QUESTION))
         assert text.strip()  # the server is fine after the disconnects
     finally:
         await llm.aclose()
@@ -394,7 +384,7 @@ async def test_embedded_model_errors_become_llm_errors(tmp_path: Path) -> None:
     broken.write_bytes(b"GGUF" + b"\0" * 64)
     llm = EmbeddedLLM(broken)
     try:
-        with pytest.raises((LLMError, ValueError)) as error:
+        with pytest.raises(LLMError, match="cannot load .*broken.gguf") as error:
             async with asyncio.timeout(60):
                 async for _ in llm.chat(QUESTION):
                     pass

@@ -160,8 +160,14 @@ class EmbeddedLLM:
         except ImportError as e:
             raise LLMError(f"the embedded LLM needs llama-cpp-python ({e}): {_INSTALL_HINT}") from e
         started = time.perf_counter()
-        llama = Llama(str(self.model_path), n_ctx=self.n_ctx, n_threads=self.n_threads,
-                      verbose=False)
+        try:
+            llama = Llama(str(self.model_path), n_ctx=self.n_ctx, n_threads=self.n_threads,
+                          verbose=False)
+        except (ValueError, OSError, RuntimeError) as e:
+            error = LLMError(f"cannot load {str(self.model_path)!r} ({e}): is it a complete chat "
+                             "GGUF? Leave model_path out for the bundled SmolLM2")
+            log.warning("LLM: %s", error)
+            raise error from e
         log.info("LLM: loaded %s in %.2f s (%d threads, context %d tokens)",
                  self.model_path.name, time.perf_counter() - started, self.n_threads, self.n_ctx)
         return llama

@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/agent.py [--turns 20] [--barge-ins 6] [--skip-embedded]
 
+(``--turns 0`` measures barge-ins only.)
+
 Starts the whole network on loopback as processes (a localnet with the registry, the gateway,
 an SFU, an STT node with Whisper tiny.en and a TTS node with Kokoro: tests/support/
 agents_network.py), runs a ``VoiceAgent`` on a bought agent-session bundle, and a caller on the
@@ -89,6 +91,21 @@ def voiced_end(audio16k: np.ndarray, level: float = 0.02) -> float:
     """Seconds of trailing quiet after the last voiced sample of a clip."""
     loud = np.nonzero(np.abs(audio16k) > level)[0]
     return (len(audio16k) - (loud[-1] + 1 if len(loud) else 0)) / 16000
+
+
+def silent_after(caller: Caller, since: float, gap: float = 0.4) -> float:
+    """Seconds from ``since`` to the last audible frame the caller received before ``gap``
+    seconds without any (the cut answer; the next answer starts only after the interrupting
+    speech and its end-of-utterance silence)."""
+    last = since
+    for t, c in caller.heard:
+        if t < since:
+            continue
+        if t - last > gap:
+            break
+        if np.sqrt(np.mean(c.astype(float) ** 2)) > 500:
+            last = t
+    return last - since
 
 
 def pct(values: list[float], q: float) -> float:
@@ -223,9 +240,7 @@ async def barge_in_run(net: Network, count: int, questions: dict[str, np.ndarray
                 detected = cut.stopped_at - cut.barge_in_stop_ms / 1000
                 agent_stop.append(cut.barge_in_stop_ms)
                 onset.append((detected - talk_from) * 1000)
-                audible = [t for t, c in caller.heard if detected <= t < detected + 3
-                           and np.sqrt(np.mean(c.astype(float) ** 2)) > 500]
-                caller_stop.append((audible[-1] - detected) * 1000 if audible else 0.0)
+                caller_stop.append(silent_after(caller, detected) * 1000)
             print(f"    {i + 1}. {cut.outcome}: detected -> flushed "
                   f"{cut.barge_in_stop_ms and round(cut.barge_in_stop_ms, 1)} ms; heard "
                   f"{cut.answer[:50]!r}...", flush=True)
@@ -233,7 +248,7 @@ async def barge_in_run(net: Network, count: int, questions: dict[str, np.ndarray
     print(f"\nbarge-in: {len(agent_stop)} of {count} interruptions stopped the agent")
     print(row("caller talks -> speech detected", onset))
     print(row("speech detected -> audio flushed", agent_stop))
-    print(row("detected -> last agent audio at caller", caller_stop))
+    print(row("detected -> agent silent at caller", caller_stop))
     print(flush=True)
 
 
@@ -258,9 +273,10 @@ def chain_in(tmp: Path) -> tuple[Chain, Any]:
 async def bench(net: Network, args: argparse.Namespace) -> None:
     questions = {q: speak(q) for q in QUESTIONS}
     print(f"network up; {args.turns} turns per LLM, {args.barge_ins} barge-ins\n", flush=True)
-    print("instant LLM (answers at once):", flush=True)
-    await latency_run(net, InstantLLM(INSTANT_ANSWER), args.turns, "instant LLM", questions)
-    if not args.skip_embedded:
+    if args.turns:
+        print("instant LLM (answers at once):", flush=True)
+        await latency_run(net, InstantLLM(INSTANT_ANSWER), args.turns, "instant LLM", questions)
+    if args.turns and not args.skip_embedded:
         from agents.llm import EmbeddedLLM
 
         llm = EmbeddedLLM(max_tokens=60)

@@ -227,12 +227,12 @@ class Setup:
         mic.emit("speech_end")
         mic.emit("final", text)
 
-    async def answered(self, count: int, timeout: float = 15) -> None:
+    async def answered(self, count: int, timeout: float = 30) -> None:
         await until(lambda: len(self.pipeline.turns) >= count and not self.pipeline.speaking,
                     timeout, f"{count} turns")
 
     async def playing(self) -> None:
-        await until(lambda: sum(self.output.played.values()) > 0, 5, "the agent's voice")
+        await until(lambda: sum(self.output.played.values()) > 0, 10, "the agent's voice")
 
 
 async def until(predicate, timeout: float = 10, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
@@ -314,7 +314,7 @@ async def test_barge_in_keeps_only_the_words_played_and_answers_the_new_turn() -
         await asyncio.sleep(1.0)
         mic.emit("speech_start")
         mic.emit("interim", "Wait, how much")
-        await until(lambda: s.output.flushes >= 1, 2, "the flush")
+        await until(lambda: s.output.flushes >= 1, 10, "the flush")
         played = {n: s.output.played_samples(n) for n in range(len(s.tts.streams[0].pieces))}
         mic.emit("speech_end")
         mic.emit("final", "Wait, how much are tickets?")
@@ -364,7 +364,7 @@ async def test_long_speech_without_words_yet_interrupts() -> None:
         s.ask(mic, "Tell me about the museum.")
         await s.playing()
         mic.emit("speech_start")
-        await until(lambda: s.output.flushes >= 1, 3, "the interruption")
+        await until(lambda: s.output.flushes >= 1, 10, "the interruption")
         assert not s.pipeline.speaking
         mic.emit("speech_end")
         mic.emit("final", "Sorry, one question.")

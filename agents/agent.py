@@ -162,6 +162,12 @@ class VoiceAgent:
         if self.auto_extend:
             self._tasks.append(asyncio.create_task(self.extend(f"{service} session expiring")))
 
+    async def _on_characters(self, left: int, needed: int) -> None:
+        """Before each piece: extend first when it would leave fewer than ``min_characters``
+        (a piece past the limit would be refused by the node, a gap in the answer)."""
+        if self.auto_extend and left - needed < self.min_characters:
+            await self.extend(f"{left} TTS characters left, {needed} needed")
+
     async def _watch_session(self) -> None:
         """Extend before ``expires_at`` and before the TTS characters run out."""
         while True:
@@ -197,7 +203,8 @@ class VoiceAgent:
         await self.room.connect(self.agent_grant.ws_url, self.agent_grant.token)
         self.pipeline = Pipeline(self._stt, self.llm, self._tts, self.room, self.config,
                                  transcript=self._send_transcript, on_expiring=self._on_expiring,
-                                 on_lost=self._on_lost, chunker=self.chunker)
+                                 on_lost=self._on_lost, chunker=self.chunker,
+                                 on_characters=self._on_characters)
         await self.pipeline.start()
         self._tasks += [asyncio.create_task(self._follow_room(), name="agent-room"),
                         asyncio.create_task(self._await_caller(), name="agent-join")]

@@ -220,7 +220,8 @@ class Pipeline:
                  transcript: Transcript | None = None,
                  on_expiring: Callable[[str, SpeechEvent], Awaitable[None]] | None = None,
                  on_turn: Callable[[TurnMetrics], None] | None = None,
-                 on_lost: Callable[[str], None] | None = None) -> None:
+                 on_lost: Callable[[str], None] | None = None,
+                 on_characters: Callable[[int, int], Awaitable[None]] | None = None) -> None:
         self.stt, self.llm, self.tts, self.output = stt, llm, tts, output
         self.config = config or PipelineConfig()
         self.context = ChatContext(self.config.instructions, self.config.history_tokens)
@@ -229,6 +230,7 @@ class Pipeline:
         self.on_expiring = on_expiring
         self.on_turn = on_turn
         self.on_lost = on_lost  # an STT or TTS stream ended for good (its node went away)
+        self.on_characters = on_characters  # (left, needed) before each piece: extend in time
         self.ready = asyncio.Event()  # the caller hears the agent's track (say() waits for it)
         self.turns: list[TurnMetrics] = []
         self.callers: dict[str, _Caller] = {}
@@ -543,6 +545,9 @@ class Pipeline:
             async for text in pieces:
                 if not text.strip():
                     continue
+                left = self.voice.characters_left
+                if left is not None and self.on_characters is not None:
+                    await self.on_characters(left, len(text))
                 if answer.first_say is None:
                     answer.first_say = time.monotonic()
                 n = await self.voice.say(text)

@@ -278,6 +278,27 @@ async def test_extension_a_stalled_llm_and_the_caller_leaving(
         await gw.close()
 
 
+async def test_the_bundle_is_extended_before_the_tts_characters_run_out(
+        network: Network) -> None:
+    question = speak("Tell me about the history of the museum.")
+    agent, caller, gw = await start(network, ScriptedLLM(), tts_max_characters=150,
+                                    min_characters=100, extend_characters=1000)
+    try:
+        pipeline = agent.pipeline
+        assert pipeline is not None and pipeline.voice is not None
+        assert pipeline.voice.characters_left == 150
+        await caller.say(question, tail_silence=0.2)
+        await answered(agent, 1)
+        assert len(ANSWERS["history"]) > 150
+        assert pipeline.history[-1] == ChatMessage("assistant", ANSWERS["history"])
+        assert agent.extensions >= 1
+        assert pipeline.voice.limit_characters == 150 + 1000 * agent.extensions  # type: ignore[attr-defined]
+    finally:
+        await caller.leave()
+        await agent.aclose()
+        await gw.close()
+
+
 async def test_the_caller_leaving_settles_the_whole_bundle(network: Network) -> None:
     question = speak("How much are the tickets?")
     agent, caller, gw = await start(network, ScriptedLLM(), minutes=0.5, auto_extend=False)

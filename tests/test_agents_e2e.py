@@ -359,3 +359,28 @@ async def test_the_agent_command_prints_the_grant_and_talks_with_the_embedded_ll
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_a_tts_node_gone_mid_answer_ends_the_conversation_cleanly(
+        network: Network, caplog: pytest.LogCaptureFixture) -> None:
+    """The TTS node is killed while the agent speaks: the provider's reconnects fail, the agent
+    logs why and ends (sockets closed, room left), no task hangs. The node is restarted after."""
+    caplog.set_level(logging.INFO)
+    question = speak("Tell me about the history of the museum.")
+    agent, caller, gw = await start(network, ScriptedLLM())
+    try:
+        run = asyncio.create_task(agent.run())
+        await caller.say(question, tail_silence=0.2)
+        await until(lambda: caller.first_audible(since=caller.speech_ended_at or 0) is not None,
+                    30, "the answer")
+        network.kill("tts")
+        await asyncio.wait_for(run, 60)  # ended by itself
+        assert "the TTS stream is gone after its reconnect tries; ending the conversation" \
+            in caplog.text
+        assert "TTS socket" in caplog.text and "dropped" in caplog.text
+        assert all(t.done() for t in agent._tasks)
+    finally:
+        await caller.leave()
+        await agent.aclose()
+        await gw.close()
+        network.start("tts")

@@ -48,6 +48,23 @@ def token_character_limit(session_key: str) -> int | None:
         return None
 
 
+# The interface speaks ISO 639-1 languages (what the STT side and the agent session use); the
+# node's Kokoro voices take their own one-letter codes, which pass through unchanged.
+KOKORO_LANG_CODES = {"en": "a", "en-us": "a", "en-gb": "b", "es": "e", "fr": "f", "hi": "h",
+                     "it": "i", "ja": "j", "pt": "p", "pt-br": "p", "zh": "z"}
+
+
+def kokoro_lang_code(language: str) -> str:
+    """The node's ``lang_code`` for ``language`` (``en`` -> ``a``); ValueError naming the choices."""
+    code = language.strip().lower()
+    if len(code) == 1 and code in KOKORO_LANG_CODES.values():
+        return code
+    if code in KOKORO_LANG_CODES:
+        return KOKORO_LANG_CODES[code]
+    raise ValueError(f"language {language!r} has no voice on our TTS nodes: use one of "
+                     f"{', '.join(sorted(KOKORO_LANG_CODES))}")
+
+
 class NetworkTTS:
     """TTS provider for our nodes."""
 
@@ -71,7 +88,7 @@ class NetworkTTS:
                      language: str | None = None) -> NetworkTTSStream:
         config: dict[str, Any] = {"voice": voice or self.voice}
         if language or self.lang_code:
-            config["lang_code"] = language or self.lang_code
+            config["lang_code"] = kokoro_lang_code(language or self.lang_code or "")
         if self.speed is not None:
             config["speed"] = self.speed
         stream = NetworkTTSStream(self, config)

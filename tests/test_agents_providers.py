@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from agents.network_stt import NetworkSTT, NetworkSTTStream, stream_url
-from agents.network_tts import NetworkTTS, NetworkTTSStream
+from agents.network_tts import NetworkTTS, NetworkTTSStream, kokoro_lang_code
 from agents.plugins import SpeechAudio, SpeechEvent
 from tests.support.agents_network import Network  # the `network` fixture: a conftest plugin
 from tests.support.agents_proxy import WSProxy
@@ -324,3 +324,10 @@ async def test_tts_skips_malformed_messages_and_reconnects_after_a_drop(
     assert "not JSON" in logged and "malformed 'alignment'" in logged
     assert "malformed 'generating'" in logged and "malformed 'weather'" in logged
     assert "reconnecting with the same session key (try 1 of 4" in logged
+
+
+def test_languages_map_to_the_nodes_kokoro_codes() -> None:
+    assert [kokoro_lang_code(x) for x in ("en", "EN-GB", "es", "a", "pt-BR")] == \
+        ["a", "b", "e", "a", "p"]
+    with pytest.raises(ValueError, match="'xx' has no voice"):
+        kokoro_lang_code("xx")

@@ -302,3 +302,4 @@ async def test_closing_chunks_closes_the_llm_stream() -> None:
     assert await anext(pieces_iter) == "Sure."
     await pieces_iter.aclose()
     assert closed == [True]
+

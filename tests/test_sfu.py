@@ -21,15 +21,11 @@ import jwt
 import numpy as np
 import pytest
 import pytest_asyncio
-from aiohttp.test_utils import TestServer
 from livekit import rtc as lk
 from livekit.protocol import models, rtc
 from solders.keypair import Keypair
 
-from gateway.app import create_app
 from gateway.client import GatewayClient
-from gateway.config import DefaultLocation, GatewayConfig
-from gateway.ledger import Ledger
 from node.agent import NodeAgent
 from node.config import Location, NodeConfig
 from registry.client import RegistryClient
@@ -38,6 +34,7 @@ from registry.tokens import Grant, mint_token
 from tests.support.audio import tone_hz
 from tests.conftest import Chain, free_port
 from tests.support.serving import serve
+from tests.support.sfu_net import SfuNet, sfu_and_gateway
 from tests.support.livekit_signal import RawClient
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -47,23 +44,16 @@ WHERE = {"lat": -33.87, "lon": 151.21, "country": "AU"}
 
 
 @dataclass
-class Setup:
-    chain: Chain
-    agent: NodeAgent
-    http_url: str
-    ws_url: str
-    gateway_url: str
-    ledger: Ledger
-    http: aiohttp.ClientSession
+class Setup(SfuNet):
+    """The module's SFU node and gateway, and the chain whose issuer signs test tokens."""
 
-    @property
-    def role(self) -> Any:
-        return self.agent.role
+    chain: Chain | None = None
 
     def token(self, identity: str, room: str = "lobby", ttl: int = 600,
               issuer: Keypair | None = None, session_id: str | None = None,
               now: float | None = None, node: str | None = None, **grant: Any) -> str:
         """A token for this node (``aud``), or for ``node`` (another node's key)."""
+        assert self.chain is not None
         return mint_token(issuer or self.chain.issuer, identity,
                           Grant("webrtc", room=room, **grant), ttl, session_id=session_id, now=now,
                           audience=node or str(self.agent.pubkey))
@@ -71,42 +61,8 @@ class Setup:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def sfu(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Setup]:
-    tmp = tmp_path_factory.mktemp("sfu")
-    db = f"sqlite+aiosqlite:///{tmp}/gateway.db"
-    registry = RegistryClient(chain.url)
-    ledger = Ledger(db)
-    gw_config = GatewayConfig(database_url=db, rpc_url=chain.url, registry_refresh_seconds=0.2,
-                              sweep_interval_seconds=0.5, settle_grace_seconds=0,
-                              default_location=DefaultLocation(**WHERE))
-    server = TestServer(create_app(gw_config, chain.issuer, registry.list_nodes, ledger=ledger),
-                        host="127.0.0.1")
-    await server.start_server()
-    gateway_url = str(server.make_url("")).rstrip("/")
-    port = free_port()
-    config = NodeConfig(
-        role="sfu", keypair=tmp / "sfu.json", rpc_url=chain.url, listen_port=port,
-        public_url=f"http://127.0.0.1:{port}", location=Location(**WHERE), capacity=20,
-        gateway_url=gateway_url, heartbeat_interval=0.5, drain_timeout=1,
-        issuer_cache_seconds=1, state_dir=tmp / "state",
-        sfu={"empty_timeout": 0.5, "ping_timeout": 15},
-    )
-    agent = NodeAgent(config)
-    await agent.start()
-    http = aiohttp.ClientSession()
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:  # the gateway's registry view catches up with the node
-        async with http.get(gateway_url + "/v1/servers/status") as r:
-            if (await r.json())["services"]["webrtc"]["healthy"] >= 1:
-                break
-        await asyncio.sleep(0.2)
-    try:
-        yield Setup(chain, agent, f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}",
-                    gateway_url, ledger, http)
-    finally:
-        await http.close()
-        await agent.shutdown()
-        await server.close()
-        await registry.close()
+    async with sfu_and_gateway(chain, tmp_path_factory.mktemp("sfu"), WHERE) as net:
+        yield Setup(**vars(net), chain=chain)
 
 
 async def connect(setup: Setup, token: str) -> lk.Room:

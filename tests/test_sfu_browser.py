@@ -26,14 +26,8 @@ from solders.keypair import Keypair
 from gateway.client import GatewayClient
 from tests.conftest import Chain
 from tests.support.audio import tone_hz
-from tests.support.browser import (
-    SfuNet,
-    chromium,
-    console_log,
-    page_site,
-    sfu_and_gateway,
-    write_tone_wav,
-)
+from tests.support.browser import chromium, console_log, page_site, write_tone_wav
+from tests.support.sfu_net import SfuNet, sfu_and_gateway
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

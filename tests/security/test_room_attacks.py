@@ -6,15 +6,29 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
+import pytest_asyncio
 from livekit import rtc as lk
 from solders.keypair import Keypair
 
 from gateway.client import GatewayClient
-from tests.test_sfu import Setup, get_status, sfu, wait_for  # noqa: F401 - SFU and gateway
+from tests.conftest import Chain
+from tests.support.sfu_net import SfuNet as Setup
+from tests.support.sfu_net import sfu_and_gateway
+from tests.test_sfu import get_status, wait_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+# Far from the other test nodes, so the gateway routes this module's sessions to its own node.
+WHERE = {"lat": -36.85, "lon": 174.76, "country": "NZ"}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def sfu(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Setup]:
+    async with sfu_and_gateway(chain, tmp_path_factory.mktemp("rooms"), WHERE) as net:
+        yield net
 
 
 async def wallet(setup: Setup) -> GatewayClient:

@@ -1,5 +1,5 @@
-"""A real browser for the tests: Debian's chromium driven by Playwright for Python, and an SFU
-node behind the real gateway for pages to join.
+"""A real browser for the tests: Debian's chromium driven by Playwright for Python (the SFU
+node that pages join is tests/support/sfu_net.py).
 
 Playwright cannot download browsers here, so the system chromium is launched by path; its flags
 (DESIGN.md section 9) give the page a fake microphone (a WAV file, or Chromium's beeps), let
@@ -8,28 +8,15 @@ WebRTC use loopback host candidates, and let audio play without a user gesture.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
 import wave
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import numpy as np
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from playwright.async_api import Browser, Page, async_playwright
 
-from gateway.app import create_app
-from gateway.config import DefaultLocation, GatewayConfig
-from gateway.ledger import Ledger
-from node.agent import NodeAgent
-from node.config import Location, NodeConfig
-from registry.client import RegistryClient
-from tests.conftest import Chain, free_port
 from tests.support.serving import serve
 
 CHROMIUM = "/usr/bin/chromium"
@@ -108,58 +95,3 @@ async def page_site(html: str) -> AsyncIterator[str]:
 # ---------------------------------------------------------------- an SFU behind the gateway
 
 
-@dataclass
-class SfuNet:
-    """One SFU node agent registered on the session localnet, and the gateway that routes to it."""
-
-    agent: NodeAgent
-    http_url: str
-    ws_url: str
-    gateway_url: str
-    ledger: Ledger
-    http: aiohttp.ClientSession
-
-    @property
-    def role(self) -> Any:
-        return self.agent.role
-
-
-@contextlib.asynccontextmanager
-async def sfu_and_gateway(chain: Chain, tmp: Path, where: dict[str, Any]) -> AsyncIterator[SfuNet]:
-    """The SFU role in a real node agent at ``where`` (lat, lon, country), and the real gateway
-    (SQLite ledger) placing its clients there too, so sessions are routed to this node."""
-    db = f"sqlite+aiosqlite:///{tmp}/gateway.db"
-    registry = RegistryClient(chain.url)
-    ledger = Ledger(db)
-    gw_config = GatewayConfig(database_url=db, rpc_url=chain.url, registry_refresh_seconds=0.2,
-                              sweep_interval_seconds=0.5, settle_grace_seconds=0,
-                              default_location=DefaultLocation(**where))
-    server = TestServer(create_app(gw_config, chain.issuer, registry.list_nodes, ledger=ledger),
-                        host="127.0.0.1")
-    await server.start_server()
-    gateway_url = str(server.make_url("")).rstrip("/")
-    port = free_port()
-    config = NodeConfig(
-        role="sfu", keypair=tmp / "sfu.json", rpc_url=chain.url, listen_port=port,
-        public_url=f"http://127.0.0.1:{port}", location=Location(**where), capacity=20,
-        gateway_url=gateway_url, heartbeat_interval=0.5, drain_timeout=1,
-        issuer_cache_seconds=1, state_dir=tmp / "state",
-        sfu={"empty_timeout": 0.5, "ping_timeout": 15},
-    )
-    agent = NodeAgent(config)
-    await agent.start()
-    http = aiohttp.ClientSession()
-    try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:  # the gateway's registry view catches up
-            async with http.get(gateway_url + "/v1/servers/status") as r:
-                if (await r.json())["services"]["webrtc"]["healthy"] >= 1:
-                    break
-            await asyncio.sleep(0.2)
-        yield SfuNet(agent, f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", gateway_url,
-                     ledger, http)
-    finally:
-        await http.close()
-        await agent.shutdown()
-        await server.close()
-        await registry.close()

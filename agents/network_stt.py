@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
@@ -20,6 +19,7 @@ from typing import Any
 
 import aiohttp
 
+from agents.node_socket import END, end_queue, parse_message, stop_tasks, stream_url
 from agents.plugins import SpeechEvent
 
 log = logging.getLogger("agents.stt")
@@ -27,7 +27,6 @@ log = logging.getLogger("agents.stt")
 # Errors after which the node closes the socket and reconnecting with the same key cannot help.
 FATAL_CODES = frozenset({"invalid_token", "wrong_node", "session_expired", "session_taken_over",
                          "draining", "server_full", "config_timeout"})
-_END = object()
 
 
 class STTConnectError(Exception):
@@ -36,22 +35,6 @@ class STTConnectError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
-
-
-def stream_url(server_url: str) -> str:
-    """The node's ``/v1/stream`` WebSocket URL from the ``server_url`` the gateway returned
-    (``http(s)://host:port``; a URL that already names a stream path is kept)."""
-    url = server_url.rstrip("/")
-    if url.startswith("https://"):
-        url = "wss://" + url[len("https://"):]
-    elif url.startswith("http://"):
-        url = "ws://" + url[len("http://"):]
-    elif not url.startswith(("ws://", "wss://")):
-        raise ValueError(f"server_url {server_url!r} is not an http(s) or ws(s) URL: pass the "
-                         "server_url of the gateway's STT/TTS session")
-    if not url.endswith(("/v1/stream", "/stream")):
-        url += "/v1/stream"
-    return url
 
 
 class NetworkSTT:
@@ -124,7 +107,7 @@ class NetworkSTTStream:
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     raise STTConnectError("closed", f"the node closed the socket before ready "
                                           f"({msg.type.name} {msg.data!r})")
-                data = _parse(msg.data)
+                data = parse_message(msg.data, "STT")
                 if data is None:
                     continue
                 if data.get("type") == "ready":
@@ -142,13 +125,7 @@ class NetworkSTTStream:
 
     async def aclose(self) -> None:
         self._closing = True
-        for task in (self._pinger, self._reader):
-            if task is not None:
-                task.cancel()
-        for task in (self._pinger, self._reader):
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await stop_tasks(self._pinger, self._reader)
         if self._ws is not None:
             await self._ws.close()
         await self._http.close()
@@ -159,9 +136,7 @@ class NetworkSTTStream:
         if self._ended:
             return
         self._ended = True
-        if self.events_queue.full():
-            self.events_queue.get_nowait()
-        self.events_queue.put_nowait(_END)
+        end_queue(self.events_queue)
 
     # ------------------------------------------------------------ the STTStream interface
 
@@ -192,8 +167,8 @@ class NetworkSTTStream:
     async def events(self) -> AsyncIterator[SpeechEvent]:
         while True:
             item = await self.events_queue.get()
-            if item is _END:
-                self.events_queue.put_nowait(_END)  # later readers end too
+            if item is END:
+                self.events_queue.put_nowait(END)  # later readers end too
                 return
             yield item
 
@@ -288,7 +263,7 @@ class NetworkSTTStream:
     def _event(self, text: str) -> SpeechEvent | None:
         """A node message as a SpeechEvent; None for messages the agent has no use for and for
         malformed ones (logged)."""
-        data = _parse(text)
+        data = parse_message(text, "STT")
         if data is None:
             return None
         kind = data.get("type")
@@ -326,18 +301,6 @@ class NetworkSTTStream:
             return None
         log.warning("STT node sent an unknown message type %r, skipped: %.200s", kind, text)
         return None
-
-
-def _parse(text: str) -> dict[str, Any] | None:
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        log.warning("node sent a message that is not JSON (%s), skipped: %.200s", exc, text)
-        return None
-    if not isinstance(data, dict):
-        log.warning("node sent a JSON message that is not an object, skipped: %.200s", text)
-        return None
-    return data
 
 
 def _number(value: Any) -> float | None:

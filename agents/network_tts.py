@@ -26,12 +26,11 @@ from typing import Any
 
 import aiohttp
 
-from agents.network_stt import stream_url
+from agents.node_socket import END, end_queue, parse_message, stop_tasks, stream_url
 from agents.plugins import SpeechAudio, WordTiming
 
 log = logging.getLogger("agents.tts")
 
-_END = object()
 
 
 class TTSConnectError(Exception):
@@ -148,7 +147,7 @@ class NetworkTTSStream:
         try:
             await ws.send_json({"session_key": self.session_key, "config": self.config})
             msg = await ws.receive(timeout=30.0)
-            data = _parse(msg.data) if msg.type == aiohttp.WSMsgType.TEXT else None
+            data = parse_message(msg.data, "TTS") if msg.type == aiohttp.WSMsgType.TEXT else None
             if data is None or data.get("type") != "ready":
                 detail = data.get("message") if data else f"{msg.type.name} {msg.data!r}"
                 raise TTSConnectError(f"the TTS node refused the stream: {detail}")
@@ -167,13 +166,7 @@ class NetworkTTSStream:
 
     async def aclose(self) -> None:
         self._closing = True
-        for task in (self._pinger, self._reader):
-            if task is not None:
-                task.cancel()
-        for task in (self._pinger, self._reader):
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await stop_tasks(self._pinger, self._reader)
         if self._ws is not None:
             await self._ws.close()
         await self._http.close()
@@ -185,9 +178,7 @@ class NetworkTTSStream:
         if self._ended:
             return
         self._ended = True
-        if self._audio.full():
-            self._audio.get_nowait()
-        self._audio.put_nowait(_END)
+        end_queue(self._audio)
 
     # ------------------------------------------------------------ the TTSStream interface
 
@@ -213,8 +204,8 @@ class NetworkTTSStream:
     async def audio(self) -> AsyncIterator[SpeechAudio]:
         while True:
             item = await self._audio.get()
-            if item is _END:
-                self._audio.put_nowait(_END)
+            if item is END:
+                self._audio.put_nowait(END)
                 return
             epoch, chunk = item
             if epoch == self._epoch:
@@ -229,8 +220,8 @@ class NetworkTTSStream:
         self._current, self._words = None, []
         while not self._audio.empty():
             item = self._audio.get_nowait()
-            if item is _END:
-                self._audio.put_nowait(_END)
+            if item is END:
+                self._audio.put_nowait(END)
                 break
         if not await self._send({"type": "clear"}):
             self._clearing = None
@@ -341,7 +332,7 @@ class NetworkTTSStream:
         await self._audio.put((self._epoch, chunk))
 
     async def _message(self, text: str) -> None:
-        data = _parse(text)
+        data = parse_message(text, "TTS")
         if data is None:
             return
         kind = data.get("type")
@@ -445,14 +436,3 @@ def _piece_of(context_id: Any) -> int | None:
             return int(context_id[len("piece-"):])
     return None
 
-
-def _parse(text: str) -> dict[str, Any] | None:
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        log.warning("TTS node sent a message that is not JSON (%s), skipped: %.200s", exc, text)
-        return None
-    if not isinstance(data, dict):
-        log.warning("TTS node sent a JSON message that is not an object, skipped: %.200s", text)
-        return None
-    return data

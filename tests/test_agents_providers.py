@@ -15,7 +15,8 @@ import time
 import numpy as np
 import pytest
 
-from agents.network_stt import NetworkSTT, NetworkSTTStream, stream_url
+from agents.network_stt import NetworkSTT, NetworkSTTStream
+from agents.node_socket import stream_url
 from agents.network_tts import NetworkTTS, NetworkTTSStream, kokoro_lang_code
 from agents.plugins import SpeechAudio, SpeechEvent
 from tests.support.agents_network import Network  # the `network` fixture: a conftest plugin

@@ -725,15 +725,23 @@ static u64 deregister_node(const Ctx *c) {
     return 0;
 }
 
-/* set_node_status(status u8): [registry, node w, authority s] */
-static u64 set_node_status(const Ctx *c) {
-    if (c->num_accounts != 3 || c->data_len != 9) FAIL(InvalidInstruction);
+/* The checks of an authority instruction on a node, [registry, node w, authority s]: the
+ * account count and instruction length, the signer, the writable node, the registry and its
+ * authority, the node's PDA from its stored owner. */
+static u64 load_authority_node(const Ctx *c, u64 data_len) {
+    if (c->num_accounts != 3 || c->data_len != data_len) FAIL(InvalidInstruction);
     u8 *reg = c->acc[0], *node = c->acc[1], *auth = c->acc[2];
     TRY(need_signer(auth));
     TRY(need_writable(node));
     TRY(load_registry(c, reg));
     TRY(need_authority(reg, auth));
-    TRY(load_node(c, node, (const Key *)(ACC_DATA(node) + NODE_OWNER)));
+    return load_node(c, node, (const Key *)(ACC_DATA(node) + NODE_OWNER));
+}
+
+/* set_node_status(status u8): [registry, node w, authority s] */
+static u64 set_node_status(const Ctx *c) {
+    TRY(load_authority_node(c, 9));
+    u8 *node = c->acc[1];
     u8 status = c->data[8];
     if (status > STATUS_SUSPENDED) FAIL(InvalidStatus);
     ACC_DATA(node)[NODE_STATUS] = status;
@@ -743,13 +751,8 @@ static u64 set_node_status(const Ctx *c) {
 /* approve_node(): [registry, node w, authority s]. Admits a pending node (pending -> active);
  * any other status is refused, so an approval cannot lift a suspension by accident. */
 static u64 approve_node(const Ctx *c) {
-    if (c->num_accounts != 3 || c->data_len != 8) FAIL(InvalidInstruction);
-    u8 *reg = c->acc[0], *node = c->acc[1], *auth = c->acc[2];
-    TRY(need_signer(auth));
-    TRY(need_writable(node));
-    TRY(load_registry(c, reg));
-    TRY(need_authority(reg, auth));
-    TRY(load_node(c, node, (const Key *)(ACC_DATA(node) + NODE_OWNER)));
+    TRY(load_authority_node(c, 8));
+    u8 *node = c->acc[1];
     if (ACC_DATA(node)[NODE_STATUS] != STATUS_PENDING) FAIL(NodeNotPending);
     ACC_DATA(node)[NODE_STATUS] = STATUS_ACTIVE;
     return 0;

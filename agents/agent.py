@@ -191,7 +191,8 @@ class VoiceAgent:
             from agents.network_stt import NetworkSTT
 
             self._stt = NetworkSTT(self.session.stt.server_url, self.session.stt.token,
-                                   language=self.language)
+                                   language=self.language,
+                                   end_of_utterance=self.config.end_of_utterance)
         if self._tts is None:
             from agents.network_tts import NetworkTTS
 

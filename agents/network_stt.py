@@ -41,11 +41,18 @@ class NetworkSTT:
     """STT provider for our nodes: one ``stream()`` per remote participant."""
 
     def __init__(self, server_url: str, session_key: str, *, language: str = "en",
+                 end_of_utterance: float | None = None,
                  reconnect_tries: int = 6, backoff_seconds: float = 0.5,
                  ping_interval: float = 15.0, event_queue_size: int = 256) -> None:
+        """``end_of_utterance``: the silence (seconds) after which the node says ``speech_end``,
+        asked in the stream's config; None leaves the node's own (500 ms by default)."""
+        if end_of_utterance is not None and not 0.1 <= end_of_utterance <= 5.0:
+            raise ValueError(f"end_of_utterance {end_of_utterance!r}: give seconds from 0.1 to "
+                             "5.0, or None for the node's own")
         self.url = stream_url(server_url)
         self.session_key = session_key
         self.language = language
+        self.end_of_utterance = end_of_utterance
         self.reconnect_tries = reconnect_tries
         self.backoff_seconds = backoff_seconds
         self.ping_interval = ping_interval
@@ -99,8 +106,11 @@ class NetworkSTTStream:
                 ws_close=5.0), max_msg_size=1 << 20)
         except (aiohttp.ClientError, OSError) as exc:
             raise STTConnectError("unreachable", f"{self.owner.url}: {exc}") from None
-        await ws.send_json({"type": "config", "session_key": self.session_key,
-                            "language": self.language})
+        config: dict[str, Any] = {"type": "config", "session_key": self.session_key,
+                                  "language": self.language}
+        if self.owner.end_of_utterance is not None:
+            config["end_of_utterance_ms"] = round(self.owner.end_of_utterance * 1000)
+        await ws.send_json(config)
         try:
             while True:
                 msg = await ws.receive(timeout=15.0)

@@ -1,9 +1,12 @@
 """The conversation: whose turn it is, when the agent must stop talking, and what was said.
 
 Streaming at every step: one STT stream per remote participant (the agent's own voice never
-reaches STT); a caller's turn ends at an STT ``final`` once the node said ``speech_end`` and
-``min_silence`` has passed; the answer's LLM deltas go through the chunker into ``TTS.say`` piece
-by piece, and the audio goes to the room as it arrives.
+reaches STT); a caller's turn ends at an STT ``final`` once the node said ``speech_end``; the
+answer's LLM deltas go through the chunker into ``TTS.say`` piece by piece, and the audio goes to
+the room as it arrives, but not before ``min_silence`` after ``speech_end``. The answer is
+prepared while that silence is waited out: the agent asks the STT node for a short
+end-of-utterance silence (``end_of_utterance``) and holds the rest itself, so a person gets the
+same pause to go on talking while the LLM and TTS are already at work.
 
 One answer at a time. Caller speech during an answer is judged as a person would:
 
@@ -13,7 +16,9 @@ One answer at a time. Caller speech during an answer is judged as a person would
   that goes on for ``min_interruption`` without a ``speech_end`` (the node's VAD says
   ``speech_end`` only after its own end-of-utterance silence, so a short sound ends before that);
 * the interrupting speech becomes the next turn. If nothing of the cut answer had been heard
-  yet, the new words join the question it was answering (the caller had not finished).
+  yet, the new words join the question it was answering (the caller had not finished): speech
+  that starts before any of the answer was heard drops it at once, and the question is asked
+  again, with whatever words follow, when that speech ends.
 
 After an interruption only the words the room actually played enter the history: the room counts
 the samples it played per TTS piece, and the TTS word timings say which words those samples hold
@@ -78,7 +83,10 @@ class PipelineConfig:
     instructions: str = "You are a helpful voice assistant. Answer briefly, in plain sentences."
     language: str | None = None
     voice: str | None = None
-    min_silence: float = 0.0  # seconds after speech_end before a final ends the turn
+    # the STT node's end-of-utterance silence (seconds; None: the node's own, 500 ms) ...
+    end_of_utterance: float | None = 0.25
+    # ... and the silence the agent adds before its answer is heard, preparing it meanwhile
+    min_silence: float = 0.25
     min_interruption: float = 1.0  # speech this long (no words yet) interrupts the agent
     backchannel_words: frozenset[str] = BACKCHANNELS
     history_tokens: int = 1500  # approximate: 4 characters a token, 4 tokens per message
@@ -172,6 +180,7 @@ class _Answer:
     turn: TurnMetrics
     speech_end: float | None  # monotonic time the caller's speech ended (None: a greeting)
     text: str | None = None  # fixed text (say) instead of the LLM
+    heard_from: float = 0.0  # monotonic: no audio reaches the room before (min_silence)
     pieces: dict[int, _Piece] = field(default_factory=dict)
     generated: bool = False  # every piece was handed to TTS
     last_audio: float = 0.0
@@ -207,6 +216,7 @@ class _Caller:
     speech_end: float | None = None  # monotonic, at the last speech_end
     final_at: float | None = None
     texts: list[str] = field(default_factory=list)
+    unanswered: bool = False  # their question's answer was dropped unheard: ask it again
     commit: asyncio.Task[None] | None = None
     interrupt_timer: asyncio.Task[None] | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -350,12 +360,14 @@ class Pipeline:
         if event.type == "speech_start":
             caller.speaking = True
             _cancel(caller.commit)
+            if await self._drop_unheard(caller):
+                return
             if self.speaking:
                 caller.interrupt_timer = asyncio.create_task(self._interrupt_after(caller))
         elif event.type == "speech_end":
             caller.speaking, caller.speech_end = False, now
             _cancel(caller.interrupt_timer)
-            if caller.texts:
+            if caller.texts or caller.unanswered:
                 self._schedule_commit(caller)
         elif event.type == "interim":
             if event.text.strip():
@@ -389,6 +401,21 @@ class Pipeline:
     def _backchannel(self, text: str) -> bool:
         return is_backchannel(text, self.config.backchannel_words)
 
+    async def _drop_unheard(self, caller: _Caller) -> bool:
+        """The caller speaks again before any of the answer to them was heard: they had not
+        finished. Drop the answer now (nothing to flush); their question stands and is asked
+        again, with what they add, when they stop."""
+        async with self._lock:
+            answer = self._answer
+            if (answer is None or answer.question is None or answer.turn.who != caller.identity
+                    or answer.anything_played(self.output)):
+                return False
+            log.info("%s goes on talking before the answer was heard: it is dropped",
+                     caller.identity)
+            caller.unanswered = True
+            await self._stop(answer)
+            return True
+
     async def _interrupt_after(self, caller: _Caller) -> None:
         await asyncio.sleep(self.config.min_interruption)
         if caller.speaking and self.speaking:
@@ -401,17 +428,20 @@ class Pipeline:
 
     async def _commit(self, caller: _Caller) -> None:
         ended = caller.speech_end if caller.speech_end is not None else time.monotonic()
-        await asyncio.sleep(max(0.0, self.config.min_silence - (time.monotonic() - ended)))
-        if caller.speaking or not caller.texts:
+        if caller.speaking or not (caller.texts or caller.unanswered):
             return
-        text, caller.texts = " ".join(caller.texts), []
+        text, caller.texts, caller.unanswered = " ".join(caller.texts), [], False
+        name = (caller.name or caller.identity) if len(self.callers) > 1 else None
+        # Words added to a dropped answer's question join it in the history (ChatContext.add);
+        # with none, the question already there is answered again.
+        question = ChatMessage("user", text, name)
         turn = TurnMetrics(caller.identity, text)
         if caller.final_at is not None and caller.speech_end is not None:
             turn.stt_final_ms = max(0.0, caller.final_at - caller.speech_end) * 1000
-        name = (caller.name or caller.identity) if len(self.callers) > 1 else None
+        answer = _Answer(turn, ended, question=question,
+                         heard_from=ended + self.config.min_silence)
         # Shielded: speech that starts now must not cancel an answer half set up.
-        await asyncio.shield(self._start_answer(
-            _Answer(turn, ended, question=ChatMessage("user", text, name))))
+        await asyncio.shield(self._start_answer(answer))
 
     # ------------------------------------------------------------ answers
 
@@ -437,7 +467,8 @@ class Pipeline:
             if old is not None:
                 await self._stop(old)
             if answer.question is not None:
-                self.context.add(answer.question)
+                if answer.question.content:
+                    self.context.add(answer.question)
                 answer.turn.question = self.context.history[-1].content
             self._answer = answer
             answer.task = asyncio.create_task(self._run(answer), name="agent-answer")
@@ -576,6 +607,9 @@ class Pipeline:
         try:
             async for chunk in voice.audio():
                 answer = self._pieces.get(chunk.piece)
+                if answer is not None and chunk.pcm16:
+                    await asyncio.sleep(answer.heard_from - time.monotonic())  # min_silence
+                    answer = self._pieces.get(chunk.piece)  # the caller may have gone on
                 if answer is None:
                     continue
                 self._on_audio(answer, chunk)

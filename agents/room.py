@@ -11,8 +11,8 @@ or flushed (``played_samples``); with the TTS word timings that says which words
 
 A listener is ready when it sent the data message ``client-ready`` (the reference's browser page
 does, once it subscribed to the agent's track), or when the SFU reports a subscription to our
-track (the SDK's ``local_track_subscribed``; our SFU does not send it yet). The agent greets only
-then, so no first words are lost.
+track (the SDK's ``local_track_subscribed``: our SFU sends it once the subscriber's connection
+carries the track). The agent greets only then, so no first words are lost.
 """
 
 from __future__ import annotations

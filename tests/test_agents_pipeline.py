@@ -272,21 +272,40 @@ async def test_a_turn_is_answered_in_full_with_metrics_and_transcripts() -> None
         assert agent[0]["latency"]["voice_to_voice_ms"] == turn.voice_to_voice_ms  # type: ignore[index]
 
 
-async def test_a_final_waits_for_speech_end_and_the_minimum_silence() -> None:
-    async with Setup(["Two answers? No, one."], min_silence=0.4) as s:
+async def test_the_answer_is_prepared_at_once_but_held_for_min_silence() -> None:
+    """The turn ends at speech_end and the answer is prepared at once, but nobody hears it before
+    min_silence: a caller who goes on within it drops it, and their words join the question."""
+    async with Setup(["Two answers? No, one.", "A table for four, done."], min_silence=0.4) as s:
         mic = await s.caller()
         mic.emit("speech_start")
         mic.emit("final", "I need a table")
         await asyncio.sleep(0.3)
         assert not s.llm.prompts, "the caller still speaks: no answer yet"
         mic.emit("speech_end")
+        await until(lambda: s.llm.prompts, 5, "the answer prepared at speech_end")
         await asyncio.sleep(0.2)
+        assert sum(s.output.played.values()) == 0, "nothing heard within min_silence"
         mic.emit("speech_start")  # within min_silence: the same turn goes on
         mic.emit("speech_end")
         mic.emit("final", "for four people.")
-        await s.answered(1)
-        assert len(s.llm.prompts) == 1
-        assert s.llm.prompts[0][-1].content == "I need a table for four people."
+        await s.answered(2)
+        assert [t.outcome for t in s.pipeline.turns] == ["replaced", "answered"]
+        assert s.llm.prompts[-1][-1].content == "I need a table for four people."
+        assert s.pipeline.history == [ChatMessage("user", "I need a table for four people."),
+                                      ChatMessage("assistant", "A table for four, done.")]
+
+
+async def test_a_sound_within_min_silence_delays_the_answer_but_does_not_lose_it() -> None:
+    async with Setup(["Dropped unheard.", "At nine."], min_silence=0.4) as s:
+        mic = await s.caller()
+        s.ask(mic, "When do you open?")
+        await until(lambda: s.llm.prompts, 5, "the answer prepared at speech_end")
+        mic.emit("speech_start")  # a cough: speech, then no words at all
+        mic.emit("speech_end")
+        await s.answered(2)
+        assert [p[-1].content for p in s.llm.prompts] == ["When do you open?"] * 2
+        assert s.pipeline.history == [ChatMessage("user", "When do you open?"),
+                                      ChatMessage("assistant", "At nine.")]
 
 
 async def test_words_after_an_unheard_answer_join_the_question() -> None:

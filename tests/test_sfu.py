@@ -126,6 +126,8 @@ async def test_livekit_sdk_hears_the_tone_gets_data_and_speakers_and_is_billed(s
     bob.on("active_speakers_changed", lambda sp: speakers.append([p.identity for p in sp]))
     bob.on("track_subscribed",
            lambda track, pub, part: subscribed.done() or subscribed.set_result(track))
+    heard: list[str] = []  # alice's tracks that a subscriber receives (track_subscribed)
+    alice.on("local_track_subscribed", lambda track: heard.append(track.sid))
     player = reader = None
     try:
         await asyncio.wait_for(alice.connect(alice_s.ws_url, alice_s.token), 20)
@@ -141,6 +143,8 @@ async def test_livekit_sdk_hears_the_tone_gets_data_and_speakers_and_is_billed(s
         player = asyncio.ensure_future(play(source))
 
         remote = await asyncio.wait_for(subscribed, 15)
+        await wait_for(lambda: heard, 10, "track_subscribed at the publisher")
+        assert heard == [track.sid]
         samples: list[np.ndarray] = []
         reader = record_audio(remote, samples)
         await wait_for(lambda: sum(len(s) for s in samples) > 48000 * 1.5, 15, "1.5 s of audio")

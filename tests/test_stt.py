@@ -289,6 +289,36 @@ async def test_flush_reset_and_mid_session_config(chain: Chain, tmp_path: Path,
         assert err["error"] == "unsupported_language"
 
 
+async def test_client_end_of_utterance_silence(chain: Chain, tmp_path: Path, stt_models: Models,
+                                               sentences: list[tuple[str, np.ndarray]]) -> None:
+    """A client may ask its own end-of-utterance silence: a 350 ms pause between two sentences
+    ends an utterance for a client that asked for 200 ms, not under the node's 500 ms."""
+    (_, s1), (_, s2) = sentences[2], sentences[3]
+    audio = np.concatenate([silence(0.3), s1, silence(0.35), s2, silence(1.0)])
+    ends: dict[str, int] = {}
+    async with stt_node(chain, tmp_path, stt_models, interim_results=False,
+                        burst_seconds=BATCH_BURST) as node:
+        for name, extra in (("node", {}), ("client", {"end_of_utterance_ms": 200})):
+            async with connect(node, {"session_key": node.token(chain), **extra}) as c:
+                await c.type("ready")
+                await stream_audio(c.ws, audio, speed=None)
+                await c.ws.send_json({"type": "flush"})
+                await c.wait_for(lambda m: m["type"] == "transcription" and m["is_final"]
+                                 and m["end"] > len(audio) / 16000 - 2.5, timeout=60)
+                ends[name] = sum(1 for m in c.of("vad_event") if m["event"] == "speech_end")
+        assert ends["node"] == 1 and ends["client"] >= 2, ends
+        async with connect(node, {"session_key": node.token(chain)}) as c:
+            await c.type("ready")
+            for bad in (50, 9000, "fast", True):
+                await c.ws.send_json({"type": "config", "end_of_utterance_ms": bad})
+                err = await c.wait_for(lambda m: m["type"] == "error"
+                                       and m["error"] == "invalid_config"
+                                       and str(bad) in m["message"])
+                assert "100 to 5000" in err["message"]
+            await c.ws.send_json({"type": "config", "end_of_utterance_ms": 300})
+            await c.wait_for(lambda m: m["type"] == "ready" and len(c.of("ready")) == 2)
+
+
 # ------------------------------------------------------------------------------ protocol
 
 

@@ -114,6 +114,7 @@ class Participant:
         self._renegotiate = False
         self._offer_id = 0
         self._subscribed_transceivers: dict[str, Any] = {}  # track sid -> transceiver
+        self._announced: set[str] = set()  # track sids whose publisher heard track_subscribed
         self._out: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=1000)
         self._writer: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -212,6 +213,7 @@ class Participant:
         async def on_sub_state() -> None:
             if self.subscriber.connectionState == "failed":
                 await self.close(models.DisconnectReason.MEDIA_FAILURE)
+            self._announce_subscriptions()
 
         for label, options in (("_reliable", {"ordered": True}),
                                ("_lossy", {"ordered": False, "maxRetransmits": 0})):
@@ -261,8 +263,26 @@ class Participant:
             await self._add_early_candidates(self.subscriber)
             self._awaiting_answer = False
             again, self._renegotiate = self._renegotiate, False
+            self._announce_subscriptions()
         if again:
             await self.negotiate_subscriber()
+
+    def _announce_subscriptions(self) -> None:
+        """Tell each publisher that this participant now receives its track (LiveKit's
+        ``track_subscribed``, the SDK's ``local_track_subscribed``: an agent greets only once
+        it is heard), once per track, when the subscriber connection is up and an applied
+        answer carries the track."""
+        if self.subscriber.connectionState != "connected":
+            return
+        for sid, transceiver in list(self._subscribed_transceivers.items()):
+            if sid in self._announced or transceiver.currentDirection not in ("sendonly",
+                                                                              "sendrecv"):
+                continue
+            track = self.room.find_track(sid)
+            if track is not None:
+                self._announced.add(sid)
+                track.owner.send(rtc.SignalResponse(
+                    track_subscribed=rtc.TrackSubscribed(track_sid=sid)))
 
     def subscribe(self, track: PublishedTrack) -> None:
         """Start forwarding ``track`` to this participant (renegotiation is the caller's)."""
@@ -283,6 +303,7 @@ class Participant:
         if forward is not None:
             forward.stop()
         transceiver = self._subscribed_transceivers.pop(track.sid, None)
+        self._announced.discard(track.sid)
         if transceiver is None:
             return False
         transceiver.sender.replaceTrack(None)

@@ -15,8 +15,9 @@ import itertools
 import json
 import logging
 import time
-from pathlib import Path
 from collections import deque
+from dataclasses import replace
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -41,6 +42,9 @@ from registry.settings import SettingsError
 from registry.tokens import Claims, TokenError
 
 log = logging.getLogger("node.stt")
+
+# what a client may ask as its own end-of-utterance silence (config end_of_utterance_ms)
+EOU_RANGE_MS = (100, 5000)
 
 
 class ProtocolError(Exception):
@@ -412,7 +416,7 @@ class Connection:
             raise ProtocolError("invalid_token", "the token grants no STT seconds", fatal=fatal)
         return claims
 
-    def _options(self, data: dict[str, Any]) -> tuple[str, str | None]:
+    def _options(self, data: dict[str, Any]) -> tuple[str, str | None, VadConfig]:
         language = data.get("language", self.language if self.clock else "en")
         if not isinstance(language, str) or not language:
             raise ProtocolError("invalid_config", "language must be a language code or 'auto'")
@@ -423,11 +427,27 @@ class Connection:
         if not self.role.supports(language):
             raise ProtocolError("unsupported_language",
                                 f"no engine on this node transcribes {language!r}")
-        return language, model
+        return language, model, self._vad_options(data)
+
+    def _vad_options(self, data: dict[str, Any]) -> VadConfig:
+        """The client's own end-of-utterance silence (``end_of_utterance_ms``), if it asks: an
+        agent that prepares its answer while it waits out a pause wants ``speech_end`` early;
+        dictation wants it late. Bounded so that no client turns the VAD into a per-frame
+        event source."""
+        base = self.frontend.vad_config if self.frontend is not None else self.role.vad_config
+        eou = data.get("end_of_utterance_ms")
+        if eou is None:
+            return base
+        lo, hi = EOU_RANGE_MS
+        if isinstance(eou, bool) or not isinstance(eou, (int, float)) or not lo <= eou <= hi:
+            raise ProtocolError("invalid_config", f"end_of_utterance_ms {eou!r}: give a number "
+                                f"of milliseconds from {lo} to {hi}, or leave it out")
+        eou = float(eou)
+        return replace(base, end_of_utterance_ms=eou, min_silence_ms=min(base.min_silence_ms, eou))
 
     async def _first_config(self, data: dict[str, Any]) -> None:
         claims = await self._verify(data.get("session_key"))
-        language, model = self._options(data)
+        language, model, vad = self._options(data)
         role = self.role
         clock = role.clocks.get_or_create(claims.session_id, claims.limit, claims.expires_at)
         if clock.completed or clock.remaining() <= 0:
@@ -447,7 +467,7 @@ class Connection:
         role.by_session[claims.session_id] = self
         clock.connect()
         self.language, self.force_model = language, model
-        self.frontend = FrontEnd(role.models.silero, role.models.gtcrn, role.vad_config,
+        self.frontend = FrontEnd(role.models.silero, role.models.gtcrn, vad,
                                  self.settings.vad.speech_pad_ms,
                                  self.settings.interim_interval_ms
                                  if self.settings.interim_results else None,
@@ -473,12 +493,14 @@ class Connection:
         elif kind == "reset":
             self._clear()
         elif kind == "config":
-            language, model = self._options(data)
+            language, model, vad = self._options(data)
             if data.get("session_key") is not None:
                 claims = await self._verify(data["session_key"], fatal=False)
                 self._extend(claims)
             self.language, self.force_model = language, model
             self._clear()
+            if self.frontend is not None:
+                self.frontend.configure(vad)
             await self._ready()
         elif kind == "extend":
             claims = await self._verify(data.get("session_key"), fatal=False)

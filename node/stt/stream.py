@@ -66,6 +66,16 @@ class FrontEnd:
 
     # ---------------------------------------------------------------- public
 
+    @property
+    def vad_config(self) -> VadConfig:
+        """The VAD settings this stream runs with (the node's, or the client's config)."""
+        return self.segmenter.config
+
+    def configure(self, vad: VadConfig) -> None:
+        """New VAD settings from a mid-session ``config``; the utterance in progress ends by
+        them."""
+        self.segmenter.config = vad
+
     def reset(self) -> None:
         """Clear buffers and VAD state; the stream clock goes on."""
         self.vad.reset()

@@ -359,6 +359,8 @@ class NetworkTTSStream:
             elif kind == "done":
                 if piece in self._in_flight:
                     self._finish(piece, None)
+                    # in order after the piece's audio: the reader knows it heard all of it
+                    await self._audio.put((self._epoch, SpeechAudio(b"", piece)))
                     await self._send_backlog()
             elif kind == "error":
                 self._on_error(piece, str(data.get("message", "")))

@@ -586,8 +586,9 @@ class Pipeline:
                 self._pieces[n] = answer
 
     async def _played_out(self, answer: _Answer, quiet: float = 0.6) -> None:
-        """Until the room played every piece. A piece has ended when the TTS says so (an empty
-        SpeechAudio, or ``is_done(piece)`` where the stream offers it), else after audio and then
+        """Until the room played every piece. A piece has ended when the TTS says so (the empty
+        SpeechAudio after its audio; ``is_done(piece)`` where the stream offers it, for pieces
+        that ended otherwise), else, for a TTS that marks no ends, after audio and then
         ``quiet`` seconds without more. Held for two polls in a row, so audio the voice reader
         is just handing over is not missed."""
         is_done = getattr(self.voice, "is_done", None)

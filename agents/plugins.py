@@ -105,7 +105,9 @@ class TTSStream(Protocol):
         """Queue a speakable piece; returns its piece number."""
 
     def audio(self) -> AsyncIterator[SpeechAudio]:
-        """The voice, in order, until the stream is closed."""
+        """The voice, in order, until the stream is closed; an empty ``SpeechAudio`` follows
+        the last chunk of each piece that was synthesized whole (so the agent knows when an
+        answer has been played out)."""
 
     async def clear(self) -> None:
         """Barge-in: drop every queued piece and the audio not yet read; returns once the node

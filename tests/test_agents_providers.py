@@ -222,7 +222,11 @@ async def test_tts_speaks_two_pieces_in_order_with_word_timings(network: Network
         await listener.settled()
         pieces = [c.piece for c in listener.chunks]
         assert pieces == sorted(pieces) and set(pieces) == {0, 1}, "piece 0 wholly before 1"
-        assert all(len(c.pcm16) == 1920 for c in listener.chunks), "20 ms at 48 kHz"
+        ends = [i for i, c in enumerate(listener.chunks) if not c.pcm16]
+        assert [listener.chunks[i].piece for i in ends] == [0, 1], "one end mark per piece"
+        assert ends[1] == len(listener.chunks) - 1 and pieces[ends[0] + 1] == 1, \
+            "each piece's end mark follows all of its audio"
+        assert all(len(c.pcm16) == 1920 for c in listener.chunks if c.pcm16), "20 ms at 48 kHz"
         for piece, text in ((0, FIRST), (1, SECOND)):
             assert len(listener.pcm(piece)) > 48000 * 0.8
             assert words(" ".join(listener.words(piece))) == words(text), listener.words(piece)

@@ -32,10 +32,12 @@ def tone(seconds: float, hz: float, piece: int) -> list[SpeechAudio]:
     return [SpeechAudio(pcm[i:i + 1920], piece) for i in range(0, len(pcm), 1920)]
 
 
-async def next_event(agent: AgentRoom, kind: str, timeout: float = 15.0) -> RoomEvent:
+async def next_event(agent: AgentRoom, kind: str, timeout: float = 15.0,
+                     kinds: tuple[str, ...] = ()) -> RoomEvent:
+    """The next event of type ``kind`` (or of any of ``kinds``), skipping others."""
     async def find() -> RoomEvent:
         async for event in agent.events():
-            if event.type == kind:
+            if event.type == kind or event.type in kinds:
                 return event
         raise AssertionError(f"events ended before {kind}")
     return await asyncio.wait_for(find(), timeout)
@@ -52,8 +54,15 @@ async def test_agent_hears_the_caller_and_the_caller_hears_the_agent(network: Ne
     try:
         await agent.connect(bundle.webrtc.agent.ws_url, bundle.webrtc.agent.token)
         await caller.join(bundle.webrtc.client.ws_url, bundle.webrtc.client.token)
-        assert (await next_event(agent, "participant_joined")).identity == "caller"
-        assert await agent.wait_for_listener(15), "client-ready reached the agent"
+        assert await agent.wait_for_listener(15), "a listener got ready"
+        kinds = ("participant_joined", "listener_ready")
+        seen: list[tuple[str, str]] = []
+        while len(seen) < 3:  # the caller joined, subscribed (SFU), sent client-ready
+            event = await next_event(agent, "any", kinds=kinds)
+            seen.append((event.type, event.identity))
+        assert sorted(seen) == [("listener_ready", ""), ("listener_ready", "caller"),
+                                ("participant_joined", "caller")], \
+            "the SFU's track_subscribed and the caller's client-ready both reached the agent"
         assert agent.ready_listeners == {"caller"}
         assert set(agent.remote_participants) == {"caller"}
 

@@ -4,7 +4,8 @@ It joins with the client token of an agent session, publishes speech (16 kHz flo
 tests/support/speech.py, sent at real time as 48 kHz frames), records what it hears from the agent
 (48 kHz mono PCM16, each 10 ms frame stamped with its arrival time), sends the ``client-ready``
 data message once it is subscribed to the agent's track (as the reference's browser page does),
-and keeps the data messages it receives (``transcript``).
+starts speaking only once the agent receives its track (``local_track_subscribed``), and keeps
+the data messages it receives (``transcript``).
 """
 
 from __future__ import annotations
@@ -61,8 +62,14 @@ class Caller:
         if self._source is None:
             self._source = rtc.AudioSource(RATE, 1)
             track = rtc.LocalAudioTrack.create_audio_track("mic", self._source)
+            heard = asyncio.get_running_loop().create_future()
+            self.room.on("local_track_subscribed",
+                         lambda t: heard.done() or heard.set_result(t))
             await self.room.local_participant.publish_track(
                 track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE))
+            # Speak once the agent receives the track (the SFU's track_subscribed), as a client
+            # page shows "speak now" only then: words said before are lost on the way.
+            await asyncio.wait_for(heard, 15)
         pcm = soxr.resample(audio16k.astype(np.float32), 16000, RATE)
         pcm = np.concatenate([pcm, np.zeros(int(tail_silence * RATE), dtype=np.float32)])
         data = (np.clip(pcm, -1, 1) * 32767).astype(np.int16)

@@ -11,7 +11,6 @@ session, a draining node) end the stream with an ``error`` event instead.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
@@ -19,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from agents.node_socket import END, end_queue, parse_message, stop_tasks, stream_url
+from agents.node_socket import END, NodeStream, end_queue, parse_message, stream_url
 from agents.plugins import SpeechEvent
 
 log = logging.getLogger("agents.stt")
@@ -68,36 +67,23 @@ class NetworkSTT:
         self.session_key = session_key
 
 
-class NetworkSTTStream:
+class NetworkSTTStream(NodeStream):
     """One STT WebSocket: audio in, ``SpeechEvent``s out (``events()``), reconnecting on drops."""
 
+    kind = "STT"
+    connect_error = STTConnectError
+
     def __init__(self, owner: NetworkSTT, language: str) -> None:
-        self.owner = owner
+        super().__init__(owner)
+        self.owner: NetworkSTT = owner
         self.language = language
-        self.session_key = owner.session_key
         self.events_queue: asyncio.Queue[Any] = asyncio.Queue(owner.event_queue_size)
-        self.reconnects = 0
-        self.session_id: str | None = None
         self.remaining_seconds: float | None = None
-        self._http = aiohttp.ClientSession()
-        self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._pending: deque[bytes] = deque()  # audio pushed while reconnecting (at most 1 s)
         self._pending_bytes = 0
-        self._closing = False
         self._ended = False
-        self._reader: asyncio.Task[None] | None = None
-        self._pinger: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ life
-
-    async def start(self) -> None:
-        try:
-            self._ws = await self._connect()
-        except BaseException:
-            await self._http.close()
-            raise
-        self._reader = asyncio.create_task(self._read_loop(), name="stt-reader")
-        self._pinger = asyncio.create_task(self._ping_loop(), name="stt-ping")
 
     async def _connect(self) -> aiohttp.ClientWebSocketResponse:
         """Open the socket, send the config, wait for ``ready``; raise STTConnectError if refused."""
@@ -134,11 +120,10 @@ class NetworkSTTStream:
             raise
 
     async def aclose(self) -> None:
-        self._closing = True
-        await stop_tasks(self._pinger, self._reader)
-        if self._ws is not None:
-            await self._ws.close()
-        await self._http.close()
+        await self._close_socket()
+        self._end()
+
+    def _finished(self) -> None:
         self._end()
 
     def _end(self) -> None:
@@ -185,29 +170,9 @@ class NetworkSTTStream:
     async def extend(self, session_key: str) -> None:
         self.session_key = session_key
         self.owner.session_key = session_key
-        if self._ws is not None and not self._ws.closed:
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                await self._ws.send_json({"type": "extend", "session_key": session_key})
+        await self._send({"type": "extend", "session_key": session_key})
 
     # ------------------------------------------------------------ reading
-
-    async def _read_loop(self) -> None:
-        try:
-            while True:
-                fatal = await self._read_socket()
-                if fatal or self._closing:
-                    break
-                if not await self._reconnect():
-                    break
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # a bug here must not leave the consumer waiting forever
-            log.exception("STT stream reader failed; ending the stream")
-            await self._emit(SpeechEvent("error", text="internal error in the STT reader",
-                                         code="internal"))
-        finally:
-            if not self._closing:
-                self._end()
 
     async def _read_socket(self) -> bool:
         """Read until the socket ends; True when the node ended the session for good."""
@@ -226,46 +191,21 @@ class NetworkSTTStream:
                             "skipped", len(msg.data))
         return False
 
-    async def _reconnect(self) -> bool:
-        backoff = self.owner.backoff_seconds
-        for attempt in range(1, self.owner.reconnect_tries + 1):
-            log.warning("STT socket to %s dropped; reconnecting with the same session key "
-                        "(try %d of %d, in %.1f s)", self.owner.url, attempt,
-                        self.owner.reconnect_tries, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
-            try:
-                self._ws = await self._connect()
-            except STTConnectError as exc:
-                if exc.code in FATAL_CODES:
-                    log.warning("STT reconnect refused (%s); giving up", exc)
-                    await self._emit(SpeechEvent("error", text=str(exc), code=exc.code))
-                    return False
-                log.warning("STT reconnect try %d failed: %s", attempt, exc)
-                continue
-            self.reconnects += 1
-            log.info("STT stream reconnected to %s (session %s, %.0f s left)", self.owner.url,
-                     self.session_id, self.remaining_seconds or 0)
-            await self._send_held()
+    async def _fatal(self, exc: Exception) -> bool:
+        if isinstance(exc, STTConnectError) and exc.code in FATAL_CODES:
+            await self._emit(SpeechEvent("error", text=str(exc), code=exc.code))
             return True
-        log.error("STT node %s unreachable after %d tries; ending the stream", self.owner.url,
-                  self.owner.reconnect_tries)
-        await self._emit(SpeechEvent("error", text=f"STT node {self.owner.url} unreachable",
-                                     code="disconnected"))
         return False
 
-    async def _send_held(self) -> None:
+    async def _reconnected(self) -> None:
+        log.info("STT session %s has %.0f s left", self.session_id, self.remaining_seconds or 0)
         held, self._pending, self._pending_bytes = list(self._pending), deque(), 0
         for chunk in held:
             await self.push(chunk)
 
-    async def _ping_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.owner.ping_interval)
-            ws = self._ws
-            if ws is not None and not ws.closed:
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await ws.send_json({"type": "ping"})
+    async def _unreachable(self) -> None:
+        await self._emit(SpeechEvent("error", text=f"STT node {self.owner.url} unreachable",
+                                     code="disconnected"))
 
     async def _emit(self, event: SpeechEvent) -> None:
         await self.events_queue.put(event)

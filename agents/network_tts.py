@@ -26,7 +26,7 @@ from typing import Any
 
 import aiohttp
 
-from agents.node_socket import END, end_queue, parse_message, stop_tasks, stream_url
+from agents.node_socket import END, NodeStream, end_queue, parse_message, stream_url
 from agents.plugins import SpeechAudio, WordTiming
 
 log = logging.getLogger("agents.tts")
@@ -98,19 +98,18 @@ class NetworkTTS:
         self.session_key = session_key
 
 
-class NetworkTTSStream:
+class NetworkTTSStream(NodeStream):
     """One TTS WebSocket: pieces of text in, ``SpeechAudio`` out in order."""
 
+    kind = "TTS"
+    connect_error = TTSConnectError
+
     def __init__(self, owner: NetworkTTS, config: dict[str, Any]) -> None:
-        self.owner = owner
+        super().__init__(owner)
+        self.owner: NetworkTTS = owner
         self.config = config
-        self.session_key = owner.session_key
-        self.session_id: str | None = None
         self.limit_characters: int | None = token_character_limit(self.session_key)
         self._left: int | None = self.limit_characters
-        self.reconnects = 0
-        self._http = aiohttp.ClientSession()
-        self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._next_piece = 0
         self._backlog: deque[tuple[int, str]] = deque()  # said, not yet sent to the node
         self._in_flight: dict[int, str] = {}             # sent, not yet done
@@ -122,22 +121,9 @@ class NetworkTTSStream:
         self._clearing: asyncio.Event | None = None
         self._extended: asyncio.Future[dict[str, Any]] | None = None
         self._audio: asyncio.Queue[Any] = asyncio.Queue(owner.audio_queue_frames)
-        self._send_lock = asyncio.Lock()
-        self._closing = False
         self._ended = False
-        self._reader: asyncio.Task[None] | None = None
-        self._pinger: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ life
-
-    async def start(self) -> None:
-        try:
-            self._ws = await self._connect()
-        except BaseException:
-            await self._http.close()
-            raise
-        self._reader = asyncio.create_task(self._read_loop(), name="tts-reader")
-        self._pinger = asyncio.create_task(self._ping_loop(), name="tts-ping")
 
     async def _connect(self) -> aiohttp.ClientWebSocketResponse:
         try:
@@ -165,13 +151,14 @@ class NetworkTTSStream:
         return ws
 
     async def aclose(self) -> None:
-        self._closing = True
-        await stop_tasks(self._pinger, self._reader)
-        if self._ws is not None:
-            await self._ws.close()
-        await self._http.close()
+        await self._close_socket()
         for piece in list(self._in_flight) + [p for p, _ in self._backlog]:
             self._finish(piece, "the stream was closed")
+        self._end()
+
+    def _finished(self) -> None:
+        for piece in list(self._in_flight) + [p for p, _ in self._backlog]:
+            self._finish(piece, "the TTS stream ended")
         self._end()
 
     def _end(self) -> None:
@@ -265,17 +252,6 @@ class NetworkTTSStream:
 
     # ------------------------------------------------------------ sending
 
-    async def _send(self, message: dict[str, Any]) -> bool:
-        ws = self._ws
-        if ws is None or ws.closed:
-            return False
-        try:
-            async with self._send_lock:
-                await ws.send_json(message)
-            return True
-        except (ConnectionError, RuntimeError):
-            return False
-
     async def _send_backlog(self) -> None:
         while self._backlog and len(self._in_flight) < self.owner.max_in_flight:
             ws = self._ws
@@ -297,29 +273,14 @@ class NetworkTTSStream:
 
     # ------------------------------------------------------------ reading
 
-    async def _read_loop(self) -> None:
-        try:
-            while True:
-                await self._read_socket()
-                if self._closing or not await self._reconnect():
-                    break
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("TTS stream reader failed; ending the stream")
-        finally:
-            if not self._closing:
-                for piece in list(self._in_flight) + [p for p, _ in self._backlog]:
-                    self._finish(piece, "the TTS stream ended")
-                self._end()
-
-    async def _read_socket(self) -> None:
+    async def _read_socket(self) -> bool:
         assert self._ws is not None
         async for msg in self._ws:
             if msg.type == aiohttp.WSMsgType.BINARY:
                 await self._frame(msg.data)
             elif msg.type == aiohttp.WSMsgType.TEXT:
                 await self._message(msg.data)
+        return False  # the node ends a session by refusing the reconnect
 
     async def _frame(self, frame: bytes) -> None:
         if self._clearing is not None:
@@ -403,33 +364,17 @@ class NetworkTTSStream:
         lost = list(self._in_flight)
         for piece in lost:  # billed already: not sent again
             self._finish(piece, "the TTS socket dropped while it played")
-        backoff = self.owner.backoff_seconds
-        for attempt in range(1, self.owner.reconnect_tries + 1):
-            log.warning("TTS socket to %s dropped (pieces %s cut short); reconnecting with the "
-                        "same session key (try %d of %d, in %.1f s)", self.owner.url, lost,
-                        attempt, self.owner.reconnect_tries, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
-            try:
-                self._ws = await self._connect()
-            except TTSConnectError as exc:
-                log.warning("TTS reconnect try %d failed: %s", attempt, exc)
-                if "auth:" in str(exc):
-                    break  # the key itself is refused: retrying cannot help
-                continue
-            self.reconnects += 1
-            self._cleared()  # nothing stale can follow on a new socket
-            log.info("TTS stream reconnected to %s (%s characters left)", self.owner.url,
-                     self._left)
-            await self._send_backlog()
-            return True
-        log.error("TTS node %s unreachable or refusing; ending the stream", self.owner.url)
-        return False
+        if lost:
+            log.warning("TTS pieces %s were cut short by the drop", lost)
+        return await super()._reconnect()
 
-    async def _ping_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.owner.ping_interval)
-            await self._send({"type": "ping"})
+    async def _fatal(self, exc: Exception) -> bool:
+        return "auth:" in str(exc)  # the key itself is refused: retrying cannot help
+
+    async def _reconnected(self) -> None:
+        self._cleared()  # nothing stale can follow on a new socket
+        log.info("TTS stream has %s characters left", self._left)
+        await self._send_backlog()
 
 
 def _piece_of(context_id: Any) -> int | None:

@@ -1,12 +1,15 @@
 """What the STT and TTS providers share about a node's WebSocket: its URL, its JSON messages, and
-closing a stream's tasks and queue."""
+a stream's life (``NodeStream``: connect, a reader and a keepalive task, reconnect with the same
+session key after a drop, close)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import Any, Protocol
+
+import aiohttp
 
 from registry import jsonsafe
 
@@ -62,3 +65,135 @@ def end_queue(queue: asyncio.Queue[Any]) -> None:
     if queue.full():
         queue.get_nowait()
     queue.put_nowait(END)
+
+
+class StreamOwner(Protocol):
+    """What a stream reads from its provider: where the node is and how to keep it."""
+
+    url: str
+    session_key: str
+    reconnect_tries: int
+    backoff_seconds: float
+    ping_interval: float
+
+
+class NodeStream:
+    """One stream's socket to a node. Subclasses say how to connect (``_connect``: the config
+    and the node's ``ready``), how to read (``_read_socket``: until the socket ends; True when
+    the node ended the session for good), which refusals end the stream (``_fatal``) and what to
+    do once reconnected or given up (``_reconnected``, ``_unreachable``, ``_finished``)."""
+
+    kind = "node"  # "STT" or "TTS", in logs and task names
+    connect_error: type[Exception] = Exception  # what ``_connect`` raises when refused
+
+    def __init__(self, owner: StreamOwner) -> None:
+        self.owner = owner
+        self.session_key = owner.session_key
+        self.session_id: str | None = None
+        self.reconnects = 0
+        self._http = aiohttp.ClientSession()
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._send_lock = asyncio.Lock()
+        self._closing = False
+        self._reader: asyncio.Task[None] | None = None
+        self._pinger: asyncio.Task[None] | None = None
+        self.log = logging.getLogger(f"agents.{self.kind.lower()}")  # the provider's logger
+
+    # ------------------------------------------------------------ for subclasses
+
+    async def _connect(self) -> aiohttp.ClientWebSocketResponse:
+        raise NotImplementedError
+
+    async def _read_socket(self) -> bool:
+        raise NotImplementedError
+
+    async def _fatal(self, exc: Exception) -> bool:
+        """True when a failed reconnect must not be tried again (the key itself is refused)."""
+        return False
+
+    async def _reconnected(self) -> None:
+        """Send what waited for the new socket."""
+
+    async def _unreachable(self) -> None:
+        """Every reconnect failed: tell the consumer."""
+
+    def _finished(self) -> None:
+        """The stream ended (not by ``aclose``): nothing more will come."""
+
+    # ------------------------------------------------------------ life
+
+    async def start(self) -> None:
+        try:
+            self._ws = await self._connect()
+        except BaseException:
+            await self._http.close()
+            raise
+        name = self.kind.lower()
+        self._reader = asyncio.create_task(self._read_loop(), name=f"{name}-reader")
+        self._pinger = asyncio.create_task(self._ping_loop(), name=f"{name}-ping")
+
+    async def _close_socket(self) -> None:
+        """Stop the tasks and close the socket (``aclose`` of a subclass starts here)."""
+        self._closing = True
+        await stop_tasks(self._pinger, self._reader)
+        if self._ws is not None:
+            await self._ws.close()
+        await self._http.close()
+
+    async def _send(self, message: dict[str, Any]) -> bool:
+        """Send a JSON message; False when there is no open socket (a reconnect resends)."""
+        ws = self._ws
+        if ws is None or ws.closed:
+            return False
+        try:
+            async with self._send_lock:
+                await ws.send_json(message)
+            return True
+        except (ConnectionError, RuntimeError):
+            return False
+
+    async def _ping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.owner.ping_interval)
+            await self._send({"type": "ping"})
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                fatal = await self._read_socket()
+                if fatal or self._closing or not await self._reconnect():
+                    break
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug here must not leave the consumer waiting forever
+            self.log.exception("%s stream reader failed; ending the stream", self.kind)
+            await self._unreachable()
+        finally:
+            if not self._closing:
+                self._finished()
+
+    async def _reconnect(self) -> bool:
+        backoff = self.owner.backoff_seconds
+        for attempt in range(1, self.owner.reconnect_tries + 1):
+            self.log.warning("%s socket to %s dropped; reconnecting with the same session key "
+                        "(try %d of %d, in %.1f s)", self.kind, self.owner.url, attempt,
+                        self.owner.reconnect_tries, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+            try:
+                self._ws = await self._connect()
+            except self.connect_error as exc:
+                if await self._fatal(exc):
+                    self.log.warning("%s reconnect refused (%s); giving up", self.kind, exc)
+                    return False
+                self.log.warning("%s reconnect try %d failed: %s", self.kind, attempt, exc)
+                continue
+            self.reconnects += 1
+            self.log.info("%s stream reconnected to %s (session %s)", self.kind, self.owner.url,
+                     self.session_id)
+            await self._reconnected()
+            return True
+        self.log.error("%s node %s unreachable after %d tries; ending the stream", self.kind,
+                  self.owner.url, self.owner.reconnect_tries)
+        await self._unreachable()
+        return False

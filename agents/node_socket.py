@@ -8,7 +8,7 @@ import contextlib
 import logging
 from typing import Any
 
-from registry import jsonsafe
+from common import jsonsafe
 
 log = logging.getLogger("agents.node_socket")
 

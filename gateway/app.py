@@ -19,6 +19,7 @@ from aiohttp import web
 from pydantic import ValidationError
 from solders.keypair import Keypair
 
+from common.settings import format_validation_error
 from gateway import schemas
 from gateway.auth import MemoryReplayGuard, wallet_auth_middleware
 from gateway.bodies import bad_request, error, http_error, json_object, parse_body, validated
@@ -36,14 +37,13 @@ from gateway.ledger import (
     pricing,
 )
 from gateway.openapi import openapi_handler
-from gateway.payments.wiring import setup_payments
 from gateway.payments.routes import PAYMENT_ROUTES
+from gateway.payments.wiring import setup_payments
 from gateway.ratelimit import RateLimiter
 from gateway.routes import Handler, Route, unsigned_paths
 from gateway.routing import DirectoryUnavailable, NoCapacity, NodeDirectory
 from gateway.sessions import NoAccount, NotFound, SessionService, billable_units, iso
 from registry.program import NodeStatus
-from registry.settings import format_validation_error
 from registry.tokens import TokenError, verify_body
 
 log = logging.getLogger("gateway")

@@ -28,7 +28,7 @@ from solders.pubkey import Pubkey
 from solders.signature import Signature
 from solders.transaction import VersionedTransaction
 
-from registry import jsonsafe
+from common import jsonsafe
 
 from .codec import (
     TOKEN_PROGRAMS,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -229,31 +230,27 @@ async def webrtc_token(request: web.Request) -> web.Response:
     return web.json_response(out)
 
 
-async def webrtc_extend(request: web.Request) -> web.Response:
-    body = await parse_body(request, schemas.SessionExtend)
-    return web.json_response(await gw(request).sessions.webrtc_extend(*wallet_of(request), body))
+def session_handler(method: Callable[..., Awaitable[dict[str, Any]]], model: type[schemas.Body],
+                    located: bool = False) -> Handler:
+    """A route whose whole work is one ``SessionService`` call with the caller's wallet and the
+    parsed body (and, for a new session that is routed by distance, the client's IP)."""
+
+    async def handler(request: web.Request) -> web.Response:
+        body = await parse_body(request, model)
+        where = (client_ip(request),) if located else ()
+        return web.json_response(await method(gw(request).sessions, *wallet_of(request), body,
+                                              *where))
+
+    handler.__name__ = method.__name__
+    return handler
 
 
-async def stt_session(request: web.Request) -> web.Response:
-    body = await parse_body(request, schemas.SttSessionRequest)
-    out = await gw(request).sessions.stt_session(*wallet_of(request), body, client_ip(request))
-    return web.json_response(out)
-
-
-async def stt_extend(request: web.Request) -> web.Response:
-    body = await parse_body(request, schemas.SessionExtend)
-    return web.json_response(await gw(request).sessions.stt_extend(*wallet_of(request), body))
-
-
-async def tts_session(request: web.Request) -> web.Response:
-    body = await parse_body(request, schemas.TtsSessionRequest)
-    out = await gw(request).sessions.tts_session(*wallet_of(request), body, client_ip(request))
-    return web.json_response(out)
-
-
-async def tts_extend(request: web.Request) -> web.Response:
-    body = await parse_body(request, schemas.TtsExtend)
-    return web.json_response(await gw(request).sessions.tts_extend(*wallet_of(request), body))
+webrtc_extend = session_handler(SessionService.webrtc_extend, schemas.SessionExtend)
+stt_session = session_handler(SessionService.stt_session, schemas.SttSessionRequest, located=True)
+stt_extend = session_handler(SessionService.stt_extend, schemas.SessionExtend)
+tts_session = session_handler(SessionService.tts_session, schemas.TtsSessionRequest, located=True)
+tts_extend = session_handler(SessionService.tts_extend, schemas.TtsExtend)
+agent_extend = session_handler(SessionService.agent_extend, schemas.AgentExtend)
 
 
 async def agent_session(request: web.Request) -> web.Response:
@@ -262,11 +259,6 @@ async def agent_session(request: web.Request) -> web.Response:
     user_ip = client_ip(request, body.client_ip) if body.client_ip else agent_ip
     out = await gw(request).sessions.agent_session(*wallet_of(request), body, agent_ip, user_ip)
     return web.json_response(out)
-
-
-async def agent_extend(request: web.Request) -> web.Response:
-    body = await parse_body(request, schemas.AgentExtend)
-    return web.json_response(await gw(request).sessions.agent_extend(*wallet_of(request), body))
 
 
 # ---------------------------------------------------------------- from nodes

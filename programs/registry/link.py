@@ -35,6 +35,7 @@ import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
@@ -115,6 +116,8 @@ def _align(n: int, a: int) -> int:
 
 @dataclass(frozen=True)
 class Section:
+    """An input section: what placement and relocation need of its header, and its bytes."""
+
     index: int
     name: str
     type: str  # pyelftools' name: "SHT_PROGBITS", "SHT_REL", ...
@@ -127,6 +130,8 @@ class Section:
 
 @dataclass(frozen=True)
 class Symbol:
+    """An entry of the input's symbol table, with pyelftools' names for bind, type and index."""
+
     name: str
     bind: str  # "STB_GLOBAL", ...
     type: str  # "STT_FUNC", ...
@@ -135,8 +140,10 @@ class Symbol:
     size: int
 
 
-@dataclass(frozen=True)
-class Relocation:
+class Relocation(NamedTuple):
+    """One REL entry: patch the instruction at ``offset`` of its section for ``symbol``
+    (a tuple, so relocations sort by offset)."""
+
     offset: int
     symbol: int
     type: int
@@ -144,6 +151,8 @@ class Relocation:
 
 @dataclass(frozen=True)
 class ObjectFile:
+    """What the linker needs of the input: every section, the symbol table, the REL entries."""
+
     sections: list[Section]
     symbols: list[Symbol]
     relocations: dict[int, list[Relocation]]  # target section index -> its REL entries
@@ -240,7 +249,7 @@ def text_relocations(obj: ObjectFile, text_in: Section) -> list[Relocation]:
         if target.index != text_in.index and target.flags & SHF_ALLOC:
             raise LinkError(f"relocations against {target.name} are not supported "
                             "(no pointers in read-only data)")
-    return sorted(obj.relocations.get(text_in.index, []), key=lambda r: (r.offset, r.symbol, r.type))
+    return sorted(obj.relocations.get(text_in.index, []))
 
 
 def entry_symbol(obj: ObjectFile, text_in: Section) -> Symbol:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
-
 from solders.keypair import Keypair
 
 from registry.keys import load_keypair

@@ -19,7 +19,7 @@ import binascii
 import json
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from solders.hash import Hash
@@ -57,6 +57,9 @@ MAX_BASE58_TX_LEN = 1683  # base58 of a 1232-byte packet
 MAX_TX_BYTES = 1232
 
 
+T = TypeVar("T")
+
+
 class RpcError(Exception):
     def __init__(self, code: int, message: str, data: Any = None) -> None:
         super().__init__(message)
@@ -81,31 +84,36 @@ def _arity(params: list[Any], n: int) -> None:
         raise invalid_params(f"Invalid params: invalid length {len(params)}, expected at most {n}")
 
 
-def _pubkey(v: Any) -> Pubkey:
+def _base58(v: Any, parse: Callable[[str], T], what: str) -> T:
+    """A base58 pubkey, signature or hash parameter, refused with the RPC's own wording."""
     if not isinstance(v, str):
-        raise invalid_params("Invalid params: expected a base58 pubkey string")
+        raise invalid_params(f"Invalid params: expected a base58 {what} string")
     try:
-        return Pubkey.from_string(v)
+        return parse(v)
     except Exception:  # noqa: BLE001 - solders raises assorted types on bad input
-        raise invalid_params(f"Invalid param: Invalid pubkey {v!r}") from None
+        raise invalid_params(f"Invalid param: Invalid {what} {v!r}") from None
+
+
+def _pubkey(v: Any) -> Pubkey:
+    return _base58(v, Pubkey.from_string, "pubkey")
 
 
 def _signature(v: Any) -> Signature:
-    if not isinstance(v, str):
-        raise invalid_params("Invalid params: expected a base58 signature string")
-    try:
-        return Signature.from_string(v)
-    except Exception:  # noqa: BLE001 - solders raises assorted types on bad input
-        raise invalid_params(f"Invalid param: Invalid signature {v!r}") from None
+    return _base58(v, Signature.from_string, "signature")
 
 
 def _hash(v: Any) -> Hash:
-    if not isinstance(v, str):
-        raise invalid_params("Invalid params: expected a base58 hash string")
-    try:
-        return Hash.from_string(v)
-    except Exception:  # noqa: BLE001 - solders raises assorted types on bad input
-        raise invalid_params(f"Invalid param: Invalid hash {v!r}") from None
+    return _base58(v, Hash.from_string, "hash")
+
+
+def _list(params: list[Any], i: int, name: str, most: int, parse: Callable[[Any], T]) -> list[T]:
+    """A list parameter of at most ``most`` items, each parsed by ``parse``."""
+    values = _param(params, i, name)
+    if not isinstance(values, list):
+        raise invalid_params(f"Invalid params: expected a list of {name}")
+    if len(values) > most:
+        raise invalid_params(f"Too many inputs provided; max {most}")
+    return [parse(v) for v in values]
 
 
 def _uint(v: Any, name: str, *, upper: int = 2**64 - 1) -> int:
@@ -316,12 +324,7 @@ class RpcMethods:
 
     def m_getMultipleAccounts(self, p: list[Any]) -> dict[str, Any]:
         _arity(p, 2)
-        keys = _param(p, 0, "pubkeys")
-        if not isinstance(keys, list):
-            raise invalid_params("Invalid params: expected a list of pubkeys")
-        if len(keys) > MAX_MULTIPLE_ACCOUNTS:
-            raise invalid_params(f"Too many inputs provided; max {MAX_MULTIPLE_ACCOUNTS}")
-        pks = [_pubkey(k) for k in keys]
+        pks = _list(p, 0, "pubkeys", MAX_MULTIPLE_ACCOUNTS, _pubkey)
         cfg = _config(p, 1)
         enc = _encoding(cfg, "base64", ACCOUNT_ENCODINGS)
         ds = _data_slice(cfg)
@@ -548,12 +551,7 @@ class RpcMethods:
 
     def m_getSignatureStatuses(self, p: list[Any]) -> dict[str, Any]:
         _arity(p, 2)
-        sigs = _param(p, 0, "signatures")
-        if not isinstance(sigs, list):
-            raise invalid_params("Invalid params: expected a list of signatures")
-        if len(sigs) > MAX_SIGNATURE_STATUSES:
-            raise invalid_params(f"Too many inputs provided; max {MAX_SIGNATURE_STATUSES}")
-        parsed = [_signature(s) for s in sigs]
+        parsed = _list(p, 0, "signatures", MAX_SIGNATURE_STATUSES, _signature)
         cfg = _config(p, 1)
         ctx = self._ctx(cfg, None)
         ctx["value"] = [

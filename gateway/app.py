@@ -230,27 +230,20 @@ async def webrtc_token(request: web.Request) -> web.Response:
     return web.json_response(out)
 
 
-def session_handler(method: Callable[..., Awaitable[dict[str, Any]]], model: type[schemas.Body],
-                    located: bool = False) -> Handler:
+def session_route(path: str, call: Callable[..., Awaitable[dict[str, Any]]],
+                  model: type[schemas.Body], summary: str, located: bool = False) -> Route:
     """A route whose whole work is one ``SessionService`` call with the caller's wallet and the
-    parsed body (and, for a new session that is routed by distance, the client's IP)."""
+    parsed body (and, for a new session routed by distance, the client's IP); the body's model is
+    named once, for the handler and for the route table's readers."""
 
     async def handler(request: web.Request) -> web.Response:
         body = await parse_body(request, model)
         where = (client_ip(request),) if located else ()
-        return web.json_response(await method(gw(request).sessions, *wallet_of(request), body,
-                                              *where))
+        return web.json_response(await call(gw(request).sessions, *wallet_of(request), body,
+                                            *where))
 
-    handler.__name__ = method.__name__
-    return handler
-
-
-webrtc_extend = session_handler(SessionService.webrtc_extend, schemas.SessionExtend)
-stt_session = session_handler(SessionService.stt_session, schemas.SttSessionRequest, located=True)
-stt_extend = session_handler(SessionService.stt_extend, schemas.SessionExtend)
-tts_session = session_handler(SessionService.tts_session, schemas.TtsSessionRequest, located=True)
-tts_extend = session_handler(SessionService.tts_extend, schemas.TtsExtend)
-agent_extend = session_handler(SessionService.agent_extend, schemas.AgentExtend)
+    handler.__name__ = call.__name__
+    return Route("POST", path, handler, summary, model=model)
 
 
 async def agent_session(request: web.Request) -> web.Response:
@@ -372,20 +365,20 @@ ROUTES: tuple[Route, ...] = (
           paged=True),
     Route("POST", "/v1/webrtc/token", webrtc_token, "Create a WebRTC session",
           model=schemas.WebrtcTokenRequest),
-    Route("POST", "/v1/webrtc/token/extend", webrtc_extend, "Extend a WebRTC session",
-          model=schemas.SessionExtend),
-    Route("POST", "/v1/stt/session", stt_session, "Create a speech-to-text session",
-          model=schemas.SttSessionRequest),
-    Route("POST", "/v1/stt/session/extend", stt_extend, "Extend a speech-to-text session",
-          model=schemas.SessionExtend),
-    Route("POST", "/v1/tts/session", tts_session, "Create a text-to-speech session",
-          model=schemas.TtsSessionRequest),
-    Route("POST", "/v1/tts/session/extend", tts_extend, "Extend a text-to-speech session",
-          model=schemas.TtsExtend),
+    session_route("/v1/webrtc/token/extend", SessionService.webrtc_extend, schemas.SessionExtend,
+                  "Extend a WebRTC session"),
+    session_route("/v1/stt/session", SessionService.stt_session, schemas.SttSessionRequest,
+                  "Create a speech-to-text session", located=True),
+    session_route("/v1/stt/session/extend", SessionService.stt_extend, schemas.SessionExtend,
+                  "Extend a speech-to-text session"),
+    session_route("/v1/tts/session", SessionService.tts_session, schemas.TtsSessionRequest,
+                  "Create a text-to-speech session", located=True),
+    session_route("/v1/tts/session/extend", SessionService.tts_extend, schemas.TtsExtend,
+                  "Extend a text-to-speech session"),
     Route("POST", "/v1/agent-session", agent_session, "Create a WebRTC + STT + TTS bundle",
           model=schemas.AgentSessionRequest),
-    Route("POST", "/v1/agent-session/extend", agent_extend, "Extend an agent session bundle",
-          model=schemas.AgentExtend),
+    session_route("/v1/agent-session/extend", SessionService.agent_extend, schemas.AgentExtend,
+                  "Extend an agent session bundle"),
     Route("POST", "/v1/webhooks/sfu", sfu_webhook, "SFU lifecycle webhooks (node-signed)",
           auth="node"),
     Route("POST", "/internal/events", internal_events,

@@ -106,14 +106,24 @@ def _hash(v: Any) -> Hash:
     return _base58(v, Hash.from_string, "hash")
 
 
-def _list(params: list[Any], i: int, name: str, most: int, parse: Callable[[Any], T]) -> list[T]:
-    """A list parameter of at most ``most`` items, each parsed by ``parse``."""
-    values = _param(params, i, name)
-    if not isinstance(values, list):
-        raise invalid_params(f"Invalid params: expected a list of {name}")
-    if len(values) > most:
-        raise invalid_params(f"Too many inputs provided; max {most}")
-    return [parse(v) for v in values]
+def _one_with_config(params: list[Any], name: str,
+                     parse: Callable[[Any], T]) -> tuple[T, dict[str, Any]]:
+    """The usual shape of a Solana RPC call: one argument, then an optional configuration."""
+    _arity(params, 2)
+    return parse(_param(params, 0, name)), _config(params, 1)
+
+
+def _list_of(name: str, most: int, parse: Callable[[Any], T]) -> Callable[[Any], list[T]]:
+    """A parser for a list parameter of at most ``most`` items, each parsed by ``parse``."""
+
+    def parse_list(values: Any) -> list[T]:
+        if not isinstance(values, list):
+            raise invalid_params(f"Invalid params: expected a list of {name}")
+        if len(values) > most:
+            raise invalid_params(f"Too many inputs provided; max {most}")
+        return [parse(v) for v in values]
+
+    return parse_list
 
 
 def _uint(v: Any, name: str, *, upper: int = 2**64 - 1) -> int:
@@ -286,9 +296,7 @@ class RpcMethods:
         return self._ctx(cfg, {"blockhash": str(h), "lastValidBlockHeight": lvbh})
 
     def m_isBlockhashValid(self, p: list[Any]) -> dict[str, Any]:
-        _arity(p, 2)
-        h = _hash(_param(p, 0, "blockhash"))
-        cfg = _config(p, 1)
+        h, cfg = _one_with_config(p, "blockhash", _hash)
         return self._ctx(cfg, self.svm.is_blockhash_valid(h))
 
     def m_getFeeForMessage(self, p: list[Any]) -> dict[str, Any]:
@@ -305,15 +313,11 @@ class RpcMethods:
 
     # -- accounts --------------------------------------------------------------
     def m_getBalance(self, p: list[Any]) -> dict[str, Any]:
-        _arity(p, 2)
-        key = _pubkey(_param(p, 0, "pubkey"))
-        cfg = _config(p, 1)
+        key, cfg = _one_with_config(p, "pubkey", _pubkey)
         return self._ctx(cfg, self.svm.get_balance(key))
 
     def m_getAccountInfo(self, p: list[Any]) -> dict[str, Any]:
-        _arity(p, 2)
-        key = _pubkey(_param(p, 0, "pubkey"))
-        cfg = _config(p, 1)
+        key, cfg = _one_with_config(p, "pubkey", _pubkey)
         enc = _encoding(cfg, "binary", ACCOUNT_ENCODINGS)
         ds = _data_slice(cfg)
         ctx = self._ctx(cfg, None)
@@ -323,9 +327,8 @@ class RpcMethods:
         return ctx
 
     def m_getMultipleAccounts(self, p: list[Any]) -> dict[str, Any]:
-        _arity(p, 2)
-        pks = _list(p, 0, "pubkeys", MAX_MULTIPLE_ACCOUNTS, _pubkey)
-        cfg = _config(p, 1)
+        pks, cfg = _one_with_config(p, "pubkeys",
+                                    _list_of("pubkeys", MAX_MULTIPLE_ACCOUNTS, _pubkey))
         enc = _encoding(cfg, "base64", ACCOUNT_ENCODINGS)
         ds = _data_slice(cfg)
         ctx = self._ctx(cfg, None)
@@ -376,9 +379,7 @@ class RpcMethods:
         return out
 
     def m_getProgramAccounts(self, p: list[Any]) -> Any:
-        _arity(p, 2)
-        program = _pubkey(_param(p, 0, "programId"))
-        cfg = _config(p, 1)
+        program, cfg = _one_with_config(p, "programId", _pubkey)
         enc = _encoding(cfg, "binary", ACCOUNT_ENCODINGS)
         ds = _data_slice(cfg)
         filters = self._filters(cfg.get("filters"))
@@ -395,9 +396,7 @@ class RpcMethods:
 
     # -- SPL token -------------------------------------------------------------
     def m_getTokenAccountBalance(self, p: list[Any]) -> dict[str, Any]:
-        _arity(p, 2)
-        key = _pubkey(_param(p, 0, "pubkey"))
-        cfg = _config(p, 1)
+        key, cfg = _one_with_config(p, "pubkey", _pubkey)
         acc = self.svm.get_account(key)
         tb = None if acc is None else self.svm.token_balance(acc)
         if tb is None:
@@ -409,9 +408,7 @@ class RpcMethods:
         return self._ctx(cfg, tb["uiTokenAmount"])
 
     def m_getTokenSupply(self, p: list[Any]) -> dict[str, Any]:
-        _arity(p, 2)
-        key = _pubkey(_param(p, 0, "mint"))
-        cfg = _config(p, 1)
+        key, cfg = _one_with_config(p, "mint", _pubkey)
         acc = self.svm.get_account(key)
         m = parse_mint(bytes(acc.data)) if acc is not None and token_kind(acc) == "mint" else None
         if m is None:
@@ -550,9 +547,8 @@ class RpcMethods:
             raise RpcError(-32600, f"airdrop request failed: {exc.message}") from None
 
     def m_getSignatureStatuses(self, p: list[Any]) -> dict[str, Any]:
-        _arity(p, 2)
-        parsed = _list(p, 0, "signatures", MAX_SIGNATURE_STATUSES, _signature)
-        cfg = _config(p, 1)
+        parsed, cfg = _one_with_config(p, "signatures",
+                                       _list_of("signatures", MAX_SIGNATURE_STATUSES, _signature))
         ctx = self._ctx(cfg, None)
         ctx["value"] = [
             None

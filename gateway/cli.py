@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
+    """The command asked for (``serve`` by default); ``main`` turns its errors into one line."""
     config = load_gateway_config(args.config)
     if args.cmd in (None, "serve"):
         uvloop.run(serve(config))  # libuv's loop: less CPU per request than asyncio's

@@ -340,6 +340,7 @@ async def _run_async(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    """The command asked for; a refusal by the program becomes a CliError naming its code."""
     try:
         if args.cmd == "keygen":
             cmd_keygen(args)

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from registry import jsonsafe
+from common import jsonsafe
 
 log = logging.getLogger("agents.node_socket")
 

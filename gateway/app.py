@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,6 +20,7 @@ from aiohttp import web
 from pydantic import ValidationError
 from solders.keypair import Keypair
 
+from common.settings import format_validation_error
 from gateway import schemas
 from gateway.auth import MemoryReplayGuard, wallet_auth_middleware
 from gateway.bodies import bad_request, error, http_error, json_object, parse_body, validated
@@ -36,14 +38,13 @@ from gateway.ledger import (
     pricing,
 )
 from gateway.openapi import openapi_handler
-from gateway.payments.wiring import setup_payments
 from gateway.payments.routes import PAYMENT_ROUTES
+from gateway.payments.wiring import setup_payments
 from gateway.ratelimit import RateLimiter
 from gateway.routes import Handler, Route, unsigned_paths
 from gateway.routing import DirectoryUnavailable, NoCapacity, NodeDirectory
 from gateway.sessions import NoAccount, NotFound, SessionService, billable_units, iso
 from registry.program import NodeStatus
-from registry.settings import format_validation_error
 from registry.tokens import TokenError, verify_body
 
 log = logging.getLogger("gateway")
@@ -229,31 +230,20 @@ async def webrtc_token(request: web.Request) -> web.Response:
     return web.json_response(out)
 
 
-async def webrtc_extend(request: web.Request) -> web.Response:
-    body = await parse_body(request, schemas.SessionExtend)
-    return web.json_response(await gw(request).sessions.webrtc_extend(*wallet_of(request), body))
+def session_route(path: str, call: Callable[..., Awaitable[dict[str, Any]]],
+                  model: type[schemas.Body], summary: str, located: bool = False) -> Route:
+    """A route whose whole work is one ``SessionService`` call with the caller's wallet and the
+    parsed body (and, for a new session routed by distance, the client's IP); the body's model is
+    named once, for the handler and for the route table's readers."""
 
+    async def handler(request: web.Request) -> web.Response:
+        body = await parse_body(request, model)
+        where = (client_ip(request),) if located else ()
+        return web.json_response(await call(gw(request).sessions, *wallet_of(request), body,
+                                            *where))
 
-async def stt_session(request: web.Request) -> web.Response:
-    body = await parse_body(request, schemas.SttSessionRequest)
-    out = await gw(request).sessions.stt_session(*wallet_of(request), body, client_ip(request))
-    return web.json_response(out)
-
-
-async def stt_extend(request: web.Request) -> web.Response:
-    body = await parse_body(request, schemas.SessionExtend)
-    return web.json_response(await gw(request).sessions.stt_extend(*wallet_of(request), body))
-
-
-async def tts_session(request: web.Request) -> web.Response:
-    body = await parse_body(request, schemas.TtsSessionRequest)
-    out = await gw(request).sessions.tts_session(*wallet_of(request), body, client_ip(request))
-    return web.json_response(out)
-
-
-async def tts_extend(request: web.Request) -> web.Response:
-    body = await parse_body(request, schemas.TtsExtend)
-    return web.json_response(await gw(request).sessions.tts_extend(*wallet_of(request), body))
+    handler.__name__ = call.__name__
+    return Route("POST", path, handler, summary, model=model)
 
 
 async def agent_session(request: web.Request) -> web.Response:
@@ -262,11 +252,6 @@ async def agent_session(request: web.Request) -> web.Response:
     user_ip = client_ip(request, body.client_ip) if body.client_ip else agent_ip
     out = await gw(request).sessions.agent_session(*wallet_of(request), body, agent_ip, user_ip)
     return web.json_response(out)
-
-
-async def agent_extend(request: web.Request) -> web.Response:
-    body = await parse_body(request, schemas.AgentExtend)
-    return web.json_response(await gw(request).sessions.agent_extend(*wallet_of(request), body))
 
 
 # ---------------------------------------------------------------- from nodes
@@ -380,20 +365,20 @@ ROUTES: tuple[Route, ...] = (
           paged=True),
     Route("POST", "/v1/webrtc/token", webrtc_token, "Create a WebRTC session",
           model=schemas.WebrtcTokenRequest),
-    Route("POST", "/v1/webrtc/token/extend", webrtc_extend, "Extend a WebRTC session",
-          model=schemas.SessionExtend),
-    Route("POST", "/v1/stt/session", stt_session, "Create a speech-to-text session",
-          model=schemas.SttSessionRequest),
-    Route("POST", "/v1/stt/session/extend", stt_extend, "Extend a speech-to-text session",
-          model=schemas.SessionExtend),
-    Route("POST", "/v1/tts/session", tts_session, "Create a text-to-speech session",
-          model=schemas.TtsSessionRequest),
-    Route("POST", "/v1/tts/session/extend", tts_extend, "Extend a text-to-speech session",
-          model=schemas.TtsExtend),
+    session_route("/v1/webrtc/token/extend", SessionService.webrtc_extend, schemas.SessionExtend,
+                  "Extend a WebRTC session"),
+    session_route("/v1/stt/session", SessionService.stt_session, schemas.SttSessionRequest,
+                  "Create a speech-to-text session", located=True),
+    session_route("/v1/stt/session/extend", SessionService.stt_extend, schemas.SessionExtend,
+                  "Extend a speech-to-text session"),
+    session_route("/v1/tts/session", SessionService.tts_session, schemas.TtsSessionRequest,
+                  "Create a text-to-speech session", located=True),
+    session_route("/v1/tts/session/extend", SessionService.tts_extend, schemas.TtsExtend,
+                  "Extend a text-to-speech session"),
     Route("POST", "/v1/agent-session", agent_session, "Create a WebRTC + STT + TTS bundle",
           model=schemas.AgentSessionRequest),
-    Route("POST", "/v1/agent-session/extend", agent_extend, "Extend an agent session bundle",
-          model=schemas.AgentExtend),
+    session_route("/v1/agent-session/extend", SessionService.agent_extend, schemas.AgentExtend,
+                  "Extend an agent session bundle"),
     Route("POST", "/v1/webhooks/sfu", sfu_webhook, "SFU lifecycle webhooks (node-signed)",
           auth="node"),
     Route("POST", "/internal/events", internal_events,

@@ -51,6 +51,8 @@ from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from solders.signature import Signature
 
+from common.errors import CodedError
+
 log = logging.getLogger(__name__)
 
 CHAINS = ("solana", "evm")
@@ -73,12 +75,8 @@ H_CHAIN = "X-Wallet-Chain"
 H_TIMESTAMP = "X-Timestamp"
 
 
-class AuthError(Exception):
+class AuthError(CodedError):
     """Authentication failed. ``code`` names the check; the message says what was wrong."""
-
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        super().__init__(message)
 
 
 @dataclass(frozen=True)

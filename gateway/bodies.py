@@ -8,9 +8,9 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
+from common import jsonsafe
+from common.settings import format_validation_error
 from gateway import schemas
-from registry import jsonsafe
-from registry.settings import format_validation_error
 
 
 def error(status: int, message: str) -> web.Response:

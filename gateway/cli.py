@@ -21,13 +21,13 @@ import uvloop
 from aiohttp import web
 from solders.pubkey import Pubkey
 
+from common.cli import add_log_level, run_command
+from common.settings import SettingsError
 from gateway.config import GatewayConfig, load_gateway_config
 from gateway.ledger import Ledger, pricing
 from registry import program as p
 from registry.client import RegistryClient
 from registry.keys import load_or_create_keypair
-from registry.logs import configure_logging
-from registry.settings import SettingsError
 
 log = logging.getLogger("gateway")
 
@@ -109,8 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="voicenet gateway")
     parser.add_argument("--config", type=Path, default=None,
                         help="YAML config (configs/gateway.yaml); built-in local defaults if absent")
-    parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_log_level(parser)
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.add_parser("serve", help="run the HTTP gateway (the default)")
     credits = sub.add_parser("credits", help="credits").add_subparsers(dest="credits_cmd",
@@ -126,25 +125,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run(args: argparse.Namespace) -> None:
+    """The command asked for (``serve`` by default); ``main`` turns its errors into one line."""
+    config = load_gateway_config(args.config)
+    if args.cmd in (None, "serve"):
+        uvloop.run(serve(config))  # libuv's loop: less CPU per request than asyncio's
+    elif args.cmd == "credits":
+        asyncio.run(grant(config, args.wallet, args.chain, args.usd, args.memo))
+    elif args.cmd == "accounts":
+        asyncio.run(accounts(config))
+    else:
+        asyncio.run(sessions(config, args.status))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
-    try:
-        config = load_gateway_config(args.config)
-        if args.cmd in (None, "serve"):
-            uvloop.run(serve(config))  # libuv's loop: less CPU per request than asyncio's
-        elif args.cmd == "credits":
-            asyncio.run(grant(config, args.wallet, args.chain, args.usd, args.memo))
-        elif args.cmd == "accounts":
-            asyncio.run(accounts(config))
-        else:
-            asyncio.run(sessions(config, args.status))
-    except (SettingsError, ValueError, FileNotFoundError) as exc:
-        print(f"gateway: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_command("gateway", lambda: run(args), (SettingsError, ValueError, FileNotFoundError),
+                       status=2, log_level=args.log_level)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import aiohttp
 from solders.keypair import Keypair
@@ -75,33 +75,42 @@ def error_for(status: int, message: str, body: Any) -> GatewayError:
 
 
 @dataclass(frozen=True)
-class WebrtcSession:
+class SessionGrant:
+    """What the gateway hands out for one session: connect to ``url`` with ``token``. The API
+    names the URL per service (``URL_KEY``); each subclass keeps that name as a property."""
+
+    URL_KEY: ClassVar[str] = "url"
+
     session_id: str
     token: str
-    ws_url: str
+    url: str
     expires_at: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def of(cls, d: dict[str, Any]) -> "WebrtcSession":
-        return cls(d.get("session_id", ""), d["token"], d.get("ws_url", ""),
+    def of(cls, d: dict[str, Any]) -> Self:
+        return cls(d.get("session_id", ""), d["token"], d.get(cls.URL_KEY, ""),
                    d.get("expires_at") or d.get("new_expires_at"), d)
 
 
-@dataclass(frozen=True)
-class ServiceSession:
+class WebrtcSession(SessionGrant):
+    """A WebRTC session: join the SFU at ``ws_url`` with ``token``."""
+
+    URL_KEY = "ws_url"
+
+    @property
+    def ws_url(self) -> str:
+        return self.url
+
+
+class ServiceSession(SessionGrant):
     """An STT or TTS session: connect to ``server_url`` with ``token`` as the session key."""
 
-    session_id: str
-    token: str
-    server_url: str
-    expires_at: str | None = None
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    URL_KEY = "server_url"
 
-    @classmethod
-    def of(cls, d: dict[str, Any]) -> "ServiceSession":
-        return cls(d.get("session_id", ""), d["token"], d.get("server_url", ""),
-                   d.get("expires_at") or d.get("new_expires_at"), d)
+    @property
+    def server_url(self) -> str:
+        return self.url
 
 
 @dataclass(frozen=True)

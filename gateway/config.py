@@ -6,10 +6,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.settings import SettingsError, read_yaml_mapping, validate_settings
 from gateway.payments.config import PaymentsConfig
 from registry.client import DEFAULT_RPC_URL
-from registry.settings import SettingsError, read_yaml_mapping, validate_settings
-
 
 GatewayConfigError = SettingsError
 

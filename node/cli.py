@@ -9,29 +9,22 @@ import sys
 from node.agent import NodeStartError, serve
 from node.config import ROLE_NAMES, ConfigError, load_config
 from node.roles import RoleNotBuilt
-from registry.logs import configure_logging
+from common.cli import add_log_level, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="node", description=__doc__)
     parser.add_argument("--role", choices=ROLE_NAMES, help="overrides `role:` in the config")
     parser.add_argument("--config", required=True, help="YAML config (see configs/node-*.yaml)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_log_level(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
-    try:
-        config = load_config(args.config, args.role)
-        asyncio.run(serve(config))
-    except (ConfigError, RoleNotBuilt, NodeStartError) as exc:
-        print(f"node: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_command("node", lambda: asyncio.run(serve(load_config(args.config, args.role))),
+                       (ConfigError, RoleNotBuilt, NodeStartError), status=2,
+                       log_level=args.log_level)
 
 
 if __name__ == "__main__":

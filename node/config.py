@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from registry.client import DEFAULT_RPC_URL
 from registry.nodeurl import node_url_problem
 from registry.program import MAX_URL_LEN, VERSION_LEN
-from registry.settings import SettingsError, read_yaml_mapping, validate_settings
+from common.settings import SettingsError, read_yaml_mapping, validate_settings
 
 ROLE_NAMES = ("sfu", "stt", "tts")
 

@@ -2,7 +2,7 @@
 
 The agent owns keys, registration, heartbeats, health and drain; a role owns its protocol. A role
 module exposes ``create_role(context) -> Role``. Roles never import each other and import only the
-agent's public pieces (this module, ``node.config``) and ``registry``.
+agent's public pieces (this module, ``node.config``), ``registry`` and ``common``.
 """
 
 from __future__ import annotations

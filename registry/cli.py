@@ -18,8 +18,15 @@ from pathlib import Path
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
+from common.cli import run_command
 from registry import program as p
-from registry.client import LAMPORTS_PER_SOL, DEFAULT_RPC_URL, RegistryClient, RegistryError, is_local_rpc
+from registry.client import (
+    DEFAULT_RPC_URL,
+    LAMPORTS_PER_SOL,
+    RegistryClient,
+    RegistryError,
+    is_local_rpc,
+)
 from registry.keys import load_keypair, load_or_create_keypair, save_keypair
 from registry.nodeurl import check_node_url
 from registry.tokens import SERVICES, Grant, mint_token
@@ -332,8 +339,8 @@ async def _run_async(args: argparse.Namespace) -> None:
         await ASYNC_COMMANDS[args.cmd](args, client)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> None:
+    """The command asked for; a refusal by the program becomes a CliError naming its code."""
     try:
         if args.cmd == "keygen":
             cmd_keygen(args)
@@ -344,14 +351,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             asyncio.run(_run_async(args))
     except p.RegistryProgramError as exc:
-        print(f"registry: refused by the program: {exc.name} ({exc.code})", file=sys.stderr)
-        return 1
-    except (CliError, RegistryError, FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"registry: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+        raise CliError(f"refused by the program: {exc.name} ({exc.code})") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command("registry", lambda: run(args),
+                       (CliError, RegistryError, FileNotFoundError, FileExistsError, ValueError),
+                       status=1)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ from typing import Any, Self
 from anchorpy import Idl
 from anchorpy.coder.accounts import AccountsCoder
 from anchorpy.coder.instruction import InstructionCoder
+from anchorpy_core.idl import IdlInstruction
 from pyheck import snake
 from solders.instruction import AccountMeta, Instruction
-from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from solders.system_program import ID as SYSTEM_PROGRAM_ID
 
@@ -194,12 +194,24 @@ def to_micro(degrees: float) -> int:
 # ---------------------------------------------------------------- instructions
 
 
-def _ix(
-    name: str, accounts: list[tuple[Pubkey, bool, bool]], args: dict[str, Any], program_id: Pubkey
-) -> Instruction:
+def _ix(name: str, program_id: Pubkey, args: dict[str, Any], **accounts: Pubkey) -> Instruction:
+    """An instruction as the IDL declares it: the arguments through anchorpy's coder, the accounts
+    in the IDL's order with its signer and writable flags (stated once, in idl.json). The
+    registry, the System Program and the program's own accounts are filled in here; callers name
+    the others (``node``, ``issuer``, ``owner``, ``authority``)."""
+    known = {"registry": registry_pda(program_id)[0], "systemProgram": SYSTEM_PROGRAM_ID,
+             "program": program_id, "programData": programdata_address(program_id)}
+    spec = _idl_instruction(name)
+    metas = [AccountMeta(pubkey=accounts[a.name] if a.name in accounts else known[a.name],
+                         is_signer=a.is_signer, is_writable=a.is_mut) for a in spec.accounts]
     data = _instruction_coder().encode(snake(name), {snake(k): v for k, v in args.items()})
-    metas = [AccountMeta(pubkey=k, is_signer=s, is_writable=w) for k, s, w in accounts]
     return Instruction(program_id, data, metas)
+
+
+@cache
+def _idl_instruction(name: str) -> IdlInstruction:
+    by_name = {snake(ix.name): ix for ix in idl().instructions}
+    return by_name[name]
 
 
 def initialize_registry_ix(
@@ -209,48 +221,20 @@ def initialize_registry_ix(
     program_id: Pubkey = PROGRAM_ID,
 ) -> Instruction:
     """``authority`` must be the program's upgrade authority; APPROVAL is the safe default."""
-    registry, _ = registry_pda(program_id)
-    return _ix(
-        "initialize_registry",
-        [
-            (registry, False, True),
-            (authority, True, True),
-            (SYSTEM_PROGRAM_ID, False, False),
-            (program_id, False, False),
-            (programdata_address(program_id), False, False),
-        ],
-        {"heartbeat_ttl": heartbeat_ttl, "policy": int(Policy.parse(policy))},
-        program_id,
-    )
+    args = {"heartbeat_ttl": heartbeat_ttl, "policy": int(Policy.parse(policy))}
+    return _ix("initialize_registry", program_id, args, authority=authority)
 
 
 def add_issuer_ix(authority: Pubkey, key: Pubkey, program_id: Pubkey = PROGRAM_ID) -> Instruction:
-    registry, _ = registry_pda(program_id)
     issuer, _ = issuer_pda(key, program_id)
-    return _ix(
-        "add_issuer",
-        [
-            (registry, False, True),
-            (issuer, False, True),
-            (authority, True, True),
-            (SYSTEM_PROGRAM_ID, False, False),
-        ],
-        {"key": key},
-        program_id,
-    )
+    return _ix("add_issuer", program_id, {"key": key}, issuer=issuer, authority=authority)
 
 
 def remove_issuer_ix(
     authority: Pubkey, key: Pubkey, program_id: Pubkey = PROGRAM_ID
 ) -> Instruction:
-    registry, _ = registry_pda(program_id)
-    issuer, _ = issuer_pda(key, program_id)
-    return _ix(
-        "remove_issuer",
-        [(registry, False, True), (issuer, False, True), (authority, True, True)],
-        {},
-        program_id,
-    )
+    return _ix("remove_issuer", program_id, {}, issuer=issuer_pda(key, program_id)[0],
+               authority=authority)
 
 
 @dataclass(frozen=True)
@@ -278,75 +262,42 @@ class NodeFields:
 def register_node_ix(
     owner: Pubkey, role: Role, fields: NodeFields, program_id: Pubkey = PROGRAM_ID
 ) -> Instruction:
-    registry, _ = registry_pda(program_id)
-    node, _ = node_pda(owner, program_id)
-    return _ix(
-        "register_node",
-        [
-            (registry, False, True),
-            (node, False, True),
-            (owner, True, True),
-            (SYSTEM_PROGRAM_ID, False, False),
-        ],
-        {"role": int(role), **fields.as_args()},
-        program_id,
-    )
+    args = {"role": int(role), **fields.as_args()}
+    return _ix("register_node", program_id, args, node=node_pda(owner, program_id)[0], owner=owner)
 
 
 def heartbeat_ix(
     owner: Pubkey, load: int, capacity: int, program_id: Pubkey = PROGRAM_ID
 ) -> Instruction:
     node, _ = node_pda(owner, program_id)
-    return _ix(
-        "heartbeat",
-        [(node, False, True), (owner, True, False)],
-        {"load": load, "capacity": capacity},
-        program_id,
-    )
+    args = {"load": load, "capacity": capacity}
+    return _ix("heartbeat", program_id, args, node=node, owner=owner)
 
 
 def update_node_ix(
     owner: Pubkey, fields: NodeFields, program_id: Pubkey = PROGRAM_ID
 ) -> Instruction:
     node, _ = node_pda(owner, program_id)
-    return _ix(
-        "update_node", [(node, False, True), (owner, True, False)], fields.as_args(), program_id
-    )
+    return _ix("update_node", program_id, fields.as_args(), node=node, owner=owner)
 
 
 def deregister_node_ix(owner: Pubkey, program_id: Pubkey = PROGRAM_ID) -> Instruction:
-    registry, _ = registry_pda(program_id)
-    node, _ = node_pda(owner, program_id)
-    return _ix(
-        "deregister_node",
-        [(registry, False, True), (node, False, True), (owner, True, True)],
-        {},
-        program_id,
-    )
+    return _ix("deregister_node", program_id, {}, node=node_pda(owner, program_id)[0], owner=owner)
 
 
 def set_node_status_ix(
     authority: Pubkey, owner: Pubkey, status: NodeStatus, program_id: Pubkey = PROGRAM_ID
 ) -> Instruction:
-    registry, _ = registry_pda(program_id)
     node, _ = node_pda(owner, program_id)
-    return _ix(
-        "set_node_status",
-        [(registry, False, False), (node, False, True), (authority, True, False)],
-        {"status": int(status)},
-        program_id,
-    )
+    return _ix("set_node_status", program_id, {"status": int(status)}, node=node,
+               authority=authority)
 
 
-def approve_node_ix(authority: Pubkey, owner: Pubkey, program_id: Pubkey = PROGRAM_ID) -> Instruction:
-    registry, _ = registry_pda(program_id)
-    node, _ = node_pda(owner, program_id)
-    return _ix(
-        "approve_node",
-        [(registry, False, False), (node, False, True), (authority, True, False)],
-        {},
-        program_id,
-    )
+def approve_node_ix(
+    authority: Pubkey, owner: Pubkey, program_id: Pubkey = PROGRAM_ID
+) -> Instruction:
+    return _ix("approve_node", program_id, {}, node=node_pda(owner, program_id)[0],
+               authority=authority)
 
 
 # ---------------------------------------------------------------- accounts

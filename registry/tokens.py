@@ -28,17 +28,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
+from common.errors import CodedError
+
 ALGORITHM = "EdDSA"
 SERVICES = ("webrtc", "stt", "tts")
 DEFAULT_LEEWAY_SECONDS = 5
 
 
-class TokenError(Exception):
+class TokenError(CodedError):
     """A token was refused; ``code`` is the machine-readable reason the nodes send back."""
-
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        super().__init__(message)
 
 
 @dataclass(frozen=True)

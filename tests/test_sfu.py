@@ -31,11 +31,11 @@ from node.config import Location, NodeConfig
 from registry.client import RegistryClient
 from registry.keys import load_keypair
 from registry.tokens import Grant, mint_token
-from tests.support.audio import tone_hz
 from tests.conftest import Chain, free_port
+from tests.support.audio import tone_hz
+from tests.support.livekit_signal import RawClient
 from tests.support.serving import serve
 from tests.support.sfu_net import SfuNet, sfu_and_gateway
-from tests.support.livekit_signal import RawClient
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -469,10 +469,10 @@ async def test_a_room_spans_two_nodes(sfu: Setup, tmp_path: Path) -> None:
 
 
 async def test_a_misspelt_sfu_setting_is_an_error(tmp_path: Path) -> None:
+    from common.settings import SettingsError
     from node.outbox import Outbox
     from node.roles import RoleContext
     from node.sfu import create_role
-    from registry.settings import SettingsError
     from registry.tokens import TokenVerifier
 
     async def issuers() -> list[str]:

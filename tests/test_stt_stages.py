@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.settings import SettingsError
 from node.models import whisper as wm
 from node.stt.clock import SessionClock
 from node.stt.denoise import GTCRNModel
@@ -22,7 +23,6 @@ from node.stt.settings import load_settings
 from node.stt.trimming import speech_bounds, trim
 from node.stt.vad import Segmenter, SileroModel, VadConfig
 from node.stt.validation import rms_dbfs, validate
-from registry.settings import SettingsError
 from tests.support.speech import SAMPLE_RATE, noise, silence, speak, wer
 
 SENTENCE = "Please send the quarterly report to the finance team by Friday."

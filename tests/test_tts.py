@@ -27,6 +27,7 @@ import yaml
 from aiohttp import web
 from solders.keypair import Keypair
 
+from common.settings import SettingsError
 from node.models.kokoro import ALL_VOICES, LANGUAGES, VOICES, KokoroFiles, ensure_kokoro
 from node.tts.engine import (
     BUDGET_MARGIN,
@@ -42,7 +43,6 @@ from node.tts.engine import (
 from node.tts.harness import RoleServer
 from node.tts.settings import load_settings
 from registry.keys import load_keypair
-from registry.settings import SettingsError
 from registry.tokens import Grant, mint_token
 from tests.conftest import ROOT, Chain, free_port
 from tests.support.serving import serve

@@ -1,6 +1,9 @@
-"""The gateway's credits ledger (SQLite or PostgreSQL). See ``ledger.py`` for the balance model."""
+"""The gateway's credits ledger (SQLite or PostgreSQL). See ``ledger.py`` for the balance model.
 
-from .db import Database, normalize_url
+The names here are what the rest of the gateway uses; the other records and the database layer
+stay in their modules (``records``, ``db``) for the few modules that need them.
+"""
+
 from .errors import (
     AccountNotFound,
     ConcurrencyLimit,
@@ -13,26 +16,12 @@ from .errors import (
 )
 from .ids import uuid7
 from .ledger import Ledger
-from .records import (
-    Account,
-    AccountView,
-    Audit,
-    Bundle,
-    Extension,
-    SessionRecord,
-    SessionSpec,
-    Transaction,
-    UsageResult,
-)
+from .records import Account, Extension, SessionRecord, SessionSpec, Transaction
 
 __all__ = [
     "Account",
     "AccountNotFound",
-    "AccountView",
-    "Audit",
-    "Bundle",
     "ConcurrencyLimit",
-    "Database",
     "DuplicatePayment",
     "Extension",
     "InsufficientCredits",
@@ -44,7 +33,5 @@ __all__ = [
     "SessionSpec",
     "Transaction",
     "UnknownSession",
-    "UsageResult",
-    "normalize_url",
     "uuid7",
 ]

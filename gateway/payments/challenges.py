@@ -23,7 +23,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from registry import jsonsafe
+from common import jsonsafe
 
 from .config import MppPayments, TronPayments
 from .x402 import EXPOSE, H_PAYMENT_REQUIRED, Offer, PaymentInvalid, b64json

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from registry import jsonsafe
+from common import jsonsafe
 
 H_PAYMENT_REQUIRED = "PAYMENT-REQUIRED"
 H_PAYMENT_SIGNATURE = "PAYMENT-SIGNATURE"

@@ -20,8 +20,8 @@ from node.sfu.forward import check_compatible
 from node.sfu.revoked import BadRevocation, Revocations, session_ids
 from node.sfu.rtc import Participant, Room
 from node.sfu.settings import SfuSettings
-from registry import jsonsafe
-from registry.settings import validate_settings
+from common import jsonsafe
+from common.settings import validate_settings
 from registry.tokens import Claims, TokenError, verify_body
 
 log = logging.getLogger("node.sfu")

@@ -29,7 +29,7 @@ from livekit.protocol import models, rtc
 
 from node.sfu.forward import ForwardTrack, install_passthrough, level_to_unit
 from node.sfu.settings import SfuSettings
-from registry import jsonsafe
+from common import jsonsafe
 from registry.tokens import Claims
 
 log = logging.getLogger("node.sfu")

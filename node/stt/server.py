@@ -37,8 +37,8 @@ from node.stt.stream import FrontEnd, Utterance
 from node.stt.trimming import trim
 from node.stt.vad import SAMPLE_RATE, SileroModel, VadConfig
 from node.stt.validation import ValidationConfig, rms_dbfs, validate
-from registry import jsonsafe
-from registry.settings import SettingsError
+from common import jsonsafe
+from common.settings import SettingsError
 from registry.tokens import Claims, TokenError
 
 log = logging.getLogger("node.stt")

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from registry.settings import SettingsError
+from common.settings import SettingsError
 
 
 class _Strict(BaseModel):

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from registry.settings import validate_settings
+from common.settings import validate_settings
 
 
 class TtsSettings(BaseModel):

@@ -35,7 +35,7 @@ from aiohttp import WSMsgType, web
 
 from node.tts.engine import EngineError, Segment, VoiceSpec, check_speed, plan_segments
 from node.tts.usage import SessionEnded, TtsSession
-from registry import jsonsafe
+from common import jsonsafe
 from registry.tokens import Claims, TokenError
 
 if TYPE_CHECKING:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
-
 from solders.keypair import Keypair
 
 from registry.keys import load_keypair
@@ -118,8 +117,7 @@ async def start_localnet(
     except BaseException:
         svm.close()
         raise
-    sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
-    bound = sockets[0].getsockname()[1] if sockets else port
+    bound = runner.addresses[0][1] if runner.addresses else port
     return Localnet(svm=svm, url=f"http://{host}:{bound}", host=host, port=bound, _runner=runner)
 
 

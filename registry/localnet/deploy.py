@@ -131,20 +131,24 @@ def deploy_program(
             ixs, payer.pubkey(), list(uniq.values()), blockhash
         )
 
+    def loader_account(address: Pubkey, size: int) -> Instruction:
+        """Create a rent-exempt account of ``size`` bytes owned by the upgradeable loader."""
+        return create_account(
+            CreateAccountParams(
+                from_pubkey=payer.pubkey(),
+                to_pubkey=address,
+                lamports=target.minimum_balance_for_rent_exemption(size),
+                space=size,
+                owner=BPF_LOADER_UPGRADEABLE_ID,
+            )
+        )
+
     bh = target.latest_blockhash()
     target.send_all(
         [
             tx(
                 [
-                    create_account(
-                        CreateAccountParams(
-                            from_pubkey=payer.pubkey(),
-                            to_pubkey=buffer.pubkey(),
-                            lamports=target.minimum_balance_for_rent_exemption(buf_size),
-                            space=buf_size,
-                            owner=BPF_LOADER_UPGRADEABLE_ID,
-                        )
-                    ),
+                    loader_account(buffer.pubkey(), buf_size),
                     initialize_buffer_ix(buffer.pubkey(), authority.pubkey()),
                 ],
                 [buffer],
@@ -177,17 +181,7 @@ def deploy_program(
         [
             tx(
                 [
-                    create_account(
-                        CreateAccountParams(
-                            from_pubkey=payer.pubkey(),
-                            to_pubkey=program_id,
-                            lamports=target.minimum_balance_for_rent_exemption(
-                                PROGRAM_ACCOUNT_SIZE
-                            ),
-                            space=PROGRAM_ACCOUNT_SIZE,
-                            owner=BPF_LOADER_UPGRADEABLE_ID,
-                        )
-                    ),
+                    loader_account(program_id, PROGRAM_ACCOUNT_SIZE),
                     deploy_with_max_data_len_ix(
                         payer.pubkey(), program_id, buffer.pubkey(), authority.pubkey(), max_len
                     ),

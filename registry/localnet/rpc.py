@@ -19,7 +19,7 @@ import binascii
 import json
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from solders.hash import Hash
@@ -28,7 +28,7 @@ from solders.pubkey import Pubkey
 from solders.signature import Signature
 from solders.transaction import VersionedTransaction
 
-from registry import jsonsafe
+from common import jsonsafe
 
 from .codec import (
     TOKEN_PROGRAMS,
@@ -57,6 +57,9 @@ MAX_BASE58_TX_LEN = 1683  # base58 of a 1232-byte packet
 MAX_TX_BYTES = 1232
 
 
+T = TypeVar("T")
+
+
 class RpcError(Exception):
     def __init__(self, code: int, message: str, data: Any = None) -> None:
         super().__init__(message)
@@ -81,31 +84,46 @@ def _arity(params: list[Any], n: int) -> None:
         raise invalid_params(f"Invalid params: invalid length {len(params)}, expected at most {n}")
 
 
-def _pubkey(v: Any) -> Pubkey:
+def _base58(v: Any, parse: Callable[[str], T], what: str) -> T:
+    """A base58 pubkey, signature or hash parameter, refused with the RPC's own wording."""
     if not isinstance(v, str):
-        raise invalid_params("Invalid params: expected a base58 pubkey string")
+        raise invalid_params(f"Invalid params: expected a base58 {what} string")
     try:
-        return Pubkey.from_string(v)
+        return parse(v)
     except Exception:  # noqa: BLE001 - solders raises assorted types on bad input
-        raise invalid_params(f"Invalid param: Invalid pubkey {v!r}") from None
+        raise invalid_params(f"Invalid param: Invalid {what} {v!r}") from None
+
+
+def _pubkey(v: Any) -> Pubkey:
+    return _base58(v, Pubkey.from_string, "pubkey")
 
 
 def _signature(v: Any) -> Signature:
-    if not isinstance(v, str):
-        raise invalid_params("Invalid params: expected a base58 signature string")
-    try:
-        return Signature.from_string(v)
-    except Exception:  # noqa: BLE001 - solders raises assorted types on bad input
-        raise invalid_params(f"Invalid param: Invalid signature {v!r}") from None
+    return _base58(v, Signature.from_string, "signature")
 
 
 def _hash(v: Any) -> Hash:
-    if not isinstance(v, str):
-        raise invalid_params("Invalid params: expected a base58 hash string")
-    try:
-        return Hash.from_string(v)
-    except Exception:  # noqa: BLE001 - solders raises assorted types on bad input
-        raise invalid_params(f"Invalid param: Invalid hash {v!r}") from None
+    return _base58(v, Hash.from_string, "hash")
+
+
+def _one_with_config(params: list[Any], name: str,
+                     parse: Callable[[Any], T]) -> tuple[T, dict[str, Any]]:
+    """The usual shape of a Solana RPC call: one argument, then an optional configuration."""
+    _arity(params, 2)
+    return parse(_param(params, 0, name)), _config(params, 1)
+
+
+def _list_of(name: str, most: int, parse: Callable[[Any], T]) -> Callable[[Any], list[T]]:
+    """A parser for a list parameter of at most ``most`` items, each parsed by ``parse``."""
+
+    def parse_list(values: Any) -> list[T]:
+        if not isinstance(values, list):
+            raise invalid_params(f"Invalid params: expected a list of {name}")
+        if len(values) > most:
+            raise invalid_params(f"Too many inputs provided; max {most}")
+        return [parse(v) for v in values]
+
+    return parse_list
 
 
 def _uint(v: Any, name: str, *, upper: int = 2**64 - 1) -> int:
@@ -278,9 +296,7 @@ class RpcMethods:
         return self._ctx(cfg, {"blockhash": str(h), "lastValidBlockHeight": lvbh})
 
     def m_isBlockhashValid(self, p: list[Any]) -> dict[str, Any]:
-        _arity(p, 2)
-        h = _hash(_param(p, 0, "blockhash"))
-        cfg = _config(p, 1)
+        h, cfg = _one_with_config(p, "blockhash", _hash)
         return self._ctx(cfg, self.svm.is_blockhash_valid(h))
 
     def m_getFeeForMessage(self, p: list[Any]) -> dict[str, Any]:
@@ -297,15 +313,11 @@ class RpcMethods:
 
     # -- accounts --------------------------------------------------------------
     def m_getBalance(self, p: list[Any]) -> dict[str, Any]:
-        _arity(p, 2)
-        key = _pubkey(_param(p, 0, "pubkey"))
-        cfg = _config(p, 1)
+        key, cfg = _one_with_config(p, "pubkey", _pubkey)
         return self._ctx(cfg, self.svm.get_balance(key))
 
     def m_getAccountInfo(self, p: list[Any]) -> dict[str, Any]:
-        _arity(p, 2)
-        key = _pubkey(_param(p, 0, "pubkey"))
-        cfg = _config(p, 1)
+        key, cfg = _one_with_config(p, "pubkey", _pubkey)
         enc = _encoding(cfg, "binary", ACCOUNT_ENCODINGS)
         ds = _data_slice(cfg)
         ctx = self._ctx(cfg, None)
@@ -315,14 +327,8 @@ class RpcMethods:
         return ctx
 
     def m_getMultipleAccounts(self, p: list[Any]) -> dict[str, Any]:
-        _arity(p, 2)
-        keys = _param(p, 0, "pubkeys")
-        if not isinstance(keys, list):
-            raise invalid_params("Invalid params: expected a list of pubkeys")
-        if len(keys) > MAX_MULTIPLE_ACCOUNTS:
-            raise invalid_params(f"Too many inputs provided; max {MAX_MULTIPLE_ACCOUNTS}")
-        pks = [_pubkey(k) for k in keys]
-        cfg = _config(p, 1)
+        pks, cfg = _one_with_config(p, "pubkeys",
+                                    _list_of("pubkeys", MAX_MULTIPLE_ACCOUNTS, _pubkey))
         enc = _encoding(cfg, "base64", ACCOUNT_ENCODINGS)
         ds = _data_slice(cfg)
         ctx = self._ctx(cfg, None)
@@ -373,9 +379,7 @@ class RpcMethods:
         return out
 
     def m_getProgramAccounts(self, p: list[Any]) -> Any:
-        _arity(p, 2)
-        program = _pubkey(_param(p, 0, "programId"))
-        cfg = _config(p, 1)
+        program, cfg = _one_with_config(p, "programId", _pubkey)
         enc = _encoding(cfg, "binary", ACCOUNT_ENCODINGS)
         ds = _data_slice(cfg)
         filters = self._filters(cfg.get("filters"))
@@ -392,9 +396,7 @@ class RpcMethods:
 
     # -- SPL token -------------------------------------------------------------
     def m_getTokenAccountBalance(self, p: list[Any]) -> dict[str, Any]:
-        _arity(p, 2)
-        key = _pubkey(_param(p, 0, "pubkey"))
-        cfg = _config(p, 1)
+        key, cfg = _one_with_config(p, "pubkey", _pubkey)
         acc = self.svm.get_account(key)
         tb = None if acc is None else self.svm.token_balance(acc)
         if tb is None:
@@ -406,9 +408,7 @@ class RpcMethods:
         return self._ctx(cfg, tb["uiTokenAmount"])
 
     def m_getTokenSupply(self, p: list[Any]) -> dict[str, Any]:
-        _arity(p, 2)
-        key = _pubkey(_param(p, 0, "mint"))
-        cfg = _config(p, 1)
+        key, cfg = _one_with_config(p, "mint", _pubkey)
         acc = self.svm.get_account(key)
         m = parse_mint(bytes(acc.data)) if acc is not None and token_kind(acc) == "mint" else None
         if m is None:
@@ -547,14 +547,8 @@ class RpcMethods:
             raise RpcError(-32600, f"airdrop request failed: {exc.message}") from None
 
     def m_getSignatureStatuses(self, p: list[Any]) -> dict[str, Any]:
-        _arity(p, 2)
-        sigs = _param(p, 0, "signatures")
-        if not isinstance(sigs, list):
-            raise invalid_params("Invalid params: expected a list of signatures")
-        if len(sigs) > MAX_SIGNATURE_STATUSES:
-            raise invalid_params(f"Too many inputs provided; max {MAX_SIGNATURE_STATUSES}")
-        parsed = [_signature(s) for s in sigs]
-        cfg = _config(p, 1)
+        parsed, cfg = _one_with_config(p, "signatures",
+                                       _list_of("signatures", MAX_SIGNATURE_STATUSES, _signature))
         ctx = self._ctx(cfg, None)
         ctx["value"] = [
             None

@@ -1,6 +1,6 @@
 """YAML config files validated by pydantic: the one loader every service (node, gateway) uses.
 
-Shared here because `registry/` is the layer both sides import; it holds no service's settings.
+It holds no service's settings: each service declares its own model and loads it through here.
 """
 
 from __future__ import annotations

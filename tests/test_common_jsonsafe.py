@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from registry import jsonsafe
+from common import jsonsafe
 
 
 def test_deep_nesting_is_refused_under_a_raised_recursion_limit() -> None:

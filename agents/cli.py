@@ -22,8 +22,7 @@ import sys
 from agents.agent import VoiceAgent
 from agents.pipeline import PipelineConfig
 from agents.plugins import LLM
-from gateway.client import GatewayClient, GatewayError
-from registry.keys import load_keypair
+from gateway.client import GatewayClient, GatewayError, load_wallet
 
 log = logging.getLogger("agents.cli")
 
@@ -68,7 +67,7 @@ def make_llm(args: argparse.Namespace) -> LLM:
 
 
 async def run(args: argparse.Namespace) -> int:
-    wallet = load_keypair(args.wallet)
+    wallet = load_wallet(args.wallet)
     llm = make_llm(args)
     load = getattr(llm, "load", None)
     if load is not None:

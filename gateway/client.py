@@ -20,6 +20,7 @@ import aiohttp
 from solders.keypair import Keypair
 
 from gateway.auth import sign_request
+from registry.keys import load_keypair
 
 # Timestamps the SDK may use around the current second: well inside the gateway's +-30 s window.
 SKEW_MARGIN = 20
@@ -63,6 +64,12 @@ class ConcurrencyLimit(GatewayError):
 
 class NoCapacity(GatewayError):
     pass
+
+
+def load_wallet(path: str) -> Keypair:
+    """The wallet that signs requests, from a Solana keypair file (the JSON array of 64 bytes
+    ``solana-keygen`` and ``registry keygen`` write): what an agent needs of the chain layer."""
+    return load_keypair(path)
 
 
 def error_for(status: int, message: str, body: Any) -> GatewayError:

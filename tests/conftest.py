@@ -30,8 +30,19 @@ from registry import program as p
 from registry.client import RegistryClient
 from registry.keys import load_or_create_keypair, save_keypair
 
-# A throwaway PostgreSQL server (session fixture ``pg_url``), for the ledger on both databases.
-pytest_plugins = ["tests.pg", "tests.support.gateway_net", "tests.support.agents_network"]
+# Fixtures shared by several test modules live in tests/support/ and are registered here (a test
+# module never imports fixtures from another): a throwaway PostgreSQL server (``pg_url``, for the
+# ledger on both databases), the gateway and agents networks, the payment tests' gateway (``pay``)
+# and EVM (``evm_chain``, ``evm_gw``), the STT models and the TTS engine.
+pytest_plugins = [
+    "tests.pg",
+    "tests.support.gateway_net",
+    "tests.support.agents_network",
+    "tests.support.payments",
+    "tests.support.evm_chain",
+    "tests.support.stt_node",
+    "tests.support.tts_role",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_TTL = 3

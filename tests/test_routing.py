@@ -32,51 +32,11 @@ from gateway.routing import (
     score_nodes,
 )
 from registry.program import NodeAccount, NodeStatus, Role
+from tests.support.node_entries import node
 
 BERLIN = Location(52.52, 13.40, "DE", "default")
 DE_CENTRE = Location(51.0533, 9.7943, "DE", "embedded-country")  # as the locator gives for DE
 LONDON = Location(51.5074, -0.1278, "GB", "mmdb-city")
-
-CITIES = {
-    "london": (51.51, -0.13, "GB"),
-    "frankfurt": (50.11, 8.68, "DE"),
-    "cologne": (50.94, 6.96, "DE"),
-    "munich": (48.14, 11.58, "DE"),
-    "strasbourg": (48.58, 7.75, "FR"),
-    "newyork": (40.71, -74.01, "US"),
-}
-
-
-def node(
-    name: str,
-    city: str | None = None,
-    *,
-    role: Role = Role.SFU,
-    load: int = 0,
-    capacity: int = 10,
-    stale: bool = False,
-    status: NodeStatus = NodeStatus.ACTIVE,
-    owner: Pubkey | None = None,
-) -> NodeAccount:
-    lat, lon, country = CITIES[city or name]
-    owner = owner or Pubkey.new_unique()
-    return NodeAccount(
-        address=Pubkey.new_unique(),
-        owner=owner,
-        role=role,
-        status=status,
-        url=f"wss://{name}.example",
-        lat=lat,
-        lon=lon,
-        country=country,
-        capacity=capacity,
-        load=load,
-        version="0.1.0",
-        registered_at=0,
-        last_heartbeat=0,
-        last_heartbeat_slot=0,
-        stale=stale,
-    )
 
 
 class FakeRegistry:

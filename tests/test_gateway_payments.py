@@ -4,7 +4,7 @@ Each test gets its own in-process localnet (the real Agave SVM over LiteSVM, wit
 program) whose clock the test can move (to expire blockhashes without waiting), a test-USDC mint,
 funded payers, and the gateway app on loopback. Every refusal checks that nothing moved: the
 payer's and the pay-to wallet's USDC, the ledger's account and its payment records. The official
-``x402`` client pays in ``test_payments_x402.py``.
+``x402`` client pays in ``test_gateway_payments_x402.py``.
 """
 
 from __future__ import annotations

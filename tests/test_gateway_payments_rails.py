@@ -1,6 +1,7 @@
 """The other rails: EVM (x402 exact, EIP-3009) verified end to end through the route; MPP and
 TRON challenges and their refusals. Here the EVM RPC is unreachable ("nothing was used and nothing
-credited", 503); settlement on a real EVM, front-running included, is in test_payments_evm.py.
+credited", 503); settlement on a real EVM, front-running included, is in
+test_gateway_payments_evm.py.
 """
 
 from __future__ import annotations

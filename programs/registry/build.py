@@ -4,7 +4,8 @@
 
 Needs Debian's clang-19 (``apt-get install clang-19 llvm-19``); links with the project's own
 ``link.py`` (stdlib only). The result is byte-for-byte reproducible: the same sources and the
-same clang-19 give the same ``registry.so`` (tests/test_program_build.py checks the committed one).
+same clang-19 give the same ``registry.so`` (tests/test_registry_program_build.py checks the
+committed one).
 """
 
 from __future__ import annotations

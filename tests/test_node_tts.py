@@ -121,6 +121,7 @@ def test_planner_cuts_first_clause_short_and_respects_limits(engine) -> None:
     assert " ".join(s.text for s in segs).split() == long_es.split()
 
 
+@pytest.mark.fast
 def test_settings_reject_unknown_keys_and_bad_values() -> None:
     assert load_settings({}).voice == "af_heart"
     with pytest.raises(SettingsError, match="vioce"):

@@ -42,7 +42,7 @@ from registry.keys import load_or_create_keypair, save_keypair
 # ledger on both databases), the gateway and agents networks, the payment tests' gateway (``pay``)
 # and EVM (``evm_chain``, ``evm_gw``), the STT models and the TTS engine.
 pytest_plugins = [
-    "tests.pg",
+    "tests.support.pg",
     "tests.support.gateway_net",
     "tests.support.agents_network",
     "tests.support.payments",

@@ -1,4 +1,5 @@
-"""The credits ledger on SQLite (a temp file) and PostgreSQL (a throwaway server, tests/pg.py).
+"""The credits ledger on SQLite (a temp file) and PostgreSQL (a throwaway server,
+tests/support/pg.py).
 
 Every requirement of the ledger is a test here; concurrency tests run their calls concurrently
 (asyncio.gather) over several Ledger instances, i.e. separate engines and connections, as several

@@ -30,17 +30,10 @@ from gateway.payments.config import PaymentsConfig, SolanaPayments
 from registry import usdc
 from registry.client import RegistryClient
 from registry.localnet import start_localnet
+from tests.support.clock import Clock
 
 PATH = "/v1/credits/purchase"
 DEVNET = "solana:EtWTRABZaYq6iMfeYKouRu166VU2xqa1"
-
-
-@dataclass
-class Clock:
-    offset: float = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
 
 
 @dataclass

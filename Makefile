@@ -10,7 +10,7 @@ X402_STAMP := .venv-x402/.installed
 LLM_STAMP  := .venv/.llm-installed
 APT_PKGS := clang-19 llvm-19 postgresql wrk chromium
 
-.PHONY: setup up test program bench clean-local apt models llm browser web
+.PHONY: setup up test test-fast program bench clean-local apt models llm browser web
 
 setup: apt $(STAMP) $(X402_STAMP) models llm browser web
 
@@ -73,8 +73,15 @@ models: $(STAMP)
 up: setup
 	$(PY) scripts/devnet.py
 
+# The whole suite, in two runs: first the fast tier, where tests/conftest.py fails any test that
+# starts a process or loads a model (so a slow test cannot hide in the tier), then the rest.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m fast
+	$(PY) -m pytest -q -m 'not fast'
+
+# The fast tier alone: unit tests marked `fast` (no process, no model), under a minute.
+test-fast: setup
+	$(PY) -m pytest -q -m fast
 
 program: apt
 	$(PY) programs/registry/build.py

@@ -47,7 +47,7 @@ from registry import program as p  # noqa: E402
 from registry.client import RegistryClient  # noqa: E402
 from registry.keys import save_keypair  # noqa: E402
 from tests.conftest import free_port, start_localnet_process  # noqa: E402
-from tests.pg import PgServer, find_bindir  # noqa: E402
+from tests.support.pg import PgServer, find_bindir  # noqa: E402
 
 WALLETS = 3000
 MAX_RPS = 3000  # requests signed per second of a phase (a faster run would replay: non-2xx)

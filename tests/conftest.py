@@ -5,21 +5,28 @@ deploys the program with an upgrade authority of its own (``Localnet.authority``
 the program lets initialise the registry. The session registry is initialised once by that key,
 under the `open` admission policy (nodes are active at once: tests not about admission), with a
 short heartbeat TTL so staleness can be observed in seconds.
+
+The fast tier (``make test-fast``: ``pytest -m fast``) is the tests marked ``fast``: unit tests that
+start no process and load no model. While a run selects exactly that tier, starting a process or
+loading a model fails the test (or fixture) that does it, so a slow test cannot stay in the tier.
 """
 
 from __future__ import annotations
 
+import _posixsubprocess
 import asyncio
 import contextlib
+import importlib
 import os
 import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 import asyncpg
 import pytest
@@ -30,8 +37,19 @@ from registry import program as p
 from registry.client import RegistryClient
 from registry.keys import load_or_create_keypair, save_keypair
 
-# A throwaway PostgreSQL server (session fixture ``pg_url``), for the ledger on both databases.
-pytest_plugins = ["tests.pg", "tests.support.gateway_net", "tests.support.agents_network"]
+# Fixtures shared by several test modules live in tests/support/ and are registered here (a test
+# module never imports fixtures from another): a throwaway PostgreSQL server (``pg_url``, for the
+# ledger on both databases), the gateway and agents networks, the payment tests' gateway (``pay``)
+# and EVM (``evm_chain``, ``evm_gw``), the STT models and the TTS engine.
+pytest_plugins = [
+    "tests.support.pg",
+    "tests.support.gateway_net",
+    "tests.support.agents_network",
+    "tests.support.payments",
+    "tests.support.evm_chain",
+    "tests.support.stt_node",
+    "tests.support.tts_role",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_TTL = 3
@@ -174,3 +192,64 @@ async def new_pg_database(pg_url: str) -> AsyncIterator[str]:
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+# ---------------------------------------------------------------- the fast tier
+
+# The ledger's own tests on SQLite are unit tests; on PostgreSQL they need the server's process.
+LEDGER_MODULES = ("tests.test_gateway_ledger", "tests.test_gateway_payments_ledger")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The ledger modules' tests on SQLite join the fast tier (the others there are marked one by
+    one)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        module = getattr(item, "module", None)
+        if (module is not None and module.__name__ in LEDGER_MODULES and callspec is not None
+                and callspec.params.get("db_url") == "sqlite"):
+            item.add_marker(pytest.mark.fast)
+
+
+# Where a model's weights are loaded (the STT and TTS ONNX sessions, Whisper, the agents' LLM).
+MODEL_LOADERS = (("onnxruntime", "InferenceSession"), ("ctranslate2.models", "Whisper"),
+                 ("llama_cpp", "Llama"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fast_tier_violations(request: pytest.FixtureRequest) -> Iterator[list[str]]:
+    """In a ``-m fast`` run, every way to start a process or load a model raises, and is noted
+    (code under test may catch the error; ``_fast_tier_guard`` fails the test all the same)."""
+    violations: list[str] = []
+    if request.config.getoption("markexpr") != "fast":
+        yield violations
+        return
+
+    def refuse(what: str) -> Callable[..., NoReturn]:
+        def refused(*args: Any, **kwargs: Any) -> NoReturn:
+            violations.append(what)
+            raise RuntimeError(f"a test of the fast tier {what}: it belongs to the full suite "
+                               "(remove its `fast` mark)")
+        return refused
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(subprocess.Popen, "__init__", refuse("started a process (subprocess)"))
+        mp.setattr(_posixsubprocess, "fork_exec", refuse("started a process (fork_exec)"))
+        for name in ("fork", "posix_spawn", "posix_spawnp", "system"):
+            mp.setattr(os, name, refuse(f"started a process (os.{name})"))
+        for module, name in MODEL_LOADERS:
+            try:
+                loader = importlib.import_module(module)
+            except ModuleNotFoundError:  # not installed: no model is loaded through it
+                continue
+            mp.setattr(loader, name, refuse(f"loaded a model ({module}.{name})"))
+        yield violations
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_guard(fast_tier_violations: list[str]) -> Iterator[None]:
+    fast_tier_violations.clear()  # one in a wider fixture's setup already failed that test
+    yield
+    assert not fast_tier_violations, (
+        f"a test of the fast tier {fast_tier_violations[0]}: remove its `fast` mark")

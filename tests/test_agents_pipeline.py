@@ -28,7 +28,7 @@ from agents.plugins import (
     WordTiming,
 )
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.fast, pytest.mark.timeout(60)]
 
 WORD_SECONDS = 0.15
 FRAME = TTS_SAMPLE_RATE // 50  # 20 ms

@@ -9,6 +9,8 @@ import pytest
 
 from agents.text import Chunker, chunks, speakable
 
+pytestmark = pytest.mark.fast  # unit tests: no process, no model (make test-fast)
+
 
 def tokens(text: str) -> list[str]:
     """Deltas shaped like an LLM's: a word with the space before it (" world")."""

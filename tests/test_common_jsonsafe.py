@@ -6,6 +6,8 @@ import pytest
 
 from common import jsonsafe
 
+pytestmark = pytest.mark.fast  # unit tests: no process, no model (make test-fast)
+
 
 def test_deep_nesting_is_refused_under_a_raised_recursion_limit() -> None:
     import eth_account  # noqa: F401  (imports py_ecc, which raises the limit to 100,000)

@@ -414,7 +414,8 @@ async def test_fifty_concurrent_creations_against_ten(
 
 async def test_extend_pushes_the_new_token_to_the_sfu(gateway_net: Net, tmp_path: Path) -> None:
     """The SFU holding a participant gets the extended token (POST /rtc/refresh, bearer = token),
-    so the participant is not cut off at the old expiry (the SFU's side is in tests/test_sfu.py)."""
+    so the participant is not cut off at the old expiry (the SFU's side is in
+    tests/test_node_sfu.py)."""
     received: list[str] = []
 
     async def refresh(request: web.Request) -> web.Response:

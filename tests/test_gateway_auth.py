@@ -25,6 +25,8 @@ from gateway.auth import (
     wallet_auth_middleware,
 )
 
+pytestmark = pytest.mark.fast  # unit tests: no process, no model (make test-fast)
+
 NOW = 1_700_000_000
 PATH = "/v1/webrtc/token"
 EVM_KEY = "0x" + "11" * 32

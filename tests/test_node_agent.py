@@ -24,27 +24,8 @@ from registry import program as p
 from registry.client import RegistryClient
 from registry.keys import load_keypair
 from registry.tokens import Grant, mint_token
-from tests.conftest import ROOT, Chain, Localnet, free_port, init_registry, start_localnet_process
-
-
-def node_config(tmp: Path, chain: Chain, name: str, **over: object) -> tuple[Path, int]:
-    port = free_port()
-    config = {
-        "role": "stt",
-        "keypair": str(tmp / f"{name}.json"),
-        "rpc_url": chain.url,
-        "listen_port": port,
-        "public_url": f"http://127.0.0.1:{port}",
-        "location": {"lat": 50.1, "lon": 8.7, "country": "DE"},
-        "capacity": 5,
-        "heartbeat_interval": 0.5,
-        "drain_timeout": 5,
-        "issuer_cache_seconds": 1,
-        **over,
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path, port
+from tests.conftest import ROOT, Chain, Localnet, init_registry, start_localnet_process
+from tests.support.node_process import node_config, wait_health
 
 
 def start_node(config: Path, tmp: Path) -> subprocess.Popen[bytes]:
@@ -52,21 +33,6 @@ def start_node(config: Path, tmp: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "tests.support.probe_role", str(config)],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-async def wait_health(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, f"node exited with {proc.returncode}"
-            try:
-                async with http.get(f"http://127.0.0.1:{port}/health") as resp:
-                    if resp.status == 200:
-                        return await resp.json()
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
-    raise AssertionError("node did not become healthy")
 
 
 async def test_two_agents_register_heartbeat_and_one_dies(chain: Chain, tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ import pytest
 from node import cli
 from node.config import ConfigError, load_config
 
+pytestmark = pytest.mark.fast  # unit tests: no process, no model (make test-fast)
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 BASE = (CONFIGS / "node-stt.yaml").read_text()
 

@@ -1,7 +1,8 @@
 """The registry through the localnet's JSON-RPC: the client, issuers, staleness, tokens, restart.
 
-Every rule is also tested instruction by instruction in LiteSVM (tests/test_program.py); here the
-same program runs behind the RPC that solana-py talks to, as a gateway or node would see it.
+Every rule is also tested instruction by instruction in LiteSVM (tests/test_registry_program.py);
+here the same program runs behind the RPC that solana-py talks to, as a gateway or node would see
+it.
 """
 
 from __future__ import annotations

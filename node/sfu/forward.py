@@ -21,7 +21,7 @@ falls behind, so a slow subscriber never stalls the publisher or the other subsc
 What breaks if aiortc changes: the private names ``_RTCRtpReceiver__jitter_buffer`` and
 ``_RTCRtpReceiver__decoder_queue``, the ``decoder_worker`` contract (``input_q.get()``; ``None``
 stops), the sender's ``isinstance(data, Frame)`` switch. ``check_compatible()`` asserts those, and
-tests/test_sfu_forward.py exercises them end to end.
+tests/test_node_sfu_forward.py exercises them end to end.
 """
 
 from __future__ import annotations

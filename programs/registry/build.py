@@ -3,8 +3,9 @@
     python programs/registry/build.py [--out PATH] [--keep-build-dir DIR]
 
 Needs Debian's clang-19 (``apt-get install clang-19 llvm-19``); links with the project's own
-``link.py`` (pyelftools, from the ``test`` extra that ``make setup`` installs). The result is byte-for-byte reproducible: the same sources and the
-same clang-19 give the same ``registry.so`` (tests/test_program_build.py checks the committed one).
+``link.py`` (pyelftools, from the ``test`` extra that ``make setup`` installs). The result is
+byte-for-byte reproducible: the same sources and the same clang-19 give the same ``registry.so``
+(tests/test_registry_program_build.py checks the committed one).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from gateway.sessions import sfu_room
 from registry.tokens import TokenError, verify_token
 from tests.support.ledger import backdate
 from tests.support.gateway_net import Gw, audit_ok
-from tests.test_routing import node as make_node
+from tests.support.node_entries import node as make_node
 
 
 async def ledger_state(g: Gw, client: GatewayClient) -> tuple[Any, ...]:

@@ -29,14 +29,13 @@ from node.roles import RoleContext
 from node.tts.harness import RoleServer
 from registry.client import RegistryClient
 from registry.tokens import Grant, TokenVerifier, mint_token, sign_body
-from tests.conftest import Chain, free_port
+from tests.conftest import Chain
 from tests.support.serving import serve
 from tests.support.livekit_signal import RawClient
 from tests.support.speech import silence, stream_audio
-from tests.test_stt import connect as stt_connect
-from tests.test_stt import stt_models, stt_node  # noqa: F401  (stt_models is a fixture)
-from tests.test_tts import connect as tts_connect
-from tests.test_tts import engine, kokoro_files  # noqa: F401  (fixtures)
+from tests.support.stt_node import connect as stt_connect
+from tests.support.stt_node import stt_node
+from tests.support.tts_role import connect as tts_connect
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -54,7 +53,7 @@ def stt_token(chain: Chain, node_key: str, seconds: int = 60, session_id: str | 
 
 
 async def test_stt_token_routed_to_node_a_is_refused_by_node_b(
-        chain: Chain, tmp_path: Path, stt_models: Any) -> None:  # noqa: F811
+        chain: Chain, tmp_path: Path, stt_models: Any) -> None:
     async with stt_node(chain, tmp_path / "a", stt_models) as a, \
             stt_node(chain, tmp_path / "b", stt_models) as b:
         token = stt_token(chain, a.role.context.node_key)
@@ -72,7 +71,7 @@ async def test_stt_token_routed_to_node_a_is_refused_by_node_b(
 
 
 async def test_tts_token_routed_to_node_a_is_refused_by_node_b(
-        engine: Any, tmp_path: Path) -> None:  # noqa: F811
+        engine: Any, tmp_path: Path) -> None:
     issuer = Keypair()
     with RoleServer(engine, issuer, tmp_path / "a", settings={"warmup": False}) as a, \
             RoleServer(engine, issuer, tmp_path / "b", settings={"warmup": False}) as b:
@@ -145,7 +144,7 @@ async def test_sfu_token_routed_to_node_a_is_refused_by_node_b(chain: Chain,
 
 
 async def test_tts_parallel_sockets_and_a_reconnect_share_one_limit(
-        engine: Any, tmp_path: Path) -> None:  # noqa: F811
+        engine: Any, tmp_path: Path) -> None:
     with RoleServer(engine, Keypair(), tmp_path, settings={"warmup": False,
                                                            "reconnect_grace": 1.0}) as srv:
         session = str(uuid.uuid4())
@@ -181,7 +180,7 @@ async def test_tts_parallel_sockets_and_a_reconnect_share_one_limit(
 
 
 async def test_stt_audio_ten_times_real_time_is_rate_limited(
-        chain: Chain, tmp_path: Path, stt_models: Any) -> None:  # noqa: F811
+        chain: Chain, tmp_path: Path, stt_models: Any) -> None:
     audio = np.concatenate([silence(1.0), 0.05 * np.sin(2 * np.pi * 220 *
                                                          np.arange(16000 * 19) / 16000)])
     audio = audio.astype(np.float32)
@@ -267,7 +266,7 @@ async def test_sfu_refuses_and_drops_a_revoked_session(chain: Chain, tmp_path: P
 
 
 async def test_utf16_utf32_and_deep_json_get_clean_errors_on_every_node(
-        chain: Chain, tmp_path: Path, stt_models: Any, engine: Any) -> None:  # noqa: F811
+        chain: Chain, tmp_path: Path, stt_models: Any, engine: Any) -> None:
     async with stt_node(chain, tmp_path / "stt", stt_models) as node:
         async with stt_connect(node, {"session_key": stt_token(
                 chain, node.role.context.node_key)}) as c:

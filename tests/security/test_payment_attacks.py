@@ -9,23 +9,12 @@ import base64
 import json
 from typing import Any
 
-from solders.keypair import Keypair
 
 from gateway.auth import sign_request
 from gateway.payments.book import PaymentBook
 from gateway.payments import payer
-from tests.test_payments import PATH, Pay, pay  # noqa: F401 - the fixture
-from tests.test_payments_evm import (  # noqa: F401 - the fixtures
-    PAY_TO,
-    PAYER,
-    EvmChain,
-    authorization,
-    chain,
-    evm_gw,
-    post,
-    state,
-    submit_as,
-)
+from tests.support.evm_chain import PAY_TO, PAYER, EvmChain, authorization, post, state, submit_as
+from tests.support.payments import Pay
 
 
 async def everything(p: Pay, *owners: Any) -> dict[str, Any]:
@@ -41,7 +30,7 @@ async def everything(p: Pay, *owners: Any) -> dict[str, Any]:
     return out
 
 
-async def test_priority_fee_above_the_caps_is_refused(pay: Pay) -> None:  # noqa: F811
+async def test_priority_fee_above_the_caps_is_refused(pay: Pay) -> None:
     """A payer asks the gateway's fee payer for a huge priority fee (price or limit above the
     caps): refused before anything is signed; no SOL or USDC moves."""
     key = await pay.wallet()
@@ -61,7 +50,7 @@ async def test_priority_fee_above_the_caps_is_refused(pay: Pay) -> None:  # noqa
         assert await everything(pay, key.pubkey()) == before
 
 
-async def test_402_signature_replayed_with_another_body_is_refused(pay: Pay) -> None:  # noqa: F811
+async def test_402_signature_replayed_with_another_body_is_refused(pay: Pay) -> None:
     """A victim's signed purchase is answered 402, which gives its signature back. An attacker who
     saw the headers sends them with another body (its own wallet, its own payment): 401, and
     nothing is created. The victim's own retry, with the identical body, still goes through."""
@@ -88,7 +77,7 @@ async def test_402_signature_replayed_with_another_body_is_refused(pay: Pay) -> 
     assert status == 200, body
 
 
-async def test_repeated_signed_post_is_refused(pay: Pay) -> None:  # noqa: F811
+async def test_repeated_signed_post_is_refused(pay: Pay) -> None:
     """The same signed purchase sent twice within its second (identical headers and body): the
     copy is refused as a replay; the first purchase's effects are all there is."""
     key = await pay.wallet()
@@ -106,7 +95,7 @@ async def test_repeated_signed_post_is_refused(pay: Pay) -> None:  # noqa: F811
     assert after_first[f"txs:{key.pubkey()}"] == [("purchase", 250_000, settled)]
 
 
-async def test_repeated_signed_get_within_its_second_is_answered(pay: Pay) -> None:  # noqa: F811
+async def test_repeated_signed_get_within_its_second_is_answered(pay: Pay) -> None:
     """A client written from the reference signs whole seconds, so two reads in one second carry
     identical headers: both are answered, and reading changes nothing."""
     key = await pay.wallet()
@@ -123,21 +112,21 @@ async def test_repeated_signed_get_within_its_second_is_answered(pay: Pay) -> No
     assert await everything(pay, key.pubkey()) == before
 
 
-async def test_evm_front_run_cannot_fail_a_paid_purchase(evm_gw: Pay,  # noqa: F811
-                                                         chain: EvmChain) -> None:  # noqa: F811
+async def test_evm_front_run_cannot_fail_a_paid_purchase(evm_gw: Pay,
+                                                         evm_chain: EvmChain) -> None:
     """A mempool watcher lands the payer's authorization ahead of the gateway, whose own
     transaction reverts. The purchase is credited exactly once; the watcher gains nothing; a
     replay of the payment afterwards moves nothing."""
-    watcher = chain.t.get_accounts()[2]
-    payload, header = await authorization(evm_gw, chain)
-    chain.front_run = submit_as(chain, payload)
+    watcher = evm_chain.t.get_accounts()[2]
+    payload, header = await authorization(evm_gw, evm_chain)
+    evm_chain.front_run = submit_as(evm_chain, payload)
     status, body = await post(evm_gw, header)
     assert status == 200, body
-    after = await state(evm_gw, chain)
+    after = await state(evm_gw, evm_chain)
     assert after == {"payer": 7_500_000, "pay_to": 2_500_000, "payments": {"credited": 1},
                      "credits": (2_500_000, 2_500_000)}
-    assert chain.balance(watcher) == 0
+    assert evm_chain.balance(watcher) == 0
     status, body = await post(evm_gw, header)
     assert status == 402 and "replayed payment" in body["error"], body
-    assert await state(evm_gw, chain) == after
-    assert chain.balance(PAY_TO) == 2_500_000 and chain.balance(PAYER) == 7_500_000
+    assert await state(evm_gw, evm_chain) == after
+    assert evm_chain.balance(PAY_TO) == 2_500_000 and evm_chain.balance(PAYER) == 7_500_000

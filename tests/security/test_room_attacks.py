@@ -15,9 +15,9 @@ from solders.keypair import Keypair
 
 from gateway.client import GatewayClient
 from tests.conftest import Chain
+from tests.support.polling import wait_for
 from tests.support.sfu_net import SfuNet as Setup
-from tests.support.sfu_net import sfu_and_gateway
-from tests.test_sfu import get_status, wait_for
+from tests.support.sfu_net import get_status, sfu_and_gateway
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -1,5 +1,6 @@
 """One SFU node agent on the session localnet and the real gateway that routes to it: the
-fixture behind the SFU tests, the browser tests and the room attack tests."""
+fixture behind the SFU tests, the browser tests and the room attack tests, and a plain HTTP GET
+to the node (``get_status``) for their refusals."""
 
 from __future__ import annotations
 
@@ -78,3 +79,13 @@ async def sfu_and_gateway(chain: Chain, tmp: Path, where: dict[str, Any]) -> Asy
         await agent.shutdown()
         await server.close()
         await registry.close()
+
+
+async def get_status(setup: SfuNet, path: str, token: str | None = None,
+                     query: dict[str, str] | None = None, header: bool = True) -> tuple[int, str]:
+    headers = {"Authorization": f"Bearer {token}"} if token and header else {}
+    params = dict(query or {})
+    if token and not header:
+        params["access_token"] = token
+    async with setup.http.get(setup.http_url + path, headers=headers, params=params) as r:
+        return r.status, await r.text()

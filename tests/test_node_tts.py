@@ -17,7 +17,6 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -36,7 +35,6 @@ from node.tts.engine import (
     OTHER_MAX_CHARS,
     EngineError,
     VoiceSpec,
-    create_engine,
     first_cut,
     plan_segments,
 )
@@ -46,6 +44,7 @@ from registry.keys import load_keypair
 from registry.tokens import Grant, mint_token
 from tests.conftest import ROOT, Chain, free_port
 from tests.support.serving import serve
+from tests.support.tts_role import Event, connect
 
 FRAME_BYTES = 1920
 
@@ -53,86 +52,11 @@ FRAME_BYTES = 1920
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="session")
-def kokoro_files() -> KokoroFiles:
-    return ensure_kokoro()
-
-
-@pytest.fixture(scope="session")
-def engine(kokoro_files: KokoroFiles):
-    return create_engine("kokoro-onnx", files=kokoro_files)
-
-
 @pytest.fixture(scope="module")
 def server(engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoleServer]:
     with RoleServer(engine, Keypair(), tmp_path_factory.mktemp("tts"),
                     settings={"max_text_chars": 500, "reconnect_grace": 0.5}) as srv:
         yield srv
-
-
-@dataclass
-class Event:
-    at: float               # monotonic arrival time
-    msg: dict | None = None
-    audio: bytes | None = None
-
-
-@dataclass
-class Client:
-    ws: aiohttp.ClientWebSocketResponse
-    events: list[Event] = field(default_factory=list)
-
-    async def send(self, msg: dict) -> float:
-        await self.ws.send_json(msg)
-        return time.monotonic()
-
-    async def next(self, timeout: float = 60.0) -> Event:
-        m = await self.ws.receive(timeout=timeout)
-        at = time.monotonic()
-        if m.type == aiohttp.WSMsgType.BINARY:
-            ev = Event(at, audio=m.data)
-        elif m.type == aiohttp.WSMsgType.TEXT:
-            ev = Event(at, msg=json.loads(m.data))
-        else:
-            raise AssertionError(f"socket ended: {m.type} {m.data!r} {m.extra!r}")
-        self.events.append(ev)
-        return ev
-
-    async def until(self, kind: str, timeout: float = 90.0, context_id: str | None = None) -> list[Event]:
-        """Events up to and including the next message of ``kind`` (for ``context_id``)."""
-        out = []
-        deadline = time.monotonic() + timeout
-        while True:
-            ev = await self.next(max(0.1, deadline - time.monotonic()))
-            out.append(ev)
-            if ev.msg and ev.msg.get("type") == kind and (
-                    context_id is None or ev.msg.get("context_id") == context_id):
-                return out
-
-    async def expect_error(self, msg: dict | str | bytes, match: str) -> dict:
-        if isinstance(msg, dict):
-            await self.ws.send_json(msg)
-        elif isinstance(msg, bytes):
-            await self.ws.send_bytes(msg)
-        else:
-            await self.ws.send_str(msg)
-        ev = await self.next(10)
-        assert ev.msg is not None and ev.msg["type"] == "error", ev
-        assert re.search(match, ev.msg["message"], re.IGNORECASE), ev.msg
-        return ev.msg
-
-
-async def connect(http: aiohttp.ClientSession, srv: RoleServer, token: str,
-                  config: dict | None = None) -> Client:
-    ws = await http.ws_connect(srv.url)
-    first: dict = {"session_key": token}
-    if config:
-        first["config"] = config
-    await ws.send_json(first)
-    c = Client(ws)
-    ev = await c.next(30)
-    assert ev.msg and ev.msg["type"] == "ready", ev
-    return c
 
 
 def pcm(events: list[Event]) -> np.ndarray:
@@ -197,6 +121,7 @@ def test_planner_cuts_first_clause_short_and_respects_limits(engine) -> None:
     assert " ".join(s.text for s in segs).split() == long_es.split()
 
 
+@pytest.mark.fast
 def test_settings_reject_unknown_keys_and_bad_values() -> None:
     assert load_settings({}).voice == "af_heart"
     with pytest.raises(SettingsError, match="vioce"):

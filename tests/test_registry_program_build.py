@@ -79,6 +79,7 @@ def test_rebuild_reproduces_committed_so(tmp_path: Path):
     assert hashlib.sha256(committed).hexdigest() in proc.stdout
 
 
+@pytest.mark.fast
 def test_missing_clang_names_the_package(monkeypatch, tmp_path: Path):
     monkeypatch.delenv("CLANG", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
@@ -86,6 +87,7 @@ def test_missing_clang_names_the_package(monkeypatch, tmp_path: Path):
         build.build(tmp_path / "x.so")
 
 
+@pytest.mark.fast
 def test_discriminators_header_matches_anchor():
     import json
 
@@ -130,6 +132,7 @@ def parse_elf(raw: bytes):
     return ehdr, sections
 
 
+@pytest.mark.fast
 def test_so_layout():
     raw = P.SO_PATH.read_bytes()
     ehdr, sections = parse_elf(raw)
@@ -176,10 +179,12 @@ def _add(raw: bytes) -> None:
     LiteSVM().add_program(Pubkey.new_unique(), raw)
 
 
+@pytest.mark.fast
 def test_committed_so_loads():
     _add(P.SO_PATH.read_bytes())
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("mutate", [
     lambda raw: b"not an elf at all",
     lambda raw: b"",
@@ -196,6 +201,7 @@ def test_bad_elf_is_rejected(mutate):
     assert not isinstance(info.value, (KeyboardInterrupt, SystemExit))
 
 
+@pytest.mark.fast
 def test_foreign_elf_is_rejected():
     host_binary = Path(shutil.which("true") or "/bin/true").read_bytes()
     assert host_binary[:4] == b"\x7fELF"

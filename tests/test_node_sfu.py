@@ -35,7 +35,8 @@ from tests.conftest import Chain, free_port
 from tests.support.audio import tone_hz
 from tests.support.livekit_signal import RawClient
 from tests.support.serving import serve
-from tests.support.sfu_net import SfuNet, sfu_and_gateway
+from tests.support.polling import wait_for
+from tests.support.sfu_net import SfuNet, get_status, sfu_and_gateway
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -69,15 +70,6 @@ async def connect(setup: Setup, token: str) -> lk.Room:
     room = lk.Room()
     await asyncio.wait_for(room.connect(setup.ws_url, token), 20)
     return room
-
-
-async def wait_for(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def tone_frames(freq: float = 440.0) -> Any:
@@ -194,16 +186,6 @@ async def test_livekit_sdk_hears_the_tone_gets_data_and_speakers_and_is_billed(s
 
 
 # ---------------------------------------------------------------- refusals
-
-
-async def get_status(setup: Setup, path: str, token: str | None = None,
-                     query: dict[str, str] | None = None, header: bool = True) -> tuple[int, str]:
-    headers = {"Authorization": f"Bearer {token}"} if token and header else {}
-    params = dict(query or {})
-    if token and not header:
-        params["access_token"] = token
-    async with setup.http.get(setup.http_url + path, headers=headers, params=params) as r:
-        return r.status, await r.text()
 
 
 async def test_refusals_before_the_websocket(sfu: Setup) -> None:
@@ -494,7 +476,7 @@ async def test_node_cli_runs_the_sfu_role(chain: Chain, tmp_path: Path) -> None:
     import sys
 
     from tests.conftest import ROOT
-    from tests.test_node_agent import node_config, wait_health
+    from tests.support.node_process import node_config, wait_health
 
     config, port = node_config(tmp_path, chain, "sfu-cli", sfu={"ping_interval": 3})
     log = open(tmp_path / "sfu-cli.log", "ab")

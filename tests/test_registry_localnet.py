@@ -42,6 +42,7 @@ from registry.localnet.deploy import (
     deploy_program,
     programdata_address,
 )
+from tests.support.clock import Clock
 
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRY_SO = ROOT / "programs" / "registry" / "registry.so"
@@ -49,22 +50,12 @@ REGISTRY_KEYPAIR = ROOT / "programs" / "registry" / "program-keypair.json"
 SOL = 1_000_000_000
 
 
-class FakeClock:
-    """Wall clock plus an adjustable offset, so tests can jump minutes ahead."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-
 @dataclass
 class Net:
     handle: Localnet
     client: AsyncClient
     ledger: Path
-    clock: FakeClock
+    clock: Clock
 
     @property
     def url(self) -> str:
@@ -73,7 +64,7 @@ class Net:
 
 @pytest_asyncio.fixture
 async def net(tmp_path: Path) -> AsyncIterator[Net]:
-    clock = FakeClock()
+    clock = Clock()
     handle = await start_localnet(0, tmp_path / "ledger", now=clock)
     client = AsyncClient(handle.url)
     try:

@@ -20,7 +20,7 @@ import pytest
 
 from gateway.payments.book import PaymentBook
 from registry.keys import save_keypair
-from tests.test_payments import DEVNET, Pay, pay  # noqa: F401 - the fixture
+from tests.support.payments import DEVNET, Pay
 
 ROOT = Path(__file__).resolve().parent.parent
 X402_PYTHON = Path(os.environ.get("X402_PYTHON", ROOT / ".venv-x402" / "bin" / "python"))

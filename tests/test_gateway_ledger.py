@@ -1,4 +1,5 @@
-"""The credits ledger on SQLite (a temp file) and PostgreSQL (a throwaway server, tests/pg.py).
+"""The credits ledger on SQLite (a temp file) and PostgreSQL (a throwaway server,
+tests/support/pg.py).
 
 Every requirement of the ledger is a test here; concurrency tests run their calls concurrently
 (asyncio.gather) over several Ledger instances, i.e. separate engines and connections, as several
@@ -134,6 +135,7 @@ async def check_invariants(lg: Ledger, account_id: str) -> None:
 # ------------------------------------------------------------------------------------ pricing
 
 
+@pytest.mark.fast
 def test_pricing_document_matches_the_spec() -> None:
     assert pricing.pricing_document() == {
         "microcredits_per_usd": 1_000_000,
@@ -145,6 +147,7 @@ def test_pricing_document_matches_the_spec() -> None:
     }
 
 
+@pytest.mark.fast
 def test_cost_is_integer_and_rounds_up() -> None:
     assert pricing.cost("webrtc", 0) == 0
     assert pricing.cost("webrtc", 1) == 17  # 1000/60 = 16.67
@@ -162,6 +165,7 @@ def test_cost_is_integer_and_rounds_up() -> None:
         pricing.cost("video", 1)
 
 
+@pytest.mark.fast
 def test_reservation_for_whole_minutes_is_exact() -> None:
     for service, rate in (("webrtc", 1000), ("stt", 6000)):
         for n in range(1, 241):
@@ -175,6 +179,7 @@ def test_reservation_for_whole_minutes_is_exact() -> None:
         pricing.seconds_for_minutes(0)
 
 
+@pytest.mark.fast
 def test_usd_to_microcredits() -> None:
     assert pricing.usd_to_microcredits(0.1) == 100_000
     assert pricing.usd_to_microcredits(0.1 + 0.2) == 300_000  # never more than paid
@@ -213,6 +218,7 @@ async def test_several_processes_migrate_at_once(db_url: str) -> None:
             await lg.close()
 
 
+@pytest.mark.fast
 async def test_sqlite_new_file_opened_by_several_ledgers_at_once(tmp_path: Path) -> None:
     """Switching a new file to WAL takes an exclusive lock that SQLite refuses at once (no busy
     wait) to all but one of several connections doing it together: they must try again, not fail
@@ -367,6 +373,7 @@ async def test_postgresql_open_refused_then_waits_for_the_account_and_sees_its_c
         await lg.close()
 
 
+@pytest.mark.fast
 async def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
     lg = Ledger(f"sqlite:///{tmp_path}/sub/dir/ledger.db")  # parent directories are created
     try:
@@ -381,6 +388,7 @@ async def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
         Ledger("mysql://x/y")
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("fails", ["before writing", "after writing"])
 async def test_sqlite_group_commit_keeps_a_failing_job_out(tmp_path: Path, fails: str) -> None:
     """Write transactions queued together share one COMMIT (writer.py): a job that raises gets
@@ -421,6 +429,7 @@ async def test_sqlite_group_commit_keeps_a_failing_job_out(tmp_path: Path, fails
         await lg.close()
 
 
+@pytest.mark.fast
 async def test_sqlite_close_commits_everything_already_submitted(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/ledger.db"
     lg = Ledger(url)
@@ -435,6 +444,7 @@ async def test_sqlite_close_commits_everything_already_submitted(tmp_path: Path)
         assert (await again.audit(account_id)).ok
 
 
+@pytest.mark.fast
 async def test_sqlite_wal_is_checkpointed_off_the_write_path(tmp_path: Path) -> None:
     """The writer's COMMITs never checkpoint (wal_autocheckpoint=0); a background thread copies
     the WAL into the database file, so the file grows while the WAL is reused."""
@@ -460,6 +470,7 @@ async def test_sqlite_wal_is_checkpointed_off_the_write_path(tmp_path: Path) -> 
         await lg.close()
 
 
+@pytest.mark.fast
 def test_session_ids_are_time_ordered_uuid7() -> None:
     ids = []
     for _ in range(3):

@@ -32,51 +32,11 @@ from gateway.routing import (
     score_nodes,
 )
 from registry.program import NodeAccount, NodeStatus, Role
+from tests.support.node_entries import node
 
 BERLIN = Location(52.52, 13.40, "DE", "default")
 DE_CENTRE = Location(51.0533, 9.7943, "DE", "embedded-country")  # as the locator gives for DE
 LONDON = Location(51.5074, -0.1278, "GB", "mmdb-city")
-
-CITIES = {
-    "london": (51.51, -0.13, "GB"),
-    "frankfurt": (50.11, 8.68, "DE"),
-    "cologne": (50.94, 6.96, "DE"),
-    "munich": (48.14, 11.58, "DE"),
-    "strasbourg": (48.58, 7.75, "FR"),
-    "newyork": (40.71, -74.01, "US"),
-}
-
-
-def node(
-    name: str,
-    city: str | None = None,
-    *,
-    role: Role = Role.SFU,
-    load: int = 0,
-    capacity: int = 10,
-    stale: bool = False,
-    status: NodeStatus = NodeStatus.ACTIVE,
-    owner: Pubkey | None = None,
-) -> NodeAccount:
-    lat, lon, country = CITIES[city or name]
-    owner = owner or Pubkey.new_unique()
-    return NodeAccount(
-        address=Pubkey.new_unique(),
-        owner=owner,
-        role=role,
-        status=status,
-        url=f"wss://{name}.example",
-        lat=lat,
-        lon=lon,
-        country=country,
-        capacity=capacity,
-        load=load,
-        version="0.1.0",
-        registered_at=0,
-        last_heartbeat=0,
-        last_heartbeat_slot=0,
-        stale=stale,
-    )
 
 
 class FakeRegistry:
@@ -102,18 +62,21 @@ def directory(*nodes: NodeAccount, **kw) -> NodeDirectory:
 # ---------------------------------------------------------------- choice
 
 
+@pytest.mark.fast
 def test_haversine() -> None:
     assert haversine_km(51.5074, -0.1278, 48.8566, 2.3522) == pytest.approx(343.6, abs=1)
     assert haversine_km(0, 179.5, 0, -179.5) == pytest.approx(111.2, abs=0.5)  # across 180°
     assert haversine_km(10, 10, 10, 10) == 0
 
 
+@pytest.mark.fast
 async def test_nearest_wins() -> None:
     d = directory(node("newyork"), node("frankfurt"), node("london"))
     assert (await d.choose("sfu", LONDON)).url == "wss://london.example"
     assert (await d.choose(Role.SFU, BERLIN)).url == "wss://frankfurt.example"
 
 
+@pytest.mark.fast
 async def test_role_is_respected() -> None:
     d = directory(node("london"), node("frankfurt", role=Role.STT))
     assert (await d.choose("stt", LONDON)).url == "wss://frankfurt.example"
@@ -121,6 +84,7 @@ async def test_role_is_respected() -> None:
         await d.choose("tts", LONDON)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "bad",
     [
@@ -137,6 +101,7 @@ async def test_unhealthy_nearest_is_skipped(bad: dict) -> None:
     assert [n.url for n in await d.healthy("sfu")] == ["wss://frankfurt.example"]
 
 
+@pytest.mark.fast
 async def test_same_country_bonus_changes_the_choice() -> None:
     """From Germany's centre Strasbourg (FR) is 312 km, Munich (DE) 349 km: the bonus must tip it.
     A bonus that is computed but then overwritten by the bare distance would pick Strasbourg."""
@@ -152,6 +117,7 @@ async def test_same_country_bonus_changes_the_choice() -> None:
     assert (await with_bonus.choose("sfu", unknown)).url == "wss://strasbourg.example"
 
 
+@pytest.mark.fast
 async def test_load_aware_among_near_distances() -> None:
     # From Germany's centre: Frankfurt 131 km, Cologne 199 km.
     busy = directory(node("frankfurt", load=9), node("cologne", load=0))
@@ -163,6 +129,7 @@ async def test_load_aware_among_near_distances() -> None:
     assert (await far.choose("sfu", DE_CENTRE)).url == "wss://frankfurt.example"
 
 
+@pytest.mark.fast
 async def test_deterministic_tie_break() -> None:
     a, b = Pubkey.from_string("1" * 32), Pubkey.new_unique()
     n1, n2 = node("london", owner=b), node("london", owner=a)
@@ -170,6 +137,7 @@ async def test_deterministic_tie_break() -> None:
         assert (await directory(*order).choose("sfu", LONDON)).owner == a
 
 
+@pytest.mark.fast
 async def test_no_capacity_names_the_reasons() -> None:
     d = directory(node("london", load=10), node("frankfurt", stale=True))
     with pytest.raises(NoCapacity) as ei:
@@ -181,6 +149,7 @@ async def test_no_capacity_names_the_reasons() -> None:
         await directory().choose("sfu", LONDON)
 
 
+@pytest.mark.fast
 async def test_a_choice_is_reused_only_until_the_next_registry_read() -> None:
     registry = FakeRegistry([node("london"), node("frankfurt")])
     d = NodeDirectory(registry)
@@ -197,6 +166,7 @@ async def test_a_choice_is_reused_only_until_the_next_registry_read() -> None:
         await d.choose("sfu", LONDON)
 
 
+@pytest.mark.fast
 async def test_choice_is_logged_in_one_line(caplog: pytest.LogCaptureFixture) -> None:
     d = directory(node("london", load=3), node("frankfurt"), node("newyork", stale=True))
     with caplog.at_level(logging.DEBUG, logger="gateway.routing"):
@@ -209,6 +179,7 @@ async def test_choice_is_logged_in_one_line(caplog: pytest.LogCaptureFixture) ->
     assert "newyork.example) stale" in line.split("skipped=")[1]
 
 
+@pytest.mark.fast
 async def test_counts() -> None:
     d = directory(
         node("london", load=2),
@@ -227,6 +198,7 @@ async def test_counts() -> None:
 # ---------------------------------------------------------------- the cached view
 
 
+@pytest.mark.fast
 async def test_refresh_on_demand_after_refresh_seconds() -> None:
     now = [100.0]
     reg = FakeRegistry([node("frankfurt")])
@@ -241,6 +213,7 @@ async def test_refresh_on_demand_after_refresh_seconds() -> None:
     assert reg.calls == 2
 
 
+@pytest.mark.fast
 async def test_background_refresh_picks_up_new_node() -> None:
     reg = FakeRegistry([node("frankfurt")])
     d = NodeDirectory(reg, refresh_seconds=0.05)
@@ -258,6 +231,7 @@ async def test_background_refresh_picks_up_new_node() -> None:
         await d.close()
 
 
+@pytest.mark.fast
 async def test_concurrent_first_reads_share_one_fetch() -> None:
     reg = FakeRegistry([node("london")])
     d = NodeDirectory(reg)
@@ -265,6 +239,7 @@ async def test_concurrent_first_reads_share_one_fetch() -> None:
     assert reg.calls == 1
 
 
+@pytest.mark.fast
 async def test_failed_refresh_keeps_view_until_max_age() -> None:
     now = [0.0]
     reg = FakeRegistry([node("london")])
@@ -280,6 +255,7 @@ async def test_failed_refresh_keeps_view_until_max_age() -> None:
     assert (await d.choose("sfu", LONDON)).url == "wss://london.example"
 
 
+@pytest.mark.fast
 async def test_unreachable_registry_from_the_start() -> None:
     reg = FakeRegistry()
     reg.fail = ConnectionError("connection refused")
@@ -292,6 +268,7 @@ async def test_unreachable_registry_from_the_start() -> None:
         await d.close()
 
 
+@pytest.mark.fast
 def test_refresh_seconds_must_be_positive() -> None:
     with pytest.raises(ValueError, match="refresh_seconds"):
         NodeDirectory(FakeRegistry(), refresh_seconds=0)
@@ -300,6 +277,7 @@ def test_refresh_seconds_must_be_positive() -> None:
 # ---------------------------------------------------------------- geo: addresses
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "text,expected",
     [
@@ -319,6 +297,7 @@ def test_parse_ip(text: str | None, expected: str | None) -> None:
     assert (str(addr) if addr is not None else None) == expected
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "ip,reason",
     [
@@ -356,6 +335,7 @@ def test_embedded_database_country_level() -> None:
     assert off.source == "default:not-found"
 
 
+@pytest.mark.fast
 def test_country_centroid_table() -> None:
     table = load_country_centroids()
     assert len(table) > 240
@@ -412,6 +392,7 @@ def test_mmdb_city_then_country_then_embedded(mmdb_file: Path) -> None:
         loc.close()
 
 
+@pytest.mark.fast
 def test_mmdb_config_errors_name_the_path(tmp_path: Path) -> None:
     with pytest.raises(GeoConfigError, match="nope.mmdb.*does not exist"):
         Locator(BERLIN, tmp_path / "nope.mmdb")
@@ -452,6 +433,7 @@ async def where(c: TestClient, body: dict | None = None, xff: str | None = None,
     return r.status, await r.json()
 
 
+@pytest.mark.fast
 async def test_client_address_order(addr_client: TestClient) -> None:
     xff = "81.2.69.160, 10.0.0.2, 172.16.0.9"
     assert await where(addr_client, {"client_ip": "2a00:1450:4001::1"}, xff) == (
@@ -466,11 +448,13 @@ async def test_client_address_order(addr_client: TestClient) -> None:
     assert await where(addr_client) == (200, {"ip": "127.0.0.1"})  # the TCP peer
 
 
+@pytest.mark.fast
 async def test_forwarded_for_untrusted_or_garbage_uses_peer(addr_client: TestClient) -> None:
     assert await where(addr_client, {}, "81.2.69.160", trust="0") == (200, {"ip": "127.0.0.1"})
     assert await where(addr_client, {}, "unknown, 81.2.69.160") == (200, {"ip": "127.0.0.1"})
 
 
+@pytest.mark.fast
 async def test_bad_client_ip_is_refused(addr_client: TestClient) -> None:
     status, body = await where(addr_client, {"client_ip": "my-laptop"})
     assert status == 400 and "'my-laptop'" in body["error"]

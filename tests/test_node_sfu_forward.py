@@ -106,6 +106,7 @@ async def test_forwarded_opus_is_the_tone_and_never_reencoded(monkeypatch: pytes
             await pc.close()
 
 
+@pytest.mark.fast
 async def test_forward_track_drops_oldest_when_a_subscriber_stalls() -> None:
     stalled, live = ForwardTrack(max_queue=3), ForwardTrack(max_queue=3)
     for i in range(10):
@@ -124,6 +125,7 @@ async def test_forward_track_drops_oldest_when_a_subscriber_stalls() -> None:
         await asyncio.wait_for(stalled.recv(), 1)
 
 
+@pytest.mark.fast
 def test_direct_queue_delivers_opus_and_passes_the_stop_signal() -> None:
     got: list[av.Packet] = []
     q = forward._DirectQueue(got.append)
@@ -141,6 +143,7 @@ def test_direct_queue_delivers_opus_and_passes_the_stop_signal() -> None:
     assert q.get() is None  # the idle decoder thread wakes up and ends
 
 
+@pytest.mark.fast
 def test_levels_and_internals_check() -> None:
     forward.check_compatible()
     assert level_to_unit(0) == 1.0 and level_to_unit(127) < 0.001

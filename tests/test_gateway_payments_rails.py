@@ -1,6 +1,7 @@
 """The other rails: EVM (x402 exact, EIP-3009) verified end to end through the route; MPP and
 TRON challenges and their refusals. Here the EVM RPC is unreachable ("nothing was used and nothing
-credited", 503); settlement on a real EVM, front-running included, is in test_payments_evm.py.
+credited", 503); settlement on a real EVM, front-running included, is in
+test_gateway_payments_evm.py.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from gateway.payments.challenges import MppChallenges
 from gateway.payments.config import EvmPayments, MppPayments, PaymentsConfig, SolanaPayments
 from gateway.payments.x402 import PaymentInvalid
 from tests.conftest import free_port
-from tests.test_payments import Pay, pay  # noqa: F401 - the fixture
+from tests.support.payments import Pay
 
 PAY_TO = "0x" + "ab" * 20
 USDC_BASE = "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"
@@ -31,7 +32,7 @@ ADDRESS = Account.from_key(KEY).address
 
 
 @pytest.fixture
-async def evm_pay(pay: Pay) -> AsyncIterator[Pay]:  # noqa: F811
+async def evm_pay(pay: Pay) -> AsyncIterator[Pay]:
     """The same gateway with EVM enabled against an RPC port where nothing listens."""
     s = pay.config.payments.solana
     pay.config = pay.config.model_copy(update={"payments": PaymentsConfig(
@@ -142,7 +143,7 @@ def test_evm_verify_unit_and_calldata() -> None:
 # ---------------------------------------------------------------- MPP
 
 
-async def test_mpp_challenge_and_refusals(pay: Pay) -> None:  # noqa: F811
+async def test_mpp_challenge_and_refusals(pay: Pay) -> None:
     path = "/v1/credits/purchase/mpp"
     body = {"wallet_address": ADDRESS, "wallet_chain": "evm", "amount_usd": 1}
     status, data, headers = await post(pay, body, path=path)
@@ -187,7 +188,7 @@ def test_mpp_expired_challenge() -> None:
 # ---------------------------------------------------------------- TRON
 
 
-async def test_tron_challenge_and_refusal(pay: Pay) -> None:  # noqa: F811
+async def test_tron_challenge_and_refusal(pay: Pay) -> None:
     path = "/v1/credits/purchase/tron"
     status, data, headers = await post(pay, {"amount_usd": 0.5}, path=path)
     assert status == 402
@@ -219,7 +220,7 @@ def test_default_config_parses_and_yaml_section(tmp_path: Path) -> None:
         SolanaPayments(max_compute_unit_price_microlamports=5_000_001)
 
 
-async def test_no_rail_is_503_and_recovers_once_the_mint_exists(pay: Pay) -> None:  # noqa: F811
+async def test_no_rail_is_503_and_recovers_once_the_mint_exists(pay: Pay) -> None:
     """Started before `make up` made the mint: purchases answer 503 naming why, and work as soon
     as the asset exists (no gateway restart)."""
     from solders.keypair import Keypair

@@ -12,6 +12,7 @@ import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from aiohttp import web
@@ -52,6 +53,13 @@ class RoleContext:
     def node_key(self) -> str:
         """This node's public key (base58): the ``aud`` its tokens must carry."""
         return str(self.keypair.pubkey())
+
+    def state_file(self, name: str) -> Path | None:
+        """The SQLite file ``name`` of this node under its state dir (None without one: keep
+        nothing), named for the node key so nodes sharing a state dir keep theirs apart."""
+        if not self.state_dir:
+            return None
+        return Path(self.state_dir) / f"{name}-{self.node_key[:8]}.sqlite"
 
     async def verify(self, token: str) -> Claims:
         """Verify a client's token for this very node: a token the gateway routed to another node

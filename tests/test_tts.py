@@ -28,17 +28,9 @@ from aiohttp import web
 from solders.keypair import Keypair
 
 from node.models.kokoro import ALL_VOICES, LANGUAGES, VOICES, KokoroFiles, ensure_kokoro
-from node.tts.engine import (
-    BUDGET_MARGIN,
-    DEFAULT_COST,
-    MAX_PHONEMES,
-    OTHER_MAX_CHARS,
-    EngineError,
-    VoiceSpec,
-    create_engine,
-    first_cut,
-    plan_segments,
-)
+from node.tts.engine import DEFAULT_COST, MAX_PHONEMES, create_engine
+from node.tts.segments import BUDGET_MARGIN, OTHER_MAX_CHARS, first_cut, plan_segments
+from node.tts.voices import EngineError, VoiceSpec
 from node.tts.harness import RoleServer
 from node.tts.settings import load_settings
 from registry.keys import load_keypair

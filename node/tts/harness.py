@@ -18,7 +18,7 @@ from solders.keypair import Keypair
 
 from node.outbox import Outbox
 from node.roles import RoleContext
-from node.tts import TtsRole
+from node.tts.role import TtsRole
 from registry.tokens import Grant, TokenVerifier, mint_token
 
 

@@ -100,10 +100,10 @@ class Session:
         self.expires_at = max(self.expires_at, expires_at)
         self.warned.clear()
 
-    def due_warning(self, thresholds: list[int]) -> int | None:
-        """The smallest not-yet-sent threshold the remaining units have fallen to, if any (each
-        threshold is warned once; ``extend`` re-arms them)."""
-        left = self.remaining()
+    def due_warning(self, thresholds: list[int], left: float | None = None) -> int | None:
+        """The smallest not-yet-sent threshold the remaining units (``left``, by default now)
+        have fallen to, if any (each threshold is warned once; ``extend`` re-arms them)."""
+        left = self.remaining() if left is None else left
         due = [t for t in thresholds if left <= t and t not in self.warned]
         self.warned.update(due)
         return min(due) if due else None

@@ -29,7 +29,8 @@ from solders.keypair import Keypair
 
 from node.outbox import Outbox
 from node.roles import RoleContext
-from node.stt.role import Models, STTRole
+from node.stt.models import Models
+from node.stt.role import STTRole
 from node.stt.settings import STTSettings, load_settings
 from registry.client import RegistryClient
 from registry.keys import load_keypair

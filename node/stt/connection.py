@@ -14,7 +14,8 @@ import json
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
 
 import numpy as np
 from aiohttp import WSMsgType, web
@@ -24,12 +25,13 @@ from node.session import SessionRefused, verify_session_key
 from node.stt.clock import SessionClock
 from node.stt.engines import EngineUnavailable
 from node.stt.frontend import FrontEnd, FrontEndOutput, Utterance
-from node.stt.scheduler import QueueFull
-from node.stt.vad import SAMPLE_RATE
+from node.roles import RoleContext
+from node.session import Sessions
+from node.stt.models import Models
+from node.stt.scheduler import InferencePool, QueueFull
+from node.stt.settings import STTSettings
+from node.stt.vad import SAMPLE_RATE, VadConfig
 from registry.tokens import Claims
-
-if TYPE_CHECKING:
-    from node.stt.role import STTRole
 
 log = logging.getLogger("node.stt")
 
@@ -38,6 +40,35 @@ class ProtocolError(Exception):
     def __init__(self, code: str, message: str, fatal: bool = False) -> None:
         self.code, self.fatal = code, fatal
         super().__init__(message)
+
+
+class Role(Protocol):
+    """What a connection uses of its role (``node.stt.role.STTRole``): the shared models, pools
+    and pipeline, the live connections and the token sessions."""
+
+    context: RoleContext
+    settings: STTSettings
+    models: Models
+    vad_config: VadConfig
+    pools: dict[str, InferencePool]
+    frontend_pool: ThreadPoolExecutor | None
+    sessions: Sessions[SessionClock]
+    live: dict[str, Connection]
+    by_session: dict[str, Connection]
+    draining: bool
+    stats: dict[str, int]
+
+    @property
+    def capacity(self) -> int: ...
+
+    def choose_engine(self, force_model: str | None, language: str) -> str: ...
+
+    def engine(self, name: str) -> Any: ...
+
+    def supports(self, language: str) -> bool: ...
+
+    def transcribe(self, utt: Utterance, language: str, engine_name: str
+                   ) -> dict[str, Any] | None: ...
 
 
 class RealtimeBudget:
@@ -67,7 +98,7 @@ class RealtimeBudget:
 
 
 class Connection:
-    def __init__(self, role: STTRole, ws: web.WebSocketResponse, client_id: str) -> None:
+    def __init__(self, role: Role, ws: web.WebSocketResponse, client_id: str) -> None:
         self.role, self.ws, self.client_id = role, ws, client_id
         self.settings = role.settings
         self.clock: SessionClock | None = None

@@ -18,43 +18,24 @@ from typing import Any
 
 from aiohttp import web
 
-from node.models.whisper import ModelMissing, gtcrn_path, silero_vad_path
+from node.models.whisper import ModelMissing
 from node.roles import RoleContext
 from node.session import Sessions
 from node.stt.calibration import stream_cost
 from node.stt.clock import SessionClock
 from node.stt.connection import Connection
-from node.stt.denoise import GTCRNModel
-from node.stt.engines import EngineState, EngineUnavailable, ParakeetEngine, WhisperEngine, route
+from node.stt.engines import EngineState, EngineUnavailable, route
+from node.stt.models import Models
 from node.stt.frontend import Utterance
 from node.stt.hallucination import filter_text
 from node.stt.scheduler import InferencePool
 from node.stt.settings import STTSettings, load_settings
 from node.stt.trimming import trim
-from node.stt.vad import SAMPLE_RATE, SileroModel, VadConfig
+from node.stt.vad import SAMPLE_RATE, VadConfig
 from node.stt.validation import ValidationConfig, rms_dbfs, validate
 from registry.settings import SettingsError
 
 log = logging.getLogger("node.stt")
-
-
-class Models:
-    """Everything loaded once per node and shared by all clients."""
-
-    def __init__(self, settings: STTSettings) -> None:
-        s = settings
-        self.whisper = WhisperEngine(s.whisper.models, s.whisper.device, s.whisper.compute_type,
-                                     s.whisper.cpu_threads, s.whisper.beam_size, s.model_cache,
-                                     s.whisper.encoder_window)
-        self.parakeet: ParakeetEngine | None = None
-        if s.parakeet is not None:
-            self.parakeet = ParakeetEngine(s.parakeet.model)
-            self.parakeet.load()  # raises EngineUnavailable with what to do
-        self.silero = SileroModel(silero_vad_path())
-        self.gtcrn = GTCRNModel(gtcrn_path()) if s.denoise else None
-
-    def load(self) -> None:
-        self.whisper.load()
 
 
 class STTRole:

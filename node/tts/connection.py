@@ -28,7 +28,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 from aiohttp import WSMsgType, web
@@ -37,13 +37,14 @@ from node.protocol import BadMessage, json_object
 from node.session import SessionRefused, verify_session_key
 from node.tts.characters import CharacterCount
 from node.tts.engine import Engine
+from node.roles import RoleContext
+from node.session import Sessions
 from node.tts.frames import FRAME_SECONDS, FrameClock, Resampler
+from node.tts.scheduler import Scheduler
 from node.tts.segments import Segment, plan_segments
+from node.tts.settings import TtsSettings
 from node.tts.voices import EngineError, VoiceSpec, check_speed
 from registry.tokens import Claims
-
-if TYPE_CHECKING:
-    from node.tts.role import TtsRole
 
 log = logging.getLogger("node.tts")
 
@@ -88,8 +89,28 @@ class Item:
         return msg
 
 
+class Role(Protocol):
+    """What a connection uses of its role (``node.tts.role.TtsRole``): the engine and its
+    scheduler, the live streams, the token sessions and the figures it keeps."""
+
+    context: RoleContext
+    settings: TtsSettings
+    scheduler: Scheduler
+    streams: set[Connection]
+    sessions: Sessions[CharacterCount]
+    draining: bool
+    stats: dict[str, float]
+    first_audio: deque[tuple[float, float]]
+
+    @property
+    def engine(self) -> Engine: ...
+
+    @property
+    def capacity(self) -> int: ...
+
+
 class Connection:
-    def __init__(self, role: TtsRole, ws: web.WebSocketResponse) -> None:
+    def __init__(self, role: Role, ws: web.WebSocketResponse) -> None:
         self.role = role
         self.settings = role.settings
         self.ws = ws

@@ -1,8 +1,10 @@
 """The narrow interface between the node agent and a role (sfu, stt, tts).
 
-The agent owns keys, registration, heartbeats, health and drain; a role owns its protocol. A role
-module exposes ``create_role(context) -> Role``. Roles never import each other and import only the
-agent's public pieces (this module, ``node.config``) and ``registry``.
+The agent owns keys, registration, heartbeats, health and drain; a role owns its protocol. Every
+role has one layout: a package ``node/<role>/`` whose ``role.py`` holds ``create_role(context) ->
+Role``, re-exported by the package's ``__init__``. Roles never import each other and import only
+the agent's public pieces (this module, ``node.session``, ``node.protocol``, ``node.outbox``,
+``node.capacity``, ``node.models``) and ``registry``.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ class ProtocolError(Exception):
         super().__init__(message)
 
 
-class Role(Protocol):
+class RoleView(Protocol):
     """What a connection uses of its role (``node.stt.role.STTRole``): the shared models, pools
     and pipeline, the live connections and the token sessions."""
 
@@ -98,7 +98,7 @@ class RealtimeBudget:
 
 
 class Connection:
-    def __init__(self, role: Role, ws: web.WebSocketResponse, client_id: str) -> None:
+    def __init__(self, role: RoleView, ws: web.WebSocketResponse, client_id: str) -> None:
         self.role, self.ws, self.client_id = role, ws, client_id
         self.settings = role.settings
         self.clock: SessionClock | None = None

@@ -89,7 +89,7 @@ class Item:
         return msg
 
 
-class Role(Protocol):
+class RoleView(Protocol):
     """What a connection uses of its role (``node.tts.role.TtsRole``): the engine and its
     scheduler, the live streams, the token sessions and the figures it keeps."""
 
@@ -110,7 +110,7 @@ class Role(Protocol):
 
 
 class Connection:
-    def __init__(self, role: Role, ws: web.WebSocketResponse) -> None:
+    def __init__(self, role: RoleView, ws: web.WebSocketResponse) -> None:
         self.role = role
         self.settings = role.settings
         self.ws = ws

@@ -457,6 +457,8 @@ class Connection:
         self.role.stats["early_started"] += 1
 
     async def _infer_loop(self) -> None:
+        """Queued utterances through the routed engine, one at a time; results of audio a
+        reset/config dropped, and partials a final of the same speech overtook, are not sent."""
         while True:
             await self.jobs_ready.wait()
             if not self.jobs:
@@ -464,32 +466,7 @@ class Connection:
                 continue
             utt = self.jobs.popleft()
             generation = self.generation
-            engine = self.role.choose_engine(self.force_model, self.language)
-            pool = self.role.pools[engine]
-            try:
-                early = None
-                spec = self.spec_for.pop(utt.uid, None)
-                if spec is not None:
-                    try:
-                        early = await spec
-                    except Exception:
-                        early = None
-                if early is not None:
-                    msg = early[1]
-                    self.role.stats["early_used"] += 1
-                else:
-                    msg = await pool.run(self.role.transcribe, utt, self.language, engine,
-                                         interim=not utt.final)
-            except QueueFull as exc:
-                await self.error("server_full", f"inference queue full, utterance dropped ({exc})")
-                continue
-            except EngineUnavailable as exc:
-                await self.error("engine_unavailable", str(exc))
-                continue
-            except Exception:
-                log.exception("transcription failed")
-                await self.error("internal_error", "transcription failed")
-                continue
+            msg = await self._transcribe(utt)
             if msg is None or generation != self.generation:
                 continue
             if not utt.final and utt.uid < self.final_uid:
@@ -497,6 +474,36 @@ class Connection:
             msg["latency_ms"] = round((time.monotonic() - utt.received_at) * 1000, 1)
             self.role.stats["finals" if utt.final else "interims"] += 1
             await self.send(msg)
+
+    async def _transcribe(self, utt: Utterance) -> dict[str, Any] | None:
+        """The utterance's message: from its early run if one had the same audio, else from the
+        engine's pool. A failure is answered to the client (the stream goes on): None."""
+        engine = self.role.choose_engine(self.force_model, self.language)
+        try:
+            early = await self._early_result(utt)
+            if early is not None:
+                self.role.stats["early_used"] += 1
+                return early[1]
+            return await self.role.pools[engine].run(self.role.transcribe, utt, self.language,
+                                                     engine, interim=not utt.final)
+        except QueueFull as exc:
+            await self.error("server_full", f"inference queue full, utterance dropped ({exc})")
+        except EngineUnavailable as exc:
+            await self.error("engine_unavailable", str(exc))
+        except Exception:
+            log.exception("transcription failed")
+            await self.error("internal_error", "transcription failed")
+        return None
+
+    async def _early_result(self, utt: Utterance) -> tuple[str, dict[str, Any] | None] | None:
+        """The early run of this final (``_speculate``), if one ran and did not fail."""
+        spec = self.spec_for.pop(utt.uid, None)
+        if spec is None:
+            return None
+        try:
+            return await spec
+        except Exception:
+            return None
 
     async def _expiry_loop(self) -> None:
         warnings = sorted(self.settings.expiry_warnings, reverse=True)

@@ -175,33 +175,13 @@ class Connection:
             self.role.sessions.detach(self.session)
 
     async def _authenticate(self) -> bool:
-        try:
-            msg = await self.ws.receive(timeout=self.settings.auth_timeout)
-        except TimeoutError:
-            await self.error("auth: the first message must be {\"session_key\": ...} "
-                             f"within {self.settings.auth_timeout:g} s")
-            await self.ws.close(code=4401, message=b"auth timeout")
-            return False
-        if msg.type != WSMsgType.TEXT:
-            await self.error("auth: the first message must be a JSON text message with session_key")
-            await self.ws.close(code=4401, message=b"auth required")
+        """The first message carries the session key (and optionally a config): the socket is
+        admitted and told ``ready``, or refused with an error and a close code that says why."""
+        data = await self._first_message()
+        if data is None:
             return False
         try:
-            data = json_object(msg.data, "the first message")
-            if not isinstance(data.get("session_key"), str):
-                raise ProtocolError("auth: the first message must be {\"session_key\": \"eyJ...\"}")
-            try:
-                claims = await verify_session_key(self.role.context, data["session_key"])
-            except SessionRefused as exc:
-                raise ProtocolError(f"auth: {exc}") from None
-            if self.role.draining:
-                raise ProtocolError("node is draining: open a new session through the gateway")
-            if len(self.role.streams) >= self.role.capacity:
-                raise ServerFull(f"server_full: node is at capacity ({self.role.capacity} "
-                                 "streams): open a new session through the gateway")
-            if "config" in data:
-                self._apply_config(data["config"])
-            session = self.role.sessions.attach(claims)
+            session = await self._admit(data)
         except ServerFull as exc:
             # the spec's STT shape: {"error": "server_full"}; 1013 = try again later
             await self.error(str(exc), error="server_full")
@@ -211,20 +191,57 @@ class Connection:
             await self.error(f"auth: {exc.code}: {exc}")
             await self.ws.close(code=4401, message=b"session ended")
             return False
-        except (BadMessage, ProtocolError, EngineError) as exc:
-            await self.error(f"auth: {exc}" if isinstance(exc, BadMessage) else str(exc))
+        except (ProtocolError, EngineError) as exc:
+            await self.error(str(exc))
             await self.ws.close(code=4401, message=b"auth failed")
             return False
-        self.claims = claims
-        self.session_id = claims.session_id
-        self.session = session
-        # counted before the next await: sockets authenticating at once cannot overfill the node
-        self.role.streams.add(self)
         await self.send_json({"type": "ready", "session_id": self.session_id,
                               "limit_characters": session.limit,
                               "remaining_characters": session.remaining(),
                               "expires_in": max(0, int(self.expires_at - time.time()))})
         return True
+
+    async def _first_message(self) -> dict[str, Any] | None:
+        """The first message as a JSON object within ``auth_timeout``; None (answered, closed)
+        when none came or it was not one."""
+        try:
+            msg = await self.ws.receive(timeout=self.settings.auth_timeout)
+        except TimeoutError:
+            await self.error("auth: the first message must be {\"session_key\": ...} "
+                             f"within {self.settings.auth_timeout:g} s")
+            await self.ws.close(code=4401, message=b"auth timeout")
+            return None
+        if msg.type != WSMsgType.TEXT:
+            await self.error("auth: the first message must be a JSON text message with session_key")
+            await self.ws.close(code=4401, message=b"auth required")
+            return None
+        try:
+            return json_object(msg.data, "the first message")
+        except BadMessage as exc:
+            await self.error(f"auth: {exc}")
+            await self.ws.close(code=4401, message=b"auth failed")
+            return None
+
+    async def _admit(self, data: dict[str, Any]) -> CharacterCount:
+        """Verify the key, check the node has room, apply the config, join the session."""
+        if not isinstance(data.get("session_key"), str):
+            raise ProtocolError("auth: the first message must be {\"session_key\": \"eyJ...\"}")
+        try:
+            claims = await verify_session_key(self.role.context, data["session_key"])
+        except SessionRefused as exc:
+            raise ProtocolError(f"auth: {exc}") from None
+        if self.role.draining:
+            raise ProtocolError("node is draining: open a new session through the gateway")
+        if len(self.role.streams) >= self.role.capacity:
+            raise ServerFull(f"server_full: node is at capacity ({self.role.capacity} "
+                             "streams): open a new session through the gateway")
+        if "config" in data:
+            self._apply_config(data["config"])
+        session = self.role.sessions.attach(claims)
+        self.claims, self.session_id, self.session = claims, claims.session_id, session
+        # counted before the next await: sockets authenticating at once cannot overfill the node
+        self.role.streams.add(self)
+        return session
 
     async def _read(self) -> None:
         while not self.ws.closed:

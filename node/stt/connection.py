@@ -21,12 +21,11 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from node.protocol import BadMessage, json_object
-from node.session import SessionRefused, verify_session_key
+from node.roles import RoleContext
+from node.session import SessionRefused, Sessions, verify_session_key
 from node.stt.clock import SessionClock
 from node.stt.engines import EngineUnavailable
 from node.stt.frontend import FrontEnd, FrontEndOutput, Utterance
-from node.roles import RoleContext
-from node.session import Sessions
 from node.stt.models import Models
 from node.stt.scheduler import InferencePool, QueueFull
 from node.stt.settings import STTSettings

@@ -25,9 +25,9 @@ from node.stt.calibration import stream_cost
 from node.stt.clock import SessionClock
 from node.stt.connection import Connection
 from node.stt.engines import EngineState, EngineUnavailable, route
-from node.stt.models import Models
 from node.stt.frontend import Utterance
 from node.stt.hallucination import filter_text
+from node.stt.models import Models
 from node.stt.scheduler import InferencePool
 from node.stt.settings import STTSettings, load_settings
 from node.stt.trimming import trim

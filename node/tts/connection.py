@@ -34,11 +34,10 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from node.protocol import BadMessage, json_object
-from node.session import SessionRefused, verify_session_key
+from node.roles import RoleContext
+from node.session import SessionRefused, Sessions, verify_session_key
 from node.tts.characters import CharacterCount
 from node.tts.engine import Engine
-from node.roles import RoleContext
-from node.session import Sessions
 from node.tts.frames import FRAME_SECONDS, FrameClock, Resampler
 from node.tts.scheduler import Scheduler
 from node.tts.segments import Segment, plan_segments

@@ -17,6 +17,7 @@ from collections import deque
 
 from aiohttp import web
 
+from node.models.kokoro import LANGUAGES, VOICES, ensure_kokoro
 from node.roles import RoleContext
 from node.session import Sessions
 from node.tts.characters import CharacterCount
@@ -100,8 +101,6 @@ class TtsRole:
         s = self.settings
         files = None
         if s.engine == "kokoro-onnx":
-            from node.models.kokoro import ensure_kokoro
-
             files = ensure_kokoro(s.model_dir)
         return create_engine(s.engine, threads=s.threads, provider=s.provider, files=files,
                              spin=s.spin)
@@ -119,8 +118,6 @@ class TtsRole:
         return len(self.streams)
 
     async def _voices(self, request: web.Request) -> web.Response:
-        from node.models.kokoro import LANGUAGES, VOICES
-
         return web.json_response({"languages": LANGUAGES, "voices": VOICES,
                                   "default": self.settings.voice})
 

@@ -1,4 +1,4 @@
-"""Session plumbing shared by the roles that bill a token's session: STT (seconds), TTS (characters).
+"""Session plumbing for the roles that bill a token's session: STT (seconds), TTS (characters).
 
 A session is the token's ``jti``: every socket opened with one session key, and a reconnect, draw
 on one limit. The roles share what each used to write on its own: the check of a client's session

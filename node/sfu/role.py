@@ -1,5 +1,6 @@
-"""The SFU role (``create_role``): HTTP routes (signal WebSocket, validate, refresh, revoke, Twirp RoomService), the
-room table, webhooks through the agent's durable outbox, and the load the heartbeat reports."""
+"""The SFU role (``create_role``): HTTP routes (signal WebSocket, validate, refresh, revoke,
+Twirp RoomService), the room table, webhooks through the agent's durable outbox, and the load
+the heartbeat reports."""
 
 from __future__ import annotations
 

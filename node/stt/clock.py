@@ -1,4 +1,4 @@
-"""The STT meter, clock-pause billing: a session's paid seconds run only while a socket is connected.
+"""The STT meter, clock-pause billing: a session's paid seconds run only while a socket is open.
 
 One ``SessionClock`` per token session (the token's ``jti``), kept across connections so that a
 reconnect with the same ``session_key`` within the reconnect grace resumes with the time left.

@@ -1,4 +1,4 @@
-"""The STT role (``create_role``): the spec's WebSocket protocol at ``/v1/stream`` (and ``/stream``).
+"""The STT role (``create_role``): the spec's WebSocket protocol at ``/v1/stream`` (``/stream``).
 
 The role holds what every client shares: the models (loaded once), the inference pools, the front
 end's threads, the engine routing, the pipeline after the front end (validation, trimming, the

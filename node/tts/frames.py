@@ -60,7 +60,7 @@ class FrameClock:
         self.t0 = None
 
     def due(self, now: float) -> tuple[float, float]:
-        """(when the next frame is due, seconds it stalled if the clock had to re-anchor, else 0)."""
+        """(when the next frame is due, the seconds it stalled if the clock re-anchored, or 0)."""
         if self.t0 is None:
             self.t0, self.n = now, 0
         due = self.t0 + (self.n - self.lead) * FRAME_SECONDS

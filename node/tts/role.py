@@ -1,4 +1,4 @@
-"""The TTS role (``create_role``): ``node --role tts`` serves the spec's Text-to-Speech WebSocket on ``/v1/stream``.
+"""The TTS role (``create_role``): the spec's Text-to-Speech WebSocket on ``/v1/stream``.
 
 Kokoro-82M (int8 ONNX via kokoro-onnx by default, see :mod:`node.tts.engine`) speaks queued texts
 as 48 kHz PCM16 frames of 20 ms at real-time pace, with barge-in (``clear``), session extension,

@@ -139,8 +139,8 @@ def plan_segments(text: str, lang_code: str, engine: Engine | None = None, *,
     (no first-clause cut).
     """
     limit, measure = _context_limit(lang_code, engine)
-    atoms: deque[str] = deque(
-        piece for sentence in split_sentences(text) for piece in _split_long(sentence, limit, measure))
+    atoms: deque[str] = deque(piece for sentence in split_sentences(text)
+                              for piece in _split_long(sentence, limit, measure))
     if not atoms:
         return []
     spaced = lang_code not in ("j", "z")

@@ -42,9 +42,10 @@ from solders.keypair import Keypair
 from node.outbox import Outbox
 from node.roles import RoleContext
 from node.stt.engines import ParakeetEngine, WhisperEngine
-from node.stt.server import Models, STTRole
+from node.stt.frontend import FrontEnd
+from node.stt.models import Models
+from node.stt.role import STTRole
 from node.stt.settings import load_settings
-from node.stt.stream import FrontEnd
 from registry.tokens import Grant, TokenVerifier, mint_token
 from tests.conftest import free_port
 from tests.support.speech import corpus, pcm16, silence

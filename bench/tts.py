@@ -34,7 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aiohttp
 from solders.keypair import Keypair
 
-from node.tts.engine import VoiceSpec, create_engine, plan_segments
+from node.tts.engine import create_engine
+from node.tts.segments import plan_segments
+from node.tts.voices import VoiceSpec
 from node.tts.harness import RoleServer
 
 SHORT = [

@@ -166,9 +166,8 @@ class NodeAgent:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.listen_host, self.config.listen_port)
         await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else self.config.listen_port
+        addresses = self._runner.addresses  # port 0 in the config: the one the system picked
+        self.port = addresses[0][1] if addresses else self.config.listen_port
         log.info("%s node %s listening on %s:%s (public %s)", self.role_name, self.pubkey,
                  self.config.listen_host, self.port, self.config.public_url)
         await self.outbox.start()

@@ -94,6 +94,11 @@ class Outbox:
     def pending(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
 
+    def queued(self) -> list[dict[str, Any]]:
+        """The unsent events' bodies, oldest first (a node without a gateway keeps them all)."""
+        rows = self._db.execute("SELECT body FROM outbox ORDER BY id").fetchall()
+        return [json.loads(row[0]) for row in rows]
+
     def dead(self) -> list[tuple[str, int, str]]:
         return [tuple(r) for r in self._db.execute("SELECT path, status, reason FROM dead")]
 

@@ -1,8 +1,10 @@
 """The narrow interface between the node agent and a role (sfu, stt, tts).
 
-The agent owns keys, registration, heartbeats, health and drain; a role owns its protocol. A role
-module exposes ``create_role(context) -> Role``. Roles never import each other and import only the
-agent's public pieces (this module, ``node.config``), ``registry`` and ``common``.
+The agent owns keys, registration, heartbeats, health and drain; a role owns its protocol. Every
+role has one layout: a package ``node/<role>/`` whose ``role.py`` holds ``create_role(context) ->
+Role``, re-exported by the package's ``__init__``. Roles never import each other and import only
+the agent's public pieces (this module, ``node.session``, ``node.protocol``, ``node.outbox``,
+``node.capacity``, ``node.models``), ``registry`` and ``common``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from aiohttp import web
@@ -52,6 +55,13 @@ class RoleContext:
     def node_key(self) -> str:
         """This node's public key (base58): the ``aud`` its tokens must carry."""
         return str(self.keypair.pubkey())
+
+    def state_file(self, name: str) -> Path | None:
+        """The SQLite file ``name`` of this node under its state dir (None without one: keep
+        nothing), named for the node key so nodes sharing a state dir keep theirs apart."""
+        if not self.state_dir:
+            return None
+        return Path(self.state_dir) / f"{name}-{self.node_key[:8]}.sqlite"
 
     async def verify(self, token: str) -> Claims:
         """Verify a client's token for this very node: a token the gateway routed to another node

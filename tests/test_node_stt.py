@@ -23,7 +23,7 @@ import pytest
 import yaml
 from solders.keypair import Keypair
 
-from node.stt.server import Models
+from node.stt.models import Models
 from registry.keys import load_keypair
 from registry.tokens import Grant, mint_token
 from tests.conftest import ROOT, Chain, free_port
@@ -324,6 +324,39 @@ async def test_reconnect_resumes_the_paused_clock(chain: Chain, tmp_path: Path,
         assert usage[-1]["session_id"] and not [e for e in node.events if e["event"] == "complete"]
 
 
+async def test_a_session_the_client_left_settles_after_the_reconnect_grace(
+        chain: Chain, tmp_path: Path, stt_models: Models) -> None:
+    """The client left and no reconnect with the same key came within ``reconnect_grace``: the
+    session is reported complete, once, long before its token expires (300 s paid, 600 s to
+    live). A reconnect within the grace continues the same session; one after it is refused."""
+    async with stt_node(chain, tmp_path, stt_models, reconnect_grace=3.0) as node:
+        token = node.token(chain, seconds=300)
+        async with connect(node, {"session_key": token}) as c:
+            first = await c.type("ready")
+            await asyncio.sleep(1.0)
+        await asyncio.sleep(0.2)  # gone, within the grace
+        async with connect(node, {"session_key": token}) as c:
+            again = await c.type("ready")
+            assert again["session_id"] == first["session_id"]
+            await asyncio.sleep(0.5)
+        for _ in range(300):  # the grace, the next sweep, the outbox's delivery
+            if any(e["event"] == "complete" for e in node.events):
+                break
+            await asyncio.sleep(0.1)
+        complete = [e for e in node.events if e["event"] == "complete"]
+        assert [e["session_id"] for e in complete] == [first["session_id"]], node.events
+        # both connections count (1.0 s + 0.5 s), the gap and the grace (3 s) do not
+        assert 1.3 < complete[0]["usage"]["duration_seconds"] < 4.0, complete
+        async with connect(node, {"session_key": token}) as c:
+            refused = await c.type("error")
+            assert refused["error"] == "session_expired" and "settled" in refused["message"]
+            await c.closed()
+        await asyncio.sleep(1.0)
+        assert [e for e in node.events if e["event"] == "complete"] == complete  # reported once
+        assert not [e for e in node.events[node.events.index(complete[0]) + 1:]
+                    if e["event"] == "usage"], "nothing reported after the settling"
+
+
 # ------------------------------------------------------------------------------ the real process
 
 
@@ -396,7 +429,7 @@ async def test_hallucinated_phrase_over_near_silence_is_dropped(
     """The engine "hears" a subtitle credit in faint audio the validator let through: the filter
     drops it; the same engine output over clearly spoken audio of that length is kept."""
     from node.stt.engines import EngineResult
-    from node.stt.stream import Utterance
+    from node.stt.frontend import Utterance
 
     async with stt_node(chain, tmp_path, stt_models) as node:
         role = node.role

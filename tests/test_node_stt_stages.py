@@ -113,7 +113,7 @@ def test_segmenter_events_min_speech_and_adaptive_silence() -> None:
 
 def test_front_end_cuts_utterances_with_padding_partials_and_an_early_final(
         silero: SileroModel, gtcrn: GTCRNModel, sentence: np.ndarray) -> None:
-    from node.stt.stream import FrontEnd
+    from node.stt.frontend import FrontEnd
 
     fe = FrontEnd(silero, gtcrn, VadConfig(), pad_ms=300, interim_interval_ms=1000)
     audio = np.concatenate([silence(1.0), sentence, silence(1.0), sentence[:16000], silence(0.1)])
@@ -323,19 +323,32 @@ def test_session_clock_survives_a_node_restart(tmp_path) -> None:
     """Seconds used are saved at each usage report: a restarted node resumes the clock."""
     import time as _time
 
-    from node.stt.clock import Clocks
+    from solders.keypair import Keypair
 
-    store = tmp_path / "clocks.sqlite"
-    clocks = Clocks(store)
-    clock = clocks.get_or_create("s-1", 120, _time.time() + 600)
+    from node.outbox import Outbox
+    from node.session import Sessions
+    from registry.tokens import Claims
+
+    def sessions() -> Sessions:
+        outbox = Outbox(tmp_path / "outbox.sqlite", None, Keypair())
+        return Sessions(outbox, tmp_path / "clocks.sqlite", meter=SessionClock,
+                        unit="duration_seconds", table="clocks", reconnect_grace=5,
+                        report_interval=15)
+
+    def claims(sid: str, seconds: int) -> Claims:
+        expires = int(_time.time()) + 600
+        return Claims("issuer", "agent", sid, "stt", 0, expires, {"limit_seconds": seconds}, {})
+
+    first = sessions()
+    clock = first.attach(claims("s-1", 120))
+    clock.connected_since = None  # the socket's own connection, replaced by one of known length
     clock.connect(now=100.0)
     clock.disconnect(now=145.5)
-    clocks.save(clock, clock.used())
-    clocks.close()
+    first.report(clock)
 
-    restarted = Clocks(store)
-    again = restarted.get_or_create("s-1", 120, _time.time() + 600)
-    assert again.used() == 45.5
+    restarted = sessions()
+    again = restarted.attach(claims("s-1", 120))
+    again.disconnect()
+    assert abs(again.used() - 45.5) < 0.01
     assert abs(again.remaining() - 74.5) < 0.01
-    assert restarted.get_or_create("s-2", 60, _time.time() + 600).used() == 0.0
-    restarted.close()
+    assert restarted.attach(claims("s-2", 60)).used() < 1.0

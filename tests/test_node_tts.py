@@ -28,16 +28,9 @@ from solders.keypair import Keypair
 
 from common.settings import SettingsError
 from node.models.kokoro import ALL_VOICES, LANGUAGES, VOICES, KokoroFiles, ensure_kokoro
-from node.tts.engine import (
-    BUDGET_MARGIN,
-    DEFAULT_COST,
-    MAX_PHONEMES,
-    OTHER_MAX_CHARS,
-    EngineError,
-    VoiceSpec,
-    first_cut,
-    plan_segments,
-)
+from node.tts.engine import DEFAULT_COST, MAX_PHONEMES
+from node.tts.segments import BUDGET_MARGIN, OTHER_MAX_CHARS, first_cut, plan_segments
+from node.tts.voices import EngineError, VoiceSpec
 from node.tts.harness import RoleServer
 from node.tts.settings import load_settings
 from registry.keys import load_keypair

@@ -1,5 +1,6 @@
-"""The SFU role: HTTP routes (signal WebSocket, validate, refresh, revoke, Twirp RoomService), the
-room table, webhooks through the agent's durable outbox, and the load the heartbeat reports."""
+"""The SFU role (``create_role``): HTTP routes (signal WebSocket, validate, refresh, revoke,
+Twirp RoomService), the room table, webhooks through the agent's durable outbox, and the load
+the heartbeat reports."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import asyncio
 import logging
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -17,6 +17,7 @@ from livekit.protocol import models, room as room_pb
 
 from node.roles import RoleContext
 from node.sfu.forward import check_compatible
+from node.sfu.relay import RelayParticipant
 from node.sfu.revoked import BadRevocation, Revocations, session_ids
 from node.sfu.rtc import Participant, Room
 from node.sfu.settings import SfuSettings
@@ -61,9 +62,7 @@ class SfuRole:
         self.draining = False
         self._janitor: asyncio.Task[None] | None = None
         self.events: list[dict[str, Any]] = []  # the last webhooks, for tests and /metrics
-        revoked_file = f"sfu-revoked-{context.node_key[:8]}.sqlite"
-        self.revoked = Revocations(Path(context.state_dir) / revoked_file
-                                   if context.state_dir else None)
+        self.revoked = Revocations(context.state_file("sfu-revoked"))
 
     @property
     def capacity(self) -> int:
@@ -254,8 +253,6 @@ class SfuRole:
         """Join this node's room to the same room on a peer SFU node (``peer_url``). The bearer is
         a roomAdmin token for this node; ``peer_token`` a roomAdmin token for the same room routed
         to the peer (tokens name their node), which the peer verifies against the chain."""
-        from node.sfu.relay import RelayParticipant
-
         token = bearer(request)
         try:
             claims = await self.authorise(token)
@@ -398,3 +395,8 @@ class SfuRole:
 
 def _twirp_error(status: int, code: str, msg: str) -> web.Response:
     return web.json_response({"code": code, "msg": msg}, status=status)
+
+
+def create_role(context: RoleContext) -> SfuRole:
+    """The plug-in entry point the node agent loads."""
+    return SfuRole(context)

@@ -27,6 +27,7 @@ from aiortc.rtcdatachannel import RTCDataChannel
 from aiortc.sdp import candidate_from_sdp
 from livekit.protocol import models, rtc
 
+from node.protocol import BadMessage, json_object
 from node.sfu.forward import ForwardTrack, install_passthrough, level_to_unit
 from node.sfu.settings import SfuSettings
 from common import jsonsafe
@@ -358,11 +359,9 @@ class Participant:
     async def _on_trickle(self, trickle: rtc.TrickleRequest) -> None:
         pc = self.publisher if trickle.target == rtc.SignalTarget.PUBLISHER else self.subscriber
         try:
-            init = jsonsafe.loads(trickle.candidateInit)
-        except ValueError as exc:
-            raise SignalError(f"trickle candidateInit is not JSON: {exc}") from None
-        if not isinstance(init, dict):
-            raise SignalError("trickle candidateInit must be a JSON object")
+            init = json_object(trickle.candidateInit, "trickle candidateInit")
+        except BadMessage as exc:
+            raise SignalError(str(exc)) from None
         text = init.get("candidate") or ""
         if not text:
             return  # end of candidates

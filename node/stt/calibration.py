@@ -17,7 +17,7 @@ import numpy as np
 
 from node.stt.denoise import GTCRNModel
 from node.stt.engines import WhisperEngine
-from node.stt.stream import FrontEnd
+from node.stt.frontend import FrontEnd
 from node.stt.vad import SAMPLE_RATE, SileroModel, VadConfig
 
 CLIP = Path(__file__).with_name("calibration.wav")

@@ -72,6 +72,9 @@ class STTSettings(_Strict):
                                              "this share of the last 5 s")
     config_timeout: float = Field(default=10.0, gt=0)
     usage_report_interval: float = Field(default=15.0, gt=0)
+    reconnect_grace: float = Field(
+        default=5.0, ge=0,
+        description="seconds a session with no socket waits for a reconnect before it settles")
     expiry_warnings: list[int] = Field(default_factory=lambda: [60, 10])
     max_frame_ms: float = Field(default=1000, gt=0)
     burst_seconds: float = Field(

@@ -7,7 +7,6 @@ usage goes to a real :class:`Outbox` with no gateway (events stay in its SQLite 
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 import uuid
@@ -18,7 +17,7 @@ from solders.keypair import Keypair
 
 from node.outbox import Outbox
 from node.roles import RoleContext
-from node.tts import TtsRole
+from node.tts.role import TtsRole
 from registry.tokens import Grant, TokenVerifier, mint_token
 
 
@@ -106,5 +105,4 @@ class RoleServer:
         return None
 
     def usage_events(self) -> list[dict]:
-        rows = self.outbox._db.execute("SELECT body FROM outbox ORDER BY id").fetchall()
-        return [json.loads(r[0]) for r in rows]
+        return self.outbox.queued()

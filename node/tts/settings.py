@@ -42,7 +42,7 @@ class TtsSettings(BaseModel):
     @field_validator("voice")
     @classmethod
     def _voice(cls, v: str) -> str:
-        from node.tts.engine import EngineError, VoiceSpec
+        from node.tts.voices import EngineError, VoiceSpec
 
         try:
             VoiceSpec.parse(v)

@@ -62,7 +62,7 @@ async def test_stt_token_routed_to_node_a_is_refused_by_node_b(
             assert err["error"] == "wrong_node" and err["message"].startswith("wrong_node:")
             assert a.role.context.node_key in err["message"]
             await c.closed()
-        assert b.role.clocks.sessions == {} and b.role.load() == 0
+        assert b.role.sessions.sessions == {} and b.role.load() == 0
         async with stt_connect(a, {"session_key": token}) as c:  # the control: A accepts it
             assert (await c.type("ready"))["session_id"]
         await asyncio.sleep(0.3)

@@ -22,7 +22,8 @@ from solders.keypair import Keypair
 
 from node.outbox import Outbox
 from node.roles import RoleContext
-from node.stt.server import Models, STTRole
+from node.stt.models import Models
+from node.stt.role import STTRole
 from node.stt.settings import STTSettings, load_settings
 from registry.client import RegistryClient
 from registry.tokens import Grant, TokenVerifier, mint_token

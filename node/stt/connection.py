@@ -1,45 +1,37 @@
-"""The STT role: the spec's WebSocket protocol at ``/v1/stream`` (and ``/stream``).
+"""One client WebSocket of the STT role (a :class:`Connection`): the spec's protocol.
 
-Per connection: a ``config`` within ``config_timeout`` (token verified against the chain's
-issuers), ``ready``, then binary PCM16 frames through the front end (VAD, denoise) on worker
-threads, utterances through validation, trimming, the routed engine and the hallucination filter
-on the engine's pool, results back as ``vad_event`` and ``transcription``. The billing clock of the
-token's session runs while a socket is connected; usage goes to the gateway through the agent's
-durable outbox, periodically and at the end.
+Per connection: a ``config`` within ``config_timeout`` (the session key verified against the
+chain's issuers, ``node.session``), ``ready``, then binary PCM16 frames through the front end (VAD,
+denoise) on worker threads, utterances through the role's pipeline on the engine's pool, results
+back as ``vad_event`` and ``transcription``. The session's billing clock runs while a socket is
+connected; ``session_expiring`` warns as its time runs out, ``session_expired`` ends it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import time
 from collections import deque
-from dataclasses import replace
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import replace
+from typing import Any, Protocol
 
 import numpy as np
 from aiohttp import WSMsgType, web
 
-from node.models.whisper import gtcrn_path, silero_vad_path
+from node.protocol import BadMessage, json_object
 from node.roles import RoleContext
-from node.stt.calibration import stream_cost
-from node.stt.clock import Clocks, SessionClock
-from node.stt.denoise import GTCRNModel
-from node.stt.engines import EngineState, EngineUnavailable, ParakeetEngine, WhisperEngine, route
-from node.stt.hallucination import filter_text
+from node.session import SessionRefused, Sessions, verify_session_key
+from node.stt.clock import SessionClock
+from node.stt.engines import EngineUnavailable
+from node.stt.frontend import FrontEnd, FrontEndOutput, Utterance
+from node.stt.models import Models
 from node.stt.scheduler import InferencePool, QueueFull
-from node.stt.settings import STTSettings, load_settings
-from node.stt.stream import FrontEnd, Utterance
-from node.stt.trimming import trim
-from node.stt.vad import SAMPLE_RATE, SileroModel, VadConfig
-from node.stt.validation import ValidationConfig, rms_dbfs, validate
-from common import jsonsafe
-from common.settings import SettingsError
-from registry.tokens import Claims, TokenError
+from node.stt.settings import STTSettings
+from node.stt.vad import SAMPLE_RATE, VadConfig
+from registry.tokens import Claims
 
 log = logging.getLogger("node.stt")
 
@@ -53,195 +45,33 @@ class ProtocolError(Exception):
         super().__init__(message)
 
 
-class Models:
-    """Everything loaded once per node and shared by all clients."""
+class RoleView(Protocol):
+    """What a connection uses of its role (``node.stt.role.STTRole``): the shared models, pools
+    and pipeline, the live connections and the token sessions."""
 
-    def __init__(self, settings: STTSettings) -> None:
-        s = settings
-        self.whisper = WhisperEngine(s.whisper.models, s.whisper.device, s.whisper.compute_type,
-                                     s.whisper.cpu_threads, s.whisper.beam_size, s.model_cache,
-                                     s.whisper.encoder_window)
-        self.parakeet: ParakeetEngine | None = None
-        if s.parakeet is not None:
-            self.parakeet = ParakeetEngine(s.parakeet.model)
-            self.parakeet.load()  # raises EngineUnavailable with what to do
-        self.silero = SileroModel(silero_vad_path())
-        self.gtcrn = GTCRNModel(gtcrn_path()) if s.denoise else None
-
-    def load(self) -> None:
-        self.whisper.load()
-
-
-class STTRole:
-    name = "stt"
-
-    def __init__(self, context: RoleContext, settings: STTSettings | None = None,
-                 models: Models | None = None) -> None:
-        self.context = context
-        self.settings = settings or load_settings(context.settings)
-        self.models = models or Models(self.settings)  # ModelMissing: fail at start, clearly
-        s = self.settings
-        self.vad_config = VadConfig(
-            threshold=s.vad.threshold, min_speech_ms=s.vad.min_speech_ms,
-            end_of_utterance_ms=s.vad.end_of_utterance_ms, min_silence_ms=s.vad.min_silence_ms,
-            adapt_after_s=s.vad.adapt_after_s, max_utterance_s=s.vad.max_utterance_s)
-        self.validation = ValidationConfig(
-            threshold=s.vad.threshold, min_confidence=s.validation.min_confidence,
-            min_speech_ratio=s.validation.min_speech_ratio, min_rms_dbfs=s.validation.min_rms_dbfs)
-        self.pools: dict[str, InferencePool] = {}
-        self._capacity = context.capacity  # until start() measured it
-        self.frontend_pool: ThreadPoolExecutor | None = None
-        clock_file = f"stt-clocks-{str(context.keypair.pubkey())[:8]}.sqlite"
-        self.clocks = Clocks(Path(context.state_dir) / clock_file if context.state_dir else None)
-        self.live: dict[str, Connection] = {}
-        self.by_session: dict[str, Connection] = {}
-        self.draining = False
-        self._ids = itertools.count(1)
-        self._usage_task: asyncio.Task[None] | None = None
-        self.stats: dict[str, int] = {"finals": 0, "interims": 0, "rejected": 0, "filtered": 0,
-                                      "early_started": 0, "early_used": 0}
-
-    # ------------------------------------------------------------ Role interface
+    context: RoleContext
+    settings: STTSettings
+    models: Models
+    vad_config: VadConfig
+    pools: dict[str, InferencePool]
+    frontend_pool: ThreadPoolExecutor | None
+    sessions: Sessions[SessionClock]
+    live: dict[str, Connection]
+    by_session: dict[str, Connection]
+    draining: bool
+    stats: dict[str, int]
 
     @property
-    def capacity(self) -> int:
-        return self._capacity
+    def capacity(self) -> int: ...
 
-    def load(self) -> int:
-        return len(self.live)
+    def choose_engine(self, force_model: str | None, language: str) -> str: ...
 
-    def routes(self, app: web.Application) -> None:
-        app.router.add_get("/v1/stream", self.handle)
-        app.router.add_get("/stream", self.handle)
+    def engine(self, name: str) -> Any: ...
 
-    async def start(self) -> None:
-        s = self.settings
-        self.pools["whisper"] = InferencePool("whisper", s.whisper.workers, s.queue_size,
-                                              s.interim_max_utilization)
-        if self.models.parakeet is not None:
-            self.pools["parakeet"] = InferencePool("parakeet", s.parakeet.workers, s.queue_size,
-                                                   s.interim_max_utilization)
-        self.frontend_pool = ThreadPoolExecutor(s.frontend_threads, thread_name_prefix="stt-fe")
-        await asyncio.get_running_loop().run_in_executor(self.frontend_pool, self.models.load)
-        m = self.models
-        self._capacity = await self.context.measured_capacity(
-            f"whisper:{','.join(s.whisper.models)}:{m.whisper.device}:{m.whisper.compute_type}:"
-            f"threads={s.whisper.cpu_threads}:denoise={s.denoise}",
-            lambda: stream_cost(m.silero, m.gtcrn, self.vad_config, m.whisper, s.word_timestamps))
-        self._usage_task = asyncio.create_task(self._usage_loop())
-        log.info("stt ready: whisper %s on %s/%s, denoise %s, capacity %d",
-                 ",".join(s.whisper.models), self.models.whisper.device,
-                 self.models.whisper.compute_type, s.denoise, self.capacity)
+    def supports(self, language: str) -> bool: ...
 
-    async def drain(self) -> None:
-        self.draining = True
-
-    async def stop(self) -> None:
-        self.draining = True
-        for conn in list(self.live.values()):
-            await conn.close_with("server_shutdown", "node is shutting down")
-        if self._usage_task:
-            self._usage_task.cancel()
-        self._report_all()
-        self.clocks.close()
-        for pool in self.pools.values():
-            pool.shutdown()
-        if self.frontend_pool:
-            self.frontend_pool.shutdown(wait=False, cancel_futures=True)
-
-    # ------------------------------------------------------------ usage
-
-    def report(self, clock: SessionClock, complete: bool = False) -> None:
-        if clock.completed:
-            return
-        used = round(min(clock.used(), clock.limit), 3)
-        if not complete and used == clock.last_reported:
-            return
-        clock.last_reported = used
-        clock.completed = complete
-        self.clocks.save(clock, used)
-        self.context.outbox.report_usage(clock.session_id, complete, duration_seconds=used)
-
-    def _report_all(self) -> None:
-        for clock in list(self.clocks.sessions.values()):
-            self.report(clock, complete=clock.remaining() <= 0)
-
-    async def _usage_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.usage_report_interval)
-            now = time.time()
-            for sid, clock in list(self.clocks.sessions.items()):
-                if clock.connected_since is not None:
-                    self.report(clock)
-                elif clock.expires_at < now or clock.remaining() <= 0:
-                    self.report(clock, complete=True)  # nobody came back before expiry: settle
-                    del self.clocks.sessions[sid]
-
-    # ------------------------------------------------------------ routing
-
-    def choose_engine(self, force_model: str | None, language: str) -> str:
-        whisper_pool = self.pools.get("whisper")
-        parakeet_pool = self.pools.get("parakeet")
-        parakeet = EngineState(parakeet_pool is not None and self.models.parakeet is not None,
-                               bool(parakeet_pool and parakeet_pool.busy),
-                               self.models.parakeet.languages if self.models.parakeet else None)
-        whisper = EngineState(True, bool(whisper_pool and whisper_pool.busy))
-        return route(force_model, language, parakeet, whisper)
-
-    def engine(self, name: str):
-        return self.models.parakeet if name == "parakeet" else self.models.whisper
-
-    def supports(self, language: str) -> bool:
-        if self.models.whisper.supports(language):
-            return True
-        return bool(self.models.parakeet and self.models.parakeet.supports(language))
-
-    # ------------------------------------------------------------ the pipeline after the front end
-
-    def transcribe(self, utt: Utterance, language: str, engine_name: str) -> dict[str, Any] | None:
-        """Stages 3-6 for one utterance; blocking (an engine thread). None: nothing to say."""
-        verdict = validate(utt.audio, utt.probs, self.validation)
-        if not verdict.ok:
-            if utt.final:
-                self.stats["rejected"] += 1
-                log.debug("utterance %d rejected: %s", utt.uid, verdict.reason)
-            return None
-        audio, offset = trim(utt.audio, utt.probs, self.vad_config.threshold,
-                             self.settings.vad.speech_pad_ms)
-        engine = self.engine(engine_name)
-        words = utt.final and self.settings.word_timestamps
-        result = engine.transcribe(audio, language, word_timestamps=words)
-        filtered = filter_text(result.text, len(audio) / SAMPLE_RATE, rms_dbfs(audio),
-                               verdict.speech_seconds)
-        if filtered.text is None:
-            if utt.final:
-                self.stats["filtered"] += 1
-                log.debug("utterance %d filtered (%s): %r", utt.uid, filtered.reason, result.text)
-            return None
-        t0 = (utt.start + offset) / SAMPLE_RATE
-        msg: dict[str, Any] = {
-            "type": "transcription", "text": filtered.text, "language": result.language,
-            "is_final": utt.final, "latency_ms": 0.0,
-            "start": round(t0, 3), "end": round(t0 + len(audio) / SAMPLE_RATE, 3),
-            "confidence": result.confidence, "engine": result.engine, "model": result.model,
-        }
-        if words:
-            msg["words"] = [{"word": w.word, "start": round(t0 + w.start, 3),
-                             "end": round(t0 + w.end, 3), "confidence": round(w.probability, 3)}
-                            for w in result.words]
-        return msg
-
-    # ------------------------------------------------------------ WebSocket
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(heartbeat=30, max_msg_size=1 << 20)
-        await ws.prepare(request)
-        conn = Connection(self, ws, str(next(self._ids)))
-        try:
-            await conn.run()
-        finally:
-            await conn.cleanup()
-        return ws
+    def transcribe(self, utt: Utterance, language: str, engine_name: str
+                   ) -> dict[str, Any] | None: ...
 
 
 class RealtimeBudget:
@@ -271,7 +101,7 @@ class RealtimeBudget:
 
 
 class Connection:
-    def __init__(self, role: STTRole, ws: web.WebSocketResponse, client_id: str) -> None:
+    def __init__(self, role: RoleView, ws: web.WebSocketResponse, client_id: str) -> None:
         self.role, self.ws, self.client_id = role, ws, client_id
         self.settings = role.settings
         self.clock: SessionClock | None = None
@@ -281,6 +111,7 @@ class Connection:
         # bounded: a front end that falls behind stops the socket reads, not the node's memory
         self.audio_in: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(
             maxsize=self.settings.audio_queue_frames)
+        self._held: tuple[str, Any] | None = None  # taken off audio_in while batching frames
         self.budget = RealtimeBudget(self.settings.burst_seconds)
         self.rate_limited = False  # a rate_limited error was sent and the client did not slow down
         self.jobs: deque[Utterance] = deque()
@@ -383,8 +214,7 @@ class Connection:
         if self.clock is not None:
             if role.by_session.get(self.clock.session_id) is self:
                 del role.by_session[self.clock.session_id]
-                self.clock.disconnect()
-            role.report(self.clock, complete=self.clock.remaining() <= 0)
+            role.sessions.detach(self.clock)
         if not self.ws.closed:
             await self.ws.close()
 
@@ -393,28 +223,17 @@ class Connection:
     @staticmethod
     def _parse(text: str) -> dict[str, Any]:
         try:
-            data = jsonsafe.loads(text)
-        except ValueError as exc:
-            raise ProtocolError("invalid_json",
-                                f"text messages must be JSON objects in UTF-8: {exc}") from None
-        if not isinstance(data, dict):
-            raise ProtocolError("invalid_json", "text messages must be JSON objects")
-        return data
+            return json_object(text, "a text message")
+        except BadMessage as exc:
+            raise ProtocolError("invalid_json", f"{exc} (text messages are JSON objects in UTF-8)"
+                                ) from None
 
     async def _verify(self, token: Any, fatal: bool = True) -> Claims:
         """A refused first key closes the socket; a refused extend leaves the session as it was."""
-        if not isinstance(token, str) or not token:
-            raise ProtocolError("invalid_token", "session_key is required", fatal=fatal)
         try:
-            claims = await self.role.context.verify(token)
-        except TokenError as exc:
-            # A key routed to another node has a code of its own: the client should ask the
-            # gateway again rather than retry here.
-            code = "wrong_node" if exc.code == "wrong_node" else "invalid_token"
-            raise ProtocolError(code, f"{exc.code}: {exc}", fatal=fatal) from None
-        if not claims.limit:
-            raise ProtocolError("invalid_token", "the token grants no STT seconds", fatal=fatal)
-        return claims
+            return await verify_session_key(self.role.context, token)
+        except SessionRefused as exc:
+            raise ProtocolError(exc.code, str(exc), fatal=fatal) from None
 
     def _options(self, data: dict[str, Any]) -> tuple[str, str | None, VadConfig]:
         language = data.get("language", self.language if self.clock else "en")
@@ -449,23 +268,18 @@ class Connection:
         claims = await self._verify(data.get("session_key"))
         language, model, vad = self._options(data)
         role = self.role
-        clock = role.clocks.get_or_create(claims.session_id, claims.limit, claims.expires_at)
-        if clock.completed or clock.remaining() <= 0:
-            raise ProtocolError("session_expired", "this session has no time left", fatal=True)
         previous = role.by_session.get(claims.session_id)
         if previous is None and len(role.live) >= role.capacity:
             raise ProtocolError("server_full", "Server at capacity", fatal=True)
         if role.draining:
             raise ProtocolError("draining", "node is draining", fatal=True)
+        clock = self._attach(claims)
         if previous is not None:  # a reconnect while the old socket lingers: the new one wins
             role.by_session.pop(claims.session_id, None)
-            previous.clock = None
-            clock.disconnect()
             await previous.close_with("session_taken_over", "a newer connection took this session")
         self.clock = clock
         role.live[self.client_id] = self
         role.by_session[claims.session_id] = self
-        clock.connect()
         self.language, self.force_model = language, model
         self.frontend = FrontEnd(role.models.silero, role.models.gtcrn, vad,
                                  self.settings.vad.speech_pad_ms,
@@ -473,6 +287,18 @@ class Connection:
                                  if self.settings.interim_results else None,
                                  self.settings.speculative_finals)
         await self._ready()
+
+    def _attach(self, claims: Claims) -> SessionClock:
+        """The session's clock, running while this socket is open; a settled session, or one
+        with no time left, is refused with ``session_expired``."""
+        try:
+            clock = self.role.sessions.attach(claims)
+        except SessionRefused as exc:
+            raise ProtocolError("session_expired", str(exc), fatal=True) from None
+        if clock.remaining() <= 0:
+            self.role.sessions.detach(clock)
+            raise ProtocolError("session_expired", "this session has no time left", fatal=True)
+        return clock
 
     async def _ready(self) -> None:
         assert self.clock is not None
@@ -513,15 +339,17 @@ class Connection:
 
     def _extend(self, claims: Claims) -> None:
         assert self.clock is not None
-        if claims.session_id != self.clock.session_id:
-            raise ProtocolError("invalid_token", "the new session_key is for another session")
-        self.clock.extend(float(claims.limit or 0), float(claims.expires_at))
+        try:
+            self.role.sessions.extend(self.clock, claims)
+        except SessionRefused as exc:
+            raise ProtocolError(exc.code, str(exc)) from None
 
     def _clear(self) -> None:
         self.generation += 1
         self.jobs.clear()
         self.spec = None
         self.spec_for.clear()
+        self._held = None
         while not self.audio_in.empty():
             self.audio_in.get_nowait()
         self.audio_in.put_nowait(("reset", None))  # fits: the queue was just emptied
@@ -560,56 +388,80 @@ class Connection:
     # ------------------------------------------------------------ loops
 
     async def _frontend_loop(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Audio through the front end on its threads (frames that queued up meanwhile in one
+        call), its VAD events and utterances on to the client and the inference loop."""
         fe = self.frontend
         assert fe is not None
         while True:
-            kind, payload = await self.audio_in.get()
+            kind, payload = await self._next_input()
             if kind == "reset":
-                await loop.run_in_executor(self.role.frontend_pool, fe.reset)
+                await self._in_frontend(fe.reset)
                 continue
             generation = self.generation
             if kind == "flush":
-                out = await loop.run_in_executor(self.role.frontend_pool, fe.flush, payload)
+                out = await self._in_frontend(fe.flush, payload)
             else:
-                chunks, received = [payload[0]], payload[1]
-                while not self.audio_in.empty() and len(chunks) < 50:
-                    nxt = self.audio_in._queue[0]  # type: ignore[attr-defined]
-                    if nxt[0] != "audio":
-                        break
-                    self.audio_in.get_nowait()
-                    chunks.append(nxt[1][0])
-                    received = nxt[1][1]
-                audio = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
-                out = await loop.run_in_executor(self.role.frontend_pool, fe.feed, audio, received)
-            if generation != self.generation:
-                continue
-            for utt in out.utterances:  # before any await: partials older than a final are stale
-                if utt.final and not utt.speculative:
-                    self.final_uid = max(self.final_uid, utt.uid)
-            for event, sample in out.events:
-                await self.send({"type": "vad_event", "event": event, "timestamp": time.time(),
-                                 "audio_time": round(sample / SAMPLE_RATE, 3)})
-            for utt in out.utterances:
-                if utt.speculative:
-                    self._speculate(utt)
-                    continue
-                if utt.final:
-                    log.debug("client %s: final %s, early %s", self.client_id, utt.key,
-                              self.spec and self.spec[0])
-                if utt.final and self.spec is not None and self.spec[0] == utt.key:
-                    self.spec_for[utt.uid] = self.spec[1]  # the early run had the same audio
-                    self.spec = None
-                if utt.final:  # a final supersedes interims of the same speech still waiting
-                    while self.jobs and not self.jobs[-1].final:
-                        self.jobs.pop()
-                elif any(not j.final for j in self.jobs):
-                    continue  # one interim waiting is enough
-                self.jobs.append(utt)
-                self.jobs_ready.set()
+                out = await self._in_frontend(fe.feed, *self._batch(payload))
+            if generation == self.generation:  # else a reset/config came: the output is stale
+                await self._dispatch(out)
+
+    async def _next_input(self) -> tuple[str, Any]:
+        if self._held is not None:
+            item, self._held = self._held, None
+            return item
+        return await self.audio_in.get()
+
+    def _batch(self, first: tuple[np.ndarray, float]) -> tuple[np.ndarray, float]:
+        """The audio of ``first`` and of the frames queued right behind it (at most 50), and when
+        the last of them arrived. A flush or reset behind them is held for the next round."""
+        chunks, received = [first[0]], first[1]
+        while len(chunks) < 50:
+            try:
+                kind, payload = self.audio_in.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if kind != "audio":
+                self._held = (kind, payload)
+                break
+            chunks.append(payload[0])
+            received = payload[1]
+        return (chunks[0] if len(chunks) == 1 else np.concatenate(chunks)), received
+
+    async def _in_frontend(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.role.frontend_pool, fn, *args)
+
+    async def _dispatch(self, out: FrontEndOutput) -> None:
+        for utt in out.utterances:  # before any await: partials older than a final are stale
+            if utt.final and not utt.speculative:
+                self.final_uid = max(self.final_uid, utt.uid)
+        for event, sample in out.events:
+            await self.send({"type": "vad_event", "event": event, "timestamp": time.time(),
+                             "audio_time": round(sample / SAMPLE_RATE, 3)})
+        for utt in out.utterances:
+            if utt.speculative:
+                self._speculate(utt)
+            else:
+                self._queue(utt)
+
+    def _queue(self, utt: Utterance) -> None:
+        """An utterance for the inference loop: a final supersedes the interims of the same
+        speech still waiting (and takes over its early run, if one had the same audio); one
+        interim waiting is enough."""
+        if utt.final:
+            log.debug("client %s: final %s, early %s", self.client_id, utt.key,
+                      self.spec and self.spec[0])
+            if self.spec is not None and self.spec[0] == utt.key:
+                self.spec_for[utt.uid] = self.spec[1]  # the early run had the same audio
+                self.spec = None
+            while self.jobs and not self.jobs[-1].final:
+                self.jobs.pop()
+        elif any(not j.final for j in self.jobs):
+            return
+        self.jobs.append(utt)
+        self.jobs_ready.set()
 
     def _speculate(self, utt: Utterance) -> None:
-        """Start the final's inference early (only when an engine is idle); see stream.py."""
+        """Start the final's inference early (only when an engine is idle); see frontend.py."""
         engine = self.role.choose_engine(self.force_model, self.language)
         pool = self.role.pools[engine]
         # waiting behind a running call is fine (the final would too), behind a queue is not
@@ -626,6 +478,8 @@ class Connection:
         self.role.stats["early_started"] += 1
 
     async def _infer_loop(self) -> None:
+        """Queued utterances through the routed engine, one at a time; results of audio a
+        reset/config dropped, and partials a final of the same speech overtook, are not sent."""
         while True:
             await self.jobs_ready.wait()
             if not self.jobs:
@@ -633,32 +487,7 @@ class Connection:
                 continue
             utt = self.jobs.popleft()
             generation = self.generation
-            engine = self.role.choose_engine(self.force_model, self.language)
-            pool = self.role.pools[engine]
-            try:
-                early = None
-                spec = self.spec_for.pop(utt.uid, None)
-                if spec is not None:
-                    try:
-                        early = await spec
-                    except Exception:
-                        early = None
-                if early is not None:
-                    msg = early[1]
-                    self.role.stats["early_used"] += 1
-                else:
-                    msg = await pool.run(self.role.transcribe, utt, self.language, engine,
-                                         interim=not utt.final)
-            except QueueFull as exc:
-                await self.error("server_full", f"inference queue full, utterance dropped ({exc})")
-                continue
-            except EngineUnavailable as exc:
-                await self.error("engine_unavailable", str(exc))
-                continue
-            except Exception:
-                log.exception("transcription failed")
-                await self.error("internal_error", "transcription failed")
-                continue
+            msg = await self._transcribe(utt)
             if msg is None or generation != self.generation:
                 continue
             if not utt.final and utt.uid < self.final_uid:
@@ -667,13 +496,43 @@ class Connection:
             self.role.stats["finals" if utt.final else "interims"] += 1
             await self.send(msg)
 
+    async def _transcribe(self, utt: Utterance) -> dict[str, Any] | None:
+        """The utterance's message: from its early run if one had the same audio, else from the
+        engine's pool. A failure is answered to the client (the stream goes on): None."""
+        engine = self.role.choose_engine(self.force_model, self.language)
+        try:
+            early = await self._early_result(utt)
+            if early is not None:
+                self.role.stats["early_used"] += 1
+                return early[1]
+            return await self.role.pools[engine].run(self.role.transcribe, utt, self.language,
+                                                     engine, interim=not utt.final)
+        except QueueFull as exc:
+            await self.error("server_full", f"inference queue full, utterance dropped ({exc})")
+        except EngineUnavailable as exc:
+            await self.error("engine_unavailable", str(exc))
+        except Exception:
+            log.exception("transcription failed")
+            await self.error("internal_error", "transcription failed")
+        return None
+
+    async def _early_result(self, utt: Utterance) -> tuple[str, dict[str, Any] | None] | None:
+        """The early run of this final (``_speculate``), if one ran and did not fail."""
+        spec = self.spec_for.pop(utt.uid, None)
+        if spec is None:
+            return None
+        try:
+            return await spec
+        except Exception:
+            return None
+
     async def _expiry_loop(self) -> None:
         warnings = sorted(self.settings.expiry_warnings, reverse=True)
         while self.clock is not None:
             clock = self.clock
             if clock.remaining() <= 0:
                 await self.send({"type": "session_expired", "session_id": clock.session_id})
-                self.role.report(clock, complete=True)
+                self.role.sessions.report(clock, complete=True)
                 await self.ws.close()
                 return
             due = clock.due_warning(warnings)
@@ -681,13 +540,3 @@ class Connection:
                 await self.send({"type": "session_expiring",
                                  "remaining_seconds": round(clock.remaining())})
             await asyncio.sleep(0.2)
-
-
-def create_role(context: RoleContext) -> STTRole:
-    """The plug-in entry point; a bad config or a missing model is a ConfigError naming the fix."""
-    from node.models.whisper import ModelMissing
-
-    try:
-        return STTRole(context)
-    except (ModelMissing, EngineUnavailable) as exc:
-        raise SettingsError(f"stt: {exc}") from None

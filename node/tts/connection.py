@@ -1,4 +1,4 @@
-"""One client WebSocket on ``/v1/stream``: the spec's TTS protocol.
+"""One client WebSocket on ``/v1/stream`` (a :class:`Connection`): the spec's TTS protocol.
 
 Three tasks per socket: the *reader* (client messages; answers errors; handles clear/extend at
 once), the *producer* (plans each queued text into segments and has them synthesized through the
@@ -14,8 +14,9 @@ leaves after ``cleared``.
 
 Characters: a text is *reserved* against the token's limit when accepted (so a text past the limit
 is refused with an error), and *used* (billed) when its synthesis starts; a cleared text that never
-started is released. The counts belong to the token's session (``node.tts.usage``), not to the
-socket: every socket of one session draws from one limit, and the role reports usage per session.
+started is released. The counts belong to the token's session, not to the
+socket: every socket of one session draws from one limit (``node.tts.characters``), and the node's
+session plumbing (``node.session``) reports usage per session and settles it.
 """
 
 from __future__ import annotations
@@ -27,27 +28,24 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
-import soxr
 from aiohttp import WSMsgType, web
 
-from node.tts.engine import EngineError, Segment, VoiceSpec, check_speed, plan_segments
-from node.tts.usage import SessionEnded, TtsSession
-from common import jsonsafe
-from registry.tokens import Claims, TokenError
-
-if TYPE_CHECKING:
-    from node.tts import TtsRole
+from node.protocol import BadMessage, json_object
+from node.roles import RoleContext
+from node.session import SessionRefused, Sessions, verify_session_key
+from node.tts.characters import CharacterCount
+from node.tts.engine import Engine
+from node.tts.frames import FRAME_SECONDS, FrameClock, Resampler
+from node.tts.scheduler import Scheduler
+from node.tts.segments import Segment, plan_segments
+from node.tts.settings import TtsSettings
+from node.tts.voices import EngineError, VoiceSpec, check_speed
+from registry.tokens import Claims
 
 log = logging.getLogger("node.tts")
-
-OUT_RATE = 48_000
-FRAME_SAMPLES = 960
-FRAME_BYTES = FRAME_SAMPLES * 2
-FRAME_SECONDS = FRAME_SAMPLES / OUT_RATE  # 20 ms
-
 
 class ProtocolError(Exception):
     """A bad client message: answered with ``{"type": "error"}``, the socket stays open."""
@@ -90,39 +88,34 @@ class Item:
         return msg
 
 
-class Resampler:
-    """24 kHz float32 -> 48 kHz PCM16 frames of exactly 960 samples (soxr, streaming, HQ)."""
+class RoleView(Protocol):
+    """What a connection uses of its role (``node.tts.role.TtsRole``): the engine and its
+    scheduler, the live streams, the token sessions and the figures it keeps."""
 
-    def __init__(self, in_rate: int) -> None:
-        self._rs = soxr.ResampleStream(in_rate, OUT_RATE, 1, dtype="float32", quality="HQ")
-        self._rest = np.zeros(0, dtype=np.float32)
+    context: RoleContext
+    settings: TtsSettings
+    scheduler: Scheduler
+    streams: set[Connection]
+    sessions: Sessions[CharacterCount]
+    draining: bool
+    stats: dict[str, float]
+    first_audio: deque[tuple[float, float]]
 
-    def push(self, audio: np.ndarray, last: bool = False) -> list[bytes]:
-        out = self._rs.resample_chunk(np.asarray(audio, dtype=np.float32), last=last)
-        buf = np.concatenate([self._rest, out]) if self._rest.size else out
-        n = len(buf) // FRAME_SAMPLES
-        frames = [_pcm16(buf[i * FRAME_SAMPLES:(i + 1) * FRAME_SAMPLES]) for i in range(n)]
-        self._rest = buf[n * FRAME_SAMPLES:]
-        if last and self._rest.size:
-            pad = np.zeros(FRAME_SAMPLES, dtype=np.float32)
-            pad[: self._rest.size] = self._rest
-            frames.append(_pcm16(pad))
-            self._rest = np.zeros(0, dtype=np.float32)
-        return frames
+    @property
+    def engine(self) -> Engine: ...
 
-
-def _pcm16(x: np.ndarray) -> bytes:
-    return (np.clip(x, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+    @property
+    def capacity(self) -> int: ...
 
 
-class TtsStream:
-    def __init__(self, role: TtsRole, ws: web.WebSocketResponse) -> None:
+class Connection:
+    def __init__(self, role: RoleView, ws: web.WebSocketResponse) -> None:
         self.role = role
         self.settings = role.settings
         self.ws = ws
         self.claims: Claims | None = None
         self.session_id = ""
-        self.session: TtsSession | None = None  # shared by every socket of the token's session
+        self.session: CharacterCount | None = None  # shared by every socket of the token's session
         self.voice = Voice(VoiceSpec.parse(self.settings.voice, self.settings.lang_code),
                            self.settings.speed)
         self.items: deque[Item] = deque()
@@ -175,66 +168,79 @@ class TtsStream:
                         await t
                     except (asyncio.CancelledError, Exception):
                         pass
-            unstarted = sum(i.chars for i in self.items if not i.synth_started and not i.cancelled)
             assert self.session is not None
-            self.role.sessions.detach(self.session, unstarted)
+            self.session.release(sum(i.chars for i in self.items
+                                     if not i.synth_started and not i.cancelled))
+            self.role.sessions.detach(self.session)
 
     async def _authenticate(self) -> bool:
+        """The first message carries the session key (and optionally a config): the socket is
+        admitted and told ``ready``, or refused with an error and a close code that says why."""
+        data = await self._first_message()
+        if data is None:
+            return False
+        try:
+            session = await self._admit(data)
+        except ServerFull as exc:
+            # the spec's STT shape: {"error": "server_full"}; 1013 = try again later
+            await self.error(str(exc), error="server_full")
+            await self.ws.close(code=1013, message=b"server full")
+            return False
+        except SessionRefused as exc:  # settled: SessionEnded
+            await self.error(f"auth: {exc.code}: {exc}")
+            await self.ws.close(code=4401, message=b"session ended")
+            return False
+        except (ProtocolError, EngineError) as exc:
+            await self.error(str(exc))
+            await self.ws.close(code=4401, message=b"auth failed")
+            return False
+        await self.send_json({"type": "ready", "session_id": self.session_id,
+                              "limit_characters": session.limit,
+                              "remaining_characters": session.remaining(),
+                              "expires_in": max(0, int(self.expires_at - time.time()))})
+        return True
+
+    async def _first_message(self) -> dict[str, Any] | None:
+        """The first message as a JSON object within ``auth_timeout``; None (answered, closed)
+        when none came or it was not one."""
         try:
             msg = await self.ws.receive(timeout=self.settings.auth_timeout)
         except TimeoutError:
             await self.error("auth: the first message must be {\"session_key\": ...} "
                              f"within {self.settings.auth_timeout:g} s")
             await self.ws.close(code=4401, message=b"auth timeout")
-            return False
+            return None
         if msg.type != WSMsgType.TEXT:
             await self.error("auth: the first message must be a JSON text message with session_key")
             await self.ws.close(code=4401, message=b"auth required")
-            return False
+            return None
         try:
-            data = jsonsafe.loads(msg.data)
-            if not isinstance(data, dict) or not isinstance(data.get("session_key"), str):
-                raise ProtocolError("auth: the first message must be {\"session_key\": \"eyJ...\"}")
-            try:
-                claims = await self.role.context.verify(data["session_key"])
-            except TokenError as exc:
-                raise ProtocolError(f"auth: {exc.code}: {exc}") from None
-            if claims.service != "tts" or claims.limit is None:
-                raise ProtocolError("auth: the session key carries no tts grant")
-            if self.role.draining:
-                raise ProtocolError("node is draining: open a new session through the gateway")
-            if len(self.role.streams) >= self.role.capacity:
-                raise ServerFull(f"server_full: node is at capacity ({self.role.capacity} "
-                                 "streams): open a new session through the gateway")
-            if "config" in data:
-                self._apply_config(data["config"])
-            session = self.role.sessions.attach(claims.session_id, int(claims.limit),
-                                                float(claims.expires_at))
-        except ServerFull as exc:
-            # the spec's STT shape: {"error": "server_full"}; 1013 = try again later
-            await self.error(str(exc), error="server_full")
-            await self.ws.close(code=1013, message=b"server full")
-            return False
-        except SessionEnded as exc:
-            await self.error(f"auth: session_ended: {exc}")
-            await self.ws.close(code=4401, message=b"session ended")
-            return False
-        except (ValueError, ProtocolError, EngineError) as exc:
-            bad_json = isinstance(exc, ValueError) and not isinstance(exc, EngineError)
-            await self.error(f"auth: the first message is not valid JSON ({exc})" if bad_json
-                             else str(exc))
+            return json_object(msg.data, "the first message")
+        except BadMessage as exc:
+            await self.error(f"auth: {exc}")
             await self.ws.close(code=4401, message=b"auth failed")
-            return False
-        self.claims = claims
-        self.session_id = claims.session_id
-        self.session = session
+            return None
+
+    async def _admit(self, data: dict[str, Any]) -> CharacterCount:
+        """Verify the key, check the node has room, apply the config, join the session."""
+        if not isinstance(data.get("session_key"), str):
+            raise ProtocolError("auth: the first message must be {\"session_key\": \"eyJ...\"}")
+        try:
+            claims = await verify_session_key(self.role.context, data["session_key"])
+        except SessionRefused as exc:
+            raise ProtocolError(f"auth: {exc}") from None
+        if self.role.draining:
+            raise ProtocolError("node is draining: open a new session through the gateway")
+        if len(self.role.streams) >= self.role.capacity:
+            raise ServerFull(f"server_full: node is at capacity ({self.role.capacity} "
+                             "streams): open a new session through the gateway")
+        if "config" in data:
+            self._apply_config(data["config"])
+        session = self.role.sessions.attach(claims)
+        self.claims, self.session_id, self.session = claims, claims.session_id, session
         # counted before the next await: sockets authenticating at once cannot overfill the node
         self.role.streams.add(self)
-        await self.send_json({"type": "ready", "session_id": self.session_id,
-                              "limit_characters": session.limit,
-                              "remaining_characters": session.remaining(),
-                              "expires_in": max(0, int(self.expires_at - time.time()))})
-        return True
+        return session
 
     async def _read(self) -> None:
         while not self.ws.closed:
@@ -255,19 +261,14 @@ class TtsStream:
                 continue
             context_id = None
             try:
-                try:
-                    data = jsonsafe.loads(msg.data)
-                except ValueError as exc:
-                    raise ProtocolError(f"message is not valid JSON: {exc}") from None
-                if not isinstance(data, dict):
-                    raise ProtocolError("message must be a JSON object")
+                data = json_object(msg.data)
                 context_id = data.get("context_id")
                 if context_id is not None and (not isinstance(context_id, str) or not context_id
                                                or len(context_id) > 128):
                     context_id = None
                     raise ProtocolError("context_id must be a non-empty string of at most 128 characters")
                 await self._handle(data, context_id)
-            except (ProtocolError, EngineError) as exc:
+            except (BadMessage, ProtocolError, EngineError) as exc:
                 await self.error(str(exc), context_id)
 
     # ------------------------------------------------------------------ messages
@@ -347,7 +348,7 @@ class TtsStream:
                 len({i.context_id for i in self.items if i.context_id}) >= self.settings.max_contexts:
             raise ProtocolError(f"too many open contexts (at most {self.settings.max_contexts})")
         self._seq += 1
-        session.reserved += chars
+        session.reserve(chars)
         self.items.append(Item(self._seq, text, voice, context_id, chars))
         self._changed.set()
 
@@ -358,7 +359,7 @@ class TtsStream:
                 item.cancelled = True
                 item.frames.clear()
                 if not item.synth_started and self.session is not None:
-                    self.session.reserved -= item.chars
+                    self.session.release(item.chars)
             else:
                 keep.append(item)
         self.items = keep
@@ -382,14 +383,12 @@ class TtsStream:
         token = data.get("session_key")
         if not isinstance(token, str):
             raise ProtocolError("extend needs {\"type\": \"extend\", \"session_key\": \"eyJ...\"}")
-        try:
-            claims = await self.role.context.verify(token)
-        except TokenError as exc:
-            raise ProtocolError(f"extend: {exc.code}: {exc}") from None
-        if claims.session_id != self.session_id or claims.limit is None:
-            raise ProtocolError("extend: the key is for another session")
         assert self.session is not None
-        self.session.extend(int(claims.limit), float(claims.expires_at))
+        try:
+            claims = await verify_session_key(self.role.context, token)
+            self.role.sessions.extend(self.session, claims)
+        except SessionRefused as exc:
+            raise ProtocolError(f"extend: {exc}") from None
         await self.send_json({"type": "extended",
                               "expires_in": max(0, int(self.expires_at - time.time())),
                               "limit_characters": self.session.limit})
@@ -410,7 +409,7 @@ class TtsStream:
             if not item.synth_started:
                 item.synth_started = True
                 assert self.session is not None
-                self.session.used += item.chars
+                self.session.bill(item.chars)
             self._producing = item
             try:
                 await self._produce_item(engine, item)
@@ -423,66 +422,84 @@ class TtsStream:
             self._producing = None
             self._changed.set()
 
-    async def _produce_item(self, engine: Any, item: Item) -> None:
-        loop = asyncio.get_running_loop()
-        spec, speed = item.voice.spec, item.voice.speed
-        segments: list[Segment] = await loop.run_in_executor(
-            None, lambda: plan_segments(item.text, spec.lang_code, engine,
-                                        cut_first=self.buffered_seconds() < 1.0,
-                                        first_words=self.settings.first_clause_words,
-                                        speed=speed,
-                                        lead_seconds=self.settings.lead_frames * FRAME_SECONDS))
+    async def _produce_item(self, engine: Engine, item: Item) -> None:
+        """Synthesize ``item`` segment by segment, each only once the buffer has room, re-planning
+        the rest of the text after each from the audio really buffered then."""
+        segments = await self._plan(engine, item, item.text,
+                                    cut_first=self.buffered_seconds() < 1.0,
+                                    first_words=self.settings.first_clause_words)
         resampler = Resampler(engine.sample_rate)
-        align = self.settings.alignment
-        segments.reverse()  # popped from the end
         while segments:
-            seg = segments.pop()
-            # stay at most lookahead_seconds ahead of playback
-            while self.buffered_seconds() > self.settings.lookahead_seconds:
-                self._changed.clear()
-                await self._changed.wait()
-                if item.cancelled:
-                    return
+            seg = segments.pop(0)
+            if not await self._room_for(item):
+                return
+            audio, words = await self._synthesize(engine, item, seg)
             if item.cancelled:
                 return
-            deadline = time.monotonic() + self.buffered_seconds()
-
-            def job(threads: int | None, s: Segment = seg) -> tuple[np.ndarray, float, Any]:
-                t0 = time.perf_counter()
-                audio = engine.synthesize(s.text, spec, speed, threads=threads)
-                took = time.perf_counter() - t0
-                words = engine.word_weights(s.text, spec.lang_code) if align else None
-                return audio, took, words
-
-            audio, engine_s, words = await self.role.scheduler.run(job, deadline)
-            if item.first_engine_s is None:
-                item.first_engine_s = engine_s
-            if item.cancelled:
-                return
-            if words:
-                self._queue_alignment(item, seg, words, len(audio) / engine.sample_rate)
-            if seg.pause_after:
-                audio = np.concatenate([audio, np.zeros(int(seg.pause_after * engine.sample_rate),
-                                                        dtype=np.float32)])
-            frames = resampler.push(audio)
-            item.frames.extend(frames)
-            item.produced += len(frames)
-            self._changed.set()
+            self._append(item, seg, audio, words, resampler, engine.sample_rate)
             if segments:
-                # re-size the rest from the audio really buffered now and the engine's latest
-                # cost: a segment slower than planned (load) shrinks the next one instead of
-                # leaving a gap; a faster engine grows them sooner
-                # streams synthesizing at once share the workers: each gets its share of the time
-                sharing = sum(1 for st in self.role.streams if st._producing is not None)
-                ahead = self.buffered_seconds() / max(1.0, sharing / self.role.scheduler.workers)
-                rest = " ".join(x.text for x in reversed(segments))
-                segments = await loop.run_in_executor(None, functools.partial(
-                    plan_segments, rest, spec.lang_code, engine, speed=speed,
-                    lead_seconds=self.settings.lead_frames * FRAME_SECONDS, ahead_seconds=ahead))
-                segments.reverse()
+                segments = await self._plan(engine, item, " ".join(x.text for x in segments),
+                                            ahead_seconds=self._ahead_seconds())
         tail = resampler.push(np.zeros(0, dtype=np.float32), last=True)
         item.frames.extend(tail)
         item.produced += len(tail)
+
+    async def _plan(self, engine: Engine, item: Item, text: str, **options: Any) -> list[Segment]:
+        """``plan_segments`` off the loop (English phonemizes)."""
+        return await asyncio.get_running_loop().run_in_executor(None, functools.partial(
+            plan_segments, text, item.voice.spec.lang_code, engine, speed=item.voice.speed,
+            lead_seconds=self.settings.lead_frames * FRAME_SECONDS, **options))
+
+    async def _room_for(self, item: Item) -> bool:
+        """Wait until the buffer is at most ``lookahead_seconds`` ahead of playback; False when
+        the item was cleared meanwhile."""
+        while self.buffered_seconds() > self.settings.lookahead_seconds and not item.cancelled:
+            self._changed.clear()
+            await self._changed.wait()
+        return not item.cancelled
+
+    async def _synthesize(self, engine: Engine, item: Item, seg: Segment
+                          ) -> tuple[np.ndarray, list[tuple[str, float]] | None]:
+        """One segment through the shared scheduler, due when the buffered audio runs out: its
+        audio and its word weights for alignment."""
+        spec, speed, align = item.voice.spec, item.voice.speed, self.settings.alignment
+
+        def job(threads: int | None) -> tuple[np.ndarray, float, Any]:
+            t0 = time.perf_counter()
+            audio = engine.synthesize(seg.text, spec, speed, threads=threads)
+            took = time.perf_counter() - t0
+            return audio, took, engine.word_weights(seg.text, spec.lang_code) if align else None
+
+        deadline = time.monotonic() + self.buffered_seconds()
+        audio, engine_s, words = await self.role.scheduler.run(job, deadline)
+        if item.first_engine_s is None:
+            item.first_engine_s = engine_s
+        return audio, words
+
+    def _append(self, item: Item, seg: Segment, audio: np.ndarray,
+                words: list[tuple[str, float]] | None, resampler: Resampler, rate: int) -> None:
+        """A segment's audio (and the pause its punctuation calls for) as frames of the item;
+        its words, if known, as an alignment event due with its first frame."""
+        if words:
+            self._queue_alignment(item, seg, words, len(audio) / rate)
+        if seg.pause_after:
+            audio = np.concatenate([audio, np.zeros(int(seg.pause_after * rate), dtype=np.float32)])
+        frames = resampler.push(audio)
+        item.frames.extend(frames)
+        item.produced += len(frames)
+        self._changed.set()
+
+    def _ahead_seconds(self) -> float:
+        """The audio buffered now, as this stream's share of the workers sees it: a segment slower
+        than planned (load) shrinks the next one instead of leaving a gap; a faster engine grows
+        them sooner. Streams synthesizing at once share the workers."""
+        sharing = sum(1 for st in self.role.streams if st.producing)
+        return self.buffered_seconds() / max(1.0, sharing / self.role.scheduler.workers)
+
+    @property
+    def producing(self) -> bool:
+        """This socket's producer is synthesizing a text now."""
+        return self._producing is not None
 
     def _queue_alignment(self, item: Item, seg: Segment, words: list[tuple[str, float]],
                          speech_seconds: float) -> None:
@@ -507,69 +524,79 @@ class TtsStream:
             pass
 
     async def _play(self) -> None:
-        lead = self.settings.lead_frames
-        t0: float | None = None   # audio clock: frame n of the run is due at t0 + (n - lead) * 20 ms
-        n = 0
+        """Send the head item's frames on the audio clock; finish each item (``done``) once its
+        synthesis ended and its frames are out."""
+        clock = FrameClock(self.settings.lead_frames)
         while True:
             item = self.items[0] if self.items else None
             if item is None:
-                t0 = None
+                clock.stop()  # idle: the next text starts a new run
                 await self._wait_changed()
-                continue
-            if item.cancelled:
+            elif item.cancelled:
                 self.items.popleft()
-                continue
-            if not item.frames:
-                if item.synth_done:
-                    if item.failed:
-                        await self.error(item.failed, item.context_id)
-                    if item.started:
-                        await self._flush_events(item, final=True)
-                        await self.send_json(item.tag({"type": "done"}))
-                    elif not item.failed:
-                        await self.send_json(item.tag({"type": "generating", "text": item.text}))
-                        await self.send_json(item.tag({"type": "done"}))
-                    if self.items and self.items[0] is item:
-                        self.items.popleft()
-                    self._changed.set()
-                    continue
-                await self._wait_changed()
-                continue
-            if not item.started:
-                item.started = True
-                await self.send_json(item.tag({"type": "generating", "text": item.text}))
-                if item.first_engine_s is not None and t0 is None:  # nothing was playing
-                    self.role.first_audio.append(
-                        (time.perf_counter() - item.received_at, item.first_engine_s))
-            now = time.monotonic()
-            if t0 is None:
-                t0, n = now, 0
-            due = t0 + (n - lead) * FRAME_SECONDS
-            if n >= lead and due < now - 2 * FRAME_SECONDS:
-                # underrun (texts are queued but the engine fell behind): re-anchor the clock
-                # rather than bursting, and rebuild the lead; idle time resets t0 instead
-                self.role.stats["underruns"] += 1
-                self.role.stats["stall_seconds"] += now - due
-                t0, n = now, 0
-                due = now - lead * FRAME_SECONDS
-            if due > now:
-                self._interrupt.clear()
-                try:
-                    await asyncio.wait_for(self._interrupt.wait(), due - now)
-                except TimeoutError:
-                    pass
-                if item.cancelled or not item.frames:
-                    continue
-            await self._flush_events(item)
-            frame = item.frames.popleft()
-            item.played += 1
-            n += 1
-            self.frames_sent += 1
-            self._changed.set()  # the producer may be waiting for room
-            try:
-                await self.ws.send_bytes(frame)
-            except (ConnectionError, RuntimeError):
-                return
+            elif not item.frames:
+                await (self._finish(item) if item.synth_done else self._wait_changed())
+            else:
+                await self._start(item, clock)
+                if await self._wait_due(item, clock) and not await self._send_frame(item, clock):
+                    return
+
+    async def _start(self, item: Item, clock: FrameClock) -> None:
+        """``generating`` before the first frame of an item; its time to first audio when it
+        starts a run (nothing was playing)."""
+        if item.started:
+            return
+        item.started = True
+        await self.send_json(item.tag({"type": "generating", "text": item.text}))
+        if item.first_engine_s is not None and not clock.running:
+            self.role.first_audio.append(
+                (time.perf_counter() - item.received_at, item.first_engine_s))
+
+    async def _wait_due(self, item: Item, clock: FrameClock) -> bool:
+        """Wait for the next frame's time (a ``clear`` cuts it short); False when the item has
+        nothing to send any more."""
+        now = time.monotonic()
+        due, stalled = clock.due(now)
+        if stalled:  # texts are queued but the engine fell behind
+            self.role.stats["underruns"] += 1
+            self.role.stats["stall_seconds"] += stalled
+        if due <= now:
+            return True
+        self._interrupt.clear()
+        try:
+            await asyncio.wait_for(self._interrupt.wait(), due - now)
+        except TimeoutError:
+            pass
+        return not item.cancelled and bool(item.frames)
+
+    async def _send_frame(self, item: Item, clock: FrameClock) -> bool:
+        """The item's next frame, after the events due before it; False once the socket is gone."""
+        await self._flush_events(item)
+        frame = item.frames.popleft()
+        item.played += 1
+        clock.sent()
+        self.frames_sent += 1
+        self._changed.set()  # the producer may be waiting for room
+        try:
+            await self.ws.send_bytes(frame)
+        except (ConnectionError, RuntimeError):
+            return False
+        return True
+
+    async def _finish(self, item: Item) -> None:
+        """An item whose synthesis ended and whose frames are all out: its error, its last
+        events and ``done`` (a text that made no audio still gets ``generating`` and ``done``)."""
+        if item.failed:
+            await self.error(item.failed, item.context_id)
+        if item.started:
+            await self._flush_events(item, final=True)
+            await self.send_json(item.tag({"type": "done"}))
+        elif not item.failed:
+            await self.send_json(item.tag({"type": "generating", "text": item.text}))
+            await self.send_json(item.tag({"type": "done"}))
+        if self.items and self.items[0] is item:
+            self.items.popleft()
+        self._changed.set()
 
     async def _flush_events(self, item: Item, final: bool = False) -> None:
         while item.events and (final or item.events[0][0] <= item.played):

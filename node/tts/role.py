@@ -1,0 +1,136 @@
+"""The TTS role (``create_role``): the spec's Text-to-Speech WebSocket on ``/v1/stream``.
+
+Kokoro-82M (int8 ONNX via kokoro-onnx by default, see :mod:`node.tts.engine`) speaks queued texts
+as 48 kHz PCM16 frames of 20 ms at real-time pace, with barge-in (``clear``), session extension,
+per-message voice/language/speed, voice blends, named contexts and approximate word timestamps.
+The heartbeat load is the number of live streams; the capacity is measured at start
+(:func:`stream_cost`, cached per machine and model) and bounded by the config's. At capacity a new
+socket is refused with ``server_full``. See ``node/tts/README.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+
+from aiohttp import web
+
+from node.models.kokoro import LANGUAGES, VOICES, ensure_kokoro
+from node.roles import RoleContext
+from node.session import Sessions
+from node.tts.characters import CharacterCount
+from node.tts.connection import Connection
+from node.tts.engine import Engine, create_engine
+from node.tts.scheduler import Scheduler
+from node.tts.settings import TtsSettings, load_settings
+from node.tts.voices import VoiceSpec
+
+log = logging.getLogger("node.tts")
+
+# ~6 s of speech: long enough that the fixed cost of a call weighs as it does in a stream
+CALIBRATION_TEXT = ("I have looked at your account, and everything seems to be in order. "
+                    "Your last payment arrived on the fifth, and the next one is due soon.")
+
+
+def stream_cost(engine: Engine, spec: VoiceSpec) -> float:
+    """Core-seconds of CPU per second of speech, synthesized as under load (one thread per
+    inference, the scheduler's choice when streams share the node): the cost of one real-time
+    stream. Blocking; process CPU time, so threads the engine spawns are counted too."""
+    engine.synthesize("Warm up.", spec, 1.0, threads=1)
+    c0 = time.process_time()
+    audio = engine.synthesize(CALIBRATION_TEXT, spec, 1.0, threads=1)
+    cpu = time.process_time() - c0
+    return cpu / max(len(audio) / engine.sample_rate, 1e-3)
+
+
+class TtsRole:
+    name = "tts"
+
+    def __init__(self, context: RoleContext, engine: Engine | None = None) -> None:
+        self.context = context
+        self.settings: TtsSettings = load_settings(context.settings)
+        self._engine = engine
+        self.scheduler = Scheduler(self.settings.workers)
+        self._capacity = context.capacity  # until start() measured it
+        self.streams: set[Connection] = set()
+        self.sessions = Sessions(context.outbox, context.state_file("tts-usage"),
+                                 meter=CharacterCount, unit="used_characters", table="tts_usage",
+                                 reconnect_grace=self.settings.reconnect_grace,
+                                 report_interval=self.settings.usage_interval)
+        self.draining = False
+        self.started_at = time.time()
+        # underruns: times a playing text ran dry because the engine fell behind (CPU starved)
+        self.stats: dict[str, float] = {"underruns": 0, "stall_seconds": 0.0}
+        # (text received -> first frame sent, engine time of that first segment), latest runs
+        self.first_audio: deque[tuple[float, float]] = deque(maxlen=1000)
+        logging.getLogger("phonemizer").setLevel(logging.ERROR)
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("the TTS engine is not loaded yet (start() loads it)")
+        return self._engine
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_get("/v1/stream", self._stream)
+        app.router.add_get("/v1/tts/voices", self._voices)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._engine is None:
+            s = self.settings
+            t0 = time.monotonic()
+            self._engine = await loop.run_in_executor(None, self._load_engine)
+            log.info("tts engine %s loaded in %.1f s", s.engine, time.monotonic() - t0)
+        spec = VoiceSpec.parse(self.settings.voice, self.settings.lang_code)
+        if self.settings.warmup:
+            await loop.run_in_executor(None, self.engine.synthesize, "Ready.", spec, 1.0)
+        model = f"{self.engine.name}:{self.settings.provider}:{spec.label}"
+        self._capacity = await self.context.measured_capacity(
+            model, lambda: stream_cost(self.engine, spec))
+        self.scheduler.start()
+        self.sessions.start()
+
+    def _load_engine(self) -> Engine:
+        s = self.settings
+        files = None
+        if s.engine == "kokoro-onnx":
+            files = ensure_kokoro(s.model_dir)
+        return create_engine(s.engine, threads=s.threads, provider=s.provider, files=files,
+                             spin=s.spin)
+
+    async def drain(self) -> None:
+        self.draining = True
+
+    async def stop(self) -> None:
+        for stream in list(self.streams):
+            await stream.ws.close(code=1001, message=b"node stopping")
+        self.sessions.close()
+        await self.scheduler.stop()
+
+    def load(self) -> int:
+        return len(self.streams)
+
+    async def _voices(self, request: web.Request) -> web.Response:
+        return web.json_response({"languages": LANGUAGES, "voices": VOICES,
+                                  "default": self.settings.voice})
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(heartbeat=30, max_msg_size=1 << 20)
+        await ws.prepare(request)
+        try:
+            await Connection(self, ws).run()
+        finally:
+            if not ws.closed:
+                await ws.close()
+        return ws
+
+
+def create_role(context: RoleContext) -> TtsRole:
+    return TtsRole(context)

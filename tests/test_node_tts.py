@@ -96,7 +96,10 @@ def test_planner_cuts_first_clause_short_and_respects_limits(engine) -> None:
     assert len(segs[0].text.split()) <= 5
     assert all(engine.phoneme_length(s.text, "a") <= MAX_PHONEMES for s in segs)
     assert " ".join(s.text for s in segs).split() == long_en.split()
-    assert all(s.text.endswith(".") for s in segs[2:])  # later cuts at sentence boundaries
+    # later cuts at sentence boundaries, under the default cost model (the live engine's scales
+    # with what it measured lately: on a loaded machine it cuts sentences to stay ahead)
+    steady = plan_segments(long_en, "a", None)
+    assert all(s.text.endswith(".") for s in steady[2:])
     # re-planning mid-text (engine=None: the default cost model, deterministic): with 1.5 s of
     # audio buffered the next segment is cut to be ready in time; with 20 s whole sentences
     rest = " ".join(f"Sentence number {i} talks about the weather, the wind and the sea around the island." for i in range(8))

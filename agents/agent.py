@@ -214,9 +214,18 @@ class VoiceAgent:
         log.info("agent %r in room %r", self.identity, self.room_name or self.room.room.name)
 
     async def say(self, text: str) -> None:
-        """Speak ``text`` once a caller hears the agent's track (or sent ``client-ready``)."""
+        """Speak ``text`` once a caller hears the agent's track (or sent ``client-ready``).
+        Returns when it was played, or at once when the conversation ends meanwhile (a caller
+        who hangs up during the greeting does not keep the agent talking to an empty room)."""
         assert self.pipeline is not None, "start() the agent first"
-        await self.pipeline.say(text)
+        saying = asyncio.ensure_future(self.pipeline.say(text))
+        ended = asyncio.ensure_future(self.ended.wait())
+        await asyncio.wait({saying, ended}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (saying, ended):
+            task.cancel()  # no-op for the one that finished
+        failure, _ = await asyncio.gather(saying, ended, return_exceptions=True)
+        if isinstance(failure, Exception):
+            raise failure
 
     async def run(self) -> None:
         """Until the conversation ends (the last caller left, or none came)."""

@@ -87,6 +87,9 @@ class PipelineConfig:
     end_of_utterance: float | None = 0.25
     # ... and the silence the agent adds before its answer is heard, preparing it meanwhile
     min_silence: float = 0.25
+    # speech reported this long after min_silence, before any of the answer was heard, still
+    # means the caller went on (the node's speech_start lags the speech by its min_speech_ms)
+    resume_window: float = 0.4
     min_interruption: float = 1.0  # speech this long (no words yet) interrupts the agent
     backchannel_words: frozenset[str] = BACKCHANNELS
     history_tokens: int = 1500  # approximate: 4 characters a token, 4 tokens per message
@@ -402,14 +405,17 @@ class Pipeline:
         return is_backchannel(text, self.config.backchannel_words)
 
     async def _drop_unheard(self, caller: _Caller) -> bool:
-        """The caller speaks again before any of the answer to them was heard: they had not
-        finished. Drop the answer now (nothing to flush); their question stands and is asked
-        again, with what they add, when they stop."""
+        """The caller speaks again within the pause, before any of the answer to them was heard:
+        they had not finished. Drop the answer now (nothing to flush); their question stands and
+        is asked again, with what they add, when they stop. "Within the pause": the node reports
+        speech_start once ``min_speech`` of speech went by, so up to ``resume_window`` after the
+        answer could first have been heard."""
         async with self._lock:
             answer = self._answer
             if (answer is None or answer.question is None or answer.turn.who != caller.identity
-                    or answer.anything_played(self.output)):
-                return False
+                    or answer.anything_played(self.output)
+                    or time.monotonic() > answer.heard_from + self.config.resume_window):
+                return False  # later speech is judged as barge-in (backchannels go on)
             log.info("%s goes on talking before the answer was heard: it is dropped",
                      caller.identity)
             caller.unanswered = True

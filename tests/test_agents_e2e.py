@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import sys
-import time
 
 import pytest
 
@@ -22,7 +21,14 @@ from agents.plugins import ChatMessage
 from gateway.client import AgentSession, DualWebrtc, GatewayClient
 from tests.support.agents_caller import Caller
 from tests.support.agents_network import Network  # the `network` fixture: a conftest plugin
-from tests.support.agents_script import ANSWERS, ScriptedLLM, spelled, transcribe, until
+from tests.support.agents_script import (
+    ANSWERS,
+    ScriptedLLM,
+    settled,
+    spelled,
+    transcribe,
+    until,
+)
 from tests.support.speech import silence, speak, word_errors
 
 pytestmark = pytest.mark.timeout(420)
@@ -137,29 +143,6 @@ async def test_barge_in_stops_the_agent_and_a_backchannel_does_not(network: Netw
         await caller.leave()
         await agent.aclose()
         await gw.close()
-
-
-async def settled(gw: GatewayClient, session: AgentSession, services: set[str],
-                  timeout: float) -> list[dict[str, object]]:
-    """Wait until the bundle's sessions of ``services`` settled; their transactions."""
-    assert isinstance(session.webrtc, DualWebrtc)
-    ids = {"stt": {session.stt.session_id}, "tts": {session.tts.session_id},
-           "webrtc": {session.webrtc.agent.session_id, session.webrtc.client.session_id}}
-    want = set().union(*(ids[s] for s in services))
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = {s["session_id"]: s for s in await gw.sessions(limit=100)}
-        # completed: the node's final report; expired: the sweeper, at the token's expiry
-        if all(rows.get(sid, {}).get("status") in ("completed", "expired") for sid in want):
-            break
-        assert time.monotonic() < deadline, f"not settled: {[rows.get(s) for s in want]}"
-        await asyncio.sleep(1)
-    txs = [t for t in await gw.transactions(limit=200) if t["session_id"] in want]
-    for sid in want:
-        kinds = sorted(t["type"] for t in txs if t["session_id"] == sid)
-        # Reserved once (plus once per extension), charged at most once, refunded once.
-        assert kinds.count("charge") <= 1 and kinds.count("refund") == 1, (sid, kinds)
-    return txs
 
 
 async def test_extension_a_stalled_llm_and_the_caller_leaving(

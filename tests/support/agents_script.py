@@ -14,7 +14,7 @@ import soxr
 
 from agents import NetworkSTT
 from agents.plugins import ChatMessage
-from gateway.client import GatewayClient
+from gateway.client import AgentSession, DualWebrtc, GatewayClient
 from tests.support.speech import pcm16
 
 ANSWERS = {
@@ -95,3 +95,26 @@ async def transcribe(gw: GatewayClient, audio48k: np.ndarray) -> str:
     await stream.aclose()
     reader.cancel()
     return " ".join(finals)
+
+
+async def settled(gw: GatewayClient, session: AgentSession, services: set[str],
+                  timeout: float) -> list[dict[str, object]]:
+    """Wait until the bundle's sessions of ``services`` settled; their transactions."""
+    assert isinstance(session.webrtc, DualWebrtc)
+    ids = {"stt": {session.stt.session_id}, "tts": {session.tts.session_id},
+           "webrtc": {session.webrtc.agent.session_id, session.webrtc.client.session_id}}
+    want = set().union(*(ids[s] for s in services))
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = {s["session_id"]: s for s in await gw.sessions(limit=100)}
+        # completed: the node's final report; expired: the sweeper, at the token's expiry
+        if all(rows.get(sid, {}).get("status") in ("completed", "expired") for sid in want):
+            break
+        assert time.monotonic() < deadline, f"not settled: {[rows.get(s) for s in want]}"
+        await asyncio.sleep(1)
+    txs = [t for t in await gw.transactions(limit=200) if t["session_id"] in want]
+    for sid in want:
+        kinds = sorted(t["type"] for t in txs if t["session_id"] == sid)
+        # Reserved once (plus once per extension), charged at most once, refunded once.
+        assert kinds.count("charge") <= 1 and kinds.count("refund") == 1, (sid, kinds)
+    return txs

@@ -10,13 +10,13 @@
 
 const LK = window.LivekitClient;
 const $ = (id) => document.getElementById(id);
-const LOUD = 0.015;          // RMS of a 10 ms block counted as sound (about -36 dBFS)
+const LOUD = 0.015;          // RMS of a block (512 samples, about 10 ms) counted as sound (about -36 dBFS)
 const END_OF_SPEECH = 0.25;  // seconds of quiet after which the person has stopped
 const RECORD_SECONDS = 240;  // the tutor's voice kept for tests, at most
 
 const demo = window.demo = {
   status: 'idle', identity: null, room: null, turns: [], captions: [], sampleRate: 0,
-  heard: [], heardSamples: 0,
+  heard: [], heardSamples: 0, micLevels: [], agentLevels: [],
 };
 
 let ctx = null;
@@ -64,6 +64,7 @@ function meter(track, onBlock) {
 }
 
 function onMicBlock(t, rms) {
+  if (demo.micLevels.length < RECORD_SECONDS * 100) demo.micLevels.push([t, rms]);
   if (rms < LOUD) return;
   youLoudAt = t;
   lastVoiced = t;
@@ -74,6 +75,7 @@ function onAgentBlock(t, rms, data) {
   if (demo.heardSamples < RECORD_SECONDS * ctx.sampleRate) {
     demo.heard.push([t, Float32Array.from(data)]);
     demo.heardSamples += data.length;
+    demo.agentLevels.push([t, rms]);
   }
   const loud = rms >= LOUD;
   if (loud) agentLoudAt = t;

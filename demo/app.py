@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.fund and args.wallet is None:
         parser.error("--fund needs --wallet FILE (the wallet to fund)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # every RPC call of the purchase
     try:
         check_gateway_url(args.gateway)
         create_app(args.gateway, args.refresh)  # checks the vendor files before any purchase

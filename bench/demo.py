@@ -36,8 +36,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agents.plugins import LLM  # noqa: E402
-from bench.agent import (  # noqa: E402
+from agents.plugins import LLM
+from bench.agent import (
     INSTANT_ANSWER,
     QUESTIONS,
     InstantLLM,
@@ -45,10 +45,10 @@ from bench.agent import (  # noqa: E402
     latency_run,
     row,
 )
-from tests.support.agents_network import Network, running_network  # noqa: E402
-from tests.support.browser import chromium, write_speech_wav  # noqa: E402
-from tests.support.demo_site import demo_server  # noqa: E402
-from tests.support.speech import silence, speak  # noqa: E402
+from tests.support.agents_network import Network, running_network
+from tests.support.browser import chromium, write_speech_wav
+from tests.support.demo_site import demo_server
+from tests.support.speech import silence, speak
 
 
 def llm_factory(kind: str) -> Callable[[], LLM]:

@@ -223,8 +223,12 @@ async function join(grant) {
   });
   await room.connect(grant.ws_url, grant.token);
   await room.localParticipant.setMicrophoneEnabled(true);
-  const mic = room.localParticipant.getTrackPublication(LK.Track.Source.Microphone);
-  meter(mic.track.mediaStreamTrack, onMicBlock);
+  const mic = room.localParticipant.getTrackPublication(LK.Track.Source.Microphone).track;
+  let micMeter = meter(mic.mediaStreamTrack, onMicBlock);
+  mic.on(LK.TrackEvent.Restarted, () => {  // another device, or the same one opened again
+    micMeter.onaudioprocess = null;
+    micMeter = meter(mic.mediaStreamTrack, onMicBlock);
+  });
   $('hangup').disabled = false;
   setStatus('Talking with Lina: just speak, and speak over her to interrupt.');
   refreshCredit();

@@ -62,6 +62,13 @@ async def wait_finals(page: Page, who: str, count: int, timeout: float) -> None:
                              f"{state}") from None
 
 
+async def speak_again(page: Page) -> None:
+    """Open the page's microphone again: Chromium's fake device plays its WAV from the start,
+    so the person says it at a moment the test picks (after the tutor was heard, say)."""
+    await page.evaluate("demo.room.localParticipant.getTrackPublication("
+                        "LivekitClient.Track.Source.Microphone).track.restartTrack()")
+
+
 async def received_audio(page: Page) -> np.ndarray:
     """The tutor's voice as the page received it (Web Audio), 48 kHz int16."""
     rate = await page.evaluate("demo.sampleRate")

@@ -80,7 +80,6 @@ class Tutors:
         self.instructions, self.greeting = instructions, greeting
         self.minutes, self.tts_characters = minutes, tts_characters
         self.live: dict[str, Conversation] = {}
-        self.ended: list[Conversation] = []  # the last few, for tests and logs
         self._lock = asyncio.Lock()
 
     async def start(self, identity: str, client_ip: str | None) -> dict[str, Any]:
@@ -132,11 +131,7 @@ class Tutors:
             conv = self.live.get(identity)
             if conv is not None and conv.agent is agent:
                 del self.live[identity]
-                self._keep(conv)
             log.info("%s's conversation ended", identity)
-
-    def _keep(self, conv: Conversation) -> None:
-        self.ended = [*self.ended[-9:], conv]
 
     async def _replace(self, old: Conversation) -> None:
         """Tell the old tab it was replaced, then end its agent (the bundle settles)."""
@@ -144,7 +139,6 @@ class Tutors:
             await old.agent.room.publish_data({"type": "replaced"}, topic=CONTROL_TOPIC)
         old.agent.ended.set()
         await asyncio.gather(old.task, return_exceptions=True)
-        self._keep(old)
 
     async def aclose(self) -> None:
         """End every conversation (the server stops)."""

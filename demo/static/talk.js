@@ -147,7 +147,7 @@ function onTranscript(message) {
   }
   const li = caption('Lina', message.text, 'agent');
   const agentMs = (message.latency || {}).voice_to_voice_ms;
-  if (agentMs !== null && agentMs !== undefined) {
+  if (agentMs !== null && agentMs !== undefined) {  // an answer (not the greeting)
     const note = document.createElement('span');
     note.className = 'latency';
     note.textContent = `answered ${seconds(pendingHeardMs)} after you stopped ` +
@@ -155,8 +155,8 @@ function onTranscript(message) {
     li.append(note);
     const turn = demo.turns[demo.turns.length - 1];
     if (turn && pendingHeardMs !== null) turn.agent_ms = agentMs;
+    pendingHeardMs = null;
   }
-  pendingHeardMs = null;
   refreshCredit();
 }
 

@@ -47,7 +47,7 @@ from bench.agent import (
 )
 from tests.support.agents_network import Network, running_network
 from tests.support.browser import chromium, write_speech_wav
-from tests.support.demo_site import demo_server
+from tests.support.demo_site import demo_server, start_talking
 from tests.support.speech import silence, speak
 
 
@@ -69,10 +69,7 @@ async def page_run(net: Network, factory: Callable[[], LLM], turns: int, gap: fl
     async with demo_server(net, factory, greeting="", minutes=max(5, turns)) as (site, _), \
             chromium(mic) as browser:
         page = await browser.new_page()
-        await page.goto(site + "/talk")
-        await page.fill("#identity", "bench")
-        await page.click("#talk")
-        await page.wait_for_function("demo.status.startsWith('Talking')", timeout=60_000)
+        await start_talking(page, site, "bench")
         seen, done = 0, []
         deadline = asyncio.get_running_loop().time() + turns * (gap + 6) + 60
         while asyncio.get_running_loop().time() < deadline:

@@ -29,6 +29,7 @@ from tests.support.demo_site import (
     page_state,
     received_audio,
     speak_again,
+    start_talking,
     wait_finals,
 )
 from tests.support.speech import silence, speak, word_errors
@@ -57,16 +58,14 @@ async def test_start_refuses_bad_bodies_with_a_message(network: Network) -> None
 
 async def test_a_person_asks_in_chromium_and_hears_the_answer(network: Network,
                                                               tmp_path: Path) -> None:
-    mic = write_speech_wav(tmp_path / "question.wav", [silence(2.0), speak(QUESTION),
+    # A few seconds of quiet first: the agent subscribes to the page's microphone meanwhile.
+    mic = write_speech_wav(tmp_path / "question.wav", [silence(6.0), speak(QUESTION),
                                                         silence(60.0)])
     async with demo_server(network, ScriptedLLM, greeting="") as (site, tutors), \
             chromium(mic) as browser:
         page = await browser.new_page(viewport={"width": 900, "height": 560})
         log = console_log(page)
-        await page.goto(site + "/talk")
-        await page.fill("#identity", "student-1")
-        await page.click("#talk")
-        await page.wait_for_function("demo.status.startsWith('Talking')", timeout=30_000)
+        await start_talking(page, site, "student-1")
         conv = tutors.live["student-1"]
         await wait_finals(page, "agent", 1, timeout=90)
         assert await finals(page, "agent") == [ANSWERS["open"]], log
@@ -101,14 +100,11 @@ async def test_a_person_asks_in_chromium_and_hears_the_answer(network: Network,
 async def test_speaking_over_the_tutor_stops_it(network: Network, tmp_path: Path) -> None:
     """The person asks for a long story, and asks again once the page hears the tutor (the
     microphone opened again plays the question from its start): the tutor stops."""
-    mic = write_speech_wav(tmp_path / "long.wav", [silence(1.0), speak(LONG), silence(60.0)])
+    mic = write_speech_wav(tmp_path / "long.wav", [silence(5.0), speak(LONG), silence(60.0)])
     async with demo_server(network, ScriptedLLM, greeting="") as (site, tutors), \
             chromium(mic) as browser:
         page = await browser.new_page()
-        await page.goto(site + "/talk")
-        await page.fill("#identity", "student-2")
-        await page.click("#talk")
-        await page.wait_for_function("demo.status.startsWith('Talking')", timeout=30_000)
+        await start_talking(page, site, "student-2")
         pipeline = tutors.live["student-2"].agent.pipeline
         assert pipeline is not None
         await page.wait_for_function("demo.turns.length >= 1", timeout=60_000)  # heard
@@ -139,15 +135,12 @@ async def test_speaking_over_the_tutor_stops_it(network: Network, tmp_path: Path
 
 async def test_a_second_tab_takes_over_and_closing_it_mid_answer_settles(
         network: Network, tmp_path: Path) -> None:
-    mic = write_speech_wav(tmp_path / "long.wav", [silence(4.0), speak(LONG), silence(60.0)])
+    mic = write_speech_wav(tmp_path / "long.wav", [silence(5.0), speak(LONG), silence(60.0)])
     async with demo_server(network, ScriptedLLM, greeting="") as (site, tutors), \
             chromium(mic) as browser:
         tabs = await browser.new_context()  # one profile: the second tab knows the name
         first = await tabs.new_page()
-        await first.goto(site + "/talk")
-        await first.fill("#identity", "student-3")
-        await first.click("#talk")
-        await first.wait_for_function("demo.status.startsWith('Talking')", timeout=30_000)
+        await start_talking(first, site, "student-3")
         replaced = tutors.live["student-3"]
 
         second = await tabs.new_page()

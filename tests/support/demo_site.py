@@ -37,6 +37,15 @@ async def demo_server(network: Network, llm_factory: Callable[[], LLM],
         await gateway.close()
 
 
+async def start_talking(page: Page, site: str, identity: str) -> None:
+    """What a person does: open the talk page, type a name, press Talk; returns once the page
+    is in the tutor's room."""
+    await page.goto(site + "/talk")
+    await page.fill("#identity", identity)
+    await page.click("#talk")
+    await page.wait_for_function("demo.status.startsWith('Talking')", timeout=60_000)
+
+
 async def page_state(page: Page) -> dict[str, Any]:
     """The page's status, captions, turns (page and agent figures) and credit."""
     return json.loads(await page.evaluate(
@@ -58,8 +67,10 @@ async def wait_finals(page: Page, who: str, count: int, timeout: float) -> None:
             arg=[who, count], timeout=timeout * 1000)
     except PlaywrightTimeout:
         state = await page_state(page)
+        mic = await page.evaluate("[demo.micLevels.length, "
+                                  "Math.max(0, ...demo.micLevels.map(x => x[1]))]")
         raise AssertionError(f"no {count} final captions of {who} in {timeout:.0f} s: "
-                             f"{state}") from None
+                             f"{state}; microphone blocks, loudest: {mic}") from None
 
 
 async def speak_again(page: Page) -> None:

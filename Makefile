@@ -10,7 +10,7 @@ X402_STAMP := .venv-x402/.installed
 LLM_STAMP  := .venv/.llm-installed
 APT_PKGS := clang-19 llvm-19 postgresql wrk chromium
 
-.PHONY: setup up test test-fast program bench clean-local apt models llm browser web
+.PHONY: setup up demo test test-fast program bench clean-local apt models llm browser web
 
 setup: apt $(STAMP) $(X402_STAMP) models llm browser web
 
@@ -72,6 +72,11 @@ models: $(STAMP)
 
 up: setup
 	$(PY) scripts/devnet.py
+
+# All that `make up` runs, plus the demo web app on http://127.0.0.1:8080 (/talk, /network),
+# its wallet funded on the localnet by a real x402 purchase (demo/wallet.py).
+demo: setup
+	$(PY) scripts/devnet.py --demo
 
 # The whole suite, in two runs: first the fast tier, where tests/conftest.py fails any test that
 # starts a process or loads a model (so a slow test cannot hide in the tier), then the rest.

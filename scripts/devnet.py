@@ -6,6 +6,9 @@ as a trusted issuer, then starts the gateway and one node of each role that this
 approving each of its own nodes (their keys are .local/keys/node-<role>.json) once they register. Each
 child's output is prefixed with its name. Ctrl-C (or SIGTERM) stops the children in reverse order,
 so nodes drain and deregister while the chain is still up. State lives under `.local/`.
+
+`make demo` runs it with `--demo`: the same network, then the demo web app (demo/app.py) on
+http://127.0.0.1:8080 with its wallet (.local/keys/demo-wallet.json) funded by an x402 purchase.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ RPC_URL = f"http://127.0.0.1:{RPC_PORT}"
 GATEWAY_URL = "http://127.0.0.1:8402"
 HEARTBEAT_TTL = 30
 NODE_PORTS = {"sfu": 7880, "stt": 8001, "tts": 8002}
+DEMO_URL = "http://127.0.0.1:8080"
 AUTHORITY_KEY = LOCAL / "keys" / "authority.json"
 
 
@@ -160,7 +164,14 @@ def built(module: str) -> bool:
         return False
 
 
-async def main() -> int:
+def demo_child(py: str) -> Child:
+    """The demo web app, paying with its own wallet, which it funds first (test USDC, x402)."""
+    return Child("demo", [py, "-m", "demo.app", "--gateway", GATEWAY_URL, "--rpc", RPC_URL,
+                          "--wallet", str(LOCAL / "keys" / "demo-wallet.json"), "--fund",
+                          "--port", DEMO_URL.rsplit(":", 1)[1]])
+
+
+async def main(demo: bool = False) -> int:
     LOCAL.mkdir(exist_ok=True)
     py = sys.executable
     children: list[Child] = []
@@ -201,6 +212,11 @@ async def main() -> int:
                                        node_key)
             await wait_http(f"http://127.0.0.1:{port}/health", f"the {role} node", timeout=180)
             urls[f"{role} node"] = f"http://127.0.0.1:{port}"
+        if demo:
+            await start(demo_child(py))
+            await wait_http(f"{DEMO_URL}/api/config", "the demo app", timeout=180)
+            urls["demo: talk to a tutor"] = f"{DEMO_URL}/talk"
+            urls["demo: the network map"] = f"{DEMO_URL}/network"
         for name, url in urls.items():
             print(f"  {name:28} {url}")
         print(f"  {'trusted issuer (gateway key)':28} {issuer}")
@@ -227,4 +243,4 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(asyncio.run(main(demo="--demo" in sys.argv[1:])))

@@ -171,7 +171,6 @@ async def test_network_page_maps_the_nodes_and_follows_the_registry(
             status = await page.inner_text("#status")
             assert status.startswith(f"{len(NODES)} nodes, 3 taking sessions"), status
             await page.screenshot(path=str(tmp_path / "network.png"), full_page=True)
-            await page.screenshot(path="/tmp/network.png", full_page=True)
 
             # The page follows the registry: a heartbeat with a new load moves the circle.
             before = shown["sfu-fra"]["r"]

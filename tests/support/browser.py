@@ -60,16 +60,30 @@ def console_log(page: Page) -> list[str]:
     return lines
 
 
-def write_tone_wav(path: Path, freq: float, seconds: float = 5.0, rate: int = 48000) -> Path:
-    """A mono 16-bit tone, for --use-file-for-fake-audio-capture (Chromium loops it)."""
-    t = np.arange(int(seconds * rate)) / rate
-    pcm = (np.sin(2 * np.pi * freq * t) * 12000).astype(np.int16)
+def write_wav(path: Path, pcm: np.ndarray, rate: int = 48000) -> Path:
+    """Mono 16-bit PCM as a WAV file, for --use-file-for-fake-audio-capture (Chromium loops
+    it, from its start for each capture)."""
     with wave.open(str(path), "wb") as out:
         out.setnchannels(1)
         out.setsampwidth(2)
         out.setframerate(rate)
-        out.writeframes(pcm.tobytes())
+        out.writeframes(pcm.astype("<i2").tobytes())
     return path
+
+
+def write_tone_wav(path: Path, freq: float, seconds: float = 5.0, rate: int = 48000) -> Path:
+    """A mono 16-bit tone."""
+    t = np.arange(int(seconds * rate)) / rate
+    return write_wav(path, (np.sin(2 * np.pi * freq * t) * 12000).astype(np.int16), rate)
+
+
+def write_speech_wav(path: Path, clips: list[np.ndarray]) -> Path:
+    """16 kHz float clips (tests/support/speech.py: Kokoro speech, silences) in a row, as a
+    48 kHz WAV: what a fake microphone says."""
+    import soxr
+
+    audio = soxr.resample(np.concatenate(clips).astype(np.float32), 16000, 48000)
+    return write_wav(path, (np.clip(audio, -1, 1) * 32767).astype(np.int16))
 
 
 @contextlib.asynccontextmanager

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 
 from agents.network_stt import NetworkSTT, NetworkSTTStream
-from agents.node_socket import stream_url
 from agents.network_tts import NetworkTTS, NetworkTTSStream, kokoro_lang_code
+from agents.node_socket import stream_url
 from agents.plugins import SpeechAudio, SpeechEvent
 from tests.support.agents_network import Network  # the `network` fixture: a conftest plugin
 from tests.support.agents_proxy import WSProxy
+from tests.support.agents_script import hear
 from tests.support.speech import pcm16, silence, speak, word_errors, words
 
 pytestmark = pytest.mark.timeout(300)
@@ -192,19 +193,7 @@ async def transcribe_48k(network: Network, audio: np.ndarray) -> str:
     bundle = await network.agent_session()
     stream = await NetworkSTT(bundle.stt.server_url, bundle.stt.token).stream()
     try:
-        at16 = soxr.resample(audio.astype(np.float32) / 32768, 48000, 16000)
-        pusher = asyncio.create_task(push_realtime(stream, np.concatenate([at16, silence(1.5)])))
-        texts: list[str] = []
-
-        async def finals() -> None:
-            async for event in stream.events():
-                if event.type == "final":
-                    texts.append(event.text)
-        reader = asyncio.create_task(finals())
-        await pusher
-        await asyncio.sleep(2.0)
-        reader.cancel()
-        return " ".join(texts)
+        return await hear(stream, soxr.resample(audio.astype(np.float32) / 32768, 48000, 16000))
     finally:
         await stream.aclose()
 

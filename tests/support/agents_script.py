@@ -13,7 +13,7 @@ import numpy as np
 import soxr
 
 from agents import NetworkSTT
-from agents.plugins import ChatMessage
+from agents.plugins import ChatMessage, STTStream
 from gateway.client import AgentSession, DualWebrtc, GatewayClient
 from tests.support.speech import pcm16
 
@@ -75,24 +75,42 @@ async def transcribe(gw: GatewayClient, audio48k: np.ndarray) -> str:
         quiet = 0 if is_loud else quiet + 1
         if quiet <= 30:
             keep.append(frame)
-    audio = np.concatenate([*keep, np.zeros(16000, dtype=np.float32)])
     session = await gw.create_stt_session(2, language="en")
     stream = await NetworkSTT(session.server_url, session.token).stream()
+    try:
+        return await hear(stream, np.concatenate(keep) if keep else np.zeros(0, np.float32))
+    finally:
+        await stream.aclose()
+
+
+async def hear(stream: STTStream, audio16k: np.ndarray, quiet: float = 2.0,
+               timeout: float = 90.0) -> str:
+    """The finals an STT stream gives for ``audio16k`` sent in real time (1.5 s of silence
+    after it). On a loaded machine the node lags behind: this waits until every utterance it
+    ended has its final and nothing came for ``quiet`` seconds, not a fixed time."""
     finals: list[str] = []
+    ends = 0
+    last = time.monotonic()
 
     async def read() -> None:
+        nonlocal ends, last
         async for event in stream.events():
-            if event.type == "final":
+            last = time.monotonic()
+            if event.type == "speech_end":
+                ends += 1
+            elif event.type == "final":
                 finals.append(event.text)
 
     reader = asyncio.create_task(read())
-    data = pcm16(audio)
+    data = pcm16(np.concatenate([audio16k, np.zeros(24000, dtype=np.float32)]))
     t0 = time.monotonic()
     for k, i in enumerate(range(0, len(data), 640)):
         await stream.push(data[i:i + 640])
         await asyncio.sleep(max(0.0, t0 + (k + 1) * 0.02 - time.monotonic()))
-    await asyncio.sleep(3)
-    await stream.aclose()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (len(finals) < ends
+                                           or time.monotonic() - last < quiet):
+        await asyncio.sleep(0.1)
     reader.cancel()
     return " ".join(finals)
 

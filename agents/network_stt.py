@@ -105,7 +105,10 @@ class NetworkSTTStream(NodeStream):
     # ------------------------------------------------------------ life
 
     async def _connect(self) -> aiohttp.ClientWebSocketResponse:
-        """Open the socket, send the config, wait for ``ready``; raise STTConnectError if refused."""
+        """Open the socket, send the config, wait for ``ready``.
+
+        Raise STTConnectError if refused.
+        """
         try:
             ws = await self._http.ws_connect(
                 self.owner.url, timeout=aiohttp.ClientWSTimeout(ws_close=5.0), max_msg_size=1 << 20

@@ -64,7 +64,10 @@ KOKORO_LANG_CODES = {
 
 
 def kokoro_lang_code(language: str) -> str:
-    """The node's ``lang_code`` for ``language`` (``en`` -> ``a``); ValueError naming the choices."""
+    """The node's ``lang_code`` for ``language`` (``en`` -> ``a``).
+
+    ValueError naming the choices.
+    """
     code = language.strip().lower()
     if len(code) == 1 and code in KOKORO_LANG_CODES.values():
         return code

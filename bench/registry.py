@@ -114,7 +114,8 @@ async def time_listing(url: str, count: int, repeats: int = 5) -> None:
             per_role.append(time.perf_counter() - t0)
         assert len(nodes) == count, (len(nodes), count)
         print(
-            f"  list_nodes() with {count:>6} nodes: median {statistics.median(times) * 1000:7.1f} ms"
+            f"  list_nodes() with {count:>6} nodes: "
+            f"median {statistics.median(times) * 1000:7.1f} ms"
             f"  (best {min(times) * 1000:.1f} ms); role=stt (1/3): "
             f"{statistics.median(per_role) * 1000:.1f} ms"
         )

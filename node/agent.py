@@ -1,4 +1,5 @@
-"""The node agent: one key, one registry entry, a heartbeat, health and metrics, and a graceful exit.
+"""The node agent: one key, one registry entry, a heartbeat, health and metrics, and a graceful
+exit.
 
 Life of a node: load (or create) its key; serve HTTP; make its registry entry match the config
 (register the first time, update when the operator changed URL, location, capacity or version);

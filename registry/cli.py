@@ -209,7 +209,9 @@ def format_nodes_table(nodes: list[p.NodeAccount], now: float | None = None) -> 
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows
+    )
 
 
 def _ago(ts: int, now: float | None = None) -> str:

@@ -209,7 +209,10 @@ class RegistryClient:
     async def list_nodes(
         self, role: p.Role | str | None = None, now: float | None = None
     ) -> list[p.NodeAccount]:
-        """Every node (of ``role``), each marked ``stale`` when its heartbeat is older than the TTL."""
+        """Every node (of ``role``).
+
+        Each is marked ``stale`` when its heartbeat is older than the TTL.
+        """
         filters: list[int | MemcmpOpts] = [
             p.NODE_SIZE,
             MemcmpOpts(offset=0, bytes=_b58(p.account_discriminator("Node"))),

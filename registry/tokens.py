@@ -41,7 +41,10 @@ class TokenError(CodedError):
 
 @dataclass(frozen=True)
 class Grant:
-    """What a token allows. ``video`` follows LiveKit's camelCase grant so LiveKit tooling reads it."""
+    """What a token allows.
+
+    ``video`` follows LiveKit's camelCase grant so LiveKit tooling reads it.
+    """
 
     service: str
     room: str | None = None
@@ -209,7 +212,8 @@ def verify_token(
     leeway: int = DEFAULT_LEEWAY_SECONDS,
     audience: str | None = None,
 ) -> Claims:
-    """Check a token against a set of issuer keys (base58); raise TokenError naming the failed check.
+    """Check a token against a set of issuer keys (base58); raise TokenError naming the failed
+    check.
 
     With ``audience`` (the verifying node's own key) the token's ``aud`` must be exactly that key:
     a token without ``aud``, or routed to another node, is refused with ``wrong_node``."""
@@ -295,7 +299,8 @@ IssuerSource = Callable[[], Awaitable[Iterable[str]]]
 
 
 class TokenVerifier:
-    """Verifies tokens against the issuers on chain, re-reading the list at most every ``cache_ttl`` s.
+    """Verifies tokens against the issuers on chain, re-reading the list at most every
+    ``cache_ttl`` s.
 
     An unknown issuer forces one early refresh (rate limited), so a gateway added on chain a moment
     ago is trusted without waiting out the cache; a removed one stays trusted at most ``cache_ttl``.

@@ -3,9 +3,9 @@
 Starts the localnet (registry program deployed with .local/keys/authority.json as its upgrade
 authority), initialises the registry under the `approval` admission policy, lists the gateway's key
 as a trusted issuer, then starts the gateway and one node of each role that this build has,
-approving each of its own nodes (their keys are .local/keys/node-<role>.json) once they register. Each
-child's output is prefixed with its name. Ctrl-C (or SIGTERM) stops the children in reverse order,
-so nodes drain and deregister while the chain is still up. State lives under `.local/`.
+approving each of its own nodes (their keys are .local/keys/node-<role>.json) once they register.
+Each child's output is prefixed with its name. Ctrl-C (or SIGTERM) stops the children in reverse
+order, so nodes drain and deregister while the chain is still up. State lives under `.local/`.
 
 `make demo` runs it with `--demo`: the same network, then the demo web app (demo/app.py) on
 http://127.0.0.1:8080 with its wallet (.local/keys/demo-wallet.json) funded by an x402 purchase.

@@ -97,7 +97,8 @@ async def test_the_agent_answers_each_question_and_the_caller_hears_those_words(
         ]
         for question, said in zip(
             ("When does the museum open?", "How much are the tickets?"),
-            (history[1].content, history[3].content), strict=False,
+            (history[1].content, history[3].content),
+            strict=False,
         ):
             errors, n = word_errors(question, said)
             assert errors <= 2, (question, said)

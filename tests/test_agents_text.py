@@ -296,7 +296,8 @@ def test_numbered_list_items_do_not_split_at_their_number() -> None:
     [
         "Sure. The meeting is at noon, and lunch is after that. Bring your notes!",
         (
-            "Well, the answer depends on the day; on Mondays the shop closes early. Otherwise it is "
+            "Well, the answer depends on the day; on Mondays the shop closes early. "
+            "Otherwise it is "
             "open until eight, e.g. on Fridays."
         ),
         "Dr. Lee said 3.5 mg twice a day - no more. Call her if the pain gets worse.",

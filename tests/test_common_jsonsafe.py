@@ -1,4 +1,5 @@
-"""Deeply nested JSON is refused, not a crash, even after a dependency raised the recursion limit."""
+"""Deeply nested JSON is refused, not a crash, even after a dependency raised the recursion
+limit."""
 
 import sys
 

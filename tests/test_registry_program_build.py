@@ -281,7 +281,8 @@ def test_link_minimal_program_runs(tmp_path: Path):
         (
             (
                 "extern void memcpy_like(void *, unsigned long long);"
-                "unsigned long long entrypoint(unsigned char *p) { memcpy_like(p, p[0]); return 0; }"
+                "unsigned long long entrypoint(unsigned char *p) "
+                "{ memcpy_like(p, p[0]); return 0; }"
             ),
             (),
             "not a known syscall",

@@ -36,7 +36,10 @@ import aiohttp
 from .x402 import PaymentInvalid
 
 P = "invalid_exact_evm_payload"
-TRANSFER_WITH_AUTHORIZATION_VRS = "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
+TRANSFER_WITH_AUTHORIZATION_VRS = (
+    "transferWithAuthorization("
+    "address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
+)
 AUTHORIZATION_STATE = "authorizationState(address,bytes32)"
 AUTHORIZATION_USED_EVENT = "AuthorizationUsed(address,bytes32)"
 TRANSFER_EVENT = "Transfer(address,address,uint256)"

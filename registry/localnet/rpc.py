@@ -463,7 +463,8 @@ class RpcMethods:
             if enc == "base58":
                 if len(raw) > MAX_BASE58_TX_LEN:
                     raise ValueError(
-                        f"base58 encoded transaction too large: {len(raw)} bytes (max: {MAX_BASE58_TX_LEN})"
+                        f"base58 encoded transaction too large: {len(raw)} bytes "
+                        f"(max: {MAX_BASE58_TX_LEN})"
                     )
                 data = b58decode(raw)
             else:
@@ -586,7 +587,8 @@ class RpcMethods:
         if is_v0 and max_version is None:
             raise RpcError(
                 -32015,
-                "Transaction version (0) is not supported by the requesting client. Please try the request again "
+                "Transaction version (0) is not supported by the requesting client. "
+                "Please try the request again "
                 'with the following configuration parameter: "maxSupportedTransactionVersion": 0',
             )
         meta = dict(rec.meta)

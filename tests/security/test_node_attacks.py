@@ -252,7 +252,7 @@ async def test_stt_audio_ten_times_real_time_is_rate_limited(
             assert conn.frontend.position - before >= 16000 * 0.9
 
 
-# ---------------------------------------------------------------- item 5: settled sessions at the SFU
+# ------------------------------------------------------------- item 5: settled sessions at the SFU
 
 
 async def test_sfu_refuses_and_drops_a_revoked_session(chain: Chain, tmp_path: Path) -> None:

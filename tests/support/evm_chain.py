@@ -30,7 +30,8 @@ from gateway.payments.book import PaymentBook
 from gateway.payments.config import EvmPayments, PaymentsConfig
 from tests.support.payments import PATH, Pay
 
-TOKEN_SOURCE = """
+TOKEN_SOURCE = (
+    """
 # pragma version ~=0.4.3
 # A minimal EIP-3009 token: the parts of FiatToken v2 (USDC) the gateway uses. Tests only.
 
@@ -51,7 +52,8 @@ minter: address
 DOMAIN_TYPEHASH: constant(bytes32) = keccak256(
     "EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
 TRANSFER_TYPEHASH: constant(bytes32) = keccak256(
-    "TransferWithAuthorization(address from,address to,uint256 value,uint256 validAfter,uint256 validBefore,bytes32 nonce)")
+    "TransferWithAuthorization(address from,address to,uint256 value,uint256 validAfter,"""
+    """uint256 validBefore,bytes32 nonce)")
 
 
 @deploy
@@ -85,6 +87,7 @@ def transferWithAuthorization(sender: address, receiver: address, amount: uint25
     self.balanceOf[receiver] += amount
     log Transfer(sender=sender, receiver=receiver, value=amount)
 """
+)
 
 PAYER_KEY = "0x" + "42" * 32
 PAYER = Account.from_key(PAYER_KEY).address

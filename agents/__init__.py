@@ -28,7 +28,21 @@ from agents.plugins import (
 from agents.room import AgentRoom
 
 __all__ = [
-    "LLM", "STT", "TTS", "AgentRoom", "ChatMessage", "EmbeddedLLM", "LLMError", "NetworkSTT",
-    "NetworkTTS", "OpenAICompatibleLLM", "Pipeline", "PipelineConfig", "SpeechAudio",
-    "SpeechEvent", "VoiceAgent", "WordTiming", "text",
+    "LLM",
+    "STT",
+    "TTS",
+    "AgentRoom",
+    "ChatMessage",
+    "EmbeddedLLM",
+    "LLMError",
+    "NetworkSTT",
+    "NetworkTTS",
+    "OpenAICompatibleLLM",
+    "Pipeline",
+    "PipelineConfig",
+    "SpeechAudio",
+    "SpeechEvent",
+    "VoiceAgent",
+    "WordTiming",
+    "text",
 ]

@@ -32,21 +32,38 @@ class VoiceAgent:
     """A spoken conversation: ``await agent.start()``, ``await agent.say(...)``, then
     ``await agent.run()`` until the last caller left."""
 
-    def __init__(self, llm: LLM, *, session: AgentSession | None = None,
-                 gateway: GatewayClient | None = None, room: str | None = None,
-                 identity: str = "agent", client_identity: str | None = "caller",
-                 instructions: str | None = None, config: PipelineConfig | None = None,
-                 duration_minutes: float = 5, tts_characters: int = 4000,
-                 extend_minutes: float = 5, extend_characters: int = 4000,
-                 extend_before: float = 60, min_characters: int = 600,
-                 auto_extend: bool = True,
-                 top_up_usd: float | None = None, min_credits: int = 100_000,
-                 join_timeout: float = 120, voice: str = "af_heart", language: str = "en",
-                 stt: STT | None = None, tts: TTS | None = None,
-                 chunker: Chunker | None = None) -> None:
+    def __init__(
+        self,
+        llm: LLM,
+        *,
+        session: AgentSession | None = None,
+        gateway: GatewayClient | None = None,
+        room: str | None = None,
+        identity: str = "agent",
+        client_identity: str | None = "caller",
+        instructions: str | None = None,
+        config: PipelineConfig | None = None,
+        duration_minutes: float = 5,
+        tts_characters: int = 4000,
+        extend_minutes: float = 5,
+        extend_characters: int = 4000,
+        extend_before: float = 60,
+        min_characters: int = 600,
+        auto_extend: bool = True,
+        top_up_usd: float | None = None,
+        min_credits: int = 100_000,
+        join_timeout: float = 120,
+        voice: str = "af_heart",
+        language: str = "en",
+        stt: STT | None = None,
+        tts: TTS | None = None,
+        chunker: Chunker | None = None,
+    ) -> None:
         if session is None and (gateway is None or room is None):
-            raise ValueError("VoiceAgent needs an agent-session bundle (session=...) or a "
-                             "GatewayClient and a room name to buy one (gateway=..., room=...)")
+            raise ValueError(
+                "VoiceAgent needs an agent-session bundle (session=...) or a "
+                "GatewayClient and a room name to buy one (gateway=..., room=...)"
+            )
         self.llm = llm
         self.session = session
         self.gateway = gateway
@@ -97,11 +114,20 @@ class VoiceAgent:
         assert self.gateway is not None and self.room_name is not None
         await self._top_up()
         self.session = await self.gateway.create_agent_session(
-            self.room_name, self.identity, self.duration_minutes, language=self.language,
-            tts_max_characters=self.tts_characters, client_identity=self.client_identity)
-        log.info("agent session %s bought: room %r, %s minutes, %d TTS characters",
-                 self.session.bundle_id, self.room_name, self.duration_minutes,
-                 self.tts_characters)
+            self.room_name,
+            self.identity,
+            self.duration_minutes,
+            language=self.language,
+            tts_max_characters=self.tts_characters,
+            client_identity=self.client_identity,
+        )
+        log.info(
+            "agent session %s bought: room %r, %s minutes, %d TTS characters",
+            self.session.bundle_id,
+            self.room_name,
+            self.duration_minutes,
+            self.tts_characters,
+        )
         return self.session
 
     async def _top_up(self) -> None:
@@ -119,8 +145,11 @@ class VoiceAgent:
         """Extend the bundle and hand the new STT/TTS tokens to the open streams. One at a time;
         a second request within 10 s of an extension is already served by it."""
         if self.gateway is None or self.session is None:
-            log.warning("the session needs extending (%s) but the agent has no GatewayClient; "
-                        "pass gateway=... to VoiceAgent", why)
+            log.warning(
+                "the session needs extending (%s) but the agent has no GatewayClient; "
+                "pass gateway=... to VoiceAgent",
+                why,
+            )
             return False
         async with self._extend_lock:
             if time.monotonic() - self._last_extension < 10:
@@ -128,20 +157,30 @@ class VoiceAgent:
             await self._top_up()
             try:
                 more = await self.gateway.extend_agent_session(
-                    self.session.bundle_id, self.extend_minutes, self.extend_characters)
+                    self.session.bundle_id, self.extend_minutes, self.extend_characters
+                )
             except GatewayError as exc:
-                log.error("extending agent session %s (%s) failed: %s", self.session.bundle_id,
-                          why, exc)
+                log.error(
+                    "extending agent session %s (%s) failed: %s", self.session.bundle_id, why, exc
+                )
                 return False
             self._last_extension = time.monotonic()
             self.extensions += 1
-            self.session = AgentSession(self.session.bundle_id, self.session.webrtc,
-                                        _keep_url(more.stt, self.session.stt),
-                                        _keep_url(more.tts, self.session.tts),
-                                        more.stt.expires_at or self.session.expires_at,
-                                        more.raw)
-            log.info("agent session %s extended (%s): +%s minutes, +%d characters",
-                     self.session.bundle_id, why, self.extend_minutes, self.extend_characters)
+            self.session = AgentSession(
+                self.session.bundle_id,
+                self.session.webrtc,
+                _keep_url(more.stt, self.session.stt),
+                _keep_url(more.tts, self.session.tts),
+                more.stt.expires_at or self.session.expires_at,
+                more.raw,
+            )
+            log.info(
+                "agent session %s extended (%s): +%s minutes, +%d characters",
+                self.session.bundle_id,
+                why,
+                self.extend_minutes,
+                self.extend_characters,
+            )
             await self._hand_over(more.stt.token, more.tts.token)
             return True
 
@@ -157,8 +196,12 @@ class VoiceAgent:
             await self.pipeline.voice.extend(tts_key)
 
     async def _on_expiring(self, service: str, event: SpeechEvent) -> None:
-        log.info("%s session expiring (%s s left)%s", service, event.remaining_seconds,
-                 "" if self.auto_extend else "; not extended (auto_extend=False)")
+        log.info(
+            "%s session expiring (%s s left)%s",
+            service,
+            event.remaining_seconds,
+            "" if self.auto_extend else "; not extended (auto_extend=False)",
+        )
         if self.auto_extend:
             self._tasks.append(asyncio.create_task(self.extend(f"{service} session expiring")))
 
@@ -173,8 +216,11 @@ class VoiceAgent:
         while True:
             await asyncio.sleep(1)
             left = _seconds_left(self.session.expires_at if self.session else None)
-            chars = self.pipeline.voice.characters_left \
-                if self.pipeline and self.pipeline.voice else None
+            chars = (
+                self.pipeline.voice.characters_left
+                if self.pipeline and self.pipeline.voice
+                else None
+            )
             if left is not None and left < self.extend_before:
                 await self.extend(f"{left:.0f} s left")
             elif chars is not None and chars < self.min_characters:
@@ -190,25 +236,39 @@ class VoiceAgent:
         if self._stt is None:
             from agents.network_stt import NetworkSTT
 
-            self._stt = NetworkSTT(self.session.stt.server_url, self.session.stt.token,
-                                   language=self.language,
-                                   end_of_utterance=self.config.end_of_utterance)
+            self._stt = NetworkSTT(
+                self.session.stt.server_url,
+                self.session.stt.token,
+                language=self.language,
+                end_of_utterance=self.config.end_of_utterance,
+            )
         if self._tts is None:
             from agents.network_tts import NetworkTTS
 
-            self._tts = NetworkTTS(self.session.tts.server_url, self.session.tts.token,
-                                   voice=self.voice)
+            self._tts = NetworkTTS(
+                self.session.tts.server_url, self.session.tts.token, voice=self.voice
+            )
         from agents.room import AgentRoom
 
         self.room = AgentRoom()
         await self.room.connect(self.agent_grant.ws_url, self.agent_grant.token)
-        self.pipeline = Pipeline(self._stt, self.llm, self._tts, self.room, self.config,
-                                 transcript=self._send_transcript, on_expiring=self._on_expiring,
-                                 on_lost=self._on_lost, chunker=self.chunker,
-                                 on_characters=self._on_characters)
+        self.pipeline = Pipeline(
+            self._stt,
+            self.llm,
+            self._tts,
+            self.room,
+            self.config,
+            transcript=self._send_transcript,
+            on_expiring=self._on_expiring,
+            on_lost=self._on_lost,
+            chunker=self.chunker,
+            on_characters=self._on_characters,
+        )
         await self.pipeline.start()
-        self._tasks += [asyncio.create_task(self._follow_room(), name="agent-room"),
-                        asyncio.create_task(self._await_caller(), name="agent-join")]
+        self._tasks += [
+            asyncio.create_task(self._follow_room(), name="agent-room"),
+            asyncio.create_task(self._await_caller(), name="agent-join"),
+        ]
         if self.auto_extend:
             self._tasks.append(asyncio.create_task(self._watch_session(), name="agent-session"))
         log.info("agent %r in room %r", self.identity, self.room_name or self.room.room.name)
@@ -261,8 +321,11 @@ class VoiceAgent:
         try:
             await asyncio.wait_for(self._joined.wait(), self.join_timeout)
         except TimeoutError:
-            log.warning("no caller joined room %r within %.0f s; ending the session",
-                        self.room_name or "", self.join_timeout)
+            log.warning(
+                "no caller joined room %r within %.0f s; ending the session",
+                self.room_name or "",
+                self.join_timeout,
+            )
             self.ended.set()
 
     async def _follow_room(self) -> None:
@@ -312,8 +375,13 @@ def _keep_url(new: Any, old: Any) -> Any:
     """An extension's STT/TTS entry carries a token but no server_url: keep the old one."""
     from gateway.client import ServiceSession
 
-    return ServiceSession(old.session_id, new.token, new.server_url or old.server_url,
-                          new.expires_at or old.expires_at, new.raw)
+    return ServiceSession(
+        old.session_id,
+        new.token,
+        new.server_url or old.server_url,
+        new.expires_at or old.expires_at,
+        new.raw,
+    )
 
 
 def _seconds_left(expires_at: str | None) -> float | None:

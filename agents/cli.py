@@ -30,25 +30,34 @@ log = logging.getLogger("agents.cli")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="agent", description=__doc__.split("\n\n")[0])
     p.add_argument("--gateway", required=True, help="gateway URL, e.g. http://127.0.0.1:8402")
-    p.add_argument("--wallet", required=True,
-                   help="Solana keypair file (JSON) that pays for the bundle")
+    p.add_argument(
+        "--wallet", required=True, help="Solana keypair file (JSON) that pays for the bundle"
+    )
     p.add_argument("--room", required=True, help="room name (the caller joins the same room)")
-    p.add_argument("--instructions", default=PipelineConfig.instructions,
-                   help="the system prompt")
-    p.add_argument("--llm", metavar="URL",
-                   help="OpenAI-compatible API root (http://127.0.0.1:8000/v1); default: the "
-                        "embedded SmolLM2")
+    p.add_argument("--instructions", default=PipelineConfig.instructions, help="the system prompt")
+    p.add_argument(
+        "--llm",
+        metavar="URL",
+        help="OpenAI-compatible API root (http://127.0.0.1:8000/v1); default: the embedded SmolLM2",
+    )
     p.add_argument("--model", help="model name for --llm")
     p.add_argument("--api-key", help="API key for --llm (default: none)")
-    p.add_argument("--greeting", default="Hello! How can I help you?",
-                   help="said once the caller hears the agent ('' for none)")
+    p.add_argument(
+        "--greeting",
+        default="Hello! How can I help you?",
+        help="said once the caller hears the agent ('' for none)",
+    )
     p.add_argument("--identity", default="agent", help="the agent's participant identity")
-    p.add_argument("--client-identity", default="caller",
-                   help="the caller's participant identity in the printed grant")
+    p.add_argument(
+        "--client-identity",
+        default="caller",
+        help="the caller's participant identity in the printed grant",
+    )
     p.add_argument("--minutes", type=float, default=5, help="bundle length, extended as needed")
     p.add_argument("--voice", default="af_heart", help="TTS voice (Kokoro name)")
-    p.add_argument("--top-up-usd", type=float,
-                   help="buy this much credit (x402) whenever the balance runs low")
+    p.add_argument(
+        "--top-up-usd", type=float, help="buy this much credit (x402) whenever the balance runs low"
+    )
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     if args.llm and not args.model:
@@ -73,20 +82,32 @@ async def run(args: argparse.Namespace) -> int:
     if load is not None:
         await load()  # the embedded model is ready before the caller can speak
     async with GatewayClient(args.gateway, wallet) as gateway:
-        agent = VoiceAgent(llm, gateway=gateway, room=args.room, identity=args.identity,
-                           client_identity=args.client_identity,
-                           instructions=args.instructions, duration_minutes=args.minutes,
-                           voice=args.voice, top_up_usd=args.top_up_usd)
+        agent = VoiceAgent(
+            llm,
+            gateway=gateway,
+            room=args.room,
+            identity=args.identity,
+            client_identity=args.client_identity,
+            instructions=args.instructions,
+            duration_minutes=args.minutes,
+            voice=args.voice,
+            top_up_usd=args.top_up_usd,
+        )
         try:
             await agent.create_session()
         except GatewayError as exc:
-            log.error("could not buy the agent session: %s (credits: `gateway credits grant` "
-                      "on a local network, or --top-up-usd to buy with the wallet)", exc)
+            log.error(
+                "could not buy the agent session: %s (credits: `gateway credits grant` "
+                "on a local network, or --top-up-usd to buy with the wallet)",
+                exc,
+            )
             return 1
         grant = agent.client_grant
         assert grant is not None
-        print(json.dumps({"ws_url": grant.ws_url, "token": grant.token, "room": args.room}),
-              flush=True)
+        print(
+            json.dumps({"ws_url": grant.ws_url, "token": grant.token, "room": args.room}),
+            flush=True,
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
@@ -102,8 +123,11 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     sys.exit(asyncio.run(run(args)))
 
 

@@ -24,8 +24,17 @@ from agents.plugins import SpeechEvent
 log = logging.getLogger("agents.stt")
 
 # Errors after which the node closes the socket and reconnecting with the same key cannot help.
-FATAL_CODES = frozenset({"invalid_token", "wrong_node", "session_expired", "session_taken_over",
-                         "draining", "server_full", "config_timeout"})
+FATAL_CODES = frozenset(
+    {
+        "invalid_token",
+        "wrong_node",
+        "session_expired",
+        "session_taken_over",
+        "draining",
+        "server_full",
+        "config_timeout",
+    }
+)
 
 
 class STTConnectError(Exception):
@@ -39,15 +48,25 @@ class STTConnectError(Exception):
 class NetworkSTT:
     """STT provider for our nodes: one ``stream()`` per remote participant."""
 
-    def __init__(self, server_url: str, session_key: str, *, language: str = "en",
-                 end_of_utterance: float | None = None,
-                 reconnect_tries: int = 6, backoff_seconds: float = 0.5,
-                 ping_interval: float = 15.0, event_queue_size: int = 256) -> None:
+    def __init__(
+        self,
+        server_url: str,
+        session_key: str,
+        *,
+        language: str = "en",
+        end_of_utterance: float | None = None,
+        reconnect_tries: int = 6,
+        backoff_seconds: float = 0.5,
+        ping_interval: float = 15.0,
+        event_queue_size: int = 256,
+    ) -> None:
         """``end_of_utterance``: the silence (seconds) after which the node says ``speech_end``,
         asked in the stream's config; None leaves the node's own (500 ms by default)."""
         if end_of_utterance is not None and not 0.1 <= end_of_utterance <= 5.0:
-            raise ValueError(f"end_of_utterance {end_of_utterance!r}: give seconds from 0.1 to "
-                             "5.0, or None for the node's own")
+            raise ValueError(
+                f"end_of_utterance {end_of_utterance!r}: give seconds from 0.1 to "
+                "5.0, or None for the node's own"
+            )
         self.url = stream_url(server_url)
         self.session_key = session_key
         self.language = language
@@ -86,14 +105,21 @@ class NetworkSTTStream(NodeStream):
     # ------------------------------------------------------------ life
 
     async def _connect(self) -> aiohttp.ClientWebSocketResponse:
-        """Open the socket, send the config, wait for ``ready``; raise STTConnectError if refused."""
+        """Open the socket, send the config, wait for ``ready``.
+
+        Raise STTConnectError if refused.
+        """
         try:
-            ws = await self._http.ws_connect(self.owner.url, timeout=aiohttp.ClientWSTimeout(
-                ws_close=5.0), max_msg_size=1 << 20)
+            ws = await self._http.ws_connect(
+                self.owner.url, timeout=aiohttp.ClientWSTimeout(ws_close=5.0), max_msg_size=1 << 20
+            )
         except (aiohttp.ClientError, OSError) as exc:
             raise STTConnectError("unreachable", f"{self.owner.url}: {exc}") from None
-        config: dict[str, Any] = {"type": "config", "session_key": self.session_key,
-                                  "language": self.language}
+        config: dict[str, Any] = {
+            "type": "config",
+            "session_key": self.session_key,
+            "language": self.language,
+        }
         if self.owner.end_of_utterance is not None:
             config["end_of_utterance_ms"] = round(self.owner.end_of_utterance * 1000)
         await ws.send_json(config)
@@ -101,8 +127,10 @@ class NetworkSTTStream(NodeStream):
             while True:
                 msg = await ws.receive(timeout=15.0)
                 if msg.type != aiohttp.WSMsgType.TEXT:
-                    raise STTConnectError("closed", f"the node closed the socket before ready "
-                                          f"({msg.type.name} {msg.data!r})")
+                    raise STTConnectError(
+                        "closed",
+                        f"the node closed the socket before ready ({msg.type.name} {msg.data!r})",
+                    )
                 data = parse_message(msg.data, "STT")
                 if data is None:
                     continue
@@ -139,8 +167,10 @@ class NetworkSTTStream(NodeStream):
         if len(pcm16) % 2:
             raise ValueError(f"PCM16 audio has 2 bytes per sample; got {len(pcm16)} bytes")
         if len(pcm16) > 32_000:
-            raise ValueError(f"a frame holds at most 1 s (32000 bytes) of 16 kHz PCM16; got "
-                             f"{len(pcm16)}: split it")
+            raise ValueError(
+                f"a frame holds at most 1 s (32000 bytes) of 16 kHz PCM16; got "
+                f"{len(pcm16)}: split it"
+            )
         if self._ended or not pcm16:
             return
         ws = self._ws
@@ -183,12 +213,17 @@ class NetworkSTTStream(NodeStream):
                 if event is not None:
                     await self._emit(event)
                     if event.type == "error" and event.code in FATAL_CODES:
-                        log.warning("STT node ended the session (%s: %s); not reconnecting",
-                                    event.code, event.text)
+                        log.warning(
+                            "STT node ended the session (%s: %s); not reconnecting",
+                            event.code,
+                            event.text,
+                        )
                         return True
             elif msg.type == aiohttp.WSMsgType.BINARY:
-                log.warning("STT node sent a %d-byte binary message; the protocol has none, "
-                            "skipped", len(msg.data))
+                log.warning(
+                    "STT node sent a %d-byte binary message; the protocol has none, skipped",
+                    len(msg.data),
+                )
         return False
 
     async def _fatal(self, exc: Exception) -> bool:
@@ -204,8 +239,9 @@ class NetworkSTTStream(NodeStream):
             await self.push(chunk)
 
     async def _unreachable(self) -> None:
-        await self._emit(SpeechEvent("error", text=f"STT node {self.owner.url} unreachable",
-                                     code="disconnected"))
+        await self._emit(
+            SpeechEvent("error", text=f"STT node {self.owner.url} unreachable", code="disconnected")
+        )
 
     async def _emit(self, event: SpeechEvent) -> None:
         await self.events_queue.put(event)
@@ -226,8 +262,11 @@ class NetworkSTTStream(NodeStream):
             if kind == "transcription":
                 if not isinstance(data["text"], str) or not isinstance(data["is_final"], bool):
                     raise ValueError("text must be a string and is_final a boolean")
-                return SpeechEvent("final" if data["is_final"] else "interim", text=data["text"],
-                                   latency_ms=_number(data.get("latency_ms")))
+                return SpeechEvent(
+                    "final" if data["is_final"] else "interim",
+                    text=data["text"],
+                    latency_ms=_number(data.get("latency_ms")),
+                )
             if kind == "session_expiring":
                 remaining = _number(data["remaining_seconds"])
                 if remaining is None:
@@ -237,8 +276,9 @@ class NetworkSTTStream(NodeStream):
             if kind == "session_expired":
                 return SpeechEvent("error", text="the STT session ran out", code="session_expired")
             if kind == "error":
-                return SpeechEvent("error", text=str(data.get("message", "")),
-                                   code=str(data["error"]))
+                return SpeechEvent(
+                    "error", text=str(data.get("message", "")), code=str(data["error"])
+                )
             if kind == "session_extended":
                 self.remaining_seconds = _number(data.get("remaining_seconds"))
                 log.info("STT session extended: %.0f s left", self.remaining_seconds or 0)
@@ -246,8 +286,9 @@ class NetworkSTTStream(NodeStream):
             if kind in ("pong", "ready"):
                 return None
         except (KeyError, TypeError, ValueError) as exc:
-            log.warning("STT node sent a malformed %r message (%s), skipped: %.200s", kind,
-                        exc, text)
+            log.warning(
+                "STT node sent a malformed %r message (%s), skipped: %.200s", kind, exc, text
+            )
             return None
         log.warning("STT node sent an unknown message type %r, skipped: %.200s", kind, text)
         return None

@@ -32,7 +32,6 @@ from agents.plugins import SpeechAudio, WordTiming
 log = logging.getLogger("agents.tts")
 
 
-
 class TTSConnectError(Exception):
     """The node refused the stream or could not be reached; the message is the node's."""
 
@@ -49,31 +48,58 @@ def token_character_limit(session_key: str) -> int | None:
 
 # The interface speaks ISO 639-1 languages (what the STT side and the agent session use); the
 # node's Kokoro voices take their own one-letter codes, which pass through unchanged.
-KOKORO_LANG_CODES = {"en": "a", "en-us": "a", "en-gb": "b", "es": "e", "fr": "f", "hi": "h",
-                     "it": "i", "ja": "j", "pt": "p", "pt-br": "p", "zh": "z"}
+KOKORO_LANG_CODES = {
+    "en": "a",
+    "en-us": "a",
+    "en-gb": "b",
+    "es": "e",
+    "fr": "f",
+    "hi": "h",
+    "it": "i",
+    "ja": "j",
+    "pt": "p",
+    "pt-br": "p",
+    "zh": "z",
+}
 
 
 def kokoro_lang_code(language: str) -> str:
-    """The node's ``lang_code`` for ``language`` (``en`` -> ``a``); ValueError naming the choices."""
+    """The node's ``lang_code`` for ``language`` (``en`` -> ``a``).
+
+    ValueError naming the choices.
+    """
     code = language.strip().lower()
     if len(code) == 1 and code in KOKORO_LANG_CODES.values():
         return code
     if code in KOKORO_LANG_CODES:
         return KOKORO_LANG_CODES[code]
-    raise ValueError(f"language {language!r} has no voice on our TTS nodes: use one of "
-                     f"{', '.join(sorted(KOKORO_LANG_CODES))}")
+    raise ValueError(
+        f"language {language!r} has no voice on our TTS nodes: use one of "
+        f"{', '.join(sorted(KOKORO_LANG_CODES))}"
+    )
 
 
 class NetworkTTS:
     """TTS provider for our nodes."""
 
-    def __init__(self, server_url: str, session_key: str, *, voice: str = "af_heart",
-                 lang_code: str | None = None, speed: float | None = None,
-                 max_in_flight: int = 6, reconnect_tries: int = 4, backoff_seconds: float = 0.5,
-                 ping_interval: float = 15.0, audio_queue_frames: int = 500) -> None:
+    def __init__(
+        self,
+        server_url: str,
+        session_key: str,
+        *,
+        voice: str = "af_heart",
+        lang_code: str | None = None,
+        speed: float | None = None,
+        max_in_flight: int = 6,
+        reconnect_tries: int = 4,
+        backoff_seconds: float = 0.5,
+        ping_interval: float = 15.0,
+        audio_queue_frames: int = 500,
+    ) -> None:
         if not 1 <= max_in_flight <= 7:
-            raise ValueError(f"max_in_flight={max_in_flight}: the node holds at most 8 open "
-                             "contexts; use 1-7")
+            raise ValueError(
+                f"max_in_flight={max_in_flight}: the node holds at most 8 open contexts; use 1-7"
+            )
         self.url = stream_url(server_url)
         self.session_key = session_key
         self.voice, self.lang_code, self.speed = voice, lang_code, speed
@@ -83,8 +109,9 @@ class NetworkTTS:
         self.ping_interval = ping_interval
         self.audio_queue_frames = audio_queue_frames
 
-    async def stream(self, voice: str | None = None,
-                     language: str | None = None) -> NetworkTTSStream:
+    async def stream(
+        self, voice: str | None = None, language: str | None = None
+    ) -> NetworkTTSStream:
         config: dict[str, Any] = {"voice": voice or self.voice}
         if language or self.lang_code:
             config["lang_code"] = kokoro_lang_code(language or self.lang_code or "")
@@ -112,12 +139,12 @@ class NetworkTTSStream(NodeStream):
         self._left: int | None = self.limit_characters
         self._next_piece = 0
         self._backlog: deque[tuple[int, str]] = deque()  # said, not yet sent to the node
-        self._in_flight: dict[int, str] = {}             # sent, not yet done
+        self._in_flight: dict[int, str] = {}  # sent, not yet done
         self._done: dict[int, asyncio.Event] = {}
         self._failed: dict[int, str] = {}
-        self._current: int | None = None                 # the piece whose frames arrive now
-        self._words: list[WordTiming] = []               # timings for the next frame
-        self._epoch = 0                                  # bumped by clear: older audio is stale
+        self._current: int | None = None  # the piece whose frames arrive now
+        self._words: list[WordTiming] = []  # timings for the next frame
+        self._epoch = 0  # bumped by clear: older audio is stale
         self._clearing: asyncio.Event | None = None
         self._extended: asyncio.Future[dict[str, Any]] | None = None
         self._audio: asyncio.Queue[Any] = asyncio.Queue(owner.audio_queue_frames)
@@ -216,8 +243,9 @@ class NetworkTTSStream(NodeStream):
         try:
             await asyncio.wait_for(clearing.wait(), 5.0)
         except TimeoutError:
-            log.warning("TTS node sent no 'cleared' within 5 s of clear; audio from now on is "
-                        "taken as new")
+            log.warning(
+                "TTS node sent no 'cleared' within 5 s of clear; audio from now on is taken as new"
+            )
         if self._clearing is clearing:
             self._clearing = None
 
@@ -300,8 +328,11 @@ class NetworkTTSStream(NodeStream):
         if kind == "cleared":
             self._cleared()
             return
-        if kind == "extended" or (kind == "error" and str(data.get("message", "")).startswith(
-                "extend") and self._extended is not None):
+        if kind == "extended" or (
+            kind == "error"
+            and str(data.get("message", "")).startswith("extend")
+            and self._extended is not None
+        ):
             self._on_extended(data)
             return
         piece = _piece_of(data.get("context_id"))
@@ -315,8 +346,10 @@ class NetworkTTSStream(NodeStream):
             elif kind == "alignment":
                 if piece != self._current:
                     raise ValueError(f"is for {data.get('context_id')!r}, not the piece playing")
-                self._words.extend(WordTiming(str(w["word"]), float(w["start"]), float(w["end"]))
-                                   for w in data["words"])
+                self._words.extend(
+                    WordTiming(str(w["word"]), float(w["start"]), float(w["end"]))
+                    for w in data["words"]
+                )
             elif kind == "done":
                 if piece in self._in_flight:
                     self._finish(piece, None)
@@ -331,8 +364,9 @@ class NetworkTTSStream(NodeStream):
             else:
                 raise ValueError("is of an unknown type")
         except (KeyError, TypeError, ValueError) as exc:
-            log.warning("TTS node sent a malformed %r message (%s), skipped: %.200s", kind, exc,
-                        text)
+            log.warning(
+                "TTS node sent a malformed %r message (%s), skipped: %.200s", kind, exc, text
+            )
 
     def _cleared(self) -> None:
         """From here on the node sends only audio of pieces said after the clear."""
@@ -343,8 +377,11 @@ class NetworkTTSStream(NodeStream):
     def _on_error(self, piece: int | None, message: str) -> None:
         if piece is not None and piece in self._in_flight:
             log.warning("TTS node refused or failed piece %d: %s", piece, message)
-            if piece != self._current and not message.startswith("synthesis failed") \
-                    and self._left is not None:
+            if (
+                piece != self._current
+                and not message.startswith("synthesis failed")
+                and self._left is not None
+            ):
                 self._left += len(self._in_flight[piece])  # refused: the node reserved nothing
             self._finish(piece, message)
         else:
@@ -380,6 +417,5 @@ class NetworkTTSStream(NodeStream):
 def _piece_of(context_id: Any) -> int | None:
     if isinstance(context_id, str) and context_id.startswith("piece-"):
         with contextlib.suppress(ValueError):
-            return int(context_id[len("piece-"):])
+            return int(context_id[len("piece-") :])
     return None
-

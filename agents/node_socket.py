@@ -23,12 +23,14 @@ def stream_url(server_url: str) -> str:
     (``http(s)://host:port``; a URL that already names a stream path is kept)."""
     url = server_url.rstrip("/")
     if url.startswith("https://"):
-        url = "wss://" + url[len("https://"):]
+        url = "wss://" + url[len("https://") :]
     elif url.startswith("http://"):
-        url = "ws://" + url[len("http://"):]
+        url = "ws://" + url[len("http://") :]
     elif not url.startswith(("ws://", "wss://")):
-        raise ValueError(f"server_url {server_url!r} is not an http(s) or ws(s) URL: pass the "
-                         "server_url of the gateway's STT/TTS session")
+        raise ValueError(
+            f"server_url {server_url!r} is not an http(s) or ws(s) URL: pass the "
+            "server_url of the gateway's STT/TTS session"
+        )
     if not url.endswith(("/v1/stream", "/stream")):
         url += "/v1/stream"
     return url
@@ -40,12 +42,14 @@ def parse_message(text: str, node: str) -> dict[str, Any] | None:
     try:
         data = jsonsafe.loads(text)
     except ValueError as exc:
-        log.warning("%s node sent a message that is not JSON (%s), skipped: %.200s", node, exc,
-                    text)
+        log.warning(
+            "%s node sent a message that is not JSON (%s), skipped: %.200s", node, exc, text
+        )
         return None
     if not isinstance(data, dict):
-        log.warning("%s node sent a JSON message that is not an object, skipped: %.200s", node,
-                    text)
+        log.warning(
+            "%s node sent a JSON message that is not an object, skipped: %.200s", node, text
+        )
         return None
     return data
 
@@ -175,9 +179,15 @@ class NodeStream:
     async def _reconnect(self) -> bool:
         backoff = self.owner.backoff_seconds
         for attempt in range(1, self.owner.reconnect_tries + 1):
-            self.log.warning("%s socket to %s dropped; reconnecting with the same session key "
-                        "(try %d of %d, in %.1f s)", self.kind, self.owner.url, attempt,
-                        self.owner.reconnect_tries, backoff)
+            self.log.warning(
+                "%s socket to %s dropped; reconnecting with the same session key "
+                "(try %d of %d, in %.1f s)",
+                self.kind,
+                self.owner.url,
+                attempt,
+                self.owner.reconnect_tries,
+                backoff,
+            )
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
             try:
@@ -189,11 +199,19 @@ class NodeStream:
                 self.log.warning("%s reconnect try %d failed: %s", self.kind, attempt, exc)
                 continue
             self.reconnects += 1
-            self.log.info("%s stream reconnected to %s (session %s)", self.kind, self.owner.url,
-                     self.session_id)
+            self.log.info(
+                "%s stream reconnected to %s (session %s)",
+                self.kind,
+                self.owner.url,
+                self.session_id,
+            )
             await self._reconnected()
             return True
-        self.log.error("%s node %s unreachable after %d tries; ending the stream", self.kind,
-                  self.owner.url, self.owner.reconnect_tries)
+        self.log.error(
+            "%s node %s unreachable after %d tries; ending the stream",
+            self.kind,
+            self.owner.url,
+            self.owner.reconnect_tries,
+        )
         await self._unreachable()
         return False

@@ -54,11 +54,41 @@ from agents.plugins import (
 
 log = logging.getLogger("agents.pipeline")
 
-BACKCHANNELS = frozenset({
-    "mhm", "mmhmm", "mmhm", "mhmm", "hmm", "hm", "mm", "mmm", "uhhuh", "uhuh", "ah", "aha", "oh",
-    "uh", "um", "yeah", "yep", "yes", "yup", "okay", "ok", "right", "sure", "alright", "i", "see",
-    "cool", "got", "it", "nice", "great",
-})
+BACKCHANNELS = frozenset(
+    {
+        "mhm",
+        "mmhmm",
+        "mmhm",
+        "mhmm",
+        "hmm",
+        "hm",
+        "mm",
+        "mmm",
+        "uhhuh",
+        "uhuh",
+        "ah",
+        "aha",
+        "oh",
+        "uh",
+        "um",
+        "yeah",
+        "yep",
+        "yes",
+        "yup",
+        "okay",
+        "ok",
+        "right",
+        "sure",
+        "alright",
+        "i",
+        "see",
+        "cool",
+        "got",
+        "it",
+        "nice",
+        "great",
+    }
+)
 
 
 class AudioOutput(Protocol):
@@ -106,8 +136,11 @@ class PipelineConfig:
 
 def _normal_words(text: str) -> list[str]:
     text = re.sub(r"[\[(*][^\])*]*[\])*]", " ", text)  # [coughs], (laughs), *sighs*
-    return [w for w in (re.sub(r"[^a-z0-9']", "", t.lower().replace("-", ""))
-                        for t in text.split()) if w]
+    return [
+        w
+        for w in (re.sub(r"[^a-z0-9']", "", t.lower().replace("-", "")) for t in text.split())
+        if w
+    ]
 
 
 def is_backchannel(text: str, words: frozenset[str] = BACKCHANNELS) -> bool:
@@ -135,8 +168,9 @@ class ChatContext:
         in between was cut before anything was heard), so the model sees one question."""
         last = self.history[-1] if self.history else None
         if last is not None and message.role == last.role == "user" and message.name == last.name:
-            self.history[-1] = ChatMessage("user", f"{last.content} {message.content}",
-                                           message.name)
+            self.history[-1] = ChatMessage(
+                "user", f"{last.content} {message.content}", message.name
+            )
         else:
             self.history.append(message)
 
@@ -155,16 +189,20 @@ class ChatContext:
         return [system, *kept]
 
 
-def spoken_text(text: str, timings: Sequence[WordTiming], played_s: float, received_s: float,
-                finished: bool) -> str:
+def spoken_text(
+    text: str, timings: Sequence[WordTiming], played_s: float, received_s: float, finished: bool
+) -> str:
     """The words of one piece that were played: from the word timings when the TTS gave them,
     else in proportion to the audio played (exact when the piece played to its end)."""
     tokens = text.split()
     if played_s >= received_s and finished:
         return text.strip()
     if timings:
-        heard = sum(1 for t in timings if any(c.isalnum() for c in t.word)
-                    and (t.start + t.end) / 2 <= played_s)
+        heard = sum(
+            1
+            for t in timings
+            if any(c.isalnum() for c in t.word) and (t.start + t.end) / 2 <= played_s
+        )
     else:
         heard = int(len(tokens) * played_s / received_s) if received_s > 0 and finished else 0
     return " ".join(tokens[:heard])
@@ -199,9 +237,15 @@ class _Answer:
         for n in sorted(self.pieces):
             p = self.pieces[n]
             played = output.played_samples(n)
-            parts.append(spoken_text(p.text, p.timings, played / TTS_SAMPLE_RATE,
-                                     p.received / TTS_SAMPLE_RATE, p.finished or
-                                     (self.generated and played >= p.received > 0)))
+            parts.append(
+                spoken_text(
+                    p.text,
+                    p.timings,
+                    played / TTS_SAMPLE_RATE,
+                    p.received / TTS_SAMPLE_RATE,
+                    p.finished or (self.generated and played >= p.received > 0),
+                )
+            )
             if played < p.received:
                 break  # later pieces cannot have been heard
         return " ".join(x for x in parts if x)
@@ -231,13 +275,21 @@ class _Caller:
 class Pipeline:
     """Turn-taking, barge-in and history for one agent in one room."""
 
-    def __init__(self, stt: STT, llm: LLM, tts: TTS, output: AudioOutput,
-                 config: PipelineConfig | None = None, *, chunker: Chunker | None = None,
-                 transcript: Transcript | None = None,
-                 on_expiring: Callable[[str, SpeechEvent], Awaitable[None]] | None = None,
-                 on_turn: Callable[[TurnMetrics], None] | None = None,
-                 on_lost: Callable[[str], None] | None = None,
-                 on_characters: Callable[[int, int], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        stt: STT,
+        llm: LLM,
+        tts: TTS,
+        output: AudioOutput,
+        config: PipelineConfig | None = None,
+        *,
+        chunker: Chunker | None = None,
+        transcript: Transcript | None = None,
+        on_expiring: Callable[[str, SpeechEvent], Awaitable[None]] | None = None,
+        on_turn: Callable[[TurnMetrics], None] | None = None,
+        on_lost: Callable[[str], None] | None = None,
+        on_characters: Callable[[int, int], Awaitable[None]] | None = None,
+    ) -> None:
         self.stt, self.llm, self.tts, self.output = stt, llm, tts, output
         self.config = config or PipelineConfig()
         self.context = ChatContext(self.config.instructions, self.config.history_tokens)
@@ -290,8 +342,9 @@ class Pipeline:
 
     # ------------------------------------------------------------ participants
 
-    async def add_participant(self, identity: str, audio: AsyncIterator[bytes] | None = None,
-                              name: str | None = None) -> None:
+    async def add_participant(
+        self, identity: str, audio: AsyncIterator[bytes] | None = None, name: str | None = None
+    ) -> None:
         """Open ``identity``'s STT stream (at once, so it is ready before the first word) and
         listen to its 16 kHz PCM16 when ``audio`` is given (else later, with ``listen_to``)."""
         if identity in self.callers:
@@ -309,8 +362,9 @@ class Pipeline:
         if caller is None:
             await self.add_participant(identity, audio)
             return
-        caller.tasks.append(asyncio.create_task(self._pump(caller, audio),
-                                                name=f"stt-in-{identity}"))
+        caller.tasks.append(
+            asyncio.create_task(self._pump(caller, audio), name=f"stt-in-{identity}")
+        )
 
     async def remove_participant(self, identity: str) -> None:
         caller = self.callers.pop(identity, None)
@@ -354,8 +408,7 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001  (any failure: logged, the conversation goes on)
             log.warning("STT stream of %s ended: %s", caller.identity, exc)
         if caller.identity in self.callers and not self._closed:
-            log.warning("STT stream of %s ended; its speech is no longer heard",
-                        caller.identity)
+            log.warning("STT stream of %s ended; its speech is no longer heard", caller.identity)
             if self.on_lost is not None:
                 self.on_lost(f"the STT stream of {caller.identity}")
 
@@ -393,8 +446,9 @@ class Pipeline:
         if not text:
             return
         if self.speaking and self._backchannel(text) and not caller.texts:
-            log.info("backchannel from %s while the agent speaks: %r (goes on)",
-                     caller.identity, text)
+            log.info(
+                "backchannel from %s while the agent speaks: %r (goes on)", caller.identity, text
+            )
             return
         if self.speaking:
             await self.interrupt(f"{caller.identity} said {text!r}", now)
@@ -415,12 +469,17 @@ class Pipeline:
         answer could first have been heard."""
         async with self._lock:
             answer = self._answer
-            if (answer is None or answer.question is None or answer.turn.who != caller.identity
-                    or answer.anything_played(self.output)
-                    or time.monotonic() > answer.heard_from + self.config.resume_window):
+            if (
+                answer is None
+                or answer.question is None
+                or answer.turn.who != caller.identity
+                or answer.anything_played(self.output)
+                or time.monotonic() > answer.heard_from + self.config.resume_window
+            ):
                 return False  # later speech is judged as barge-in (backchannels go on)
-            log.info("%s goes on talking before the answer was heard: it is dropped",
-                     caller.identity)
+            log.info(
+                "%s goes on talking before the answer was heard: it is dropped", caller.identity
+            )
             caller.unanswered = True
             await self._stop(answer)
             return True
@@ -428,8 +487,9 @@ class Pipeline:
     async def _interrupt_after(self, caller: _Caller) -> None:
         await asyncio.sleep(self.config.min_interruption)
         if caller.speaking and self.speaking:
-            await self.interrupt(f"{caller.identity} spoke for {self.config.min_interruption} s",
-                                 time.monotonic())
+            await self.interrupt(
+                f"{caller.identity} spoke for {self.config.min_interruption} s", time.monotonic()
+            )
 
     def _schedule_commit(self, caller: _Caller) -> None:
         _cancel(caller.commit)
@@ -447,8 +507,7 @@ class Pipeline:
         turn = TurnMetrics(caller.identity, text)
         if caller.final_at is not None and caller.speech_end is not None:
             turn.stt_final_ms = max(0.0, caller.final_at - caller.speech_end) * 1000
-        answer = _Answer(turn, ended, question=question,
-                         heard_from=ended + self.config.min_silence)
+        answer = _Answer(turn, ended, question=question, heard_from=ended + self.config.min_silence)
         # Shielded: speech that starts now must not cancel an answer half set up.
         await asyncio.shield(self._start_answer(answer))
 
@@ -461,8 +520,11 @@ class Pipeline:
             try:
                 await asyncio.wait_for(self.ready.wait(), self.config.ready_timeout)
             except TimeoutError:
-                log.warning("no caller got ready within %.0f s; saying %r anyway",
-                            self.config.ready_timeout, text)
+                log.warning(
+                    "no caller got ready within %.0f s; saying %r anyway",
+                    self.config.ready_timeout,
+                    text,
+                )
         answer = _Answer(TurnMetrics(self.config.agent_identity, ""), None, text=text)
         await self._start_answer(answer)
         if answer.task is not None:
@@ -527,8 +589,9 @@ class Pipeline:
             if self.on_turn is not None:
                 self.on_turn(answer.turn)
         if heard:
-            await self._send_transcript(self.config.agent_identity, heard, final=True,
-                                        latency=answer.turn.latency())
+            await self._send_transcript(
+                self.config.agent_identity, heard, final=True, latency=answer.turn.latency()
+            )
 
     async def _run(self, answer: _Answer) -> None:
         outcome = "answered"
@@ -543,12 +606,16 @@ class Pipeline:
             raise
         except LLMError as exc:
             outcome = "llm_error"
-            log.warning("LLM failed, the turn of %s gets no (further) answer: %s",
-                        answer.turn.who, exc)
+            log.warning(
+                "LLM failed, the turn of %s gets no (further) answer: %s", answer.turn.who, exc
+            )
         except TimeoutError:
             outcome = "llm_timeout"
-            log.warning("LLM gave no token for %.0f s, the turn of %s is dropped",
-                        self.config.llm_timeout, answer.turn.who)
+            log.warning(
+                "LLM gave no token for %.0f s, the turn of %s is dropped",
+                self.config.llm_timeout,
+                answer.turn.who,
+            )
         except Exception:
             outcome = "error"
             log.exception("the answer to %s failed", answer.turn.who)
@@ -606,10 +673,14 @@ class Pipeline:
             await asyncio.sleep(0.02)
             now = time.monotonic()
             done = all(
-                (p.finished or (is_done is not None and is_done(n))
-                 or (is_done is None and p.received > 0 and now - answer.last_audio >= quiet))
+                (
+                    p.finished
+                    or (is_done is not None and is_done(n))
+                    or (is_done is None and p.received > 0 and now - answer.last_audio >= quiet)
+                )
                 and self.output.played_samples(n) >= p.received
-                for n, p in answer.pieces.items())
+                for n, p in answer.pieces.items()
+            )
             held = held + 1 if done else 0
 
     async def _read_voice(self, voice: TTSStream) -> None:
@@ -648,13 +719,15 @@ class Pipeline:
         piece.received += len(chunk.pcm16) // 2
         answer.last_audio = now
 
-    async def _send_transcript(self, who: str, text: str, final: bool,
-                               latency: dict[str, float | None] | None = None) -> None:
+    async def _send_transcript(
+        self, who: str, text: str, final: bool, latency: dict[str, float | None] | None = None
+    ) -> None:
         if self.transcript is None:
             return
         try:
-            await self.transcript({"who": who, "text": text, "final": final,
-                                   "latency": latency or {}})
+            await self.transcript(
+                {"who": who, "text": text, "final": final, "latency": latency or {}}
+            )
         except Exception as exc:  # noqa: BLE001  (any failure: logged, the conversation goes on)
             log.warning("transcript message not sent: %s", exc)
 

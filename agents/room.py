@@ -42,8 +42,14 @@ class RoomEvent:
     participant has audio to listen to), ``listener_ready`` (``identity``; "" when the SFU did not
     say who), ``data`` (``payload``, ``topic``), ``disconnected`` (the agent left the room)."""
 
-    type: Literal["participant_joined", "participant_left", "audio_track", "listener_ready",
-                  "data", "disconnected"]
+    type: Literal[
+        "participant_joined",
+        "participant_left",
+        "audio_track",
+        "listener_ready",
+        "data",
+        "disconnected",
+    ]
     identity: str = ""
     payload: bytes = b""
     topic: str = ""
@@ -83,13 +89,17 @@ class Playout:
         self._recent.clear()
 
     def played(self, piece: int, queued_samples: int) -> int:
-        return (self.captured.get(piece, 0) - self.flushed.get(piece, 0)
-                - self.queued(queued_samples).get(piece, 0))
+        return (
+            self.captured.get(piece, 0)
+            - self.flushed.get(piece, 0)
+            - self.queued(queued_samples).get(piece, 0)
+        )
 
 
 class AgentRoom:
-    def __init__(self, *, queue_ms: int = 400, track_name: str = "agent-voice",
-                 event_queue_size: int = 256) -> None:
+    def __init__(
+        self, *, queue_ms: int = 400, track_name: str = "agent-voice", event_queue_size: int = 256
+    ) -> None:
         self.room = rtc.Room()
         self.queue_ms = queue_ms
         self.track_name = track_name
@@ -111,7 +121,8 @@ class AgentRoom:
         self.source = rtc.AudioSource(TTS_SAMPLE_RATE, 1, queue_size_ms=self.queue_ms)
         track = rtc.LocalAudioTrack.create_audio_track(self.track_name, self.source)
         await self.room.local_participant.publish_track(
-            track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE))
+            track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
+        )
         for participant in self.room.remote_participants.values():
             self._emit(RoomEvent("participant_joined", participant.identity))
             if self._audio_track(participant) is not None:
@@ -120,12 +131,18 @@ class AgentRoom:
 
     def _wire_events(self) -> None:
         room = self.room
-        room.on("participant_connected",
-                lambda p: self._emit(RoomEvent("participant_joined", p.identity)))
+        room.on(
+            "participant_connected",
+            lambda p: self._emit(RoomEvent("participant_joined", p.identity)),
+        )
         room.on("participant_disconnected", self._on_left)
         room.on("track_subscribed", self._on_track)
-        room.on("track_unsubscribed", lambda track, pub, participant:
-                track.kind == rtc.TrackKind.KIND_AUDIO and self._end_audio(participant.identity))
+        room.on(
+            "track_unsubscribed",
+            lambda track, pub, participant: (
+                track.kind == rtc.TrackKind.KIND_AUDIO and self._end_audio(participant.identity)
+            ),
+        )
         room.on("data_received", self._on_data)
         room.on("local_track_subscribed", lambda track: self._ready(""))
         room.on("disconnected", lambda reason: self._emit(RoomEvent("disconnected")))
@@ -157,8 +174,12 @@ class AgentRoom:
         self._end_audio(participant.identity)
         self._emit(RoomEvent("participant_left", participant.identity))
 
-    def _on_track(self, track: rtc.Track, publication: rtc.RemoteTrackPublication,
-                  participant: rtc.RemoteParticipant) -> None:
+    def _on_track(
+        self,
+        track: rtc.Track,
+        publication: rtc.RemoteTrackPublication,
+        participant: rtc.RemoteParticipant,
+    ) -> None:
         if track.kind == rtc.TrackKind.KIND_AUDIO:
             self._has_audio(participant.identity)
 
@@ -234,8 +255,9 @@ class AgentRoom:
             await stream.aclose()
 
     @staticmethod
-    async def _pump(stream: rtc.AudioStream, frames: asyncio.Queue[bytes | None],
-                    identity: str) -> None:
+    async def _pump(
+        stream: rtc.AudioStream, frames: asyncio.Queue[bytes | None], identity: str
+    ) -> None:
         """The SDK's stream into ``frames``; a reader that falls 5 s behind loses the oldest."""
         async for event in stream:
             if frames.full():
@@ -260,11 +282,12 @@ class AgentRoom:
             raise RuntimeError("connect() first: the voice track is published on joining")
         pcm = audio.pcm16
         if len(pcm) % 2:
-            raise ValueError(f"PCM16 has 2 bytes per sample; piece {audio.piece} chunk has "
-                             f"{len(pcm)} bytes")
+            raise ValueError(
+                f"PCM16 has 2 bytes per sample; piece {audio.piece} chunk has {len(pcm)} bytes"
+            )
         step = FRAME_SAMPLES * 2
         for i in range(0, len(pcm), step):
-            chunk = pcm[i:i + step]
+            chunk = pcm[i : i + step]
             samples = len(chunk) // 2
             self.playout.add(audio.piece, samples)
             await self.source.capture_frame(rtc.AudioFrame(chunk, TTS_SAMPLE_RATE, 1, samples))
@@ -295,15 +318,18 @@ class AgentRoom:
 
     # ------------------------------------------------------------ data
 
-    async def publish_data(self, payload: bytes | str | dict[str, Any],
-                           topic: str = "transcript",
-                           destination_identities: list[str] | None = None) -> None:
+    async def publish_data(
+        self,
+        payload: bytes | str | dict[str, Any],
+        topic: str = "transcript",
+        destination_identities: list[str] | None = None,
+    ) -> None:
         """A reliable data message (a dict is sent as JSON)."""
         if isinstance(payload, dict):
             payload = json.dumps(payload, separators=(",", ":"))
         await self.room.local_participant.publish_data(
-            payload, reliable=True, topic=topic,
-            destination_identities=destination_identities or [])
+            payload, reliable=True, topic=topic, destination_identities=destination_identities or []
+        )
 
     # ------------------------------------------------------------ leaving
 

@@ -33,11 +33,11 @@ _LINE_MARKER = re.compile(r"(?m)^[ \t]*(?:#{1,6}[ \t]+|>[ \t]*|[-*+•][ \t]+|\d
 _UNDERSCORE_EMPHASIS = re.compile(r"(?<!\w)_{1,2}(?=\S)(.+?)(?<=\S)_{1,2}(?!\w)")
 _EMOJI = re.compile(
     "["
-    "\U0001F000-\U0001FAFF"  # pictographs, emoticons, transport, flags, symbols and extended-A
-    "\u2600-\u27BF"  # miscellaneous symbols and dingbats (☀ ✅ ✨ ❤)
-    "\u2B00-\u2BFF"  # arrows and stars (⭐)
-    "\uFE0E\uFE0F\u200D\u20E3"  # variation selectors, zero-width joiner, keycap
-    "\U000E0020-\U000E007F"  # tag characters (subdivision flags)
+    "\U0001f000-\U0001faff"  # pictographs, emoticons, transport, flags, symbols and extended-A
+    "\u2600-\u27bf"  # miscellaneous symbols and dingbats (☀ ✅ ✨ ❤)
+    "\u2b00-\u2bff"  # arrows and stars (⭐)
+    "\ufe0e\ufe0f\u200d\u20e3"  # variation selectors, zero-width joiner, keycap
+    "\U000e0020-\U000e007f"  # tag characters (subdivision flags)
     "]+"
 )
 _SPACES = re.compile(r"\s+")
@@ -46,7 +46,7 @@ _SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?])")
 
 def _host(match: re.Match[str]) -> str:
     url = match.group(0).rstrip(".,;:!?")  # a full stop after a URL ends the sentence
-    tail = match.group(0)[len(url):]
+    tail = match.group(0)[len(url) :]
     host = re.sub(r"^(?:https?://)?(?:www\.)?", "", url, flags=re.IGNORECASE)
     return host.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0] + tail
 
@@ -66,21 +66,102 @@ def speakable(text: str) -> str:
 # ---------------------------------------------------------------- where a piece may end
 
 # Never a sentence end: a title or a Latin abbreviation (lower case, without the final dot).
-ABBREVIATIONS = frozenset({
-    "mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "mt", "ft", "vs", "e.g", "i.e", "cf",
-    "approx", "no", "fig", "vol", "inc", "ltd", "co", "dept", "gen", "col", "capt", "sgt", "rev",
-})
+ABBREVIATIONS = frozenset(
+    {
+        "mr",
+        "mrs",
+        "ms",
+        "dr",
+        "prof",
+        "st",
+        "jr",
+        "sr",
+        "mt",
+        "ft",
+        "vs",
+        "e.g",
+        "i.e",
+        "cf",
+        "approx",
+        "no",
+        "fig",
+        "vol",
+        "inc",
+        "ltd",
+        "co",
+        "dept",
+        "gen",
+        "col",
+        "capt",
+        "sgt",
+        "rev",
+    }
+)
 # A sentence end only when the next word starts with a capital letter.
 SOFT_ABBREVIATIONS = frozenset({"etc", "a.m", "p.m", "u.s", "u.k", "al"})
 # A cut right after one of these would leave a phrase hanging ("the", "of", "and" ...).
-_NO_CUT_AFTER = frozenset({
-    "a", "an", "the", "this", "that", "these", "those", "my", "your", "our", "their", "his", "her",
-    "its", "of", "to", "in", "on", "at", "for", "with", "from", "by", "about", "into", "and", "or",
-    "but", "so", "than", "as", "is", "are", "was", "were", "be", "very", "not", "no", "mr", "mrs",
-    "dr", "ms", "i",
-})
-CONJUNCTIONS = ("and", "but", "because", "so", "which", "while", "although", "though", "whereas",
-                "since", "unless", "then")
+_NO_CUT_AFTER = frozenset(
+    {
+        "a",
+        "an",
+        "the",
+        "this",
+        "that",
+        "these",
+        "those",
+        "my",
+        "your",
+        "our",
+        "their",
+        "his",
+        "her",
+        "its",
+        "of",
+        "to",
+        "in",
+        "on",
+        "at",
+        "for",
+        "with",
+        "from",
+        "by",
+        "about",
+        "into",
+        "and",
+        "or",
+        "but",
+        "so",
+        "than",
+        "as",
+        "is",
+        "are",
+        "was",
+        "were",
+        "be",
+        "very",
+        "not",
+        "no",
+        "mr",
+        "mrs",
+        "dr",
+        "ms",
+        "i",
+    }
+)
+CONJUNCTIONS = (
+    "and",
+    "but",
+    "because",
+    "so",
+    "which",
+    "while",
+    "although",
+    "though",
+    "whereas",
+    "since",
+    "unless",
+    "then",
+)
 
 # Terminal punctuation, then any closing quotes/brackets/emphasis, confirmed by whitespace.
 _SENTENCE_END = re.compile(r"(?:\.{3}|…|[.!?]+)[\"'”’)\]*_]*(?=\s)")
@@ -104,14 +185,25 @@ class Chunker:
     its next natural break. ``max_chars``: a piece never grows beyond this (cut at a word).
     """
 
-    def __init__(self, *, first_min_words: int = 4, first_max_words: int = 20,
-                 min_chars: int = 20, clause_chars: int = 120, max_chars: int = 300) -> None:
+    def __init__(
+        self,
+        *,
+        first_min_words: int = 4,
+        first_max_words: int = 20,
+        min_chars: int = 20,
+        clause_chars: int = 120,
+        max_chars: int = 300,
+    ) -> None:
         if not 1 <= first_min_words <= first_max_words:
-            raise ValueError(f"first_min_words={first_min_words} and first_max_words="
-                             f"{first_max_words}: need 1 <= first_min_words <= first_max_words")
+            raise ValueError(
+                f"first_min_words={first_min_words} and first_max_words="
+                f"{first_max_words}: need 1 <= first_min_words <= first_max_words"
+            )
         if not 0 <= min_chars <= clause_chars <= max_chars:
-            raise ValueError(f"min_chars={min_chars}, clause_chars={clause_chars}, max_chars="
-                             f"{max_chars}: need 0 <= min_chars <= clause_chars <= max_chars")
+            raise ValueError(
+                f"min_chars={min_chars}, clause_chars={clause_chars}, max_chars="
+                f"{max_chars}: need 0 <= min_chars <= clause_chars <= max_chars"
+            )
         self.first_min_words = first_min_words
         self.first_max_words = first_max_words
         self.min_chars = min_chars
@@ -172,13 +264,13 @@ class Chunker:
                 return None  # undecided until the next word arrives
             if not verdict:
                 continue
-            if first or len(speakable(scope[:match.end()])) >= self.min_chars:
+            if first or len(speakable(scope[: match.end()])) >= self.min_chars:
                 return match.end()
         return None
 
     def _clause_break(self, scope: str, first: bool) -> int | None:
         for match in _CLAUSE_BREAK.finditer(scope):
-            before = scope[:match.end()]
+            before = scope[: match.end()]
             words = speakable(before).split()
             if not words or _no_cut_after(words[-1]) or _splits_number(scope, match):
                 continue
@@ -191,8 +283,9 @@ class Chunker:
     def _forced_cut(self, scope: str, first: bool) -> int | None:
         """No break in sight: cut at the last good word boundary, once the piece is too long."""
         words = list(re.finditer(r"\S+(?=\s)", scope))  # complete words only
-        too_long = (len(words) >= self.first_max_words if first
-                    else len(speakable(scope)) >= self.max_chars)
+        too_long = (
+            len(words) >= self.first_max_words if first else len(speakable(scope)) >= self.max_chars
+        )
         if not too_long:
             return None
         for word in reversed(words[1:]):
@@ -212,10 +305,10 @@ def _ends_sentence(scope: str, match: re.Match[str]) -> bool | None:
         return True
     if word in ABBREVIATIONS or (len(word) == 1 and word.isalpha()):
         return False  # "Dr." or an initial ("J.")
-    if word.isdigit() and not scope[:start - len(word)].strip():
+    if word.isdigit() and not scope[: start - len(word)].strip():
         return False  # a list number at the start of a line ("1.")
     if word in SOFT_ABBREVIATIONS:
-        rest = scope[match.end():].lstrip()
+        rest = scope[match.end() :].lstrip()
         if not rest:
             return None
         return rest[0].isupper()
@@ -228,8 +321,8 @@ def _no_cut_after(word: str) -> bool:
 
 def _splits_number(scope: str, match: re.Match[str]) -> bool:
     """A conjunction between numbers ("between 3 and 5") is not a break."""
-    before = scope[:match.start()].split()
-    after = scope[match.end():].split()
+    before = scope[: match.start()].split()
+    after = scope[match.end() :].split()
     near = [before[-1]] if before else []
     near += after[1:2] if len(after) > 1 else []
     return any(_NUMBER.match(w.strip(",;:")) for w in near) and not match.group(0).strip()

@@ -67,9 +67,11 @@ QUESTIONS = (
     "What season comes after winter?",
 )
 INSTANT_ANSWER = "Sure. That is a good question, and here is a short answer."
-LONG_ANSWER = ("Let me tell you the whole story from the very beginning. It started many years "
-               "ago in a small town by the sea, where a young painter opened a tiny gallery. "
-               "People came from far away to see the paintings, and the gallery grew and grew.")
+LONG_ANSWER = (
+    "Let me tell you the whole story from the very beginning. It started many years "
+    "ago in a small town by the sea, where a young painter opened a tiny gallery. "
+    "People came from far away to see the paintings, and the gallery grew and grew."
+)
 INTERRUPTION = "Wait, stop, I have a different question."
 
 
@@ -116,8 +118,10 @@ def pct(values: list[float], q: float) -> float:
 def row(name: str, values: list[float]) -> str:
     if not values:
         return f"  {name:<34} -"
-    return (f"  {name:<34} p50 {statistics.median(values):7.0f} ms   p95 {pct(values, 95):7.0f}"
-            f" ms   (n={len(values)})")
+    return (
+        f"  {name:<34} p50 {statistics.median(values):7.0f} ms   p95 {pct(values, 95):7.0f}"
+        f" ms   (n={len(values)})"
+    )
 
 
 # ---------------------------------------------------------------- one conversation
@@ -132,8 +136,9 @@ class Conversation:
 
     async def __aenter__(self) -> Self:
         session = await self.net.agent_session(minutes=self.minutes, tts_max_characters=20000)
-        self.agent = VoiceAgent(self.llm, session=session, gateway=self.gw,
-                                instructions="Answer in one short sentence.")
+        self.agent = VoiceAgent(
+            self.llm, session=session, gateway=self.gw, instructions="Answer in one short sentence."
+        )
         await self.agent.start()
         assert isinstance(session.webrtc, DualWebrtc)
         await self.caller.join(session.webrtc.client.ws_url, session.webrtc.client.token)
@@ -177,11 +182,14 @@ class Conversation:
         return v2v, turn
 
 
-async def latency_run(net: Network, llm: LLM, turns: int, label: str,
-                      questions: dict[str, np.ndarray]) -> None:
+async def latency_run(
+    net: Network, llm: LLM, turns: int, label: str, questions: dict[str, np.ndarray]
+) -> None:
     caller_v2v: list[float] = []
-    stages: dict[str, list[float]] = {k: [] for k in (
-        "stt_final_ms", "llm_first_token_ms", "tts_first_audio_ms", "voice_to_voice_ms")}
+    stages: dict[str, list[float]] = {
+        k: []
+        for k in ("stt_final_ms", "llm_first_token_ms", "tts_first_audio_ms", "voice_to_voice_ms")
+    }
     transport: list[float] = []
     async with Conversation(net, llm, minutes=max(5, turns)) as conv:
         for i in range(turns):
@@ -197,8 +205,11 @@ async def latency_run(net: Network, llm: LLM, turns: int, label: str,
                 caller_v2v.append(v2v)
                 if turn.voice_to_voice_ms is not None:
                     transport.append(v2v - turn.voice_to_voice_ms)
-            print(f"    {i + 1:2d}. {text!r} -> {turn.answer[:60]!r}: caller v2v "
-                  f"{v2v if v2v is None else round(v2v)} ms", flush=True)
+            print(
+                f"    {i + 1:2d}. {text!r} -> {turn.answer[:60]!r}: caller v2v "
+                f"{v2v if v2v is None else round(v2v)} ms",
+                flush=True,
+            )
             await asyncio.sleep(0.5)
     print(f"\n{label}: {len(caller_v2v)} of {turns} turns heard")
     print(row("voice-to-voice at the caller", caller_v2v))
@@ -235,15 +246,21 @@ async def barge_in_run(net: Network, count: int, questions: dict[str, np.ndarray
                 print(f"    ! {exc}", flush=True)
                 continue
             cut = conv.turns[before]
-            if cut.outcome == "interrupted" and cut.barge_in_stop_ms is not None \
-                    and cut.stopped_at is not None:
+            if (
+                cut.outcome == "interrupted"
+                and cut.barge_in_stop_ms is not None
+                and cut.stopped_at is not None
+            ):
                 detected = cut.stopped_at - cut.barge_in_stop_ms / 1000
                 agent_stop.append(cut.barge_in_stop_ms)
                 onset.append((detected - talk_from) * 1000)
                 caller_stop.append(silent_after(caller, detected) * 1000)
-            print(f"    {i + 1}. {cut.outcome}: detected -> flushed "
-                  f"{cut.barge_in_stop_ms and round(cut.barge_in_stop_ms, 1)} ms; heard "
-                  f"{cut.answer[:50]!r}...", flush=True)
+            print(
+                f"    {i + 1}. {cut.outcome}: detected -> flushed "
+                f"{cut.barge_in_stop_ms and round(cut.barge_in_stop_ms, 1)} ms; heard "
+                f"{cut.answer[:50]!r}...",
+                flush=True,
+            )
             await asyncio.sleep(1.0)
     print(f"\nbarge-in: {len(agent_stop)} of {count} interruptions stopped the agent")
     print(row("caller talks -> speech detected", onset))
@@ -266,8 +283,14 @@ def chain_in(tmp: Path) -> tuple[Chain, Any]:
             await client.add_issuer(localnet.authority, issuer.pubkey())
 
     asyncio.run(setup())
-    return Chain(localnet.url, localnet.authority, localnet.authority_path, issuer,
-                 tmp / "issuer.json", TEST_TTL), localnet
+    return Chain(
+        localnet.url,
+        localnet.authority,
+        localnet.authority_path,
+        issuer,
+        tmp / "issuer.json",
+        TEST_TTL,
+    ), localnet
 
 
 async def bench(net: Network, args: argparse.Namespace) -> None:

@@ -59,25 +59,33 @@ def llm_factory(kind: str) -> Callable[[], LLM]:
     return lambda: InstantLLM(INSTANT_ANSWER)
 
 
-async def page_run(net: Network, factory: Callable[[], LLM], turns: int, gap: float,
-                   tmp: Path) -> list[dict[str, Any]]:
+async def page_run(
+    net: Network, factory: Callable[[], LLM], turns: int, gap: float, tmp: Path
+) -> list[dict[str, Any]]:
     """The page's turns: ``page_ms`` (its clock) and ``agent_ms`` (the agent's figure)."""
     clips = [silence(2.0)]
     for i in range(turns):
         clips += [speak(QUESTIONS[i % len(QUESTIONS)]), silence(gap)]
     mic = write_speech_wav(tmp / "questions.wav", [*clips, silence(30.0)])
-    async with demo_server(net, factory, greeting="", minutes=max(5, turns)) as (site, _), \
-            chromium(mic) as browser:
+    async with (
+        demo_server(net, factory, greeting="", minutes=max(5, turns)) as (site, _),
+        chromium(mic) as browser,
+    ):
         page = await browser.new_page()
         await start_talking(page, site, "bench")
         seen, done = 0, []
         deadline = asyncio.get_running_loop().time() + turns * (gap + 6) + 60
         while asyncio.get_running_loop().time() < deadline:
-            done = json.loads(await page.evaluate(
-                "JSON.stringify(demo.turns.filter(t => t.agent_ms !== undefined))"))
+            done = json.loads(
+                await page.evaluate(
+                    "JSON.stringify(demo.turns.filter(t => t.agent_ms !== undefined))"
+                )
+            )
             for k, t in enumerate(done[seen:], seen + 1):
-                print(f"    {k:2d}. page {t['page_ms']:6.0f} ms   agent {t['agent_ms']:6.0f} ms",
-                      flush=True)
+                print(
+                    f"    {k:2d}. page {t['page_ms']:6.0f} ms   agent {t['agent_ms']:6.0f} ms",
+                    flush=True,
+                )
             seen = len(done)
             if seen >= turns:
                 break
@@ -103,21 +111,29 @@ async def bench(net: Network, args: argparse.Namespace, tmp: Path) -> None:
     agent = [t["agent_ms"] for t in turns]
     print(f"\nChromium: {len(turns)} of {args.turns} turns heard")
     print(row("voice-to-voice at the page", page))
-    print(row("  endpointing + transport", [p - a for p, a in zip(page, agent)]))
+    print(row("  endpointing + transport", [p - a for p, a in zip(page, agent, strict=False)]))
     print(row("  agent: speech_end -> first frame", agent))
     if page:
-        print(f"\n  page p50 {statistics.median(page):.0f} ms; compare with 'voice-to-voice at "
-              f"the caller' above (target: within 150 ms)", flush=True)
+        print(
+            f"\n  page p50 {statistics.median(page):.0f} ms; compare with 'voice-to-voice at "
+            f"the caller' above (target: within 150 ms)",
+            flush=True,
+        )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--turns", type=int, default=10)
-    ap.add_argument("--gap", type=float, default=14.0,
-                    help="seconds of silence after each question (the answer plays in it)")
+    ap.add_argument(
+        "--gap",
+        type=float,
+        default=14.0,
+        help="seconds of silence after each question (the answer plays in it)",
+    )
     ap.add_argument("--llm", choices=("instant", "embedded"), default="instant")
-    ap.add_argument("--skip-sdk", action="store_true",
-                    help="only the page (not the Python SDK caller)")
+    ap.add_argument(
+        "--skip-sdk", action="store_true", help="only the page (not the Python SDK caller)"
+    )
     args = ap.parse_args()
     if args.turns < 1:
         ap.error(f"--turns must be at least 1, got {args.turns}")

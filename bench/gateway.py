@@ -52,6 +52,7 @@ from tests.support.pg import PgServer, find_bindir  # noqa: E402
 WALLETS = 3000
 MAX_RPS = 3000  # requests signed per second of a phase (a faster run would replay: non-2xx)
 
+
 @dataclass(frozen=True)
 class Endpoint:
     path: str
@@ -61,12 +62,26 @@ class Endpoint:
 
 ENDPOINTS = {
     # the figure the target is about
-    "webrtc-token": Endpoint("/v1/webrtc/token", json.dumps(
-        {"room_name": "bench", "participant_identity": "p", "duration_minutes": 1}).encode(), 1),
+    "webrtc-token": Endpoint(
+        "/v1/webrtc/token",
+        json.dumps(
+            {"room_name": "bench", "participant_identity": "p", "duration_minutes": 1}
+        ).encode(),
+        1,
+    ),
     # what an agent calls: a bundle of WebRTC + STT + TTS sessions, a token for each
-    "agent-session": Endpoint("/v1/agent-session", json.dumps(
-        {"room_name": "bench", "participant_identity": "agent", "duration_minutes": 1,
-         "tts_max_characters": 2000}).encode(), 3),
+    "agent-session": Endpoint(
+        "/v1/agent-session",
+        json.dumps(
+            {
+                "room_name": "bench",
+                "participant_identity": "agent",
+                "duration_minutes": 1,
+                "tts_max_characters": 2000,
+            }
+        ).encode(),
+        3,
+    ),
 }
 WRK_SCRIPT = ROOT / "bench" / "wrk_replay.lua"
 
@@ -80,8 +95,11 @@ async def setup_chain(url: str, authority: Keypair, issuer: Keypair) -> None:
         for role in (p.Role.SFU, p.Role.STT, p.Role.TTS):
             node = Keypair()
             await client.ensure_funded(node)
-            await client.register_node(node, role, p.NodeFields(
-                f"https://{role.name.lower()}.bench", 50.1, 8.7, "DE", 10**6, "0.1.0"))
+            await client.register_node(
+                node,
+                role,
+                p.NodeFields(f"https://{role.name.lower()}.bench", 50.1, 8.7, "DE", 10**6, "0.1.0"),
+            )
 
 
 async def fund(db_url: str, wallets: list[Keypair]) -> None:
@@ -89,25 +107,40 @@ async def fund(db_url: str, wallets: list[Keypair]) -> None:
         await ledger.migrate()
         for w in wallets:
             tx = await ledger.grant("solana", str(w.pubkey()), 10**12, memo="bench")
-            await ledger.set_limits(tx.account_id, max_concurrent_sessions=10**6, max_api_rate=10**6)
+            await ledger.set_limits(
+                tx.account_id, max_concurrent_sessions=10**6, max_api_rate=10**6
+            )
 
 
 async def count_sessions(db_url: str) -> int:
     async with Ledger(db_url) as ledger:
         return await ledger.db.read(
-            lambda conn: conn.execute(sa.select(sa.func.count()).select_from(sessions)).scalar())
+            lambda conn: conn.execute(sa.select(sa.func.count()).select_from(sessions)).scalar()
+        )
 
 
-def start_gateway(tmp: Path, rpc: str, db_url: str, issuer_path: Path) -> tuple[subprocess.Popen, str]:
+def start_gateway(
+    tmp: Path, rpc: str, db_url: str, issuer_path: Path
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     config = tmp / f"gateway-{port}.yaml"
-    config.write_text(json.dumps({
-        "listen_port": port, "rpc_url": rpc, "database_url": db_url,
-        "issuer_keypair": str(issuer_path), "sweep_interval_seconds": 3600,
-    }))
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "--config", str(config),
-                             "--log-level", "WARNING"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    config.write_text(
+        json.dumps(
+            {
+                "listen_port": port,
+                "rpc_url": rpc,
+                "database_url": db_url,
+                "issuer_keypair": str(issuer_path),
+                "sweep_interval_seconds": 3600,
+            }
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "--config", str(config), "--log-level", "WARNING"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -142,10 +175,13 @@ class Signer:
             for j in range(per_wallet):
                 for i, wallet in enumerate(self.wallets):
                     headers = sign_request("POST", endpoint.path, wallet, now=start[i] + j)
-                    head = (f"POST {endpoint.path} HTTP/1.1\r\nHost: {host}\r\n"
-                            "Content-Type: application/json\r\n"
-                            f"Content-Length: {len(endpoint.body)}\r\n"
-                            + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n")
+                    head = (
+                        f"POST {endpoint.path} HTTP/1.1\r\nHost: {host}\r\n"
+                        "Content-Type: application/json\r\n"
+                        f"Content-Length: {len(endpoint.body)}\r\n"
+                        + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                        + "\r\n"
+                    )
                     out.write(head.encode() + endpoint.body + b"\0")
         self.next_ts = [s + per_wallet for s in start]
 
@@ -197,8 +233,14 @@ def server_cpu(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def wrk(url: str, pid: int, seconds: float, concurrency: int, requests: Path | None,
-        db_pid: int | None = None) -> Run:
+def wrk(
+    url: str,
+    pid: int,
+    seconds: float,
+    concurrency: int,
+    requests: Path | None,
+    db_pid: int | None = None,
+) -> Run:
     """``requests``: a file of pre-signed requests to replay; None: GET /internal/health."""
     cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--latency"]
     if requests is not None:
@@ -233,15 +275,26 @@ def machine_speed() -> float:
 
 
 def line(backend: str, what: str, r: Run, extra: str = "") -> str:
-    return (f"{backend:10}  {what:24} {r.rps:7.0f} req/s  p50 {r.p50_ms:6.1f} ms  "
-            f"p99 {r.p99_ms:6.1f} ms  cpu {r.cpu_us:5.0f} us/req"
-            + ("" if r.db_cpu_us is None else f" (+ database server {r.db_cpu_us:4.0f})")
-            + extra)
+    return (
+        f"{backend:10}  {what:24} {r.rps:7.0f} req/s  p50 {r.p50_ms:6.1f} ms  "
+        f"p99 {r.p99_ms:6.1f} ms  cpu {r.cpu_us:5.0f} us/req"
+        + ("" if r.db_cpu_us is None else f" (+ database server {r.db_cpu_us:4.0f})")
+        + extra
+    )
 
 
-def bench_backend(name: str, url: str, pid: int, db_url: str, tmp: Path, seconds: float,
-                  levels: list[int], endpoints: list[Endpoint], signer: Signer,
-                  db_pid: int | None) -> None:
+def bench_backend(
+    name: str,
+    url: str,
+    pid: int,
+    db_url: str,
+    tmp: Path,
+    seconds: float,
+    levels: list[int],
+    endpoints: list[Endpoint],
+    signer: Signer,
+    db_pid: int | None,
+) -> None:
     asyncio.run(wait_up(url))
     print(f"{name:10}  machine speed: sum(range(1000)) takes {machine_speed():.1f} us", flush=True)
     wrk(url, pid, 2, 32, None)  # warm-up
@@ -257,20 +310,33 @@ def bench_backend(name: str, url: str, pid: int, db_url: str, tmp: Path, seconds
             run = wrk(url, pid, seconds, concurrency, requests, db_pid)
             stored = asyncio.run(count_sessions(db_url)) - before
             answered = run.done - run.non_2xx
-            print(line(name, f"{endpoint.path} c={concurrency}", run,
-                       f"  non-2xx {run.non_2xx}  sessions stored {stored}"
-                       f" ({stored / max(answered, 1):.2f} per answer, {endpoint.sessions} expected)"
-                       f"  ({run.rps / health.rps:.2f}x of health)"), flush=True)
+            print(
+                line(
+                    name,
+                    f"{endpoint.path} c={concurrency}",
+                    run,
+                    f"  non-2xx {run.non_2xx}  sessions stored {stored}"
+                    f" ({stored / max(answered, 1):.2f} per answer, {endpoint.sessions} expected)"
+                    f"  ({run.rps / health.rps:.2f}x of health)",
+                ),
+                flush=True,
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--concurrency", default="16,32",
-                        help="comma-separated connection counts for the token phases")
+    parser.add_argument(
+        "--concurrency",
+        default="16,32",
+        help="comma-separated connection counts for the token phases",
+    )
     parser.add_argument("--backends", default="sqlite,postgresql")
-    parser.add_argument("--endpoints", default=",".join(ENDPOINTS),
-                        help=f"comma-separated, of: {', '.join(ENDPOINTS)}")
+    parser.add_argument(
+        "--endpoints",
+        default=",".join(ENDPOINTS),
+        help=f"comma-separated, of: {', '.join(ENDPOINTS)}",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("bench/gateway.py needs wrk (apt-get install wrk; `make setup` installs it)")
@@ -288,8 +354,10 @@ def main() -> None:
         pg = None
         try:
             asyncio.run(setup_chain(net.url, net.authority, issuer))
-            print(f"loopback, wrk -t1, {args.seconds:g} s per phase; gateway (one process) and wrk "
-                  f"share the machine's {os.cpu_count()} cores")
+            print(
+                f"loopback, wrk -t1, {args.seconds:g} s per phase; gateway (one process) and wrk "
+                f"share the machine's {os.cpu_count()} cores"
+            )
             for backend in args.backends.split(","):
                 db_pid = None
                 if backend == "sqlite":
@@ -305,8 +373,18 @@ def main() -> None:
                 asyncio.run(fund(db_url, wallets))
                 proc, url = start_gateway(tmp, net.url, db_url, tmp / "issuer.json")
                 try:
-                    bench_backend(backend, url, proc.pid, db_url, tmp, args.seconds, levels,
-                                  endpoints, Signer(wallets), db_pid)
+                    bench_backend(
+                        backend,
+                        url,
+                        proc.pid,
+                        db_url,
+                        tmp,
+                        args.seconds,
+                        levels,
+                        endpoints,
+                        Signer(wallets),
+                        db_pid,
+                    )
                 finally:
                     proc.terminate()
                     proc.wait()

@@ -20,8 +20,9 @@ from agents.llm import EmbeddedLLM
 from agents.plugins import ChatMessage
 from agents.text import Chunker
 
-SYSTEM = ChatMessage("system", "You are a helpful voice assistant. Answer briefly, in plain "
-                               "sentences.")
+SYSTEM = ChatMessage(
+    "system", "You are a helpful voice assistant. Answer briefly, in plain sentences."
+)
 QUESTIONS = [
     "What is the capital of Italy?",
     "How many days are in a week?",
@@ -41,8 +42,10 @@ async def main(rounds: int, threads: int | None) -> None:
     llm = EmbeddedLLM(n_threads=threads)
     started = time.perf_counter()
     await llm.load()
-    print(f"model {llm.model_path.name}: loaded in {time.perf_counter() - started:.2f} s, "
-          f"{llm.n_threads} threads")
+    print(
+        f"model {llm.model_path.name}: loaded in {time.perf_counter() - started:.2f} s, "
+        f"{llm.n_threads} threads"
+    )
     first_token, first_piece, rates = [], [], []
     try:
         for i in range(rounds):
@@ -60,11 +63,15 @@ async def main(rounds: int, threads: int | None) -> None:
             rates.append(last.tokens_per_second)
     finally:
         await llm.aclose()
-    for name, values, unit in (("time to first token", first_token, "ms"),
-                               ("time to first speakable piece", first_piece, "ms"),
-                               ("tokens per second", rates, "")):
-        print(f"{name:30s} p50 {statistics.median(values):7.1f}{unit}  "
-              f"p95 {pct(values, 0.95):7.1f}{unit}  (n={len(values)})")
+    for name, values, unit in (
+        ("time to first token", first_token, "ms"),
+        ("time to first speakable piece", first_piece, "ms"),
+        ("tokens per second", rates, ""),
+    ):
+        print(
+            f"{name:30s} p50 {statistics.median(values):7.1f}{unit}  "
+            f"p95 {pct(values, 0.95):7.1f}{unit}  (n={len(values)})"
+        )
 
 
 if __name__ == "__main__":

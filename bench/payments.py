@@ -38,8 +38,8 @@ from gateway.app import create_app  # noqa: E402
 from gateway.auth import sign_request  # noqa: E402
 from gateway.config import GatewayConfig  # noqa: E402
 from gateway.payments import payer  # noqa: E402
-from gateway.payments.wiring import setup_payments  # noqa: E402
 from gateway.payments.config import PaymentsConfig, SolanaPayments  # noqa: E402
+from gateway.payments.wiring import setup_payments  # noqa: E402
 from registry import usdc  # noqa: E402
 from registry.client import RegistryClient  # noqa: E402
 from tests.conftest import free_port, start_localnet_process  # noqa: E402
@@ -72,13 +72,25 @@ async def main() -> None:
         wallets = [Keypair() for _ in range(n_wallets)]
         per_wallet = -(-args.purchases // n_wallets)
         for w in wallets:
-            await usdc.mint_test_usdc(chain, w.pubkey(), f"{per_wallet * args.amount + 1:.6f}",
-                                      keys / "mint.json", keys / "auth.json")
+            await usdc.mint_test_usdc(
+                chain,
+                w.pubkey(),
+                f"{per_wallet * args.amount + 1:.6f}",
+                keys / "mint.json",
+                keys / "auth.json",
+            )
         db = args.db if args.db != "sqlite" else f"sqlite+aiosqlite:///{tmp}/gateway.db"
-        config = GatewayConfig(database_url=db, rpc_url=net.url, payments=PaymentsConfig(
-            solana=SolanaPayments(asset_keypair=keys / "mint.json",
-                                  pay_to_keypair=keys / "pay-to.json",
-                                  fee_payer_keypair=keys / "fee-payer.json")))
+        config = GatewayConfig(
+            database_url=db,
+            rpc_url=net.url,
+            payments=PaymentsConfig(
+                solana=SolanaPayments(
+                    asset_keypair=keys / "mint.json",
+                    pay_to_keypair=keys / "pay-to.json",
+                    fee_payer_keypair=keys / "fee-payer.json",
+                )
+            ),
+        )
 
         async def no_nodes() -> list[Any]:
             return []
@@ -90,8 +102,9 @@ async def main() -> None:
         port = free_port()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         url = f"http://127.0.0.1:{port}"
-        pay_to = app[__import__("gateway.payments", fromlist=["PAYMENTS_KEY"]).PAYMENTS_KEY] \
-            .service.pay_to
+        pay_to = app[
+            __import__("gateway.payments", fromlist=["PAYMENTS_KEY"]).PAYMENTS_KEY
+        ].service.pay_to
         to_before = (await chain.rpc.get_token_account_balance(usdc.ata(pay_to, mint))).value
         total, settle = [], []
         failures: list[str] = []
@@ -110,8 +123,11 @@ async def main() -> None:
                     return
                 key = mine[n % len(mine)]
                 n += 1
-                body = {"wallet_address": str(key.pubkey()), "wallet_chain": "solana",
-                        "amount_usd": args.amount}
+                body = {
+                    "wallet_address": str(key.pubkey()),
+                    "wallet_chain": "solana",
+                    "amount_usd": args.amount,
+                }
                 ts = last_ts[key.pubkey()] = max(int(time.time()) - 25, last_ts[key.pubkey()] + 1)
                 auth = sign_request("POST", PATH, key, now=ts)
                 t0 = time.perf_counter()
@@ -132,23 +148,30 @@ async def main() -> None:
 
         async with aiohttp.ClientSession() as http:
             start = time.perf_counter()
-            await asyncio.gather(*(agent(wallets[k::args.concurrency], http)
-                                   for k in range(args.concurrency)))
+            await asyncio.gather(
+                *(agent(wallets[k :: args.concurrency], http) for k in range(args.concurrency))
+            )
             wall = time.perf_counter() - start
         to_after = (await chain.rpc.get_token_account_balance(usdc.ata(pay_to, mint))).value
         await runner.cleanup()
         await chain.close()
         n = len(total)
         moved = int(to_after.amount) - int(to_before.amount)
-        print(f"purchases: {n} ok, {len(failures)} failed, concurrency {args.concurrency}, "
-              f"${args.amount} each, ledger {'SQLite' if args.db == 'sqlite' else 'PostgreSQL'}")
+        print(
+            f"purchases: {n} ok, {len(failures)} failed, concurrency {args.concurrency}, "
+            f"${args.amount} each, ledger {'SQLite' if args.db == 'sqlite' else 'PostgreSQL'}"
+        )
         print(f"purchases/s:        {n / wall:8.1f}   ({wall:.2f} s wall)")
         if n:
-            print(f"request -> credit:  p50 {pct(total, 50) * 1e3:7.1f} ms  "
-                  f"p95 {pct(total, 95) * 1e3:7.1f} ms  p99 {pct(total, 99) * 1e3:7.1f} ms  "
-                  f"(mean {statistics.mean(total) * 1e3:.1f})")
-            print(f"settle (paid POST): p50 {pct(settle, 50) * 1e3:7.1f} ms  "
-                  f"p95 {pct(settle, 95) * 1e3:7.1f} ms  p99 {pct(settle, 99) * 1e3:7.1f} ms")
+            print(
+                f"request -> credit:  p50 {pct(total, 50) * 1e3:7.1f} ms  "
+                f"p95 {pct(total, 95) * 1e3:7.1f} ms  p99 {pct(total, 99) * 1e3:7.1f} ms  "
+                f"(mean {statistics.mean(total) * 1e3:.1f})"
+            )
+            print(
+                f"settle (paid POST): p50 {pct(settle, 50) * 1e3:7.1f} ms  "
+                f"p95 {pct(settle, 95) * 1e3:7.1f} ms  p99 {pct(settle, 99) * 1e3:7.1f} ms"
+            )
         print(f"pay-to USDC moved:  {moved / 1e6} (expected {n * args.amount:.6f})")
         for f in failures[:5]:
             print("  failure:", f)

@@ -38,13 +38,16 @@ PROGRAMS = [(p.SO_PATH, p.PROGRAM_KEYPAIR_PATH)]
 
 def send(svm: LocalSvm, ixs: list, signers: list[Keypair]) -> str:
     blockhash, _ = svm.latest_blockhash()
-    tx = Transaction(signers, Message.new_with_blockhash(ixs, signers[0].pubkey(), blockhash), blockhash)
+    tx = Transaction(
+        signers, Message.new_with_blockhash(ixs, signers[0].pubkey(), blockhash), blockhash
+    )
     return str(svm.send_transaction(tx))
 
 
 def fields(i: int) -> p.NodeFields:
-    return p.NodeFields(f"https://node{i}.example.org:443", (i % 170) - 85.0, (i % 350) - 175.0,
-                        "DE", 16, "0.1.0")
+    return p.NodeFields(
+        f"https://node{i}.example.org:443", (i % 170) - 85.0, (i % 350) - 175.0, "DE", 16, "0.1.0"
+    )
 
 
 def compute_units() -> None:
@@ -56,15 +59,21 @@ def compute_units() -> None:
     for k in (authority, node):
         svm.airdrop(k.pubkey(), 10**10)
     steps = [
-        ("initialize_registry", [p.initialize_registry_ix(authority.pubkey(), 30,
-                                                          p.Policy.APPROVAL)], [authority]),
+        (
+            "initialize_registry",
+            [p.initialize_registry_ix(authority.pubkey(), 30, p.Policy.APPROVAL)],
+            [authority],
+        ),
         ("add_issuer", [p.add_issuer_ix(authority.pubkey(), issuer.pubkey())], [authority]),
         ("register_node", [p.register_node_ix(node.pubkey(), p.Role.STT, fields(1))], [node]),
         ("approve_node", [p.approve_node_ix(authority.pubkey(), node.pubkey())], [authority]),
         ("heartbeat", [p.heartbeat_ix(node.pubkey(), 3, 16)], [node]),
         ("update_node", [p.update_node_ix(node.pubkey(), fields(2))], [node]),
-        ("set_node_status", [p.set_node_status_ix(authority.pubkey(), node.pubkey(),
-                                                  p.NodeStatus.ACTIVE)], [authority]),
+        (
+            "set_node_status",
+            [p.set_node_status_ix(authority.pubkey(), node.pubkey(), p.NodeStatus.ACTIVE)],
+            [authority],
+        ),
         ("deregister_node", [p.deregister_node_ix(node.pubkey())], [node]),
         ("remove_issuer", [p.remove_issuer_ix(authority.pubkey(), issuer.pubkey())], [authority]),
     ]
@@ -104,9 +113,12 @@ async def time_listing(url: str, count: int, repeats: int = 5) -> None:
             await client.list_nodes("stt")
             per_role.append(time.perf_counter() - t0)
         assert len(nodes) == count, (len(nodes), count)
-        print(f"  list_nodes() with {count:>6} nodes: median {statistics.median(times)*1000:7.1f} ms"
-              f"  (best {min(times)*1000:.1f} ms); role=stt (1/3): "
-              f"{statistics.median(per_role)*1000:.1f} ms")
+        print(
+            f"  list_nodes() with {count:>6} nodes: "
+            f"median {statistics.median(times) * 1000:7.1f} ms"
+            f"  (best {min(times) * 1000:.1f} ms); role=stt (1/3): "
+            f"{statistics.median(per_role) * 1000:.1f} ms"
+        )
 
 
 async def throughput(url: str, seconds: float, authority: Keypair) -> None:
@@ -133,8 +145,10 @@ async def throughput(url: str, seconds: float, authority: Keypair) -> None:
             deadline = t0 + seconds
             await asyncio.gather(*(sender(o, deadline, counter) for o in owners[:concurrency]))
             rate = counter[0] / (time.perf_counter() - t0)
-            print(f"  heartbeat transactions, {concurrency} sender(s): {rate:7.0f} tx/s confirmed "
-                  f"({counter[0]} in {seconds:.0f} s)")
+            print(
+                f"  heartbeat transactions, {concurrency} sender(s): {rate:7.0f} tx/s confirmed "
+                f"({counter[0]} in {seconds:.0f} s)"
+            )
 
 
 def main() -> None:

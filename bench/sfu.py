@@ -75,9 +75,17 @@ async def serve(port: int, issuer: str) -> None:
 
     node = Keypair()
     state = Path(tempfile.mkdtemp())
-    context = RoleContext("sfu", {"empty_timeout": 5, "speaker_interval": 1.0}, node,
-                          TokenVerifier(issuers, "webrtc", cache_ttl=3600), "http://127.0.0.1",
-                          100000, None, state, Outbox(state / "outbox.sqlite", None, node))
+    context = RoleContext(
+        "sfu",
+        {"empty_timeout": 5, "speaker_interval": 1.0},
+        node,
+        TokenVerifier(issuers, "webrtc", cache_ttl=3600),
+        "http://127.0.0.1",
+        100000,
+        None,
+        state,
+        Outbox(state / "outbox.sqlite", None, node),
+    )
     role = create_role(context)
     app = web.Application()
     role.routes(app)
@@ -164,11 +172,14 @@ async def subscribers(url: str, tokens: list[str], settle: float, seconds: float
     for r in recorders:
         r.window = (start, start + seconds)
     await asyncio.sleep(settle + seconds + 0.5)
-    result = {"subscribers": len(recorders), "receiving": receiving,
-              "lost": sum(max(0, r.lost()) for r in recorders),
-              "silent": sum(1 for r in recorders if not r.seqs),
-              "packets": sum(len(r.seqs) for r in recorders),
-              "latency_ms": [x for r in recorders for x in r.latency_ms[::5]]}
+    result = {
+        "subscribers": len(recorders),
+        "receiving": receiving,
+        "lost": sum(max(0, r.lost()) for r in recorders),
+        "silent": sum(1 for r in recorders if not r.seqs),
+        "packets": sum(len(r.seqs) for r in recorders),
+        "latency_ms": [x for r in recorders for x in r.latency_ms[::5]],
+    }
     for c in clients:
         await c.close()
     return result
@@ -220,9 +231,11 @@ def pct(values: list[float], q: float) -> float:
 async def run(args: argparse.Namespace) -> None:
     issuer = Keypair()
     port = args.port
-    server = subprocess.Popen([sys.executable, __file__, "serve", "--port", str(port),
-                               "--issuer", str(issuer.pubkey())], stdout=subprocess.PIPE,
-                              cwd=ROOT)
+    server = subprocess.Popen(
+        [sys.executable, __file__, "serve", "--port", str(port), "--issuer", str(issuer.pubkey())],
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+    )
     assert server.stdout is not None
     ready, node_key = server.stdout.readline().decode().split()
     assert ready == "ready"
@@ -233,28 +246,49 @@ async def run(args: argparse.Namespace) -> None:
     print(json.dumps({"baseline_direct_ms": {"p50": base50, "p95": base95}}), flush=True)
 
     track = ForwardTrack(track_id="bench-tone", max_queue=50)
-    publisher = LiveKitClient(url, mint_token(issuer, "publisher", Grant("webrtc", room=room),
-                                              3600, audience=node_key))
+    publisher = LiveKitClient(
+        url, mint_token(issuer, "publisher", Grant("webrtc", room=room), 3600, audience=node_key)
+    )
     await publisher.connect()
     await publisher.publish(track, "tone")
     pacer = asyncio.ensure_future(Pacer(track).run())
     summary = []
     try:
         for n in args.steps:
-            per = [n // args.workers + (1 if i < n % args.workers else 0)
-                   for i in range(args.workers)]
+            per = [
+                n // args.workers + (1 if i < n % args.workers else 0) for i in range(args.workers)
+            ]
             spec = []
             for w, count in enumerate(per):
-                spec.append([mint_token(issuer, f"s{n}-{w}-{i}", Grant("webrtc", room=room,
-                                                                        can_publish=False), 3600,
-                                        audience=node_key)
-                             for i in range(count)])
+                spec.append(
+                    [
+                        mint_token(
+                            issuer,
+                            f"s{n}-{w}-{i}",
+                            Grant("webrtc", room=room, can_publish=False),
+                            3600,
+                            audience=node_key,
+                        )
+                        for i in range(count)
+                    ]
+                )
             workers = []
             for tokens in spec:
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable, __file__, "subscribe", "--url", url, "--settle",
-                    str(args.settle), "--seconds", str(args.seconds), stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE, cwd=ROOT, limit=1 << 26)
+                    sys.executable,
+                    __file__,
+                    "subscribe",
+                    "--url",
+                    url,
+                    "--settle",
+                    str(args.settle),
+                    "--seconds",
+                    str(args.seconds),
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    cwd=ROOT,
+                    limit=1 << 26,
+                )
                 assert proc.stdin is not None
                 proc.stdin.write(json.dumps(tokens).encode() + b"\n")
                 await proc.stdin.drain()
@@ -277,7 +311,8 @@ async def run(args: argparse.Namespace) -> None:
             expected = n * PPS * args.seconds
             packets = sum(r["packets"] for r in results)
             step = {
-                "subscribers": n, "receiving": sum(r["receiving"] for r in results),
+                "subscribers": n,
+                "receiving": sum(r["receiving"] for r in results),
                 # Fewer packets than sent inside the window (or seconds of latency) means the
                 # subscriber processes, not the SFU, fell behind: the step says nothing of the SFU.
                 "clients_kept_up": packets >= 0.97 * expected and pct(lat, 95) < 200,
@@ -288,8 +323,10 @@ async def run(args: argparse.Namespace) -> None:
                 "sfu_cpu_core_fraction": round(cpu, 3),
                 "streams_per_core": round(n / cpu) if cpu > 0 else None,
                 "latency_ms": {"p50": pct(lat, 50), "p95": pct(lat, 95)},
-                "added_latency_ms": {"p50": round(pct(lat, 50) - base50, 2),
-                                     "p95": round(pct(lat, 95) - base95, 2)},
+                "added_latency_ms": {
+                    "p50": round(pct(lat, 50) - base50, 2),
+                    "p95": round(pct(lat, 95) - base95, 2),
+                },
             }
             print(json.dumps(step), flush=True)
             summary.append(step)
@@ -299,22 +336,37 @@ async def run(args: argparse.Namespace) -> None:
         await publisher.close()
         server.terminate()
         server.wait()
-    clean = [s for s in summary if s["lost_packets"] == 0 and s["silent"] == 0
-             and s["clients_kept_up"] and s["sfu_cpu_core_fraction"] <= args.max_cpu]
+    clean = [
+        s
+        for s in summary
+        if s["lost_packets"] == 0
+        and s["silent"] == 0
+        and s["clients_kept_up"]
+        and s["sfu_cpu_core_fraction"] <= args.max_cpu
+    ]
     marginal = None
     if len(clean) >= 2:  # CPU per extra stream, without the fixed cost of the publisher and loop
         lo, hi = clean[0], clean[-1]
-        extra = (hi["sfu_cpu_core_fraction"] - lo["sfu_cpu_core_fraction"]) / \
-            (hi["subscribers"] - lo["subscribers"])
+        extra = (hi["sfu_cpu_core_fraction"] - lo["sfu_cpu_core_fraction"]) / (
+            hi["subscribers"] - lo["subscribers"]
+        )
         marginal = round(1 / extra) if extra > 0 else None
     best = max(clean, key=lambda s: s["subscribers"]) if clean else None
-    print(json.dumps({"summary": {
-        "max_subscribers_without_loss": best["subscribers"] if best else 0,
-        "sfu_cpu_at_that_load": best["sfu_cpu_core_fraction"] if best else None,
-        "streams_per_core_at_that_load": best["streams_per_core"] if best else None,
-        "streams_per_core_marginal": marginal,
-        "added_latency_ms": best["added_latency_ms"] if best else None,
-        "cpu_count": os.cpu_count()}}), flush=True)
+    print(
+        json.dumps(
+            {
+                "summary": {
+                    "max_subscribers_without_loss": best["subscribers"] if best else 0,
+                    "sfu_cpu_at_that_load": best["sfu_cpu_core_fraction"] if best else None,
+                    "streams_per_core_at_that_load": best["streams_per_core"] if best else None,
+                    "streams_per_core_marginal": marginal,
+                    "added_latency_ms": best["added_latency_ms"] if best else None,
+                    "cpu_count": os.cpu_count(),
+                }
+            }
+        ),
+        flush=True,
+    )
 
 
 def main() -> None:

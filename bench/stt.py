@@ -60,8 +60,10 @@ def pct(values: list[float], q: float) -> float:
 
 def rtf_table(sentences: list[tuple[str, np.ndarray]], models: Models, device: str) -> None:
     audio_s = sum(len(a) for _, a in sentences) / 16000
-    print(f"\n1. Real-time factor (inference time / audio time), {len(sentences)} sentences, "
-          f"{audio_s:.0f} s of speech, device {device}")
+    print(
+        f"\n1. Real-time factor (inference time / audio time), {len(sentences)} sentences, "
+        f"{audio_s:.0f} s of speech, device {device}"
+    )
     for name in ("tiny.en", "base"):
         engine = WhisperEngine([name], device=device)
         engine.load()
@@ -71,9 +73,11 @@ def rtf_table(sentences: list[tuple[str, np.ndarray]], models: Models, device: s
                 engine.transcribe(a, "en", word_timestamps=words)
             wall, cpu = time.perf_counter() - t, time.process_time() - c
             flag = "on " if words else "off"
-            print(f"   whisper {name:8s} {engine.compute_type:13s} words={flag}"
-                  f"  RTF {wall / audio_s:.3f} wall, {cpu / audio_s:.3f} CPU-s/s"
-                  f"  ({1000 * wall / len(sentences):.0f} ms/utterance)")
+            print(
+                f"   whisper {name:8s} {engine.compute_type:13s} words={flag}"
+                f"  RTF {wall / audio_s:.3f} wall, {cpu / audio_s:.3f} CPU-s/s"
+                f"  ({1000 * wall / len(sentences):.0f} ms/utterance)"
+            )
     try:
         ParakeetEngine().load()
     except Exception as exc:
@@ -82,10 +86,12 @@ def rtf_table(sentences: list[tuple[str, np.ndarray]], models: Models, device: s
     t, c = time.perf_counter(), time.process_time()
     for _, a in sentences:
         for i in range(0, len(a), 320):
-            fe.feed(a[i:i + 320])
+            fe.feed(a[i : i + 320])
     wall, cpu = time.perf_counter() - t, time.process_time() - c
-    print(f"   front end (Silero VAD + GTCRN, 20 ms frames)  RTF {wall / audio_s:.3f} wall, "
-          f"{cpu / audio_s:.3f} CPU-s/s")
+    print(
+        f"   front end (Silero VAD + GTCRN, 20 ms frames)  RTF {wall / audio_s:.3f} wall, "
+        f"{cpu / audio_s:.3f} CPU-s/s"
+    )
 
 
 def models_vad():
@@ -111,9 +117,17 @@ class LocalNode:
         key = self.node_key = Keypair()
         self.outbox = Outbox(Path(self.tmp.name) / "outbox.sqlite", None, key)
         port = free_port()
-        ctx = RoleContext("stt", self.settings, key, TokenVerifier(issuers, "stt"),
-                          f"http://127.0.0.1:{port}", self.capacity, None, self.tmp.name,
-                          self.outbox)
+        ctx = RoleContext(
+            "stt",
+            self.settings,
+            key,
+            TokenVerifier(issuers, "stt"),
+            f"http://127.0.0.1:{port}",
+            self.capacity,
+            None,
+            self.tmp.name,
+            self.outbox,
+        )
         self.role = STTRole(ctx, load_settings(self.settings), self.models)
         app = web.Application()
         self.role.routes(app)
@@ -130,12 +144,18 @@ class LocalNode:
         self.tmp.cleanup()
 
     def token(self) -> str:
-        return mint_token(self.issuer, "bench", Grant("stt", limit=3600), 3600,
-                          audience=str(self.node_key.pubkey()))
+        return mint_token(
+            self.issuer,
+            "bench",
+            Grant("stt", limit=3600),
+            3600,
+            audience=str(self.node_key.pubkey()),
+        )
 
 
-async def one_stream(node: LocalNode, audio: np.ndarray, expected: int,
-                     start_delay: float = 0.0) -> dict[str, Any]:
+async def one_stream(
+    node: LocalNode, audio: np.ndarray, expected: int, start_delay: float = 0.0
+) -> dict[str, Any]:
     await asyncio.sleep(start_delay)
     latencies: list[float] = []
     eos: list[float] = []  # from the end of speech itself (audio time) to the final
@@ -174,7 +194,7 @@ async def one_stream(node: LocalNode, audio: np.ndarray, expected: int,
         data = pcm16(audio)
         t0 = time.monotonic()
         for k, i in enumerate(range(0, len(data), 640)):
-            await ws.send_bytes(data[i:i + 640])
+            await ws.send_bytes(data[i : i + 640])
             delay = t0 + (k + 1) * 0.02 - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -183,30 +203,49 @@ async def one_stream(node: LocalNode, audio: np.ndarray, expected: int,
         except TimeoutError:
             task.cancel()
     gaps = [b - a for a, b in itertools.pairwise(interims) if b - a < 3]
-    return {"latencies": latencies, "eos": eos, "finals": finals, "interim_gaps": gaps,
-            "interims": len(interims)}
+    return {
+        "latencies": latencies,
+        "eos": eos,
+        "finals": finals,
+        "interim_gaps": gaps,
+        "interims": len(interims),
+    }
 
 
-async def latency_run(models: Models, sentences: list[tuple[str, np.ndarray]], streams: int,
-                      eou_ms: float, n_utt: int, **extra: Any) -> dict[str, Any]:
+async def latency_run(
+    models: Models,
+    sentences: list[tuple[str, np.ndarray]],
+    streams: int,
+    eou_ms: float,
+    n_utt: int,
+    **extra: Any,
+) -> dict[str, Any]:
     chosen = sentences[:n_utt]
     audio = np.concatenate([np.concatenate([a, silence(1.5)]) for _, a in chosen])
     settings = {"vad": {"end_of_utterance_ms": eou_ms}, **extra}
     async with LocalNode(models, settings) as node:
         t, c = time.perf_counter(), time.process_time()
-        results = await asyncio.gather(*[
-            one_stream(node, audio, len(chosen), start_delay=0.37 * k) for k in range(streams)])
+        results = await asyncio.gather(
+            *[one_stream(node, audio, len(chosen), start_delay=0.37 * k) for k in range(streams)]
+        )
         stats = dict(node.role.stats)
     cores_used = (time.process_time() - c) / (time.perf_counter() - t)
     lat = [x for r in results for x in r["latencies"]]
     eos = [x for r in results for x in r["eos"]]
     gaps = [x for r in results for x in r["interim_gaps"]]
-    return {"p50": pct(lat, 0.5), "p95": pct(lat, 0.95), "n": len(lat),
-            "eos50": pct(eos, 0.5), "eos95": pct(eos, 0.95),
-            "finals": sum(r["finals"] for r in results), "expected": len(chosen) * streams,
-            "gap": statistics.median(gaps) if gaps else float("nan"),
-            "interims": sum(r["interims"] for r in results), "cores": cores_used,
-            "stats": stats}
+    return {
+        "p50": pct(lat, 0.5),
+        "p95": pct(lat, 0.95),
+        "n": len(lat),
+        "eos50": pct(eos, 0.5),
+        "eos95": pct(eos, 0.95),
+        "finals": sum(r["finals"] for r in results),
+        "expected": len(chosen) * streams,
+        "gap": statistics.median(gaps) if gaps else float("nan"),
+        "interims": sum(r["interims"] for r in results),
+        "cores": cores_used,
+        "stats": stats,
+    }
 
 
 def main() -> None:
@@ -226,43 +265,60 @@ def main() -> None:
     models.load()
     rtf_table(sentences, models, args.device)
 
-    print(f"\n2. Latency, speech_end -> final (tiny.en, end-of-utterance silence "
-          f"{args.eou_ms:.0f} ms, real-time 20 ms frames, {args.utterances} utterances)")
+    print(
+        f"\n2. Latency, speech_end -> final (tiny.en, end-of-utterance silence "
+        f"{args.eou_ms:.0f} ms, real-time 20 ms frames, {args.utterances} utterances)"
+    )
     base = asyncio.run(latency_run(models, sentences, 1, args.eou_ms, args.utterances))
-    print(f"   1 stream: p50 {1000 * base['p50']:.0f} ms, p95 {1000 * base['p95']:.0f} ms "
-          f"after the speech_end event; from the end of speech itself p50 "
-          f"{1000 * base['eos50']:.0f} ms, p95 {1000 * base['eos95']:.0f} ms "
-          f"({base['finals']}/{base['expected']} finals); this process used "
-          f"{base['cores']:.2f} cores (client included)")
+    print(
+        f"   1 stream: p50 {1000 * base['p50']:.0f} ms, p95 {1000 * base['p95']:.0f} ms "
+        f"after the speech_end event; from the end of speech itself p50 "
+        f"{1000 * base['eos50']:.0f} ms, p95 {1000 * base['eos95']:.0f} ms "
+        f"({base['finals']}/{base['expected']} finals); this process used "
+        f"{base['cores']:.2f} cores (client included)"
+    )
     st = base["stats"]
-    print(f"   early finals (inference started in the pause at speech_pad_ms): "
-          f"{st['early_used']} used of {st['early_started']} started")
-    late = asyncio.run(latency_run(models, sentences, 1, args.eou_ms, args.utterances,
-                                   speculative_finals=False))
-    print(f"   without early finals: p50 {1000 * late['p50']:.0f} ms, p95 "
-          f"{1000 * late['p95']:.0f} ms after speech_end; from the end of speech p50 "
-          f"{1000 * late['eos50']:.0f} ms, p95 {1000 * late['eos95']:.0f} ms")
-    print(f"\n3. Interim results: {base['interims']} partials, median interval "
-          f"{1000 * base['gap']:.0f} ms while speech goes on (setting 1000 ms)")
+    print(
+        f"   early finals (inference started in the pause at speech_pad_ms): "
+        f"{st['early_used']} used of {st['early_started']} started"
+    )
+    late = asyncio.run(
+        latency_run(models, sentences, 1, args.eou_ms, args.utterances, speculative_finals=False)
+    )
+    print(
+        f"   without early finals: p50 {1000 * late['p50']:.0f} ms, p95 "
+        f"{1000 * late['p95']:.0f} ms after speech_end; from the end of speech p50 "
+        f"{1000 * late['eos50']:.0f} ms, p95 {1000 * late['eos95']:.0f} ms"
+    )
+    print(
+        f"\n3. Interim results: {base['interims']} partials, median interval "
+        f"{1000 * base['gap']:.0f} ms while speech goes on (setting 1000 ms)"
+    )
 
-    print("\n4. Concurrent real-time streams (latency after speech_end p50/p95; from the end of "
-          "speech p50/p95; finals delivered)")
+    print(
+        "\n4. Concurrent real-time streams (latency after speech_end p50/p95; from the end of "
+        "speech p50/p95; finals delivered)"
+    )
     limit = 2 * base["eos50"]
     best = 1
     for k in [int(x) for x in args.streams.split(",")]:
         r = asyncio.run(latency_run(models, sentences, k, args.eou_ms, args.utterances))
         ok = r["eos50"] <= limit and r["finals"] >= r["expected"]
-        print(f"   {k:3d} streams: {1000 * r['p50']:.0f}/{1000 * r['p95']:.0f} ms; "
-              f"{1000 * r['eos50']:.0f}/{1000 * r['eos95']:.0f} ms, "
-              f"finals {r['finals']}/{r['expected']}, {r['cores']:.2f} cores used, "
-              f"{r['interims']} partials  {'ok' if ok else 'over'}")
+        print(
+            f"   {k:3d} streams: {1000 * r['p50']:.0f}/{1000 * r['p95']:.0f} ms; "
+            f"{1000 * r['eos50']:.0f}/{1000 * r['eos95']:.0f} ms, "
+            f"finals {r['finals']}/{r['expected']}, {r['cores']:.2f} cores used, "
+            f"{r['interims']} partials  {'ok' if ok else 'over'}"
+        )
         if ok:
             best = max(best, k)
         else:
             break
-    print(f"\n   capacity: {best} real-time streams on {cores} cores before the p50 latency from "
-          f"the end of speech doubles (> {1000 * limit:.0f} ms) = {best / cores:.1f} "
-          "streams per core")
+    print(
+        f"\n   capacity: {best} real-time streams on {cores} cores before the p50 latency from "
+        f"the end of speech doubles (> {1000 * limit:.0f} ms) = {best / cores:.1f} "
+        "streams per core"
+    )
     print(f"   load average at end {os.getloadavg()[0]:.1f}")
 
 

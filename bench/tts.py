@@ -35,9 +35,9 @@ import aiohttp
 from solders.keypair import Keypair
 
 from node.tts.engine import create_engine
+from node.tts.harness import RoleServer
 from node.tts.segments import plan_segments
 from node.tts.voices import VoiceSpec
-from node.tts.harness import RoleServer
 
 SHORT = [
     "Sure, I can help you with that right away.",
@@ -62,7 +62,9 @@ def pct(xs: list[float], p: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-async def first_audio(srv: RoleServer, http: aiohttp.ClientSession, text: str) -> tuple[float, float]:
+async def first_audio(
+    srv: RoleServer, http: aiohttp.ClientSession, text: str
+) -> tuple[float, float]:
     """(time to first audio frame, audio seconds) for one text on a fresh socket."""
     ws = await http.ws_connect(srv.url)
     await ws.send_json({"session_key": srv.token()})
@@ -101,6 +103,7 @@ async def stream_trial(srv: RoleServer, k: int, text: str) -> tuple[int, float, 
     TTFAs, what the extra client got)."""
     before = dict(srv.role.stats)
     async with aiohttp.ClientSession() as http:
+
         async def one() -> float:
             ws = await http.ws_connect(srv.url)
             await ws.send_json({"session_key": srv.token()})
@@ -122,16 +125,22 @@ async def stream_trial(srv: RoleServer, k: int, text: str) -> tuple[int, float, 
             await asyncio.sleep(0.05)
         extra = await one_more(srv, http)
         ttfas = await asyncio.gather(*streams)
-    return (int(srv.role.stats["underruns"] - before["underruns"]),
-            srv.role.stats["stall_seconds"] - before["stall_seconds"], list(ttfas), extra)
+    return (
+        int(srv.role.stats["underruns"] - before["underruns"]),
+        srv.role.stats["stall_seconds"] - before["stall_seconds"],
+        list(ttfas),
+        extra,
+    )
 
 
 async def main_async(args: argparse.Namespace) -> None:
     cores = os.cpu_count() or 1
     t = time.perf_counter()
     engine = create_engine("kokoro-onnx", threads=args.threads)
-    print(f"engine kokoro-onnx int8, providers {engine.providers}, {cores} cores, "
-          f"loaded in {time.perf_counter() - t:.1f} s")
+    print(
+        f"engine kokoro-onnx int8, providers {engine.providers}, {cores} cores, "
+        f"loaded in {time.perf_counter() - t:.1f} s"
+    )
     voice = VoiceSpec.parse("af_heart")
     engine.synthesize("Warm up.", voice, 1.0)
 
@@ -144,14 +153,24 @@ async def main_async(args: argparse.Namespace) -> None:
 
     import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp, \
-            RoleServer(engine, Keypair(), Path(tmp), settings={"warmup": False},
-                       capacity=args.capacity, calibrate=True) as srv:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        RoleServer(
+            engine,
+            Keypair(),
+            Path(tmp),
+            settings={"warmup": False},
+            capacity=args.capacity,
+            calibrate=True,
+        ) as srv,
+    ):
         cal = srv.role.context.calibration
-        print(f"calibration: {cal.cost:.2f} core-seconds per second of speech (one thread per "
-              f"inference) on {cal.cores} cores -> advertises {srv.role.capacity} streams "
-              f"(config upper bound {args.capacity}); scheduler: {srv.role.scheduler.workers} "
-              "workers")
+        print(
+            f"calibration: {cal.cost:.2f} core-seconds per second of speech (one thread per "
+            f"inference) on {cal.cores} cores -> advertises {srv.role.capacity} streams "
+            f"(config upper bound {args.capacity}); scheduler: {srv.role.scheduler.workers} "
+            "workers"
+        )
         async with aiohttp.ClientSession() as http:
             rows = {}
             inner = {}
@@ -163,28 +182,41 @@ async def main_async(args: argparse.Namespace) -> None:
                     seg, raw = engine_first(text)
                     ttfa, _ = await first_audio(srv, http, text)
                     # let the cleared stream's segment in flight finish before the next run
-                    await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
-                        srv.role.scheduler.idle(), srv.loop))
+                    await asyncio.wrap_future(
+                        asyncio.run_coroutine_threadsafe(srv.role.scheduler.idle(), srv.loop)
+                    )
                     ttfas.append(ttfa)
                     raws.append(raw)
                 rows[label] = (ttfas, raws, seg)
                 inner[label] = list(srv.role.first_audio)[mark:]
-            print("\ntime to first audio (client: text sent -> first 20 ms frame), "
-                  f"{args.runs} runs each")
+            print(
+                "\ntime to first audio (client: text sent -> first 20 ms frame), "
+                f"{args.runs} runs each"
+            )
             for label, (ttfas, raws, seg) in rows.items():
                 over = statistics.median(ttfas) - statistics.median(raws)
-                print(f"  {label:5s} TTFA p50 {pct(ttfas, 50) * 1000:6.0f} ms  p95 {pct(ttfas, 95) * 1000:6.0f} ms"
-                      f" | engine first clause p50 {pct(raws, 50) * 1000:6.0f} ms"
-                      f" p95 {pct(raws, 95) * 1000:6.0f} ms | node overhead p50 {over * 1000:+5.0f} ms"
-                      f"  (e.g. first clause {seg!r})")
-            print("  inside the node, same runs (text received -> first frame sent, vs the engine's "
-                  "time for that very first clause):")
+                print(
+                    f"  {label:5s} TTFA p50 {pct(ttfas, 50) * 1000:6.0f} ms"
+                    f"  p95 {pct(ttfas, 95) * 1000:6.0f} ms"
+                    f" | engine first clause p50 {pct(raws, 50) * 1000:6.0f} ms"
+                    f" p95 {pct(raws, 95) * 1000:6.0f} ms"
+                    f" | node overhead p50 {over * 1000:+5.0f} ms"
+                    f"  (e.g. first clause {seg!r})"
+                )
+            print(
+                "  inside the node, same runs (text received -> first frame sent, vs the engine's "
+                "time for that very first clause):"
+            )
             for label, pairs in inner.items():
                 node = [a for a, _ in pairs]
                 over = [a - b for a, b in pairs]
-                print(f"  {label:5s} node TTFA p50 {pct(node, 50) * 1000:6.0f} ms p95 {pct(node, 95) * 1000:6.0f} ms"
-                      f" | engine p50 {pct([b for _, b in pairs], 50) * 1000:6.0f} ms"
-                      f" | node adds p50 {pct(over, 50) * 1000:5.1f} ms p95 {pct(over, 95) * 1000:5.1f} ms")
+                print(
+                    f"  {label:5s} node TTFA p50 {pct(node, 50) * 1000:6.0f} ms"
+                    f" p95 {pct(node, 95) * 1000:6.0f} ms"
+                    f" | engine p50 {pct([b for _, b in pairs], 50) * 1000:6.0f} ms"
+                    f" | node adds p50 {pct(over, 50) * 1000:5.1f} ms"
+                    f" p95 {pct(over, 95) * 1000:5.1f} ms"
+                )
 
         # RTF over the long text, as the node synthesizes it
         segs = plan_segments(LONG, "a", engine)
@@ -192,30 +224,42 @@ async def main_async(args: argparse.Namespace) -> None:
         samples = sum(len(engine.synthesize(s.text, voice, 1.0)) for s in segs)
         compute, cpu = time.perf_counter() - t0, time.process_time() - c0
         audio = samples / engine.sample_rate
-        print(f"\nreal-time factor: {compute:.2f} s wall for {audio:.2f} s of audio "
-              f"({len(segs)} segments) = RTF {compute / audio:.2f}; CPU {cpu:.2f} s = "
-              f"{cpu / audio:.2f} core-seconds per audio second -> at most {audio / cpu:.1f} "
-              "real-time streams per core by CPU alone (load-independent)")
+        print(
+            f"\nreal-time factor: {compute:.2f} s wall for {audio:.2f} s of audio "
+            f"({len(segs)} segments) = RTF {compute / audio:.2f}; CPU {cpu:.2f} s = "
+            f"{cpu / audio:.2f} core-seconds per audio second -> at most {audio / cpu:.1f} "
+            "real-time streams per core by CPU alone (load-independent)"
+        )
         print(f"  load average now {os.getloadavg()[0]:.1f} on {cores} cores")
 
         k = srv.role.capacity
-        print(f"\nat the advertised capacity: {k} real-time streams (each ~25 s of speech, "
-              "started together), and one more client while they play")
+        print(
+            f"\nat the advertised capacity: {k} real-time streams (each ~25 s of speech, "
+            "started together), and one more client while they play"
+        )
         wide = srv.role.scheduler.wide_jobs
         under, stall, ttfas, extra = await stream_trial(srv, k, LONG)
-        print(f"  {k} streams: underruns {under}, stalled {stall:.2f} s, first audio p50 "
-              f"{pct(ttfas, 50) * 1000:.0f} ms max {max(ttfas) * 1000:.0f} ms -> "
-              f"{'no stream underran' if under == 0 else 'GAPS'}; jobs on every core "
-              f"{srv.role.scheduler.wide_jobs - wide}")
+        print(
+            f"  {k} streams: underruns {under}, stalled {stall:.2f} s, first audio p50 "
+            f"{pct(ttfas, 50) * 1000:.0f} ms max {max(ttfas) * 1000:.0f} ms -> "
+            f"{'no stream underran' if under == 0 else 'GAPS'}; jobs on every core "
+            f"{srv.role.scheduler.wide_jobs - wide}"
+        )
         print(f"  stream {k + 1}: {extra}")
         print(f"  load average now {os.getloadavg()[0]:.1f} on {cores} cores")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--capacity", type=int, default=16,
-                    help="the config's capacity: the upper bound of what the node advertises")
+    ap.add_argument(
+        "--capacity",
+        type=int,
+        default=16,
+        help="the config's capacity: the upper bound of what the node advertises",
+    )
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = all cores)")
     asyncio.run(main_async(ap.parse_args()))
 

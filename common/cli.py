@@ -19,9 +19,13 @@ def add_log_level(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
 
 
-def run_command(prog: str, work: Callable[[], object],
-                expected: tuple[type[BaseException], ...], status: int,
-                log_level: str | None = None) -> int:
+def run_command(
+    prog: str,
+    work: Callable[[], object],
+    expected: tuple[type[BaseException], ...],
+    status: int,
+    log_level: str | None = None,
+) -> int:
     """Run ``work`` and return the process's exit status.
 
     An ``expected`` error is a mistake the user can fix (a bad config, a missing file, a value

@@ -34,12 +34,15 @@ def utf8_text(data: bytes | str) -> str:
     """The document as text, refusing anything but UTF-8 with a message that says so."""
     if isinstance(data, str):
         if "\x00" in data:  # a UTF-16/32 document sent as a (valid UTF-8) WebSocket text frame
-            raise JsonNotUtf8("JSON must be UTF-8: this text contains NUL characters "
-                              "(UTF-16 or UTF-32?)")
+            raise JsonNotUtf8(
+                "JSON must be UTF-8: this text contains NUL characters (UTF-16 or UTF-32?)"
+            )
         return data
     raw = bytes(data)
     if raw.startswith(_WIDE_BOMS):
-        raise JsonNotUtf8("JSON must be UTF-8: this body starts with a UTF-16/UTF-32 byte order mark")
+        raise JsonNotUtf8(
+            "JSON must be UTF-8: this body starts with a UTF-16/UTF-32 byte order mark"
+        )
     if b"\x00" in raw:
         raise JsonNotUtf8("JSON must be UTF-8: this body contains NUL bytes (UTF-16 or UTF-32?)")
     try:

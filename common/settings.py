@@ -23,7 +23,9 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except FileNotFoundError:
-        raise SettingsError(f"config file {p} not found (see configs/ for commented examples)") from None
+        raise SettingsError(
+            f"config file {p} not found (see configs/ for commented examples)"
+        ) from None
     except yaml.YAMLError as exc:
         raise SettingsError(f"{p}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

@@ -42,8 +42,9 @@ def check_gateway_url(url: str) -> str:
     """The gateway's base URL, without a trailing slash; the pages fetch from it directly."""
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise ValueError(f"gateway URL {url!r} is not an http(s) URL: pass e.g. "
-                         f"--gateway {DEFAULT_GATEWAY}")
+        raise ValueError(
+            f"gateway URL {url!r} is not an http(s) URL: pass e.g. --gateway {DEFAULT_GATEWAY}"
+        )
     return url.rstrip("/")
 
 
@@ -71,14 +72,15 @@ async def start_handler(request: web.Request) -> web.Response:
     """Start a tutor for the page's identity; the browser's address routes the session."""
     tutors = _tutors(request)
     if tutors is None:
-        return _error(503, "this demo server has no wallet: start it with --wallet FILE "
-                           "(`make demo` does)")
+        return _error(
+            503, "this demo server has no wallet: start it with --wallet FILE (`make demo` does)"
+        )
     if request.content_length is not None and request.content_length > MAX_BODY:
-        return _error(413, f"the body is over {MAX_BODY} bytes: send {{\"identity\": \"...\"}}")
+        return _error(413, f'the body is over {MAX_BODY} bytes: send {{"identity": "..."}}')
     try:
         body = json.loads(await request.text())
     except ValueError as exc:
-        return _error(400, f"the body is not JSON ({exc}): send {{\"identity\": \"student-42\"}}")
+        return _error(400, f'the body is not JSON ({exc}): send {{"identity": "student-42"}}')
     try:
         identity = parse_start(body)
     except StartError as exc:
@@ -102,30 +104,39 @@ async def credit_handler(request: web.Request) -> web.Response:
         return web.json_response({"available_usd": 0.0, "balance_usd": 0.0})
     except GatewayError as exc:
         return _error(502, f"the gateway did not answer the balance: {exc}")
-    return web.json_response({"available_usd": account.available_balance / 1e6,
-                              "balance_usd": account.credit_balance / 1e6})
+    return web.json_response(
+        {
+            "available_usd": account.available_balance / 1e6,
+            "balance_usd": account.credit_balance / 1e6,
+        }
+    )
 
 
 async def config_handler(request: web.Request) -> web.Response:
     """What the pages need to know at load: the gateway they read and how often."""
-    return web.json_response({"gateway_url": request.app[GATEWAY_URL_KEY],
-                              "refresh_seconds": request.app[REFRESH_KEY]})
+    return web.json_response(
+        {"gateway_url": request.app[GATEWAY_URL_KEY], "refresh_seconds": request.app[REFRESH_KEY]}
+    )
 
 
-def create_app(gateway_url: str = DEFAULT_GATEWAY, refresh_seconds: float = 3.0,
-               tutors: Tutors | None = None) -> web.Application:
+def create_app(
+    gateway_url: str = DEFAULT_GATEWAY, refresh_seconds: float = 3.0, tutors: Tutors | None = None
+) -> web.Application:
     """The demo app; ``tutors`` (a wallet's conversations) enables ``/api/start``, and ends its
     conversations when the app stops. Vendor files (livekit-client, the world map) must have
     been fetched by ``make setup`` (``python -m demo.vendor``): a missing one is an error at
     start, not a blank page in the browser."""
     if refresh_seconds <= 0:
         raise ValueError(f"refresh_seconds must be > 0, got {refresh_seconds!r}")
-    missing = [name for name in ("countries-110m.json", "topojson-client.min.js",
-                                 "livekit-client.umd.js")
-               if not (VENDOR / name).exists()]
+    missing = [
+        name
+        for name in ("countries-110m.json", "topojson-client.min.js", "livekit-client.umd.js")
+        if not (VENDOR / name).exists()
+    ]
     if missing:
-        raise RuntimeError(f"{VENDOR} lacks {', '.join(missing)}: run `make setup` "
-                           f"(or `python -m demo.vendor`)")
+        raise RuntimeError(
+            f"{VENDOR} lacks {', '.join(missing)}: run `make setup` (or `python -m demo.vendor`)"
+        )
     app = web.Application()
     app[GATEWAY_URL_KEY] = check_gateway_url(gateway_url)
     app[REFRESH_KEY] = float(refresh_seconds)
@@ -151,15 +162,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--gateway", default=DEFAULT_GATEWAY, help="the gateway's base URL")
-    parser.add_argument("--refresh", type=float, default=3.0,
-                        help="seconds between the map's reads of the node list")
-    parser.add_argument("--wallet", type=Path,
-                        help="Solana keypair file that pays for the tutors (created if missing)")
-    parser.add_argument("--fund", action="store_true",
-                        help="buy the wallet credits first: test USDC, then an x402 purchase "
-                             "(localnet only)")
-    parser.add_argument("--rpc", default="http://127.0.0.1:8899",
-                        help="the localnet's RPC URL, for --fund")
+    parser.add_argument(
+        "--refresh",
+        type=float,
+        default=3.0,
+        help="seconds between the map's reads of the node list",
+    )
+    parser.add_argument(
+        "--wallet",
+        type=Path,
+        help="Solana keypair file that pays for the tutors (created if missing)",
+    )
+    parser.add_argument(
+        "--fund",
+        action="store_true",
+        help="buy the wallet credits first: test USDC, then an x402 purchase (localnet only)",
+    )
+    parser.add_argument(
+        "--rpc", default="http://127.0.0.1:8899", help="the localnet's RPC URL, for --fund"
+    )
     args = parser.parse_args(argv)
     if args.fund and args.wallet is None:
         parser.error("--fund needs --wallet FILE (the wallet to fund)")

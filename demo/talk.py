@@ -36,7 +36,8 @@ AGENT_IDENTITY = "tutor"
 INSTRUCTIONS = (
     "You are Lina, a friendly and patient language tutor. The student speaks English and is "
     "learning. Answer in one or two short, simple sentences, gently correct mistakes, and end "
-    "with a short question that keeps the student talking.")
+    "with a short question that keeps the student talking."
+)
 GREETING = "Hi, I'm Lina, your language tutor. What would you like to practise today?"
 
 
@@ -50,12 +51,15 @@ def parse_start(body: Any) -> str:
         raise StartError('the body must be a JSON object: {"identity": "student-42"}')
     unknown = sorted(set(body) - {"identity"})
     if unknown:
-        raise StartError(f"unknown field(s) {', '.join(map(repr, unknown))}: the body holds "
-                         f'only "identity"')
+        raise StartError(
+            f'unknown field(s) {", ".join(map(repr, unknown))}: the body holds only "identity"'
+        )
     identity = body.get("identity")
     if not isinstance(identity, str) or not IDENTITY.match(identity):
-        raise StartError(f"identity {identity!r} is not 1-48 letters, digits, '-' or '_': send "
-                         f'e.g. {{"identity": "student-42"}}')
+        raise StartError(
+            f"identity {identity!r} is not 1-48 letters, digits, '-' or '_': send "
+            f'e.g. {{"identity": "student-42"}}'
+        )
     if identity == AGENT_IDENTITY:
         raise StartError(f"identity {identity!r} is the tutor's own: pick another name")
     return identity
@@ -72,9 +76,16 @@ class Conversation:
 class Tutors:
     """The live conversations of one demo server, paid by one wallet (``gateway``)."""
 
-    def __init__(self, gateway: GatewayClient, llm_factory: Callable[[], LLM], *,
-                 instructions: str = INSTRUCTIONS, greeting: str = GREETING,
-                 minutes: float = 5, tts_characters: int = 4000) -> None:
+    def __init__(
+        self,
+        gateway: GatewayClient,
+        llm_factory: Callable[[], LLM],
+        *,
+        instructions: str = INSTRUCTIONS,
+        greeting: str = GREETING,
+        minutes: float = 5,
+        tts_characters: int = 4000,
+    ) -> None:
         self.gateway = gateway
         self.llm_factory = llm_factory
         self.instructions, self.greeting = instructions, greeting
@@ -90,31 +101,49 @@ class Tutors:
                 await self._replace(old)
             room = f"tutor-{uuid.uuid4().hex[:10]}"
             session = await self.gateway.create_agent_session(
-                room, AGENT_IDENTITY, self.minutes, language="en",
-                tts_max_characters=self.tts_characters, client_ip=client_ip,
-                client_identity=identity)
+                room,
+                AGENT_IDENTITY,
+                self.minutes,
+                language="en",
+                tts_max_characters=self.tts_characters,
+                client_ip=client_ip,
+                client_identity=identity,
+            )
             llm = self.llm_factory()
             load = getattr(llm, "load", None)
             if load is not None and inspect.iscoroutinefunction(load):
                 await load()  # the model is ready before the person can speak
-            agent = VoiceAgent(llm, session=session, gateway=self.gateway, room=room,
-                               identity=AGENT_IDENTITY, client_identity=identity,
-                               config=PipelineConfig(instructions=self.instructions))
+            agent = VoiceAgent(
+                llm,
+                session=session,
+                gateway=self.gateway,
+                room=room,
+                identity=AGENT_IDENTITY,
+                client_identity=identity,
+                config=PipelineConfig(instructions=self.instructions),
+            )
             try:
                 await agent.start()
             except BaseException:
                 await agent.aclose()
                 raise
-            conv = Conversation(identity, room, agent,
-                                asyncio.create_task(self._run(identity, agent)))
+            conv = Conversation(
+                identity, room, agent, asyncio.create_task(self._run(identity, agent))
+            )
             self.live[identity] = conv
         grant = agent.client_grant
         assert grant is not None
-        log.info("%s talks with the tutor in room %s (bundle %s)", identity, room,
-                 session.bundle_id)
-        return {"ws_url": grant.ws_url, "token": grant.token, "room": room,
-                "identity": identity, "agent_identity": AGENT_IDENTITY,
-                "bundle_id": session.bundle_id}
+        log.info(
+            "%s talks with the tutor in room %s (bundle %s)", identity, room, session.bundle_id
+        )
+        return {
+            "ws_url": grant.ws_url,
+            "token": grant.token,
+            "room": room,
+            "identity": identity,
+            "agent_identity": AGENT_IDENTITY,
+            "bundle_id": session.bundle_id,
+        }
 
     async def _run(self, identity: str, agent: VoiceAgent) -> None:
         """Greet once the page hears the agent, then talk until the person leaves."""

@@ -39,15 +39,17 @@ def fetch(vendor: Path = VENDOR) -> None:
     vendor.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="voicenet-vendor-") as tmp:
         specs = [f"{name}@{version}" for name, version, _, _ in PINS]
-        subprocess.run(["npm", "pack", "--silent", *specs], cwd=tmp, check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["npm", "pack", "--silent", *specs], cwd=tmp, check=True, stdout=subprocess.DEVNULL
+        )
         for name, version, inner, dest in PINS:
             tarball = Path(tmp) / f"{name.replace('/', '-').lstrip('@')}-{version}.tgz"
             with tarfile.open(tarball) as archive:
                 member = archive.extractfile(f"package/{inner}")
                 if member is None:
-                    raise SystemExit(f"{name}@{version} has no file {inner}: fix PINS in "
-                                     f"{__file__}")
+                    raise SystemExit(
+                        f"{name}@{version} has no file {inner}: fix PINS in {__file__}"
+                    )
                 with open(vendor / dest, "wb") as out:
                     shutil.copyfileobj(member, out)
             print(f"vendor: {name}@{version} {inner} -> {vendor / dest}")
@@ -55,8 +57,11 @@ def fetch(vendor: Path = VENDOR) -> None:
 
 def main() -> None:
     vendor = VENDOR
-    if STAMP.exists() and STAMP.read_text() == stamp_text() and \
-            all((vendor / dest).exists() for _, _, _, dest in PINS):
+    if (
+        STAMP.exists()
+        and STAMP.read_text() == stamp_text()
+        and all((vendor / dest).exists() for _, _, _, dest in PINS)
+    ):
         return
     fetch(vendor)
     STAMP.write_text(stamp_text())

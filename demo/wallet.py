@@ -22,8 +22,14 @@ MIN_CREDITS = 1_000_000  # microcredits ($1): below this, buy more
 BUY_USD = 2.0
 
 
-async def fund(wallet_path: Path, gateway_url: str, rpc_url: str, *,
-               min_credits: int = MIN_CREDITS, buy_usd: float = BUY_USD) -> int:
+async def fund(
+    wallet_path: Path,
+    gateway_url: str,
+    rpc_url: str,
+    *,
+    min_credits: int = MIN_CREDITS,
+    buy_usd: float = BUY_USD,
+) -> int:
     """Top the wallet's credits up to at least ``min_credits`` (test USDC first, then an x402
     purchase of ``buy_usd``); returns the available balance in microcredits."""
     wallet = load_or_create_keypair(wallet_path)
@@ -39,6 +45,10 @@ async def fund(wallet_path: Path, gateway_url: str, rpc_url: str, *,
             await usdc.mint_test_usdc(chain, wallet.pubkey(), str(buy_usd))
         bought = await gw.purchase_credits(buy_usd, rpc_url=rpc_url)
         available = (await gw.account()).available_balance
-    log.info("demo wallet %s bought %.2f USD of credit with test USDC (x402); %.2f USD available",
-             wallet.pubkey(), int(bought["credited_microcredits"]) / 1e6, available / 1e6)
+    log.info(
+        "demo wallet %s bought %.2f USD of credit with test USDC (x402); %.2f USD available",
+        wallet.pubkey(),
+        int(bought["credited_microcredits"]) / 1e6,
+        available / 1e6,
+    )
     return available

@@ -49,6 +49,7 @@ from registry.tokens import TokenError, verify_body
 
 log = logging.getLogger("gateway")
 
+
 def _bad(message: str) -> web.HTTPError:
     return bad_request(message)
 
@@ -64,8 +65,9 @@ def wallet_of(request: web.Request) -> tuple[str, str]:
 
 def client_ip(request: web.Request, explicit: str | None = None) -> str:
     try:
-        return client_address(request, explicit,
-                              trust_forwarded_for=gw(request).config.trust_forwarded_for)
+        return client_address(
+            request, explicit, trust_forwarded_for=gw(request).config.trust_forwarded_for
+        )
     except InvalidClientIP as exc:
         raise _bad(str(exc)) from None
 
@@ -83,8 +85,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except NoAccount as exc:
         return error(402, str(exc))
     except InsufficientCredits as exc:
-        return error(402, f"insufficient credits: need {exc.needed} microcredits, "
-                          f"{exc.available} available")
+        return error(
+            402, f"insufficient credits: need {exc.needed} microcredits, {exc.available} available"
+        )
     except ConcurrencyLimit as exc:
         return error(429, f"concurrent session limit reached ({exc.limit} active sessions)")
     except (NotFound, UnknownSession) as exc:
@@ -103,7 +106,9 @@ def rate_limit_middleware(limiter: RateLimiter) -> Any:
         wallet = request.get("wallet")
         if wallet is not None:
             try:
-                rate = (await gw(request).sessions.account(wallet.chain, wallet.address)).max_api_rate
+                rate = (
+                    await gw(request).sessions.account(wallet.chain, wallet.address)
+                ).max_api_rate
             except NoAccount:
                 rate = gw(request).config.default_max_api_rate
             if not limiter.allow(f"{wallet.chain}:{wallet.address.lower()}", rate):
@@ -117,8 +122,9 @@ def rate_limit_middleware(limiter: RateLimiter) -> Any:
 
 
 async def pricing_handler(request: web.Request) -> web.Response:
-    return web.json_response({**pricing.pricing_document(),
-                              "minimum_purchase_usd": float(pricing.MIN_PURCHASE_USD)})
+    return web.json_response(
+        {**pricing.pricing_document(), "minimum_purchase_usd": float(pricing.MIN_PURCHASE_USD)}
+    )
 
 
 async def servers_status(request: web.Request) -> web.Response:
@@ -132,22 +138,27 @@ async def nodes_handler(request: web.Request) -> web.Response:
     public facts only (all of them are on chain anyway), so no wallet signature, and readable by
     a page of any origin (the network map is served by the demo app, not the gateway)."""
     now = time.time()
-    nodes = [{
-        "key": str(n.owner),
-        "role": n.role.label,
-        "url": n.url,
-        "lat": n.lat,
-        "lon": n.lon,
-        "country": n.country,
-        "load": n.load,
-        "capacity": n.capacity,
-        "version": n.version,
-        "status": n.status.label,
-        "stale": n.stale,
-        "heartbeat_age_seconds": max(0, round(now - n.last_heartbeat)),
-    } for n in await gw(request).directory.nodes()]
-    return web.json_response({"nodes": nodes, "updated_at": iso(datetime.now(UTC))},
-                             headers={"Access-Control-Allow-Origin": "*"})
+    nodes = [
+        {
+            "key": str(n.owner),
+            "role": n.role.label,
+            "url": n.url,
+            "lat": n.lat,
+            "lon": n.lon,
+            "country": n.country,
+            "load": n.load,
+            "capacity": n.capacity,
+            "version": n.version,
+            "status": n.status.label,
+            "stale": n.stale,
+            "heartbeat_age_seconds": max(0, round(now - n.last_heartbeat)),
+        }
+        for n in await gw(request).directory.nodes()
+    ]
+    return web.json_response(
+        {"nodes": nodes, "updated_at": iso(datetime.now(UTC))},
+        headers={"Access-Control-Allow-Origin": "*"},
+    )
 
 
 async def health(request: web.Request) -> web.Response:
@@ -165,14 +176,21 @@ async def account_handler(request: web.Request) -> web.Response:
     chain, address = wallet_of(request)
     view = await gw(request).ledger.account_view(chain, address)
     if view is None:
-        return error(404, f"no account for {chain} wallet {address}: purchase or be granted credits")
-    return web.json_response({
-        "id": view.id, "wallet_address": view.wallet_address, "wallet_chain": view.wallet_chain,
-        "credit_balance": _micro(view.credit_balance),
-        "available_balance": _micro(view.available_balance),
-        "max_concurrent_sessions": view.max_concurrent_sessions, "max_api_rate": view.max_api_rate,
-        "created_at": iso(view.created_at),
-    })
+        return error(
+            404, f"no account for {chain} wallet {address}: purchase or be granted credits"
+        )
+    return web.json_response(
+        {
+            "id": view.id,
+            "wallet_address": view.wallet_address,
+            "wallet_chain": view.wallet_chain,
+            "credit_balance": _micro(view.credit_balance),
+            "available_balance": _micro(view.available_balance),
+            "max_concurrent_sessions": view.max_concurrent_sessions,
+            "max_api_rate": view.max_api_rate,
+            "created_at": iso(view.created_at),
+        }
+    )
 
 
 def _page(request: web.Request, with_status: bool) -> schemas.Page:
@@ -195,20 +213,37 @@ async def _account_id(request: web.Request) -> str:
 
 async def transactions_handler(request: web.Request) -> web.Response:
     page = _page(request, with_status=False)
-    rows = await gw(request).ledger.list_transactions(await _account_id(request), page.limit,
-                                                       page.offset)
-    return web.json_response({"transactions": [{
-        "id": t.id, "type": t.kind, "amount_microcredits": _micro(t.amount),
-        "hold_microcredits": _micro(t.hold), "balance_after": _micro(t.balance_after),
-        "available_after": _micro(t.available_after), "session_id": t.session_id,
-        "reference": t.reference, "memo": t.memo, "created_at": iso(t.created_at),
-    } for t in rows], "limit": page.limit, "offset": page.offset})
+    rows = await gw(request).ledger.list_transactions(
+        await _account_id(request), page.limit, page.offset
+    )
+    return web.json_response(
+        {
+            "transactions": [
+                {
+                    "id": t.id,
+                    "type": t.kind,
+                    "amount_microcredits": _micro(t.amount),
+                    "hold_microcredits": _micro(t.hold),
+                    "balance_after": _micro(t.balance_after),
+                    "available_after": _micro(t.available_after),
+                    "session_id": t.session_id,
+                    "reference": t.reference,
+                    "memo": t.memo,
+                    "created_at": iso(t.created_at),
+                }
+                for t in rows
+            ],
+            "limit": page.limit,
+            "offset": page.offset,
+        }
+    )
 
 
 async def sessions_handler(request: web.Request) -> web.Response:
     page = _page(request, with_status=True)
-    rows = await gw(request).ledger.list_sessions(await _account_id(request), page.limit,
-                                                   page.offset, status=page.status)
+    rows = await gw(request).ledger.list_sessions(
+        await _account_id(request), page.limit, page.offset, status=page.status
+    )
     out = []
     for r in rows:
         item = r.public()
@@ -225,13 +260,19 @@ async def sessions_handler(request: web.Request) -> web.Response:
 
 async def webrtc_token(request: web.Request) -> web.Response:
     body = await parse_body(request, schemas.WebrtcTokenRequest)
-    out = await gw(request).sessions.webrtc_token(*wallet_of(request), body,
-                                                  client_ip(request, body.client_ip))
+    out = await gw(request).sessions.webrtc_token(
+        *wallet_of(request), body, client_ip(request, body.client_ip)
+    )
     return web.json_response(out)
 
 
-def session_route(path: str, call: Callable[..., Awaitable[dict[str, Any]]],
-                  model: type[schemas.Body], summary: str, located: bool = False) -> Route:
+def session_route(
+    path: str,
+    call: Callable[..., Awaitable[dict[str, Any]]],
+    model: type[schemas.Body],
+    summary: str,
+    located: bool = False,
+) -> Route:
     """A route whose whole work is one ``SessionService`` call with the caller's wallet and the
     parsed body (and, for a new session routed by distance, the client's IP); the body's model is
     named once, for the handler and for the route table's readers."""
@@ -239,8 +280,9 @@ def session_route(path: str, call: Callable[..., Awaitable[dict[str, Any]]],
     async def handler(request: web.Request) -> web.Response:
         body = await parse_body(request, model)
         where = (client_ip(request),) if located else ()
-        return web.json_response(await call(gw(request).sessions, *wallet_of(request), body,
-                                            *where))
+        return web.json_response(
+            await call(gw(request).sessions, *wallet_of(request), body, *where)
+        )
 
     handler.__name__ = call.__name__
     return Route("POST", path, handler, summary, model=model)
@@ -276,18 +318,28 @@ async def node_signed_body(request: web.Request) -> tuple[str, bytes]:
     return signer, body
 
 
-async def _report(request: web.Request, node: str, record: SessionRecord, units: int,
-                  final: bool, event_id: str | None = None) -> dict[str, Any]:
+async def _report(
+    request: web.Request,
+    node: str,
+    record: SessionRecord,
+    units: int,
+    final: bool,
+    event_id: str | None = None,
+) -> dict[str, Any]:
     """Apply a node's usage report, capped by what could physically have happened."""
     units = billable_units(record, units)
     try:
-        result = await gw(request).ledger.record_usage(record.session_id, node, units,
-                                                       final=final, event_id=event_id)
+        result = await gw(request).ledger.record_usage(
+            record.session_id, node, units, final=final, event_id=event_id
+        )
     except NotSessionNode:
         raise _unauthorized(f"session {record.session_id} was not routed to node {node}") from None
-    return {"session_id": record.session_id, "status": result.status,
-            "charged_microcredits": _micro(result.charged_microcredits),
-            "refunded_microcredits": _micro(result.refunded_microcredits)}
+    return {
+        "session_id": record.session_id,
+        "status": result.status,
+        "charged_microcredits": _micro(result.charged_microcredits),
+        "refunded_microcredits": _micro(result.refunded_microcredits),
+    }
 
 
 async def internal_events(request: web.Request) -> web.Response:
@@ -304,8 +356,7 @@ async def internal_events(request: web.Request) -> web.Response:
     if units is None:
         field = "used_characters" if record.service == "tts" else "duration_seconds"
         raise _bad(f"usage.{field} is required for a {record.service} session")
-    return web.json_response(await _report(request, node, record, units,
-                                           event.event == "complete"))
+    return web.json_response(await _report(request, node, record, units, event.event == "complete"))
 
 
 async def sfu_webhook(request: web.Request) -> web.Response:
@@ -329,8 +380,10 @@ async def sfu_webhook(request: web.Request) -> web.Response:
         session_id = attributes.get("session_id") if isinstance(attributes, dict) else None
         joined, left, event_id = participant.get("joinedAt"), data.get("createdAt"), data.get("id")
         if not isinstance(session_id, str) or not _ints(joined, left):
-            raise _bad("participant_left needs participant.attributes.session_id, "
-                       "participant.joinedAt and createdAt (unix seconds)")
+            raise _bad(
+                "participant_left needs participant.attributes.session_id, "
+                "participant.joinedAt and createdAt (unix seconds)"
+            )
         if event_id is not None and not (isinstance(event_id, str) and 0 < len(event_id) <= 128):
             raise _bad("webhook id must be a string of 1..128 characters")
         if int(left) < int(joined):
@@ -338,8 +391,9 @@ async def sfu_webhook(request: web.Request) -> web.Response:
         record = await gw(request).ledger.get_session(session_id)
         if record is None:
             return error(404, f"unknown session {session_id}")
-        report = await _report(request, node, record, int(left) - int(joined), final=True,
-                               event_id=event_id)
+        report = await _report(
+            request, node, record, int(left) - int(joined), final=True, event_id=event_id
+        )
         gw(request).sessions.push_revoke(record)
         return web.json_response(report)
     # room_started, room_finished, participant_joined, track_published: nothing to bill.
@@ -356,35 +410,98 @@ def _ints(*values: Any) -> bool:
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/pricing", pricing_handler, "Current pricing and limits", auth="public"),
-    Route("GET", "/v1/servers/status", servers_status, "Healthy nodes and capacity by service",
-          auth="public"),
+    Route(
+        "GET",
+        "/v1/servers/status",
+        servers_status,
+        "Healthy nodes and capacity by service",
+        auth="public",
+    ),
     Route("GET", "/v1/account", account_handler, "Account details and balances"),
-    Route("GET", "/v1/account/transactions", transactions_handler, "Credit transaction history",
-          paged=True),
-    Route("GET", "/v1/account/sessions", sessions_handler, "Sessions, optionally by status",
-          paged=True),
-    Route("POST", "/v1/webrtc/token", webrtc_token, "Create a WebRTC session",
-          model=schemas.WebrtcTokenRequest),
-    session_route("/v1/webrtc/token/extend", SessionService.webrtc_extend, schemas.SessionExtend,
-                  "Extend a WebRTC session"),
-    session_route("/v1/stt/session", SessionService.stt_session, schemas.SttSessionRequest,
-                  "Create a speech-to-text session", located=True),
-    session_route("/v1/stt/session/extend", SessionService.stt_extend, schemas.SessionExtend,
-                  "Extend a speech-to-text session"),
-    session_route("/v1/tts/session", SessionService.tts_session, schemas.TtsSessionRequest,
-                  "Create a text-to-speech session", located=True),
-    session_route("/v1/tts/session/extend", SessionService.tts_extend, schemas.TtsExtend,
-                  "Extend a text-to-speech session"),
-    Route("POST", "/v1/agent-session", agent_session, "Create a WebRTC + STT + TTS bundle",
-          model=schemas.AgentSessionRequest),
-    session_route("/v1/agent-session/extend", SessionService.agent_extend, schemas.AgentExtend,
-                  "Extend an agent session bundle"),
-    Route("POST", "/v1/webhooks/sfu", sfu_webhook, "SFU lifecycle webhooks (node-signed)",
-          auth="node"),
-    Route("POST", "/internal/events", internal_events,
-          "Usage events from STT/TTS nodes (node-signed)", auth="node", model=schemas.UsageEvent),
-    Route("GET", "/v1/nodes", nodes_handler, "Every registered node: role, URL, location, "
-          "load, status, heartbeat age", auth="public"),
+    Route(
+        "GET",
+        "/v1/account/transactions",
+        transactions_handler,
+        "Credit transaction history",
+        paged=True,
+    ),
+    Route(
+        "GET",
+        "/v1/account/sessions",
+        sessions_handler,
+        "Sessions, optionally by status",
+        paged=True,
+    ),
+    Route(
+        "POST",
+        "/v1/webrtc/token",
+        webrtc_token,
+        "Create a WebRTC session",
+        model=schemas.WebrtcTokenRequest,
+    ),
+    session_route(
+        "/v1/webrtc/token/extend",
+        SessionService.webrtc_extend,
+        schemas.SessionExtend,
+        "Extend a WebRTC session",
+    ),
+    session_route(
+        "/v1/stt/session",
+        SessionService.stt_session,
+        schemas.SttSessionRequest,
+        "Create a speech-to-text session",
+        located=True,
+    ),
+    session_route(
+        "/v1/stt/session/extend",
+        SessionService.stt_extend,
+        schemas.SessionExtend,
+        "Extend a speech-to-text session",
+    ),
+    session_route(
+        "/v1/tts/session",
+        SessionService.tts_session,
+        schemas.TtsSessionRequest,
+        "Create a text-to-speech session",
+        located=True,
+    ),
+    session_route(
+        "/v1/tts/session/extend",
+        SessionService.tts_extend,
+        schemas.TtsExtend,
+        "Extend a text-to-speech session",
+    ),
+    Route(
+        "POST",
+        "/v1/agent-session",
+        agent_session,
+        "Create a WebRTC + STT + TTS bundle",
+        model=schemas.AgentSessionRequest,
+    ),
+    session_route(
+        "/v1/agent-session/extend",
+        SessionService.agent_extend,
+        schemas.AgentExtend,
+        "Extend an agent session bundle",
+    ),
+    Route(
+        "POST", "/v1/webhooks/sfu", sfu_webhook, "SFU lifecycle webhooks (node-signed)", auth="node"
+    ),
+    Route(
+        "POST",
+        "/internal/events",
+        internal_events,
+        "Usage events from STT/TTS nodes (node-signed)",
+        auth="node",
+        model=schemas.UsageEvent,
+    ),
+    Route(
+        "GET",
+        "/v1/nodes",
+        nodes_handler,
+        "Every registered node: role, URL, location, load, status, heartbeat age",
+        auth="public",
+    ),
     Route("GET", "/internal/health", health, "Health check", auth="public"),
     # Credit purchases (x402 and the other rails) live in gateway.payments.
     *PAYMENT_ROUTES,
@@ -399,7 +516,8 @@ async def _sweeper(app: web.Application) -> Any:
             await asyncio.sleep(gateway.config.sweep_interval_seconds)
             try:
                 settled = await gateway.ledger.sweep(
-                    grace=timedelta(seconds=gateway.config.settle_grace_seconds))
+                    grace=timedelta(seconds=gateway.config.settle_grace_seconds)
+                )
                 if settled:
                     log.info("sweeper settled %d expired session(s)", len(settled))
             except Exception:  # noqa: BLE001 - the sweeper must outlive a database blip
@@ -423,24 +541,38 @@ async def _lifecycle(app: web.Application) -> Any:
     gateway.locator.close()
 
 
-def create_app(config: GatewayConfig, issuer: Keypair, list_nodes: Any,
-               ledger: Ledger | None = None) -> web.Application:
+def create_app(
+    config: GatewayConfig, issuer: Keypair, list_nodes: Any, ledger: Ledger | None = None
+) -> web.Application:
     """The gateway app. ``list_nodes`` is the registry read (``RegistryClient.list_nodes``)."""
     ledger = ledger or Ledger(config.database_url, pool_size=config.database_pool_size)
     directory = NodeDirectory(list_nodes, config.registry_refresh_seconds)
     loc = config.default_location
     locator = Locator(Location(loc.lat, loc.lon, loc.country), config.geoip_mmdb)
     limiter = RateLimiter()
-    service = SessionService(ledger, directory, locator, issuer, config.tts_session_minutes,
-                             config.refresh_sfu_tokens, config.account_cache_seconds)
+    service = SessionService(
+        ledger,
+        directory,
+        locator,
+        issuer,
+        config.tts_session_minutes,
+        config.refresh_sfu_tokens,
+        config.account_cache_seconds,
+    )
     # Outermost first: auth must see the final status (a 402 gives the signature back), so the
     # domain-error mapping runs inside it.
-    app = web.Application(middlewares=[
-        wallet_auth_middleware(MemoryReplayGuard(time.time), unsigned_paths(ROUTES),
-                               max_skew=config.auth_window_seconds),
-        rate_limit_middleware(limiter),
-        errors_middleware,
-    ], client_max_size=64 * 1024)
+    app = web.Application(
+        middlewares=[
+            wallet_auth_middleware(
+                MemoryReplayGuard(time.time),
+                unsigned_paths(ROUTES),
+                max_skew=config.auth_window_seconds,
+            ),
+            rate_limit_middleware(limiter),
+            errors_middleware,
+        ],
+        client_max_size=64 * 1024,
+    )
     app[GATEWAY_KEY] = Gateway(config, ledger, directory, locator, service, limiter)
     app[ROUTES_KEY] = ROUTES
     for route in ROUTES:

@@ -409,8 +409,13 @@ def wallet_auth_middleware(
             repeat_for=SAFE_REPEAT_SECONDS if safe else 0.0,
         )
         if claim is not Claim.GRANTED:
-            log.info("auth refused %s %s: %s signature from %s",
-                     request.method, path, claim.value, wallet.address)
+            log.info(
+                "auth refused %s %s: %s signature from %s",
+                request.method,
+                path,
+                claim.value,
+                wallet.address,
+            )
             return _unauthorized(_replay_message(request, claim))
         _set_wallet(request, wallet)
         try:

@@ -1,9 +1,9 @@
 """`gateway`: run the gateway, and the operator's ledger commands.
 
-    gateway --config configs/gateway.yaml                 serve (default command)
-    gateway credits grant --wallet ADDR --chain solana --usd 5
-    gateway accounts
-    gateway sessions [--status active]
+gateway --config configs/gateway.yaml                 serve (default command)
+gateway credits grant --wallet ADDR --chain solana --usd 5
+gateway accounts
+gateway sessions [--status active]
 """
 
 from __future__ import annotations
@@ -45,10 +45,17 @@ async def serve(config: GatewayConfig) -> None:
     await site.start()
     issuers = await client.issuer_keys()
     if str(issuer.pubkey()) not in issuers:
-        log.warning("issuer key %s is not listed on the registry: nodes will refuse our tokens "
-                    "(run `registry issuer add %s`)", issuer.pubkey(), issuer.pubkey())
-    print(f"gateway listening on http://{config.listen_host}:{config.listen_port} "
-          f"(issuer {issuer.pubkey()}, ledger {config.database_url})", flush=True)
+        log.warning(
+            "issuer key %s is not listed on the registry: nodes will refuse our tokens "
+            "(run `registry issuer add %s`)",
+            issuer.pubkey(),
+            issuer.pubkey(),
+        )
+    print(
+        f"gateway listening on http://{config.listen_host}:{config.listen_port} "
+        f"(issuer {issuer.pubkey()}, ledger {config.database_url})",
+        flush=True,
+    )
     # Everything built so far (SQLAlchemy, pydantic, the registry view, ...) lives as long as
     # the process: move it out of the collector's sight, or each full collection walks all of it
     # while requests wait (bench/gateway.py: token p99 ~40-55 ms without this, ~16-19 ms with).
@@ -78,8 +85,10 @@ async def grant(config: GatewayConfig, wallet: str, chain: str, usd: Decimal, me
     async with Ledger(config.database_url) as ledger:
         await ledger.migrate()
         tx = await ledger.grant(chain, wallet, micro, memo=memo)
-        print(f"granted {micro} microcredits (${usd}) to {chain} wallet {wallet}; "
-              f"balance {tx.balance_after}, available {tx.available_after}")
+        print(
+            f"granted {micro} microcredits (${usd}) to {chain} wallet {wallet}; "
+            f"balance {tx.balance_after}, available {tx.available_after}"
+        )
 
 
 async def accounts(config: GatewayConfig) -> None:
@@ -89,8 +98,10 @@ async def accounts(config: GatewayConfig) -> None:
         if not rows:
             print("no accounts")
         for a in rows:
-            print(f"{a.id}  {a.wallet_chain:6} {a.wallet_address:44}  balance {a.credit_balance:>12}"
-                  f"  available {a.available_balance:>12}  created {a.created_at:%Y-%m-%d %H:%M}")
+            print(
+                f"{a.id}  {a.wallet_chain:6} {a.wallet_address:44}  balance {a.credit_balance:>12}"
+                f"  available {a.available_balance:>12}  created {a.created_at:%Y-%m-%d %H:%M}"
+            )
 
 
 async def sessions(config: GatewayConfig, status: str | None) -> None:
@@ -100,20 +111,27 @@ async def sessions(config: GatewayConfig, status: str | None) -> None:
         if not rows:
             print("no sessions")
         for s in rows:
-            print(f"{s.session_id}  {s.service:6} {s.status:9} reserved {s.reserved_microcredits:>9}"
-                  f"  charged {s.charged_microcredits:>9}  usage {s.usage_units:>6}"
-                  f"  node {s.node_pubkey[:8]}..  expires {s.token_expires_at:%Y-%m-%d %H:%M:%S}")
+            print(
+                f"{s.session_id}  {s.service:6} {s.status:9} reserved {s.reserved_microcredits:>9}"
+                f"  charged {s.charged_microcredits:>9}  usage {s.usage_units:>6}"
+                f"  node {s.node_pubkey[:8]}..  expires {s.token_expires_at:%Y-%m-%d %H:%M:%S}"
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="voicenet gateway")
-    parser.add_argument("--config", type=Path, default=None,
-                        help="YAML config (configs/gateway.yaml); built-in local defaults if absent")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML config (configs/gateway.yaml); built-in local defaults if absent",
+    )
     add_log_level(parser)
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.add_parser("serve", help="run the HTTP gateway (the default)")
-    credits = sub.add_parser("credits", help="credits").add_subparsers(dest="credits_cmd",
-                                                                        required=True)
+    credits = sub.add_parser("credits", help="credits").add_subparsers(
+        dest="credits_cmd", required=True
+    )
     g = credits.add_parser("grant", help="grant credits to a wallet (recorded as a grant)")
     g.add_argument("--wallet", required=True)
     g.add_argument("--chain", choices=["solana", "evm"], required=True)
@@ -140,8 +158,13 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command("gateway", lambda: run(args), (SettingsError, ValueError, FileNotFoundError),
-                       status=2, log_level=args.log_level)
+    return run_command(
+        "gateway",
+        lambda: run(args),
+        (SettingsError, ValueError, FileNotFoundError),
+        status=2,
+        log_level=args.log_level,
+    )
 
 
 if __name__ == "__main__":

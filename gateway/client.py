@@ -76,8 +76,13 @@ def error_for(status: int, message: str, body: Any) -> GatewayError:
     if status == 429:
         cls: type[GatewayError] = ConcurrencyLimit if "concurrent" in message else RateLimit
     else:
-        cls = {400: BadRequest, 401: AuthenticationError, 402: InsufficientCredits,
-               404: NotFound, 503: NoCapacity}.get(status, GatewayError)
+        cls = {
+            400: BadRequest,
+            401: AuthenticationError,
+            402: InsufficientCredits,
+            404: NotFound,
+            503: NoCapacity,
+        }.get(status, GatewayError)
     return cls(status, message, body)
 
 
@@ -96,8 +101,13 @@ class SessionGrant:
 
     @classmethod
     def of(cls, d: dict[str, Any]) -> Self:
-        return cls(d.get("session_id", ""), d["token"], d.get(cls.URL_KEY, ""),
-                   d.get("expires_at") or d.get("new_expires_at"), d)
+        return cls(
+            d.get("session_id", ""),
+            d["token"],
+            d.get(cls.URL_KEY, ""),
+            d.get("expires_at") or d.get("new_expires_at"),
+            d,
+        )
 
 
 class WebrtcSession(SessionGrant):
@@ -136,13 +146,21 @@ class AgentSession:
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def of(cls, d: dict[str, Any], bundle_id: str = "") -> "AgentSession":
+    def of(cls, d: dict[str, Any], bundle_id: str = "") -> AgentSession:
         rtc = d["webrtc"]
         webrtc: WebrtcSession | DualWebrtc = (
             DualWebrtc(WebrtcSession.of(rtc["agent"]), WebrtcSession.of(rtc["client"]))
-            if "agent" in rtc else WebrtcSession.of(rtc))
-        return cls(d.get("bundle_id", bundle_id), webrtc, ServiceSession.of(d["stt"]),
-                   ServiceSession.of(d["tts"]), d.get("expires_at"), d)
+            if "agent" in rtc
+            else WebrtcSession.of(rtc)
+        )
+        return cls(
+            d.get("bundle_id", bundle_id),
+            webrtc,
+            ServiceSession.of(d["stt"]),
+            ServiceSession.of(d["tts"]),
+            d.get("expires_at"),
+            d,
+        )
 
 
 @dataclass(frozen=True)
@@ -157,24 +175,38 @@ class AccountInfo:
     created_at: str
 
     @classmethod
-    def of(cls, d: dict[str, Any]) -> "AccountInfo":
-        return cls(d["id"], d["wallet_address"], d["wallet_chain"], int(d["credit_balance"]),
-                   int(d["available_balance"]), d["max_concurrent_sessions"], d["max_api_rate"],
-                   d["created_at"])
+    def of(cls, d: dict[str, Any]) -> AccountInfo:
+        return cls(
+            d["id"],
+            d["wallet_address"],
+            d["wallet_chain"],
+            int(d["credit_balance"]),
+            int(d["available_balance"]),
+            d["max_concurrent_sessions"],
+            d["max_api_rate"],
+            d["created_at"],
+        )
 
 
 class GatewayClient:
     """``key`` is a solders ``Keypair`` (chain ``solana``) or an EVM private key (chain ``evm``)."""
 
-    def __init__(self, base_url: str, key: Keypair | str | bytes, chain: str = "solana",
-                 timeout: float = 30.0, session: aiohttp.ClientSession | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        key: Keypair | str | bytes,
+        chain: str = "solana",
+        timeout: float = 30.0,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.key = key
         self.chain = chain
         self._used = _SIGNED.setdefault((chain, self.address.lower()), {})
         self._own_session = session is None
         self._session = session or aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=timeout))
+            timeout=aiohttp.ClientTimeout(total=timeout)
+        )
 
     async def _fresh_timestamp(self, method: str, path: str) -> int:
         """A timestamp this wallet has not signed ``METHOD PATH`` with yet.
@@ -190,7 +222,7 @@ class GatewayClient:
             used = self._used.setdefault(key, set())
             used.difference_update({t for t in used if t < now - SKEW_MARGIN})
             for offset in range(SKEW_MARGIN + 1):
-                for ts in ((now - offset, now + offset) if offset else (now,)):
+                for ts in (now - offset, now + offset) if offset else (now,):
                     if ts not in used:
                         used.add(ts)
                         return ts
@@ -200,23 +232,37 @@ class GatewayClient:
         if self._own_session:
             await self._session.close()
 
-    async def __aenter__(self) -> "GatewayClient":
+    async def __aenter__(self) -> GatewayClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def request(self, method: str, path: str, body: dict[str, Any] | None = None,
-                      params: dict[str, Any] | None = None, signed: bool = True,
-                      headers: dict[str, str] | None = None) -> Any:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+        signed: bool = True,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
         """One call; raises the typed error for any non-2xx answer."""
         all_headers = dict(headers or {})
         if signed:
-            all_headers.update(sign_request(method, path, self.key, self.chain,
-                                            now=await self._fresh_timestamp(method, path)))
+            all_headers.update(
+                sign_request(
+                    method,
+                    path,
+                    self.key,
+                    self.chain,
+                    now=await self._fresh_timestamp(method, path),
+                )
+            )
         query = {k: v for k, v in (params or {}).items() if v is not None}
-        async with self._session.request(method, self.base_url + path, json=body, params=query,
-                                         headers=all_headers) as resp:
+        async with self._session.request(
+            method, self.base_url + path, json=body, params=query, headers=all_headers
+        ) as resp:
             try:
                 data = await resp.json(content_type=None)
             except ValueError:
@@ -244,65 +290,143 @@ class GatewayClient:
         return AccountInfo.of(await self.request("GET", "/v1/account"))
 
     async def transactions(self, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
-        data = await self.request("GET", "/v1/account/transactions",
-                                  params={"limit": limit, "offset": offset})
+        data = await self.request(
+            "GET", "/v1/account/transactions", params={"limit": limit, "offset": offset}
+        )
         return data["transactions"]
 
-    async def sessions(self, limit: int = 50, offset: int = 0,
-                       status: str | None = None) -> list[dict[str, Any]]:
-        data = await self.request("GET", "/v1/account/sessions",
-                                  params={"limit": limit, "offset": offset, "status": status})
+    async def sessions(
+        self, limit: int = 50, offset: int = 0, status: str | None = None
+    ) -> list[dict[str, Any]]:
+        data = await self.request(
+            "GET",
+            "/v1/account/sessions",
+            params={"limit": limit, "offset": offset, "status": status},
+        )
         return data["sessions"]
 
     # ------------------------------------------------------------ sessions
 
-    async def create_webrtc_token(self, room_name: str, participant_identity: str,
-                                  duration_minutes: float, metadata: str | None = None,
-                                  client_ip: str | None = None) -> WebrtcSession:
-        return WebrtcSession.of(await self.request("POST", "/v1/webrtc/token", self._body(
-            room_name=room_name, participant_identity=participant_identity,
-            duration_minutes=duration_minutes, metadata=metadata, client_ip=client_ip)))
+    async def create_webrtc_token(
+        self,
+        room_name: str,
+        participant_identity: str,
+        duration_minutes: float,
+        metadata: str | None = None,
+        client_ip: str | None = None,
+    ) -> WebrtcSession:
+        return WebrtcSession.of(
+            await self.request(
+                "POST",
+                "/v1/webrtc/token",
+                self._body(
+                    room_name=room_name,
+                    participant_identity=participant_identity,
+                    duration_minutes=duration_minutes,
+                    metadata=metadata,
+                    client_ip=client_ip,
+                ),
+            )
+        )
 
-    async def extend_webrtc_token(self, session_id: str, additional_minutes: float) -> WebrtcSession:
-        return WebrtcSession.of(await self.request("POST", "/v1/webrtc/token/extend", {
-            "session_id": session_id, "additional_minutes": additional_minutes}))
+    async def extend_webrtc_token(
+        self, session_id: str, additional_minutes: float
+    ) -> WebrtcSession:
+        return WebrtcSession.of(
+            await self.request(
+                "POST",
+                "/v1/webrtc/token/extend",
+                {"session_id": session_id, "additional_minutes": additional_minutes},
+            )
+        )
 
-    async def create_stt_session(self, duration_minutes: float,
-                                 language: str | None = None) -> ServiceSession:
-        return ServiceSession.of(await self.request("POST", "/v1/stt/session", self._body(
-            duration_minutes=duration_minutes, language=language)))
+    async def create_stt_session(
+        self, duration_minutes: float, language: str | None = None
+    ) -> ServiceSession:
+        return ServiceSession.of(
+            await self.request(
+                "POST",
+                "/v1/stt/session",
+                self._body(duration_minutes=duration_minutes, language=language),
+            )
+        )
 
-    async def extend_stt_session(self, session_id: str, additional_minutes: float) -> ServiceSession:
-        return ServiceSession.of(await self.request("POST", "/v1/stt/session/extend", {
-            "session_id": session_id, "additional_minutes": additional_minutes}))
+    async def extend_stt_session(
+        self, session_id: str, additional_minutes: float
+    ) -> ServiceSession:
+        return ServiceSession.of(
+            await self.request(
+                "POST",
+                "/v1/stt/session/extend",
+                {"session_id": session_id, "additional_minutes": additional_minutes},
+            )
+        )
 
-    async def create_tts_session(self, max_characters: int,
-                                 language: str | None = None) -> ServiceSession:
-        return ServiceSession.of(await self.request("POST", "/v1/tts/session", self._body(
-            max_characters=max_characters, language=language)))
+    async def create_tts_session(
+        self, max_characters: int, language: str | None = None
+    ) -> ServiceSession:
+        return ServiceSession.of(
+            await self.request(
+                "POST",
+                "/v1/tts/session",
+                self._body(max_characters=max_characters, language=language),
+            )
+        )
 
-    async def extend_tts_session(self, session_id: str,
-                                 additional_characters: int) -> ServiceSession:
-        return ServiceSession.of(await self.request("POST", "/v1/tts/session/extend", {
-            "session_id": session_id, "additional_characters": additional_characters}))
+    async def extend_tts_session(
+        self, session_id: str, additional_characters: int
+    ) -> ServiceSession:
+        return ServiceSession.of(
+            await self.request(
+                "POST",
+                "/v1/tts/session/extend",
+                {"session_id": session_id, "additional_characters": additional_characters},
+            )
+        )
 
     async def create_agent_session(
-        self, room_name: str, participant_identity: str, duration_minutes: float,
-        language: str | None = None, tts_max_characters: int | None = None,
-        metadata: str | None = None, client_ip: str | None = None,
+        self,
+        room_name: str,
+        participant_identity: str,
+        duration_minutes: float,
+        language: str | None = None,
+        tts_max_characters: int | None = None,
+        metadata: str | None = None,
+        client_ip: str | None = None,
         client_identity: str | None = None,
     ) -> AgentSession:
-        return AgentSession.of(await self.request("POST", "/v1/agent-session", self._body(
-            room_name=room_name, participant_identity=participant_identity,
-            duration_minutes=duration_minutes, language=language,
-            tts_max_characters=tts_max_characters, metadata=metadata, client_ip=client_ip,
-            client_identity=client_identity)))
+        return AgentSession.of(
+            await self.request(
+                "POST",
+                "/v1/agent-session",
+                self._body(
+                    room_name=room_name,
+                    participant_identity=participant_identity,
+                    duration_minutes=duration_minutes,
+                    language=language,
+                    tts_max_characters=tts_max_characters,
+                    metadata=metadata,
+                    client_ip=client_ip,
+                    client_identity=client_identity,
+                ),
+            )
+        )
 
-    async def extend_agent_session(self, bundle_id: str, additional_minutes: float,
-                                   additional_tts_characters: int | None = None) -> AgentSession:
-        data = await self.request("POST", "/v1/agent-session/extend", self._body(
-            bundle_id=bundle_id, additional_minutes=additional_minutes,
-            additional_tts_characters=additional_tts_characters))
+    async def extend_agent_session(
+        self,
+        bundle_id: str,
+        additional_minutes: float,
+        additional_tts_characters: int | None = None,
+    ) -> AgentSession:
+        data = await self.request(
+            "POST",
+            "/v1/agent-session/extend",
+            self._body(
+                bundle_id=bundle_id,
+                additional_minutes=additional_minutes,
+                additional_tts_characters=additional_tts_characters,
+            ),
+        )
         return AgentSession.of(data, bundle_id)
 
     # ------------------------------------------------------------ credits (x402)
@@ -315,8 +439,9 @@ class GatewayClient:
 
         return Account.from_key(self.key).address
 
-    async def purchase_credits(self, amount_usd: float, *, rpc_url: str | None = None,
-                               evm_chain_id: int = 8453) -> dict[str, Any]:
+    async def purchase_credits(
+        self, amount_usd: float, *, rpc_url: str | None = None, evm_chain_id: int = 8453
+    ) -> dict[str, Any]:
         """Buy credits with an x402 payment from this client's wallet, automatically.
 
         ``POST /v1/credits/purchase`` answers 402 with the payment requirements; this builds the
@@ -332,11 +457,15 @@ class GatewayClient:
         from gateway.payments import payer
 
         path = "/v1/credits/purchase"
-        body = {"wallet_address": self.address, "wallet_chain": self.chain,
-                "amount_usd": amount_usd}
+        body = {
+            "wallet_address": self.address,
+            "wallet_chain": self.chain,
+            "amount_usd": amount_usd,
+        }
         # Signed once: the gateway gives a signature back on 402, so the paid retry reuses it.
-        auth = sign_request("POST", path, self.key, self.chain,
-                            now=await self._fresh_timestamp("POST", path))
+        auth = sign_request(
+            "POST", path, self.key, self.chain, now=await self._fresh_timestamp("POST", path)
+        )
         async with self._session.post(self.base_url + path, json=body, headers=auth) as resp:
             data = await self._json(resp)
             if resp.status != 402:
@@ -344,13 +473,24 @@ class GatewayClient:
                 return data
             version, accepts = payer.requirements_from_402(resp.headers, data)
         want = "solana:" if self.chain == "solana" else "eip155:"
-        v1_names = ("solana", "solana-devnet", "solana-testnet") if self.chain == "solana" \
+        v1_names = (
+            ("solana", "solana-devnet", "solana-testnet")
+            if self.chain == "solana"
             else ("base", "base-sepolia")
-        offer = next((a for a in accepts if a.get("scheme") == "exact" and (
-            str(a.get("network", "")).startswith(want) or a.get("network") in v1_names)), None)
+        )
+        offer = next(
+            (
+                a
+                for a in accepts
+                if a.get("scheme") == "exact"
+                and (str(a.get("network", "")).startswith(want) or a.get("network") in v1_names)
+            ),
+            None,
+        )
         if offer is None:
-            raise InsufficientCredits(402, f"the gateway offers no x402 payment on {self.chain}",
-                                      data)
+            raise InsufficientCredits(
+                402, f"the gateway offers no x402 payment on {self.chain}", data
+            )
         if self.chain == "solana":
             assert isinstance(self.key, Keypair)
             tx = await payer.svm_transaction(self.key, offer, rpc_url or DEFAULT_PAYMENT_RPC)
@@ -360,18 +500,19 @@ class GatewayClient:
             chain_id = int(network.split(":")[1]) if network.startswith("eip155:") else evm_chain_id
             payload = payer.evm_authorization(self.key, offer, chain_id)  # type: ignore[arg-type]
         name, value = payer.payment_header(version, offer, payload, self.base_url + path)
-        async with self._session.post(self.base_url + path, json=body,
-                                      headers={**auth, name: value}) as resp:
+        async with self._session.post(
+            self.base_url + path, json=body, headers={**auth, name: value}
+        ) as resp:
             data = await self._json(resp)
             self._raise_for(resp.status, data, resp.reason)
-            settle = (resp.headers.get("PAYMENT-RESPONSE")
-                      or resp.headers.get("X-PAYMENT-RESPONSE"))
+            settle = resp.headers.get("PAYMENT-RESPONSE") or resp.headers.get("X-PAYMENT-RESPONSE")
         if settle:
             data["payment_response"] = json.loads(base64.b64decode(settle))
         return data
 
-    async def ensure_credits(self, min_available_microcredits: int, top_up_usd: float, *,
-                             rpc_url: str | None = None) -> dict[str, Any] | None:
+    async def ensure_credits(
+        self, min_available_microcredits: int, top_up_usd: float, *, rpc_url: str | None = None
+    ) -> dict[str, Any] | None:
         """Top up: buy ``top_up_usd`` of credits when ``available_balance`` is below
         ``min_available_microcredits`` (or the wallet has no account yet). Returns the purchase,
         or None when the balance was enough."""

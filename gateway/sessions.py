@@ -51,9 +51,9 @@ def iso(value: datetime | None) -> str | None:
 def ws_url(url: str) -> str:
     """LiveKit clients connect with ws(s)://; nodes register their http(s) URL."""
     if url.startswith("https://"):
-        return "wss://" + url[len("https://"):]
+        return "wss://" + url[len("https://") :]
     if url.startswith("http://"):
-        return "ws://" + url[len("http://"):]
+        return "ws://" + url[len("http://") :]
     return url
 
 
@@ -150,17 +150,31 @@ class SessionService:
             )
         return account
 
-    async def place(self, service: str, client_ip: str, units: int, expires_at: datetime) -> Placement:
+    async def place(
+        self, service: str, client_ip: str, units: int, expires_at: datetime
+    ) -> Placement:
         location: Location = self.locator.locate(client_ip)
         node = await self.directory.choose(SERVICE_ROLES[service], location)
         return Placement(service, node, units, expires_at)
 
-    def _token(self, record: SessionRecord, identity: str, grant: Grant,
-               extra: dict[str, Any] | None = None) -> str:
+    def _token(
+        self,
+        record: SessionRecord,
+        identity: str,
+        grant: Grant,
+        extra: dict[str, Any] | None = None,
+    ) -> str:
         """A token only the node the session was routed to accepts (``aud``), extensions too."""
         ttl = int((record.token_expires_at - datetime.now(UTC)).total_seconds())
-        return mint_token(self.issuer, identity, grant, max(ttl, 1), session_id=record.session_id,
-                          extra=extra, audience=record.node_pubkey)
+        return mint_token(
+            self.issuer,
+            identity,
+            grant,
+            max(ttl, 1),
+            session_id=record.session_id,
+            extra=extra,
+            audience=record.node_pubkey,
+        )
 
     def token_for(self, record: SessionRecord) -> str:
         """A token for the session as it stands (after create or extend: the new expiry/limit)."""
@@ -170,8 +184,12 @@ class SessionService:
             if meta.get("metadata") is not None:
                 extra["metadata"] = meta["metadata"]
             room = sfu_room(record.account_id, record.room_name or "")
-            return self._token(record, record.participant_identity or "participant",
-                               Grant("webrtc", room=room), extra)
+            return self._token(
+                record,
+                record.participant_identity or "participant",
+                Grant("webrtc", room=room),
+                extra,
+            )
         identity = (record.metadata or {}).get("identity") or record.account_id
         return self._token(record, identity, Grant(record.service, limit=record.limit_units))
 
@@ -184,16 +202,28 @@ class SessionService:
     @staticmethod
     def _spec(p: Placement, **fields: Any) -> SessionSpec:
         return SessionSpec(
-            service=p.service, reserve_microcredits=p.reserve, limit_units=p.units,
-            token_expires_at=p.expires_at, node_pubkey=str(p.node.owner), server_url=p.node.url,
-            session_id=uuid7(), **fields,
+            service=p.service,
+            reserve_microcredits=p.reserve,
+            limit_units=p.units,
+            token_expires_at=p.expires_at,
+            node_pubkey=str(p.node.owner),
+            server_url=p.node.url,
+            session_id=uuid7(),
+            **fields,
         )
 
     async def _create(self, account: Account, spec: SessionSpec) -> SessionRecord:
         return await self.ledger.create_session(
-            account.id, spec.service, spec.reserve_microcredits, spec.limit_units,
-            spec.token_expires_at, spec.node_pubkey, spec.server_url, room_name=spec.room_name,
-            participant_identity=spec.participant_identity, metadata=spec.metadata,
+            account.id,
+            spec.service,
+            spec.reserve_microcredits,
+            spec.limit_units,
+            spec.token_expires_at,
+            spec.node_pubkey,
+            spec.server_url,
+            room_name=spec.room_name,
+            participant_identity=spec.participant_identity,
+            metadata=spec.metadata,
             session_id=spec.session_id,
         )
 
@@ -231,7 +261,7 @@ class SessionService:
         try:
             async with self._http.post(url, data=body, headers=headers) as resp:
                 log.debug("push for session %s to %s: HTTP %d", session_id, url, resp.status)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.info("could not push to %s for session %s: %s", url, session_id, exc)
 
     async def close(self) -> None:
@@ -242,112 +272,174 @@ class SessionService:
 
     # ------------------------------------------------------------ WebRTC
 
-    async def webrtc_token(self, chain: str, address: str, body: schemas.WebrtcTokenRequest,
-                           client_ip: str) -> dict[str, Any]:
+    async def webrtc_token(
+        self, chain: str, address: str, body: schemas.WebrtcTokenRequest, client_ip: str
+    ) -> dict[str, Any]:
         account = await self.account(chain, address)
         seconds = minutes_to_seconds(body.duration_minutes)
         expires = datetime.now(UTC) + timedelta(seconds=seconds)
         placement = await self.place("webrtc", client_ip, seconds, expires)
-        record = await self._create(account, self._spec(
-            placement, room_name=body.room_name, participant_identity=body.participant_identity,
-            metadata={"metadata": body.metadata}))
-        return {"session_id": record.session_id, "token": self.token_for(record),
-                "ws_url": ws_url(record.server_url), "expires_at": iso(record.token_expires_at)}
+        record = await self._create(
+            account,
+            self._spec(
+                placement,
+                room_name=body.room_name,
+                participant_identity=body.participant_identity,
+                metadata={"metadata": body.metadata},
+            ),
+        )
+        return {
+            "session_id": record.session_id,
+            "token": self.token_for(record),
+            "ws_url": ws_url(record.server_url),
+            "expires_at": iso(record.token_expires_at),
+        }
 
     async def _extend_time(self, record: SessionRecord, minutes: float) -> SessionRecord:
         seconds = minutes_to_seconds(minutes)
         return await self.ledger.extend(
-            record.session_id, seconds,
-            token_expires_at=max(record.token_expires_at, datetime.now(UTC)) + timedelta(seconds=seconds),
+            record.session_id,
+            seconds,
+            token_expires_at=max(record.token_expires_at, datetime.now(UTC))
+            + timedelta(seconds=seconds),
         )
 
-    async def webrtc_extend(self, chain: str, address: str,
-                            body: schemas.SessionExtend) -> dict[str, Any]:
+    async def webrtc_extend(
+        self, chain: str, address: str, body: schemas.SessionExtend
+    ) -> dict[str, Any]:
         account = await self.account(chain, address)
-        record = await self._extend_time(await self.owned(account, body.session_id, "webrtc"),
-                                         body.additional_minutes)
+        record = await self._extend_time(
+            await self.owned(account, body.session_id, "webrtc"), body.additional_minutes
+        )
         token = self.token_for(record)
         self.push_refresh(record, token)
-        return {"session_id": record.session_id, "token": token,
-                "ws_url": ws_url(record.server_url), "expires_at": iso(record.token_expires_at),
-                "new_expires_at": iso(record.token_expires_at)}
+        return {
+            "session_id": record.session_id,
+            "token": token,
+            "ws_url": ws_url(record.server_url),
+            "expires_at": iso(record.token_expires_at),
+            "new_expires_at": iso(record.token_expires_at),
+        }
 
     # ------------------------------------------------------------ STT and TTS
 
-    async def stt_session(self, chain: str, address: str, body: schemas.SttSessionRequest,
-                          client_ip: str) -> dict[str, Any]:
+    async def stt_session(
+        self, chain: str, address: str, body: schemas.SttSessionRequest, client_ip: str
+    ) -> dict[str, Any]:
         account = await self.account(chain, address)
         seconds = minutes_to_seconds(body.duration_minutes)
-        placement = await self.place("stt", client_ip, seconds,
-                                     datetime.now(UTC) + timedelta(seconds=seconds))
-        record = await self._create(account, self._spec(
-            placement, metadata={"language": body.language, "identity": address}))
+        placement = await self.place(
+            "stt", client_ip, seconds, datetime.now(UTC) + timedelta(seconds=seconds)
+        )
+        record = await self._create(
+            account,
+            self._spec(placement, metadata={"language": body.language, "identity": address}),
+        )
         return self._service_view(record)
 
-    async def stt_extend(self, chain: str, address: str,
-                         body: schemas.SessionExtend) -> dict[str, Any]:
+    async def stt_extend(
+        self, chain: str, address: str, body: schemas.SessionExtend
+    ) -> dict[str, Any]:
         account = await self.account(chain, address)
-        record = await self._extend_time(await self.owned(account, body.session_id, "stt"),
-                                         body.additional_minutes)
+        record = await self._extend_time(
+            await self.owned(account, body.session_id, "stt"), body.additional_minutes
+        )
         return {**self._service_view(record), "new_expires_at": iso(record.token_expires_at)}
 
     def _tts_expiry(self) -> datetime:
         return datetime.now(UTC) + timedelta(minutes=self.tts_session_minutes)
 
-    async def tts_session(self, chain: str, address: str, body: schemas.TtsSessionRequest,
-                          client_ip: str) -> dict[str, Any]:
+    async def tts_session(
+        self, chain: str, address: str, body: schemas.TtsSessionRequest, client_ip: str
+    ) -> dict[str, Any]:
         account = await self.account(chain, address)
         placement = await self.place("tts", client_ip, body.max_characters, self._tts_expiry())
-        record = await self._create(account, self._spec(
-            placement, metadata={"language": body.language, "identity": address}))
+        record = await self._create(
+            account,
+            self._spec(placement, metadata={"language": body.language, "identity": address}),
+        )
         return self._service_view(record)
 
     async def tts_extend(self, chain: str, address: str, body: schemas.TtsExtend) -> dict[str, Any]:
         account = await self.account(chain, address)
         record = await self.owned(account, body.session_id, "tts")
-        record = await self.ledger.extend(record.session_id, body.additional_characters,
-                                          token_expires_at=max(record.token_expires_at,
-                                                               self._tts_expiry()))
+        record = await self.ledger.extend(
+            record.session_id,
+            body.additional_characters,
+            token_expires_at=max(record.token_expires_at, self._tts_expiry()),
+        )
         return {**self._service_view(record), "new_expires_at": iso(record.token_expires_at)}
 
     def _service_view(self, record: SessionRecord) -> dict[str, Any]:
-        return {"session_id": record.session_id, "token": self.token_for(record),
-                "server_url": record.server_url, "expires_at": iso(record.token_expires_at)}
+        return {
+            "session_id": record.session_id,
+            "token": self.token_for(record),
+            "server_url": record.server_url,
+            "expires_at": iso(record.token_expires_at),
+        }
 
     # ------------------------------------------------------------ agent bundle
 
-    async def agent_session(self, chain: str, address: str, body: schemas.AgentSessionRequest,
-                            agent_ip: str, client_ip: str) -> dict[str, Any]:
+    async def agent_session(
+        self,
+        chain: str,
+        address: str,
+        body: schemas.AgentSessionRequest,
+        agent_ip: str,
+        client_ip: str,
+    ) -> dict[str, Any]:
         """WebRTC (one or two participants) + STT + TTS, reserved and created all or nothing."""
         account = await self.account(chain, address)
         seconds = minutes_to_seconds(body.duration_minutes)
         expires = datetime.now(UTC) + timedelta(seconds=seconds)
         agent_rtc = await self.place("webrtc", agent_ip, seconds, expires)
-        specs = [self._spec(agent_rtc, room_name=body.room_name,
-                            participant_identity=body.participant_identity,
-                            metadata={"metadata": body.metadata, "role": "agent"})]
+        specs = [
+            self._spec(
+                agent_rtc,
+                room_name=body.room_name,
+                participant_identity=body.participant_identity,
+                metadata={"metadata": body.metadata, "role": "agent"},
+            )
+        ]
         if body.client_identity:
             client_rtc = await self.place("webrtc", client_ip, seconds, expires)
-            specs.append(self._spec(client_rtc, room_name=body.room_name,
-                                    participant_identity=body.client_identity,
-                                    metadata={"metadata": body.metadata, "role": "client"}))
+            specs.append(
+                self._spec(
+                    client_rtc,
+                    room_name=body.room_name,
+                    participant_identity=body.client_identity,
+                    metadata={"metadata": body.metadata, "role": "client"},
+                )
+            )
         stt = await self.place("stt", agent_ip, seconds, expires)
         tts = await self.place("tts", agent_ip, body.tts_max_characters, expires)
-        specs.append(self._spec(stt, metadata={"language": body.language,
-                                               "identity": body.participant_identity}))
-        specs.append(self._spec(tts, metadata={"language": body.language,
-                                               "identity": body.participant_identity}))
+        specs.append(
+            self._spec(
+                stt, metadata={"language": body.language, "identity": body.participant_identity}
+            )
+        )
+        specs.append(
+            self._spec(
+                tts, metadata={"language": body.language, "identity": body.participant_identity}
+            )
+        )
         bundle = await self.ledger.create_bundle(account.id, specs)
-        return {"bundle_id": bundle.bundle_id, **self._bundle_view(bundle.sessions, extended=False),
-                "expires_at": iso(expires)}
+        return {
+            "bundle_id": bundle.bundle_id,
+            **self._bundle_view(bundle.sessions, extended=False),
+            "expires_at": iso(expires),
+        }
 
     def _bundle_view(self, records: list[SessionRecord], extended: bool) -> dict[str, Any]:
         rtc = [r for r in records if r.service == "webrtc"]
         by_service = {r.service: r for r in records if r.service != "webrtc"}
 
         def rtc_view(r: SessionRecord) -> dict[str, Any]:
-            view = {"session_id": r.session_id, "token": self.token_for(r),
-                    "ws_url": ws_url(r.server_url)}
+            view = {
+                "session_id": r.session_id,
+                "token": self.token_for(r),
+                "ws_url": ws_url(r.server_url),
+            }
             if extended:
                 view["new_expires_at"] = iso(r.token_expires_at)
                 self.push_refresh(r, view["token"])
@@ -356,8 +448,11 @@ class SessionService:
         def service_view(r: SessionRecord) -> dict[str, Any]:
             if extended:
                 return {"token": self.token_for(r), "new_expires_at": iso(r.token_expires_at)}
-            return {"session_id": r.session_id, "token": self.token_for(r),
-                    "server_url": r.server_url}
+            return {
+                "session_id": r.session_id,
+                "token": self.token_for(r),
+                "server_url": r.server_url,
+            }
 
         if len(rtc) == 2:
             agent = next(r for r in rtc if (r.metadata or {}).get("role") == "agent")
@@ -367,11 +462,15 @@ class SessionService:
             webrtc = rtc_view(rtc[0])
             if extended:
                 webrtc = {"token": webrtc["token"], "new_expires_at": webrtc["new_expires_at"]}
-        return {"webrtc": webrtc, "stt": service_view(by_service["stt"]),
-                "tts": service_view(by_service["tts"])}
+        return {
+            "webrtc": webrtc,
+            "stt": service_view(by_service["stt"]),
+            "tts": service_view(by_service["tts"]),
+        }
 
-    async def agent_extend(self, chain: str, address: str,
-                           body: schemas.AgentExtend) -> dict[str, Any]:
+    async def agent_extend(
+        self, chain: str, address: str, body: schemas.AgentExtend
+    ) -> dict[str, Any]:
         account = await self.account(chain, address)
         records = await self.ledger.list_bundle(body.bundle_id)
         if not records or records[0].account_id != account.id:

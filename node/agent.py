@@ -1,4 +1,5 @@
-"""The node agent: one key, one registry entry, a heartbeat, health and metrics, and a graceful exit.
+"""The node agent: one key, one registry entry, a heartbeat, health and metrics, and a graceful
+exit.
 
 Life of a node: load (or create) its key; serve HTTP; make its registry entry match the config
 (register the first time, update when the operator changed URL, location, capacity or version);
@@ -49,25 +50,45 @@ class Metrics:
     def __init__(self, role: str) -> None:
         self.registry = CollectorRegistry()
         labels = {"role": role}
-        self.load = Gauge("voicenet_node_load", "Live sessions", registry=self.registry,
-                          labelnames=["role"]).labels(**labels)
-        self.capacity = Gauge("voicenet_node_capacity",
-                              "Advertised capacity (measured at start, at most the configured)",
-                              registry=self.registry, labelnames=["role"]).labels(**labels)
-        self.capacity_configured = Gauge("voicenet_node_capacity_configured",
-                                         "The config's capacity: the upper bound",
-                                         registry=self.registry, labelnames=["role"]).labels(**labels)
-        self.unit_cost = Gauge("voicenet_node_unit_cost_core_seconds",
-                               "Measured core-seconds per second of one unit of work (0: not "
-                               "calibrated)", registry=self.registry,
-                               labelnames=["role"]).labels(**labels)
-        self.draining = Gauge("voicenet_node_draining", "1 while draining", registry=self.registry,
-                              labelnames=["role"]).labels(**labels)
-        self.heartbeats = Counter("voicenet_node_heartbeats", "Heartbeat transactions sent",
-                                  registry=self.registry, labelnames=["role", "result"])
-        self.last_heartbeat = Gauge("voicenet_node_last_heartbeat_timestamp_seconds",
-                                    "Unix time of the last confirmed heartbeat",
-                                    registry=self.registry, labelnames=["role"]).labels(**labels)
+        self.load = Gauge(
+            "voicenet_node_load", "Live sessions", registry=self.registry, labelnames=["role"]
+        ).labels(**labels)
+        self.capacity = Gauge(
+            "voicenet_node_capacity",
+            "Advertised capacity (measured at start, at most the configured)",
+            registry=self.registry,
+            labelnames=["role"],
+        ).labels(**labels)
+        self.capacity_configured = Gauge(
+            "voicenet_node_capacity_configured",
+            "The config's capacity: the upper bound",
+            registry=self.registry,
+            labelnames=["role"],
+        ).labels(**labels)
+        self.unit_cost = Gauge(
+            "voicenet_node_unit_cost_core_seconds",
+            "Measured core-seconds per second of one unit of work (0: not calibrated)",
+            registry=self.registry,
+            labelnames=["role"],
+        ).labels(**labels)
+        self.draining = Gauge(
+            "voicenet_node_draining",
+            "1 while draining",
+            registry=self.registry,
+            labelnames=["role"],
+        ).labels(**labels)
+        self.heartbeats = Counter(
+            "voicenet_node_heartbeats",
+            "Heartbeat transactions sent",
+            registry=self.registry,
+            labelnames=["role", "result"],
+        )
+        self.last_heartbeat = Gauge(
+            "voicenet_node_last_heartbeat_timestamp_seconds",
+            "Unix time of the last confirmed heartbeat",
+            registry=self.registry,
+            labelnames=["role"],
+        ).labels(**labels)
         self.role = role
 
     def render(self) -> bytes:
@@ -84,11 +105,15 @@ class NodeAgent:
         program_id = Pubkey.from_string(config.program_id) if config.program_id else p.PROGRAM_ID
         self.client = RegistryClient(config.rpc_url, program_id)
         self.verifier = TokenVerifier(
-            self.client.issuer_keys, ROLE_SERVICE[self.role_name], cache_ttl=config.issuer_cache_seconds
+            self.client.issuer_keys,
+            ROLE_SERVICE[self.role_name],
+            cache_ttl=config.issuer_cache_seconds,
         )
         self.outbox = Outbox(
-            Path(config.state_dir) / f"outbox-{self.role_name}-{str(self.keypair.pubkey())[:8]}.sqlite",
-            config.gateway_url, self.keypair,
+            Path(config.state_dir)
+            / f"outbox-{self.role_name}-{str(self.keypair.pubkey())[:8]}.sqlite",
+            config.gateway_url,
+            self.keypair,
         )
         self.context = context = RoleContext(
             role=self.role_name,
@@ -103,7 +128,9 @@ class NodeAgent:
             log=logging.getLogger(f"node.{self.role_name}"),
             calibrate=config.calibrate,
         )
-        self.role: Role = role_factory(context) if role_factory else load_role(self.role_name, context)
+        self.role: Role = (
+            role_factory(context) if role_factory else load_role(self.role_name, context)
+        )
         self.metrics = Metrics(self.role_name)
         self.state = "starting"
         self.last_heartbeat: float | None = None
@@ -146,7 +173,9 @@ class NodeAgent:
         self.metrics.capacity_configured.set(self.config.capacity)
         calibration = self.context.calibration
         self.metrics.unit_cost.set(calibration.cost if calibration else 0.0)
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
     @property
     def version(self) -> str:
@@ -155,8 +184,12 @@ class NodeAgent:
     def _fields(self) -> p.NodeFields:
         loc = self.config.location
         return p.NodeFields(
-            url=self.config.public_url, lat=loc.lat, lon=loc.lon, country=loc.country,
-            capacity=self.role.capacity, version=self.version,
+            url=self.config.public_url,
+            lat=loc.lat,
+            lon=loc.lon,
+            country=loc.country,
+            capacity=self.role.capacity,
+            version=self.version,
         )
 
     # ------------------------------------------------------------ lifecycle
@@ -168,8 +201,14 @@ class NodeAgent:
         await site.start()
         addresses = self._runner.addresses  # port 0 in the config: the one the system picked
         self.port = addresses[0][1] if addresses else self.config.listen_port
-        log.info("%s node %s listening on %s:%s (public %s)", self.role_name, self.pubkey,
-                 self.config.listen_host, self.port, self.config.public_url)
+        log.info(
+            "%s node %s listening on %s:%s (public %s)",
+            self.role_name,
+            self.pubkey,
+            self.config.listen_host,
+            self.port,
+            self.config.public_url,
+        )
         await self.outbox.start()
         await self.role.start()
         status = await self.ensure_registered()
@@ -192,15 +231,22 @@ class NodeAgent:
     async def _await_approval(self) -> None:
         """Poll the entry until the authority approves it, then bring the entry up to date and
         start heartbeating. Chain errors are logged and retried, never fatal."""
-        log.warning("node %s is pending: waiting for the registry authority's approval; the "
-                    "authority runs `%s`", self.pubkey, self.approval_command())
+        log.warning(
+            "node %s is pending: waiting for the registry authority's approval; the "
+            "authority runs `%s`",
+            self.pubkey,
+            self.approval_command(),
+        )
         while True:
             await asyncio.sleep(self.config.heartbeat_interval)
             try:
                 status = await self._status()
             except (RegistryError, p.RegistryProgramError, NodeStartError, OSError) as exc:
-                log.warning("checking approval failed (%s); retrying in %.0fs", exc,
-                            self.config.heartbeat_interval)
+                log.warning(
+                    "checking approval failed (%s); retrying in %.0fs",
+                    exc,
+                    self.config.heartbeat_interval,
+                )
                 continue
             if status is p.NodeStatus.ACTIVE:
                 break
@@ -266,7 +312,9 @@ class NodeAgent:
         except (RegistryError, p.RegistryProgramError, OSError) as exc:
             self.heartbeat_failures += 1
             self.metrics.heartbeats.labels(role=self.role_name, result="error").inc()
-            log.warning("heartbeat failed (%s); retrying in %.0fs", exc, self.config.heartbeat_interval)
+            log.warning(
+                "heartbeat failed (%s); retrying in %.0fs", exc, self.config.heartbeat_interval
+            )
             return False
         self.last_heartbeat = time.time()
         self.metrics.heartbeats.labels(role=self.role_name, result="ok").inc()
@@ -285,8 +333,11 @@ class NodeAgent:
             return
         self.state = "draining"
         self.metrics.draining.set(1)
-        log.info("draining: no new sessions, waiting up to %.0fs for %d live ones",
-                 self.config.drain_timeout, self.role.load())
+        log.info(
+            "draining: no new sessions, waiting up to %.0fs for %d live ones",
+            self.config.drain_timeout,
+            self.role.load(),
+        )
         await self.role.drain()
         deadline = time.monotonic() + self.config.drain_timeout
         while self.role.load() > 0 and time.monotonic() < deadline:
@@ -332,8 +383,11 @@ async def serve(config: NodeConfig, role_factory: RoleFactory | None = None) -> 
         await agent.shutdown()
         raise
     if agent.state == "pending":
-        print(f"{agent.role_name} node {agent.pubkey} on {config.public_url} is pending: waiting "
-              f"for the registry authority to run `{agent.approval_command()}`", flush=True)
+        print(
+            f"{agent.role_name} node {agent.pubkey} on {config.public_url} is pending: waiting "
+            f"for the registry authority to run `{agent.approval_command()}`",
+            flush=True,
+        )
     else:
         print(f"{agent.role_name} node {agent.pubkey} ready on {config.public_url}", flush=True)
     await stop.wait()

@@ -79,23 +79,32 @@ def derive_capacity(cost: float, cores: int, upper: int, headroom: float = HEADR
     """
     _check_cost(cost)
     if upper < 1:
-        raise CalibrationError(f"capacity upper bound {upper} must be at least 1 (the config's "
-                               "`capacity`)")
+        raise CalibrationError(
+            f"capacity upper bound {upper} must be at least 1 (the config's `capacity`)"
+        )
     fits = math.floor(cores * headroom / cost + 1e-9)
     if fits < 1:
-        log.warning("one unit of work costs %.2f core-seconds per second here, more than %d "
-                    "cores carry with headroom %.0f%%: advertising 1", cost, cores, headroom * 100)
+        log.warning(
+            "one unit of work costs %.2f core-seconds per second here, more than %d "
+            "cores carry with headroom %.0f%%: advertising 1",
+            cost,
+            cores,
+            headroom * 100,
+        )
     return max(1, min(upper, fits))
 
 
 def _check_cost(cost: float) -> None:
     if not isinstance(cost, (int, float)) or not math.isfinite(cost) or cost <= 0:
-        raise CalibrationError(f"measured cost {cost!r} core-seconds per second is not a positive "
-                               "number: the calibration did no work; check the model loads")
+        raise CalibrationError(
+            f"measured cost {cost!r} core-seconds per second is not a positive "
+            "number: the calibration did no work; check the model loads"
+        )
 
 
-def calibrate(role: str, model: str, measure: Callable[[], float],
-              state_dir: Path | str | None) -> Calibration:
+def calibrate(
+    role: str, model: str, measure: Callable[[], float], state_dir: Path | str | None
+) -> Calibration:
     """The cached calibration of ``role`` with ``model`` on this machine, or a new one.
 
     ``measure`` is blocking and returns core-seconds per second of one unit of work; it runs only
@@ -110,16 +119,28 @@ def calibrate(role: str, model: str, measure: Callable[[], float],
     if hit is not None:
         try:
             _check_cost(hit["cost"])
-            return Calibration(role, model, machine, cores, float(hit["cost"]),
-                               float(hit["measured_at"]), cached=True)
+            return Calibration(
+                role,
+                model,
+                machine,
+                cores,
+                float(hit["cost"]),
+                float(hit["measured_at"]),
+                cached=True,
+            )
         except (CalibrationError, KeyError, TypeError, ValueError):
             log.warning("ignoring a bad calibration cache entry for %s in %s", key, path)
     t0 = time.monotonic()
     cost = measure()
     _check_cost(cost)
     result = Calibration(role, model, machine, cores, float(cost), time.time())
-    log.info("calibrated %s (%s): %.3f core-seconds per second of work, measured in %.1f s",
-             role, model, cost, time.monotonic() - t0)
+    log.info(
+        "calibrated %s (%s): %.3f core-seconds per second of work, measured in %.1f s",
+        role,
+        model,
+        cost,
+        time.monotonic() - t0,
+    )
     if path is not None:
         entries[key] = {k: v for k, v in asdict(result).items() if k in ("cost", "measured_at")}
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,10 +6,10 @@ import argparse
 import asyncio
 import sys
 
+from common.cli import add_log_level, run_command
 from node.agent import NodeStartError, serve
 from node.config import ROLE_NAMES, ConfigError, load_config
 from node.roles import RoleNotBuilt
-from common.cli import add_log_level, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,9 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command("node", lambda: asyncio.run(serve(load_config(args.config, args.role))),
-                       (ConfigError, RoleNotBuilt, NodeStartError), status=2,
-                       log_level=args.log_level)
+    return run_command(
+        "node",
+        lambda: asyncio.run(serve(load_config(args.config, args.role))),
+        (ConfigError, RoleNotBuilt, NodeStartError),
+        status=2,
+        log_level=args.log_level,
+    )
 
 
 if __name__ == "__main__":

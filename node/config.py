@@ -12,10 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from common.settings import SettingsError, read_yaml_mapping, validate_settings
 from registry.client import DEFAULT_RPC_URL
 from registry.nodeurl import node_url_problem
 from registry.program import MAX_URL_LEN, VERSION_LEN
-from common.settings import SettingsError, read_yaml_mapping, validate_settings
 
 ROLE_NAMES = ("sfu", "stt", "tts")
 
@@ -50,11 +50,17 @@ class NodeConfig(BaseModel):
     listen_port: int = Field(ge=0, le=65535)
     public_url: str = Field(min_length=1, max_length=MAX_URL_LEN)
     location: Location
-    capacity: int = Field(ge=1, description="the most sessions this node takes; it advertises "
-                                            "less when its start-up calibration measures less")
-    calibrate: bool = Field(default=True, description="measure the capacity at start (cached per "
-                                                      "machine and model); false: advertise "
-                                                      "`capacity` as typed")
+    capacity: int = Field(
+        ge=1,
+        description="the most sessions this node takes; it advertises "
+        "less when its start-up calibration measures less",
+    )
+    calibrate: bool = Field(
+        default=True,
+        description="measure the capacity at start (cached per "
+        "machine and model); false: advertise "
+        "`capacity` as typed",
+    )
     version: str | None = Field(default=None, min_length=1, max_length=VERSION_LEN)
     gateway_url: str | None = None
     heartbeat_interval: float = Field(default=10.0, gt=0)
@@ -72,8 +78,10 @@ class NodeConfig(BaseModel):
         if not v.isascii() or any(c.isspace() for c in v):
             raise ValueError("public_url must be printable ASCII without spaces")
         if "://" not in v:
-            raise ValueError(f"public_url {v!r} needs a scheme, e.g. https://stt.example.net "
-                             "(http://127.0.0.1:8001 on this machine)")
+            raise ValueError(
+                f"public_url {v!r} needs a scheme, e.g. https://stt.example.net "
+                "(http://127.0.0.1:8001 on this machine)"
+            )
         # The registry program refuses the same URLs; say so before the node tries.
         problem = node_url_problem(v)
         if problem:
@@ -97,5 +105,7 @@ def load_config(path: str | Path, role: str | None = None) -> NodeConfig:
         raw["role"] = role
     config = validate_settings(NodeConfig, raw, path)
     if config.role is None:
-        raise ConfigError(f"{path}: no role: pass --role {{sfu,stt,tts}} or set `role:` in the file")
+        raise ConfigError(
+            f"{path}: no role: pass --role {{sfu,stt,tts}} or set `role:` in the file"
+        )
     return config

@@ -45,8 +45,14 @@ CREATE TABLE IF NOT EXISTS dead (
 
 
 class Outbox:
-    def __init__(self, path: Path, gateway_url: str | None, signer: Keypair,
-                 max_backoff: float = 60.0, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        gateway_url: str | None,
+        signer: Keypair,
+        max_backoff: float = 60.0,
+        timeout: float = 10.0,
+    ) -> None:
         self.path = path
         self.gateway_url = gateway_url.rstrip("/") if gateway_url else None
         self.signer = signer
@@ -75,11 +81,18 @@ class Outbox:
                 self._db.execute("DELETE FROM outbox WHERE key = ?", (key,))
             self._db.execute(
                 "INSERT INTO outbox (path, body, key, next_at, created_at) VALUES (?, ?, ?, ?, ?)",
-                (path, body, key, now, now))
+                (path, body, key, now, now),
+            )
         self._wake.set()
 
-    def report_usage(self, session_id: str, complete: bool, *, duration_seconds: float | None = None,
-                     used_characters: int | None = None) -> None:
+    def report_usage(
+        self,
+        session_id: str,
+        complete: bool,
+        *,
+        duration_seconds: float | None = None,
+        used_characters: int | None = None,
+    ) -> None:
         """The gateway's ``/internal/events`` body: cumulative usage, ``complete`` settles."""
         usage: dict[str, Any] = {}
         if duration_seconds is not None:
@@ -87,9 +100,11 @@ class Outbox:
         if used_characters is not None:
             usage["used_characters"] = int(used_characters)
         event = "complete" if complete else "usage"
-        self.enqueue("/internal/events", {"session_id": session_id, "event": event,
-                                          "usage": usage},
-                     key=None if complete else f"usage:{session_id}")
+        self.enqueue(
+            "/internal/events",
+            {"session_id": session_id, "event": event, "usage": usage},
+            key=None if complete else f"usage:{session_id}",
+        )
 
     def pending(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
@@ -106,7 +121,9 @@ class Outbox:
 
     async def start(self) -> None:
         if self.gateway_url is None:
-            log.warning("no gateway_url configured: usage events are kept in %s, not sent", self.path)
+            log.warning(
+                "no gateway_url configured: usage events are kept in %s, not sent", self.path
+            )
             return
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
         self._task = asyncio.create_task(self._run())
@@ -146,19 +163,21 @@ class Outbox:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), delay)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 continue
             await self._deliver(event_id, path, bytes(body), attempts)
 
     async def _deliver(self, event_id: int, path: str, body: bytes, attempts: int) -> None:
         assert self._http is not None and self.gateway_url is not None
-        headers = {"Authorization": f"Bearer {sign_body(self.signer, body)}",
-                   "Content-Type": "application/json"}
+        headers = {
+            "Authorization": f"Bearer {sign_body(self.signer, body)}",
+            "Content-Type": "application/json",
+        }
         try:
             async with self._http.post(self.gateway_url + path, data=body, headers=headers) as resp:
                 status, text = resp.status, (await resp.text())[:300]
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             status, text = 0, str(exc) or type(exc).__name__
         if 200 <= status < 300:
             self._db.execute("DELETE FROM outbox WHERE id = ?", (event_id,))
@@ -168,16 +187,26 @@ class Outbox:
             log.error("gateway refused %s (HTTP %d: %s); moved to dead letters", path, status, text)
             with self._db:
                 self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute("INSERT INTO dead SELECT id, path, body, ?, ?, created_at "
-                                 "FROM outbox WHERE id = ?", (status, text, event_id))
+                self._db.execute(
+                    "INSERT INTO dead SELECT id, path, body, ?, ?, created_at "
+                    "FROM outbox WHERE id = ?",
+                    (status, text, event_id),
+                )
                 self._db.execute("DELETE FROM outbox WHERE id = ?", (event_id,))
             return
         self.failures += 1
-        backoff = min(self.max_backoff, 0.5 * 2 ** attempts)
-        log.warning("could not deliver %s (%s); retry %d in %.1fs", path,
-                    f"HTTP {status}: {text}" if status else text, attempts + 1, backoff)
-        self._db.execute("UPDATE outbox SET attempts = attempts + 1, next_at = ? WHERE id = ?",
-                         (time.time() + backoff, event_id))
+        backoff = min(self.max_backoff, 0.5 * 2**attempts)
+        log.warning(
+            "could not deliver %s (%s); retry %d in %.1fs",
+            path,
+            f"HTTP {status}: {text}" if status else text,
+            attempts + 1,
+            backoff,
+        )
+        self._db.execute(
+            "UPDATE outbox SET attempts = attempts + 1, next_at = ? WHERE id = ?",
+            (time.time() + backoff, event_id),
+        )
 
 
 class SessionStore:
@@ -198,30 +227,39 @@ class SessionStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"CREATE TABLE IF NOT EXISTS {table} (session_id TEXT PRIMARY KEY, "
-                             "used REAL NOT NULL, completed INTEGER NOT NULL, expires_at REAL)")
+            self._db.execute(
+                f"CREATE TABLE IF NOT EXISTS {table} (session_id TEXT PRIMARY KEY, "
+                "used REAL NOT NULL, completed INTEGER NOT NULL, expires_at REAL)"
+            )
 
     def save(self, session_id: str, used: float, completed: bool, expires_at: float) -> None:
         if self._db is not None:
-            self._db.execute(f"INSERT OR REPLACE INTO {self._table} VALUES (?, ?, ?, ?)",
-                             (session_id, used, int(completed), expires_at))
-            self._db.execute(f"DELETE FROM {self._table} WHERE expires_at < ?",
-                             (time.time() - 86_400,))
+            self._db.execute(
+                f"INSERT OR REPLACE INTO {self._table} VALUES (?, ?, ?, ?)",
+                (session_id, used, int(completed), expires_at),
+            )
+            self._db.execute(
+                f"DELETE FROM {self._table} WHERE expires_at < ?", (time.time() - 86_400,)
+            )
 
     def load(self, session_id: str) -> tuple[float, bool] | None:
         """(used, completed) as last saved, or None for a session this node never saved."""
         if self._db is None:
             return None
-        row = self._db.execute(f"SELECT used, completed FROM {self._table} WHERE session_id = ?",
-                               (session_id,)).fetchone()
+        row = self._db.execute(
+            f"SELECT used, completed FROM {self._table} WHERE session_id = ?", (session_id,)
+        ).fetchone()
         return None if row is None else (float(row[0]), bool(row[1]))
 
     def completed_since(self, since: float) -> dict[str, float]:
         """Settled sessions whose ``expires_at`` is after ``since``: session id -> expires_at."""
         if self._db is None:
             return {}
-        rows = self._db.execute(f"SELECT session_id, expires_at FROM {self._table} "
-                                "WHERE completed = 1 AND expires_at >= ?", (since,))
+        rows = self._db.execute(
+            f"SELECT session_id, expires_at FROM {self._table} "
+            "WHERE completed = 1 AND expires_at >= ?",
+            (since,),
+        )
         return {str(sid): float(exp) for sid, exp in rows}
 
     def close(self) -> None:

@@ -76,12 +76,18 @@ class RoleContext:
         if not self.calibrate:
             return self.capacity
         self.calibration = await asyncio.get_running_loop().run_in_executor(
-            None, calibrate, self.role, model, measure, self.state_dir)
+            None, calibrate, self.role, model, measure, self.state_dir
+        )
         advertised = self.calibration.capacity(self.capacity)
-        self.log.info("%s capacity %d (%.3f core-seconds per unit-second on %d cores%s; config "
-                      "allows %d)", self.role, advertised, self.calibration.cost,
-                      self.calibration.cores, ", cached" if self.calibration.cached else "",
-                      self.capacity)
+        self.log.info(
+            "%s capacity %d (%.3f core-seconds per unit-second on %d cores%s; config allows %d)",
+            self.role,
+            advertised,
+            self.calibration.cost,
+            self.calibration.cores,
+            ", cached" if self.calibration.cached else "",
+            self.capacity,
+        )
         return advertised
 
 

@@ -43,8 +43,11 @@ class SessionEnded(SessionRefused):
     """The session was settled with the gateway; its token buys nothing more on this node."""
 
     def __init__(self, session_id: str) -> None:
-        super().__init__("session_ended", f"session {session_id} has ended (its usage was "
-                                          "settled); open a new session through the gateway")
+        super().__init__(
+            "session_ended",
+            f"session {session_id} has ended (its usage was "
+            "settled); open a new session through the gateway",
+        )
 
 
 async def verify_session_key(context: RoleContext, token: Any) -> Claims:
@@ -125,8 +128,17 @@ class Sessions(Generic[S]):
     (``duration_seconds``, ``used_characters``); ``store`` the SQLite file of the counts
     (``RoleContext.state_file``), None to keep nothing."""
 
-    def __init__(self, outbox: Outbox, store: Path | None, *, meter: type[S], unit: str,
-                 table: str, reconnect_grace: float, report_interval: float) -> None:
+    def __init__(
+        self,
+        outbox: Outbox,
+        store: Path | None,
+        *,
+        meter: type[S],
+        unit: str,
+        table: str,
+        reconnect_grace: float,
+        report_interval: float,
+    ) -> None:
         self.outbox = outbox
         self.sessions: dict[str, S] = {}
         self.meter = meter
@@ -196,8 +208,9 @@ class Sessions(Generic[S]):
                     del self.sessions[sid]
                 continue
             idle = session.sockets == 0 and session.idle_since is not None
-            if idle and (now - session.idle_since >= self.reconnect_grace
-                         or session.exhausted(wall)):
+            if idle and (
+                now - session.idle_since >= self.reconnect_grace or session.exhausted(wall)
+            ):
                 self.report(session, complete=True)
             elif report:
                 self.report(session)

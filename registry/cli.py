@@ -75,8 +75,9 @@ def cmd_localnet(args: argparse.Namespace) -> None:
     # The upgrade authority is the one key `registry init` accepts: by default the same file
     # `registry init --keypair` reads, so `make up` (and an operator) can initialise.
     authority = load_or_create_keypair(args.authority)
-    run_localnet(args.port, Path(args.ledger), programs, host=args.host,
-                 upgrade_authority=authority)
+    run_localnet(
+        args.port, Path(args.ledger), programs, host=args.host, upgrade_authority=authority
+    )
 
 
 async def cmd_init(args: argparse.Namespace, client: RegistryClient) -> None:
@@ -88,8 +89,10 @@ async def cmd_init(args: argparse.Namespace, client: RegistryClient) -> None:
                 f"registry already initialised with authority {existing.authority}, "
                 f"not {authority.pubkey()}"
             )
-        print(f"registry already initialised: authority {existing.authority}, "
-              f"heartbeat TTL {existing.heartbeat_ttl}s, policy {existing.policy.label}")
+        print(
+            f"registry already initialised: authority {existing.authority}, "
+            f"heartbeat TTL {existing.heartbeat_ttl}s, policy {existing.policy.label}"
+        )
         return
     await client.ensure_funded(authority)
     try:
@@ -102,15 +105,19 @@ async def cmd_init(args: argparse.Namespace, client: RegistryClient) -> None:
             "key may run `registry init` (on the localnet: the --authority key it was started "
             f"with, default {DEFAULT_KEYPAIR})"
         ) from None
-    print(f"registry initialised: authority {authority.pubkey()}, heartbeat TTL {args.ttl}s, "
-          f"policy {args.policy.label}\nsignature {sig}")
+    print(
+        f"registry initialised: authority {authority.pubkey()}, heartbeat TTL {args.ttl}s, "
+        f"policy {args.policy.label}\nsignature {sig}"
+    )
 
 
 async def cmd_issuer(args: argparse.Namespace, client: RegistryClient) -> None:
     if args.issuer_cmd == "list":
         issuers = await client.list_issuers()
         if args.json:
-            print(json.dumps([{"key": str(i.key), "added_at": i.added_at} for i in issuers], indent=2))
+            print(
+                json.dumps([{"key": str(i.key), "added_at": i.added_at} for i in issuers], indent=2)
+            )
         else:
             for i in issuers:
                 print(f"{i.key}  added {_ago(i.added_at)}")
@@ -136,8 +143,12 @@ def _fields(args: argparse.Namespace) -> p.NodeFields:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     return p.NodeFields(
-        url=args.url, lat=args.lat, lon=args.lon, country=args.country.upper(),
-        capacity=args.capacity, version=args.version,
+        url=args.url,
+        lat=args.lat,
+        lon=args.lon,
+        country=args.country.upper(),
+        capacity=args.capacity,
+        version=args.version,
     )
 
 
@@ -185,18 +196,22 @@ def format_nodes_table(nodes: list[p.NodeAccount], now: float | None = None) -> 
     rows = [header]
     for n in nodes:
         status = n.status.label + (" (stale)" if n.stale else "")
-        rows.append((
-            n.role.label,
-            n.url,
-            f"{n.country} {n.lat:.2f},{n.lon:.2f}",
-            f"{n.load}/{n.capacity}",
-            _ago(n.last_heartbeat, now),
-            status,
-            n.version,
-            str(n.owner),
-        ))
+        rows.append(
+            (
+                n.role.label,
+                n.url,
+                f"{n.country} {n.lat:.2f},{n.lon:.2f}",
+                f"{n.load}/{n.capacity}",
+                _ago(n.last_heartbeat, now),
+                status,
+                n.version,
+                str(n.owner),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows
+    )
 
 
 def _ago(ts: int, now: float | None = None) -> str:
@@ -228,8 +243,10 @@ async def cmd_airdrop(args: argparse.Namespace, client: RegistryClient) -> None:
         except ValueError as exc:
             raise CliError(str(exc)) from None
         held = (await client.rpc.get_token_account_balance(account)).value.ui_amount_string
-        print(f"minted {args.usdc} test USDC ({usdc.test_usdc_mint()}) to {args.to} "
-              f"(token account {account}, balance {held} USDC)")
+        print(
+            f"minted {args.usdc} test USDC ({usdc.test_usdc_mint()}) to {args.to} "
+            f"(token account {account}, balance {held} USDC)"
+        )
 
 
 def cmd_token_mint(args: argparse.Namespace) -> None:
@@ -249,11 +266,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def rpc(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--rpc", default=DEFAULT_RPC_URL, help=f"JSON-RPC URL (default {DEFAULT_RPC_URL})")
+        sp.add_argument(
+            "--rpc", default=DEFAULT_RPC_URL, help=f"JSON-RPC URL (default {DEFAULT_RPC_URL})"
+        )
 
     def keypair(sp: argparse.ArgumentParser, default: Path | None = DEFAULT_KEYPAIR) -> None:
-        sp.add_argument("--keypair", type=Path, default=default, required=default is None,
-                        help=f"signer keypair file (default {default})" if default else "signer keypair file")
+        sp.add_argument(
+            "--keypair",
+            type=Path,
+            default=default,
+            required=default is None,
+            help=f"signer keypair file (default {default})" if default else "signer keypair file",
+        )
 
     sp = sub.add_parser("keygen", help="write a new keypair file (Solana CLI format)")
     sp.add_argument("out", type=Path)
@@ -262,36 +286,58 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("localnet", help="run the embedded localnet (JSON-RPC over LiteSVM)")
     sp.add_argument("--port", type=int, default=8899)
     sp.add_argument("--host", default="127.0.0.1")
-    sp.add_argument("--ledger", default=".local/ledger", help="state directory (kept across restarts)")
+    sp.add_argument(
+        "--ledger", default=".local/ledger", help="state directory (kept across restarts)"
+    )
     sp.add_argument("--no-program", action="store_true", help="do not deploy the registry program")
-    sp.add_argument("--authority", type=Path, default=DEFAULT_KEYPAIR,
-                    help="the program's upgrade authority, the only key `registry init` accepts "
-                         f"(default {DEFAULT_KEYPAIR}, created if missing)")
+    sp.add_argument(
+        "--authority",
+        type=Path,
+        default=DEFAULT_KEYPAIR,
+        help="the program's upgrade authority, the only key `registry init` accepts "
+        f"(default {DEFAULT_KEYPAIR}, created if missing)",
+    )
 
-    sp = sub.add_parser("init", help="initialise the registry (the program's upgrade authority "
-                                     "signs and becomes its authority)")
-    rpc(sp); keypair(sp)
+    sp = sub.add_parser(
+        "init",
+        help="initialise the registry (the program's upgrade authority "
+        "signs and becomes its authority)",
+    )
+    rpc(sp)
+    keypair(sp)
     sp.add_argument("--ttl", type=int, default=30, help="heartbeat TTL in seconds (default 30)")
-    sp.add_argument("--policy", type=_policy, default=p.Policy.APPROVAL,
-                    help="admission of new nodes: approval (they wait, pending, for "
-                         "`registry node approve`) or open (active at once); default approval")
+    sp.add_argument(
+        "--policy",
+        type=_policy,
+        default=p.Policy.APPROVAL,
+        help="admission of new nodes: approval (they wait, pending, for "
+        "`registry node approve`) or open (active at once); default approval",
+    )
 
     sp = sub.add_parser("issuer", help="gateway keys that nodes trust")
     isub = sp.add_subparsers(dest="issuer_cmd", required=True)
     for name in ("add", "remove"):
-        s = isub.add_parser(name); rpc(s); keypair(s); s.add_argument("key", type=_pubkey)
-    s = isub.add_parser("list"); rpc(s); s.add_argument("--json", action="store_true")
+        s = isub.add_parser(name)
+        rpc(s)
+        keypair(s)
+        s.add_argument("key", type=_pubkey)
+    s = isub.add_parser("list")
+    rpc(s)
+    s.add_argument("--json", action="store_true")
 
     sp = sub.add_parser("nodes", help="list registered nodes")
     rpc(sp)
     sp.add_argument("--role", type=_role)
     sp.add_argument("--json", action="store_true")
 
-    sp = sub.add_parser("node", help="register, update or deregister a node; approve, suspend or "
-                                     "activate one")
+    sp = sub.add_parser(
+        "node", help="register, update or deregister a node; approve, suspend or activate one"
+    )
     nsub = sp.add_subparsers(dest="node_cmd", required=True)
     for name in ("register", "update"):
-        s = nsub.add_parser(name); rpc(s); keypair(s, None)
+        s = nsub.add_parser(name)
+        rpc(s)
+        keypair(s, None)
         if name == "register":
             s.add_argument("--role", type=_role, required=True)
         s.add_argument("--url", required=True)
@@ -300,19 +346,31 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--country", required=True, help="ISO 3166-1 alpha-2, e.g. DE")
         s.add_argument("--capacity", type=int, required=True)
         s.add_argument("--version", default="0.1.0")
-    s = nsub.add_parser("deregister"); rpc(s); keypair(s, None)
+    s = nsub.add_parser("deregister")
+    rpc(s)
+    keypair(s, None)
     for name in ("approve", "suspend", "activate"):
-        s = nsub.add_parser(name, help="authority only"); rpc(s); keypair(s)
+        s = nsub.add_parser(name, help="authority only")
+        rpc(s)
+        keypair(s)
         s.add_argument("owner", type=_pubkey, help="the node's public key")
 
     sp = sub.add_parser("airdrop", help="fund a wallet with test SOL and test USDC (localnet only)")
     rpc(sp)
     sp.add_argument("--to", type=_pubkey, required=True)
-    sp.add_argument("--sol", type=float, default=None,
-                    help="SOL to airdrop (default 1, or 0 when only --usdc is given)")
-    sp.add_argument("--usdc", type=float, default=None,
-                    help="test USDC to mint to the wallet's token account (the mint `make up` "
-                         "created, .local/keys/usdc-mint.json)")
+    sp.add_argument(
+        "--sol",
+        type=float,
+        default=None,
+        help="SOL to airdrop (default 1, or 0 when only --usdc is given)",
+    )
+    sp.add_argument(
+        "--usdc",
+        type=float,
+        default=None,
+        help="test USDC to mint to the wallet's token account (the mint `make up` "
+        "created, .local/keys/usdc-mint.json)",
+    )
 
     sp = sub.add_parser("token", help="session tokens")
     tsub = sp.add_subparsers(dest="token_cmd", required=True)
@@ -323,13 +381,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ttl", type=int, required=True, help="seconds")
     s.add_argument("--room", help="room name (webrtc)")
     s.add_argument("--limit", type=int, help="seconds (stt) or characters (tts)")
-    s.add_argument("--audience", required=True, type=_pubkey, metavar="NODE_KEY",
-                   help="the node key the token is for (aud): every other node refuses it")
+    s.add_argument(
+        "--audience",
+        required=True,
+        type=_pubkey,
+        metavar="NODE_KEY",
+        help="the node key the token is for (aud): every other node refuses it",
+    )
     return parser
 
 
 ASYNC_COMMANDS: dict[str, Callable[[argparse.Namespace, RegistryClient], Awaitable[None]]] = {
-    "init": cmd_init, "issuer": cmd_issuer, "node": cmd_node, "nodes": cmd_nodes,
+    "init": cmd_init,
+    "issuer": cmd_issuer,
+    "node": cmd_node,
+    "nodes": cmd_nodes,
     "airdrop": cmd_airdrop,
 }
 
@@ -356,9 +422,12 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command("registry", lambda: run(args),
-                       (CliError, RegistryError, FileNotFoundError, FileExistsError, ValueError),
-                       status=1)
+    return run_command(
+        "registry",
+        lambda: run(args),
+        (CliError, RegistryError, FileNotFoundError, FileExistsError, ValueError),
+        status=1,
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from dataclasses import replace
 from urllib.parse import urlparse
 
 from based58 import b58encode
-
 from solana.exceptions import SolanaRpcException
 from solana.rpc.async_api import AsyncClient
 from solana.rpc.commitment import Confirmed
@@ -45,7 +44,9 @@ class RegistryError(Exception):
     """The RPC or the chain refused a registry call for a reason other than a program rule."""
 
 
-def program_error_from(exc: BaseException, logs: Sequence[str] = ()) -> p.RegistryProgramError | None:
+def program_error_from(
+    exc: BaseException, logs: Sequence[str] = ()
+) -> p.RegistryProgramError | None:
     """Recover the program's custom error code from whatever shape the RPC reported it in."""
     text = repr(exc) + " " + str(exc)
     data = getattr(exc.args[0], "data", None) if exc.args else None
@@ -76,7 +77,7 @@ class RegistryClient:
     async def close(self) -> None:
         await self.rpc.close()
 
-    async def __aenter__(self) -> "RegistryClient":
+    async def __aenter__(self) -> RegistryClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -84,7 +85,9 @@ class RegistryClient:
 
     # ------------------------------------------------------------ transactions
 
-    async def send(self, instructions: Sequence[Instruction], signers: Sequence[Keypair]) -> Signature:
+    async def send(
+        self, instructions: Sequence[Instruction], signers: Sequence[Keypair]
+    ) -> Signature:
         """Sign with ``signers`` (the first pays the fee), send, and wait for confirmation."""
         payer = signers[0]
         try:
@@ -125,7 +128,9 @@ class RegistryClient:
         return await self.send([ix], [authority])
 
     async def add_issuer(self, authority: Keypair, key: Pubkey) -> Signature:
-        return await self.send([p.add_issuer_ix(authority.pubkey(), key, self.program_id)], [authority])
+        return await self.send(
+            [p.add_issuer_ix(authority.pubkey(), key, self.program_id)], [authority]
+        )
 
     async def remove_issuer(self, authority: Keypair, key: Pubkey) -> Signature:
         ix = p.remove_issuer_ix(authority.pubkey(), key, self.program_id)
@@ -204,13 +209,18 @@ class RegistryClient:
     async def list_nodes(
         self, role: p.Role | str | None = None, now: float | None = None
     ) -> list[p.NodeAccount]:
-        """Every node (of ``role``), each marked ``stale`` when its heartbeat is older than the TTL."""
+        """Every node (of ``role``).
+
+        Each is marked ``stale`` when its heartbeat is older than the TTL.
+        """
         filters: list[int | MemcmpOpts] = [
             p.NODE_SIZE,
             MemcmpOpts(offset=0, bytes=_b58(p.account_discriminator("Node"))),
         ]
         if role is not None:
-            filters.append(MemcmpOpts(offset=p.NODE_ROLE_OFFSET, bytes=_b58(bytes([p.Role.parse(role)]))))
+            filters.append(
+                MemcmpOpts(offset=p.NODE_ROLE_OFFSET, bytes=_b58(bytes([p.Role.parse(role)])))
+            )
         registry = await self.require_registry()
         resp = await self.rpc.get_program_accounts(
             self.program_id, encoding="base64", filters=filters
@@ -241,7 +251,9 @@ def is_local_rpc(url: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
-def mark_stale(nodes: list[p.NodeAccount], ttl: int, now: float | None = None) -> list[p.NodeAccount]:
+def mark_stale(
+    nodes: list[p.NodeAccount], ttl: int, now: float | None = None
+) -> list[p.NodeAccount]:
     current = time.time() if now is None else now
     return [replace(n, stale=current - n.last_heartbeat > ttl) for n in nodes]
 
@@ -256,8 +268,22 @@ def decode_node_fast(address: Pubkey, data: bytes) -> p.NodeAccount:
     """
     if len(data) < p.NODE_SIZE or data[:8] != p.account_discriminator("Node"):
         raise ValueError(f"account {address} is not a registry Node")
-    (owner, registered_at, last_hb, last_slot, lat, lon, capacity, load, role, status, _bump,
-     country, version, url_len) = _NODE_HEAD.unpack_from(data, 8)
+    (
+        owner,
+        registered_at,
+        last_hb,
+        last_slot,
+        lat,
+        lon,
+        capacity,
+        load,
+        role,
+        status,
+        _bump,
+        country,
+        version,
+        url_len,
+    ) = _NODE_HEAD.unpack_from(data, 8)
     url = data[108 : 108 + min(url_len, p.MAX_URL_LEN)]
     return p.NodeAccount(
         address=address,

@@ -40,8 +40,10 @@ def node_url_problem(url: str) -> str | None:
     if parts.scheme in PLAIN_SCHEMES:
         if is_loopback_host(host):
             return None
-        return (f"node URL {url!r} is plain {parts.scheme}:// on a non-loopback host: use "
-                "https:// or wss:// (plain http only for 127.0.0.0/8, ::1 or localhost)")
+        return (
+            f"node URL {url!r} is plain {parts.scheme}:// on a non-loopback host: use "
+            "https:// or wss:// (plain http only for 127.0.0.0/8, ::1 or localhost)"
+        )
     return f"node URL {url!r} must start with https:// or wss:// (http:// only on loopback)"
 
 

@@ -63,7 +63,7 @@ class _ByteEnum(IntEnum):
         return cls.__name__.lower()
 
     @classmethod
-    def parse(cls, value: "str | int | _ByteEnum") -> Self:
+    def parse(cls, value: str | int | _ByteEnum) -> Self:
         """The member ``value`` names; a ValueError naming the choices otherwise."""
         if isinstance(value, cls):
             return value
@@ -73,7 +73,9 @@ class _ByteEnum(IntEnum):
             return cls[str(value).strip().upper()]
         except KeyError:
             choices = ", ".join(m.label for m in cls)
-            raise ValueError(f"unknown {cls._kind()} {value!r}: expected one of {choices}") from None
+            raise ValueError(
+                f"unknown {cls._kind()} {value!r}: expected one of {choices}"
+            ) from None
 
     @property
     def label(self) -> str:
@@ -199,11 +201,21 @@ def _ix(name: str, program_id: Pubkey, args: dict[str, Any], **accounts: Pubkey)
     in the IDL's order with its signer and writable flags (stated once, in idl.json). The
     registry, the System Program and the program's own accounts are filled in here; callers name
     the others (``node``, ``issuer``, ``owner``, ``authority``)."""
-    known = {"registry": registry_pda(program_id)[0], "systemProgram": SYSTEM_PROGRAM_ID,
-             "program": program_id, "programData": programdata_address(program_id)}
+    known = {
+        "registry": registry_pda(program_id)[0],
+        "systemProgram": SYSTEM_PROGRAM_ID,
+        "program": program_id,
+        "programData": programdata_address(program_id),
+    }
     spec = _idl_instruction(name)
-    metas = [AccountMeta(pubkey=accounts[a.name] if a.name in accounts else known[a.name],
-                         is_signer=a.is_signer, is_writable=a.is_mut) for a in spec.accounts]
+    metas = [
+        AccountMeta(
+            pubkey=accounts[a.name] if a.name in accounts else known[a.name],
+            is_signer=a.is_signer,
+            is_writable=a.is_mut,
+        )
+        for a in spec.accounts
+    ]
     data = _instruction_coder().encode(snake(name), {snake(k): v for k, v in args.items()})
     return Instruction(program_id, data, metas)
 
@@ -233,8 +245,9 @@ def add_issuer_ix(authority: Pubkey, key: Pubkey, program_id: Pubkey = PROGRAM_I
 def remove_issuer_ix(
     authority: Pubkey, key: Pubkey, program_id: Pubkey = PROGRAM_ID
 ) -> Instruction:
-    return _ix("remove_issuer", program_id, {}, issuer=issuer_pda(key, program_id)[0],
-               authority=authority)
+    return _ix(
+        "remove_issuer", program_id, {}, issuer=issuer_pda(key, program_id)[0], authority=authority
+    )
 
 
 @dataclass(frozen=True)
@@ -289,15 +302,17 @@ def set_node_status_ix(
     authority: Pubkey, owner: Pubkey, status: NodeStatus, program_id: Pubkey = PROGRAM_ID
 ) -> Instruction:
     node, _ = node_pda(owner, program_id)
-    return _ix("set_node_status", program_id, {"status": int(status)}, node=node,
-               authority=authority)
+    return _ix(
+        "set_node_status", program_id, {"status": int(status)}, node=node, authority=authority
+    )
 
 
 def approve_node_ix(
     authority: Pubkey, owner: Pubkey, program_id: Pubkey = PROGRAM_ID
 ) -> Instruction:
-    return _ix("approve_node", program_id, {}, node=node_pda(owner, program_id)[0],
-               authority=authority)
+    return _ix(
+        "approve_node", program_id, {}, node=node_pda(owner, program_id)[0], authority=authority
+    )
 
 
 # ---------------------------------------------------------------- accounts
@@ -372,8 +387,9 @@ def _decode(name: str, data: bytes) -> Any:
 
 def decode_registry(address: Pubkey, data: bytes) -> RegistryAccount:
     a = _decode("Registry", data)
-    return RegistryAccount(address, a.authority, a.heartbeat_ttl, a.node_count, a.issuer_count,
-                           Policy(a.policy))
+    return RegistryAccount(
+        address, a.authority, a.heartbeat_ttl, a.node_count, a.issuer_count, Policy(a.policy)
+    )
 
 
 def decode_issuer(address: Pubkey, data: bytes) -> IssuerAccount:

@@ -41,7 +41,10 @@ class TokenError(CodedError):
 
 @dataclass(frozen=True)
 class Grant:
-    """What a token allows. ``video`` follows LiveKit's camelCase grant so LiveKit tooling reads it."""
+    """What a token allows.
+
+    ``video`` follows LiveKit's camelCase grant so LiveKit tooling reads it.
+    """
 
     service: str
     room: str | None = None
@@ -186,8 +189,11 @@ def _encode(claims: dict[str, Any], signer: Keypair) -> str:
     built ourselves on every call, about a third of a token's cost at the gateway's request rate.
     PyJWT still verifies every token (``verify_token``), and the tests decode minted tokens
     with PyJWT and the LiveKit SDK."""
-    signing_input = (_header_segment(_key_id(signer)) + b"."
-                     + _b64url(json.dumps(claims, separators=(",", ":")).encode()))
+    signing_input = (
+        _header_segment(_key_id(signer))
+        + b"."
+        + _b64url(json.dumps(claims, separators=(",", ":")).encode())
+    )
     return (signing_input + b"." + _b64url(_private_key(signer).sign(signing_input))).decode()
 
 
@@ -206,7 +212,8 @@ def verify_token(
     leeway: int = DEFAULT_LEEWAY_SECONDS,
     audience: str | None = None,
 ) -> Claims:
-    """Check a token against a set of issuer keys (base58); raise TokenError naming the failed check.
+    """Check a token against a set of issuer keys (base58); raise TokenError naming the failed
+    check.
 
     With ``audience`` (the verifying node's own key) the token's ``aud`` must be exactly that key:
     a token without ``aud``, or routed to another node, is refused with ``wrong_node``."""
@@ -227,7 +234,9 @@ def verify_token(
     try:
         key = _public_key(Pubkey.from_string(issuer))
     except ValueError:
-        raise TokenError("invalid_token", f"issuer {issuer!r} is not an Ed25519 public key") from None
+        raise TokenError(
+            "invalid_token", f"issuer {issuer!r} is not an Ed25519 public key"
+        ) from None
     current = time.time() if now is None else now
     try:
         claims = jwt.decode(
@@ -236,9 +245,13 @@ def verify_token(
             algorithms=[ALGORITHM],
             leeway=leeway,
             # ``aud`` is checked below, so that a wrong one is ``wrong_node`` and not a PyJWT error
-            options={"require": ["exp", "nbf", "iss", "sub", "jti"], "verify_exp": False,
-                     "verify_iat": False, "verify_aud": False,
-                     "verify_nbf": False},
+            options={
+                "require": ["exp", "nbf", "iss", "sub", "jti"],
+                "verify_exp": False,
+                "verify_iat": False,
+                "verify_aud": False,
+                "verify_nbf": False,
+            },
         )
     except jwt.InvalidSignatureError:
         raise TokenError("invalid_signature", "token signature does not verify") from None
@@ -269,18 +282,25 @@ def verify_token(
 
 def _check_audience(aud: Any, audience: str) -> None:
     if aud is None:
-        raise TokenError("wrong_node", f"token names no node (no aud claim); this node is {audience}: "
-                                       "ask the gateway for a session routed to this node")
+        raise TokenError(
+            "wrong_node",
+            f"token names no node (no aud claim); this node is {audience}: "
+            "ask the gateway for a session routed to this node",
+        )
     if aud != audience:
-        raise TokenError("wrong_node", f"token was routed to node {aud}, this node is {audience}: "
-                                       "use the node the gateway answered with")
+        raise TokenError(
+            "wrong_node",
+            f"token was routed to node {aud}, this node is {audience}: "
+            "use the node the gateway answered with",
+        )
 
 
 IssuerSource = Callable[[], Awaitable[Iterable[str]]]
 
 
 class TokenVerifier:
-    """Verifies tokens against the issuers on chain, re-reading the list at most every ``cache_ttl`` s.
+    """Verifies tokens against the issuers on chain, re-reading the list at most every
+    ``cache_ttl`` s.
 
     An unknown issuer forces one early refresh (rate limited), so a gateway added on chain a moment
     ago is trusted without waiting out the cache; a removed one stays trusted at most ``cache_ttl``.
@@ -313,20 +333,21 @@ class TokenVerifier:
                 self._fetched_at = time.monotonic()
             return self._issuers
 
-    async def verify(self, token: str, now: float | None = None,
-                     audience: str | None = None) -> Claims:
+    async def verify(
+        self, token: str, now: float | None = None, audience: str | None = None
+    ) -> Claims:
         """``audience`` (else the verifier's own) is the key a token's ``aud`` must name."""
         aud = audience if audience is not None else self.audience
         issuers = await self.trusted_issuers()
         try:
-            return verify_token(token, issuers, self.service, now=now, leeway=self.leeway,
-                                audience=aud)
+            return verify_token(
+                token, issuers, self.service, now=now, leeway=self.leeway, audience=aud
+            )
         except TokenError as exc:
             if exc.code != "untrusted_issuer":
                 raise
         issuers = await self.trusted_issuers(force=True)
-        return verify_token(token, issuers, self.service, now=now, leeway=self.leeway,
-                            audience=aud)
+        return verify_token(token, issuers, self.service, now=now, leeway=self.leeway, audience=aud)
 
 
 # ---------------------------------------------------------------- signed bodies (node -> gateway)
@@ -339,8 +360,12 @@ def body_digest(body: bytes) -> str:
     return base64.b64encode(hashlib.sha256(body).digest()).decode()
 
 
-def sign_body(signer: Keypair, body: bytes, now: float | None = None,
-              ttl_seconds: int = BODY_TOKEN_TTL_SECONDS) -> str:
+def sign_body(
+    signer: Keypair,
+    body: bytes,
+    now: float | None = None,
+    ttl_seconds: int = BODY_TOKEN_TTL_SECONDS,
+) -> str:
     """A JWT by a node's own key that binds one request body (LiveKit's webhook scheme).
 
     The ``sha256`` claim is base64(SHA-256(body)); ``iss``/``kid`` is the node key. Sent as
@@ -348,13 +373,19 @@ def sign_body(signer: Keypair, body: bytes, now: float | None = None,
     """
     issued = int(now if now is not None else time.time())
     key = _key_id(signer)
-    claims = {"iss": key, "nbf": issued, "iat": issued, "exp": issued + ttl_seconds,
-              "sha256": body_digest(body)}
+    claims = {
+        "iss": key,
+        "nbf": issued,
+        "iat": issued,
+        "exp": issued + ttl_seconds,
+        "sha256": body_digest(body),
+    }
     return _encode(claims, signer)
 
 
-def verify_body(token: str, body: bytes, now: float | None = None,
-                leeway: int = DEFAULT_LEEWAY_SECONDS) -> str:
+def verify_body(
+    token: str, body: bytes, now: float | None = None, leeway: int = DEFAULT_LEEWAY_SECONDS
+) -> str:
     """Check a body token's signature, time and digest; return the signer's key (base58).
 
     Whether that key may post is the caller's question (a registered, active node on chain).
@@ -367,9 +398,17 @@ def verify_body(token: str, body: bytes, now: float | None = None,
         if header.get("alg") != ALGORITHM or not isinstance(issuer, str):
             raise TokenError("invalid_token", "request signature must be EdDSA with an iss claim")
         key = _public_key(Pubkey.from_string(issuer))
-        claims = jwt.decode(token, key, algorithms=[ALGORITHM],
-                            options={"require": ["exp", "iss", "sha256"], "verify_exp": False,
-                                     "verify_nbf": False, "verify_iat": False})
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=[ALGORITHM],
+            options={
+                "require": ["exp", "iss", "sha256"],
+                "verify_exp": False,
+                "verify_nbf": False,
+                "verify_iat": False,
+            },
+        )
     except jwt.InvalidSignatureError:
         raise TokenError("invalid_signature", "request signature does not verify") from None
     except (jwt.PyJWTError, ValueError) as exc:

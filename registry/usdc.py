@@ -33,9 +33,17 @@ MINT_KEYPAIR = Path(".local/keys/usdc-mint.json")
 MINT_AUTHORITY_KEYPAIR = Path(".local/keys/usdc-mint-authority.json")
 
 __all__ = [
-    "ASSOCIATED_TOKEN_PROGRAM_ID", "DECIMALS", "MINT_AUTHORITY_KEYPAIR", "MINT_KEYPAIR",
-    "TOKEN_PROGRAM_ID", "ata", "ensure_ata", "ensure_test_usdc", "mint_test_usdc",
-    "test_usdc_mint", "to_atomic",
+    "ASSOCIATED_TOKEN_PROGRAM_ID",
+    "DECIMALS",
+    "MINT_AUTHORITY_KEYPAIR",
+    "MINT_KEYPAIR",
+    "TOKEN_PROGRAM_ID",
+    "ata",
+    "ensure_ata",
+    "ensure_test_usdc",
+    "mint_test_usdc",
+    "test_usdc_mint",
+    "to_atomic",
 ]
 
 
@@ -46,7 +54,7 @@ def ata(owner: Pubkey, mint: Pubkey, token_program: Pubkey = TOKEN_PROGRAM_ID) -
 
 def to_atomic(amount: Decimal | float | str, decimals: int = DECIMALS) -> int:
     """Whole tokens -> base units; refuses amounts finer than the mint's precision."""
-    d = Decimal(str(amount)) * (10 ** decimals)
+    d = Decimal(str(amount)) * (10**decimals)
     if d != d.to_integral_value() or d <= 0:
         raise ValueError(f"{amount} is not a positive amount with at most {decimals} decimals")
     return int(d)
@@ -59,8 +67,9 @@ def test_usdc_mint(mint_keypair: Path = MINT_KEYPAIR) -> Pubkey:
 
 def _local_only(client: RegistryClient) -> None:
     if not is_local_rpc(client.rpc_url):
-        raise RegistryError(f"test USDC is for the localnet only; {client.rpc_url} is not a "
-                            "loopback RPC")
+        raise RegistryError(
+            f"test USDC is for the localnet only; {client.rpc_url} is not a loopback RPC"
+        )
 
 
 async def ensure_test_usdc(
@@ -79,14 +88,29 @@ async def ensure_test_usdc(
         return mint.pubkey(), False
     await client.ensure_funded(authority)
     rent = (await client.rpc.get_minimum_balance_for_rent_exemption(MINT_SIZE)).value
-    await client.send([
-        create_account(CreateAccountParams(
-            from_pubkey=authority.pubkey(), to_pubkey=mint.pubkey(), lamports=rent,
-            space=MINT_SIZE, owner=TOKEN_PROGRAM_ID)),
-        initialize_mint(InitializeMintParams(
-            decimals=DECIMALS, program_id=TOKEN_PROGRAM_ID, mint=mint.pubkey(),
-            mint_authority=authority.pubkey(), freeze_authority=None)),
-    ], [authority, mint])
+    await client.send(
+        [
+            create_account(
+                CreateAccountParams(
+                    from_pubkey=authority.pubkey(),
+                    to_pubkey=mint.pubkey(),
+                    lamports=rent,
+                    space=MINT_SIZE,
+                    owner=TOKEN_PROGRAM_ID,
+                )
+            ),
+            initialize_mint(
+                InitializeMintParams(
+                    decimals=DECIMALS,
+                    program_id=TOKEN_PROGRAM_ID,
+                    mint=mint.pubkey(),
+                    mint_authority=authority.pubkey(),
+                    freeze_authority=None,
+                )
+            ),
+        ],
+        [authority, mint],
+    )
     return mint.pubkey(), True
 
 
@@ -94,8 +118,9 @@ async def ensure_ata(client: RegistryClient, payer: Keypair, owner: Pubkey, mint
     """Create ``owner``'s token account for ``mint`` if missing (``payer`` pays the rent)."""
     account = ata(owner, mint)
     if (await client.rpc.get_account_info(account)).value is None:
-        await client.send([create_idempotent_associated_token_account(payer.pubkey(), owner, mint)],
-                          [payer])
+        await client.send(
+            [create_idempotent_associated_token_account(payer.pubkey(), owner, mint)], [payer]
+        )
     return account
 
 
@@ -117,10 +142,20 @@ async def mint_test_usdc(
         raise RegistryError(f"the test USDC mint {mint} is not on this chain: run `make up` first")
     await client.ensure_funded(authority)
     account = ata(to, mint)
-    await client.send([
-        create_idempotent_associated_token_account(authority.pubkey(), to, mint),
-        mint_to_checked(MintToCheckedParams(
-            program_id=TOKEN_PROGRAM_ID, mint=mint, dest=account, mint_authority=authority.pubkey(),
-            amount=atomic, decimals=DECIMALS)),
-    ], [authority])
+    await client.send(
+        [
+            create_idempotent_associated_token_account(authority.pubkey(), to, mint),
+            mint_to_checked(
+                MintToCheckedParams(
+                    program_id=TOKEN_PROGRAM_ID,
+                    mint=mint,
+                    dest=account,
+                    mint_authority=authority.pubkey(),
+                    amount=atomic,
+                    decimals=DECIMALS,
+                )
+            ),
+        ],
+        [authority],
+    )
     return account

@@ -3,9 +3,9 @@
 Starts the localnet (registry program deployed with .local/keys/authority.json as its upgrade
 authority), initialises the registry under the `approval` admission policy, lists the gateway's key
 as a trusted issuer, then starts the gateway and one node of each role that this build has,
-approving each of its own nodes (their keys are .local/keys/node-<role>.json) once they register. Each
-child's output is prefixed with its name. Ctrl-C (or SIGTERM) stops the children in reverse order,
-so nodes drain and deregister while the chain is still up. State lives under `.local/`.
+approving each of its own nodes (their keys are .local/keys/node-<role>.json) once they register.
+Each child's output is prefixed with its name. Ctrl-C (or SIGTERM) stops the children in reverse
+order, so nodes drain and deregister while the chain is still up. State lives under `.local/`.
 
 `make demo` runs it with `--demo`: the same network, then the demo web app (demo/app.py) on
 http://127.0.0.1:8080 with its wallet (.local/keys/demo-wallet.json) funded by an x402 purchase.
@@ -24,10 +24,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from solders.keypair import Keypair  # noqa: E402
+
 from registry import program as p  # noqa: E402
 from registry.client import RegistryClient, RegistryError  # noqa: E402
 from registry.keys import load_or_create_keypair  # noqa: E402
-from solders.keypair import Keypair  # noqa: E402
 
 LOCAL = ROOT / ".local"
 RPC_PORT = 8899
@@ -48,7 +49,10 @@ class Child:
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            *self.argv,
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             # Own process group: Ctrl-C reaches only this supervisor, which then stops the
             # children in reverse order (nodes deregister while the chain is still up).
@@ -67,7 +71,7 @@ class Child:
         self.proc.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(self.proc.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             print(f"[{self.name}] did not stop in {timeout:.0f}s; killing", flush=True)
             self.proc.kill()
             await self.proc.wait()
@@ -110,8 +114,10 @@ async def bootstrap_registry(client: RegistryClient) -> str:
     registry = await client.get_registry()
     if registry is None:
         await client.initialize_registry(authority, HEARTBEAT_TTL, p.Policy.APPROVAL)
-        print(f"registry initialised (authority {authority.pubkey()}, TTL {HEARTBEAT_TTL}s, "
-              "policy approval)")
+        print(
+            f"registry initialised (authority {authority.pubkey()}, TTL {HEARTBEAT_TTL}s, "
+            "policy approval)"
+        )
     if str(issuer.pubkey()) not in await client.issuer_keys():
         await client.add_issuer(authority, issuer.pubkey())
         print(f"gateway issuer {issuer.pubkey()} listed on the registry")
@@ -123,11 +129,13 @@ async def bootstrap_payments(client: RegistryClient) -> str:
     payer, so x402 purchases work on the localnet; idempotent across restarts."""
     from registry import usdc
 
-    mint, created = await usdc.ensure_test_usdc(client, LOCAL / "keys" / "usdc-mint.json",
-                                                LOCAL / "keys" / "usdc-mint-authority.json")
+    mint, created = await usdc.ensure_test_usdc(
+        client, LOCAL / "keys" / "usdc-mint.json", LOCAL / "keys" / "usdc-mint-authority.json"
+    )
     if created:
-        print(f"test USDC mint {mint} created "
-              "(fund a wallet: registry airdrop --to ADDR --usdc 10)")
+        print(
+            f"test USDC mint {mint} created (fund a wallet: registry airdrop --to ADDR --usdc 10)"
+        )
     fee_payer = load_or_create_keypair(LOCAL / "keys" / "gateway-fee-payer.json")
     await client.ensure_funded(fee_payer, min_sol=1.0)
     return str(mint)
@@ -140,8 +148,9 @@ def node_key_path(role: str) -> Path:
     return ROOT / load_config(ROOT / "configs" / f"node-{role}.yaml", role).keypair
 
 
-async def approve_own_node(client: RegistryClient, authority: Keypair, role: str, node_key: Keypair,
-                           timeout: float = 180.0) -> None:
+async def approve_own_node(
+    client: RegistryClient, authority: Keypair, role: str, node_key: Keypair, timeout: float = 180.0
+) -> None:
     """Wait for this network's own node to register, and admit it if it is pending: the same
     instruction as `registry node approve KEY`. Nobody else's node is approved."""
     deadline = time.monotonic() + timeout
@@ -154,7 +163,9 @@ async def approve_own_node(client: RegistryClient, authority: Keypair, role: str
         if node is not None:
             return
         await asyncio.sleep(0.3)
-    raise RuntimeError(f"the {role} node {node_key.pubkey()} did not register within {timeout:.0f}s")
+    raise RuntimeError(
+        f"the {role} node {node_key.pubkey()} did not register within {timeout:.0f}s"
+    )
 
 
 def built(module: str) -> bool:
@@ -166,9 +177,23 @@ def built(module: str) -> bool:
 
 def demo_child(py: str) -> Child:
     """The demo web app, paying with its own wallet, which it funds first (test USDC, x402)."""
-    return Child("demo", [py, "-m", "demo.app", "--gateway", GATEWAY_URL, "--rpc", RPC_URL,
-                          "--wallet", str(LOCAL / "keys" / "demo-wallet.json"), "--fund",
-                          "--port", DEMO_URL.rsplit(":", 1)[1]])
+    return Child(
+        "demo",
+        [
+            py,
+            "-m",
+            "demo.app",
+            "--gateway",
+            GATEWAY_URL,
+            "--rpc",
+            RPC_URL,
+            "--wallet",
+            str(LOCAL / "keys" / "demo-wallet.json"),
+            "--fund",
+            "--port",
+            DEMO_URL.rsplit(":", 1)[1],
+        ],
+    )
 
 
 async def main(demo: bool = False) -> int:
@@ -185,16 +210,32 @@ async def main(demo: bool = False) -> int:
         await child.start()
 
     try:
-        await start(Child("localnet", [py, "-m", "registry.cli", "localnet", "--port", str(RPC_PORT),
-                                       "--ledger", str(LOCAL / "ledger"),
-                                       "--authority", str(AUTHORITY_KEY)]))
+        await start(
+            Child(
+                "localnet",
+                [
+                    py,
+                    "-m",
+                    "registry.cli",
+                    "localnet",
+                    "--port",
+                    str(RPC_PORT),
+                    "--ledger",
+                    str(LOCAL / "ledger"),
+                    "--authority",
+                    str(AUTHORITY_KEY),
+                ],
+            )
+        )
         async with RegistryClient(RPC_URL) as client:
             await wait_rpc(client)
             issuer = await bootstrap_registry(client)
             usdc_mint = await bootstrap_payments(client)
         urls = {"localnet (Solana JSON-RPC)": RPC_URL}
         if built("gateway.app"):
-            await start(Child("gateway", [py, "-m", "gateway.cli", "--config", "configs/gateway.yaml"]))
+            await start(
+                Child("gateway", [py, "-m", "gateway.cli", "--config", "configs/gateway.yaml"])
+            )
             await wait_http(f"{GATEWAY_URL}/internal/health", "the gateway")
             urls["gateway"] = GATEWAY_URL
         else:
@@ -205,11 +246,16 @@ async def main(demo: bool = False) -> int:
                 continue
             # Created here if missing, so the key to approve is known before the node starts.
             node_key = load_or_create_keypair(node_key_path(role))
-            await start(Child(role, [py, "-m", "node.cli", "--role", role,
-                                     "--config", f"configs/node-{role}.yaml"]))
+            await start(
+                Child(
+                    role,
+                    [py, "-m", "node.cli", "--role", role, "--config", f"configs/node-{role}.yaml"],
+                )
+            )
             async with RegistryClient(RPC_URL) as client:
-                await approve_own_node(client, load_or_create_keypair(AUTHORITY_KEY), role,
-                                       node_key)
+                await approve_own_node(
+                    client, load_or_create_keypair(AUTHORITY_KEY), role, node_key
+                )
             await wait_http(f"http://127.0.0.1:{port}/health", f"the {role} node", timeout=180)
             urls[f"{role} node"] = f"http://127.0.0.1:{port}"
         if demo:
@@ -225,11 +271,14 @@ async def main(demo: bool = False) -> int:
         while not stop.is_set():
             dead = [c for c in children if c.proc and c.proc.returncode is not None]
             if dead:
-                print(f"{dead[0].name} exited with code {dead[0].proc.returncode}; stopping", flush=True)
+                print(
+                    f"{dead[0].name} exited with code {dead[0].proc.returncode}; stopping",
+                    flush=True,
+                )
                 return 1
             try:
                 await asyncio.wait_for(stop.wait(), 1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return 0
     except (RuntimeError, RegistryError) as exc:

@@ -102,9 +102,22 @@ def start_localnet_process(ledger: Path, port: int | None = None) -> Localnet:
     authority = load_or_create_keypair(authority_path)
     log = open(ledger.parent / f"localnet-{port}.log", "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "registry.cli", "localnet", "--port", str(port), "--ledger", str(ledger),
-         "--authority", str(authority_path)],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [
+            sys.executable,
+            "-m",
+            "registry.cli",
+            "localnet",
+            "--port",
+            str(port),
+            "--ledger",
+            str(ledger),
+            "--authority",
+            str(authority_path),
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -155,8 +168,9 @@ def chain(localnet: Localnet, tmp_path_factory: pytest.TempPathFactory) -> Chain
             await client.add_issuer(authority, issuer.pubkey())
 
     asyncio.run(setup())
-    return Chain(localnet.url, authority, localnet.authority_path, issuer, keys / "issuer.json",
-                 TEST_TTL)
+    return Chain(
+        localnet.url, authority, localnet.authority_path, issuer, keys / "issuer.json", TEST_TTL
+    )
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -207,14 +221,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         callspec = getattr(item, "callspec", None)
         module = getattr(item, "module", None)
-        if (module is not None and module.__name__ in LEDGER_MODULES and callspec is not None
-                and callspec.params.get("db_url") == "sqlite"):
+        if (
+            module is not None
+            and module.__name__ in LEDGER_MODULES
+            and callspec is not None
+            and callspec.params.get("db_url") == "sqlite"
+        ):
             item.add_marker(pytest.mark.fast)
 
 
 # Where a model's weights are loaded (the STT and TTS ONNX sessions, Whisper, the agents' LLM).
-MODEL_LOADERS = (("onnxruntime", "InferenceSession"), ("ctranslate2.models", "Whisper"),
-                 ("llama_cpp", "Llama"))
+MODEL_LOADERS = (
+    ("onnxruntime", "InferenceSession"),
+    ("ctranslate2.models", "Whisper"),
+    ("llama_cpp", "Llama"),
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -229,8 +250,11 @@ def fast_tier_violations(request: pytest.FixtureRequest) -> Iterator[list[str]]:
     def refuse(what: str) -> Callable[..., NoReturn]:
         def refused(*args: Any, **kwargs: Any) -> NoReturn:
             violations.append(what)
-            raise RuntimeError(f"a test of the fast tier {what}: it belongs to the full suite "
-                               "(remove its `fast` mark)")
+            raise RuntimeError(
+                f"a test of the fast tier {what}: it belongs to the full suite "
+                "(remove its `fast` mark)"
+            )
+
         return refused
 
     with pytest.MonkeyPatch.context() as mp:
@@ -252,4 +276,5 @@ def _fast_tier_guard(fast_tier_violations: list[str]) -> Iterator[None]:
     fast_tier_violations.clear()  # one in a wider fixture's setup already failed that test
     yield
     assert not fast_tier_violations, (
-        f"a test of the fast tier {fast_tier_violations[0]}: remove its `fast` mark")
+        f"a test of the fast tier {fast_tier_violations[0]}: remove its `fast` mark"
+    )

@@ -44,16 +44,23 @@ def client_grant(session: AgentSession):  # type: ignore[no-untyped-def]
 async def answered(agent: VoiceAgent, count: int, timeout: float = 60) -> None:
     assert agent.pipeline is not None
     pipeline = agent.pipeline
-    await until(lambda: len([t for t in pipeline.turns if t.who != agent.identity]) >= count
-                and not pipeline.speaking, timeout, f"{count} answered turns")
+    await until(
+        lambda: (
+            len([t for t in pipeline.turns if t.who != agent.identity]) >= count
+            and not pipeline.speaking
+        ),
+        timeout,
+        f"{count} answered turns",
+    )
 
 
-async def start(net: Network, llm: ScriptedLLM, **kwargs: object) -> tuple[VoiceAgent, Caller,
-                                                                          GatewayClient]:
+async def start(
+    net: Network, llm: ScriptedLLM, **kwargs: object
+) -> tuple[VoiceAgent, Caller, GatewayClient]:
     gw = net.gateway()
-    session = await net.agent_session(**{k: kwargs.pop(k) for k in ("minutes",
-                                                                    "tts_max_characters")
-                                         if k in kwargs})  # type: ignore[arg-type]
+    session = await net.agent_session(
+        **{k: kwargs.pop(k) for k in ("minutes", "tts_max_characters") if k in kwargs}
+    )  # type: ignore[arg-type]
     agent = VoiceAgent(llm, session=session, gateway=gw, **kwargs)  # type: ignore[arg-type]
     await agent.start()
     caller = Caller()
@@ -64,7 +71,8 @@ async def start(net: Network, llm: ScriptedLLM, **kwargs: object) -> tuple[Voice
 
 
 async def test_the_agent_answers_each_question_and_the_caller_hears_those_words(
-        network: Network) -> None:
+    network: Network,
+) -> None:
     questions = {q: speak(q) for q in ("When does the museum open?", "How much are the tickets?")}
     agent, caller, gw = await start(network, ScriptedLLM())
     try:
@@ -74,14 +82,24 @@ async def test_the_agent_answers_each_question_and_the_caller_hears_those_words(
             await caller.say(audio, tail_silence=0.2)
             await answered(agent, i + 1)
         history = agent.pipeline.history
-        assert [m.role for m in history] == ["assistant", "user", "assistant", "user",
-                                             "assistant"], (history, agent.pipeline.turns)
-        assert [m.role for m in history] == ["assistant", "user", "assistant", "user",
-                                             "assistant"]
-        assert [history[i].content for i in (0, 2, 4)] == [GREETING, ANSWERS["open"],
-                                                           ANSWERS["tickets"]]
-        for question, said in zip(("When does the museum open?", "How much are the tickets?"),
-                                  (history[1].content, history[3].content)):
+        assert [m.role for m in history] == [
+            "assistant",
+            "user",
+            "assistant",
+            "user",
+            "assistant",
+        ], (history, agent.pipeline.turns)
+        assert [m.role for m in history] == ["assistant", "user", "assistant", "user", "assistant"]
+        assert [history[i].content for i in (0, 2, 4)] == [
+            GREETING,
+            ANSWERS["open"],
+            ANSWERS["tickets"],
+        ]
+        for question, said in zip(
+            ("When does the museum open?", "How much are the tickets?"),
+            (history[1].content, history[3].content),
+            strict=False,
+        ):
             errors, n = word_errors(question, said)
             assert errors <= 2, (question, said)
         turns = [t for t in agent.pipeline.turns if t.who == "caller"]
@@ -109,13 +127,19 @@ async def test_barge_in_stops_the_agent_and_a_backchannel_does_not(network: Netw
     try:
         pipeline = agent.pipeline
         assert pipeline is not None
-        await until(lambda: caller.agent_track is not None and caller.agent_track.done(), 20,
-                    "the caller subscribed")
+        await until(
+            lambda: caller.agent_track is not None and caller.agent_track.done(),
+            20,
+            "the caller subscribed",
+        )
         await asyncio.sleep(1)  # the caller's client-ready
         # A backchannel over the agent: it goes on to the end.
         await caller.say(speak("Tell me about the history of the museum."), tail_silence=0.2)
-        await until(lambda: caller.first_audible(since=caller.speech_ended_at or 0) is not None,
-                    30, "the answer")
+        await until(
+            lambda: caller.first_audible(since=caller.speech_ended_at or 0) is not None,
+            30,
+            "the answer",
+        )
         await asyncio.sleep(1.5)
         await caller.say(speak("Mhm."))
         await answered(agent, 1, timeout=90)
@@ -124,10 +148,12 @@ async def test_barge_in_stops_the_agent_and_a_backchannel_does_not(network: Netw
         assert pipeline.history[1] == ChatMessage("assistant", ANSWERS["history"])
 
         # Real words over the agent: it stops, and only what was played enters the history.
-        await caller.say(speak("Tell me about the history of the museum again."),
-                         tail_silence=0.2)
-        await until(lambda: caller.first_audible(since=caller.speech_ended_at or 0) is not None,
-                    30, "the second answer")
+        await caller.say(speak("Tell me about the history of the museum again."), tail_silence=0.2)
+        await until(
+            lambda: caller.first_audible(since=caller.speech_ended_at or 0) is not None,
+            30,
+            "the second answer",
+        )
         await asyncio.sleep(2.0)
         await caller.say(speak("Wait, how much does a ticket cost?"), tail_silence=0.2)
         await answered(agent, 3, timeout=90)
@@ -146,12 +172,18 @@ async def test_barge_in_stops_the_agent_and_a_backchannel_does_not(network: Netw
 
 
 async def test_extension_a_stalled_llm_and_the_caller_leaving(
-        network: Network, caplog: pytest.LogCaptureFixture) -> None:
+    network: Network, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     question = speak("When does the museum open?")
     # A bundle of 1.1 minutes: the STT node says session_expiring (60 s left) at once.
-    agent, caller, gw = await start(network, ScriptedLLM(stall=True), minutes=1.1,
-                                    config=PipelineConfig(llm_timeout=3), extend_minutes=2)
+    agent, caller, gw = await start(
+        network,
+        ScriptedLLM(stall=True),
+        minutes=1.1,
+        config=PipelineConfig(llm_timeout=3),
+        extend_minutes=2,
+    )
     assert agent.session is not None
     bundle = agent.session
     try:
@@ -173,19 +205,20 @@ async def test_extension_a_stalled_llm_and_the_caller_leaving(
         # WebRTC and TTS settle at once (the STT node settles at the token's expiry: next test)
         txs = await settled(gw, bundle, {"webrtc", "tts"}, 60)
         assert sum(-int(t["amount_microcredits"]) for t in txs if t["type"] == "charge") > 0
-        assert [t["type"] for t in txs if t["session_id"] == bundle.tts.session_id
-                ].count("reserve") == 2  # bought, then extended
+        assert [t["type"] for t in txs if t["session_id"] == bundle.tts.session_id].count(
+            "reserve"
+        ) == 2  # bought, then extended
     finally:
         await caller.leave()
         await agent.aclose()
         await gw.close()
 
 
-async def test_the_bundle_is_extended_before_the_tts_characters_run_out(
-        network: Network) -> None:
+async def test_the_bundle_is_extended_before_the_tts_characters_run_out(network: Network) -> None:
     question = speak("Tell me about the history of the museum.")
-    agent, caller, gw = await start(network, ScriptedLLM(), tts_max_characters=150,
-                                    min_characters=100, extend_characters=1000)
+    agent, caller, gw = await start(
+        network, ScriptedLLM(), tts_max_characters=150, min_characters=100, extend_characters=1000
+    )
     try:
         pipeline = agent.pipeline
         assert pipeline is not None and pipeline.voice is not None
@@ -215,8 +248,11 @@ async def test_the_caller_leaving_settles_the_whole_bundle(network: Network) -> 
         await asyncio.wait_for(run, 30)
         txs = await settled(gw, bundle, {"webrtc", "tts", "stt"}, 90)
         for sid in (bundle.stt.session_id, bundle.tts.session_id):
-            charge = [-int(t["amount_microcredits"]) for t in txs
-                      if t["session_id"] == sid and t["type"] == "charge"]
+            charge = [
+                -int(t["amount_microcredits"])
+                for t in txs
+                if t["session_id"] == sid and t["type"] == "charge"
+            ]
             assert charge and charge[0] > 0, (sid, txs)
     finally:
         await caller.leave()
@@ -225,15 +261,28 @@ async def test_the_caller_leaving_settles_the_whole_bundle(network: Network) -> 
 
 
 async def test_the_agent_command_prints_the_grant_and_talks_with_the_embedded_llm(
-        network: Network) -> None:
+    network: Network,
+) -> None:
     """`agent` as a process, no --llm: the embedded SmolLM2 answers; the caller joins with the
     grant it printed, hears the greeting and an answer, leaves, and the process ends by itself."""
     question = speak("What is the capital of France?")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agents.cli", "--gateway", network.gateway_url,
-        "--wallet", str(network.tmp / "wallet.json"), "--room", "cli-room",
-        "--greeting", "Hello, ask me anything.", "--minutes", "2",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "agents.cli",
+        "--gateway",
+        network.gateway_url,
+        "--wallet",
+        str(network.tmp / "wallet.json"),
+        "--room",
+        "cli-room",
+        "--greeting",
+        "Hello, ask me anything.",
+        "--minutes",
+        "2",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     caller = Caller()
     try:
         assert proc.stdout is not None and proc.stderr is not None
@@ -247,8 +296,11 @@ async def test_the_agent_command_prints_the_grant_and_talks_with_the_embedded_ll
         await caller.say(question, tail_silence=0.2)
 
         def said() -> list[dict[str, object]]:
-            return [m for m in (json.loads(p) for t, p, _ in caller.data if t == "transcript")
-                    if m["who"] == "agent" and m["final"]]
+            return [
+                m
+                for m in (json.loads(p) for t, p, _ in caller.data if t == "transcript")
+                if m["who"] == "agent" and m["final"]
+            ]
 
         await until(lambda: len(said()) >= 2, 90, "the greeting and an answer")
         assert said()[1]["text"] and said()[1]["latency"]["voice_to_voice_ms"] is not None
@@ -265,7 +317,8 @@ async def test_the_agent_command_prints_the_grant_and_talks_with_the_embedded_ll
 
 
 async def test_a_tts_node_gone_mid_answer_ends_the_conversation_cleanly(
-        network: Network, caplog: pytest.LogCaptureFixture) -> None:
+    network: Network, caplog: pytest.LogCaptureFixture
+) -> None:
     """The TTS node is killed while the agent speaks: the provider's reconnects fail, the agent
     logs why and ends (sockets closed, room left), no task hangs. The node is restarted after."""
     caplog.set_level(logging.INFO)
@@ -274,12 +327,17 @@ async def test_a_tts_node_gone_mid_answer_ends_the_conversation_cleanly(
     try:
         run = asyncio.create_task(agent.run())
         await caller.say(question, tail_silence=0.2)
-        await until(lambda: caller.first_audible(since=caller.speech_ended_at or 0) is not None,
-                    30, "the answer")
+        await until(
+            lambda: caller.first_audible(since=caller.speech_ended_at or 0) is not None,
+            30,
+            "the answer",
+        )
         network.kill("tts")
         await asyncio.wait_for(run, 60)  # ended by itself
-        assert "the TTS stream is gone after its reconnect tries; ending the conversation" \
+        assert (
+            "the TTS stream is gone after its reconnect tries; ending the conversation"
             in caplog.text
+        )
         assert "TTS socket" in caplog.text and "dropped" in caplog.text
         assert all(t.done() for t in agent._tasks)
     finally:

@@ -26,8 +26,10 @@ from tests.support.serving import serve
 
 pytestmark = pytest.mark.slow
 
-QUESTION = [ChatMessage("system", "You are a helpful voice assistant. Answer briefly."),
-            ChatMessage("user", "What is the capital of France?")]
+QUESTION = [
+    ChatMessage("system", "You are a helpful voice assistant. Answer briefly."),
+    ChatMessage("user", "What is the capital of France?"),
+]
 STORY = [ChatMessage("user", "Tell me a long story about a dragon who learns to cook.")]
 
 
@@ -68,10 +70,26 @@ def start_llama_server(model: Path, port: int, log: Path) -> subprocess.Popen[by
     """The server's log goes to a file: it is verbose, and a full pipe would block it."""
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias",
-             "smollm2", "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
-             "--n_threads", "2"],
-            stdout=out, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                str(model),
+                "--model_alias",
+                "smollm2",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--n_ctx",
+                "2048",
+                "--n_threads",
+                "2",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +145,10 @@ async def sse(request: web.Request, *events: bytes, then_wait: float = 0.0) -> w
 
 
 def chunk(text: str, finish: str | None = None) -> bytes:
-    body = {"object": "chat.completion.chunk",
-            "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}
+    body = {
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}],
+    }
     return f"data: {json.dumps(body)}\n\n".encode()
 
 
@@ -153,8 +173,10 @@ async def test_streams_an_answer_from_llama_cpp_server(llama_server: str) -> Non
         text, first, deltas, seconds = await timed(llm.chat(QUESTION))
     finally:
         await llm.aclose()
-    print(f"\nllama_cpp.server over HTTP: first token {first * 1000:.0f} ms, {deltas} deltas, "
-          f"{deltas / seconds:.1f} deltas/s: {text!r}")
+    print(
+        f"\nllama_cpp.server over HTTP: first token {first * 1000:.0f} ms, {deltas} deltas, "
+        f"{deltas / seconds:.1f} deltas/s: {text!r}"
+    )
     assert text.strip()
     assert deltas > 1  # streamed, not one block
 
@@ -173,6 +195,7 @@ async def test_stopping_mid_answer_closes_the_connection(llama_server: str) -> N
         async def consume() -> None:
             async for _ in llm.chat(STORY):
                 got.append("")
+
         task = asyncio.create_task(consume())
         while len(got) < 5:
             await asyncio.sleep(0.01)
@@ -209,8 +232,9 @@ async def test_a_server_with_a_wrong_model_path_is_unreachable(tmp_path: Path) -
     proc = start_llama_server(Path("/nonexistent/model.gguf"), port, tmp_path / "server.log")
     try:
         assert proc.wait(timeout=60) != 0  # llama_cpp.server refuses to start
-        message = await failure(OpenAICompatibleLLM(f"http://127.0.0.1:{port}/v1", "smollm2",
-                                                    timeout=10))
+        message = await failure(
+            OpenAICompatibleLLM(f"http://127.0.0.1:{port}/v1", "smollm2", timeout=10)
+        )
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -256,17 +280,20 @@ async def test_a_stream_that_stalls_between_tokens_times_out() -> None:
     print(f"\n{error.value}")
 
 
-@pytest.mark.parametrize("body, expected", [
-    (b"data: {not json\n\n", "not JSON"),
-    (b"data: [1, 2]\n\n", "not a JSON object"),
-    (b'data: {"object": "chat.completion.chunk"}\n\n', "without a choices list"),
-    (b'data: {"choices": [{"index": 0}]}\n\n', "without a delta object"),
-    (b'data: {"choices": [{"delta": {"content": 42}}]}\n\n', "content is not text"),
-    (b'data: {"error": {"message": "CUDA out of memory"}}\n\n', "failed mid-answer"),
-    (b"<html>Bad gateway</html>\n", "not Server-Sent Events"),
-    (chunk("Hello"), "closed the stream before [DONE]"),
-    (b"data: " + b"x" * (2 << 20) + b"\n\n", "failed"),
-])
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        (b"data: {not json\n\n", "not JSON"),
+        (b"data: [1, 2]\n\n", "not a JSON object"),
+        (b'data: {"object": "chat.completion.chunk"}\n\n', "without a choices list"),
+        (b'data: {"choices": [{"index": 0}]}\n\n', "without a delta object"),
+        (b'data: {"choices": [{"delta": {"content": 42}}]}\n\n', "content is not text"),
+        (b'data: {"error": {"message": "CUDA out of memory"}}\n\n', "failed mid-answer"),
+        (b"<html>Bad gateway</html>\n", "not Server-Sent Events"),
+        (chunk("Hello"), "closed the stream before [DONE]"),
+        (b"data: " + b"x" * (2 << 20) + b"\n\n", "failed"),
+    ],
+)
 async def test_malformed_streams_raise_clear_errors(body: bytes, expected: str) -> None:
     async def garbage(request: web.Request) -> web.StreamResponse:
         return await sse(request, body)
@@ -298,14 +325,17 @@ async def test_the_request_is_an_openai_streaming_chat_request() -> None:
         return await sse(request, chunk("Hi", finish="stop"), b"data: [DONE]\n\n")
 
     async with misbehaving(record) as base:
-        llm = OpenAICompatibleLLM(base + "/", "gpt-x", api_key="sk-1",
-                                  options={"temperature": 0.3})
+        llm = OpenAICompatibleLLM(base + "/", "gpt-x", api_key="sk-1", options={"temperature": 0.3})
         text, *_ = await timed(llm.chat([ChatMessage("user", "hey", name="Bo")]))
         await llm.aclose()
     assert text == "Hi"
     assert seen["auth"] == "Bearer sk-1"
-    assert seen["body"] == {"model": "gpt-x", "stream": True, "temperature": 0.3,
-                            "messages": [{"role": "user", "content": "Bo: hey"}]}
+    assert seen["body"] == {
+        "model": "gpt-x",
+        "stream": True,
+        "temperature": 0.3,
+        "messages": [{"role": "user", "content": "Bo: hey"}],
+    }
 
 
 async def test_bad_settings_name_the_value() -> None:
@@ -326,8 +356,10 @@ async def test_embedded_streams_answers_and_stops_when_asked() -> None:
         print(f"\nembedded SmolLM2: loaded in {time.perf_counter() - started:.2f} s")
 
         text, first, deltas, seconds = await timed(llm.chat(QUESTION))
-        print(f"embedded: first token {first * 1000:.0f} ms, {deltas} tokens, "
-              f"{deltas / seconds:.1f} tokens/s: {text!r}")
+        print(
+            f"embedded: first token {first * 1000:.0f} ms, {deltas} tokens, "
+            f"{deltas / seconds:.1f} tokens/s: {text!r}"
+        )
         assert text.strip() and deltas > 1
 
         stream = llm.chat(STORY)  # barge-in after three tokens
@@ -344,16 +376,22 @@ async def test_embedded_streams_answers_and_stops_when_asked() -> None:
         async def consume() -> None:
             async for _ in llm.chat(STORY):
                 pass
+
         task = asyncio.create_task(consume())
         while llm.tokens_generated < stopped_at + 3:
             await asyncio.sleep(0.01)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        text2, first2, deltas2, seconds2 = await timed(llm.chat(
-            [*QUESTION, ChatMessage("assistant", text), ChatMessage("user", "And of Italy?")]))
-        print(f"embedded, second turn: first token {first2 * 1000:.0f} ms, "
-              f"{deltas2 / seconds2:.1f} tokens/s: {text2!r}")
+        text2, first2, deltas2, seconds2 = await timed(
+            llm.chat(
+                [*QUESTION, ChatMessage("assistant", text), ChatMessage("user", "And of Italy?")]
+            )
+        )
+        print(
+            f"embedded, second turn: first token {first2 * 1000:.0f} ms, "
+            f"{deltas2 / seconds2:.1f} tokens/s: {text2!r}"
+        )
         assert text2.strip()
     finally:
         await llm.aclose()

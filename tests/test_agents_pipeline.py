@@ -108,11 +108,13 @@ class ToneTTSStream:
         words = text.split()
         n = int(WORD_SECONDS * TTS_SAMPLE_RATE) * len(words)
         tone = (np.sin(np.arange(n) * 2 * np.pi * 300 / TTS_SAMPLE_RATE) * 8000).astype("<i2")
-        timings = [WordTiming(w, i * WORD_SECONDS, (i + 1) * WORD_SECONDS)
-                   for i, w in enumerate(words)]
+        timings = [
+            WordTiming(w, i * WORD_SECONDS, (i + 1) * WORD_SECONDS) for i, w in enumerate(words)
+        ]
         for k in range(0, n, FRAME):
-            self.queue.put_nowait(SpeechAudio(tone[k:k + FRAME].tobytes(), piece,
-                                              timings if k == 0 else ()))
+            self.queue.put_nowait(
+                SpeechAudio(tone[k : k + FRAME].tobytes(), piece, timings if k == 0 else ())
+            )
         self.queue.put_nowait(SpeechAudio(b"", piece))
         return piece
 
@@ -140,8 +142,7 @@ class ToneTTS:
     def __init__(self) -> None:
         self.streams: list[ToneTTSStream] = []
 
-    async def stream(self, voice: str | None = None,
-                     language: str | None = None) -> ToneTTSStream:
+    async def stream(self, voice: str | None = None, language: str | None = None) -> ToneTTSStream:
         self.streams.append(ToneTTSStream())
         return self.streams[-1]
 
@@ -203,9 +204,15 @@ class Setup:
         self.llm = ScriptedLLM(answers)
         self.output = RealTimeOutput()
         self.transcripts: list[dict[str, object]] = []
-        self.pipeline = Pipeline(self.stt, self.llm, self.tts, self.output,
-                                 PipelineConfig(**config),  # type: ignore[arg-type]
-                                 chunker=by_sentence, transcript=self._transcript)
+        self.pipeline = Pipeline(
+            self.stt,
+            self.llm,
+            self.tts,
+            self.output,
+            PipelineConfig(**config),  # type: ignore[arg-type]
+            chunker=by_sentence,
+            transcript=self._transcript,
+        )
 
     async def _transcript(self, message: dict[str, object]) -> None:
         self.transcripts.append(message)
@@ -228,8 +235,11 @@ class Setup:
         mic.emit("final", text)
 
     async def answered(self, count: int, timeout: float = 30) -> None:
-        await until(lambda: len(self.pipeline.turns) >= count and not self.pipeline.speaking,
-                    timeout, f"{count} turns")
+        await until(
+            lambda: len(self.pipeline.turns) >= count and not self.pipeline.speaking,
+            timeout,
+            f"{count} turns",
+        )
 
     async def playing(self) -> None:
         await until(lambda: sum(self.output.played.values()) > 0, 10, "the agent's voice")
@@ -243,8 +253,10 @@ async def until(predicate, timeout: float = 10, what: str = "condition") -> None
         await asyncio.sleep(0.01)
 
 
-LONG = ("The museum opens at nine in the morning. It closes at six in the evening. "
-        "On Sundays it closes earlier, at four. Tickets cost twelve euros for adults.")
+LONG = (
+    "The museum opens at nine in the morning. It closes at six in the evening. "
+    "On Sundays it closes earlier, at four. Tickets cost twelve euros for adults."
+)
 
 
 # ---------------------------------------------------------------- turn-taking
@@ -255,18 +267,28 @@ async def test_a_turn_is_answered_in_full_with_metrics_and_transcripts() -> None
         mic = await s.caller()
         s.ask(mic, "When does the museum open?")
         await s.answered(1)
-        assert s.pipeline.history == [ChatMessage("user", "When does the museum open?"),
-                                      ChatMessage("assistant", "Sure. The museum opens at nine.")]
+        assert s.pipeline.history == [
+            ChatMessage("user", "When does the museum open?"),
+            ChatMessage("assistant", "Sure. The museum opens at nine."),
+        ]
         assert s.tts.streams[0].pieces == ["Sure.", "The museum opens at nine."]
         assert s.llm.prompts[0][0].role == "system"
         turn = s.pipeline.turns[0]
         assert turn.outcome == "answered"
-        for figure in ("stt_final_ms", "llm_first_token_ms", "tts_first_audio_ms",
-                       "voice_to_voice_ms"):
+        for figure in (
+            "stt_final_ms",
+            "llm_first_token_ms",
+            "tts_first_audio_ms",
+            "voice_to_voice_ms",
+        ):
             assert getattr(turn, figure) is not None, figure
         assert turn.barge_in_stop_ms is None
-        assert {"who": "caller", "text": "When does the museum open?", "final": True,
-                "latency": {}} in s.transcripts
+        assert {
+            "who": "caller",
+            "text": "When does the museum open?",
+            "final": True,
+            "latency": {},
+        } in s.transcripts
         agent = [t for t in s.transcripts if t["who"] == "agent"]
         assert agent and agent[0]["text"] == "Sure. The museum opens at nine."
         assert agent[0]["latency"]["voice_to_voice_ms"] == turn.voice_to_voice_ms  # type: ignore[index]
@@ -291,8 +313,10 @@ async def test_the_answer_is_prepared_at_once_but_held_for_min_silence() -> None
         await s.answered(2)
         assert [t.outcome for t in s.pipeline.turns] == ["replaced", "answered"]
         assert s.llm.prompts[-1][-1].content == "I need a table for four people."
-        assert s.pipeline.history == [ChatMessage("user", "I need a table for four people."),
-                                      ChatMessage("assistant", "A table for four, done.")]
+        assert s.pipeline.history == [
+            ChatMessage("user", "I need a table for four people."),
+            ChatMessage("assistant", "A table for four, done."),
+        ]
 
 
 async def test_a_sound_within_min_silence_delays_the_answer_but_does_not_lose_it() -> None:
@@ -304,8 +328,10 @@ async def test_a_sound_within_min_silence_delays_the_answer_but_does_not_lose_it
         mic.emit("speech_end")
         await s.answered(2)
         assert [p[-1].content for p in s.llm.prompts] == ["When do you open?"] * 2
-        assert s.pipeline.history == [ChatMessage("user", "When do you open?"),
-                                      ChatMessage("assistant", "At nine.")]
+        assert s.pipeline.history == [
+            ChatMessage("user", "When do you open?"),
+            ChatMessage("assistant", "At nine."),
+        ]
 
 
 async def test_words_after_an_unheard_answer_join_the_question() -> None:
@@ -317,8 +343,10 @@ async def test_words_after_an_unheard_answer_join_the_question() -> None:
         s.ask(mic, "for four people.")
         await s.answered(2)
         assert s.llm.prompts[1][-1] == ChatMessage("user", "Book a table for four people.")
-        assert s.pipeline.history == [ChatMessage("user", "Book a table for four people."),
-                                      ChatMessage("assistant", "A table for four, done.")]
+        assert s.pipeline.history == [
+            ChatMessage("user", "Book a table for four people."),
+            ChatMessage("assistant", "A table for four, done."),
+        ]
         assert [t.outcome for t in s.pipeline.turns] == ["replaced", "answered"]
 
 
@@ -347,12 +375,14 @@ async def test_barge_in_keeps_only_the_words_played_and_answers_the_new_turn() -
         words = []
         for n, text in enumerate(s.tts.streams[0].pieces[:2]):
             seconds = played.get(n, 0) / TTS_SAMPLE_RATE
-            words += text.split()[:int(seconds / WORD_SECONDS + 0.5)]
+            words += text.split()[: int(seconds / WORD_SECONDS + 0.5)]
         assert 3 <= len(heard.content.split()) < len(LONG.split())
         assert abs(len(heard.content.split()) - len(words)) <= 1
         assert LONG.startswith(heard.content)
-        assert s.pipeline.history[2:] == [ChatMessage("user", "Wait, how much are tickets?"),
-                                          ChatMessage("assistant", "Twelve euros.")]
+        assert s.pipeline.history[2:] == [
+            ChatMessage("user", "Wait, how much are tickets?"),
+            ChatMessage("assistant", "Twelve euros."),
+        ]
         assert s.llm.prompts[1][2].content == heard.content
 
 
@@ -372,8 +402,10 @@ async def test_a_backchannel_does_not_stop_the_agent() -> None:
         await s.answered(1)
         assert s.output.flushes == 0
         assert s.pipeline.turns[0].outcome == "answered"
-        assert s.pipeline.history[-1].content == \
-            "The museum opens at nine. It closes at six in the evening."
+        assert (
+            s.pipeline.history[-1].content
+            == "The museum opens at nine. It closes at six in the evening."
+        )
         assert len(s.llm.prompts) == 1
 
 
@@ -395,7 +427,8 @@ async def test_long_speech_without_words_yet_interrupts() -> None:
 
 
 async def test_an_llm_error_is_logged_and_the_next_turn_is_answered(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.WARNING, "agents.pipeline")
     async with Setup([LLMError("model crashed: out of memory"), "Fine again."]) as s:
         mic = await s.caller()
@@ -431,8 +464,10 @@ async def test_speakers_are_named_when_several_people_are_in_the_room() -> None:
         s.ask(bob, "And I am Bob.")
         await s.answered(2)
         users = [m for m in s.pipeline.history if m.role == "user"]
-        assert [(m.name, m.content) for m in users] == [("Ann", "Hello, I am Ann."),
-                                                         ("bob", "And I am Bob.")]
+        assert [(m.name, m.content) for m in users] == [
+            ("Ann", "Hello, I am Ann."),
+            ("bob", "And I am Bob."),
+        ]
 
 
 async def test_say_waits_until_the_caller_is_ready() -> None:
@@ -457,10 +492,21 @@ def test_history_is_trimmed_to_the_token_budget() -> None:
     assert len(messages) < 21
 
 
-@pytest.mark.parametrize("text,backchannel", [
-    ("Mhm.", True), ("Mm-hmm", True), ("Yeah, okay.", True), ("Uh-huh", True), ("Right.", True),
-    ("[coughs]", True), ("(coughing)", True), ("", True),
-    ("Wait, stop.", False), ("Okay, but how much?", False), ("No.", False),
-])
+@pytest.mark.parametrize(
+    "text,backchannel",
+    [
+        ("Mhm.", True),
+        ("Mm-hmm", True),
+        ("Yeah, okay.", True),
+        ("Uh-huh", True),
+        ("Right.", True),
+        ("[coughs]", True),
+        ("(coughing)", True),
+        ("", True),
+        ("Wait, stop.", False),
+        ("Okay, but how much?", False),
+        ("No.", False),
+    ],
+)
 def test_backchannels(text: str, backchannel: bool) -> None:
     assert is_backchannel(text) is backchannel

@@ -35,7 +35,7 @@ async def push_realtime(stream: NetworkSTTStream, audio: np.ndarray, frame_ms: i
     step = 16 * frame_ms * 2
     t0 = time.monotonic()
     for k, i in enumerate(range(0, len(data), step)):
-        await stream.push(data[i:i + step])
+        await stream.push(data[i : i + step])
         delay = t0 + (k + 1) * frame_ms / 1000 - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -50,6 +50,7 @@ async def collect(stream: NetworkSTTStream, until: str, timeout: float = 60.0) -
             got.append(event)
             if event.type == until:
                 return
+
     try:
         await asyncio.wait_for(run(), timeout)
     except TimeoutError:
@@ -67,8 +68,9 @@ async def test_stt_transcribes_a_spoken_question(network: Network) -> None:
     stream = await stt.stream()
     try:
         assert stream.session_id == bundle.stt.session_id and stream.remaining_seconds > 200
-        pusher = asyncio.create_task(push_realtime(
-            stream, np.concatenate([silence(0.3), speak(QUESTION), silence(1.2)])))
+        pusher = asyncio.create_task(
+            push_realtime(stream, np.concatenate([silence(0.3), speak(QUESTION), silence(1.2)]))
+        )
         events = await collect(stream, "final")
         await pusher
         kinds = [e.type for e in events]
@@ -85,15 +87,21 @@ async def test_stt_transcribes_a_spoken_question(network: Network) -> None:
 
 
 async def test_stt_reconnects_with_the_same_key_after_a_drop_and_skips_malformed_messages(
-        network: Network, caplog: pytest.LogCaptureFixture) -> None:
+    network: Network, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="agents.stt")
     bundle = await network.agent_session()
     async with WSProxy(stream_url(network.url("stt"))) as proxy:
         stream = await NetworkSTT(proxy.url, bundle.stt.token, backoff_seconds=0.2).stream()
         try:
-            for bad in ("not json {", "[1, 2]", json.dumps({"type": "transcription", "text": 7}),
-                        json.dumps({"type": "vad_event", "event": "shout"}),
-                        json.dumps({"type": "surprise"}), b"\x00\x01"):
+            for bad in (
+                "not json {",
+                "[1, 2]",
+                json.dumps({"type": "transcription", "text": 7}),
+                json.dumps({"type": "vad_event", "event": "shout"}),
+                json.dumps({"type": "surprise"}),
+                b"\x00\x01",
+            ):
                 await proxy.inject(bad)
             await proxy.drop()
             for _ in range(100):
@@ -102,8 +110,9 @@ async def test_stt_reconnects_with_the_same_key_after_a_drop_and_skips_malformed
                 await asyncio.sleep(0.1)
             assert stream.reconnects == 1 and proxy.connections == 2
             assert stream.session_id == bundle.stt.session_id  # the same session resumed
-            pusher = asyncio.create_task(push_realtime(
-                stream, np.concatenate([speak(QUESTION), silence(1.2)])))
+            pusher = asyncio.create_task(
+                push_realtime(stream, np.concatenate([speak(QUESTION), silence(1.2)]))
+            )
             events = await collect(stream, "final")
             await pusher
             assert word_errors(QUESTION, events[-1].text)[0] <= 2, events[-1].text
@@ -119,11 +128,13 @@ async def test_stt_reconnects_with_the_same_key_after_a_drop_and_skips_malformed
 
 
 async def test_stt_survives_a_killed_and_restarted_node(
-        network: Network, caplog: pytest.LogCaptureFixture) -> None:
+    network: Network, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="agents.stt")
     bundle = await network.agent_session()
-    stream = await NetworkSTT(bundle.stt.server_url, bundle.stt.token, reconnect_tries=8,
-                              backoff_seconds=0.5).stream()
+    stream = await NetworkSTT(
+        bundle.stt.server_url, bundle.stt.token, reconnect_tries=8, backoff_seconds=0.5
+    ).stream()
     try:
         network.kill("stt")
         await asyncio.to_thread(network.start, "stt")
@@ -132,8 +143,9 @@ async def test_stt_survives_a_killed_and_restarted_node(
                 break
             await asyncio.sleep(0.1)
         assert stream.reconnects == 1, caplog.text
-        pusher = asyncio.create_task(push_realtime(
-            stream, np.concatenate([speak(QUESTION), silence(1.2)])))
+        pusher = asyncio.create_task(
+            push_realtime(stream, np.concatenate([speak(QUESTION), silence(1.2)]))
+        )
         events = await collect(stream, "final")
         await pusher
         assert word_errors(QUESTION, events[-1].text)[0] <= 2
@@ -155,8 +167,10 @@ async def test_stt_refused_key_ends_the_stream_with_an_error(network: Network) -
 
 FIRST = "Hello there, this is the first piece."
 SECOND = "And here comes the second one."
-LONG = ("This answer is long on purpose: it goes on about the weather, the mountains, the rivers "
-        "and the sea, so that there is plenty left to say when the caller interrupts it.")
+LONG = (
+    "This answer is long on purpose: it goes on about the weather, the mountains, the rivers "
+    "and the sea, so that there is plenty left to say when the caller interrupts it."
+)
 
 
 class Listener:
@@ -179,8 +193,9 @@ class Listener:
                 return
 
     def pcm(self, piece: int | None = None) -> np.ndarray:
-        return np.frombuffer(b"".join(c.pcm16 for c in self.chunks
-                                      if piece is None or c.piece == piece), dtype="<i2")
+        return np.frombuffer(
+            b"".join(c.pcm16 for c in self.chunks if piece is None or c.piece == piece), dtype="<i2"
+        )
 
     def words(self, piece: int) -> list[str]:
         return [w.word for c in self.chunks if c.piece == piece for w in c.words]
@@ -213,8 +228,9 @@ async def test_tts_speaks_two_pieces_in_order_with_word_timings(network: Network
         assert pieces == sorted(pieces) and set(pieces) == {0, 1}, "piece 0 wholly before 1"
         ends = [i for i, c in enumerate(listener.chunks) if not c.pcm16]
         assert [listener.chunks[i].piece for i in ends] == [0, 1], "one end mark per piece"
-        assert ends[1] == len(listener.chunks) - 1 and pieces[ends[0] + 1] == 1, \
+        assert ends[1] == len(listener.chunks) - 1 and pieces[ends[0] + 1] == 1, (
             "each piece's end mark follows all of its audio"
+        )
         assert all(len(c.pcm16) == 1920 for c in listener.chunks if c.pcm16), "20 ms at 48 kHz"
         for piece, text in ((0, FIRST), (1, SECOND)):
             assert len(listener.pcm(piece)) > 48000 * 0.8
@@ -276,17 +292,21 @@ async def test_tts_characters_left_decrease_and_extend_raises_them(network: Netw
         assert why is not None and "character limit" in why
         assert stream.characters_left == 300 - len("Hello there.")
         async with network.gateway() as gw:
-            extended = await gw.extend_agent_session(bundle.bundle_id, 1,
-                                                     additional_tts_characters=500)
+            extended = await gw.extend_agent_session(
+                bundle.bundle_id, 1, additional_tts_characters=500
+            )
         await stream.extend(extended.tts.token)
         assert stream.limit_characters == 800
-        assert stream.characters_left == 800 - len("Hello there."), "the refused text is not counted"
+        assert stream.characters_left == 800 - len("Hello there."), (
+            "the refused text is not counted"
+        )
     finally:
         await stream.aclose()
 
 
 async def test_tts_skips_malformed_messages_and_reconnects_after_a_drop(
-        network: Network, caplog: pytest.LogCaptureFixture) -> None:
+    network: Network, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="agents.tts")
     bundle = await network.agent_session()
     async with WSProxy(stream_url(network.url("tts"))) as proxy:
@@ -296,10 +316,12 @@ async def test_tts_skips_malformed_messages_and_reconnects_after_a_drop(
             piece = await stream.say(FIRST)
             while not listener.chunks:
                 await asyncio.sleep(0.02)
-            for bad in ("{oops", json.dumps({"type": "alignment", "context_id": "piece-0",
-                                             "words": "x"}),
-                        json.dumps({"type": "generating", "context_id": "piece-99"}),
-                        json.dumps({"type": "weather"})):
+            for bad in (
+                "{oops",
+                json.dumps({"type": "alignment", "context_id": "piece-0", "words": "x"}),
+                json.dumps({"type": "generating", "context_id": "piece-99"}),
+                json.dumps({"type": "weather"}),
+            ):
                 await proxy.inject(bad)
             assert await asyncio.wait_for(stream.wait_done(piece), 30) is None
             assert len(listener.pcm(piece)) > 48000 * 0.8, "the piece played on"
@@ -321,7 +343,12 @@ async def test_tts_skips_malformed_messages_and_reconnects_after_a_drop(
 
 
 def test_languages_map_to_the_nodes_kokoro_codes() -> None:
-    assert [kokoro_lang_code(x) for x in ("en", "EN-GB", "es", "a", "pt-BR")] == \
-        ["a", "b", "e", "a", "p"]
+    assert [kokoro_lang_code(x) for x in ("en", "EN-GB", "es", "a", "pt-BR")] == [
+        "a",
+        "b",
+        "e",
+        "a",
+        "p",
+    ]
     with pytest.raises(ValueError, match="'xx' has no voice"):
         kokoro_lang_code("xx")

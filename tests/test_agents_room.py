@@ -29,17 +29,20 @@ QUESTION = "Can you remind me to call my mother after lunch?"
 def tone(seconds: float, hz: float, piece: int) -> list[SpeechAudio]:
     t = np.arange(int(seconds * 48000)) / 48000
     pcm = (np.sin(2 * np.pi * hz * t) * 12000).astype("<i2").tobytes()
-    return [SpeechAudio(pcm[i:i + 1920], piece) for i in range(0, len(pcm), 1920)]
+    return [SpeechAudio(pcm[i : i + 1920], piece) for i in range(0, len(pcm), 1920)]
 
 
-async def next_event(agent: AgentRoom, kind: str, timeout: float = 15.0,
-                     kinds: tuple[str, ...] = ()) -> RoomEvent:
+async def next_event(
+    agent: AgentRoom, kind: str, timeout: float = 15.0, kinds: tuple[str, ...] = ()
+) -> RoomEvent:
     """The next event of type ``kind`` (or of any of ``kinds``), skipping others."""
+
     async def find() -> RoomEvent:
         async for event in agent.events():
             if event.type == kind or event.type in kinds:
                 return event
         raise AssertionError(f"events ended before {kind}")
+
     return await asyncio.wait_for(find(), timeout)
 
 
@@ -60,9 +63,11 @@ async def test_agent_hears_the_caller_and_the_caller_hears_the_agent(network: Ne
         while len(seen) < 3:  # the caller joined, subscribed (SFU), sent client-ready
             event = await next_event(agent, "any", kinds=kinds)
             seen.append((event.type, event.identity))
-        assert sorted(seen) == [("listener_ready", ""), ("listener_ready", "caller"),
-                                ("participant_joined", "caller")], \
-            "the SFU's track_subscribed and the caller's client-ready both reached the agent"
+        assert sorted(seen) == [
+            ("listener_ready", ""),
+            ("listener_ready", "caller"),
+            ("participant_joined", "caller"),
+        ], "the SFU's track_subscribed and the caller's client-ready both reached the agent"
         assert agent.ready_listeners == {"caller"}
         assert set(agent.remote_participants) == {"caller"}
 
@@ -73,6 +78,7 @@ async def test_agent_hears_the_caller_and_the_caller_hears_the_agent(network: Ne
             async for frame in agent.audio_frames("caller"):
                 frames.append(frame)
                 await stt.push(frame)
+
         listener = asyncio.create_task(listen())
         await caller.say(np.concatenate([speak(QUESTION), silence(1.2)]))
         final = None
@@ -126,6 +132,7 @@ async def test_flush_stops_the_voice_and_counts_what_was_played(network: Network
         async def speak_piece() -> None:
             for chunk in tone(6.0, 660, piece=3):
                 await agent.play(chunk)
+
         start = time.monotonic()
         player = asyncio.create_task(speak_piece())
         heard_at = None
@@ -146,14 +153,16 @@ async def test_flush_stops_the_voice_and_counts_what_was_played(network: Network
         tail = caller.heard_pcm(since=flushed_at + 0.6)
         assert len(tail) > 0 and rms(tail) < 200, "silence after the flush"
         heard = caller.heard_pcm(since=start)
-        audible = sum(rms(heard[i:i + 480]) > 1000 for i in range(0, len(heard), 480)) * 480
+        audible = sum(rms(heard[i : i + 480]) > 1000 for i in range(0, len(heard), 480)) * 480
         stop = caller.heard[-1][0]
         for t, c in caller.heard:
             if t > flushed_at and rms(c) < 200:
                 stop = t
                 break
-        print(f"played {played[3] / 48000:.2f} s by the room's count, the caller heard "
-              f"{audible / 48000:.2f} s; silent {1000 * (stop - flushed_at):.0f} ms after flush")
+        print(
+            f"played {played[3] / 48000:.2f} s by the room's count, the caller heard "
+            f"{audible / 48000:.2f} s; silent {1000 * (stop - flushed_at):.0f} ms after flush"
+        )
         assert abs(audible - played[3]) < 0.5 * 48000, (audible, played[3])
     finally:
         await caller.leave()

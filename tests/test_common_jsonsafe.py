@@ -1,4 +1,5 @@
-"""Deeply nested JSON is refused, not a crash, even after a dependency raised the recursion limit."""
+"""Deeply nested JSON is refused, not a crash, even after a dependency raised the recursion
+limit."""
 
 import sys
 
@@ -26,8 +27,9 @@ def test_strings_do_not_count_and_normal_documents_parse() -> None:
         jsonsafe.loads(b"{not json")
 
 
-@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le",
-                                      "utf-32-be"])
+@pytest.mark.parametrize(
+    "encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"]
+)
 def test_only_utf8_is_accepted(encoding: str) -> None:
     """UTF-16/32 (with or without a byte order mark) is refused before the depth scan, which
     reads bytes and could be fooled by a wide character holding a quote byte (U+2222)."""

@@ -50,8 +50,9 @@ class Network:
         return next(name for name, k in self.keys.items() if k == key)
 
 
-async def heartbeats(client: RegistryClient, owners: dict[str, Keypair],
-                     loads: dict[str, int]) -> None:
+async def heartbeats(
+    client: RegistryClient, owners: dict[str, Keypair], loads: dict[str, int]
+) -> None:
     while True:
         for name, load in list(loads.items()):
             await client.heartbeat(owners[name], load, NODES[name][5])
@@ -75,19 +76,20 @@ async def network(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Net
         await client.add_issuer(authority, issuer.pubkey())
         for name, (role, url, lat, lon, country, capacity, _, standing) in NODES.items():
             await client.ensure_funded(owners[name])
-            await client.register_node(owners[name], role,
-                                       p.NodeFields(url, lat, lon, country, capacity, "0.1.0"))
+            await client.register_node(
+                owners[name], role, p.NodeFields(url, lat, lon, country, capacity, "0.1.0")
+            )
             if standing != "pending":
                 await client.approve_node(authority, owners[name].pubkey())
             if standing == "suspended":
-                await client.set_node_status(authority, owners[name].pubkey(),
-                                             p.NodeStatus.SUSPENDED)
+                await client.set_node_status(
+                    authority, owners[name].pubkey(), p.NodeStatus.SUSPENDED
+                )
         beating = asyncio.ensure_future(heartbeats(client, owners, loads))
         net = Net(localnet.url, authority, issuer, owners)
         db = f"sqlite+aiosqlite:///{tmp}/gateway.db"
         async with serve_gateway(net, tmp, db) as gw:
-            yield Network(gw.url, {n: str(k.pubkey()) for n, k in owners.items()}, loads,
-                          gw.http)
+            yield Network(gw.url, {n: str(k.pubkey()) for n, k in owners.items()}, loads, gw.http)
     finally:
         if beating is not None:
             beating.cancel()
@@ -114,7 +116,8 @@ async def until_stale(network: Network, name: str) -> dict[str, dict[str, Any]]:
 
 @module_loop
 async def test_public_node_list_needs_no_signature_and_shows_every_standing(
-        network: Network) -> None:
+    network: Network,
+) -> None:
     nodes = await until_stale(network, "tts-gru")
     _, response = await node_list(network)
     assert response.status == 200
@@ -122,8 +125,12 @@ async def test_public_node_list_needs_no_signature_and_shows_every_standing(
     assert set(nodes) == set(NODES)
     for name, (role, url, lat, lon, country, capacity, load, standing) in NODES.items():
         node = nodes[name]
-        assert (node["role"], node["url"], node["country"], node["capacity"]) == \
-            (role.label, url, country, capacity), node
+        assert (node["role"], node["url"], node["country"], node["capacity"]) == (
+            role.label,
+            url,
+            country,
+            capacity,
+        ), node
         assert (node["lat"], node["lon"]) == pytest.approx((lat, lon), abs=1e-3)
         assert node["status"] == standing, node
         assert isinstance(node["heartbeat_age_seconds"], int) and node["heartbeat_age_seconds"] >= 0
@@ -134,15 +141,19 @@ async def test_public_node_list_needs_no_signature_and_shows_every_standing(
 
 
 async def dom_nodes(page: Any) -> dict[str, dict[str, Any]]:
-    return await page.eval_on_selector_all("circle.node", """circles => Object.fromEntries(
+    return await page.eval_on_selector_all(
+        "circle.node",
+        """circles => Object.fromEntries(
         circles.map(c => [c.dataset.key, {role: c.dataset.role, status: c.dataset.status,
           stale: c.dataset.stale, load: Number(c.dataset.load), r: Number(c.getAttribute('r')),
-          greyed: c.classList.contains('greyed'), colour: getComputedStyle(c).fill}]))""")
+          greyed: c.classList.contains('greyed'), colour: getComputedStyle(c).fill}]))""",
+    )
 
 
 @module_loop
 async def test_network_page_maps_the_nodes_and_follows_the_registry(
-        network: Network, tmp_path: Path) -> None:
+    network: Network, tmp_path: Path
+) -> None:
     await until_stale(network, "tts-gru")
     runner, port = await serve(create_app(network.gateway_url, refresh_seconds=1.0))
     try:
@@ -151,8 +162,8 @@ async def test_network_page_maps_the_nodes_and_follows_the_registry(
             log = console_log(page)
             await page.goto(f"http://127.0.0.1:{port}/network")
             await page.wait_for_function(
-                f"document.querySelectorAll('circle.node').length === {len(NODES)}",
-                timeout=20_000)
+                f"document.querySelectorAll('circle.node').length === {len(NODES)}", timeout=20_000
+            )
             assert await page.locator("#land path").count() > 150, "the shipped world map"
             by_key = await dom_nodes(page)
             shown = {network.name_of(key): node for key, node in by_key.items()}
@@ -177,7 +188,9 @@ async def test_network_page_maps_the_nodes_and_follows_the_registry(
             network.loads["sfu-fra"] = 95
             await page.wait_for_function(
                 f"document.querySelector('circle[data-key=\"{network.keys['sfu-fra']}\"]')"
-                ".dataset.load === '95'", timeout=20_000)
+                ".dataset.load === '95'",
+                timeout=20_000,
+            )
             after = (await dom_nodes(page))[network.keys["sfu-fra"]]["r"]
             assert after > before, (before, after)
     finally:

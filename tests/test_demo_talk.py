@@ -41,13 +41,16 @@ LONG = "Tell me about the history of the museum."
 
 
 async def test_start_refuses_bad_bodies_with_a_message(network: Network) -> None:
-    async with demo_server(network, ScriptedLLM) as (site, tutors), \
-            aiohttp.ClientSession() as http:
-        for body, says in ((b"not json", "not JSON"), (b"[1]", "JSON object"),
-                           (b"{}", "identity None"), (b'{"identity": ""}', "identity ''"),
-                           (b'{"identity": "a b"}', "'a b' is not"),
-                           (b'{"identity": "x", "room": "r"}', "unknown field(s) 'room'"),
-                           (b'{"identity": "tutor"}', "the tutor's own")):
+    async with demo_server(network, ScriptedLLM) as (site, tutors), aiohttp.ClientSession() as http:
+        for body, says in (
+            (b"not json", "not JSON"),
+            (b"[1]", "JSON object"),
+            (b"{}", "identity None"),
+            (b'{"identity": ""}', "identity ''"),
+            (b'{"identity": "a b"}', "'a b' is not"),
+            (b'{"identity": "x", "room": "r"}', "unknown field(s) 'room'"),
+            (b'{"identity": "tutor"}', "the tutor's own"),
+        ):
             async with http.post(site + "/api/start", data=body) as resp:
                 error = (await resp.json())["error"]
                 assert resp.status == 400 and says in error, (body, resp.status, error)
@@ -56,13 +59,17 @@ async def test_start_refuses_bad_bodies_with_a_message(network: Network) -> None
             assert resp.status == 200 and (await resp.json())["available_usd"] > 0
 
 
-async def test_a_person_asks_in_chromium_and_hears_the_answer(network: Network,
-                                                              tmp_path: Path) -> None:
+async def test_a_person_asks_in_chromium_and_hears_the_answer(
+    network: Network, tmp_path: Path
+) -> None:
     # A few seconds of quiet first: the agent subscribes to the page's microphone meanwhile.
-    mic = write_speech_wav(tmp_path / "question.wav", [silence(6.0), speak(QUESTION),
-                                                        silence(60.0)])
-    async with demo_server(network, ScriptedLLM, greeting="") as (site, tutors), \
-            chromium(mic) as browser:
+    mic = write_speech_wav(
+        tmp_path / "question.wav", [silence(6.0), speak(QUESTION), silence(60.0)]
+    )
+    async with (
+        demo_server(network, ScriptedLLM, greeting="") as (site, tutors),
+        chromium(mic) as browser,
+    ):
         page = await browser.new_page(viewport={"width": 900, "height": 560})
         log = console_log(page)
         await start_talking(page, site, "student-1")
@@ -101,8 +108,10 @@ async def test_speaking_over_the_tutor_stops_it(network: Network, tmp_path: Path
     """The person asks for a long story, and asks again once the page hears the tutor (the
     microphone opened again plays the question from its start): the tutor stops."""
     mic = write_speech_wav(tmp_path / "long.wav", [silence(5.0), speak(LONG), silence(60.0)])
-    async with demo_server(network, ScriptedLLM, greeting="") as (site, tutors), \
-            chromium(mic) as browser:
+    async with (
+        demo_server(network, ScriptedLLM, greeting="") as (site, tutors),
+        chromium(mic) as browser,
+    ):
         page = await browser.new_page()
         await start_talking(page, site, "student-2")
         pipeline = tutors.live["student-2"].agent.pipeline
@@ -128,16 +137,22 @@ async def test_speaking_over_the_tutor_stops_it(network: Network, tmp_path: Path
         loud = [t for t, rms in agent_levels if rms > 0.015]
         around = [round(t - began, 2) for t in loud if asked < t < ended + 2]
         assert any(asked < t < began for t in loud), ("the tutor was not heard", around)
-        assert not any(ended - 0.5 < t < ended + 0.2 for t in loud), \
-            ("the tutor was still audible when the interruption ended", ended - began, around)
+        assert not any(ended - 0.5 < t < ended + 0.2 for t in loud), (
+            "the tutor was still audible when the interruption ended",
+            ended - began,
+            around,
+        )
         await page.screenshot(path=str(tmp_path / "talk-barge-in.png"))
 
 
 async def test_a_second_tab_takes_over_and_closing_it_mid_answer_settles(
-        network: Network, tmp_path: Path) -> None:
+    network: Network, tmp_path: Path
+) -> None:
     mic = write_speech_wav(tmp_path / "long.wav", [silence(5.0), speak(LONG), silence(60.0)])
-    async with demo_server(network, ScriptedLLM, greeting="") as (site, tutors), \
-            chromium(mic) as browser:
+    async with (
+        demo_server(network, ScriptedLLM, greeting="") as (site, tutors),
+        chromium(mic) as browser,
+    ):
         tabs = await browser.new_context()  # one profile: the second tab knows the name
         first = await tabs.new_page()
         await start_talking(first, site, "student-3")

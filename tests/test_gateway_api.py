@@ -54,8 +54,13 @@ async def test_pricing_and_servers_status_are_public(gw: Gw) -> None:
     status = await gw.client().servers_status()
     assert status["services"]["webrtc"]["healthy"] == 3
     assert status["services"]["stt"]["healthy"] == 2
-    assert status["services"]["tts"] == {"total": 1, "healthy": 1, "capacity": 100, "load": 0,
-                                         "available": True}
+    assert status["services"]["tts"] == {
+        "total": 1,
+        "healthy": 1,
+        "capacity": 100,
+        "load": 0,
+        "available": True,
+    }
     async with gw.http.get(gw.url + "/internal/health") as r:
         assert await r.json() == {"status": "ok"}
 
@@ -67,7 +72,8 @@ async def test_openapi_describes_every_route(gw: Gw) -> None:
     described = {(m, path) for path, ops in doc["paths"].items() for m in ops}
     assert served == described
     assert doc["paths"]["/v1/webrtc/token"]["post"]["requestBody"]["content"]["application/json"][
-        "schema"]["required"] == ["duration_minutes", "room_name", "participant_identity"]
+        "schema"
+    ]["required"] == ["duration_minutes", "room_name", "participant_identity"]
 
 
 # ---------------------------------------------------------------- accounts
@@ -85,9 +91,16 @@ async def test_account_shape_and_grant(gw: Gw) -> None:
     client = await gw.funded(0.5)
     account = await client.account()
     raw = await client.request("GET", "/v1/account")
-    assert set(raw) == {"id", "wallet_address", "wallet_chain", "credit_balance",
-                        "available_balance", "max_concurrent_sessions", "max_api_rate",
-                        "created_at"}
+    assert set(raw) == {
+        "id",
+        "wallet_address",
+        "wallet_chain",
+        "credit_balance",
+        "available_balance",
+        "max_concurrent_sessions",
+        "max_api_rate",
+        "created_at",
+    }
     assert raw["credit_balance"] == "500000" and raw["available_balance"] == "500000"
     assert account.wallet_chain == "solana" and account.wallet_address == str(client.key.pubkey())
     [tx] = await client.transactions()
@@ -105,13 +118,17 @@ async def test_evm_wallet_works_end_to_end(gw: Gw) -> None:
 
 async def test_webrtc_reserve_extend_usage_refund(gw: Gw) -> None:
     client = await gw.funded(1.0)
-    session = await client.create_webrtc_token("room-1", "agent-7", duration_minutes=10,
-                                               metadata="hello")
+    session = await client.create_webrtc_token(
+        "room-1", "agent-7", duration_minutes=10, metadata="hello"
+    )
     claims = verify_token(session.token, {str(gw.net.issuer.pubkey())}, "webrtc")
     account = await client.account()
     # The SFU room is the account's own: its name, then a digest of (account, name).
     assert (claims.identity, claims.room, claims.session_id) == (
-        "agent-7", sfu_room(account.id, "room-1"), session.session_id)
+        "agent-7",
+        sfu_room(account.id, "room-1"),
+        session.session_id,
+    )
     assert claims.room.startswith("room-1~")
     assert claims.raw["metadata"] == "hello"
     assert 590 <= claims.expires_at - time.time() <= 601
@@ -128,17 +145,28 @@ async def test_webrtc_reserve_extend_usage_refund(gw: Gw) -> None:
     # the rest. The room finishing afterwards bills nothing more.
     record = await gw.ledger.get_session(session.session_id)
     await backdate(gw.ledger, session.session_id, 90)  # the session is 90 s old
-    left = {"event": "participant_left", "id": "EV_1", "createdAt": 1_000_090,
-            "room": {"name": claims.room},
-            "participant": {"identity": "agent-7", "joinedAt": 1_000_000,
-                            "attributes": {"session_id": session.session_id}}}
+    left = {
+        "event": "participant_left",
+        "id": "EV_1",
+        "createdAt": 1_000_090,
+        "room": {"name": claims.room},
+        "participant": {
+            "identity": "agent-7",
+            "joinedAt": 1_000_000,
+            "attributes": {"session_id": session.session_id},
+        },
+    }
     node = next(n for n, k in gw.net.nodes.items() if str(k.pubkey()) == record.node_pubkey)
     r = await gw.post_signed("/v1/webhooks/sfu", json.dumps(left).encode(), node)
     assert r.status == 200, await r.text()
     settled = await r.json()
     assert (settled["status"], settled["charged_microcredits"]) == ("completed", "1500")
-    finished = {"event": "room_finished", "id": "EV_2", "createdAt": 1_000_100,
-                "room": {"name": claims.room}}
+    finished = {
+        "event": "room_finished",
+        "id": "EV_2",
+        "createdAt": 1_000_100,
+        "room": {"name": claims.room},
+    }
     r = await gw.post_signed("/v1/webhooks/sfu", json.dumps(finished).encode(), node)
     assert r.status == 200 and await r.json() == {"ok": True}
     account = await client.account()
@@ -147,9 +175,19 @@ async def test_webrtc_reserve_extend_usage_refund(gw: Gw) -> None:
     assert sorted(kinds) == ["charge", "grant", "refund", "reserve", "reserve"]
     [listed] = await client.sessions(status="completed")
     assert listed["charged_microcredits"] == "1500" and listed["reserved_microcredits"] == "15000"
-    assert set(listed) == {"session_id", "service", "bundle_id", "status", "room_name",
-                           "server_url", "reserved_microcredits", "charged_microcredits",
-                           "token_expires_at", "started_at", "ended_at"}
+    assert set(listed) == {
+        "session_id",
+        "service",
+        "bundle_id",
+        "status",
+        "room_name",
+        "server_url",
+        "reserved_microcredits",
+        "charged_microcredits",
+        "token_expires_at",
+        "started_at",
+        "ended_at",
+    }
     await audit_ok(gw, client)
 
 
@@ -159,8 +197,11 @@ async def test_geo_routing_by_client_ip_and_forwarded_for(gw: Gw) -> None:
     sg = await client.create_webrtc_token("geo", "b", 1, client_ip=SG_IP)
     assert (us.ws_url, sg.ws_url) == ("wss://sfu-us.test", "wss://sfu-sg.test")
     body = json.dumps({"duration_minutes": 1}).encode()
-    headers = {**sign_request("POST", "/v1/stt/session", client.key), "X-Forwarded-For": US_IP,
-               "Content-Type": "application/json"}
+    headers = {
+        **sign_request("POST", "/v1/stt/session", client.key),
+        "X-Forwarded-For": US_IP,
+        "Content-Type": "application/json",
+    }
     async with gw.http.post(gw.url + "/v1/stt/session", data=body, headers=headers) as r:
         assert (await r.json())["server_url"] == "https://stt-us.test"
 
@@ -184,12 +225,14 @@ async def test_stt_and_tts_sessions_usage_and_limits(gw: Gw) -> None:
     # The STT node reports 61.2 s (billed as 62 s = 6,200), then completes.
     await backdate(gw.ledger, stt.session_id, 62)
     for event, seconds in (("usage", 30), ("complete", 61.2)):
-        body = json.dumps({"session_id": stt.session_id, "event": event,
-                           "usage": {"duration_seconds": seconds}}).encode()
+        body = json.dumps(
+            {"session_id": stt.session_id, "event": event, "usage": {"duration_seconds": seconds}}
+        ).encode()
         r = await gw.post_signed("/internal/events", body, "stt-de")
         assert r.status == 200, await r.text()
-    body = json.dumps({"session_id": tts.session_id, "event": "complete",
-                       "usage": {"used_characters": 1234}}).encode()
+    body = json.dumps(
+        {"session_id": tts.session_id, "event": "complete", "usage": {"used_characters": 1234}}
+    ).encode()
     r = await gw.post_signed("/internal/events", body, "tts-de")
     assert r.status == 200
     account = await client.account()
@@ -205,8 +248,9 @@ async def test_stt_and_tts_sessions_usage_and_limits(gw: Gw) -> None:
 async def test_agent_session_dual_and_single(gw: Gw) -> None:
     client = await gw.funded(1.0)
     trusted = {str(gw.net.issuer.pubkey())}
-    dual = await client.create_agent_session("tutor", "agent", 5, language="en",
-                                             client_identity="user-42", client_ip=SG_IP)
+    dual = await client.create_agent_session(
+        "tutor", "agent", 5, language="en", client_identity="user-42", client_ip=SG_IP
+    )
     assert isinstance(dual.webrtc, DualWebrtc)
     assert dual.webrtc.agent.ws_url == "wss://sfu-de.test"  # the server's own (loopback) address
     assert dual.webrtc.client.ws_url == "wss://sfu-sg.test"  # the end user's client_ip
@@ -222,8 +266,9 @@ async def test_agent_session_dual_and_single(gw: Gw) -> None:
 
     single = await client.create_agent_session("solo", "agent", 1)
     assert not isinstance(single.webrtc, DualWebrtc) and single.webrtc.ws_url
-    raw = await client.request("POST", "/v1/agent-session/extend",
-                               {"bundle_id": single.bundle_id, "additional_minutes": 1})
+    raw = await client.request(
+        "POST", "/v1/agent-session/extend", {"bundle_id": single.bundle_id, "additional_minutes": 1}
+    )
     assert set(raw["webrtc"]) == {"token", "new_expires_at"}
     assert set(raw["stt"]) == {"token", "new_expires_at"}
     sessions = await client.sessions(limit=10)
@@ -234,8 +279,9 @@ async def test_agent_session_dual_and_single(gw: Gw) -> None:
 async def test_sweeper_settles_expired_sessions(gw: Gw) -> None:
     client = await gw.funded(0.1)
     session = await client.create_stt_session(duration_minutes=0.02)  # 2 s
-    body = json.dumps({"session_id": session.session_id, "event": "usage",
-                       "usage": {"duration_seconds": 1}}).encode()
+    body = json.dumps(
+        {"session_id": session.session_id, "event": "usage", "usage": {"duration_seconds": 1}}
+    ).encode()
     assert (await gw.post_signed("/internal/events", body, "stt-de")).status == 200
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
@@ -270,8 +316,10 @@ async def test_errors_are_the_documented_codes(gw: Gw) -> None:
     with pytest.raises(NotFound):
         await client.extend_stt_session("00000000-0000-0000-0000-000000000000", 1)
     # A second the SDK has not signed in (its 402 above gave that signature back for its body).
-    headers = {**sign_request("POST", "/v1/stt/session", client.key, now=time.time() + 20),
-               "Content-Type": "application/json"}
+    headers = {
+        **sign_request("POST", "/v1/stt/session", client.key, now=time.time() + 20),
+        "Content-Type": "application/json",
+    }
     async with gw.http.post(gw.url + "/v1/stt/session", data=b"{nope", headers=headers) as r:
         assert r.status == 400 and "not valid JSON" in (await r.json())["error"]
     # Someone else's session is not found (and not extended).
@@ -291,8 +339,10 @@ async def test_auth_failures_and_replay(gw: Gw) -> None:
         assert r.status == 200
     async with gw.http.get(gw.url + "/v1/account", headers=headers) as r:
         assert r.status == 200, "an identical signed GET within its second is answered again"
-    spend = {**sign_request("POST", "/v1/stt/session", client.key),
-             "Content-Type": "application/json"}
+    spend = {
+        **sign_request("POST", "/v1/stt/session", client.key),
+        "Content-Type": "application/json",
+    }
     body = json.dumps({"duration_minutes": 1}).encode()
     async with gw.http.post(gw.url + "/v1/stt/session", data=body, headers=spend) as r:
         assert r.status == 200
@@ -306,8 +356,10 @@ async def test_auth_failures_and_replay(gw: Gw) -> None:
         assert r.status == 401
     # A 402 does not use the signature up: the same signed request may be retried.
     poor = gw.client()
-    headers = {**sign_request("POST", "/v1/tts/session", poor.key),
-               "Content-Type": "application/json"}
+    headers = {
+        **sign_request("POST", "/v1/tts/session", poor.key),
+        "Content-Type": "application/json",
+    }
     body = json.dumps({"max_characters": 10}).encode()
     for _ in range(2):
         async with gw.http.post(gw.url + "/v1/tts/session", data=body, headers=headers) as r:
@@ -350,7 +402,7 @@ async def test_a_node_at_its_measured_capacity_gets_no_session(gw: Gw) -> None:
     nothing is reserved."""
     client = await gw.funded(1.0)
     stt_de, tts_de = gw.net.nodes["stt-de"], gw.net.nodes["tts-de"]
-    await gw.registry.heartbeat(stt_de, 2, 2)   # measured 2 streams, both in use
+    await gw.registry.heartbeat(stt_de, 2, 2)  # measured 2 streams, both in use
     await gw.registry.heartbeat(tts_de, 1, 1)
     try:
         await asyncio.sleep(0.5)  # the directory refreshes every 0.2 s here
@@ -371,11 +423,15 @@ async def test_a_node_at_its_measured_capacity_gets_no_session(gw: Gw) -> None:
 async def test_only_the_routed_registered_node_may_post_usage(gw: Gw) -> None:
     client = await gw.funded(0.1)
     session = await client.create_stt_session(1)
-    body = json.dumps({"session_id": session.session_id, "event": "complete",
-                       "usage": {"duration_seconds": 60}}).encode()
+    body = json.dumps(
+        {"session_id": session.session_id, "event": "complete", "usage": {"duration_seconds": 60}}
+    ).encode()
     stranger = Keypair()  # not registered
-    r = await gw.http.post(gw.url + "/internal/events", data=body,
-                           headers={"Authorization": f"Bearer {sign_body(stranger, body)}"})
+    r = await gw.http.post(
+        gw.url + "/internal/events",
+        data=body,
+        headers={"Authorization": f"Bearer {sign_body(stranger, body)}"},
+    )
     assert r.status == 401 and "not a node registered" in (await r.json())["error"]
     r = await gw.post_signed("/internal/events", body, "stt-us")  # registered, not routed
     assert r.status == 401 and "not routed" in (await r.json())["error"]
@@ -383,8 +439,11 @@ async def test_only_the_routed_registered_node_may_post_usage(gw: Gw) -> None:
     assert r.status == 401
     # Signed for other bytes than those sent.
     token = sign_body(gw.net.nodes["stt-de"], body)
-    r = await gw.http.post(gw.url + "/internal/events", data=body.replace(b"60", b"6"),
-                           headers={"Authorization": f"Bearer {token}"})
+    r = await gw.http.post(
+        gw.url + "/internal/events",
+        data=body.replace(b"60", b"6"),
+        headers={"Authorization": f"Bearer {token}"},
+    )
     assert r.status == 401 and "sha256" in (await r.json())["error"]
     [s] = await client.sessions()
     assert s["status"] == "active" and s["charged_microcredits"] == "0"
@@ -401,11 +460,15 @@ async def test_fifty_concurrent_creations_against_ten(
         await g.ledger.set_limits(account.id, max_concurrent_sessions=100, max_api_rate=100)
         results = await asyncio.gather(
             *(client.create_webrtc_token("crowd", f"p{i}", 1) for i in range(50)),
-            return_exceptions=True)
+            return_exceptions=True,
+        )
         ok = [r for r in results if not isinstance(r, Exception)]
         refused = [r for r in results if isinstance(r, InsufficientCredits)]
-        assert (len(ok), len(refused)) == (10, 40), [r for r in results if isinstance(r, Exception)
-                                                     and not isinstance(r, InsufficientCredits)]
+        assert (len(ok), len(refused)) == (10, 40), [
+            r
+            for r in results
+            if isinstance(r, Exception) and not isinstance(r, InsufficientCredits)
+        ]
         account = await client.account()
         assert (account.credit_balance, account.available_balance) == (10_000, 0)
         assert len(await client.sessions(limit=100)) == 10
@@ -429,11 +492,18 @@ async def test_extend_pushes_the_new_token_to_the_sfu(gateway_net: Net, tmp_path
     node = Keypair()
     async with RegistryClient(gateway_net.url) as registry:
         await registry.ensure_funded(node)
-        await registry.register_node(node, p.Role.SFU, p.NodeFields(
-            str(server.make_url("")).rstrip("/"), -33.9, 151.2, "AU", 10, "0.1.0"))
+        await registry.register_node(
+            node,
+            p.Role.SFU,
+            p.NodeFields(str(server.make_url("")).rstrip("/"), -33.9, 151.2, "AU", 10, "0.1.0"),
+        )
         try:
-            async with serve_gateway(gateway_net, tmp_path, f"sqlite+aiosqlite:///{tmp_path}/r.db",
-                              refresh_sfu_tokens=True) as g:
+            async with serve_gateway(
+                gateway_net,
+                tmp_path,
+                f"sqlite+aiosqlite:///{tmp_path}/r.db",
+                refresh_sfu_tokens=True,
+            ) as g:
                 client = await g.funded(0.1)
                 session = await client.create_webrtc_token("far", "p", 1, client_ip="1.1.1.1")
                 assert session.ws_url.startswith("ws://127.0.0.1:")

@@ -417,8 +417,9 @@ async def test_402_signature_reused_only_with_the_identical_body(client, kp: Key
     mine = {"wallet": str(kp.pubkey())}
     assert (await client.post("/v1/buy", json=mine, headers=h)).status == 402
     # The signature came back for *this* body: another body (another wallet) is a replay ...
-    r = await client.post("/v1/buy", json={"wallet": "someone-else"},
-                          headers={**h, "X-Payment": "paid"})
+    r = await client.post(
+        "/v1/buy", json={"wallet": "someone-else"}, headers={**h, "X-Payment": "paid"}
+    )
     assert r.status == 401
     error = (await r.json())["error"]
     assert error.startswith("replayed signature") and "answered 402 for another body" in error

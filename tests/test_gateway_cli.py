@@ -21,13 +21,20 @@ def gateway(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
     config = tmp / "gateway.yaml"
     if not config.exists():
         config.write_text(f"database_url: sqlite+aiosqlite:///{tmp}/gw.db\n")
-    return subprocess.run([sys.executable, "-m", "gateway.cli", "--config", str(config), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "--config", str(config), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_grant_then_list(tmp_path: Path) -> None:
     wallet = str(Keypair().pubkey())
-    out = gateway(tmp_path, "credits", "grant", "--wallet", wallet, "--chain", "solana", "--usd", "2.5")
+    out = gateway(
+        tmp_path, "credits", "grant", "--wallet", wallet, "--chain", "solana", "--usd", "2.5"
+    )
     assert out.returncode == 0, out.stderr
     assert "granted 2500000 microcredits" in out.stdout
     accounts = gateway(tmp_path, "accounts")
@@ -51,13 +58,30 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(tmp_path: Path, chain: Chai
     port = free_port()
     (tmp_path / "gateway.yaml").write_text(
         f"listen_port: {port}\nrpc_url: {chain.url}\nissuer_keypair: {chain.issuer_path}\n"
-        f"database_url: sqlite+aiosqlite:///{tmp_path}/gw.db\n")
+        f"database_url: sqlite+aiosqlite:///{tmp_path}/gw.db\n"
+    )
     wallet = Keypair()
-    assert gateway(tmp_path, "credits", "grant", "--wallet", str(wallet.pubkey()), "--chain",
-                   "solana", "--usd", "1").returncode == 0
+    assert (
+        gateway(
+            tmp_path,
+            "credits",
+            "grant",
+            "--wallet",
+            str(wallet.pubkey()),
+            "--chain",
+            "solana",
+            "--usd",
+            "1",
+        ).returncode
+        == 0
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "--config", str(tmp_path / "gateway.yaml")],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(200):
@@ -70,7 +94,8 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(tmp_path: Path, chain: Chai
         else:
             raise AssertionError("gateway serve did not answer /internal/health")
         request = urllib.request.Request(
-            url + "/v1/account", headers=sign_request("GET", "/v1/account", wallet))
+            url + "/v1/account", headers=sign_request("GET", "/v1/account", wallet)
+        )
         with urllib.request.urlopen(request, timeout=5) as r:
             account = json.load(r)
         assert account["wallet_address"] == str(wallet.pubkey())

@@ -53,8 +53,6 @@ def now() -> datetime:
 # ------------------------------------------------------------------------------------ fixtures
 
 
-
-
 @pytest.fixture
 async def ledger(db_url: str) -> AsyncIterator[Ledger]:
     lg = Ledger(db_url)
@@ -129,7 +127,9 @@ async def check_invariants(lg: Ledger, account_id: str) -> None:
     assert 0 <= account.available_balance <= account.credit_balance
     if txs:  # the newest row carries the current balances
         assert (txs[0].balance_after, txs[0].available_after) == (
-            account.credit_balance, account.available_balance)
+            account.credit_balance,
+            account.available_balance,
+        )
 
 
 # ------------------------------------------------------------------------------------ pricing
@@ -241,51 +241,124 @@ async def test_upgrade_from_revision_1_keeps_data(db_url: str) -> None:
         await lg.migrate("0001")
         assert await lg.schema_revision() == "0001"
         md = sa.MetaData()
-        acc = sa.Table("accounts", md, sa.Column("id", sa.String), sa.Column("wallet_chain",
-                       sa.String), sa.Column("wallet_address", sa.String),
-                       sa.Column("credit_balance", sa.BigInteger),
-                       sa.Column("created_at", UTCDateTime))
-        ses = sa.Table("sessions", md, *(sa.Column(c, sa.String) for c in (
-            "id", "account_id", "service", "status", "server_url", "node_pubkey")),
-            *(sa.Column(c, sa.BigInteger) for c in (
-                "reserved_microcredits", "charged_microcredits", "usage_units", "limit_units")),
-            *(sa.Column(c, UTCDateTime) for c in ("token_expires_at", "started_at", "ended_at")))
-        txs = sa.Table("transactions", md, *(sa.Column(c, sa.String) for c in (
-            "account_id", "kind", "session_id", "reference")),
-            *(sa.Column(c, sa.BigInteger) for c in (
-                "amount", "hold", "balance_after", "available_after")),
-            sa.Column("created_at", UTCDateTime))
+        acc = sa.Table(
+            "accounts",
+            md,
+            sa.Column("id", sa.String),
+            sa.Column("wallet_chain", sa.String),
+            sa.Column("wallet_address", sa.String),
+            sa.Column("credit_balance", sa.BigInteger),
+            sa.Column("created_at", UTCDateTime),
+        )
+        ses = sa.Table(
+            "sessions",
+            md,
+            *(
+                sa.Column(c, sa.String)
+                for c in ("id", "account_id", "service", "status", "server_url", "node_pubkey")
+            ),
+            *(
+                sa.Column(c, sa.BigInteger)
+                for c in (
+                    "reserved_microcredits",
+                    "charged_microcredits",
+                    "usage_units",
+                    "limit_units",
+                )
+            ),
+            *(sa.Column(c, UTCDateTime) for c in ("token_expires_at", "started_at", "ended_at")),
+        )
+        txs = sa.Table(
+            "transactions",
+            md,
+            *(sa.Column(c, sa.String) for c in ("account_id", "kind", "session_id", "reference")),
+            *(
+                sa.Column(c, sa.BigInteger)
+                for c in ("amount", "hold", "balance_after", "available_after")
+            ),
+            sa.Column("created_at", UTCDateTime),
+        )
         t0 = now() - timedelta(minutes=10)
         aid, done, live = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
         async with lg.db.engine.begin() as conn:
             # purchase 100000; a completed stt session (reserved 6000, charged 3000);
             # an active one (reserved 12000)
-            await conn.execute(acc.insert().values(
-                id=aid, wallet_chain="solana", wallet_address="OldWallet", credit_balance=97_000,
-                created_at=t0))
-            await conn.execute(ses.insert(), [
-                dict(id=done, account_id=aid, service="stt", status="completed",
-                     server_url="https://n", node_pubkey=NODE, reserved_microcredits=6000,
-                     charged_microcredits=3000, usage_units=30, limit_units=60,
-                     token_expires_at=t0, started_at=t0, ended_at=t0),
-                dict(id=live, account_id=aid, service="stt", status="active",
-                     server_url="https://n", node_pubkey=NODE, reserved_microcredits=12_000,
-                     charged_microcredits=0, usage_units=0, limit_units=120,
-                     token_expires_at=now() + timedelta(minutes=2), started_at=t0, ended_at=None),
-            ])
-            def tx(kind: str, amount: int, hold: int, after: int, avail: int,
-                   session_id: str | None = None, reference: str | None = None) -> dict:
-                return dict(account_id=aid, kind=kind, amount=amount, hold=hold,
-                            balance_after=after, available_after=avail, session_id=session_id,
-                            reference=reference, created_at=t0)
+            await conn.execute(
+                acc.insert().values(
+                    id=aid,
+                    wallet_chain="solana",
+                    wallet_address="OldWallet",
+                    credit_balance=97_000,
+                    created_at=t0,
+                )
+            )
+            await conn.execute(
+                ses.insert(),
+                [
+                    dict(
+                        id=done,
+                        account_id=aid,
+                        service="stt",
+                        status="completed",
+                        server_url="https://n",
+                        node_pubkey=NODE,
+                        reserved_microcredits=6000,
+                        charged_microcredits=3000,
+                        usage_units=30,
+                        limit_units=60,
+                        token_expires_at=t0,
+                        started_at=t0,
+                        ended_at=t0,
+                    ),
+                    dict(
+                        id=live,
+                        account_id=aid,
+                        service="stt",
+                        status="active",
+                        server_url="https://n",
+                        node_pubkey=NODE,
+                        reserved_microcredits=12_000,
+                        charged_microcredits=0,
+                        usage_units=0,
+                        limit_units=120,
+                        token_expires_at=now() + timedelta(minutes=2),
+                        started_at=t0,
+                        ended_at=None,
+                    ),
+                ],
+            )
 
-            await conn.execute(txs.insert(), [
-                tx("purchase", 100_000, 0, 100_000, 100_000, reference="sig-1"),
-                tx("reserve", 0, 6000, 100_000, 94_000, done),
-                tx("reserve", 0, 12_000, 100_000, 82_000, live),
-                tx("charge", -3000, -3000, 97_000, 82_000, done),
-                tx("refund", 0, -3000, 97_000, 85_000, done),
-            ])
+            def tx(
+                kind: str,
+                amount: int,
+                hold: int,
+                after: int,
+                avail: int,
+                session_id: str | None = None,
+                reference: str | None = None,
+            ) -> dict:
+                return dict(
+                    account_id=aid,
+                    kind=kind,
+                    amount=amount,
+                    hold=hold,
+                    balance_after=after,
+                    available_after=avail,
+                    session_id=session_id,
+                    reference=reference,
+                    created_at=t0,
+                )
+
+            await conn.execute(
+                txs.insert(),
+                [
+                    tx("purchase", 100_000, 0, 100_000, 100_000, reference="sig-1"),
+                    tx("reserve", 0, 6000, 100_000, 94_000, done),
+                    tx("reserve", 0, 12_000, 100_000, 82_000, live),
+                    tx("charge", -3000, -3000, 97_000, 82_000, done),
+                    tx("refund", 0, -3000, 97_000, 85_000, done),
+                ],
+            )
     finally:
         await lg.close()
 
@@ -304,11 +377,14 @@ async def test_upgrade_from_revision_1_keeps_data(db_url: str) -> None:
         assert (await acct(lg, aid)).available_balance == 88_000
         await check_invariants(lg, aid)
         async with lg.db.engine.begin() as conn:  # the new table is there
-            await conn.execute(sa.text(
-                "INSERT INTO payments (id, chain, signature, status, amount_microcredits, "
-                "wallet_address, created_at, updated_at) VALUES "
-                "('p1', 'solana', 'sig-2', 'pending', 100000, 'OldWallet', :t, :t)"),
-                {"t": now().replace(tzinfo=None) if lg.backend == "sqlite" else now()})
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO payments (id, chain, signature, status, amount_microcredits, "
+                    "wallet_address, created_at, updated_at) VALUES "
+                    "('p1', 'solana', 'sig-2', 'pending', 100000, 'OldWallet', :t, :t)"
+                ),
+                {"t": now().replace(tzinfo=None) if lg.backend == "sqlite" else now()},
+            )
     finally:
         await lg.close()
 
@@ -326,7 +402,8 @@ async def test_postgresql_connections_closed_by_the_server_are_replaced(pg_db_ur
         try:
             killed = await admin.fetchval(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
         finally:
             await admin.close()
         assert killed >= 4
@@ -355,11 +432,14 @@ async def test_postgresql_open_refused_then_waits_for_the_account_and_sees_its_c
         await tr.start()
         await admin.execute("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", aid)
         await admin.execute(
-            "UPDATE accounts SET credit_balance = credit_balance + 10000 WHERE id = $1", aid)
+            "UPDATE accounts SET credit_balance = credit_balance + 10000 WHERE id = $1", aid
+        )
         await admin.execute(
             "INSERT INTO transactions (account_id, kind, amount, hold, balance_after, "
             "available_after, memo, created_at) VALUES ($1, 'grant', 10000, 0, 11000, 11000, "
-            "'test', now())", aid)
+            "'test', now())",
+            aid,
+        )
         opening = asyncio.create_task(open_session(lg, aid))
         await asyncio.sleep(0.5)
         assert not opening.done()  # waiting for the account's lock
@@ -401,9 +481,16 @@ async def test_sqlite_group_commit_keeps_a_failing_job_out(tmp_path: Path, fails
     def body(conn: sa.Connection, i: int) -> int:
         if i % 3 == 0 and fails == "before writing":
             raise ValueError(f"job {i} refuses")
-        conn.execute(sa.insert(accounts).values(
-            id=f"acct-{i}", wallet_chain="solana", wallet_address=f"wallet-{i}",
-            credit_balance=0, held_microcredits=0, created_at=created))
+        conn.execute(
+            sa.insert(accounts).values(
+                id=f"acct-{i}",
+                wallet_chain="solana",
+                wallet_address=f"wallet-{i}",
+                credit_balance=0,
+                held_microcredits=0,
+                created_at=created,
+            )
+        )
         if i % 3 == 0:
             raise ValueError(f"job {i} refuses")
         return i
@@ -411,8 +498,9 @@ async def test_sqlite_group_commit_keeps_a_failing_job_out(tmp_path: Path, fails
     try:
         assert lg.db.writer is not None
         jobs, transactions = lg.db.writer.jobs, lg.db.writer.transactions
-        results = await asyncio.gather(*(lg.db.write(body, i) for i in range(60)),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(lg.db.write(body, i) for i in range(60)), return_exceptions=True
+        )
         for i, result in enumerate(results):
             if i % 3 == 0:
                 assert isinstance(result, ValueError) and str(result) == f"job {i} refuses"
@@ -454,8 +542,9 @@ async def test_sqlite_wal_is_checkpointed_off_the_write_path(tmp_path: Path) -> 
     try:
         async with lg.db.engine.connect() as conn:  # the tools' engine keeps SQLite's default
             assert (await conn.exec_driver_sql("PRAGMA wal_autocheckpoint")).scalar() == 1000
-        assert await lg.db.read(
-            lambda c: c.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar()) == 0
+        assert (
+            await lg.db.read(lambda c: c.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar()) == 0
+        )
         size_before = db.stat().st_size
         account_id = await funded(lg, 10**12)
         await lg.set_limits(account_id, max_concurrent_sessions=10**6)
@@ -497,7 +586,12 @@ async def test_unknown_wallet_has_no_account(ledger: Ledger) -> None:
 async def test_grant_creates_the_account_and_the_view(ledger: Ledger) -> None:
     tx = await ledger.grant("evm", "0xAbCdEf", 250_000, memo="welcome")
     assert (tx.kind, tx.amount, tx.hold, tx.balance_after, tx.memo) == (
-        "grant", 250_000, 0, 250_000, "welcome")
+        "grant",
+        250_000,
+        0,
+        250_000,
+        "welcome",
+    )
     again = await ledger.grant("evm", "0xabcdef", 50_000)  # EVM addresses ignore case
     assert again.account_id == tx.account_id
     view = await ledger.account_view("evm", "0xABCDEF")
@@ -560,13 +654,20 @@ async def test_create_session_holds_the_reservation(ledger: Ledger) -> None:
     aid = await funded(ledger, 100_000)
     s = await open_session(ledger, aid, minutes=2)
     assert (s.status, s.reserved_microcredits, s.charged_microcredits, s.limit_units) == (
-        "active", 12_000, 0, 120)
+        "active",
+        12_000,
+        0,
+        120,
+    )
     a = await acct(ledger, aid)
-    assert (a.credit_balance, a.held_microcredits, a.available_balance) == (
-        100_000, 12_000, 88_000)
+    assert (a.credit_balance, a.held_microcredits, a.available_balance) == (100_000, 12_000, 88_000)
     reserve = (await ledger.list_transactions(aid))[0]
     assert (reserve.kind, reserve.amount, reserve.hold, reserve.session_id) == (
-        "reserve", 0, 12_000, s.session_id)
+        "reserve",
+        0,
+        12_000,
+        s.session_id,
+    )
     assert (reserve.balance_after, reserve.available_after) == (100_000, 88_000)
     assert await ledger.get_session(s.session_id) == s
     assert await ledger.get_session(str(uuid.uuid4())) is None
@@ -599,8 +700,9 @@ async def test_timestamps_are_timezone_aware_utc(ledger: Ledger) -> None:
     aid = await funded(ledger, 100_000)
     plus2 = timezone(timedelta(hours=2))
     expires = datetime(2031, 5, 6, 12, 30, 15, 123456, tzinfo=plus2)
-    s = await ledger.create_session(aid, "tts", 8000, 1000, expires, NODE, "https://n",
-                                    metadata={"voice": "af_heart"})
+    s = await ledger.create_session(
+        aid, "tts", 8000, 1000, expires, NODE, "https://n", metadata={"voice": "af_heart"}
+    )
     got = await ledger.get_session(s.session_id)
     assert got is not None
     assert got.token_expires_at == expires and got.token_expires_at.tzinfo == UTC
@@ -631,11 +733,14 @@ async def test_usage_is_cumulative_monotonic_and_capped(ledger: Ledger) -> None:
     await check_invariants(ledger, aid)
 
 
-@pytest.mark.parametrize("service,minutes_or_chars,used,charge", [
-    ("stt", 2, 35, 3500),
-    ("webrtc", 3, 61, 1017),
-    ("tts", 10_000, 1234, 9872),
-])
+@pytest.mark.parametrize(
+    "service,minutes_or_chars,used,charge",
+    [
+        ("stt", 2, 35, 3500),
+        ("webrtc", 3, 61, 1017),
+        ("tts", 10_000, 1234, 9872),
+    ],
+)
 async def test_final_report_settles_exactly_once(
     ledger: Ledger, service: str, minutes_or_chars: int, used: int, charge: int
 ) -> None:
@@ -645,8 +750,9 @@ async def test_final_report_settles_exactly_once(
     else:
         reserve = pricing.reservation_for_minutes(service, minutes_or_chars)
         limit = minutes_or_chars * 60
-    s = await ledger.create_session(aid, service, reserve, limit, now() + timedelta(minutes=5),
-                                    NODE, "https://n")
+    s = await ledger.create_session(
+        aid, service, reserve, limit, now() + timedelta(minutes=5), NODE, "https://n"
+    )
     r = await ledger.record_usage(s.session_id, NODE, used, final=True)
     assert (r.settled, r.changed, r.status) == (True, True, "completed")
     assert (r.charged_microcredits, r.refunded_microcredits) == (charge, reserve - charge)
@@ -656,23 +762,28 @@ async def test_final_report_settles_exactly_once(
     again = await ledger.record_usage(s.session_id, NODE, used * 2, final=True)
     assert again.changed is False
     assert (again.charged_microcredits, again.refunded_microcredits, again.status) == (
-        charge, reserve - charge, "completed")
+        charge,
+        reserve - charge,
+        "completed",
+    )
     late = await ledger.record_usage(s.session_id, NODE, used * 3)
     assert late.changed is False and late.charged_microcredits == charge
     txs = await ledger.list_transactions(aid)
     assert [(t.kind, t.amount, t.hold) for t in txs[:2]] == [
-        ("refund", 0, -(reserve - charge)), ("charge", -charge, -charge)]
+        ("refund", 0, -(reserve - charge)),
+        ("charge", -charge, -charge),
+    ]
     a = await acct(ledger, aid)
-    assert (a.credit_balance, a.available_balance) == (
-        1_000_000 - charge, 1_000_000 - charge)
+    assert (a.credit_balance, a.available_balance) == (1_000_000 - charge, 1_000_000 - charge)
     await check_invariants(ledger, aid)
 
 
 async def test_concurrent_final_reports_settle_once(ledgers: list[Ledger]) -> None:
     aid = await funded(ledgers[0], 100_000)
     s = await open_session(ledgers[0], aid, minutes=2)
-    results = await asyncio.gather(*(
-        ledgers[i % 3].record_usage(s.session_id, NODE, 30 + i, final=True) for i in range(15)))
+    results = await asyncio.gather(
+        *(ledgers[i % 3].record_usage(s.session_id, NODE, 30 + i, final=True) for i in range(15))
+    )
     assert sum(r.changed for r in results) == 1
     winner = next(r for r in results if r.changed)
     assert all(r.charged_microcredits == winner.charged_microcredits for r in results)
@@ -760,8 +871,9 @@ async def test_concurrent_sweepers_settle_each_session_once(ledgers: list[Ledger
         await ledgers[0].record_usage(s.session_id, NODE, i)
         sessions.append(s.session_id)
     t = now()
-    rounds = await asyncio.gather(*(lg.sweep(t, grace=timedelta(seconds=60))
-                                    for lg in ledgers for _ in range(2)))
+    rounds = await asyncio.gather(
+        *(lg.sweep(t, grace=timedelta(seconds=60)) for lg in ledgers for _ in range(2))
+    )
     settled = [r.session_id for results in rounds for r in results]
     assert len(settled) == len(set(settled))
     settled += [r.session_id for r in await ledgers[0].sweep(t, grace=timedelta(seconds=60))]
@@ -795,7 +907,8 @@ async def test_50_concurrent_sessions_against_a_balance_for_10(ledgers: list[Led
 async def test_concurrent_session_limit_holds_under_concurrency(ledgers: list[Ledger]) -> None:
     aid = await funded(ledgers[0], 100 * STT_MINUTE)
     results = await asyncio.gather(
-        *(open_session(ledgers[i % 3], aid) for i in range(50)), return_exceptions=True)
+        *(open_session(ledgers[i % 3], aid) for i in range(50)), return_exceptions=True
+    )
     created = [r for r in results if not isinstance(r, BaseException)]
     assert len(created) == 10  # the default limit
     limits = [r for r in results if isinstance(r, ConcurrencyLimit)]
@@ -814,16 +927,40 @@ async def test_concurrent_session_limit_holds_under_concurrency(ledgers: list[Le
 def bundle_specs(minutes: int = 5, chars: int = 10_000, dual: bool = True) -> list[SessionSpec]:
     exp = now() + timedelta(minutes=minutes)
     specs = [
-        SessionSpec("webrtc", pricing.reservation_for_minutes("webrtc", minutes), minutes * 60,
-                    exp, NODE, "wss://sfu", room_name="room", participant_identity="agent"),
-        SessionSpec("stt", pricing.reservation_for_minutes("stt", minutes), minutes * 60, exp,
-                    NODE, "https://stt"),
+        SessionSpec(
+            "webrtc",
+            pricing.reservation_for_minutes("webrtc", minutes),
+            minutes * 60,
+            exp,
+            NODE,
+            "wss://sfu",
+            room_name="room",
+            participant_identity="agent",
+        ),
+        SessionSpec(
+            "stt",
+            pricing.reservation_for_minutes("stt", minutes),
+            minutes * 60,
+            exp,
+            NODE,
+            "https://stt",
+        ),
         SessionSpec("tts", pricing.cost("tts", chars), chars, exp, OTHER_NODE, "https://tts"),
     ]
     if dual:
-        specs.insert(1, SessionSpec("webrtc", pricing.reservation_for_minutes("webrtc", minutes),
-                                    minutes * 60, exp, OTHER_NODE, "wss://sfu2",
-                                    room_name="room", participant_identity="user-42"))
+        specs.insert(
+            1,
+            SessionSpec(
+                "webrtc",
+                pricing.reservation_for_minutes("webrtc", minutes),
+                minutes * 60,
+                exp,
+                OTHER_NODE,
+                "wss://sfu2",
+                room_name="room",
+                participant_identity="user-42",
+            ),
+        )
     return specs
 
 
@@ -849,8 +986,11 @@ async def test_extend_bundle_is_all_or_nothing(ledger: Ledger) -> None:
     b = await ledger.create_bundle(aid, bundle_specs(dual=False))  # 5000 + 30000 + 80000
     web, stt, tts = b.sessions
     exp = web.token_expires_at + timedelta(minutes=2)
-    exts = [Extension(web.session_id, 120, exp), Extension(stt.session_id, 120, exp),
-            Extension(tts.session_id, 0, exp)]
+    exts = [
+        Extension(web.session_id, 120, exp),
+        Extension(stt.session_id, 120, exp),
+        Extension(tts.session_id, 0, exp),
+    ]
     out = await ledger.extend_bundle(b.bundle_id, exts)
     assert [s.reserved_microcredits for s in out] == [7000, 42_000, 80_000]
     assert all(s.token_expires_at == exp for s in out)
@@ -926,8 +1066,9 @@ async def test_a_bundle_frees_its_slot_when_its_last_session_settles(ledger: Led
 
 async def test_listing_and_pagination(ledger: Ledger) -> None:
     aid = await funded(ledger, 100_000)
-    made = [await open_session(ledger, aid, service=svc)
-            for svc in ("stt", "webrtc", "stt", "webrtc")]
+    made = [
+        await open_session(ledger, aid, service=svc) for svc in ("stt", "webrtc", "stt", "webrtc")
+    ]
     await ledger.record_usage(made[0].session_id, NODE, 10, final=True)
     txs = await ledger.list_transactions(aid, limit=3)
     assert [t.kind for t in txs] == ["refund", "charge", "reserve"]
@@ -939,10 +1080,23 @@ async def test_listing_and_pagination(ledger: Ledger) -> None:
     assert [s.session_id for s in completed] == [made[0].session_id]
     page = await ledger.list_sessions(aid, limit=2, offset=1)
     assert len(page) == 2
-    assert set(completed[0].public()) == set(PUBLIC_SESSION_FIELDS) == {
-        "session_id", "service", "bundle_id", "status", "room_name", "server_url",
-        "reserved_microcredits", "charged_microcredits", "token_expires_at", "started_at",
-        "ended_at"}
+    assert (
+        set(completed[0].public())
+        == set(PUBLIC_SESSION_FIELDS)
+        == {
+            "session_id",
+            "service",
+            "bundle_id",
+            "status",
+            "room_name",
+            "server_url",
+            "reserved_microcredits",
+            "charged_microcredits",
+            "token_expires_at",
+            "started_at",
+            "ended_at",
+        }
+    )
     assert await ledger.list_transactions(str(uuid.uuid4())) == []
     with pytest.raises(ValueError):
         await ledger.list_sessions(aid, status="paused")
@@ -971,12 +1125,17 @@ async def test_random_operations_keep_the_balance_equal_to_its_transactions(
         aid = rng.choice(accounts)
         try:
             if op < 0.1:
-                await db.grant("solana", (await acct(db, aid)).wallet_address,
-                               rng.randrange(1, 20_000))
+                await db.grant(
+                    "solana", (await acct(db, aid)).wallet_address, rng.randrange(1, 20_000)
+                )
             elif op < 0.45:
-                s = await open_session(db, aid, service=rng.choice(("stt", "webrtc")),
-                                       minutes=rng.randrange(1, 4),
-                                       expires_in=timedelta(seconds=rng.randrange(-100, 100)))
+                s = await open_session(
+                    db,
+                    aid,
+                    service=rng.choice(("stt", "webrtc")),
+                    minutes=rng.randrange(1, 4),
+                    expires_in=timedelta(seconds=rng.randrange(-100, 100)),
+                )
                 active.append((s.session_id, aid))
             elif op < 0.6 and active:
                 sid, _ = rng.choice(active)

@@ -24,8 +24,8 @@ from solders.transaction import VersionedTransaction
 from gateway.auth import sign_request
 from gateway.client import GatewayClient, InsufficientCredits
 from gateway.ledger import pricing
-from gateway.payments.book import PaymentBook
 from gateway.payments import payer
+from gateway.payments.book import PaymentBook
 from gateway.payments.config import SolanaPayments
 from gateway.payments.solana import cosign
 from registry import usdc
@@ -67,7 +67,8 @@ async def test_purchase_credits_and_moves_exactly_the_amount(pay: Pay, version: 
     assert (acct.credit_balance, acct.available_balance) == (250_000, 250_000)
     txs = await pay.ledger.list_transactions(acct.id)
     assert [(t.kind, t.amount, t.reference) for t in txs] == [
-        ("purchase", 250_000, settle["transaction"])]
+        ("purchase", 250_000, settle["transaction"])
+    ]
     assert (await pay.ledger.audit(acct.id)).ok
     rec = await PaymentBook(pay.ledger).get(settle["transaction"])
     assert rec is not None and rec.status == "credited" and rec.account_id == acct.id
@@ -80,16 +81,31 @@ async def test_402_advertises_both_versions(pay: Pay) -> None:
     assert body["x402Version"] == 1 and "payment required" in body["error"]
     (v1,) = body["accepts"]
     fee_payer = str(pay.service.fee_payer.pubkey())
-    assert v1 == {"scheme": "exact", "network": "solana-devnet", "maxAmountRequired": "1500000",
-                  "resource": pay.url + PATH, "description": v1["description"],
-                  "mimeType": "application/json", "payTo": str(pay.pay_to),
-                  "maxTimeoutSeconds": 60, "asset": str(pay.mint),
-                  "extra": {"feePayer": fee_payer}}
+    assert v1 == {
+        "scheme": "exact",
+        "network": "solana-devnet",
+        "maxAmountRequired": "1500000",
+        "resource": pay.url + PATH,
+        "description": v1["description"],
+        "mimeType": "application/json",
+        "payTo": str(pay.pay_to),
+        "maxTimeoutSeconds": 60,
+        "asset": str(pay.mint),
+        "extra": {"feePayer": fee_payer},
+    }
     v2 = json.loads(base64.b64decode(headers["PAYMENT-REQUIRED"]))
     assert v2["x402Version"] == 2 and v2["resource"]["url"] == pay.url + PATH
-    assert v2["accepts"] == [{"scheme": "exact", "network": DEVNET, "amount": "1500000",
-                              "asset": str(pay.mint), "payTo": str(pay.pay_to),
-                              "maxTimeoutSeconds": 60, "extra": {"feePayer": fee_payer}}]
+    assert v2["accepts"] == [
+        {
+            "scheme": "exact",
+            "network": DEVNET,
+            "amount": "1500000",
+            "asset": str(pay.mint),
+            "payTo": str(pay.pay_to),
+            "maxTimeoutSeconds": 60,
+            "extra": {"feePayer": fee_payer},
+        }
+    ]
     # The pay-to wallet's token account exists (the gateway made it at startup).
     assert (await pay.chain.rpc.get_account_info(usdc.ata(pay.pay_to, pay.mint))).value
 
@@ -121,8 +137,9 @@ async def test_wrong_mint_refused(pay: Pay) -> None:
     key = await pay.wallet()
     other_keys = pay.tmp / "other"
     other, _ = await usdc.ensure_test_usdc(pay.chain, other_keys / "m.json", other_keys / "a.json")
-    await usdc.mint_test_usdc(pay.chain, key.pubkey(), "5", other_keys / "m.json",
-                              other_keys / "a.json")
+    await usdc.mint_test_usdc(
+        pay.chain, key.pubkey(), "5", other_keys / "m.json", other_keys / "a.json"
+    )
     await refused(pay, key, 402, "mint_mismatch", mint=other)
 
 
@@ -130,8 +147,9 @@ async def test_fee_payer_inside_an_instruction_refused(pay: Pay) -> None:
     key = await pay.wallet()
     fee_payer = pay.service.fee_payer.pubkey()
     # As an account of the memo (a signer there would let our signature authorise it) ...
-    await refused(pay, key, 402, "fee_payer_included",
-                  memo_accounts=[AccountMeta(fee_payer, True, False)])
+    await refused(
+        pay, key, 402, "fee_payer_included", memo_accounts=[AccountMeta(fee_payer, True, False)]
+    )
     # ... or as the transfer authority: our own tokens would pay.
     await refused(pay, key, 402, "fee_payer_included", authority=fee_payer)
 
@@ -174,8 +192,9 @@ async def test_replayed_transaction_refused(pay: Pay) -> None:
     # Again (a new auth signature, the same payment), as v2 and spelled as v1: refused.
     status, body, _ = await pay.post(key, headers={name: value})
     assert status == 402 and "replayed payment" in body["error"]
-    v1_name, v1_value = payer.payment_header(1, {**req, "network": "solana-devnet"},
-                                             {"transaction": tx})
+    v1_name, v1_value = payer.payment_header(
+        1, {**req, "network": "solana-devnet"}, {"transaction": tx}
+    )
     status, body, _ = await pay.post(key, headers={v1_name: v1_value})
     assert status == 402 and "replayed payment" in body["error"]
     assert await pay.snapshot(key.pubkey()) == after_first
@@ -202,21 +221,43 @@ async def test_payer_without_funds_refused(pay: Pay) -> None:
     await refused(pay, no_account, 402, "refused the transaction")
 
 
-@pytest.mark.parametrize("header,value,needle", [
-    ("PAYMENT-SIGNATURE", "%%%not-base64%%%", "not base64-encoded JSON"),
-    ("PAYMENT-SIGNATURE", base64.b64encode(b"[1,2]").decode(), "not a JSON object"),
-    ("PAYMENT-SIGNATURE", base64.b64encode(b'{"x402Version": 2}').decode(), "no 'payload'"),
-    ("X-PAYMENT", base64.b64encode(b'{"x402Version": 3, "payload": {}}').decode(),
-     "unsupported x402Version"),
-    ("X-PAYMENT", base64.b64encode(json.dumps({
-        "x402Version": 1, "scheme": "exact", "network": "solana-devnet",
-        "payload": {"transaction": base64.b64encode(b"\x01" * 80).decode()}}).encode()).decode(),
-     "could_not_be_decoded"),
-    ("X-PAYMENT", base64.b64encode(json.dumps({
-        "x402Version": 1, "scheme": "exact", "network": "base",
-        "payload": {}}).encode()).decode(), "unsupported_scheme"),
-    ("PAYMENT-SIGNATURE", "", "empty"),
-])
+@pytest.mark.parametrize(
+    "header,value,needle",
+    [
+        ("PAYMENT-SIGNATURE", "%%%not-base64%%%", "not base64-encoded JSON"),
+        ("PAYMENT-SIGNATURE", base64.b64encode(b"[1,2]").decode(), "not a JSON object"),
+        ("PAYMENT-SIGNATURE", base64.b64encode(b'{"x402Version": 2}').decode(), "no 'payload'"),
+        (
+            "X-PAYMENT",
+            base64.b64encode(b'{"x402Version": 3, "payload": {}}').decode(),
+            "unsupported x402Version",
+        ),
+        (
+            "X-PAYMENT",
+            base64.b64encode(
+                json.dumps(
+                    {
+                        "x402Version": 1,
+                        "scheme": "exact",
+                        "network": "solana-devnet",
+                        "payload": {"transaction": base64.b64encode(b"\x01" * 80).decode()},
+                    }
+                ).encode()
+            ).decode(),
+            "could_not_be_decoded",
+        ),
+        (
+            "X-PAYMENT",
+            base64.b64encode(
+                json.dumps(
+                    {"x402Version": 1, "scheme": "exact", "network": "base", "payload": {}}
+                ).encode()
+            ).decode(),
+            "unsupported_scheme",
+        ),
+        ("PAYMENT-SIGNATURE", "", "empty"),
+    ],
+)
 async def test_malformed_header_refused(pay: Pay, header: str, value: str, needle: str) -> None:
     key = await pay.wallet()
     before = await pay.snapshot(key.pubkey())
@@ -243,9 +284,11 @@ async def test_credits_go_to_the_payer_only(pay: Pay) -> None:
     tx = await payer.svm_transaction(key, req, pay.net.url)
     name, value = payer.payment_header(2, req, {"transaction": tx})
     before = await pay.snapshot(key.pubkey(), other.pubkey())
-    status, body, _ = await pay.post(key, body={"wallet_address": str(other.pubkey()),
-                                                "wallet_chain": "solana", "amount_usd": 0.25},
-                                     headers={name: value})
+    status, body, _ = await pay.post(
+        key,
+        body={"wallet_address": str(other.pubkey()), "wallet_chain": "solana", "amount_usd": 0.25},
+        headers={name: value},
+    )
     assert status == 402 and "payer_mismatch" in body["error"]
     assert await pay.snapshot(key.pubkey(), other.pubkey()) == before
 
@@ -272,8 +315,7 @@ async def test_two_identical_payments_racing_are_credited_once(pay: Pay) -> None
     name, value = payer.payment_header(2, req, {"transaction": tx})
     to_before = await pay.usdc_of(pay.pay_to)
     auths = [sign_request("POST", PATH, key, now=time.time() - i) for i in range(4)]
-    results = await asyncio.gather(*(pay.post(key, headers={name: value}, auth=a)
-                                     for a in auths))
+    results = await asyncio.gather(*(pay.post(key, headers={name: value}, auth=a) for a in auths))
     statuses = sorted(r[0] for r in results)
     assert statuses == [200, 402, 402, 402], [r[1] for r in results]
     assert all("replayed payment" in r[1]["error"] for r in results if r[0] == 402)
@@ -301,8 +343,7 @@ async def test_crash_between_confirmation_and_credit_recovers_at_restart(pay: Pa
     acct = await pay.ledger.get_account("solana", str(key.pubkey()))
     assert acct is not None and acct.credit_balance == 250_000
     assert (await PaymentBook(pay.ledger).count_by_status()) == {"credited": 1}
-    assert await pay.service.reconcile() == {"credited": 0, "failed": 0, "resent": 0,
-                                             "waiting": 0}
+    assert await pay.service.reconcile() == {"credited": 0, "failed": 0, "resent": 0, "waiting": 0}
     await pay.restart()
     assert (await pay.ledger.get_account("solana", str(key.pubkey()))).credit_balance == 250_000
 
@@ -314,12 +355,18 @@ async def test_reconcile_pending_sent_failed_and_expired(pay: Pay) -> None:
 
     async def record(key: Keypair) -> tuple[str, VersionedTransaction]:
         req = await pay.requirement(key)
-        tx = VersionedTransaction.from_bytes(base64.b64decode(
-            await payer.svm_transaction(key, req, pay.net.url)))
+        tx = VersionedTransaction.from_bytes(
+            base64.b64decode(await payer.svm_transaction(key, req, pay.net.url))
+        )
         full = cosign(tx, fee_payer)
         sig = str(full.signatures[0])
-        await book.record_pending("solana", sig, 250_000, str(key.pubkey()),
-                                  {"tx": base64.b64encode(bytes(full)).decode()})
+        await book.record_pending(
+            "solana",
+            sig,
+            250_000,
+            str(key.pubkey()),
+            {"tx": base64.b64encode(bytes(full)).decode()},
+        )
         return sig, full
 
     unsent_key, broke_key = await pay.wallet(), await pay.wallet("0.1")
@@ -328,8 +375,9 @@ async def test_reconcile_pending_sent_failed_and_expired(pay: Pay) -> None:
     failed, failed_tx = await record(broke_key)
     # It lands as a failed transaction (fee charged, no tokens moved), as with skipPreflight.
     await pay.chain.rpc.send_raw_transaction(
-        bytes(failed_tx), opts=__import__("solana.rpc.types", fromlist=["TxOpts"]).TxOpts(
-            skip_preflight=True))
+        bytes(failed_tx),
+        opts=__import__("solana.rpc.types", fromlist=["TxOpts"]).TxOpts(skip_preflight=True),
+    )
     assert await service.reconcile() == {"credited": 0, "failed": 1, "resent": 1, "waiting": 0}
     assert await service.reconcile() == {"credited": 1, "failed": 0, "resent": 0, "waiting": 0}
     assert (await book.get(unsent)).status == "credited"

@@ -32,9 +32,12 @@ async def test_evm_purchase_settles_on_chain(evm_gw: Pay, evm_chain: EvmChain) -
     status, body = await post(evm_gw, header)
     assert status == 200, body
     assert body["credited_microcredits"] == "2500000"
-    assert await state(evm_gw, evm_chain) == {"payer": 7_500_000, "pay_to": 2_500_000,
-                                          "payments": {"credited": 1},
-                                          "credits": (2_500_000, 2_500_000)}
+    assert await state(evm_gw, evm_chain) == {
+        "payer": 7_500_000,
+        "pay_to": 2_500_000,
+        "payments": {"credited": 1},
+        "credits": (2_500_000, 2_500_000),
+    }
     nonce = bytes.fromhex(payload["authorization"]["nonce"][2:])
     assert evm_chain.used(PAYER, nonce)
     # The same authorization again: a replayed payment, nothing moves.
@@ -44,36 +47,48 @@ async def test_evm_purchase_settles_on_chain(evm_gw: Pay, evm_chain: EvmChain) -
     assert await state(evm_gw, evm_chain) == before
 
 
-async def test_front_run_in_the_mempool_is_still_credited(evm_gw: Pay,
-                                                          evm_chain: EvmChain) -> None:
+async def test_front_run_in_the_mempool_is_still_credited(evm_gw: Pay, evm_chain: EvmChain) -> None:
     """Someone lands the authorization ahead of the gateway's transaction, which reverts: the
     authorization paid us all the same, so the purchase is credited, once."""
     payload, header = await authorization(evm_gw, evm_chain)
     evm_chain.front_run = submit_as(evm_chain, payload)
     status, body = await post(evm_gw, header)
     assert status == 200, body
-    rec = await PaymentBook(evm_gw.ledger).get(evm.EvmPayment.from_record(
-        payload["authorization"], payload["signature"]).reference(evm_chain.chain_id,
-                                                                  evm_chain.token))
+    rec = await PaymentBook(evm_gw.ledger).get(
+        evm.EvmPayment.from_record(payload["authorization"], payload["signature"]).reference(
+            evm_chain.chain_id, evm_chain.token
+        )
+    )
     assert rec is not None and rec.status == "credited"
     own = evm_chain.t.get_transaction_receipt(rec.detail["tx_hash"])
     assert own["status"] == 0  # the gateway's own submission really reverted on chain
     assert rec.detail["used_by"] != rec.detail["tx_hash"]
-    assert await state(evm_gw, evm_chain) == {"payer": 7_500_000, "pay_to": 2_500_000,
-                                          "payments": {"credited": 1},
-                                          "credits": (2_500_000, 2_500_000)}
+    assert await state(evm_gw, evm_chain) == {
+        "payer": 7_500_000,
+        "pay_to": 2_500_000,
+        "payments": {"credited": 1},
+        "credits": (2_500_000, 2_500_000),
+    }
 
 
-async def test_nonce_used_to_pay_someone_else_is_not_credited(evm_gw: Pay,
-                                                              evm_chain: EvmChain) -> None:
+async def test_nonce_used_to_pay_someone_else_is_not_credited(
+    evm_gw: Pay, evm_chain: EvmChain
+) -> None:
     """The payer signs a second authorization with the same nonce, paying itself another way, and
     lands it first: the nonce is used, but not to pay us. Nothing is credited."""
     payload, header = await authorization(evm_gw, evm_chain)
     elsewhere = Account.create().address
-    twin = payer.evm_authorization(PAYER_KEY, {"payTo": elsewhere, "asset": evm_chain.token,
-                                               "amount": "2500000", "maxTimeoutSeconds": 300,
-                                               "extra": {"name": "USD Coin", "version": "2"}},
-                                   evm_chain.chain_id)
+    twin = payer.evm_authorization(
+        PAYER_KEY,
+        {
+            "payTo": elsewhere,
+            "asset": evm_chain.token,
+            "amount": "2500000",
+            "maxTimeoutSeconds": 300,
+            "extra": {"name": "USD Coin", "version": "2"},
+        },
+        evm_chain.chain_id,
+    )
     twin["authorization"]["nonce"] = payload["authorization"]["nonce"]
     twin = {**twin, "signature": _resign(twin["authorization"], evm_chain)}
     evm_chain.front_run = submit_as(evm_chain, twin)
@@ -81,8 +96,12 @@ async def test_nonce_used_to_pay_someone_else_is_not_credited(evm_gw: Pay,
     assert status == 402 and "transaction_failed" in body["error"], body
     assert "nothing was credited" in body["error"]
     assert evm_chain.balance(elsewhere) == 2_500_000
-    assert await state(evm_gw, evm_chain) == {"payer": 7_500_000, "pay_to": 0,
-                                          "payments": {"failed": 1}, "credits": None}
+    assert await state(evm_gw, evm_chain) == {
+        "payer": 7_500_000,
+        "pay_to": 0,
+        "payments": {"failed": 1},
+        "credits": None,
+    }
 
 
 def _resign(auth: dict[str, Any], chain: EvmChain) -> str:
@@ -90,9 +109,15 @@ def _resign(auth: dict[str, Any], chain: EvmChain) -> str:
     from eth_account.messages import encode_typed_data
 
     rules = evm.EvmRules(chain.chain_id, chain.token, "USD Coin", "2", auth["to"], 0)
-    message = {"from": auth["from"], "to": auth["to"], "value": int(auth["value"]),
-               "validAfter": int(auth["validAfter"]), "validBefore": int(auth["validBefore"]),
-               "nonce": bytes.fromhex(auth["nonce"][2:])}
+    message = {
+        "from": auth["from"],
+        "to": auth["to"],
+        "value": int(auth["value"]),
+        "validAfter": int(auth["validAfter"]),
+        "validBefore": int(auth["validBefore"]),
+        "nonce": bytes.fromhex(auth["nonce"][2:]),
+    }
     signed = Account.from_key(PAYER_KEY).sign_message(
-        encode_typed_data(full_message=evm.typed_data(rules, message)))
+        encode_typed_data(full_message=evm.typed_data(rules, message))
+    )
     return "0x" + bytes(signed.signature).hex()

@@ -19,13 +19,18 @@ async def test_claim_and_credit_exactly_once_across_processes(db_url: str) -> No
         books = [PaymentBook(lg) for lg in lgs]
         sig, wallet = f"sig-{uuid.uuid4().hex}", f"wallet-{uuid.uuid4().hex}"
         claims = await asyncio.gather(
-            *(b.record_pending("solana", sig, 500_000, wallet, {"n": i})
-              for i, b in enumerate(books)), return_exceptions=True)
+            *(
+                b.record_pending("solana", sig, 500_000, wallet, {"n": i})
+                for i, b in enumerate(books)
+            ),
+            return_exceptions=True,
+        )
         assert sum(not isinstance(c, Exception) for c in claims) == 1
         assert sum(isinstance(c, DuplicatePayment) for c in claims) == 2
         assert (await books[1].mark_confirmed(sig, slot=7)).status == "confirmed"
-        credits = await asyncio.gather(*(b.credit(sig, memo="t") for b in books),
-                                       return_exceptions=True)
+        credits = await asyncio.gather(
+            *(b.credit(sig, memo="t") for b in books), return_exceptions=True
+        )
         ok = [c for c in credits if not isinstance(c, Exception)]
         assert len(ok) == 1 and sum(isinstance(c, DuplicatePayment) for c in credits) == 2
         rec, tx = ok[0]

@@ -17,8 +17,8 @@ import pytest
 from eth_account import Account
 
 from gateway.config import GatewayConfig
-from gateway.payments.book import PaymentBook
 from gateway.payments import evm, payer
+from gateway.payments.book import PaymentBook
 from gateway.payments.challenges import MppChallenges
 from gateway.payments.config import EvmPayments, MppPayments, PaymentsConfig, SolanaPayments
 from gateway.payments.x402 import PaymentInvalid
@@ -35,17 +35,32 @@ ADDRESS = Account.from_key(KEY).address
 async def evm_pay(pay: Pay) -> AsyncIterator[Pay]:
     """The same gateway with EVM enabled against an RPC port where nothing listens."""
     s = pay.config.payments.solana
-    pay.config = pay.config.model_copy(update={"payments": PaymentsConfig(
-        solana=s, evm=EvmPayments(enabled=True, chain_id=8453, pay_to=PAY_TO,
-                                  rpc_url=f"http://127.0.0.1:{free_port()}",
-                                  relayer_key_file=pay.tmp / "relayer.hex"))})
+    pay.config = pay.config.model_copy(
+        update={
+            "payments": PaymentsConfig(
+                solana=s,
+                evm=EvmPayments(
+                    enabled=True,
+                    chain_id=8453,
+                    pay_to=PAY_TO,
+                    rpc_url=f"http://127.0.0.1:{free_port()}",
+                    relayer_key_file=pay.tmp / "relayer.hex",
+                ),
+            )
+        }
+    )
     (pay.tmp / "relayer.hex").write_text("0x" + "07" * 32)
     await pay.restart()
     yield pay
 
 
-async def post(pay: Pay, body: dict[str, Any], headers: dict[str, str] | None = None,
-               path: str = "/v1/credits/purchase", key: str = KEY) -> tuple[int, Any, Any]:
+async def post(
+    pay: Pay,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+    path: str = "/v1/credits/purchase",
+    key: str = KEY,
+) -> tuple[int, Any, Any]:
     auth = pay.auth(key, path, "evm")
     async with pay.http.post(pay.url + path, json=body, headers={**auth, **(headers or {})}) as r:
         return r.status, await r.json(content_type=None), r.headers
@@ -64,23 +79,33 @@ async def evm_requirement(pay: Pay, version: int = 2) -> dict[str, Any]:
 
 async def test_evm_offer_is_advertised(evm_pay: Pay) -> None:
     req = await evm_requirement(evm_pay)
-    assert req == {"scheme": "exact", "network": "eip155:8453", "amount": "2500000",
-                   "asset": USDC_BASE, "payTo": PAY_TO, "maxTimeoutSeconds": 300,
-                   "extra": {"name": "USD Coin", "version": "2"}}
+    assert req == {
+        "scheme": "exact",
+        "network": "eip155:8453",
+        "amount": "2500000",
+        "asset": USDC_BASE,
+        "payTo": PAY_TO,
+        "maxTimeoutSeconds": 300,
+        "extra": {"name": "USD Coin", "version": "2"},
+    }
     v1 = await evm_requirement(evm_pay, version=1)
     assert v1["maxAmountRequired"] == "2500000" and v1["asset"] == USDC_BASE
 
 
-@pytest.mark.parametrize("override,needle", [
-    ({"value": 2_499_999}, "amount_mismatch"),
-    ({"to": "0x" + "cd" * 20}, "recipient_mismatch"),
-    # Seconds from the test's own run (a clock read at collection goes stale in a long run).
-    ({"valid_before": -1}, "valid_before"),
-    ({"valid_after": 600}, "valid_after"),
-    ({"token_name": "Not USDC"}, "signed by"),  # wrong EIP-712 domain: another signer recovers
-])
-async def test_evm_verification_refusals(evm_pay: Pay, override: dict[str, Any],
-                                         needle: str) -> None:
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ({"value": 2_499_999}, "amount_mismatch"),
+        ({"to": "0x" + "cd" * 20}, "recipient_mismatch"),
+        # Seconds from the test's own run (a clock read at collection goes stale in a long run).
+        ({"valid_before": -1}, "valid_before"),
+        ({"valid_after": 600}, "valid_after"),
+        ({"token_name": "Not USDC"}, "signed by"),  # wrong EIP-712 domain: another signer recovers
+    ],
+)
+async def test_evm_verification_refusals(
+    evm_pay: Pay, override: dict[str, Any], needle: str
+) -> None:
     req = await evm_requirement(evm_pay)
     now = int(time.time())
     override = {k: now + v if k.startswith("valid_") else v for k, v in override.items()}
@@ -127,8 +152,13 @@ async def test_evm_valid_payment_verifies_then_settlement_is_unavailable(evm_pay
 
 def test_evm_verify_unit_and_calldata() -> None:
     rules = evm.EvmRules(8453, USDC_BASE, "USD Coin", "2", PAY_TO, 1_000_000)
-    req = {"payTo": PAY_TO, "asset": USDC_BASE, "amount": "1000000", "maxTimeoutSeconds": 60,
-           "extra": {"name": "USD Coin", "version": "2"}}
+    req = {
+        "payTo": PAY_TO,
+        "asset": USDC_BASE,
+        "amount": "1000000",
+        "maxTimeoutSeconds": 60,
+        "extra": {"name": "USD Coin", "version": "2"},
+    }
     p = evm.verify(payer.evm_authorization(KEY, req, 8453), rules)
     assert p.payer == ADDRESS and p.value == 1_000_000
     data = evm.transfer_calldata(p)
@@ -150,16 +180,24 @@ async def test_mpp_challenge_and_refusals(pay: Pay) -> None:
     assert status == 402 and data["type"].endswith("/payment-required") and data["error"]
     challenge = headers["WWW-Authenticate"]
     assert challenge.startswith("Payment ")
-    params = dict(part.split("=", 1) for part in challenge[len("Payment "):].split(", "))
+    params = dict(part.split("=", 1) for part in challenge[len("Payment ") :].split(", "))
     params = {k: v.strip('"') for k, v in params.items()}
     assert (params["method"], params["intent"], params["header"]) == (
-        "tempo", "charge", "Payment-Authorization")
+        "tempo",
+        "charge",
+        "Payment-Authorization",
+    )
     request = json.loads(base64.urlsafe_b64decode(params["request"] + "=="))
     assert request["amount"] == "1000000" and request["methodDetails"]["chainId"] == 4217
 
     def credential(ch: dict[str, str]) -> str:
-        raw = json.dumps({"challenge": ch, "payload": {"type": "hash", "hash": "0x" + "00" * 32},
-                          "source": f"did:pkh:eip155:4217:{ADDRESS}"}).encode()
+        raw = json.dumps(
+            {
+                "challenge": ch,
+                "payload": {"type": "hash", "hash": "0x" + "00" * 32},
+                "source": f"did:pkh:eip155:4217:{ADDRESS}",
+            }
+        ).encode()
         return "Payment " + base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
     cases = [
@@ -178,8 +216,10 @@ async def test_mpp_challenge_and_refusals(pay: Pay) -> None:
 def test_mpp_expired_challenge() -> None:
     mpp = MppChallenges(MppPayments(challenge_ttl_seconds=30))
     headers, _ = mpp.challenge(1_000_000, now=time.time() - 3600)
-    params = {k: v.strip('"') for k, v in (
-        p.split("=", 1) for p in headers["WWW-Authenticate"][8:].split(", "))}
+    params = {
+        k: v.strip('"')
+        for k, v in (p.split("=", 1) for p in headers["WWW-Authenticate"][8:].split(", "))
+    }
     raw = json.dumps({"challenge": params, "payload": {}}).encode()
     kind, _ = mpp.check_credential("Payment " + base64.urlsafe_b64encode(raw).decode())
     assert kind == "payment-expired"
@@ -195,13 +235,19 @@ async def test_tron_challenge_and_refusal(pay: Pay) -> None:
     v2 = json.loads(base64.b64decode(headers["PAYMENT-REQUIRED"]))
     (offer,) = v2["accepts"]
     assert (offer["scheme"], offer["network"], offer["asset"], offer["amount"]) == (
-        "exact_permit", "tron:mainnet", "TR7NHqjeKQxGTCi8q8ZY4pL8otSzgjLj6t", "500000")
+        "exact_permit",
+        "tron:mainnet",
+        "TR7NHqjeKQxGTCi8q8ZY4pL8otSzgjLj6t",
+        "500000",
+    )
     assert data["accepts"] == v2["accepts"]
-    signed = base64.b64encode(json.dumps({"x402Version": 2, "accepted": offer,
-                                          "payload": {"signature": "0x00"}}).encode()).decode()
+    signed = base64.b64encode(
+        json.dumps({"x402Version": 2, "accepted": offer, "payload": {"signature": "0x00"}}).encode()
+    ).decode()
     for value, needle in [("***", "malformed"), (signed, "nothing was credited")]:
-        status, data, _ = await post(pay, {"amount_usd": 0.5}, {"PAYMENT-SIGNATURE": value},
-                                     path=path)
+        status, data, _ = await post(
+            pay, {"amount_usd": 0.5}, {"PAYMENT-SIGNATURE": value}, path=path
+        )
         assert status == 402 and needle in data["error"], data
     status, data, _ = await post(pay, {"amount_usd": 0.01}, path=path)
     assert status == 400

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 X402_PYTHON = Path(os.environ.get("X402_PYTHON", ROOT / ".venv-x402" / "bin" / "python"))
 SCRIPT = ROOT / "tests" / "support" / "x402_pay.py"
 
+
 @pytest.fixture(autouse=True)
 def _official_client_installed() -> None:
     """`make setup` installs it; a missing venv fails these tests rather than skipping them."""
@@ -33,17 +34,33 @@ def _official_client_installed() -> None:
         pytest.fail(f"the official x402 client's venv is missing ({X402_PYTHON}): run `make setup`")
 
 
-async def official_client(pay: Pay, keypair: Path, amount: float, version: int,
-                          wallet: str | None = None) -> dict[str, Any]:
+async def official_client(
+    pay: Pay, keypair: Path, amount: float, version: int, wallet: str | None = None
+) -> dict[str, Any]:
     # -P: the script's folder (tests/support) is not put first on sys.path, where a module named
     # like a standard one (signal.py) would shadow it.
-    args = [str(X402_PYTHON), "-P", str(SCRIPT), "--url", pay.url, "--keypair", str(keypair),
-            "--rpc", pay.net.url, "--asset", str(pay.mint), "--amount", str(amount),
-            "--x402-version", str(version)]
+    args = [
+        str(X402_PYTHON),
+        "-P",
+        str(SCRIPT),
+        "--url",
+        pay.url,
+        "--keypair",
+        str(keypair),
+        "--rpc",
+        pay.net.url,
+        "--asset",
+        str(pay.mint),
+        "--amount",
+        str(amount),
+        "--x402-version",
+        str(version),
+    ]
     if wallet:
         args += ["--wallet", wallet]
-    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0, err.decode()[-3000:]
     return json.loads(out.decode().strip().splitlines()[-1])

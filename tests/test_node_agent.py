@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 import aiohttp
-import yaml
-
 import pytest
+import yaml
 
 from registry import program as p
 from registry.client import RegistryClient
@@ -30,9 +29,13 @@ from tests.support.node_process import node_config, wait_health
 
 def start_node(config: Path, tmp: Path) -> subprocess.Popen[bytes]:
     log = open(tmp / f"{config.stem}.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "tests.support.probe_role", str(config)],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.support.probe_role", str(config)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 async def test_two_agents_register_heartbeat_and_one_dies(chain: Chain, tmp_path: Path) -> None:
@@ -85,7 +88,9 @@ async def test_sigterm_drains_and_deregisters(chain: Chain, tmp_path: Path) -> N
         key = load_keypair(tmp_path / "c.json").pubkey()
         async with aiohttp.ClientSession() as http, RegistryClient(chain.url) as client:
             token = mint_token(chain.issuer, "agent", Grant("stt", limit=60), 60)
-            async with http.post(f"http://127.0.0.1:{port}/probe/verify", json={"token": token}) as r:
+            async with http.post(
+                f"http://127.0.0.1:{port}/probe/verify", json={"token": token}
+            ) as r:
                 assert r.status == 200 and (await r.json())["identity"] == "agent"
             await http.post(f"http://127.0.0.1:{port}/probe/load", json={"load": 1})
             started = time.monotonic()
@@ -135,11 +140,14 @@ async def test_foreign_token_is_refused_by_the_node(chain: Chain, tmp_path: Path
             for token, code in [
                 (mint_token(Keypair(), "x", Grant("stt", limit=5), 60), "untrusted_issuer"),
                 (mint_token(chain.issuer, "x", Grant("tts", limit=5), 60), "wrong_service"),
-                (mint_token(chain.issuer, "x", Grant("stt", limit=5), 60, now=time.time() - 600),
-                 "token_expired"),
+                (
+                    mint_token(chain.issuer, "x", Grant("stt", limit=5), 60, now=time.time() - 600),
+                    "token_expired",
+                ),
             ]:
-                async with http.post(f"http://127.0.0.1:{port}/probe/verify",
-                                     json={"token": token}) as r:
+                async with http.post(
+                    f"http://127.0.0.1:{port}/probe/verify", json={"token": token}
+                ) as r:
                     assert r.status == 401
                     assert (await r.json())["error"] == code
     finally:
@@ -188,7 +196,10 @@ async def test_pending_node_waits_for_approval_then_serves(gated: Localnet, tmp_
             assert proc.poll() is None
             assert (await get_health(port))[1]["status"] == "pending"
             still = await client.get_node(key)
-            assert (still.status, still.last_heartbeat) == (p.NodeStatus.PENDING, node.last_heartbeat)
+            assert (still.status, still.last_heartbeat) == (
+                p.NodeStatus.PENDING,
+                node.last_heartbeat,
+            )
             log_text = (tmp_path / "f.log").read_text()
             assert f"registry node approve {key} --rpc {gated.url}" in log_text
 

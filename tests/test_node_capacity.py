@@ -25,8 +25,8 @@ def test_capacity_is_what_the_cores_carry_within_one_and_the_config() -> None:
     assert derive_capacity(0.68, 2, 16) == 2
     # 8 real-time STT streams per core: 0.1 core-seconds each -> 16 on 2 cores with headroom
     assert derive_capacity(0.1, 2, 64) == math.floor(2 * HEADROOM / 0.1) == 16
-    assert derive_capacity(0.001, 2, 16) == 16        # the config stays the upper bound
-    assert derive_capacity(5.0, 2, 16) == 1           # a slow box still serves one
+    assert derive_capacity(0.001, 2, 16) == 16  # the config stays the upper bound
+    assert derive_capacity(5.0, 2, 16) == 1  # a slow box still serves one
 
 
 @pytest.mark.parametrize("cost", [0.0, -1.0, float("nan"), float("inf")])
@@ -35,7 +35,7 @@ def test_a_measurement_that_did_no_work_is_refused(cost: float, tmp_path: Path) 
         derive_capacity(cost, 2, 16)
     with pytest.raises(CalibrationError, match="not a positive number"):
         calibrate("tts", "m", lambda: cost, tmp_path)
-    assert not (tmp_path / CACHE_FILE).exists()   # nothing cached
+    assert not (tmp_path / CACHE_FILE).exists()  # nothing cached
 
 
 def test_upper_bound_below_one_is_refused() -> None:
@@ -50,6 +50,7 @@ def test_measured_once_per_role_model_and_machine(tmp_path: Path) -> None:
         def run() -> float:
             calls.append(name)
             return cost
+
         return run
 
     a = calibrate("stt", "tiny.en", measure("a", 0.1), tmp_path)

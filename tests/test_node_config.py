@@ -44,8 +44,15 @@ def test_bad_values_are_named(tmp_path: Path) -> None:
         load_config(write(tmp_path, BASE.replace("public_url: http://", "public_url: ")), "stt")
 
 
-@pytest.mark.parametrize("url", ["http://stt.example.net:8001", "ws://10.0.0.5", "ftp://x.example",
-                                 "http://127.0.0.1.evil.example"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://stt.example.net:8001",
+        "ws://10.0.0.5",
+        "ftp://x.example",
+        "http://127.0.0.1.evil.example",
+    ],
+)
 def test_public_url_must_be_tls_or_loopback(tmp_path: Path, url: str) -> None:
     """The registry program would refuse these (InsecureUrl): the config says so first."""
     text = BASE.replace("public_url: http://127.0.0.1:8001", f"public_url: {url}")
@@ -53,8 +60,15 @@ def test_public_url_must_be_tls_or_loopback(tmp_path: Path, url: str) -> None:
         load_config(write(tmp_path, text), "stt")
 
 
-@pytest.mark.parametrize("url", ["https://stt.example.net", "wss://sfu.example.net:7880",
-                                 "http://localhost:8001", "http://[::1]:8001"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://stt.example.net",
+        "wss://sfu.example.net:7880",
+        "http://localhost:8001",
+        "http://[::1]:8001",
+    ],
+)
 def test_public_url_tls_or_loopback_is_accepted(tmp_path: Path, url: str) -> None:
     text = BASE.replace("public_url: http://127.0.0.1:8001", f"public_url: {url}")
     assert load_config(write(tmp_path, text), "stt").public_url == url
@@ -74,7 +88,9 @@ def test_no_role_is_an_error(tmp_path: Path) -> None:
         load_config(write(tmp_path, BASE))
 
 
-def test_cli_refuses_a_bad_config_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_refuses_a_bad_config_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert cli.main(["--role", "stt", "--config", str(write(tmp_path, BASE + "bogus: 1\n"))]) == 2
     err = capsys.readouterr().err
     assert err.startswith("node: ") and "bogus" in err and "Traceback" not in err

@@ -34,8 +34,8 @@ from registry.tokens import Grant, mint_token
 from tests.conftest import Chain, free_port
 from tests.support.audio import tone_hz
 from tests.support.livekit_signal import RawClient
-from tests.support.serving import serve
 from tests.support.polling import wait_for
+from tests.support.serving import serve
 from tests.support.sfu_net import SfuNet, get_status, sfu_and_gateway
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -50,14 +50,28 @@ class Setup(SfuNet):
 
     chain: Chain | None = None
 
-    def token(self, identity: str, room: str = "lobby", ttl: int = 600,
-              issuer: Keypair | None = None, session_id: str | None = None,
-              now: float | None = None, node: str | None = None, **grant: Any) -> str:
+    def token(
+        self,
+        identity: str,
+        room: str = "lobby",
+        ttl: int = 600,
+        issuer: Keypair | None = None,
+        session_id: str | None = None,
+        now: float | None = None,
+        node: str | None = None,
+        **grant: Any,
+    ) -> str:
         """A token for this node (``aud``), or for ``node`` (another node's key)."""
         assert self.chain is not None
-        return mint_token(issuer or self.chain.issuer, identity,
-                          Grant("webrtc", room=room, **grant), ttl, session_id=session_id, now=now,
-                          audience=node or str(self.agent.pubkey))
+        return mint_token(
+            issuer or self.chain.issuer,
+            identity,
+            Grant("webrtc", room=room, **grant),
+            ttl,
+            session_id=session_id,
+            now=now,
+            audience=node or str(self.agent.pubkey),
+        )
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -88,6 +102,7 @@ async def play(source: lk.AudioSource, freq: float = 440.0) -> None:
 
 def record_audio(remote: lk.Track, samples: list[np.ndarray]) -> asyncio.Future[None]:
     """Append the 48 kHz mono PCM that ``remote`` delivers to ``samples``, until cancelled."""
+
     async def read() -> None:
         async for event in lk.AudioStream(remote, sample_rate=48000, num_channels=1):
             samples.append(np.frombuffer(event.frame.data, dtype=np.int16).copy())
@@ -116,8 +131,10 @@ async def test_livekit_sdk_hears_the_tone_gets_data_and_speakers_and_is_billed(s
     subscribed: asyncio.Future[lk.Track] = asyncio.get_running_loop().create_future()
     bob.on("data_received", lambda p: data.append((p.data, p.participant.identity)))
     bob.on("active_speakers_changed", lambda sp: speakers.append([p.identity for p in sp]))
-    bob.on("track_subscribed",
-           lambda track, pub, part: subscribed.done() or subscribed.set_result(track))
+    bob.on(
+        "track_subscribed",
+        lambda track, pub, part: subscribed.done() or subscribed.set_result(track),
+    )
     heard: list[str] = []  # alice's tracks that a subscriber receives (track_subscribed)
     alice.on("local_track_subscribed", lambda track: heard.append(track.sid))
     player = reader = None
@@ -130,7 +147,8 @@ async def test_livekit_sdk_hears_the_tone_gets_data_and_speakers_and_is_billed(s
         source = lk.AudioSource(48000, 1)
         track = lk.LocalAudioTrack.create_audio_track("tone", source)
         publication = await alice.local_participant.publish_track(
-            track, lk.TrackPublishOptions(source=lk.TrackSource.SOURCE_MICROPHONE))
+            track, lk.TrackPublishOptions(source=lk.TrackSource.SOURCE_MICROPHONE)
+        )
         assert publication.sid.startswith("TR_")
         player = asyncio.ensure_future(play(source))
 
@@ -155,8 +173,11 @@ async def test_livekit_sdk_hears_the_tone_gets_data_and_speakers_and_is_billed(s
         # A subscription change from the client pauses forwarding to it, and resumes it.
         remote_pub = bob.remote_participants["alice"].track_publications[publication.sid]
         remote_pub.set_subscribed(False)
-        await wait_for(lambda: forwarded.paused or forwarded.readyState != "live", 10,
-                       "the subscription switched off")
+        await wait_for(
+            lambda: forwarded.paused or forwarded.readyState != "live",
+            10,
+            "the subscription switched off",
+        )
         await asyncio.sleep(1.2)  # bill at least a couple of seconds
     finally:
         for task in (player, reader):
@@ -169,8 +190,14 @@ async def test_livekit_sdk_hears_the_tone_gets_data_and_speakers_and_is_billed(s
     events = [e["event"] for e in sfu.role.events if e["room"]["name"] == sfu_name]
     assert events[:2] == ["room_started", "participant_joined"]
     assert events.count("participant_left") == 2 and "track_published" in events
-    await wait_for(lambda: "room_finished" in [
-        e["event"] for e in sfu.role.events if e["room"]["name"] == sfu_name], 10, "room_finished")
+    await wait_for(
+        lambda: (
+            "room_finished"
+            in [e["event"] for e in sfu.role.events if e["room"]["name"] == sfu_name]
+        ),
+        10,
+        "room_finished",
+    )
     # The webhooks went through the outbox, signed by the node key, and the gateway billed them.
     await wait_for(lambda: sfu.agent.outbox.pending() == 0, 15, "outbox drained")
     assert sfu.agent.outbox.dead() == []
@@ -202,8 +229,7 @@ async def test_refusals_before_the_websocket(sfu: Setup) -> None:
     other_room = sfu.token("eve", room="other")
     status, text = await get_status(sfu, "/rtc", other_room, {"room": "lobby"})
     assert status == 403 and "wrong_room" in text
-    assert await get_status(sfu, "/rtc/validate", other_room, {"room": "other"}) == \
-        (200, "success")
+    assert await get_status(sfu, "/rtc/validate", other_room, {"room": "other"}) == (200, "success")
     stt = mint_token(sfu.chain.issuer, "eve", Grant("stt", limit=60), 60)
     status, text = await get_status(sfu, "/rtc", stt, header=False)
     assert status == 401 and "wrong_service" in text
@@ -218,24 +244,29 @@ async def test_the_sdk_refuses_a_bad_token_without_crashing(sfu: Setup) -> None:
 
 
 async def raw_join(setup: Setup, token: str) -> tuple[RawClient, rtc.JoinResponse]:
-    ws = await setup.http.ws_connect(setup.ws_url + "/rtc", headers={
-        "Authorization": f"Bearer {token}"})
+    ws = await setup.http.ws_connect(
+        setup.ws_url + "/rtc", headers={"Authorization": f"Bearer {token}"}
+    )
     client = RawClient(ws)
     join = (await client.next("join")).join
     return client, join
 
 
 async def test_protocol_level_refusals_and_malformed_frames(sfu: Setup) -> None:
-    client, join = await raw_join(sfu, sfu.token("mallory", room="raw", can_publish=False,
-                                                 can_publish_data=False))
+    client, join = await raw_join(
+        sfu, sfu.token("mallory", room="raw", can_publish=False, can_publish_data=False)
+    )
     try:
         assert join.room.name == "raw" and join.participant.identity == "mallory"
         assert join.ping_interval > 0 and join.ping_timeout > 0 and join.subscriber_primary
         assert not join.participant.permission.can_publish
         offer = await client.next("offer")  # the server offers the subscriber right after join
         assert "m=application" in offer.offer.sdp, "the server's data channels ride the subscriber"
-        await client.send(rtc.SignalRequest(add_track=rtc.AddTrackRequest(
-            cid="mic", name="mic", type=models.TrackType.AUDIO)))
+        await client.send(
+            rtc.SignalRequest(
+                add_track=rtc.AddTrackRequest(cid="mic", name="mic", type=models.TrackType.AUDIO)
+            )
+        )
         refused = (await client.next("request_response")).request_response
         assert refused.reason == rtc.RequestResponse.Reason.NOT_ALLOWED
         assert "canPublish" in refused.message
@@ -244,25 +275,41 @@ async def test_protocol_level_refusals_and_malformed_frames(sfu: Setup) -> None:
         bad = (await client.next("request_response")).request_response
         assert bad.reason == rtc.RequestResponse.Reason.INVALID_REQUEST
         await client.send(rtc.SignalRequest(trickle=rtc.TrickleRequest(candidateInit="{nope")))
-        assert (await client.next("request_response")).request_response.reason == \
-            rtc.RequestResponse.Reason.INVALID_REQUEST
+        assert (
+            await client.next("request_response")
+        ).request_response.reason == rtc.RequestResponse.Reason.INVALID_REQUEST
         # A candidate that overtakes its offer is kept for it, without holding up what follows
         # (a blocked read loop once starved an SDK client of its pongs).
         import json
 
-        early = json.dumps({"candidate": "candidate:1 1 udp 2122260223 192.0.2.9 50000 typ host",
-                            "sdpMid": "0", "sdpMLineIndex": 0})
+        early = json.dumps(
+            {
+                "candidate": "candidate:1 1 udp 2122260223 192.0.2.9 50000 typ host",
+                "sdpMid": "0",
+                "sdpMLineIndex": 0,
+            }
+        )
         for _ in range(3):
-            await client.send(rtc.SignalRequest(trickle=rtc.TrickleRequest(
-                candidateInit=early, target=rtc.SignalTarget.PUBLISHER)))
+            await client.send(
+                rtc.SignalRequest(
+                    trickle=rtc.TrickleRequest(
+                        candidateInit=early, target=rtc.SignalTarget.PUBLISHER
+                    )
+                )
+            )
         # ...and the session is still alive: ping_req -> pong_resp, at once.
         await client.send(rtc.SignalRequest(ping_req=rtc.Ping(timestamp=1234)))
         pong = (await client.next("pong_resp", timeout=1.0)).pong_resp
         assert pong.last_ping_timestamp == 1234 and pong.timestamp > 0
         assert sfu.role.rooms["raw"].by_identity("mallory") is not None
         await client.send(rtc.SignalRequest(leave=rtc.LeaveRequest()))
-        await wait_for(lambda: "raw" not in sfu.role.rooms or
-                       sfu.role.rooms["raw"].by_identity("mallory") is None, 5, "leave")
+        await wait_for(
+            lambda: (
+                "raw" not in sfu.role.rooms or sfu.role.rooms["raw"].by_identity("mallory") is None
+            ),
+            5,
+            "leave",
+        )
     finally:
         await client.ws.close()
 
@@ -273,8 +320,12 @@ async def test_sdk_without_can_publish_cannot_publish(sfu: Setup) -> None:
         source = lk.AudioSource(48000, 1)
         track = lk.LocalAudioTrack.create_audio_track("mic", source)
         with pytest.raises(Exception):
-            await asyncio.wait_for(room.local_participant.publish_track(
-                track, lk.TrackPublishOptions(source=lk.TrackSource.SOURCE_MICROPHONE)), 15)
+            await asyncio.wait_for(
+                room.local_participant.publish_track(
+                    track, lk.TrackPublishOptions(source=lk.TrackSource.SOURCE_MICROPHONE)
+                ),
+                15,
+            )
         live = sfu.role.rooms["nopub"].by_identity("listener")
         assert live is not None and not live.tracks
     finally:
@@ -293,12 +344,14 @@ async def test_expiry_disconnects_and_a_refreshed_token_keeps_one_in(sfu: Setup)
     a.on("disconnected", lambda reason: gone.set())
     try:
         refreshed = sfu.token("kept", room="expiry", ttl=60, session_id=sid)
-        async with sfu.http.post(sfu.http_url + "/rtc/refresh",
-                                 headers={"Authorization": f"Bearer {refreshed}"}) as r:
+        async with sfu.http.post(
+            sfu.http_url + "/rtc/refresh", headers={"Authorization": f"Bearer {refreshed}"}
+        ) as r:
             assert r.status == 200, await r.text()
         stranger = sfu.token("kept", room="expiry", ttl=60)  # another session: refused
-        async with sfu.http.post(sfu.http_url + "/rtc/refresh",
-                                 headers={"Authorization": f"Bearer {stranger}"}) as r:
+        async with sfu.http.post(
+            sfu.http_url + "/rtc/refresh", headers={"Authorization": f"Bearer {stranger}"}
+        ) as r:
             assert r.status == 404
         await asyncio.wait_for(gone.wait(), 10)
         room = sfu.role.rooms["expiry"]
@@ -313,8 +366,11 @@ async def test_expiry_disconnects_and_a_refreshed_token_keeps_one_in(sfu: Setup)
 
 
 async def twirp(setup: Setup, method: str, body: dict[str, Any], token: str) -> tuple[int, Any]:
-    async with setup.http.post(f"{setup.http_url}/twirp/livekit.RoomService/{method}", json=body,
-                               headers={"Authorization": f"Bearer {token}"}) as r:
+    async with setup.http.post(
+        f"{setup.http_url}/twirp/livekit.RoomService/{method}",
+        json=body,
+        headers={"Authorization": f"Bearer {token}"},
+    ) as r:
         return r.status, await r.json(content_type=None)
 
 
@@ -337,18 +393,30 @@ async def test_room_service_under_room_admin(sfu: Setup) -> None:
         source = lk.AudioSource(48000, 1)
         pub = await a.local_participant.publish_track(
             lk.LocalAudioTrack.create_audio_track("mic", source),
-            lk.TrackPublishOptions(source=lk.TrackSource.SOURCE_MICROPHONE))
+            lk.TrackPublishOptions(source=lk.TrackSource.SOURCE_MICROPHONE),
+        )
         await wait_for(lambda: sfu.role.rooms["svc"].find_track(pub.sid), 10, "media arrives")
-        status, body = await twirp(sfu, "MutePublishedTrack", {
-            "room": "svc", "identity": "ann", "track_sid": pub.sid, "muted": True}, admin)
+        status, body = await twirp(
+            sfu,
+            "MutePublishedTrack",
+            {"room": "svc", "identity": "ann", "track_sid": pub.sid, "muted": True},
+            admin,
+        )
         assert status == 200 and body["track"]["muted"] is True
         assert sfu.role.rooms["svc"].find_track(pub.sid).muted
 
         import base64
 
-        status, _ = await twirp(sfu, "SendData", {
-            "room": "svc", "data": base64.b64encode(b"from the server").decode(),
-            "kind": "RELIABLE"}, admin)
+        status, _ = await twirp(
+            sfu,
+            "SendData",
+            {
+                "room": "svc",
+                "data": base64.b64encode(b"from the server").decode(),
+                "kind": "RELIABLE",
+            },
+            admin,
+        )
         assert status == 200
         await wait_for(lambda: got, 10, "server data")
         assert got == [b"from the server"]
@@ -358,8 +426,9 @@ async def test_room_service_under_room_admin(sfu: Setup) -> None:
         status, _ = await twirp(sfu, "RemoveParticipant", {"room": "svc", "identity": "ben"}, admin)
         assert status == 200
         await asyncio.wait_for(gone.wait(), 10)
-        assert (await twirp(sfu, "RemoveParticipant", {"room": "svc", "identity": "ben"},
-                            admin))[0] == 404
+        assert (await twirp(sfu, "RemoveParticipant", {"room": "svc", "identity": "ben"}, admin))[
+            0
+        ] == 404
     finally:
         await a.disconnect()
         await b.disconnect()
@@ -386,20 +455,33 @@ async def test_heartbeat_load_is_the_participant_count(sfu: Setup) -> None:
 async def test_a_room_spans_two_nodes(sfu: Setup, tmp_path: Path) -> None:
     port = free_port()
     config = NodeConfig(
-        role="sfu", keypair=tmp_path / "sfu-b.json", rpc_url=sfu.chain.url, listen_port=port,
-        public_url=f"http://127.0.0.1:{port}", location=Location(lat=1.35, lon=103.8, country="SG"),
-        capacity=20, heartbeat_interval=0.5, drain_timeout=1, issuer_cache_seconds=1,
-        state_dir=tmp_path / "state-b", sfu={"empty_timeout": 0.5, "webhooks": False})
+        role="sfu",
+        keypair=tmp_path / "sfu-b.json",
+        rpc_url=sfu.chain.url,
+        listen_port=port,
+        public_url=f"http://127.0.0.1:{port}",
+        location=Location(lat=1.35, lon=103.8, country="SG"),
+        capacity=20,
+        heartbeat_interval=0.5,
+        drain_timeout=1,
+        issuer_cache_seconds=1,
+        state_dir=tmp_path / "state-b",
+        sfu={"empty_timeout": 0.5, "webhooks": False},
+    )
     node_b = NodeAgent(config)
     await node_b.start()
     url_b = f"ws://127.0.0.1:{port}"
     alice, bob = lk.Room(), lk.Room()
     subscribed: asyncio.Future[lk.Track] = asyncio.get_running_loop().create_future()
-    bob.on("track_subscribed",
-           lambda track, pub, part: subscribed.done() or subscribed.set_result(track))
+    bob.on(
+        "track_subscribed",
+        lambda track, pub, part: subscribed.done() or subscribed.set_result(track),
+    )
     data: list[tuple[bytes, str]] = []
-    bob.on("data_received", lambda p: data.append((p.data, p.participant.identity if
-                                                   p.participant else "")))
+    bob.on(
+        "data_received",
+        lambda p: data.append((p.data, p.participant.identity if p.participant else "")),
+    )
     player = reader = None
     try:
         await alice.connect(sfu.ws_url, sfu.token("alice", room="span"))  # on node A
@@ -407,27 +489,36 @@ async def test_a_room_spans_two_nodes(sfu: Setup, tmp_path: Path) -> None:
         await bob.connect(url_b, sfu.token("bob", room="span", node=key_b))  # on node B
         admin = sfu.token("linker", room="span", room_admin=True)
         peer = sfu.token("linker", room="span", room_admin=True, node=key_b)
-        async with sfu.http.post(sfu.http_url + "/relay/link", json={"peer_url": url_b},
-                                 headers={"Authorization": f"Bearer {admin}"}) as r:
+        async with sfu.http.post(
+            sfu.http_url + "/relay/link",
+            json={"peer_url": url_b},
+            headers={"Authorization": f"Bearer {admin}"},
+        ) as r:
             assert r.status == 400 and "peer_token" in await r.text()
-        async with sfu.http.post(sfu.http_url + "/relay/link",
-                                 json={"peer_url": url_b, "peer_token": admin},
-                                 headers={"Authorization": f"Bearer {admin}"}) as r:
+        async with sfu.http.post(
+            sfu.http_url + "/relay/link",
+            json={"peer_url": url_b, "peer_token": admin},
+            headers={"Authorization": f"Bearer {admin}"},
+        ) as r:
             assert r.status == 502, "B refuses a token routed to A"
-        async with sfu.http.post(sfu.http_url + "/relay/link",
-                                 json={"peer_url": url_b, "peer_token": peer},
-                                 headers={"Authorization": f"Bearer {admin}"}) as r:
+        async with sfu.http.post(
+            sfu.http_url + "/relay/link",
+            json={"peer_url": url_b, "peer_token": peer},
+            headers={"Authorization": f"Bearer {admin}"},
+        ) as r:
             assert r.status == 200, await r.text()
-        async with sfu.http.post(sfu.http_url + "/relay/link",
-                                 json={"peer_url": url_b, "peer_token": peer},
-                                 headers={"Authorization": f"Bearer {sfu.token('x', room='span')}"}
-                                 ) as r:
+        async with sfu.http.post(
+            sfu.http_url + "/relay/link",
+            json={"peer_url": url_b, "peer_token": peer},
+            headers={"Authorization": f"Bearer {sfu.token('x', room='span')}"},
+        ) as r:
             assert r.status == 403, "linking needs roomAdmin"
 
         source = lk.AudioSource(48000, 1)
         await alice.local_participant.publish_track(
             lk.LocalAudioTrack.create_audio_track("tone", source),
-            lk.TrackPublishOptions(source=lk.TrackSource.SOURCE_MICROPHONE))
+            lk.TrackPublishOptions(source=lk.TrackSource.SOURCE_MICROPHONE),
+        )
         player = asyncio.ensure_future(play(source))
         remote = await asyncio.wait_for(subscribed, 20)
         samples: list[np.ndarray] = []
@@ -461,9 +552,17 @@ async def test_a_misspelt_sfu_setting_is_an_error(tmp_path: Path) -> None:
         return []
 
     key = Keypair()
-    context = RoleContext("sfu", {"ping_intervall": 5}, key, TokenVerifier(issuers, "webrtc"),
-                          "http://127.0.0.1:1", 1, None, tmp_path,
-                          Outbox(tmp_path / "o.sqlite", None, key))
+    context = RoleContext(
+        "sfu",
+        {"ping_intervall": 5},
+        key,
+        TokenVerifier(issuers, "webrtc"),
+        "http://127.0.0.1:1",
+        1,
+        None,
+        tmp_path,
+        Outbox(tmp_path / "o.sqlite", None, key),
+    )
     with pytest.raises(SettingsError, match="ping_intervall"):
         create_role(context)
 
@@ -480,17 +579,22 @@ async def test_node_cli_runs_the_sfu_role(chain: Chain, tmp_path: Path) -> None:
 
     config, port = node_config(tmp_path, chain, "sfu-cli", sfu={"ping_interval": 3})
     log = open(tmp_path / "sfu-cli.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "--role", "sfu", "--config",
-                             str(config)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "--role", "sfu", "--config", str(config)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         health = await wait_health(port, proc)
         assert health["role"] == "sfu" and health["load"] == 0
         node_key = str(load_keypair(config.parent / "sfu-cli.json").pubkey())
         token = mint_token(chain.issuer, "cli", Grant("webrtc", room="cli"), 60, audience=node_key)
         async with aiohttp.ClientSession() as http:
-            async with http.get(f"http://127.0.0.1:{port}/rtc/validate",
-                                params={"access_token": token}) as r:
+            async with http.get(
+                f"http://127.0.0.1:{port}/rtc/validate", params={"access_token": token}
+            ) as r:
                 assert (r.status, await r.text()) == (200, "success")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
@@ -537,11 +641,22 @@ async def test_webhooks_survive_a_gateway_blip(tmp_path: Path) -> None:
         return [str(issuer.pubkey())]
 
     gw_port = free_port()
-    outbox = Outbox(tmp_path / "outbox.sqlite", f"http://127.0.0.1:{gw_port}", node_key,
-                    max_backoff=1.0)
-    role = create_role(RoleContext("sfu", {"empty_timeout": 0}, node_key,
-                                   TokenVerifier(issuers, "webrtc"), "http://127.0.0.1", 5,
-                                   f"http://127.0.0.1:{gw_port}", tmp_path, outbox))
+    outbox = Outbox(
+        tmp_path / "outbox.sqlite", f"http://127.0.0.1:{gw_port}", node_key, max_backoff=1.0
+    )
+    role = create_role(
+        RoleContext(
+            "sfu",
+            {"empty_timeout": 0},
+            node_key,
+            TokenVerifier(issuers, "webrtc"),
+            "http://127.0.0.1",
+            5,
+            f"http://127.0.0.1:{gw_port}",
+            tmp_path,
+            outbox,
+        )
+    )
     app = web.Application()
     role.routes(app)
     runner, port = await serve(app)
@@ -563,8 +678,14 @@ async def test_webhooks_survive_a_gateway_blip(tmp_path: Path) -> None:
     gw_runner: web.AppRunner | None = None
     try:
         sid = str(uuid.uuid4())
-        token = mint_token(issuer, "blip", Grant("webrtc", room="blip"), 60, session_id=sid,
-                           audience=str(node_key.pubkey()))
+        token = mint_token(
+            issuer,
+            "blip",
+            Grant("webrtc", room="blip"),
+            60,
+            session_id=sid,
+            audience=str(node_key.pubkey()),
+        )
         async with aiohttp.ClientSession() as http:
             ws = await http.ws_connect(f"ws://127.0.0.1:{port}/rtc?access_token={token}")
             client = RawClient(ws)
@@ -576,8 +697,12 @@ async def test_webhooks_survive_a_gateway_blip(tmp_path: Path) -> None:
         assert outbox.pending() == 4 and received == []
         gw_runner, _ = await serve(gateway, gw_port)  # the gateway comes up late
         await wait_for(lambda: outbox.pending() == 0, 15, "the outbox drained")
-        assert [e["event"] for e in received] == ["room_started", "participant_joined",
-                                                  "participant_left", "room_finished"]
+        assert [e["event"] for e in received] == [
+            "room_started",
+            "participant_joined",
+            "participant_left",
+            "room_finished",
+        ]
         left = received[2]
         assert left["participant"]["attributes"]["session_id"] == sid
         assert isinstance(left["participant"]["joinedAt"], int)

@@ -123,7 +123,8 @@ async def record_first_audio(room: lk.Room, identity: str, seconds: float) -> np
 
 
 async def test_stock_client_joins_with_default_options_and_audio_flows_both_ways(
-        net: SfuNet, tmp_path: Path) -> None:
+    net: SfuNet, tmp_path: Path
+) -> None:
     wallet = Keypair()
     await net.ledger.grant("solana", str(wallet.pubkey()), 2_000_000, memo="browser test")
     room_name = f"browser-{uuid.uuid4().hex[:6]}"
@@ -137,7 +138,8 @@ async def test_stock_client_joins_with_default_options_and_audio_flows_both_ways
     source = lk.AudioSource(48000, 1)
     await sdk.local_participant.publish_track(
         lk.LocalAudioTrack.create_audio_track("tone", source),
-        lk.TrackPublishOptions(source=lk.TrackSource.SOURCE_MICROPHONE))
+        lk.TrackPublishOptions(source=lk.TrackSource.SOURCE_MICROPHONE),
+    )
     player = asyncio.ensure_future(tone(source, SDK_HZ))
     mic = write_tone_wav(tmp_path / "mic.wav", MIC_HZ)
     try:
@@ -147,9 +149,16 @@ async def test_stock_client_joins_with_default_options_and_audio_flows_both_ways
             sockets: list[str] = []
             validates: list[tuple[str, int, str | None]] = []
             page.on("websocket", lambda ws: sockets.append(ws.url))
-            page.on("response", lambda r: validates.append(
-                (r.url, r.status, r.headers.get("access-control-allow-origin")))
-                if "/validate" in r.url else None)
+            page.on(
+                "response",
+                lambda r: (
+                    validates.append(
+                        (r.url, r.status, r.headers.get("access-control-allow-origin"))
+                    )
+                    if "/validate" in r.url
+                    else None
+                ),
+            )
             await page.goto(site + "/")
             state = await page.evaluate("([u, t]) => join(u, t)", [page_s.ws_url, page_s.token])
             assert state == "connected", "\n".join(log)
@@ -157,23 +166,28 @@ async def test_stock_client_joins_with_default_options_and_audio_flows_both_ways
             # The default path: /rtc/v1 first, its validate read cross-origin (404), then /rtc.
             paths = [s.split("?")[0].removeprefix(net.ws_url) for s in sockets]
             assert paths[:1] == ["/rtc/v1"] and paths[-1] == "/rtc", (paths, log)
-            assert any(url.split("?")[0].endswith("/rtc/v1/validate") and status == 404
-                       and cors == "*" for url, status, cors in validates), validates
+            assert any(
+                url.split("?")[0].endswith("/rtc/v1/validate") and status == 404 and cors == "*"
+                for url, status, cors in validates
+            ), validates
 
             # The page's fake microphone, as the Python SDK hears it.
             heard_by_sdk = await asyncio.wait_for(record_first_audio(sdk, "browser", 3.0), 40)
-            assert abs(tone_hz(heard_by_sdk[-48000 * 2:]) - MIC_HZ) < 10, "the page's 660 Hz"
+            assert abs(tone_hz(heard_by_sdk[-48000 * 2 :]) - MIC_HZ) < 10, "the page's 660 Hz"
 
             # The SDK's tone, as the page's Web Audio measured it (the last second of samples).
-            await page.wait_for_function("window.heard && window.heard.length >= 20",
-                                         timeout=20_000)
+            await page.wait_for_function(
+                "window.heard && window.heard.length >= 20", timeout=20_000
+            )
             samples = json.loads(await page.evaluate("JSON.stringify(window.heard.slice(-10))"))
             loud = [s for s in samples if s["rms"] > 0.05]
             assert len(loud) >= 8, (samples, log)
             peak = float(np.median([s["hz"] for s in loud]))
             assert abs(peak - SDK_HZ) < 15, (peak, samples)
-            print(f"page heard rms={np.median([s['rms'] for s in loud]):.3f} peak={peak:.0f} Hz;"
-                  f" sdk heard {tone_hz(heard_by_sdk[-96000:]):.0f} Hz")
+            print(
+                f"page heard rms={np.median([s['rms'] for s in loud]):.3f} peak={peak:.0f} Hz;"
+                f" sdk heard {tone_hz(heard_by_sdk[-96000:]):.0f} Hz"
+            )
             await page.screenshot(path=str(tmp_path / "sfu-browser.png"))
             await page.evaluate("window.room.disconnect()")
     finally:

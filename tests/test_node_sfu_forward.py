@@ -52,8 +52,9 @@ async def connect(offerer: RTCPeerConnection, answerer: RTCPeerConnection) -> No
     await offerer.setRemoteDescription(answerer.localDescription)
 
 
-async def test_forwarded_opus_is_the_tone_and_never_reencoded(monkeypatch: pytest.MonkeyPatch) \
-        -> None:
+async def test_forwarded_opus_is_the_tone_and_never_reencoded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     encoders: list[int] = []
     real_encode = opus.OpusEncoder.encode
 
@@ -91,15 +92,19 @@ async def test_forwarded_opus_is_the_tone_and_never_reencoded(monkeypatch: pytes
         deadline = time.monotonic() + 20
         while sum(len(c) for c in chunks) < 48000 and time.monotonic() < deadline:
             frame = await asyncio.wait_for(track.recv(), 10)
-            chunks.append(frame.to_ndarray().reshape(-1)[:: frame.layout.nb_channels if
-                                                        len(frame.layout.channels) > 1 else 1])
+            chunks.append(
+                frame.to_ndarray().reshape(-1)[
+                    :: frame.layout.nb_channels if len(frame.layout.channels) > 1 else 1
+                ]
+            )
         audio = np.concatenate(chunks)[-24000:].astype(float)
         assert abs(dominant_hz(audio) - 440) < 5, dominant_hz(audio)
         assert frames > 25 and relay.forwarded > 25 and relay.dropped == 0
         assert levels and min(levels) < 40, "the audio level is read at the receiver"
         sfu_encoder = out_sender._RTCRtpSender__encoder
-        assert sfu_encoder is not None and id(sfu_encoder) not in encoders, \
+        assert sfu_encoder is not None and id(sfu_encoder) not in encoders, (
             "the SFU's sender must only pack, never encode"
+        )
         assert encoders, "the publisher did encode (sanity check of the spy)"
     finally:
         for pc in (pub, sfu_in, sfu_out, sub):

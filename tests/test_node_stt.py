@@ -27,8 +27,8 @@ from node.stt.models import Models
 from registry.keys import load_keypair
 from registry.tokens import Grant, mint_token
 from tests.conftest import ROOT, Chain, free_port
-from tests.support.stt_node import Client, connect, stt_node
 from tests.support.speech import corpus, noise, silence, speak, stream_audio, word_errors
+from tests.support.stt_node import Client, connect, stt_node
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -51,65 +51,88 @@ def finals(client: Client) -> list[dict[str, Any]]:
 
 
 async def test_wer_on_24_kokoro_sentences_faster_than_real_time(
-        chain: Chain, tmp_path: Path, stt_models: Models,
-        sentences: list[tuple[str, np.ndarray]]) -> None:
-    async with stt_node(chain, tmp_path, stt_models, interim_results=False,
-                        burst_seconds=BATCH_BURST) as node, \
-            connect(node, {"session_key": node.token(chain), "language": "en"}) as c:
+    chain: Chain, tmp_path: Path, stt_models: Models, sentences: list[tuple[str, np.ndarray]]
+) -> None:
+    async with (
+        stt_node(
+            chain, tmp_path, stt_models, interim_results=False, burst_seconds=BATCH_BURST
+        ) as node,
+        connect(node, {"session_key": node.token(chain), "language": "en"}) as c,
+    ):
         ready = await c.type("ready")
         assert ready["language"] == "en" and ready["client_id"] and ready["remaining_seconds"] > 290
         audio = np.concatenate([np.concatenate([s, silence(0.9)]) for _, s in sentences])
         t0 = time.monotonic()
         await stream_audio(c.ws, audio, speed=None)
         await c.ws.send_json({"type": "flush"})
-        await c.wait_for(lambda m: m["type"] == "transcription" and m["is_final"]
-                         and m["end"] > len(audio) / 16000 - 2.5, timeout=90)
+        await c.wait_for(
+            lambda m: (
+                m["type"] == "transcription"
+                and m["is_final"]
+                and m["end"] > len(audio) / 16000 - 2.5
+            ),
+            timeout=90,
+        )
         elapsed = time.monotonic() - t0
         got = finals(c)
         hyp = " ".join(m["text"] for m in got)
         ref = " ".join(t for t, _ in sentences)
         errors, n = word_errors(ref, hyp)
-        print(f"WER {errors}/{n} = {errors / n:.1%} over {len(sentences)} sentences, "
-              f"{len(audio) / 16000:.0f}s of audio in {elapsed:.1f}s")
+        print(
+            f"WER {errors}/{n} = {errors / n:.1%} over {len(sentences)} sentences, "
+            f"{len(audio) / 16000:.0f}s of audio in {elapsed:.1f}s"
+        )
         assert len(sentences) >= 20
         assert errors / n <= 0.10, hyp
         assert audio.size / 16000 > elapsed  # faster than real time, end to end
         for m in got:
             assert m["language"] == "en" and 0 < m["confidence"] <= 1 and m["start"] < m["end"]
-            assert m["words"] and all(m["start"] - 0.05 <= w["start"] <= w["end"] <= m["end"] + 0.05
-                                      for w in m["words"])
+            assert m["words"] and all(
+                m["start"] - 0.05 <= w["start"] <= w["end"] <= m["end"] + 0.05 for w in m["words"]
+            )
         starts = [m for m in c.of("vad_event") if m["event"] == "speech_start"]
         assert len(starts) == len(got)
 
 
 async def test_real_time_stream_events_in_order_interims_and_expiry(
-        chain: Chain, tmp_path: Path, stt_models: Models) -> None:
+    chain: Chain, tmp_path: Path, stt_models: Models
+) -> None:
     text = "Could you explain how the new billing system works for our customers?"
     audio = np.concatenate([silence(0.4), speak(text, "af_heart"), silence(1.0)])
-    async with stt_node(chain, tmp_path, stt_models, usage_report_interval=1.0,
-                        interim_max_utilization=1.0) as node, \
-            connect(node, {"session_key": node.token(chain, seconds=11)}) as c:
+    async with (
+        stt_node(
+            chain, tmp_path, stt_models, usage_report_interval=1.0, interim_max_utilization=1.0
+        ) as node,
+        connect(node, {"session_key": node.token(chain, seconds=11)}) as c,
+    ):
         ready = await c.type("ready")
         assert ready["remaining_seconds"] <= 11
         first = await c.type("session_expiring")  # under 60 s left at once
         assert first["remaining_seconds"] <= 11
         await stream_audio(c.ws, audio, speed=1.0)
         final = await c.wait_for(lambda m: m["type"] == "transcription" and m["is_final"])
-        kinds = [(m["type"], m.get("event"), m.get("is_final")) for _, m in c.messages
-                 if m["type"] in ("vad_event", "transcription")]
+        kinds = [
+            (m["type"], m.get("event"), m.get("is_final"))
+            for _, m in c.messages
+            if m["type"] in ("vad_event", "transcription")
+        ]
         assert kinds[0] == ("vad_event", "speech_start", None)
         end_at = kinds.index(("vad_event", "speech_end", None))
-        assert kinds[end_at + 1:] == [("transcription", None, True)]
-        assert any(k == ("transcription", None, False) for k in kinds[1:end_at]), \
+        assert kinds[end_at + 1 :] == [("transcription", None, True)]
+        assert any(k == ("transcription", None, False) for k in kinds[1:end_at]), (
             "interim results while speech goes on"
+        )
         assert word_errors(text, final["text"])[0] <= 1, final["text"]
         t_end = next(t for t, m in c.messages if m.get("event") == "speech_end")
         t_final = next(t for t, m in c.messages if m is final)
-        print(f"real time: final {1000 * (t_final - t_end):.0f} ms after speech_end, "
-              f"latency_ms {final['latency_ms']}")
+        print(
+            f"real time: final {1000 * (t_final - t_end):.0f} ms after speech_end, "
+            f"latency_ms {final['latency_ms']}"
+        )
         assert t_final - t_end < 2.0
-        warn10 = await c.wait_for(lambda m: m["type"] == "session_expiring"
-                                  and m["remaining_seconds"] <= 10, timeout=10)
+        warn10 = await c.wait_for(
+            lambda m: m["type"] == "session_expiring" and m["remaining_seconds"] <= 10, timeout=10
+        )
         assert warn10["remaining_seconds"] >= 8
         await c.type("session_expired", timeout=15)
         await c.closed()
@@ -122,10 +145,13 @@ async def test_real_time_stream_events_in_order_interims_and_expiry(
 # ------------------------------------------------------------------------------ no speech
 
 
-async def test_silence_and_noise_produce_nothing(chain: Chain, tmp_path: Path,
-                                                 stt_models: Models) -> None:
-    async with stt_node(chain, tmp_path, stt_models, burst_seconds=BATCH_BURST) as node, \
-            connect(node, {"session_key": node.token(chain)}) as c:
+async def test_silence_and_noise_produce_nothing(
+    chain: Chain, tmp_path: Path, stt_models: Models
+) -> None:
+    async with (
+        stt_node(chain, tmp_path, stt_models, burst_seconds=BATCH_BURST) as node,
+        connect(node, {"session_key": node.token(chain)}) as c,
+    ):
         await c.type("ready")
         audio = np.concatenate([silence(2), noise(3, 0.05), noise(2, 0.2, seed=3), silence(1)])
         hum = 0.1 * np.sin(2 * np.pi * 50 * np.arange(32000) / 16000).astype(np.float32)
@@ -137,13 +163,16 @@ async def test_silence_and_noise_produce_nothing(chain: Chain, tmp_path: Path,
         assert c.of("transcription") == []
 
 
-async def test_flush_reset_and_mid_session_config(chain: Chain, tmp_path: Path,
-                                                  stt_models: Models,
-                                                  sentences: list[tuple[str, np.ndarray]]) -> None:
+async def test_flush_reset_and_mid_session_config(
+    chain: Chain, tmp_path: Path, stt_models: Models, sentences: list[tuple[str, np.ndarray]]
+) -> None:
     (t1, s1), (t2, s2) = sentences[0], sentences[1]
-    async with stt_node(chain, tmp_path, stt_models, interim_results=False,
-                        burst_seconds=BATCH_BURST) as node, \
-            connect(node, {"session_key": node.token(chain)}) as c:
+    async with (
+        stt_node(
+            chain, tmp_path, stt_models, interim_results=False, burst_seconds=BATCH_BURST
+        ) as node,
+        connect(node, {"session_key": node.token(chain)}) as c,
+    ):
         await c.type("ready")
         # flush: speech with no trailing silence is forced out
         await stream_audio(c.ws, np.concatenate([silence(0.3), s1]), speed=None)
@@ -170,31 +199,43 @@ async def test_flush_reset_and_mid_session_config(chain: Chain, tmp_path: Path,
         assert err["error"] == "unsupported_language"
 
 
-async def test_client_end_of_utterance_silence(chain: Chain, tmp_path: Path, stt_models: Models,
-                                               sentences: list[tuple[str, np.ndarray]]) -> None:
+async def test_client_end_of_utterance_silence(
+    chain: Chain, tmp_path: Path, stt_models: Models, sentences: list[tuple[str, np.ndarray]]
+) -> None:
     """A client may ask its own end-of-utterance silence: a 350 ms pause between two sentences
     ends an utterance for a client that asked for 200 ms, not under the node's 500 ms."""
     (_, s1), (_, s2) = sentences[2], sentences[3]
     audio = np.concatenate([silence(0.3), s1, silence(0.35), s2, silence(1.0)])
     ends: dict[str, int] = {}
-    async with stt_node(chain, tmp_path, stt_models, interim_results=False,
-                        burst_seconds=BATCH_BURST) as node:
+    async with stt_node(
+        chain, tmp_path, stt_models, interim_results=False, burst_seconds=BATCH_BURST
+    ) as node:
         for name, extra in (("node", {}), ("client", {"end_of_utterance_ms": 200})):
             async with connect(node, {"session_key": node.token(chain), **extra}) as c:
                 await c.type("ready")
                 await stream_audio(c.ws, audio, speed=None)
                 await c.ws.send_json({"type": "flush"})
-                await c.wait_for(lambda m: m["type"] == "transcription" and m["is_final"]
-                                 and m["end"] > len(audio) / 16000 - 2.5, timeout=60)
+                await c.wait_for(
+                    lambda m: (
+                        m["type"] == "transcription"
+                        and m["is_final"]
+                        and m["end"] > len(audio) / 16000 - 2.5
+                    ),
+                    timeout=60,
+                )
                 ends[name] = sum(1 for m in c.of("vad_event") if m["event"] == "speech_end")
         assert ends["node"] == 1 and ends["client"] >= 2, ends
         async with connect(node, {"session_key": node.token(chain)}) as c:
             await c.type("ready")
             for bad in (50, 9000, "fast", True):
                 await c.ws.send_json({"type": "config", "end_of_utterance_ms": bad})
-                err = await c.wait_for(lambda m: m["type"] == "error"
-                                       and m["error"] == "invalid_config"
-                                       and str(bad) in m["message"])
+                err = await c.wait_for(
+                    lambda m, bad=bad: (
+                        m["type"] == "error"
+                        and m["error"] == "invalid_config"
+                        and str(bad) in m["message"]
+                    )
+                )
                 assert "100 to 5000" in err["message"]
             await c.ws.send_json({"type": "config", "end_of_utterance_ms": 300})
             await c.wait_for(lambda m: m["type"] == "ready" and len(c.of("ready")) == 2)
@@ -204,9 +245,12 @@ async def test_client_end_of_utterance_silence(chain: Chain, tmp_path: Path, stt
 
 
 async def test_malformed_input_is_answered_and_the_session_survives(
-        chain: Chain, tmp_path: Path, stt_models: Models) -> None:
-    async with stt_node(chain, tmp_path, stt_models) as node, \
-            connect(node, {"session_key": node.token(chain)}) as c:
+    chain: Chain, tmp_path: Path, stt_models: Models
+) -> None:
+    async with (
+        stt_node(chain, tmp_path, stt_models) as node,
+        connect(node, {"session_key": node.token(chain)}) as c,
+    ):
         await c.type("ready")
         await c.ws.send_bytes(b"\x00\x01\x02")  # odd length
         await c.ws.send_bytes(b"\x00" * 32002)  # over 1 s
@@ -217,8 +261,14 @@ async def test_malformed_input_is_answered_and_the_session_survives(
         await c.ws.send_json({"type": "ping"})
         await c.type("pong")
         codes = [m["error"] for m in c.of("error")]
-        assert codes == ["bad_audio", "bad_audio", "invalid_json", "invalid_json", "unknown_type",
-                         "invalid_config"]
+        assert codes == [
+            "bad_audio",
+            "bad_audio",
+            "invalid_json",
+            "invalid_json",
+            "unknown_type",
+            "invalid_config",
+        ]
         assert all(m["message"] for m in c.of("error"))
         await c.ws.send_bytes(b"\x00\x00" * 320)
         await c.ws.send_json({"type": "ping"})
@@ -232,11 +282,13 @@ async def test_tokens_are_checked(chain: Chain, tmp_path: Path, stt_models: Mode
             "garbage": "not-a-jwt",
             "foreign": mint_token(Keypair(), "x", Grant("stt", limit=60), 60),
             "tts": mint_token(chain.issuer, "x", Grant("tts", limit=60), 60),
-            "expired": mint_token(chain.issuer, "x", Grant("stt", limit=60), 1,
-                                  now=time.time() - 60),
+            "expired": mint_token(
+                chain.issuer, "x", Grant("stt", limit=60), 1, now=time.time() - 60
+            ),
             "no node": mint_token(chain.issuer, "x", Grant("stt", limit=60), 60),
-            "other node": mint_token(chain.issuer, "x", Grant("stt", limit=60), 60,
-                                     audience=str(Keypair().pubkey())),
+            "other node": mint_token(
+                chain.issuer, "x", Grant("stt", limit=60), 60, audience=str(Keypair().pubkey())
+            ),
         }
         for name, token in cases.items():
             async with connect(node, {"session_key": token}) as c:
@@ -258,7 +310,8 @@ async def test_tokens_are_checked(chain: Chain, tmp_path: Path, stt_models: Mode
 
 
 async def test_capacity_is_measured_with_the_real_models_and_cached(
-        chain: Chain, tmp_path: Path, stt_models: Models) -> None:
+    chain: Chain, tmp_path: Path, stt_models: Models
+) -> None:
     """At start the role measures one real-time stream (front end over real speech, a Whisper
     final) and advertises what the cores carry, at most the config's; a restart on the same
     machine and models reuses the figure."""
@@ -278,8 +331,9 @@ async def test_capacity_is_measured_with_the_real_models_and_cached(
         assert node.role.capacity == min(first, 2)  # the config bounds what is advertised
 
 
-async def test_server_full_at_capacity_and_extend(chain: Chain, tmp_path: Path,
-                                                  stt_models: Models) -> None:
+async def test_server_full_at_capacity_and_extend(
+    chain: Chain, tmp_path: Path, stt_models: Models
+) -> None:
     # measured capacity bounded by the config's 1: the node is full with one stream
     async with stt_node(chain, tmp_path, stt_models, capacity=1, calibrate=True) as node:
         assert node.role.capacity == 1 and node.role.context.calibration is not None
@@ -289,11 +343,15 @@ async def test_server_full_at_capacity_and_extend(chain: Chain, tmp_path: Path,
             assert node.role.load() == 1
             async with connect(node, {"session_key": node.token(chain)}) as b:
                 err = await b.type("error")
-                assert err == {"type": "error", "error": "server_full",
-                               "message": "Server at capacity"}
+                assert err == {
+                    "type": "error",
+                    "error": "server_full",
+                    "message": "Server at capacity",
+                }
                 await b.closed()
-            await a.ws.send_json({"type": "extend",
-                                  "session_key": node.token(chain, 400, session_id=sid)})
+            await a.ws.send_json(
+                {"type": "extend", "session_key": node.token(chain, 400, session_id=sid)}
+            )
             ext = await a.type("session_extended")
             assert 395 < ext["remaining_seconds"] <= 400
             await a.ws.send_json({"type": "extend", "session_key": node.token(chain, 900)})
@@ -306,8 +364,9 @@ async def test_server_full_at_capacity_and_extend(chain: Chain, tmp_path: Path,
         assert node.role.load() == 0
 
 
-async def test_reconnect_resumes_the_paused_clock(chain: Chain, tmp_path: Path,
-                                                  stt_models: Models) -> None:
+async def test_reconnect_resumes_the_paused_clock(
+    chain: Chain, tmp_path: Path, stt_models: Models
+) -> None:
     async with stt_node(chain, tmp_path, stt_models) as node:
         token = node.token(chain, seconds=30)
         async with connect(node, {"session_key": token}) as c:
@@ -325,7 +384,8 @@ async def test_reconnect_resumes_the_paused_clock(chain: Chain, tmp_path: Path,
 
 
 async def test_a_session_the_client_left_settles_after_the_reconnect_grace(
-        chain: Chain, tmp_path: Path, stt_models: Models) -> None:
+    chain: Chain, tmp_path: Path, stt_models: Models
+) -> None:
     """The client left and no reconnect with the same key came within ``reconnect_grace``: the
     session is reported complete, once, long before its token expires (300 s paid, 600 s to
     live). A reconnect within the grace continues the same session; one after it is refused."""
@@ -353,30 +413,45 @@ async def test_a_session_the_client_left_settles_after_the_reconnect_grace(
             await c.closed()
         await asyncio.sleep(1.0)
         assert [e for e in node.events if e["event"] == "complete"] == complete  # reported once
-        assert not [e for e in node.events[node.events.index(complete[0]) + 1:]
-                    if e["event"] == "usage"], "nothing reported after the settling"
+        assert not [
+            e for e in node.events[node.events.index(complete[0]) + 1 :] if e["event"] == "usage"
+        ], "nothing reported after the settling"
 
 
 # ------------------------------------------------------------------------------ the real process
 
 
-async def test_node_process_serves_stt(chain: Chain, tmp_path: Path,
-                                       sentences: list[tuple[str, np.ndarray]]) -> None:
+async def test_node_process_serves_stt(
+    chain: Chain, tmp_path: Path, sentences: list[tuple[str, np.ndarray]]
+) -> None:
     port = free_port()
     config = {
-        "role": "stt", "keypair": str(tmp_path / "stt.json"), "rpc_url": chain.url,
-        "listen_port": port, "public_url": f"http://127.0.0.1:{port}",
-        "location": {"lat": 50.1, "lon": 8.7, "country": "DE"}, "capacity": 3,
-        "heartbeat_interval": 1, "drain_timeout": 2, "state_dir": str(tmp_path / "state"),
-        "stt": {"whisper": {"models": ["tiny.en"]}, "interim_results": False,
-                "burst_seconds": BATCH_BURST},
+        "role": "stt",
+        "keypair": str(tmp_path / "stt.json"),
+        "rpc_url": chain.url,
+        "listen_port": port,
+        "public_url": f"http://127.0.0.1:{port}",
+        "location": {"lat": 50.1, "lon": 8.7, "country": "DE"},
+        "capacity": 3,
+        "heartbeat_interval": 1,
+        "drain_timeout": 2,
+        "state_dir": str(tmp_path / "state"),
+        "stt": {
+            "whisper": {"models": ["tiny.en"]},
+            "interim_results": False,
+            "burst_seconds": BATCH_BURST,
+        },
     }
     path = tmp_path / "node-stt.yaml"
     path.write_text(yaml.safe_dump(config))
     log = open(tmp_path / "node.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "--config", str(path)], cwd=ROOT,
-                            stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "--config", str(path)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         async with aiohttp.ClientSession() as http:
             deadline = time.monotonic() + 60
@@ -414,18 +489,36 @@ async def test_node_process_serves_stt(chain: Chain, tmp_path: Path,
 
 def test_bad_stt_config_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({
-        "role": "stt", "keypair": str(tmp_path / "k.json"), "listen_port": free_port(),
-        "public_url": "http://127.0.0.1:1", "location": {"lat": 0, "lon": 0, "country": "DE"},
-        "capacity": 1, "stt": {"vad": {"treshold": 0.5}}}))
-    proc = subprocess.run([sys.executable, "-m", "node.cli", "--config", str(path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "role": "stt",
+                "keypair": str(tmp_path / "k.json"),
+                "listen_port": free_port(),
+                "public_url": "http://127.0.0.1:1",
+                "location": {"lat": 0, "lon": 0, "country": "DE"},
+                "capacity": 1,
+                "stt": {"vad": {"treshold": 0.5}},
+            }
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "node.cli", "--config", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "stt.vad.treshold: unknown key" in proc.stderr
 
 
 async def test_hallucinated_phrase_over_near_silence_is_dropped(
-        chain: Chain, tmp_path: Path, stt_models: Models, monkeypatch: pytest.MonkeyPatch,
-        sentences: list[tuple[str, np.ndarray]]) -> None:
+    chain: Chain,
+    tmp_path: Path,
+    stt_models: Models,
+    monkeypatch: pytest.MonkeyPatch,
+    sentences: list[tuple[str, np.ndarray]],
+) -> None:
     """The engine "hears" a subtitle credit in faint audio the validator let through: the filter
     drops it; the same engine output over clearly spoken audio of that length is kept."""
     from node.stt.engines import EngineResult
@@ -433,9 +526,13 @@ async def test_hallucinated_phrase_over_near_silence_is_dropped(
 
     async with stt_node(chain, tmp_path, stt_models) as node:
         role = node.role
-        monkeypatch.setattr(role.models.whisper, "transcribe",
-                            lambda audio, language, word_timestamps=False, prompt=None:
-                            EngineResult("Thanks for watching!", "en", 0.4, engine="whisper"))
+        monkeypatch.setattr(
+            role.models.whisper,
+            "transcribe",
+            lambda audio, language, word_timestamps=False, prompt=None: EngineResult(
+                "Thanks for watching!", "en", 0.4, engine="whisper"
+            ),
+        )
         speech = sentences[0][1][:32000]
         probs = np.full(len(speech) // 512, 0.9, dtype=np.float32)
         from node.stt.validation import rms_dbfs
@@ -448,8 +545,9 @@ async def test_hallucinated_phrase_over_near_silence_is_dropped(
         assert role.transcribe(loud, "en", "whisper")["text"] == "Thanks for watching!"
 
 
-async def test_draining_node_refuses_new_streams(chain: Chain, tmp_path: Path,
-                                                stt_models: Models) -> None:
+async def test_draining_node_refuses_new_streams(
+    chain: Chain, tmp_path: Path, stt_models: Models
+) -> None:
     async with stt_node(chain, tmp_path, stt_models) as node:
         async with connect(node, {"session_key": node.token(chain)}) as live:
             await live.type("ready")

@@ -79,12 +79,13 @@ def test_missing_model_names_the_package(monkeypatch: pytest.MonkeyPatch, tmp_pa
 # ------------------------------------------------------------------ VAD
 
 
-def test_silero_streaming_matches_batch_and_finds_speech(silero: SileroModel,
-                                                         sentence: np.ndarray) -> None:
+def test_silero_streaming_matches_batch_and_finds_speech(
+    silero: SileroModel, sentence: np.ndarray
+) -> None:
     audio = np.concatenate([silence(0.5), sentence, silence(0.8)])
     whole = silero.stream().feed(audio)
     vad = silero.stream()
-    parts = np.concatenate([vad.feed(audio[i:i + 320]) for i in range(0, len(audio), 320)])
+    parts = np.concatenate([vad.feed(audio[i : i + 320]) for i in range(0, len(audio), 320)])
     assert np.allclose(whole, parts[: len(whole)], atol=1e-4)
     assert whole[:10].max() < 0.2  # leading silence
     assert (whole >= 0.45).mean() > 0.5
@@ -92,8 +93,14 @@ def test_silero_streaming_matches_batch_and_finds_speech(silero: SileroModel,
 
 
 def test_segmenter_events_min_speech_and_adaptive_silence() -> None:
-    cfg = VadConfig(threshold=0.45, min_speech_ms=250, end_of_utterance_ms=500, min_silence_ms=200,
-                    adapt_after_s=3, max_utterance_s=15)
+    cfg = VadConfig(
+        threshold=0.45,
+        min_speech_ms=250,
+        end_of_utterance_ms=500,
+        min_silence_ms=200,
+        adapt_after_s=3,
+        max_utterance_s=15,
+    )
     seg = Segmenter(cfg)
     # 6 speech windows (192 ms) then silence: below 250 ms, no event
     assert seg.feed(np.array([0.9] * 6 + [0.1] * 5)) == []
@@ -112,14 +119,15 @@ def test_segmenter_events_min_speech_and_adaptive_silence() -> None:
 
 
 def test_front_end_cuts_utterances_with_padding_partials_and_an_early_final(
-        silero: SileroModel, gtcrn: GTCRNModel, sentence: np.ndarray) -> None:
+    silero: SileroModel, gtcrn: GTCRNModel, sentence: np.ndarray
+) -> None:
     from node.stt.frontend import FrontEnd
 
     fe = FrontEnd(silero, gtcrn, VadConfig(), pad_ms=300, interim_interval_ms=1000)
     audio = np.concatenate([silence(1.0), sentence, silence(1.0), sentence[:16000], silence(0.1)])
     events, utts = [], []
     for i in range(0, len(audio), 320):
-        out = fe.feed(audio[i:i + 320])
+        out = fe.feed(audio[i : i + 320])
         events += out.events
         utts += out.utterances
     out = fe.flush()  # the trailing fragment has not ended yet: flush forces it out
@@ -143,14 +151,15 @@ def test_front_end_cuts_utterances_with_padding_partials_and_an_early_final(
 # ------------------------------------------------------------------ denoise, validation, trimming
 
 
-def test_gtcrn_streams_like_batch_and_removes_noise(gtcrn: GTCRNModel,
-                                                    sentence: np.ndarray) -> None:
+def test_gtcrn_streams_like_batch_and_removes_noise(
+    gtcrn: GTCRNModel, sentence: np.ndarray
+) -> None:
     hiss = noise(1.0, 0.03, seed=1)
     assert rms_dbfs(gtcrn.denoise(hiss)) < rms_dbfs(hiss) - 15
     noisy = sentence + noise(len(sentence) / SAMPLE_RATE, 0.01, seed=2)[: len(sentence)]
     whole = gtcrn.denoise(noisy)
     d = gtcrn.stream()
-    parts = [d.feed(noisy[i:i + 320]) for i in range(0, len(noisy), 320)] + [d.flush()]
+    parts = [d.feed(noisy[i : i + 320]) for i in range(0, len(noisy), 320)] + [d.flush()]
     streamed = np.concatenate(parts)
     assert len(streamed) == len(noisy) and np.allclose(streamed, whole, atol=1e-5)
     assert rms_dbfs(whole) > rms_dbfs(noisy) - 6  # the speech survives
@@ -191,8 +200,10 @@ def test_trimming_keeps_speech_plus_300ms() -> None:
 def test_known_phrase_over_silence_is_dropped_but_real_speech_passes() -> None:
     quiet = rms_dbfs(silence(2.0) + 1e-4)
     assert filter_text("Thanks for watching!", 2.0, quiet, 0.3).text is None
-    assert filter_text("Thank you for watching.", 2.0, -38.0, 0.4).reason == \
-        "known hallucination phrase"
+    assert (
+        filter_text("Thank you for watching.", 2.0, -38.0, 0.4).reason
+        == "known hallucination phrase"
+    )
     assert filter_text("Subtitles by the Amara.org community", 2.0, -20.0, 0.3).text is None
     assert is_known_phrase("[Music]")
     ok = filter_text("Thank you for calling, how can I help?", 2.5, -18.0, 2.2)
@@ -206,10 +217,11 @@ def test_text_to_audio_ratio_and_loops() -> None:
     assert filter_text(long_text, 0.6, -20.0, 0.5).text is None
     text, removed = deloop("I think I think I think I think we should go")
     assert text == "I think we should go" and removed == 6
-    assert filter_text("the the the the the the the the", 2.0, -20, 1.5).reason == \
-        "repetition loop"
-    assert filter_text("okay so we go go go go now then", 3.0, -20, 2.0).text == \
-        "okay so we go now then"
+    assert filter_text("the the the the the the the the", 2.0, -20, 1.5).reason == "repetition loop"
+    assert (
+        filter_text("okay so we go go go go now then", 3.0, -20, 2.0).text
+        == "okay so we go now then"
+    )
     assert filter_text("   ...  ", 1.0, -20, 1.0).text is None
 
 
@@ -331,9 +343,15 @@ def test_session_clock_survives_a_node_restart(tmp_path) -> None:
 
     def sessions() -> Sessions:
         outbox = Outbox(tmp_path / "outbox.sqlite", None, Keypair())
-        return Sessions(outbox, tmp_path / "clocks.sqlite", meter=SessionClock,
-                        unit="duration_seconds", table="clocks", reconnect_grace=5,
-                        report_interval=15)
+        return Sessions(
+            outbox,
+            tmp_path / "clocks.sqlite",
+            meter=SessionClock,
+            unit="duration_seconds",
+            table="clocks",
+            reconnect_grace=5,
+            report_interval=15,
+        )
 
     def claims(sid: str, seconds: int) -> Claims:
         expires = int(_time.time()) + 600

@@ -29,10 +29,10 @@ from solders.keypair import Keypair
 from common.settings import SettingsError
 from node.models.kokoro import ALL_VOICES, LANGUAGES, VOICES, KokoroFiles, ensure_kokoro
 from node.tts.engine import DEFAULT_COST, MAX_PHONEMES
-from node.tts.segments import BUDGET_MARGIN, OTHER_MAX_CHARS, first_cut, plan_segments
-from node.tts.voices import EngineError, VoiceSpec
 from node.tts.harness import RoleServer
+from node.tts.segments import BUDGET_MARGIN, OTHER_MAX_CHARS, first_cut, plan_segments
 from node.tts.settings import load_settings
+from node.tts.voices import EngineError, VoiceSpec
 from registry.keys import load_keypair
 from registry.tokens import Grant, mint_token
 from tests.conftest import ROOT, Chain, free_port
@@ -47,8 +47,12 @@ FRAME_BYTES = 1920
 
 @pytest.fixture(scope="module")
 def server(engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoleServer]:
-    with RoleServer(engine, Keypair(), tmp_path_factory.mktemp("tts"),
-                    settings={"max_text_chars": 500, "reconnect_grace": 0.5}) as srv:
+    with RoleServer(
+        engine,
+        Keypair(),
+        tmp_path_factory.mktemp("tts"),
+        settings={"max_text_chars": 500, "reconnect_grace": 0.5},
+    ) as srv:
         yield srv
 
 
@@ -68,8 +72,17 @@ def test_offline_pack_has_model_and_all_54_voices(kokoro_files: KokoroFiles) -> 
 
 
 def test_every_language_speaks_and_blends_and_speed(engine) -> None:
-    samples = {"a": "Hello.", "b": "Hello.", "e": "Hola.", "f": "Bonjour.", "h": "नमस्ते",
-               "i": "Ciao.", "j": "こんにちは", "p": "Olá.", "z": "你好"}
+    samples = {
+        "a": "Hello.",
+        "b": "Hello.",
+        "e": "Hola.",
+        "f": "Bonjour.",
+        "h": "नमस्ते",
+        "i": "Ciao.",
+        "j": "こんにちは",
+        "p": "Olá.",
+        "z": "你好",
+    }
     assert set(samples) == set(LANGUAGES) and sum(len(v) for v in VOICES.values()) == 54
     for lang, text in samples.items():
         audio = engine.synthesize(text, VoiceSpec.parse(VOICES[lang][0], lang), 1.0)
@@ -79,7 +92,7 @@ def test_every_language_speaks_and_blends_and_speed(engine) -> None:
     fast = engine.synthesize(text, VoiceSpec.parse("af_heart"), 2.0)
     assert len(fast) < 0.7 * len(slow)
     blend = engine.synthesize(text, VoiceSpec.parse("af_heart,am_adam"), 1.0)
-    assert len(blend) > 0 and not np.array_equal(blend[:len(slow)], slow[:len(blend)])
+    assert len(blend) > 0 and not np.array_equal(blend[: len(slow)], slow[: len(blend)])
     with pytest.raises(EngineError):
         VoiceSpec.parse("af_heart,nobody")
     with pytest.raises(EngineError):
@@ -89,9 +102,22 @@ def test_every_language_speaks_and_blends_and_speed(engine) -> None:
 def test_planner_cuts_first_clause_short_and_respects_limits(engine) -> None:
     assert first_cut("Well, I think the fox jumps over the lazy dog.")[0] == "Well,"
     head, rest = first_cut("I would like to book a table for two people tonight.")
-    assert 1 <= len(head.split()) <= 5 and f"{head} {rest}".split() == \
-        ["I", "would", "like", "to", "book", "a", "table", "for", "two", "people", "tonight."]
-    long_en = " ".join(f"Sentence number {i} talks about the weather and the sea." for i in range(60))
+    assert 1 <= len(head.split()) <= 5 and f"{head} {rest}".split() == [
+        "I",
+        "would",
+        "like",
+        "to",
+        "book",
+        "a",
+        "table",
+        "for",
+        "two",
+        "people",
+        "tonight.",
+    ]
+    long_en = " ".join(
+        f"Sentence number {i} talks about the weather and the sea." for i in range(60)
+    )
     segs = plan_segments(long_en, "a", engine)
     assert len(segs[0].text.split()) <= 5
     assert all(engine.phoneme_length(s.text, "a") <= MAX_PHONEMES for s in segs)
@@ -102,7 +128,10 @@ def test_planner_cuts_first_clause_short_and_respects_limits(engine) -> None:
     assert all(s.text.endswith(".") for s in steady[2:])
     # re-planning mid-text (engine=None: the default cost model, deterministic): with 1.5 s of
     # audio buffered the next segment is cut to be ready in time; with 20 s whole sentences
-    rest = " ".join(f"Sentence number {i} talks about the weather, the wind and the sea around the island." for i in range(8))
+    rest = " ".join(
+        f"Sentence number {i} talks about the weather, the wind and the sea around the island."
+        for i in range(8)
+    )
     thin = plan_segments(rest, "a", None, ahead_seconds=1.5)
     fixed, per_char, _ = DEFAULT_COST
     assert len(thin[0].text) <= (1.6 * BUDGET_MARGIN - fixed) / per_char
@@ -175,7 +204,9 @@ def whisper():
     return WhisperModel(str(path), device="cpu", compute_type="int8", cpu_threads=2)
 
 
-async def test_queued_texts_play_in_order_paced_and_intelligible(server: RoleServer, whisper) -> None:
+async def test_queued_texts_play_in_order_paced_and_intelligible(
+    server: RoleServer, whisper
+) -> None:
     """14 sentences, 3 voices, queued at once: frames of 1920 bytes, in order, at 50 per second
     against the audio clock over 30+ s, and faster-whisper tiny.en hears the text (WER <= 10%)."""
     import soxr
@@ -209,8 +240,10 @@ async def test_queued_texts_play_in_order_paced_and_intelligible(server: RoleSer
     wall_s = frames[-1].at - frames[lead].at
     assert audio_s >= 30, f"only {audio_s:.1f} s of audio"
     clock_s = wall_s - stall_s + underruns * lead * 0.02
-    print(f"pacing: {audio_s:.2f} s of audio in {wall_s:.2f} s, {underruns} underruns "
-          f"stalled {stall_s:.2f} s -> audio clock {clock_s:.2f} s")
+    print(
+        f"pacing: {audio_s:.2f} s of audio in {wall_s:.2f} s, {underruns} underruns "
+        f"stalled {stall_s:.2f} s -> audio clock {clock_s:.2f} s"
+    )
     assert abs(clock_s - audio_s) <= 0.05 * audio_s, (wall_s, stall_s, underruns, audio_s)
     # and it never ran ahead of real time: no frame leaves more than the lead early
     t1 = frames[lead].at
@@ -234,7 +267,9 @@ async def test_queued_texts_play_in_order_paced_and_intelligible(server: RoleSer
 
 
 async def test_clear_stops_audio_within_two_frames(server: RoleServer) -> None:
-    long_text = " ".join(["This is a long text that keeps on talking so that we can interrupt it."] * 4)
+    long_text = " ".join(
+        ["This is a long text that keeps on talking so that we can interrupt it."] * 4
+    )
     async with aiohttp.ClientSession() as http:
         c = await connect(http, server, server.token())
         await c.send({"text": long_text})
@@ -293,33 +328,46 @@ async def test_auth_is_required_and_checked(server: RoleServer) -> None:
     other = Keypair()  # not a listed issuer
     bad = mint_token(other, "x", Grant("tts", limit=100), 60, session_id=str(uuid.uuid4()))
     stt = mint_token(server.issuer, "x", Grant("stt", limit=100), 60, session_id=str(uuid.uuid4()))
-    elsewhere = mint_token(server.issuer, "x", Grant("tts", limit=100), 60,
-                           audience=str(Keypair().pubkey()))
+    elsewhere = mint_token(
+        server.issuer, "x", Grant("tts", limit=100), 60, audience=str(Keypair().pubkey())
+    )
     nowhere = mint_token(server.issuer, "x", Grant("tts", limit=100), 60)
     async with aiohttp.ClientSession() as http:
-        for first in ({"text": "hi"}, {"session_key": bad}, {"session_key": stt},
-                      {"session_key": elsewhere}, {"session_key": nowhere}):
+        for first in (
+            {"text": "hi"},
+            {"session_key": bad},
+            {"session_key": stt},
+            {"session_key": elsewhere},
+            {"session_key": nowhere},
+        ):
             ws = await http.ws_connect(server.url)
             await ws.send_json(first)
             msg = await ws.receive_json(timeout=10)
             assert msg["type"] == "error" and msg["message"].startswith("auth"), msg
             if first.get("session_key") in (elsewhere, nowhere):
                 assert msg["message"].startswith("auth: wrong_node:"), msg
-            assert (await ws.receive(timeout=10)).type in (aiohttp.WSMsgType.CLOSE,
-                                                           aiohttp.WSMsgType.CLOSED)
+            assert (await ws.receive(timeout=10)).type in (
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSMsgType.CLOSED,
+            )
             await ws.close()
 
 
 async def test_character_limit_holds_across_extend(server: RoleServer) -> None:
     session = str(uuid.uuid4())
     async with aiohttp.ClientSession() as http:
-        c = await connect(http, server, server.token(limit=30, session_id=session),
-                          config={"voice": "am_adam", "speed": 1.5})
+        c = await connect(
+            http,
+            server,
+            server.token(limit=30, session_id=session),
+            config={"voice": "am_adam", "speed": 1.5},
+        )
         await c.send({"text": "Twenty characters ok."[:20]})
         await c.expect_error({"text": "Another twenty chars"}, "character limit")
         # a key for another session does not extend this one
-        await c.expect_error({"type": "extend", "session_key": server.token(limit=1000)},
-                             "another session")
+        await c.expect_error(
+            {"type": "extend", "session_key": server.token(limit=1000)}, "another session"
+        )
         await c.send({"type": "extend", "session_key": server.token(limit=60, session_id=session)})
         evs = await c.until("extended")
         assert evs[-1].msg["limit_characters"] == 60 and evs[-1].msg["expires_in"] > 500
@@ -344,7 +392,9 @@ async def test_contexts_prepare_ahead_and_clear_separately(server: RoleServer) -
         await c.until("done", context_id="c")
         gens = [e.msg for e in c.events if e.msg and e.msg["type"] == "generating"]
         assert [(g["context_id"], g["text"]) for g in gens] == [
-            ("a", "First context speaks now."), ("c", "Third context plays after.")]
+            ("a", "First context speaks now."),
+            ("c", "Third context plays after."),
+        ]
         aligned = [e.msg for e in c.events if e.msg and e.msg["type"] == "alignment"]
         assert aligned and {a["context_id"] for a in aligned} == {"a", "c"}
         for ctx, text in (("a", "First context speaks now."), ("c", "Third context plays after.")):
@@ -356,7 +406,9 @@ async def test_contexts_prepare_ahead_and_clear_separately(server: RoleServer) -
 # --------------------------------------------------------------------------- the real node
 
 
-async def test_capacity_is_measured_cached_and_full_answers_server_full(engine, tmp_path: Path) -> None:
+async def test_capacity_is_measured_cached_and_full_answers_server_full(
+    engine, tmp_path: Path
+) -> None:
     """The role measures one stream's cost with the real model at start and advertises what the
     cores carry, at most the config's 2; a restart reuses the cached figure; the socket past the
     capacity gets ``server_full`` (close 1013) while the streams already in use go on speaking."""
@@ -395,7 +447,6 @@ async def test_capacity_is_measured_cached_and_full_answers_server_full(engine, 
         assert again.role.capacity == capacity
 
 
-
 async def test_node_role_tts_process(chain: Chain, tmp_path: Path) -> None:
     """`node --role tts` on the localnet: loads Kokoro, registers, serves a stream, load = streams,
     and posts usage to the gateway's /internal/events signed by its node key."""
@@ -414,21 +465,32 @@ async def test_node_role_tts_process(chain: Chain, tmp_path: Path) -> None:
     gw_runner, gw_port = await serve(gw_app)
     port = free_port()
     cfg = {
-        "keypair": str(tmp_path / "tts.json"), "rpc_url": chain.url, "listen_port": port,
+        "keypair": str(tmp_path / "tts.json"),
+        "rpc_url": chain.url,
+        "listen_port": port,
         "public_url": f"http://127.0.0.1:{port}",
-        "location": {"lat": 50.1, "lon": 8.7, "country": "DE"}, "capacity": 4,
-        "heartbeat_interval": 0.5, "drain_timeout": 2, "issuer_cache_seconds": 1,
-        "state_dir": str(tmp_path / "state"), "gateway_url": f"http://127.0.0.1:{gw_port}",
+        "location": {"lat": 50.1, "lon": 8.7, "country": "DE"},
+        "capacity": 4,
+        "heartbeat_interval": 0.5,
+        "drain_timeout": 2,
+        "issuer_cache_seconds": 1,
+        "state_dir": str(tmp_path / "state"),
+        "gateway_url": f"http://127.0.0.1:{gw_port}",
         "tts": {"voice": "af_heart", "threads": 2, "usage_interval": 1},
     }
     path = tmp_path / "node.yaml"
     path.write_text(yaml.safe_dump(cfg))
     log = open(tmp_path / "node.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "--role", "tts", "--config", str(path)],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "--role", "tts", "--config", str(path)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         async with aiohttp.ClientSession() as http:
+
             async def health() -> dict | None:
                 try:
                     async with http.get(f"http://127.0.0.1:{port}/health") as r:
@@ -445,8 +507,14 @@ async def test_node_role_tts_process(chain: Chain, tmp_path: Path) -> None:
             assert h and h["role"] == "tts" and h["load"] == 0
             session = str(uuid.uuid4())
             node_key = str(load_keypair(tmp_path / "tts.json").pubkey())
-            token = mint_token(chain.issuer, "t", Grant("tts", limit=100), 120, session_id=session,
-                               audience=node_key)
+            token = mint_token(
+                chain.issuer,
+                "t",
+                Grant("tts", limit=100),
+                120,
+                session_id=session,
+                audience=node_key,
+            )
             ws = await http.ws_connect(f"http://127.0.0.1:{port}/v1/stream")
             await ws.send_json({"session_key": token})
             assert (await ws.receive_json(timeout=30))["type"] == "ready"
@@ -465,12 +533,18 @@ async def test_node_role_tts_process(chain: Chain, tmp_path: Path) -> None:
             await asyncio.sleep(0.5)
             assert (await health())["load"] == 0
             deadline = time.monotonic() + 20
-            while not any(b["event"] == "complete" for _, b in received) and time.monotonic() < deadline:
+            while (
+                not any(b["event"] == "complete" for _, b in received)
+                and time.monotonic() < deadline
+            ):
                 await asyncio.sleep(0.2)
             mine = [(k, b) for k, b in received if b["session_id"] == session]
             assert mine and all(k == node_key for k, _ in mine)
-            assert mine[-1][1] == {"session_id": session, "event": "complete",
-                                   "usage": {"used_characters": len("Node test.")}}
+            assert mine[-1][1] == {
+                "session_id": session,
+                "event": "complete",
+                "usage": {"used_characters": len("Node test.")},
+            }
     finally:
         proc.terminate()
         proc.wait(30)

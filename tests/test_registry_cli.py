@@ -15,8 +15,13 @@ from tests.conftest import ROOT, Chain
 
 
 def registry(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "registry.cli", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "registry.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"registry {' '.join(args)} failed: {proc.stderr}")
     return proc
@@ -35,25 +40,79 @@ def test_register_list_deregister(chain: Chain, tmp_path: Path) -> None:
     key = tmp_path / "node.json"
     registry("keygen", str(key))
     pub = str(load_keypair(key).pubkey())
-    registry("node", "register", "--rpc", chain.url, "--keypair", str(key), "--role", "tts",
-             "--url", "http://127.0.0.1:8002", "--lat", "48.8566", "--lon", "2.3522",
-             "--country", "fr", "--capacity", "12", "--version", "0.1.0")
+    registry(
+        "node",
+        "register",
+        "--rpc",
+        chain.url,
+        "--keypair",
+        str(key),
+        "--role",
+        "tts",
+        "--url",
+        "http://127.0.0.1:8002",
+        "--lat",
+        "48.8566",
+        "--lon",
+        "2.3522",
+        "--country",
+        "fr",
+        "--capacity",
+        "12",
+        "--version",
+        "0.1.0",
+    )
     nodes = json.loads(registry("nodes", "--rpc", chain.url, "--role", "tts", "--json").stdout)
     mine = next(n for n in nodes if n["pubkey"] == pub)
-    for field in ("pubkey", "role", "url", "lat", "lon", "country", "load", "capacity", "version",
-                  "status", "stale", "last_heartbeat"):
+    for field in (
+        "pubkey",
+        "role",
+        "url",
+        "lat",
+        "lon",
+        "country",
+        "load",
+        "capacity",
+        "version",
+        "status",
+        "stale",
+        "last_heartbeat",
+    ):
         assert field in mine
     assert (mine["role"], mine["url"], mine["country"], mine["capacity"], mine["status"]) == (
-        "tts", "http://127.0.0.1:8002", "FR", 12, "active")
+        "tts",
+        "http://127.0.0.1:8002",
+        "FR",
+        12,
+        "active",
+    )
     assert (mine["lat"], mine["lon"], mine["stale"]) == (48.8566, 2.3522, False)
 
     table = registry("nodes", "--rpc", chain.url).stdout
     assert "ROLE" in table.splitlines()[0]
     assert any(pub in line and "tts" in line and "12" in line for line in table.splitlines())
 
-    twice = registry("node", "register", "--rpc", chain.url, "--keypair", str(key), "--role", "tts",
-                     "--url", "https://x.example", "--lat", "0", "--lon", "0", "--country", "FR",
-                     "--capacity", "1", check=False)
+    twice = registry(
+        "node",
+        "register",
+        "--rpc",
+        chain.url,
+        "--keypair",
+        str(key),
+        "--role",
+        "tts",
+        "--url",
+        "https://x.example",
+        "--lat",
+        "0",
+        "--lon",
+        "0",
+        "--country",
+        "FR",
+        "--capacity",
+        "1",
+        check=False,
+    )
     assert twice.returncode == 1
     assert "AlreadyInitialized" in twice.stderr and "Traceback" not in twice.stderr
 
@@ -66,13 +125,32 @@ def test_suspend_and_activate_by_authority(chain: Chain, tmp_path: Path) -> None
     key = tmp_path / "node.json"
     registry("keygen", str(key))
     pub = str(load_keypair(key).pubkey())
-    registry("node", "register", "--rpc", chain.url, "--keypair", str(key), "--role", "sfu",
-             "--url", "http://127.0.0.1:7880", "--lat", "1", "--lon", "2", "--country", "SG",
-             "--capacity", "3")
+    registry(
+        "node",
+        "register",
+        "--rpc",
+        chain.url,
+        "--keypair",
+        str(key),
+        "--role",
+        "sfu",
+        "--url",
+        "http://127.0.0.1:7880",
+        "--lat",
+        "1",
+        "--lon",
+        "2",
+        "--country",
+        "SG",
+        "--capacity",
+        "3",
+    )
     registry("node", "suspend", pub, "--rpc", chain.url, "--keypair", str(chain.authority_path))
     nodes = json.loads(registry("nodes", "--rpc", chain.url, "--json").stdout)
     assert next(n for n in nodes if n["pubkey"] == pub)["status"] == "suspended"
-    refused = registry("node", "activate", pub, "--rpc", chain.url, "--keypair", str(key), check=False)
+    refused = registry(
+        "node", "activate", pub, "--rpc", chain.url, "--keypair", str(key), check=False
+    )
     assert refused.returncode == 1 and "NotAuthority" in refused.stderr
     registry("node", "activate", pub, "--rpc", chain.url, "--keypair", str(chain.authority_path))
     registry("node", "deregister", "--rpc", chain.url, "--keypair", str(key))
@@ -82,17 +160,57 @@ def test_issuer_list_and_token_mint(chain: Chain) -> None:
     listed = json.loads(registry("issuer", "list", "--rpc", chain.url, "--json").stdout)
     assert str(chain.issuer.pubkey()) in {i["key"] for i in listed}
     node = str(Keypair().pubkey())
-    token = registry("token", "mint", "--issuer-key", str(chain.issuer_path), "--service", "webrtc",
-                     "--identity", "alice", "--ttl", "60", "--room", "demo",
-                     "--audience", node).stdout.strip()
+    token = registry(
+        "token",
+        "mint",
+        "--issuer-key",
+        str(chain.issuer_path),
+        "--service",
+        "webrtc",
+        "--identity",
+        "alice",
+        "--ttl",
+        "60",
+        "--room",
+        "demo",
+        "--audience",
+        node,
+    ).stdout.strip()
     claims = verify_token(token, {i["key"] for i in listed}, "webrtc", audience=node)
     assert (claims.identity, claims.room) == ("alice", "demo")
-    bad = registry("token", "mint", "--issuer-key", str(chain.issuer_path), "--service", "stt",
-                   "--identity", "a", "--ttl", "60", "--audience", node, check=False)
+    bad = registry(
+        "token",
+        "mint",
+        "--issuer-key",
+        str(chain.issuer_path),
+        "--service",
+        "stt",
+        "--identity",
+        "a",
+        "--ttl",
+        "60",
+        "--audience",
+        node,
+        check=False,
+    )
     assert bad.returncode == 1 and "limit" in bad.stderr
-    bad = registry("token", "mint", "--issuer-key", str(chain.issuer_path), "--service", "stt",
-                   "--identity", "a", "--ttl", "60", "--limit", "5", "--audience", "nope",
-                   check=False)
+    bad = registry(
+        "token",
+        "mint",
+        "--issuer-key",
+        str(chain.issuer_path),
+        "--service",
+        "stt",
+        "--identity",
+        "a",
+        "--ttl",
+        "60",
+        "--limit",
+        "5",
+        "--audience",
+        "nope",
+        check=False,
+    )
     assert bad.returncode != 0 and "'nope' is not a base58" in bad.stderr
 
 
@@ -122,12 +240,22 @@ def test_init_policy_and_approve(tmp_path: Path) -> None:
     try:
         stranger = tmp_path / "stranger.json"
         registry("keygen", str(stranger))
-        refused = registry("init", "--rpc", net.url, "--keypair", str(stranger), "--policy", "open",
-                           check=False)
+        refused = registry(
+            "init", "--rpc", net.url, "--keypair", str(stranger), "--policy", "open", check=False
+        )
         assert refused.returncode == 1 and "not the registry program's upgrade authority" in (
-            refused.stderr)
-        bad = registry("init", "--rpc", net.url, "--keypair", str(net.authority_path), "--policy",
-                       "lax", check=False)
+            refused.stderr
+        )
+        bad = registry(
+            "init",
+            "--rpc",
+            net.url,
+            "--keypair",
+            str(net.authority_path),
+            "--policy",
+            "lax",
+            check=False,
+        )
         assert bad.returncode == 2 and "expected one of approval, open" in bad.stderr
         out = registry("init", "--rpc", net.url, "--keypair", str(net.authority_path)).stdout
         assert "policy approval" in out  # the default
@@ -135,27 +263,53 @@ def test_init_policy_and_approve(tmp_path: Path) -> None:
         key = tmp_path / "node.json"
         registry("keygen", str(key))
         pub = str(load_keypair(key).pubkey())
-        node_args = ["--rpc", net.url, "--keypair", str(key), "--url", "https://stt.example.net",
-                     "--lat", "1", "--lon", "2", "--country", "SG", "--capacity", "3"]
+        node_args = [
+            "--rpc",
+            net.url,
+            "--keypair",
+            str(key),
+            "--url",
+            "https://stt.example.net",
+            "--lat",
+            "1",
+            "--lon",
+            "2",
+            "--country",
+            "SG",
+            "--capacity",
+            "3",
+        ]
         out = registry("node", "register", "--role", "stt", *node_args).stdout
         assert "(pending)" in out and f"registry node approve {pub}" in out
         table = registry("nodes", "--rpc", net.url).stdout.splitlines()
         assert any(pub in line and "pending" in line for line in table)
         update = registry("node", "update", *node_args[:-1], "4", check=False)
         assert update.returncode == 1 and "NodePending" in update.stderr
-        insecure = registry("node", "update", *[a if a != "https://stt.example.net"
-                                                else "http://stt.example.net" for a in node_args],
-                            check=False)
+        insecure = registry(
+            "node",
+            "update",
+            *[a if a != "https://stt.example.net" else "http://stt.example.net" for a in node_args],
+            check=False,
+        )
         assert insecure.returncode == 1 and "https://" in insecure.stderr
 
-        not_authority = registry("node", "approve", pub, "--rpc", net.url, "--keypair", str(key),
-                                 check=False)
+        not_authority = registry(
+            "node", "approve", pub, "--rpc", net.url, "--keypair", str(key), check=False
+        )
         assert not_authority.returncode == 1 and "NotAuthority" in not_authority.stderr
         registry("node", "approve", pub, "--rpc", net.url, "--keypair", str(net.authority_path))
         nodes = json.loads(registry("nodes", "--rpc", net.url, "--json").stdout)
         assert next(n for n in nodes if n["pubkey"] == pub)["status"] == "active"
-        again = registry("node", "approve", pub, "--rpc", net.url, "--keypair",
-                         str(net.authority_path), check=False)
+        again = registry(
+            "node",
+            "approve",
+            pub,
+            "--rpc",
+            net.url,
+            "--keypair",
+            str(net.authority_path),
+            check=False,
+        )
         assert again.returncode == 1 and "NodeNotPending" in again.stderr
         registry("node", "update", *node_args[:-1], "4")
     finally:

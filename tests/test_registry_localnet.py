@@ -34,7 +34,6 @@ from solders.transaction import Transaction
 from spl.token import instructions as spl
 
 from registry.localnet import Localnet, start_localnet
-from registry.localnet.rpc import MAX_AIRDROP_LAMPORTS, MAX_BATCH_REQUESTS
 from registry.localnet.deploy import (
     BPF_LOADER_UPGRADEABLE_ID,
     DeployError,
@@ -42,6 +41,7 @@ from registry.localnet.deploy import (
     deploy_program,
     programdata_address,
 )
+from registry.localnet.rpc import MAX_AIRDROP_LAMPORTS, MAX_BATCH_REQUESTS
 from tests.support.clock import Clock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -470,11 +470,11 @@ async def test_deploy_bad_elf_fails_cleanly(tmp_path: Path) -> None:
     await net.close()
 
 
-
 async def test_registry_program_deploys_at_its_fixed_id(tmp_path: Path) -> None:
     authority = Keypair()
-    net = await start_localnet(0, tmp_path / "ledger", [(REGISTRY_SO, REGISTRY_KEYPAIR)],
-                               upgrade_authority=authority)
+    net = await start_localnet(
+        0, tmp_path / "ledger", [(REGISTRY_SO, REGISTRY_KEYPAIR)], upgrade_authority=authority
+    )
     program_id = Pubkey.from_string("54qRqffWyocWmu78z7iGGX6humQ7JEayFouaAqzcqZ1C")
     try:
         async with AsyncClient(net.url) as c:
@@ -532,7 +532,9 @@ async def test_airdrop_cap(net: Net) -> None:
     alice = await funded(net.client, MAX_AIRDROP_LAMPORTS)
     assert (await net.client.get_balance(alice.pubkey())).value == MAX_AIRDROP_LAMPORTS
     bob = Keypair()
-    resp = await raw_rpc(net.url, req("requestAirdrop", [str(bob.pubkey()), MAX_AIRDROP_LAMPORTS + 1]))
+    resp = await raw_rpc(
+        net.url, req("requestAirdrop", [str(bob.pubkey()), MAX_AIRDROP_LAMPORTS + 1])
+    )
     assert isinstance(resp, dict) and resp["error"]["code"] == -32602, resp
     assert "exceeds the localnet's limit" in resp["error"]["message"]
     assert (await net.client.get_balance(bob.pubkey())).value == 0
@@ -544,8 +546,17 @@ async def test_batch_size_cap(net: Net) -> None:
     bob = Keypair()
 
     def batch(n: int) -> str:
-        return json.dumps([{"jsonrpc": "2.0", "id": i, "method": "requestAirdrop",
-                            "params": [str(bob.pubkey()), 1 + i]} for i in range(n)])
+        return json.dumps(
+            [
+                {
+                    "jsonrpc": "2.0",
+                    "id": i,
+                    "method": "requestAirdrop",
+                    "params": [str(bob.pubkey()), 1 + i],
+                }
+                for i in range(n)
+            ]
+        )
 
     resp = await raw_rpc(net.url, batch(MAX_BATCH_REQUESTS + 1))
     assert isinstance(resp, dict) and resp["error"]["code"] == -32600, resp

@@ -40,8 +40,12 @@ HEARTBEAT_CU_LIMIT = 5_000
 CU: dict[str, int] = {}
 
 FIELDS = P.NodeFields(
-    url="https://sfu-1.example.net:7880", lat=52.520008, lon=13.404954, country="DE",
-    capacity=500, version="1.4.2",
+    url="https://sfu-1.example.net:7880",
+    lat=52.520008,
+    lon=13.404954,
+    country="DE",
+    capacity=500,
+    version="1.4.2",
 )
 
 
@@ -52,17 +56,29 @@ def disc(name: str) -> bytes:
     return hashlib.sha256(f"global:{name}".encode()).digest()[:8]
 
 
-def enc_fields(url: bytes, lat: int, lon: int, country: bytes, capacity: int,
-               version: bytes) -> bytes:
+def enc_fields(
+    url: bytes, lat: int, lon: int, country: bytes, capacity: int, version: bytes
+) -> bytes:
     """Borsh of (url string, lat i32, lon i32, country [u8;2], capacity u32, version [u8;16])."""
-    return (struct.pack("<I", len(url)) + url + struct.pack("<ii", lat, lon) + country
-            + struct.pack("<I", capacity) + version)
+    return (
+        struct.pack("<I", len(url))
+        + url
+        + struct.pack("<ii", lat, lon)
+        + country
+        + struct.pack("<I", capacity)
+        + version
+    )
 
 
 def raw_fields(**over) -> dict:
-    base = dict(url=FIELDS.url.encode(), lat=P.to_micro(FIELDS.lat), lon=P.to_micro(FIELDS.lon),
-                country=FIELDS.country.encode(), capacity=FIELDS.capacity,
-                version=FIELDS.version.encode().ljust(16, b"\0"))
+    base = dict(
+        url=FIELDS.url.encode(),
+        lat=P.to_micro(FIELDS.lat),
+        lon=P.to_micro(FIELDS.lon),
+        country=FIELDS.country.encode(),
+        capacity=FIELDS.capacity,
+        version=FIELDS.version.encode().ljust(16, b"\0"),
+    )
     base.update(over)
     return base
 
@@ -71,8 +87,14 @@ def with_data(ix: Instruction, data: bytes) -> Instruction:
     return Instruction(ix.program_id, data, ix.accounts)
 
 
-def tamper(ix: Instruction, index: int, *, pubkey: Pubkey | None = None,
-           signer: bool | None = None, writable: bool | None = None) -> Instruction:
+def tamper(
+    ix: Instruction,
+    index: int,
+    *,
+    pubkey: Pubkey | None = None,
+    signer: bool | None = None,
+    writable: bool | None = None,
+) -> Instruction:
     metas = list(ix.accounts)
     m = metas[index]
     metas[index] = AccountMeta(
@@ -95,8 +117,13 @@ class Chain:
         self.svm = build_litesvm()
         self.payer = self.fund()
         self.upgrade_authority = self.fund()
-        deploy_program(LiteSvmTarget(self.svm), P.SO_PATH, load_keypair(P.PROGRAM_KEYPAIR_PATH),
-                       self.payer, upgrade_authority=self.upgrade_authority)
+        deploy_program(
+            LiteSvmTarget(self.svm),
+            P.SO_PATH,
+            load_keypair(P.PROGRAM_KEYPAIR_PATH),
+            self.payer,
+            upgrade_authority=self.upgrade_authority,
+        )
         # A program deployed in a slot can be invoked from the next one.
         self.svm.warp_to_slot(self.svm.get_clock().slot + 1)
         self.registry, self.registry_bump = P.registry_pda()
@@ -126,8 +153,8 @@ class Chain:
 
     def ok(self, ixs, *signers: Keypair, cu: str | None = None):
         result = self.send(ixs, *signers)
-        assert not isinstance(result, FailedTransactionMetadata), (
-            f"{result.err()}\n" + "\n".join(result.meta().logs())
+        assert not isinstance(result, FailedTransactionMetadata), f"{result.err()}\n" + "\n".join(
+            result.meta().logs()
         )
         if cu:
             CU[cu] = result.compute_units_consumed()
@@ -190,8 +217,9 @@ class Chain:
         """Initialise as the upgrade authority; OPEN so nodes start active unless a test is
         about admission."""
         auth = self.upgrade_authority
-        self.ok(P.initialize_registry_ix(auth.pubkey(), ttl, policy), auth,
-                cu="initialize_registry")
+        self.ok(
+            P.initialize_registry_ix(auth.pubkey(), ttl, policy), auth, cu="initialize_registry"
+        )
         self.authority = auth
         return auth
 
@@ -245,7 +273,12 @@ def test_initialize_registry(chain: Chain, policy: P.Policy):
     auth = chain.init(ttl=90, policy=policy)
     reg = chain.reg()
     assert (reg.authority, reg.heartbeat_ttl, reg.node_count, reg.issuer_count, reg.policy) == (
-        auth.pubkey(), 90, 0, 0, policy)
+        auth.pubkey(),
+        90,
+        0,
+        0,
+        policy,
+    )
     acc = chain.account(chain.registry)
     assert acc.owner == PID and len(acc.data) == P.REGISTRY_SIZE
     assert acc.lamports == chain.svm.minimum_balance_for_rent_exemption(P.REGISTRY_SIZE)
@@ -334,8 +367,13 @@ def test_initialize_registry_twice(ready: Chain):
 def test_initialize_registry_prefunded_pda(chain: Chain):
     """Lamports sent to the registry address beforehand must not block creation."""
     rent = chain.svm.minimum_balance_for_rent_exemption(P.REGISTRY_SIZE)
-    chain.ok(transfer(TransferParams(from_pubkey=chain.payer.pubkey(), to_pubkey=chain.registry,
-                                     lamports=rent // 3)))
+    chain.ok(
+        transfer(
+            TransferParams(
+                from_pubkey=chain.payer.pubkey(), to_pubkey=chain.registry, lamports=rent // 3
+            )
+        )
+    )
     chain.init()
     acc = chain.account(chain.registry)
     assert acc.owner == PID and acc.lamports == rent
@@ -344,8 +382,13 @@ def test_initialize_registry_prefunded_pda(chain: Chain):
 
 def test_initialize_registry_prefunded_over_rent(chain: Chain):
     rent = chain.svm.minimum_balance_for_rent_exemption(P.REGISTRY_SIZE)
-    chain.ok(transfer(TransferParams(from_pubkey=chain.payer.pubkey(), to_pubkey=chain.registry,
-                                     lamports=rent + 12345)))
+    chain.ok(
+        transfer(
+            TransferParams(
+                from_pubkey=chain.payer.pubkey(), to_pubkey=chain.registry, lamports=rent + 12345
+            )
+        )
+    )
     chain.init()
     assert chain.account(chain.registry).lamports == rent + 12345
 
@@ -372,9 +415,17 @@ def test_initialize_registry_hostile(chain: Chain):
 def test_garbage_instruction_data(ready: Chain):
     auth = ready.authority
     ix = P.initialize_registry_ix(auth.pubkey(), 60)
-    for data in [b"", b"\x01", bytes(7), bytes(8), b"\xff" * 16, disc("initialize_registry"),
-                 disc("initialize_registry") + bytes(8), disc("initialize_registry") + bytes(10),
-                 disc("initializeRegistry") + bytes(9)]:
+    for data in [
+        b"",
+        b"\x01",
+        bytes(7),
+        bytes(8),
+        b"\xff" * 16,
+        disc("initialize_registry"),
+        disc("initialize_registry") + bytes(8),
+        disc("initialize_registry") + bytes(10),
+        disc("initializeRegistry") + bytes(9),
+    ]:
         assert ready.fails(with_data(ix, data), auth) == "InvalidInstruction", data
 
 
@@ -391,18 +442,24 @@ def test_wrong_account_count(ready: Chain):
     ix = P.initialize_registry_ix(ready.authority.pubkey(), 60)
     for n in (2, 3, 4):
         assert ready.fails(with_accounts(ix, list(ix.accounts)[:n]), ready.authority) == (
-            "InvalidInstruction")
+            "InvalidInstruction"
+        )
 
 
-@pytest.mark.parametrize("name,builder", [
-    ("add_issuer", lambda c: P.add_issuer_ix(c.authority.pubkey(), Pubkey.new_unique())),
-    ("remove_issuer", lambda c: P.remove_issuer_ix(c.authority.pubkey(), Pubkey.new_unique())),
-    ("deregister_node", lambda c: P.deregister_node_ix(c.authority.pubkey())),
-    ("set_node_status",
-     lambda c: P.set_node_status_ix(c.authority.pubkey(), c.authority.pubkey(), 1)),
-    ("heartbeat", lambda c: P.heartbeat_ix(c.authority.pubkey(), 1, 1)),
-    ("approve_node", lambda c: P.approve_node_ix(c.authority.pubkey(), c.authority.pubkey())),
-])
+@pytest.mark.parametrize(
+    "name,builder",
+    [
+        ("add_issuer", lambda c: P.add_issuer_ix(c.authority.pubkey(), Pubkey.new_unique())),
+        ("remove_issuer", lambda c: P.remove_issuer_ix(c.authority.pubkey(), Pubkey.new_unique())),
+        ("deregister_node", lambda c: P.deregister_node_ix(c.authority.pubkey())),
+        (
+            "set_node_status",
+            lambda c: P.set_node_status_ix(c.authority.pubkey(), c.authority.pubkey(), 1),
+        ),
+        ("heartbeat", lambda c: P.heartbeat_ix(c.authority.pubkey(), 1, 1)),
+        ("approve_node", lambda c: P.approve_node_ix(c.authority.pubkey(), c.authority.pubkey())),
+    ],
+)
 def test_wrong_data_length(ready: Chain, name: str, builder):
     ix = builder(ready)
     data = bytes(ix.data)
@@ -416,7 +473,8 @@ def test_duplicate_accounts(ready: Chain):
     # The node passed again as the "owner": it did not sign.
     ix = P.heartbeat_ix(owner.pubkey(), 1, 10)
     assert ready.fails(tamper(ix, 1, pubkey=node, signer=False, writable=True)) == (
-        "MissingSignature")
+        "MissingSignature"
+    )
     # The registry passed again as the new node's account.
     other = ready.fund()
     ix = P.register_node_ix(other.pubkey(), P.Role.SFU, FIELDS)
@@ -489,7 +547,8 @@ def test_add_issuer_node_as_registry(ready: Chain):
 def test_add_issuer_before_initialize(chain: Chain):
     auth = chain.fund()
     assert chain.fails(P.add_issuer_ix(auth.pubkey(), Pubkey.new_unique()), auth) == (
-        "NotInitialized")
+        "NotInitialized"
+    )
 
 
 def test_add_issuer_count_overflow(ready: Chain):
@@ -505,8 +564,7 @@ def test_remove_issuer(ready: Chain):
     addr, _ = P.issuer_pda(key)
     rent = ready.account(addr).lamports
     before = ready.svm.get_balance(ready.authority.pubkey())
-    ready.ok(P.remove_issuer_ix(ready.authority.pubkey(), key), ready.authority,
-             cu="remove_issuer")
+    ready.ok(P.remove_issuer_ix(ready.authority.pubkey(), key), ready.authority, cu="remove_issuer")
     assert ready.is_closed(addr)
     assert ready.svm.get_balance(ready.authority.pubkey()) == before + rent
     assert ready.reg().issuer_count == 1
@@ -525,8 +583,7 @@ def test_remove_issuer_cannot_be_revived_in_same_tx(ready: Chain):
     auth = ready.authority
     ixs = [
         P.remove_issuer_ix(auth.pubkey(), key),
-        transfer(TransferParams(from_pubkey=ready.payer.pubkey(), to_pubkey=addr,
-                                lamports=10**7)),
+        transfer(TransferParams(from_pubkey=ready.payer.pubkey(), to_pubkey=addr, lamports=10**7)),
         P.remove_issuer_ix(auth.pubkey(), key),
     ]
     assert ready.fails(ixs, auth, index=2) == "NotInitialized"
@@ -572,17 +629,19 @@ def test_register_node(ready: Chain):
     addr, bump = P.node_pda(owner.pubkey())
     assert n.address == addr and n.owner == owner.pubkey()
     assert (n.role, n.status) == (P.Role.STT, P.NodeStatus.ACTIVE)
-    assert (n.url, n.country, n.capacity, n.load, n.version) == (
-        FIELDS.url, "DE", 500, 0, "1.4.2")
+    assert (n.url, n.country, n.capacity, n.load, n.version) == (FIELDS.url, "DE", 500, 0, "1.4.2")
     assert (n.lat, n.lon) == (52.520008, 13.404954)
     assert (n.registered_at, n.last_heartbeat, n.last_heartbeat_slot) == (
-        1_700_000_500, 1_700_000_500, 4242)
+        1_700_000_500,
+        1_700_000_500,
+        4242,
+    )
     acc = ready.account(addr)
     assert acc.owner == PID and len(acc.data) == P.NODE_SIZE
     assert acc.lamports == ready.svm.minimum_balance_for_rent_exemption(P.NODE_SIZE)
     data = bytes(acc.data)
     assert data[82] == bump and data[83] == 0 and data[86:88] == b"\0\0"
-    assert data[108 + len(FIELDS.url):] == bytes(200 - len(FIELDS.url))
+    assert data[108 + len(FIELDS.url) :] == bytes(200 - len(FIELDS.url))
     assert ready.reg().node_count == 1
 
 
@@ -668,8 +727,9 @@ def test_register_node_valid_fields(ready: Chain, over: dict):
     assert n.version.encode() == f["version"].rstrip(b"\0")
 
 
-@pytest.mark.parametrize("over,error", INVALID_FIELDS,
-                         ids=[f"{e}-{i}" for i, (_, e) in enumerate(INVALID_FIELDS)])
+@pytest.mark.parametrize(
+    "over,error", INVALID_FIELDS, ids=[f"{e}-{i}" for i, (_, e) in enumerate(INVALID_FIELDS)]
+)
 def test_register_node_invalid_fields(ready: Chain, over: dict, error: str):
     owner = ready.fund()
     assert ready.fails(_register_raw(ready, owner, **over), owner) == error
@@ -687,9 +747,14 @@ def test_register_node_malformed_data(ready: Chain):
     owner = ready.fund()
     ix = P.register_node_ix(owner.pubkey(), P.Role.SFU, FIELDS)
     data = bytes(ix.data)
-    for bad in [data[:-1], data + b"\0", data[:13], data[:12],
-                data[:9] + struct.pack("<I", 2**32 - 1) + data[13:],
-                data[:9] + struct.pack("<I", len(FIELDS.url) + 1) + data[13:]]:
+    for bad in [
+        data[:-1],
+        data + b"\0",
+        data[:13],
+        data[:12],
+        data[:9] + struct.pack("<I", 2**32 - 1) + data[13:],
+        data[:9] + struct.pack("<I", len(FIELDS.url) + 1) + data[13:],
+    ]:
         assert ready.fails(with_data(ix, bad), owner) == "InvalidInstruction"
 
 
@@ -705,8 +770,7 @@ def test_register_node_prefunded_pda(ready: Chain):
     owner = ready.fund()
     addr, _ = P.node_pda(owner.pubkey())
     rent = ready.svm.minimum_balance_for_rent_exemption(P.NODE_SIZE)
-    ready.ok(transfer(TransferParams(from_pubkey=ready.payer.pubkey(), to_pubkey=addr,
-                                     lamports=1)))
+    ready.ok(transfer(TransferParams(from_pubkey=ready.payer.pubkey(), to_pubkey=addr, lamports=1)))
     before = ready.svm.get_balance(owner.pubkey())
     ready.ok(P.register_node_ix(owner.pubkey(), P.Role.SFU, FIELDS), owner, cu="register_node")
     assert ready.account(addr).lamports == rent
@@ -734,7 +798,8 @@ def test_register_node_hostile(ready: Chain):
     assert ready.fails(tamper(ix, 0, pubkey=fake), owner) == "WrongAccountOwner"
     issuer = ready.add_issuer()
     assert ready.fails(tamper(ix, 0, pubkey=P.issuer_pda(issuer)[0]), owner) == (
-        "WrongDiscriminator")
+        "WrongDiscriminator"
+    )
     assert ready.account(P.node_pda(owner.pubkey())[0]) is None
     ready.ok(ix, owner)
 
@@ -769,14 +834,25 @@ def test_heartbeat(ready: Chain):
     n = ready.node(owner.pubkey())
     assert (n.load, n.capacity) == (37, 640)
     assert (n.last_heartbeat, n.last_heartbeat_slot, n.registered_at) == (
-        1_700_000_075, 250, 1_700_000_000)
+        1_700_000_075,
+        250,
+        1_700_000_000,
+    )
     assert (n.url, n.version, n.role, n.status) == (
-        FIELDS.url, FIELDS.version, P.Role.SFU, P.NodeStatus.ACTIVE)
+        FIELDS.url,
+        FIELDS.version,
+        P.Role.SFU,
+        P.NodeStatus.ACTIVE,
+    )
     ready.set_clock(251, 1_700_000_076)
     ready.ok(P.heartbeat_ix(owner.pubkey(), 0, 1), owner)
     n = ready.node(owner.pubkey())
     assert (n.load, n.capacity, n.last_heartbeat, n.last_heartbeat_slot) == (
-        0, 1, 1_700_000_076, 251)
+        0,
+        1,
+        1_700_000_076,
+        251,
+    )
 
 
 def test_heartbeat_compute_units(ready: Chain):
@@ -819,7 +895,8 @@ def test_heartbeat_hostile(ready: Chain):
     assert ready.fails(tamper(ix, 0, pubkey=ready.registry), owner) == "WrongDiscriminator"
     issuer = ready.add_issuer()
     assert ready.fails(tamper(ix, 0, pubkey=P.issuer_pda(issuer)[0]), owner) == (
-        "WrongDiscriminator")
+        "WrongDiscriminator"
+    )
     # A copy of my node at an address that is not its PDA.
     ready.forge(fake, ready.data(P.node_pda(owner.pubkey())[0]), owner=PID)
     assert ready.fails(tamper(ix, 0, pubkey=fake), owner) == "InvalidPda"
@@ -858,19 +935,34 @@ def test_update_node(ready: Chain):
     owner = ready.register(P.Role.TTS, replace(FIELDS, url=long_url))
     assert ready.node(owner.pubkey()).url == long_url
     ready.set_clock(9, 1_700_000_999)
-    new = P.NodeFields(url="wss://b.io", lat=-33.868820, lon=151.209296, country="AU",
-                       capacity=7, version="2.0.0-rc1")
+    new = P.NodeFields(
+        url="wss://b.io",
+        lat=-33.868820,
+        lon=151.209296,
+        country="AU",
+        capacity=7,
+        version="2.0.0-rc1",
+    )
     ready.ok(P.update_node_ix(owner.pubkey(), new), owner, cu="update_node")
     n = ready.node(owner.pubkey())
     assert (n.url, n.lat, n.lon, n.country, n.capacity, n.version) == (
-        new.url, -33.86882, 151.209296, "AU", 7, "2.0.0-rc1")
+        new.url,
+        -33.86882,
+        151.209296,
+        "AU",
+        7,
+        "2.0.0-rc1",
+    )
     # Unchanged: role, status, load, registration and heartbeat stamps.
     assert (n.role, n.status, n.load) == (P.Role.TTS, P.NodeStatus.ACTIVE, 0)
     assert (n.registered_at, n.last_heartbeat, n.last_heartbeat_slot) == (
-        1_700_000_001, 1_700_000_001, 5)
+        1_700_000_001,
+        1_700_000_001,
+        5,
+    )
     data = ready.data(P.node_pda(owner.pubkey())[0])
     assert struct.unpack_from("<I", data, 104)[0] == len(new.url)
-    assert data[108 + len(new.url):] == bytes(200 - len(new.url))  # old URL bytes zeroed
+    assert data[108 + len(new.url) :] == bytes(200 - len(new.url))  # old URL bytes zeroed
     assert ready.reg().node_count == 1
 
 
@@ -881,8 +973,9 @@ def test_update_node_full_length_url(ready: Chain):
     assert ready.node(owner.pubkey()).url == url.decode()
 
 
-@pytest.mark.parametrize("over,error", INVALID_FIELDS,
-                         ids=[f"{e}-{i}" for i, (_, e) in enumerate(INVALID_FIELDS)])
+@pytest.mark.parametrize(
+    "over,error", INVALID_FIELDS, ids=[f"{e}-{i}" for i, (_, e) in enumerate(INVALID_FIELDS)]
+)
 def test_update_node_invalid_fields(ready: Chain, over: dict, error: str):
     owner = ready.register()
     before = ready.data(P.node_pda(owner.pubkey())[0])
@@ -894,8 +987,12 @@ def test_update_node_malformed_data(ready: Chain):
     owner = ready.register()
     ix = P.update_node_ix(owner.pubkey(), FIELDS)
     data = bytes(ix.data)
-    for bad in [data[:-1], data + b"\0", data[:11],
-                data[:8] + struct.pack("<I", 2**32 - 1) + data[12:]]:
+    for bad in [
+        data[:-1],
+        data + b"\0",
+        data[:11],
+        data[:8] + struct.pack("<I", 2**32 - 1) + data[12:],
+    ]:
         assert ready.fails(with_data(ix, bad), owner) == "InvalidInstruction"
 
 
@@ -921,7 +1018,8 @@ def test_update_node_hostile(ready: Chain):
     assert ready.fails(tamper(ix, 1, signer=False)) == "MissingSignature"
     assert ready.fails(tamper(ix, 0, writable=False), owner) == "NotWritable"
     assert ready.fails(tamper(ix, 0, pubkey=P.node_pda(victim.pubkey())[0]), owner) == (
-        "InvalidPda")
+        "InvalidPda"
+    )
     assert ready.fails(tamper(ix, 0, pubkey=ready.registry), owner) == "WrongDiscriminator"
     fake = Pubkey.new_unique()
     ready.forge(fake, ready.data(P.node_pda(victim.pubkey())[0]), owner=Pubkey.new_unique())
@@ -964,8 +1062,7 @@ def test_deregister_node_cannot_be_revived_in_same_tx(ready: Chain):
     addr, _ = P.node_pda(owner.pubkey())
     ixs = [
         P.deregister_node_ix(owner.pubkey()),
-        transfer(TransferParams(from_pubkey=ready.payer.pubkey(), to_pubkey=addr,
-                                lamports=10**8)),
+        transfer(TransferParams(from_pubkey=ready.payer.pubkey(), to_pubkey=addr, lamports=10**8)),
         P.heartbeat_ix(owner.pubkey(), 1, 1),
     ]
     assert ready.fails(ixs, owner, index=2) == "NotInitialized"
@@ -977,8 +1074,13 @@ def test_deregister_node_cannot_be_revived_in_same_tx(ready: Chain):
 
 def test_deregister_then_register_in_one_tx(ready: Chain):
     owner = ready.register(P.Role.SFU)
-    ready.ok([P.deregister_node_ix(owner.pubkey()),
-              P.register_node_ix(owner.pubkey(), P.Role.TTS, FIELDS)], owner)
+    ready.ok(
+        [
+            P.deregister_node_ix(owner.pubkey()),
+            P.register_node_ix(owner.pubkey(), P.Role.TTS, FIELDS),
+        ],
+        owner,
+    )
     assert ready.node(owner.pubkey()).role == P.Role.TTS
     assert ready.reg().node_count == 1
 
@@ -1023,8 +1125,11 @@ def test_deregister_node_count_underflow(ready: Chain):
 def test_set_node_status(ready: Chain):
     owner = ready.register()
     auth = ready.authority
-    ready.ok(P.set_node_status_ix(auth.pubkey(), owner.pubkey(), P.NodeStatus.SUSPENDED), auth,
-             cu="set_node_status")
+    ready.ok(
+        P.set_node_status_ix(auth.pubkey(), owner.pubkey(), P.NodeStatus.SUSPENDED),
+        auth,
+        cu="set_node_status",
+    )
     n = ready.node(owner.pubkey())
     assert n.status == P.NodeStatus.SUSPENDED and n.url == FIELDS.url
     ready.ok(P.set_node_status_ix(auth.pubkey(), owner.pubkey(), P.NodeStatus.SUSPENDED), auth)
@@ -1133,8 +1238,12 @@ def test_approve_node_not_authority(gated: Chain):
     for mallory in (owner, gated.fund()):
         ix = P.approve_node_ix(mallory.pubkey(), owner.pubkey())
         assert gated.fails(ix, mallory) == "NotAuthority"
-    assert gated.fails(tamper(P.approve_node_ix(gated.authority.pubkey(), owner.pubkey()), 2,
-                              signer=False)) == "MissingSignature"
+    assert (
+        gated.fails(
+            tamper(P.approve_node_ix(gated.authority.pubkey(), owner.pubkey()), 2, signer=False)
+        )
+        == "MissingSignature"
+    )
     assert gated.data(addr) == before
 
 
@@ -1207,7 +1316,8 @@ def test_heartbeat_load_over_capacity(ready: Chain, load: int, capacity: int):
     addr = P.node_pda(owner.pubkey())[0]
     before = ready.data(addr)
     assert ready.fails(P.heartbeat_ix(owner.pubkey(), load, capacity), owner) == (
-        "LoadExceedsCapacity")
+        "LoadExceedsCapacity"
+    )
     assert ready.data(addr) == before
 
 
@@ -1215,19 +1325,49 @@ def test_heartbeat_load_over_capacity(ready: Chain, load: int, capacity: int):
 
 
 ALLOWED_URLS = [
-    "https://sfu.example.net", "wss://sfu.example.net:7880/rtc", "HTTPS://X.EXAMPLE",
-    "https://[2001:db8::1]:443/", "https://a:", "https://h?q=1#f",
-    "http://127.0.0.1:8001", "http://127.255.255.254/x", "http://localhost:7880",
-    "http://LocalHost", "http://[::1]:8080/path", "ws://127.0.0.1:7880", "ws://localhost/rtc",
-    "http://user@127.0.0.1:9", "http://evil.example@localhost/",
+    "https://sfu.example.net",
+    "wss://sfu.example.net:7880/rtc",
+    "HTTPS://X.EXAMPLE",
+    "https://[2001:db8::1]:443/",
+    "https://a:",
+    "https://h?q=1#f",
+    "http://127.0.0.1:8001",
+    "http://127.255.255.254/x",
+    "http://localhost:7880",
+    "http://LocalHost",
+    "http://[::1]:8080/path",
+    "ws://127.0.0.1:7880",
+    "ws://localhost/rtc",
+    "http://user@127.0.0.1:9",
+    "http://evil.example@localhost/",
 ]
 REFUSED_URLS = [
-    "x", "//sfu.example.net", "ftp://sfu.example.net", "https:/x", "https://", "https:///path",
-    "https://:443", "https://user@", "https://a:99999", "https://a:8x", "https://a:123456",
-    "https://[::1", "http://sfu.example.net", "ws://sfu.example.net", "http://10.0.0.1:80",
-    "http://127.0.0.1.evil.example", "http://localhost.evil.example", "http://127.1",
-    "http://0127.0.0.1", "http://127.0.0.256", "http://127.0.0.1.", "http://[::2]",
-    "http://128.0.0.1", "http://127.0.0.1@evil.example", "http:127.0.0.1", "file://localhost/x",
+    "x",
+    "//sfu.example.net",
+    "ftp://sfu.example.net",
+    "https:/x",
+    "https://",
+    "https:///path",
+    "https://:443",
+    "https://user@",
+    "https://a:99999",
+    "https://a:8x",
+    "https://a:123456",
+    "https://[::1",
+    "http://sfu.example.net",
+    "ws://sfu.example.net",
+    "http://10.0.0.1:80",
+    "http://127.0.0.1.evil.example",
+    "http://localhost.evil.example",
+    "http://127.1",
+    "http://0127.0.0.1",
+    "http://127.0.0.256",
+    "http://127.0.0.1.",
+    "http://[::2]",
+    "http://128.0.0.1",
+    "http://127.0.0.1@evil.example",
+    "http:127.0.0.1",
+    "file://localhost/x",
 ]
 
 
@@ -1257,11 +1397,15 @@ def test_node_url_refused(ready: Chain, url: str):
 # ================================================================ rent
 
 
-@pytest.mark.parametrize("lamports_per_byte_year,threshold", [(6960, 1.0), (1740, 4.0),
-                                                              (3480, 2.0), (10, 0.5)])
+@pytest.mark.parametrize(
+    "lamports_per_byte_year,threshold", [(6960, 1.0), (1740, 4.0), (3480, 2.0), (10, 0.5)]
+)
 def test_rent_exact_for_dyadic_thresholds(chain: Chain, lamports_per_byte_year, threshold):
-    rent = Rent(lamports_per_byte_year=lamports_per_byte_year, exemption_threshold=threshold,
-                burn_percent=50)
+    rent = Rent(
+        lamports_per_byte_year=lamports_per_byte_year,
+        exemption_threshold=threshold,
+        burn_percent=50,
+    )
     chain.svm.set_rent(rent)
     chain.init()
     expected = int(float((128 + P.REGISTRY_SIZE) * lamports_per_byte_year) * threshold)
@@ -1270,8 +1414,9 @@ def test_rent_exact_for_dyadic_thresholds(chain: Chain, lamports_per_byte_year, 
 
 @pytest.mark.parametrize("threshold", [1.1, 2.3, 0.7, 1.0000001])
 def test_rent_rounds_up_for_other_thresholds(chain: Chain, threshold):
-    chain.svm.set_rent(Rent(lamports_per_byte_year=3480, exemption_threshold=threshold,
-                            burn_percent=50))
+    chain.svm.set_rent(
+        Rent(lamports_per_byte_year=3480, exemption_threshold=threshold, burn_percent=50)
+    )
     chain.init()
     exact = int(float((128 + P.REGISTRY_SIZE) * 3480) * threshold)
     got = chain.account(chain.registry).lamports
@@ -1288,12 +1433,19 @@ def test_compute_units_report(ready: Chain):
     ready.ok(P.heartbeat_ix(owner.pubkey(), 3, 30), owner, cu="heartbeat")
     ready.ok(P.update_node_ix(owner.pubkey(), FIELDS), owner, cu="update_node")
     auth = ready.authority
-    ready.ok(P.set_node_status_ix(auth.pubkey(), owner.pubkey(), P.NodeStatus.ACTIVE), auth,
-             cu="set_node_status")
+    ready.ok(
+        P.set_node_status_ix(auth.pubkey(), owner.pubkey(), P.NodeStatus.ACTIVE),
+        auth,
+        cu="set_node_status",
+    )
     ready.ok(P.remove_issuer_ix(auth.pubkey(), key), auth, cu="remove_issuer")
     pending = ready.fund()
-    ready.forge(ready.registry, set_field(ready.data(ready.registry), P.REGISTRY_POLICY_OFFSET,
-                                          "<B", int(P.Policy.APPROVAL)))
+    ready.forge(
+        ready.registry,
+        set_field(
+            ready.data(ready.registry), P.REGISTRY_POLICY_OFFSET, "<B", int(P.Policy.APPROVAL)
+        ),
+    )
     ready.ok(P.register_node_ix(pending.pubkey(), P.Role.STT, FIELDS), pending)
     ready.ok(P.approve_node_ix(auth.pubkey(), pending.pubkey()), auth, cu="approve_node")
     ready.ok(P.deregister_node_ix(owner.pubkey()), owner, cu="deregister_node")

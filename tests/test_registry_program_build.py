@@ -50,8 +50,12 @@ def compile_c(tmp_path: Path, source: str, *flags: str, name: str = "t") -> byte
     src = tmp_path / f"{name}.c"
     src.write_text(source)
     obj = tmp_path / f"{name}.o"
-    proc = subprocess.run([clang(), *(flags or BPF_CFLAGS), "-c", str(src), "-o", str(obj)],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [clang(), *(flags or BPF_CFLAGS), "-c", str(src), "-o", str(obj)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     return obj.read_bytes()
 
@@ -72,8 +76,12 @@ def test_rebuild_reproduces_committed_so(tmp_path: Path):
     )
     # And the CLI entry point writes the same bytes.
     out2 = tmp_path / "cli.so"
-    proc = subprocess.run([sys.executable, str(P.PROGRAM_DIR / "build.py"), "--out", str(out2)],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(P.PROGRAM_DIR / "build.py"), "--out", str(out2)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert out2.read_bytes() == committed
     assert hashlib.sha256(committed).hexdigest() in proc.stdout
@@ -99,7 +107,8 @@ def test_discriminators_header_matches_anchor():
         "IX_ADD_ISSUER": P.add_issuer_ix(owner, key),
         "IX_REMOVE_ISSUER": P.remove_issuer_ix(owner, key),
         "IX_REGISTER_NODE": P.register_node_ix(
-            owner, P.Role.SFU, P.NodeFields("u", 0, 0, "DE", 1, "1")),
+            owner, P.Role.SFU, P.NodeFields("u", 0, 0, "DE", 1, "1")
+        ),
         "IX_HEARTBEAT": P.heartbeat_ix(owner, 0, 1),
         "IX_UPDATE_NODE": P.update_node_ix(owner, P.NodeFields("u", 0, 0, "DE", 1, "1")),
         "IX_DEREGISTER_NODE": P.deregister_node_ix(owner),
@@ -139,8 +148,15 @@ def test_so_layout():
     ident, e_type, e_machine, _v, e_entry, _phoff, _shoff, e_flags = ehdr[:8]
     assert ident[:4] == b"\x7fELF" and ident[4] == 2 and ident[5] == 1
     assert (e_type, e_machine, e_flags) == (link.ET_DYN, link.EM_BPF, 0)  # SBPFv0
-    assert list(sections) == [".text", ".rodata", ".dynamic", ".dynsym", ".dynstr", ".rel.dyn",
-                              ".shstrtab"]
+    assert list(sections) == [
+        ".text",
+        ".rodata",
+        ".dynamic",
+        ".dynsym",
+        ".dynstr",
+        ".rel.dyn",
+        ".shstrtab",
+    ]
     for name, sh in sections.items():
         if sh[2] & link.SHF_ALLOC:
             assert sh[3] == sh[4], f"{name}: sh_addr != sh_offset"
@@ -185,14 +201,18 @@ def test_committed_so_loads():
 
 
 @pytest.mark.fast
-@pytest.mark.parametrize("mutate", [
-    lambda raw: b"not an elf at all",
-    lambda raw: b"",
-    lambda raw: raw[:200],
-    lambda raw: raw[:18] + struct.pack("<H", 62) + raw[20:],  # e_machine x86-64
-    lambda raw: raw[:16] + struct.pack("<H", 1) + raw[18:],  # ET_REL
-    lambda raw: raw[:48] + struct.pack("<I", 99) + raw[52:],  # unknown SBPF version
-], ids=["garbage", "empty", "truncated", "x86-64-machine", "relocatable", "bad-flags"])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda raw: b"not an elf at all",
+        lambda raw: b"",
+        lambda raw: raw[:200],
+        lambda raw: raw[:18] + struct.pack("<H", 62) + raw[20:],  # e_machine x86-64
+        lambda raw: raw[:16] + struct.pack("<H", 1) + raw[18:],  # ET_REL
+        lambda raw: raw[:48] + struct.pack("<I", 99) + raw[52:],  # unknown SBPF version
+    ],
+    ids=["garbage", "empty", "truncated", "x86-64-machine", "relocatable", "bad-flags"],
+)
 def test_bad_elf_is_rejected(mutate):
     bad = mutate(P.SO_PATH.read_bytes())
     # pyo3's PanicException derives from BaseException, not Exception.
@@ -214,7 +234,9 @@ def test_foreign_elf_is_rejected():
 
 
 def test_link_minimal_program_runs(tmp_path: Path):
-    obj = compile_c(tmp_path, """
+    obj = compile_c(
+        tmp_path,
+        """
         typedef unsigned long long u64;
         extern void sol_log_(const char *, u64);
         static const char greeting[] = "hello from link.py";
@@ -223,7 +245,8 @@ def test_link_minimal_program_runs(tmp_path: Path):
             sol_log_(greeting, sizeof(greeting) - 1);
             return twice(21) == 42 ? 0 : 1;
         }
-    """)
+    """,
+    )
     so = link.link(obj, allow_undefined={"sol_log_"})
     assert link.link(obj, allow_undefined={"sol_log_"}) == so  # deterministic
     from solders.instruction import Instruction
@@ -235,25 +258,46 @@ def test_link_minimal_program_runs(tmp_path: Path):
     svm.add_program(pid, so)
     payer = Keypair()
     svm.airdrop(payer.pubkey(), 10**9)
-    tx = Transaction.new_signed_with_payer([Instruction(pid, b"", [])], payer.pubkey(), [payer],
-                                           svm.latest_blockhash())
+    tx = Transaction.new_signed_with_payer(
+        [Instruction(pid, b"", [])], payer.pubkey(), [payer], svm.latest_blockhash()
+    )
     meta = svm.send_transaction(tx)
     assert "Program log: hello from link.py" in meta.logs()
 
 
-@pytest.mark.parametrize("source,flags,message", [
-    ("unsigned long long n; unsigned long long entrypoint(void) { return ++n; }", (),
-     "mutable globals"),
-    ("static unsigned long long n = 3; unsigned long long entrypoint(void) { return ++n; }", (),
-     "mutable globals"),
-    (("extern void memcpy_like(void *, unsigned long long);"
-      "unsigned long long entrypoint(unsigned char *p) { memcpy_like(p, p[0]); return 0; }"), (),
-     "not a known syscall"),
-    ("unsigned long long helper(void) { return 1; }", (), "entrypoint"),
-    (("__attribute__((noinline)) unsigned long long f(void) { return 1; }"
-      "unsigned long long entrypoint(void) { return f(); }"), ("-ffunction-sections",),
-     "exactly one executable section"),
-])
+@pytest.mark.parametrize(
+    "source,flags,message",
+    [
+        (
+            "unsigned long long n; unsigned long long entrypoint(void) { return ++n; }",
+            (),
+            "mutable globals",
+        ),
+        (
+            "static unsigned long long n = 3; unsigned long long entrypoint(void) { return ++n; }",
+            (),
+            "mutable globals",
+        ),
+        (
+            (
+                "extern void memcpy_like(void *, unsigned long long);"
+                "unsigned long long entrypoint(unsigned char *p) "
+                "{ memcpy_like(p, p[0]); return 0; }"
+            ),
+            (),
+            "not a known syscall",
+        ),
+        ("unsigned long long helper(void) { return 1; }", (), "entrypoint"),
+        (
+            (
+                "__attribute__((noinline)) unsigned long long f(void) { return 1; }"
+                "unsigned long long entrypoint(void) { return f(); }"
+            ),
+            ("-ffunction-sections",),
+            "exactly one executable section",
+        ),
+    ],
+)
 def test_link_refuses(tmp_path: Path, source: str, flags: tuple, message: str):
     obj = compile_c(tmp_path, source, *BPF_CFLAGS, *flags)
     with pytest.raises(link.LinkError, match=message):

@@ -19,8 +19,9 @@ from registry.client import RegistryClient, decode_node_fast
 from registry.tokens import Grant, TokenError, TokenVerifier, mint_token
 from tests.conftest import Chain, start_localnet_process
 
-FIELDS = p.NodeFields(url="http://127.0.0.1:8001", lat=52.52, lon=13.405, country="DE",
-                      capacity=8, version="0.1.0")
+FIELDS = p.NodeFields(
+    url="http://127.0.0.1:8001", lat=52.52, lon=13.405, country="DE", capacity=8, version="0.1.0"
+)
 
 
 async def funded(client: RegistryClient) -> Keypair:
@@ -43,21 +44,42 @@ async def test_node_lifecycle(chain: Chain) -> None:
         node = await client.get_node(owner.pubkey())
         assert node is not None
         assert (node.role, node.status, node.url, node.country) == (
-            p.Role.STT, p.NodeStatus.ACTIVE, FIELDS.url, "DE")
+            p.Role.STT,
+            p.NodeStatus.ACTIVE,
+            FIELDS.url,
+            "DE",
+        )
         assert (node.lat, node.lon, node.capacity, node.load, node.version) == (
-            52.52, 13.405, 8, 0, "0.1.0")
+            52.52,
+            13.405,
+            8,
+            0,
+            "0.1.0",
+        )
         assert abs(node.registered_at - time.time()) < 5  # the localnet's clock follows the wall
 
         await client.heartbeat(owner, load=3, capacity=10)
         node = await client.get_node(owner.pubkey())
         assert (node.load, node.capacity, node.stale) == (3, 10, False)
 
-        moved = p.NodeFields(url="https://stt.example.org", lat=-33.9, lon=151.2, country="AU",
-                             capacity=4, version="0.2.0")
+        moved = p.NodeFields(
+            url="https://stt.example.org",
+            lat=-33.9,
+            lon=151.2,
+            country="AU",
+            capacity=4,
+            version="0.2.0",
+        )
         await client.update_node(owner, moved)
         node = await client.get_node(owner.pubkey())
         assert (node.url, node.country, node.lat, node.lon, node.capacity, node.version) == (
-            "https://stt.example.org", "AU", -33.9, 151.2, 4, "0.2.0")
+            "https://stt.example.org",
+            "AU",
+            -33.9,
+            151.2,
+            4,
+            "0.2.0",
+        )
 
         listed = {str(n.owner) for n in await client.list_nodes("stt")}
         assert str(owner.pubkey()) in listed
@@ -92,8 +114,9 @@ async def test_refusals_through_rpc(chain: Chain) -> None:
         await expect_error("InvalidRole", client.send([bad_role], [stranger]))
 
         # Only the authority suspends; a suspended node cannot heartbeat; activation restores it.
-        await expect_error("NotAuthority",
-                           client.set_node_status(stranger, owner.pubkey(), p.NodeStatus.SUSPENDED))
+        await expect_error(
+            "NotAuthority", client.set_node_status(stranger, owner.pubkey(), p.NodeStatus.SUSPENDED)
+        )
         await client.set_node_status(chain.authority, owner.pubkey(), p.NodeStatus.SUSPENDED)
         await expect_error("NodeSuspended", client.heartbeat(owner, 1, 8))
         assert (await client.get_node(owner.pubkey())).status is p.NodeStatus.SUSPENDED
@@ -108,6 +131,7 @@ async def test_refusals_through_rpc(chain: Chain) -> None:
         accounts = list(forged.accounts)
         accounts[0] = type(accounts[0])(node_pda, False, True)
         from solders.instruction import Instruction
+
         hostile = Instruction(forged.program_id, forged.data, accounts)
         with pytest.raises(p.RegistryProgramError) as err:
             await client.send([hostile], [stranger])
@@ -181,7 +205,10 @@ async def test_restart_keeps_state(tmp_path: Path) -> None:
             after = await client.get_node(owner.pubkey())
             assert after is not None
             assert (after.load, after.last_heartbeat, after.url) == (
-                before.load, before.last_heartbeat, before.url)
+                before.load,
+                before.last_heartbeat,
+                before.url,
+            )
             assert (await client.require_registry()).authority == authority.pubkey()
             # The program still runs after the restart (not merely its accounts remain).
             await client.heartbeat(owner, 4, 8)

@@ -26,8 +26,13 @@ def test_webrtc_token_carries_livekit_grant() -> None:
     claims = verify_token(token, trusted(), "webrtc")
     assert claims.identity == "agent-1"
     assert claims.room == "r1"
-    assert claims.grant == {"roomJoin": True, "room": "r1", "canPublish": False,
-                            "canSubscribe": True, "canPublishData": True}
+    assert claims.grant == {
+        "roomJoin": True,
+        "room": "r1",
+        "canPublish": False,
+        "canSubscribe": True,
+        "canPublishData": True,
+    }
     header = jwt.get_unverified_header(token)
     assert header["alg"] == "EdDSA" and header["kid"] == str(ISSUER.pubkey())
 
@@ -97,10 +102,17 @@ def test_garbage_is_refused(garbage: str) -> None:
 
 def test_hs256_token_with_trusted_kid_is_refused() -> None:
     # Algorithm confusion: an HMAC token "signed" with the public key as secret.
-    body = {"iss": str(ISSUER.pubkey()), "sub": "a", "nbf": 0, "exp": 2**31, "jti": "x",
-            "stt": {"session_id": "x", "limit_seconds": 10}}
-    token = jwt.encode(body, bytes(ISSUER.pubkey()), algorithm="HS256",
-                       headers={"kid": str(ISSUER.pubkey())})
+    body = {
+        "iss": str(ISSUER.pubkey()),
+        "sub": "a",
+        "nbf": 0,
+        "exp": 2**31,
+        "jti": "x",
+        "stt": {"session_id": "x", "limit_seconds": 10},
+    }
+    token = jwt.encode(
+        body, bytes(ISSUER.pubkey()), algorithm="HS256", headers={"kid": str(ISSUER.pubkey())}
+    )
     with pytest.raises(TokenError) as err:
         verify_token(token, trusted(), "stt")
     assert err.value.code == "invalid_token"
@@ -133,6 +145,7 @@ async def test_verifier_cache_refreshes_for_new_issuer_and_expires_removed() -> 
     listed.clear()  # issuer removed on chain: still trusted until the cache expires
     await verifier.verify(token)
     import asyncio
+
     await asyncio.sleep(0.35)
     with pytest.raises(TokenError) as err:
         await verifier.verify(token)

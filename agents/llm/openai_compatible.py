@@ -52,12 +52,21 @@ class OpenAICompatibleLLM:
     ``options`` go into the request body as they are (``temperature``, ``max_tokens`` ...).
     """
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, *,
-                 timeout: float = 15.0, stall_timeout: float = 10.0,
-                 options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 15.0,
+        stall_timeout: float = 10.0,
+        options: dict[str, Any] | None = None,
+    ) -> None:
         if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url {base_url!r} is not an http(s) URL: give the API root, "
-                             "e.g. http://127.0.0.1:8000/v1")
+            raise ValueError(
+                f"base_url {base_url!r} is not an http(s) URL: give the API root, "
+                "e.g. http://127.0.0.1:8000/v1"
+            )
         if timeout <= 0 or stall_timeout <= 0:
             raise ValueError(f"timeout={timeout} and stall_timeout={stall_timeout} must be > 0")
         self.url = base_url.rstrip("/") + "/chat/completions"
@@ -72,8 +81,12 @@ class OpenAICompatibleLLM:
         """The answer's text deltas, as the server streams them."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
-        body = {**self.options, "model": self.model, "messages": openai_messages(messages),
-                "stream": True}
+        body = {
+            **self.options,
+            "model": self.model,
+            "messages": openai_messages(messages),
+            "stream": True,
+        }
         try:
             response = await self._post(body, deadline)
         except LLMError as e:
@@ -98,8 +111,10 @@ class OpenAICompatibleLLM:
                     yield delta
                     deadline = loop.time() + self.stall_timeout
             if not finished:
-                raise LLMError(f"{self.url} closed the stream before [DONE] or a finish_reason: "
-                               "the answer may be cut short (check the server's log)")
+                raise LLMError(
+                    f"{self.url} closed the stream before [DONE] or a finish_reason: "
+                    "the answer may be cut short (check the server's log)"
+                )
         except _Stalled:
             error = self._stalled(started)
             log.warning("LLM: %s", error)
@@ -132,17 +147,22 @@ class OpenAICompatibleLLM:
         except TimeoutError:
             raise self._stalled(False) from None
         except aiohttp.ClientError as e:
-            raise LLMError(f"cannot reach {self.url}: {e} (is the server running, and is "
-                           "base_url its API root, e.g. http://127.0.0.1:8000/v1?)") from e
+            raise LLMError(
+                f"cannot reach {self.url}: {e} (is the server running, and is "
+                "base_url its API root, e.g. http://127.0.0.1:8000/v1?)"
+            ) from e
         if response.status != 200:
             detail = await self._error_detail(response, deadline)
             response.release()
-            raise LLMError(f"{self.url} answered HTTP {response.status} for model "
-                           f"{self.model!r}: {detail}{_hint(response.status)}")
+            raise LLMError(
+                f"{self.url} answered HTTP {response.status} for model "
+                f"{self.model!r}: {detail}{_hint(response.status)}"
+            )
         return response
 
-    async def _events(self, response: aiohttp.ClientResponse,
-                      deadline: float) -> AsyncIterator[str]:
+    async def _events(
+        self, response: aiohttp.ClientResponse, deadline: float
+    ) -> AsyncIterator[str]:
         """Server-Sent Events: the ``data`` of each event (multi-line data joined by newlines)."""
         data: list[str] = []
         while True:
@@ -161,8 +181,10 @@ class OpenAICompatibleLLM:
             elif line.startswith((":", "event:", "id:", "retry:")):
                 continue  # comments (keep-alive) and fields a chat stream does not need
             else:
-                raise LLMError(f"{self.url} sent a line that is not Server-Sent Events: "
-                               f"{_excerpt(line)} (is base_url a chat completions API?)")
+                raise LLMError(
+                    f"{self.url} sent a line that is not Server-Sent Events: "
+                    f"{_excerpt(line)} (is base_url a chat completions API?)"
+                )
 
     async def _read(self, response: aiohttp.ClientResponse, deadline: float, read: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -184,11 +206,15 @@ class OpenAICompatibleLLM:
 
     def _stalled(self, started: bool) -> LLMError:
         if started:
-            return LLMError(f"{self.url} (model {self.model!r}) stalled: no text for "
-                            f"{self.stall_timeout:g} s after the previous delta")
-        return LLMError(f"{self.url} (model {self.model!r}) sent no text within "
-                        f"{self.timeout:g} s of the request: is the server overloaded, or the "
-                        "model still loading? Raise timeout= if it is just slow")
+            return LLMError(
+                f"{self.url} (model {self.model!r}) stalled: no text for "
+                f"{self.stall_timeout:g} s after the previous delta"
+            )
+        return LLMError(
+            f"{self.url} (model {self.model!r}) sent no text within "
+            f"{self.timeout:g} s of the request: is the server overloaded, or the "
+            "model still loading? Raise timeout= if it is just slow"
+        )
 
     async def _error_detail(self, response: aiohttp.ClientResponse, deadline: float) -> str:
         try:
@@ -239,8 +265,10 @@ def _whole_answer(body: Any) -> str:
     try:
         content = body["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
-        raise LLMError(f"a non-streamed answer without choices[0].message.content: "
-                       f"{_excerpt(json.dumps(body))}") from None
+        raise LLMError(
+            f"a non-streamed answer without choices[0].message.content: "
+            f"{_excerpt(json.dumps(body))}"
+        ) from None
     return content if isinstance(content, str) else ""
 
 

@@ -85,8 +85,9 @@ def _ensure_wal(cur: Any, busy_ms: int) -> None:
             time.sleep(0.01)
 
 
-def _install_sqlite_hooks(sync_engine: sa.Engine, busy_ms: int, *,
-                          auto_checkpoint: bool = True) -> None:
+def _install_sqlite_hooks(
+    sync_engine: sa.Engine, busy_ms: int, *, auto_checkpoint: bool = True
+) -> None:
     pragmas = ["foreign_keys=ON", "synchronous=NORMAL", f"busy_timeout={busy_ms}"]
     if not auto_checkpoint:  # the GroupWriter's own thread checkpoints
         pragmas.append("wal_autocheckpoint=0")
@@ -116,8 +117,12 @@ class _StaleConnection(Exception):
         self.maybe_done = maybe_done
 
 
-def _raise_if_closed(driver: Any, invalidate: Callable[[], None], maybe_done: bool,
-                     cause: BaseException | None = None) -> None:
+def _raise_if_closed(
+    driver: Any,
+    invalidate: Callable[[], None],
+    maybe_done: bool,
+    cause: BaseException | None = None,
+) -> None:
     """A connection the server closed is invalidated (the pool drops it) and reported as
     ``_StaleConnection``; an open one is left alone."""
     if driver.is_closed():
@@ -125,8 +130,9 @@ def _raise_if_closed(driver: Any, invalidate: Callable[[], None], maybe_done: bo
         raise _StaleConnection(maybe_done) from cause
 
 
-def _pg_transaction(conn: sa.Connection, begin: str, fn: Callable[..., T],
-                    args: tuple[Any, ...]) -> T:
+def _pg_transaction(
+    conn: sa.Connection, begin: str, fn: Callable[..., T], args: tuple[Any, ...]
+) -> T:
     """``fn(conn, *args)`` between ``begin`` and COMMIT on an autocommit asyncpg connection.
     Whatever ``fn`` raises rolls back; a connection that cannot roll back is invalidated, so the
     pool never hands out one left in a transaction."""
@@ -160,8 +166,14 @@ class Database:
     ``postgresql://user@host/db`` (asyncpg).
     """
 
-    def __init__(self, url: str, *, sqlite_busy_timeout: float = 30.0, pool_size: int = 16,
-                 echo: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        sqlite_busy_timeout: float = 30.0,
+        pool_size: int = 16,
+        echo: bool = False,
+    ) -> None:
         self.url = normalize_url(url)
         u = make_url(self.url)
         self.backend = u.get_backend_name()
@@ -192,12 +204,16 @@ class Database:
             # the aiosqlite engine stays for tools and tests; the work runs on the sync engine
             _install_sqlite_hooks(self.engine.sync_engine, busy_ms)
             self._sync_engine = sa.create_engine(
-                u.set(drivername="sqlite+pysqlite"), echo=echo, pool_size=_SQLITE_READERS + 1,
-                connect_args={"timeout": sqlite_busy_timeout, "check_same_thread": False})
+                u.set(drivername="sqlite+pysqlite"),
+                echo=echo,
+                pool_size=_SQLITE_READERS + 1,
+                connect_args={"timeout": sqlite_busy_timeout, "check_same_thread": False},
+            )
             _install_sqlite_hooks(self._sync_engine, busy_ms, auto_checkpoint=False)
             self.writer = GroupWriter(self._sync_engine.execution_options(ledger_write=True))
-            self._reader = ThreadPoolExecutor(_SQLITE_READERS,
-                                              thread_name_prefix="ledger-sqlite-reader")
+            self._reader = ThreadPoolExecutor(
+                _SQLITE_READERS, thread_name_prefix="ledger-sqlite-reader"
+            )
 
     async def close(self) -> None:
         """Finish every write already submitted, then close every connection."""
@@ -232,8 +248,7 @@ class Database:
 
         def body(conn: sa.Connection) -> None:
             if pg:
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"),
-                             {"k": _PG_MIGRATION_LOCK})
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
             _alembic_upgrade(conn, revision)
 
         await self.write(body, alone=True)
@@ -258,7 +273,8 @@ class Database:
         if self.is_postgres:
             return await self._pg_run(fn, args, reads_only=True)
         return await asyncio.get_running_loop().run_in_executor(
-            self._reader, self._sqlite_read, fn, args)
+            self._reader, self._sqlite_read, fn, args
+        )
 
     async def all(self, stmt: sa.Select[Any]) -> list[Row]:
         """Every row of one read."""
@@ -271,8 +287,9 @@ class Database:
             return found[0] if found else None
         return await self.read(stmt.first, params)
 
-    async def statement(self, stmt: Prepared, params: Mapping[str, Any], *,
-                        reads_only: bool) -> list[Row]:
+    async def statement(
+        self, stmt: Prepared, params: Mapping[str, Any], *, reads_only: bool
+    ) -> list[Row]:
         """PostgreSQL: one statement, a transaction by itself, on a pooled connection straight
         from the event loop: no ``Connection`` and no greenlet hop (half the client's cost of a
         read). A writing one is not cancelled with its caller."""
@@ -298,8 +315,7 @@ class Database:
             return await self._pg_retrying(attempt, reads_only)
         return await asyncio.shield(self._pg_retrying(attempt, reads_only))
 
-    async def _pg_run(self, fn: Callable[..., T], args: tuple[Any, ...], *,
-                      reads_only: bool) -> T:
+    async def _pg_run(self, fn: Callable[..., T], args: tuple[Any, ...], *, reads_only: bool) -> T:
         """``fn(conn, *args)`` in one transaction (``reads_only``: a read-only one)."""
         begin = "BEGIN READ ONLY" if reads_only else "BEGIN"
 
@@ -321,7 +337,9 @@ class Database:
                 await self.engine.dispose(close=False)
                 if n == 2 or (stale.maybe_done and not reads_only):
                     if stale.__cause__ is None:
-                        raise ConnectionError("the ledger's database closed the connection")
+                        raise ConnectionError(
+                            "the ledger's database closed the connection"
+                        ) from stale
                     raise stale.__cause__ from None
         raise AssertionError("unreachable")
 

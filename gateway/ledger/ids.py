@@ -21,9 +21,9 @@ def uuid7() -> str:
     rand = int.from_bytes(os.urandom(10), "big") >> (80 - _RANDOM_BITS)
     value = (
         (ms & ((1 << 48) - 1)) << 80
-        | 0x7 << 76                       # version 7
-        | (rand >> 62) << 64              # rand_a: 12 bits
-        | 0b10 << 62                      # variant (RFC 9562)
-        | rand & ((1 << 62) - 1)          # rand_b: 62 bits
+        | 0x7 << 76  # version 7
+        | (rand >> 62) << 64  # rand_a: 12 bits
+        | 0b10 << 62  # variant (RFC 9562)
+        | rand & ((1 << 62) - 1)  # rand_b: 62 bits
     )
     return str(uuid.UUID(int=value))

@@ -86,7 +86,6 @@ WALLET_CHAINS = ("solana", "evm")
 SESSION_STATUSES = ("active", "completed", "expired")
 
 
-
 def wallet(chain: str, address: str) -> tuple[str, str]:
     """The account key of a wallet, checked: (chain, address), EVM addresses lower-cased."""
     if chain not in WALLET_CHAINS:
@@ -99,8 +98,9 @@ def wallet(chain: str, address: str) -> tuple[str, str]:
 
 def _positive(name: str, value: int, *, zero_ok: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
-        raise ValueError(f"{name} must be a {'non-negative' if zero_ok else 'positive'} int, "
-                         f"got {value!r}")
+        raise ValueError(
+            f"{name} must be a {'non-negative' if zero_ok else 'positive'} int, got {value!r}"
+        )
     return value
 
 
@@ -132,44 +132,59 @@ def _session(row: Row) -> SessionRecord:
 # Hot-path statements, compiled once (``Prepared``: straight to the driver on SQLite).
 _ACCOUNT_BY_ID = Prepared(sa.select(accounts).where(accounts.c.id == sa.bindparam("account_id")))
 # what a write transaction needs of the account it locks (see _Acct)
-_LOCK_ACCOUNT_STMT = (
-    sa.select(accounts.c.id, accounts.c.credit_balance, accounts.c.held_microcredits,
-              accounts.c.active_sessions, accounts.c.max_concurrent_sessions)
-    .where(accounts.c.id == sa.bindparam("account_id")))
+_LOCK_ACCOUNT_STMT = sa.select(
+    accounts.c.id,
+    accounts.c.credit_balance,
+    accounts.c.held_microcredits,
+    accounts.c.active_sessions,
+    accounts.c.max_concurrent_sessions,
+).where(accounts.c.id == sa.bindparam("account_id"))
 _LOCK_ACCOUNT = Prepared(_LOCK_ACCOUNT_STMT)
 _LOCK_ACCOUNT_FOR_UPDATE = {
     skip: Prepared(_LOCK_ACCOUNT_STMT.with_for_update(skip_locked=skip)) for skip in (False, True)
 }
-_ACCOUNT_BY_WALLET = Prepared(sa.select(accounts).where(
-    accounts.c.wallet_chain == sa.bindparam("chain"),
-    accounts.c.wallet_address == sa.bindparam("address")))
-_SESSION_BY_ID = Prepared(
-    sa.select(sessions).where(sessions.c.id == sa.bindparam("session_id")))
+_ACCOUNT_BY_WALLET = Prepared(
+    sa.select(accounts).where(
+        accounts.c.wallet_chain == sa.bindparam("chain"),
+        accounts.c.wallet_address == sa.bindparam("address"),
+    )
+)
+_SESSION_BY_ID = Prepared(sa.select(sessions).where(sessions.c.id == sa.bindparam("session_id")))
 _BUNDLE_ACTIVE = Prepared(
-    sa.select(sessions.c.id).where(sessions.c.account_id == sa.bindparam("account_id"),
-                                   sessions.c.bundle_id == sa.bindparam("bundle_id"),
-                                   sessions.c.status == "active").limit(1))
+    sa.select(sessions.c.id)
+    .where(
+        sessions.c.account_id == sa.bindparam("account_id"),
+        sessions.c.bundle_id == sa.bindparam("bundle_id"),
+        sessions.c.status == "active",
+    )
+    .limit(1)
+)
 # Reserve on the account row only where the reservation fits the available balance and the new
 # sessions fit the session limit: check and change in one statement, which on PostgreSQL takes
 # the row lock itself and, if it had to wait for it, checks the newest version of the row.
 _RESERVE_STMT = (
     sa.update(accounts)
-    .where(accounts.c.id == sa.bindparam("account_id"),
-           accounts.c.credit_balance - accounts.c.held_microcredits
-           >= sa.bindparam("reserve", type_=sa.BigInteger),
-           accounts.c.active_sessions + sa.bindparam("new", type_=sa.Integer)
-           <= accounts.c.max_concurrent_sessions)
-    .values(held_microcredits=accounts.c.held_microcredits + sa.bindparam("reserve"),
-            active_sessions=accounts.c.active_sessions + sa.bindparam("new"))
-    .returning(*_LOCK_ACCOUNT_STMT.selected_columns))
+    .where(
+        accounts.c.id == sa.bindparam("account_id"),
+        accounts.c.credit_balance - accounts.c.held_microcredits
+        >= sa.bindparam("reserve", type_=sa.BigInteger),
+        accounts.c.active_sessions + sa.bindparam("new", type_=sa.Integer)
+        <= accounts.c.max_concurrent_sessions,
+    )
+    .values(
+        held_microcredits=accounts.c.held_microcredits + sa.bindparam("reserve"),
+        active_sessions=accounts.c.active_sessions + sa.bindparam("new"),
+    )
+    .returning(*_LOCK_ACCOUNT_STMT.selected_columns)
+)
 _RESERVE = Prepared(_RESERVE_STMT)
 _INSERT_SESSIONS = PreparedInsert(sessions, [c.key for c in sessions.c])
-_INSERT_RESERVES = PreparedInsert(
-    transactions, [c.key for c in transactions.c if c.key != "id"])
+_INSERT_RESERVES = PreparedInsert(transactions, [c.key for c in transactions.c if c.key != "id"])
 _INSERT_TRANSACTION = Prepared(
     sa.insert(transactions)
     .values({c.key: sa.bindparam(c.key, type_=c.type) for c in transactions.c if c.key != "id"})
-    .returning(transactions.c.id))
+    .returning(transactions.c.id)
+)
 
 
 def _opening_memo(service: str) -> str:
@@ -182,30 +197,63 @@ def _open_one_statement() -> sa.Select[Any]:
     inserted only if the reservation was made. Returns the transaction's id, or no row when the
     account refused (``Ledger._open`` then tells why)."""
     reserved = _RESERVE_STMT.cte("reserved")
-    opened = sa.insert(sessions).from_select(
-        [c.key for c in sessions.c],
-        sa.select(*(reserved.c.id if c.key == "account_id" else sa.bindparam(c.key, type_=c.type)
-                    for c in sessions.c)).select_from(reserved),
-    ).cte("opened")
+    opened = (
+        sa.insert(sessions)
+        .from_select(
+            [c.key for c in sessions.c],
+            sa.select(
+                *(
+                    reserved.c.id if c.key == "account_id" else sa.bindparam(c.key, type_=c.type)
+                    for c in sessions.c
+                )
+            ).select_from(reserved),
+        )
+        .cte("opened")
+    )
     t = transactions.c
-    posted = sa.insert(transactions).from_select(
-        [t.account_id, t.kind, t.amount, t.hold, t.balance_after, t.available_after,
-         t.session_id, t.memo, t.created_at],
-        sa.select(reserved.c.id, sa.literal("reserve"), sa.literal(0, sa.BigInteger),
-                  sa.bindparam("reserve"), reserved.c.credit_balance,
-                  reserved.c.credit_balance - reserved.c.held_microcredits,
-                  sa.bindparam("id", type_=t.session_id.type),
-                  sa.bindparam("memo", type_=t.memo.type),
-                  sa.bindparam("started_at", type_=t.created_at.type)).select_from(reserved),
-    ).returning(t.id).cte("posted")
+    posted = (
+        sa.insert(transactions)
+        .from_select(
+            [
+                t.account_id,
+                t.kind,
+                t.amount,
+                t.hold,
+                t.balance_after,
+                t.available_after,
+                t.session_id,
+                t.memo,
+                t.created_at,
+            ],
+            sa.select(
+                reserved.c.id,
+                sa.literal("reserve"),
+                sa.literal(0, sa.BigInteger),
+                sa.bindparam("reserve"),
+                reserved.c.credit_balance,
+                reserved.c.credit_balance - reserved.c.held_microcredits,
+                sa.bindparam("id", type_=t.session_id.type),
+                sa.bindparam("memo", type_=t.memo.type),
+                sa.bindparam("started_at", type_=t.created_at.type),
+            ).select_from(reserved),
+        )
+        .returning(t.id)
+        .cte("posted")
+    )
     return sa.select(posted.c.id).add_cte(opened)
 
 
 _OPEN_ONE = Prepared(_open_one_statement())
 _SAVE_ACCOUNT = Prepared(
-    sa.update(accounts).where(accounts.c.id == sa.bindparam("acct_id"))
-    .values(credit_balance=sa.bindparam("acct_credit"), held_microcredits=sa.bindparam("acct_held"),
-            active_sessions=sa.bindparam("acct_active")))
+    sa.update(accounts)
+    .where(accounts.c.id == sa.bindparam("acct_id"))
+    .values(
+        credit_balance=sa.bindparam("acct_credit"),
+        held_microcredits=sa.bindparam("acct_held"),
+        active_sessions=sa.bindparam("acct_active"),
+    )
+)
+
 
 class _Acct:
     """The locked account row while a write transaction changes it."""
@@ -239,8 +287,9 @@ class Ledger:
         pool_size: int = 16,
         echo: bool = False,
     ) -> None:
-        self.db = Database(url, sqlite_busy_timeout=sqlite_busy_timeout, pool_size=pool_size,
-                           echo=echo)
+        self.db = Database(
+            url, sqlite_busy_timeout=sqlite_busy_timeout, pool_size=pool_size, echo=echo
+        )
         self.url = self.db.url
         self.backend = self.db.backend
         self._clock = clock or (lambda: datetime.now(UTC))
@@ -282,8 +331,14 @@ class Ledger:
     ) -> _Acct:
         conn.execute(
             self.db.insert(accounts)
-            .values(id=str(uuid.uuid4()), wallet_chain=chain, wallet_address=address,
-                    credit_balance=0, held_microcredits=0, created_at=now)
+            .values(
+                id=str(uuid.uuid4()),
+                wallet_chain=chain,
+                wallet_address=address,
+                credit_balance=0,
+                held_microcredits=0,
+                created_at=now,
+            )
             .on_conflict_do_nothing(index_elements=["wallet_chain", "wallet_address"])
         )
         stmt = sa.select(accounts).where(
@@ -306,38 +361,72 @@ class Ledger:
     ) -> Transaction:
         """Apply one movement to the locked account and record it (the account row is written
         by ``_save``)."""
-        row = self._movement(acct, kind, now, amount=amount, hold=hold, session_id=session_id,
-                             reference=reference, memo=memo)
+        row = self._movement(
+            acct,
+            kind,
+            now,
+            amount=amount,
+            hold=hold,
+            session_id=session_id,
+            reference=reference,
+            memo=memo,
+        )
         row["id"] = _INSERT_TRANSACTION.one(conn, row)["id"]
         return _transaction(row)
 
     @staticmethod
-    def _movement(acct: _Acct, kind: str, now: datetime, *, amount: int = 0, hold: int = 0,
-                  session_id: str | None = None, reference: str | None = None,
-                  memo: str | None = None) -> Row:
+    def _movement(
+        acct: _Acct,
+        kind: str,
+        now: datetime,
+        *,
+        amount: int = 0,
+        hold: int = 0,
+        session_id: str | None = None,
+        reference: str | None = None,
+        memo: str | None = None,
+    ) -> Row:
         """Apply one movement to the account in hand; its ``transactions`` row (without id)."""
         acct.credit += amount
         acct.held += hold
         if not 0 <= acct.held <= acct.credit:  # unreachable unless a caller's check is wrong
-            raise AssertionError(f"ledger invariant broken on {acct.id}: "
-                                 f"credit {acct.credit}, held {acct.held}")
+            raise AssertionError(
+                f"ledger invariant broken on {acct.id}: credit {acct.credit}, held {acct.held}"
+            )
         return {
-            "account_id": acct.id, "kind": kind, "amount": amount, "hold": hold,
-            "balance_after": acct.credit, "available_after": acct.available,
-            "session_id": session_id, "reference": reference, "memo": memo, "created_at": now,
+            "account_id": acct.id,
+            "kind": kind,
+            "amount": amount,
+            "hold": hold,
+            "balance_after": acct.credit,
+            "available_after": acct.available,
+            "session_id": session_id,
+            "reference": reference,
+            "memo": memo,
+            "created_at": now,
         }
 
     def _save(self, conn: sa.Connection, acct: _Acct) -> None:
         if acct.active < 0:  # unreachable unless a settlement counted a session twice
-            raise AssertionError(f"ledger invariant broken on {acct.id}: "
-                                 f"{acct.active} active sessions")
-        _SAVE_ACCOUNT.rows(conn, {"acct_id": acct.id, "acct_credit": acct.credit,
-                                  "acct_held": acct.held, "acct_active": acct.active})
+            raise AssertionError(
+                f"ledger invariant broken on {acct.id}: {acct.active} active sessions"
+            )
+        _SAVE_ACCOUNT.rows(
+            conn,
+            {
+                "acct_id": acct.id,
+                "acct_credit": acct.credit,
+                "acct_held": acct.held,
+                "acct_active": acct.active,
+            },
+        )
 
     @staticmethod
     def _bundle_open(conn: sa.Connection, account_id: str, bundle_id: str) -> bool:
-        return _BUNDLE_ACTIVE.first(
-            conn, {"account_id": account_id, "bundle_id": bundle_id}) is not None
+        return (
+            _BUNDLE_ACTIVE.first(conn, {"account_id": account_id, "bundle_id": bundle_id})
+            is not None
+        )
 
     def _session_row(self, conn: sa.Connection, session_id: str) -> Row | None:
         return _SESSION_BY_ID.first(conn, {"session_id": session_id})
@@ -367,7 +456,12 @@ class Ledger:
         )
 
     async def _credit(
-        self, kind: str, chain: str, address: str, amount: int, reference: str | None,
+        self,
+        kind: str,
+        chain: str,
+        address: str,
+        amount: int,
+        reference: str | None,
         memo: str | None,
     ) -> Transaction:
         chain, address = wallet(chain, address)
@@ -375,8 +469,9 @@ class Ledger:
         now = self.now()
 
         def body(conn: sa.Connection) -> Transaction:
-            return self.post_credit(conn, kind, chain, address, amount, now, reference=reference,
-                                    memo=memo)
+            return self.post_credit(
+                conn, kind, chain, address, amount, now, reference=reference, memo=memo
+            )
 
         try:
             return await self.db.write(body)
@@ -386,8 +481,16 @@ class Ledger:
             raise
 
     def post_credit(
-        self, conn: sa.Connection, kind: str, chain: str, address: str, amount: int,
-        now: datetime, *, reference: str | None = None, memo: str | None = None,
+        self,
+        conn: sa.Connection,
+        kind: str,
+        chain: str,
+        address: str,
+        amount: int,
+        now: datetime,
+        *,
+        reference: str | None = None,
+        memo: str | None = None,
     ) -> Transaction:
         """Inside a write transaction (``db.write``): credit ``amount`` to the wallet's account
         (created if needed) as a ``grant`` or ``purchase`` row. So that a payment record can
@@ -417,7 +520,8 @@ class Ledger:
         values: dict[str, int] = {}
         if max_concurrent_sessions is not None:
             values["max_concurrent_sessions"] = _positive(
-                "max_concurrent_sessions", max_concurrent_sessions)
+                "max_concurrent_sessions", max_concurrent_sessions
+            )
         if max_api_rate is not None:
             values["max_api_rate"] = _positive("max_api_rate", max_api_rate)
 
@@ -426,9 +530,13 @@ class Ledger:
                 raise AccountNotFound(account_id)
             if values:
                 conn.execute(
-                    sa.update(accounts).where(accounts.c.id == account_id).values(**values))
-            row = conn.execute(
-                sa.select(accounts).where(accounts.c.id == account_id)).mappings().one()
+                    sa.update(accounts).where(accounts.c.id == account_id).values(**values)
+                )
+            row = (
+                conn.execute(sa.select(accounts).where(accounts.c.id == account_id))
+                .mappings()
+                .one()
+            )
             return _account(row)
 
         return await self.db.write(body)
@@ -455,13 +563,26 @@ class Ledger:
         Raises InsufficientCredits (reservation above the available balance), ConcurrencyLimit
         (the account's active sessions -- a bundle counts once -- would exceed its limit),
         AccountNotFound."""
-        spec = SessionSpec(service, reserve_microcredits, limit_units, token_expires_at,
-                           node_pubkey, server_url, room_name, participant_identity, metadata,
-                           session_id)
+        spec = SessionSpec(
+            service,
+            reserve_microcredits,
+            limit_units,
+            token_expires_at,
+            node_pubkey,
+            server_url,
+            room_name,
+            participant_identity,
+            metadata,
+            session_id,
+        )
         if self.db.is_postgres and bundle_id is None:  # the common case in one round trip
             (row,) = self._session_rows(account_id, [spec], None)
-            params = {**row, "reserve": reserve_microcredits, "new": 1,
-                      "memo": _opening_memo(service)}
+            params = {
+                **row,
+                "reserve": reserve_microcredits,
+                "new": 1,
+                "memo": _opening_memo(service),
+            }
             if await self.db.statement(_OPEN_ONE, params, reads_only=False):
                 return _session(row)
             # refused (or no such account): the general path says why, or opens the session
@@ -492,20 +613,36 @@ class Ledger:
             _positive("limit_units", s.limit_units)
             if not s.node_pubkey or not s.server_url:
                 raise ValueError("node_pubkey and server_url are required")
-            rows.append({
-                "id": s.session_id or uuid7(), "account_id": account_id, "service": s.service,
-                "bundle_id": bundle_id, "status": "active", "room_name": s.room_name,
-                "participant_identity": s.participant_identity, "server_url": s.server_url,
-                "node_pubkey": s.node_pubkey, "reserved_microcredits": s.reserve_microcredits,
-                "charged_microcredits": 0, "usage_units": 0, "limit_units": s.limit_units,
-                "token_expires_at": _aware("token_expires_at", s.token_expires_at),
-                "started_at": now, "ended_at": None, "metadata": s.metadata,
-            })
+            rows.append(
+                {
+                    "id": s.session_id or uuid7(),
+                    "account_id": account_id,
+                    "service": s.service,
+                    "bundle_id": bundle_id,
+                    "status": "active",
+                    "room_name": s.room_name,
+                    "participant_identity": s.participant_identity,
+                    "server_url": s.server_url,
+                    "node_pubkey": s.node_pubkey,
+                    "reserved_microcredits": s.reserve_microcredits,
+                    "charged_microcredits": 0,
+                    "usage_units": 0,
+                    "limit_units": s.limit_units,
+                    "token_expires_at": _aware("token_expires_at", s.token_expires_at),
+                    "started_at": now,
+                    "ended_at": None,
+                    "metadata": s.metadata,
+                }
+            )
         return rows
 
     def _open(
-        self, conn: sa.Connection, account_id: str, specs: list[SessionSpec],
-        bundle_id: str | None, named: bool,
+        self,
+        conn: sa.Connection,
+        account_id: str,
+        specs: list[SessionSpec],
+        bundle_id: str | None,
+        named: bool,
     ) -> list[SessionRecord]:
         """``named``: the caller chose ``bundle_id`` (else the ledger did: a new bundle)."""
         rows = self._session_rows(account_id, specs, bundle_id)
@@ -524,9 +661,17 @@ class Ledger:
             self._refusal(conn, account_id, needed, new)
         acct = _Acct(reserved)
         acct.held -= needed  # the reserve rows record the holds one by one
-        reserves = [self._movement(acct, "reserve", row["started_at"],
-                                   hold=row["reserved_microcredits"], session_id=row["id"],
-                                   memo=_opening_memo(row["service"])) for row in rows]
+        reserves = [
+            self._movement(
+                acct,
+                "reserve",
+                row["started_at"],
+                hold=row["reserved_microcredits"],
+                session_id=row["id"],
+                memo=_opening_memo(row["service"]),
+            )
+            for row in rows
+        ]
         _INSERT_SESSIONS.run(conn, rows)
         _INSERT_RESERVES.run(conn, reserves)
         return [_session(row) for row in rows]
@@ -568,9 +713,7 @@ class Ledger:
             raise ValueError("nothing to extend")
         return await self._extend(list(extensions), bundle_id)
 
-    async def _extend(
-        self, exts: list[Extension], bundle_id: str | None
-    ) -> list[SessionRecord]:
+    async def _extend(self, exts: list[Extension], bundle_id: str | None) -> list[SessionRecord]:
         now = self.now()
         for e in exts:
             _positive("additional_units", e.additional_units, zero_ok=True)
@@ -586,13 +729,19 @@ class Ledger:
             plan = []
             for e in exts:
                 row = self._session_row(conn, e.session_id)  # current, under the lock
-                if row is None or row["account_id"] != acct.id or (
-                        bundle_id is not None and row["bundle_id"] != bundle_id):
+                if (
+                    row is None
+                    or row["account_id"] != acct.id
+                    or (bundle_id is not None and row["bundle_id"] != bundle_id)
+                ):
                     raise UnknownSession(e.session_id)
                 if row["status"] != "active":
                     raise SessionClosed(e.session_id, row["status"])
-                reserve = (e.reserve_microcredits if e.reserve_microcredits is not None
-                           else pricing.cost(row["service"], e.additional_units))
+                reserve = (
+                    e.reserve_microcredits
+                    if e.reserve_microcredits is not None
+                    else pricing.cost(row["service"], e.additional_units)
+                )
                 plan.append((e, row, reserve))
             needed = sum(reserve for _, _, reserve in plan)
             if needed > acct.available:
@@ -605,13 +754,28 @@ class Ledger:
                 }
                 if e.token_expires_at is not None:
                     values["token_expires_at"] = _aware("token_expires_at", e.token_expires_at)
-                new = (conn.execute(
-                    sa.update(sessions).where(sessions.c.id == e.session_id).values(**values)
-                    .returning(*sessions.c)
-                )).mappings().one()
+                new = (
+                    (
+                        conn.execute(
+                            sa.update(sessions)
+                            .where(sessions.c.id == e.session_id)
+                            .values(**values)
+                            .returning(*sessions.c)
+                        )
+                    )
+                    .mappings()
+                    .one()
+                )
                 if reserve:
-                    self._post(conn, acct, "reserve", now, hold=reserve,
-                               session_id=e.session_id, memo=f"{row['service']} extension")
+                    self._post(
+                        conn,
+                        acct,
+                        "reserve",
+                        now,
+                        hold=reserve,
+                        session_id=e.session_id,
+                        memo=f"{row['service']} extension",
+                    )
                 records.append(_session(new))
             self._save(conn, acct)
             return records
@@ -621,7 +785,11 @@ class Ledger:
     # ---------------------------------------------------------------- usage and settlement
 
     async def record_usage(
-        self, session_id: str, node_pubkey: str, units: int, final: bool = False,
+        self,
+        session_id: str,
+        node_pubkey: str,
+        units: int,
+        final: bool = False,
         event_id: str | None = None,
     ) -> UsageResult:
         """A node's cumulative usage report (seconds for webrtc/stt, characters for tts).
@@ -646,10 +814,12 @@ class Ledger:
             assert acct is not None
             row = self._session_row(conn, session_id)  # current, under the lock
             assert row is not None
-            if event_id is not None and not self._first_time(conn, node_pubkey, event_id,
-                                                             session_id, now):
-                return self._result(row, row["usage_units"], settled=row["status"] != "active",
-                                    changed=False)
+            if event_id is not None and not self._first_time(
+                conn, node_pubkey, event_id, session_id, now
+            ):
+                return self._result(
+                    row, row["usage_units"], settled=row["status"] != "active", changed=False
+                )
             if row["status"] != "active":
                 return self._result(row, units, settled=True, changed=False)
             usage = max(row["usage_units"], units)
@@ -658,51 +828,92 @@ class Ledger:
             if usage == row["usage_units"]:
                 return self._result(row, units, settled=False, changed=False)
             charged = min(pricing.cost(row["service"], usage), row["reserved_microcredits"])
-            new = (conn.execute(
-                sa.update(sessions).where(sessions.c.id == session_id)
-                .values(usage_units=usage, charged_microcredits=charged)
-                .returning(*sessions.c)
-            )).mappings().one()
+            new = (
+                (
+                    conn.execute(
+                        sa.update(sessions)
+                        .where(sessions.c.id == session_id)
+                        .values(usage_units=usage, charged_microcredits=charged)
+                        .returning(*sessions.c)
+                    )
+                )
+                .mappings()
+                .one()
+            )
             return self._result(new, units, settled=False, changed=True)
 
         return await self.db.write(body)
 
     @staticmethod
-    def _first_time(conn: sa.Connection, node_pubkey: str, event_id: str, session_id: str,
-                    now: datetime) -> bool:
+    def _first_time(
+        conn: sa.Connection, node_pubkey: str, event_id: str, session_id: str, now: datetime
+    ) -> bool:
         """Record a node's event id; False when it was applied before. Runs under the lock of the
         session's account, so two deliveries of one event cannot both see it as new."""
         seen = conn.execute(
-            sa.select(node_events.c.event_id).where(node_events.c.node_pubkey == node_pubkey,
-                                                    node_events.c.event_id == event_id)
+            sa.select(node_events.c.event_id).where(
+                node_events.c.node_pubkey == node_pubkey, node_events.c.event_id == event_id
+            )
         ).first()
         if seen is not None:
             return False
-        conn.execute(sa.insert(node_events).values(node_pubkey=node_pubkey, event_id=event_id,
-                                                   session_id=session_id, created_at=now))
+        conn.execute(
+            sa.insert(node_events).values(
+                node_pubkey=node_pubkey, event_id=event_id, session_id=session_id, created_at=now
+            )
+        )
         return True
 
     def _settle(
-        self, conn: sa.Connection, acct: _Acct, row: Row, usage: int, status: str,
+        self,
+        conn: sa.Connection,
+        acct: _Acct,
+        row: Row,
+        usage: int,
+        status: str,
         now: datetime,
     ) -> UsageResult:
         reserved = row["reserved_microcredits"]
         charged = min(pricing.cost(row["service"], usage), reserved)
         refund = reserved - charged
         sid = row["id"]
-        new = (conn.execute(
-            sa.update(sessions).where(sessions.c.id == sid, sessions.c.status == "active")
-            .values(status=status, usage_units=usage, charged_microcredits=charged, ended_at=now)
-            .returning(*sessions.c)
-        )).mappings().one()
+        new = (
+            (
+                conn.execute(
+                    sa.update(sessions)
+                    .where(sessions.c.id == sid, sessions.c.status == "active")
+                    .values(
+                        status=status, usage_units=usage, charged_microcredits=charged, ended_at=now
+                    )
+                    .returning(*sessions.c)
+                )
+            )
+            .mappings()
+            .one()
+        )
         if row["bundle_id"] is None or not self._bundle_open(conn, acct.id, row["bundle_id"]):
             acct.active -= 1  # a bundle's last session closes the bundle
         if charged:
-            self._post(conn, acct, "charge", now, amount=-charged, hold=-charged,
-                       session_id=sid, memo=f"{row['service']} usage: {usage}")
+            self._post(
+                conn,
+                acct,
+                "charge",
+                now,
+                amount=-charged,
+                hold=-charged,
+                session_id=sid,
+                memo=f"{row['service']} usage: {usage}",
+            )
         if refund:
-            self._post(conn, acct, "refund", now, hold=-refund, session_id=sid,
-                       memo=f"{row['service']} unused reservation")
+            self._post(
+                conn,
+                acct,
+                "refund",
+                now,
+                hold=-refund,
+                session_id=sid,
+                memo=f"{row['service']} unused reservation",
+            )
         self._save(conn, acct)
         return self._result(new, usage, settled=True, changed=True)
 
@@ -720,8 +931,9 @@ class Ledger:
             limit_units=row["limit_units"],
             reserved_microcredits=row["reserved_microcredits"],
             charged_microcredits=row["charged_microcredits"],
-            refunded_microcredits=(row["reserved_microcredits"] - row["charged_microcredits"]
-                                   if settled else None),
+            refunded_microcredits=(
+                row["reserved_microcredits"] - row["charged_microcredits"] if settled else None
+            ),
             overage_units=overage_units,
             overage_microcredits=max(0, full_cost - row["reserved_microcredits"]),
             settled=settled,
@@ -741,11 +953,14 @@ class Ledger:
         cutoff = now - grace
 
         def find(conn: sa.Connection) -> list[Any]:
-            return list(conn.execute(
-                sa.select(sessions.c.id, sessions.c.account_id)
-                .where(sessions.c.status == "active", sessions.c.token_expires_at <= cutoff)
-                .order_by(sessions.c.token_expires_at).limit(limit)
-            ).all())
+            return list(
+                conn.execute(
+                    sa.select(sessions.c.id, sessions.c.account_id)
+                    .where(sessions.c.status == "active", sessions.c.token_expires_at <= cutoff)
+                    .order_by(sessions.c.token_expires_at)
+                    .limit(limit)
+                ).all()
+            )
 
         def settle(conn: sa.Connection, sid: str, account_id: str) -> UsageResult | None:
             # another sweeper holding this account settles it (or the next sweep does)
@@ -753,8 +968,9 @@ class Ledger:
             if acct is None:
                 return None
             row = self._session_row(conn, sid)
-            if (row is None or row["status"] != "active"
-                    or row["token_expires_at"] > cutoff):  # settled or extended meanwhile
+            if (
+                row is None or row["status"] != "active" or row["token_expires_at"] > cutoff
+            ):  # settled or extended meanwhile
                 return None
             return self._settle(conn, acct, row, row["usage_units"], "expired", now)
 
@@ -782,9 +998,13 @@ class Ledger:
         if a is None:
             return None
         return AccountView(
-            id=a.id, wallet_address=a.wallet_address, wallet_chain=a.wallet_chain,
-            credit_balance=a.credit_balance, available_balance=a.available_balance,
-            max_concurrent_sessions=a.max_concurrent_sessions, max_api_rate=a.max_api_rate,
+            id=a.id,
+            wallet_address=a.wallet_address,
+            wallet_chain=a.wallet_chain,
+            credit_balance=a.credit_balance,
+            available_balance=a.available_balance,
+            max_concurrent_sessions=a.max_concurrent_sessions,
+            max_api_rate=a.max_api_rate,
             created_at=a.created_at,
         )
 
@@ -794,8 +1014,12 @@ class Ledger:
         """Newest first."""
         limit, offset = _page(limit, offset)
         rows = await self.db.all(
-            sa.select(transactions).where(transactions.c.account_id == account_id)
-            .order_by(transactions.c.id.desc()).limit(limit).offset(offset))
+            sa.select(transactions)
+            .where(transactions.c.account_id == account_id)
+            .order_by(transactions.c.id.desc())
+            .limit(limit)
+            .offset(offset)
+        )
         return [_transaction(r) for r in rows]
 
     async def list_sessions(
@@ -803,7 +1027,8 @@ class Ledger:
     ) -> list[SessionRecord]:
         """Newest first; ``status`` filters (active, completed, expired)."""
         return await self._sessions_page(
-            sa.select(sessions).where(sessions.c.account_id == account_id), limit, offset, status)
+            sa.select(sessions).where(sessions.c.account_id == account_id), limit, offset, status
+        )
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
         row = await self.db.first(_SESSION_BY_ID, {"session_id": session_id})
@@ -811,16 +1036,21 @@ class Ledger:
 
     async def list_bundle(self, bundle_id: str) -> list[SessionRecord]:
         rows = await self.db.all(
-            sa.select(sessions).where(sessions.c.bundle_id == bundle_id)
-            .order_by(sessions.c.started_at, sessions.c.id))
+            sa.select(sessions)
+            .where(sessions.c.bundle_id == bundle_id)
+            .order_by(sessions.c.started_at, sessions.c.id)
+        )
         return [_session(r) for r in rows]
 
     async def list_accounts(self, limit: int = 100, offset: int = 0) -> list[Account]:
         """Operator view: every account, newest first."""
         limit, offset = _page(limit, offset)
         rows = await self.db.all(
-            sa.select(accounts).order_by(accounts.c.created_at.desc(), accounts.c.id)
-            .limit(limit).offset(offset))
+            sa.select(accounts)
+            .order_by(accounts.c.created_at.desc(), accounts.c.id)
+            .limit(limit)
+            .offset(offset)
+        )
         return [_account(r) for r in rows]
 
     async def list_all_sessions(
@@ -829,8 +1059,9 @@ class Ledger:
         """Operator view: sessions of every account, newest first."""
         return await self._sessions_page(sa.select(sessions), limit, offset, status)
 
-    async def _sessions_page(self, stmt: sa.Select[Any], limit: int, offset: int,
-                             status: str | None) -> list[SessionRecord]:
+    async def _sessions_page(
+        self, stmt: sa.Select[Any], limit: int, offset: int, status: str | None
+    ) -> list[SessionRecord]:
         """One page of ``stmt``'s sessions, newest first, of one ``status`` if given."""
         limit, offset = _page(limit, offset)
         if status is not None:
@@ -848,27 +1079,40 @@ class Ledger:
         def body(conn: sa.Connection) -> Audit:
             if pg:
                 conn.execute(sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
-            a = conn.execute(
-                sa.select(accounts).where(accounts.c.id == account_id)).mappings().first()
+            a = (
+                conn.execute(sa.select(accounts).where(accounts.c.id == account_id))
+                .mappings()
+                .first()
+            )
             if a is None:
                 raise AccountNotFound(account_id)
             t = transactions.c
             sums = conn.execute(
-                sa.select(sa.func.coalesce(sa.func.sum(t.amount), 0),
-                          sa.func.coalesce(sa.func.sum(t.hold), 0),
-                          sa.func.min(t.balance_after), sa.func.min(t.available_after))
-                .where(t.account_id == account_id)
+                sa.select(
+                    sa.func.coalesce(sa.func.sum(t.amount), 0),
+                    sa.func.coalesce(sa.func.sum(t.hold), 0),
+                    sa.func.min(t.balance_after),
+                    sa.func.min(t.available_after),
+                ).where(t.account_id == account_id)
             ).one()
             s = sessions.c
             active = conn.execute(
-                sa.select(sa.func.coalesce(sa.func.sum(s.reserved_microcredits), 0),
-                          sa.func.count(sa.distinct(sa.func.coalesce(s.bundle_id, s.id))))
-                .where(s.account_id == account_id, s.status == "active")).one()
+                sa.select(
+                    sa.func.coalesce(sa.func.sum(s.reserved_microcredits), 0),
+                    sa.func.count(sa.distinct(sa.func.coalesce(s.bundle_id, s.id))),
+                ).where(s.account_id == account_id, s.status == "active")
+            ).one()
             min_after = None if sums[2] is None else min(int(sums[2]), int(sums[3]))
-            return Audit(account_id=account_id, credit_balance=a["credit_balance"],
-                         held_microcredits=a["held_microcredits"], sum_amount=int(sums[0]),
-                         sum_hold=int(sums[1]), active_reserved=int(active[0]),
-                         active_sessions=a["active_sessions"], active_keys=int(active[1]),
-                         min_after=min_after)
+            return Audit(
+                account_id=account_id,
+                credit_balance=a["credit_balance"],
+                held_microcredits=a["held_microcredits"],
+                sum_amount=int(sums[0]),
+                sum_hold=int(sums[1]),
+                active_reserved=int(active[0]),
+                active_sessions=a["active_sessions"],
+                active_keys=int(active[1]),
+                min_after=min_after,
+            )
 
         return await self.db.read(body)

@@ -42,10 +42,17 @@ class Prepared:
         binds = []
         for name in compiled.positiontup or ():
             bind = compiled.binds[name]  # a literal of the statement carries its own value
-            binds.append((name, bind.type.dialect_impl(dialect).bind_processor(dialect),
-                          _REQUIRED if bind.required else bind.effective_value))
-        columns = [(c.key, c.type.dialect_impl(dialect).result_processor(dialect, None))
-                   for c in getattr(self.stmt, "exported_columns", ())]
+            binds.append(
+                (
+                    name,
+                    bind.type.dialect_impl(dialect).bind_processor(dialect),
+                    _REQUIRED if bind.required else bind.effective_value,
+                )
+            )
+        columns = [
+            (c.key, c.type.dialect_impl(dialect).result_processor(dialect, None))
+            for c in getattr(self.stmt, "exported_columns", ())
+        ]
         entry = (compiled.string, binds, columns)
         self._compiled[dialect] = entry
         return entry
@@ -63,8 +70,9 @@ class Prepared:
             raise sa.exc.IntegrityError(sql, args, exc) from exc
         return _converted(columns, fetched)
 
-    async def fetch(self, driver: asyncpg.Connection, dialect: Dialect,
-                    params: Mapping[str, Any]) -> list[Row]:
+    async def fetch(
+        self, driver: asyncpg.Connection, dialect: Dialect, params: Mapping[str, Any]
+    ) -> list[Row]:
         """Run on a bare asyncpg connection, from the event loop (no Connection, no greenlet:
         for a statement that is a transaction by itself)."""
         sql, args, columns = self._bind(dialect, params)
@@ -96,8 +104,13 @@ class Prepared:
 
 
 def _converted(columns: list[Any], fetched: Any) -> list[Row]:
-    return [{key: (value if proc is None else proc(value))
-             for (key, proc), value in zip(columns, row, strict=True)} for row in fetched]
+    return [
+        {
+            key: (value if proc is None else proc(value))
+            for (key, proc), value in zip(columns, row, strict=True)
+        }
+        for row in fetched
+    ]
 
 
 class PreparedInsert:
@@ -115,8 +128,14 @@ class PreparedInsert:
         stmt = self._by_count.get(len(rows))
         if stmt is None:
             types = {c.key: c.type for c in self.table.c}
-            stmt = self._by_count[len(rows)] = Prepared(sa.insert(self.table).values([
-                {key: sa.bindparam(f"{key}_{i}", type_=types[key]) for key in self.columns}
-                for i in range(len(rows))]))
-        stmt.rows(conn, {f"{key}_{i}": row[key]
-                         for i, row in enumerate(rows) for key in self.columns})
+            stmt = self._by_count[len(rows)] = Prepared(
+                sa.insert(self.table).values(
+                    [
+                        {key: sa.bindparam(f"{key}_{i}", type_=types[key]) for key in self.columns}
+                        for i in range(len(rows))
+                    ]
+                )
+            )
+        stmt.rows(
+            conn, {f"{key}_{i}": row[key] for i, row in enumerate(rows) for key in self.columns}
+        )

@@ -74,13 +74,15 @@ class GroupWriter:
         self.transactions = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._checkpointer = threading.Thread(target=self._checkpoints, name=f"{name}-checkpoint",
-                                              daemon=True)
+        self._checkpointer = threading.Thread(
+            target=self._checkpoints, name=f"{name}-checkpoint", daemon=True
+        )
         self._thread.start()
         self._checkpointer.start()
 
-    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], *,
-               alone: bool = False) -> asyncio.Future[Any]:
+    def submit(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], *, alone: bool = False
+    ) -> asyncio.Future[Any]:
         job = _Job(fn, args, alone, asyncio.get_running_loop())
         with self._lock:
             if self._closed:

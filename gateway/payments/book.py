@@ -64,14 +64,22 @@ class PaymentRecord:
 
 def _record(row: Any) -> PaymentRecord:
     return PaymentRecord(
-        id=row["id"], chain=row["chain"], signature=row["signature"], status=row["status"],
-        amount_microcredits=row["amount_microcredits"], wallet_address=row["wallet_address"],
-        account_id=row["account_id"], detail=dict(row["detail"] or {}),
-        created_at=row["created_at"], updated_at=row["updated_at"])
+        id=row["id"],
+        chain=row["chain"],
+        signature=row["signature"],
+        status=row["status"],
+        amount_microcredits=row["amount_microcredits"],
+        wallet_address=row["wallet_address"],
+        account_id=row["account_id"],
+        detail=dict(row["detail"] or {}),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
 
 
 _BY_SIGNATURE = Prepared(
-    sa.select(payments).where(payments.c.signature == sa.bindparam("signature")))
+    sa.select(payments).where(payments.c.signature == sa.bindparam("signature"))
+)
 
 
 class PaymentBook:
@@ -85,7 +93,11 @@ class PaymentBook:
         return _record(row) if row else None
 
     async def record_pending(
-        self, chain: str, signature: str, microcredits: int, wallet_address: str,
+        self,
+        chain: str,
+        signature: str,
+        microcredits: int,
+        wallet_address: str,
         detail: dict[str, Any],
     ) -> PaymentRecord:
         """Claim ``signature`` before sending it; DuplicatePayment if it was ever claimed."""
@@ -95,12 +107,26 @@ class PaymentBook:
         now = self.ledger.now()
 
         def body(conn: sa.Connection) -> Any:
-            return conn.execute(
-                sa.insert(payments).values(
-                    id=str(uuid.uuid4()), chain=chain, signature=signature, status=PENDING,
-                    amount_microcredits=microcredits, wallet_address=address, account_id=None,
-                    detail=detail, created_at=now, updated_at=now)
-                .returning(*payments.c)).mappings().one()
+            return (
+                conn.execute(
+                    sa.insert(payments)
+                    .values(
+                        id=str(uuid.uuid4()),
+                        chain=chain,
+                        signature=signature,
+                        status=PENDING,
+                        amount_microcredits=microcredits,
+                        wallet_address=address,
+                        account_id=None,
+                        detail=detail,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                    .returning(*payments.c)
+                )
+                .mappings()
+                .one()
+            )
 
         try:
             row = await self.ledger.db.write(body)
@@ -108,8 +134,9 @@ class PaymentBook:
             raise DuplicatePayment(signature) from None
         return _record(row)
 
-    async def _move(self, signature: str, to: str, from_: tuple[str, ...],
-                    detail: dict[str, Any] | None = None) -> PaymentRecord | None:
+    async def _move(
+        self, signature: str, to: str, from_: tuple[str, ...], detail: dict[str, Any] | None = None
+    ) -> PaymentRecord | None:
         now = self.ledger.now()
 
         def body(conn: sa.Connection) -> Any:
@@ -119,10 +146,16 @@ class PaymentBook:
             values: dict[str, Any] = {"status": to, "updated_at": now}
             if detail:
                 values["detail"] = {**(row["detail"] or {}), **detail}
-            return conn.execute(
-                sa.update(payments).where(payments.c.id == row["id"],
-                                          payments.c.status == row["status"])
-                .values(**values).returning(*payments.c)).mappings().first()
+            return (
+                conn.execute(
+                    sa.update(payments)
+                    .where(payments.c.id == row["id"], payments.c.status == row["status"])
+                    .values(**values)
+                    .returning(*payments.c)
+                )
+                .mappings()
+                .first()
+            )
 
         new = await self.ledger.db.write(body)
         return _record(new) if new else None
@@ -144,15 +177,19 @@ class PaymentBook:
 
     async def forget(self, signature: str) -> bool:
         """Delete a pending record whose transaction never reached the chain."""
+
         def body(conn: sa.Connection) -> int:
             return conn.execute(
-                sa.delete(payments).where(payments.c.signature == signature,
-                                          payments.c.status == PENDING)).rowcount
+                sa.delete(payments).where(
+                    payments.c.signature == signature, payments.c.status == PENDING
+                )
+            ).rowcount
 
         return bool(await self.ledger.db.write(body))
 
-    async def credit(self, signature: str, memo: str | None = None) -> tuple[PaymentRecord,
-                                                                             Transaction]:
+    async def credit(
+        self, signature: str, memo: str | None = None
+    ) -> tuple[PaymentRecord, Transaction]:
         """Credit a confirmed (or pending, when the caller saw the confirmation) payment to the
         wallet that paid: one database transaction writes the ``purchase`` row (reference = the
         signature), the balance and the status ``credited``. DuplicatePayment if it was credited
@@ -169,13 +206,26 @@ class PaymentBook:
                 raise DuplicatePayment(signature)
             if row["status"] not in UNSETTLED:
                 raise PaymentStateError(signature, row["status"], CREDITED)
-            tx = ledger.post_credit(conn, "purchase", row["chain"], row["wallet_address"],
-                                    row["amount_microcredits"], now, reference=signature,
-                                    memo=memo)
-            new = conn.execute(
-                sa.update(payments).where(payments.c.id == row["id"])
-                .values(status=CREDITED, account_id=tx.account_id, updated_at=now)
-                .returning(*payments.c)).mappings().one()
+            tx = ledger.post_credit(
+                conn,
+                "purchase",
+                row["chain"],
+                row["wallet_address"],
+                row["amount_microcredits"],
+                now,
+                reference=signature,
+                memo=memo,
+            )
+            new = (
+                conn.execute(
+                    sa.update(payments)
+                    .where(payments.c.id == row["id"])
+                    .values(status=CREDITED, account_id=tx.account_id, updated_at=now)
+                    .returning(*payments.c)
+                )
+                .mappings()
+                .one()
+            )
             return _record(new), tx
 
         try:
@@ -185,8 +235,9 @@ class PaymentBook:
                 raise DuplicatePayment(signature) from None
             raise
 
-    async def unsettled(self, older_than: timedelta | None = None,
-                        limit: int = 500) -> list[PaymentRecord]:
+    async def unsettled(
+        self, older_than: timedelta | None = None, limit: int = 500
+    ) -> list[PaymentRecord]:
         """Pending and confirmed payments (oldest first), optionally only those not touched for
         ``older_than`` (a live request is still working on younger ones)."""
         stmt = sa.select(payments).where(payments.c.status.in_(UNSETTLED))
@@ -197,5 +248,6 @@ class PaymentBook:
 
     async def count_by_status(self) -> dict[str, int]:
         rows = await self.ledger.db.all(
-            sa.select(payments.c.status, sa.func.count().label("n")).group_by(payments.c.status))
+            sa.select(payments.c.status, sa.func.count().label("n")).group_by(payments.c.status)
+        )
         return {r["status"]: int(r["n"]) for r in rows}

@@ -55,23 +55,36 @@ class MppChallenges:
             self._secret = os.urandom(32)
 
     def _id(self, params: dict[str, str]) -> str:
-        slots = [params["realm"], params["method"], params["intent"], params["request"],
-                 params.get("expires", ""), params.get("digest", ""), params.get("opaque", "")]
+        slots = [
+            params["realm"],
+            params["method"],
+            params["intent"],
+            params["request"],
+            params.get("expires", ""),
+            params.get("digest", ""),
+            params.get("opaque", ""),
+        ]
         if "header" in params:
             slots.append(params["header"])
         return _b64url(hmac.new(self._secret, "|".join(slots).encode(), hashlib.sha256).digest())
 
-    def challenge(self, amount_atomic: int, now: float | None = None) -> tuple[dict[str, str],
-                                                                                str]:
+    def challenge(self, amount_atomic: int, now: float | None = None) -> tuple[dict[str, str], str]:
         now = time.time() if now is None else now
-        request = {"amount": str(amount_atomic), "currency": self.cfg.currency,
-                   "recipient": self.cfg.recipient,
-                   "methodDetails": {"chainId": self.cfg.chain_id, "feePayer": False}}
+        request = {
+            "amount": str(amount_atomic),
+            "currency": self.cfg.currency,
+            "recipient": self.cfg.recipient,
+            "methodDetails": {"chainId": self.cfg.chain_id, "feePayer": False},
+        }
         expires = datetime.fromtimestamp(int(now) + self.cfg.challenge_ttl_seconds, UTC)
-        params = {"realm": self.cfg.realm, "method": "tempo", "intent": "charge",
-                  "request": _b64url(_jcs(request).encode()),
-                  "expires": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                  "header": H_PAYMENT_AUTHORIZATION}
+        params = {
+            "realm": self.cfg.realm,
+            "method": "tempo",
+            "intent": "charge",
+            "request": _b64url(_jcs(request).encode()),
+            "expires": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "header": H_PAYMENT_AUTHORIZATION,
+        }
         params = {"id": self._id(params), **params}
         header = "Payment " + ", ".join(f'{k}="{v}"' for k, v in params.items())
         return {H_WWW_AUTHENTICATE: header, EXPOSE: H_WWW_AUTHENTICATE}, params["id"]
@@ -88,57 +101,107 @@ class MppChallenges:
         except (binascii.Error, ValueError, UnicodeDecodeError):
             return "malformed-credential", "the credential is not base64url-encoded JSON"
         ch = cred.get("challenge") if isinstance(cred, dict) else None
-        if not isinstance(ch, dict) or not isinstance(cred.get("payload"), dict) or not all(
-                isinstance(ch.get(k), str) for k in ("id", "realm", "method", "intent",
-                                                     "request")):
-            return "malformed-credential", "the credential needs 'challenge' (id, realm, method, " \
-                                           "intent, request) and 'payload'"
-        params = {k: ch[k] for k in ("realm", "method", "intent", "request", "expires", "digest",
-                                     "opaque", "header") if isinstance(ch.get(k), str)}
+        if (
+            not isinstance(ch, dict)
+            or not isinstance(cred.get("payload"), dict)
+            or not all(
+                isinstance(ch.get(k), str) for k in ("id", "realm", "method", "intent", "request")
+            )
+        ):
+            return (
+                "malformed-credential",
+                "the credential needs 'challenge' (id, realm, method, "
+                "intent, request) and 'payload'",
+            )
+        params = {
+            k: ch[k]
+            for k in (
+                "realm",
+                "method",
+                "intent",
+                "request",
+                "expires",
+                "digest",
+                "opaque",
+                "header",
+            )
+            if isinstance(ch.get(k), str)
+        }
         if not hmac.compare_digest(self._id(params), ch["id"]):
-            return "invalid-challenge", "the challenge was not issued by this gateway (or was " \
-                                        "altered)"
+            return (
+                "invalid-challenge",
+                "the challenge was not issued by this gateway (or was altered)",
+            )
         try:
             expires = datetime.strptime(ch.get("expires", ""), "%Y-%m-%dT%H:%M:%SZ")
         except ValueError:
             return "invalid-challenge", "the challenge has no valid expiry"
         if expires.replace(tzinfo=UTC).timestamp() < now:
             return "payment-expired", f"the challenge expired at {ch['expires']}"
-        return ("verification-failed",
-                "Tempo (MPP) payments cannot be verified by this gateway: it has no Tempo RPC to "
-                "check the signed transfer, so the credential was not accepted and nothing was "
-                "charged or credited; pay with x402 at /v1/credits/purchase instead")
+        return (
+            "verification-failed",
+            "Tempo (MPP) payments cannot be verified by this gateway: it has no Tempo RPC to "
+            "check the signed transfer, so the credential was not accepted and nothing was "
+            "charged or credited; pay with x402 at /v1/credits/purchase instead",
+        )
 
 
 def problem(kind: str, detail: str) -> dict[str, Any]:
     """RFC 9457 problem details, plus the gateway's own ``error`` field."""
-    return {"type": PROBLEMS + kind, "title": kind.replace("-", " ").capitalize(),
-            "status": 402, "detail": detail, "error": detail}
+    return {
+        "type": PROBLEMS + kind,
+        "title": kind.replace("-", " ").capitalize(),
+        "status": 402,
+        "detail": detail,
+        "error": detail,
+    }
 
 
 def tron_offer(cfg: TronPayments, amount_usd_micro: int, resource: str) -> Offer:
-    amount = amount_usd_micro * 10 ** cfg.decimals // 1_000_000
-    return Offer("tron", "exact_permit", cfg.network, None, cfg.asset, cfg.pay_to, amount, 300,
-                 {"name": "Tether USD", "version": "1", "resource": resource})
+    amount = amount_usd_micro * 10**cfg.decimals // 1_000_000
+    return Offer(
+        "tron",
+        "exact_permit",
+        cfg.network,
+        None,
+        cfg.asset,
+        cfg.pay_to,
+        amount,
+        300,
+        {"name": "Tether USD", "version": "1", "resource": resource},
+    )
 
 
-def tron_required(offer: Offer, resource: str, error: str) -> tuple[dict[str, Any],
-                                                                    dict[str, str]]:
-    v2 = {"x402Version": 2, "error": error,
-          "resource": {"url": resource, "description": "voicenet credits",
-                       "mimeType": "application/json"},
-          "accepts": [offer.v2()]}
+def tron_required(offer: Offer, resource: str, error: str) -> tuple[dict[str, Any], dict[str, str]]:
+    v2 = {
+        "x402Version": 2,
+        "error": error,
+        "resource": {
+            "url": resource,
+            "description": "voicenet credits",
+            "mimeType": "application/json",
+        },
+        "accepts": [offer.v2()],
+    }
     return {"error": error, **{k: v2[k] for k in ("x402Version", "accepts")}}, {
-        H_PAYMENT_REQUIRED: b64json(v2), EXPOSE: H_PAYMENT_REQUIRED}
+        H_PAYMENT_REQUIRED: b64json(v2),
+        EXPOSE: H_PAYMENT_REQUIRED,
+    }
 
 
 def tron_refusal(data: dict[str, Any], facilitator_url: str | None) -> PaymentInvalid:
     """Why a decoded TRON payment is refused (always: nothing here can verify it)."""
     if data.get("x402Version") != 2 or not isinstance(data.get("payload"), dict):
-        return PaymentInvalid("invalid_payload",
-                              "malformed PAYMENT-SIGNATURE: expected an x402 v2 payload")
-    where = (f"the facilitator {facilitator_url} is not reachable from here"
-             if facilitator_url else "no TRON facilitator is configured")
-    return PaymentInvalid("unverifiable_payment",
-                          f"TRON payments are verified and settled by the Bank of AI facilitator; "
-                          f"{where}, so the payment was not accepted and nothing was credited")
+        return PaymentInvalid(
+            "invalid_payload", "malformed PAYMENT-SIGNATURE: expected an x402 v2 payload"
+        )
+    where = (
+        f"the facilitator {facilitator_url} is not reachable from here"
+        if facilitator_url
+        else "no TRON facilitator is configured"
+    )
+    return PaymentInvalid(
+        "unverifiable_payment",
+        f"TRON payments are verified and settled by the Bank of AI facilitator; "
+        f"{where}, so the payment was not accepted and nothing was credited",
+    )

@@ -16,8 +16,11 @@ SOLANA_MAINNET = "solana:5eykt4UsFv8P8NJdTREpY1vzqKqZKvdp"
 SOLANA_DEVNET = "solana:EtWTRABZaYq6iMfeYKouRu166VU2xqa1"
 SOLANA_TESTNET = "solana:4uhcVJyU9pJkvQyS88uRDiswHXSCkY3z"
 # x402 v1 spells networks by name; v2 by CAIP-2 id.
-SOLANA_V1_NAMES = {SOLANA_MAINNET: "solana", SOLANA_DEVNET: "solana-devnet",
-                   SOLANA_TESTNET: "solana-testnet"}
+SOLANA_V1_NAMES = {
+    SOLANA_MAINNET: "solana",
+    SOLANA_DEVNET: "solana-devnet",
+    SOLANA_TESTNET: "solana-testnet",
+}
 EVM_V1_NAMES = {8453: "base", 84532: "base-sepolia"}
 # The highest compute-unit price the config accepts: 5 lamports per CU (DESIGN section 8, and the
 # official x402 facilitator's cap), in micro-lamports as ComputeBudget counts it.
@@ -55,8 +58,9 @@ class SolanaPayments(_Model):
     fee_payer_keypair: Path = Path(".local/keys/gateway-fee-payer.json")
     # Caps on what a payer's transaction may make the fee payer pay (arithmetic above); a payment
     # above either is refused (402, ..._compute_price_instruction_too_high / _limit_..._too_high).
-    max_compute_unit_price_microlamports: int = Field(default=DEFAULT_MAX_CU_PRICE_MICROLAMPORTS,
-                                                      ge=0, le=MAX_CU_PRICE_MICROLAMPORTS)
+    max_compute_unit_price_microlamports: int = Field(
+        default=DEFAULT_MAX_CU_PRICE_MICROLAMPORTS, ge=0, le=MAX_CU_PRICE_MICROLAMPORTS
+    )
     max_compute_unit_limit: int = Field(default=DEFAULT_MAX_CU_LIMIT, ge=1_000, le=1_400_000)
     max_timeout_seconds: int = Field(default=60, ge=5, le=3600)
     confirm_timeout_seconds: float = Field(default=30.0, gt=0)
@@ -67,8 +71,9 @@ class SolanaPayments(_Model):
     def worst_case_fee_lamports(self) -> int:
         """The most one purchase can cost the fee payer under these caps: the base fee of its two
         signatures plus the priority fee, which Solana rounds up to whole lamports."""
-        priority = -(-self.max_compute_unit_price_microlamports * self.max_compute_unit_limit
-                     // 1_000_000)
+        priority = -(
+            -self.max_compute_unit_price_microlamports * self.max_compute_unit_limit // 1_000_000
+        )
         return 2 * BASE_FEE_LAMPORTS_PER_SIGNATURE + priority
 
 

@@ -37,7 +37,8 @@ from .x402 import PaymentInvalid
 
 P = "invalid_exact_evm_payload"
 TRANSFER_WITH_AUTHORIZATION_VRS = (
-    "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
+    "transferWithAuthorization("
+    "address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
 )
 AUTHORIZATION_STATE = "authorizationState(address,bytes32)"
 AUTHORIZATION_USED_EVENT = "AuthorizationUsed(address,bytes32)"
@@ -49,13 +50,18 @@ LOOKBACK_BLOCKS = 600
 MIN_VALIDITY_LEFT = 6
 AUTH_TYPES = {
     "EIP712Domain": [
-        {"name": "name", "type": "string"}, {"name": "version", "type": "string"},
-        {"name": "chainId", "type": "uint256"}, {"name": "verifyingContract", "type": "address"},
+        {"name": "name", "type": "string"},
+        {"name": "version", "type": "string"},
+        {"name": "chainId", "type": "uint256"},
+        {"name": "verifyingContract", "type": "address"},
     ],
     "TransferWithAuthorization": [
-        {"name": "from", "type": "address"}, {"name": "to", "type": "address"},
-        {"name": "value", "type": "uint256"}, {"name": "validAfter", "type": "uint256"},
-        {"name": "validBefore", "type": "uint256"}, {"name": "nonce", "type": "bytes32"},
+        {"name": "from", "type": "address"},
+        {"name": "to", "type": "address"},
+        {"name": "value", "type": "uint256"},
+        {"name": "validAfter", "type": "uint256"},
+        {"name": "validBefore", "type": "uint256"},
+        {"name": "nonce", "type": "bytes32"},
     ],
 }
 
@@ -88,16 +94,27 @@ class EvmPayment:
     def from_record(cls, authorization: dict[str, Any], signature: str) -> EvmPayment:
         """The payment as recorded at claim time (already verified then), for the reconciler."""
         a = authorization
-        return cls(a["from"], a["to"], int(a["value"]), int(a["validAfter"]),
-                   int(a["validBefore"]), bytes.fromhex(a["nonce"][2:]),
-                   bytes.fromhex(signature[2:]))
+        return cls(
+            a["from"],
+            a["to"],
+            int(a["value"]),
+            int(a["validAfter"]),
+            int(a["validBefore"]),
+            bytes.fromhex(a["nonce"][2:]),
+            bytes.fromhex(signature[2:]),
+        )
 
 
 def typed_data(r: EvmRules, a: dict[str, Any]) -> dict[str, Any]:
     return {
-        "types": AUTH_TYPES, "primaryType": "TransferWithAuthorization",
-        "domain": {"name": r.token_name, "version": r.token_version, "chainId": r.chain_id,
-                   "verifyingContract": r.asset},
+        "types": AUTH_TYPES,
+        "primaryType": "TransferWithAuthorization",
+        "domain": {
+            "name": r.token_name,
+            "version": r.token_version,
+            "chainId": r.chain_id,
+            "verifyingContract": r.asset,
+        },
         "message": a,
     }
 
@@ -108,8 +125,9 @@ def _uint(v: Any, name: str) -> int:
     try:
         n = int(v, 0) if isinstance(v, str) else v
     except ValueError:
-        raise PaymentInvalid(f"{P}_authorization",
-                             f"authorization.{name} {v!r} is not a number") from None
+        raise PaymentInvalid(
+            f"{P}_authorization", f"authorization.{name} {v!r} is not a number"
+        ) from None
     if not 0 <= n < 2**256:
         raise PaymentInvalid(f"{P}_authorization", f"authorization.{name} is out of range")
     return n
@@ -123,56 +141,81 @@ def verify(payload: dict[str, Any], r: EvmRules, now: float | None = None) -> Ev
     now = time.time() if now is None else now
     auth, sig_text = payload.get("authorization"), payload.get("signature")
     if not isinstance(auth, dict) or not isinstance(sig_text, str):
-        raise PaymentInvalid(f"{P}_authorization",
-                             "payload must carry 'authorization' and 'signature'")
+        raise PaymentInvalid(
+            f"{P}_authorization", "payload must carry 'authorization' and 'signature'"
+        )
     frm, to = auth.get("from"), auth.get("to")
-    if not isinstance(frm, str) or not is_hex_address(frm) or not isinstance(to, str) \
-            or not is_hex_address(to):
-        raise PaymentInvalid(f"{P}_authorization",
-                             "authorization.from and .to must be 0x addresses")
+    if (
+        not isinstance(frm, str)
+        or not is_hex_address(frm)
+        or not isinstance(to, str)
+        or not is_hex_address(to)
+    ):
+        raise PaymentInvalid(
+            f"{P}_authorization", "authorization.from and .to must be 0x addresses"
+        )
     value = _uint(auth.get("value"), "value")
     after = _uint(auth.get("validAfter"), "validAfter")
     before = _uint(auth.get("validBefore"), "validBefore")
     nonce_text = auth.get("nonce")
     try:
-        nonce = bytes.fromhex(nonce_text[2:]) if isinstance(nonce_text, str) \
-            and nonce_text.startswith("0x") else b""
+        nonce = (
+            bytes.fromhex(nonce_text[2:])
+            if isinstance(nonce_text, str) and nonce_text.startswith("0x")
+            else b""
+        )
         sig = bytes.fromhex(sig_text[2:]) if sig_text.startswith("0x") else b""
     except ValueError:
         nonce, sig = b"", b""
     if len(nonce) != 32:
         raise PaymentInvalid(f"{P}_authorization", "authorization.nonce must be 32 bytes of 0x-hex")
     if len(sig) != 65:
-        raise PaymentInvalid(f"{P}_signature",
-                             "signature must be 65 bytes of 0x-hex (r, s, v); smart-wallet "
-                             "signatures are not accepted")
+        raise PaymentInvalid(
+            f"{P}_signature",
+            "signature must be 65 bytes of 0x-hex (r, s, v); smart-wallet "
+            "signatures are not accepted",
+        )
     if to.lower() != r.pay_to.lower():
-        raise PaymentInvalid(f"{P}_recipient_mismatch",
-                             f"the authorization pays {to}; this purchase pays {r.pay_to}")
+        raise PaymentInvalid(
+            f"{P}_recipient_mismatch", f"the authorization pays {to}; this purchase pays {r.pay_to}"
+        )
     if value != r.amount:
-        raise PaymentInvalid(f"{P}_amount_mismatch",
-                             f"the authorization is for {value} base units; this purchase is "
-                             f"exactly {r.amount}")
+        raise PaymentInvalid(
+            f"{P}_amount_mismatch",
+            f"the authorization is for {value} base units; this purchase is exactly {r.amount}",
+        )
     if after > now:
-        raise PaymentInvalid(f"{P}_authorization_valid_after",
-                             f"the authorization is not valid before {after} (now {int(now)})")
+        raise PaymentInvalid(
+            f"{P}_authorization_valid_after",
+            f"the authorization is not valid before {after} (now {int(now)})",
+        )
     if before < now + MIN_VALIDITY_LEFT:
-        raise PaymentInvalid(f"{P}_authorization_valid_before",
-                             f"the authorization expired or expires too soon (validBefore "
-                             f"{before}, now {int(now)})")
-    message = {"from": to_checksum_address(frm), "to": to_checksum_address(to), "value": value,
-               "validAfter": after, "validBefore": before, "nonce": nonce}
+        raise PaymentInvalid(
+            f"{P}_authorization_valid_before",
+            f"the authorization expired or expires too soon (validBefore {before}, now {int(now)})",
+        )
+    message = {
+        "from": to_checksum_address(frm),
+        "to": to_checksum_address(to),
+        "value": value,
+        "validAfter": after,
+        "validBefore": before,
+        "nonce": nonce,
+    }
     try:
         signable = encode_typed_data(full_message=typed_data(r, message))
         signer = Account.recover_message(signable, signature=sig)
     except Exception as exc:  # noqa: BLE001 - eth_keys raises assorted types for bad r/s/v
         raise PaymentInvalid(f"{P}_signature", f"the signature does not recover: {exc}") from None
     if signer.lower() != frm.lower():
-        raise PaymentInvalid(f"{P}_signature",
-                             f"the authorization is signed by {signer}, not by {frm} (wrong chain, "
-                             "token or amount signed?)")
-    return EvmPayment(to_checksum_address(frm), to_checksum_address(to), value, after, before,
-                      nonce, sig)
+        raise PaymentInvalid(
+            f"{P}_signature",
+            f"the authorization is signed by {signer}, not by {frm} (wrong chain, "
+            "token or amount signed?)",
+        )
+    return EvmPayment(
+        to_checksum_address(frm), to_checksum_address(to), value, after, before, nonce, sig
+    )
 
 
 def transfer_calldata(p: EvmPayment) -> bytes:
@@ -182,10 +225,29 @@ def transfer_calldata(p: EvmPayment) -> bytes:
     selector = keccak(text=TRANSFER_WITH_AUTHORIZATION_VRS)[:4]
     v = p.signature[64] if p.signature[64] >= 27 else p.signature[64] + 27
     return selector + encode(
-        ["address", "address", "uint256", "uint256", "uint256", "bytes32", "uint8", "bytes32",
-         "bytes32"],
-        [p.payer, p.to, p.value, p.valid_after, p.valid_before, p.nonce, v, p.signature[:32],
-         p.signature[32:64]])
+        [
+            "address",
+            "address",
+            "uint256",
+            "uint256",
+            "uint256",
+            "bytes32",
+            "uint8",
+            "bytes32",
+            "bytes32",
+        ],
+        [
+            p.payer,
+            p.to,
+            p.value,
+            p.valid_after,
+            p.valid_before,
+            p.nonce,
+            v,
+            p.signature[:32],
+            p.signature[32:64],
+        ],
+    )
 
 
 def _selector(signature: str) -> bytes:
@@ -215,10 +277,11 @@ def paid_by(receipt: dict[str, Any], used_log: dict[str, Any], asset: str, p: Ev
         if int(log["logIndex"], 16) != index:
             continue
         topics = [t.lower() for t in log.get("topics") or []]
-        return (log["address"].lower() == asset.lower()
-                and topics == [_topic(TRANSFER_EVENT), _address_topic(p.payer),
-                               _address_topic(p.to)]
-                and int(log.get("data") or "0x0", 16) == p.value)
+        return (
+            log["address"].lower() == asset.lower()
+            and topics == [_topic(TRANSFER_EVENT), _address_topic(p.payer), _address_topic(p.to)]
+            and int(log.get("data") or "0x0", 16) == p.value
+        )
     return False
 
 
@@ -234,8 +297,9 @@ class EvmSettler:
     """Submits authorizations from a relayer key, waits for their receipts, and finds who used an
     authorization when the relayer's own submission was beaten to it."""
 
-    def __init__(self, rpc_url: str | None, relayer_key_file: Path, chain_id: int,
-                 timeout: float = 60.0) -> None:
+    def __init__(
+        self, rpc_url: str | None, relayer_key_file: Path, chain_id: int, timeout: float = 60.0
+    ) -> None:
         self.rpc_url = rpc_url
         self.relayer_key_file = relayer_key_file
         self.chain_id = chain_id
@@ -257,7 +321,7 @@ class EvmSettler:
         try:
             async with self._session.post(self.rpc_url, json=body) as resp:
                 data = await resp.json(content_type=None)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             raise EvmUnavailable(f"cannot reach the EVM RPC at {self.rpc_url}: {exc!r}") from None
         if "error" in data:
             raise EvmUnavailable(f"EVM RPC refused {method}: {data['error']}")
@@ -288,9 +352,17 @@ class EvmSettler:
             block = await self.call("eth_getBlockByNumber", "latest", False)
             base_fee = int(block.get("baseFeePerGas", "0x0"), 16)
             tip = int(await self.call("eth_maxPriorityFeePerGas"), 16)
-            tx = {"type": 2, "chainId": self.chain_id, "nonce": nonce, "to": asset,
-                  "data": data, "value": 0, "gas": gas * 12 // 10,
-                  "maxPriorityFeePerGas": tip, "maxFeePerGas": 2 * base_fee + tip}
+            tx = {
+                "type": 2,
+                "chainId": self.chain_id,
+                "nonce": nonce,
+                "to": asset,
+                "data": data,
+                "value": 0,
+                "gas": gas * 12 // 10,
+                "maxPriorityFeePerGas": tip,
+                "maxFeePerGas": 2 * base_fee + tip,
+            }
             signed = relayer.sign_transaction(tx)
             raw = "0x" + bytes(signed.raw_transaction).hex()
             try:
@@ -312,10 +384,19 @@ class EvmSettler:
     async def find_use(self, asset: str, p: EvmPayment, from_block: int) -> str | None:
         """The transaction that used this authorization to pay ``p.to`` exactly ``p.value``, from
         ``from_block`` on; None when it was not used, or used otherwise."""
-        logs = await self.call("eth_getLogs", {
-            "address": asset, "fromBlock": hex(max(0, from_block)), "toBlock": "latest",
-            "topics": [_topic(AUTHORIZATION_USED_EVENT), _address_topic(p.payer),
-                       "0x" + p.nonce.hex()]})
+        logs = await self.call(
+            "eth_getLogs",
+            {
+                "address": asset,
+                "fromBlock": hex(max(0, from_block)),
+                "toBlock": "latest",
+                "topics": [
+                    _topic(AUTHORIZATION_USED_EVENT),
+                    _address_topic(p.payer),
+                    "0x" + p.nonce.hex(),
+                ],
+            },
+        )
         for log in logs or []:
             receipt = await self.call("eth_getTransactionReceipt", log["transactionHash"])
             if receipt is not None and paid_by(receipt, log, asset, p):

@@ -31,8 +31,9 @@ from .svm import COMPUTE_BUDGET, MEMO_PROGRAM
 
 async def _rpc(url: str, method: str, *params: Any) -> Any:
     async with aiohttp.ClientSession() as s:
-        async with s.post(url, json={"jsonrpc": "2.0", "id": 1, "method": method,
-                                     "params": list(params)}) as r:
+        async with s.post(
+            url, json={"jsonrpc": "2.0", "id": 1, "method": method, "params": list(params)}
+        ) as r:
             data = await r.json(content_type=None)
     if "error" in data:
         raise RuntimeError(f"{method}: {data['error']}")
@@ -51,11 +52,20 @@ async def latest_blockhash(rpc_url: str) -> Hash:
 
 
 async def svm_transaction(
-    payer: Keypair, requirement: dict[str, Any], rpc_url: str, *,
-    amount: int | None = None, pay_to: Pubkey | None = None, mint: Pubkey | None = None,
-    cu_limit: int = 20_000, cu_price: int = 1, blockhash: Hash | None = None,
-    memo: bytes | None = None, memo_accounts: list[AccountMeta] | None = None,
-    authority: Pubkey | None = None, extra_signers: list[Keypair] | None = None,
+    payer: Keypair,
+    requirement: dict[str, Any],
+    rpc_url: str,
+    *,
+    amount: int | None = None,
+    pay_to: Pubkey | None = None,
+    mint: Pubkey | None = None,
+    cu_limit: int = 20_000,
+    cu_price: int = 1,
+    blockhash: Hash | None = None,
+    memo: bytes | None = None,
+    memo_accounts: list[AccountMeta] | None = None,
+    authority: Pubkey | None = None,
+    extra_signers: list[Keypair] | None = None,
     extra_instructions: list[Instruction] | None = None,
 ) -> str:
     """Base64 of the partially signed transaction (slot 0 left for the fee payer)."""
@@ -63,19 +73,30 @@ async def svm_transaction(
     mint = mint or Pubkey.from_string(requirement["asset"])
     pay_to = pay_to or Pubkey.from_string(requirement["payTo"])
     token_program, decimals = await mint_info(rpc_url, mint)
-    amount = int(requirement.get("amount") or requirement["maxAmountRequired"]) \
-        if amount is None else amount
+    amount = (
+        int(requirement.get("amount") or requirement["maxAmountRequired"])
+        if amount is None
+        else amount
+    )
     authority = authority or payer.pubkey()
     ixs = [
         Instruction(COMPUTE_BUDGET, bytes([2]) + cu_limit.to_bytes(4, "little"), []),
         Instruction(COMPUTE_BUDGET, bytes([3]) + cu_price.to_bytes(8, "little"), []),
-        Instruction(token_program, bytes([12]) + amount.to_bytes(8, "little") + bytes([decimals]), [
-            AccountMeta(ata(authority, mint, token_program), False, True),
-            AccountMeta(mint, False, False),
-            AccountMeta(ata(pay_to, mint, token_program), False, True),
-            AccountMeta(authority, True, False)]),
-        Instruction(MEMO_PROGRAM, memo if memo is not None else os.urandom(16).hex().encode(),
-                    memo_accounts or []),
+        Instruction(
+            token_program,
+            bytes([12]) + amount.to_bytes(8, "little") + bytes([decimals]),
+            [
+                AccountMeta(ata(authority, mint, token_program), False, True),
+                AccountMeta(mint, False, False),
+                AccountMeta(ata(pay_to, mint, token_program), False, True),
+                AccountMeta(authority, True, False),
+            ],
+        ),
+        Instruction(
+            MEMO_PROGRAM,
+            memo if memo is not None else os.urandom(16).hex().encode(),
+            memo_accounts or [],
+        ),
         *(extra_instructions or []),
     ]
     blockhash = blockhash or await latest_blockhash(rpc_url)
@@ -83,15 +104,24 @@ async def svm_transaction(
     data = to_bytes_versioned(message)
     signers = {payer.pubkey(): payer, **{k.pubkey(): k for k in extra_signers or []}}
     keys = list(message.account_keys)
-    sigs = [signers[k].sign_message(data) if k in signers else Signature.default()
-            for k in keys[:message.header.num_required_signatures]]
+    sigs = [
+        signers[k].sign_message(data) if k in signers else Signature.default()
+        for k in keys[: message.header.num_required_signatures]
+    ]
     return base64.b64encode(bytes(VersionedTransaction.populate(message, sigs))).decode()
 
 
-def evm_authorization(key: str, requirement: dict[str, Any], chain_id: int, *,
-                      value: int | None = None, to: str | None = None,
-                      valid_after: int | None = None, valid_before: int | None = None,
-                      token_name: str | None = None) -> dict[str, Any]:
+def evm_authorization(
+    key: str,
+    requirement: dict[str, Any],
+    chain_id: int,
+    *,
+    value: int | None = None,
+    to: str | None = None,
+    valid_after: int | None = None,
+    valid_before: int | None = None,
+    token_name: str | None = None,
+) -> dict[str, Any]:
     """An x402 exact EVM payload: EIP-3009 authorization signed with EIP-712."""
     from eth_account import Account
     from eth_account.messages import encode_typed_data
@@ -101,33 +131,58 @@ def evm_authorization(key: str, requirement: dict[str, Any], chain_id: int, *,
     account = Account.from_key(key)
     extra = requirement.get("extra") or {}
     now = int(time.time())
-    auth = {"from": account.address, "to": to or requirement["payTo"],
-            "value": int(requirement.get("amount") or requirement["maxAmountRequired"])
-            if value is None else value,
-            "validAfter": now - 600 if valid_after is None else valid_after,
-            "validBefore": now + int(requirement.get("maxTimeoutSeconds", 300))
-            if valid_before is None else valid_before,
-            "nonce": os.urandom(32)}
-    rules = EvmRules(chain_id, requirement["asset"], token_name or extra.get("name", ""),
-                     extra.get("version", ""), requirement["payTo"], 0)
+    auth = {
+        "from": account.address,
+        "to": to or requirement["payTo"],
+        "value": int(requirement.get("amount") or requirement["maxAmountRequired"])
+        if value is None
+        else value,
+        "validAfter": now - 600 if valid_after is None else valid_after,
+        "validBefore": now + int(requirement.get("maxTimeoutSeconds", 300))
+        if valid_before is None
+        else valid_before,
+        "nonce": os.urandom(32),
+    }
+    rules = EvmRules(
+        chain_id,
+        requirement["asset"],
+        token_name or extra.get("name", ""),
+        extra.get("version", ""),
+        requirement["payTo"],
+        0,
+    )
     signed = account.sign_message(encode_typed_data(full_message=typed_data(rules, auth)))
-    return {"signature": "0x" + bytes(signed.signature).hex(),
-            "authorization": {**{k: str(v) for k, v in auth.items() if k != "nonce"},
-                              "from": auth["from"], "to": auth["to"],
-                              "nonce": "0x" + auth["nonce"].hex()}}
+    return {
+        "signature": "0x" + bytes(signed.signature).hex(),
+        "authorization": {
+            **{k: str(v) for k, v in auth.items() if k != "nonce"},
+            "from": auth["from"],
+            "to": auth["to"],
+            "nonce": "0x" + auth["nonce"].hex(),
+        },
+    }
 
 
-def payment_header(version: int, requirement: dict[str, Any], payload: dict[str, Any],
-                   resource: str = "") -> tuple[str, str]:
+def payment_header(
+    version: int, requirement: dict[str, Any], payload: dict[str, Any], resource: str = ""
+) -> tuple[str, str]:
     """(header name, value) carrying ``payload`` for ``requirement`` (a v2 ``accepts`` entry or
     a v1 one)."""
     if version == 1:
-        body: dict[str, Any] = {"x402Version": 1, "scheme": requirement["scheme"],
-                                "network": requirement["network"], "payload": payload}
+        body: dict[str, Any] = {
+            "x402Version": 1,
+            "scheme": requirement["scheme"],
+            "network": requirement["network"],
+            "payload": payload,
+        }
         name = "X-PAYMENT"
     else:
-        body = {"x402Version": 2, "accepted": requirement, "payload": payload,
-                "resource": {"url": resource}}
+        body = {
+            "x402Version": 2,
+            "accepted": requirement,
+            "payload": payload,
+            "resource": {"url": resource},
+        }
         name = "PAYMENT-SIGNATURE"
     return name, base64.b64encode(json.dumps(body).encode()).decode()
 

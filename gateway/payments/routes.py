@@ -18,9 +18,9 @@ from gateway.ledger import pricing
 from gateway.routes import Route
 from gateway.schemas import Body
 
-from .wiring import payments_of
 from .challenges import H_PAYMENT_AUTHORIZATION, problem, tron_offer, tron_refusal, tron_required
 from .service import SettlementPending, SettlementUnavailable
+from .wiring import payments_of
 from .x402 import (
     H_PAYMENT_SIGNATURE,
     H_X_PAYMENT,
@@ -39,8 +39,9 @@ DESCRIPTION = "voicenet credits: {usd} USD = {micro} microcredits"
 def _amount(v: float) -> float:
     d = Decimal(str(v))
     if d < pricing.MIN_PURCHASE_USD or d > MAX_PURCHASE_USD:
-        raise ValueError(f"amount_usd must be between {pricing.MIN_PURCHASE_USD} and "
-                         f"{MAX_PURCHASE_USD}, got {v}")
+        raise ValueError(
+            f"amount_usd must be between {pricing.MIN_PURCHASE_USD} and {MAX_PURCHASE_USD}, got {v}"
+        )
     if d != d.quantize(Decimal("0.000001")):
         raise ValueError(f"amount_usd has at most 6 decimal places (1 microcredit), got {v}")
     return v
@@ -69,8 +70,9 @@ class TronPurchaseRequest(Body):
 
 
 def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, text=json.dumps(body), content_type="application/json",
-                        headers=headers)
+    return web.Response(
+        status=status, text=json.dumps(body), content_type="application/json", headers=headers
+    )
 
 
 async def purchase(request: web.Request) -> web.Response:
@@ -92,8 +94,10 @@ async def purchase(request: web.Request) -> web.Response:
     name = H_PAYMENT_SIGNATURE if H_PAYMENT_SIGNATURE in request.headers else H_X_PAYMENT
     value = request.headers.get(name)
     if value is None:
-        return required(f"payment required: {usd} USD buys {micro} microcredits; pay with x402 "
-                        f"({H_X_PAYMENT} or {H_PAYMENT_SIGNATURE})")
+        return required(
+            f"payment required: {usd} USD buys {micro} microcredits; pay with x402 "
+            f"({H_X_PAYMENT} or {H_PAYMENT_SIGNATURE})"
+        )
     try:
         p = parse_payment(decode_header(value, name), name)
         offer = match_offer(p, offers)
@@ -104,11 +108,15 @@ async def purchase(request: web.Request) -> web.Response:
         return _json(503, {"error": str(exc)})
     except SettlementPending as exc:
         return _json(504, {"error": str(exc), "transaction": exc.reference})
-    return _json(200, {"account_id": result.account_id,
-                       "credited_microcredits": str(result.credited_microcredits),
-                       "amount_usd": float(result.amount_usd)},
-                 settle_headers(result.transaction, result.network, result.payer,
-                                result.amount_atomic))
+    return _json(
+        200,
+        {
+            "account_id": result.account_id,
+            "credited_microcredits": str(result.credited_microcredits),
+            "amount_usd": float(result.amount_usd),
+        },
+        settle_headers(result.transaction, result.network, result.payer, result.amount_atomic),
+    )
 
 
 async def purchase_mpp(request: web.Request) -> web.Response:
@@ -123,9 +131,15 @@ async def purchase_mpp(request: web.Request) -> web.Response:
         if auth.lower().startswith("payment "):
             credential = auth
     if credential is None:
-        return _json(402, problem("payment-required",
-                                  f"payment required: {usd} USD via MPP (Tempo); send the "
-                                  f"credential in {H_PAYMENT_AUTHORIZATION}"), headers)
+        return _json(
+            402,
+            problem(
+                "payment-required",
+                f"payment required: {usd} USD via MPP (Tempo); send the "
+                f"credential in {H_PAYMENT_AUTHORIZATION}",
+            ),
+            headers,
+        )
     kind, detail = mpp.check_credential(credential)
     return _json(402, problem(kind, detail), headers)
 
@@ -138,23 +152,42 @@ async def purchase_tron(request: web.Request) -> web.Response:
     offer = tron_offer(svc.cfg.tron, pricing.usd_to_microcredits(usd), resource)
     value = request.headers.get(H_PAYMENT_SIGNATURE)
     if value is None:
-        data, headers = tron_required(offer, resource,
-                                      f"payment required: {usd} USD in USDT on TRON "
-                                      f"({H_PAYMENT_SIGNATURE}, scheme exact_permit)")
+        data, headers = tron_required(
+            offer,
+            resource,
+            f"payment required: {usd} USD in USDT on TRON "
+            f"({H_PAYMENT_SIGNATURE}, scheme exact_permit)",
+        )
         return _json(402, data, headers)
     try:
         raise tron_refusal(decode_header(value, H_PAYMENT_SIGNATURE), svc.cfg.tron.facilitator_url)
     except PaymentInvalid as exc:
-        data, headers = tron_required(offer, resource, f"payment refused ({exc.reason}): "
-                                                       f"{exc.message}")
+        data, headers = tron_required(
+            offer, resource, f"payment refused ({exc.reason}): {exc.message}"
+        )
         return _json(402, data, headers)
 
 
 PAYMENT_ROUTES = (
-    Route("POST", "/v1/credits/purchase", purchase, "Purchase credits with an x402 payment",
-          model=PurchaseRequest),
-    Route("POST", "/v1/credits/purchase/mpp", purchase_mpp, "Purchase credits via MPP (challenge)",
-          model=MppPurchaseRequest),
-    Route("POST", "/v1/credits/purchase/tron", purchase_tron,
-          "Purchase credits via TRON (challenge)", model=TronPurchaseRequest),
+    Route(
+        "POST",
+        "/v1/credits/purchase",
+        purchase,
+        "Purchase credits with an x402 payment",
+        model=PurchaseRequest,
+    ),
+    Route(
+        "POST",
+        "/v1/credits/purchase/mpp",
+        purchase_mpp,
+        "Purchase credits via MPP (challenge)",
+        model=MppPurchaseRequest,
+    ),
+    Route(
+        "POST",
+        "/v1/credits/purchase/tron",
+        purchase_tron,
+        "Purchase credits via TRON (challenge)",
+        model=TronPurchaseRequest,
+    ),
 )

@@ -78,10 +78,13 @@ class Purchase:
 
 def _replay(rec: PaymentRecord) -> PaymentInvalid:
     state = {CREDITED: "was already credited", FAILED: "already failed"}.get(
-        rec.status, "is already being settled")
-    return PaymentInvalid("duplicate_settlement",
-                          f"replayed payment: transaction {rec.signature} {state}; a payment is "
-                          "credited once (sign a new one to buy more)")
+        rec.status, "is already being settled"
+    )
+    return PaymentInvalid(
+        "duplicate_settlement",
+        f"replayed payment: transaction {rec.signature} {state}; a payment is "
+        "credited once (sign a new one to buy more)",
+    )
 
 
 class PaymentService:
@@ -95,8 +98,12 @@ class PaymentService:
         self.pay_to: Pubkey | None = None
         self.mint: MintInfo | None = None
         self.solana_error: str | None = "not started"
-        self.evm = evm.EvmSettler(cfg.evm.rpc_url, cfg.evm.relayer_key_file, cfg.evm.chain_id,
-                                  cfg.evm.confirm_timeout_seconds)
+        self.evm = evm.EvmSettler(
+            cfg.evm.rpc_url,
+            cfg.evm.relayer_key_file,
+            cfg.evm.chain_id,
+            cfg.evm.confirm_timeout_seconds,
+        )
         self.mpp = MppChallenges(cfg.mpp)
         self._last_start = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -154,16 +161,26 @@ class PaymentService:
         elif Path(s.asset_keypair).exists():
             mint = load_keypair(s.asset_keypair).pubkey()
         else:
-            raise RuntimeError(f"no payment asset: payments.solana.asset is unset and "
-                               f"{s.asset_keypair} (the localnet test USDC, made by `make up`) "
-                               "does not exist")
-        if is_local_rpc(self.sol_rpc.url) and \
-                await self.sol_rpc.balance(self.fee_payer.pubkey()) < LAMPORTS_PER_SOL // 2:
+            raise RuntimeError(
+                f"no payment asset: payments.solana.asset is unset and "
+                f"{s.asset_keypair} (the localnet test USDC, made by `make up`) "
+                "does not exist"
+            )
+        if (
+            is_local_rpc(self.sol_rpc.url)
+            and await self.sol_rpc.balance(self.fee_payer.pubkey()) < LAMPORTS_PER_SOL // 2
+        ):
             await self.sol_rpc.airdrop(self.fee_payer.pubkey(), 2 * LAMPORTS_PER_SOL)
         self.mint = await read_mint(self.sol_rpc, mint)
         await ensure_token_account(self.sol_rpc, self.fee_payer, self.pay_to, self.mint)
-        log.info("Solana payments: %s of %s to %s, fee payer %s, network %s", "exact",
-                 self.mint.mint, self.pay_to, self.fee_payer.pubkey(), s.network)
+        log.info(
+            "Solana payments: %s of %s to %s, fee payer %s, network %s",
+            "exact",
+            self.mint.mint,
+            self.pay_to,
+            self.fee_payer.pubkey(),
+            s.network,
+        )
 
     async def close(self) -> None:
         if self._task is not None:
@@ -190,15 +207,33 @@ class PaymentService:
         out: list[Offer] = []
         s, e = self.cfg.solana, self.cfg.evm
         if self.solana_error is None and self.mint and self.pay_to and self.fee_payer:
-            out.append(Offer(
-                "solana", "exact", s.network, SOLANA_V1_NAMES.get(s.network), str(self.mint.mint),
-                str(self.pay_to), to_atomic(amount_usd, self.mint.decimals), s.max_timeout_seconds,
-                {"feePayer": str(self.fee_payer.pubkey())}))
+            out.append(
+                Offer(
+                    "solana",
+                    "exact",
+                    s.network,
+                    SOLANA_V1_NAMES.get(s.network),
+                    str(self.mint.mint),
+                    str(self.pay_to),
+                    to_atomic(amount_usd, self.mint.decimals),
+                    s.max_timeout_seconds,
+                    {"feePayer": str(self.fee_payer.pubkey())},
+                )
+            )
         if e.enabled and e.pay_to:
-            out.append(Offer(
-                "evm", "exact", f"eip155:{e.chain_id}", EVM_V1_NAMES.get(e.chain_id), e.asset,
-                e.pay_to, to_atomic(amount_usd, e.decimals), e.max_timeout_seconds,
-                {"name": e.token_name, "version": e.token_version}))
+            out.append(
+                Offer(
+                    "evm",
+                    "exact",
+                    f"eip155:{e.chain_id}",
+                    EVM_V1_NAMES.get(e.chain_id),
+                    e.asset,
+                    e.pay_to,
+                    to_atomic(amount_usd, e.decimals),
+                    e.max_timeout_seconds,
+                    {"name": e.token_name, "version": e.token_version},
+                )
+            )
         out.sort(key=lambda o: o.rail != wallet_chain)  # the caller's own chain first
         return out
 
@@ -210,37 +245,69 @@ class PaymentService:
 
     # ---------------------------------------------------------------- settlement
 
-    async def settle(self, wallet_chain: str, wallet_address: str, amount_usd: Decimal,
-                     p: PaymentPayload, offer: Offer) -> Purchase:
+    async def settle(
+        self,
+        wallet_chain: str,
+        wallet_address: str,
+        amount_usd: Decimal,
+        p: PaymentPayload,
+        offer: Offer,
+    ) -> Purchase:
         micro = pricing.usd_to_microcredits(amount_usd)
         if offer.rail == "solana":
-            return await self._settle_solana(wallet_chain, wallet_address, amount_usd, micro, p,
-                                             offer)
+            return await self._settle_solana(
+                wallet_chain, wallet_address, amount_usd, micro, p, offer
+            )
         return await self._settle_evm(wallet_chain, wallet_address, amount_usd, micro, p, offer)
 
     def _rules(self, offer: Offer) -> svm.SvmRules:
         assert self.fee_payer and self.mint and self.pay_to
         s = self.cfg.solana
-        return svm.SvmRules(self.fee_payer.pubkey(), self.mint.mint, self.mint.token_program,
-                            self.mint.decimals, self.pay_to, offer.amount,
-                            s.max_compute_unit_price_microlamports, s.max_compute_unit_limit)
+        return svm.SvmRules(
+            self.fee_payer.pubkey(),
+            self.mint.mint,
+            self.mint.token_program,
+            self.mint.decimals,
+            self.pay_to,
+            offer.amount,
+            s.max_compute_unit_price_microlamports,
+            s.max_compute_unit_limit,
+        )
 
-    async def _settle_solana(self, wallet_chain: str, wallet_address: str, amount_usd: Decimal,
-                             micro: int, p: PaymentPayload, offer: Offer) -> Purchase:
+    async def _settle_solana(
+        self,
+        wallet_chain: str,
+        wallet_address: str,
+        amount_usd: Decimal,
+        micro: int,
+        p: PaymentPayload,
+        offer: Offer,
+    ) -> Purchase:
         assert self.fee_payer is not None
-        payment = svm.verify(svm.decode_transaction(p.payload.get("transaction")),
-                             self._rules(offer))
+        payment = svm.verify(
+            svm.decode_transaction(p.payload.get("transaction")), self._rules(offer)
+        )
         payer = str(payment.payer)
         if wallet_chain != "solana" or wallet_address != payer:
-            raise PaymentInvalid("payer_mismatch",
-                                 f"the payment is signed by solana wallet {payer} but the body "
-                                 f"names {wallet_chain} wallet {wallet_address}: credits go to "
-                                 "the wallet that paid, so wallet_address must be the payer")
+            raise PaymentInvalid(
+                "payer_mismatch",
+                f"the payment is signed by solana wallet {payer} but the body "
+                f"names {wallet_chain} wallet {wallet_address}: credits go to "
+                "the wallet that paid, so wallet_address must be the payer",
+            )
         full = cosign(payment.tx, self.fee_payer)
         sig = str(full.signatures[0])
-        await self._claim("solana", sig, micro, payer, amount_usd, p, offer,
-                          message_hash=payment.message_hash,
-                          tx=base64.b64encode(bytes(full)).decode())
+        await self._claim(
+            "solana",
+            sig,
+            micro,
+            payer,
+            amount_usd,
+            p,
+            offer,
+            message_hash=payment.message_hash,
+            tx=base64.b64encode(bytes(full)).decode(),
+        )
         try:
             await self.sol_rpc.send(full)
         except RpcRefused as exc:
@@ -249,40 +316,69 @@ class PaymentService:
                 await self.book.forget(sig)
                 raise PaymentInvalid(
                     "transaction_simulation_failed",
-                    f"the chain refused the transaction: {_explain(exc)}") from None
+                    f"the chain refused the transaction: {_explain(exc)}",
+                ) from None
         except RpcUnavailable as exc:
-            raise SettlementPending(f"payment transaction {sig} may have been sent but the RPC "
-                                    f"did not answer ({exc}); it will be credited if it lands",
-                                    sig) from None
-        status = await self.sol_rpc.wait(full.signatures[0],
-                                         self.cfg.solana.confirm_timeout_seconds)
+            raise SettlementPending(
+                f"payment transaction {sig} may have been sent but the RPC "
+                f"did not answer ({exc}); it will be credited if it lands",
+                sig,
+            ) from None
+        status = await self.sol_rpc.wait(
+            full.signatures[0], self.cfg.solana.confirm_timeout_seconds
+        )
         if status is None:
-            raise SettlementPending(f"payment transaction {sig} was sent but not confirmed within "
-                                    f"{self.cfg.solana.confirm_timeout_seconds:g} s; it will be "
-                                    "credited when the chain confirms it", sig)
+            raise SettlementPending(
+                f"payment transaction {sig} was sent but not confirmed within "
+                f"{self.cfg.solana.confirm_timeout_seconds:g} s; it will be "
+                "credited when the chain confirms it",
+                sig,
+            )
         if status.err is not None:
             await self.book.mark_failed(sig, f"failed on chain: {status.err}")
-            raise PaymentInvalid("transaction_failed",
-                                 f"payment transaction {sig} failed on chain ({status.err}); "
-                                 "nothing was credited")
+            raise PaymentInvalid(
+                "transaction_failed",
+                f"payment transaction {sig} failed on chain ({status.err}); nothing was credited",
+            )
         await self.book.mark_confirmed(sig, slot=status.slot)
         if self.after_confirm is not None:
             await self.after_confirm(sig)
         rec = await self._credit(sig)
-        return Purchase(rec.account_id or "", rec.amount_microcredits, amount_usd, sig,
-                        p.network, payer, offer.amount)
+        return Purchase(
+            rec.account_id or "",
+            rec.amount_microcredits,
+            amount_usd,
+            sig,
+            p.network,
+            payer,
+            offer.amount,
+        )
 
-    async def _claim(self, chain: str, reference: str, micro: int, payer: str,
-                     amount_usd: Decimal, p: PaymentPayload, offer: Offer,
-                     **rail_detail: Any) -> None:
+    async def _claim(
+        self,
+        chain: str,
+        reference: str,
+        micro: int,
+        payer: str,
+        amount_usd: Decimal,
+        p: PaymentPayload,
+        offer: Offer,
+        **rail_detail: Any,
+    ) -> None:
         """Record the payment as pending before anything is sent; one seen before (or claimed by
         a concurrent request) is a replay, answered with its state."""
         seen = await self.book.get(reference)
         if seen is not None:
             raise _replay(seen)
-        detail = {"network": offer.network, "asset": offer.asset, "pay_to": offer.pay_to,
-                  "amount_atomic": offer.amount, "amount_usd": str(amount_usd),
-                  "x402_version": p.version, **rail_detail}
+        detail = {
+            "network": offer.network,
+            "asset": offer.asset,
+            "pay_to": offer.pay_to,
+            "amount_atomic": offer.amount,
+            "amount_usd": str(amount_usd),
+            "x402_version": p.version,
+            **rail_detail,
+        }
         try:
             await self.book.record_pending(chain, reference, micro, payer, detail)
         except DuplicatePayment:
@@ -306,28 +402,48 @@ class PaymentService:
             assert rec is not None and rec.status == CREDITED
         return rec
 
-    async def _settle_evm(self, wallet_chain: str, wallet_address: str, amount_usd: Decimal,
-                          micro: int, p: PaymentPayload, offer: Offer) -> Purchase:
+    async def _settle_evm(
+        self,
+        wallet_chain: str,
+        wallet_address: str,
+        amount_usd: Decimal,
+        micro: int,
+        p: PaymentPayload,
+        offer: Offer,
+    ) -> Purchase:
         e = self.cfg.evm
-        rules = evm.EvmRules(e.chain_id, e.asset, e.token_name, e.token_version, offer.pay_to,
-                             offer.amount)
+        rules = evm.EvmRules(
+            e.chain_id, e.asset, e.token_name, e.token_version, offer.pay_to, offer.amount
+        )
         payment = evm.verify(p.payload, rules)
         if wallet_chain != "evm" or wallet_address.lower() != payment.payer.lower():
-            raise PaymentInvalid("payer_mismatch",
-                                 f"the authorization is signed by evm wallet {payment.payer} but "
-                                 f"the body names {wallet_chain} wallet {wallet_address}: credits "
-                                 "go to the wallet that paid")
+            raise PaymentInvalid(
+                "payer_mismatch",
+                f"the authorization is signed by evm wallet {payment.payer} but "
+                f"the body names {wallet_chain} wallet {wallet_address}: credits "
+                "go to the wallet that paid",
+            )
         ref = payment.reference(e.chain_id, e.asset)
         try:
             from_block = await self.evm.block_number() - evm.LOOKBACK_BLOCKS
         except evm.EvmUnavailable as exc:
             raise SettlementUnavailable(
                 f"EVM settlement unavailable: {exc}; the authorization was not used and "
-                "nothing was credited") from None
-        await self._claim("evm", ref, micro, payment.payer, amount_usd, p, offer,
-                          valid_before=payment.valid_before,
-                          authorization=p.payload.get("authorization"),
-                          signature="0x" + payment.signature.hex(), from_block=from_block)
+                "nothing was credited"
+            ) from None
+        await self._claim(
+            "evm",
+            ref,
+            micro,
+            payment.payer,
+            amount_usd,
+            p,
+            offer,
+            valid_before=payment.valid_before,
+            authorization=p.payload.get("authorization"),
+            signature="0x" + payment.signature.hex(),
+            from_block=from_block,
+        )
         try:
             tx_hash = await self._evm_send(e.asset, payment)
         except evm.EvmUnavailable as exc:
@@ -335,34 +451,57 @@ class PaymentService:
                 await self.book.forget(ref)
                 raise SettlementUnavailable(
                     f"EVM settlement unavailable: {exc}; the authorization was not used and "
-                    "nothing was credited") from None
-            raise SettlementPending(f"the EVM transfer may have been sent ({exc}); it will be "
-                                    "credited if it lands", ref) from None
+                    "nothing was credited"
+                ) from None
+            raise SettlementPending(
+                f"the EVM transfer may have been sent ({exc}); it will be credited if it lands", ref
+            ) from None
         if tx_hash is not None:
             await self.book.annotate(ref, tx_hash=tx_hash)
             receipt = await self.evm.receipt(tx_hash)
             if receipt is None:
-                raise SettlementPending(f"EVM transaction {tx_hash} not confirmed yet; it will be "
-                                        "credited when it is", ref)
+                raise SettlementPending(
+                    f"EVM transaction {tx_hash} not confirmed yet; it will be credited when it is",
+                    ref,
+                )
             if int(receipt.get("status", "0x0"), 16) == 1:
                 await self.book.mark_confirmed(ref, block=receipt.get("blockNumber"))
                 rec = await self._credit(ref)
-                return Purchase(rec.account_id or "", rec.amount_microcredits, amount_usd,
-                                tx_hash, p.network, payment.payer, offer.amount)
+                return Purchase(
+                    rec.account_id or "",
+                    rec.amount_microcredits,
+                    amount_usd,
+                    tx_hash,
+                    p.network,
+                    payment.payer,
+                    offer.amount,
+                )
         # Not sent because already used, or reverted: someone may have submitted it first.
         winner = await self.evm.find_use(e.asset, payment, from_block)
         if winner is None:
-            what = f"EVM transaction {tx_hash} reverted" if tx_hash else \
-                "the authorization's nonce was already used"
+            what = (
+                f"EVM transaction {tx_hash} reverted"
+                if tx_hash
+                else "the authorization's nonce was already used"
+            )
             await self.book.mark_failed(ref, f"{what}; not used to pay {payment.to}")
-            raise PaymentInvalid("transaction_failed",
-                                 f"{what} and no transfer of {payment.value} to {payment.to} "
-                                 "used it; nothing was credited")
+            raise PaymentInvalid(
+                "transaction_failed",
+                f"{what} and no transfer of {payment.value} to {payment.to} "
+                "used it; nothing was credited",
+            )
         log.info("EVM payment %s was submitted by someone else (%s): credited", ref, winner)
         await self.book.mark_confirmed(ref, used_by=winner)
         rec = await self._credit(ref)
-        return Purchase(rec.account_id or "", rec.amount_microcredits, amount_usd, winner,
-                        p.network, payment.payer, offer.amount)
+        return Purchase(
+            rec.account_id or "",
+            rec.amount_microcredits,
+            amount_usd,
+            winner,
+            p.network,
+            payment.payer,
+            offer.amount,
+        )
 
     async def _evm_send(self, asset: str, payment: evm.EvmPayment) -> str | None:
         """Submit the authorization unless its nonce is used already (front-run, or the client
@@ -405,13 +544,16 @@ class PaymentService:
         if status is not None:
             if status.err is not None:
                 await self.book.mark_failed(rec.signature, f"failed on chain: {status.err}")
-                log.info("payment %s failed on chain (%s): not credited", rec.signature,
-                         status.err)
+                log.info("payment %s failed on chain (%s): not credited", rec.signature, status.err)
                 return "failed"
             await self.book.mark_confirmed(rec.signature, slot=status.slot)
             await self._credit(rec.signature)
-            log.info("payment %s confirmed on chain: credited %d microcredits to %s",
-                     rec.signature, rec.amount_microcredits, rec.wallet_address)
+            log.info(
+                "payment %s confirmed on chain: credited %d microcredits to %s",
+                rec.signature,
+                rec.amount_microcredits,
+                rec.wallet_address,
+            )
             return "credited"
         if not valid:
             await self.book.mark_failed(rec.signature, "expired: never landed on chain")
@@ -440,8 +582,11 @@ class PaymentService:
             return "waiting"
         # Reverted, or expired unsent: credited only if someone else used it to pay us.
         payment = evm.EvmPayment.from_record(rec.detail["authorization"], rec.detail["signature"])
-        winner = await self.evm.find_use(rec.detail.get("asset") or self.cfg.evm.asset, payment,
-                                         int(rec.detail.get("from_block", 0)))
+        winner = await self.evm.find_use(
+            rec.detail.get("asset") or self.cfg.evm.asset,
+            payment,
+            int(rec.detail.get("from_block", 0)),
+        )
         if winner is not None:
             await self.book.mark_confirmed(rec.signature, used_by=winner)
             await self._credit(rec.signature)

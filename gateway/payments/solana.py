@@ -72,12 +72,14 @@ class SolanaRpc:
         except RPCException as exc:
             error = exc.args[0] if exc.args else exc
             simulation = getattr(error, "data", None)
-            raise RpcRefused(str(getattr(error, "message", error)),
-                             getattr(simulation, "logs", None) or ()) from None
+            raise RpcRefused(
+                str(getattr(error, "message", error)), getattr(simulation, "logs", None) or ()
+            ) from None
         except SolanaRpcException as exc:
-            raise RpcUnavailable(f"cannot reach the Solana RPC at {self.url}: "
-                                 f"{exc.__cause__!r}") from None
-        except (httpx.HTTPError, asyncio.TimeoutError, OSError) as exc:
+            raise RpcUnavailable(
+                f"cannot reach the Solana RPC at {self.url}: {exc.__cause__!r}"
+            ) from None
+        except (TimeoutError, httpx.HTTPError, OSError) as exc:
             raise RpcUnavailable(f"cannot reach the Solana RPC at {self.url}: {exc!r}") from None
 
     # ---------------------------------------------------------------- reads
@@ -99,8 +101,13 @@ class SolanaRpc:
         return fee.value is not None
 
     async def statuses(self, sigs: list[Signature]) -> list[TransactionStatus | None]:
-        return list((await self._answer(self.client.get_signature_statuses(
-            sigs, search_transaction_history=True))).value)
+        return list(
+            (
+                await self._answer(
+                    self.client.get_signature_statuses(sigs, search_transaction_history=True)
+                )
+            ).value
+        )
 
     # ---------------------------------------------------------------- writes
 
@@ -116,8 +123,9 @@ class SolanaRpc:
         delay = 0.02
         while True:
             (status,) = await self.statuses([sig])
-            if status is not None and (status.err is not None
-                                       or status.confirmation_status in _LANDED):
+            if status is not None and (
+                status.err is not None or status.confirmation_status in _LANDED
+            ):
                 return status
             if time.monotonic() >= deadline:
                 return None
@@ -128,15 +136,17 @@ class SolanaRpc:
         sig = (await self._answer(self.client.request_airdrop(to, lamports))).value
         await self.wait(sig, 30)
 
-    async def send_and_confirm(self, instructions: list[Instruction], signers: list[Keypair],
-                               timeout: float = 30.0) -> Signature:
+    async def send_and_confirm(
+        self, instructions: list[Instruction], signers: list[Keypair], timeout: float = 30.0
+    ) -> Signature:
         blockhash = await self.latest_blockhash()
         message = Message.new_with_blockhash(instructions, signers[0].pubkey(), blockhash)
         sig = await self.send(Transaction(signers, message, blockhash))
         status = await self.wait(sig, timeout)
         if status is None or status.err is not None:
-            raise RpcRefused(f"transaction {sig} did not confirm: "
-                             f"{status.err if status else 'timeout'}")
+            raise RpcRefused(
+                f"transaction {sig} did not confirm: {status.err if status else 'timeout'}"
+            )
         return sig
 
 
@@ -162,13 +172,15 @@ async def read_mint(rpc: SolanaRpc, mint: Pubkey) -> MintInfo:
     return MintInfo(mint, acc.owner, acc.data[44])
 
 
-async def ensure_token_account(rpc: SolanaRpc, payer: Keypair, owner: Pubkey,
-                               mint: MintInfo) -> Pubkey:
+async def ensure_token_account(
+    rpc: SolanaRpc, payer: Keypair, owner: Pubkey, mint: MintInfo
+) -> Pubkey:
     """The pay-to wallet's token account must exist for the client's TransferChecked to land."""
     account = ata(owner, mint.mint, mint.token_program)
     if await rpc.account(account) is None:
-        ix = create_idempotent_associated_token_account(payer.pubkey(), owner, mint.mint,
-                                                        mint.token_program)
+        ix = create_idempotent_associated_token_account(
+            payer.pubkey(), owner, mint.mint, mint.token_program
+        )
         await rpc.send_and_confirm([ix], [payer])
         log.info("created the pay-to token account %s (%s of %s)", account, mint.mint, owner)
     return account

@@ -70,21 +70,27 @@ class SvmPayment:
 
 def decode_transaction(b64: object) -> VersionedTransaction:
     if not isinstance(b64, str) or not b64:
-        raise PaymentInvalid(f"{P}_transaction_could_not_be_decoded",
-                             "payload.transaction must be a base64 string")
+        raise PaymentInvalid(
+            f"{P}_transaction_could_not_be_decoded", "payload.transaction must be a base64 string"
+        )
     try:
         raw = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
-        raise PaymentInvalid(f"{P}_transaction_could_not_be_decoded",
-                             "payload.transaction is not base64") from None
+        raise PaymentInvalid(
+            f"{P}_transaction_could_not_be_decoded", "payload.transaction is not base64"
+        ) from None
     if len(raw) > MAX_TX_BYTES:
-        raise PaymentInvalid(f"{P}_transaction_could_not_be_decoded",
-                             f"transaction is {len(raw)} bytes (max {MAX_TX_BYTES})")
+        raise PaymentInvalid(
+            f"{P}_transaction_could_not_be_decoded",
+            f"transaction is {len(raw)} bytes (max {MAX_TX_BYTES})",
+        )
     try:
         return VersionedTransaction.from_bytes(raw)
     except Exception as exc:  # noqa: BLE001 - untrusted bytes, any decode error
-        raise PaymentInvalid(f"{P}_transaction_could_not_be_decoded",
-                             f"payload.transaction is not a Solana transaction: {exc}") from None
+        raise PaymentInvalid(
+            f"{P}_transaction_could_not_be_decoded",
+            f"payload.transaction is not a Solana transaction: {exc}",
+        ) from None
 
 
 def verify(tx: VersionedTransaction, r: SvmRules) -> SvmPayment:
@@ -93,16 +99,21 @@ def verify(tx: VersionedTransaction, r: SvmRules) -> SvmPayment:
     keys = list(msg.account_keys)
     header = msg.header
     if isinstance(msg, MessageV0) and msg.address_table_lookups:
-        raise PaymentInvalid(f"{P}_address_lookup_tables",
-                             "address lookup tables are not accepted: every account must be listed")
+        raise PaymentInvalid(
+            f"{P}_address_lookup_tables",
+            "address lookup tables are not accepted: every account must be listed",
+        )
     if not keys or keys[0] != r.fee_payer:
-        raise PaymentInvalid(f"{P}_missing_fee_payer",
-                             f"the transaction's fee payer must be {r.fee_payer} "
-                             f"(extra.feePayer), not {keys[0] if keys else 'nothing'}")
+        raise PaymentInvalid(
+            f"{P}_missing_fee_payer",
+            f"the transaction's fee payer must be {r.fee_payer} "
+            f"(extra.feePayer), not {keys[0] if keys else 'nothing'}",
+        )
     ixs = list(msg.instructions)
     if not 3 <= len(ixs) <= 6:
-        raise PaymentInvalid(f"{P}_transaction_instructions_length",
-                             f"expected 3 to 6 instructions, got {len(ixs)}")
+        raise PaymentInvalid(
+            f"{P}_transaction_instructions_length", f"expected 3 to 6 instructions, got {len(ixs)}"
+        )
 
     def program(i: int) -> Pubkey:
         return keys[ixs[i].program_id_index]
@@ -110,75 +121,112 @@ def verify(tx: VersionedTransaction, r: SvmRules) -> SvmPayment:
     # SECURITY: the signature we add must authorise nothing but the fee.
     for n, ix in enumerate(ixs):
         if ix.program_id_index == 0 or 0 in bytes(ix.accounts):
-            raise PaymentInvalid(f"{P}_transaction_fee_payer_included_in_instruction_accounts",
-                                 f"instruction {n} uses the fee payer {r.fee_payer}: the fee payer "
-                                 "may only pay the network fee")
+            raise PaymentInvalid(
+                f"{P}_transaction_fee_payer_included_in_instruction_accounts",
+                f"instruction {n} uses the fee payer {r.fee_payer}: the fee payer "
+                "may only pay the network fee",
+            )
 
     if header.num_required_signatures != 2 or len(tx.signatures) != 2:
-        raise PaymentInvalid(f"{P}_signers",
-                             "the transaction must have exactly two signers: the fee payer and "
-                             f"the payer (it has {header.num_required_signatures})")
+        raise PaymentInvalid(
+            f"{P}_signers",
+            "the transaction must have exactly two signers: the fee payer and "
+            f"the payer (it has {header.num_required_signatures})",
+        )
 
     def compute_budget(i: int, tag: int, size: int, code: str, name: str) -> int:
         """The little-endian argument of ComputeBudget instruction ``i`` (``tag``, ``size``
         bytes), which must take no accounts."""
         data = bytes(ixs[i].data)
-        if (program(i) != COMPUTE_BUDGET or len(data) != 1 + size or data[0] != tag
-                or bytes(ixs[i].accounts)):
-            raise PaymentInvalid(f"{P}_transaction_instructions_{code}",
-                                 f"instruction {i} must be ComputeBudget {name}")
+        if (
+            program(i) != COMPUTE_BUDGET
+            or len(data) != 1 + size
+            or data[0] != tag
+            or bytes(ixs[i].accounts)
+        ):
+            raise PaymentInvalid(
+                f"{P}_transaction_instructions_{code}",
+                f"instruction {i} must be ComputeBudget {name}",
+            )
         return int.from_bytes(data[1:], "little")
 
     limit = compute_budget(0, 2, 4, "compute_limit_instruction", "SetComputeUnitLimit")
     if limit > r.max_cu_limit:
-        raise PaymentInvalid(f"{P}_transaction_instructions_compute_limit_instruction_too_high",
-                             f"compute unit limit {limit} is above the cap {r.max_cu_limit}")
+        raise PaymentInvalid(
+            f"{P}_transaction_instructions_compute_limit_instruction_too_high",
+            f"compute unit limit {limit} is above the cap {r.max_cu_limit}",
+        )
     price = compute_budget(1, 3, 8, "compute_price_instruction", "SetComputeUnitPrice")
     if price > r.max_cu_price_microlamports:
-        raise PaymentInvalid(f"{P}_transaction_instructions_compute_price_instruction_too_high",
-                             f"compute unit price {price} micro-lamports is above the cap "
-                             f"{r.max_cu_price_microlamports} "
-                             f"({r.max_cu_price_microlamports / 1e6:g} lamports/CU)")
+        raise PaymentInvalid(
+            f"{P}_transaction_instructions_compute_price_instruction_too_high",
+            f"compute unit price {price} micro-lamports is above the cap "
+            f"{r.max_cu_price_microlamports} "
+            f"({r.max_cu_price_microlamports / 1e6:g} lamports/CU)",
+        )
 
     t = ixs[2]
     data, accts = bytes(t.data), bytes(t.accounts)
-    if program(2) not in (TOKEN_PROGRAM, TOKEN_2022_PROGRAM) or len(data) != 10 or data[0] != 12 \
-            or len(accts) != 4:
-        raise PaymentInvalid(f"{P}_no_transfer_instruction",
-                             "instruction 2 must be one SPL Token TransferChecked "
-                             "(source, mint, destination, authority)")
+    if (
+        program(2) not in (TOKEN_PROGRAM, TOKEN_2022_PROGRAM)
+        or len(data) != 10
+        or data[0] != 12
+        or len(accts) != 4
+    ):
+        raise PaymentInvalid(
+            f"{P}_no_transfer_instruction",
+            "instruction 2 must be one SPL Token TransferChecked "
+            "(source, mint, destination, authority)",
+        )
     source, mint, dest, authority = (keys[i] for i in accts)
     amount = int.from_bytes(data[1:9], "little")
     if program(2) != r.token_program or mint != r.mint:
-        raise PaymentInvalid(f"{P}_mint_mismatch",
-                             f"the transfer is of mint {mint} (program {program(2)}); this "
-                             f"purchase is paid in {r.mint}")
+        raise PaymentInvalid(
+            f"{P}_mint_mismatch",
+            f"the transfer is of mint {mint} (program {program(2)}); this "
+            f"purchase is paid in {r.mint}",
+        )
     if data[9] != r.decimals:
-        raise PaymentInvalid(f"{P}_mint_mismatch",
-                             f"TransferChecked says {data[9]} decimals; {r.mint} has {r.decimals}")
+        raise PaymentInvalid(
+            f"{P}_mint_mismatch",
+            f"TransferChecked says {data[9]} decimals; {r.mint} has {r.decimals}",
+        )
     want_dest = ata(r.pay_to, r.mint, r.token_program)
     if dest != want_dest:
-        raise PaymentInvalid(f"{P}_recipient_mismatch",
-                             f"the transfer goes to {dest}; it must go to {want_dest}, the "
-                             f"{r.mint} account of {r.pay_to}")
+        raise PaymentInvalid(
+            f"{P}_recipient_mismatch",
+            f"the transfer goes to {dest}; it must go to {want_dest}, the "
+            f"{r.mint} account of {r.pay_to}",
+        )
     if amount != r.amount:
-        raise PaymentInvalid(f"{P}_amount_mismatch",
-                             f"the transfer is {amount} base units; this purchase is exactly "
-                             f"{r.amount}")
+        raise PaymentInvalid(
+            f"{P}_amount_mismatch",
+            f"the transfer is {amount} base units; this purchase is exactly {r.amount}",
+        )
     if accts[3] >= header.num_required_signatures:
-        raise PaymentInvalid(f"{P}_authority_not_signer",
-                             f"the transfer authority {authority} does not sign the transaction")
+        raise PaymentInvalid(
+            f"{P}_authority_not_signer",
+            f"the transfer authority {authority} does not sign the transaction",
+        )
 
     for n in range(3, len(ixs)):
         if program(n) not in OPTIONAL_PROGRAMS:
-            raise PaymentInvalid(f"{P}_unknown_instruction",
-                                 f"instruction {n} calls {program(n)}: only Memo (or Lighthouse) "
-                                 "instructions may follow the transfer")
+            raise PaymentInvalid(
+                f"{P}_unknown_instruction",
+                f"instruction {n} calls {program(n)}: only Memo (or Lighthouse) "
+                "instructions may follow the transfer",
+            )
 
     message = to_bytes_versioned(msg)
     payer_sig: Signature = tx.signatures[1]
     if not payer_sig.verify(keys[1], message):
-        raise PaymentInvalid(f"{P}_signature",
-                             f"the signature of {keys[1]} does not verify over the transaction")
-    return SvmPayment(tx=tx, payer=authority, source=source, amount=amount,
-                      message_hash=hashlib.sha256(message).hexdigest())
+        raise PaymentInvalid(
+            f"{P}_signature", f"the signature of {keys[1]} does not verify over the transaction"
+        )
+    return SvmPayment(
+        tx=tx,
+        payer=authority,
+        source=source,
+        amount=amount,
+        message_hash=hashlib.sha256(message).hexdigest(),
+    )

@@ -1,7 +1,6 @@
 """The payment service's life in the app: started with it (pending payments reconciled at start)
 and stopped with it, or started by the first purchase where the app was not set up."""
 
-
 from __future__ import annotations
 
 import asyncio

@@ -53,41 +53,70 @@ class Offer:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def v2(self) -> dict[str, Any]:
-        return {"scheme": self.scheme, "network": self.network, "amount": str(self.amount),
-                "asset": self.asset, "payTo": self.pay_to,
-                "maxTimeoutSeconds": self.max_timeout_seconds, "extra": dict(self.extra)}
+        return {
+            "scheme": self.scheme,
+            "network": self.network,
+            "amount": str(self.amount),
+            "asset": self.asset,
+            "payTo": self.pay_to,
+            "maxTimeoutSeconds": self.max_timeout_seconds,
+            "extra": dict(self.extra),
+        }
 
     def v1(self, resource: str, description: str) -> dict[str, Any] | None:
         if self.network_v1 is None:
             return None
-        return {"scheme": self.scheme, "network": self.network_v1,
-                "maxAmountRequired": str(self.amount), "resource": resource,
-                "description": description, "mimeType": "application/json",
-                "payTo": self.pay_to, "maxTimeoutSeconds": self.max_timeout_seconds,
-                "asset": self.asset, "extra": dict(self.extra)}
+        return {
+            "scheme": self.scheme,
+            "network": self.network_v1,
+            "maxAmountRequired": str(self.amount),
+            "resource": resource,
+            "description": description,
+            "mimeType": "application/json",
+            "payTo": self.pay_to,
+            "maxTimeoutSeconds": self.max_timeout_seconds,
+            "asset": self.asset,
+            "extra": dict(self.extra),
+        }
 
 
 def b64json(obj: Any) -> str:
     return base64.b64encode(json.dumps(obj, separators=(",", ":")).encode()).decode()
 
 
-def payment_required(offers: list[Offer], resource: str, description: str,
-                     error: str) -> tuple[dict[str, Any], dict[str, str]]:
+def payment_required(
+    offers: list[Offer], resource: str, description: str, error: str
+) -> tuple[dict[str, Any], dict[str, str]]:
     """The 402 answer: v1 JSON body (with our ``error``) and the v2 ``PAYMENT-REQUIRED`` header."""
-    body = {"x402Version": 1, "error": error,
-            "accepts": [a for a in (o.v1(resource, description) for o in offers) if a]}
-    v2 = {"x402Version": 2, "error": error,
-          "resource": {"url": resource, "description": description,
-                       "mimeType": "application/json"},
-          "accepts": [o.v2() for o in offers]}
+    body = {
+        "x402Version": 1,
+        "error": error,
+        "accepts": [a for a in (o.v1(resource, description) for o in offers) if a],
+    }
+    v2 = {
+        "x402Version": 2,
+        "error": error,
+        "resource": {"url": resource, "description": description, "mimeType": "application/json"},
+        "accepts": [o.v2() for o in offers],
+    }
     return body, {H_PAYMENT_REQUIRED: b64json(v2), EXPOSE: H_PAYMENT_REQUIRED}
 
 
 def settle_headers(transaction: str, network: str, payer: str, amount: int) -> dict[str, str]:
-    value = b64json({"success": True, "transaction": transaction, "network": network,
-                     "payer": payer, "amount": str(amount)})
-    return {H_PAYMENT_RESPONSE: value, H_X_PAYMENT_RESPONSE: value,
-            EXPOSE: f"{H_PAYMENT_RESPONSE}, {H_X_PAYMENT_RESPONSE}"}
+    value = b64json(
+        {
+            "success": True,
+            "transaction": transaction,
+            "network": network,
+            "payer": payer,
+            "amount": str(amount),
+        }
+    )
+    return {
+        H_PAYMENT_RESPONSE: value,
+        H_X_PAYMENT_RESPONSE: value,
+        EXPOSE: f"{H_PAYMENT_RESPONSE}, {H_X_PAYMENT_RESPONSE}",
+    }
 
 
 def decode_header(value: str, name: str) -> dict[str, Any]:
@@ -96,17 +125,19 @@ def decode_header(value: str, name: str) -> dict[str, Any]:
     if not text:
         raise PaymentInvalid("invalid_payload", f"malformed {name} header: empty")
     if len(text) > MAX_HEADER_CHARS:
-        raise PaymentInvalid("invalid_payload",
-                             f"malformed {name} header: {len(text)} characters (max "
-                             f"{MAX_HEADER_CHARS})")
+        raise PaymentInvalid(
+            "invalid_payload",
+            f"malformed {name} header: {len(text)} characters (max {MAX_HEADER_CHARS})",
+        )
     t = text.replace("-", "+").replace("_", "/")
     t += "=" * (-len(t) % 4)
     try:
         raw = base64.b64decode(t, validate=True)
         data = jsonsafe.loads(raw)
     except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
-        raise PaymentInvalid("invalid_payload",
-                             f"malformed {name} header: not base64-encoded JSON ({exc})") from None
+        raise PaymentInvalid(
+            "invalid_payload", f"malformed {name} header: not base64-encoded JSON ({exc})"
+        ) from None
     if not isinstance(data, dict):
         raise PaymentInvalid("invalid_payload", f"malformed {name} header: not a JSON object")
     return data
@@ -129,19 +160,25 @@ def parse_payment(data: dict[str, Any], header: str) -> PaymentPayload:
     if version == 1:
         scheme, network = data.get("scheme"), data.get("network")
         if not isinstance(scheme, str) or not isinstance(network, str):
-            raise PaymentInvalid("invalid_payload",
-                                 f"malformed {header}: x402 v1 needs 'scheme' and 'network'")
+            raise PaymentInvalid(
+                "invalid_payload", f"malformed {header}: x402 v1 needs 'scheme' and 'network'"
+            )
         return PaymentPayload(1, scheme, network, payload, None)
     if version == 2:
         accepted = data.get("accepted")
-        if not isinstance(accepted, dict) or not isinstance(accepted.get("scheme"), str) \
-                or not isinstance(accepted.get("network"), str):
-            raise PaymentInvalid("invalid_payload",
-                                 f"malformed {header}: x402 v2 needs 'accepted' with scheme and "
-                                 "network")
+        if (
+            not isinstance(accepted, dict)
+            or not isinstance(accepted.get("scheme"), str)
+            or not isinstance(accepted.get("network"), str)
+        ):
+            raise PaymentInvalid(
+                "invalid_payload",
+                f"malformed {header}: x402 v2 needs 'accepted' with scheme and network",
+            )
         return PaymentPayload(2, accepted["scheme"], accepted["network"], payload, accepted)
-    raise PaymentInvalid("invalid_x402_version",
-                         f"unsupported x402Version {version!r} in {header}: expected 1 or 2")
+    raise PaymentInvalid(
+        "invalid_x402_version", f"unsupported x402Version {version!r} in {header}: expected 1 or 2"
+    )
 
 
 def match_offer(p: PaymentPayload, offers: list[Offer]) -> Offer:
@@ -156,9 +193,11 @@ def match_offer(p: PaymentPayload, offers: list[Offer]) -> Offer:
                     raise PaymentInvalid(
                         "requirements_mismatch",
                         f"the payment accepted {key}={p.accepted.get(key)!r} but this purchase "
-                        f"requires {key}={want[key]!r}")
+                        f"requires {key}={want[key]!r}",
+                    )
         return o
     offered = ", ".join(f"{o.scheme} on {o.network}" for o in offers) or "nothing"
-    raise PaymentInvalid("unsupported_scheme",
-                         f"no offer for scheme {p.scheme!r} on network {p.network!r} "
-                         f"(offered: {offered})")
+    raise PaymentInvalid(
+        "unsupported_scheme",
+        f"no offer for scheme {p.scheme!r} on network {p.network!r} (offered: {offered})",
+    )

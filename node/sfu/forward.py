@@ -98,8 +98,9 @@ class _DirectQueue:
         return self._stop.get()
 
 
-def install_passthrough(receiver: RTCRtpReceiver, on_frame: FrameSink,
-                        on_level: LevelSink | None = None) -> None:
+def install_passthrough(
+    receiver: RTCRtpReceiver, on_frame: FrameSink, on_level: LevelSink | None = None
+) -> None:
     """Make ``receiver`` hand each Opus frame, still encoded, to ``on_frame``; call before the
     receiver starts (i.e. from the peer connection's ``track`` event)."""
     if getattr(receiver, "_sfu_passthrough", False):

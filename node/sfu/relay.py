@@ -48,18 +48,29 @@ class RelayParticipant:
         self.closed = asyncio.Event()
         self._outgoing: dict[str, ForwardTrack] = {}  # local track sid -> forward to the peer
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.client = LiveKitClient(peer_url, token, on_track=self._on_peer_track,
-                                    on_data=self._on_peer_data, query={"relay": "1"})
+        self.client = LiveKitClient(
+            peer_url,
+            token,
+            on_track=self._on_peer_track,
+            on_data=self._on_peer_data,
+            query={"relay": "1"},
+        )
 
     # ------------------------------------------------------------ the Participant surface
 
     def info(self) -> models.ParticipantInfo:
         return models.ParticipantInfo(
-            sid=self.sid, identity=self.identity, name=self.name, state=self.state,
-            tracks=[t.info() for t in self.tracks.values()], joined_at=int(self.joined_at),
-            permission=models.ParticipantPermission(can_subscribe=True, can_publish=True,
-                                                    can_publish_data=True),
-            is_publisher=bool(self.tracks))
+            sid=self.sid,
+            identity=self.identity,
+            name=self.name,
+            state=self.state,
+            tracks=[t.info() for t in self.tracks.values()],
+            joined_at=int(self.joined_at),
+            permission=models.ParticipantPermission(
+                can_subscribe=True, can_publish=True, can_publish_data=True
+            ),
+            is_publisher=bool(self.tracks),
+        )
 
     def send(self, response: Any) -> None:
         pass  # the peer learns about the room from its own node's signalling
@@ -79,8 +90,9 @@ class RelayParticipant:
     def subscribe(self, track: PublishedTrack) -> None:
         if track.owner is self or track.owner.remote or track.sid in self._outgoing:
             return
-        forward = ForwardTrack(track_id=f"relay-{track.sid}", max_queue=self.room.settings
-                               .subscriber_queue)
+        forward = ForwardTrack(
+            track_id=f"relay-{track.sid}", max_queue=self.room.settings.subscriber_queue
+        )
         self._outgoing[track.sid] = forward
         track.subscribers[self.sid] = forward
         self.spawn(self._publish(forward, f"{track.owner.identity}/{track.name}"))
@@ -103,8 +115,7 @@ class RelayParticipant:
     def _on_peer_track(self, track_sid: str, owner_sid: str, receiver: Any) -> None:
         owner = self.client.participants.get(owner_sid)
         name = f"{owner.identity if owner else 'peer'}/{track_sid}"
-        published = PublishedTrack(sid=new_sid("TR"), cid=track_sid, name=name,
-                                   owner=self)  # type: ignore[arg-type]
+        published = PublishedTrack(sid=new_sid("TR"), cid=track_sid, name=name, owner=self)  # type: ignore[arg-type]
         install_passthrough(receiver, published.on_frame, published.on_level)
         published.receiving = True
         self.room.publish(self, published)  # type: ignore[arg-type]

@@ -28,13 +28,16 @@ def session_ids(body: Any) -> list[str]:
     """The distinct ids of a revoke body, or BadRevocation naming what is wrong."""
     ids = body.get("session_ids") if isinstance(body, dict) else None
     if not isinstance(ids, list) or not ids:
-        raise BadRevocation('body must be {"session_ids": ["<session id>", ...]} with at least one id')
+        raise BadRevocation(
+            'body must be {"session_ids": ["<session id>", ...]} with at least one id'
+        )
     if len(ids) > MAX_IDS_PER_REQUEST:
         raise BadRevocation(f"{len(ids)} session ids: at most {MAX_IDS_PER_REQUEST} per request")
     for sid in ids:
         if not isinstance(sid, str) or not 0 < len(sid) <= MAX_ID_LENGTH:
-            raise BadRevocation(f"session id {str(sid)[:40]!r} is not a string of 1 to "
-                                f"{MAX_ID_LENGTH} characters")
+            raise BadRevocation(
+                f"session id {str(sid)[:40]!r} is not a string of 1 to {MAX_ID_LENGTH} characters"
+            )
     return list(dict.fromkeys(ids))
 
 

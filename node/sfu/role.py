@@ -13,16 +13,17 @@ from typing import Any
 from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from livekit.protocol import models, room as room_pb
+from livekit.protocol import models
+from livekit.protocol import room as room_pb
 
+from common import jsonsafe
+from common.settings import validate_settings
 from node.roles import RoleContext
 from node.sfu.forward import check_compatible
 from node.sfu.relay import RelayParticipant
 from node.sfu.revoked import BadRevocation, Revocations, session_ids
 from node.sfu.rtc import Participant, Room
 from node.sfu.settings import SfuSettings
-from common import jsonsafe
-from common.settings import validate_settings
 from registry.tokens import Claims, TokenError, verify_body
 
 log = logging.getLogger("node.sfu")
@@ -55,8 +56,9 @@ class SfuRole:
 
     def __init__(self, context: RoleContext) -> None:
         self.context = context
-        self.settings = validate_settings(SfuSettings, dict(context.settings or {}),
-                                          "the sfu: section of the node config")
+        self.settings = validate_settings(
+            SfuSettings, dict(context.settings or {}), "the sfu: section of the node config"
+        )
         check_compatible()
         self.rooms: dict[str, Room] = {}
         self.draining = False
@@ -126,15 +128,22 @@ class SfuRole:
 
     async def authorise(self, token: str | None, room_hint: str | None = None) -> Claims:
         if not token:
-            raise Refusal(401, "no_token", "no token: pass Authorization: Bearer <token> or "
-                                           "?access_token=<token>")
+            raise Refusal(
+                401,
+                "no_token",
+                "no token: pass Authorization: Bearer <token> or ?access_token=<token>",
+            )
         try:
             claims = await self.context.verify(token)
         except TokenError as exc:
             raise Refusal(401, exc.code, str(exc)) from None
         if claims.session_id in self.revoked:
-            raise Refusal(401, "session_ended", f"session {claims.session_id} has ended (settled "
-                                                "by the gateway): ask the gateway for a new token")
+            raise Refusal(
+                401,
+                "session_ended",
+                f"session {claims.session_id} has ended (settled "
+                "by the gateway): ask the gateway for a new token",
+            )
         grant = claims.grant
         room = grant.get("room")
         if not grant.get("roomJoin") or not room:
@@ -158,13 +167,15 @@ class SfuRole:
         connections) is. A client that tried /rtc/v1 asks /rtc/v1/validate why it failed, and a
         404 whose body does not say "requested room does not exist" makes it retry on /rtc. A
         browser page reads that answer only if it is open to any origin (CORS)."""
-        return web.Response(status=404, text="signal v1 is not served here; use /rtc",
-                            headers=CROSS_ORIGIN)
+        return web.Response(
+            status=404, text="signal v1 is not served here; use /rtc", headers=CROSS_ORIGIN
+        )
 
     async def revoke(self, request: web.Request) -> web.Response:
         """The gateway's list of settled sessions: their tokens are refused from now on and their
         live participants are disconnected (LiveKit ``leave``). Signed by a trusted issuer key
         over the exact body (``registry.tokens.sign_body``)."""
+
         def refuse(status: int, code: str, message: str) -> web.Response:
             log.info("refused a revoke: %s: %s", code, message)
             return web.json_response({"error": code, "message": message}, status=status)
@@ -178,10 +189,13 @@ class SfuRole:
             signer = verify_body(bearer(request) or "", body)
         except TokenError as exc:
             return refuse(401, exc.code, str(exc))
-        if signer not in await self.context.verifier.trusted_issuers() and \
-                signer not in await self.context.verifier.trusted_issuers(force=True):
-            return refuse(403, "untrusted_issuer",
-                          f"{signer} is not a gateway key listed on the registry")
+        if (
+            signer not in await self.context.verifier.trusted_issuers()
+            and signer not in await self.context.verifier.trusted_issuers(force=True)
+        ):
+            return refuse(
+                403, "untrusted_issuer", f"{signer} is not a gateway key listed on the registry"
+            )
         try:
             ids = session_ids(jsonsafe.loads(body))
         except (BadRevocation, ValueError) as exc:
@@ -191,8 +205,12 @@ class SfuRole:
         for room in list(self.rooms.values()):
             for p in list(room.participants.values()):
                 if not p.remote and p.session_id in wanted:
-                    log.info("session %s of %s in %s revoked; disconnecting", p.session_id,
-                             p.identity, room.name)
+                    log.info(
+                        "session %s of %s in %s revoked; disconnecting",
+                        p.session_id,
+                        p.identity,
+                        room.name,
+                    )
                     await p.close(models.DisconnectReason.PARTICIPANT_REMOVED)
         return web.json_response({"revoked": len(ids)})
 
@@ -202,8 +220,7 @@ class SfuRole:
         try:
             await self.authorise(bearer(request), request.query.get("room"))
         except Refusal as exc:
-            return web.Response(status=exc.status, text=f"{exc.code}: {exc}",
-                                headers=CROSS_ORIGIN)
+            return web.Response(status=exc.status, text=f"{exc.code}: {exc}", headers=CROSS_ORIGIN)
         return web.Response(text="success", headers=CROSS_ORIGIN)
 
     async def rtc(self, request: web.Request) -> web.StreamResponse:
@@ -219,8 +236,9 @@ class SfuRole:
         if room is None:
             room = self.rooms[room_name] = Room(room_name, self.settings, self._emit)
         relay = request.query.get("relay") == "1" and bool(claims.grant.get("roomAdmin"))
-        participant = Participant(room, claims, ws, self.settings,
-                                  name=str(claims.raw.get("name", "")), remote=relay)
+        participant = Participant(
+            room, claims, ws, self.settings, name=str(claims.raw.get("name", "")), remote=relay
+        )
         log.info("%s joins room %s as %s", claims.identity, room_name, participant.sid)
         await room.join(participant)
         await participant.run()
@@ -233,17 +251,20 @@ class SfuRole:
             claims = await self.authorise(bearer(request))
         except Refusal as exc:
             if exc.code not in ("draining", "no_capacity", "room_full"):
-                return web.json_response({"error": exc.code, "message": str(exc)},
-                                         status=exc.status)
+                return web.json_response(
+                    {"error": exc.code, "message": str(exc)}, status=exc.status
+                )
             claims = await self.context.verify(bearer(request) or "")
             if claims.session_id in self.revoked:
-                return web.json_response({"error": "session_ended",
-                                          "message": "this session has ended"}, status=401)
+                return web.json_response(
+                    {"error": "session_ended", "message": "this session has ended"}, status=401
+                )
         room = self.rooms.get(claims.grant["room"])
         target = room.by_identity(claims.identity) if room else None
         if target is None or target.session_id != claims.session_id:
-            return web.json_response({"error": "not_found",
-                                      "message": "no live participant of this session"}, status=404)
+            return web.json_response(
+                {"error": "not_found", "message": "no live participant of this session"}, status=404
+            )
         target.expires_at = max(target.expires_at, claims.expires_at)
         return web.json_response({"identity": target.identity, "expires_at": target.expires_at})
 
@@ -259,19 +280,25 @@ class SfuRole:
         except Refusal as exc:
             return web.json_response({"error": exc.code, "message": str(exc)}, status=exc.status)
         if not claims.grant.get("roomAdmin"):
-            return web.json_response({"error": "permission_denied",
-                                      "message": "linking a room needs a roomAdmin token"},
-                                     status=403)
+            return web.json_response(
+                {"error": "permission_denied", "message": "linking a room needs a roomAdmin token"},
+                status=403,
+            )
         try:
             body = jsonsafe.loads(await request.read())
             peer_url, peer_token = body["peer_url"], body["peer_token"]
             if not isinstance(peer_url, str) or not isinstance(peer_token, str):
                 raise TypeError
         except (ValueError, KeyError, TypeError):
-            return web.json_response({"error": "bad_request",
-                                      "message": "body must be {\"peer_url\": \"ws://...\", "
-                                                 "\"peer_token\": \"<roomAdmin token for the peer "
-                                                 "node>\"}"}, status=400)
+            return web.json_response(
+                {
+                    "error": "bad_request",
+                    "message": 'body must be {"peer_url": "ws://...", '
+                    '"peer_token": "<roomAdmin token for the peer '
+                    'node>"}',
+                },
+                status=400,
+            )
         room_name = claims.grant["room"]
         room = self.rooms.get(room_name)
         if room is None:
@@ -282,11 +309,17 @@ class SfuRole:
             await link.start()
         except Exception as exc:
             await link.close()
-            return web.json_response({"error": "peer_unreachable",
-                                      "message": f"{type(exc).__name__}: {exc}"}, status=502)
+            return web.json_response(
+                {"error": "peer_unreachable", "message": f"{type(exc).__name__}: {exc}"}, status=502
+            )
         log.info("room %s linked to %s", room_name, peer_url)
-        return web.json_response({"room": room_name, "relay_sid": link.sid,
-                                  "peer_participant_sid": link.client.join.participant.sid})
+        return web.json_response(
+            {
+                "room": room_name,
+                "relay_sid": link.sid,
+                "peer_participant_sid": link.client.join.participant.sid,
+            }
+        )
 
     # ------------------------------------------------------------ Twirp RoomService
 
@@ -309,8 +342,9 @@ class SfuRole:
         req = message_type()
         try:
             if as_json:
-                json_format.ParseDict(jsonsafe.loads(body or b"{}"), req,
-                                      ignore_unknown_fields=True)
+                json_format.ParseDict(
+                    jsonsafe.loads(body or b"{}"), req, ignore_unknown_fields=True
+                )
             else:
                 req.ParseFromString(body)
         except Exception as exc:
@@ -327,15 +361,19 @@ class SfuRole:
         admin_room = claims.grant.get("room")
         target = getattr(req, "room", None)
         if target and target != admin_room:
-            return _twirp_error(403, "permission_denied",
-                                f"the token administers room {admin_room!r}, not {target!r}")
+            return _twirp_error(
+                403,
+                "permission_denied",
+                f"the token administers room {admin_room!r}, not {target!r}",
+            )
         try:
             result = await fn(req, admin_room)
         except LookupError as exc:
             return _twirp_error(404, "not_found", str(exc))
         if as_json:
-            return web.Response(body=json_format.MessageToJson(result),
-                                content_type="application/json")
+            return web.Response(
+                body=json_format.MessageToJson(result), content_type="application/json"
+            )
         return web.Response(body=result.SerializeToString(), content_type="application/protobuf")
 
     def _room(self, name: str) -> Room:
@@ -352,19 +390,22 @@ class SfuRole:
 
     async def _list_rooms(self, req: room_pb.ListRoomsRequest, admin_room: str) -> Message:
         names = set(req.names) or {admin_room}
-        return room_pb.ListRoomsResponse(rooms=[r.info() for n, r in self.rooms.items()
-                                                if n == admin_room and n in names])
+        return room_pb.ListRoomsResponse(
+            rooms=[r.info() for n, r in self.rooms.items() if n == admin_room and n in names]
+        )
 
     async def _list_participants(self, req: room_pb.ListParticipantsRequest, _: str) -> Message:
         return room_pb.ListParticipantsResponse(
-            participants=[p.info() for p in self._room(req.room).visible()])
+            participants=[p.info() for p in self._room(req.room).visible()]
+        )
 
     async def _get_participant(self, req: room_pb.RoomParticipantIdentity, _: str) -> Message:
         return self._participant(req.room, req.identity).info()
 
     async def _remove_participant(self, req: room_pb.RoomParticipantIdentity, _: str) -> Message:
         await self._participant(req.room, req.identity).close(
-            models.DisconnectReason.PARTICIPANT_REMOVED)
+            models.DisconnectReason.PARTICIPANT_REMOVED
+        )
         return room_pb.RemoveParticipantResponse()
 
     async def _mute_track(self, req: room_pb.MuteRoomTrackRequest, _: str) -> Message:
@@ -380,9 +421,14 @@ class SfuRole:
 
     async def _send_data(self, req: room_pb.SendDataRequest, _: str) -> Message:
         room = self._room(req.room)
-        packet = models.DataPacket(kind=req.kind, user=models.UserPacket(
-            payload=req.data, topic=req.topic if req.HasField("topic") else None,
-            destination_identities=list(req.destination_identities)))
+        packet = models.DataPacket(
+            kind=req.kind,
+            user=models.UserPacket(
+                payload=req.data,
+                topic=req.topic if req.HasField("topic") else None,
+                destination_identities=list(req.destination_identities),
+            ),
+        )
         packet.destination_identities.extend(req.destination_identities)
         label = "_lossy" if req.kind == models.DataPacket.Kind.LOSSY else "_reliable"
         room.send_data(packet, label, set(req.destination_identities))

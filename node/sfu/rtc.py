@@ -27,10 +27,10 @@ from aiortc.rtcdatachannel import RTCDataChannel
 from aiortc.sdp import candidate_from_sdp
 from livekit.protocol import models, rtc
 
+from common import jsonsafe
 from node.protocol import BadMessage, json_object
 from node.sfu.forward import ForwardTrack, install_passthrough, level_to_unit
 from node.sfu.settings import SfuSettings
-from common import jsonsafe
 from registry.tokens import Claims
 
 log = logging.getLogger("node.sfu")
@@ -49,7 +49,7 @@ class PublishedTrack:
     sid: str
     cid: str
     name: str
-    owner: "Participant"
+    owner: Participant
     source: int = models.TrackSource.MICROPHONE
     muted: bool = False
     mid: str = ""
@@ -61,9 +61,16 @@ class PublishedTrack:
     frames: int = 0
 
     def info(self) -> models.TrackInfo:
-        return models.TrackInfo(sid=self.sid, type=models.TrackType.AUDIO, name=self.name,
-                                muted=self.muted, source=self.source, mime_type=self.mime_type,
-                                mid=self.mid, stereo=False)
+        return models.TrackInfo(
+            sid=self.sid,
+            type=models.TrackType.AUDIO,
+            name=self.name,
+            muted=self.muted,
+            source=self.source,
+            mime_type=self.mime_type,
+            mid=self.mid,
+            stereo=False,
+        )
 
     def on_frame(self, packet: Any) -> None:
         self.frames += 1
@@ -82,8 +89,15 @@ class SignalError(Exception):
 
 
 class Participant:
-    def __init__(self, room: "Room", claims: Claims, ws: web.WebSocketResponse,
-                 settings: SfuSettings, name: str = "", remote: bool = False) -> None:
+    def __init__(
+        self,
+        room: Room,
+        claims: Claims,
+        ws: web.WebSocketResponse,
+        settings: SfuSettings,
+        name: str = "",
+        remote: bool = False,
+    ) -> None:
         self.room = room
         self.claims = claims
         self.ws = ws
@@ -106,8 +120,10 @@ class Participant:
         config = RTCConfiguration(iceServers=[])
         self.publisher = RTCPeerConnection(config)
         self.subscriber = RTCPeerConnection(config)
-        self._early_candidates: dict[int, list[Any]] = {id(self.publisher): [],
-                                                        id(self.subscriber): []}
+        self._early_candidates: dict[int, list[Any]] = {
+            id(self.publisher): [],
+            id(self.subscriber): [],
+        }
         self._sub_channels: dict[str, RTCDataChannel] = {}
         self._sub_data_backlog: list[tuple[str, bytes]] = []
         self._negotiate_lock = asyncio.Lock()
@@ -127,14 +143,24 @@ class Participant:
     # ------------------------------------------------------------ info
 
     def info(self) -> models.ParticipantInfo:
-        perm = models.ParticipantPermission(can_subscribe=self.can_subscribe,
-                                            can_publish=self.can_publish,
-                                            can_publish_data=self.can_publish_data)
+        perm = models.ParticipantPermission(
+            can_subscribe=self.can_subscribe,
+            can_publish=self.can_publish,
+            can_publish_data=self.can_publish_data,
+        )
         return models.ParticipantInfo(
-            sid=self.sid, identity=self.identity, name=self.name or "", state=self.state,
-            tracks=[t.info() for t in self.tracks.values()], joined_at=int(self.joined_at),
-            joined_at_ms=int(self.joined_at * 1000), version=1, permission=perm,
-            is_publisher=bool(self.tracks), region=self.settings.region)
+            sid=self.sid,
+            identity=self.identity,
+            name=self.name or "",
+            state=self.state,
+            tracks=[t.info() for t in self.tracks.values()],
+            joined_at=int(self.joined_at),
+            joined_at_ms=int(self.joined_at * 1000),
+            version=1,
+            permission=perm,
+            is_publisher=bool(self.tracks),
+            region=self.settings.region,
+        )
 
     # ------------------------------------------------------------ signal out
 
@@ -145,8 +171,9 @@ class Participant:
         try:
             self._out.put_nowait(response.SerializeToString())
         except asyncio.QueueFull:
-            log.warning("participant %s is not reading its signal socket; dropping it",
-                        self.identity)
+            log.warning(
+                "participant %s is not reading its signal socket; dropping it", self.identity
+            )
             self.spawn(self.close(models.DisconnectReason.STATE_MISMATCH))
 
     async def _write_loop(self) -> None:
@@ -155,8 +182,11 @@ class Participant:
             if data is None:
                 return
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s <- %s", self.identity,
-                          rtc.SignalResponse.FromString(data).WhichOneof("message"))
+                log.debug(
+                    "%s <- %s",
+                    self.identity,
+                    rtc.SignalResponse.FromString(data).WhichOneof("message"),
+                )
             try:
                 await self.ws.send_bytes(data)
             except (ConnectionError, RuntimeError):
@@ -169,16 +199,23 @@ class Participant:
         return task
 
     def request_response(self, request_id: int, reason: int, message: str, **kw: Any) -> None:
-        self.send(rtc.SignalResponse(request_response=rtc.RequestResponse(
-            request_id=request_id, reason=reason, message=message, **kw)))
+        self.send(
+            rtc.SignalResponse(
+                request_response=rtc.RequestResponse(
+                    request_id=request_id, reason=reason, message=message, **kw
+                )
+            )
+        )
 
     # ------------------------------------------------------------ peer connections
 
     def _wire_peer_connections(self) -> None:
         @self.publisher.on("track")
         def on_track(track: Any) -> None:
-            receiver = next((t.receiver for t in self.publisher.getTransceivers()
-                             if t.receiver.track is track), None)
+            receiver = next(
+                (t.receiver for t in self.publisher.getTransceivers() if t.receiver.track is track),
+                None,
+            )
             published = self._pending_cids.get(track.id)
             if published is None:
                 # A client that did not send add_track for this cid: take the oldest pending one.
@@ -188,11 +225,16 @@ class Participant:
                     self._unannounced[track.id] = receiver  # add_track may still come
                 return
             if receiver is None or published is None or track.kind != "audio":
-                log.info("%s sent an unannounced %s track %s; ignored", self.identity,
-                         track.kind, track.id)
+                log.info(
+                    "%s sent an unannounced %s track %s; ignored",
+                    self.identity,
+                    track.kind,
+                    track.id,
+                )
                 return
-            transceiver = next(t for t in self.publisher.getTransceivers()
-                               if t.receiver is receiver)
+            transceiver = next(
+                t for t in self.publisher.getTransceivers() if t.receiver is receiver
+            )
             published.mid = transceiver.mid or ""
             install_passthrough(receiver, published.on_frame, published.on_level)
             published.receiving = True
@@ -216,8 +258,10 @@ class Participant:
                 await self.close(models.DisconnectReason.MEDIA_FAILURE)
             self._announce_subscriptions()
 
-        for label, options in (("_reliable", {"ordered": True}),
-                               ("_lossy", {"ordered": False, "maxRetransmits": 0})):
+        for label, options in (
+            ("_reliable", {"ordered": True}),
+            ("_lossy", {"ordered": False, "maxRetransmits": 0}),
+        ):
             channel = self.subscriber.createDataChannel(label, **options)
             self._sub_channels[label] = channel
 
@@ -253,8 +297,13 @@ class Participant:
             offer = await self.subscriber.createOffer()
             await self.subscriber.setLocalDescription(offer)
             self._offer_id += 1
-            self.send(rtc.SignalResponse(offer=rtc.SessionDescription(
-                type="offer", sdp=self.subscriber.localDescription.sdp, id=self._offer_id)))
+            self.send(
+                rtc.SignalResponse(
+                    offer=rtc.SessionDescription(
+                        type="offer", sdp=self.subscriber.localDescription.sdp, id=self._offer_id
+                    )
+                )
+            )
 
     async def _on_subscriber_answer(self, sdp: str) -> None:
         async with self._negotiate_lock:
@@ -276,19 +325,25 @@ class Participant:
         if self.subscriber.connectionState != "connected":
             return
         for sid, transceiver in list(self._subscribed_transceivers.items()):
-            if sid in self._announced or transceiver.currentDirection not in ("sendonly",
-                                                                              "sendrecv"):
+            if sid in self._announced or transceiver.currentDirection not in (
+                "sendonly",
+                "sendrecv",
+            ):
                 continue
             track = self.room.find_track(sid)
             if track is not None:
                 self._announced.add(sid)
-                track.owner.send(rtc.SignalResponse(
-                    track_subscribed=rtc.TrackSubscribed(track_sid=sid)))
+                track.owner.send(
+                    rtc.SignalResponse(track_subscribed=rtc.TrackSubscribed(track_sid=sid))
+                )
 
     def subscribe(self, track: PublishedTrack) -> None:
         """Start forwarding ``track`` to this participant (renegotiation is the caller's)."""
-        if not self.can_subscribe or track.sid in self._subscribed_transceivers or \
-                track.owner is self:
+        if (
+            not self.can_subscribe
+            or track.sid in self._subscribed_transceivers
+            or track.owner is self
+        ):
             return
         forward = ForwardTrack(track_id=track.sid, max_queue=self.settings.subscriber_queue)
         sender = self.subscriber.addTrack(forward)
@@ -331,15 +386,28 @@ class Participant:
         elif kind == "ping_req":
             self.last_ping = time.monotonic()
             now_ms = int(time.time() * 1000)
-            self.send(rtc.SignalResponse(pong_resp=rtc.Pong(
-                last_ping_timestamp=request.ping_req.timestamp, timestamp=now_ms)))
+            self.send(
+                rtc.SignalResponse(
+                    pong_resp=rtc.Pong(
+                        last_ping_timestamp=request.ping_req.timestamp, timestamp=now_ms
+                    )
+                )
+            )
         elif kind == "ping":
             self.last_ping = time.monotonic()
             self.send(rtc.SignalResponse(pong=request.ping))
         elif kind == "leave":
             await self.close(models.DisconnectReason.CLIENT_INITIATED, send_leave=False)
-        elif kind in ("track_setting", "update_layers", "subscription_permission", "sync_state",
-                      "simulate", "update_metadata", "update_audio_track", "update_video_track"):
+        elif kind in (
+            "track_setting",
+            "update_layers",
+            "subscription_permission",
+            "sync_state",
+            "simulate",
+            "update_metadata",
+            "update_audio_track",
+            "update_video_track",
+        ):
             log.debug("%s: %s accepted and ignored", self.identity, kind)
         else:
             raise SignalError(f"unsupported request {kind!r}")
@@ -349,8 +417,13 @@ class Participant:
         await self._add_early_candidates(self.publisher)
         answer = await self.publisher.createAnswer()
         await self.publisher.setLocalDescription(answer)
-        self.send(rtc.SignalResponse(answer=rtc.SessionDescription(
-            type="answer", sdp=self.publisher.localDescription.sdp, id=offer.id)))
+        self.send(
+            rtc.SignalResponse(
+                answer=rtc.SessionDescription(
+                    type="answer", sdp=self.publisher.localDescription.sdp, id=offer.id
+                )
+            )
+        )
         for published in list(self._pending_cids.values()):
             if published.receiving:
                 self._pending_cids.pop(published.cid, None)
@@ -366,7 +439,7 @@ class Participant:
         if not text:
             return  # end of candidates
         if text.startswith("candidate:"):
-            text = text[len("candidate:"):]
+            text = text[len("candidate:") :]
         try:
             candidate = candidate_from_sdp(text)
         except (ValueError, IndexError):
@@ -388,33 +461,54 @@ class Participant:
 
     def _on_add_track(self, req: rtc.AddTrackRequest) -> None:
         if not self.can_publish:
-            self.request_response(0, rtc.RequestResponse.Reason.NOT_ALLOWED,
-                                  "this token does not allow publishing (canPublish is false)",
-                                  add_track=req)
+            self.request_response(
+                0,
+                rtc.RequestResponse.Reason.NOT_ALLOWED,
+                "this token does not allow publishing (canPublish is false)",
+                add_track=req,
+            )
             log.info("refused add_track from %s: no canPublish", self.identity)
             return
         if req.type != models.TrackType.AUDIO:
-            self.request_response(0, rtc.RequestResponse.Reason.UNSUPPORTED_TYPE,
-                                  "this SFU forwards audio (and data) only", add_track=req)
+            self.request_response(
+                0,
+                rtc.RequestResponse.Reason.UNSUPPORTED_TYPE,
+                "this SFU forwards audio (and data) only",
+                add_track=req,
+            )
             return
         if req.cid in self._pending_cids:
             published = self._pending_cids[req.cid]
         elif len(self._pending_cids) >= MAX_PENDING_TRACKS:
             # each pending request holds server memory until its media arrives: bound them
-            log.info("refused add_track from %s: %d requests already await their media",
-                     self.identity, len(self._pending_cids))
-            self.request_response(0, rtc.RequestResponse.Reason.LIMIT_EXCEEDED,
-                                  f"at most {MAX_PENDING_TRACKS} add_track requests may await "
-                                  "their media; send the offer with the tracks first",
-                                  add_track=req)
+            log.info(
+                "refused add_track from %s: %d requests already await their media",
+                self.identity,
+                len(self._pending_cids),
+            )
+            self.request_response(
+                0,
+                rtc.RequestResponse.Reason.LIMIT_EXCEEDED,
+                f"at most {MAX_PENDING_TRACKS} add_track requests may await "
+                "their media; send the offer with the tracks first",
+                add_track=req,
+            )
             return
         else:
-            published = PublishedTrack(sid=new_sid("TR"), cid=req.cid, name=req.name, owner=self,
-                                       source=req.source or models.TrackSource.MICROPHONE,
-                                       muted=req.muted)
+            published = PublishedTrack(
+                sid=new_sid("TR"),
+                cid=req.cid,
+                name=req.name,
+                owner=self,
+                source=req.source or models.TrackSource.MICROPHONE,
+                muted=req.muted,
+            )
             self._pending_cids[req.cid] = published
-        self.send(rtc.SignalResponse(track_published=rtc.TrackPublishedResponse(
-            cid=req.cid, track=published.info())))
+        self.send(
+            rtc.SignalResponse(
+                track_published=rtc.TrackPublishedResponse(cid=req.cid, track=published.info())
+            )
+        )
         receiver = self._unannounced.pop(req.cid, None)
         if receiver is not None and not published.receiving:  # the media came first
             install_passthrough(receiver, published.on_frame, published.on_level)
@@ -449,9 +543,13 @@ class Participant:
                 if self.closed.is_set():
                     break
         finally:
-            reason = self.disconnect_reason if self.closed.is_set() else \
-                models.DisconnectReason.SIGNAL_CLOSE if not self.ws.closed else \
-                models.DisconnectReason.CLIENT_INITIATED
+            reason = (
+                self.disconnect_reason
+                if self.closed.is_set()
+                else models.DisconnectReason.SIGNAL_CLOSE
+                if not self.ws.closed
+                else models.DisconnectReason.CLIENT_INITIATED
+            )
             await self.close(reason, send_leave=False)
 
     async def _dispatch(self, data: bytes) -> None:
@@ -460,8 +558,9 @@ class Participant:
             request.ParseFromString(data)
         except Exception:
             log.info("malformed signal frame from %s (%d bytes)", self.identity, len(data))
-            self.request_response(0, rtc.RequestResponse.Reason.INVALID_REQUEST,
-                                  "malformed SignalRequest protobuf")
+            self.request_response(
+                0, rtc.RequestResponse.Reason.INVALID_REQUEST, "malformed SignalRequest protobuf"
+            )
             return
         await self._handle_safely(request)
 
@@ -472,8 +571,9 @@ class Participant:
         try:
             json_format.ParseDict(jsonsafe.loads(text), request)
         except Exception:
-            self.request_response(0, rtc.RequestResponse.Reason.INVALID_REQUEST,
-                                  "malformed SignalRequest JSON")
+            self.request_response(
+                0, rtc.RequestResponse.Reason.INVALID_REQUEST, "malformed SignalRequest JSON"
+            )
             return
         await self._handle_safely(request)
 
@@ -484,8 +584,9 @@ class Participant:
             self.request_response(0, rtc.RequestResponse.Reason.INVALID_REQUEST, str(exc))
         except Exception as exc:  # a bad SDP must not take the node down
             log.exception("signal request from %s failed", self.identity)
-            self.request_response(0, rtc.RequestResponse.Reason.UNCLASSIFIED_ERROR,
-                                  f"{type(exc).__name__}: {exc}")
+            self.request_response(
+                0, rtc.RequestResponse.Reason.UNCLASSIFIED_ERROR, f"{type(exc).__name__}: {exc}"
+            )
 
     async def _watchdog(self) -> None:
         """Token expiry and ping timeout; a refreshed token moves ``expires_at``."""
@@ -496,21 +597,31 @@ class Participant:
                 await self.close(models.DisconnectReason.PARTICIPANT_REMOVED)
                 return
             if time.monotonic() - self.last_ping > self.settings.ping_timeout:
-                log.info("%s missed pings for %ss; disconnecting", self.identity,
-                         self.settings.ping_timeout)
+                log.info(
+                    "%s missed pings for %ss; disconnecting",
+                    self.identity,
+                    self.settings.ping_timeout,
+                )
                 await self.close(models.DisconnectReason.CONNECTION_TIMEOUT)
                 return
 
-    async def close(self, reason: int = models.DisconnectReason.CLIENT_INITIATED,
-                    send_leave: bool = True) -> None:
+    async def close(
+        self, reason: int = models.DisconnectReason.CLIENT_INITIATED, send_leave: bool = True
+    ) -> None:
         if self.closed.is_set():
             return
         self.disconnect_reason = reason
         if send_leave and not self.ws.closed:
             try:
-                await self.ws.send_bytes(rtc.SignalResponse(leave=rtc.LeaveRequest(
-                    can_reconnect=False, reason=reason,
-                    action=rtc.LeaveRequest.Action.DISCONNECT)).SerializeToString())
+                await self.ws.send_bytes(
+                    rtc.SignalResponse(
+                        leave=rtc.LeaveRequest(
+                            can_reconnect=False,
+                            reason=reason,
+                            action=rtc.LeaveRequest.Action.DISCONNECT,
+                        )
+                    ).SerializeToString()
+                )
             except (ConnectionError, RuntimeError):
                 pass
         self.closed.set()
@@ -527,8 +638,9 @@ class Participant:
 
 
 class Room:
-    def __init__(self, name: str, settings: SfuSettings,
-                 on_event: Callable[[str, dict[str, Any]], None]) -> None:
+    def __init__(
+        self, name: str, settings: SfuSettings, on_event: Callable[[str, dict[str, Any]], None]
+    ) -> None:
         self.name = name
         self.sid = new_sid("RM")
         self.settings = settings
@@ -542,13 +654,17 @@ class Room:
         self.data_packets = 0
 
     def info(self) -> models.Room:
-        return models.Room(sid=self.sid, name=self.name, creation_time=int(self.created_at),
-                           creation_time_ms=int(self.created_at * 1000),
-                           empty_timeout=int(self.settings.empty_timeout),
-                           max_participants=self.settings.max_participants,
-                           num_participants=len(self.visible()),
-                           num_publishers=sum(1 for p in self.visible() if p.tracks),
-                           enabled_codecs=[models.Codec(mime="audio/opus")])
+        return models.Room(
+            sid=self.sid,
+            name=self.name,
+            creation_time=int(self.created_at),
+            creation_time_ms=int(self.created_at * 1000),
+            empty_timeout=int(self.settings.empty_timeout),
+            max_participants=self.settings.max_participants,
+            num_participants=len(self.visible()),
+            num_publishers=sum(1 for p in self.visible() if p.tracks),
+            enabled_codecs=[models.Codec(mime="audio/opus")],
+        )
 
     def visible(self) -> list[Participant]:
         return [p for p in self.participants.values() if not p.remote]
@@ -576,13 +692,20 @@ class Room:
         others = [p.info() for p in self.participants.values() if p is not participant]
         s = self.settings
         join = rtc.JoinResponse(
-            room=self.info(), participant=participant.info(), other_participants=others,
-            server_version=SERVER_VERSION, subscriber_primary=True,
-            ping_interval=s.ping_interval, ping_timeout=s.ping_timeout,
-            ice_servers=[rtc.ICEServer(urls=i.urls, username=i.username, credential=i.credential)
-                         for i in s.ice_servers],
-            server_info=models.ServerInfo(version=SERVER_VERSION, protocol=PROTOCOL_VERSION,
-                                          region=s.region),
+            room=self.info(),
+            participant=participant.info(),
+            other_participants=others,
+            server_version=SERVER_VERSION,
+            subscriber_primary=True,
+            ping_interval=s.ping_interval,
+            ping_timeout=s.ping_timeout,
+            ice_servers=[
+                rtc.ICEServer(urls=i.urls, username=i.username, credential=i.credential)
+                for i in s.ice_servers
+            ],
+            server_info=models.ServerInfo(
+                version=SERVER_VERSION, protocol=PROTOCOL_VERSION, region=s.region
+            ),
         )
         participant.send(rtc.SignalResponse(join=join))
         if first:
@@ -635,8 +758,9 @@ class Room:
         track.muted = muted
         self.broadcast_update([owner])
 
-    def broadcast_update(self, changed: list[Participant], exclude: Participant | None = None) \
-            -> None:
+    def broadcast_update(
+        self, changed: list[Participant], exclude: Participant | None = None
+    ) -> None:
         infos = [p.info() for p in changed]
         message = rtc.SignalResponse(update=rtc.ParticipantUpdate(participants=infos))
         for p in list(self.participants.values()):
@@ -670,8 +794,13 @@ class Room:
             destinations |= set(packet.user.destination_identities)
         self.send_data(packet, label, destinations, exclude=sender)
 
-    def send_data(self, packet: models.DataPacket, label: str, destinations: set[str],
-                  exclude: Participant | None = None) -> int:
+    def send_data(
+        self,
+        packet: models.DataPacket,
+        label: str,
+        destinations: set[str],
+        exclude: Participant | None = None,
+    ) -> int:
         self.data_packets += 1
         out = packet.SerializeToString()
         delivered = 0
@@ -693,17 +822,25 @@ class Room:
             now = time.monotonic()
             active: dict[str, float] = {}
             for p in self.participants.values():
-                levels = [t.level_dbov for t in p.tracks.values()
-                          if not t.muted and now - t.level_at < 0.6 and t.level_dbov <= threshold]
+                levels = [
+                    t.level_dbov
+                    for t in p.tracks.values()
+                    if not t.muted and now - t.level_at < 0.6 and t.level_dbov <= threshold
+                ]
                 if levels:
                     active[p.sid] = level_to_unit(min(levels))
             if set(active) == set(self._speakers):
                 self._speakers = active
                 continue
-            infos = [models.SpeakerInfo(sid=sid, level=level, active=True)
-                     for sid, level in sorted(active.items(), key=lambda kv: -kv[1])]
-            infos += [models.SpeakerInfo(sid=sid, level=0.0, active=False)
-                      for sid in self._speakers if sid not in active]
+            infos = [
+                models.SpeakerInfo(sid=sid, level=level, active=True)
+                for sid, level in sorted(active.items(), key=lambda kv: -kv[1])
+            ]
+            infos += [
+                models.SpeakerInfo(sid=sid, level=0.0, active=False)
+                for sid in self._speakers
+                if sid not in active
+            ]
             self._speakers = active
             message = rtc.SignalResponse(speakers_changed=rtc.SpeakersChanged(speakers=infos))
             for p in list(self.participants.values()):
@@ -714,20 +851,31 @@ class Room:
 
     # ------------------------------------------------------------ webhooks
 
-    def _event(self, event: str, participant: Participant | None = None,
-               track: PublishedTrack | None = None) -> None:
-        body: dict[str, Any] = {"event": event, "room": {"sid": self.sid, "name": self.name,
-                                                           "creationTime": int(self.created_at)}}
+    def _event(
+        self,
+        event: str,
+        participant: Participant | None = None,
+        track: PublishedTrack | None = None,
+    ) -> None:
+        body: dict[str, Any] = {
+            "event": event,
+            "room": {"sid": self.sid, "name": self.name, "creationTime": int(self.created_at)},
+        }
         if participant is not None:
             body["participant"] = {
-                "sid": participant.sid, "identity": participant.identity,
-                "joinedAt": int(participant.joined_at), "state": models.ParticipantInfo.State.Name(
-                    participant.state),
+                "sid": participant.sid,
+                "identity": participant.identity,
+                "joinedAt": int(participant.joined_at),
+                "state": models.ParticipantInfo.State.Name(participant.state),
                 "attributes": {"session_id": participant.session_id},
             }
         if track is not None:
-            body["track"] = {"sid": track.sid, "type": "AUDIO", "name": track.name,
-                             "mimeType": track.mime_type}
+            body["track"] = {
+                "sid": track.sid,
+                "type": "AUDIO",
+                "name": track.name,
+                "mimeType": track.mime_type,
+            }
         self._on_event(event, body)
 
     def empty_for(self) -> float | None:

@@ -18,18 +18,25 @@ class SfuSettings(BaseModel):
 
     ice_servers: list[IceServer] = Field(
         default_factory=list,
-        description="STUN/TURN servers handed to clients in the JoinResponse (none on a LAN)")
+        description="STUN/TURN servers handed to clients in the JoinResponse (none on a LAN)",
+    )
     ping_interval: int = Field(default=5, ge=1, description="seconds between client pings")
-    ping_timeout: int = Field(default=15, ge=2,
-                              description="seconds without a ping: drop the client")
-    empty_timeout: float = Field(default=20.0, ge=0,
-                                 description="seconds an empty room lives before room_finished")
+    ping_timeout: int = Field(
+        default=15, ge=2, description="seconds without a ping: drop the client"
+    )
+    empty_timeout: float = Field(
+        default=20.0, ge=0, description="seconds an empty room lives before room_finished"
+    )
     max_participants: int = Field(default=0, ge=0, description="per room; 0 = no limit")
     speaker_interval: float = Field(default=0.3, gt=0, description="seconds between speaker checks")
     speaker_threshold_dbov: int = Field(
-        default=50, ge=0, le=127,
-        description="RFC 6464 level (-dBov) at or under which a publisher counts as speaking")
-    subscriber_queue: int = Field(default=10, ge=1,
-                                  description="frames queued per subscriber; past it, drop oldest")
+        default=50,
+        ge=0,
+        le=127,
+        description="RFC 6464 level (-dBov) at or under which a publisher counts as speaking",
+    )
+    subscriber_queue: int = Field(
+        default=10, ge=1, description="frames queued per subscriber; past it, drop oldest"
+    )
     webhooks: bool = Field(default=True, description="send LiveKit webhooks to the gateway")
     region: str = ""

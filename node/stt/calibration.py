@@ -34,8 +34,13 @@ def read_clip(path: Path = CLIP) -> np.ndarray:
     return pcm.astype(np.float32) / 32768.0
 
 
-def stream_cost(silero: SileroModel, gtcrn: GTCRNModel | None, vad: VadConfig,
-                whisper: WhisperEngine, word_timestamps: bool) -> float:
+def stream_cost(
+    silero: SileroModel,
+    gtcrn: GTCRNModel | None,
+    vad: VadConfig,
+    whisper: WhisperEngine,
+    word_timestamps: bool,
+) -> float:
     """Core-seconds of CPU per second of one real-time stream (blocking; process CPU time, so
     Whisper's own threads count)."""
     audio = read_clip()
@@ -43,7 +48,7 @@ def stream_cost(silero: SileroModel, gtcrn: GTCRNModel | None, vad: VadConfig,
     front = FrontEnd(silero, gtcrn, vad, interim_interval_ms=None, speculative=False)
     c0 = time.process_time()
     for i in range(0, len(audio), FRAME):
-        front.feed(audio[i:i + FRAME])
+        front.feed(audio[i : i + FRAME])
     front.flush()
     front_cost = (time.process_time() - c0) / seconds
     language = "en" if whisper.supports("en") else "auto"

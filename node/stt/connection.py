@@ -70,8 +70,9 @@ class RoleView(Protocol):
 
     def supports(self, language: str) -> bool: ...
 
-    def transcribe(self, utt: Utterance, language: str, engine_name: str
-                   ) -> dict[str, Any] | None: ...
+    def transcribe(
+        self, utt: Utterance, language: str, engine_name: str
+    ) -> dict[str, Any] | None: ...
 
 
 class RealtimeBudget:
@@ -86,7 +87,7 @@ class RealtimeBudget:
         self.tokens = burst
         self.at = time.monotonic() if now is None else now
         self.accepted = 0.0  # audio seconds let through
-        self.dropped = 0.0   # audio seconds refused
+        self.dropped = 0.0  # audio seconds refused
 
     def take(self, seconds: float, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
@@ -110,7 +111,8 @@ class Connection:
         self.frontend: FrontEnd | None = None
         # bounded: a front end that falls behind stops the socket reads, not the node's memory
         self.audio_in: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(
-            maxsize=self.settings.audio_queue_frames)
+            maxsize=self.settings.audio_queue_frames
+        )
         self._held: tuple[str, Any] | None = None  # taken off audio_in while batching frames
         self.budget = RealtimeBudget(self.settings.burst_seconds)
         self.rate_limited = False  # a rate_limited error was sent and the client did not slow down
@@ -150,9 +152,11 @@ class Connection:
             return
         if not await self._await_config():
             return
-        self.tasks = [asyncio.create_task(self._frontend_loop()),
-                      asyncio.create_task(self._infer_loop()),
-                      asyncio.create_task(self._expiry_loop())]
+        self.tasks = [
+            asyncio.create_task(self._frontend_loop()),
+            asyncio.create_task(self._infer_loop()),
+            asyncio.create_task(self._expiry_loop()),
+        ]
         async for msg in self.ws:
             if msg.type == WSMsgType.BINARY:
                 await self._audio(msg.data)
@@ -172,8 +176,9 @@ class Connection:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                await self.close_with("config_timeout",
-                                      f"no config within {self.settings.config_timeout:g}s")
+                await self.close_with(
+                    "config_timeout", f"no config within {self.settings.config_timeout:g}s"
+                )
                 return False
             try:
                 msg = await self.ws.receive(timeout=left)
@@ -188,8 +193,9 @@ class Connection:
                 data = self._parse(msg.data)
                 if data.get("type") != "config":
                     kind = data.get("type")
-                    raise ProtocolError("not_configured",
-                                        f"the first message must be a config, not {kind!r}")
+                    raise ProtocolError(
+                        "not_configured", f"the first message must be a config, not {kind!r}"
+                    )
                 await self._first_config(data)
                 return True
             except ProtocolError as exc:
@@ -225,8 +231,9 @@ class Connection:
         try:
             return json_object(text, "a text message")
         except BadMessage as exc:
-            raise ProtocolError("invalid_json", f"{exc} (text messages are JSON objects in UTF-8)"
-                                ) from None
+            raise ProtocolError(
+                "invalid_json", f"{exc} (text messages are JSON objects in UTF-8)"
+            ) from None
 
     async def _verify(self, token: Any, fatal: bool = True) -> Claims:
         """A refused first key closes the socket; a refused extend leaves the session as it was."""
@@ -244,8 +251,9 @@ class Connection:
         if model is not None and model not in ("whisper", "parakeet"):
             raise ProtocolError("invalid_config", f"model {model!r}: use 'whisper' or leave it out")
         if not self.role.supports(language):
-            raise ProtocolError("unsupported_language",
-                                f"no engine on this node transcribes {language!r}")
+            raise ProtocolError(
+                "unsupported_language", f"no engine on this node transcribes {language!r}"
+            )
         return language, model, self._vad_options(data)
 
     def _vad_options(self, data: dict[str, Any]) -> VadConfig:
@@ -259,8 +267,11 @@ class Connection:
             return base
         lo, hi = EOU_RANGE_MS
         if isinstance(eou, bool) or not isinstance(eou, (int, float)) or not lo <= eou <= hi:
-            raise ProtocolError("invalid_config", f"end_of_utterance_ms {eou!r}: give a number "
-                                f"of milliseconds from {lo} to {hi}, or leave it out")
+            raise ProtocolError(
+                "invalid_config",
+                f"end_of_utterance_ms {eou!r}: give a number "
+                f"of milliseconds from {lo} to {hi}, or leave it out",
+            )
         eou = float(eou)
         return replace(base, end_of_utterance_ms=eou, min_silence_ms=min(base.min_silence_ms, eou))
 
@@ -281,11 +292,14 @@ class Connection:
         role.live[self.client_id] = self
         role.by_session[claims.session_id] = self
         self.language, self.force_model = language, model
-        self.frontend = FrontEnd(role.models.silero, role.models.gtcrn, vad,
-                                 self.settings.vad.speech_pad_ms,
-                                 self.settings.interim_interval_ms
-                                 if self.settings.interim_results else None,
-                                 self.settings.speculative_finals)
+        self.frontend = FrontEnd(
+            role.models.silero,
+            role.models.gtcrn,
+            vad,
+            self.settings.vad.speech_pad_ms,
+            self.settings.interim_interval_ms if self.settings.interim_results else None,
+            self.settings.speculative_finals,
+        )
         await self._ready()
 
     def _attach(self, claims: Claims) -> SessionClock:
@@ -303,11 +317,19 @@ class Connection:
     async def _ready(self) -> None:
         assert self.clock is not None
         engine = self.role.choose_engine(self.force_model, self.language)
-        await self.send({"type": "ready", "client_id": self.client_id, "language": self.language,
-                         "remaining_seconds": round(self.clock.remaining(), 1),
-                         "session_id": self.clock.session_id, "engine": engine,
-                         "model": self.role.engine(engine).model_name(self.language)
-                         if engine == "whisper" else engine})
+        await self.send(
+            {
+                "type": "ready",
+                "client_id": self.client_id,
+                "language": self.language,
+                "remaining_seconds": round(self.clock.remaining(), 1),
+                "session_id": self.clock.session_id,
+                "engine": engine,
+                "model": self.role.engine(engine).model_name(self.language)
+                if engine == "whisper"
+                else engine,
+            }
+        )
 
     async def _text(self, text: str) -> None:
         data = self._parse(text)
@@ -332,8 +354,9 @@ class Connection:
             claims = await self._verify(data.get("session_key"), fatal=False)
             self._extend(claims)
             assert self.clock is not None
-            await self.send({"type": "session_extended",
-                             "remaining_seconds": round(self.clock.remaining(), 1)})
+            await self.send(
+                {"type": "session_extended", "remaining_seconds": round(self.clock.remaining(), 1)}
+            )
         else:
             raise ProtocolError("unknown_type", f"unknown message type {kind!r}")
 
@@ -356,14 +379,18 @@ class Connection:
 
     async def _audio(self, data: bytes) -> None:
         if len(data) == 0 or len(data) % 2:
-            await self.error("bad_audio",
-                             f"a PCM16 frame has an even number of bytes, got {len(data)}")
+            await self.error(
+                "bad_audio", f"a PCM16 frame has an even number of bytes, got {len(data)}"
+            )
             return
         max_bytes = int(self.settings.max_frame_ms * SAMPLE_RATE / 1000) * 2
         if len(data) > max_bytes:
-            await self.error("bad_audio", f"frame of {len(data)} bytes is over "
-                             f"{self.settings.max_frame_ms:g} ms ({max_bytes} bytes); "
-                             "send 20-100 ms")
+            await self.error(
+                "bad_audio",
+                f"frame of {len(data)} bytes is over "
+                f"{self.settings.max_frame_ms:g} ms ({max_bytes} bytes); "
+                "send 20-100 ms",
+            )
             return
         if not await self._within_budget(len(data) / 2 / SAMPLE_RATE):
             return
@@ -379,10 +406,12 @@ class Connection:
             return True
         if not self.rate_limited:
             self.rate_limited = True
-            await self.error("rate_limited",
-                             f"audio is arriving faster than real time (more than "
-                             f"{self.budget.burst:g} s ahead); frames are dropped until it "
-                             "slows down: send audio at its own pace")
+            await self.error(
+                "rate_limited",
+                f"audio is arriving faster than real time (more than "
+                f"{self.budget.burst:g} s ahead); frames are dropped until it "
+                "slows down: send audio at its own pace",
+            )
         return False
 
     # ------------------------------------------------------------ loops
@@ -435,8 +464,14 @@ class Connection:
             if utt.final and not utt.speculative:
                 self.final_uid = max(self.final_uid, utt.uid)
         for event, sample in out.events:
-            await self.send({"type": "vad_event", "event": event, "timestamp": time.time(),
-                             "audio_time": round(sample / SAMPLE_RATE, 3)})
+            await self.send(
+                {
+                    "type": "vad_event",
+                    "event": event,
+                    "timestamp": time.time(),
+                    "audio_time": round(sample / SAMPLE_RATE, 3),
+                }
+            )
         for utt in out.utterances:
             if utt.speculative:
                 self._speculate(utt)
@@ -448,8 +483,9 @@ class Connection:
         speech still waiting (and takes over its early run, if one had the same audio); one
         interim waiting is enough."""
         if utt.final:
-            log.debug("client %s: final %s, early %s", self.client_id, utt.key,
-                      self.spec and self.spec[0])
+            log.debug(
+                "client %s: final %s, early %s", self.client_id, utt.key, self.spec and self.spec[0]
+            )
             if self.spec is not None and self.spec[0] == utt.key:
                 self.spec_for[utt.uid] = self.spec[1]  # the early run had the same audio
                 self.spec = None
@@ -505,8 +541,9 @@ class Connection:
             if early is not None:
                 self.role.stats["early_used"] += 1
                 return early[1]
-            return await self.role.pools[engine].run(self.role.transcribe, utt, self.language,
-                                                     engine, interim=not utt.final)
+            return await self.role.pools[engine].run(
+                self.role.transcribe, utt, self.language, engine, interim=not utt.final
+            )
         except QueueFull as exc:
             await self.error("server_full", f"inference queue full, utterance dropped ({exc})")
         except EngineUnavailable as exc:
@@ -537,6 +574,7 @@ class Connection:
                 return
             due = clock.due_warning(warnings)
             if due is not None:
-                await self.send({"type": "session_expiring",
-                                 "remaining_seconds": round(clock.remaining())})
+                await self.send(
+                    {"type": "session_expiring", "remaining_seconds": round(clock.remaining())}
+                )
             await asyncio.sleep(0.2)

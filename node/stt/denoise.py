@@ -26,8 +26,9 @@ class GTCRNModel:
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 4
         opts.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"],
-                                                    sess_options=opts)
+        self.session = onnxruntime.InferenceSession(
+            str(path), providers=["CPUExecutionProvider"], sess_options=opts
+        )
 
     def stream(self) -> Denoiser:
         return Denoiser(self)
@@ -66,8 +67,14 @@ class Denoiser:
             spec = np.fft.rfft(frame)
             mix = np.stack([spec.real, spec.imag], axis=-1).astype(np.float32)[None, :, None, :]
             enh, self.conv, self.tra, self.inter = run(
-                None, {"mix": mix, "conv_cache": self.conv, "tra_cache": self.tra,
-                       "inter_cache": self.inter})
+                None,
+                {
+                    "mix": mix,
+                    "conv_cache": self.conv,
+                    "tra_cache": self.tra,
+                    "inter_cache": self.inter,
+                },
+            )
             e = enh[0, :, 0, :]
             y = np.fft.irfft(e[:, 0] + 1j * e[:, 1], n=N_FFT).astype(np.float32) * WINDOW
             self.ola += y

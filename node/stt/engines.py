@@ -24,11 +24,38 @@ log = logging.getLogger("node.stt.engines")
 
 # The spec's Parakeet-TDT languages (FLEURS table).
 PARAKEET_LANGUAGES = frozenset(
-    ["it", "es", "pt", "en", "de", "fr", "ru", "uk", "pl", "nl", "sk", "cs", "ro", "hr", "bg",
-     "fi", "sv", "hu", "et", "da", "lt", "mt", "el", "lv", "sl"])
+    [
+        "it",
+        "es",
+        "pt",
+        "en",
+        "de",
+        "fr",
+        "ru",
+        "uk",
+        "pl",
+        "nl",
+        "sk",
+        "cs",
+        "ro",
+        "hr",
+        "bg",
+        "fi",
+        "sv",
+        "hu",
+        "et",
+        "da",
+        "lt",
+        "mt",
+        "el",
+        "lv",
+        "sl",
+    ]
+)
 # Whisper's language codes (faster-whisper's tokenizer list).
 try:
     from faster_whisper.tokenizer import _LANGUAGE_CODES as _WHISPER_CODES
+
     WHISPER_LANGUAGES = frozenset(_WHISPER_CODES)
 except Exception:  # pragma: no cover - faster-whisper missing: the engine cannot load anyway
     WHISPER_LANGUAGES = frozenset()
@@ -66,8 +93,13 @@ class Engine(Protocol):
 
     def load(self) -> None: ...
 
-    def transcribe(self, audio: np.ndarray, language: str, word_timestamps: bool = False,
-                   prompt: str | None = None) -> EngineResult: ...
+    def transcribe(
+        self,
+        audio: np.ndarray,
+        language: str,
+        word_timestamps: bool = False,
+        prompt: str | None = None,
+    ) -> EngineResult: ...
 
 
 def pick_device(device: str) -> str:
@@ -123,9 +155,16 @@ class WhisperEngine:
 
     name = "whisper"
 
-    def __init__(self, models: list[str], device: str = "auto", compute_type: str = "auto",
-                 cpu_threads: int = 2, beam_size: int = 1, cache_dir: Path | None = None,
-                 encoder_window: str = "auto") -> None:
+    def __init__(
+        self,
+        models: list[str],
+        device: str = "auto",
+        compute_type: str = "auto",
+        cpu_threads: int = 2,
+        beam_size: int = 1,
+        cache_dir: Path | None = None,
+        encoder_window: str = "auto",
+    ) -> None:
         self.model_names = models
         self.encoder_window = encoder_window
         if encoder_window != "full":
@@ -161,21 +200,36 @@ class WhisperEngine:
             if i not in self._models:
                 from faster_whisper import WhisperModel
 
-                self._models[i] = WhisperModel(str(self.paths[i]), device=self.device,
-                                               compute_type=self.compute_type,
-                                               cpu_threads=self.cpu_threads)
-                log.info("loaded Whisper %s (%s, %s)", self.model_names[i], self.device,
-                         self.compute_type)
+                self._models[i] = WhisperModel(
+                    str(self.paths[i]),
+                    device=self.device,
+                    compute_type=self.compute_type,
+                    cpu_threads=self.cpu_threads,
+                )
+                log.info(
+                    "loaded Whisper %s (%s, %s)",
+                    self.model_names[i],
+                    self.device,
+                    self.compute_type,
+                )
             return self._models[i]
 
     def load(self) -> None:
         """Load and warm every model, so that no client waits for a load."""
         for i in range(len(self.paths)):
-            self._model(i).transcribe(np.zeros(8000, dtype=np.float32), beam_size=1,
-                                      language="en" if self.english[i] else None)
+            self._model(i).transcribe(
+                np.zeros(8000, dtype=np.float32),
+                beam_size=1,
+                language="en" if self.english[i] else None,
+            )
 
-    def transcribe(self, audio: np.ndarray, language: str, word_timestamps: bool = False,
-                   prompt: str | None = None) -> EngineResult:
+    def transcribe(
+        self,
+        audio: np.ndarray,
+        language: str,
+        word_timestamps: bool = False,
+        prompt: str | None = None,
+    ) -> EngineResult:
         import time
 
         i = self._index(language)
@@ -186,17 +240,25 @@ class WhisperEngine:
         _window.frames = window_frames(len(audio), self.encoder_window)
         try:
             segments, info = model.transcribe(
-                audio, language=None if language == "auto" else language,
-                beam_size=self.beam_size, temperature=0.0, condition_on_previous_text=False,
-                vad_filter=False, word_timestamps=word_timestamps,
-                without_timestamps=not word_timestamps, initial_prompt=prompt,
+                audio,
+                language=None if language == "auto" else language,
+                beam_size=self.beam_size,
+                temperature=0.0,
+                condition_on_previous_text=False,
+                vad_filter=False,
+                word_timestamps=word_timestamps,
+                without_timestamps=not word_timestamps,
+                initial_prompt=prompt,
             )
             segs = list(segments)
         finally:
             _window.frames = None
         text = " ".join(s.text.strip() for s in segs).strip()
-        words = [Word(w.word.strip(), w.start, w.end, w.probability)
-                 for s in segs for w in (s.words or [])]
+        words = [
+            Word(w.word.strip(), w.start, w.end, w.probability)
+            for s in segs
+            for w in (s.words or [])
+        ]
         if segs:
             total = sum(max(len(s.tokens), 1) for s in segs)
             logprob = sum(s.avg_logprob * max(len(s.tokens), 1) for s in segs) / total
@@ -204,9 +266,13 @@ class WhisperEngine:
         else:
             logprob, no_speech = -10.0, 1.0
         return EngineResult(
-            text=text, language=info.language if language == "auto" else language,
-            confidence=round(math.exp(min(logprob, 0.0)), 3), words=words,
-            no_speech_prob=no_speech, engine=self.name, model=self.model_names[i],
+            text=text,
+            language=info.language if language == "auto" else language,
+            confidence=round(math.exp(min(logprob, 0.0)), 3),
+            words=words,
+            no_speech_prob=no_speech,
+            engine=self.name,
+            model=self.model_names[i],
             inference_ms=(time.perf_counter() - t0) * 1000,
         )
 
@@ -226,10 +292,16 @@ class ParakeetEngine:
     def load(self) -> None:
         raise EngineUnavailable(
             "the Parakeet-TDT engine is a slot in this build: no Parakeet runtime is installed; "
-            "remove `parakeet:` from the stt config (Whisper serves every language)")
+            "remove `parakeet:` from the stt config (Whisper serves every language)"
+        )
 
-    def transcribe(self, audio: np.ndarray, language: str, word_timestamps: bool = False,
-                   prompt: str | None = None) -> EngineResult:
+    def transcribe(
+        self,
+        audio: np.ndarray,
+        language: str,
+        word_timestamps: bool = False,
+        prompt: str | None = None,
+    ) -> EngineResult:
         raise EngineUnavailable("Parakeet is not available in this build")
 
 
@@ -245,8 +317,9 @@ class EngineState:
         return self.languages is None or language in self.languages
 
 
-def route(force_model: str | None, language: str, parakeet: EngineState,
-          whisper: EngineState) -> str:
+def route(
+    force_model: str | None, language: str, parakeet: EngineState, whisper: EngineState
+) -> str:
     """The spec's six routing rules, in order; returns "parakeet" or "whisper"."""
     if force_model == "whisper" or not parakeet.available:  # 1 (and: no Parakeet at all)
         return "whisper"

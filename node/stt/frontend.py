@@ -43,9 +43,15 @@ class FrontEndOutput:
 
 
 class FrontEnd:
-    def __init__(self, silero: SileroModel, gtcrn: GTCRNModel | None, vad: VadConfig,
-                 pad_ms: float = 300, interim_interval_ms: float | None = 1000,
-                 speculative: bool = True) -> None:
+    def __init__(
+        self,
+        silero: SileroModel,
+        gtcrn: GTCRNModel | None,
+        vad: VadConfig,
+        pad_ms: float = 300,
+        interim_interval_ms: float | None = 1000,
+        speculative: bool = True,
+    ) -> None:
         self.vad = silero.stream()
         self.denoiser: Denoiser | None = gtcrn.stream() if gtcrn else None
         self.segmenter = Segmenter(vad)
@@ -109,8 +115,12 @@ class FrontEnd:
             self._denoise_to(self.position)
             # a partial only while the speaker is talking: in a pause the final may be due soon,
             # and a partial then would hold the engine when the final needs it
-            if self.interim and self.position - self.last_interim >= self.interim \
-                    and self.segmenter.speech_seconds() >= 0.5 and self.segmenter.silence_ms == 0:
+            if (
+                self.interim
+                and self.position - self.last_interim >= self.interim
+                and self.segmenter.speech_seconds() >= 0.5
+                and self.segmenter.silence_ms == 0
+            ):
                 self.last_interim = self.position
                 out.utterances.append(self._snapshot(received_at))
         self._forget()
@@ -143,7 +153,7 @@ class FrontEnd:
     def _denoise_to(self, end: int) -> None:
         if end <= self.clean_upto:
             return
-        chunk = self.raw[self.clean_upto - self.buf_start: end - self.buf_start]
+        chunk = self.raw[self.clean_upto - self.buf_start : end - self.buf_start]
         self.clean_upto = end
         if self.denoiser is None:
             self.clean = np.concatenate([self.clean, chunk])
@@ -159,17 +169,26 @@ class FrontEnd:
         assert self.utt_start is not None
         self.uid += 1
         audio = self.clean.copy()
-        return Utterance(self.uid, False, self.utt_start, audio,
-                         self._window_probs(self.utt_start, self.utt_start + len(audio)),
-                         received_at)
+        return Utterance(
+            self.uid,
+            False,
+            self.utt_start,
+            audio,
+            self._window_probs(self.utt_start, self.utt_start + len(audio)),
+            received_at,
+        )
 
     def _speculate_now(self) -> bool:
         """In a pause as long as the padding: the final's audio is complete unless speech
         resumes, so the engine may start on it before the end-of-utterance silence is over."""
         seg = self.segmenter
-        return (self.speculative and self.utt_start is not None and seg.in_speech
-                and seg.silence_ms * SAMPLE_RATE / 1000 >= self.pad
-                and self.speculated != (self.utt_start, seg.last_speech_end))
+        return (
+            self.speculative
+            and self.utt_start is not None
+            and seg.in_speech
+            and seg.silence_ms * SAMPLE_RATE / 1000 >= self.pad
+            and self.speculated != (self.utt_start, seg.last_speech_end)
+        )
 
     def _speculate(self, received_at: float) -> Utterance:
         assert self.utt_start is not None
@@ -182,9 +201,16 @@ class FrontEnd:
         if len(audio) < n:
             audio = np.concatenate([audio, np.zeros(n - len(audio), dtype=np.float32)])
         self.uid += 1
-        return Utterance(self.uid, True, self.utt_start, audio.copy(),
-                         self._window_probs(self.utt_start, end), received_at,
-                         speculative=True, key=key)
+        return Utterance(
+            self.uid,
+            True,
+            self.utt_start,
+            audio.copy(),
+            self._window_probs(self.utt_start, end),
+            received_at,
+            speculative=True,
+            key=key,
+        )
 
     def _finish(self, end: int, received_at: float, forced: bool) -> Utterance:
         assert self.utt_start is not None
@@ -195,8 +221,16 @@ class FrontEnd:
         n = max(end - self.utt_start, 0)
         audio = self.clean[:n].copy()
         self.uid += 1
-        utt = Utterance(self.uid, True, self.utt_start, audio,
-                        self._window_probs(self.utt_start, end), received_at, forced, key=key)
+        utt = Utterance(
+            self.uid,
+            True,
+            self.utt_start,
+            audio,
+            self._window_probs(self.utt_start, end),
+            received_at,
+            forced,
+            key=key,
+        )
         self.utt_start = None
         self.clean = np.zeros(0, dtype=np.float32)
         return utt
@@ -207,7 +241,7 @@ class FrontEnd:
             keep_from = min(keep_from, self.utt_start)
         keep_from = max(keep_from, self.buf_start)
         if keep_from - self.buf_start > SAMPLE_RATE:  # trim in 1 s steps
-            self.raw = self.raw[keep_from - self.buf_start:]
+            self.raw = self.raw[keep_from - self.buf_start :]
             self.buf_start = keep_from
             drop = (keep_from - self.prob_start) // WINDOW
             if drop > 0:

@@ -17,11 +17,28 @@ import re
 from dataclasses import dataclass
 
 KNOWN_PHRASES = (
-    "thanks for watching", "thank you for watching", "thanks for watching and see you next time",
-    "please subscribe", "subscribe to my channel", "like and subscribe",
-    "don't forget to like and subscribe", "thank you for listening", "thanks for listening",
-    "see you next time", "see you in the next video", "bye", "bye bye", "you", "thank you",
-    "thank you very much", "okay", "so", "the end", "music", "applause", "silence",
+    "thanks for watching",
+    "thank you for watching",
+    "thanks for watching and see you next time",
+    "please subscribe",
+    "subscribe to my channel",
+    "like and subscribe",
+    "don't forget to like and subscribe",
+    "thank you for listening",
+    "thanks for listening",
+    "see you next time",
+    "see you in the next video",
+    "bye",
+    "bye bye",
+    "you",
+    "thank you",
+    "thank you very much",
+    "okay",
+    "so",
+    "the end",
+    "music",
+    "applause",
+    "silence",
 )
 KNOWN_PATTERNS = (
     re.compile(r"^(subtitles|captions|transcription|translated|translation)\b.*\bby\b"),
@@ -65,13 +82,15 @@ def deloop(text: str, min_repeats: int = 3, max_n: int = 8) -> tuple[str, int]:
         for n in range(1, max_n + 1):
             i = 0
             while i + n * min_repeats <= len(words):
-                gram = [normalize(w) for w in words[i:i + n]]
+                gram = [normalize(w) for w in words[i : i + n]]
                 reps = 1
-                while words[i + reps * n: i + (reps + 1) * n] and \
-                        [normalize(w) for w in words[i + reps * n: i + (reps + 1) * n]] == gram:
+                while (
+                    words[i + reps * n : i + (reps + 1) * n]
+                    and [normalize(w) for w in words[i + reps * n : i + (reps + 1) * n]] == gram
+                ):
                     reps += 1
                 if reps >= min_repeats:
-                    del words[i + n: i + reps * n]
+                    del words[i + n : i + reps * n]
                     removed += (reps - 1) * n
                     changed = True
                 i += 1
@@ -85,8 +104,13 @@ def is_known_phrase(text: str) -> bool:
     return any(p.search(norm) or p.search(text.lower()) for p in KNOWN_PATTERNS)
 
 
-def filter_text(text: str, audio_seconds: float, rms_dbfs: float, speech_seconds: float,
-                config: FilterConfig | None = None) -> FilterResult:
+def filter_text(
+    text: str,
+    audio_seconds: float,
+    rms_dbfs: float,
+    speech_seconds: float,
+    config: FilterConfig | None = None,
+) -> FilterResult:
     cfg = config or FilterConfig()
     text = text.strip()
     if not normalize(text).replace(".", "").strip():
@@ -94,8 +118,10 @@ def filter_text(text: str, audio_seconds: float, rms_dbfs: float, speech_seconds
     if rms_dbfs < cfg.low_energy_dbfs:
         return FilterResult(None, f"low energy ({rms_dbfs:.1f} dBFS)")
     n_words = max(len(text.split()), 1)
-    if is_known_phrase(text) and (rms_dbfs < cfg.known_phrase_min_dbfs
-                                  or speech_seconds < cfg.known_phrase_min_speech_s * n_words):
+    if is_known_phrase(text) and (
+        rms_dbfs < cfg.known_phrase_min_dbfs
+        or speech_seconds < cfg.known_phrase_min_speech_s * n_words
+    ):
         return FilterResult(None, "known hallucination phrase")
     seconds = max(speech_seconds, min(audio_seconds, 0.5), 0.1)
     if len(text) / seconds > cfg.max_chars_per_second:

@@ -15,9 +15,15 @@ class Models:
 
     def __init__(self, settings: STTSettings) -> None:
         s = settings
-        self.whisper = WhisperEngine(s.whisper.models, s.whisper.device, s.whisper.compute_type,
-                                     s.whisper.cpu_threads, s.whisper.beam_size, s.model_cache,
-                                     s.whisper.encoder_window)
+        self.whisper = WhisperEngine(
+            s.whisper.models,
+            s.whisper.device,
+            s.whisper.compute_type,
+            s.whisper.cpu_threads,
+            s.whisper.beam_size,
+            s.model_cache,
+            s.whisper.encoder_window,
+        )
         self.parakeet: ParakeetEngine | None = None
         if s.parakeet is not None:
             self.parakeet = ParakeetEngine(s.parakeet.model)

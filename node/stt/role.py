@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from common.settings import SettingsError
 from node.models.whisper import ModelMissing
 from node.roles import RoleContext
 from node.session import Sessions
@@ -33,7 +34,6 @@ from node.stt.settings import STTSettings, load_settings
 from node.stt.trimming import trim
 from node.stt.vad import SAMPLE_RATE, VadConfig
 from node.stt.validation import ValidationConfig, rms_dbfs, validate
-from common.settings import SettingsError
 
 log = logging.getLogger("node.stt")
 
@@ -41,32 +41,54 @@ log = logging.getLogger("node.stt")
 class STTRole:
     name = "stt"
 
-    def __init__(self, context: RoleContext, settings: STTSettings | None = None,
-                 models: Models | None = None) -> None:
+    def __init__(
+        self,
+        context: RoleContext,
+        settings: STTSettings | None = None,
+        models: Models | None = None,
+    ) -> None:
         self.context = context
         self.settings = settings or load_settings(context.settings)
         self.models = models or Models(self.settings)  # ModelMissing: fail at start, clearly
         s = self.settings
         self.vad_config = VadConfig(
-            threshold=s.vad.threshold, min_speech_ms=s.vad.min_speech_ms,
-            end_of_utterance_ms=s.vad.end_of_utterance_ms, min_silence_ms=s.vad.min_silence_ms,
-            adapt_after_s=s.vad.adapt_after_s, max_utterance_s=s.vad.max_utterance_s)
+            threshold=s.vad.threshold,
+            min_speech_ms=s.vad.min_speech_ms,
+            end_of_utterance_ms=s.vad.end_of_utterance_ms,
+            min_silence_ms=s.vad.min_silence_ms,
+            adapt_after_s=s.vad.adapt_after_s,
+            max_utterance_s=s.vad.max_utterance_s,
+        )
         self.validation = ValidationConfig(
-            threshold=s.vad.threshold, min_confidence=s.validation.min_confidence,
-            min_speech_ratio=s.validation.min_speech_ratio, min_rms_dbfs=s.validation.min_rms_dbfs)
+            threshold=s.vad.threshold,
+            min_confidence=s.validation.min_confidence,
+            min_speech_ratio=s.validation.min_speech_ratio,
+            min_rms_dbfs=s.validation.min_rms_dbfs,
+        )
         self.pools: dict[str, InferencePool] = {}
         self._capacity = context.capacity  # until start() measured it
         self.frontend_pool: ThreadPoolExecutor | None = None
-        self.sessions = Sessions(context.outbox, context.state_file("stt-clocks"),
-                                 meter=SessionClock, unit="duration_seconds", table="clocks",
-                                 reconnect_grace=s.reconnect_grace,
-                                 report_interval=s.usage_report_interval)
+        self.sessions = Sessions(
+            context.outbox,
+            context.state_file("stt-clocks"),
+            meter=SessionClock,
+            unit="duration_seconds",
+            table="clocks",
+            reconnect_grace=s.reconnect_grace,
+            report_interval=s.usage_report_interval,
+        )
         self.live: dict[str, Connection] = {}
         self.by_session: dict[str, Connection] = {}
         self.draining = False
         self._ids = itertools.count(1)
-        self.stats: dict[str, int] = {"finals": 0, "interims": 0, "rejected": 0, "filtered": 0,
-                                      "early_started": 0, "early_used": 0}
+        self.stats: dict[str, int] = {
+            "finals": 0,
+            "interims": 0,
+            "rejected": 0,
+            "filtered": 0,
+            "early_started": 0,
+            "early_used": 0,
+        }
 
     # ------------------------------------------------------------ Role interface
 
@@ -83,22 +105,30 @@ class STTRole:
 
     async def start(self) -> None:
         s = self.settings
-        self.pools["whisper"] = InferencePool("whisper", s.whisper.workers, s.queue_size,
-                                              s.interim_max_utilization)
+        self.pools["whisper"] = InferencePool(
+            "whisper", s.whisper.workers, s.queue_size, s.interim_max_utilization
+        )
         if self.models.parakeet is not None:
-            self.pools["parakeet"] = InferencePool("parakeet", s.parakeet.workers, s.queue_size,
-                                                   s.interim_max_utilization)
+            self.pools["parakeet"] = InferencePool(
+                "parakeet", s.parakeet.workers, s.queue_size, s.interim_max_utilization
+            )
         self.frontend_pool = ThreadPoolExecutor(s.frontend_threads, thread_name_prefix="stt-fe")
         await asyncio.get_running_loop().run_in_executor(self.frontend_pool, self.models.load)
         m = self.models
         self._capacity = await self.context.measured_capacity(
             f"whisper:{','.join(s.whisper.models)}:{m.whisper.device}:{m.whisper.compute_type}:"
             f"threads={s.whisper.cpu_threads}:denoise={s.denoise}",
-            lambda: stream_cost(m.silero, m.gtcrn, self.vad_config, m.whisper, s.word_timestamps))
+            lambda: stream_cost(m.silero, m.gtcrn, self.vad_config, m.whisper, s.word_timestamps),
+        )
         self.sessions.start()
-        log.info("stt ready: whisper %s on %s/%s, denoise %s, capacity %d",
-                 ",".join(s.whisper.models), self.models.whisper.device,
-                 self.models.whisper.compute_type, s.denoise, self.capacity)
+        log.info(
+            "stt ready: whisper %s on %s/%s, denoise %s, capacity %d",
+            ",".join(s.whisper.models),
+            self.models.whisper.device,
+            self.models.whisper.compute_type,
+            s.denoise,
+            self.capacity,
+        )
 
     async def drain(self) -> None:
         self.draining = True
@@ -118,9 +148,11 @@ class STTRole:
     def choose_engine(self, force_model: str | None, language: str) -> str:
         whisper_pool = self.pools.get("whisper")
         parakeet_pool = self.pools.get("parakeet")
-        parakeet = EngineState(parakeet_pool is not None and self.models.parakeet is not None,
-                               bool(parakeet_pool and parakeet_pool.busy),
-                               self.models.parakeet.languages if self.models.parakeet else None)
+        parakeet = EngineState(
+            parakeet_pool is not None and self.models.parakeet is not None,
+            bool(parakeet_pool and parakeet_pool.busy),
+            self.models.parakeet.languages if self.models.parakeet else None,
+        )
         whisper = EngineState(True, bool(whisper_pool and whisper_pool.busy))
         return route(force_model, language, parakeet, whisper)
 
@@ -142,13 +174,15 @@ class STTRole:
                 self.stats["rejected"] += 1
                 log.debug("utterance %d rejected: %s", utt.uid, verdict.reason)
             return None
-        audio, offset = trim(utt.audio, utt.probs, self.vad_config.threshold,
-                             self.settings.vad.speech_pad_ms)
+        audio, offset = trim(
+            utt.audio, utt.probs, self.vad_config.threshold, self.settings.vad.speech_pad_ms
+        )
         engine = self.engine(engine_name)
         words = utt.final and self.settings.word_timestamps
         result = engine.transcribe(audio, language, word_timestamps=words)
-        filtered = filter_text(result.text, len(audio) / SAMPLE_RATE, rms_dbfs(audio),
-                               verdict.speech_seconds)
+        filtered = filter_text(
+            result.text, len(audio) / SAMPLE_RATE, rms_dbfs(audio), verdict.speech_seconds
+        )
         if filtered.text is None:
             if utt.final:
                 self.stats["filtered"] += 1
@@ -156,15 +190,27 @@ class STTRole:
             return None
         t0 = (utt.start + offset) / SAMPLE_RATE
         msg: dict[str, Any] = {
-            "type": "transcription", "text": filtered.text, "language": result.language,
-            "is_final": utt.final, "latency_ms": 0.0,
-            "start": round(t0, 3), "end": round(t0 + len(audio) / SAMPLE_RATE, 3),
-            "confidence": result.confidence, "engine": result.engine, "model": result.model,
+            "type": "transcription",
+            "text": filtered.text,
+            "language": result.language,
+            "is_final": utt.final,
+            "latency_ms": 0.0,
+            "start": round(t0, 3),
+            "end": round(t0 + len(audio) / SAMPLE_RATE, 3),
+            "confidence": result.confidence,
+            "engine": result.engine,
+            "model": result.model,
         }
         if words:
-            msg["words"] = [{"word": w.word, "start": round(t0 + w.start, 3),
-                             "end": round(t0 + w.end, 3), "confidence": round(w.probability, 3)}
-                            for w in result.words]
+            msg["words"] = [
+                {
+                    "word": w.word,
+                    "start": round(t0 + w.start, 3),
+                    "end": round(t0 + w.end, 3),
+                    "confidence": round(w.probability, 3),
+                }
+                for w in result.words
+            ]
         return msg
 
     # ------------------------------------------------------------ WebSocket

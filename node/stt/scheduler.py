@@ -24,8 +24,14 @@ class QueueFull(Exception):
 
 
 class InferencePool:
-    def __init__(self, name: str, workers: int, queue_size: int,
-                 interim_max_utilization: float = 0.5, window_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        workers: int,
+        queue_size: int,
+        interim_max_utilization: float = 0.5,
+        window_s: float = 5.0,
+    ) -> None:
         self.name = name
         self.interim_max_utilization = interim_max_utilization
         self.window_s = window_s

@@ -20,8 +20,13 @@ def speech_bounds(probs: np.ndarray, threshold: float, window: int = 512) -> tup
     return int(idx[0]) * window, (int(idx[-1]) + 1) * window
 
 
-def trim(audio: np.ndarray, probs: np.ndarray, threshold: float = 0.45, pad_ms: float = 300,
-         window: int = 512) -> tuple[np.ndarray, int]:
+def trim(
+    audio: np.ndarray,
+    probs: np.ndarray,
+    threshold: float = 0.45,
+    pad_ms: float = 300,
+    window: int = 512,
+) -> tuple[np.ndarray, int]:
     """The trimmed audio and its offset (samples) into the input. No speech: returned whole."""
     bounds = speech_bounds(probs, threshold, window)
     if bounds is None:

@@ -29,8 +29,9 @@ def _session(path: Path):
     opts.inter_op_num_threads = 1
     opts.intra_op_num_threads = 1
     opts.log_severity_level = 4
-    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"],
-                                        sess_options=opts)
+    return onnxruntime.InferenceSession(
+        str(path), providers=["CPUExecutionProvider"], sess_options=opts
+    )
 
 
 class SileroModel:
@@ -59,7 +60,7 @@ class SileroVAD:
     def feed(self, audio: np.ndarray) -> np.ndarray:
         buf = np.concatenate([self.pending, audio.astype(np.float32, copy=False)])
         n = len(buf) // WINDOW
-        self.pending = buf[n * WINDOW:]
+        self.pending = buf[n * WINDOW :]
         if n == 0:
             return np.zeros(0, dtype=np.float32)
         windows = buf[: n * WINDOW].reshape(n, WINDOW)
@@ -70,7 +71,8 @@ class SileroVAD:
         self.context = windows[-1, -CONTEXT:].copy()
         batch = np.concatenate([contexts, windows], axis=1)
         probs, self.h, self.c = self.model.session.run(
-            None, {"input": batch, "h": self.h, "c": self.c})
+            None, {"input": batch, "h": self.h, "c": self.c}
+        )
         return np.asarray(probs, dtype=np.float32).reshape(-1)
 
 

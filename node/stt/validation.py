@@ -38,8 +38,12 @@ def rms_dbfs(audio: np.ndarray) -> float:
     return 20 * np.log10(max(rms, 1e-6))
 
 
-def validate(audio: np.ndarray, probs: np.ndarray, config: ValidationConfig | None = None,
-             window_ms: float = 32.0) -> Verdict:
+def validate(
+    audio: np.ndarray,
+    probs: np.ndarray,
+    config: ValidationConfig | None = None,
+    window_ms: float = 32.0,
+) -> Verdict:
     cfg = config or ValidationConfig()
     probs = np.asarray(probs, dtype=np.float32)
     speech = probs[probs >= cfg.threshold]

@@ -47,6 +47,7 @@ from registry.tokens import Claims
 
 log = logging.getLogger("node.tts")
 
+
 class ProtocolError(Exception):
     """A bad client message: answered with ``{"type": "error"}``, the socket stays open."""
 
@@ -72,11 +73,11 @@ class Item:
     chars: int
     frames: deque[bytes] = field(default_factory=deque)
     events: deque[tuple[int, dict[str, Any]]] = field(default_factory=deque)  # (frame index, msg)
-    produced: int = 0          # frames appended so far
-    played: int = 0            # frames sent so far
+    produced: int = 0  # frames appended so far
+    played: int = 0  # frames sent so far
     synth_started: bool = False
     synth_done: bool = False
-    started: bool = False      # `generating` sent
+    started: bool = False  # `generating` sent
     cancelled: bool = False
     failed: str | None = None
     received_at: float = field(default_factory=time.perf_counter)
@@ -116,12 +117,13 @@ class Connection:
         self.claims: Claims | None = None
         self.session_id = ""
         self.session: CharacterCount | None = None  # shared by every socket of the token's session
-        self.voice = Voice(VoiceSpec.parse(self.settings.voice, self.settings.lang_code),
-                           self.settings.speed)
+        self.voice = Voice(
+            VoiceSpec.parse(self.settings.voice, self.settings.lang_code), self.settings.speed
+        )
         self.items: deque[Item] = deque()
         self._seq = 0
-        self._changed = asyncio.Event()     # new item / audio / cancel: wakes producer and player
-        self._interrupt = asyncio.Event()   # clear: wakes the player's clock wait
+        self._changed = asyncio.Event()  # new item / audio / cancel: wakes producer and player
+        self._interrupt = asyncio.Event()  # clear: wakes the player's clock wait
         self._send_lock = asyncio.Lock()
         self._producer: asyncio.Task[None] | None = None
         self._producing: Item | None = None
@@ -169,8 +171,9 @@ class Connection:
                     except (asyncio.CancelledError, Exception):
                         pass
             assert self.session is not None
-            self.session.release(sum(i.chars for i in self.items
-                                     if not i.synth_started and not i.cancelled))
+            self.session.release(
+                sum(i.chars for i in self.items if not i.synth_started and not i.cancelled)
+            )
             self.role.sessions.detach(self.session)
 
     async def _authenticate(self) -> bool:
@@ -194,10 +197,15 @@ class Connection:
             await self.error(str(exc))
             await self.ws.close(code=4401, message=b"auth failed")
             return False
-        await self.send_json({"type": "ready", "session_id": self.session_id,
-                              "limit_characters": session.limit,
-                              "remaining_characters": session.remaining(),
-                              "expires_in": max(0, int(self.expires_at - time.time()))})
+        await self.send_json(
+            {
+                "type": "ready",
+                "session_id": self.session_id,
+                "limit_characters": session.limit,
+                "remaining_characters": session.remaining(),
+                "expires_in": max(0, int(self.expires_at - time.time())),
+            }
+        )
         return True
 
     async def _first_message(self) -> dict[str, Any] | None:
@@ -206,8 +214,10 @@ class Connection:
         try:
             msg = await self.ws.receive(timeout=self.settings.auth_timeout)
         except TimeoutError:
-            await self.error("auth: the first message must be {\"session_key\": ...} "
-                             f"within {self.settings.auth_timeout:g} s")
+            await self.error(
+                'auth: the first message must be {"session_key": ...} '
+                f"within {self.settings.auth_timeout:g} s"
+            )
             await self.ws.close(code=4401, message=b"auth timeout")
             return None
         if msg.type != WSMsgType.TEXT:
@@ -224,7 +234,7 @@ class Connection:
     async def _admit(self, data: dict[str, Any]) -> CharacterCount:
         """Verify the key, check the node has room, apply the config, join the session."""
         if not isinstance(data.get("session_key"), str):
-            raise ProtocolError("auth: the first message must be {\"session_key\": \"eyJ...\"}")
+            raise ProtocolError('auth: the first message must be {"session_key": "eyJ..."}')
         try:
             claims = await verify_session_key(self.role.context, data["session_key"])
         except SessionRefused as exc:
@@ -232,8 +242,10 @@ class Connection:
         if self.role.draining:
             raise ProtocolError("node is draining: open a new session through the gateway")
         if len(self.role.streams) >= self.role.capacity:
-            raise ServerFull(f"server_full: node is at capacity ({self.role.capacity} "
-                             "streams): open a new session through the gateway")
+            raise ServerFull(
+                f"server_full: node is at capacity ({self.role.capacity} "
+                "streams): open a new session through the gateway"
+            )
         if "config" in data:
             self._apply_config(data["config"])
         session = self.role.sessions.attach(claims)
@@ -246,8 +258,9 @@ class Connection:
         while not self.ws.closed:
             timeout = self.expires_at - time.time()
             if timeout <= 0:
-                await self.error("session expired: extend it with {\"type\": \"extend\", "
-                                 "\"session_key\": ...}")
+                await self.error(
+                    'session expired: extend it with {"type": "extend", "session_key": ...}'
+                )
                 await self.ws.close(code=4408, message=b"session expired")
                 return
             try:
@@ -263,10 +276,13 @@ class Connection:
             try:
                 data = json_object(msg.data)
                 context_id = data.get("context_id")
-                if context_id is not None and (not isinstance(context_id, str) or not context_id
-                                               or len(context_id) > 128):
+                if context_id is not None and (
+                    not isinstance(context_id, str) or not context_id or len(context_id) > 128
+                ):
                     context_id = None
-                    raise ProtocolError("context_id must be a non-empty string of at most 128 characters")
+                    raise ProtocolError(
+                        "context_id must be a non-empty string of at most 128 characters"
+                    )
                 await self._handle(data, context_id)
             except (BadMessage, ProtocolError, EngineError) as exc:
                 await self.error(str(exc), context_id)
@@ -282,18 +298,30 @@ class Connection:
         elif kind == "flush" or kind == "ping":
             await self.send_json({"type": "pong"} if kind == "ping" else {"type": "flushed"})
         elif kind is not None and kind != "text":
-            raise ProtocolError(f"unknown message type {kind!r}: expected text, config, clear or extend")
+            raise ProtocolError(
+                f"unknown message type {kind!r}: expected text, config, clear or extend"
+            )
         elif "text" in data:
             self._accept_text(data, context_id)
         elif "config" in data:
             self._apply_config(data["config"])
-            await self.send_json({"type": "config", "voice": self.voice.spec.label,
-                                  "lang_code": self.voice.spec.lang_code, "speed": self.voice.speed})
+            await self.send_json(
+                {
+                    "type": "config",
+                    "voice": self.voice.spec.label,
+                    "lang_code": self.voice.spec.lang_code,
+                    "speed": self.voice.speed,
+                }
+            )
         elif "session_key" in data:
-            raise ProtocolError("already authenticated: to extend send {\"type\": \"extend\", \"session_key\": ...}")
+            raise ProtocolError(
+                'already authenticated: to extend send {"type": "extend", "session_key": ...}'
+            )
         else:
-            raise ProtocolError("expected {\"text\": ...}, {\"config\": ...}, {\"type\": \"clear\"} "
-                                "or {\"type\": \"extend\", ...}")
+            raise ProtocolError(
+                'expected {"text": ...}, {"config": ...}, {"type": "clear"} '
+                'or {"type": "extend", ...}'
+            )
 
     def _voice_from(self, data: dict[str, Any], base: Voice) -> Voice:
         voice = data.get("voice", None)
@@ -307,19 +335,25 @@ class Connection:
         else:
             names = voice if voice is not None else base.spec.label
             # a new voice without lang_code speaks its own language
-            spec = VoiceSpec.parse(names, lang if lang is not None
-                                   else (None if voice is not None else base.spec.lang_code))
+            spec = VoiceSpec.parse(
+                names,
+                lang if lang is not None else (None if voice is not None else base.spec.lang_code),
+            )
         speed = check_speed(data["speed"]) if data.get("speed") is not None else base.speed
         return Voice(spec, speed)
 
     def _apply_config(self, config: Any) -> None:
         if not isinstance(config, dict):
-            raise ProtocolError("config must be an object such as {\"voice\": \"af_heart\", "
-                                "\"lang_code\": \"a\", \"speed\": 1.0}")
+            raise ProtocolError(
+                'config must be an object such as {"voice": "af_heart", '
+                '"lang_code": "a", "speed": 1.0}'
+            )
         unknown = set(config) - {"voice", "lang_code", "speed"}
         if unknown:
-            raise ProtocolError(f"unknown config key(s) {', '.join(sorted(unknown))}: "
-                                "expected voice, lang_code, speed")
+            raise ProtocolError(
+                f"unknown config key(s) {', '.join(sorted(unknown))}: "
+                "expected voice, lang_code, speed"
+            )
         self.voice = self._voice_from(config, self.voice)
 
     def _accept_text(self, data: dict[str, Any], context_id: str | None) -> None:
@@ -330,8 +364,10 @@ class Connection:
         if not text:
             raise ProtocolError("text is empty")
         if len(text) > self.settings.max_text_chars:
-            raise ProtocolError(f"text is too long: {len(text)} characters, at most "
-                                f"{self.settings.max_text_chars} per message")
+            raise ProtocolError(
+                f"text is too long: {len(text)} characters, at most "
+                f"{self.settings.max_text_chars} per message"
+            )
         voice = self._voice_from(data, self.voice)
         chars = len(text)
         session = self.session
@@ -340,12 +376,19 @@ class Connection:
             raise ProtocolError(
                 f"character limit reached: this text has {chars} characters, "
                 f"{session.remaining()} of the session's {session.limit} remain (shared by "
-                "every socket of the session); extend the session")
+                "every socket of the session); extend the session"
+            )
         if len(self.items) >= self.settings.max_queued_texts:
-            raise ProtocolError(f"too many queued texts (at most {self.settings.max_queued_texts}): "
-                                "wait for done or clear")
-        if context_id is not None and context_id not in {i.context_id for i in self.items} and \
-                len({i.context_id for i in self.items if i.context_id}) >= self.settings.max_contexts:
+            raise ProtocolError(
+                f"too many queued texts (at most {self.settings.max_queued_texts}): "
+                "wait for done or clear"
+            )
+        if (
+            context_id is not None
+            and context_id not in {i.context_id for i in self.items}
+            and len({i.context_id for i in self.items if i.context_id})
+            >= self.settings.max_contexts
+        ):
             raise ProtocolError(f"too many open contexts (at most {self.settings.max_contexts})")
         self._seq += 1
         session.reserve(chars)
@@ -382,16 +425,20 @@ class Connection:
     async def _extend(self, data: dict[str, Any]) -> None:
         token = data.get("session_key")
         if not isinstance(token, str):
-            raise ProtocolError("extend needs {\"type\": \"extend\", \"session_key\": \"eyJ...\"}")
+            raise ProtocolError('extend needs {"type": "extend", "session_key": "eyJ..."}')
         assert self.session is not None
         try:
             claims = await verify_session_key(self.role.context, token)
             self.role.sessions.extend(self.session, claims)
         except SessionRefused as exc:
             raise ProtocolError(f"extend: {exc}") from None
-        await self.send_json({"type": "extended",
-                              "expires_in": max(0, int(self.expires_at - time.time())),
-                              "limit_characters": self.session.limit})
+        await self.send_json(
+            {
+                "type": "extended",
+                "expires_in": max(0, int(self.expires_at - time.time())),
+                "limit_characters": self.session.limit,
+            }
+        )
 
     # ------------------------------------------------------------------ producer
 
@@ -425,9 +472,13 @@ class Connection:
     async def _produce_item(self, engine: Engine, item: Item) -> None:
         """Synthesize ``item`` segment by segment, each only once the buffer has room, re-planning
         the rest of the text after each from the audio really buffered then."""
-        segments = await self._plan(engine, item, item.text,
-                                    cut_first=self.buffered_seconds() < 1.0,
-                                    first_words=self.settings.first_clause_words)
+        segments = await self._plan(
+            engine,
+            item,
+            item.text,
+            cut_first=self.buffered_seconds() < 1.0,
+            first_words=self.settings.first_clause_words,
+        )
         resampler = Resampler(engine.sample_rate)
         while segments:
             seg = segments.pop(0)
@@ -438,17 +489,30 @@ class Connection:
                 return
             self._append(item, seg, audio, words, resampler, engine.sample_rate)
             if segments:
-                segments = await self._plan(engine, item, " ".join(x.text for x in segments),
-                                            ahead_seconds=self._ahead_seconds())
+                segments = await self._plan(
+                    engine,
+                    item,
+                    " ".join(x.text for x in segments),
+                    ahead_seconds=self._ahead_seconds(),
+                )
         tail = resampler.push(np.zeros(0, dtype=np.float32), last=True)
         item.frames.extend(tail)
         item.produced += len(tail)
 
     async def _plan(self, engine: Engine, item: Item, text: str, **options: Any) -> list[Segment]:
         """``plan_segments`` off the loop (English phonemizes)."""
-        return await asyncio.get_running_loop().run_in_executor(None, functools.partial(
-            plan_segments, text, item.voice.spec.lang_code, engine, speed=item.voice.speed,
-            lead_seconds=self.settings.lead_frames * FRAME_SECONDS, **options))
+        return await asyncio.get_running_loop().run_in_executor(
+            None,
+            functools.partial(
+                plan_segments,
+                text,
+                item.voice.spec.lang_code,
+                engine,
+                speed=item.voice.speed,
+                lead_seconds=self.settings.lead_frames * FRAME_SECONDS,
+                **options,
+            ),
+        )
 
     async def _room_for(self, item: Item) -> bool:
         """Wait until the buffer is at most ``lookahead_seconds`` ahead of playback; False when
@@ -458,8 +522,9 @@ class Connection:
             await self._changed.wait()
         return not item.cancelled
 
-    async def _synthesize(self, engine: Engine, item: Item, seg: Segment
-                          ) -> tuple[np.ndarray, list[tuple[str, float]] | None]:
+    async def _synthesize(
+        self, engine: Engine, item: Item, seg: Segment
+    ) -> tuple[np.ndarray, list[tuple[str, float]] | None]:
         """One segment through the shared scheduler, due when the buffered audio runs out: its
         audio and its word weights for alignment."""
         spec, speed, align = item.voice.spec, item.voice.speed, self.settings.alignment
@@ -476,8 +541,15 @@ class Connection:
             item.first_engine_s = engine_s
         return audio, words
 
-    def _append(self, item: Item, seg: Segment, audio: np.ndarray,
-                words: list[tuple[str, float]] | None, resampler: Resampler, rate: int) -> None:
+    def _append(
+        self,
+        item: Item,
+        seg: Segment,
+        audio: np.ndarray,
+        words: list[tuple[str, float]] | None,
+        resampler: Resampler,
+        rate: int,
+    ) -> None:
         """A segment's audio (and the pause its punctuation calls for) as frames of the item;
         its words, if known, as an alignment event due with its first frame."""
         if words:
@@ -501,8 +573,9 @@ class Connection:
         """This socket's producer is synthesizing a text now."""
         return self._producing is not None
 
-    def _queue_alignment(self, item: Item, seg: Segment, words: list[tuple[str, float]],
-                         speech_seconds: float) -> None:
+    def _queue_alignment(
+        self, item: Item, seg: Segment, words: list[tuple[str, float]], speech_seconds: float
+    ) -> None:
         start = item.produced * FRAME_SECONDS
         total = sum(w for _, w in words) or 1.0
         t = start
@@ -511,8 +584,14 @@ class Connection:
             d = speech_seconds * weight / total
             out.append({"word": word, "start": round(t, 3), "end": round(t + d, 3)})
             t += d
-        item.events.append((item.produced, item.tag(
-            {"type": "alignment", "text": seg.text, "words": out, "approximate": True})))
+        item.events.append(
+            (
+                item.produced,
+                item.tag(
+                    {"type": "alignment", "text": seg.text, "words": out, "approximate": True}
+                ),
+            )
+        )
 
     # ------------------------------------------------------------------ player
 
@@ -550,7 +629,8 @@ class Connection:
         await self.send_json(item.tag({"type": "generating", "text": item.text}))
         if item.first_engine_s is not None and not clock.running:
             self.role.first_audio.append(
-                (time.perf_counter() - item.received_at, item.first_engine_s))
+                (time.perf_counter() - item.received_at, item.first_engine_s)
+            )
 
     async def _wait_due(self, item: Item, clock: FrameClock) -> bool:
         """Wait for the next frame's time (a ``clear`` cuts it short); False when the item has

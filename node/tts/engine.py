@@ -35,7 +35,6 @@ class EngineUnavailable(RuntimeError):
     """A backend that is not installed on this machine."""
 
 
-
 class Engine(Protocol):
     name: str
     sample_rate: int
@@ -45,8 +44,9 @@ class Engine(Protocol):
     def phoneme_length(self, text: str, lang_code: str) -> int:
         """How long ``text`` is in the unit the model's context is measured in."""
 
-    def synthesize(self, text: str, voice: VoiceSpec, speed: float,
-                   threads: int | None = None) -> np.ndarray:
+    def synthesize(
+        self, text: str, voice: VoiceSpec, speed: float, threads: int | None = None
+    ) -> np.ndarray:
         """Blocking: float32 mono audio at ``sample_rate`` for one segment, edge silence trimmed.
         ``threads``: a hint from the scheduler (1 under load); engines may ignore it."""
 
@@ -63,8 +63,9 @@ class KokoroOnnxEngine:
     name = "kokoro-onnx"
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, files: KokoroFiles, threads: int = 0, provider: str = "auto",
-                 spin: bool = False) -> None:
+    def __init__(
+        self, files: KokoroFiles, threads: int = 0, provider: str = "auto", spin: bool = False
+    ) -> None:
         import logging
 
         import onnxruntime as rt
@@ -79,8 +80,10 @@ class KokoroOnnxEngine:
             providers.append("CPUExecutionProvider")
         else:
             if provider not in available:
-                raise EngineUnavailable(f"onnxruntime provider {provider!r} is not available here "
-                                        f"(have {', '.join(available)})")
+                raise EngineUnavailable(
+                    f"onnxruntime provider {provider!r} is not available here "
+                    f"(have {', '.join(available)})"
+                )
             providers = [provider]
 
         def session(n: int) -> rt.InferenceSession:
@@ -99,8 +102,9 @@ class KokoroOnnxEngine:
         wide = session(self.threads)
         self.providers = wide.get_providers()
         self._k = Kokoro.from_session(wide, str(files.voices))
-        self._narrow = (Kokoro.from_session(session(1), str(files.voices))
-                        if self.threads > 1 else self._k)
+        self._narrow = (
+            Kokoro.from_session(session(1), str(files.voices)) if self.threads > 1 else self._k
+        )
         self._voices = {n: np.asarray(self._k.voices[n], dtype=np.float32) for n in self._k.voices}
         self._blends: dict[tuple[str, ...], np.ndarray] = {}
         self._lock = threading.Lock()
@@ -132,8 +136,9 @@ class KokoroOnnxEngine:
     def phoneme_length(self, text: str, lang_code: str) -> int:
         return len(self.phonemize(text, lang_code))
 
-    def synthesize(self, text: str, voice: VoiceSpec, speed: float,
-                   threads: int | None = None) -> np.ndarray:
+    def synthesize(
+        self, text: str, voice: VoiceSpec, speed: float, threads: int | None = None
+    ) -> np.ndarray:
         """``threads=1``: the narrow session (one inference per core under load); otherwise
         the wide one (all of ``self.threads`` on this inference)."""
         from kokoro_onnx.chunker import split_phonemes
@@ -165,7 +170,7 @@ class KokoroOnnxEngine:
             return None
         phon = self.phonemize(text, lang_code).split()
         if len(phon) == len(words):
-            return [(w, float(max(1, len(p)))) for w, p in zip(words, phon)]
+            return [(w, float(max(1, len(p)))) for w, p in zip(words, phon, strict=False)]
         return [(w, float(max(1, len(w)))) for w in words]
 
 
@@ -203,11 +208,15 @@ class KokoroTorchEngine:
     def phoneme_length(self, text: str, lang_code: str) -> int:
         return len(text)
 
-    def synthesize(self, text: str, voice: VoiceSpec, speed: float,
-                   threads: int | None = None) -> np.ndarray:
+    def synthesize(
+        self, text: str, voice: VoiceSpec, speed: float, threads: int | None = None
+    ) -> np.ndarray:
         pipe = self._pipeline(voice.lang_code)
-        parts = [np.asarray(r.audio, dtype=np.float32)
-                 for r in pipe(text, voice=voice.label, speed=speed) if r.audio is not None]
+        parts = [
+            np.asarray(r.audio, dtype=np.float32)
+            for r in pipe(text, voice=voice.label, speed=speed)
+            if r.audio is not None
+        ]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
     def word_weights(self, text: str, lang_code: str) -> list[tuple[str, float]] | None:
@@ -223,22 +232,34 @@ class MlxEngine(KokoroTorchEngine):
         try:
             from mlx_audio.tts.utils import load_model  # type: ignore[import-not-found]
         except ImportError as exc:
-            raise EngineUnavailable("engine 'mlx' needs Apple silicon and `pip install mlx-audio`") from exc
+            raise EngineUnavailable(
+                "engine 'mlx' needs Apple silicon and `pip install mlx-audio`"
+            ) from exc
         self._mlx = load_model(repo_id)
 
-    def synthesize(self, text: str, voice: VoiceSpec, speed: float,
-                   threads: int | None = None) -> np.ndarray:
-        parts = [np.asarray(r.audio, dtype=np.float32) for r in
-                 self._mlx.generate(text=text, voice=voice.label, speed=speed,
-                                    lang_code=voice.lang_code)]
+    def synthesize(
+        self, text: str, voice: VoiceSpec, speed: float, threads: int | None = None
+    ) -> np.ndarray:
+        parts = [
+            np.asarray(r.audio, dtype=np.float32)
+            for r in self._mlx.generate(
+                text=text, voice=voice.label, speed=speed, lang_code=voice.lang_code
+            )
+        ]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
 
-def create_engine(name: str, threads: int = 0, provider: str = "auto",
-                  files: KokoroFiles | None = None, spin: bool = False) -> Engine:
+def create_engine(
+    name: str,
+    threads: int = 0,
+    provider: str = "auto",
+    files: KokoroFiles | None = None,
+    spin: bool = False,
+) -> Engine:
     if name == "kokoro-onnx":
-        return KokoroOnnxEngine(files or ensure_kokoro(), threads=threads, provider=provider,
-                                spin=spin)
+        return KokoroOnnxEngine(
+            files or ensure_kokoro(), threads=threads, provider=provider, spin=spin
+        )
     if name == "kokoro":
         return KokoroTorchEngine()
     if name == "mlx":
@@ -246,15 +267,14 @@ def create_engine(name: str, threads: int = 0, provider: str = "auto",
     raise EngineUnavailable(f"unknown engine {name!r}: expected kokoro-onnx, kokoro or mlx")
 
 
-
-
 # --------------------------------------------------------------------------- tiny synthesis helper
 
 _engine = None
 
 
-def synthesize(text: str, voice: str = "af_heart", speed: float = 1.0,
-               lang_code: str | None = None) -> tuple[np.ndarray, int]:
+def synthesize(
+    text: str, voice: str = "af_heart", speed: float = 1.0, lang_code: str | None = None
+) -> tuple[np.ndarray, int]:
     """Speak ``text`` with the offline Kokoro model: ``(float32 mono audio, 24000)``.
 
     For tests and tools (e.g. making speech for STT tests). The model loads once per process.

@@ -27,8 +27,8 @@ class Resampler:
         out = self._rs.resample_chunk(np.asarray(audio, dtype=np.float32), last=last)
         buf = np.concatenate([self._rest, out]) if self._rest.size else out
         n = len(buf) // FRAME_SAMPLES
-        frames = [_pcm16(buf[i * FRAME_SAMPLES:(i + 1) * FRAME_SAMPLES]) for i in range(n)]
-        self._rest = buf[n * FRAME_SAMPLES:]
+        frames = [_pcm16(buf[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES]) for i in range(n)]
+        self._rest = buf[n * FRAME_SAMPLES :]
         if last and self._rest.size:
             pad = np.zeros(FRAME_SAMPLES, dtype=np.float32)
             pad[: self._rest.size] = self._rest

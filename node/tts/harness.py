@@ -24,8 +24,15 @@ from registry.tokens import Grant, TokenVerifier, mint_token
 class RoleServer:
     """The TTS role on a real HTTP server in a thread with its own loop (shared by a module)."""
 
-    def __init__(self, engine, issuer: Keypair, state: Path, settings: dict | None = None,
-                 capacity: int = 8, calibrate: bool = False) -> None:
+    def __init__(
+        self,
+        engine,
+        issuer: Keypair,
+        state: Path,
+        settings: dict | None = None,
+        capacity: int = 8,
+        calibrate: bool = False,
+    ) -> None:
         """``calibrate``: measure the capacity at start as a node does (``capacity`` is then the
         upper bound); off by default so tests that open several sockets get ``capacity``."""
         self.engine, self.issuer, self.state = engine, issuer, state
@@ -60,10 +67,18 @@ class RoleServer:
 
         node_key = self.node_key
         self.outbox = Outbox(self.state / "outbox.sqlite", None, node_key)
-        context = RoleContext(role="tts", settings=self.settings, keypair=node_key,
-                              verifier=TokenVerifier(issuers, "tts"), public_url="",
-                              capacity=self.capacity, gateway_url=None, state_dir=self.state,
-                              outbox=self.outbox, calibrate=self.calibrate)
+        context = RoleContext(
+            role="tts",
+            settings=self.settings,
+            keypair=node_key,
+            verifier=TokenVerifier(issuers, "tts"),
+            public_url="",
+            capacity=self.capacity,
+            gateway_url=None,
+            state_dir=self.state,
+            outbox=self.outbox,
+            calibrate=self.calibrate,
+        )
         self.role = TtsRole(context, engine=self.engine)
         app = web.Application()
         self.role.routes(app)
@@ -88,17 +103,25 @@ class RoleServer:
         return f"http://127.0.0.1:{self.port}/v1/stream"
 
     def token(self, limit: int = 10_000, session_id: str | None = None, ttl: int = 600) -> str:
-        return mint_token(self.issuer, "tester", Grant("tts", limit=limit), ttl,
-                          session_id=session_id or str(uuid.uuid4()),
-                          audience=str(self.node_key.pubkey()))
+        return mint_token(
+            self.issuer,
+            "tester",
+            Grant("tts", limit=limit),
+            ttl,
+            session_id=session_id or str(uuid.uuid4()),
+            audience=str(self.node_key.pubkey()),
+        )
 
     def completion(self, session_id: str, timeout: float = 15.0) -> dict | None:
         """The session's ``complete`` event, once the node settled it (after its last socket
         closed and the reconnect grace passed), or None if it did not within ``timeout``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            done = [e for e in self.usage_events()
-                    if e["session_id"] == session_id and e["event"] == "complete"]
+            done = [
+                e
+                for e in self.usage_events()
+                if e["session_id"] == session_id and e["event"] == "complete"
+            ]
             if done:
                 return done[-1]
             time.sleep(0.1)

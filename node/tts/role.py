@@ -30,8 +30,10 @@ from node.tts.voices import VoiceSpec
 log = logging.getLogger("node.tts")
 
 # ~6 s of speech: long enough that the fixed cost of a call weighs as it does in a stream
-CALIBRATION_TEXT = ("I have looked at your account, and everything seems to be in order. "
-                    "Your last payment arrived on the fifth, and the next one is due soon.")
+CALIBRATION_TEXT = (
+    "I have looked at your account, and everything seems to be in order. "
+    "Your last payment arrived on the fifth, and the next one is due soon."
+)
 
 
 def stream_cost(engine: Engine, spec: VoiceSpec) -> float:
@@ -55,10 +57,15 @@ class TtsRole:
         self.scheduler = Scheduler(self.settings.workers)
         self._capacity = context.capacity  # until start() measured it
         self.streams: set[Connection] = set()
-        self.sessions = Sessions(context.outbox, context.state_file("tts-usage"),
-                                 meter=CharacterCount, unit="used_characters", table="tts_usage",
-                                 reconnect_grace=self.settings.reconnect_grace,
-                                 report_interval=self.settings.usage_interval)
+        self.sessions = Sessions(
+            context.outbox,
+            context.state_file("tts-usage"),
+            meter=CharacterCount,
+            unit="used_characters",
+            table="tts_usage",
+            reconnect_grace=self.settings.reconnect_grace,
+            report_interval=self.settings.usage_interval,
+        )
         self.draining = False
         self.started_at = time.time()
         # underruns: times a playing text ran dry because the engine fell behind (CPU starved)
@@ -93,7 +100,8 @@ class TtsRole:
             await loop.run_in_executor(None, self.engine.synthesize, "Ready.", spec, 1.0)
         model = f"{self.engine.name}:{self.settings.provider}:{spec.label}"
         self._capacity = await self.context.measured_capacity(
-            model, lambda: stream_cost(self.engine, spec))
+            model, lambda: stream_cost(self.engine, spec)
+        )
         self.scheduler.start()
         self.sessions.start()
 
@@ -102,8 +110,9 @@ class TtsRole:
         files = None
         if s.engine == "kokoro-onnx":
             files = ensure_kokoro(s.model_dir)
-        return create_engine(s.engine, threads=s.threads, provider=s.provider, files=files,
-                             spin=s.spin)
+        return create_engine(
+            s.engine, threads=s.threads, provider=s.provider, files=files, spin=s.spin
+        )
 
     async def drain(self) -> None:
         self.draining = True
@@ -118,8 +127,9 @@ class TtsRole:
         return len(self.streams)
 
     async def _voices(self, request: web.Request) -> web.Response:
-        return web.json_response({"languages": LANGUAGES, "voices": VOICES,
-                                  "default": self.settings.voice})
+        return web.json_response(
+            {"languages": LANGUAGES, "voices": VOICES, "default": self.settings.voice}
+        )
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(heartbeat=30, max_msg_size=1 << 20)

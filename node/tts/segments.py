@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from node.tts.engine import DEFAULT_COST, MAX_PHONEMES, Engine
 
-OTHER_MAX_CHARS = 400       # other languages: characters per segment
+OTHER_MAX_CHARS = 400  # other languages: characters per segment
 
 
 @dataclass
@@ -24,13 +24,14 @@ class Segment:
     pause_after: float  # seconds of silence the punctuation at its end calls for
 
 
-
 _SENTENCE_END = re.compile(r"(?<=[.!?…。！？])[\"'”’)\]]*\s+|(?<=[。！？])")
 _CLAUSE_END = re.compile(r"(?<=[,;:—–、，；：])\s*")
-_BREAK_WORDS = frozenset((
-    "and but or so because which that who when where while if then to of in on at for with "
-    "from as than until unless although though since after before about into "
-).split())
+_BREAK_WORDS = frozenset(
+    (
+        "and but or so because which that who when where while if then to of in on at for with "
+        "from as than until unless although though since after before about into "
+    ).split()
+)
 _SENTENCE_PAUSE = 0.25
 _CLAUSE_PAUSE = 0.10
 
@@ -50,10 +51,12 @@ def _pause_for(text: str) -> float:
     return 0.0
 
 
-_WEAK_ENDINGS = frozenset((
-    "a an the my your his her its our their this that these those to of in on at for with "
-    "from by and or but so is are was were be i you we they he she it very "
-).split())
+_WEAK_ENDINGS = frozenset(
+    (
+        "a an the my your his her its our their this that these those to of in on at for with "
+        "from by and or but so is are was were be i you we they he she it very "
+    ).split()
+)
 
 
 def first_cut(sentence: str, max_words: int = 4) -> tuple[str, str]:
@@ -68,7 +71,7 @@ def first_cut(sentence: str, max_words: int = 4) -> tuple[str, str]:
         return sentence, ""
     for i in range(max_words):
         if words[i][-1] in ",;:—–":
-            return " ".join(words[: i + 1]), " ".join(words[i + 1:])
+            return " ".join(words[: i + 1]), " ".join(words[i + 1 :])
     for i in range(max_words, 1, -1):
         if words[i].lower().strip("\"'(") in _BREAK_WORDS:
             return " ".join(words[:i]), " ".join(words[i:])
@@ -120,10 +123,18 @@ def cut_at(text: str, max_chars: int) -> tuple[str, str]:
     return " ".join(words[:j]), " ".join(words[j:])
 
 
-def plan_segments(text: str, lang_code: str, engine: Engine | None = None, *,
-                  cut_first: bool = True, first_words: int = 4, speed: float = 1.0,
-                  lead_seconds: float = 0.1, min_chars: int = 30,
-                  ahead_seconds: float | None = None) -> list[Segment]:
+def plan_segments(
+    text: str,
+    lang_code: str,
+    engine: Engine | None = None,
+    *,
+    cut_first: bool = True,
+    first_words: int = 4,
+    speed: float = 1.0,
+    lead_seconds: float = 0.1,
+    min_chars: int = 30,
+    ahead_seconds: float | None = None,
+) -> list[Segment]:
     """Segments to synthesize in order: a short first one, then ones sized so each is ready
     before the audio ahead of it runs out, growing to whole sentences within the model limits.
 
@@ -139,8 +150,11 @@ def plan_segments(text: str, lang_code: str, engine: Engine | None = None, *,
     (no first-clause cut).
     """
     limit, measure = _context_limit(lang_code, engine)
-    atoms: deque[str] = deque(piece for sentence in split_sentences(text)
-                              for piece in _split_long(sentence, limit, measure))
+    atoms: deque[str] = deque(
+        piece
+        for sentence in split_sentences(text)
+        for piece in _split_long(sentence, limit, measure)
+    )
     if not atoms:
         return []
     spaced = lang_code not in ("j", "z")
@@ -149,15 +163,17 @@ def plan_segments(text: str, lang_code: str, engine: Engine | None = None, *,
         atoms[0] = head
         if rest:
             atoms.insert(1, rest)
-    budget = _Budget(*_cost_model(engine, lang_code), speed=speed, lead=lead_seconds,
-                     played=ahead_seconds or 0.0)
+    budget = _Budget(
+        *_cost_model(engine, lang_code), speed=speed, lead=lead_seconds, played=ahead_seconds or 0.0
+    )
     segments: list[Segment] = []
     if ahead_seconds is None:  # the first segment plays while the next ones are synthesized
         segments.append(_segment(atoms.popleft()))
         budget.hear(segments[0])
     while atoms:
-        segments.append(_segment(_take(atoms, budget.max_chars(min_chars), limit, measure,
-                                       spaced, min_chars)))
+        segments.append(
+            _segment(_take(atoms, budget.max_chars(min_chars), limit, measure, spaced, min_chars))
+        )
         budget.hear(segments[-1])
         budget.synthesize(segments[-1])
     segments[-1].pause_after = 0.0
@@ -179,13 +195,13 @@ def _segment(text: str) -> Segment:
 class _Budget:
     """A plan's running account: the audio planned so far against the synthesis it costs."""
 
-    fixed: float         # seconds per engine call
-    per_char: float      # synthesis seconds per character
+    fixed: float  # seconds per engine call
+    per_char: float  # synthesis seconds per character
     audio_per_char: float
     speed: float
     lead: float
     played: float = 0.0  # audio seconds planned (or buffered ahead) so far
-    synth: float = 0.0   # synthesis seconds of the segments after the first
+    synth: float = 0.0  # synthesis seconds of the segments after the first
 
     def hear(self, seg: Segment) -> None:
         self.played += self.audio_per_char * len(seg.text) / self.speed + seg.pause_after
@@ -205,8 +221,14 @@ class _Budget:
         return max_chars if max_chars >= min_chars else 0
 
 
-def _take(atoms: deque[str], max_chars: int, limit: int, measure: Callable[[str], int],
-          spaced: bool, min_chars: int) -> str:
+def _take(
+    atoms: deque[str],
+    max_chars: int,
+    limit: int,
+    measure: Callable[[str], int],
+    spaced: bool,
+    min_chars: int,
+) -> str:
     """The next segment's text off the front of ``atoms``: whole atoms while they fit in
     ``max_chars`` and the model's limit; else the first atom cut at a natural break; with
     ``max_chars`` 0 the next whole atom (the most efficient call: the gap falls at its start)."""

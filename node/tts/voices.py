@@ -16,8 +16,10 @@ MAX_BLEND = 8
 
 
 class EngineError(ValueError):
-    """A request the engine cannot serve (unknown voice, language...); the message is for clients."""
+    """A request the engine cannot serve (unknown voice, language...).
 
+    The message is for clients.
+    """
 
 
 @dataclass(frozen=True)
@@ -30,19 +32,25 @@ class VoiceSpec:
     @staticmethod
     def parse(voice: str, lang_code: str | None = None) -> VoiceSpec:
         if not isinstance(voice, str) or not voice.strip():
-            raise EngineError("voice must be a voice id such as 'af_heart' or a blend 'af_heart,af_bella'")
+            raise EngineError(
+                "voice must be a voice id such as 'af_heart' or a blend 'af_heart,af_bella'"
+            )
         names = tuple(n.strip() for n in voice.split(","))
         if len(names) > MAX_BLEND:
             raise EngineError(f"a blend takes at most {MAX_BLEND} voices, got {len(names)}")
         for n in names:
             if n not in ALL_VOICES:
-                raise EngineError(f"unknown voice {n!r}: expected one of the 54 Kokoro voices, "
-                                  "e.g. af_heart, bf_emma, ef_dora, ff_siwis, jf_alpha, zf_xiaoxiao")
+                raise EngineError(
+                    f"unknown voice {n!r}: expected one of the 54 Kokoro voices, "
+                    "e.g. af_heart, bf_emma, ef_dora, ff_siwis, jf_alpha, zf_xiaoxiao"
+                )
         lang = names[0][0] if lang_code is None else lang_code
         if lang not in LANGUAGES:
-            raise EngineError(f"unknown lang_code {lang!r}: expected one of "
-                              f"{', '.join(LANGUAGES)} (a=en-us b=en-gb e=es f=fr h=hi i=it j=ja "
-                              "p=pt-br z=zh)")
+            raise EngineError(
+                f"unknown lang_code {lang!r}: expected one of "
+                f"{', '.join(LANGUAGES)} (a=en-us b=en-gb e=es f=fr h=hi i=it j=ja "
+                "p=pt-br z=zh)"
+            )
         return VoiceSpec(names, lang)
 
     @property
@@ -57,4 +65,3 @@ def check_speed(speed: object) -> float:
     if not (SPEED_RANGE[0] <= s <= SPEED_RANGE[1]):
         raise EngineError(f"speed {s} is outside {SPEED_RANGE[0]}-{SPEED_RANGE[1]}")
     return s
-

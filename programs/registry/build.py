@@ -48,13 +48,31 @@ CLANG_NAMES = ("clang-19",)
 # releases, so byte-for-byte reproduction needs this one (Debian bookworm's clang-19).
 REFERENCE_CLANG = "Debian clang version 19.1.7 (3~deb12u1)"
 CFLAGS = [
-    "-target", "bpf", "-mcpu=v2", "-O2", "-fno-builtin", "-ffreestanding",
-    "-fno-strict-aliasing", "-fno-stack-protector", "-fno-ident", "-std=c11",
-    "-Wall", "-Wextra", "-Werror", "-mllvm", "-bpf-stack-size=4096",
+    "-target",
+    "bpf",
+    "-mcpu=v2",
+    "-O2",
+    "-fno-builtin",
+    "-ffreestanding",
+    "-fno-strict-aliasing",
+    "-fno-stack-protector",
+    "-fno-ident",
+    "-std=c11",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-mllvm",
+    "-bpf-stack-size=4096",
 ]
 SYSCALLS = {
-    "sol_log_", "sol_log_64_", "sol_memcpy_", "sol_memset_", "sol_create_program_address",
-    "sol_try_find_program_address", "sol_invoke_signed_c", "sol_get_clock_sysvar",
+    "sol_log_",
+    "sol_log_64_",
+    "sol_memcpy_",
+    "sol_memset_",
+    "sol_create_program_address",
+    "sol_try_find_program_address",
+    "sol_invoke_signed_c",
+    "sol_get_clock_sysvar",
     "sol_get_rent_sysvar",
 }
 
@@ -114,8 +132,9 @@ def find_clang() -> str:
 
 
 def clang_version(clang: str | None = None) -> str:
-    proc = subprocess.run([clang or find_clang(), "--version"], capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run(
+        [clang or find_clang(), "--version"], capture_output=True, text=True, check=False
+    )
     return proc.stdout.splitlines()[0].strip() if proc.stdout else "unknown"
 
 
@@ -144,8 +163,12 @@ def build(out: Path, build_dir: Path | None = None) -> bytes:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Build programs/registry/registry.so")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT}")
-    ap.add_argument("--keep-build-dir", type=Path, default=None,
-                    help="write discriminators.h and registry.o here and keep them")
+    ap.add_argument(
+        "--keep-build-dir",
+        type=Path,
+        default=None,
+        help="write discriminators.h and registry.o here and keep them",
+    )
     args = ap.parse_args(argv)
     try:
         so = build(args.out, args.keep_build_dir)

@@ -182,9 +182,18 @@ def _object_of(elf: ELFFile) -> ObjectFile:
     sections, symtabs, relocations, rela = [], [], {}, []
     for index, sec in enumerate(elf.iter_sections()):
         nobits = sec["sh_type"] == "SHT_NOBITS"
-        sections.append(Section(index, sec.name, sec["sh_type"], sec["sh_flags"], sec["sh_size"],
-                                sec["sh_info"], max(sec["sh_addralign"], 1),
-                                b"" if nobits else sec.data()))
+        sections.append(
+            Section(
+                index,
+                sec.name,
+                sec["sh_type"],
+                sec["sh_flags"],
+                sec["sh_size"],
+                sec["sh_info"],
+                max(sec["sh_addralign"], 1),
+                b"" if nobits else sec.data(),
+            )
+        )
         if isinstance(sec, SymbolTableSection) and sec["sh_type"] == "SHT_SYMTAB":
             symtabs.append(sec)
         elif isinstance(sec, RelocationSection) and sec.is_RELA():
@@ -192,11 +201,21 @@ def _object_of(elf: ELFFile) -> ObjectFile:
         elif isinstance(sec, RelocationSection) and sec["sh_size"]:
             relocations.setdefault(sec["sh_info"], []).extend(
                 Relocation(r["r_offset"], r["r_info_sym"], r["r_info_type"])
-                for r in sec.iter_relocations())
+                for r in sec.iter_relocations()
+            )
     if len(symtabs) != 1:
         raise LinkError("input must have exactly one symbol table")
-    symbols = [Symbol(s.name, s["st_info"]["bind"], s["st_info"]["type"], s["st_shndx"],
-                      s["st_value"], s["st_size"]) for s in symtabs[0].iter_symbols()]
+    symbols = [
+        Symbol(
+            s.name,
+            s["st_info"]["bind"],
+            s["st_info"]["type"],
+            s["st_shndx"],
+            s["st_value"],
+            s["st_size"],
+        )
+        for s in symtabs[0].iter_symbols()
+    ]
     return ObjectFile(sections, symbols, relocations, rela)
 
 
@@ -225,8 +244,10 @@ def program_sections(obj: ObjectFile) -> tuple[Section, list[Section]]:
     text_secs = [s for s in text_secs if s.size]
     if len(text_secs) != 1 or text_secs[0].name != ".text":
         names = ", ".join(s.name for s in text_secs) or "none"
-        raise LinkError(f"expected exactly one executable section .text, found: {names} "
-                        "(do not use -ffunction-sections)")
+        raise LinkError(
+            f"expected exactly one executable section .text, found: {names} "
+            "(do not use -ffunction-sections)"
+        )
     return text_secs[0], ro_secs
 
 
@@ -247,8 +268,10 @@ def text_relocations(obj: ObjectFile, text_in: Section) -> list[Relocation]:
     for target_index in obj.relocations:
         target = obj.sections[target_index]
         if target.index != text_in.index and target.flags & SHF_ALLOC:
-            raise LinkError(f"relocations against {target.name} are not supported "
-                            "(no pointers in read-only data)")
+            raise LinkError(
+                f"relocations against {target.name} are not supported "
+                "(no pointers in read-only data)"
+            )
     return sorted(obj.relocations.get(text_in.index, []))
 
 
@@ -315,8 +338,13 @@ class DynReloc:
     type: int
 
 
-def relocate(text: bytearray, relocations: list[Relocation], obj: ObjectFile, layout: Layout,
-             allow_undefined: set[str] | None) -> list[DynReloc]:
+def relocate(
+    text: bytearray,
+    relocations: list[Relocation],
+    obj: ObjectFile,
+    layout: Layout,
+    allow_undefined: set[str] | None,
+) -> list[DynReloc]:
     """Patch ``text`` in place; return what is left for the loader to patch."""
     dyn_rels: list[DynReloc] = []
     for rel in relocations:
@@ -340,8 +368,10 @@ def _relocate_lddw(text: bytearray, off: int, sym: Symbol, layout: Layout) -> Dy
         raise LinkError(f"R_BPF_64_64 at .text+{off:#x} is not on an lddw")
     addr = layout.address_of(sym)
     if addr is None or sym.shndx == layout.text_index:
-        raise LinkError(f"lddw of {sym.name or 'a section'} at .text+{off:#x}: "
-                        "only read-only data can be referenced")
+        raise LinkError(
+            f"lddw of {sym.name or 'a section'} at .text+{off:#x}: "
+            "only read-only data can be referenced"
+        )
     lo = struct.unpack_from("<I", text, off + 4)[0]
     hi = struct.unpack_from("<I", text, off + INSN + 4)[0]
     value = addr + (lo | hi << 32)
@@ -350,16 +380,19 @@ def _relocate_lddw(text: bytearray, off: int, sym: Symbol, layout: Layout) -> Dy
     return DynReloc(layout.text_off + off, None, R_BPF_64_RELATIVE)
 
 
-def _relocate_call(text: bytearray, off: int, sym: Symbol, layout: Layout,
-                   allow_undefined: set[str] | None) -> DynReloc | None:
+def _relocate_call(
+    text: bytearray, off: int, sym: Symbol, layout: Layout, allow_undefined: set[str] | None
+) -> DynReloc | None:
     """A call of a syscall (left to the loader) or of a function in ``.text`` (pc-relative)."""
     if text[off] != OP_CALL:
         raise LinkError(f"R_BPF_64_32 at .text+{off:#x} is not on a call")
     if sym.shndx == "SHN_UNDEF":
         if allow_undefined is not None and sym.name not in allow_undefined:
-            raise LinkError(f"call of undefined symbol `{sym.name}`, which is not a "
-                            "known syscall (builtins like memcpy/memset must not be "
-                            "emitted; use sol_memcpy_/sol_memset_)")
+            raise LinkError(
+                f"call of undefined symbol `{sym.name}`, which is not a "
+                "known syscall (builtins like memcpy/memset must not be "
+                "emitted; use sol_memcpy_/sol_memset_)"
+            )
         struct.pack_into("<i", text, off + 4, -1)
         return DynReloc(layout.text_off + off, sym.name, R_BPF_64_32)
     if sym.shndx != layout.text_index:
@@ -409,15 +442,22 @@ def dynamic_tables(entry: Symbol, entry_addr: int, dyn_rels: list[DynReloc]) -> 
     """``.dynsym`` (null, entrypoint, then the syscalls by name), ``.dynstr`` and ``.rel.dyn``."""
     strings = StringTable()
     dynsym = bytearray(SYM.size)
-    dynsym += SYM.pack(strings.offset(ENTRY_SYMBOL), (STB_GLOBAL << 4) | STT_FUNC, 0,
-                       TEXT_SHNDX, entry_addr, entry.size)
+    dynsym += SYM.pack(
+        strings.offset(ENTRY_SYMBOL),
+        (STB_GLOBAL << 4) | STT_FUNC,
+        0,
+        TEXT_SHNDX,
+        entry_addr,
+        entry.size,
+    )
     sym_index: dict[str, int] = {}
     for name in sorted({r.symbol for r in dyn_rels if r.symbol}):
         sym_index[name] = len(dynsym) // SYM.size
-        dynsym += SYM.pack(strings.offset(name), (STB_GLOBAL << 4) | STT_NOTYPE, 0,
-                           SHN_UNDEF, 0, 0)
-    reldyn = b"".join(REL.pack(r.offset, (sym_index[r.symbol] if r.symbol else 0) << 32 | r.type)
-                      for r in sorted(dyn_rels, key=lambda r: r.offset))
+        dynsym += SYM.pack(strings.offset(name), (STB_GLOBAL << 4) | STT_NOTYPE, 0, SHN_UNDEF, 0, 0)
+    reldyn = b"".join(
+        REL.pack(r.offset, (sym_index[r.symbol] if r.symbol else 0) << 32 | r.type)
+        for r in sorted(dyn_rels, key=lambda r: r.offset)
+    )
     return DynamicTables(bytes(dynsym), bytes(strings.data), reldyn)
 
 
@@ -443,19 +483,29 @@ def place_dynamic(layout: Layout, tables: DynamicTables) -> TailLayout:
     dynstr_off = dynsym_off + len(tables.dynsym)
     reldyn_off = _align(dynstr_off + len(tables.dynstr), 8)
     dyn_end = reldyn_off + len(tables.reldyn) if tables.reldyn else dynstr_off + len(tables.dynstr)
-    entries = [(DT_SYMTAB, dynsym_off), (DT_STRTAB, dynstr_off), (DT_STRSZ, len(tables.dynstr)),
-               (DT_SYMENT, SYM.size)]
+    entries = [
+        (DT_SYMTAB, dynsym_off),
+        (DT_STRTAB, dynstr_off),
+        (DT_STRSZ, len(tables.dynstr)),
+        (DT_SYMENT, SYM.size),
+    ]
     if tables.reldyn:
-        entries += [(DT_REL, reldyn_off), (DT_RELSZ, len(tables.reldyn)), (DT_RELENT, REL.size),
-                    (DT_TEXTREL, 0), (DT_FLAGS, DF_TEXTREL)]
+        entries += [
+            (DT_REL, reldyn_off),
+            (DT_RELSZ, len(tables.reldyn)),
+            (DT_RELENT, REL.size),
+            (DT_TEXTREL, 0),
+            (DT_FLAGS, DF_TEXTREL),
+        ]
     entries.append((DT_NULL, 0))
     dynamic = b"".join(DYN.pack(t, v) for t, v in entries)
     assert len(dynamic) == n_dyn * DYN.size
     return TailLayout(dynamic_off, dynamic, dynsym_off, dynstr_off, reldyn_off, dyn_end)
 
 
-def section_headers(layout: Layout, tables: DynamicTables, tail: TailLayout
-                    ) -> tuple[bytes, int, list[bytes], int]:
+def section_headers(
+    layout: Layout, tables: DynamicTables, tail: TailLayout
+) -> tuple[bytes, int, list[bytes], int]:
     """``.shstrtab``, its offset, the section headers and the index of ``.shstrtab``."""
     names = [".text", ".rodata", ".dynamic", ".dynsym", ".dynstr", ".rel.dyn", ".shstrtab"]
     if not layout.has_rodata:
@@ -470,25 +520,67 @@ def section_headers(layout: Layout, tables: DynamicTables, tail: TailLayout
     assert idx[".text"] == TEXT_SHNDX
     shdrs = [SHDR.pack(0, SHT_NULL, 0, 0, 0, 0, 0, 0, 0, 0)]
 
-    def sh(name: str, typ: int, flags: int, off: int, size: int, link: int = 0, info: int = 0,
-           align: int = 1, entsize: int = 0) -> None:
+    def sh(
+        name: str,
+        typ: int,
+        flags: int,
+        off: int,
+        size: int,
+        link: int = 0,
+        info: int = 0,
+        align: int = 1,
+        entsize: int = 0,
+    ) -> None:
         addr = off if flags & SHF_ALLOC else 0
-        shdrs.append(SHDR.pack(shstrtab.offsets[name], typ, flags, addr, off, size, link, info,
-                               align, entsize))
+        shdrs.append(
+            SHDR.pack(
+                shstrtab.offsets[name], typ, flags, addr, off, size, link, info, align, entsize
+            )
+        )
 
-    sh(".text", SHT_PROGBITS, SHF_ALLOC | SHF_EXECINSTR, layout.text_off, layout.text_size,
-       align=8)
+    sh(".text", SHT_PROGBITS, SHF_ALLOC | SHF_EXECINSTR, layout.text_off, layout.text_size, align=8)
     if layout.has_rodata:
-        sh(".rodata", SHT_PROGBITS, SHF_ALLOC, layout.ro_off, len(layout.rodata),
-           align=layout.ro_align)
-    sh(".dynamic", SHT_DYNAMIC, SHF_ALLOC | SHF_WRITE, tail.dynamic_off, len(tail.dynamic),
-       link=idx[".dynstr"], align=8, entsize=DYN.size)
-    sh(".dynsym", SHT_DYNSYM, SHF_ALLOC, tail.dynsym_off, len(tables.dynsym),
-       link=idx[".dynstr"], info=1, align=8, entsize=SYM.size)
+        sh(
+            ".rodata",
+            SHT_PROGBITS,
+            SHF_ALLOC,
+            layout.ro_off,
+            len(layout.rodata),
+            align=layout.ro_align,
+        )
+    sh(
+        ".dynamic",
+        SHT_DYNAMIC,
+        SHF_ALLOC | SHF_WRITE,
+        tail.dynamic_off,
+        len(tail.dynamic),
+        link=idx[".dynstr"],
+        align=8,
+        entsize=DYN.size,
+    )
+    sh(
+        ".dynsym",
+        SHT_DYNSYM,
+        SHF_ALLOC,
+        tail.dynsym_off,
+        len(tables.dynsym),
+        link=idx[".dynstr"],
+        info=1,
+        align=8,
+        entsize=SYM.size,
+    )
     sh(".dynstr", SHT_STRTAB, SHF_ALLOC, tail.dynstr_off, len(tables.dynstr))
     if tables.reldyn:
-        sh(".rel.dyn", SHT_REL, SHF_ALLOC, tail.reldyn_off, len(tables.reldyn),
-           link=idx[".dynsym"], align=8, entsize=REL.size)
+        sh(
+            ".rel.dyn",
+            SHT_REL,
+            SHF_ALLOC,
+            tail.reldyn_off,
+            len(tables.reldyn),
+            link=idx[".dynsym"],
+            align=8,
+            entsize=REL.size,
+        )
     sh(".shstrtab", SHT_STRTAB, 0, shstrtab_off, len(shstrtab.data))
     return bytes(shstrtab.data), shstrtab_off, shdrs, idx[".shstrtab"]
 
@@ -507,22 +599,44 @@ def program_headers(layout: Layout, tail: TailLayout) -> list[bytes]:
     return phdrs
 
 
-def write_shared_object(layout: Layout, text: bytes, entry_addr: int,
-                        tables: DynamicTables) -> bytes:
+def write_shared_object(
+    layout: Layout, text: bytes, entry_addr: int, tables: DynamicTables
+) -> bytes:
     tail = place_dynamic(layout, tables)
     shstrtab, shstrtab_off, shdrs, shstrndx = section_headers(layout, tables, tail)
     phdrs = program_headers(layout, tail)
     assert EHDR.size + len(phdrs) * PHDR.size <= layout.text_off
     shoff = _align(shstrtab_off + len(shstrtab), 8)
     ident = b"\x7fELF" + bytes([ELFCLASS64, ELFDATA2LSB, EV_CURRENT, 0]) + b"\0" * 8
-    ehdr = EHDR.pack(ident, ET_DYN, EM_BPF, EV_CURRENT, entry_addr, EHDR.size, shoff, 0,
-                     EHDR.size, PHDR.size, len(phdrs), SHDR.size, len(shdrs), shstrndx)
+    ehdr = EHDR.pack(
+        ident,
+        ET_DYN,
+        EM_BPF,
+        EV_CURRENT,
+        entry_addr,
+        EHDR.size,
+        shoff,
+        0,
+        EHDR.size,
+        PHDR.size,
+        len(phdrs),
+        SHDR.size,
+        len(shdrs),
+        shstrndx,
+    )
     out = bytearray(shoff + len(shdrs) * SHDR.size)
-    for off, data in ((0, ehdr), (EHDR.size, b"".join(phdrs)), (layout.text_off, text),
-                      (layout.ro_off, layout.rodata), (tail.dynamic_off, tail.dynamic),
-                      (tail.dynsym_off, tables.dynsym), (tail.dynstr_off, tables.dynstr),
-                      (tail.reldyn_off, tables.reldyn), (shstrtab_off, shstrtab),
-                      (shoff, b"".join(shdrs))):
+    for off, data in (
+        (0, ehdr),
+        (EHDR.size, b"".join(phdrs)),
+        (layout.text_off, text),
+        (layout.ro_off, layout.rodata),
+        (tail.dynamic_off, tail.dynamic),
+        (tail.dynsym_off, tables.dynsym),
+        (tail.dynstr_off, tables.dynstr),
+        (tail.reldyn_off, tables.reldyn),
+        (shstrtab_off, shstrtab),
+        (shoff, b"".join(shdrs)),
+    ):
         out[off : off + len(data)] = data
     return bytes(out)
 
@@ -542,20 +656,27 @@ def link(obj_bytes: bytes, allow_undefined: set[str] | None = None) -> bytes:
     dyn_rels = relocate(text, relocations, obj, layout, allow_undefined)
     check_calls(text)
     entry_addr = layout.text_off + entry.value
-    return write_shared_object(layout, bytes(text), entry_addr,
-                               dynamic_tables(entry, entry_addr, dyn_rels))
+    return write_shared_object(
+        layout, bytes(text), entry_addr, dynamic_tables(entry, entry_addr, dyn_rels)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("input", type=Path, help="relocatable EM_BPF object (.o)")
     ap.add_argument("-o", "--output", type=Path, required=True, help="shared object to write")
-    ap.add_argument("--allow-undefined", action="append", default=None, metavar="NAME",
-                    help="a syscall name calls may refer to (repeatable; default: any)")
+    ap.add_argument(
+        "--allow-undefined",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="a syscall name calls may refer to (repeatable; default: any)",
+    )
     args = ap.parse_args(argv)
     try:
-        so = link(args.input.read_bytes(),
-                  set(args.allow_undefined) if args.allow_undefined else None)
+        so = link(
+            args.input.read_bytes(), set(args.allow_undefined) if args.allow_undefined else None
+        )
     except LinkError as exc:
         print(f"link.py: error: {exc}", file=sys.stderr)
         return 1

@@ -64,8 +64,9 @@ def deploy_programs(
             )
         authority = upgrade_authority or svm.faucet
         deploy_program(target, so, kp, svm.faucet, upgrade_authority=authority)
-        log.info("deployed %s at %s (upgrade authority %s)", so.name, kp.pubkey(),
-                 authority.pubkey())
+        log.info(
+            "deployed %s at %s (upgrade authority %s)", so.name, kp.pubkey(), authority.pubkey()
+        )
         deployed.append(str(kp.pubkey()))
     return deployed
 
@@ -131,8 +132,9 @@ def run_localnet(
     """Serve until SIGINT/SIGTERM (blocking); for ``registry localnet``."""
 
     async def main() -> None:
-        net = await start_localnet(port, ledger, programs, host=host,
-                                   upgrade_authority=upgrade_authority)
+        net = await start_localnet(
+            port, ledger, programs, host=host, upgrade_authority=upgrade_authority
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -87,7 +87,9 @@ _TX_ERR_TEXT = {
     "InvalidWritableAccount": "Transaction loads a writable account that cannot be written",
     "AddressLookupTableNotFound": "Transaction loads an address table account that doesn't exist",
     "InvalidAddressLookupTableIndex": "Transaction address table lookup uses an invalid index",
-    "InvalidRentPayingAccount": "Transaction leaves an account with a lower balance than rent-exempt minimum",
+    "InvalidRentPayingAccount": (
+        "Transaction leaves an account with a lower balance than rent-exempt minimum"
+    ),
 }
 
 _IX_ERR_TEXT = {
@@ -115,7 +117,9 @@ _IX_ERR_TEXT = {
     "UnsupportedProgramId": "Unsupported program id",
     "ReadonlyDataModified": "instruction modified data of a read-only account",
     "ExternalAccountDataModified": "instruction modified data of an account it does not own",
-    "ExternalAccountLamportSpend": "instruction spent from the balance of an account it does not own",
+    "ExternalAccountLamportSpend": (
+        "instruction spent from the balance of an account it does not own"
+    ),
     "UnbalancedInstruction": "sum of account balances before and after instruction do not match",
     "MissingAccount": "An account required by the instruction is missing",
     "AccountNotRentExempt": "An account does not have enough lamports to be rent-exempt",
@@ -146,7 +150,10 @@ def describe_error(err: Any) -> str:
                 text = json.dumps(ix)
             return f"Error processing Instruction {idx}: {text}"
         if kind == "InsufficientFundsForRent" and isinstance(val, dict):
-            return f"Transaction results in an account ({val.get('account_index')}) with insufficient funds for rent"
+            return (
+                f"Transaction results in an account ({val.get('account_index')}) "
+                "with insufficient funds for rent"
+            )
         if kind == "DuplicateInstruction":
             return f"Transaction contains a duplicate instruction ({val}) that is not allowed"
         return f"{_words(kind)}: {val}"
@@ -280,7 +287,8 @@ def encode_bytes(data: bytes, encoding: str) -> Any:
     if encoding in ("base58", "binary"):
         if len(data) > MAX_BASE58_BYTES:
             raise EncodingError(
-                "Encoded binary (base 58) data should be less than 128 bytes, please use Base64 encoding.",
+                "Encoded binary (base 58) data should be less than 128 bytes, "
+                "please use Base64 encoding.",
                 code=-32600,
             )
         text = b58encode(data)

@@ -291,7 +291,7 @@ class RpcTarget:
         while pending:
             idx = sorted(pending)[:256]
             statuses = self._c.get_signature_statuses([sigs[i] for i in idx]).value
-            for i, st in zip(idx, statuses):
+            for i, st in zip(idx, statuses, strict=False):
                 if st is None:
                     continue
                 if st.err is not None:

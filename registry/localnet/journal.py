@@ -121,7 +121,8 @@ class Journal:
 
     def _put_meta(self, values: dict[str, str]) -> None:
         self._db.executemany(
-            "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            "INSERT INTO meta(key, value) VALUES(?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
             list(values.items()),
         )
 
@@ -187,9 +188,12 @@ class Journal:
                 )
         with self._txn():
             self._db.executemany(
-                "INSERT INTO accounts(pubkey, lamports, owner, executable, rent_epoch, data) VALUES(?,?,?,?,?,?) "
-                "ON CONFLICT(pubkey) DO UPDATE SET lamports=excluded.lamports, owner=excluded.owner, "
-                "executable=excluded.executable, rent_epoch=excluded.rent_epoch, data=excluded.data",
+                "INSERT INTO accounts(pubkey, lamports, owner, executable, rent_epoch, data) "
+                "VALUES(?,?,?,?,?,?) "
+                "ON CONFLICT(pubkey) DO UPDATE SET lamports=excluded.lamports, "
+                "owner=excluded.owner, "
+                "executable=excluded.executable, rent_epoch=excluded.rent_epoch, "
+                "data=excluded.data",
                 rows,
             )
             self._db.executemany(
@@ -198,7 +202,8 @@ class Journal:
             meta = dict(meta or {})
             if tx is not None:
                 self._db.execute(
-                    "INSERT OR REPLACE INTO txs(signature, slot, blockhash_slot, block_time, err, raw, meta) "
+                    "INSERT OR REPLACE INTO txs"
+                    "(signature, slot, blockhash_slot, block_time, err, raw, meta) "
                     "VALUES(?,?,?,?,?,?,?)",
                     (
                         tx.signature,
@@ -224,7 +229,8 @@ class Journal:
     # -- transaction records ---------------------------------------------------
     def get_tx(self, signature: str) -> TxRecord | None:
         row = self._db.execute(
-            "SELECT signature, slot, blockhash_slot, block_time, err, raw, meta FROM txs WHERE signature=?",
+            "SELECT signature, slot, blockhash_slot, block_time, err, raw, meta "
+            "FROM txs WHERE signature=?",
             (signature,),
         ).fetchone()
         if row is None:

@@ -106,8 +106,9 @@ def _hash(v: Any) -> Hash:
     return _base58(v, Hash.from_string, "hash")
 
 
-def _one_with_config(params: list[Any], name: str,
-                     parse: Callable[[Any], T]) -> tuple[T, dict[str, Any]]:
+def _one_with_config(
+    params: list[Any], name: str, parse: Callable[[Any], T]
+) -> tuple[T, dict[str, Any]]:
     """The usual shape of a Solana RPC call: one argument, then an optional configuration."""
     _arity(params, 2)
     return parse(_param(params, 0, name)), _config(params, 1)
@@ -327,8 +328,9 @@ class RpcMethods:
         return ctx
 
     def m_getMultipleAccounts(self, p: list[Any]) -> dict[str, Any]:
-        pks, cfg = _one_with_config(p, "pubkeys",
-                                    _list_of("pubkeys", MAX_MULTIPLE_ACCOUNTS, _pubkey))
+        pks, cfg = _one_with_config(
+            p, "pubkeys", _list_of("pubkeys", MAX_MULTIPLE_ACCOUNTS, _pubkey)
+        )
         enc = _encoding(cfg, "base64", ACCOUNT_ENCODINGS)
         ds = _data_slice(cfg)
         ctx = self._ctx(cfg, None)
@@ -461,7 +463,8 @@ class RpcMethods:
             if enc == "base58":
                 if len(raw) > MAX_BASE58_TX_LEN:
                     raise ValueError(
-                        f"base58 encoded transaction too large: {len(raw)} bytes (max: {MAX_BASE58_TX_LEN})"
+                        f"base58 encoded transaction too large: {len(raw)} bytes "
+                        f"(max: {MAX_BASE58_TX_LEN})"
                     )
                 data = b58decode(raw)
             else:
@@ -547,8 +550,9 @@ class RpcMethods:
             raise RpcError(-32600, f"airdrop request failed: {exc.message}") from None
 
     def m_getSignatureStatuses(self, p: list[Any]) -> dict[str, Any]:
-        parsed, cfg = _one_with_config(p, "signatures",
-                                       _list_of("signatures", MAX_SIGNATURE_STATUSES, _signature))
+        parsed, cfg = _one_with_config(
+            p, "signatures", _list_of("signatures", MAX_SIGNATURE_STATUSES, _signature)
+        )
         ctx = self._ctx(cfg, None)
         ctx["value"] = [
             None
@@ -583,7 +587,8 @@ class RpcMethods:
         if is_v0 and max_version is None:
             raise RpcError(
                 -32015,
-                "Transaction version (0) is not supported by the requesting client. Please try the request again "
+                "Transaction version (0) is not supported by the requesting client. "
+                "Please try the request again "
                 'with the following configuration parameter: "maxSupportedTransactionVersion": 0',
             )
         meta = dict(rec.meta)
@@ -631,11 +636,11 @@ def ui_transaction(vtx: VersionedTransaction, raw: bytes, encoding: str) -> Any:
     if isinstance(msg, MessageV0):
         m["addressTableLookups"] = [
             {
-                "accountKey": str(l.account_key),
-                "readonlyIndexes": list(l.readonly_indexes),
-                "writableIndexes": list(l.writable_indexes),
+                "accountKey": str(lookup.account_key),
+                "readonlyIndexes": list(lookup.readonly_indexes),
+                "writableIndexes": list(lookup.writable_indexes),
             }
-            for l in msg.address_table_lookups
+            for lookup in msg.address_table_lookups
         ]
     return {"message": m, "signatures": [str(s) for s in vtx.signatures]}
 

@@ -570,7 +570,7 @@ class LocalSvm:
     def _restore_accounts(
         self, keys: list[Pubkey], pre: list[Account | None], post: list[Account | None]
     ) -> None:
-        for key, a, b in zip(keys, pre, post):
+        for key, a, b in zip(keys, pre, post, strict=False):
             if a != b:
                 self._svm.set_account(
                     key, a if a is not None else Account(0, b"", SYSTEM_PROGRAM_ID)
@@ -607,7 +607,7 @@ class LocalSvm:
             meta: TransactionMetadata = res.meta() if failed else res  # type: ignore[union-attr,assignment]
             err = err_to_json(res.err()) if failed else None  # type: ignore[union-attr]
             if failed:
-                landed = any(a != b for a, b in zip(pre, post))
+                landed = any(a != b for a, b in zip(pre, post, strict=False))
                 if err == "SignatureFailure" or not landed or not skip_preflight:
                     self._restore_accounts(keys, pre, post)
                     raise PreflightError(

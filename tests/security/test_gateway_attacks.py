@@ -21,8 +21,8 @@ from gateway.payments.x402 import PaymentInvalid, decode_header
 from gateway.routing import unhealthy_reason
 from gateway.sessions import sfu_room
 from registry.tokens import TokenError, verify_token
-from tests.support.ledger import backdate
 from tests.support.gateway_net import Gw, audit_ok
+from tests.support.ledger import backdate
 from tests.support.node_entries import node as make_node
 
 
@@ -31,29 +31,42 @@ async def ledger_state(g: Gw, client: GatewayClient) -> tuple[Any, ...]:
     account = await client.account()
     sessions = await g.ledger.list_sessions(account.id, 500, 0)
     transactions = await g.ledger.list_transactions(account.id, 500, 0)
-    return ((account.credit_balance, account.available_balance),
-            [dataclasses.astuple(s) for s in sessions],
-            [dataclasses.astuple(t) for t in transactions])
+    return (
+        (account.credit_balance, account.available_balance),
+        [dataclasses.astuple(s) for s in sessions],
+        [dataclasses.astuple(t) for t in transactions],
+    )
 
 
 def node_named(g: Gw, pubkey: str) -> str:
     return next(n for n, k in g.net.nodes.items() if str(k.pubkey()) == pubkey)
 
 
-async def webrtc_session(g: Gw, client: GatewayClient, room: str,
-                         identity: str = "caller") -> tuple[Any, Any, str, str]:
+async def webrtc_session(
+    g: Gw, client: GatewayClient, room: str, identity: str = "caller"
+) -> tuple[Any, Any, str, str]:
     """A WebRTC session, its ledger record, the name of the node it went to, and its SFU room."""
     session = await client.create_webrtc_token(room, identity, 10)
     record = await g.ledger.get_session(session.session_id)
     return session, record, node_named(g, record.node_pubkey), sfu_room(record.account_id, room)
 
 
-def participant_left(session_id: str, room: str, joined: int, left: int,
-                     event_id: str = "EV_left") -> bytes:
-    return json.dumps({"event": "participant_left", "id": event_id, "createdAt": left,
-                       "room": {"name": room},
-                       "participant": {"identity": "caller", "joinedAt": joined,
-                                       "attributes": {"session_id": session_id}}}).encode()
+def participant_left(
+    session_id: str, room: str, joined: int, left: int, event_id: str = "EV_left"
+) -> bytes:
+    return json.dumps(
+        {
+            "event": "participant_left",
+            "id": event_id,
+            "createdAt": left,
+            "room": {"name": room},
+            "participant": {
+                "identity": "caller",
+                "joinedAt": joined,
+                "attributes": {"session_id": session_id},
+            },
+        }
+    ).encode()
 
 
 # ---------------------------------------------------------------- 1. billing what happened
@@ -66,8 +79,9 @@ async def test_an_admitted_node_cannot_bill_more_time_than_passed(gw: Gw) -> Non
     stt = await client.create_stt_session(duration_minutes=60)
     record = await gw.ledger.get_session(stt.session_id)
     before = (await client.account()).credit_balance
-    body = json.dumps({"session_id": stt.session_id, "event": "complete",
-                       "usage": {"duration_seconds": 3600}}).encode()
+    body = json.dumps(
+        {"session_id": stt.session_id, "event": "complete", "usage": {"duration_seconds": 3600}}
+    ).encode()
     r = await gw.post_signed("/internal/events", body, node_named(gw, record.node_pubkey))
     assert r.status == 200, await r.text()
     settled = await gw.ledger.get_session(stt.session_id)
@@ -82,8 +96,13 @@ async def test_a_tts_node_cannot_bill_more_characters_than_sold(gw: Gw) -> None:
     client = await gw.funded(1.0)
     tts = await client.create_tts_session(max_characters=2000)
     record = await gw.ledger.get_session(tts.session_id)
-    body = json.dumps({"session_id": tts.session_id, "event": "complete",
-                       "usage": {"used_characters": 90_000_000}}).encode()
+    body = json.dumps(
+        {
+            "session_id": tts.session_id,
+            "event": "complete",
+            "usage": {"used_characters": 90_000_000},
+        }
+    ).encode()
     r = await gw.post_signed("/internal/events", body, node_named(gw, record.node_pubkey))
     assert r.status == 200, await r.text()
     settled = await gw.ledger.get_session(tts.session_id)
@@ -124,8 +143,10 @@ async def test_one_account_keeps_one_room_per_name(gw: Gw) -> None:
     client = await gw.funded(1.0)
     bundle = await client.create_agent_session("tutor", "agent", 5, client_identity="user-42")
     later = await client.create_webrtc_token("tutor", "observer", 5)
-    rooms = {verify_token(t, trusted, "webrtc").room
-             for t in (bundle.webrtc.agent.token, bundle.webrtc.client.token, later.token)}
+    rooms = {
+        verify_token(t, trusted, "webrtc").room
+        for t in (bundle.webrtc.agent.token, bundle.webrtc.client.token, later.token)
+    }
     assert rooms == {sfu_room((await client.account()).id, "tutor")}
 
 
@@ -137,8 +158,11 @@ async def test_a_token_names_the_node_it_was_routed_to_and_keeps_it(gw: Gw) -> N
     client = await gw.funded(1.0)
     stt = await client.create_stt_session(2)
     routed = (await gw.ledger.get_session(stt.session_id)).node_pubkey
-    other = next(str(k.pubkey()) for n, k in gw.net.nodes.items()
-                 if n.startswith("stt") and str(k.pubkey()) != routed)
+    other = next(
+        str(k.pubkey())
+        for n, k in gw.net.nodes.items()
+        if n.startswith("stt") and str(k.pubkey()) != routed
+    )
     assert verify_token(stt.token, trusted, "stt", audience=routed).session_id == stt.session_id
     with pytest.raises(TokenError) as refused:
         verify_token(stt.token, trusted, "stt", audience=other)
@@ -160,12 +184,14 @@ async def test_room_finished_does_not_settle_sessions_that_never_joined(gw: Gw) 
     joined, _, node, room = await webrtc_session(gw, client, "talk")
     unused = await client.create_webrtc_token("talk", "late", 10)
     await backdate(gw.ledger, joined.session_id, 30)
-    r = await gw.post_signed("/v1/webhooks/sfu",
-                             participant_left(joined.session_id, room, 1_000, 1_030), node)
+    r = await gw.post_signed(
+        "/v1/webhooks/sfu", participant_left(joined.session_id, room, 1_000, 1_030), node
+    )
     assert r.status == 200 and (await r.json())["status"] == "completed"
     before = await ledger_state(gw, client)
-    finished = json.dumps({"event": "room_finished", "id": "EV_fin", "createdAt": 1_040,
-                           "room": {"name": room}}).encode()
+    finished = json.dumps(
+        {"event": "room_finished", "id": "EV_fin", "createdAt": 1_040, "room": {"name": room}}
+    ).encode()
     r = await gw.post_signed("/v1/webhooks/sfu", finished, node)
     assert r.status == 200
     assert await ledger_state(gw, client) == before
@@ -184,14 +210,18 @@ async def test_replayed_and_concurrent_participant_left_bill_once(gw: Gw) -> Non
     body = participant_left(session.session_id, room, 5_000, 5_060)
     # Two deliveries of one event at once, then the same event again, then a "new" event id
     # for the same interval: the minute in the room is billed once.
-    first = await asyncio.gather(*(gw.post_signed("/v1/webhooks/sfu", body, node)
-                                   for _ in range(2)))
+    first = await asyncio.gather(
+        *(gw.post_signed("/v1/webhooks/sfu", body, node) for _ in range(2))
+    )
     assert [r.status for r in first] == [200, 200]
     after_first = await ledger_state(gw, client)
     settled = await gw.ledger.get_session(session.session_id)
     assert (settled.usage_units, settled.charged_microcredits) == (60, pricing.cost("webrtc", 60))
-    for replay in (body, participant_left(session.session_id, room, 5_000, 5_060, "EV_other"),
-                   participant_left(session.session_id, room, 5_000, 5_118, "EV_longer")):
+    for replay in (
+        body,
+        participant_left(session.session_id, room, 5_000, 5_060, "EV_other"),
+        participant_left(session.session_id, room, 5_000, 5_118, "EV_longer"),
+    ):
         r = await gw.post_signed("/v1/webhooks/sfu", replay, node)
         assert r.status == 200
         assert await ledger_state(gw, client) == after_first
@@ -202,11 +232,12 @@ async def test_a_malformed_webhook_changes_nothing(gw: Gw) -> None:
     client = await gw.funded(1.0)
     session, _, node, room = await webrtc_session(gw, client, "talk")
     before = await ledger_state(gw, client)
-    for body in (participant_left(session.session_id, room, 2_000, 1_000),  # left before joined
-                 participant_left(session.session_id, room, 1_000, 1_010, "x" * 129),
-                 json.dumps({"event": "participant_left", "participant": ["nope"]}).encode(),
-                 json.dumps({"event": "participant_left", "participant": {"attributes": 7}})
-                 .encode()):
+    for body in (
+        participant_left(session.session_id, room, 2_000, 1_000),  # left before joined
+        participant_left(session.session_id, room, 1_000, 1_010, "x" * 129),
+        json.dumps({"event": "participant_left", "participant": ["nope"]}).encode(),
+        json.dumps({"event": "participant_left", "participant": {"attributes": 7}}).encode(),
+    ):
         r = await gw.post_signed("/v1/webhooks/sfu", body, node)
         assert r.status == 400, await r.text()
     assert await ledger_state(gw, client) == before
@@ -219,14 +250,21 @@ async def test_bodies_in_utf16_or_utf32_are_400_not_500(gw: Gw) -> None:
     client = await gw.funded(1.0)
     before = await ledger_state(gw, client)
     deep = "[" * 10_000 + "]" * 10_000  # 40 kB in UTF-16, under the 64 kB body limit
-    for second, (text, codec) in enumerate(((json.dumps({"duration_minutes": 1}), "utf-16"),
-                                            (json.dumps({"duration_minutes": 1}), "utf-32"),
-                                            (deep, "utf-16"))):
+    for second, (text, codec) in enumerate(
+        (
+            (json.dumps({"duration_minutes": 1}), "utf-16"),
+            (json.dumps({"duration_minutes": 1}), "utf-32"),
+            (deep, "utf-16"),
+        )
+    ):
         signed_at = time.time() + 5 + second  # one signature per request
-        headers = {**sign_request("POST", "/v1/stt/session", client.key, now=signed_at),
-                   "Content-Type": "application/json"}
-        async with gw.http.post(gw.url + "/v1/stt/session", data=text.encode(codec),
-                                headers=headers) as r:
+        headers = {
+            **sign_request("POST", "/v1/stt/session", client.key, now=signed_at),
+            "Content-Type": "application/json",
+        }
+        async with gw.http.post(
+            gw.url + "/v1/stt/session", data=text.encode(codec), headers=headers
+        ) as r:
             assert r.status == 400, await r.text()
             assert "UTF-8" in (await r.json())["error"]
     assert await ledger_state(gw, client) == before
@@ -258,8 +296,10 @@ def test_payment_headers_in_utf16_or_too_deep_are_refused_cleanly() -> None:
     as every body, so a UTF-16 or deeply nested payload is the documented invalid_payload."""
     ok = base64.b64encode(json.dumps({"x402Version": 1}).encode()).decode()
     assert decode_header(ok, "X-PAYMENT") == {"x402Version": 1}
-    for raw in (json.dumps({"x402Version": 1}).encode("utf-16"),
-                json.dumps({"x402Version": 1}).encode("utf-32"),
-                ("[" * 2000 + "]" * 2000).encode()):
+    for raw in (
+        json.dumps({"x402Version": 1}).encode("utf-16"),
+        json.dumps({"x402Version": 1}).encode("utf-32"),
+        ("[" * 2000 + "]" * 2000).encode(),
+    ):
         with pytest.raises(PaymentInvalid, match="malformed X-PAYMENT header"):
             decode_header(base64.b64encode(raw).decode(), "X-PAYMENT")

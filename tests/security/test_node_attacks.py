@@ -30,8 +30,8 @@ from node.tts.harness import RoleServer
 from registry.client import RegistryClient
 from registry.tokens import Grant, TokenVerifier, mint_token, sign_body
 from tests.conftest import Chain
-from tests.support.serving import serve
 from tests.support.livekit_signal import RawClient
+from tests.support.serving import serve
 from tests.support.speech import silence, stream_audio
 from tests.support.stt_node import connect as stt_connect
 from tests.support.stt_node import stt_node
@@ -45,17 +45,26 @@ DEEP = "[" * 100_000 + "]" * 100_000
 
 
 def stt_token(chain: Chain, node_key: str, seconds: int = 60, session_id: str | None = None) -> str:
-    return mint_token(chain.issuer, "agent", Grant("stt", limit=seconds), 600,
-                      session_id=session_id, audience=node_key)
+    return mint_token(
+        chain.issuer,
+        "agent",
+        Grant("stt", limit=seconds),
+        600,
+        session_id=session_id,
+        audience=node_key,
+    )
 
 
 # ---------------------------------------------------------------- item 3: tokens bound to a node
 
 
 async def test_stt_token_routed_to_node_a_is_refused_by_node_b(
-        chain: Chain, tmp_path: Path, stt_models: Any) -> None:
-    async with stt_node(chain, tmp_path / "a", stt_models) as a, \
-            stt_node(chain, tmp_path / "b", stt_models) as b:
+    chain: Chain, tmp_path: Path, stt_models: Any
+) -> None:
+    async with (
+        stt_node(chain, tmp_path / "a", stt_models) as a,
+        stt_node(chain, tmp_path / "b", stt_models) as b,
+    ):
         token = stt_token(chain, a.role.context.node_key)
         async with stt_connect(b, {"session_key": token}) as c:
             err = await c.type("error")
@@ -70,11 +79,12 @@ async def test_stt_token_routed_to_node_a_is_refused_by_node_b(
     assert a.events and all(e["session_id"] for e in a.events)
 
 
-async def test_tts_token_routed_to_node_a_is_refused_by_node_b(
-        engine: Any, tmp_path: Path) -> None:
+async def test_tts_token_routed_to_node_a_is_refused_by_node_b(engine: Any, tmp_path: Path) -> None:
     issuer = Keypair()
-    with RoleServer(engine, issuer, tmp_path / "a", settings={"warmup": False}) as a, \
-            RoleServer(engine, issuer, tmp_path / "b", settings={"warmup": False}) as b:
+    with (
+        RoleServer(engine, issuer, tmp_path / "a", settings={"warmup": False}) as a,
+        RoleServer(engine, issuer, tmp_path / "b", settings={"warmup": False}) as b,
+    ):
         session = str(uuid.uuid4())
         token = a.token(limit=100, session_id=session)
         async with aiohttp.ClientSession() as http:
@@ -83,8 +93,10 @@ async def test_tts_token_routed_to_node_a_is_refused_by_node_b(
             msg = await ws.receive_json(timeout=10)
             assert msg["type"] == "error" and msg["message"].startswith("auth: wrong_node:"), msg
             assert str(a.node_key.pubkey()) in msg["message"]
-            assert (await ws.receive(timeout=10)).type in (aiohttp.WSMsgType.CLOSE,
-                                                           aiohttp.WSMsgType.CLOSED)
+            assert (await ws.receive(timeout=10)).type in (
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSMsgType.CLOSED,
+            )
             c = await tts_connect(http, a, token)  # the control: A accepts it
             await c.ws.close()
         assert b.role.sessions.sessions == {} and b.role.load() == 0
@@ -100,9 +112,19 @@ async def sfu_node(chain: Chain, tmp: Path) -> AsyncIterator[tuple[Any, str, Reg
     key = Keypair()
     client = RegistryClient(chain.url)
     outbox = Outbox(tmp / "outbox.sqlite", None, key)  # webhooks kept on disk, counted
-    role = create_role(RoleContext("sfu", {"empty_timeout": 0.5}, key,
-                                   TokenVerifier(client.issuer_keys, "webrtc", cache_ttl=30),
-                                   "http://127.0.0.1", 10, None, tmp, outbox))
+    role = create_role(
+        RoleContext(
+            "sfu",
+            {"empty_timeout": 0.5},
+            key,
+            TokenVerifier(client.issuer_keys, "webrtc", cache_ttl=30),
+            "http://127.0.0.1",
+            10,
+            None,
+            tmp,
+            outbox,
+        )
+    )
     app = web.Application()
     role.routes(app)
     runner, port = await serve(app)
@@ -116,16 +138,26 @@ async def sfu_node(chain: Chain, tmp: Path) -> AsyncIterator[tuple[Any, str, Reg
         await client.close()
 
 
-def rtc_token(chain: Chain, role: Any, identity: str, room: str = "r",
-              session_id: str | None = None) -> str:
-    return mint_token(chain.issuer, identity, Grant("webrtc", room=room), 600,
-                      session_id=session_id, audience=role.context.node_key)
+def rtc_token(
+    chain: Chain, role: Any, identity: str, room: str = "r", session_id: str | None = None
+) -> str:
+    return mint_token(
+        chain.issuer,
+        identity,
+        Grant("webrtc", room=room),
+        600,
+        session_id=session_id,
+        audience=role.context.node_key,
+    )
 
 
-async def test_sfu_token_routed_to_node_a_is_refused_by_node_b(chain: Chain,
-                                                                tmp_path: Path) -> None:
-    async with sfu_node(chain, tmp_path / "a") as (a, url_a, _), \
-            sfu_node(chain, tmp_path / "b") as (b, url_b, _):
+async def test_sfu_token_routed_to_node_a_is_refused_by_node_b(
+    chain: Chain, tmp_path: Path
+) -> None:
+    async with (
+        sfu_node(chain, tmp_path / "a") as (a, url_a, _),
+        sfu_node(chain, tmp_path / "b") as (b, url_b, _),
+    ):
         token = rtc_token(chain, a, "caller")
         auth = {"Authorization": f"Bearer {token}"}
         async with aiohttp.ClientSession() as http:
@@ -144,9 +176,11 @@ async def test_sfu_token_routed_to_node_a_is_refused_by_node_b(chain: Chain,
 
 
 async def test_tts_parallel_sockets_and_a_reconnect_share_one_limit(
-        engine: Any, tmp_path: Path) -> None:
-    with RoleServer(engine, Keypair(), tmp_path, settings={"warmup": False,
-                                                           "reconnect_grace": 1.0}) as srv:
+    engine: Any, tmp_path: Path
+) -> None:
+    with RoleServer(
+        engine, Keypair(), tmp_path, settings={"warmup": False, "reconnect_grace": 1.0}
+    ) as srv:
         session = str(uuid.uuid4())
         token = srv.token(limit=40, session_id=session)
         async with aiohttp.ClientSession() as http:
@@ -180,9 +214,11 @@ async def test_tts_parallel_sockets_and_a_reconnect_share_one_limit(
 
 
 async def test_stt_audio_ten_times_real_time_is_rate_limited(
-        chain: Chain, tmp_path: Path, stt_models: Any) -> None:
-    audio = np.concatenate([silence(1.0), 0.05 * np.sin(2 * np.pi * 220 *
-                                                         np.arange(16000 * 19) / 16000)])
+    chain: Chain, tmp_path: Path, stt_models: Any
+) -> None:
+    audio = np.concatenate(
+        [silence(1.0), 0.05 * np.sin(2 * np.pi * 220 * np.arange(16000 * 19) / 16000)]
+    )
     audio = audio.astype(np.float32)
     async with stt_node(chain, tmp_path, stt_models, interim_results=False) as node:
         token = stt_token(chain, node.role.context.node_key, seconds=300)
@@ -199,8 +235,10 @@ async def test_stt_audio_ten_times_real_time_is_rate_limited(
             assert len(limited) == 1, "one rate_limited message, not one per frame"
             seen = conn.frontend.position / 16000
             burst = node.role.settings.burst_seconds
-            print(f"sent {len(audio) / 16000:.1f} s in {elapsed:.1f} s; the front end saw "
-                  f"{seen:.2f} s (burst {burst:g} s)")
+            print(
+                f"sent {len(audio) / 16000:.1f} s in {elapsed:.1f} s; the front end saw "
+                f"{seen:.2f} s (burst {burst:g} s)"
+            )
             assert seen <= elapsed + burst + 0.02, "at most real time plus the burst"
             assert seen < len(audio) / 16000 / 2
             assert conn.audio_in.maxsize == node.role.settings.audio_queue_frames
@@ -214,7 +252,7 @@ async def test_stt_audio_ten_times_real_time_is_rate_limited(
             assert conn.frontend.position - before >= 16000 * 0.9
 
 
-# ---------------------------------------------------------------- item 5: settled sessions at the SFU
+# ------------------------------------------------------------- item 5: settled sessions at the SFU
 
 
 async def test_sfu_refuses_and_drops_a_revoked_session(chain: Chain, tmp_path: Path) -> None:
@@ -223,19 +261,27 @@ async def test_sfu_refuses_and_drops_a_revoked_session(chain: Chain, tmp_path: P
         live_token = rtc_token(chain, sfu, "caller", session_id=live_sid)
         later_token = rtc_token(chain, sfu, "late", session_id=later_sid)
         async with aiohttp.ClientSession() as http:
-            ws = await http.ws_connect(url.replace("http", "ws") + "/rtc",
-                                       headers={"Authorization": f"Bearer {live_token}"})
+            ws = await http.ws_connect(
+                url.replace("http", "ws") + "/rtc",
+                headers={"Authorization": f"Bearer {live_token}"},
+            )
             caller = RawClient(ws)
             await caller.next("join")
             body = json.dumps({"session_ids": [live_sid, later_sid]}).encode()
             # a revoke by a key that is not a listed issuer, or over another body, changes nothing
             for signer, sent in ((Keypair(), body), (chain.issuer, b'{"session_ids": ["x"]}')):
-                async with http.post(url + "/rtc/revoke", data=sent, headers={
-                        "Authorization": f"Bearer {sign_body(signer, body)}"}) as r:
+                async with http.post(
+                    url + "/rtc/revoke",
+                    data=sent,
+                    headers={"Authorization": f"Bearer {sign_body(signer, body)}"},
+                ) as r:
                     assert r.status in (401, 403), await r.text()
             assert len(sfu.revoked) == 0 and sfu.rooms["r"].by_identity("caller") is not None
-            async with http.post(url + "/rtc/revoke", data=body, headers={
-                    "Authorization": f"Bearer {sign_body(chain.issuer, body)}"}) as r:
+            async with http.post(
+                url + "/rtc/revoke",
+                data=body,
+                headers={"Authorization": f"Bearer {sign_body(chain.issuer, body)}"},
+            ) as r:
                 assert (r.status, await r.json()) == (200, {"revoked": 2})
             leave = (await caller.next("leave")).leave
             assert leave.action == rtc.LeaveRequest.Action.DISCONNECT
@@ -248,8 +294,11 @@ async def test_sfu_refuses_and_drops_a_revoked_session(chain: Chain, tmp_path: P
                 async with http.post(url + "/rtc/refresh", headers=auth) as r:
                     assert r.status == 401
             too_many = json.dumps({"session_ids": [str(i) for i in range(1001)]}).encode()
-            async with http.post(url + "/rtc/revoke", data=too_many, headers={
-                    "Authorization": f"Bearer {sign_body(chain.issuer, too_many)}"}) as r:
+            async with http.post(
+                url + "/rtc/revoke",
+                data=too_many,
+                headers={"Authorization": f"Bearer {sign_body(chain.issuer, too_many)}"},
+            ) as r:
                 assert r.status == 400 and "at most 1000" in await r.text()
             assert len(sfu.revoked) == 2
     # kept across a restart of the role (same state dir and key file name)
@@ -266,10 +315,12 @@ async def test_sfu_refuses_and_drops_a_revoked_session(chain: Chain, tmp_path: P
 
 
 async def test_utf16_utf32_and_deep_json_get_clean_errors_on_every_node(
-        chain: Chain, tmp_path: Path, stt_models: Any, engine: Any) -> None:
+    chain: Chain, tmp_path: Path, stt_models: Any, engine: Any
+) -> None:
     async with stt_node(chain, tmp_path / "stt", stt_models) as node:
-        async with stt_connect(node, {"session_key": stt_token(
-                chain, node.role.context.node_key)}) as c:
+        async with stt_connect(
+            node, {"session_key": stt_token(chain, node.role.context.node_key)}
+        ) as c:
             await c.type("ready")
             for bad in (UTF16_PING, UTF32_PING, DEEP):
                 await c.ws.send_str(bad)
@@ -291,8 +342,10 @@ async def test_utf16_utf32_and_deep_json_get_clean_errors_on_every_node(
 
     async with sfu_node(chain, tmp_path / "sfu") as (sfu, url, _):
         async with aiohttp.ClientSession() as http:
-            ws = await http.ws_connect(url.replace("http", "ws") + "/rtc", headers={
-                "Authorization": f"Bearer {rtc_token(chain, sfu, 'm')}"})
+            ws = await http.ws_connect(
+                url.replace("http", "ws") + "/rtc",
+                headers={"Authorization": f"Bearer {rtc_token(chain, sfu, 'm')}"},
+            )
             client = RawClient(ws)
             await client.next("join")
             trickle = rtc.SignalRequest(trickle=rtc.TrickleRequest(candidateInit=UTF16_PING))
@@ -306,13 +359,26 @@ async def test_utf16_utf32_and_deep_json_get_clean_errors_on_every_node(
             assert "UTF-8" in response.message
             await client.send(rtc.SignalRequest(ping_req=rtc.Ping(timestamp=1)))
             await client.next("pong_resp")  # the session lives on
-            admin = mint_token(chain.issuer, "admin", Grant("webrtc", room="r", room_admin=True),
-                               60, audience=sfu.context.node_key)
-            for body in ('{"room": "r"}'.encode("utf-16"), '{"room": "r"}'.encode("utf-32"),
-                         DEEP.encode()):
-                async with http.post(url + "/twirp/livekit.RoomService/ListParticipants",
-                                     data=body, headers={"Authorization": f"Bearer {admin}",
-                                                         "Content-Type": "application/json"}) as r:
+            admin = mint_token(
+                chain.issuer,
+                "admin",
+                Grant("webrtc", room="r", room_admin=True),
+                60,
+                audience=sfu.context.node_key,
+            )
+            for body in (
+                '{"room": "r"}'.encode("utf-16"),
+                '{"room": "r"}'.encode("utf-32"),
+                DEEP.encode(),
+            ):
+                async with http.post(
+                    url + "/twirp/livekit.RoomService/ListParticipants",
+                    data=body,
+                    headers={
+                        "Authorization": f"Bearer {admin}",
+                        "Content-Type": "application/json",
+                    },
+                ) as r:
                     assert r.status == 400 and (await r.json())["code"] == "malformed"
             await ws.close()
 
@@ -322,13 +388,18 @@ async def test_an_add_track_flood_stays_bounded(chain: Chain, tmp_path: Path) ->
 
     async with sfu_node(chain, tmp_path) as (sfu, url, _):
         async with aiohttp.ClientSession() as http:
-            ws = await http.ws_connect(url.replace("http", "ws") + "/rtc", headers={
-                "Authorization": f"Bearer {rtc_token(chain, sfu, 'flood')}"})
+            ws = await http.ws_connect(
+                url.replace("http", "ws") + "/rtc",
+                headers={"Authorization": f"Bearer {rtc_token(chain, sfu, 'flood')}"},
+            )
             client = RawClient(ws)
             await client.next("join")
             for i in range(500):
-                await client.send(rtc.SignalRequest(add_track=rtc.AddTrackRequest(
-                    cid=f"cid-{i}", name=f"t{i}", type=0)))
+                await client.send(
+                    rtc.SignalRequest(
+                        add_track=rtc.AddTrackRequest(cid=f"cid-{i}", name=f"t{i}", type=0)
+                    )
+                )
             await client.send(rtc.SignalRequest(ping_req=rtc.Ping(timestamp=7)))
             published = refused = 0
             while True:
@@ -339,8 +410,10 @@ async def test_an_add_track_flood_stays_bounded(chain: Chain, tmp_path: Path) ->
                 if kind == "track_published":
                     published += 1
                 elif kind == "request_response":
-                    assert response.request_response.reason == \
-                        rtc.RequestResponse.Reason.LIMIT_EXCEEDED
+                    assert (
+                        response.request_response.reason
+                        == rtc.RequestResponse.Reason.LIMIT_EXCEEDED
+                    )
                     refused += 1
                 elif kind == "pong_resp":
                     break

@@ -9,10 +9,9 @@ import base64
 import json
 from typing import Any
 
-
 from gateway.auth import sign_request
-from gateway.payments.book import PaymentBook
 from gateway.payments import payer
+from gateway.payments.book import PaymentBook
 from tests.support.evm_chain import PAY_TO, PAYER, EvmChain, authorization, post, state, submit_as
 from tests.support.payments import Pay
 
@@ -25,8 +24,13 @@ async def everything(p: Pay, *owners: Any) -> dict[str, Any]:
     out["fee_payer_sol"] = (await p.chain.rpc.get_balance(fee_payer)).value
     for o in owners:
         acct = await p.ledger.get_account("solana", str(o))
-        out[f"txs:{o}"] = [] if acct is None else [
-            (t.kind, t.amount, t.reference) for t in await p.ledger.list_transactions(acct.id)]
+        out[f"txs:{o}"] = (
+            []
+            if acct is None
+            else [
+                (t.kind, t.amount, t.reference) for t in await p.ledger.list_transactions(acct.id)
+            ]
+        )
     return out
 
 
@@ -35,15 +39,17 @@ async def test_priority_fee_above_the_caps_is_refused(pay: Pay) -> None:
     caps): refused before anything is signed; no SOL or USDC moves."""
     key = await pay.wallet()
     s = pay.config.payments.solana
-    for build, reason in (({"cu_price": s.max_compute_unit_price_microlamports + 1},
-                           "compute_price_instruction_too_high"),
-                          # 0.001 SOL of priority fee, which the old caps (5 lamports/CU,
-                          # 200,000 CU) allowed: more than a $0.10 purchase at some SOL prices.
-                          ({"cu_price": 5_000_000, "cu_limit": 200_000},
-                           "compute_limit_instruction_too_high"),
-                          ({"cu_price": 5_000_000}, "compute_price_instruction_too_high"),
-                          ({"cu_limit": s.max_compute_unit_limit + 1},
-                           "compute_limit_instruction_too_high")):
+    for build, reason in (
+        (
+            {"cu_price": s.max_compute_unit_price_microlamports + 1},
+            "compute_price_instruction_too_high",
+        ),
+        # 0.001 SOL of priority fee, which the old caps (5 lamports/CU,
+        # 200,000 CU) allowed: more than a $0.10 purchase at some SOL prices.
+        ({"cu_price": 5_000_000, "cu_limit": 200_000}, "compute_limit_instruction_too_high"),
+        ({"cu_price": 5_000_000}, "compute_price_instruction_too_high"),
+        ({"cu_limit": s.max_compute_unit_limit + 1}, "compute_limit_instruction_too_high"),
+    ):
         before = await everything(pay, key.pubkey())
         status, body, _ = await pay.pay(key, **build)
         assert status == 402 and reason in body["error"], body
@@ -56,8 +62,11 @@ async def test_402_signature_replayed_with_another_body_is_refused(pay: Pay) -> 
     nothing is created. The victim's own retry, with the identical body, still goes through."""
     victim, attacker = await pay.wallet(), await pay.wallet()
     victim_auth = pay.auth(victim)
-    victim_body = {"wallet_address": str(victim.pubkey()), "wallet_chain": "solana",
-                   "amount_usd": 0.25}
+    victim_body = {
+        "wallet_address": str(victim.pubkey()),
+        "wallet_chain": "solana",
+        "amount_usd": 0.25,
+    }
     status, _, headers = await pay.post(victim, body=victim_body, auth=victim_auth)
     assert status == 402
     _, (req,) = payer.requirements_from_402(headers, {})
@@ -65,15 +74,23 @@ async def test_402_signature_replayed_with_another_body_is_refused(pay: Pay) -> 
     name, value = payer.payment_header(2, req, {"transaction": attacker_tx})
     before = await everything(pay, victim.pubkey(), attacker.pubkey())
     status, body, _ = await pay.post(
-        attacker, body={"wallet_address": str(attacker.pubkey()), "wallet_chain": "solana",
-                        "amount_usd": 0.25}, auth=victim_auth, headers={name: value})
+        attacker,
+        body={
+            "wallet_address": str(attacker.pubkey()),
+            "wallet_chain": "solana",
+            "amount_usd": 0.25,
+        },
+        auth=victim_auth,
+        headers={name: value},
+    )
     assert status == 401 and "answered 402 for another body" in body["error"], body
     assert await everything(pay, victim.pubkey(), attacker.pubkey()) == before
     assert await PaymentBook(pay.ledger).count_by_status() == {}
     victim_tx = await payer.svm_transaction(victim, req, pay.net.url)
     name, value = payer.payment_header(2, req, {"transaction": victim_tx})
-    status, body, _ = await pay.post(victim, body=victim_body, auth=victim_auth,
-                                     headers={name: value})
+    status, body, _ = await pay.post(
+        victim, body=victim_body, auth=victim_auth, headers={name: value}
+    )
     assert status == 200, body
 
 
@@ -112,8 +129,7 @@ async def test_repeated_signed_get_within_its_second_is_answered(pay: Pay) -> No
     assert await everything(pay, key.pubkey()) == before
 
 
-async def test_evm_front_run_cannot_fail_a_paid_purchase(evm_gw: Pay,
-                                                         evm_chain: EvmChain) -> None:
+async def test_evm_front_run_cannot_fail_a_paid_purchase(evm_gw: Pay, evm_chain: EvmChain) -> None:
     """A mempool watcher lands the payer's authorization ahead of the gateway, whose own
     transaction reverts. The purchase is credited exactly once; the watcher gains nothing; a
     replay of the payment afterwards moves nothing."""
@@ -123,8 +139,12 @@ async def test_evm_front_run_cannot_fail_a_paid_purchase(evm_gw: Pay,
     status, body = await post(evm_gw, header)
     assert status == 200, body
     after = await state(evm_gw, evm_chain)
-    assert after == {"payer": 7_500_000, "pay_to": 2_500_000, "payments": {"credited": 1},
-                     "credits": (2_500_000, 2_500_000)}
+    assert after == {
+        "payer": 7_500_000,
+        "pay_to": 2_500_000,
+        "payments": {"credited": 1},
+        "credits": (2_500_000, 2_500_000),
+    }
     assert evm_chain.balance(watcher) == 0
     status, body = await post(evm_gw, header)
     assert status == 402 and "replayed payment" in body["error"], body

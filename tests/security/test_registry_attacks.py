@@ -58,8 +58,9 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
         async with RegistryClient(localnet.url) as client:
             await client.add_issuer(localnet.authority, issuer.pubkey())
             await client.ensure_funded(honest)
-            await client.register_node(honest, p.Role.STT,
-                                       p.NodeFields(HONEST_URL, 52.52, 13.40, "DE", 10, "0.1.0"))
+            await client.register_node(
+                honest, p.Role.STT, p.NodeFields(HONEST_URL, 52.52, 13.40, "DE", 10, "0.1.0")
+            )
             await client.approve_node(localnet.authority, honest.pubkey())
 
     asyncio.run(setup())
@@ -68,8 +69,13 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
 
 
 def registry_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "registry.cli", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "registry.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 async def snapshot(client: RegistryClient, *keys: Pubkey) -> dict[str, tuple[int, bytes] | None]:
@@ -105,10 +111,16 @@ async def gateway(net: Net, tmp_path: Path) -> AsyncIterator[Gateway]:
     db = f"sqlite+aiosqlite:///{tmp_path}/gateway.db"
     registry = RegistryClient(net.url)
     ledger = Ledger(db)
-    config = GatewayConfig(database_url=db, rpc_url=net.url, registry_refresh_seconds=0.2,
-                           sweep_interval_seconds=0.2, refresh_sfu_tokens=False)
-    server = TestServer(create_app(config, net.issuer, registry.list_nodes, ledger=ledger),
-                        host="127.0.0.1")
+    config = GatewayConfig(
+        database_url=db,
+        rpc_url=net.url,
+        registry_refresh_seconds=0.2,
+        sweep_interval_seconds=0.2,
+        refresh_sfu_tokens=False,
+    )
+    server = TestServer(
+        create_app(config, net.issuer, registry.list_nodes, ledger=ledger), host="127.0.0.1"
+    )
     await server.start_server()
     http = aiohttp.ClientSession()
     try:
@@ -119,8 +131,9 @@ async def gateway(net: Net, tmp_path: Path) -> AsyncIterator[Gateway]:
         await registry.close()
 
 
-async def test_rogue_node_is_pending_and_never_routed_to(net: Net, gateway: Gateway,
-                                                         tmp_path: Path) -> None:
+async def test_rogue_node_is_pending_and_never_routed_to(
+    net: Net, gateway: Gateway, tmp_path: Path
+) -> None:
     """Item 1: a fresh key registers an STT node at the gateway's default location, capacity
     2^32-1, on a port where nothing listens. It is listed as pending, cannot update or heartbeat
     its entry, and the gateway routes every session to the approved node (or answers 503)."""
@@ -128,9 +141,22 @@ async def test_rogue_node_is_pending_and_never_routed_to(net: Net, gateway: Gate
     rogue = Keypair()
     save_keypair(rogue, key_path)
     dead_url = f"https://127.0.0.1:{free_port()}"
-    node_args = ["--rpc", net.url, "--keypair", str(key_path), "--url", dead_url,
-                 "--lat", str(DEFAULT_LAT), "--lon", str(DEFAULT_LON), "--country", DEFAULT_COUNTRY,
-                 "--capacity", str(MAX_U32)]
+    node_args = [
+        "--rpc",
+        net.url,
+        "--keypair",
+        str(key_path),
+        "--url",
+        dead_url,
+        "--lat",
+        str(DEFAULT_LAT),
+        "--lon",
+        str(DEFAULT_LON),
+        "--country",
+        DEFAULT_COUNTRY,
+        "--capacity",
+        str(MAX_U32),
+    ]
     proc = registry_cli("node", "register", "--role", "stt", *node_args)
     assert proc.returncode == 0, proc.stderr
     assert "(pending)" in proc.stdout
@@ -154,8 +180,9 @@ async def test_rogue_node_is_pending_and_never_routed_to(net: Net, gateway: Gate
         assert update.returncode == 1 and "NodePending" in update.stderr
         # Nor approve itself.
         await refused("NotAuthority", client.approve_node(rogue, rogue.pubkey()))
-        await refused("NotAuthority", client.set_node_status(rogue, rogue.pubkey(),
-                                                             p.NodeStatus.ACTIVE))
+        await refused(
+            "NotAuthority", client.set_node_status(rogue, rogue.pubkey(), p.NodeStatus.ACTIVE)
+        )
         assert await snapshot(client, *watched) == before
 
         # Every session goes to the approved node, never to the pending one.
@@ -167,8 +194,9 @@ async def test_rogue_node_is_pending_and_never_routed_to(net: Net, gateway: Gate
         balance_before = (await user.account()).available_balance
 
         # With the approved node suspended, there is nobody to route to: 503, not the rogue.
-        await client.set_node_status(net.localnet.authority, net.honest.pubkey(),
-                                     p.NodeStatus.SUSPENDED)
+        await client.set_node_status(
+            net.localnet.authority, net.honest.pubkey(), p.NodeStatus.SUSPENDED
+        )
         try:
             await asyncio.sleep(0.5)  # past the gateway's registry refresh (0.2 s)
             with pytest.raises(NoCapacity):
@@ -176,8 +204,9 @@ async def test_rogue_node_is_pending_and_never_routed_to(net: Net, gateway: Gate
             assert (await user.account()).available_balance == balance_before
             assert await user.sessions() == sessions_before
         finally:
-            await client.set_node_status(net.localnet.authority, net.honest.pubkey(),
-                                         p.NodeStatus.ACTIVE)
+            await client.set_node_status(
+                net.localnet.authority, net.honest.pubkey(), p.NodeStatus.ACTIVE
+            )
         after = await snapshot(client, *watched)
         assert after[str(rogue_addr)] == before[str(rogue_addr)]
         assert after[str(registry_addr)] == before[str(registry_addr)]
@@ -195,16 +224,19 @@ async def test_initialize_registry_by_another_key_is_refused(tmp_path: Path) -> 
             registry_addr, _ = p.registry_pda()
             before = await snapshot(client, registry_addr, mallory.pubkey())
             for policy in p.Policy:
-                await refused("NotUpgradeAuthority",
-                              client.initialize_registry(mallory, 60, policy))
+                await refused(
+                    "NotUpgradeAuthority", client.initialize_registry(mallory, 60, policy)
+                )
             assert await snapshot(client, registry_addr, mallory.pubkey()) == before
             assert before[str(registry_addr)] is None
             assert await client.get_registry() is None
             # The upgrade authority still can, and becomes the registry's authority.
             await init_registry(localnet, 60, p.Policy.APPROVAL)
             registry = await client.require_registry()
-            assert (registry.authority, registry.policy) == (localnet.authority.pubkey(),
-                                                             p.Policy.APPROVAL)
+            assert (registry.authority, registry.policy) == (
+                localnet.authority.pubkey(),
+                p.Policy.APPROVAL,
+            )
     finally:
         localnet.stop()
 
@@ -214,8 +246,9 @@ async def test_heartbeat_load_over_capacity_is_refused(net: Net) -> None:
     async with RegistryClient(net.url) as client:
         node = Keypair()
         await client.ensure_funded(node)
-        await client.register_node(node, p.Role.TTS,
-                                   p.NodeFields("https://tts.test", 1.0, 2.0, "SG", 8, "0.1.0"))
+        await client.register_node(
+            node, p.Role.TTS, p.NodeFields("https://tts.test", 1.0, 2.0, "SG", 8, "0.1.0")
+        )
         await client.approve_node(net.localnet.authority, node.pubkey())
         await client.heartbeat(node, 8, 8)
         addr, _ = p.node_pda(node.pubkey())
@@ -235,16 +268,21 @@ async def test_plain_http_url_off_loopback_is_refused(net: Net) -> None:
         registry_addr, _ = p.registry_pda()
         addr, _ = p.node_pda(node.pubkey())
         before = await snapshot(client, registry_addr, addr, node.pubkey())
-        for url in ("http://stt.example.net:8001", "ws://203.0.113.7/rtc",
-                    "http://127.0.0.1.evil.example", "http://127.0.0.1@evil.example"):
+        for url in (
+            "http://stt.example.net:8001",
+            "ws://203.0.113.7/rtc",
+            "http://127.0.0.1.evil.example",
+            "http://127.0.0.1@evil.example",
+        ):
             fields = p.NodeFields(url, DEFAULT_LAT, DEFAULT_LON, DEFAULT_COUNTRY, 4, "0.1.0")
             await refused("InsecureUrl", client.register_node(node, p.Role.STT, fields))
         assert await snapshot(client, registry_addr, addr, node.pubkey()) == before
         assert before[str(addr)] is None
 
         # An admitted node cannot switch to such a URL either.
-        await client.register_node(node, p.Role.STT,
-                                   p.NodeFields("https://ok.test", 0, 0, "DE", 4, "0.1.0"))
+        await client.register_node(
+            node, p.Role.STT, p.NodeFields("https://ok.test", 0, 0, "DE", 4, "0.1.0")
+        )
         await client.approve_node(net.localnet.authority, node.pubkey())
         admitted = await snapshot(client, addr, node.pubkey())
         fields = p.NodeFields("http://stt.example.net", 0, 0, "DE", 4, "0.1.0")

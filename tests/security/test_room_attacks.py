@@ -89,11 +89,19 @@ async def test_a_second_join_with_my_identity_replaces_the_first(sfu: Setup) -> 
         await wait_for(lambda: identities(agent) == {"user-42"}, 10, "the first caller")
         old_sid = next(iter(agent.remote_participants.values())).sid
         second = await joined(second_s.ws_url, second_s.token)
-        await wait_for(lambda: first.connection_state != lk.ConnectionState.CONN_CONNECTED, 10,
-                       "the first connection replaced")
-        await wait_for(lambda: [p.sid for p in agent.remote_participants.values()
-                                if p.identity == "user-42"] not in ([], [old_sid]), 10,
-                       "the agent sees the new caller")
+        await wait_for(
+            lambda: first.connection_state != lk.ConnectionState.CONN_CONNECTED,
+            10,
+            "the first connection replaced",
+        )
+        await wait_for(
+            lambda: (
+                [p.sid for p in agent.remote_participants.values() if p.identity == "user-42"]
+                not in ([], [old_sid])
+            ),
+            10,
+            "the agent sees the new caller",
+        )
         assert len(agent.remote_participants) == 1
     finally:
         for room in (first, second, agent):

@@ -27,9 +27,9 @@ class Caller:
         self.identity = identity
         self.room = rtc.Room()
         self.heard: list[tuple[float, np.ndarray]] = []  # (arrival, 10 ms of int16)
-        self.data: list[tuple[str, bytes, str]] = []     # (topic, payload, sender identity)
+        self.data: list[tuple[str, bytes, str]] = []  # (topic, payload, sender identity)
         self.agent_track: asyncio.Future[rtc.RemoteAudioTrack] | None = None
-        self.speech_ended_at: float | None = None        # when the last word left the source
+        self.speech_ended_at: float | None = None  # when the last word left the source
         self._source: rtc.AudioSource | None = None
         self._recorder: asyncio.Task[None] | None = None
 
@@ -37,25 +37,32 @@ class Caller:
         """Join; once the agent's track is subscribed, record it (and send client-ready)."""
         self.agent_track = asyncio.get_running_loop().create_future()
 
-        def subscribed(track: rtc.Track, pub: rtc.RemoteTrackPublication,
-                       participant: rtc.RemoteParticipant) -> None:
+        def subscribed(
+            track: rtc.Track, pub: rtc.RemoteTrackPublication, participant: rtc.RemoteParticipant
+        ) -> None:
             if track.kind == rtc.TrackKind.KIND_AUDIO and not self.agent_track.done():
                 self.agent_track.set_result(track)  # type: ignore[arg-type]
                 self._recorder = asyncio.ensure_future(self._record(track, ready))
 
         self.room.on("track_subscribed", subscribed)
-        self.room.on("data_received", lambda p: self.data.append(
-            (p.topic, bytes(p.data), p.participant.identity if p.participant else "")))
+        self.room.on(
+            "data_received",
+            lambda p: self.data.append(
+                (p.topic, bytes(p.data), p.participant.identity if p.participant else "")
+            ),
+        )
         await asyncio.wait_for(self.room.connect(ws_url, token), 20)
 
     async def _record(self, track: rtc.Track, ready: bool) -> None:
         stream = rtc.AudioStream(track, sample_rate=RATE, num_channels=1)
         if ready:
-            await self.room.local_participant.publish_data(b"client-ready", reliable=True,
-                                                           topic="client-ready")
+            await self.room.local_participant.publish_data(
+                b"client-ready", reliable=True, topic="client-ready"
+            )
         async for event in stream:
-            self.heard.append((time.monotonic(),
-                               np.frombuffer(event.frame.data, dtype=np.int16).copy()))
+            self.heard.append(
+                (time.monotonic(), np.frombuffer(event.frame.data, dtype=np.int16).copy())
+            )
 
     async def say(self, audio16k: np.ndarray, tail_silence: float = 0.0) -> None:
         """Speak ``audio16k`` (float, 16 kHz) into the room in real time."""
@@ -63,10 +70,10 @@ class Caller:
             self._source = rtc.AudioSource(RATE, 1)
             track = rtc.LocalAudioTrack.create_audio_track("mic", self._source)
             heard = asyncio.get_running_loop().create_future()
-            self.room.on("local_track_subscribed",
-                         lambda t: heard.done() or heard.set_result(t))
+            self.room.on("local_track_subscribed", lambda t: heard.done() or heard.set_result(t))
             await self.room.local_participant.publish_track(
-                track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE))
+                track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
+            )
             # Speak once the agent receives the track (the SFU's track_subscribed), as a client
             # page shows "speak now" only then: words said before are lost on the way.
             await asyncio.wait_for(heard, 15)
@@ -75,8 +82,9 @@ class Caller:
         data = (np.clip(pcm, -1, 1) * 32767).astype(np.int16)
         speech_frames = len(audio16k) * 3 // FRAME
         for k, i in enumerate(range(0, len(data) - FRAME + 1, FRAME)):
-            await self._source.capture_frame(rtc.AudioFrame(data[i:i + FRAME].tobytes(), RATE, 1,
-                                                            FRAME))
+            await self._source.capture_frame(
+                rtc.AudioFrame(data[i : i + FRAME].tobytes(), RATE, 1, FRAME)
+            )
             if k == speech_frames:
                 self.speech_ended_at = time.monotonic() + self._source.queued_duration
         await self._source.wait_for_playout()

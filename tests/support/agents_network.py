@@ -96,32 +96,48 @@ class Network:
         of one wallet in one process share the record of timestamps already signed."""
         return GatewayClient(self.gateway_url, self.wallet, **kwargs)
 
-    async def agent_session(self, room: str | None = None, minutes: float = 5,
-                            tts_max_characters: int = 2000,
-                            client_identity: str = "caller") -> AgentSession:
+    async def agent_session(
+        self,
+        room: str | None = None,
+        minutes: float = 5,
+        tts_max_characters: int = 2000,
+        client_identity: str = "caller",
+    ) -> AgentSession:
         """A bundle (WebRTC for agent and caller, STT, TTS) routed to this network's nodes."""
         async with self.gateway() as gw:
             return await gw.create_agent_session(
-                room or f"room-{uuid.uuid4().hex[:8]}", "agent", minutes, language="en",
-                tts_max_characters=tts_max_characters, client_identity=client_identity)
+                room or f"room-{uuid.uuid4().hex[:8]}",
+                "agent",
+                minutes,
+                language="en",
+                tts_max_characters=tts_max_characters,
+                client_identity=client_identity,
+            )
 
     # ------------------------------------------------------------ processes
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         with open(self.tmp / f"{name}.log", "ab") as log:  # the child keeps its own handle
-            return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log,
-                                    stderr=subprocess.STDOUT,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            return subprocess.Popen(
+                [sys.executable, *args],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
 
     def start_gateway(self) -> None:
         port = free_port()
         self.gateway_url = f"http://127.0.0.1:{port}"
         config = {
-            "listen_port": port, "rpc_url": self.chain.url,
+            "listen_port": port,
+            "rpc_url": self.chain.url,
             "issuer_keypair": str(self.chain.issuer_path),
             "database_url": f"sqlite+aiosqlite:///{self.tmp}/gateway.db",
-            "registry_refresh_seconds": 0.5, "sweep_interval_seconds": 0.5,
-            "settle_grace_seconds": 0, "default_location": self.where,
+            "registry_refresh_seconds": 0.5,
+            "sweep_interval_seconds": 0.5,
+            "settle_grace_seconds": 0,
+            "default_location": self.where,
             "payments": {"solana": {"enabled": False}},
         }
         path = self.tmp / "gateway.yaml"
@@ -131,10 +147,29 @@ class Network:
     def grant(self, usd: float) -> None:
         """Credit the wallet (the operator's `gateway credits grant`)."""
         out = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "--config", str(self.tmp / "gateway.yaml"),
-             "credits", "grant", "--wallet", str(self.wallet.pubkey()), "--chain", "solana",
-             "--usd", str(usd), "--memo", "agents test"],
-            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+            [
+                sys.executable,
+                "-m",
+                "gateway.cli",
+                "--config",
+                str(self.tmp / "gateway.yaml"),
+                "credits",
+                "grant",
+                "--wallet",
+                str(self.wallet.pubkey()),
+                "--chain",
+                "solana",
+                "--usd",
+                str(usd),
+                "--memo",
+                "agents test",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         if out.returncode != 0:
             raise RuntimeError(f"gateway credits grant failed: {out.stderr}")
 
@@ -144,14 +179,22 @@ class Network:
             raise RuntimeError(f"the {role} node is already running: kill it first")
         port = self.ports.setdefault(role, free_port())
         config = {
-            "role": role, "keypair": str(self.tmp / f"{role}.json"), "rpc_url": self.chain.url,
-            "listen_port": port, "public_url": f"http://127.0.0.1:{port}",
+            "role": role,
+            "keypair": str(self.tmp / f"{role}.json"),
+            "rpc_url": self.chain.url,
+            "listen_port": port,
+            "public_url": f"http://127.0.0.1:{port}",
             # A typed capacity: these tests are about conversations, not about what this machine
             # can hold (calibration is tested in test_node_capacity and the roles' tests), and
             # a test's session must not wait for the previous one's load to reach the chain.
-            "location": self.where, "capacity": 8, "calibrate": False, "heartbeat_interval": 0.5,
-            "drain_timeout": 1, "issuer_cache_seconds": 1,
-            "state_dir": str(self.tmp / f"state-{role}"), "gateway_url": self.gateway_url,
+            "location": self.where,
+            "capacity": 8,
+            "calibrate": False,
+            "heartbeat_interval": 0.5,
+            "drain_timeout": 1,
+            "issuer_cache_seconds": 1,
+            "state_dir": str(self.tmp / f"state-{role}"),
+            "gateway_url": self.gateway_url,
             **_role_settings(role),
         }
         path = self.tmp / f"node-{role}.yaml"
@@ -183,12 +226,14 @@ class Network:
         while True:
             status, body = _get_json(self.gateway_url + "/v1/servers/status")
             services = (body or {}).get("services", {})
-            if status == 200 and all(services.get(SERVICE[r], {}).get("healthy", 0) >= 1
-                                     for r in roles):
+            if status == 200 and all(
+                services.get(SERVICE[r], {}).get("healthy", 0) >= 1 for r in roles
+            ):
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the gateway does not route to {roles}: {body}\n"
-                                   f"{self.log('gateway')}")
+                raise RuntimeError(
+                    f"the gateway does not route to {roles}: {body}\n{self.log('gateway')}"
+                )
             time.sleep(0.3)
 
     def stop(self) -> None:
@@ -197,7 +242,7 @@ class Network:
             if proc is None or proc.poll() is not None:
                 continue
             proc.send_signal(signal.SIGTERM)
-        for name, proc in self.procs.items():
+        for proc in self.procs.values():
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:

@@ -59,8 +59,11 @@ class WSProxy:
         await client.prepare(request)
         self.connections += 1
         self.clients.append(client)
-        async with aiohttp.ClientSession() as http, \
-                http.ws_connect(self.target, max_msg_size=1 << 22) as node:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.ws_connect(self.target, max_msg_size=1 << 22) as node,
+        ):
+
             async def down() -> None:
                 async for msg in node:
                     if client.closed:

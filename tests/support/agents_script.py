@@ -20,9 +20,11 @@ from tests.support.speech import pcm16
 ANSWERS = {
     "open": "The museum opens at nine in the morning.",
     "tickets": "Tickets cost twelve euros for adults.",
-    "history": ("The museum was founded a long time ago by a group of painters. They wanted a "
-                "place where everyone could see their work for free. Over the years the "
-                "collection grew from a few rooms of paintings to three large buildings."),
+    "history": (
+        "The museum was founded a long time ago by a group of painters. They wanted a "
+        "place where everyone could see their work for free. Over the years the "
+        "collection grew from a few rooms of paintings to three large buildings."
+    ),
     "cost": "A ticket costs twelve euros.",
 }
 
@@ -69,9 +71,9 @@ async def transcribe(gw: GatewayClient, audio48k: np.ndarray) -> str:
     """What our STT node hears in the recording (silences over 0.6 s shortened, real time)."""
     audio = soxr.resample(audio48k.astype(np.float32) / 32768, 48000, 16000)
     frames = audio[: len(audio) // 320 * 320].reshape(-1, 320)
-    loud = np.sqrt((frames ** 2).mean(axis=1)) > 0.01
+    loud = np.sqrt((frames**2).mean(axis=1)) > 0.01
     keep, quiet = [], 0
-    for frame, is_loud in zip(frames, loud):
+    for frame, is_loud in zip(frames, loud, strict=False):
         quiet = 0 if is_loud else quiet + 1
         if quiet <= 30:
             keep.append(frame)
@@ -83,8 +85,9 @@ async def transcribe(gw: GatewayClient, audio48k: np.ndarray) -> str:
         await stream.aclose()
 
 
-async def hear(stream: STTStream, audio16k: np.ndarray, quiet: float = 2.0,
-               timeout: float = 90.0) -> str:
+async def hear(
+    stream: STTStream, audio16k: np.ndarray, quiet: float = 2.0, timeout: float = 90.0
+) -> str:
     """The finals an STT stream gives for ``audio16k`` sent in real time (1.5 s of silence
     after it). On a loaded machine the node lags behind: this waits until every utterance it
     ended has its final and nothing came for ``quiet`` seconds, not a fixed time."""
@@ -105,22 +108,25 @@ async def hear(stream: STTStream, audio16k: np.ndarray, quiet: float = 2.0,
     data = pcm16(np.concatenate([audio16k, np.zeros(24000, dtype=np.float32)]))
     t0 = time.monotonic()
     for k, i in enumerate(range(0, len(data), 640)):
-        await stream.push(data[i:i + 640])
+        await stream.push(data[i : i + 640])
         await asyncio.sleep(max(0.0, t0 + (k + 1) * 0.02 - time.monotonic()))
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and (len(finals) < ends
-                                           or time.monotonic() - last < quiet):
+    while time.monotonic() < deadline and (len(finals) < ends or time.monotonic() - last < quiet):
         await asyncio.sleep(0.1)
     reader.cancel()
     return " ".join(finals)
 
 
-async def settled(gw: GatewayClient, session: AgentSession, services: set[str],
-                  timeout: float) -> list[dict[str, object]]:
+async def settled(
+    gw: GatewayClient, session: AgentSession, services: set[str], timeout: float
+) -> list[dict[str, object]]:
     """Wait until the bundle's sessions of ``services`` settled; their transactions."""
     assert isinstance(session.webrtc, DualWebrtc)
-    ids = {"stt": {session.stt.session_id}, "tts": {session.tts.session_id},
-           "webrtc": {session.webrtc.agent.session_id, session.webrtc.client.session_id}}
+    ids = {
+        "stt": {session.stt.session_id},
+        "tts": {session.tts.session_id},
+        "webrtc": {session.webrtc.agent.session_id, session.webrtc.client.session_id},
+    }
     want = set().union(*(ids[s] for s in services))
     deadline = time.monotonic() + timeout
     while True:

@@ -44,8 +44,9 @@ async def chromium(fake_audio: Path | None = None) -> AsyncIterator[Browser]:
     if not Path(CHROMIUM).exists():
         raise RuntimeError(f"{CHROMIUM} is missing: `make setup` installs Debian's chromium")
     async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                           args=chromium_args(fake_audio))
+        browser = await pw.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=chromium_args(fake_audio)
+        )
         try:
             yield browser
         finally:
@@ -107,5 +108,3 @@ async def page_site(html: str) -> AsyncIterator[str]:
 
 
 # ---------------------------------------------------------------- an SFU behind the gateway
-
-

@@ -1,5 +1,6 @@
 """A clock a test can move: the wall clock plus an offset, handed to an in-process localnet
-(``start_localnet(now=...)``) so a test jumps minutes ahead (an expired blockhash) without waiting."""
+(``start_localnet(now=...)``) so a test jumps minutes ahead (an expired blockhash) without
+waiting."""
 
 from __future__ import annotations
 

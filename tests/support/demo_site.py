@@ -23,8 +23,9 @@ from tests.support.serving import serve
 
 
 @contextlib.asynccontextmanager
-async def demo_server(network: Network, llm_factory: Callable[[], LLM],
-                      **tutor_options: Any) -> AsyncIterator[tuple[str, Tutors]]:
+async def demo_server(
+    network: Network, llm_factory: Callable[[], LLM], **tutor_options: Any
+) -> AsyncIterator[tuple[str, Tutors]]:
     """The demo app on a free port (base URL) and its tutors; every conversation ends and the
     gateway client closes on exit."""
     gateway = network.gateway()
@@ -48,15 +49,19 @@ async def start_talking(page: Page, site: str, identity: str) -> None:
 
 async def page_state(page: Page) -> dict[str, Any]:
     """The page's status, captions, turns (page and agent figures) and credit."""
-    return json.loads(await page.evaluate(
-        "JSON.stringify({status: demo.status, captions: demo.captions, turns: demo.turns, "
-        "credit: demo.credit ?? null, sampleRate: demo.sampleRate})"))
+    return json.loads(
+        await page.evaluate(
+            "JSON.stringify({status: demo.status, captions: demo.captions, turns: demo.turns, "
+            "credit: demo.credit ?? null, sampleRate: demo.sampleRate})"
+        )
+    )
 
 
 async def finals(page: Page, who: str) -> list[str]:
     """The final captions of ``who`` ('you' or 'agent'), in order."""
-    return [c["text"] for c in (await page_state(page))["captions"]
-            if c["who"] == who and c["final"]]
+    return [
+        c["text"] for c in (await page_state(page))["captions"] if c["who"] == who and c["final"]
+    ]
 
 
 async def wait_finals(page: Page, who: str, count: int, timeout: float) -> None:
@@ -64,20 +69,27 @@ async def wait_finals(page: Page, who: str, count: int, timeout: float) -> None:
     try:
         await page.wait_for_function(
             "([who, n]) => demo.captions.filter(c => c.who === who && c.final).length >= n",
-            arg=[who, count], timeout=timeout * 1000)
+            arg=[who, count],
+            timeout=timeout * 1000,
+        )
     except PlaywrightTimeout:
         state = await page_state(page)
-        mic = await page.evaluate("[demo.micLevels.length, "
-                                  "Math.max(0, ...demo.micLevels.map(x => x[1]))]")
-        raise AssertionError(f"no {count} final captions of {who} in {timeout:.0f} s: "
-                             f"{state}; microphone blocks, loudest: {mic}") from None
+        mic = await page.evaluate(
+            "[demo.micLevels.length, Math.max(0, ...demo.micLevels.map(x => x[1]))]"
+        )
+        raise AssertionError(
+            f"no {count} final captions of {who} in {timeout:.0f} s: "
+            f"{state}; microphone blocks, loudest: {mic}"
+        ) from None
 
 
 async def speak_again(page: Page) -> None:
     """Open the page's microphone again: Chromium's fake device plays its WAV from the start,
     so the person says it at a moment the test picks (after the tutor was heard, say)."""
-    await page.evaluate("demo.room.localParticipant.getTrackPublication("
-                        "LivekitClient.Track.Source.Microphone).track.restartTrack()")
+    await page.evaluate(
+        "demo.room.localParticipant.getTrackPublication("
+        "LivekitClient.Track.Source.Microphone).track.restartTrack()"
+    )
 
 
 async def received_audio(page: Page) -> np.ndarray:

@@ -30,7 +30,8 @@ from gateway.payments.book import PaymentBook
 from gateway.payments.config import EvmPayments, PaymentsConfig
 from tests.support.payments import PATH, Pay
 
-TOKEN_SOURCE = '''
+TOKEN_SOURCE = (
+    """
 # pragma version ~=0.4.3
 # A minimal EIP-3009 token: the parts of FiatToken v2 (USDC) the gateway uses. Tests only.
 
@@ -51,7 +52,8 @@ minter: address
 DOMAIN_TYPEHASH: constant(bytes32) = keccak256(
     "EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
 TRANSFER_TYPEHASH: constant(bytes32) = keccak256(
-    "TransferWithAuthorization(address from,address to,uint256 value,uint256 validAfter,uint256 validBefore,bytes32 nonce)")
+    "TransferWithAuthorization(address from,address to,uint256 value,uint256 validAfter,"""
+    """uint256 validBefore,bytes32 nonce)")
 
 
 @deploy
@@ -84,7 +86,8 @@ def transferWithAuthorization(sender: address, receiver: address, amount: uint25
     self.balanceOf[sender] -= amount
     self.balanceOf[receiver] += amount
     log Transfer(sender=sender, receiver=receiver, value=amount)
-'''
+"""
+)
 
 PAYER_KEY = "0x" + "42" * 32
 PAYER = Account.from_key(PAYER_KEY).address
@@ -137,8 +140,15 @@ class EvmChain:
 
     def send(self, sender: str, to: str, data: bytes, value: int = 0) -> dict[str, Any]:
         """A transaction from one of the chain's own unlocked accounts; its receipt."""
-        tx = {"from": sender, "to": to, "data": "0x" + data.hex(), "value": value,
-              "gas": 500_000, "max_fee_per_gas": 10 * GWEI, "max_priority_fee_per_gas": GWEI}
+        tx = {
+            "from": sender,
+            "to": to,
+            "data": "0x" + data.hex(),
+            "value": value,
+            "gas": 500_000,
+            "max_fee_per_gas": 10 * GWEI,
+            "max_priority_fee_per_gas": GWEI,
+        }
         return self.t.get_transaction_receipt(self.t.send_transaction(tx))
 
     def token_call(self, signature: str, types: list[str], args: list[Any]) -> bytes:
@@ -146,20 +156,31 @@ class EvmChain:
 
     def balance(self, owner: str) -> int:
         data = self.token_call("balanceOf(address)", ["address"], [owner])
-        return int(self.t.call({"from": self.funder, "to": self.token, "data": "0x" + data.hex()}), 16)
+        return int(
+            self.t.call({"from": self.funder, "to": self.token, "data": "0x" + data.hex()}), 16
+        )
 
     def used(self, authorizer: str, nonce: bytes) -> bool:
-        data = self.token_call("authorizationState(address,bytes32)", ["address", "bytes32"],
-                               [authorizer, nonce])
-        return int(self.t.call({"from": self.funder, "to": self.token, "data": "0x" + data.hex()}), 16) == 1
+        data = self.token_call(
+            "authorizationState(address,bytes32)", ["address", "bytes32"], [authorizer, nonce]
+        )
+        return (
+            int(self.t.call({"from": self.funder, "to": self.token, "data": "0x" + data.hex()}), 16)
+            == 1
+        )
 
     def deploy_token(self) -> None:
         import vyper
 
         out = vyper.compile_code(TOKEN_SOURCE, output_formats=["bytecode"])
         code = bytes.fromhex(out["bytecode"][2:]) + encode(["string", "string"], ["USD Coin", "2"])
-        tx = {"from": self.funder, "data": "0x" + code.hex(), "gas": 3_000_000,
-              "max_fee_per_gas": 10 * GWEI, "max_priority_fee_per_gas": GWEI}
+        tx = {
+            "from": self.funder,
+            "data": "0x" + code.hex(),
+            "gas": 3_000_000,
+            "max_fee_per_gas": 10 * GWEI,
+            "max_priority_fee_per_gas": GWEI,
+        }
         receipt = self.t.get_transaction_receipt(self.t.send_transaction(tx))
         assert receipt["status"] == 1 and receipt["contract_address"]
         self.token = receipt["contract_address"]
@@ -190,9 +211,14 @@ class EvmChain:
         if method == "eth_getLogs":
             f = params[0]
             to_block = _block(f.get("toBlock", "latest"))
-            return _json(t.get_logs(from_block=_block(f.get("fromBlock", "0x0")),
-                                    to_block=None if to_block == "latest" else to_block,
-                                    address=f.get("address"), topics=f.get("topics")))
+            return _json(
+                t.get_logs(
+                    from_block=_block(f.get("fromBlock", "0x0")),
+                    to_block=None if to_block == "latest" else to_block,
+                    address=f.get("address"),
+                    topics=f.get("topics"),
+                )
+            )
         raise KeyError(method)
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -200,11 +226,21 @@ class EvmChain:
         try:
             result = self.rpc(body["method"], body.get("params") or [])
         except TransactionFailed as exc:
-            return web.json_response({"jsonrpc": "2.0", "id": body["id"],
-                                      "error": {"code": 3, "message": f"execution reverted: {exc}"}})
+            return web.json_response(
+                {
+                    "jsonrpc": "2.0",
+                    "id": body["id"],
+                    "error": {"code": 3, "message": f"execution reverted: {exc}"},
+                }
+            )
         except (ValidationError, ValueError, KeyError) as exc:  # as a node answers bad requests
-            return web.json_response({"jsonrpc": "2.0", "id": body["id"],
-                                      "error": {"code": -32602, "message": repr(exc)}})
+            return web.json_response(
+                {
+                    "jsonrpc": "2.0",
+                    "id": body["id"],
+                    "error": {"code": -32602, "message": repr(exc)},
+                }
+            )
         return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": result})
 
     async def start(self) -> None:
@@ -220,8 +256,11 @@ async def evm_chain() -> AsyncIterator[EvmChain]:
     c = EvmChain(EthereumTester(PyEVMBackend()))
     c.deploy_token()
     c.send(c.funder, Account.from_key(RELAYER_KEY).address, b"", value=10**18)  # relayer's gas
-    c.send(c.funder, c.token, c.token_call("mint(address,uint256)", ["address", "uint256"],
-                                           [PAYER, 10_000_000]))
+    c.send(
+        c.funder,
+        c.token,
+        c.token_call("mint(address,uint256)", ["address", "uint256"], [PAYER, 10_000_000]),
+    )
     await c.start()
     yield c
     assert c.server is not None
@@ -232,17 +271,27 @@ async def evm_chain() -> AsyncIterator[EvmChain]:
 async def evm_gw(pay: Pay, evm_chain: EvmChain) -> AsyncIterator[Pay]:
     """The gateway with EVM settlement on the chain above (the Solana rail stays as it was)."""
     (pay.tmp / "relayer.hex").write_text(RELAYER_KEY)
-    pay.config = pay.config.model_copy(update={"payments": PaymentsConfig(
-        solana=pay.config.payments.solana,
-        evm=EvmPayments(enabled=True, chain_id=evm_chain.chain_id, rpc_url=evm_chain.url,
-                        asset=evm_chain.token, pay_to=PAY_TO,
-                        relayer_key_file=pay.tmp / "relayer.hex", confirm_timeout_seconds=5))})
+    pay.config = pay.config.model_copy(
+        update={
+            "payments": PaymentsConfig(
+                solana=pay.config.payments.solana,
+                evm=EvmPayments(
+                    enabled=True,
+                    chain_id=evm_chain.chain_id,
+                    rpc_url=evm_chain.url,
+                    asset=evm_chain.token,
+                    pay_to=PAY_TO,
+                    relayer_key_file=pay.tmp / "relayer.hex",
+                    confirm_timeout_seconds=5,
+                ),
+            )
+        }
+    )
     await pay.restart()
     yield pay
 
 
 BODY = {"wallet_address": PAYER, "wallet_chain": "evm", "amount_usd": 2.5}
-
 
 
 async def post(p: Pay, headers: dict[str, str] | None = None) -> tuple[int, Any]:
@@ -256,8 +305,9 @@ async def exchange(p: Pay, headers: dict[str, str] | None = None) -> tuple[int, 
         return r.status, await r.json(content_type=None), r.headers
 
 
-async def authorization(p: Pay, chain: EvmChain, **override: Any) -> tuple[dict[str, Any],
-                                                                          dict[str, str]]:
+async def authorization(
+    p: Pay, chain: EvmChain, **override: Any
+) -> tuple[dict[str, Any], dict[str, str]]:
     """The 402's EVM requirement, a payload the payer signed for it, and its payment header."""
     status, body, headers = await exchange(p)
     assert status == 402, body
@@ -271,12 +321,21 @@ async def authorization(p: Pay, chain: EvmChain, **override: Any) -> tuple[dict[
 
 def submit_as(chain: EvmChain, payload: dict[str, Any]) -> Callable[[], None]:
     """A third party (not the relayer, not the payer) submitting this authorization itself."""
-    rules = evm.EvmRules(chain.chain_id, chain.token, "USD Coin", "2",
-                         payload["authorization"]["to"], int(payload["authorization"]["value"]))
+    rules = evm.EvmRules(
+        chain.chain_id,
+        chain.token,
+        "USD Coin",
+        "2",
+        payload["authorization"]["to"],
+        int(payload["authorization"]["value"]),
+    )
 
     def run() -> None:
-        receipt = chain.send(chain.t.get_accounts()[2], chain.token,
-                             evm.transfer_calldata(evm.verify(payload, rules)))
+        receipt = chain.send(
+            chain.t.get_accounts()[2],
+            chain.token,
+            evm.transfer_calldata(evm.verify(payload, rules)),
+        )
         assert receipt["status"] == 1
 
     return run
@@ -284,6 +343,9 @@ def submit_as(chain: EvmChain, payload: dict[str, Any]) -> Callable[[], None]:
 
 async def state(p: Pay, chain: EvmChain) -> dict[str, Any]:
     acct = await p.ledger.get_account("evm", PAYER)
-    return {"payer": chain.balance(PAYER), "pay_to": chain.balance(PAY_TO),
-            "payments": await PaymentBook(p.ledger).count_by_status(),
-            "credits": None if acct is None else (acct.credit_balance, acct.available_balance)}
+    return {
+        "payer": chain.balance(PAYER),
+        "pay_to": chain.balance(PAY_TO),
+        "payments": await PaymentBook(p.ledger).count_by_status(),
+        "credits": None if acct is None else (acct.credit_balance, acct.available_balance),
+    }

@@ -58,8 +58,9 @@ def gateway_net(tmp_path_factory: pytest.TempPathFactory) -> Net:
             await client.add_issuer(authority, issuer.pubkey())
             for name, (role, url, lat, lon, country) in NODES.items():
                 await client.ensure_funded(nodes[name])
-                await client.register_node(nodes[name], role,
-                                           p.NodeFields(url, lat, lon, country, 100, "0.1.0"))
+                await client.register_node(
+                    nodes[name], role, p.NodeFields(url, lat, lon, country, 100, "0.1.0")
+                )
 
     asyncio.run(setup())
     yield Net(localnet.url, authority, issuer, nodes)
@@ -78,7 +79,11 @@ class Gw:
         return GatewayClient(self.url, key or Keypair(), chain, session=self.http)
 
     async def funded(self, usd: float = 1.0, chain: str = "solana") -> GatewayClient:
-        key: Keypair | str = Keypair() if chain == "solana" else "0x" + "11" * 31 + f"{int(time.time_ns()) % 256:02x}"
+        key: Keypair | str = (
+            Keypair()
+            if chain == "solana"
+            else "0x" + "11" * 31 + f"{int(time.time_ns()) % 256:02x}"
+        )
         client = self.client(key, chain)
         address = str(key.pubkey()) if isinstance(key, Keypair) else _evm_address(key)
         await self.ledger.grant(chain, address, int(usd * 1_000_000), memo="test")
@@ -86,8 +91,11 @@ class Gw:
 
     async def post_signed(self, path: str, body: bytes, node: str) -> aiohttp.ClientResponse:
         token = sign_body(self.net.nodes[node], body)
-        return await self.http.post(self.url + path, data=body, headers={
-            "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        return await self.http.post(
+            self.url + path,
+            data=body,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
 
 
 def _evm_address(key: str) -> str:
@@ -100,8 +108,13 @@ def gateway_config(tmp: Path, db_url: str, **over: object) -> GatewayConfig:
     # The module's nodes have made-up URLs: pushing refreshed tokens to them is tested apart.
     over.setdefault("refresh_sfu_tokens", False)
     over.setdefault("account_cache_seconds", 2.0)
-    return GatewayConfig(database_url=db_url, registry_refresh_seconds=0.2,
-                         sweep_interval_seconds=0.2, settle_grace_seconds=0, **over)
+    return GatewayConfig(
+        database_url=db_url,
+        registry_refresh_seconds=0.2,
+        sweep_interval_seconds=0.2,
+        settle_grace_seconds=0,
+        **over,
+    )
 
 
 @pytest.fixture
@@ -121,13 +134,17 @@ class serve_gateway:
         self.registry = RegistryClient(self.net.url)
         self.ledger = Ledger(self.db)
         config = gateway_config(self.tmp, self.db, rpc_url=self.net.url, **self.config)
-        app = create_app(config, self.net.issuer,
-                         self.registry.list_nodes, ledger=self.ledger)
+        app = create_app(config, self.net.issuer, self.registry.list_nodes, ledger=self.ledger)
         self.server = TestServer(app, host="127.0.0.1")
         await self.server.start_server()
         self.http = aiohttp.ClientSession()
-        return Gw(str(self.server.make_url("")).rstrip("/"), self.ledger, self.net, self.registry,
-                  self.http)
+        return Gw(
+            str(self.server.make_url("")).rstrip("/"),
+            self.ledger,
+            self.net,
+            self.registry,
+            self.http,
+        )
 
     async def __aexit__(self, *exc: object) -> None:
         await self.http.close()

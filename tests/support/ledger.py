@@ -16,5 +16,8 @@ async def backdate(ledger: Ledger, session_id: str, seconds: float) -> None:
     record = await ledger.get_session(session_id)
     assert record is not None, f"no session {session_id}"
     async with ledger.db.engine.begin() as conn:
-        await conn.execute(sa.update(sessions).where(sessions.c.id == session_id)
-                           .values(started_at=record.started_at - timedelta(seconds=seconds)))
+        await conn.execute(
+            sa.update(sessions)
+            .where(sessions.c.id == session_id)
+            .values(started_at=record.started_at - timedelta(seconds=seconds))
+        )

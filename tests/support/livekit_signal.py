@@ -15,8 +15,9 @@ class RawClient:
         self.ws = ws
 
     async def send(self, request: rtc.SignalRequest | bytes) -> None:
-        await self.ws.send_bytes(request if isinstance(request, bytes)
-                                 else request.SerializeToString())
+        await self.ws.send_bytes(
+            request if isinstance(request, bytes) else request.SerializeToString()
+        )
 
     async def next(self, kind: str, timeout: float = 5.0) -> rtc.SignalResponse:
         deadline = time.monotonic() + timeout

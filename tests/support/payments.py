@@ -23,10 +23,10 @@ from gateway.app import create_app
 from gateway.auth import sign_request
 from gateway.config import GatewayConfig
 from gateway.ledger import Ledger
-from gateway.payments.book import PaymentBook
 from gateway.payments import payer
-from gateway.payments.wiring import PAYMENTS_KEY, setup_payments
+from gateway.payments.book import PaymentBook
 from gateway.payments.config import PaymentsConfig, SolanaPayments
+from gateway.payments.wiring import PAYMENTS_KEY, setup_payments
 from registry import usdc
 from registry.client import RegistryClient
 from registry.localnet import start_localnet
@@ -93,8 +93,13 @@ class Pay:
         if sol:
             await self.chain.airdrop(kp.pubkey(), 10**9)
         if usdc_amount is not None:
-            await usdc.mint_test_usdc(self.chain, kp.pubkey(), usdc_amount,
-                                      self.keys / "mint.json", self.keys / "mint-auth.json")
+            await usdc.mint_test_usdc(
+                self.chain,
+                kp.pubkey(),
+                usdc_amount,
+                self.keys / "mint.json",
+                self.keys / "mint-auth.json",
+            )
         return kp
 
     async def usdc_of(self, owner: Pubkey, mint: Pubkey | None = None) -> int:
@@ -111,8 +116,9 @@ class Pay:
         for o in (*owners, self.pay_to):
             out[f"usdc:{o}"] = await self.usdc_of(o)
             acct = await self.ledger.get_account("solana", str(o))
-            out[f"ledger:{o}"] = None if acct is None else (acct.credit_balance,
-                                                            acct.available_balance)
+            out[f"ledger:{o}"] = (
+                None if acct is None else (acct.credit_balance, acct.available_balance)
+            )
         return out
 
     # -- the HTTP exchange ---------------------------------------------------------------
@@ -123,15 +129,24 @@ class Pay:
         self.signed = max(int(time.time()) - 25, self.signed + 1)
         return sign_request("POST", path, key, chain, now=self.signed)
 
-    async def post(self, key: Keypair, body: dict[str, Any] | None = None, amount: float = 0.25,
-                   headers: dict[str, str] | None = None,
-                   auth: dict[str, str] | None = None) -> tuple[int, Any, Any]:
+    async def post(
+        self,
+        key: Keypair,
+        body: dict[str, Any] | None = None,
+        amount: float = 0.25,
+        headers: dict[str, str] | None = None,
+        auth: dict[str, str] | None = None,
+    ) -> tuple[int, Any, Any]:
         assert self.http is not None
-        body = body or {"wallet_address": str(key.pubkey()), "wallet_chain": "solana",
-                        "amount_usd": amount}
+        body = body or {
+            "wallet_address": str(key.pubkey()),
+            "wallet_chain": "solana",
+            "amount_usd": amount,
+        }
         auth = auth or self.auth(key)
-        async with self.http.post(self.url + PATH, json=body,
-                                  headers={**auth, **(headers or {})}) as r:
+        async with self.http.post(
+            self.url + PATH, json=body, headers={**auth, **(headers or {})}
+        ) as r:
             text = await r.text()
             try:
                 data = json.loads(text)
@@ -139,17 +154,23 @@ class Pay:
                 data = {"error": text}
             return r.status, data, r.headers
 
-    async def requirement(self, key: Keypair, amount: float = 0.25,
-                          version: int = 2) -> dict[str, Any]:
+    async def requirement(
+        self, key: Keypair, amount: float = 0.25, version: int = 2
+    ) -> dict[str, Any]:
         status, body, headers = await self.post(key, amount=amount)
         assert status == 402, body
-        got_version, accepts = payer.requirements_from_402(
-            headers if version == 2 else {}, body)
+        got_version, accepts = payer.requirements_from_402(headers if version == 2 else {}, body)
         assert got_version == version
         return accepts[0]
 
-    async def pay(self, key: Keypair, amount: float = 0.25, version: int = 2,
-                  tx_amount: int | None = None, **build: Any) -> tuple[int, Any, Any]:
+    async def pay(
+        self,
+        key: Keypair,
+        amount: float = 0.25,
+        version: int = 2,
+        tx_amount: int | None = None,
+        **build: Any,
+    ) -> tuple[int, Any, Any]:
         req = await self.requirement(key, amount, version)
         tx = await payer.svm_transaction(key, req, self.net.url, amount=tx_amount, **build)
         name, value = payer.payment_header(version, req, {"transaction": tx})
@@ -164,11 +185,18 @@ async def pay(tmp_path: Path) -> AsyncIterator[Pay]:
     keys = tmp_path / "keys"
     mint, _ = await usdc.ensure_test_usdc(chain, keys / "mint.json", keys / "mint-auth.json")
     config = GatewayConfig(
-        database_url=f"sqlite+aiosqlite:///{tmp_path}/gateway.db", rpc_url=net.url,
-        payments=PaymentsConfig(solana=SolanaPayments(
-            asset_keypair=keys / "mint.json", pay_to_keypair=keys / "pay-to.json",
-            fee_payer_keypair=keys / "fee-payer.json", confirm_timeout_seconds=5,
-            reconcile_interval_seconds=3600)))
+        database_url=f"sqlite+aiosqlite:///{tmp_path}/gateway.db",
+        rpc_url=net.url,
+        payments=PaymentsConfig(
+            solana=SolanaPayments(
+                asset_keypair=keys / "mint.json",
+                pay_to_keypair=keys / "pay-to.json",
+                fee_payer_keypair=keys / "fee-payer.json",
+                confirm_timeout_seconds=5,
+                reconcile_interval_seconds=3600,
+            )
+        ),
+    )
     p = Pay(tmp_path, clock, net, chain, config, mint=mint)
     await p.start()
     try:

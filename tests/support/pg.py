@@ -57,8 +57,10 @@ class PgServer:
             try:
                 pw = pwd.getpwnam("postgres")
             except KeyError:
-                raise RuntimeError("running as root needs the `postgres` user "
-                                   "(created by `apt-get install postgresql`)") from None
+                raise RuntimeError(
+                    "running as root needs the `postgres` user "
+                    "(created by `apt-get install postgresql`)"
+                ) from None
             self._owner = (pw.pw_uid, pw.pw_gid)
             os.chown(self.root, *self._owner)
             self._user = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
@@ -66,28 +68,59 @@ class PgServer:
     def _run(self, *args: str) -> None:
         done = subprocess.run(args, capture_output=True, cwd=self.root, **self._user)
         if done.returncode:
-            raise RuntimeError(f"{args[0]} failed ({done.returncode}):\n"
-                               + done.stdout.decode(errors="replace")
-                               + done.stderr.decode(errors="replace"))
+            raise RuntimeError(
+                f"{args[0]} failed ({done.returncode}):\n"
+                + done.stdout.decode(errors="replace")
+                + done.stderr.decode(errors="replace")
+            )
 
     def start(self, timeout: float = 30.0) -> None:
-        self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres",
-                  "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync")
+        self._run(
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
+        )
         with open(self.log, "wb") as log:
             if self._owner:
                 os.chown(self.log, *self._owner)
             self.proc = subprocess.Popen(
-                [str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port),
-                 "-k", str(self.root), "-c", "listen_addresses=127.0.0.1",
-                 "-c", "fsync=off", "-c", "synchronous_commit=off",
-                 "-c", "full_page_writes=off", "-c", "max_connections=200"],
-                stdout=log, stderr=subprocess.STDOUT, cwd=self.root, **self._user,
+                [
+                    str(self.bindir / "postgres"),
+                    "-D",
+                    str(self.data),
+                    "-p",
+                    str(self.port),
+                    "-k",
+                    str(self.root),
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "full_page_writes=off",
+                    "-c",
+                    "max_connections=200",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.root,
+                **self._user,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"postgres exited ({self.proc.returncode}):\n"
-                                   + self.log.read_text(errors="replace")[-2000:])
+                raise RuntimeError(
+                    f"postgres exited ({self.proc.returncode}):\n"
+                    + self.log.read_text(errors="replace")[-2000:]
+                )
             ready = subprocess.run(
                 [str(self.bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)],
                 capture_output=True,
@@ -95,8 +128,10 @@ class PgServer:
             if ready.returncode == 0:
                 return
             time.sleep(0.1)
-        raise RuntimeError(f"postgres did not start in {timeout}s:\n"
-                           + self.log.read_text(errors="replace")[-2000:])
+        raise RuntimeError(
+            f"postgres did not start in {timeout}s:\n"
+            + self.log.read_text(errors="replace")[-2000:]
+        )
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{database}"

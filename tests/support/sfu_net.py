@@ -47,19 +47,33 @@ async def sfu_and_gateway(chain: Chain, tmp: Path, where: dict[str, Any]) -> Asy
     db = f"sqlite+aiosqlite:///{tmp}/gateway.db"
     registry = RegistryClient(chain.url)
     ledger = Ledger(db)
-    gw_config = GatewayConfig(database_url=db, rpc_url=chain.url, registry_refresh_seconds=0.2,
-                              sweep_interval_seconds=0.5, settle_grace_seconds=0,
-                              default_location=DefaultLocation(**where))
-    server = TestServer(create_app(gw_config, chain.issuer, registry.list_nodes, ledger=ledger),
-                        host="127.0.0.1")
+    gw_config = GatewayConfig(
+        database_url=db,
+        rpc_url=chain.url,
+        registry_refresh_seconds=0.2,
+        sweep_interval_seconds=0.5,
+        settle_grace_seconds=0,
+        default_location=DefaultLocation(**where),
+    )
+    server = TestServer(
+        create_app(gw_config, chain.issuer, registry.list_nodes, ledger=ledger), host="127.0.0.1"
+    )
     await server.start_server()
     gateway_url = str(server.make_url("")).rstrip("/")
     port = free_port()
     config = NodeConfig(
-        role="sfu", keypair=tmp / "sfu.json", rpc_url=chain.url, listen_port=port,
-        public_url=f"http://127.0.0.1:{port}", location=Location(**where), capacity=20,
-        gateway_url=gateway_url, heartbeat_interval=0.5, drain_timeout=1,
-        issuer_cache_seconds=1, state_dir=tmp / "state",
+        role="sfu",
+        keypair=tmp / "sfu.json",
+        rpc_url=chain.url,
+        listen_port=port,
+        public_url=f"http://127.0.0.1:{port}",
+        location=Location(**where),
+        capacity=20,
+        gateway_url=gateway_url,
+        heartbeat_interval=0.5,
+        drain_timeout=1,
+        issuer_cache_seconds=1,
+        state_dir=tmp / "state",
         sfu={"empty_timeout": 0.5, "ping_timeout": 15},
     )
     agent = NodeAgent(config)
@@ -72,8 +86,9 @@ async def sfu_and_gateway(chain: Chain, tmp: Path, where: dict[str, Any]) -> Asy
                 if (await r.json())["services"]["webrtc"]["healthy"] >= 1:
                     break
             await asyncio.sleep(0.2)
-        yield SfuNet(agent, f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", gateway_url,
-                     ledger, http)
+        yield SfuNet(
+            agent, f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", gateway_url, ledger, http
+        )
     finally:
         await http.close()
         await agent.shutdown()
@@ -81,8 +96,13 @@ async def sfu_and_gateway(chain: Chain, tmp: Path, where: dict[str, Any]) -> Asy
         await registry.close()
 
 
-async def get_status(setup: SfuNet, path: str, token: str | None = None,
-                     query: dict[str, str] | None = None, header: bool = True) -> tuple[int, str]:
+async def get_status(
+    setup: SfuNet,
+    path: str,
+    token: str | None = None,
+    query: dict[str, str] | None = None,
+    header: bool = True,
+) -> tuple[int, str]:
     headers = {"Authorization": f"Bearer {token}"} if token and header else {}
     params = dict(query or {})
     if token and not header:

@@ -62,8 +62,9 @@ def resample_24k_to_16k(audio: np.ndarray) -> np.ndarray:
     return y.astype(np.float32)
 
 
-def speak(text: str, voice: str = "af_heart", speed: float = 1.0,
-          cache_dir: Path | None = None) -> np.ndarray:
+def speak(
+    text: str, voice: str = "af_heart", speed: float = 1.0, cache_dir: Path | None = None
+) -> np.ndarray:
     """``text`` spoken by Kokoro, float32 at 16 kHz; cached on disk."""
     cache = Path(cache_dir or CACHE_DIR)
     cache.mkdir(parents=True, exist_ok=True)
@@ -94,8 +95,9 @@ def silence(seconds: float) -> np.ndarray:
 
 
 def noise(seconds: float, level: float = 0.05, seed: int = 0) -> np.ndarray:
-    return (np.random.default_rng(seed).standard_normal(int(seconds * SAMPLE_RATE))
-            * level).astype(np.float32)
+    return (np.random.default_rng(seed).standard_normal(int(seconds * SAMPLE_RATE)) * level).astype(
+        np.float32
+    )
 
 
 def pcm16(audio: np.ndarray) -> bytes:
@@ -131,14 +133,15 @@ def wer(ref: str, hyp: str) -> float:
 # ------------------------------------------------------------------------------------------ client
 
 
-async def stream_audio(ws, audio: np.ndarray, speed: float | None = 1.0,
-                       frame_ms: int = 20) -> None:
+async def stream_audio(
+    ws, audio: np.ndarray, speed: float | None = 1.0, frame_ms: int = 20
+) -> None:
     """Send PCM16 in ``frame_ms`` frames; ``speed`` 1.0 is real time, None as fast as possible."""
     step = SAMPLE_RATE * frame_ms // 1000
     data = pcm16(audio)
     t0 = time.monotonic()
     for k, i in enumerate(range(0, len(audio), step)):
-        await ws.send_bytes(data[2 * i: 2 * (i + step)])
+        await ws.send_bytes(data[2 * i : 2 * (i + step)])
         if speed is None:
             if k % 10 == 9:
                 await asyncio.sleep(0)

@@ -37,21 +37,35 @@ def stt_models() -> Models:
     models.load()
     return models
 
+
 @dataclass
 class Node:
     role: STTRole
     url: str
     events: list[dict[str, Any]] = field(default_factory=list)
 
-    def token(self, chain: Chain, seconds: int = 300, session_id: str | None = None,
-              ttl: int = 600) -> str:
-        return mint_token(chain.issuer, "agent", Grant("stt", limit=seconds), ttl,
-                          session_id=session_id, audience=self.role.context.node_key)
+    def token(
+        self, chain: Chain, seconds: int = 300, session_id: str | None = None, ttl: int = 600
+    ) -> str:
+        return mint_token(
+            chain.issuer,
+            "agent",
+            Grant("stt", limit=seconds),
+            ttl,
+            session_id=session_id,
+            audience=self.role.context.node_key,
+        )
 
 
 @contextlib.asynccontextmanager
-async def stt_node(chain: Chain, tmp: Path, models: Models, capacity: int = 4,
-                   calibrate: bool = False, **settings: Any) -> AsyncIterator[Node]:
+async def stt_node(
+    chain: Chain,
+    tmp: Path,
+    models: Models,
+    capacity: int = 4,
+    calibrate: bool = False,
+    **settings: Any,
+) -> AsyncIterator[Node]:
     """An STT role on loopback; ``calibrate``: measure its capacity at start as a node does
     (``capacity`` is then the upper bound), off so that tests opening streams get ``capacity``."""
     events: list[dict[str, Any]] = []
@@ -69,11 +83,18 @@ async def stt_node(chain: Chain, tmp: Path, models: Models, capacity: int = 4,
     key = Keypair()
     outbox = Outbox(tmp / f"outbox-{free_port()}.sqlite", f"http://127.0.0.1:{gw_port}", key)
     port = free_port()
-    context = RoleContext(role="stt", settings=settings, keypair=key,
-                          verifier=TokenVerifier(client.issuer_keys, "stt", cache_ttl=30),
-                          public_url=f"http://127.0.0.1:{port}", capacity=capacity,
-                          gateway_url=f"http://127.0.0.1:{gw_port}", state_dir=tmp, outbox=outbox,
-                          calibrate=calibrate)
+    context = RoleContext(
+        role="stt",
+        settings=settings,
+        keypair=key,
+        verifier=TokenVerifier(client.issuer_keys, "stt", cache_ttl=30),
+        public_url=f"http://127.0.0.1:{port}",
+        capacity=capacity,
+        gateway_url=f"http://127.0.0.1:{gw_port}",
+        state_dir=tmp,
+        outbox=outbox,
+        calibrate=calibrate,
+    )
     role = STTRole(context, load_settings(settings), models)
     app = web.Application()
     role.routes(app)

@@ -30,7 +30,7 @@ def engine(kokoro_files: KokoroFiles):
 
 @dataclass
 class Event:
-    at: float               # monotonic arrival time
+    at: float  # monotonic arrival time
     msg: dict | None = None
     audio: bytes | None = None
 
@@ -56,16 +56,20 @@ class Client:
         self.events.append(ev)
         return ev
 
-    async def until(self, kind: str, timeout: float = 90.0,
-                    context_id: str | None = None) -> list[Event]:
+    async def until(
+        self, kind: str, timeout: float = 90.0, context_id: str | None = None
+    ) -> list[Event]:
         """Events up to and including the next message of ``kind`` (for ``context_id``)."""
         out = []
         deadline = time.monotonic() + timeout
         while True:
             ev = await self.next(max(0.1, deadline - time.monotonic()))
             out.append(ev)
-            if ev.msg and ev.msg.get("type") == kind and (
-                    context_id is None or ev.msg.get("context_id") == context_id):
+            if (
+                ev.msg
+                and ev.msg.get("type") == kind
+                and (context_id is None or ev.msg.get("context_id") == context_id)
+            ):
                 return out
 
     async def expect_error(self, msg: dict | str | bytes, match: str) -> dict:
@@ -81,8 +85,9 @@ class Client:
         return ev.msg
 
 
-async def connect(http: aiohttp.ClientSession, srv: RoleServer, token: str,
-                  config: dict | None = None) -> Client:
+async def connect(
+    http: aiohttp.ClientSession, srv: RoleServer, token: str, config: dict | None = None
+) -> Client:
     ws = await http.ws_connect(srv.url)
     first: dict = {"session_key": token}
     if config:

@@ -42,8 +42,9 @@ class DropV2Header(httpx.AsyncBaseTransport):
         resp = await self.inner.handle_async_request(request)
         if resp.status_code == 402:
             await resp.aread()
-            headers = [(k, v) for k, v in resp.headers.multi_items()
-                       if k.lower() != "payment-required"]
+            headers = [
+                (k, v) for k, v in resp.headers.multi_items() if k.lower() != "payment-required"
+            ]
             return httpx.Response(402, headers=headers, content=resp.content)
         return resp
 
@@ -54,9 +55,12 @@ class DropV2Header(httpx.AsyncBaseTransport):
 def auth_headers(key: Keypair, method: str, path: str) -> dict[str, str]:
     ts = str(int(time.time()))
     sig = key.sign_message(f"{method}\n{path}\n{ts}".encode())
-    return {"Authorization": "solana:" + base64.b64encode(bytes(sig)).decode(),
-            "X-Wallet-Address": str(key.pubkey()), "X-Wallet-Chain": "solana",
-            "X-Timestamp": ts}
+    return {
+        "Authorization": "solana:" + base64.b64encode(bytes(sig)).decode(),
+        "X-Wallet-Address": str(key.pubkey()),
+        "X-Wallet-Chain": "solana",
+        "X-Timestamp": ts,
+    }
 
 
 async def main() -> int:
@@ -67,30 +71,45 @@ async def main() -> int:
     ap.add_argument("--amount", required=True, type=float)
     ap.add_argument("--wallet", help="wallet_address in the body (default: the payer)")
     ap.add_argument("--x402-version", type=int, choices=[1, 2], default=2)
-    ap.add_argument("--asset", required=True,
-                    help="the localnet test-USDC mint: the client pays only default assets "
-                         "(real USDC) unless the payer opts into another one")
+    ap.add_argument(
+        "--asset",
+        required=True,
+        help="the localnet test-USDC mint: the client pays only default assets "
+        "(real USDC) unless the payer opts into another one",
+    )
     ap.add_argument("--max-atomic", default="10000000", help="per-payment cap for that asset")
     args = ap.parse_args()
 
     key = Keypair.from_bytes(bytes(json.loads(args.keypair.read_text())))
     client = x402Client()
     register_exact_svm_client(client, KeypairSigner(key), rpc_url=args.rpc)
-    client.set_spend_controls({"allowed_assets": [
-        {"network": network, "asset": args.asset, "max_amount_per_payment": args.max_atomic}
-        for network in ("solana:EtWTRABZaYq6iMfeYKouRu166VU2xqa1", "solana-devnet")]})
+    client.set_spend_controls(
+        {
+            "allowed_assets": [
+                {"network": network, "asset": args.asset, "max_amount_per_payment": args.max_atomic}
+                for network in ("solana:EtWTRABZaYq6iMfeYKouRu166VU2xqa1", "solana-devnet")
+            ]
+        }
+    )
     inner = DropV2Header() if args.x402_version == 1 else None
     transport = x402AsyncTransport(client, transport=inner)
-    body = {"wallet_address": args.wallet or str(key.pubkey()), "wallet_chain": "solana",
-            "amount_usd": args.amount}
+    body = {
+        "wallet_address": args.wallet or str(key.pubkey()),
+        "wallet_chain": "solana",
+        "amount_usd": args.amount,
+    }
     async with httpx.AsyncClient(transport=transport, timeout=60) as http:
-        resp = await http.post(args.url.rstrip("/") + PATH, json=body,
-                               headers=auth_headers(key, "POST", PATH))
+        resp = await http.post(
+            args.url.rstrip("/") + PATH, json=body, headers=auth_headers(key, "POST", PATH)
+        )
     settle = resp.headers.get("PAYMENT-RESPONSE") or resp.headers.get("X-PAYMENT-RESPONSE")
-    out = {"status": resp.status_code, "body": resp.json(),
-           "payment_response": json.loads(base64.b64decode(settle)) if settle else None,
-           "x_payment_response": resp.headers.get("X-PAYMENT-RESPONSE") is not None,
-           "x402_version": args.x402_version}
+    out = {
+        "status": resp.status_code,
+        "body": resp.json(),
+        "payment_response": json.loads(base64.b64decode(settle)) if settle else None,
+        "x_payment_response": resp.headers.get("X-PAYMENT-RESPONSE") is not None,
+        "x402_version": args.x402_version,
+    }
     print(json.dumps(out))
     return 0
 

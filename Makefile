@@ -78,9 +78,12 @@ up: setup
 demo: setup
 	$(PY) scripts/devnet.py --demo
 
-# The whole suite, in two runs: first the fast tier, where tests/conftest.py fails any test that
+# Lint and format (ruff, as pyproject.toml configures it), then the whole suite in two runs:
+# first the fast tier, where tests/conftest.py fails any test that
 # starts a process or loads a model (so a slow test cannot hide in the tier), then the rest.
 test: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -m fast
 	$(PY) -m pytest -q -m 'not fast'
 

@@ -163,9 +163,13 @@ class Tutors:
             log.info("%s's conversation ended", identity)
 
     async def _replace(self, old: Conversation) -> None:
-        """Tell the old tab it was replaced, then end its agent (the bundle settles)."""
+        """Tell the old tab it was replaced: it hangs up, and its agent ends with the last
+        person gone (the bundle settles). Ending the agent at once could drop the message with
+        the room; a tab that does not answer within 5 s is left anyway."""
         with contextlib.suppress(Exception):
             await old.agent.room.publish_data({"type": "replaced"}, topic=CONTROL_TOPIC)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(old.task), 5)
         old.agent.ended.set()
         await asyncio.gather(old.task, return_exceptions=True)
 

@@ -21,24 +21,12 @@ from agents.node_socket import stream_url
 from agents.plugins import SpeechAudio, SpeechEvent
 from tests.support.agents_network import Network  # the `network` fixture: a conftest plugin
 from tests.support.agents_proxy import WSProxy
-from tests.support.agents_script import hear
-from tests.support.speech import pcm16, silence, speak, word_errors, words
+from tests.support.agents_script import hear, push_realtime
+from tests.support.speech import silence, speak, word_errors, words
 
 pytestmark = pytest.mark.timeout(300)
 
 QUESTION = "Could you explain how the new billing system works?"
-
-
-async def push_realtime(stream: NetworkSTTStream, audio: np.ndarray, frame_ms: int = 20) -> None:
-    """16 kHz float audio into the stream as PCM16 frames, paced at real time."""
-    data = pcm16(audio)
-    step = 16 * frame_ms * 2
-    t0 = time.monotonic()
-    for k, i in enumerate(range(0, len(data), step)):
-        await stream.push(data[i : i + step])
-        delay = t0 + (k + 1) * frame_ms / 1000 - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
 
 
 async def collect(stream: NetworkSTTStream, until: str, timeout: float = 60.0) -> list[SpeechEvent]:

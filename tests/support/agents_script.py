@@ -85,6 +85,18 @@ async def transcribe(gw: GatewayClient, audio48k: np.ndarray) -> str:
         await stream.aclose()
 
 
+async def push_realtime(stream: STTStream, audio: np.ndarray, frame_ms: int = 20) -> None:
+    """16 kHz float audio into the stream as PCM16 frames, paced at real time."""
+    data = pcm16(audio)
+    step = 16 * frame_ms * 2
+    t0 = time.monotonic()
+    for k, i in enumerate(range(0, len(data), step)):
+        await stream.push(data[i : i + step])
+        delay = t0 + (k + 1) * frame_ms / 1000 - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
 async def hear(
     stream: STTStream, audio16k: np.ndarray, quiet: float = 2.0, timeout: float = 90.0
 ) -> str:
@@ -105,11 +117,7 @@ async def hear(
                 finals.append(event.text)
 
     reader = asyncio.create_task(read())
-    data = pcm16(np.concatenate([audio16k, np.zeros(24000, dtype=np.float32)]))
-    t0 = time.monotonic()
-    for k, i in enumerate(range(0, len(data), 640)):
-        await stream.push(data[i : i + 640])
-        await asyncio.sleep(max(0.0, t0 + (k + 1) * 0.02 - time.monotonic()))
+    await push_realtime(stream, np.concatenate([audio16k, np.zeros(24000, dtype=np.float32)]))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and (len(finals) < ends or time.monotonic() - last < quiet):
         await asyncio.sleep(0.1)

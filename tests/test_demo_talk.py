@@ -31,6 +31,7 @@ from tests.support.demo_site import (
     speak_again,
     start_talking,
     wait_finals,
+    wait_turns,
 )
 from tests.support.speech import silence, speak, word_errors
 
@@ -62,9 +63,9 @@ async def test_start_refuses_bad_bodies_with_a_message(network: Network) -> None
 async def test_a_person_asks_in_chromium_and_hears_the_answer(
     network: Network, tmp_path: Path
 ) -> None:
-    # A few seconds of quiet first: the agent subscribes to the page's microphone meanwhile.
+    # A moment of quiet first (the WAV plays from its start once the tutor listens).
     mic = write_speech_wav(
-        tmp_path / "question.wav", [silence(6.0), speak(QUESTION), silence(60.0)]
+        tmp_path / "question.wav", [silence(2.0), speak(QUESTION), silence(60.0)]
     )
     async with (
         demo_server(network, ScriptedLLM, greeting="") as (site, tutors),
@@ -87,6 +88,7 @@ async def test_a_person_asks_in_chromium_and_hears_the_answer(
         note = await page.inner_text("#captions li.agent .latency")
         assert note.startswith("answered ") and "(agent: " in note, note
         state = await page_state(page)
+        assert state["turns"], ("the page measured no turn", state, await levels(page))
         turn = state["turns"][-1]
         assert turn["page_ms"] > 0 and turn["agent_ms"] > 0, state["turns"]
         assert (await page.inner_text("#credit")).startswith("credit left: $")
@@ -108,16 +110,16 @@ async def test_a_person_asks_in_chromium_and_hears_the_answer(
 async def test_speaking_over_the_tutor_stops_it(network: Network, tmp_path: Path) -> None:
     """The person asks for a long story, and asks again once the page hears the tutor (the
     microphone opened again plays the question from its start): the tutor stops."""
-    mic = write_speech_wav(tmp_path / "long.wav", [silence(5.0), speak(LONG), silence(60.0)])
+    mic = write_speech_wav(tmp_path / "long.wav", [silence(2.0), speak(LONG), silence(60.0)])
     async with (
         demo_server(network, ScriptedLLM, greeting="") as (site, tutors),
         chromium(mic) as browser,
     ):
         page = await browser.new_page()
-        await start_talking(page, site, "student-2")
+        asking = await start_talking(page, site, "student-2")
         pipeline = tutors.live["student-2"].agent.pipeline
         assert pipeline is not None
-        await page.wait_for_function("demo.turns.length >= 1", timeout=60_000)  # heard
+        await wait_turns(page, 1, timeout=60)  # the tutor was heard
         await asyncio.sleep(1.0)
         await speak_again(page)
         await wait_finals(page, "agent", 1, timeout=60)
@@ -129,7 +131,7 @@ async def test_speaking_over_the_tutor_stops_it(network: Network, tmp_path: Path
         # it, and was silent once the person had finished (its voice can pause between
         # sentences on a busy machine, so "just before" is not asked).
         mic_levels, agent_levels = await levels(page)
-        voiced = [t for t, rms in mic_levels if rms > 0.015]
+        voiced = [t for t, rms in mic_levels if rms > 0.015 and t > asking]
         starts = [b for a, b in itertools.pairwise(voiced) if b - a > 2.0]
         assert len(starts) == 1, "two utterances: the question and the interruption"
         began = starts[0]
@@ -156,7 +158,7 @@ async def test_speaking_over_the_tutor_stops_it(network: Network, tmp_path: Path
 async def test_a_second_tab_takes_over_and_closing_it_mid_answer_settles(
     network: Network, tmp_path: Path
 ) -> None:
-    mic = write_speech_wav(tmp_path / "long.wav", [silence(5.0), speak(LONG), silence(60.0)])
+    mic = write_speech_wav(tmp_path / "long.wav", [silence(2.0), speak(LONG), silence(60.0)])
     async with (
         demo_server(network, ScriptedLLM, greeting="") as (site, tutors),
         chromium(mic) as browser,
@@ -171,13 +173,14 @@ async def test_a_second_tab_takes_over_and_closing_it_mid_answer_settles(
         assert await second.input_value("#identity") == "student-3"
         await second.click("#talk")
         await second.wait_for_function("demo.status.startsWith('Talking')", timeout=30_000)
+        await speak_again(second)  # the tutor listens to this tab now
         await first.wait_for_function("demo.status.includes('another tab')", timeout=20_000)
         assert await first.is_disabled("#hangup") and await first.is_enabled("#talk")
         conv = tutors.live["student-3"]
         assert conv is not replaced and replaced.task.done()
 
         # The second tab asks; the tab closes while the tutor answers.
-        await second.wait_for_function("demo.turns.length >= 1", timeout=60_000)
+        await wait_turns(second, 1, timeout=60)
         await asyncio.sleep(1.0)
         assert conv.agent.pipeline is not None and conv.agent.pipeline.speaking
         await second.close()

@@ -153,3 +153,37 @@ def test_levels_and_internals_check() -> None:
     forward.check_compatible()
     assert level_to_unit(0) == 1.0 and level_to_unit(127) < 0.001
     assert 0.09 < level_to_unit(20) < 0.11
+
+
+async def test_a_track_negotiated_during_the_handshake_still_flows() -> None:
+    """A LiveKit client offers its data channel, then its microphone before DTLS is up: aiortc
+    alone never starts that receiver (no RTP for the whole call, one browser join in three);
+    with ``start_late_transceivers`` the tone arrives. (Both ends are aiortc here, and both
+    need the mend; a browser needs none.)"""
+    cfg = RTCConfiguration(iceServers=[])
+    client, sfu = RTCPeerConnection(cfg), RTCPeerConnection(cfg)
+    for pc in (client, sfu):
+        forward.start_late_transceivers(pc)
+    frames = 0
+
+    def on_frame(packet: av.Packet) -> None:
+        nonlocal frames
+        frames += 1
+
+    @sfu.on("track")
+    def on_track(track: MediaStreamTrack) -> None:
+        receiver = next(t.receiver for t in sfu.getTransceivers() if t.receiver.track is track)
+        install_passthrough(receiver, on_frame)
+
+    try:
+        client.createDataChannel("_reliable")
+        await connect(client, sfu)
+        client.addTrack(Tone())
+        await connect(client, sfu)  # at once: the first handshake is still under way
+        deadline = time.monotonic() + 10
+        while frames < 50 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert frames >= 50, f"{frames} frames reached the SFU in 10 s"
+    finally:
+        await client.close()
+        await sfu.close()

@@ -16,7 +16,8 @@ const RECORD_SECONDS = 240;  // the tutor's voice kept for tests, at most
 
 const demo = window.demo = {
   status: 'idle', identity: null, room: null, turns: [], captions: [], sampleRate: 0,
-  heard: [], heardSamples: 0, micLevels: [], agentLevels: [],
+  heard: [], heardSamples: 0, micLevels: [], agentLevels: [], listening: false,
+  clock: () => (ctx ? ctx.currentTime : 0),  // the Web Audio time the levels are stamped with
 };
 
 let ctx = null;
@@ -197,8 +198,11 @@ async function talk() {
   }
 }
 
+const TALKING = 'Talking with Lina: just speak, and speak over her to interrupt.';
+
 async function join(grant) {
   const room = demo.room = new LK.Room();
+  demo.listening = false;
   room.on(LK.RoomEvent.TrackSubscribed, (track, pub, participant) => {
     if (track.kind !== 'audio' || participant.identity !== agentIdentity) return;
     const element = track.attach();  // plays the tutor (Chromium runs a remote stream it plays)
@@ -207,6 +211,13 @@ async function join(grant) {
     // The agent speaks first once the page can hear it (the reference's client-ready).
     room.localParticipant.publishData(new TextEncoder().encode('client-ready'),
                                       {reliable: true, topic: 'client-ready'});
+  });
+  // Lina hears the page once the SFU carries the microphone to her (LiveKit's track_subscribed):
+  // until then, what the person says is lost, so the page says she is still joining.
+  room.on(LK.RoomEvent.LocalTrackSubscribed, (pub) => {
+    if (pub.source !== LK.Track.Source.Microphone) return;
+    demo.listening = true;
+    if (demo.room === room && !$('hangup').disabled) setStatus(TALKING);  // else join() does
   });
   room.on(LK.RoomEvent.DataReceived, (payload, participant, kind, topic) => {
     const text = new TextDecoder().decode(payload);
@@ -230,7 +241,7 @@ async function join(grant) {
     micMeter = meter(mic.mediaStreamTrack, onMicBlock);
   });
   $('hangup').disabled = false;
-  setStatus('Talking with Lina: just speak, and speak over her to interrupt.');
+  setStatus(demo.listening ? TALKING : 'Lina is joining…');
   refreshCredit();
   creditTimer = setInterval(refreshCredit, 5000);
 }

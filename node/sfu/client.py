@@ -20,6 +20,8 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 from livekit.protocol import models, rtc
 
+from node.sfu.forward import start_late_transceivers
+
 log = logging.getLogger("node.sfu.client")
 
 TrackHandler = Callable[[str, str, Any], None]  # (track sid, participant sid, RTCRtpReceiver)
@@ -56,6 +58,8 @@ class LiveKitClient:
         config = RTCConfiguration(iceServers=[])
         self.publisher = RTCPeerConnection(config)
         self.subscriber = RTCPeerConnection(config)
+        start_late_transceivers(self.publisher)
+        start_late_transceivers(self.subscriber)
         self.channels = {
             "_reliable": self.publisher.createDataChannel("_reliable", ordered=True),
             "_lossy": self.publisher.createDataChannel("_lossy", ordered=False, maxRetransmits=0),

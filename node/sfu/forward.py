@@ -18,10 +18,19 @@ sender then only calls ``encoder.pack()`` (no encode). RTCP, NACK handling and s
 aiortc's. ``ForwardTrack`` holds a small bounded queue and drops the oldest frame when a subscriber
 falls behind, so a slow subscriber never stalls the publisher or the other subscribers.
 
-What breaks if aiortc changes: the private names ``_RTCRtpReceiver__jitter_buffer`` and
-``_RTCRtpReceiver__decoder_queue``, the ``decoder_worker`` contract (``input_q.get()``; ``None``
-stops), the sender's ``isinstance(data, Frame)`` switch. ``check_compatible()`` asserts those, and
-tests/test_node_sfu_forward.py exercises them end to end.
+One more mend, on the *peer connection*: aiortc starts a transceiver's sender and receiver at the
+end of ``setRemoteDescription`` only if the DTLS transport is already connected, or by starting
+the handshake itself; a transceiver negotiated while an earlier handshake is still under way is
+never started. LiveKit clients do exactly that (the publisher offers its data channel, then its
+microphone 20 ms later; the SFU's subscriber offer grows a track as the room fills), and then no
+RTP comes in, or none goes out, for the whole call. ``start_late_transceivers`` runs aiortc's own
+connect step again once the connection is up (every step in it is idempotent).
+
+What breaks if aiortc changes: the private names ``_RTCRtpReceiver__jitter_buffer``,
+``_RTCRtpReceiver__decoder_queue`` and ``_RTCPeerConnection__connect``, the ``decoder_worker``
+contract (``input_q.get()``; ``None`` stops), the sender's ``isinstance(data, Frame)`` switch.
+``check_compatible()`` asserts those, and tests/test_node_sfu_forward.py exercises them end to
+end.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from fractions import Fraction
 from typing import Any
 
 import av
-from aiortc import RTCRtpReceiver
+from aiortc import RTCPeerConnection, RTCRtpReceiver
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
@@ -43,6 +52,7 @@ OPUS_CLOCK = 48000
 TIME_BASE = Fraction(1, OPUS_CLOCK)
 _JB = "_RTCRtpReceiver__jitter_buffer"
 _DQ = "_RTCRtpReceiver__decoder_queue"
+_CONNECT = "_RTCPeerConnection__connect"
 
 FrameSink = Callable[[av.Packet], None]
 LevelSink = Callable[[int], None]
@@ -55,6 +65,8 @@ def check_compatible() -> None:
     source = inspect.getsource(RTCRtpReceiver.__init__)
     if "self.__jitter_buffer" not in source or "self.__decoder_queue" not in source:
         raise RuntimeError("aiortc RTCRtpReceiver internals changed: forwarding needs aiortc 1.16")
+    if not callable(getattr(RTCPeerConnection, _CONNECT, None)):
+        raise RuntimeError("aiortc RTCPeerConnection internals changed: the SFU needs aiortc 1.16")
 
 
 class _PassThroughBuffer:
@@ -120,6 +132,16 @@ def install_passthrough(
 
         receiver._handle_rtp_packet = handle  # type: ignore[method-assign]
     receiver._sfu_passthrough = True  # type: ignore[attr-defined]
+
+
+def start_late_transceivers(pc: RTCPeerConnection) -> None:
+    """Once ``pc`` is connected, start every negotiated sender and receiver that aiortc left
+    unstarted because it was negotiated during the DTLS handshake (see the module docstring)."""
+
+    @pc.on("connectionstatechange")
+    async def on_state() -> None:
+        if pc.connectionState == "connected":
+            await getattr(pc, _CONNECT)()
 
 
 class ForwardTrack(MediaStreamTrack):

@@ -20,6 +20,7 @@ from common import jsonsafe
 from common.settings import validate_settings
 from node.roles import RoleContext
 from node.sfu.forward import check_compatible
+from node.sfu.ice import offer_host_addresses
 from node.sfu.relay import RelayParticipant
 from node.sfu.revoked import BadRevocation, Revocations, session_ids
 from node.sfu.rtc import Participant, Room
@@ -60,6 +61,7 @@ class SfuRole:
             SfuSettings, dict(context.settings or {}), "the sfu: section of the node config"
         )
         check_compatible()
+        offer_host_addresses(self.settings.ice_addresses)
         self.rooms: dict[str, Room] = {}
         self.draining = False
         self._janitor: asyncio.Task[None] | None = None

@@ -29,7 +29,12 @@ from livekit.protocol import models, rtc
 
 from common import jsonsafe
 from node.protocol import BadMessage, json_object
-from node.sfu.forward import ForwardTrack, install_passthrough, level_to_unit
+from node.sfu.forward import (
+    ForwardTrack,
+    install_passthrough,
+    level_to_unit,
+    start_late_transceivers,
+)
 from node.sfu.settings import SfuSettings
 from registry.tokens import Claims
 
@@ -120,6 +125,8 @@ class Participant:
         config = RTCConfiguration(iceServers=[])
         self.publisher = RTCPeerConnection(config)
         self.subscriber = RTCPeerConnection(config)
+        start_late_transceivers(self.publisher)
+        start_late_transceivers(self.subscriber)
         self._early_candidates: dict[int, list[Any]] = {
             id(self.publisher): [],
             id(self.subscriber): [],
@@ -725,6 +732,15 @@ class Room:
         if self.participants.pop(participant.sid, None) is None:
             return
         for track in participant.tracks.values():
+            sent = {sid: (f.forwarded, f.dropped) for sid, f in track.subscribers.items()}
+            log.info(  # what a "they never heard me" report needs first
+                "%s left %s: track %s received %d frames; (forwarded, dropped) per subscriber %s",
+                participant.identity,
+                self.name,
+                track.sid,
+                track.frames,
+                sent,
+            )
             for sub in list(self.participants.values()):
                 if sub.unsubscribe(track):
                     sub.spawn(sub.negotiate_subscriber())
@@ -733,7 +749,17 @@ class Room:
             track.subscribers.clear()
         for other in self.participants.values():
             for track in other.tracks.values():
-                track.subscribers.pop(participant.sid, None)
+                forward = track.subscribers.pop(participant.sid, None)
+                if forward is not None:
+                    log.info(
+                        "%s left %s: got %d frames of %s's track %s (%d dropped)",
+                        participant.identity,
+                        self.name,
+                        forward.forwarded,
+                        other.identity,
+                        track.sid,
+                        forward.dropped,
+                    )
         self.broadcast_update([participant])
         if not participant.remote:
             self._event("participant_left", participant)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ipaddress import IPv4Address, IPv6Address
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -19,6 +21,11 @@ class SfuSettings(BaseModel):
     ice_servers: list[IceServer] = Field(
         default_factory=list,
         description="STUN/TURN servers handed to clients in the JoinResponse (none on a LAN)",
+    )
+    ice_addresses: list[IPv4Address | IPv6Address] = Field(
+        default_factory=list,
+        description="the addresses offered to clients as ICE host candidates (loopback allowed); "
+        "empty: every interface address but loopback",
     )
     ping_interval: int = Field(default=5, ge=1, description="seconds between client pings")
     ping_timeout: int = Field(

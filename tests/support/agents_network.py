@@ -54,7 +54,7 @@ START_TIMEOUT = 120.0
 
 def _role_settings(role: str) -> dict[str, Any]:
     if role == "sfu":
-        return {"sfu": {"empty_timeout": 1.0, "ping_timeout": 15}}
+        return {"sfu": {"empty_timeout": 1.0, "ping_timeout": 15, "ice_addresses": ["127.0.0.1"]}}
     if role == "stt":
         return {"stt": {"whisper": {"models": ["tiny.en"], "cpu_threads": 1}}}
     return {"tts": {"voice": "af_heart", "threads": 1, "usage_interval": 1, "reconnect_grace": 2}}

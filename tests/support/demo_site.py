@@ -38,13 +38,15 @@ async def demo_server(
         await gateway.close()
 
 
-async def start_talking(page: Page, site: str, identity: str) -> None:
-    """What a person does: open the talk page, type a name, press Talk; returns once the page
-    is in the tutor's room."""
+async def start_talking(page: Page, site: str, identity: str) -> float:
+    """What a person does: open the talk page, type a name, press Talk, and start talking once
+    the page says the tutor listens (its microphone reached her). Returns the page's clock at
+    that moment: the fake microphone's WAV plays from its start from then on (speak_again)."""
     await page.goto(site + "/talk")
     await page.fill("#identity", identity)
     await page.click("#talk")
     await page.wait_for_function("demo.status.startsWith('Talking')", timeout=60_000)
+    return await speak_again(page)
 
 
 async def page_state(page: Page) -> dict[str, Any]:
@@ -66,29 +68,42 @@ async def finals(page: Page, who: str) -> list[str]:
 
 async def wait_finals(page: Page, who: str, count: int, timeout: float) -> None:
     """Until the page shows ``count`` final captions of ``who``; on timeout, what it shows."""
+    await wait_page(
+        page,
+        "([who, n]) => demo.captions.filter(c => c.who === who && c.final).length >= n",
+        [who, count],
+        f"no {count} final captions of {who} in {timeout:.0f} s",
+        timeout,
+    )
+
+
+async def wait_turns(page: Page, count: int, timeout: float) -> None:
+    """Until the page measured ``count`` turns (the tutor heard after the person stopped)."""
+    await wait_page(
+        page, "n => demo.turns.length >= n", count, f"no {count} turns in {timeout:.0f} s", timeout
+    )
+
+
+async def wait_page(page: Page, condition: str, arg: Any, failure: str, timeout: float) -> None:
+    """Until ``condition(arg)`` holds in the page; on timeout, what the page shows and heard."""
     try:
-        await page.wait_for_function(
-            "([who, n]) => demo.captions.filter(c => c.who === who && c.final).length >= n",
-            arg=[who, count],
-            timeout=timeout * 1000,
-        )
+        await page.wait_for_function(condition, arg=arg, timeout=timeout * 1000)
     except PlaywrightTimeout:
         state = await page_state(page)
         mic = await page.evaluate(
             "[demo.micLevels.length, Math.max(0, ...demo.micLevels.map(x => x[1]))]"
         )
-        raise AssertionError(
-            f"no {count} final captions of {who} in {timeout:.0f} s: "
-            f"{state}; microphone blocks, loudest: {mic}"
-        ) from None
+        raise AssertionError(f"{failure}: {state}; microphone blocks, loudest: {mic}") from None
 
 
-async def speak_again(page: Page) -> None:
+async def speak_again(page: Page) -> float:
     """Open the page's microphone again: Chromium's fake device plays its WAV from the start,
-    so the person says it at a moment the test picks (after the tutor was heard, say)."""
-    await page.evaluate(
-        "demo.room.localParticipant.getTrackPublication("
-        "LivekitClient.Track.Source.Microphone).track.restartTrack()"
+    so the person says it at a moment the test picks (once the tutor listens, or after she was
+    heard). Returns the page's clock (Web Audio time, as in ``levels``) at the restart."""
+    return await page.evaluate(
+        "async () => { const at = demo.clock(); await demo.room.localParticipant"
+        ".getTrackPublication(LivekitClient.Track.Source.Microphone).track.restartTrack();"
+        " return at; }"
     )
 
 

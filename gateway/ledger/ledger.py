@@ -80,6 +80,7 @@ from .records import (
     SessionSpec,
     Transaction,
     UsageResult,
+    from_row,
 )
 
 WALLET_CHAINS = ("solana", "evm")
@@ -117,16 +118,15 @@ def _page(limit: int, offset: int) -> tuple[int, int]:
 
 
 def _account(row: Row) -> Account:
-    return Account(**{k: row[k] for k in Account.__dataclass_fields__})
+    return from_row(Account, row)
 
 
 def _transaction(row: Row) -> Transaction:
-    return Transaction(**{k: row[k] for k in Transaction.__dataclass_fields__})
+    return from_row(Transaction, row)
 
 
 def _session(row: Row) -> SessionRecord:
-    fields = {k: row[k] for k in SessionRecord.__dataclass_fields__ if k != "session_id"}
-    return SessionRecord(session_id=row["id"], **fields)
+    return from_row(SessionRecord, row, session_id=row["id"])
 
 
 # Hot-path statements, compiled once (``Prepared``: straight to the driver on SQLite).
@@ -346,33 +346,12 @@ class Ledger:
         )
         return _Acct((conn.execute(self.db.for_update(stmt))).mappings().one())
 
-    def _post(
-        self,
-        conn: sa.Connection,
-        acct: _Acct,
-        kind: str,
-        now: datetime,
-        *,
-        amount: int = 0,
-        hold: int = 0,
-        session_id: str | None = None,
-        reference: str | None = None,
-        memo: str | None = None,
-    ) -> Transaction:
-        """Apply one movement to the locked account and record it (the account row is written
-        by ``_save``)."""
-        row = self._movement(
-            acct,
-            kind,
-            now,
-            amount=amount,
-            hold=hold,
-            session_id=session_id,
-            reference=reference,
-            memo=memo,
-        )
-        row["id"] = _INSERT_TRANSACTION.one(conn, row)["id"]
-        return _transaction(row)
+    @staticmethod
+    def _post(conn: sa.Connection, movement: Row) -> Transaction:
+        """Record one movement already applied to the locked account (``_movement``; the account
+        row is written by ``_save``)."""
+        movement["id"] = _INSERT_TRANSACTION.one(conn, movement)["id"]
+        return _transaction(movement)
 
     @staticmethod
     def _movement(
@@ -506,7 +485,9 @@ class Ledger:
             )
             if seen is not None:
                 raise DuplicatePayment(reference)
-        tx = self._post(conn, acct, kind, now, amount=amount, reference=reference, memo=memo)
+        tx = self._post(
+            conn, self._movement(acct, kind, now, amount=amount, reference=reference, memo=memo)
+        )
         self._save(conn, acct)
         return tx
 
@@ -767,8 +748,7 @@ class Ledger:
                     .one()
                 )
                 if reserve:
-                    self._post(
-                        conn,
+                    movement = self._movement(
                         acct,
                         "reserve",
                         now,
@@ -776,6 +756,7 @@ class Ledger:
                         session_id=e.session_id,
                         memo=f"{row['service']} extension",
                     )
+                    self._post(conn, movement)
                 records.append(_session(new))
             self._save(conn, acct)
             return records
@@ -894,8 +875,7 @@ class Ledger:
         if row["bundle_id"] is None or not self._bundle_open(conn, acct.id, row["bundle_id"]):
             acct.active -= 1  # a bundle's last session closes the bundle
         if charged:
-            self._post(
-                conn,
+            charge = self._movement(
                 acct,
                 "charge",
                 now,
@@ -904,9 +884,9 @@ class Ledger:
                 session_id=sid,
                 memo=f"{row['service']} usage: {usage}",
             )
+            self._post(conn, charge)
         if refund:
-            self._post(
-                conn,
+            back = self._movement(
                 acct,
                 "refund",
                 now,
@@ -914,6 +894,7 @@ class Ledger:
                 session_id=sid,
                 memo=f"{row['service']} unused reservation",
             )
+            self._post(conn, back)
         self._save(conn, acct)
         return self._result(new, usage, settled=True, changed=True)
 
@@ -922,15 +903,10 @@ class Ledger:
         usage = max(row["usage_units"], reported)
         overage_units = max(0, usage - row["limit_units"])
         full_cost = pricing.cost(row["service"], usage)
-        return UsageResult(
+        return from_row(
+            UsageResult,
+            row,
             session_id=row["id"],
-            account_id=row["account_id"],
-            service=row["service"],
-            status=row["status"],
-            usage_units=row["usage_units"],
-            limit_units=row["limit_units"],
-            reserved_microcredits=row["reserved_microcredits"],
-            charged_microcredits=row["charged_microcredits"],
             refunded_microcredits=(
                 row["reserved_microcredits"] - row["charged_microcredits"] if settled else None
             ),
@@ -997,16 +973,7 @@ class Ledger:
         a = await self.get_account(wallet_chain, wallet_address)
         if a is None:
             return None
-        return AccountView(
-            id=a.id,
-            wallet_address=a.wallet_address,
-            wallet_chain=a.wallet_chain,
-            credit_balance=a.credit_balance,
-            available_balance=a.available_balance,
-            max_concurrent_sessions=a.max_concurrent_sessions,
-            max_api_rate=a.max_api_rate,
-            created_at=a.created_at,
-        )
+        return from_row(AccountView, vars(a), available_balance=a.available_balance)
 
     async def list_transactions(
         self, account_id: str, limit: int = 50, offset: int = 0

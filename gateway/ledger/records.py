@@ -1,10 +1,21 @@
-"""Typed values the ledger returns (frozen dataclasses; amounts are int microcredits)."""
+"""Typed values the ledger returns (frozen dataclasses; amounts are int microcredits), and
+``from_row``, the one way a record is read from a database row."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
+
+R = TypeVar("R")
+
+
+def from_row(record: type[R], row: Mapping[str, Any], **given: Any) -> R:
+    """A ``record`` whose fields are the row's columns of the same names, but for those
+    ``given`` (a field the row names differently, or one computed)."""
+    names = [f.name for f in fields(record)]  # type: ignore[arg-type]
+    return record(**{n: row[n] for n in names if n not in given}, **given)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from gateway.ledger import DuplicatePayment, Ledger, LedgerError, Transaction
 from gateway.ledger.ledger import wallet
 from gateway.ledger.models import payments
 from gateway.ledger.prepared import Prepared
+from gateway.ledger.records import from_row
 
 PENDING, CONFIRMED, CREDITED, FAILED = "pending", "confirmed", "credited", "failed"
 UNSETTLED = (PENDING, CONFIRMED)
@@ -63,18 +64,7 @@ class PaymentRecord:
 
 
 def _record(row: Any) -> PaymentRecord:
-    return PaymentRecord(
-        id=row["id"],
-        chain=row["chain"],
-        signature=row["signature"],
-        status=row["status"],
-        amount_microcredits=row["amount_microcredits"],
-        wallet_address=row["wallet_address"],
-        account_id=row["account_id"],
-        detail=dict(row["detail"] or {}),
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-    )
+    return from_row(PaymentRecord, row, detail=dict(row["detail"] or {}))
 
 
 _BY_SIGNATURE = Prepared(

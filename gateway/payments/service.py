@@ -76,6 +76,29 @@ class Purchase:
     amount_atomic: int
 
 
+@dataclass(frozen=True)
+class _Order:
+    """One purchase on its way through settlement: who asked for how much, and how they paid."""
+
+    wallet_chain: str
+    wallet_address: str
+    amount_usd: Decimal
+    micro: int  # the credits it buys
+    payload: PaymentPayload
+    offer: Offer
+
+    def purchase(self, rec: PaymentRecord, transaction: str, payer: str) -> Purchase:
+        return Purchase(
+            rec.account_id or "",
+            rec.amount_microcredits,
+            self.amount_usd,
+            transaction,
+            self.payload.network,
+            payer,
+            self.offer.amount,
+        )
+
+
 def _replay(rec: PaymentRecord) -> PaymentInvalid:
     state = {CREDITED: "was already credited", FAILED: "already failed"}.get(
         rec.status, "is already being settled"
@@ -254,11 +277,10 @@ class PaymentService:
         offer: Offer,
     ) -> Purchase:
         micro = pricing.usd_to_microcredits(amount_usd)
+        order = _Order(wallet_chain, wallet_address, amount_usd, micro, p, offer)
         if offer.rail == "solana":
-            return await self._settle_solana(
-                wallet_chain, wallet_address, amount_usd, micro, p, offer
-            )
-        return await self._settle_evm(wallet_chain, wallet_address, amount_usd, micro, p, offer)
+            return await self._settle_solana(order)
+        return await self._settle_evm(order)
 
     def _rules(self, offer: Offer) -> svm.SvmRules:
         assert self.fee_payer and self.mint and self.pay_to
@@ -274,37 +296,26 @@ class PaymentService:
             s.max_compute_unit_limit,
         )
 
-    async def _settle_solana(
-        self,
-        wallet_chain: str,
-        wallet_address: str,
-        amount_usd: Decimal,
-        micro: int,
-        p: PaymentPayload,
-        offer: Offer,
-    ) -> Purchase:
+    async def _settle_solana(self, order: _Order) -> Purchase:
         assert self.fee_payer is not None
         payment = svm.verify(
-            svm.decode_transaction(p.payload.get("transaction")), self._rules(offer)
+            svm.decode_transaction(order.payload.payload.get("transaction")),
+            self._rules(order.offer),
         )
         payer = str(payment.payer)
-        if wallet_chain != "solana" or wallet_address != payer:
+        if order.wallet_chain != "solana" or order.wallet_address != payer:
             raise PaymentInvalid(
                 "payer_mismatch",
                 f"the payment is signed by solana wallet {payer} but the body "
-                f"names {wallet_chain} wallet {wallet_address}: credits go to "
+                f"names {order.wallet_chain} wallet {order.wallet_address}: credits go to "
                 "the wallet that paid, so wallet_address must be the payer",
             )
         full = cosign(payment.tx, self.fee_payer)
         sig = str(full.signatures[0])
         await self._claim(
-            "solana",
+            order,
             sig,
-            micro,
             payer,
-            amount_usd,
-            p,
-            offer,
             message_hash=payment.message_hash,
             tx=base64.b64encode(bytes(full)).decode(),
         )
@@ -343,44 +354,26 @@ class PaymentService:
         await self.book.mark_confirmed(sig, slot=status.slot)
         if self.after_confirm is not None:
             await self.after_confirm(sig)
-        rec = await self._credit(sig)
-        return Purchase(
-            rec.account_id or "",
-            rec.amount_microcredits,
-            amount_usd,
-            sig,
-            p.network,
-            payer,
-            offer.amount,
-        )
+        return order.purchase(await self._credit(sig), sig, payer)
 
-    async def _claim(
-        self,
-        chain: str,
-        reference: str,
-        micro: int,
-        payer: str,
-        amount_usd: Decimal,
-        p: PaymentPayload,
-        offer: Offer,
-        **rail_detail: Any,
-    ) -> None:
+    async def _claim(self, order: _Order, reference: str, payer: str, **rail_detail: Any) -> None:
         """Record the payment as pending before anything is sent; one seen before (or claimed by
         a concurrent request) is a replay, answered with its state."""
         seen = await self.book.get(reference)
         if seen is not None:
             raise _replay(seen)
+        offer = order.offer
         detail = {
             "network": offer.network,
             "asset": offer.asset,
             "pay_to": offer.pay_to,
             "amount_atomic": offer.amount,
-            "amount_usd": str(amount_usd),
-            "x402_version": p.version,
+            "amount_usd": str(order.amount_usd),
+            "x402_version": order.payload.version,
             **rail_detail,
         }
         try:
-            await self.book.record_pending(chain, reference, micro, payer, detail)
+            await self.book.record_pending(offer.rail, reference, order.micro, payer, detail)
         except DuplicatePayment:
             raise _replay(await self.book.get(reference) or _stub(reference)) from None
 
@@ -402,25 +395,17 @@ class PaymentService:
             assert rec is not None and rec.status == CREDITED
         return rec
 
-    async def _settle_evm(
-        self,
-        wallet_chain: str,
-        wallet_address: str,
-        amount_usd: Decimal,
-        micro: int,
-        p: PaymentPayload,
-        offer: Offer,
-    ) -> Purchase:
-        e = self.cfg.evm
+    async def _settle_evm(self, order: _Order) -> Purchase:
+        e, offer = self.cfg.evm, order.offer
         rules = evm.EvmRules(
             e.chain_id, e.asset, e.token_name, e.token_version, offer.pay_to, offer.amount
         )
-        payment = evm.verify(p.payload, rules)
-        if wallet_chain != "evm" or wallet_address.lower() != payment.payer.lower():
+        payment = evm.verify(order.payload.payload, rules)
+        if order.wallet_chain != "evm" or order.wallet_address.lower() != payment.payer.lower():
             raise PaymentInvalid(
                 "payer_mismatch",
                 f"the authorization is signed by evm wallet {payment.payer} but "
-                f"the body names {wallet_chain} wallet {wallet_address}: credits "
+                f"the body names {order.wallet_chain} wallet {order.wallet_address}: credits "
                 "go to the wallet that paid",
             )
         ref = payment.reference(e.chain_id, e.asset)
@@ -432,15 +417,11 @@ class PaymentService:
                 "nothing was credited"
             ) from None
         await self._claim(
-            "evm",
+            order,
             ref,
-            micro,
             payment.payer,
-            amount_usd,
-            p,
-            offer,
             valid_before=payment.valid_before,
-            authorization=p.payload.get("authorization"),
+            authorization=order.payload.payload.get("authorization"),
             signature="0x" + payment.signature.hex(),
             from_block=from_block,
         )
@@ -466,16 +447,7 @@ class PaymentService:
                 )
             if int(receipt.get("status", "0x0"), 16) == 1:
                 await self.book.mark_confirmed(ref, block=receipt.get("blockNumber"))
-                rec = await self._credit(ref)
-                return Purchase(
-                    rec.account_id or "",
-                    rec.amount_microcredits,
-                    amount_usd,
-                    tx_hash,
-                    p.network,
-                    payment.payer,
-                    offer.amount,
-                )
+                return order.purchase(await self._credit(ref), tx_hash, payment.payer)
         # Not sent because already used, or reverted: someone may have submitted it first.
         winner = await self.evm.find_use(e.asset, payment, from_block)
         if winner is None:
@@ -492,16 +464,7 @@ class PaymentService:
             )
         log.info("EVM payment %s was submitted by someone else (%s): credited", ref, winner)
         await self.book.mark_confirmed(ref, used_by=winner)
-        rec = await self._credit(ref)
-        return Purchase(
-            rec.account_id or "",
-            rec.amount_microcredits,
-            amount_usd,
-            winner,
-            p.network,
-            payment.payer,
-            offer.amount,
-        )
+        return order.purchase(await self._credit(ref), winner, payment.payer)
 
     async def _evm_send(self, asset: str, payment: evm.EvmPayment) -> str | None:
         """Submit the authorization unless its nonce is used already (front-run, or the client

@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from solana.exceptions import SolanaRpcException
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
@@ -418,6 +419,13 @@ def run(args: argparse.Namespace) -> None:
             asyncio.run(_run_async(args))
     except p.RegistryProgramError as exc:
         raise CliError(f"refused by the program: {exc.name} ({exc.code})") from None
+    except SolanaRpcException as exc:
+        cause = exc.__cause__ or exc
+        raise CliError(
+            f"the chain's JSON-RPC at {getattr(args, 'rpc', '?')} did not answer "
+            f"({type(cause).__name__}: {cause}); is the chain running (`make up` starts the "
+            "localnet), or is --rpc wrong?"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:

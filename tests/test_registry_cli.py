@@ -11,7 +11,7 @@ from solders.keypair import Keypair
 
 from registry.keys import load_keypair
 from registry.tokens import verify_token
-from tests.conftest import ROOT, Chain
+from tests.conftest import ROOT, Chain, free_port
 
 
 def registry(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -229,6 +229,10 @@ def test_bad_input_is_one_line(chain: Chain) -> None:
     assert proc.returncode == 2 and "not a base58" in proc.stderr
     proc = registry("init", "--rpc", chain.url, "--keypair", "/nonexistent/k.json", check=False)
     assert proc.returncode == 1 and "registry keygen" in proc.stderr
+    nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    proc = registry("nodes", "--rpc", nobody, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"JSON-RPC at {nobody} did not answer" in proc.stderr and "--rpc" in proc.stderr
 
 
 def test_init_policy_and_approve(tmp_path: Path) -> None:

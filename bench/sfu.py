@@ -85,6 +85,7 @@ async def serve(port: int, issuer: str) -> None:
         None,
         state,
         Outbox(state / "outbox.sqlite", None, node),
+        calibrate=False,
     )
     role = create_role(context)
     app = web.Application()

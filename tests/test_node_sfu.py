@@ -567,6 +567,47 @@ async def test_a_misspelt_sfu_setting_is_an_error(tmp_path: Path) -> None:
         create_role(context)
 
 
+async def test_the_sfu_measures_what_a_participant_costs_and_caches_it(tmp_path: Path) -> None:
+    """At start the SFU forwards real Opus streams through its own path (aiortc, passthrough,
+    ForwardTrack) and advertises what the cores carry, at most the config's capacity; a restart
+    on the same machine reuses the measurement."""
+    from node.capacity import derive_capacity, usable_cores
+    from node.outbox import Outbox
+    from node.roles import RoleContext
+    from node.sfu import create_role
+    from registry.tokens import TokenVerifier
+
+    async def issuers() -> list[str]:
+        return []
+
+    async def started(capacity: int) -> tuple[Any, RoleContext]:
+        key = Keypair()
+        context = RoleContext(
+            "sfu",
+            {},
+            key,
+            TokenVerifier(issuers, "webrtc"),
+            "http://127.0.0.1:1",
+            capacity,
+            None,
+            tmp_path,
+            Outbox(tmp_path / f"o-{key.pubkey()}.sqlite", None, key),
+        )
+        role = create_role(context)
+        await role.start()
+        await role.stop()
+        return role, context
+
+    first, ctx = await started(100_000)
+    assert ctx.calibration is not None and not ctx.calibration.cached
+    cost = ctx.calibration.cost
+    assert 0 < cost < 0.5, cost  # core-seconds per second of one stream in and one out
+    assert first.capacity == derive_capacity(cost, usable_cores(), 100_000) > 1
+    again, ctx2 = await started(3)
+    assert ctx2.calibration is not None and ctx2.calibration.cached
+    assert ctx2.calibration.cost == cost and again.capacity == min(3, first.capacity)
+
+
 async def test_node_cli_runs_the_sfu_role(chain: Chain, tmp_path: Path) -> None:
     """``node --role sfu`` as a real process: healthy, validates tokens, exits cleanly."""
     import os
@@ -655,6 +696,7 @@ async def test_webhooks_survive_a_gateway_blip(tmp_path: Path) -> None:
             f"http://127.0.0.1:{gw_port}",
             tmp_path,
             outbox,
+            calibrate=False,
         )
     )
     app = web.Application()

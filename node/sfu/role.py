@@ -1,6 +1,6 @@
 """The SFU role (``create_role``): HTTP routes (signal WebSocket, validate, refresh, revoke,
 Twirp RoomService), the room table, webhooks through the agent's durable outbox, and the load
-the heartbeat reports."""
+and measured capacity (``calibration.py``) the heartbeat reports."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from livekit.protocol import room as room_pb
 from common import jsonsafe
 from common.settings import validate_settings
 from node.roles import RoleContext
+from node.sfu.calibration import MODEL, forwarding_cost
 from node.sfu.forward import check_compatible
 from node.sfu.ice import offer_host_addresses
 from node.sfu.relay import RelayParticipant
@@ -62,6 +63,7 @@ class SfuRole:
         )
         check_compatible()
         offer_host_addresses(self.settings.ice_addresses)
+        self._capacity = context.capacity  # until start() measured it
         self.rooms: dict[str, Room] = {}
         self.draining = False
         self._janitor: asyncio.Task[None] | None = None
@@ -70,7 +72,7 @@ class SfuRole:
 
     @property
     def capacity(self) -> int:
-        return self.context.capacity
+        return self._capacity
 
     def load(self) -> int:
         return sum(len(r.visible()) for r in self.rooms.values())
@@ -88,6 +90,7 @@ class SfuRole:
         app.router.add_post("/relay/link", self.relay_link)
 
     async def start(self) -> None:
+        self._capacity = await self.context.measured_capacity(MODEL, forwarding_cost)
         self._janitor = asyncio.ensure_future(self._janitor_loop())
 
     async def drain(self) -> None:

@@ -123,6 +123,7 @@ async def sfu_node(chain: Chain, tmp: Path) -> AsyncIterator[tuple[Any, str, Reg
             None,
             tmp,
             outbox,
+            calibrate=False,
         )
     )
     app = web.Application()

@@ -69,6 +69,7 @@ async def sfu_and_gateway(chain: Chain, tmp: Path, where: dict[str, Any]) -> Asy
         public_url=f"http://127.0.0.1:{port}",
         location=Location(**where),
         capacity=20,
+        calibrate=False,  # test_node_capacity measures the forwarding path
         gateway_url=gateway_url,
         heartbeat_interval=0.5,
         drain_timeout=1,

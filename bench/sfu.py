@@ -21,6 +21,11 @@ Method
 Run: ``python bench/sfu.py --steps 50,100,200 --workers 2 --seconds 10``; give the machine enough
 cores for the subscriber workers (they cost about what the SFU does), or the clients, not the node,
 become the bottleneck. Output: one JSON line per step and a summary.
+
+``--at-capacity`` runs the node as an operator does instead: it calibrates at start
+(``node/sfu/calibration.py``, bounded by ``--capacity``, the config's value), and the one step
+fills it to the capacity it advertises (the publisher and capacity - 1 subscribers), checks that
+no packet was lost there, and that one more join is refused with ``no_capacity``.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ HEADER = struct.Struct("!IQ")
 # ---------------------------------------------------------------- the SFU process
 
 
-async def serve(port: int, issuer: str) -> None:
+async def serve(port: int, issuer: str, capacity: int, calibrate: bool) -> None:
     import logging
 
     from aiohttp import web
@@ -81,11 +86,11 @@ async def serve(port: int, issuer: str) -> None:
         node,
         TokenVerifier(issuers, "webrtc", cache_ttl=3600),
         "http://127.0.0.1",
-        100000,
+        capacity,
         None,
         state,
         Outbox(state / "outbox.sqlite", None, node),
-        calibrate=False,
+        calibrate=calibrate,
     )
     role = create_role(context)
     app = web.Application()
@@ -94,7 +99,8 @@ async def serve(port: int, issuer: str) -> None:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     await role.start()
-    print(f"ready {node.pubkey()}", flush=True)  # tokens name the node they are for
+    # tokens name the node they are for; the capacity is what the node advertises
+    print(f"ready {node.pubkey()} {role.capacity}", flush=True)
     await asyncio.Event().wait()
 
 
@@ -220,6 +226,28 @@ async def direct_baseline(seconds: float) -> list[float]:
 # ---------------------------------------------------------------- orchestration
 
 
+async def refused(url: str, issuer: Keypair, room: str, node_key: str) -> str:
+    """What one more join gets from a node at capacity: its validate answer and the status of
+    the WebSocket upgrade (a join that gets in is reported, and left at once)."""
+    import aiohttp
+
+    token = mint_token(issuer, "one-more", Grant("webrtc", room=room), 3600, audience=node_key)
+    http_url = url.replace("ws://", "http://")
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{http_url}/rtc/validate", params={"access_token": token}) as resp,
+    ):
+        reason = f"{resp.status} {await resp.text()}"
+    client = LiveKitClient(url, token)
+    try:
+        await client.connect()
+    except aiohttp.WSServerHandshakeError as exc:
+        return f"refused: upgrade {exc.status}; validate {reason}"
+    finally:
+        await client.close()
+    return f"ADMITTED beyond capacity (validate said {reason})"
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -232,14 +260,21 @@ def pct(values: list[float], q: float) -> float:
 async def run(args: argparse.Namespace) -> None:
     issuer = Keypair()
     port = args.port
+    serve_args = ["--port", str(port), "--issuer", str(issuer.pubkey())]
+    if args.at_capacity:
+        serve_args += ["--capacity", str(args.capacity), "--calibrate"]
     server = subprocess.Popen(
-        [sys.executable, __file__, "serve", "--port", str(port), "--issuer", str(issuer.pubkey())],
-        stdout=subprocess.PIPE,
-        cwd=ROOT,
+        [sys.executable, __file__, "serve", *serve_args], stdout=subprocess.PIPE, cwd=ROOT
     )
     assert server.stdout is not None
-    ready, node_key = server.stdout.readline().decode().split()
+    ready, node_key, advertised = server.stdout.readline().decode().split()
     assert ready == "ready"
+    if args.at_capacity:
+        args.steps = [int(advertised) - 1]  # the publisher is a participant too
+        print(
+            json.dumps({"advertised_capacity": int(advertised), "config_capacity": args.capacity}),
+            flush=True,
+        )
     url = f"ws://127.0.0.1:{port}"
     room = "bench"
     base = await direct_baseline(args.seconds)
@@ -300,6 +335,7 @@ async def run(args: argparse.Namespace) -> None:
                 line = await proc.stdout.readline()
                 assert line.strip() == b"ready", line
             await asyncio.sleep(args.settle)
+            one_more = await refused(url, issuer, room, node_key) if args.at_capacity else None
             cpu0, t0 = cpu_seconds(server.pid), time.monotonic()
             await asyncio.sleep(args.seconds)
             cpu = (cpu_seconds(server.pid) - cpu0) / (time.monotonic() - t0)
@@ -329,6 +365,9 @@ async def run(args: argparse.Namespace) -> None:
                     "p95": round(pct(lat, 95) - base95, 2),
                 },
             }
+            if one_more is not None:
+                step["participants"] = n + 1
+                step["one_more_join"] = one_more
             print(json.dumps(step), flush=True)
             summary.append(step)
             await asyncio.sleep(6)  # the SFU notices the departures (pc close) before the next step
@@ -376,6 +415,8 @@ def main() -> None:
     s = sub.add_parser("serve")
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--issuer", required=True)
+    s.add_argument("--capacity", type=int, default=100000)
+    s.add_argument("--calibrate", action="store_true")
     w = sub.add_parser("subscribe")
     w.add_argument("--url", required=True)
     w.add_argument("--settle", type=float, default=2)
@@ -386,9 +427,15 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=2)
     parser.add_argument("--max-cpu", type=float, default=0.9)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument(
+        "--at-capacity",
+        action="store_true",
+        help="calibrate the node and fill it to what it advertises (see the docstring)",
+    )
+    parser.add_argument("--capacity", type=int, default=16, help="the config's bound")
     args = parser.parse_args()
     if args.cmd == "serve":
-        asyncio.run(serve(args.port, args.issuer))
+        asyncio.run(serve(args.port, args.issuer, args.capacity, args.calibrate))
     elif args.cmd == "subscribe":
         tokens = json.loads(sys.stdin.readline())
         result = asyncio.run(subscribers(args.url, tokens, args.settle, args.seconds))

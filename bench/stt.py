@@ -15,6 +15,10 @@ Method. Speech is Kokoro-82M (tests/support/speech.py, cached under .local/cache
 3. Capacity: k clients stream concurrently in real time (k from --streams); the largest k whose
    p50 latency from the end of speech stays under twice the single-stream value (and that drops
    no utterance) is the capacity, divided by the cores this process may use.
+4. ``--at-capacity``: the node calibrates at start as a real node does (node/capacity.py;
+   ``--capacity`` is the config's bound); exactly the streams it advertises run in real time
+   (every final delivered, p50 from the end of speech under twice the single-stream value), and
+   one more client, connecting meanwhile, must get ``server_full``.
 All numbers depend on the machine and on whatever else runs on it: the report prints the load.
 """
 
@@ -101,9 +105,16 @@ def models_vad():
 
 
 class LocalNode:
-    def __init__(self, models: Models, settings: dict[str, Any], capacity: int = 64) -> None:
+    def __init__(
+        self,
+        models: Models,
+        settings: dict[str, Any],
+        capacity: int = 64,
+        calibrate: bool = False,
+    ) -> None:
         self.issuer = Keypair()
         self.models, self.settings, self.capacity = models, settings, capacity
+        self.calibrate = calibrate
 
     async def __aenter__(self) -> LocalNode:
         import tempfile
@@ -127,6 +138,7 @@ class LocalNode:
             None,
             self.tmp.name,
             self.outbox,
+            calibrate=self.calibrate,
         )
         self.role = STTRole(ctx, load_settings(self.settings), self.models)
         app = web.Application()
@@ -212,21 +224,38 @@ async def one_stream(
     }
 
 
+async def one_more(node: LocalNode, after: float) -> str:
+    """What a client connecting ``after`` seconds into the run is told by the node."""
+    await asyncio.sleep(after)
+    async with aiohttp.ClientSession() as http, http.ws_connect(node.url) as ws:
+        await ws.send_json({"type": "config", "session_key": node.token(), "language": "en"})
+        msg = json.loads((await ws.receive()).data)
+    return f"{msg['error']}: {msg['message']}" if msg["type"] == "error" else msg["type"]
+
+
 async def latency_run(
     models: Models,
     sentences: list[tuple[str, np.ndarray]],
     streams: int,
     eou_ms: float,
     n_utt: int,
+    node_options: dict[str, Any] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
+    """``streams`` real-time clients; ``streams=0``: as many as the node advertises, and one more
+    client that connects meanwhile (its answer is ``one_more``)."""
     chosen = sentences[:n_utt]
     audio = np.concatenate([np.concatenate([a, silence(1.5)]) for _, a in chosen])
     settings = {"vad": {"end_of_utterance_ms": eou_ms}, **extra}
-    async with LocalNode(models, settings) as node:
+    async with LocalNode(models, settings, **(node_options or {})) as node:
+        extra_client = []
+        if streams == 0:
+            streams = node.role.capacity
+            extra_client = [one_more(node, 0.37 * streams + 1.0)]
         t, c = time.perf_counter(), time.process_time()
-        results = await asyncio.gather(
-            *[one_stream(node, audio, len(chosen), start_delay=0.37 * k) for k in range(streams)]
+        *results, told = await asyncio.gather(
+            *[one_stream(node, audio, len(chosen), start_delay=0.37 * k) for k in range(streams)],
+            *(extra_client or [asyncio.sleep(0)]),
         )
         stats = dict(node.role.stats)
     cores_used = (time.process_time() - c) / (time.perf_counter() - t)
@@ -245,6 +274,8 @@ async def latency_run(
         "interims": sum(r["interims"] for r in results),
         "cores": cores_used,
         "stats": stats,
+        "streams": streams,
+        "one_more": told if extra_client else None,
     }
 
 
@@ -255,6 +286,12 @@ def main() -> None:
     parser.add_argument("--eou-ms", type=float, default=500)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="fewer sentences and steps")
+    parser.add_argument(
+        "--at-capacity",
+        action="store_true",
+        help="also run the calibrated node at the streams it advertises (see the docstring)",
+    )
+    parser.add_argument("--capacity", type=int, default=32, help="the config's bound")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     sentences = corpus()
@@ -319,6 +356,25 @@ def main() -> None:
         f"the end of speech doubles (> {1000 * limit:.0f} ms) = {best / cores:.1f} "
         "streams per core"
     )
+    if args.at_capacity:
+        r = asyncio.run(
+            latency_run(
+                models,
+                sentences,
+                0,
+                args.eou_ms,
+                args.utterances,
+                node_options={"capacity": args.capacity, "calibrate": True},
+            )
+        )
+        ok = r["eos50"] <= limit and r["finals"] >= r["expected"]
+        print(
+            f"\n5. At the advertised capacity: the node calibrated to {r['streams']} streams "
+            f"(config bound {args.capacity}); {1000 * r['eos50']:.0f}/{1000 * r['eos95']:.0f} ms "
+            f"from the end of speech, finals {r['finals']}/{r['expected']}, "
+            f"{'kept real time' if ok else 'FELL BEHIND'}; one more client was told "
+            f"{r['one_more']!r}"
+        )
     print(f"   load average at end {os.getloadavg()[0]:.1f}")
 
 

@@ -4,8 +4,12 @@ Starts the localnet (registry program deployed with .local/keys/authority.json a
 authority), initialises the registry under the `approval` admission policy, lists the gateway's key
 as a trusted issuer, then starts the gateway and one node of each role that this build has,
 approving each of its own nodes (their keys are .local/keys/node-<role>.json) once they register.
-Each child's output is prefixed with its name. Ctrl-C (or SIGTERM) stops the children in reverse
-order, so nodes drain and deregister while the chain is still up. State lives under `.local/`.
+Each child's output is prefixed with its name. `ready` is printed once the gateway routes to a
+node of every role it started (a node answering /health is not yet one the gateway has read from
+the registry). A node, the gateway or the demo app that exits is started again, with a log line
+(`supervise`); only the localnet's exit, or a child failing again and again, stops the network.
+Ctrl-C (or SIGTERM) stops the children in reverse order, so nodes drain and deregister while the
+chain is still up. State lives under `.local/`.
 
 `make demo` runs it with `--demo`: the same network, then the demo web app (demo/app.py) on
 http://127.0.0.1:8080 with its wallet (.local/keys/demo-wallet.json) funded by an x402 purchase.
@@ -36,6 +40,9 @@ RPC_URL = f"http://127.0.0.1:{RPC_PORT}"
 GATEWAY_URL = "http://127.0.0.1:8402"
 HEARTBEAT_TTL = 30
 NODE_PORTS = {"sfu": 7880, "stt": 8001, "tts": 8002}
+SERVICES = {"sfu": "webrtc", "stt": "stt", "tts": "tts"}  # the gateway's name for each role
+RESTARTS = 5  # a child that exits this many times within RESTART_WINDOW stops the network
+RESTART_WINDOW = 300.0
 DEMO_URL = "http://127.0.0.1:8080"
 AUTHORITY_KEY = LOCAL / "keys" / "authority.json"
 
@@ -93,6 +100,76 @@ async def wait_http(url: str, what: str, timeout: float = 60.0) -> None:
                 pass
             await asyncio.sleep(0.2)
     raise RuntimeError(f"{what} did not come up at {url} within {timeout:.0f}s")
+
+
+async def wait_routable(
+    roles: list[str], gateway_url: str = GATEWAY_URL, timeout: float = 120.0
+) -> None:
+    """Until the gateway counts a healthy node of each of ``roles`` (its registry view lags the
+    nodes' start by up to a refresh: an agent session asked for right then was refused with
+    "no healthy tts node")."""
+    import aiohttp
+
+    wanted = {SERVICES[r] for r in roles}
+    services: dict[str, dict[str, int]] = {}
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(f"{gateway_url}/v1/servers/status") as resp:
+                    services = (await resp.json()).get("services", {}) if resp.ok else {}
+            except (aiohttp.ClientError, ValueError):
+                services = {}
+            if all(services.get(s, {}).get("healthy", 0) >= 1 for s in wanted):
+                return
+            await asyncio.sleep(0.5)
+    missing = sorted(s for s in wanted if services.get(s, {}).get("healthy", 0) < 1)
+    raise RuntimeError(
+        f"the gateway did not route to a {', '.join(missing)} node within {timeout:.0f}s "
+        f"(its /v1/servers/status: {services}); see the nodes' output above"
+    )
+
+
+async def supervise(
+    children: list[Child],
+    stop: asyncio.Event,
+    essential: frozenset[str] = frozenset({"localnet"}),
+    restarts: int = RESTARTS,
+    window: float = RESTART_WINDOW,
+) -> int:
+    """Watch the children until ``stop`` is set (0). One that exits is started again with a log
+    line; the exit of an ``essential`` one (the chain everything stands on), or ``restarts``
+    exits of one child within ``window`` seconds, ends the watch (1)."""
+    exits: dict[str, list[float]] = {}
+    while not stop.is_set():
+        for child in children:
+            if child.proc is None or child.proc.returncode is None:
+                continue
+            code = child.proc.returncode
+            if child.name in essential:
+                print(f"{child.name} exited with code {code}; stopping", flush=True)
+                return 1
+            now = time.monotonic()
+            recent = [t for t in exits.get(child.name, []) if now - t < window] + [now]
+            exits[child.name] = recent
+            if len(recent) >= restarts:
+                print(
+                    f"{child.name} exited with code {code}, {len(recent)} times in "
+                    f"{window:.0f}s; stopping",
+                    flush=True,
+                )
+                return 1
+            print(
+                f"{child.name} exited with code {code}; starting it again "
+                f"(exit {len(recent)} of {restarts} allowed in {window:.0f}s)",
+                flush=True,
+            )
+            await child.start()
+        try:
+            await asyncio.wait_for(stop.wait(), 1.0)
+        except TimeoutError:
+            pass
+    return 0
 
 
 async def wait_rpc(client: RegistryClient, timeout: float = 60.0) -> None:
@@ -240,6 +317,7 @@ async def main(demo: bool = False) -> int:
             urls["gateway"] = GATEWAY_URL
         else:
             print("gateway: not built in this version; skipped")
+        roles = []
         for role, port in NODE_PORTS.items():
             if not built(f"node.{role}"):
                 print(f"{role} node: role not built in this version; skipped")
@@ -258,6 +336,9 @@ async def main(demo: bool = False) -> int:
                 )
             await wait_http(f"http://127.0.0.1:{port}/health", f"the {role} node", timeout=180)
             urls[f"{role} node"] = f"http://127.0.0.1:{port}"
+            roles.append(role)
+        if roles and "gateway" in urls:
+            await wait_routable(roles)
         if demo:
             await start(demo_child(py))
             await wait_http(f"{DEMO_URL}/api/config", "the demo app", timeout=180)
@@ -268,19 +349,7 @@ async def main(demo: bool = False) -> int:
         print(f"  {'trusted issuer (gateway key)':28} {issuer}")
         print(f"  {'test USDC mint (x402)':28} {usdc_mint}")
         print("ready", flush=True)
-        while not stop.is_set():
-            dead = [c for c in children if c.proc and c.proc.returncode is not None]
-            if dead:
-                print(
-                    f"{dead[0].name} exited with code {dead[0].proc.returncode}; stopping",
-                    flush=True,
-                )
-                return 1
-            try:
-                await asyncio.wait_for(stop.wait(), 1.0)
-            except TimeoutError:
-                pass
-        return 0
+        return await supervise(children, stop)
     except (RuntimeError, RegistryError) as exc:
         print(f"make up: {exc}", file=sys.stderr)
         return 1

@@ -16,6 +16,7 @@ import pytest
 from agents.network_stt import NetworkSTT
 from agents.plugins import SpeechAudio
 from agents.room import AgentRoom, RoomEvent
+from scripts.devnet import wait_routable
 from tests.support.agents_caller import Caller
 from tests.support.agents_network import Network  # the `network` fixture: a conftest plugin
 from tests.support.audio import tone_hz
@@ -167,3 +168,11 @@ async def test_flush_stops_the_voice_and_counts_what_was_played(network: Network
     finally:
         await caller.leave()
         await agent.aclose()
+
+
+async def test_make_up_is_ready_once_the_gateway_routes_to_every_role(network: Network) -> None:
+    """`make up` prints `ready` after this wait: it returns once the real gateway counts a healthy
+    node of each role, and names what it does not route to when that never comes."""
+    await wait_routable(["sfu", "stt", "tts"], network.gateway_url, timeout=30)
+    with pytest.raises(RuntimeError, match="did not route to a stt, tts, webrtc node"):
+        await wait_routable(["sfu", "stt", "tts"], "http://127.0.0.1:9", timeout=1)

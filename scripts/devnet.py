@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from solders.keypair import Keypair  # noqa: E402
 
+from node.roles import ROLE_SERVICE  # noqa: E402
 from registry import program as p  # noqa: E402
 from registry.client import RegistryClient, RegistryError  # noqa: E402
 from registry.keys import load_or_create_keypair  # noqa: E402
@@ -40,7 +41,6 @@ RPC_URL = f"http://127.0.0.1:{RPC_PORT}"
 GATEWAY_URL = "http://127.0.0.1:8402"
 HEARTBEAT_TTL = 30
 NODE_PORTS = {"sfu": 7880, "stt": 8001, "tts": 8002}
-SERVICES = {"sfu": "webrtc", "stt": "stt", "tts": "tts"}  # the gateway's name for each role
 RESTARTS = 5  # a child that exits this many times within RESTART_WINDOW stops the network
 RESTART_WINDOW = 300.0
 DEMO_URL = "http://127.0.0.1:8080"
@@ -110,7 +110,7 @@ async def wait_routable(
     "no healthy tts node")."""
     import aiohttp
 
-    wanted = {SERVICES[r] for r in roles}
+    wanted = {ROLE_SERVICE[r] for r in roles}
     services: dict[str, dict[str, int]] = {}
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as session:

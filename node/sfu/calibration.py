@@ -20,11 +20,11 @@ import time
 
 import av
 import numpy as np
-from aiortc import RTCConfiguration, RTCPeerConnection
+from aiortc import RTCPeerConnection
 from aiortc.codecs.opus import OpusEncoder
 
 from node.capacity import CalibrationError
-from node.sfu.forward import ForwardTrack, install_passthrough, start_late_transceivers
+from node.sfu.forward import ForwardTrack, install_passthrough, peer_connection
 
 FRAME_SECONDS = 0.02
 SAMPLES = 960  # 20 ms at 48 kHz
@@ -57,10 +57,7 @@ async def _negotiate(offerer: RTCPeerConnection, answerer: RTCPeerConnection) ->
 
 
 async def _measure(streams: int, seconds: float) -> float:
-    cfg = RTCConfiguration(iceServers=[])
-    pub, sfu_in, sfu_out, sub = (RTCPeerConnection(cfg) for _ in range(4))
-    for pc in (pub, sfu_in, sfu_out, sub):
-        start_late_transceivers(pc)
+    pub, sfu_in, sfu_out, sub = (peer_connection() for _ in range(4))
     sources = [ForwardTrack(max_queue=50) for _ in range(streams)]
     relays = [ForwardTrack(max_queue=50) for _ in range(streams)]
     received = [0] * streams

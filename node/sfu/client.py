@@ -16,11 +16,11 @@ from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 from livekit.protocol import models, rtc
 
-from node.sfu.forward import start_late_transceivers
+from node.sfu.forward import peer_connection
 
 log = logging.getLogger("node.sfu.client")
 
@@ -55,11 +55,8 @@ class LiveKitClient:
         self._own_http = http is None
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.join: rtc.JoinResponse | None = None
-        config = RTCConfiguration(iceServers=[])
-        self.publisher = RTCPeerConnection(config)
-        self.subscriber = RTCPeerConnection(config)
-        start_late_transceivers(self.publisher)
-        start_late_transceivers(self.subscriber)
+        self.publisher = peer_connection()
+        self.subscriber = peer_connection()
         self.channels = {
             "_reliable": self.publisher.createDataChannel("_reliable", ordered=True),
             "_lossy": self.publisher.createDataChannel("_lossy", ordered=False, maxRetransmits=0),

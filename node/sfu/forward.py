@@ -24,7 +24,8 @@ the handshake itself; a transceiver negotiated while an earlier handshake is sti
 never started. LiveKit clients do exactly that (the publisher offers its data channel, then its
 microphone 20 ms later; the SFU's subscriber offer grows a track as the room fills), and then no
 RTP comes in, or none goes out, for the whole call. ``start_late_transceivers`` runs aiortc's own
-connect step again once the connection is up (every step in it is idempotent).
+connect step again once the connection is up (every step in it is idempotent); every peer
+connection the SFU makes comes from ``peer_connection``, which applies it.
 
 What breaks if aiortc changes: the private names ``_RTCRtpReceiver__jitter_buffer``,
 ``_RTCRtpReceiver__decoder_queue`` and ``_RTCPeerConnection__connect``, the ``decoder_worker``
@@ -44,7 +45,7 @@ from fractions import Fraction
 from typing import Any
 
 import av
-from aiortc import RTCPeerConnection, RTCRtpReceiver
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
@@ -132,6 +133,14 @@ def install_passthrough(
 
         receiver._handle_rtp_packet = handle  # type: ignore[method-assign]
     receiver._sfu_passthrough = True  # type: ignore[attr-defined]
+
+
+def peer_connection() -> RTCPeerConnection:
+    """A peer connection as the SFU uses them: no STUN/TURN of its own (host candidates), and
+    tracks negotiated during the handshake started (``start_late_transceivers``)."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    start_late_transceivers(pc)
+    return pc
 
 
 def start_late_transceivers(pc: RTCPeerConnection) -> None:

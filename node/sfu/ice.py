@@ -31,15 +31,12 @@ def offer_host_addresses(addresses: Sequence[Address]) -> None:
     if not addresses:
         aioice.ice.get_host_addresses = _GATHER
         return
-    chosen = [str(a) for a in addresses]
+    chosen = [(str(a), a.version) for a in addresses]
 
     def host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
-        return [
-            a
-            for a in chosen
-            if (use_ipv4 and ipaddress.ip_address(a).version == 4)
-            or (use_ipv6 and ipaddress.ip_address(a).version == 6)
-        ]
+        wanted = {4} if use_ipv4 else set()
+        wanted |= {6} if use_ipv6 else set()
+        return [a for a, version in chosen if version in wanted]
 
     aioice.ice.get_host_addresses = host_addresses
-    log.info("ICE host candidates on %s only", ", ".join(chosen))
+    log.info("ICE host candidates on %s only", ", ".join(a for a, _ in chosen))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcdatachannel import RTCDataChannel
 from aiortc.sdp import candidate_from_sdp
 from livekit.protocol import models, rtc
@@ -33,7 +33,7 @@ from node.sfu.forward import (
     ForwardTrack,
     install_passthrough,
     level_to_unit,
-    start_late_transceivers,
+    peer_connection,
 )
 from node.sfu.settings import SfuSettings
 from registry.tokens import Claims
@@ -122,11 +122,8 @@ class Participant:
         self.tracks: dict[str, PublishedTrack] = {}  # sid -> track
         self._pending_cids: dict[str, PublishedTrack] = {}
         self._unannounced: dict[str, Any] = {}  # cid -> receiver of media sent before add_track
-        config = RTCConfiguration(iceServers=[])
-        self.publisher = RTCPeerConnection(config)
-        self.subscriber = RTCPeerConnection(config)
-        start_late_transceivers(self.publisher)
-        start_late_transceivers(self.subscriber)
+        self.publisher = peer_connection()
+        self.subscriber = peer_connection()
         self._early_candidates: dict[int, list[Any]] = {
             id(self.publisher): [],
             id(self.subscriber): [],

@@ -43,12 +43,12 @@ import yaml
 from solders.keypair import Keypair
 
 from gateway.client import AgentSession, GatewayClient
+from node.roles import ROLE_SERVICE
 from registry.keys import save_keypair
 from tests.conftest import ROOT, Chain, free_port
 
 WHERE = {"lat": 64.15, "lon": -21.94, "country": "IS"}
 ROLES = ("sfu", "stt", "tts")
-SERVICE = {"sfu": "webrtc", "stt": "stt", "tts": "tts"}
 START_TIMEOUT = 120.0
 
 
@@ -227,7 +227,7 @@ class Network:
             status, body = _get_json(self.gateway_url + "/v1/servers/status")
             services = (body or {}).get("services", {})
             if status == 200 and all(
-                services.get(SERVICE[r], {}).get("healthy", 0) >= 1 for r in roles
+                services.get(ROLE_SERVICE[r], {}).get("healthy", 0) >= 1 for r in roles
             ):
                 return
             if time.monotonic() > deadline:

@@ -83,6 +83,7 @@ async def main() -> None:
         config = GatewayConfig(
             database_url=db,
             rpc_url=net.url,
+            load_report_port=0,  # served by a TestServer on a free port
             payments=PaymentsConfig(
                 solana=SolanaPayments(
                     asset_keypair=keys / "mint.json",

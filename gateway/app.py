@@ -37,6 +37,7 @@ from gateway.ledger import (
     UnknownSession,
     pricing,
 )
+from gateway.liveness import LoadBoard, open_endpoint
 from gateway.openapi import openapi_handler
 from gateway.payments.routes import PAYMENT_ROUTES
 from gateway.payments.wiring import setup_payments
@@ -127,6 +128,21 @@ async def pricing_handler(request: web.Request) -> web.Response:
     )
 
 
+async def liveness_handler(request: web.Request) -> web.Response:
+    """Where and how often a node sends its signed load reports (registry/loadreport.py)."""
+    gateway = gw(request)
+    if gateway.load_reports is None:
+        return error(503, "load reports are not being received yet; retry in a moment")
+    config = gateway.config
+    return web.json_response(
+        {
+            "udp_port": gateway.load_reports.port,
+            "interval_seconds": config.load_report_interval_seconds,
+            "ttl_seconds": config.load_report_ttl_seconds,
+        }
+    )
+
+
 async def servers_status(request: web.Request) -> web.Response:
     counts = await gw(request).directory.counts()
     services = {s: {**c, "available": c["healthy"] > 0} for s, c in counts.items()}
@@ -134,27 +150,36 @@ async def servers_status(request: web.Request) -> web.Response:
 
 
 async def nodes_handler(request: web.Request) -> web.Response:
-    """Every registered node as the gateway last read the registry, for maps and dashboards:
-    public facts only (all of them are on chain anyway), so no wallet signature, and readable by
-    a page of any origin (the network map is served by the demo app, not the gateway)."""
+    """Every registered node as the gateway last read the registry, with its live load as it last
+    reported it, for maps and dashboards: public facts only (all of them are on chain or sent in
+    clear anyway), so no wallet signature, and readable by a page of any origin (the network map
+    is served by the demo app, not the gateway)."""
+    directory = gw(request).directory
     now = time.time()
-    nodes = [
-        {
-            "key": str(n.owner),
-            "role": n.role.label,
-            "url": n.url,
-            "lat": n.lat,
-            "lon": n.lon,
-            "country": n.country,
-            "load": n.load,
-            "capacity": n.capacity,
-            "version": n.version,
-            "status": n.status.label,
-            "stale": n.stale,
-            "heartbeat_age_seconds": max(0, round(now - n.last_heartbeat)),
-        }
-        for n in await gw(request).directory.nodes()
-    ]
+    nodes = []
+    for n in await directory.nodes():
+        live = directory.live(n)
+        last = directory.board.last(bytes(n.owner))
+        reason = directory.reason(n)
+        nodes.append(
+            {
+                "key": str(n.owner),
+                "role": n.role.label,
+                "url": n.url,
+                "lat": n.lat,
+                "lon": n.lon,
+                "country": n.country,
+                "load": live.load if live else 0,
+                "capacity": min(live.capacity, n.capacity) if live else n.capacity,
+                "version": n.version,
+                "status": n.status.label,
+                "live": live is not None and not n.stale and n.status is NodeStatus.ACTIVE,
+                "routable": reason is None,
+                "reason": reason,
+                "presence_age_seconds": max(0, round(now - n.last_heartbeat)),
+                "report_age_seconds": None if last is None else round(directory.board.age(last)),
+            }
+        )
     return web.json_response(
         {"nodes": nodes, "updated_at": iso(datetime.now(UTC))},
         headers={"Access-Control-Allow-Origin": "*"},
@@ -499,7 +524,14 @@ ROUTES: tuple[Route, ...] = (
         "GET",
         "/v1/nodes",
         nodes_handler,
-        "Every registered node: role, URL, location, load, status, heartbeat age",
+        "Every registered node: role, URL, location, live load, status, report and presence age",
+        auth="public",
+    ),
+    Route(
+        "GET",
+        "/v1/liveness",
+        liveness_handler,
+        "Where nodes send their signed load reports (UDP port), how often, and the TTL",
         auth="public",
     ),
     Route("GET", "/internal/health", health, "Health check", auth="public"),
@@ -534,7 +566,14 @@ async def _lifecycle(app: web.Application) -> Any:
     gateway = app[GATEWAY_KEY]
     await gateway.ledger.migrate()
     await gateway.directory.start()
+    config = gateway.config
+    port = config.listen_port if config.load_report_port is None else config.load_report_port
+    gateway.load_reports = await open_endpoint(
+        gateway.directory.board, gateway.directory.by_key, config.listen_host, port
+    )
+    log.info("load reports: udp %s:%d", config.listen_host, gateway.load_reports.port)
     yield
+    gateway.load_reports.close()
     await gateway.sessions.close()
     await gateway.directory.close()
     await gateway.ledger.close()
@@ -546,7 +585,11 @@ def create_app(
 ) -> web.Application:
     """The gateway app. ``list_nodes`` is the registry read (``RegistryClient.list_nodes``)."""
     ledger = ledger or Ledger(config.database_url, pool_size=config.database_pool_size)
-    directory = NodeDirectory(list_nodes, config.registry_refresh_seconds)
+    directory = NodeDirectory(
+        list_nodes,
+        config.registry_refresh_seconds,
+        board=LoadBoard(config.load_report_ttl_seconds),
+    )
     loc = config.default_location
     locator = Locator(Location(loc.lat, loc.lon, loc.country), config.geoip_mmdb)
     limiter = RateLimiter()

@@ -33,6 +33,13 @@ class GatewayConfig(BaseModel):
     # wait for one). Unused on SQLite.
     database_pool_size: int = Field(default=16, ge=1)
     registry_refresh_seconds: float = Field(default=3.0, gt=0)
+    # Nodes' signed load reports (gateway/liveness.py): the UDP port they are sent to (unset: the
+    # HTTP port's number, as QUIC sits beside HTTPS; 0: any free port; nodes learn it from
+    # GET /v1/liveness), how often nodes send one, and how old the last one may be before the node
+    # leaves routing.
+    load_report_port: int | None = Field(default=None, ge=0, le=65535)
+    load_report_interval_seconds: float = Field(default=5.0, gt=0)
+    load_report_ttl_seconds: float = Field(default=15.0, gt=0)
     default_location: DefaultLocation = DefaultLocation(lat=50.11, lon=8.68, country="DE")
     geoip_mmdb: Path | None = None
     trust_forwarded_for: bool = True

@@ -11,6 +11,7 @@ from aiohttp import web
 from gateway.config import GatewayConfig
 from gateway.geo import Locator
 from gateway.ledger import Ledger
+from gateway.liveness import LoadReportEndpoint
 from gateway.ratelimit import RateLimiter
 from gateway.routes import Route
 from gateway.routing import NodeDirectory
@@ -27,6 +28,7 @@ class Gateway:
     locator: Locator
     sessions: SessionService
     limiter: RateLimiter
+    load_reports: LoadReportEndpoint | None = None  # bound when the app starts
 
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)

@@ -1,9 +1,14 @@
-"""Which node serves a session: the registry's view, cached, and a choice by distance and load.
+"""Which node serves a session: the registry's view, cached, each node's live load as it last
+reported it, and a choice by distance and load.
 
 The gateway keeps no node list of its own (DESIGN §1): it reads the on-chain registry through a
 ``list_nodes`` callable, keeps the answer for a few seconds, and refreshes it in the background.
+The chain says who may serve (key, role, URL, location, capacity, admission, a presence renewed
+every few hours); the nodes' signed load reports (``gateway/liveness.py``) say who is up and how
+busy. A node is routable when it is active, its presence has not expired, its URL is safe, its last
+report is younger than the board's TTL and it reported headroom.
 
-Choice. Every healthy node of the role gets a score in kilometres, lower is better::
+Choice. Every routable node of the role gets a score in kilometres, lower is better::
 
     score = distance_km + load_penalty_km * load/capacity - (country_bonus_km if same country)
 
@@ -16,6 +21,11 @@ Choice. Every healthy node of the role gets a score in kilometres, lower is bett
   in the client's own country;
 - ties break on load ratio, then distance, then the node key, so the same inputs always give the
   same node.
+
+Speed. Loads change with every report, so no choice can be cached; what can be is each client
+location's nodes ordered by ``distance - bonus``, the score's lower bound, until the registry's
+geometry changes. A choice walks that order and stops at the first node whose bound is above the
+best score so far: a few nodes, not all 10,000 (``bench/fleet.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from registry.nodeurl import node_url_problem
 from registry.program import NodeAccount, NodeStatus, Role
 
 from .geo import Location
+from .liveness import LiveLoad, LoadBoard
 
 log = logging.getLogger(__name__)
 
@@ -65,23 +76,36 @@ def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     return 2 * EARTH_RADIUS_KM * math.asin(min(1.0, math.sqrt(a)))
 
 
-def unhealthy_reason(node: NodeAccount) -> str | None:
-    """Why a node must not get new sessions, or None: stale heartbeat, not active (pending
-    admission or suspended), a URL that would carry tokens in clear text, or full."""
+def unhealthy_reason(node: NodeAccount, live: LiveLoad | None) -> str | None:
+    """Why a node must not get new sessions, or None: its presence on chain expired, it is not
+    active (pending admission or suspended), its URL would carry tokens in clear text, it sent no
+    fresh load report (``live`` is None), or it reported itself full."""
+    if reason := _static_reason(node):
+        return reason
+    if live is None:
+        return "no fresh load report"
+    capacity = min(live.capacity, node.capacity)
+    if live.load >= capacity:
+        return f"full {live.load}/{capacity}"
+    return None
+
+
+def _static_reason(node: NodeAccount) -> str | None:
+    """The part of ``unhealthy_reason`` that only the registry view decides."""
     if node.stale:
-        return "stale"
+        return "presence expired"
     if node.status != NodeStatus.ACTIVE:
         return node.status.label
     if node_url_problem(node.url):
         return "insecure url"
-    if node.load >= node.capacity:
-        return f"full {node.load}/{node.capacity}"
     return None
 
 
 @dataclass(frozen=True)
 class Candidate:
     node: NodeAccount
+    load: int
+    capacity: int
     distance_km: float
     load_ratio: float
     same_country: bool
@@ -94,7 +118,7 @@ class Candidate:
         cc = " same-country" if self.same_country else ""
         return (
             f"{_name(self.node)} d={self.distance_km:.0f}km"
-            f" load={self.node.load}/{self.node.capacity}"
+            f" load={self.load}/{self.capacity}"
             f"{cc} score={self.score:.0f}"
         )
 
@@ -104,34 +128,49 @@ def _name(node: NodeAccount) -> str:
 
 
 def score_nodes(
-    nodes: list[NodeAccount],
+    nodes: list[tuple[NodeAccount, LiveLoad]],
     client: Location,
     *,
     load_penalty_km: float = DEFAULT_LOAD_PENALTY_KM,
     country_bonus_km: float = DEFAULT_COUNTRY_BONUS_KM,
 ) -> list[Candidate]:
-    """Score healthy ``nodes`` for ``client``, best first (see the module docstring)."""
+    """Score ``nodes`` (each with its live load) for ``client``, best first (see the module
+    docstring). Every node is scored: the reference the bounded walk in ``choose`` must agree
+    with, and the full ranking a debug log shows."""
     out = []
-    for node in nodes:
+    for node, live in nodes:
         distance = haversine_km(client.lat, client.lon, node.lat, node.lon)
-        ratio = node.load / node.capacity if node.capacity > 0 else 1.0
+        capacity = min(live.capacity, node.capacity)
+        ratio = live.load / capacity if capacity > 0 else 1.0
         same = bool(client.country) and client.country.upper() == node.country.upper()
         score = distance + load_penalty_km * ratio
         if same:
             score -= country_bonus_km
-        out.append(Candidate(node, distance, ratio, same, score))
+        out.append(Candidate(node, live.load, capacity, distance, ratio, same, score))
     out.sort(key=Candidate.sort_key)
     return out
 
 
-_MAX_CACHED_CHOICES = 65_536
+# (lower bound = distance - bonus, distance, same country, node, node key bytes, node key text)
+_Near = tuple[float, float, bool, NodeAccount, bytes, str]
+_MAX_CACHED_ORDERS = 4096
+
+
+def _geometry(nodes: list[NodeAccount]) -> list[tuple[object, ...]]:
+    """What the cached orders depend on: a node's place, role and whether the registry lets it
+    serve. Loads and heartbeat times are not in it."""
+    return [
+        (bytes(n.owner), n.role, n.lat, n.lon, n.country, _static_reason(n), n.capacity)
+        for n in nodes
+    ]
 
 
 class NodeDirectory:
-    """The registry's node list, cached. ``start()`` refreshes every ``refresh_seconds`` in the
-    background; without it (tests, one-off tools) a read refreshes when the view is that old.
-    A failed refresh keeps the last view, up to ``max_age_seconds``; past that (or before any
-    success) reads raise ``DirectoryUnavailable`` rather than route on a picture of the past.
+    """The registry's node list, cached, and the board of the nodes' load reports. ``start()``
+    refreshes every ``refresh_seconds`` in the background; without it (tests, one-off tools) a
+    read refreshes when the view is that old. A failed refresh keeps the last view, up to
+    ``max_age_seconds``; past that (or before any success) reads raise ``DirectoryUnavailable``
+    rather than route on a picture of the past.
     """
 
     def __init__(
@@ -139,6 +178,7 @@ class NodeDirectory:
         list_nodes: ListNodes,
         refresh_seconds: float = 3.0,
         *,
+        board: LoadBoard | None = None,
         max_age_seconds: float = 60.0,
         load_penalty_km: float = DEFAULT_LOAD_PENALTY_KM,
         country_bonus_km: float = DEFAULT_COUNTRY_BONUS_KM,
@@ -148,18 +188,21 @@ class NodeDirectory:
             raise ValueError(f"refresh_seconds must be > 0, got {refresh_seconds!r}")
         self._list_nodes = list_nodes
         self.refresh_seconds = refresh_seconds
+        self.board = board if board is not None else LoadBoard()
         self.max_age_seconds = max(max_age_seconds, refresh_seconds)
         self.load_penalty_km = load_penalty_km
         self.country_bonus_km = country_bonus_km
         self._clock = clock
         self._nodes: list[NodeAccount] | None = None
+        self._by_key: dict[bytes, NodeAccount] = {}
+        self._geometry: list[tuple[object, ...]] = []
         self._fetched_at = -math.inf
         self._last_error: BaseException | None = None
         self._inflight: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
-        # (role, client) -> winner for the current view: a view is fixed (staleness included)
-        # until the next fetch, and scoring every node on every request is most of routing's cost
-        self._choices: dict[tuple[Role, Location], NodeAccount] = {}
+        # (role, client) -> that role's servable nodes by score lower bound; kept while the
+        # registry's geometry is unchanged (most reads change only heartbeat times)
+        self._orders: dict[tuple[Role, Location], list[_Near]] = {}
 
     # ------------------------------------------------ lifecycle
 
@@ -212,8 +255,16 @@ class NodeDirectory:
             self._last_error = exc
             raise
         self._nodes, self._fetched_at, self._last_error = nodes, self._clock(), None
-        self._choices = {}
+        self._by_key = {bytes(n.owner): n for n in nodes}
+        self.board.retain(self._by_key)
+        geometry = _geometry(nodes)
+        if geometry != self._geometry:
+            self._geometry, self._orders = geometry, {}
         log.debug("node directory: %d nodes", len(nodes))
+
+    def by_key(self) -> dict[bytes, NodeAccount]:
+        """The current view by node key bytes (what a load report is checked against)."""
+        return self._by_key
 
     async def nodes(self) -> list[NodeAccount]:
         """Every registered node as last read, refreshing first if the view is too old."""
@@ -245,24 +296,44 @@ class NodeDirectory:
             return None
         return next((n for n in self._nodes or [] if str(n.owner) == owner), None)
 
+    def live(self, node: NodeAccount) -> LiveLoad | None:
+        """The node's last load report if it is fresh."""
+        return self.board.fresh(bytes(node.owner))
+
+    def reason(self, node: NodeAccount) -> str | None:
+        """Why ``node`` takes no new session now, or None (``unhealthy_reason`` with its live
+        load, and how long it has been silent when its last report is too old)."""
+        live = self.live(node)
+        reason = unhealthy_reason(node, live)
+        if live is None and reason == "no fresh load report":
+            last = self.board.last(bytes(node.owner))
+            if last is not None:
+                return f"silent for {self.board.age(last):.0f}s"
+        return reason
+
     async def healthy(self, role: Role | str) -> list[NodeAccount]:
-        """Nodes of ``role`` that may take a new session: not stale, not suspended, not full."""
+        """Nodes of ``role`` that may take a new session now."""
         role = Role.parse(role)
-        return [n for n in await self.nodes() if n.role == role and unhealthy_reason(n) is None]
+        return [n for n in await self.nodes() if n.role == role and self.reason(n) is None]
 
     async def counts(self) -> dict[str, dict[str, int]]:
         """Per service, for ``/v1/servers/status``: ``total`` registered, ``healthy`` (routable),
-        ``capacity``/``load`` summed over live nodes (active, fresh heartbeat; full ones too)."""
+        ``capacity``/``load`` summed over live nodes (active, present, reporting; full ones
+        too), as they reported them."""
         nodes = await self.nodes()
         out: dict[str, dict[str, int]] = {}
         for service, role in SERVICE_ROLES.items():
             mine = [n for n in nodes if n.role == role]
-            live = [n for n in mine if not n.stale and n.status == NodeStatus.ACTIVE]
+            live = [
+                (n, report)
+                for n in mine
+                if _static_reason(n) is None and (report := self.live(n)) is not None
+            ]
             out[service] = {
                 "total": len(mine),
-                "healthy": sum(1 for n in mine if unhealthy_reason(n) is None),
-                "capacity": sum(n.capacity for n in live),
-                "load": sum(n.load for n in live),
+                "healthy": sum(1 for n in mine if self.reason(n) is None),
+                "capacity": sum(min(r.capacity, n.capacity) for n, r in live),
+                "load": sum(r.load for _, r in live),
             }
         return out
 
@@ -270,36 +341,84 @@ class NodeDirectory:
         """The best node of ``role`` for a client at ``client``; ``NoCapacity`` if there is none."""
         role = Role.parse(role)
         nodes = await self.nodes()
-        explain = log.isEnabledFor(logging.DEBUG)
-        if not explain and (hit := self._choices.get((role, client))) is not None:
-            return hit
-        mine = [n for n in nodes if n.role == role]
-        skipped = [(n, r) for n in mine if (r := unhealthy_reason(n)) is not None]
-        healthy = [n for n in mine if unhealthy_reason(n) is None]
+        winner = self._walk(self._order(role, client, nodes))
+        if winner is None:
+            raise self._no_capacity(role, client, nodes)
+        if log.isEnabledFor(logging.DEBUG):
+            self._log_choice(role, client, nodes, winner)
+        return winner
+
+    def _order(self, role: Role, client: Location, nodes: list[NodeAccount]) -> list[_Near]:
+        """``role``'s servable nodes for ``client``, by the score's lower bound (cached)."""
+        key = (role, client)
+        order = self._orders.get(key)
+        if order is None:
+            order = []
+            for n in nodes:
+                if n.role != role or _static_reason(n) is not None:
+                    continue
+                distance = haversine_km(client.lat, client.lon, n.lat, n.lon)
+                same = bool(client.country) and client.country.upper() == n.country.upper()
+                bound = distance - (self.country_bonus_km if same else 0.0)
+                order.append((bound, distance, same, n, bytes(n.owner), str(n.owner)))
+            order.sort(key=lambda near: near[0])
+            if len(self._orders) >= _MAX_CACHED_ORDERS:
+                self._orders.clear()
+            self._orders[key] = order
+        return order
+
+    def _walk(self, order: list[_Near]) -> NodeAccount | None:
+        """The best node in ``order`` by ``Candidate.sort_key``, reading live loads only until no
+        later node's lower bound can beat the best score found."""
+        best: tuple[float, float, float, str] | None = None
+        winner = None
+        fresh, penalty = self.board.fresh, self.load_penalty_km
+        for bound, distance, _same, node, raw, text in order:
+            if best is not None and bound > best[0]:
+                break
+            live = fresh(raw)
+            if live is None:
+                continue
+            capacity = min(live.capacity, node.capacity)
+            if live.load >= capacity:
+                continue
+            ratio = live.load / capacity
+            key = (bound + penalty * ratio, ratio, distance, text)
+            if best is None or key < best:
+                best, winner = key, node
+        return winner
+
+    def _skipped(self, role: Role, nodes: list[NodeAccount]) -> list[tuple[NodeAccount, str]]:
+        return [(n, r) for n in nodes if n.role == role and (r := self.reason(n)) is not None]
+
+    def _no_capacity(self, role: Role, client: Location, nodes: list[NodeAccount]) -> NoCapacity:
+        """``NoCapacity`` naming each of the role's nodes and why it cannot serve."""
+        mine = sum(1 for n in nodes if n.role == role)
+        text = ", ".join(f"{_name(n)} {r}" for n, r in self._skipped(role, nodes))
+        log.debug("route %s client=%s: no healthy node (%s)", role.label, client, text or "none")
+        return NoCapacity(role, f"{mine} registered ({text})" if mine else "none registered")
+
+    def _log_choice(
+        self, role: Role, client: Location, nodes: list[NodeAccount], winner: NodeAccount
+    ) -> None:
+        """The whole ranking in one debug line: every routable node scored, and the rest with
+        their reasons."""
+        routable = [
+            (n, live)
+            for n in nodes
+            if n.role == role and self.reason(n) is None and (live := self.live(n)) is not None
+        ]
         ranked = score_nodes(
-            healthy,
+            routable,
             client,
             load_penalty_km=self.load_penalty_km,
             country_bonus_km=self.country_bonus_km,
         )
-        if not ranked:
-            reasons = ", ".join(f"{_name(n)} {r}" for n, r in skipped) or "none registered"
-            log.debug("route %s client=%s: no healthy node (%s)", role.label, client, reasons)
-            raise NoCapacity(
-                role, f"{len(mine)} registered ({reasons})" if mine else "none registered"
-            )
-        winner = ranked[0]
-        if nodes is self._nodes:
-            if len(self._choices) >= _MAX_CACHED_CHOICES:
-                self._choices.clear()
-            self._choices[(role, client)] = winner.node
-        if explain:
-            log.debug(
-                "route %s client=%s winner=%s candidates=[%s] skipped=[%s]",
-                role.label,
-                client,
-                _name(winner.node),
-                "; ".join(c.describe() for c in ranked),
-                "; ".join(f"{_name(n)} {r}" for n, r in skipped),
-            )
-        return winner.node
+        log.debug(
+            "route %s client=%s winner=%s candidates=[%s] skipped=[%s]",
+            role.label,
+            client,
+            _name(winner),
+            "; ".join(c.describe() for c in ranked),
+            "; ".join(f"{_name(n)} {r}" for n, r in self._skipped(role, nodes)),
+        )

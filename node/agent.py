@@ -1,15 +1,17 @@
-"""The node agent: one key, one registry entry, a heartbeat, health and metrics, and a graceful
-exit.
+"""The node agent: one key, one registry entry, a presence on chain, load reports off chain, health
+and metrics, and a graceful exit.
 
 Life of a node: load (or create) its key; serve HTTP; make its registry entry match the config
 (register the first time, update when the operator changed URL, location, capacity or version);
-heartbeat with the role's live load. Under the registry's `approval` policy a new entry is pending:
-the agent then serves /health as not ready ("pending"), logs the command the registry authority
-must run, and polls the chain until the entry is approved; only then does it heartbeat. On
-SIGTERM/SIGINT stop taking sessions, wait for live ones up
-to ``drain_timeout``, then deregister (rent back to the node key) so gateways stop routing to it at
-once instead of after the TTL. A node killed with SIGKILL simply stops heartbeating and is reported
-stale after the registry's TTL.
+renew its presence on chain every ``presence_interval`` (hours: one transaction each), and send its
+live load, signed, to every gateway that routes to it every few seconds (``node/liveness.py``).
+Under the registry's `approval` policy a new entry is pending: the agent then serves /health as
+not ready ("pending"), logs the command the registry authority must run, and polls the chain until
+the entry is approved; only then does it renew and report. On SIGTERM/SIGINT it reports itself
+full (gateways stop routing to it at their next read of the board), waits for live sessions up to
+``drain_timeout``, then deregisters (rent back to the node key). A node killed with SIGKILL simply
+stops reporting and leaves routing after the gateways' report TTL (15 s by default), with no
+transaction.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from solders.pubkey import Pubkey
 
 from node.config import NodeConfig
+from node.liveness import DEFAULT_INTERVAL, LoadReporter
 from node.outbox import Outbox
 from node.roles import ROLE_SERVICE, Role, RoleContext, load_role
 from registry import program as p
@@ -37,6 +40,7 @@ from registry.tokens import TokenVerifier
 log = logging.getLogger("node.agent")
 
 NODE_VERSION = "0.1.0"
+RETRY_SECONDS = 30.0  # after a failed presence renewal
 RoleFactory = Callable[[RoleContext], Role]
 
 
@@ -77,15 +81,21 @@ class Metrics:
             registry=self.registry,
             labelnames=["role"],
         ).labels(**labels)
-        self.heartbeats = Counter(
-            "voicenet_node_heartbeats",
-            "Heartbeat transactions sent",
+        self.presence_renewals = Counter(
+            "voicenet_node_presence_renewals",
+            "Presence renewals sent to the chain (one transaction each)",
             registry=self.registry,
             labelnames=["role", "result"],
         )
-        self.last_heartbeat = Gauge(
-            "voicenet_node_last_heartbeat_timestamp_seconds",
-            "Unix time of the last confirmed heartbeat",
+        self.last_presence = Gauge(
+            "voicenet_node_last_presence_timestamp_seconds",
+            "Unix time of the last confirmed presence renewal",
+            registry=self.registry,
+            labelnames=["role"],
+        ).labels(**labels)
+        self.load_reports = Gauge(
+            "voicenet_node_load_reports",
+            "Signed load reports sent (each to every gateway found)",
             registry=self.registry,
             labelnames=["role"],
         ).labels(**labels)
@@ -131,11 +141,23 @@ class NodeAgent:
         self.role: Role = (
             role_factory(context) if role_factory else load_role(self.role_name, context)
         )
+        gateways = [u for u in (config.gateway_url, *config.report_to) if u]
+        if not gateways:
+            log.warning("no gateway_url or report_to in the config: no gateway will route here")
+        self.reporter = LoadReporter(
+            self.keypair,
+            p.Role.parse(self.role_name),
+            self._load_now,
+            self.version,
+            gateways,
+            interval=config.report_interval,
+        )
         self.metrics = Metrics(self.role_name)
         self.state = "starting"
-        self.last_heartbeat: float | None = None
-        self.heartbeat_failures = 0
-        self._heartbeat_task: asyncio.Task[None] | None = None
+        self.last_presence: float | None = None
+        self.presence_failures = 0
+        self.presence_ttl: int | None = None  # the registry's, read at start
+        self._presence_task: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
         self.app = self._build_app()
@@ -161,8 +183,10 @@ class NodeAgent:
             "load": self.role.load(),
             "capacity": self.role.capacity,
             "capacity_configured": self.config.capacity,
-            "last_heartbeat": self.last_heartbeat,
-            "heartbeat_failures": self.heartbeat_failures,
+            "last_presence": self.last_presence,
+            "presence_failures": self.presence_failures,
+            "load_reports_sent": self.reporter.sent,
+            "load_report_gateways": [t.gateway_url for t in self.reporter.targets],
             "version": self.version,
         }
         return web.json_response(body, status=200 if self.state == "serving" else 503)
@@ -173,6 +197,7 @@ class NodeAgent:
         self.metrics.capacity_configured.set(self.config.capacity)
         calibration = self.context.calibration
         self.metrics.unit_cost.set(calibration.cost if calibration else 0.0)
+        self.metrics.load_reports.set(self.reporter.sent)
         return web.Response(
             body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
@@ -215,14 +240,37 @@ class NodeAgent:
         if status is p.NodeStatus.PENDING:
             # Not an error: the authority has yet to admit this key. Stay up, not ready.
             self.state = "pending"
-            self._heartbeat_task = asyncio.create_task(self._await_approval())
+            self._presence_task = asyncio.create_task(self._await_approval())
             return
         await self._begin_serving()
+        self._presence_task = asyncio.create_task(self._presence_loop())
 
     async def _begin_serving(self) -> None:
-        await self.heartbeat_once()
+        """Renew presence, then tell the gateways this node's load: from here it is routable."""
+        await self.renew_presence()
         self.state = "serving"
-        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
+        await self.reporter.start()
+
+    def _load_now(self) -> tuple[int, int]:
+        """What the load reports say: the live load and capacity, or full while not serving (a
+        draining node takes no new session)."""
+        load, capacity = self.role.load(), self.role.capacity
+        if self.state != "serving":
+            return load, load
+        return min(load, capacity), capacity
+
+    @property
+    def poll_interval(self) -> float:
+        """How often a pending node checks the chain for its approval."""
+        return self.config.report_interval or DEFAULT_INTERVAL
+
+    @property
+    def presence_interval(self) -> float:
+        """The config's interval, kept under half the registry's TTL so one failed renewal does
+        not let the presence expire."""
+        if self.presence_ttl is None:
+            return self.config.presence_interval
+        return min(self.config.presence_interval, self.presence_ttl / 2)
 
     def approval_command(self) -> str:
         """What the registry authority runs to admit this node."""
@@ -230,7 +278,7 @@ class NodeAgent:
 
     async def _await_approval(self) -> None:
         """Poll the entry until the authority approves it, then bring the entry up to date and
-        start heartbeating. Chain errors are logged and retried, never fatal."""
+        start serving. Chain errors are logged and retried, never fatal."""
         log.warning(
             "node %s is pending: waiting for the registry authority's approval; the "
             "authority runs `%s`",
@@ -238,14 +286,12 @@ class NodeAgent:
             self.approval_command(),
         )
         while True:
-            await asyncio.sleep(self.config.heartbeat_interval)
+            await asyncio.sleep(self.poll_interval)
             try:
                 status = await self._status()
             except (RegistryError, p.RegistryProgramError, NodeStartError, OSError) as exc:
                 log.warning(
-                    "checking approval failed (%s); retrying in %.0fs",
-                    exc,
-                    self.config.heartbeat_interval,
+                    "checking approval failed (%s); retrying in %.0fs", exc, self.poll_interval
                 )
                 continue
             if status is p.NodeStatus.ACTIVE:
@@ -256,9 +302,8 @@ class NodeAgent:
             await self.ensure_registered()  # apply config changes held back while pending
         except NodeStartError as exc:
             log.warning("could not update the registry entry after approval: %s", exc)
-        await self.heartbeat_once()
-        self.state = "serving"
-        await self._heartbeat_loop()  # this task is self._heartbeat_task: shutdown cancels it
+        await self._begin_serving()
+        await self._presence_loop()  # this task is self._presence_task: shutdown cancels it
 
     async def _status(self) -> p.NodeStatus:
         """The entry's status; registers again if the entry vanished while waiting."""
@@ -272,7 +317,16 @@ class NodeAgent:
         Returns the entry's status (PENDING: the authority has not approved it yet)."""
         try:
             await self.client.ensure_funded(self.keypair)
-            await self.client.require_registry()
+            registry = await self.client.require_registry()
+            self.presence_ttl = registry.heartbeat_ttl
+            if self.config.presence_interval > registry.heartbeat_ttl / 2:
+                log.warning(
+                    "presence_interval %gs is over half the registry's presence TTL (%ds): "
+                    "renewing every %gs instead",
+                    self.config.presence_interval,
+                    registry.heartbeat_ttl,
+                    self.presence_interval,
+                )
             existing = await self.client.get_node(self.pubkey)
             wanted = self._fields()
             if existing is None:
@@ -288,7 +342,7 @@ class NodeAgent:
             if existing.status is p.NodeStatus.SUSPENDED:
                 raise NodeStartError(
                     f"node {self.pubkey} is suspended by the registry authority; "
-                    "it cannot heartbeat until the authority activates it"
+                    "it cannot serve until the authority activates it"
                 )
             if existing.status is p.NodeStatus.PENDING:
                 if _differs(existing, wanted):
@@ -303,29 +357,30 @@ class NodeAgent:
         except RegistryError as exc:
             raise NodeStartError(str(exc)) from None
 
-    async def heartbeat_once(self) -> bool:
-        # The program refuses load > capacity: an overloaded node reports itself full.
+    async def renew_presence(self) -> bool:
+        """One presence renewal on chain (the program's `heartbeat` instruction, which also
+        records the capacity; its load field is the load now, for the record only: routing
+        reads the load reports)."""
         capacity = self.role.capacity
-        load = min(self.role.load(), capacity)
+        load = min(self.role.load(), capacity)  # the program refuses load > capacity
         try:
             await self.client.heartbeat(self.keypair, load, capacity)
         except (RegistryError, p.RegistryProgramError, OSError) as exc:
-            self.heartbeat_failures += 1
-            self.metrics.heartbeats.labels(role=self.role_name, result="error").inc()
-            log.warning(
-                "heartbeat failed (%s); retrying in %.0fs", exc, self.config.heartbeat_interval
-            )
+            self.presence_failures += 1
+            self.metrics.presence_renewals.labels(role=self.role_name, result="error").inc()
+            log.warning("presence renewal failed (%s); retrying in %.0fs", exc, RETRY_SECONDS)
             return False
-        self.last_heartbeat = time.time()
-        self.metrics.heartbeats.labels(role=self.role_name, result="ok").inc()
-        self.metrics.last_heartbeat.set(self.last_heartbeat)
-        log.debug("heartbeat load %d/%d", load, capacity)
+        self.last_presence = time.time()
+        self.metrics.presence_renewals.labels(role=self.role_name, result="ok").inc()
+        self.metrics.last_presence.set(self.last_presence)
+        log.info("presence renewed on chain (next in %.0fs)", self.presence_interval)
         return True
 
-    async def _heartbeat_loop(self) -> None:
+    async def _presence_loop(self) -> None:
+        ok = True
         while True:
-            await asyncio.sleep(self.config.heartbeat_interval)
-            await self.heartbeat_once()
+            await asyncio.sleep(self.presence_interval if ok else RETRY_SECONDS)
+            ok = await self.renew_presence()
 
     async def shutdown(self) -> None:
         """Drain, then leave the registry; safe to call more than once."""
@@ -339,12 +394,14 @@ class NodeAgent:
             self.role.load(),
         )
         await self.role.drain()
+        self.reporter.report_now()  # full from now on: no gateway routes a new session here
         deadline = time.monotonic() + self.config.drain_timeout
         while self.role.load() > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         self.state = "stopping"
-        if self._heartbeat_task:
-            self._heartbeat_task.cancel()
+        if self._presence_task:
+            self._presence_task.cancel()
+        await self.reporter.close()
         await self.role.stop()
         await self.outbox.stop()
         if self.config.deregister_on_exit:
@@ -352,7 +409,11 @@ class NodeAgent:
                 await self.client.deregister_node(self.keypair)
                 log.info("deregistered node %s", self.pubkey)
             except (RegistryError, p.RegistryProgramError, OSError) as exc:
-                log.warning("could not deregister (%s); the entry goes stale after the TTL", exc)
+                log.warning(
+                    "could not deregister (%s); gateways stop routing here when its load "
+                    "reports stop, and its presence expires after the registry's TTL",
+                    exc,
+                )
         if self._runner:
             await self._runner.cleanup()
         await self.client.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common.settings import SettingsError, read_yaml_mapping, validate_settings
 from registry.client import DEFAULT_RPC_URL
@@ -62,8 +62,27 @@ class NodeConfig(BaseModel):
         "`capacity` as typed",
     )
     version: str | None = Field(default=None, min_length=1, max_length=VERSION_LEN)
-    gateway_url: str | None = None
-    heartbeat_interval: float = Field(default=10.0, gt=0)
+    gateway_url: str | None = Field(
+        default=None,
+        description="the gateway that takes this node's usage reports and webhooks; it also "
+        "gets its load reports",
+    )
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="more gateways that route to this node: each gets its signed load reports",
+    )
+    report_interval: float | None = Field(
+        default=None,
+        gt=0,
+        description="seconds between load reports; unset: as often as the gateways ask "
+        "(GET /v1/liveness, 5 s by default)",
+    )
+    presence_interval: float = Field(
+        default=6 * 3600,
+        gt=0,
+        description="seconds between presence renewals on chain (one transaction each); "
+        "kept under half the registry's presence TTL",
+    )
     drain_timeout: float = Field(default=30.0, ge=0)
     deregister_on_exit: bool = True
     issuer_cache_seconds: float = Field(default=10.0, gt=0)
@@ -71,6 +90,18 @@ class NodeConfig(BaseModel):
     sfu: dict[str, Any] = Field(default_factory=dict)
     stt: dict[str, Any] = Field(default_factory=dict)
     tts: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "heartbeat_interval" in data:
+            raise ValueError(
+                "heartbeat_interval is gone: liveness is off chain now. Use report_interval "
+                "(seconds between signed load reports to the gateways; default: as they ask) "
+                "and presence_interval (seconds between presence renewals on chain; default "
+                "6 hours)"
+            )
+        return data
 
     @field_validator("public_url")
     @classmethod

@@ -22,6 +22,7 @@ from solders.pubkey import Pubkey
 from common.cli import run_command
 from registry import program as p
 from registry.client import (
+    DEFAULT_PRESENCE_TTL_HOURS,
     DEFAULT_RPC_URL,
     LAMPORTS_PER_SOL,
     RegistryClient,
@@ -92,12 +93,15 @@ async def cmd_init(args: argparse.Namespace, client: RegistryClient) -> None:
             )
         print(
             f"registry already initialised: authority {existing.authority}, "
-            f"heartbeat TTL {existing.heartbeat_ttl}s, policy {existing.policy.label}"
+            f"presence TTL {_hours(existing.heartbeat_ttl)}, policy {existing.policy.label}"
         )
         return
+    ttl = round(args.presence_ttl_hours * 3600)
+    if ttl < 1:
+        raise CliError(f"--presence-ttl-hours {args.presence_ttl_hours} is under a second")
     await client.ensure_funded(authority)
     try:
-        sig = await client.initialize_registry(authority, args.ttl, args.policy)
+        sig = await client.initialize_registry(authority, ttl, args.policy)
     except p.RegistryProgramError as exc:
         if exc.name != "NotUpgradeAuthority":
             raise
@@ -107,7 +111,7 @@ async def cmd_init(args: argparse.Namespace, client: RegistryClient) -> None:
             f"with, default {DEFAULT_KEYPAIR})"
         ) from None
     print(
-        f"registry initialised: authority {authority.pubkey()}, heartbeat TTL {args.ttl}s, "
+        f"registry initialised: authority {authority.pubkey()}, presence TTL {_hours(ttl)}, "
         f"policy {args.policy.label}\nsignature {sig}"
     )
 
@@ -193,16 +197,16 @@ async def cmd_nodes(args: argparse.Namespace, client: RegistryClient) -> None:
 def format_nodes_table(nodes: list[p.NodeAccount], now: float | None = None) -> str:
     if not nodes:
         return "no nodes registered"
-    header = ("ROLE", "URL", "LOCATION", "LOAD", "HEARTBEAT", "STATUS", "VERSION", "PUBKEY")
+    header = ("ROLE", "URL", "LOCATION", "CAPACITY", "PRESENCE", "STATUS", "VERSION", "PUBKEY")
     rows = [header]
     for n in nodes:
-        status = n.status.label + (" (stale)" if n.stale else "")
+        status = n.status.label + (" (presence expired)" if n.stale else "")
         rows.append(
             (
                 n.role.label,
                 n.url,
                 f"{n.country} {n.lat:.2f},{n.lon:.2f}",
-                f"{n.load}/{n.capacity}",
+                str(n.capacity),
                 _ago(n.last_heartbeat, now),
                 status,
                 n.version,
@@ -213,6 +217,10 @@ def format_nodes_table(nodes: list[p.NodeAccount], now: float | None = None) -> 
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows
     )
+
+
+def _hours(seconds: int) -> str:
+    return f"{seconds / 3600:g}h ({seconds}s)"
 
 
 def _ago(ts: int, now: float | None = None) -> str:
@@ -306,7 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rpc(sp)
     keypair(sp)
-    sp.add_argument("--ttl", type=int, default=30, help="heartbeat TTL in seconds (default 30)")
+    sp.add_argument(
+        "--presence-ttl-hours",
+        type=float,
+        default=DEFAULT_PRESENCE_TTL_HOURS,
+        help="how long a node's presence renewal counts; nodes renew every 6 hours by default "
+        f"(default {DEFAULT_PRESENCE_TTL_HOURS:g}: one renewal may fail)",
+    )
     sp.add_argument(
         "--policy",
         type=_policy,

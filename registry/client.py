@@ -34,6 +34,9 @@ from solders.transaction import Transaction
 from registry import program as p
 
 DEFAULT_RPC_URL = "http://127.0.0.1:8899"
+# Nodes renew their presence every 6 hours by default (node config `presence_interval`); a TTL of
+# 13 hours lets one renewal fail without the node dropping out of the registry's view.
+DEFAULT_PRESENCE_TTL_HOURS = 13.0
 LAMPORTS_PER_SOL = 1_000_000_000
 
 _CUSTOM_RE = re.compile(r"(?:InstructionErrorCustom\(|Custom\()(?:code: )?(\d+)\)")

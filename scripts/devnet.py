@@ -32,14 +32,14 @@ from solders.keypair import Keypair  # noqa: E402
 
 from node.roles import ROLE_SERVICE  # noqa: E402
 from registry import program as p  # noqa: E402
-from registry.client import RegistryClient, RegistryError  # noqa: E402
+from registry.client import DEFAULT_PRESENCE_TTL_HOURS, RegistryClient, RegistryError  # noqa: E402
 from registry.keys import load_or_create_keypair  # noqa: E402
 
 LOCAL = ROOT / ".local"
 RPC_PORT = 8899
 RPC_URL = f"http://127.0.0.1:{RPC_PORT}"
 GATEWAY_URL = "http://127.0.0.1:8402"
-HEARTBEAT_TTL = 30
+PRESENCE_TTL = round(DEFAULT_PRESENCE_TTL_HOURS * 3600)
 NODE_PORTS = {"sfu": 7880, "stt": 8001, "tts": 8002}
 RESTARTS = 5  # a child that exits this many times within RESTART_WINDOW stops the network
 RESTART_WINDOW = 300.0
@@ -190,9 +190,9 @@ async def bootstrap_registry(client: RegistryClient) -> str:
     await client.ensure_funded(authority)
     registry = await client.get_registry()
     if registry is None:
-        await client.initialize_registry(authority, HEARTBEAT_TTL, p.Policy.APPROVAL)
+        await client.initialize_registry(authority, PRESENCE_TTL, p.Policy.APPROVAL)
         print(
-            f"registry initialised (authority {authority.pubkey()}, TTL {HEARTBEAT_TTL}s, "
+            f"registry initialised (authority {authority.pubkey()}, presence TTL {PRESENCE_TTL}s, "
             "policy approval)"
         )
     if str(issuer.pubkey()) not in await client.issuer_keys():

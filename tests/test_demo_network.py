@@ -1,11 +1,11 @@
 """The network map: the gateway's public node list (GET /v1/nodes) over a localnet of its own
-with nodes in every standing (active, pending, suspended, stale), and the demo's /network page
+with nodes in every standing (active and reporting, active and silent, pending, suspended), and
+the demo's /network page
 reading it in Chromium (the DOM says what a person sees; a screenshot shows it)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +26,7 @@ from tests.support.serving import serve
 
 module_loop = pytest.mark.asyncio(loop_scope="module")  # the network fixture's loop
 
-TTL = 4  # seconds without a heartbeat before a node is stale
-# name: role, url, lat, lon, country, capacity, load (None: never heartbeats), standing
+# name: role, url, lat, lon, country, capacity, load (None: never reports), standing
 NODES: dict[str, tuple[p.Role, str, float, float, str, int, int | None, str]] = {
     "sfu-fra": (p.Role.SFU, "https://sfu-fra.test", 50.11, 8.68, "DE", 100, 30, "active"),
     "stt-iad": (p.Role.STT, "https://stt-iad.test", 38.9, -77.0, "US", 50, 40, "active"),
@@ -43,36 +42,26 @@ GREYED = {"tts-gru", "sfu-nrt", "stt-syd"}
 class Network:
     gateway_url: str
     keys: dict[str, str]  # name -> node key
-    loads: dict[str, int]  # what the heartbeat loop reports; change it to move a node's load
+    loads: dict[str, tuple[int, int]]  # what the nodes report; change it to move a node's load
     http: aiohttp.ClientSession
 
     def name_of(self, key: str) -> str:
         return next(name for name, k in self.keys.items() if k == key)
 
 
-async def heartbeats(
-    client: RegistryClient, owners: dict[str, Keypair], loads: dict[str, int]
-) -> None:
-    while True:
-        for name, load in list(loads.items()):
-            await client.heartbeat(owners[name], load, NODES[name][5])
-        await asyncio.sleep(1.0)
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def network(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Network]:
-    """A localnet under the approval policy with NODES in their standings, heartbeats for the
-    fresh ones, and the real gateway reading it."""
+    """A localnet under the approval policy with NODES in their standings, signed load reports
+    from the ones with a load, and the real gateway reading it."""
     tmp = tmp_path_factory.mktemp("demo-network")
     localnet: Localnet = start_localnet_process(tmp / "ledger")
     authority, issuer = localnet.authority, Keypair()
     owners = {name: Keypair() for name in NODES}
-    loads = {name: spec[6] for name, spec in NODES.items() if spec[6] is not None}
+    loads = {name: (spec[6], spec[5]) for name, spec in NODES.items() if spec[6] is not None}
     client = RegistryClient(localnet.url)
-    beating: asyncio.Task[None] | None = None
     try:
         await client.ensure_funded(authority)
-        await client.initialize_registry(authority, TTL, p.Policy.APPROVAL)
+        await client.initialize_registry(authority, 3600, p.Policy.APPROVAL)
         await client.add_issuer(authority, issuer.pubkey())
         for name, (role, url, lat, lon, country, capacity, _, standing) in NODES.items():
             await client.ensure_funded(owners[name])
@@ -85,16 +74,11 @@ async def network(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Net
                 await client.set_node_status(
                     authority, owners[name].pubkey(), p.NodeStatus.SUSPENDED
                 )
-        beating = asyncio.ensure_future(heartbeats(client, owners, loads))
         net = Net(localnet.url, authority, issuer, owners)
         db = f"sqlite+aiosqlite:///{tmp}/gateway.db"
-        async with serve_gateway(net, tmp, db) as gw:
+        async with serve_gateway(net, tmp, db, loads) as gw:
             yield Network(gw.url, {n: str(k.pubkey()) for n, k in owners.items()}, loads, gw.http)
     finally:
-        if beating is not None:
-            beating.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beating
         await client.close()
         localnet.stop()
 
@@ -105,20 +89,21 @@ async def node_list(network: Network) -> tuple[dict[str, dict[str, Any]], aiohtt
     return {network.name_of(n["key"]): n for n in body["nodes"]}, r
 
 
-async def until_stale(network: Network, name: str) -> dict[str, dict[str, Any]]:
+async def until_live(network: Network) -> dict[str, dict[str, Any]]:
+    """The node list once every reporting node's report has reached the gateway."""
     for _ in range(100):
         nodes, _ = await node_list(network)
-        if nodes[name]["stale"]:
+        if all(nodes[name]["live"] for name in network.loads):
             return nodes
         await asyncio.sleep(0.2)
-    raise AssertionError(f"{name} never went stale")
+    raise AssertionError(f"not every reporting node is live: {nodes}")
 
 
 @module_loop
 async def test_public_node_list_needs_no_signature_and_shows_every_standing(
     network: Network,
 ) -> None:
-    nodes = await until_stale(network, "tts-gru")
+    nodes = await until_live(network)
     _, response = await node_list(network)
     assert response.status == 200
     assert response.headers["Access-Control-Allow-Origin"] == "*", "a map page of any origin"
@@ -133,11 +118,15 @@ async def test_public_node_list_needs_no_signature_and_shows_every_standing(
         ), node
         assert (node["lat"], node["lon"]) == pytest.approx((lat, lon), abs=1e-3)
         assert node["status"] == standing, node
-        assert isinstance(node["heartbeat_age_seconds"], int) and node["heartbeat_age_seconds"] >= 0
-        if load is not None:  # heartbeating: fresh, with the load it reports
-            assert node["load"] == load and not node["stale"], node
-            assert node["heartbeat_age_seconds"] <= TTL, node
-    assert nodes["tts-gru"]["stale"] and nodes["tts-gru"]["heartbeat_age_seconds"] >= TTL
+        assert isinstance(node["presence_age_seconds"], int) and node["presence_age_seconds"] >= 0
+        if load is not None:  # reporting: live, with the load it reports
+            assert (node["load"], node["live"], node["routable"]) == (load, True, True), node
+            assert node["reason"] is None and 0 <= node["report_age_seconds"] <= 2, node
+        else:
+            assert not node["live"] and not node["routable"], node
+            assert node["report_age_seconds"] is None, node
+    assert nodes["tts-gru"]["reason"] == "no fresh load report"
+    assert (nodes["sfu-nrt"]["reason"], nodes["stt-syd"]["reason"]) == ("pending", "suspended")
 
 
 async def dom_nodes(page: Any) -> dict[str, dict[str, Any]]:
@@ -145,7 +134,7 @@ async def dom_nodes(page: Any) -> dict[str, dict[str, Any]]:
         "circle.node",
         """circles => Object.fromEntries(
         circles.map(c => [c.dataset.key, {role: c.dataset.role, status: c.dataset.status,
-          stale: c.dataset.stale, load: Number(c.dataset.load), r: Number(c.getAttribute('r')),
+          live: c.dataset.live, load: Number(c.dataset.load), r: Number(c.getAttribute('r')),
           greyed: c.classList.contains('greyed'), colour: getComputedStyle(c).fill}]))""",
     )
 
@@ -154,7 +143,7 @@ async def dom_nodes(page: Any) -> dict[str, dict[str, Any]]:
 async def test_network_page_maps_the_nodes_and_follows_the_registry(
     network: Network, tmp_path: Path
 ) -> None:
-    await until_stale(network, "tts-gru")
+    await until_live(network)
     runner, port = await serve(create_app(network.gateway_url, refresh_seconds=1.0))
     try:
         async with chromium() as browser:
@@ -183,9 +172,9 @@ async def test_network_page_maps_the_nodes_and_follows_the_registry(
             assert status.startswith(f"{len(NODES)} nodes, 3 taking sessions"), status
             await page.screenshot(path=str(tmp_path / "network.png"), full_page=True)
 
-            # The page follows the registry: a heartbeat with a new load moves the circle.
+            # The page follows the nodes: a report with a new load moves the circle.
             before = shown["sfu-fra"]["r"]
-            network.loads["sfu-fra"] = 95
+            network.loads["sfu-fra"] = (95, 100)
             await page.wait_for_function(
                 f"document.querySelector('circle[data-key=\"{network.keys['sfu-fra']}\"]')"
                 ".dataset.load === '95'",
@@ -194,7 +183,7 @@ async def test_network_page_maps_the_nodes_and_follows_the_registry(
             after = (await dom_nodes(page))[network.keys["sfu-fra"]]["r"]
             assert after > before, (before, after)
     finally:
-        network.loads["sfu-fra"] = NODES["sfu-fra"][6]
+        network.loads["sfu-fra"] = (NODES["sfu-fra"][6], NODES["sfu-fra"][5])
         await runner.cleanup()
 
 

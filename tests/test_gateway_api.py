@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -397,27 +398,25 @@ async def test_no_healthy_node_is_503(gw: Gw) -> None:
 
 
 async def test_a_node_at_its_measured_capacity_gets_no_session(gw: Gw) -> None:
-    """Nodes heartbeat the capacity they measured and a load of at most that (node/agent.py): a
+    """Nodes report the capacity they measured and a load of at most that (node/liveness.py): a
     full node is passed over for the next nearest, and with none left the answer is 503 and
     nothing is reserved."""
     client = await gw.funded(1.0)
-    stt_de, tts_de = gw.net.nodes["stt-de"], gw.net.nodes["tts-de"]
-    await gw.registry.heartbeat(stt_de, 2, 2)  # measured 2 streams, both in use
-    await gw.registry.heartbeat(tts_de, 1, 1)
+    gw.loads["stt-de"] = (2, 2)  # measured 2 streams, both in use
+    gw.loads["tts-de"] = (1, 1)
     try:
-        await asyncio.sleep(0.5)  # the directory refreshes every 0.2 s here
+        await asyncio.sleep(0.5)  # the nodes report every 0.2 s here
         stt = await client.create_stt_session(1)
         assert stt.server_url == "https://stt-us.test"  # the nearest with headroom
         spent = 1_000_000 - (await client.account()).available_balance
         with pytest.raises(NoCapacity, match="no servers available"):
             await client.create_tts_session(100)
         assert 1_000_000 - (await client.account()).available_balance == spent
-        await gw.registry.heartbeat(stt_de, 1, 2)  # one stream ended: headroom again
+        gw.loads["stt-de"] = (1, 2)  # one stream ended: headroom again
         await asyncio.sleep(0.5)
         assert (await client.create_stt_session(1)).server_url == "https://stt-de.test"
     finally:
-        await gw.registry.heartbeat(stt_de, 0, 100)
-        await gw.registry.heartbeat(tts_de, 0, 100)
+        gw.loads["stt-de"] = gw.loads["tts-de"] = (0, 100)
 
 
 async def test_only_the_routed_registered_node_may_post_usage(gw: Gw) -> None:
@@ -498,8 +497,9 @@ async def test_extend_pushes_the_new_token_to_the_sfu(gateway_net: Net, tmp_path
             p.NodeFields(str(server.make_url("")).rstrip("/"), -33.9, 151.2, "AU", 10, "0.1.0"),
         )
         try:
+            with_au = replace(gateway_net, nodes={**gateway_net.nodes, "sfu-au": node})
             async with serve_gateway(
-                gateway_net,
+                with_au,
                 tmp_path,
                 f"sqlite+aiosqlite:///{tmp_path}/r.db",
                 refresh_sfu_tokens=True,

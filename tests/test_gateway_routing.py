@@ -1,13 +1,17 @@
 """Client location (gateway.geo) and node choice (gateway.routing).
 
 The node directory is fed by a fake ``list_nodes`` callable: it stands in for the registry view,
-whose real client is tested against the localnet elsewhere.
+whose real client is tested against the localnet elsewhere, and for the nodes' load reports (each
+listed node's ``load``/``capacity`` goes on the directory's board as if it had just reported;
+the reports themselves are tested in test_gateway_liveness.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,6 +28,7 @@ from gateway.geo import (
     load_country_centroids,
     parse_ip,
 )
+from gateway.liveness import LiveLoad, LoadBoard
 from gateway.routing import (
     DirectoryUnavailable,
     NoCapacity,
@@ -32,7 +37,7 @@ from gateway.routing import (
     score_nodes,
 )
 from registry.program import NodeAccount, NodeStatus, Role
-from tests.support.node_entries import node
+from tests.support.node_entries import CITIES, node
 
 BERLIN = Location(52.52, 13.40, "DE", "default")
 DE_CENTRE = Location(51.0533, 9.7943, "DE", "embedded-country")  # as the locator gives for DE
@@ -40,23 +45,38 @@ LONDON = Location(51.5074, -0.1278, "GB", "mmdb-city")
 
 
 class FakeRegistry:
-    """The registry view: a list the test edits, and a count of reads."""
+    """The registry view: a list the test edits, and a count of reads; each read also puts every
+    listed node's load on ``board`` (nodes named in ``silent`` send none)."""
 
     def __init__(self, nodes: list[NodeAccount] | None = None) -> None:
         self.nodes = list(nodes or [])
         self.calls = 0
         self.fail: Exception | None = None
+        self.board = LoadBoard()
+        self.silent: set[str] = set()
 
     async def __call__(self) -> list[NodeAccount]:
         self.calls += 1
         await asyncio.sleep(0)
         if self.fail is not None:
             raise self.fail
+        for n in self.nodes:
+            if n.url not in self.silent:
+                self.board.record(bytes(n.owner), n.load, n.capacity)
         return list(self.nodes)
 
 
+def directory_of(registry: FakeRegistry, **kw) -> NodeDirectory:
+    return NodeDirectory(registry, board=registry.board, **kw)
+
+
+def reported(n: NodeAccount) -> LiveLoad:
+    """The live load ``FakeRegistry`` puts on the board for ``n``."""
+    return LiveLoad(n.load, n.capacity, "", 0, 0.0)
+
+
 def directory(*nodes: NodeAccount, **kw) -> NodeDirectory:
-    return NodeDirectory(FakeRegistry(list(nodes)), **kw)
+    return directory_of(FakeRegistry(list(nodes)), **kw)
 
 
 # ---------------------------------------------------------------- choice
@@ -110,7 +130,7 @@ async def test_same_country_bonus_changes_the_choice() -> None:
     without = directory(*nodes, country_bonus_km=0)
     assert (await without.choose("sfu", DE_CENTRE)).url == "wss://strasbourg.example"
     assert (await with_bonus.choose("sfu", DE_CENTRE)).url == "wss://munich.example"
-    ranked = score_nodes(nodes, DE_CENTRE)
+    ranked = score_nodes([(n, reported(n)) for n in nodes], DE_CENTRE)
     assert ranked[0].same_country and ranked[0].score == pytest.approx(ranked[0].distance_km - 300)
     # A client whose country is unknown gets no bonus from anyone.
     unknown = Location(DE_CENTRE.lat, DE_CENTRE.lon, "", "default:invalid")
@@ -144,26 +164,85 @@ async def test_no_capacity_names_the_reasons() -> None:
         await d.choose("sfu", LONDON)
     assert ei.value.role == Role.SFU
     assert "2 registered" in str(ei.value) and "full 10/10" in str(ei.value)
-    assert "stale" in str(ei.value)
+    assert "presence expired" in str(ei.value)
     with pytest.raises(NoCapacity):
         await directory().choose("sfu", LONDON)
 
 
 @pytest.mark.fast
-async def test_a_choice_is_reused_only_until_the_next_registry_read() -> None:
+async def test_a_report_moves_the_choice_at_once_and_the_registry_at_its_next_read() -> None:
     registry = FakeRegistry([node("london"), node("frankfurt")])
-    d = NodeDirectory(registry)
+    d = directory_of(registry)
+    london = registry.nodes[0]
     assert (await d.choose("sfu", LONDON)).url == "wss://london.example"
+    d.board.record(bytes(london.owner), 10, 10)  # London reports itself full
+    assert (await d.choose("sfu", LONDON)).url == "wss://frankfurt.example"
+    d.board.record(bytes(london.owner), 9, 10)  # and has room again
     assert (await d.choose("sfu", LONDON)).url == "wss://london.example"
-    assert registry.calls == 1
-    registry.nodes = [node("london", load=10), node("frankfurt")]  # London is full now
+    assert registry.calls == 1  # no registry read for any of it
+    registry.nodes = [node("london", stale=True)]
     assert (await d.choose("sfu", LONDON)).url == "wss://london.example"  # same view
     await d.refresh()
-    assert (await d.choose("sfu", LONDON)).url == "wss://frankfurt.example"
-    registry.nodes = [node("london", stale=True)]
-    await d.refresh()
-    with pytest.raises(NoCapacity, match="stale"):
+    with pytest.raises(NoCapacity, match="presence expired"):
         await d.choose("sfu", LONDON)
+
+
+@pytest.mark.fast
+async def test_a_silent_node_leaves_routing_after_the_report_ttl() -> None:
+    """Routing needs a fresh report: a node that never reported is never chosen, and one whose
+    last report is older than the TTL is passed over and named as silent."""
+    now = [1000.0]
+    registry = FakeRegistry([node("london"), node("frankfurt"), node("newyork")])
+    registry.silent = {"wss://newyork.example"}
+    registry.board = LoadBoard(ttl=15, clock=lambda: now[0])
+    d = directory_of(registry)
+    assert (await d.choose("sfu", LONDON)).url == "wss://london.example"
+    registry.silent.add("wss://london.example")  # London stops reporting
+    now[0] += 10
+    await d.refresh()  # Frankfurt reports again; London's last report is 10 s old
+    assert (await d.choose("sfu", LONDON)).url == "wss://london.example"
+    now[0] += 6  # 16 s: past the TTL
+    assert (await d.choose("sfu", LONDON)).url == "wss://frankfurt.example"
+    assert [n.url for n in await d.healthy("sfu")] == ["wss://frankfurt.example"]
+    reasons = {n.url: d.reason(n) for n in await d.nodes()}
+    assert reasons == {
+        "wss://london.example": "silent for 16s",
+        "wss://frankfurt.example": None,
+        "wss://newyork.example": "no fresh load report",
+    }
+
+
+@pytest.mark.fast
+async def test_the_bounded_walk_picks_what_scoring_every_node_picks() -> None:
+    """``choose`` reads live loads only until no farther node can win; over random fleets, loads
+    and clients it must name the same node as scoring all of them (``score_nodes``)."""
+    rng = random.Random(7)
+    cities = list(CITIES)
+    for trial in range(40):
+        nodes = [
+            replace(
+                node(rng.choice(cities)),
+                lat=rng.uniform(-60, 70),
+                lon=rng.uniform(-180, 180),
+                country=rng.choice(["DE", "FR", "US", "GB", "JP"]),
+                load=(load := rng.randint(0, 10)),
+                capacity=rng.choice([load, 10, 16]) or 1,
+                stale=rng.random() < 0.1,
+            )
+            for _ in range(rng.randint(1, 300))
+        ]
+        d = directory(*nodes)
+        await d.refresh()  # the view, and every node's report on the board
+        client = Location(
+            rng.uniform(-60, 70), rng.uniform(-180, 180), rng.choice(["DE", "US"]), "t"
+        )
+        routable = [(n, reported(n)) for n in nodes if d.reason(n) is None]
+        if not routable:
+            with pytest.raises(NoCapacity):
+                await d.choose("sfu", client)
+            continue
+        best = score_nodes(routable, client)[0].node
+        assert (await d.choose("sfu", client)).owner == best.owner, trial
 
 
 @pytest.mark.fast
@@ -176,7 +255,7 @@ async def test_choice_is_logged_in_one_line(caplog: pytest.LogCaptureFixture) ->
     assert "client=(51.51,-0.13 GB via mmdb-city)" in line
     assert "winner=" in line and "london.example" in line.split("candidates=")[0]
     assert "load=3/10" in line and "score=" in line and "d=" in line
-    assert "newyork.example) stale" in line.split("skipped=")[1]
+    assert "newyork.example) presence expired" in line.split("skipped=")[1]
 
 
 @pytest.mark.fast
@@ -202,7 +281,7 @@ async def test_counts() -> None:
 async def test_refresh_on_demand_after_refresh_seconds() -> None:
     now = [100.0]
     reg = FakeRegistry([node("frankfurt")])
-    d = NodeDirectory(reg, refresh_seconds=3, clock=lambda: now[0])
+    d = directory_of(reg, refresh_seconds=3, clock=lambda: now[0])
     assert (await d.choose("sfu", LONDON)).url == "wss://frankfurt.example"
     reg.nodes.append(node("london"))
     now[0] += 2.9
@@ -216,7 +295,7 @@ async def test_refresh_on_demand_after_refresh_seconds() -> None:
 @pytest.mark.fast
 async def test_background_refresh_picks_up_new_node() -> None:
     reg = FakeRegistry([node("frankfurt")])
-    d = NodeDirectory(reg, refresh_seconds=0.05)
+    d = directory_of(reg, refresh_seconds=0.05)
     await d.start()
     try:
         assert reg.calls == 1
@@ -234,7 +313,7 @@ async def test_background_refresh_picks_up_new_node() -> None:
 @pytest.mark.fast
 async def test_concurrent_first_reads_share_one_fetch() -> None:
     reg = FakeRegistry([node("london")])
-    d = NodeDirectory(reg)
+    d = directory_of(reg)
     await asyncio.gather(*(d.choose("sfu", LONDON) for _ in range(10)))
     assert reg.calls == 1
 
@@ -243,7 +322,7 @@ async def test_concurrent_first_reads_share_one_fetch() -> None:
 async def test_failed_refresh_keeps_view_until_max_age() -> None:
     now = [0.0]
     reg = FakeRegistry([node("london")])
-    d = NodeDirectory(reg, refresh_seconds=3, max_age_seconds=30, clock=lambda: now[0])
+    d = directory_of(reg, refresh_seconds=3, max_age_seconds=30, clock=lambda: now[0])
     await d.choose("sfu", LONDON)
     reg.fail = ConnectionError("rpc down")
     now[0] = 10
@@ -259,7 +338,7 @@ async def test_failed_refresh_keeps_view_until_max_age() -> None:
 async def test_unreachable_registry_from_the_start() -> None:
     reg = FakeRegistry()
     reg.fail = ConnectionError("connection refused")
-    d = NodeDirectory(reg)
+    d = directory_of(reg)
     await d.start()  # logs, does not raise
     try:
         with pytest.raises(DirectoryUnavailable, match="connection refused"):

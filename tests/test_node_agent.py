@@ -1,8 +1,10 @@
-"""Node agents as real processes on the localnet: register, heartbeat, drain, die.
+"""Node agents as real processes on the localnet: register, renew presence, drain, die.
 
 The role is tests/support/probe_role.py (the real roles have their own tests); everything the agent
-does — keys, registration, heartbeats with the role's load, health, metrics, SIGTERM drain and
-deregistration, staleness after SIGKILL — runs for real.
+does on chain — keys, registration, presence renewals (every half of the session registry's 3 s
+TTL here) with the role's capacity and load, health, metrics, SIGTERM drain and deregistration,
+an expired presence after SIGKILL — runs for real. Its load reports to a gateway are tested in
+test_gateway_liveness.py.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def start_node(config: Path, tmp: Path) -> subprocess.Popen[bytes]:
     )
 
 
-async def test_two_agents_register_heartbeat_and_one_dies(chain: Chain, tmp_path: Path) -> None:
+async def test_two_agents_register_renew_presence_and_one_dies(chain: Chain, tmp_path: Path) -> None:
     cfg_a, port_a = node_config(tmp_path, chain, "a")
     cfg_b, port_b = node_config(tmp_path, chain, "b", role="tts")
     a, b = start_node(cfg_a, tmp_path), start_node(cfg_b, tmp_path)
@@ -66,14 +68,14 @@ async def test_two_agents_register_heartbeat_and_one_dies(chain: Chain, tmp_path
                 async with http.get(f"http://127.0.0.1:{port_a}/metrics") as resp:
                     text = await resp.text()
                 assert 'voicenet_node_load{role="stt"} 3.0' in text
-                assert 'voicenet_node_heartbeats_total{result="ok",role="stt"}' in text
+                assert 'voicenet_node_presence_renewals_total{result="ok",role="stt"}' in text
 
                 a.send_signal(signal.SIGKILL)
                 a.wait()
                 await asyncio.sleep(chain.ttl + 2)
                 nodes = {n.owner: n for n in await client.list_nodes()}
-                assert nodes[key_a].stale, "a killed node must be reported stale after the TTL"
-                assert not nodes[key_b].stale, "the live node keeps heartbeating"
+                assert nodes[key_a].stale, "a killed node's presence expires after the TTL"
+                assert not nodes[key_b].stale, "the live node keeps renewing its presence"
     finally:
         for proc in (a, b):
             if proc.poll() is None:
@@ -192,7 +194,7 @@ async def test_pending_node_waits_for_approval_then_serves(gated: Localnet, tmp_
                 except aiohttp.ClientError:
                     await asyncio.sleep(0.2)
             assert (status, body["status"], body["pubkey"]) == (503, "pending", str(key))
-            await asyncio.sleep(1.5)  # several polls: it keeps waiting, never heartbeats
+            await asyncio.sleep(1.5)  # several polls: it keeps waiting, never renews
             assert proc.poll() is None
             assert (await get_health(port))[1]["status"] == "pending"
             still = await client.get_node(key)

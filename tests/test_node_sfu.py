@@ -462,7 +462,7 @@ async def test_a_room_spans_two_nodes(sfu: Setup, tmp_path: Path) -> None:
         public_url=f"http://127.0.0.1:{port}",
         location=Location(lat=1.35, lon=103.8, country="SG"),
         capacity=20,
-        heartbeat_interval=0.5,
+        report_interval=0.5,
         drain_timeout=1,
         issuer_cache_seconds=1,
         state_dir=tmp_path / "state-b",

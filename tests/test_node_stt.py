@@ -433,7 +433,7 @@ async def test_node_process_serves_stt(
         "public_url": f"http://127.0.0.1:{port}",
         "location": {"lat": 50.1, "lon": 8.7, "country": "DE"},
         "capacity": 3,
-        "heartbeat_interval": 1,
+        "report_interval": 1,
         "drain_timeout": 2,
         "state_dir": str(tmp_path / "state"),
         "stt": {

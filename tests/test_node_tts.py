@@ -471,7 +471,7 @@ async def test_node_role_tts_process(chain: Chain, tmp_path: Path) -> None:
         "public_url": f"http://127.0.0.1:{port}",
         "location": {"lat": 50.1, "lon": 8.7, "country": "DE"},
         "capacity": 4,
-        "heartbeat_interval": 0.5,
+        "report_interval": 0.5,
         "drain_timeout": 2,
         "issuer_cache_seconds": 1,
         "state_dir": str(tmp_path / "state"),

@@ -1,7 +1,7 @@
 // The network map: every node the registry lists, read from the gateway's public GET /v1/nodes
 // every few seconds, drawn on Natural Earth's countries (shipped in static/vendor, no tiles).
-// Colour says the role, size the load, grey a node the gateway would not route to for want of
-// admission (pending, suspended) or of a fresh heartbeat (stale).
+// Colour says the role, size the load (as the node last reported it), grey a node that is not
+// live: not admitted (pending, suspended), or silent (no fresh signed load report).
 "use strict";
 
 const SVG = "http://www.w3.org/2000/svg";
@@ -57,11 +57,16 @@ async function drawLand() {
 }
 
 function greyed(node) {
-  return node.status !== "active" || node.stale;
+  return !node.live;
 }
 
 function statusText(node) {
-  return node.stale && node.status === "active" ? "stale" : node.status + (node.stale ? ", stale" : "");
+  if (node.status !== "active") return node.status;
+  return node.live ? "live" : (node.reason || "silent");
+}
+
+function reportAge(node) {
+  return node.report_age_seconds === null ? "never" : `${node.report_age_seconds}s ago`;
 }
 
 function radius(node) {
@@ -81,13 +86,13 @@ function drawNodes(nodes) {
     circle.setAttribute("r", radius(node).toFixed(1));
     circle.setAttribute("class", `node role-${node.role}` + (greyed(node) ? " greyed" : ""));
     for (const [name, value] of Object.entries({key: node.key, role: node.role,
-        status: node.status, stale: node.stale, load: node.load, capacity: node.capacity})) {
+        status: node.status, live: node.live, load: node.load, capacity: node.capacity})) {
       circle.dataset[name] = String(value);
     }
     const title = document.createElementNS(SVG, "title");
     title.textContent = `${node.role.toUpperCase()} ${node.url} (${node.country}): ` +
       `load ${node.load}/${node.capacity}, ${statusText(node)}, ` +
-      `heartbeat ${node.heartbeat_age_seconds}s ago`;
+      `load report ${reportAge(node)}`;
     circle.appendChild(title);
     layer.appendChild(circle);
   }
@@ -99,7 +104,7 @@ function drawTable(nodes) {
     row.dataset.key = node.key;
     if (greyed(node)) row.className = "greyed";
     for (const text of [node.role.toUpperCase(), node.url, node.country,
-        `${node.load}/${node.capacity}`, statusText(node), `${node.heartbeat_age_seconds}s ago`]) {
+        `${node.load}/${node.capacity}`, statusText(node), reportAge(node)]) {
       const cell = document.createElement("td");
       cell.textContent = text;
       row.appendChild(cell);
@@ -123,7 +128,7 @@ async function refresh(gatewayUrl) {
     if (!Array.isArray(body.nodes)) throw new Error("the answer has no node list");
     drawNodes(body.nodes);
     drawTable(body.nodes);
-    const routable = body.nodes.filter((n) => !greyed(n)).length;
+    const routable = body.nodes.filter((n) => n.routable).length;
     showStatus(`${body.nodes.length} nodes, ${routable} taking sessions · updated ` +
       new Date().toLocaleTimeString());
     document.body.dataset.refreshes = String(Number(document.body.dataset.refreshes || 0) + 1);

@@ -17,6 +17,7 @@ import pytest
 from gateway.auth import sign_request
 from gateway.client import GatewayClient, NotFound
 from gateway.ledger import pricing
+from gateway.liveness import LiveLoad
 from gateway.payments.x402 import PaymentInvalid, decode_header
 from gateway.routing import unhealthy_reason
 from gateway.sessions import sfu_room
@@ -284,11 +285,12 @@ def test_nodes_with_plain_http_urls_off_loopback_are_never_routed() -> None:
     """An entry written before the program checked URLs (or on another deployment) with a
     plain-http public URL would receive tokens in clear text: the gateway skips it."""
     secure = make_node("frankfurt")
-    assert unhealthy_reason(secure) is None
+    live = LiveLoad(0, 10, "0.1.0", 1, 0.0)  # reporting, idle: only the URL can disqualify it
+    assert unhealthy_reason(secure, live) is None
     for url in ("http://sfu.example.org", "ws://10.0.0.7:7880", "ftp://sfu.example.org"):
-        assert unhealthy_reason(dataclasses.replace(secure, url=url)) == "insecure url"
+        assert unhealthy_reason(dataclasses.replace(secure, url=url), live) == "insecure url"
     for url in ("http://127.0.0.1:7880", "ws://localhost:7880", "http://[::1]:7880"):
-        assert unhealthy_reason(dataclasses.replace(secure, url=url)) is None
+        assert unhealthy_reason(dataclasses.replace(secure, url=url), live) is None
 
 
 def test_payment_headers_in_utf16_or_too_deep_are_refused_cleanly() -> None:

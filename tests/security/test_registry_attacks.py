@@ -24,6 +24,7 @@ from gateway.app import create_app
 from gateway.client import GatewayClient, NoCapacity
 from gateway.config import GatewayConfig
 from gateway.ledger import Ledger
+from node.liveness import LoadReporter
 from registry import program as p
 from registry.client import RegistryClient
 from registry.keys import save_keypair
@@ -114,6 +115,7 @@ async def gateway(net: Net, tmp_path: Path) -> AsyncIterator[Gateway]:
     config = GatewayConfig(
         database_url=db,
         rpc_url=net.url,
+        load_report_port=0,  # served by a TestServer on a free port
         registry_refresh_seconds=0.2,
         sweep_interval_seconds=0.2,
         refresh_sfu_tokens=False,
@@ -122,10 +124,14 @@ async def gateway(net: Net, tmp_path: Path) -> AsyncIterator[Gateway]:
         create_app(config, net.issuer, registry.list_nodes, ledger=ledger), host="127.0.0.1"
     )
     await server.start_server()
+    url = str(server.make_url("")).rstrip("/")
+    honest = LoadReporter(net.honest, p.Role.STT, lambda: (0, 10), "0.1.0", [url], interval=0.2)
+    await honest.start()  # the approved node reports its load, as its agent would
     http = aiohttp.ClientSession()
     try:
-        yield Gateway(str(server.make_url("")).rstrip("/"), ledger, http)
+        yield Gateway(url, ledger, http)
     finally:
+        await honest.close()
         await http.close()
         await server.close()
         await registry.close()
@@ -185,7 +191,13 @@ async def test_rogue_node_is_pending_and_never_routed_to(
         )
         assert await snapshot(client, *watched) == before
 
-        # Every session goes to the approved node, never to the pending one.
+        # Every session goes to the approved node, never to the pending one, even while the
+        # pending one sends correctly signed load reports saying it is idle.
+        rogue_reports = LoadReporter(
+            rogue, p.Role.STT, lambda: (0, MAX_U32), "0.1.0", [gateway.url], interval=0.2
+        )
+        await rogue_reports.start()
+        await asyncio.sleep(0.5)
         user = await gateway.funded_client()
         for _ in range(3):
             session = await user.create_stt_session(duration_minutes=1)
@@ -207,6 +219,7 @@ async def test_rogue_node_is_pending_and_never_routed_to(
             await client.set_node_status(
                 net.localnet.authority, net.honest.pubkey(), p.NodeStatus.ACTIVE
             )
+        await rogue_reports.close()
         after = await snapshot(client, *watched)
         assert after[str(rogue_addr)] == before[str(rogue_addr)]
         assert after[str(registry_addr)] == before[str(registry_addr)]

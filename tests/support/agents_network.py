@@ -190,7 +190,7 @@ class Network:
             "location": self.where,
             "capacity": 8,
             "calibrate": False,
-            "heartbeat_interval": 0.5,
+            "report_interval": 0.5,
             "drain_timeout": 1,
             "issuer_cache_seconds": 1,
             "state_dir": str(self.tmp / f"state-{role}"),

@@ -1,7 +1,8 @@
 """A gateway over a localnet of its own with known node entries, served on loopback: the
 fixtures of the gateway API tests and of the gateway attack tests (registered as a pytest plugin
 in tests/conftest.py). Nodes here are registry entries with their keys (routing and node-signed
-callbacks only need those)."""
+callbacks only need those), each sending its signed load report to the gateway every 0.2 s, as a
+node agent does (``node.liveness.LoadReporter``), with the load a test sets in ``Gw.loads``."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from gateway.app import create_app
 from gateway.client import GatewayClient
 from gateway.config import GatewayConfig
 from gateway.ledger import Ledger
+from node.liveness import LoadReporter
 from registry import program as p
 from registry.client import RegistryClient
 from registry.tokens import sign_body
@@ -74,6 +76,8 @@ class Gw:
     net: Net
     registry: RegistryClient
     http: aiohttp.ClientSession
+    # name -> (load, capacity) each node's load reports say; a test edits it to move a load
+    loads: dict[str, tuple[int, int]]
 
     def client(self, key: Keypair | str | None = None, chain: str = "solana") -> GatewayClient:
         return GatewayClient(self.url, key or Keypair(), chain, session=self.http)
@@ -108,6 +112,7 @@ def gateway_config(tmp: Path, db_url: str, **over: object) -> GatewayConfig:
     # The module's nodes have made-up URLs: pushing refreshed tokens to them is tested apart.
     over.setdefault("refresh_sfu_tokens", False)
     over.setdefault("account_cache_seconds", 2.0)
+    over.setdefault("load_report_port", 0)  # served by a TestServer on a free port
     return GatewayConfig(
         database_url=db_url,
         registry_refresh_seconds=0.2,
@@ -125,10 +130,21 @@ async def gw(gateway_net: Net, tmp_path: Path) -> AsyncIterator[Gw]:
 
 
 class serve_gateway:
-    """A gateway app over ``net``'s localnet on loopback, with its own ledger at ``db``."""
+    """A gateway app over ``net``'s localnet on loopback, with its own ledger at ``db``; the
+    nodes in ``loads`` (name -> (load, capacity); default: every node of ``net``, idle with
+    capacity 100) report their load to it."""
 
-    def __init__(self, net: Net, tmp: Path, db: str, **config: object) -> None:
+    def __init__(
+        self,
+        net: Net,
+        tmp: Path,
+        db: str,
+        loads: dict[str, tuple[int, int]] | None = None,
+        **config: object,
+    ) -> None:
         self.net, self.tmp, self.db, self.config = net, tmp, db, config
+        self.loads = {name: (0, 100) for name in net.nodes} if loads is None else loads
+        self.reporters: list[LoadReporter] = []
 
     async def __aenter__(self) -> Gw:
         self.registry = RegistryClient(self.net.url)
@@ -137,16 +153,26 @@ class serve_gateway:
         app = create_app(config, self.net.issuer, self.registry.list_nodes, ledger=self.ledger)
         self.server = TestServer(app, host="127.0.0.1")
         await self.server.start_server()
+        url = str(self.server.make_url("")).rstrip("/")
+        roles = {str(n.owner): n.role for n in await self.registry.list_nodes()}
+        for name in self.loads:
+            key = self.net.nodes[name]
+            reporter = LoadReporter(
+                key,
+                roles[str(key.pubkey())],
+                lambda name=name: self.loads[name],
+                "0.1.0",
+                [url],
+                interval=0.2,
+            )
+            await reporter.start()
+            self.reporters.append(reporter)
         self.http = aiohttp.ClientSession()
-        return Gw(
-            str(self.server.make_url("")).rstrip("/"),
-            self.ledger,
-            self.net,
-            self.registry,
-            self.http,
-        )
+        return Gw(url, self.ledger, self.net, self.registry, self.http, self.loads)
 
     async def __aexit__(self, *exc: object) -> None:
+        for reporter in self.reporters:
+            await reporter.close()
         await self.http.close()
         await self.server.close()
         await self.registry.close()

@@ -24,7 +24,7 @@ def node_config(tmp: Path, chain: Chain, name: str, **over: object) -> tuple[Pat
         "public_url": f"http://127.0.0.1:{port}",
         "location": {"lat": 50.1, "lon": 8.7, "country": "DE"},
         "capacity": 5,
-        "heartbeat_interval": 0.5,
+        "report_interval": 0.5,
         "drain_timeout": 5,
         "issuer_cache_seconds": 1,
         **over,

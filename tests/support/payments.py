@@ -187,6 +187,7 @@ async def pay(tmp_path: Path) -> AsyncIterator[Pay]:
     config = GatewayConfig(
         database_url=f"sqlite+aiosqlite:///{tmp_path}/gateway.db",
         rpc_url=net.url,
+        load_report_port=0,  # served by a TestServer on a free port
         payments=PaymentsConfig(
             solana=SolanaPayments(
                 asset_keypair=keys / "mint.json",

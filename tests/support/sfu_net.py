@@ -50,6 +50,7 @@ async def sfu_and_gateway(chain: Chain, tmp: Path, where: dict[str, Any]) -> Asy
     gw_config = GatewayConfig(
         database_url=db,
         rpc_url=chain.url,
+        load_report_port=0,  # served by a TestServer on a free port
         registry_refresh_seconds=0.2,
         sweep_interval_seconds=0.5,
         settle_grace_seconds=0,
@@ -71,7 +72,7 @@ async def sfu_and_gateway(chain: Chain, tmp: Path, where: dict[str, Any]) -> Asy
         capacity=20,
         calibrate=False,  # test_node_capacity measures the forwarding path
         gateway_url=gateway_url,
-        heartbeat_interval=0.5,
+        report_interval=0.5,
         drain_timeout=1,
         issuer_cache_seconds=1,
         state_dir=tmp / "state",

@@ -1,0 +1,191 @@
+"""Liveness off chain: signed load reports (registry/loadreport.py) checked by the gateway's board
+(gateway/liveness.py), sent by the node side (node/liveness.py) over real UDP on loopback.
+
+The board's checks are unit tests over real keys and real signatures; the rest runs the real
+gateway over its own localnet (``gateway_net``), with a real node agent process that is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from solders.keypair import Keypair
+
+from gateway.liveness import LoadBoard
+from node.liveness import LoadReporter
+from registry import program as p
+from registry.client import RegistryClient
+from registry.keys import load_keypair
+from registry.loadreport import REPORT_LEN, BadReport, LoadReport, parse
+from tests.conftest import ROOT
+from tests.support.gateway_net import Net, serve_gateway
+from tests.support.node_entries import node
+from tests.support.node_process import node_config, wait_health
+
+NOW = 1_800_000_000.0
+
+
+def report(
+    key: Keypair,
+    *,
+    load: int = 1,
+    capacity: int = 4,
+    seq: int = 1,
+    age: float = 0.0,
+    role: p.Role = p.Role.STT,
+) -> LoadReport:
+    return LoadReport(key.pubkey(), role, load, capacity, "0.1.0", seq, int((NOW - age) * 1000))
+
+
+def board_and_view() -> tuple[LoadBoard, Keypair, dict[bytes, p.NodeAccount]]:
+    key = Keypair()
+    entry = node("frankfurt", role=p.Role.STT, owner=key.pubkey())
+    return LoadBoard(15, clock=lambda: 0.0, wall=lambda: NOW), key, {bytes(key.pubkey()): entry}
+
+
+@pytest.mark.fast
+def test_a_report_round_trips_and_is_kept() -> None:
+    board, key, view = board_and_view()
+    datagram = report(key, load=3, capacity=4, seq=7).sign(key)
+    assert len(datagram) == REPORT_LEN
+    assert parse(datagram)[0] == report(key, load=3, capacity=4, seq=7)
+    live = board.ingest(datagram, view)
+    assert (live.load, live.capacity, live.version, live.seq) == (3, 4, "0.1.0", 7)
+    assert board.fresh(bytes(key.pubkey())) == live
+    assert (board.accepted, sum(board.refused.values())) == (1, 0)
+
+
+@pytest.mark.fast
+def test_forged_stale_replayed_and_foreign_reports_are_refused_and_change_nothing() -> None:
+    board, key, view = board_and_view()
+    board.ingest(report(key, load=1, seq=10).sign(key), view)
+    before = board.last(bytes(key.pubkey()))
+    intruder = Keypair()
+    body = bytearray(report(key, load=0, seq=11).sign(key))
+    body[-64:] = bytes(intruder.sign_message(bytes(body[:-64])))  # right node, wrong signer
+    tampered = bytearray(report(key, load=1, seq=12).sign(key))
+    tampered[4 + 32 + 8 + 8 + 1] = 0  # load 1 -> 0 after signing
+    cases = {
+        "forged": [bytes(body), bytes(tampered)],
+        "stale": [report(key, seq=20, age=16).sign(key)],
+        "future": [report(key, seq=21, age=-6).sign(key)],
+        "replayed": [report(key, seq=10).sign(key), report(key, seq=9).sign(key)],
+        "unknown": [report(intruder, seq=30).sign(intruder)],
+        "wrong_role": [report(key, seq=31, role=p.Role.TTS).sign(key)],
+        "malformed": [b"", b"VNL1" + bytes(200), b"XXXX" + report(key, seq=32).sign(key)[4:]],
+    }
+    for reason, datagrams in cases.items():
+        for datagram in datagrams:
+            with pytest.raises(BadReport) as ei:
+                board.ingest(datagram, view)
+            assert ei.value.reason == reason, (reason, ei.value)
+    assert board.refused == {reason: len(d) for reason, d in cases.items()}
+    assert board.last(bytes(key.pubkey())) == before and board.accepted == 1
+    with pytest.raises(ValueError, match="cannot be signed"):
+        report(key).sign(intruder)
+
+
+@pytest.mark.fast
+def test_a_report_above_its_capacity_is_malformed() -> None:
+    board, key, view = board_and_view()
+    with pytest.raises(BadReport, match="above capacity"):
+        board.ingest(report(key, load=5, capacity=4).sign(key), view)
+
+
+async def wait_healthy(url: str, service: str, wanted: int, timeout: float = 20) -> float:
+    """Seconds until the gateway at ``url`` counts ``wanted`` healthy ``service`` nodes."""
+
+    start = time.monotonic()
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() - start < timeout:
+            async with http.get(url + "/v1/servers/status") as r:
+                if (await r.json())["services"][service]["healthy"] == wanted:
+                    return time.monotonic() - start
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{url} never counted {wanted} healthy {service} node(s)")
+
+
+async def node_list(url: str) -> dict[str, dict]:
+
+    async with aiohttp.ClientSession() as http, http.get(url + "/v1/nodes") as r:
+        return {n["key"]: n for n in (await r.json())["nodes"]}
+
+
+async def test_one_node_reports_to_two_gateways_and_both_route_to_it(
+    gateway_net: Net, tmp_path: Path
+) -> None:
+    load = [(2, 8)]
+    key = gateway_net.nodes["tts-de"]
+    a_db, b_db = (f"sqlite+aiosqlite:///{tmp_path}/{n}.db" for n in "ab")
+    async with (
+        serve_gateway(gateway_net, tmp_path, a_db, loads={}) as a,
+        serve_gateway(gateway_net, tmp_path, b_db, loads={}) as b,
+    ):
+        for gw in (a, b):  # nobody reports yet: registered is not routable
+            assert (await wait_healthy(gw.url, "tts", 0)) >= 0
+        reporter = LoadReporter(
+            key, p.Role.TTS, lambda: load[0], "0.1.0", [a.url, b.url], interval=0.2
+        )
+        await reporter.start()
+        try:
+            assert [t.gateway_url for t in reporter.targets] == [a.url, b.url]
+            for gw in (a, b):
+                await wait_healthy(gw.url, "tts", 1)
+                entry = (await node_list(gw.url))[str(key.pubkey())]
+                assert (entry["load"], entry["capacity"], entry["live"]) == (2, 8, True), entry
+                client = await gw.funded(0.1)
+                session = await client.create_tts_session(100)
+                assert session.server_url == "https://tts-de.test"
+        finally:
+            await reporter.close()
+
+
+async def test_a_killed_node_leaves_routing_within_the_report_ttl_without_a_transaction(
+    gateway_net: Net, tmp_path: Path
+) -> None:
+    """A real node agent (the probe role) reports to the real gateway; SIGKILL, and the gateway
+    stops routing to it once its last report is older than the TTL, while its entry on chain is
+    as it was: present, active, same presence time (the registry's TTL here is an hour)."""
+    db = f"sqlite+aiosqlite:///{tmp_path}/gateway.db"
+    async with serve_gateway(gateway_net, tmp_path, db, loads={}, load_report_ttl_seconds=2) as gw:
+        config, port = node_config(
+            tmp_path,
+            gateway_net,
+            "killed",
+            gateway_url=gw.url,
+            location={"lat": -33.9, "lon": 151.2, "country": "AU"},
+        )
+        log = open(tmp_path / "killed.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.probe_role", str(config)],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            await wait_health(port, proc)
+            key = load_keypair(tmp_path / "killed.json").pubkey()
+            await wait_healthy(gw.url, "stt", 1)
+            assert (await node_list(gw.url))[str(key)]["live"] is True
+            async with RegistryClient(gateway_net.url) as chain:
+                before = await chain.get_node(key)
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                gone_after = await wait_healthy(gw.url, "stt", 0)
+                after = await chain.get_node(key)
+            print(f"killed node left routing {gone_after:.1f}s after SIGKILL (report TTL 2s)")
+            assert after == before and after.status == p.NodeStatus.ACTIVE and not after.stale
+            entry = (await node_list(gw.url))[str(key)]
+            assert entry["live"] is False and entry["reason"].startswith("silent for"), entry
+        finally:
+            if proc.poll() is None:
+                proc.kill()

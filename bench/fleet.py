@@ -217,7 +217,9 @@ async def ingest(url: str, pid: int, count: int, interval: float, seconds: float
 
 async def routing(rpc: str, count: int) -> None:
     async with RegistryClient(rpc) as client:
-        directory = NodeDirectory(client.list_nodes, board=LoadBoard(60))
+        # refreshed in the background every 3 s, as in a gateway; no report expires here
+        directory = NodeDirectory(client.list_nodes, board=LoadBoard(3600))
+        await directory.start()
         nodes = await directory.nodes()
         view = directory.by_key()
         seq = time.time_ns() // 1000
@@ -258,6 +260,7 @@ async def routing(rpc: str, count: int) -> None:
                 best = score_nodes(mine, where)[0].node
                 full.append(time.perf_counter() - t0)
                 assert best.owner == chosen.owner, "the bounded walk disagrees with full scoring"
+        await directory.close()
         ms = lambda xs, q: statistics.quantiles(xs, n=100)[q - 1] * 1000  # noqa: E731
         print(
             f"  choose(), warm: p50 {ms(warm, 50):.3f} ms, p99 {ms(warm, 99):.3f} ms "

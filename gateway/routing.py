@@ -37,6 +37,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from registry.nodeurl import node_url_problem
 from registry.program import NodeAccount, NodeStatus, Role
 
@@ -151,18 +153,56 @@ def score_nodes(
     return out
 
 
-# (lower bound = distance - bonus, distance, same country, node, node key bytes, node key text)
-_Near = tuple[float, float, bool, NodeAccount, bytes, str]
 _MAX_CACHED_ORDERS = 4096
 
 
 def _geometry(nodes: list[NodeAccount]) -> list[tuple[object, ...]]:
-    """What the cached orders depend on: a node's place, role and whether the registry lets it
-    serve. Loads and heartbeat times are not in it."""
+    """What the cached orders depend on: everything on chain but the presence time and the load
+    recorded with it."""
     return [
-        (bytes(n.owner), n.role, n.lat, n.lon, n.country, _static_reason(n), n.capacity)
+        (bytes(n.owner), n.role, n.lat, n.lon, n.country, n.url, n.status, n.stale, n.capacity)
         for n in nodes
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class _Order:
+    """A client location's servable nodes (positions in ``group``) by the score's lower bound
+    (distance - bonus), with their distances."""
+
+    group: _Servable
+    bounds: list[float]
+    distances: list[float]
+    positions: list[int]
+
+
+class _Servable:
+    """One role's nodes that the registry lets serve, with their coordinates as arrays, so a
+    client location's order costs one vectorised haversine and one sort (about a millisecond
+    for 3,000 nodes) instead of a Python loop."""
+
+    def __init__(self, nodes: list[NodeAccount]) -> None:
+        self.nodes = nodes
+        self.keys = [bytes(n.owner) for n in nodes]
+        self.texts = [str(n.owner) for n in nodes]
+        self.lat = np.radians(np.array([n.lat for n in nodes], dtype=np.float64))
+        self.lon = np.radians(np.array([n.lon for n in nodes], dtype=np.float64))
+        self.country = np.array([n.country.upper() for n in nodes], dtype="<U2")
+
+    def order(self, client: Location, bonus_km: float) -> _Order:
+        lat, lon = math.radians(client.lat), math.radians(client.lon)
+        a = (
+            np.sin((self.lat - lat) / 2) ** 2
+            + math.cos(lat) * np.cos(self.lat) * np.sin((self.lon - lon) / 2) ** 2
+        )
+        distance = 2 * EARTH_RADIUS_KM * np.arcsin(np.minimum(1.0, np.sqrt(a)))
+        bound = distance
+        if client.country:
+            bound = distance - bonus_km * (self.country == client.country.upper())
+        positions = np.argsort(bound, kind="stable")
+        return _Order(
+            self, bound[positions].tolist(), distance[positions].tolist(), positions.tolist()
+        )
 
 
 class NodeDirectory:
@@ -195,14 +235,15 @@ class NodeDirectory:
         self._clock = clock
         self._nodes: list[NodeAccount] | None = None
         self._by_key: dict[bytes, NodeAccount] = {}
-        self._geometry: list[tuple[object, ...]] = []
+        self._geometry: list[tuple[object, ...]] | None = None  # none read yet
+        self._servable: dict[Role, _Servable] = {}
         self._fetched_at = -math.inf
         self._last_error: BaseException | None = None
         self._inflight: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         # (role, client) -> that role's servable nodes by score lower bound; kept while the
-        # registry's geometry is unchanged (most reads change only heartbeat times)
-        self._orders: dict[tuple[Role, Location], list[_Near]] = {}
+        # registry's geometry is unchanged (most reads change only presence times)
+        self._orders: dict[tuple[Role, Location], _Order] = {}
 
     # ------------------------------------------------ lifecycle
 
@@ -260,6 +301,10 @@ class NodeDirectory:
         geometry = _geometry(nodes)
         if geometry != self._geometry:
             self._geometry, self._orders = geometry, {}
+            self._servable = {
+                role: _Servable([n for n in nodes if n.role == role and _static_reason(n) is None])
+                for role in Role
+            }
         log.debug("node directory: %d nodes", len(nodes))
 
     def by_key(self) -> dict[bytes, NodeAccount]:
@@ -341,49 +386,42 @@ class NodeDirectory:
         """The best node of ``role`` for a client at ``client``; ``NoCapacity`` if there is none."""
         role = Role.parse(role)
         nodes = await self.nodes()
-        winner = self._walk(self._order(role, client, nodes))
+        winner = self._walk(self._order(role, client))
         if winner is None:
             raise self._no_capacity(role, client, nodes)
         if log.isEnabledFor(logging.DEBUG):
             self._log_choice(role, client, nodes, winner)
         return winner
 
-    def _order(self, role: Role, client: Location, nodes: list[NodeAccount]) -> list[_Near]:
+    def _order(self, role: Role, client: Location) -> _Order:
         """``role``'s servable nodes for ``client``, by the score's lower bound (cached)."""
         key = (role, client)
         order = self._orders.get(key)
         if order is None:
-            order = []
-            for n in nodes:
-                if n.role != role or _static_reason(n) is not None:
-                    continue
-                distance = haversine_km(client.lat, client.lon, n.lat, n.lon)
-                same = bool(client.country) and client.country.upper() == n.country.upper()
-                bound = distance - (self.country_bonus_km if same else 0.0)
-                order.append((bound, distance, same, n, bytes(n.owner), str(n.owner)))
-            order.sort(key=lambda near: near[0])
+            order = self._servable[role].order(client, self.country_bonus_km)
             if len(self._orders) >= _MAX_CACHED_ORDERS:
                 self._orders.clear()
             self._orders[key] = order
         return order
 
-    def _walk(self, order: list[_Near]) -> NodeAccount | None:
+    def _walk(self, order: _Order) -> NodeAccount | None:
         """The best node in ``order`` by ``Candidate.sort_key``, reading live loads only until no
         later node's lower bound can beat the best score found."""
         best: tuple[float, float, float, str] | None = None
         winner = None
-        fresh, penalty = self.board.fresh, self.load_penalty_km
-        for bound, distance, _same, node, raw, text in order:
+        fresh, penalty, group = self.board.fresh, self.load_penalty_km, order.group
+        for bound, distance, i in zip(order.bounds, order.distances, order.positions, strict=True):
             if best is not None and bound > best[0]:
                 break
-            live = fresh(raw)
+            live = fresh(group.keys[i])
             if live is None:
                 continue
+            node = group.nodes[i]
             capacity = min(live.capacity, node.capacity)
             if live.load >= capacity:
                 continue
             ratio = live.load / capacity
-            key = (bound + penalty * ratio, ratio, distance, text)
+            key = (bound + penalty * ratio, ratio, distance, group.texts[i])
             if best is None or key < best:
                 best, winner = key, node
         return winner

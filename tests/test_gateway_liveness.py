@@ -1,5 +1,7 @@
-"""Liveness off chain: signed load reports (registry/loadreport.py) checked by the gateway's board
-(gateway/liveness.py), sent by the node side (node/liveness.py) over real UDP on loopback.
+"""Many gateways, one network: liveness off chain (signed load reports, registry/loadreport.py,
+checked by the gateway's board, gateway/liveness.py, sent by the node side, node/liveness.py, over
+real UDP on loopback), one node reporting to two gateways, and two gateways sharing one registry
+and one PostgreSQL ledger.
 
 The board's checks are unit tests over real keys and real signatures; the rest runs the real
 gateway over its own localnet (``gateway_net``), with a real node agent process that is killed.
@@ -8,11 +10,13 @@ gateway over its own localnet (``gateway_net``), with a real node agent process 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -25,6 +29,7 @@ from registry import program as p
 from registry.client import RegistryClient
 from registry.keys import load_keypair
 from registry.loadreport import REPORT_LEN, BadReport, LoadReport, parse
+from registry.tokens import TokenError, verify_token
 from tests.conftest import ROOT
 from tests.support.gateway_net import Net, serve_gateway
 from tests.support.node_entries import node
@@ -189,3 +194,57 @@ async def test_a_killed_node_leaves_routing_within_the_report_ttl_without_a_tran
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+async def test_two_gateways_on_one_registry_and_one_postgresql_ledger(
+    gateway_net: Net, tmp_path: Path, pg_db_url: str
+) -> None:
+    """Gateway A and gateway B, each with its own issuer key listed on the registry, share the
+    registry and one PostgreSQL ledger, both sweepers running: a session created on A is
+    extended on B (B signs the new token), its node reports usage to B, and once it expires it
+    is settled exactly once."""
+    second = Keypair()
+    async with RegistryClient(gateway_net.url) as chain:
+        await chain.add_issuer(gateway_net.authority, second.pubkey())
+    try:
+        async with (
+            serve_gateway(gateway_net, tmp_path, pg_db_url) as a,
+            serve_gateway(replace(gateway_net, issuer=second), tmp_path, pg_db_url) as b,
+        ):
+            on_a = await a.funded(1.0)
+            on_b = b.client(on_a.key)
+            session = await on_a.create_stt_session(duration_minutes=0.05)  # 3 s
+            claims = verify_token(session.token, {str(gateway_net.issuer.pubkey())}, "stt")
+            extended = await on_b.extend_stt_session(session.session_id, 0.05)
+            assert extended.session_id == session.session_id
+            claims_b = verify_token(extended.token, {str(second.pubkey())}, "stt")
+            assert claims_b.issuer == str(second.pubkey()) != claims.issuer
+            assert claims_b.limit > claims.limit and claims_b.session_id == claims.session_id
+            with pytest.raises(TokenError):  # signed by B, not by A
+                verify_token(extended.token, {str(gateway_net.issuer.pubkey())}, "stt")
+            body = json.dumps(
+                {
+                    "session_id": session.session_id,
+                    "event": "usage",
+                    "usage": {"duration_seconds": 4},
+                }
+            ).encode()
+            assert (await b.post_signed("/internal/events", body, "stt-de")).status == 200
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                [seen_a], [seen_b] = await on_a.sessions(), await on_b.sessions()
+                if seen_a["status"] == "expired":
+                    break
+                await asyncio.sleep(0.3)
+            assert seen_a == seen_b and seen_a["status"] == "expired", seen_a
+            await asyncio.sleep(1.0)  # more sweeps on both gateways: nothing more to settle
+            account = await on_a.account()
+            kinds = [t.kind for t in await a.ledger.list_transactions(account.id)]
+            assert kinds.count("charge") == 1 and kinds.count("reserve") == 2, kinds
+            charged = int(seen_a["charged_microcredits"])
+            assert charged > 0 and account.credit_balance == 1_000_000 - charged
+            assert account.available_balance == account.credit_balance
+            assert (await a.ledger.audit(account.id)).ok
+    finally:
+        async with RegistryClient(gateway_net.url) as chain:
+            await chain.remove_issuer(gateway_net.authority, second.pubkey())

@@ -40,7 +40,9 @@ def start_node(config: Path, tmp: Path) -> subprocess.Popen[bytes]:
     )
 
 
-async def test_two_agents_register_renew_presence_and_one_dies(chain: Chain, tmp_path: Path) -> None:
+async def test_two_agents_register_renew_presence_and_one_dies(
+    chain: Chain, tmp_path: Path
+) -> None:
     cfg_a, port_a = node_config(tmp_path, chain, "a")
     cfg_b, port_b = node_config(tmp_path, chain, "b", role="tts")
     a, b = start_node(cfg_a, tmp_path), start_node(cfg_b, tmp_path)
@@ -155,6 +157,48 @@ async def test_foreign_token_is_refused_by_the_node(chain: Chain, tmp_path: Path
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+async def test_a_removed_issuers_tokens_are_refused_by_every_node_within_the_cache_ttl(
+    chain: Chain, tmp_path: Path
+) -> None:
+    """A gateway's key taken off the registry: every node stops accepting its tokens once its
+    issuer cache (1 s here, ``issuer_cache_seconds``) has expired, with no restart."""
+    from solders.keypair import Keypair
+
+    retired = Keypair()
+    configs = [node_config(tmp_path, chain, name) for name in ("g", "h")]
+    procs = [start_node(cfg, tmp_path) for cfg, _ in configs]
+    try:
+        for (_, port), proc in zip(configs, procs, strict=True):
+            await wait_health(port, proc)
+        async with RegistryClient(chain.url) as client, aiohttp.ClientSession() as http:
+
+            async def answers(token: str) -> list[tuple[int, str | None]]:
+                out = []
+                for _, port in configs:
+                    async with http.post(
+                        f"http://127.0.0.1:{port}/probe/verify", json={"token": token}
+                    ) as r:
+                        out.append((r.status, (await r.json()).get("error")))
+                return out
+
+            await client.add_issuer(chain.authority, retired.pubkey())
+            await asyncio.sleep(1.5)  # past every node's issuer cache
+            token = mint_token(retired, "x", Grant("stt", limit=5), 60)
+            assert await answers(token) == [(200, None), (200, None)]
+            await client.remove_issuer(chain.authority, retired.pubkey())
+            deadline = time.monotonic() + 10
+            while (got := await answers(token)) != [(401, "untrusted_issuer")] * 2:
+                assert time.monotonic() < deadline, got
+                await asyncio.sleep(0.2)
+            fresh = mint_token(retired, "y", Grant("stt", limit=5), 60)
+            assert await answers(fresh) == [(401, "untrusted_issuer")] * 2
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

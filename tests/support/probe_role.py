@@ -1,7 +1,8 @@
 """A minimal role for testing the node agent before (and apart from) the real roles.
 
 It serves one route that verifies a token with the agent's verifier, and lets a test set the load
-the agent reports (its load reports, and the load field of its presence renewals). The agent, the chain and the tokens under it are all real.
+the agent reports (its load reports, and the load field of its presence renewals). The agent, the
+chain and the tokens under it are all real.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from gateway.ledger import (
     UnknownSession,
     pricing,
 )
+from gateway.ledger.signatures import LedgerReplayGuard
 from gateway.liveness import LoadBoard, open_endpoint
 from gateway.openapi import openapi_handler
 from gateway.payments.routes import PAYMENT_ROUTES
@@ -552,6 +553,8 @@ async def _sweeper(app: web.Application) -> Any:
                 )
                 if settled:
                     log.info("sweeper settled %d expired session(s)", len(settled))
+                if isinstance(gateway.replay, LedgerReplayGuard):
+                    await gateway.replay.prune()
             except Exception:  # noqa: BLE001 - the sweeper must outlive a database blip
                 log.exception("sweeper failed; retrying")
 
@@ -593,6 +596,11 @@ def create_app(
     loc = config.default_location
     locator = Locator(Location(loc.lat, loc.lon, loc.country), config.geoip_mmdb)
     limiter = RateLimiter()
+    replay = (
+        LedgerReplayGuard(ledger.db)
+        if config.shared_replay_guard(ledger.db.is_postgres)
+        else MemoryReplayGuard(time.time)
+    )
     service = SessionService(
         ledger,
         directory,
@@ -607,7 +615,7 @@ def create_app(
     app = web.Application(
         middlewares=[
             wallet_auth_middleware(
-                MemoryReplayGuard(time.time),
+                replay,
                 unsigned_paths(ROUTES),
                 max_skew=config.auth_window_seconds,
             ),
@@ -616,7 +624,7 @@ def create_app(
         ],
         client_max_size=64 * 1024,
     )
-    app[GATEWAY_KEY] = Gateway(config, ledger, directory, locator, service, limiter)
+    app[GATEWAY_KEY] = Gateway(config, ledger, directory, locator, service, limiter, replay)
     app[ROUTES_KEY] = ROUTES
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -55,8 +56,17 @@ class GatewayConfig(BaseModel):
     # max_api_rate applies within this. Balances and the concurrent-session limit are checked in
     # the ledger's transaction on every request regardless.
     account_cache_seconds: float = Field(default=10.0, ge=0)
+    # Where answered wallet signatures are remembered: "memory" (this process only) or "ledger"
+    # (the used_signatures table, shared by every gateway process on the ledger). Unset: the
+    # ledger on PostgreSQL, where several processes may share it, memory on SQLite. Several
+    # processes on one ledger with "memory" would each answer a copy of a signed request.
+    replay_guard: Literal["memory", "ledger"] | None = None
     # Credit purchases: x402 on Solana (and EVM), MPP and TRON challenges (gateway/payments).
     payments: PaymentsConfig = PaymentsConfig()
+
+    def shared_replay_guard(self, postgres: bool) -> bool:
+        """Whether answered signatures are kept in the ledger (see ``replay_guard``)."""
+        return self.replay_guard == "ledger" or (self.replay_guard is None and postgres)
 
 
 def load_gateway_config(path: str | Path | None) -> GatewayConfig:

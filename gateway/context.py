@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from gateway.auth import ReplayGuard
 from gateway.config import GatewayConfig
 from gateway.geo import Locator
 from gateway.ledger import Ledger
@@ -28,6 +29,7 @@ class Gateway:
     locator: Locator
     sessions: SessionService
     limiter: RateLimiter
+    replay: ReplayGuard  # wallet signatures already answered
     load_reports: LoadReportEndpoint | None = None  # bound when the app starts
 
 

@@ -3,7 +3,11 @@ through a real aiohttp server on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -24,6 +28,8 @@ from gateway.auth import (
     verify_request,
     wallet_auth_middleware,
 )
+from gateway.ledger import Ledger
+from gateway.ledger.signatures import LedgerReplayGuard
 
 pytestmark = pytest.mark.fast  # unit tests: no process, no model (make test-fast)
 
@@ -250,9 +256,29 @@ def test_replay_id_ignores_signature_spelling() -> None:
     assert len(ids) == 1
 
 
-async def test_memory_guard_forgets_after_window() -> None:
+@pytest.fixture(params=["memory", "ledger"])
+async def make_guard(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    """Each replay guard, built on a test clock: the in-process one, and the one on the ledger's
+    database that several gateway processes share (SQLite here; PostgreSQL across two gateways in
+    test_gateway_liveness.py)."""
+    ledgers: list[Ledger] = []
+
+    async def make(clock: Callable[[], float]) -> Any:
+        if request.param == "memory":
+            return MemoryReplayGuard(clock=clock)
+        ledger = Ledger(f"sqlite+aiosqlite:///{tmp_path}/guard.db")
+        await ledger.migrate()
+        ledgers.append(ledger)
+        return LedgerReplayGuard(ledger.db, clock=clock)
+
+    yield make
+    for ledger in ledgers:
+        await ledger.close()
+
+
+async def test_guard_forgets_after_window(make_guard: Any) -> None:
     now = [1000.0]
-    g = MemoryReplayGuard(clock=lambda: now[0])
+    g = await make_guard(lambda: now[0])
     assert await g.claim("a", 1030.0, "") is Claim.GRANTED
     assert await g.claim("a", 1030.0, "") is Claim.REPLAYED
     assert await g.is_used("a")
@@ -260,14 +286,17 @@ async def test_memory_guard_forgets_after_window() -> None:
     now[0] = 1020.0
     assert not await g.is_used("b") and await g.is_used("a")
     now[0] = 1031.0
-    assert len(g) == 0
+    if isinstance(g, MemoryReplayGuard):
+        assert len(g) == 0
+    else:
+        assert await g.prune() == 2
     await g.claim("c", 2000.0, "h1")
     await g.release("c", "h1")
     assert not await g.is_used("c")
 
 
-async def test_memory_guard_binds_a_released_id_to_its_body() -> None:
-    g = MemoryReplayGuard(clock=lambda: 1000.0)
+async def test_guard_binds_a_released_id_to_its_body(make_guard: Any) -> None:
+    g = await make_guard(lambda: 1000.0)
     assert await g.claim("a", 1030.0, "body-1") is Claim.GRANTED
     await g.release("a", "body-1")
     assert await g.claim("a", 1030.0, "body-2") is Claim.OTHER_BODY
@@ -276,14 +305,25 @@ async def test_memory_guard_binds_a_released_id_to_its_body() -> None:
     assert await g.claim("a", 1030.0, "body-1") is Claim.REPLAYED
 
 
-async def test_memory_guard_repeats_reads_for_their_window_only() -> None:
+async def test_guard_repeats_reads_for_their_window_only(make_guard: Any) -> None:
     now = [1000.0]
-    g = MemoryReplayGuard(clock=lambda: now[0])
+    g = await make_guard(lambda: now[0])
     assert await g.claim("r", 1030.0, "", repeat_for=2.0) is Claim.GRANTED
     now[0] = 1001.9
     assert await g.claim("r", 1030.0, "", repeat_for=2.0) is Claim.GRANTED
     now[0] = 1002.0
     assert await g.claim("r", 1030.0, "", repeat_for=2.0) is Claim.REPLAYED
+
+
+async def test_concurrent_copies_on_the_ledger_guard_are_granted_once(tmp_path: Path) -> None:
+    ledger = Ledger(f"sqlite+aiosqlite:///{tmp_path}/guard.db")
+    await ledger.migrate()
+    try:
+        guards = [LedgerReplayGuard(ledger.db, clock=lambda: 1000.0) for _ in range(2)]
+        claims = await asyncio.gather(*(g.claim("x", 1030.0, "") for g in guards * 5))
+        assert claims.count(Claim.GRANTED) == 1 and claims.count(Claim.REPLAYED) == 9
+    finally:
+        await ledger.close()
 
 
 # ---------------------------------------------------------------- middleware, real server

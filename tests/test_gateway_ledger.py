@@ -43,7 +43,7 @@ from tests.conftest import asyncpg_dsn
 NODE = "NodeA1111111111111111111111111111111111111"
 OTHER_NODE = "NodeB2222222222222222222222222222222222222"
 STT_MINUTE = 6_000
-HEAD = "0004"  # the newest migration
+HEAD = "0005"  # the newest migration
 
 
 def now() -> datetime:

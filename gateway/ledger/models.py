@@ -139,3 +139,15 @@ node_events = sa.Table(
     sa.Column("session_id", sa.String(36), sa.ForeignKey("sessions.id"), nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
 )
+
+# revision 0005: wallet request signatures already answered, for every gateway process on this
+# ledger (gateway/ledger/signatures.py); unix seconds, deleted once out of the signing window.
+used_signatures = sa.Table(
+    "used_signatures",
+    metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("offered_body", sa.String(64), nullable=True),
+    sa.Column("repeat_until", sa.Float, nullable=False),
+    sa.Index("used_signatures_expires_at", "expires_at"),
+)

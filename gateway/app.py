@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
@@ -38,7 +39,7 @@ from gateway.ledger import (
     pricing,
 )
 from gateway.ledger.signatures import LedgerReplayGuard
-from gateway.liveness import LoadBoard, open_endpoint
+from gateway.liveness import LoadBoard, Relay, open_endpoint, open_relay
 from gateway.openapi import openapi_handler
 from gateway.payments.routes import PAYMENT_ROUTES
 from gateway.payments.wiring import setup_payments
@@ -50,6 +51,7 @@ from registry.program import NodeStatus
 from registry.tokens import TokenError, verify_body
 
 log = logging.getLogger("gateway")
+RELAY_KEY = web.AppKey("relay", Relay)
 
 
 def _bad(message: str) -> web.HTTPError:
@@ -188,7 +190,8 @@ async def nodes_handler(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    """Up; ``pid`` says which process answered (one of ``--workers N``, to an operator)."""
+    return web.json_response({"status": "ok", "pid": os.getpid()})
 
 
 # ---------------------------------------------------------------- account
@@ -570,11 +573,17 @@ async def _lifecycle(app: web.Application) -> Any:
     await gateway.ledger.migrate()
     await gateway.directory.start()
     config = gateway.config
-    port = config.listen_port if config.load_report_port is None else config.load_report_port
-    gateway.load_reports = await open_endpoint(
-        gateway.directory.board, gateway.directory.by_key, config.listen_host, port
-    )
-    log.info("load reports: udp %s:%d", config.listen_host, gateway.load_reports.port)
+    relay = app.get(RELAY_KEY)
+    if relay is not None:  # a worker: its supervisor checks the reports and relays them here
+        gateway.load_reports = await open_relay(gateway.directory.board, relay)
+    else:
+        gateway.load_reports = await open_endpoint(
+            gateway.directory.board,
+            gateway.directory.by_key,
+            config.listen_host,
+            config.report_port(),
+        )
+        log.info("load reports: udp %s:%d", config.listen_host, gateway.load_reports.port)
     yield
     gateway.load_reports.close()
     await gateway.sessions.close()
@@ -584,9 +593,15 @@ async def _lifecycle(app: web.Application) -> Any:
 
 
 def create_app(
-    config: GatewayConfig, issuer: Keypair, list_nodes: Any, ledger: Ledger | None = None
+    config: GatewayConfig,
+    issuer: Keypair,
+    list_nodes: Any,
+    ledger: Ledger | None = None,
+    relay: Relay | None = None,
 ) -> web.Application:
-    """The gateway app. ``list_nodes`` is the registry read (``RegistryClient.list_nodes``)."""
+    """The gateway app. ``list_nodes`` is the registry read (``RegistryClient.list_nodes``);
+    ``relay``: this app is one of ``gateway serve --workers N``, taking the load reports its
+    supervisor relays instead of binding the UDP port itself."""
     ledger = ledger or Ledger(config.database_url, pool_size=config.database_pool_size)
     directory = NodeDirectory(
         list_nodes,
@@ -626,6 +641,8 @@ def create_app(
     )
     app[GATEWAY_KEY] = Gateway(config, ledger, directory, locator, service, limiter, replay)
     app[ROUTES_KEY] = ROUTES
+    if relay is not None:
+        app[RELAY_KEY] = relay
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
     app.router.add_get("/openapi.json", openapi_handler)

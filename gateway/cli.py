@@ -1,6 +1,7 @@
 """`gateway`: run the gateway, and the operator's ledger commands.
 
 gateway --config configs/gateway.yaml                 serve (default command)
+gateway --config configs/gateway.yaml serve --workers 4   four processes on one port (PostgreSQL)
 gateway credits grant --wallet ADDR --chain solana --usd 5
 gateway accounts
 gateway sessions [--status active]
@@ -10,64 +11,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
-import logging
-import signal
 import sys
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import uvloop
-from aiohttp import web
-from solders.pubkey import Pubkey
 
 from common.cli import add_log_level, run_command
 from common.settings import SettingsError
 from gateway.config import GatewayConfig, load_gateway_config
 from gateway.ledger import Ledger, pricing
-from registry import program as p
-from registry.client import RegistryClient
-from registry.keys import load_or_create_keypair
-
-log = logging.getLogger("gateway")
+from gateway.server import serve
+from gateway.workers import serve_workers
 
 
-async def serve(config: GatewayConfig) -> None:
-    from gateway.app import create_app
-
-    issuer = load_or_create_keypair(config.issuer_keypair)
-    program_id = Pubkey.from_string(config.program_id) if config.program_id else p.PROGRAM_ID
-    client = RegistryClient(config.rpc_url, program_id)
-    app = create_app(config, issuer, client.list_nodes)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, config.listen_host, config.listen_port)
-    await site.start()
-    issuers = await client.issuer_keys()
-    if str(issuer.pubkey()) not in issuers:
-        log.warning(
-            "issuer key %s is not listed on the registry: nodes will refuse our tokens "
-            "(run `registry issuer add %s`)",
-            issuer.pubkey(),
-            issuer.pubkey(),
-        )
-    print(
-        f"gateway listening on http://{config.listen_host}:{config.listen_port} "
-        f"(issuer {issuer.pubkey()}, ledger {config.database_url})",
-        flush=True,
-    )
-    # Everything built so far (SQLAlchemy, pydantic, the registry view, ...) lives as long as
-    # the process: move it out of the collector's sight, or each full collection walks all of it
-    # while requests wait (bench/gateway.py: token p99 ~40-55 ms without this, ~16-19 ms with).
-    gc.collect()
-    gc.freeze()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await runner.cleanup()
-    await client.close()
+def _workers(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--workers takes a number, got {value!r}") from None
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"--workers must be 1..64, got {n}")
+    return n
 
 
 def _usd(value: str) -> Decimal:
@@ -128,7 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_log_level(parser)
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
-    sub.add_parser("serve", help="run the HTTP gateway (the default)")
+    sv = sub.add_parser("serve", help="run the HTTP gateway (the default)")
+    sv.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        help="gateway processes sharing the port (SO_REUSEPORT), each with its own event loop; "
+        "more than 1 needs a PostgreSQL ledger (default 1)",
+    )
     credits = sub.add_parser("credits", help="credits").add_subparsers(
         dest="credits_cmd", required=True
     )
@@ -146,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     """The command asked for (``serve`` by default); ``main`` turns its errors into one line."""
     config = load_gateway_config(args.config)
-    if args.cmd in (None, "serve"):
+    workers = getattr(args, "workers", 1)
+    if args.cmd in (None, "serve") and workers > 1:
+        serve_workers(config, workers)
+    elif args.cmd in (None, "serve"):
         uvloop.run(serve(config))  # libuv's loop: less CPU per request than asyncio's
     elif args.cmd == "credits":
         asyncio.run(grant(config, args.wallet, args.chain, args.usd, args.memo))

@@ -64,6 +64,10 @@ class GatewayConfig(BaseModel):
     # Credit purchases: x402 on Solana (and EVM), MPP and TRON challenges (gateway/payments).
     payments: PaymentsConfig = PaymentsConfig()
 
+    def report_port(self) -> int:
+        """The UDP port load reports are sent to (see ``load_report_port``)."""
+        return self.listen_port if self.load_report_port is None else self.load_report_port
+
     def shared_replay_guard(self, postgres: bool) -> bool:
         """Whether answered signatures are kept in the ledger (see ``replay_guard``)."""
         return self.replay_guard == "ledger" or (self.replay_guard is None and postgres)

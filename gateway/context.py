@@ -12,7 +12,7 @@ from gateway.auth import ReplayGuard
 from gateway.config import GatewayConfig
 from gateway.geo import Locator
 from gateway.ledger import Ledger
-from gateway.liveness import LoadReportEndpoint
+from gateway.liveness import LoadReportEndpoint, RelayedReports
 from gateway.ratelimit import RateLimiter
 from gateway.routes import Route
 from gateway.routing import NodeDirectory
@@ -30,7 +30,8 @@ class Gateway:
     sessions: SessionService
     limiter: RateLimiter
     replay: ReplayGuard  # wallet signatures already answered
-    load_reports: LoadReportEndpoint | None = None  # bound when the app starts
+    # bound when the app starts: the UDP endpoint, or a worker's end of its supervisor's relay
+    load_reports: LoadReportEndpoint | RelayedReports | None = None
 
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)

@@ -1,5 +1,7 @@
 """Live load off chain: the gateway's board of the nodes' signed load reports, and the UDP
-endpoint that fills it (the format and why UDP: ``registry/loadreport.py``).
+endpoint that fills it (the format and why UDP: ``registry/loadreport.py``). Under
+``gateway serve --workers N`` (``gateway/workers.py``) the endpoint is the supervisor's: it checks
+each report once and relays the accepted ones to every worker's board over a private socket.
 
 A report is accepted only from a node on the registry's current view, for the role it registered,
 no older than the TTL, not replayed (its ``seq`` above the last accepted) and signed by the node's
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -67,6 +70,19 @@ class LoadBoard:
         except BadReport as exc:
             self.refused[exc.reason] += 1
             raise
+        self.accepted += 1
+        return live
+
+    def keep_relayed(self, datagram: bytes) -> LiveLoad | None:
+        """Keep a report the supervisor has already checked (signature, registry, age): only
+        the order is checked again, as relayed datagrams may overtake each other."""
+        report, _, _ = parse(datagram)
+        key = bytes(report.node)
+        last = self._last.get(key)
+        if last is not None and report.seq <= last.seq:
+            return None
+        live = LiveLoad(report.load, report.capacity, report.version, report.seq, self._clock())
+        self._last[key] = live
         self.accepted += 1
         return live
 
@@ -125,10 +141,17 @@ class LoadBoard:
 
 class LoadReportEndpoint(asyncio.DatagramProtocol):
     """The UDP socket nodes send their reports to; each datagram goes through ``board.ingest``
-    against the registry view ``nodes()`` returns."""
+    against the registry view ``nodes()`` returns, and an accepted one is relayed to each socket
+    in ``relay_to`` (the workers')."""
 
-    def __init__(self, board: LoadBoard, nodes: Callable[[], Mapping[bytes, NodeAccount]]) -> None:
+    def __init__(
+        self,
+        board: LoadBoard,
+        nodes: Callable[[], Mapping[bytes, NodeAccount]],
+        relay_to: list[socket.socket] | None = None,
+    ) -> None:
         self.board, self._nodes = board, nodes
+        self.relay_to = relay_to or []
         self.transport: asyncio.BaseTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -139,6 +162,12 @@ class LoadReportEndpoint(asyncio.DatagramProtocol):
             self.board.ingest(data, self._nodes())
         except BadReport as exc:
             log.debug("load report from %s:%s refused: %s", addr[0], addr[1], exc)
+            return
+        for sock in self.relay_to:
+            try:
+                sock.send(data)
+            except OSError as exc:  # a worker too busy to read: it gets the next report
+                log.debug("load report not relayed to a worker: %s", exc)
 
     @property
     def port(self) -> int:
@@ -150,15 +179,72 @@ class LoadReportEndpoint(asyncio.DatagramProtocol):
             self.transport.close()
 
 
+class RelayedReports(asyncio.DatagramProtocol):
+    """A worker's end of the supervisor's relay: reports already checked, kept on ``board``.
+    ``port`` is the supervisor's UDP port, which the worker advertises (``GET /v1/liveness``)."""
+
+    def __init__(self, board: LoadBoard, port: int) -> None:
+        self.board, self.port = board, port
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        try:
+            self.board.keep_relayed(data)
+        except BadReport as exc:  # cannot happen from our own supervisor; never fatal
+            log.warning("relayed load report unreadable: %s", exc)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+@dataclass(frozen=True)
+class Relay:
+    """What a worker needs to take reports from its supervisor: its end of the socket pair and
+    the UDP port nodes send to."""
+
+    sock: socket.socket
+    port: int
+
+
+def bind_udp(host: str, port: int) -> socket.socket:
+    """The report socket, bound before any worker is forked (so its port is known to all)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.bind((host, port))
+    sock.setblocking(False)
+    return sock
+
+
 async def open_endpoint(
-    board: LoadBoard, nodes: Callable[[], Mapping[bytes, NodeAccount]], host: str, port: int
+    board: LoadBoard,
+    nodes: Callable[[], Mapping[bytes, NodeAccount]],
+    host: str,
+    port: int,
+    *,
+    sock: socket.socket | None = None,
+    relay_to: list[socket.socket] | None = None,
 ) -> LoadReportEndpoint:
-    """Bind the UDP endpoint on ``host:port`` (0: a free port; ``.port`` says which)."""
+    """The UDP endpoint on ``host:port`` (0: a free port; ``.port`` says which), or on ``sock``
+    if it is already bound."""
     loop = asyncio.get_running_loop()
     _, endpoint = await loop.create_datagram_endpoint(
-        lambda: LoadReportEndpoint(board, nodes), local_addr=(host, port)
+        lambda: LoadReportEndpoint(board, nodes, relay_to),
+        sock=sock if sock is not None else bind_udp(host, port),
     )
     return endpoint
+
+
+async def open_relay(board: LoadBoard, relay: Relay) -> RelayedReports:
+    """A worker's reader of the reports its supervisor relays."""
+    loop = asyncio.get_running_loop()
+    _, reader = await loop.create_datagram_endpoint(
+        lambda: RelayedReports(board, relay.port), sock=relay.sock
+    )
+    return reader
 
 
 __all__ = [
@@ -167,5 +253,9 @@ __all__ = [
     "LiveLoad",
     "LoadBoard",
     "LoadReportEndpoint",
+    "Relay",
+    "RelayedReports",
+    "bind_udp",
     "open_endpoint",
+    "open_relay",
 ]

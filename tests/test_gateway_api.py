@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -63,7 +64,7 @@ async def test_pricing_and_servers_status_are_public(gw: Gw) -> None:
         "available": True,
     }
     async with gw.http.get(gw.url + "/internal/health") as r:
-        assert await r.json() == {"status": "ok"}
+        assert await r.json() == {"status": "ok", "pid": os.getpid()}  # served in this process
 
 
 async def test_openapi_describes_every_route(gw: Gw) -> None:

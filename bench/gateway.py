@@ -2,20 +2,20 @@
 PostgreSQL, /internal/health as the baseline of the same server.
 
     .venv/bin/python bench/gateway.py [--seconds 8] [--concurrency 16,32]
-        [--backends sqlite,postgresql] [--endpoints webrtc-token,agent-session]
+        [--backends sqlite,postgresql,postgresqlx2] [--endpoints webrtc-token,agent-session]
 
-Method: a localnet process with one registered node of each role; one gateway *process* per
-backend (the real `gateway` CLI); `wrk` (one thread, Debian's package, installed by `make setup`)
-as the load generator on loopback, sharing the machine's cores with the gateway. Every request is
-a real wallet-signed request: 3,000 funded wallets, each (wallet, timestamp) pair used once, as
-the gateway demands; the requests are signed before each phase (signing is the client's cost, not
-the server's). A token request reserves credits for one session in the ledger and mints an
-Ed25519 token; an agent session opens a bundle of three sessions (WebRTC, STT, TTS) and mints a
-token for each. Each phase runs for a fixed time after a 2 s warm-up. Figures: wrk's requests per
-second and latency percentiles, the gateway process's CPU time per request (and the PostgreSQL
-server's, all its processes), and, as a check, the sessions the ledger stored per answer. The
-PostgreSQL server is the tests' throwaway one (fsync off) on the same machine.
-"""
+Method: a localnet process with one registered node of each role, reporting its load from a thread;
+one gateway *process* per backend (the real `gateway` CLI; `postgresqlx2`: `gateway serve --workers
+2` on the same PostgreSQL, next to one process); `wrk` (one thread, Debian's package, installed by
+`make setup`) as the load generator on loopback, sharing the machine's cores with the gateway.
+Every request is a real wallet-signed request: 3,000 funded wallets, each (wallet, timestamp) pair
+used once, as the gateway demands; the requests are signed before each phase (signing is the
+client's cost, not the server's). A token request reserves credits for one session in the ledger
+and mints an Ed25519 token; an agent session opens a bundle of three sessions (WebRTC, STT, TTS)
+and mints a token for each. Each phase runs for a fixed time after a 2 s warm-up. Figures: wrk's
+requests per second and latency percentiles, the gateway process's CPU time per request (and the
+PostgreSQL server's, all its processes), and, as a check, the sessions the ledger stored per
+answer. The PostgreSQL server is the tests' throwaway one (fsync off) on the same machine."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import timeit
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from solders.keypair import Keypair  # noqa: E402
 from gateway.auth import sign_request  # noqa: E402
 from gateway.ledger import Ledger  # noqa: E402
 from gateway.ledger.models import sessions  # noqa: E402
+from node.liveness import LoadReporter  # noqa: E402
 from registry import program as p  # noqa: E402
 from registry.client import RegistryClient  # noqa: E402
 from registry.keys import save_keypair  # noqa: E402
@@ -86,8 +88,12 @@ ENDPOINTS = {
 WRK_SCRIPT = ROOT / "bench" / "wrk_replay.lua"
 
 
-async def setup_chain(url: str, authority: Keypair, issuer: Keypair) -> None:
-    """``authority``: the localnet program's upgrade authority, the one key that may init."""
+async def setup_chain(
+    url: str, authority: Keypair, issuer: Keypair
+) -> list[tuple[Keypair, p.Role]]:
+    """``authority``: the localnet program's upgrade authority, the one key that may init.
+    The nodes registered, for their load reports."""
+    nodes = []
     async with RegistryClient(url) as client:
         await client.ensure_funded(authority)
         await client.initialize_registry(authority, 3600, p.Policy.OPEN)
@@ -100,6 +106,39 @@ async def setup_chain(url: str, authority: Keypair, issuer: Keypair) -> None:
                 role,
                 p.NodeFields(f"https://{role.name.lower()}.bench", 50.1, 8.7, "DE", 10**6, "0.1.0"),
             )
+            nodes.append((node, role))
+    return nodes
+
+
+class Reporting(threading.Thread):
+    """The registered nodes' load reports to the gateway at ``url`` (idle, every second), from a
+    thread of their own while wrk runs: a gateway routes only to nodes that report."""
+
+    def __init__(self, nodes: list[tuple[Keypair, p.Role]], url: str) -> None:
+        super().__init__(daemon=True)
+        self.nodes, self.url = nodes, url
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self._done = asyncio.Event()
+
+    def run(self) -> None:
+        self.loop.run_until_complete(self._report())
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self._done.set)
+        self.join()
+
+    async def _report(self) -> None:
+        reporters = [
+            LoadReporter(key, role, lambda: (0, 10**6), "0.1.0", [self.url], interval=1.0)
+            for key, role in self.nodes
+        ]
+        for reporter in reporters:
+            await reporter.start()
+        self.ready.set()
+        await self._done.wait()
+        for reporter in reporters:
+            await reporter.close()
 
 
 async def fund(db_url: str, wallets: list[Keypair]) -> None:
@@ -120,7 +159,7 @@ async def count_sessions(db_url: str) -> int:
 
 
 def start_gateway(
-    tmp: Path, rpc: str, db_url: str, issuer_path: Path
+    tmp: Path, rpc: str, db_url: str, issuer_path: Path, workers: int = 1
 ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     config = tmp / f"gateway-{port}.yaml"
@@ -136,7 +175,8 @@ def start_gateway(
         )
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "--config", str(config), "--log-level", "WARNING"],
+        [sys.executable, "-m", "gateway.cli", "--config", str(config), "--log-level", "WARNING"]
+        + (["serve", "--workers", str(workers)] if workers > 1 else []),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -212,14 +252,9 @@ def _stat(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
-def process_cpu(pid: int) -> float:
-    fields = _stat(pid)
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def server_cpu(pid: int) -> float:
-    """CPU time of a server and its child processes (PostgreSQL: one backend per connection),
-    including children that have exited."""
+    """CPU time of a server and its child processes (PostgreSQL: one backend per connection; a
+    gateway under --workers N: its workers), including children that have exited."""
     fields = _stat(pid)
     total = sum(int(f) for f in fields[11:15])
     for entry in Path("/proc").iterdir():
@@ -247,10 +282,10 @@ def wrk(
         cmd += ["-s", str(WRK_SCRIPT), url, "--", str(requests)]
     else:
         cmd += [url + "/internal/health"]
-    cpu0 = process_cpu(pid)
+    cpu0 = server_cpu(pid)  # with its workers, under --workers N
     db0 = server_cpu(db_pid) if db_pid else 0.0
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    cpu = process_cpu(pid) - cpu0
+    cpu = server_cpu(pid) - cpu0
     db_cpu = server_cpu(db_pid) - db0 if db_pid else None
     done = int(re.search(r"(\d+) requests in", out).group(1))
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -331,7 +366,11 @@ def main() -> None:
         default="16,32",
         help="comma-separated connection counts for the token phases",
     )
-    parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument(
+        "--backends",
+        default="sqlite,postgresql,postgresqlx2",
+        help="comma-separated: sqlite, postgresql, postgresqlxN (N worker processes)",
+    )
     parser.add_argument(
         "--endpoints",
         default=",".join(ENDPOINTS),
@@ -353,13 +392,16 @@ def main() -> None:
         net = start_localnet_process(tmp / "ledger")
         pg = None
         try:
-            asyncio.run(setup_chain(net.url, net.authority, issuer))
+            nodes = asyncio.run(setup_chain(net.url, net.authority, issuer))
+            # one signer for every backend: the PostgreSQL ones share a ledger, and with it the
+            # signatures already answered
+            signer = Signer(wallets)
             print(
                 f"loopback, wrk -t1, {args.seconds:g} s per phase; gateway (one process) and wrk "
                 f"share the machine's {os.cpu_count()} cores"
             )
             for backend in args.backends.split(","):
-                db_pid = None
+                db_pid, workers = None, int(backend.split("x")[1]) if "x" in backend else 1
                 if backend == "sqlite":
                     db_url = f"sqlite+aiosqlite:///{tmp}/gateway.db"
                 else:
@@ -367,11 +409,16 @@ def main() -> None:
                     if bindir is None:
                         print("postgresql: not installed (apt-get install postgresql); skipped")
                         continue
-                    pg = PgServer(bindir)
-                    pg.start()
+                    if pg is None:
+                        pg = PgServer(bindir)
+                        pg.start()
                     db_url, db_pid = pg.url(), pg.proc.pid if pg.proc else None
                 asyncio.run(fund(db_url, wallets))
-                proc, url = start_gateway(tmp, net.url, db_url, tmp / "issuer.json")
+                proc, url = start_gateway(tmp, net.url, db_url, tmp / "issuer.json", workers)
+                asyncio.run(wait_up(url))
+                reporting = Reporting(nodes, url)
+                reporting.start()
+                reporting.ready.wait(30)
                 try:
                     bench_backend(
                         backend,
@@ -382,10 +429,11 @@ def main() -> None:
                         args.seconds,
                         levels,
                         endpoints,
-                        Signer(wallets),
+                        signer,
                         db_pid,
                     )
                 finally:
+                    reporting.stop()
                     proc.terminate()
                     proc.wait()
         finally:

@@ -5,13 +5,13 @@ session key after a drop, close)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any, Protocol
 
 import aiohttp
 
 from common import jsonsafe
+from common.tasks import stop_tasks
 
 log = logging.getLogger("agents.node_socket")
 
@@ -52,16 +52,6 @@ def parse_message(text: str, node: str) -> dict[str, Any] | None:
         )
         return None
     return data
-
-
-async def stop_tasks(*tasks: asyncio.Task[Any] | None) -> None:
-    """Cancel a stream's background tasks and wait until they are gone (their errors included)."""
-    running = [t for t in tasks if t is not None]
-    for task in running:
-        task.cancel()
-    for task in running:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
 
 
 def end_queue(queue: asyncio.Queue[Any]) -> None:

@@ -29,6 +29,7 @@ from typing import Any, Literal
 from livekit import rtc
 
 from agents.plugins import STT_SAMPLE_RATE, TTS_SAMPLE_RATE, SpeechAudio
+from common.tasks import stop_tasks
 
 log = logging.getLogger("agents.room")
 
@@ -249,9 +250,7 @@ class AgentRoom:
                 yield frame
         finally:
             self._readers.get(identity, set()).discard(frames)
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await pump
+            await stop_tasks(pump)
             await stream.aclose()
 
     @staticmethod

@@ -13,7 +13,6 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,6 +21,7 @@ from pydantic import ValidationError
 from solders.keypair import Keypair
 
 from common.settings import format_validation_error
+from common.tasks import stop_tasks
 from gateway import schemas
 from gateway.auth import MemoryReplayGuard, wallet_auth_middleware
 from gateway.bodies import bad_request, error, http_error, json_object, parse_body, validated
@@ -563,9 +563,7 @@ async def _sweeper(app: web.Application) -> Any:
 
     task = asyncio.create_task(loop())
     yield
-    task.cancel()
-    with suppress(asyncio.CancelledError):
-        await task
+    await stop_tasks(task)
 
 
 async def _lifecycle(app: web.Application) -> Any:

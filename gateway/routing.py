@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.tasks import stop_tasks
 from registry.nodeurl import node_url_problem
 from registry.program import NodeAccount, NodeStatus, Role
 
@@ -259,12 +260,7 @@ class NodeDirectory:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await stop_tasks(task)
 
     async def _loop(self) -> None:
         while True:

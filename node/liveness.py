@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from solders.keypair import Keypair
 
+from common.tasks import stop_tasks
 from registry.loadreport import LoadReport
 from registry.program import Role
 
@@ -83,12 +84,7 @@ class LoadReporter:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await stop_tasks(task)
         for sock in self._socks.values():
             sock.close()
         self._socks.clear()

@@ -30,6 +30,7 @@ from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from solders.transaction import VersionedTransaction
 
+from common.tasks import stop_tasks
 from gateway.ledger import DuplicatePayment, Ledger, pricing
 from registry.client import LAMPORTS_PER_SOL, is_local_rpc
 from registry.keys import load_keypair, load_or_create_keypair
@@ -206,12 +207,7 @@ class PaymentService:
         )
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await stop_tasks(self._task)
         await self.sol_rpc.close()
         await self.evm.close()
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from common.tasks import stop_tasks
 from node.capacity import usable_cores
 
 
@@ -44,13 +45,7 @@ class Scheduler:
         self._tasks = [asyncio.create_task(self._worker()) for _ in range(self.workers)]
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except asyncio.CancelledError:
-                pass
+        await stop_tasks(*self._tasks)
         self._tasks = []
         self._pool.shutdown(wait=False, cancel_futures=True)
 

@@ -280,7 +280,7 @@ def chain_in(tmp: Path) -> tuple[Chain, Any]:
     async def setup() -> None:
         await init_registry(localnet, TEST_TTL, p.Policy.OPEN)
         async with RegistryClient(localnet.url) as client:
-            await client.add_issuer(localnet.authority, issuer.pubkey())
+            await client.add_issuer(localnet.authority, issuer.pubkey(), "http://127.0.0.1:9")
 
     asyncio.run(setup())
     return Chain(

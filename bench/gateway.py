@@ -97,7 +97,7 @@ async def setup_chain(
     async with RegistryClient(url) as client:
         await client.ensure_funded(authority)
         await client.initialize_registry(authority, 3600, p.Policy.OPEN)
-        await client.add_issuer(authority, issuer.pubkey())
+        await client.add_issuer(authority, issuer.pubkey(), "http://127.0.0.1:9")  # unused
         for role in (p.Role.SFU, p.Role.STT, p.Role.TTS):
             node = Keypair()
             await client.ensure_funded(node)

@@ -64,7 +64,11 @@ def compute_units() -> None:
             [p.initialize_registry_ix(authority.pubkey(), 30, p.Policy.APPROVAL)],
             [authority],
         ),
-        ("add_issuer", [p.add_issuer_ix(authority.pubkey(), issuer.pubkey())], [authority]),
+        (
+            "add_issuer",
+            [p.add_issuer_ix(authority.pubkey(), issuer.pubkey(), "https://gw.example.org")],
+            [authority],
+        ),
         ("register_node", [p.register_node_ix(node.pubkey(), p.Role.STT, fields(1))], [node]),
         ("approve_node", [p.approve_node_ix(authority.pubkey(), node.pubkey())], [authority]),
         ("heartbeat", [p.heartbeat_ix(node.pubkey(), 3, 16)], [node]),

@@ -132,7 +132,8 @@ async def pricing_handler(request: web.Request) -> web.Response:
 
 
 async def liveness_handler(request: web.Request) -> web.Response:
-    """Where and how often a node sends its signed load reports (registry/loadreport.py)."""
+    """Where and how often a node sends its signed load reports (registry/loadreport.py), and
+    the key this gateway signs tokens with (so a node knows which tokens' usage comes here)."""
     gateway = gw(request)
     if gateway.load_reports is None:
         return error(503, "load reports are not being received yet; retry in a moment")
@@ -142,6 +143,7 @@ async def liveness_handler(request: web.Request) -> web.Response:
             "udp_port": gateway.load_reports.port,
             "interval_seconds": config.load_report_interval_seconds,
             "ttl_seconds": config.load_report_ttl_seconds,
+            "issuer": str(gateway.sessions.issuer.pubkey()),
         }
     )
 

@@ -29,6 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from solders.pubkey import Pubkey
 
 from node.config import NodeConfig
+from node.gateways import GatewayBook
 from node.liveness import DEFAULT_INTERVAL, LoadReporter
 from node.outbox import Outbox
 from node.roles import ROLE_SERVICE, Role, RoleContext, load_role
@@ -141,17 +142,17 @@ class NodeAgent:
         self.role: Role = (
             role_factory(context) if role_factory else load_role(self.role_name, context)
         )
-        gateways = [u for u in (config.gateway_url, *config.report_to) if u]
-        if not gateways:
-            log.warning("no gateway_url or report_to in the config: no gateway will route here")
         self.reporter = LoadReporter(
             self.keypair,
             p.Role.parse(self.role_name),
             self._load_now,
             self.version,
-            gateways,
+            [u for u in (config.gateway_url, *config.report_to) if u],
             interval=config.report_interval,
         )
+        # every gateway on the registry gets load reports, and the usage of the sessions it issued
+        self.gateways = GatewayBook(config.gateway_url, self.reporter, self.client.issuer_urls)
+        self.outbox.resolve = self.gateways.url_for
         self.metrics = Metrics(self.role_name)
         self.state = "starting"
         self.last_presence: float | None = None
@@ -187,6 +188,7 @@ class NodeAgent:
             "presence_failures": self.presence_failures,
             "load_reports_sent": self.reporter.sent,
             "load_report_gateways": [t.gateway_url for t in self.reporter.targets],
+            "gateways_on_chain": self.gateways.on_chain,
             "version": self.version,
         }
         return web.json_response(body, status=200 if self.state == "serving" else 503)
@@ -234,6 +236,7 @@ class NodeAgent:
             self.port,
             self.config.public_url,
         )
+        await self.gateways.start()
         await self.outbox.start()
         await self.role.start()
         status = await self.ensure_registered()
@@ -404,6 +407,7 @@ class NodeAgent:
         await self.reporter.close()
         await self.role.stop()
         await self.outbox.stop()
+        await self.gateways.close()
         if self.config.deregister_on_exit:
             try:
                 await self.client.deregister_node(self.keypair)

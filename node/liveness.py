@@ -38,6 +38,7 @@ class Target:
     family: int
     address: tuple[str, int]
     interval: float
+    issuer: str | None  # the key it signs tokens with, in its own word
 
 
 class LoadReporter:
@@ -59,8 +60,10 @@ class LoadReporter:
             raise ValueError(f"report interval must be > 0 seconds, got {interval!r}")
         self.keypair, self.role, self.version = keypair, role, version
         self._load_now = load_now
-        self._pending = [u.rstrip("/") for u in dict.fromkeys(gateway_urls)]
+        self._pending: list[str] = []
+        self._failing: set[str] = set()  # asked and not answering: warned once, then quiet
         self.targets: list[Target] = []
+        self.add_gateways(gateway_urls)
         self._fixed_interval = interval
         self._timeout = timeout
         # grows by one per report and starts at the start time in microseconds, so it keeps
@@ -69,6 +72,17 @@ class LoadReporter:
         self.sent = 0
         self._socks: dict[int, socket.socket] = {}  # one per address family in use
         self._task: asyncio.Task[None] | None = None
+
+    def add_gateways(self, urls: list[str]) -> None:
+        """Report to these gateways too (found later: a gateway listed on the registry)."""
+        known = {t.gateway_url for t in self.targets} | set(self._pending)
+        for url in dict.fromkeys(u.rstrip("/") for u in urls):
+            if url not in known:
+                self._pending.append(url)
+
+    def issuer_url(self, issuer: str) -> str | None:
+        """The URL of the reporting target whose gateway said it signs with ``issuer``."""
+        return next((t.gateway_url for t in self.targets if t.issuer == issuer), None)
 
     @property
     def interval(self) -> float:
@@ -136,14 +150,18 @@ class LoadReporter:
                 try:
                     target = await self._ask(http, url)
                 except (aiohttp.ClientError, TimeoutError, OSError, ValueError, KeyError) as exc:
-                    log.warning(
-                        "cannot ask %s where to send load reports (%s); retrying in %.0fs",
+                    level = logging.DEBUG if url in self._failing else logging.WARNING
+                    self._failing.add(url)
+                    log.log(
+                        level,
+                        "cannot ask %s where to send load reports (%s); retrying every %.0fs",
                         url,
                         exc,
                         self.interval,
                     )
                     continue
                 self._pending.remove(url)
+                self._failing.discard(url)
                 self.targets.append(target)
                 log.info(
                     "load reports to %s: udp %s:%d every %gs",
@@ -164,7 +182,10 @@ class LoadReporter:
         [(family, _, _, _, address), *_] = await asyncio.get_running_loop().getaddrinfo(
             host, port, type=socket.SOCK_DGRAM
         )
-        return Target(url, family, address[:2], interval)
+        issuer = body.get("issuer")
+        return Target(
+            url, family, address[:2], interval, issuer if isinstance(issuer, str) else None
+        )
 
 
 __all__ = ["DEFAULT_INTERVAL", "LoadReporter", "Target"]

@@ -8,6 +8,12 @@ it (unknown session, bad shape): it is moved to a dead-letter table and logged, 
 
 Usage reports are cumulative, so a newer report for the same session replaces an unsent older one
 (``key``); a ``complete`` event is never replaced.
+
+Each event names the issuer of its session's token: it goes to that gateway (``resolve``, the
+node's ``GatewayBook``: the issuer's URL on the registry, or what a configured gateway says of
+itself), else to ``gateway_url``. The URL is looked up when the event is sent, so events queued
+for a gateway that moved follow it; events for one gateway keep their order, and a gateway that
+is down holds back only its own.
 """
 
 from __future__ import annotations
@@ -17,12 +23,14 @@ import json
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from solders.keypair import Keypair
 
+from common.tasks import stop_tasks
 from registry.tokens import sign_body
 
 log = logging.getLogger("node.outbox")
@@ -33,11 +41,13 @@ CREATE TABLE IF NOT EXISTS outbox (
     path TEXT NOT NULL,
     body BLOB NOT NULL,
     key TEXT,
+    issuer TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     next_at REAL NOT NULL,
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_key ON outbox(key);
+CREATE INDEX IF NOT EXISTS outbox_issuer ON outbox(issuer, id);
 CREATE TABLE IF NOT EXISTS dead (
     id INTEGER PRIMARY KEY, path TEXT, body BLOB, status INTEGER, reason TEXT, created_at REAL
 );
@@ -62,7 +72,11 @@ class Outbox:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(outbox)")}
+        if columns and "issuer" not in columns:  # a file from before events named their issuer
+            self._db.execute("ALTER TABLE outbox ADD COLUMN issuer TEXT")
         self._db.executescript(SCHEMA)
+        self.resolve: Callable[[str | None], str | None] = lambda issuer: None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -71,8 +85,15 @@ class Outbox:
 
     # ------------------------------------------------------------ producer side
 
-    def enqueue(self, path: str, payload: dict[str, Any], key: str | None = None) -> None:
-        """Persist one event (durable when this returns); ``key`` replaces an unsent older one."""
+    def enqueue(
+        self,
+        path: str,
+        payload: dict[str, Any],
+        key: str | None = None,
+        issuer: str | None = None,
+    ) -> None:
+        """Persist one event (durable when this returns); ``key`` replaces an unsent older one;
+        ``issuer``: the key that signed the session's token (where the event goes)."""
         body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
         now = time.time()
         with self._db:
@@ -80,8 +101,9 @@ class Outbox:
             if key is not None:
                 self._db.execute("DELETE FROM outbox WHERE key = ?", (key,))
             self._db.execute(
-                "INSERT INTO outbox (path, body, key, next_at, created_at) VALUES (?, ?, ?, ?, ?)",
-                (path, body, key, now, now),
+                "INSERT INTO outbox (path, body, key, issuer, next_at, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (path, body, key, issuer, now, now),
             )
         self._wake.set()
 
@@ -92,6 +114,7 @@ class Outbox:
         *,
         duration_seconds: float | None = None,
         used_characters: int | None = None,
+        issuer: str | None = None,
     ) -> None:
         """The gateway's ``/internal/events`` body: cumulative usage, ``complete`` settles."""
         usage: dict[str, Any] = {}
@@ -104,6 +127,7 @@ class Outbox:
             "/internal/events",
             {"session_id": session_id, "event": event, "usage": usage},
             key=None if complete else f"usage:{session_id}",
+            issuer=issuer,
         )
 
     def pending(self) -> int:
@@ -122,9 +146,10 @@ class Outbox:
     async def start(self) -> None:
         if self.gateway_url is None:
             log.warning(
-                "no gateway_url configured: usage events are kept in %s, not sent", self.path
+                "no gateway_url configured: usage events of issuers without a URL on the "
+                "registry are kept in %s, not sent",
+                self.path,
             )
-            return
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
         self._task = asyncio.create_task(self._run())
 
@@ -135,29 +160,39 @@ class Outbox:
             while self.pending() and time.monotonic() < deadline and self._due_now():
                 self._wake.set()
                 await asyncio.sleep(0.05)
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await stop_tasks(self._task)
         if self._http is not None:
             await self._http.close()
         self._db.close()
 
     def _due_now(self) -> bool:
-        row = self._db.execute("SELECT MIN(next_at) FROM outbox").fetchone()
-        return row[0] is not None and row[0] <= time.time() + 0.5
+        row = self._next()
+        return row is not None and row[5] <= time.time() + 0.5
+
+    def _next(self) -> tuple[Any, ...] | None:
+        """The next event to send: the oldest of each issuer's that has somewhere to go, the one
+        due first (so a gateway that is down holds back only its own events)."""
+        rows = self._db.execute(
+            "SELECT id, issuer, path, body, attempts, next_at FROM outbox "
+            "WHERE id IN (SELECT MIN(id) FROM outbox GROUP BY issuer) ORDER BY next_at, id"
+        ).fetchall()
+        return next((r for r in rows if self._url(r[1]) is not None), None)
+
+    def _url(self, issuer: str | None) -> str | None:
+        url = self.resolve(issuer) if issuer else None
+        return (url or self.gateway_url or "").rstrip("/") or None
 
     async def _run(self) -> None:
         while True:
-            row = self._db.execute(
-                "SELECT id, path, body, attempts, next_at FROM outbox ORDER BY id LIMIT 1"
-            ).fetchone()
+            row = self._next()
             if row is None:
                 self._wake.clear()
-                await self._wake.wait()
+                try:  # new events wake it; a gateway found on the registry is looked for again
+                    await asyncio.wait_for(self._wake.wait(), 5.0)
+                except TimeoutError:
+                    pass
                 continue
-            event_id, path, body, attempts, next_at = row
+            event_id, issuer, path, body, attempts, next_at = row
             delay = next_at - time.time()
             if delay > 0:
                 self._wake.clear()
@@ -166,16 +201,18 @@ class Outbox:
                 except TimeoutError:
                     pass
                 continue
-            await self._deliver(event_id, path, bytes(body), attempts)
+            await self._deliver(event_id, self._url(issuer), path, bytes(body), attempts)
 
-    async def _deliver(self, event_id: int, path: str, body: bytes, attempts: int) -> None:
-        assert self._http is not None and self.gateway_url is not None
+    async def _deliver(
+        self, event_id: int, url: str | None, path: str, body: bytes, attempts: int
+    ) -> None:
+        assert self._http is not None and url is not None
         headers = {
             "Authorization": f"Bearer {sign_body(self.signer, body)}",
             "Content-Type": "application/json",
         }
         try:
-            async with self._http.post(self.gateway_url + path, data=body, headers=headers) as resp:
+            async with self._http.post(url + path, data=body, headers=headers) as resp:
                 status, text = resp.status, (await resp.text())[:300]
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             status, text = 0, str(exc) or type(exc).__name__
@@ -184,7 +221,13 @@ class Outbox:
             self.sent += 1
             return
         if 400 <= status < 500 and status not in (408, 429):
-            log.error("gateway refused %s (HTTP %d: %s); moved to dead letters", path, status, text)
+            log.error(
+                "gateway %s refused %s (HTTP %d: %s); moved to dead letters",
+                url,
+                path,
+                status,
+                text,
+            )
             with self._db:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.execute(
@@ -197,8 +240,9 @@ class Outbox:
         self.failures += 1
         backoff = min(self.max_backoff, 0.5 * 2**attempts)
         log.warning(
-            "could not deliver %s (%s); retry %d in %.1fs",
+            "could not deliver %s to %s (%s); retry %d in %.1fs",
             path,
+            url,
             f"HTTP {status}: {text}" if status else text,
             attempts + 1,
             backoff,

@@ -81,6 +81,7 @@ class Session:
     sockets: int = 0
     idle_since: float | None = None  # monotonic time the last socket closed
     warned: set[int] = field(default_factory=set)
+    issuer: str | None = None  # the gateway key that signed its token: its usage goes there
 
     def used(self) -> float:
         """The units to bill so far."""
@@ -154,6 +155,7 @@ class Sessions(Generic[S]):
         session = self.sessions.get(claims.session_id)
         if session is None:
             session = self.meter(claims.session_id, claims.limit or 0, float(claims.expires_at))
+            session.issuer = claims.issuer
             saved = self._store.load(claims.session_id)
             if saved is not None:
                 session.restore(*saved)
@@ -189,7 +191,9 @@ class Sessions(Generic[S]):
         if session.completed or (not complete and used == session.reported):
             return
         try:
-            self.outbox.report_usage(session.session_id, complete, **{self.unit: used})
+            self.outbox.report_usage(
+                session.session_id, complete, issuer=session.issuer, **{self.unit: used}
+            )
         except Exception:  # the outbox is durable; a failure here is a local disk problem
             log.exception("could not record usage for session %s", session.session_id)
             return

@@ -47,6 +47,15 @@ def _pubkey(value: str) -> Pubkey:
         raise argparse.ArgumentTypeError(f"{value!r} is not a base58 Solana public key") from None
 
 
+def _gateway_url(value: str) -> str:
+    """The chain refuses what ``check_node_url`` refuses: say so before a transaction."""
+    try:
+        check_node_url(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def _role(value: str) -> p.Role:
     try:
         return p.Role.parse(value)
@@ -71,15 +80,18 @@ def cmd_keygen(args: argparse.Namespace) -> None:
 
 
 def cmd_localnet(args: argparse.Namespace) -> None:
-    from registry.localnet import run_localnet
+    from registry.localnet import StaleProgram, run_localnet
 
     programs = [] if args.no_program else [(p.SO_PATH, p.PROGRAM_KEYPAIR_PATH)]
     # The upgrade authority is the one key `registry init` accepts: by default the same file
     # `registry init --keypair` reads, so `make up` (and an operator) can initialise.
     authority = load_or_create_keypair(args.authority)
-    run_localnet(
-        args.port, Path(args.ledger), programs, host=args.host, upgrade_authority=authority
-    )
+    try:
+        run_localnet(
+            args.port, Path(args.ledger), programs, host=args.host, upgrade_authority=authority
+        )
+    except StaleProgram as exc:
+        raise CliError(str(exc)) from None
 
 
 async def cmd_init(args: argparse.Namespace, client: RegistryClient) -> None:
@@ -120,12 +132,11 @@ async def cmd_issuer(args: argparse.Namespace, client: RegistryClient) -> None:
     if args.issuer_cmd == "list":
         issuers = await client.list_issuers()
         if args.json:
-            print(
-                json.dumps([{"key": str(i.key), "added_at": i.added_at} for i in issuers], indent=2)
-            )
+            listed = [{"key": str(i.key), "url": i.url, "added_at": i.added_at} for i in issuers]
+            print(json.dumps(listed, indent=2))
         else:
             for i in issuers:
-                print(f"{i.key}  added {_ago(i.added_at)}")
+                print(f"{i.key}  {i.url}  added {_ago(i.added_at)}")
             if not issuers:
                 print("no issuers")
         return
@@ -133,10 +144,13 @@ async def cmd_issuer(args: argparse.Namespace, client: RegistryClient) -> None:
     await client.ensure_funded(authority)
     if args.issuer_cmd == "add":
         if str(args.key) in await client.issuer_keys():
-            print(f"issuer {args.key} already listed")
+            print(f"issuer {args.key} already listed (change its URL: registry issuer update)")
             return
-        sig = await client.add_issuer(authority, args.key)
-        print(f"issuer {args.key} added\nsignature {sig}")
+        sig = await client.add_issuer(authority, args.key, args.url)
+        print(f"issuer {args.key} added at {args.url}\nsignature {sig}")
+    elif args.issuer_cmd == "update":
+        sig = await client.update_issuer(authority, args.key, args.url)
+        print(f"issuer {args.key} now at {args.url}\nsignature {sig}")
     else:
         sig = await client.remove_issuer(authority, args.key)
         print(f"issuer {args.key} removed\nsignature {sig}")
@@ -331,11 +345,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("issuer", help="gateway keys that nodes trust")
     isub = sp.add_subparsers(dest="issuer_cmd", required=True)
-    for name in ("add", "remove"):
+    for name in ("add", "update", "remove"):
         s = isub.add_parser(name)
         rpc(s)
         keypair(s)
         s.add_argument("key", type=_pubkey)
+        if name != "remove":
+            s.add_argument(
+                "--url",
+                type=_gateway_url,
+                required=True,
+                help="the gateway's public URL: nodes send it usage, webhooks and load reports",
+            )
     s = isub.add_parser("list")
     rpc(s)
     s.add_argument("--json", action="store_true")

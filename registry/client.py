@@ -130,10 +130,13 @@ class RegistryClient:
         ix = p.initialize_registry_ix(authority.pubkey(), heartbeat_ttl, policy, self.program_id)
         return await self.send([ix], [authority])
 
-    async def add_issuer(self, authority: Keypair, key: Pubkey) -> Signature:
-        return await self.send(
-            [p.add_issuer_ix(authority.pubkey(), key, self.program_id)], [authority]
-        )
+    async def add_issuer(self, authority: Keypair, key: Pubkey, url: str) -> Signature:
+        ix = p.add_issuer_ix(authority.pubkey(), key, url, self.program_id)
+        return await self.send([ix], [authority])
+
+    async def update_issuer(self, authority: Keypair, key: Pubkey, url: str) -> Signature:
+        ix = p.update_issuer_ix(authority.pubkey(), key, url, self.program_id)
+        return await self.send([ix], [authority])
 
     async def remove_issuer(self, authority: Keypair, key: Pubkey) -> Signature:
         ix = p.remove_issuer_ix(authority.pubkey(), key, self.program_id)
@@ -246,6 +249,10 @@ class RegistryClient:
     async def issuer_keys(self) -> list[str]:
         """Base58 issuer keys: the source a ``tokens.TokenVerifier`` reads."""
         return [str(i.key) for i in await self.list_issuers()]
+
+    async def issuer_urls(self) -> dict[str, str]:
+        """Base58 issuer key -> its gateway's public URL."""
+        return {str(i.key): i.url for i in await self.list_issuers()}
 
 
 def is_local_rpc(url: str) -> bool:

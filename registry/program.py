@@ -40,7 +40,7 @@ NODE_SEED = b"node"
 
 # Account sizes, fixed so that getProgramAccounts can filter with dataSize.
 REGISTRY_SIZE = 72
-ISSUER_SIZE = 56
+ISSUER_SIZE = 260
 NODE_SIZE = 308
 MAX_URL_LEN = 200
 VERSION_LEN = 16
@@ -237,9 +237,21 @@ def initialize_registry_ix(
     return _ix("initialize_registry", program_id, args, authority=authority)
 
 
-def add_issuer_ix(authority: Pubkey, key: Pubkey, program_id: Pubkey = PROGRAM_ID) -> Instruction:
+def add_issuer_ix(
+    authority: Pubkey, key: Pubkey, url: str, program_id: Pubkey = PROGRAM_ID
+) -> Instruction:
+    """Trust gateway ``key`` as a token issuer; ``url`` is its public URL (usage, webhooks and
+    load reports go there)."""
     issuer, _ = issuer_pda(key, program_id)
-    return _ix("add_issuer", program_id, {"key": key}, issuer=issuer, authority=authority)
+    args = {"key": key, "url": url}
+    return _ix("add_issuer", program_id, args, issuer=issuer, authority=authority)
+
+
+def update_issuer_ix(
+    authority: Pubkey, key: Pubkey, url: str, program_id: Pubkey = PROGRAM_ID
+) -> Instruction:
+    issuer, _ = issuer_pda(key, program_id)
+    return _ix("update_issuer", program_id, {"url": url}, issuer=issuer, authority=authority)
 
 
 def remove_issuer_ix(
@@ -334,9 +346,12 @@ class RegistryAccount:
 
 @dataclass(frozen=True)
 class IssuerAccount:
+    """A trusted gateway: its token key and its public URL."""
+
     address: Pubkey
     key: Pubkey
     added_at: int
+    url: str
 
 
 @dataclass(frozen=True)
@@ -394,7 +409,7 @@ def decode_registry(address: Pubkey, data: bytes) -> RegistryAccount:
 
 def decode_issuer(address: Pubkey, data: bytes) -> IssuerAccount:
     a = _decode("Issuer", data)
-    return IssuerAccount(address, a.key, a.added_at)
+    return IssuerAccount(address, a.key, a.added_at, a.url)
 
 
 def decode_node(address: Pubkey, data: bytes) -> NodeAccount:

@@ -184,7 +184,8 @@ async def wait_rpc(client: RegistryClient, timeout: float = 60.0) -> None:
 
 
 async def bootstrap_registry(client: RegistryClient) -> str:
-    """Initialise the registry and list the gateway key as an issuer; idempotent across restarts."""
+    """Initialise the registry and list the gateway key as an issuer at the gateway's URL;
+    idempotent across restarts."""
     authority = load_or_create_keypair(AUTHORITY_KEY)
     issuer = load_or_create_keypair(LOCAL / "keys" / "gateway-issuer.json")
     await client.ensure_funded(authority)
@@ -195,9 +196,13 @@ async def bootstrap_registry(client: RegistryClient) -> str:
             f"registry initialised (authority {authority.pubkey()}, presence TTL {PRESENCE_TTL}s, "
             "policy approval)"
         )
-    if str(issuer.pubkey()) not in await client.issuer_keys():
-        await client.add_issuer(authority, issuer.pubkey())
-        print(f"gateway issuer {issuer.pubkey()} listed on the registry")
+    listed = (await client.issuer_urls()).get(str(issuer.pubkey()))
+    if listed is None:
+        await client.add_issuer(authority, issuer.pubkey(), GATEWAY_URL)
+        print(f"gateway issuer {issuer.pubkey()} listed on the registry at {GATEWAY_URL}")
+    elif listed != GATEWAY_URL:
+        await client.update_issuer(authority, issuer.pubkey(), GATEWAY_URL)
+        print(f"gateway issuer {issuer.pubkey()} moved on the registry to {GATEWAY_URL}")
     return str(issuer.pubkey())
 
 

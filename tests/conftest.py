@@ -53,6 +53,10 @@ pytest_plugins = [
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_TTL = 3
+# The URL the tests list their gateway keys at: nothing listens there. A test's gateways run on
+# ports of their own, often several on one key; each node learns which key its configured gateway
+# signs with from the gateway itself (node/gateways.py), and that wins over the registry's URL.
+UNSERVED_GATEWAY_URL = "http://127.0.0.1:9"
 
 
 def free_port() -> int:
@@ -165,7 +169,7 @@ def chain(localnet: Localnet, tmp_path_factory: pytest.TempPathFactory) -> Chain
     async def setup() -> None:
         await init_registry(localnet, TEST_TTL, p.Policy.OPEN)
         async with RegistryClient(localnet.url) as client:
-            await client.add_issuer(authority, issuer.pubkey())
+            await client.add_issuer(authority, issuer.pubkey(), UNSERVED_GATEWAY_URL)
 
     asyncio.run(setup())
     return Chain(

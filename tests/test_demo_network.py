@@ -19,7 +19,7 @@ from solders.keypair import Keypair
 from demo.app import create_app
 from registry import program as p
 from registry.client import RegistryClient
-from tests.conftest import Localnet, free_port, start_localnet_process
+from tests.conftest import UNSERVED_GATEWAY_URL, Localnet, free_port, start_localnet_process
 from tests.support.browser import chromium, console_log
 from tests.support.gateway_net import Net, serve_gateway
 from tests.support.serving import serve
@@ -62,7 +62,7 @@ async def network(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Net
     try:
         await client.ensure_funded(authority)
         await client.initialize_registry(authority, 3600, p.Policy.APPROVAL)
-        await client.add_issuer(authority, issuer.pubkey())
+        await client.add_issuer(authority, issuer.pubkey(), UNSERVED_GATEWAY_URL)
         for name, (role, url, lat, lon, country, capacity, _, standing) in NODES.items():
             await client.ensure_funded(owners[name])
             await client.register_node(

@@ -31,7 +31,7 @@ from registry.client import RegistryClient
 from registry.keys import load_keypair
 from registry.loadreport import REPORT_LEN, BadReport, LoadReport, parse
 from registry.tokens import TokenError, verify_token
-from tests.conftest import ROOT
+from tests.conftest import ROOT, UNSERVED_GATEWAY_URL
 from tests.support.gateway_net import Net, serve_gateway
 from tests.support.node_entries import node
 from tests.support.node_process import node_config, wait_health
@@ -206,7 +206,7 @@ async def test_two_gateways_on_one_registry_and_one_postgresql_ledger(
     reports usage to B, and once it expires it is settled exactly once."""
     second = Keypair()
     async with RegistryClient(gateway_net.url) as chain:
-        await chain.add_issuer(gateway_net.authority, second.pubkey())
+        await chain.add_issuer(gateway_net.authority, second.pubkey(), UNSERVED_GATEWAY_URL)
     try:
         async with (
             serve_gateway(gateway_net, tmp_path, pg_db_url) as a,

@@ -25,7 +25,14 @@ from registry import program as p
 from registry.client import RegistryClient
 from registry.keys import load_keypair
 from registry.tokens import Grant, mint_token
-from tests.conftest import ROOT, Chain, Localnet, init_registry, start_localnet_process
+from tests.conftest import (
+    ROOT,
+    UNSERVED_GATEWAY_URL,
+    Chain,
+    Localnet,
+    init_registry,
+    start_localnet_process,
+)
 from tests.support.node_process import node_config, wait_health
 
 
@@ -183,7 +190,7 @@ async def test_a_removed_issuers_tokens_are_refused_by_every_node_within_the_cac
                         out.append((r.status, (await r.json()).get("error")))
                 return out
 
-            await client.add_issuer(chain.authority, retired.pubkey())
+            await client.add_issuer(chain.authority, retired.pubkey(), UNSERVED_GATEWAY_URL)
             await asyncio.sleep(1.5)  # past every node's issuer cache
             token = mint_token(retired, "x", Grant("stt", limit=5), 60)
             assert await answers(token) == [(200, None), (200, None)]

@@ -36,7 +36,7 @@ from node.tts.voices import EngineError, VoiceSpec
 from registry.keys import load_keypair
 from registry.tokens import Grant, mint_token
 from tests.conftest import ROOT, Chain, free_port
-from tests.support.serving import serve
+from tests.support.serving import declare_issuer, serve
 from tests.support.tts_role import Event, connect
 
 FRAME_BYTES = 1920
@@ -462,6 +462,7 @@ async def test_node_role_tts_process(chain: Chain, tmp_path: Path) -> None:
 
     gw_app = web.Application()
     gw_app.router.add_post("/internal/events", events)
+    declare_issuer(gw_app, chain.issuer)
     gw_runner, gw_port = await serve(gw_app)
     port = free_port()
     cfg = {

@@ -156,6 +156,29 @@ def test_suspend_and_activate_by_authority(chain: Chain, tmp_path: Path) -> None
     registry("node", "deregister", "--rpc", chain.url, "--keypair", str(key))
 
 
+def test_issuer_add_update_remove_with_its_url(chain: Chain) -> None:
+    key = str(Keypair().pubkey())
+    auth = ["--rpc", chain.url, "--keypair", str(chain.authority_path)]
+
+    def listed() -> dict[str, str]:
+        out = registry("issuer", "list", "--rpc", chain.url, "--json").stdout
+        return {i["key"]: i["url"] for i in json.loads(out)}
+
+    bad = registry("issuer", "add", key, *auth, "--url", "http://gw.example", check=False)
+    assert bad.returncode == 2 and "https://" in bad.stderr and key not in listed()
+    missing = registry("issuer", "add", key, *auth, check=False)
+    assert missing.returncode == 2 and "--url" in missing.stderr
+    added = registry("issuer", "add", key, *auth, "--url", "https://gw-a.example")
+    assert "added at https://gw-a.example" in added.stdout
+    assert listed()[key] == "https://gw-a.example"
+    registry("issuer", "update", key, *auth, "--url", "http://127.0.0.1:8402")
+    assert listed()[key] == "http://127.0.0.1:8402"
+    text = registry("issuer", "list", "--rpc", chain.url).stdout
+    assert f"{key}  http://127.0.0.1:8402  added" in text
+    registry("issuer", "remove", key, *auth)
+    assert key not in listed()
+
+
 def test_issuer_list_and_token_mint(chain: Chain) -> None:
     listed = json.loads(registry("issuer", "list", "--rpc", chain.url, "--json").stdout)
     assert str(chain.issuer.pubkey()) in {i["key"] for i in listed}

@@ -668,3 +668,24 @@ def test_token_2022_accounts_are_told_apart_by_their_kind_byte() -> None:
     assert token_kind(account(TOKEN_PROGRAM_ID, bytes(165))) == "account"
     assert token_kind(account(TOKEN_PROGRAM_ID, bytes(82))) == "mint"
     assert token_kind(account(Pubkey.new_unique(), bytes(165))) is None
+
+
+def test_a_ledger_with_another_build_of_the_program_is_refused_with_the_fix(
+    tmp_path: Path,
+) -> None:
+    """A local chain made by an older checkout holds an older registry program (and accounts of
+    its layout): starting on it says so and what to do, instead of failing later with errors
+    that name no cause. The same build starts again as it is."""
+    from registry import program as p
+    from registry.localnet import LocalSvm, StaleProgram, deploy_programs
+
+    ledger = tmp_path / "ledger"
+    svm = LocalSvm(ledger)
+    assert deploy_programs(svm, [(p.SO_PATH, p.PROGRAM_KEYPAIR_PATH)]) == [str(p.PROGRAM_ID)]
+    assert deploy_programs(svm, [(p.SO_PATH, p.PROGRAM_KEYPAIR_PATH)]) == []  # same build
+    other = bytearray(p.SO_PATH.read_bytes())
+    other[len(other) // 2] ^= 0xFF
+    (tmp_path / "other.so").write_bytes(bytes(other))
+    with pytest.raises(StaleProgram, match="Remove the ledger directory"):
+        deploy_programs(svm, [(tmp_path / "other.so", p.PROGRAM_KEYPAIR_PATH)])
+    svm.close()

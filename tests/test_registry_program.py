@@ -39,6 +39,8 @@ HEARTBEAT_CU_LIMIT = 5_000
 # Compute units of the last successful run of each instruction (printed by the CU test).
 CU: dict[str, int] = {}
 
+GATEWAY = "https://gateway.example.net"
+
 FIELDS = P.NodeFields(
     url="https://sfu-1.example.net:7880",
     lat=52.520008,
@@ -228,9 +230,10 @@ class Chain:
         self.ok(P.register_node_ix(owner.pubkey(), role, fields), owner, cu="register_node")
         return owner
 
-    def add_issuer(self, key: Pubkey | None = None) -> Pubkey:
+    def add_issuer(self, key: Pubkey | None = None, url: str = GATEWAY) -> Pubkey:
         key = key or Keypair().pubkey()
-        self.ok(P.add_issuer_ix(self.authority.pubkey(), key), self.authority, cu="add_issuer")
+        ix = P.add_issuer_ix(self.authority.pubkey(), key, url)
+        self.ok(ix, self.authority, cu="add_issuer")
         return key
 
 
@@ -449,7 +452,10 @@ def test_wrong_account_count(ready: Chain):
 @pytest.mark.parametrize(
     "name,builder",
     [
-        ("add_issuer", lambda c: P.add_issuer_ix(c.authority.pubkey(), Pubkey.new_unique())),
+        (
+            "add_issuer",
+            lambda c: P.add_issuer_ix(c.authority.pubkey(), Pubkey.new_unique(), GATEWAY),
+        ),
         ("remove_issuer", lambda c: P.remove_issuer_ix(c.authority.pubkey(), Pubkey.new_unique())),
         ("deregister_node", lambda c: P.deregister_node_ix(c.authority.pubkey())),
         (
@@ -489,7 +495,7 @@ def test_add_issuer(ready: Chain):
     key = ready.add_issuer()
     iss = ready.issuer(key)
     addr, bump = P.issuer_pda(key)
-    assert (iss.address, iss.key, iss.added_at) == (addr, key, 1_700_000_123)
+    assert (iss.address, iss.key, iss.added_at, iss.url) == (addr, key, 1_700_000_123, GATEWAY)
     acc = ready.account(addr)
     assert acc.owner == PID and len(acc.data) == P.ISSUER_SIZE and acc.data[48] == bump
     assert acc.lamports == ready.svm.minimum_balance_for_rent_exemption(P.ISSUER_SIZE)
@@ -500,14 +506,14 @@ def test_add_issuer(ready: Chain):
 
 def test_add_issuer_twice(ready: Chain):
     key = ready.add_issuer()
-    ix = P.add_issuer_ix(ready.authority.pubkey(), key)
+    ix = P.add_issuer_ix(ready.authority.pubkey(), key, GATEWAY)
     assert ready.fails(ix, ready.authority) == "AlreadyInitialized"
     assert ready.reg().issuer_count == 1
 
 
 def test_add_issuer_not_authority(ready: Chain):
     mallory = ready.fund()
-    ix = P.add_issuer_ix(mallory.pubkey(), mallory.pubkey())
+    ix = P.add_issuer_ix(mallory.pubkey(), mallory.pubkey(), GATEWAY)
     assert ready.fails(ix, mallory) == "NotAuthority"
     assert ready.reg().issuer_count == 0
 
@@ -515,7 +521,7 @@ def test_add_issuer_not_authority(ready: Chain):
 def test_add_issuer_hostile(ready: Chain):
     auth = ready.authority
     key = Pubkey.new_unique()
-    ix = P.add_issuer_ix(auth.pubkey(), key)
+    ix = P.add_issuer_ix(auth.pubkey(), key, GATEWAY)
     assert ready.fails(tamper(ix, 2, signer=False)) == "MissingSignature"
     assert ready.fails(tamper(ix, 2, writable=False), auth) == "NotWritable"
     assert ready.fails(tamper(ix, 0, writable=False), auth) == "NotWritable"
@@ -537,16 +543,92 @@ def test_add_issuer_hostile(ready: Chain):
     ready.ok(ix, auth)
 
 
+@pytest.mark.parametrize(
+    "url,error",
+    [
+        ("", "InvalidUrl"),
+        ("https://" + "g" * 193, "InvalidUrl"),  # 201 bytes
+        ("https://gw.example\n", "InvalidUrl"),
+        ("http://gw.example.net", "InsecureUrl"),
+        ("ftp://gw.example.net", "InsecureUrl"),
+        ("https://", "InsecureUrl"),
+    ],
+)
+def test_add_issuer_refuses_a_bad_url(ready: Chain, url: str, error: str):
+    key = Pubkey.new_unique()
+    assert ready.fails(P.add_issuer_ix(ready.authority.pubkey(), key, url), ready.authority) == (
+        error
+    )
+    assert ready.account(P.issuer_pda(key)[0]) is None and ready.reg().issuer_count == 0
+
+
+def test_add_issuer_url_bounds_and_loopback(ready: Chain):
+    longest = "https://" + "g" * 192  # 200 bytes
+    assert ready.issuer(ready.add_issuer(url=longest)).url == longest
+    assert ready.issuer(ready.add_issuer(url="http://127.0.0.1:8402")).url == (
+        "http://127.0.0.1:8402"
+    )
+
+
+def test_add_issuer_length_prefix_must_match_the_data(ready: Chain):
+    ix = P.add_issuer_ix(ready.authority.pubkey(), Pubkey.new_unique(), GATEWAY)
+    data = bytearray(bytes(ix.data))
+    for bad in (bytes(data[:-1]), bytes(data) + b"x", bytes(data[:44])):
+        forged = Instruction(ix.program_id, bad, ix.accounts)
+        assert ready.fails(forged, ready.authority) == "InvalidInstruction"
+
+
+def test_update_issuer(ready: Chain):
+    key = ready.add_issuer()
+    before = ready.data(P.issuer_pda(key)[0])
+    moved = "https://gw2.example.net:8443/api"
+    ix = P.update_issuer_ix(ready.authority.pubkey(), key, moved)
+    ready.ok(ix, ready.authority, cu="update_issuer")
+    iss = ready.issuer(key)
+    assert (iss.key, iss.url, iss.added_at) == (key, moved, ready.issuer(key).added_at)
+    after = ready.data(P.issuer_pda(key)[0])
+    assert after[:56] == before[:56], "only the URL changed"
+    shorter = "https://g.example"
+    ready.ok(P.update_issuer_ix(ready.authority.pubkey(), key, shorter), ready.authority)
+    data = ready.data(P.issuer_pda(key)[0])
+    assert ready.issuer(key).url == shorter and data[60 + len(shorter) :] == bytes(
+        P.ISSUER_SIZE - 60 - len(shorter)
+    ), "the old URL's tail is cleared"
+
+
+def test_update_issuer_hostile(ready: Chain):
+    auth = ready.authority
+    key = ready.add_issuer()
+    addr = P.issuer_pda(key)[0]
+    before = ready.data(addr)
+    ix = P.update_issuer_ix(auth.pubkey(), key, "https://evil.example")
+    assert ready.fails(tamper(ix, 2, signer=False)) == "MissingSignature"
+    assert ready.fails(tamper(ix, 1, writable=False), auth) == "NotWritable"
+    mallory = ready.fund()
+    assert ready.fails(tamper(ix, 2, pubkey=mallory.pubkey()), mallory) == "NotAuthority"
+    fake = Pubkey.new_unique()
+    ready.forge(fake, before, owner=Pubkey.new_unique())
+    assert ready.fails(tamper(ix, 1, pubkey=fake), auth) == "WrongAccountOwner"
+    ready.forge(fake, before, owner=PID)
+    assert ready.fails(tamper(ix, 1, pubkey=fake), auth) == "InvalidPda"
+    assert ready.fails(tamper(ix, 1, pubkey=ready.registry), auth) == "WrongDiscriminator"
+    plain = P.update_issuer_ix(auth.pubkey(), key, "http://gw.example.net")
+    assert ready.fails(plain, auth) == "InsecureUrl"
+    gone = P.update_issuer_ix(auth.pubkey(), Pubkey.new_unique(), GATEWAY)
+    assert ready.fails(gone, auth) == "NotInitialized"
+    assert ready.data(addr) == before
+
+
 def test_add_issuer_node_as_registry(ready: Chain):
     owner = ready.register()
     node, _ = P.node_pda(owner.pubkey())
-    ix = P.add_issuer_ix(ready.authority.pubkey(), Pubkey.new_unique())
+    ix = P.add_issuer_ix(ready.authority.pubkey(), Pubkey.new_unique(), GATEWAY)
     assert ready.fails(tamper(ix, 0, pubkey=node), ready.authority) == "WrongDiscriminator"
 
 
 def test_add_issuer_before_initialize(chain: Chain):
     auth = chain.fund()
-    assert chain.fails(P.add_issuer_ix(auth.pubkey(), Pubkey.new_unique()), auth) == (
+    assert chain.fails(P.add_issuer_ix(auth.pubkey(), Pubkey.new_unique(), GATEWAY), auth) == (
         "NotInitialized"
     )
 
@@ -554,7 +636,7 @@ def test_add_issuer_before_initialize(chain: Chain):
 def test_add_issuer_count_overflow(ready: Chain):
     data = set_field(ready.data(ready.registry), 56, "<Q", 2**64 - 1)
     ready.forge(ready.registry, data)
-    ix = P.add_issuer_ix(ready.authority.pubkey(), Pubkey.new_unique())
+    ix = P.add_issuer_ix(ready.authority.pubkey(), Pubkey.new_unique(), GATEWAY)
     assert ready.fails(ix, ready.authority) == "Overflow"
 
 

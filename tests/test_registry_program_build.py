@@ -104,8 +104,9 @@ def test_discriminators_header_matches_anchor():
     owner, key = Pubkey.new_unique(), Pubkey.new_unique()
     ixs = {
         "IX_INITIALIZE_REGISTRY": P.initialize_registry_ix(owner, 60),
-        "IX_ADD_ISSUER": P.add_issuer_ix(owner, key),
+        "IX_ADD_ISSUER": P.add_issuer_ix(owner, key, "https://gw.example"),
         "IX_REMOVE_ISSUER": P.remove_issuer_ix(owner, key),
+        "IX_UPDATE_ISSUER": P.update_issuer_ix(owner, key, "https://gw.example"),
         "IX_REGISTER_NODE": P.register_node_ix(
             owner, P.Role.SFU, P.NodeFields("u", 0, 0, "DE", 1, "1")
         ),

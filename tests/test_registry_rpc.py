@@ -136,7 +136,9 @@ async def test_refusals_through_rpc(chain: Chain) -> None:
         with pytest.raises(p.RegistryProgramError) as err:
             await client.send([hostile], [stranger])
         assert err.value.name in ("NotNodeOwner", "InvalidPda")
-        await expect_error("NotAuthority", client.add_issuer(stranger, stranger.pubkey()))
+        await expect_error(
+            "NotAuthority", client.add_issuer(stranger, stranger.pubkey(), "https://gw.example")
+        )
         await client.deregister_node(owner)
 
 
@@ -168,6 +170,7 @@ async def test_fast_decoder_matches_anchorpy(chain: Chain) -> None:
 async def test_issuers_and_token_trust_follow_the_chain(chain: Chain) -> None:
     async with RegistryClient(chain.url) as client:
         assert str(chain.issuer.pubkey()) in await client.issuer_keys()
+        stranger = await funded(client)
         gateway = Keypair()
         verifier = TokenVerifier(client.issuer_keys, "stt", cache_ttl=0.5)
         token = mint_token(gateway, "agent", Grant("stt", limit=60), 60)
@@ -175,10 +178,22 @@ async def test_issuers_and_token_trust_follow_the_chain(chain: Chain) -> None:
             await verifier.verify(token)
         assert err.value.code == "untrusted_issuer"
 
-        await client.add_issuer(chain.authority, gateway.pubkey())
+        await client.add_issuer(chain.authority, gateway.pubkey(), "https://gw-a.example")
         await asyncio.sleep(1.1)  # the forced refresh is rate limited to once a second
         claims = await verifier.verify(token)
         assert claims.issuer == str(gateway.pubkey())
+        # the gateway's URL is on chain with its key, and moves without touching the key
+        assert (await client.issuer_urls())[str(gateway.pubkey())] == "https://gw-a.example"
+        await expect_error(
+            "NotAuthority", client.update_issuer(stranger, gateway.pubkey(), "https://evil.example")
+        )
+        await expect_error(
+            "InsecureUrl",
+            client.update_issuer(chain.authority, gateway.pubkey(), "http://gw.example"),
+        )
+        await client.update_issuer(chain.authority, gateway.pubkey(), "https://gw-b.example:8443")
+        assert (await client.issuer_urls())[str(gateway.pubkey())] == "https://gw-b.example:8443"
+        assert (await verifier.verify(token)).issuer == str(gateway.pubkey())
 
         await client.remove_issuer(chain.authority, gateway.pubkey())
         assert str(gateway.pubkey()) not in await client.issuer_keys()

@@ -121,13 +121,13 @@ class SfuRole:
 
     # ------------------------------------------------------------ webhooks
 
-    def _emit(self, event: str, body: dict[str, Any]) -> None:
+    def _emit(self, event: str, body: dict[str, Any], issuer: str | None = None) -> None:
         # a unique id per event (LiveKit's WebhookEvent.id): the gateway applies each one once
         body = {**body, "id": f"EV_{uuid.uuid4().hex}", "createdAt": int(time.time())}
         self.events.append(body)
         del self.events[:-200]
         if self.settings.webhooks:
-            self.context.outbox.enqueue(WEBHOOK_PATH, body)
+            self.context.outbox.enqueue(WEBHOOK_PATH, body, issuer=issuer)
 
     # ------------------------------------------------------------ authorisation
 

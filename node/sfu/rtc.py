@@ -641,10 +641,12 @@ class Participant:
             await self.ws.close()
 
 
+# (event, LiveKit webhook body, issuer of the token it is about): where the node's webhooks start
+OnEvent = Callable[[str, dict[str, Any], str | None], None]
+
+
 class Room:
-    def __init__(
-        self, name: str, settings: SfuSettings, on_event: Callable[[str, dict[str, Any]], None]
-    ) -> None:
+    def __init__(self, name: str, settings: SfuSettings, on_event: OnEvent) -> None:
         self.name = name
         self.sid = new_sid("RM")
         self.settings = settings
@@ -656,6 +658,7 @@ class Room:
         self._empty_since: float | None = time.monotonic()
         self.finished = False
         self.data_packets = 0
+        self.issuer: str | None = None  # of the first participant's token
 
     def info(self) -> models.Room:
         return models.Room(
@@ -899,7 +902,11 @@ class Room:
                 "name": track.name,
                 "mimeType": track.mime_type,
             }
-        self._on_event(event, body)
+        # to the gateway that issued the participant's token; a room's own events to the one that
+        # issued its first participant's
+        if participant is not None and self.issuer is None:
+            self.issuer = participant.claims.issuer
+        self._on_event(event, body, participant.claims.issuer if participant else self.issuer)
 
     def empty_for(self) -> float | None:
         if self.visible() or self._empty_since is None:

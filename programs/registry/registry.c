@@ -35,11 +35,14 @@
 #define POLICY_APPROVAL 0
 #define POLICY_OPEN 1
 
-/* Issuer PDA ["issuer", key] */
-#define ISSUER_SIZE 56
+/* Issuer PDA ["issuer", key]: a trusted gateway key and its public URL, where nodes send the
+ * usage of the sessions it issued and their load reports. */
+#define ISSUER_SIZE 260
 #define ISS_KEY 8
 #define ISS_ADDED_AT 40
 #define ISS_BUMP 48
+#define ISS_URL_LEN 56
+#define ISS_URL 60
 
 /* Node PDA ["node", owner] */
 #define NODE_SIZE 308
@@ -488,11 +491,22 @@ static u64 check_url_scheme(const u8 *url, u64 len) {
 /* url[len], then lat i32, lon i32, country [u8;2], capacity u32, version [u8;16]. */
 #define FIELDS_TAIL 30
 
-static u64 validate_fields(const u8 *url, u64 len) {
+/* A node's or a gateway's URL: 1..200 printable bytes, TLS or loopback (check_url_scheme). */
+static u64 validate_url(const u8 *url, u64 len) {
     if (len < 1 || len > MAX_URL_LEN) FAIL(InvalidUrl);
     for (u64 i = 0; i < len; i++)
         if (!printable(url[i])) FAIL(InvalidUrl);
-    TRY(check_url_scheme(url, len));
+    return check_url_scheme(url, len);
+}
+
+static void write_url(u8 *d, u64 len_at, u64 url_at, const u8 *url, u64 len) {
+    FIELD(u32, d, len_at) = (u32)len;
+    sol_memcpy_(d + url_at, url, len);
+    sol_memset_(d + url_at + len, 0, MAX_URL_LEN - len);
+}
+
+static u64 validate_fields(const u8 *url, u64 len) {
+    TRY(validate_url(url, len));
     const u8 *q = url + len;
     i64 lat = (i32)rd_u32(q);
     if (lat < -MAX_LAT || lat > MAX_LAT) FAIL(InvalidLatitude);
@@ -523,9 +537,7 @@ static void write_fields(u8 *d, const u8 *url, u64 len) {
     d[NODE_COUNTRY + 1] = q[9];
     FIELD(u32, d, NODE_CAPACITY) = rd_u32(q + 10);
     sol_memcpy_(d + NODE_VERSION, q + 14, VERSION_LEN);
-    FIELD(u32, d, NODE_URL_LEN) = (u32)len;
-    sol_memcpy_(d + NODE_URL, url, len);
-    sol_memset_(d + NODE_URL + len, 0, MAX_URL_LEN - len);
+    write_url(d, NODE_URL_LEN, NODE_URL, url, len);
 }
 
 /* ---------------------------------------------------------------- instructions */
@@ -561,9 +573,12 @@ static u64 initialize_registry(const Ctx *c) {
     return 0;
 }
 
-/* add_issuer(key: Pubkey): [registry w, issuer w, authority s w, system_program] */
+/* add_issuer(key: Pubkey, url: string): [registry w, issuer w, authority s w, system_program] */
 static u64 add_issuer(const Ctx *c) {
-    if (c->num_accounts != 4 || c->data_len != 40) FAIL(InvalidInstruction);
+    if (c->num_accounts != 4 || c->data_len < 44) FAIL(InvalidInstruction);
+    u64 url_len = rd_u32(c->data + 40);
+    if (c->data_len != 44 + url_len) FAIL(InvalidInstruction);
+    TRY(validate_url(c->data + 44, url_len));
     u8 *reg = c->acc[0], *iss = c->acc[1], *auth = c->acc[2], *sys = c->acc[3];
     TRY(need_signer(auth));
     TRY(need_writable(auth));
@@ -592,6 +607,7 @@ static u64 add_issuer(const Ctx *c) {
     FIELD(Key, d, ISS_KEY) = key;
     FIELD(i64, d, ISS_ADDED_AT) = clock.unix_timestamp;
     d[ISS_BUMP] = bump;
+    write_url(d, ISS_URL_LEN, ISS_URL, c->data + 44, url_len);
     FIELD(u64, ACC_DATA(reg), REG_ISSUER_COUNT) = count + 1;
     return 0;
 }
@@ -616,6 +632,28 @@ static u64 remove_issuer(const Ctx *c) {
     if (count == 0) FAIL(Overflow);
     TRY(close_account(iss, auth));
     FIELD(u64, ACC_DATA(reg), REG_ISSUER_COUNT) = count - 1;
+    return 0;
+}
+
+/* update_issuer(url: string): [registry, issuer w, authority s]. A gateway that moves keeps its
+ * key (and every token it issued stays valid). */
+static u64 update_issuer(const Ctx *c) {
+    if (c->num_accounts != 3 || c->data_len < 12) FAIL(InvalidInstruction);
+    u64 url_len = rd_u32(c->data + 8);
+    if (c->data_len != 12 + url_len) FAIL(InvalidInstruction);
+    u8 *reg = c->acc[0], *iss = c->acc[1], *auth = c->acc[2];
+    TRY(need_signer(auth));
+    TRY(need_writable(iss));
+    TRY(load_registry(c, reg));
+    TRY(need_authority(reg, auth));
+    TRY(load_account(c, iss, DISC_ISSUER, ISSUER_SIZE));
+    SolSeed s[3];
+    seeds2(s, SEED_ISSUER, sizeof(SEED_ISSUER) - 1, (const Key *)(ACC_DATA(iss) + ISS_KEY));
+    s[2].addr = ACC_DATA(iss) + ISS_BUMP;
+    s[2].len = 1;
+    TRY(check_pda(c, iss, s, 3));
+    TRY(validate_url(c->data + 12, url_len));
+    write_url(ACC_DATA(iss), ISS_URL_LEN, ISS_URL, c->data + 12, url_len);
     return 0;
 }
 
@@ -792,6 +830,7 @@ u64 entrypoint(u8 *input) {
     case IX_INITIALIZE_REGISTRY: return initialize_registry(&c);
     case IX_ADD_ISSUER: return add_issuer(&c);
     case IX_REMOVE_ISSUER: return remove_issuer(&c);
+    case IX_UPDATE_ISSUER: return update_issuer(&c);
     case IX_REGISTER_NODE: return register_node(&c);
     case IX_HEARTBEAT: return heartbeat(&c);
     case IX_UPDATE_NODE: return update_node(&c);

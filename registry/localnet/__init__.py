@@ -20,10 +20,12 @@ from pathlib import Path
 
 from aiohttp import web
 from solders.keypair import Keypair
+from solders.pubkey import Pubkey
 
 from registry.keys import load_keypair
+from registry.program import programdata_address
 
-from .deploy import SvmTarget, deploy_program, is_deployed
+from .deploy import PROGRAMDATA_METADATA_SIZE, SvmTarget, deploy_program, is_deployed
 from .journal import LedgerLockedError
 from .rpc import make_app
 from .svm import LocalSvm, PreflightError
@@ -33,6 +35,7 @@ __all__ = [
     "LocalSvm",
     "Localnet",
     "PreflightError",
+    "StaleProgram",
     "deploy_programs",
     "run_localnet",
     "start_localnet",
@@ -41,6 +44,20 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ProgramSpec = tuple[str | Path, str | Path]  # (.so path, program keypair path)
+
+
+class StaleProgram(Exception):
+    """A ledger's deployed program is not the one this checkout ships."""
+
+
+def deployed_is(target: SvmTarget, program_id: Pubkey, elf: bytes) -> bool:
+    """Whether the program at ``program_id`` runs exactly ``elf`` (its ProgramData account holds
+    a header, then the ELF, zero-padded to the account's size)."""
+    data = target.get_account(programdata_address(program_id))
+    if data is None:
+        return False
+    body = bytes(data.data)[PROGRAMDATA_METADATA_SIZE:]
+    return body[: len(elf)] == elf and not any(body[len(elf) :])
 
 
 def deploy_programs(
@@ -55,9 +72,15 @@ def deploy_programs(
     target = SvmTarget(svm)
     for so_path, kp_path in programs:
         kp = load_keypair(kp_path)
-        if is_deployed(target, kp.pubkey()):
-            continue
         so = Path(so_path)
+        if is_deployed(target, kp.pubkey()):
+            if so.is_file() and not deployed_is(target, kp.pubkey(), so.read_bytes()):
+                raise StaleProgram(
+                    f"this ledger holds an older build of {so.name} at {kp.pubkey()} than "
+                    f"{so}: its accounts may not fit the new one. Remove the ledger directory "
+                    "to start a fresh local chain (on `make up`: .local/ledger)"
+                )
+            continue
         if not so.is_file():
             raise FileNotFoundError(
                 f"program binary {so} not found (needed to deploy {kp.pubkey()})"

@@ -28,7 +28,14 @@ from node.liveness import LoadReporter
 from registry import program as p
 from registry.client import RegistryClient
 from registry.keys import save_keypair
-from tests.conftest import ROOT, Localnet, free_port, init_registry, start_localnet_process
+from tests.conftest import (
+    ROOT,
+    UNSERVED_GATEWAY_URL,
+    Localnet,
+    free_port,
+    init_registry,
+    start_localnet_process,
+)
 
 MAX_U32 = 4_294_967_295
 # GatewayConfig's default location: where a client without a usable IP is placed.
@@ -57,7 +64,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     async def setup() -> None:
         await init_registry(localnet, 3600, p.Policy.APPROVAL)
         async with RegistryClient(localnet.url) as client:
-            await client.add_issuer(localnet.authority, issuer.pubkey())
+            await client.add_issuer(localnet.authority, issuer.pubkey(), UNSERVED_GATEWAY_URL)
             await client.ensure_funded(honest)
             await client.register_node(
                 honest, p.Role.STT, p.NodeFields(HONEST_URL, 52.52, 13.40, "DE", 10, "0.1.0")

@@ -25,7 +25,7 @@ from node.liveness import LoadReporter
 from registry import program as p
 from registry.client import RegistryClient
 from registry.tokens import sign_body
-from tests.conftest import Localnet, start_localnet_process
+from tests.conftest import UNSERVED_GATEWAY_URL, Localnet, start_localnet_process
 
 NODES = {  # name: (role, url, lat, lon, country)
     "sfu-de": (p.Role.SFU, "https://sfu-de.test", 50.11, 8.68, "DE"),
@@ -57,7 +57,7 @@ def gateway_net(tmp_path_factory: pytest.TempPathFactory) -> Net:
         async with RegistryClient(localnet.url) as client:
             await client.ensure_funded(authority)
             await client.initialize_registry(authority, 3600, p.Policy.OPEN)
-            await client.add_issuer(authority, issuer.pubkey())
+            await client.add_issuer(authority, issuer.pubkey(), UNSERVED_GATEWAY_URL)
             for name, (role, url, lat, lon, country) in NODES.items():
                 await client.ensure_funded(nodes[name])
                 await client.register_node(

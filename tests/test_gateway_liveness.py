@@ -25,7 +25,9 @@ from solders.keypair import Keypair
 
 from gateway.auth import sign_request
 from gateway.liveness import LoadBoard
+from node.gateways import GatewayBook
 from node.liveness import LoadReporter
+from node.outbox import Outbox
 from registry import program as p
 from registry.client import RegistryClient
 from registry.keys import load_keypair
@@ -263,4 +265,60 @@ async def test_two_gateways_on_one_registry_and_one_postgresql_ledger(
             assert (await a.ledger.audit(account.id)).ok
     finally:
         async with RegistryClient(gateway_net.url) as chain:
+            await chain.remove_issuer(gateway_net.authority, second.pubkey())
+
+
+async def test_a_node_finds_every_gateway_on_the_registry_and_bills_each_its_own_sessions(
+    gateway_net: Net, tmp_path: Path
+) -> None:
+    """Two gateways, each listed on the registry with its key and URL, and a node configured
+    with neither: it reports its load to both (both route to it), and each session's usage goes
+    to the gateway that issued its token, which settles it. A misrouted event would be refused
+    by the other gateway's ledger (unknown session) and land in the outbox's dead letters."""
+    second = Keypair()
+    key = gateway_net.nodes["stt-de"]
+    a_db, b_db = (f"sqlite+aiosqlite:///{tmp_path}/{n}.db" for n in "ab")
+    async with (
+        RegistryClient(gateway_net.url) as chain,
+        serve_gateway(gateway_net, tmp_path, a_db, loads={}) as a,
+        serve_gateway(replace(gateway_net, issuer=second), tmp_path, b_db, loads={}) as b,
+    ):
+        await chain.update_issuer(gateway_net.authority, gateway_net.issuer.pubkey(), a.url)
+        await chain.add_issuer(gateway_net.authority, second.pubkey(), b.url)
+        reporter = LoadReporter(key, p.Role.STT, lambda: (0, 8), "0.1.0", [], interval=0.2)
+        book = GatewayBook(None, reporter, chain.issuer_urls, refresh_seconds=60)
+        outbox = Outbox(tmp_path / "outbox.sqlite", None, key)
+        outbox.resolve = book.url_for
+        try:
+            await book.start()
+            await reporter.start()
+            await outbox.start()
+            for gw in (a, b):
+                await wait_healthy(gw.url, "stt", 1)
+            sessions = {}
+            for gw, issuer in ((a, gateway_net.issuer), (b, second)):
+                client = await gw.funded(0.1)
+                session = await client.create_stt_session(duration_minutes=1)
+                assert session.server_url == "https://stt-de.test"
+                claims = verify_token(session.token, {str(issuer.pubkey())}, "stt")
+                sessions[gw.url] = (client, session.session_id)
+                outbox.report_usage(
+                    session.session_id, True, duration_seconds=1, issuer=claims.issuer
+                )
+            for _ in range(100):
+                if outbox.pending() == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert outbox.pending() == 0 and outbox.dead() == []
+            for client, session_id in sessions.values():
+                [record] = await client.sessions()
+                assert (record["session_id"], record["status"]) == (session_id, "completed")
+                assert record["charged_microcredits"] == "100", record  # 1 s at $0.006/min
+        finally:
+            await outbox.stop()
+            await reporter.close()
+            await book.close()
+            await chain.update_issuer(
+                gateway_net.authority, gateway_net.issuer.pubkey(), UNSERVED_GATEWAY_URL
+            )
             await chain.remove_issuer(gateway_net.authority, second.pubkey())

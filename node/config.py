@@ -64,12 +64,13 @@ class NodeConfig(BaseModel):
     version: str | None = Field(default=None, min_length=1, max_length=VERSION_LEN)
     gateway_url: str | None = Field(
         default=None,
-        description="the gateway that takes this node's usage reports and webhooks; it also "
-        "gets its load reports",
+        description="a gateway this node serves for sure: it gets the load reports, and the "
+        "usage and webhooks of sessions whose issuer has no URL on the registry (every gateway "
+        "listed there is served too)",
     )
     report_to: list[str] = Field(
         default_factory=list,
-        description="more gateways that route to this node: each gets its signed load reports",
+        description="more gateways to report load to, besides those listed on the registry",
     )
     report_interval: float | None = Field(
         default=None,

@@ -1520,6 +1520,7 @@ def test_compute_units_report(ready: Chain):
         auth,
         cu="set_node_status",
     )
+    ready.ok(P.update_issuer_ix(auth.pubkey(), key, GATEWAY), auth, cu="update_issuer")
     ready.ok(P.remove_issuer_ix(auth.pubkey(), key), auth, cu="remove_issuer")
     pending = ready.fund()
     ready.forge(

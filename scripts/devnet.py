@@ -34,6 +34,7 @@ from node.roles import ROLE_SERVICE  # noqa: E402
 from registry import program as p  # noqa: E402
 from registry.client import DEFAULT_PRESENCE_TTL_HOURS, RegistryClient, RegistryError  # noqa: E402
 from registry.keys import load_or_create_keypair  # noqa: E402
+from registry.localnet import holds_another_build  # noqa: E402
 
 LOCAL = ROOT / ".local"
 RPC_PORT = 8899
@@ -278,8 +279,23 @@ def demo_child(py: str) -> Child:
     )
 
 
+def retire_another_build(ledger: Path) -> None:
+    """A local chain made by another build of the registry program cannot run this checkout's
+    accounts (the localnet refuses it): move it aside, kept, and let a fresh one start."""
+    programs = [(p.SO_PATH, p.PROGRAM_KEYPAIR_PATH)]
+    if holds_another_build(ledger, programs):
+        aside = ledger.with_name(f"{ledger.name}-other-build-{int(time.time())}")
+        ledger.rename(aside)
+        print(
+            f"{ledger} holds another build of the registry program; moved it to {aside} and "
+            "starting a fresh local chain",
+            flush=True,
+        )
+
+
 async def main(demo: bool = False) -> int:
     LOCAL.mkdir(exist_ok=True)
+    retire_another_build(LOCAL / "ledger")
     py = sys.executable
     children: list[Child] = []
     stop = asyncio.Event()

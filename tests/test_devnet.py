@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.devnet import Child, supervise
+from scripts.devnet import Child, retire_another_build, supervise
 
 PY = sys.executable
 
@@ -73,3 +73,27 @@ async def test_the_chain_exiting_stops_the_network_at_once(
     code = await asyncio.wait_for(supervise(await started(chain), asyncio.Event()), 30)
     assert code == 1
     assert "localnet exited with code 7; stopping" in capsys.readouterr().out
+
+
+def test_a_local_chain_of_another_build_is_moved_aside_not_lost(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from registry import program as p
+    from registry.localnet import LocalSvm, deploy_programs
+
+    other = bytearray(p.SO_PATH.read_bytes())
+    other[len(other) // 2] ^= 0xFF
+    (tmp_path / "other.so").write_bytes(bytes(other))
+    ledger = tmp_path / "ledger"
+    svm = LocalSvm(ledger)
+    deploy_programs(svm, [(tmp_path / "other.so", p.PROGRAM_KEYPAIR_PATH)])
+    svm.close()
+    retire_another_build(ledger)
+    [aside] = tmp_path.glob("ledger-other-build-*")
+    assert not ledger.exists() and any(aside.iterdir()), "kept, under another name"
+    assert f"moved it to {aside}" in capsys.readouterr().out
+    svm = LocalSvm(ledger)  # a fresh chain takes this build
+    assert deploy_programs(svm, [(p.SO_PATH, p.PROGRAM_KEYPAIR_PATH)]) == [str(p.PROGRAM_ID)]
+    svm.close()
+    retire_another_build(ledger)  # the same build stays where it is
+    assert ledger.exists() and len(list(tmp_path.glob("ledger-other-build-*"))) == 1

@@ -689,3 +689,19 @@ def test_a_ledger_with_another_build_of_the_program_is_refused_with_the_fix(
     with pytest.raises(StaleProgram, match="Remove the ledger directory"):
         deploy_programs(svm, [(tmp_path / "other.so", p.PROGRAM_KEYPAIR_PATH)])
     svm.close()
+
+
+def test_a_ledger_of_another_build_is_told_apart(tmp_path: Path) -> None:
+    from registry import program as p
+    from registry.localnet import LocalSvm, deploy_programs, holds_another_build
+
+    programs = [(p.SO_PATH, p.PROGRAM_KEYPAIR_PATH)]
+    assert not holds_another_build(tmp_path / "none", programs)
+    other = bytearray(p.SO_PATH.read_bytes())
+    other[len(other) // 2] ^= 0xFF
+    (tmp_path / "other.so").write_bytes(bytes(other))
+    svm = LocalSvm(tmp_path / "ledger")
+    deploy_programs(svm, [(tmp_path / "other.so", p.PROGRAM_KEYPAIR_PATH)])
+    svm.close()
+    assert holds_another_build(tmp_path / "ledger", programs)
+    assert not holds_another_build(tmp_path / "ledger", [(tmp_path / "other.so", programs[0][1])])

@@ -37,6 +37,7 @@ __all__ = [
     "PreflightError",
     "StaleProgram",
     "deploy_programs",
+    "holds_another_build",
     "run_localnet",
     "start_localnet",
 ]
@@ -58,6 +59,26 @@ def deployed_is(target: SvmTarget, program_id: Pubkey, elf: bytes) -> bool:
         return False
     body = bytes(data.data)[PROGRAMDATA_METADATA_SIZE:]
     return body[: len(elf)] == elf and not any(body[len(elf) :])
+
+
+def holds_another_build(ledger_dir: Path, programs: Sequence[ProgramSpec]) -> bool:
+    """Whether the ledger in ``ledger_dir`` runs another build of one of ``programs`` than the
+    .so files this checkout ships (``deploy_programs`` would refuse it)."""
+    if not Path(ledger_dir).exists():
+        return False
+    svm = LocalSvm(Path(ledger_dir))
+    try:
+        target = SvmTarget(svm)
+        for so_path, kp_path in programs:
+            program_id = load_keypair(kp_path).pubkey()
+            so = Path(so_path)
+            if is_deployed(target, program_id) and not deployed_is(
+                target, program_id, so.read_bytes()
+            ):
+                return True
+        return False
+    finally:
+        svm.close()
 
 
 def deploy_programs(

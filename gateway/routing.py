@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.tasks import stop_tasks
+from common.tasks import repeat, stop_tasks
 from registry.nodeurl import node_url_problem
 from registry.program import NodeAccount, NodeStatus, Role
 
@@ -256,21 +256,17 @@ class NodeDirectory:
         except Exception as exc:
             log.warning("node directory: first registry read failed: %s", exc)
         if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="node-directory-refresh")
+            self._task = repeat(self.refresh_seconds, self._refresh_keeping, "node directory", log)
 
     async def close(self) -> None:
         task, self._task = self._task, None
         await stop_tasks(task)
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.refresh_seconds)
-            try:
-                await self.refresh()
-            except Exception as exc:
-                log.warning(
-                    "node directory: registry read failed (keeping %s): %s", self._age_text(), exc
-                )
+    async def _refresh_keeping(self) -> None:
+        try:
+            await self.refresh()
+        except Exception as exc:
+            raise RuntimeError(f"registry read failed (keeping {self._age_text()}): {exc}") from exc
 
     def _age_text(self) -> str:
         if self._nodes is None:

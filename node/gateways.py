@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from common.tasks import stop_tasks
+from common.tasks import repeat, stop_tasks
 from node.liveness import LoadReporter
 
 log = logging.getLogger("node.gateways")
@@ -53,24 +53,18 @@ class GatewayBook:
         self.reporter.add_gateways(list(self.on_chain.values()))
 
     async def start(self) -> None:
-        """First read (a failure is logged: the registry may come back), then the loop."""
-        await self._refresh_logged()
-        self._task = asyncio.create_task(self._loop(), name="gateway-book")
+        """First read (a failure is logged: the registry may come back), then the loop; a read
+        that fails keeps the last list."""
+        try:
+            await self.refresh()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("reading the gateways listed on the registry failed: %s", exc)
+        what = "reading the gateways listed on the registry"
+        self._task = repeat(self.refresh_seconds, self.refresh, what, log)
 
     async def close(self) -> None:
         task, self._task = self._task, None
         await stop_tasks(task)
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.refresh_seconds)
-            await self._refresh_logged()
-
-    async def _refresh_logged(self) -> None:
-        try:
-            await self.refresh()
-        except Exception as exc:  # noqa: BLE001 - keep the last list; try again later
-            log.warning("could not read the gateways listed on the registry: %s", exc)
 
 
 __all__ = ["GatewayBook"]

@@ -98,6 +98,7 @@ bench: setup
 	$(PY) bench/registry.py
 	$(PY) bench/gateway.py
 	$(PY) bench/payments.py
+	$(PY) bench/fleet.py
 
 clean-local:
 	rm -rf .local

@@ -433,9 +433,9 @@ def main() -> None:
                         db_pid,
                     )
                 finally:
-                    reporting.stop()
                     proc.terminate()
                     proc.wait()
+                    reporting.stop()
         finally:
             net.stop()
             if pg is not None:

@@ -183,6 +183,16 @@ static u64 load_registry(const Ctx *c, const u8 *reg) {
     return check_pda(c, reg, s, 2);
 }
 
+/* An Issuer account at the PDA of the key it holds. */
+static u64 load_issuer(const Ctx *c, const u8 *iss) {
+    TRY(load_account(c, iss, DISC_ISSUER, ISSUER_SIZE));
+    SolSeed s[3];
+    seeds2(s, SEED_ISSUER, sizeof(SEED_ISSUER) - 1, (const Key *)(ACC_DATA(iss) + ISS_KEY));
+    s[2].addr = ACC_DATA(iss) + ISS_BUMP;
+    s[2].len = 1;
+    return check_pda(c, iss, s, 3);
+}
+
 /* A Node account whose PDA is derived from `owner` (the signer's key, or the stored one). */
 static u64 load_node(const Ctx *c, const u8 *node, const Key *owner) {
     TRY(load_account(c, node, DISC_NODE, NODE_SIZE));
@@ -622,12 +632,7 @@ static u64 remove_issuer(const Ctx *c) {
     TRY(need_writable(iss));
     TRY(load_registry(c, reg));
     TRY(need_authority(reg, auth));
-    TRY(load_account(c, iss, DISC_ISSUER, ISSUER_SIZE));
-    SolSeed s[3];
-    seeds2(s, SEED_ISSUER, sizeof(SEED_ISSUER) - 1, (const Key *)(ACC_DATA(iss) + ISS_KEY));
-    s[2].addr = ACC_DATA(iss) + ISS_BUMP;
-    s[2].len = 1;
-    TRY(check_pda(c, iss, s, 3));
+    TRY(load_issuer(c, iss));
     u64 count = FIELD(u64, ACC_DATA(reg), REG_ISSUER_COUNT);
     if (count == 0) FAIL(Overflow);
     TRY(close_account(iss, auth));
@@ -646,12 +651,7 @@ static u64 update_issuer(const Ctx *c) {
     TRY(need_writable(iss));
     TRY(load_registry(c, reg));
     TRY(need_authority(reg, auth));
-    TRY(load_account(c, iss, DISC_ISSUER, ISSUER_SIZE));
-    SolSeed s[3];
-    seeds2(s, SEED_ISSUER, sizeof(SEED_ISSUER) - 1, (const Key *)(ACC_DATA(iss) + ISS_KEY));
-    s[2].addr = ACC_DATA(iss) + ISS_BUMP;
-    s[2].len = 1;
-    TRY(check_pda(c, iss, s, 3));
+    TRY(load_issuer(c, iss));
     TRY(validate_url(c->data + 12, url_len));
     write_url(ACC_DATA(iss), ISS_URL_LEN, ISS_URL, c->data + 12, url_len);
     return 0;

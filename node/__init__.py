@@ -1,1 +1,2 @@
-"""Voice-network nodes: one agent (keys, registration, heartbeat, drain) and a plug-in per role."""
+"""Voice-network nodes: one agent (keys, registration, presence, load reports, drain) and a
+plug-in per role."""

@@ -1,11 +1,11 @@
 """The narrow interface between the node agent and a role (sfu, stt, tts).
 
-The agent owns keys, registration, heartbeats, health and drain; a role owns its protocol. Every
-role has one layout: a package ``node/<role>/`` whose ``role.py`` holds ``create_role(context) ->
-Role``, re-exported by the package's ``__init__``. Roles never import each other and import only
-the agent's public pieces (this module, ``node.session``, ``node.protocol``, ``node.outbox``,
-``node.capacity``, ``node.models``), ``registry`` and ``common``.
-"""
+The agent owns keys, registration, presence, load reports, health and drain; a role owns its
+protocol. Every role has one layout: a package ``node/<role>/`` whose ``role.py`` holds
+``create_role(context) -> Role``, re-exported by the package's ``__init__``. Roles never import
+each other and import only the agent's public pieces (this module, ``node.session``,
+``node.protocol``, ``node.outbox``, ``node.capacity``, ``node.models``), ``registry`` and
+``common``."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ class RoleContext:
 
 @runtime_checkable
 class Role(Protocol):
-    """A role plug-in. ``load()`` is what the heartbeat reports; it must be cheap to call."""
+    """A role plug-in. ``load()`` is what the load reports say; it must be cheap to call."""
 
     name: str
 

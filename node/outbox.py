@@ -201,7 +201,12 @@ class Outbox:
                 except TimeoutError:
                     pass
                 continue
-            await self._deliver(event_id, self._url(issuer), path, bytes(body), attempts)
+            raw = body if isinstance(body, bytes) else str(body).encode()  # TEXT in a hand-made row
+            try:
+                await self._deliver(event_id, self._url(issuer), path, raw, attempts)
+            except Exception:  # a bug must not stop the sender for good: this event waits
+                log.exception("sending %s failed; retrying it later", path)
+                self._postpone(event_id, attempts)
 
     async def _deliver(
         self, event_id: int, url: str | None, path: str, body: bytes, attempts: int
@@ -238,19 +243,23 @@ class Outbox:
                 self._db.execute("DELETE FROM outbox WHERE id = ?", (event_id,))
             return
         self.failures += 1
-        backoff = min(self.max_backoff, 0.5 * 2**attempts)
         log.warning(
             "could not deliver %s to %s (%s); retry %d in %.1fs",
             path,
             url,
             f"HTTP {status}: {text}" if status else text,
             attempts + 1,
-            backoff,
+            self._postpone(event_id, attempts),
         )
+
+    def _postpone(self, event_id: int, attempts: int) -> float:
+        """Try the event again later (exponential backoff); the delay."""
+        backoff = min(self.max_backoff, 0.5 * 2**attempts)
         self._db.execute(
             "UPDATE outbox SET attempts = attempts + 1, next_at = ? WHERE id = ?",
             (time.time() + backoff, event_id),
         )
+        return backoff
 
 
 class SessionStore:

@@ -87,10 +87,11 @@ async def test_an_outbox_file_from_before_issuers_still_delivers(tmp_path: Path)
         """
     )
     body = b'{"event":"complete","session_id":"old","usage":{}}'
-    old.execute(
-        "INSERT INTO outbox (path, body, key, next_at, created_at) VALUES (?, ?, NULL, 0, 0)",
-        ("/internal/events", body),
-    )
+    for stored in (body, body.decode().replace("old", "text")):  # a BLOB, and TEXT by hand
+        old.execute(
+            "INSERT INTO outbox (path, body, key, next_at, created_at) VALUES (?, ?, NULL, 0, 0)",
+            ("/internal/events", stored),
+        )
     old.commit()
     old.close()
     received: list[dict[str, Any]] = []
@@ -98,8 +99,8 @@ async def test_an_outbox_file_from_before_issuers_still_delivers(tmp_path: Path)
     outbox = Outbox(path, f"http://127.0.0.1:{port}", node)
     try:
         await outbox.start()
-        await until(lambda: received != [], "the queued event was sent")
-        assert received == [{"session_id": "old", "event": "complete", "usage": {}}]
+        await until(lambda: len(received) == 2, "the queued events were sent")
+        assert [e["session_id"] for e in received] == ["old", "text"] and outbox.dead() == []
     finally:
         await outbox.stop()
         await runner.cleanup()

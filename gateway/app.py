@@ -178,7 +178,7 @@ async def nodes_handler(request: web.Request) -> web.Response:
                 "capacity": min(live.capacity, n.capacity) if live else n.capacity,
                 "version": n.version,
                 "status": n.status.label,
-                "live": live is not None and not n.stale and n.status is NodeStatus.ACTIVE,
+                "live": directory.serving(n) is not None,
                 "routable": reason is None,
                 "reason": reason,
                 "presence_age_seconds": max(0, round(now - n.last_heartbeat)),
@@ -558,8 +558,7 @@ async def _sweeper(app: web.Application) -> Any:
                 )
                 if settled:
                     log.info("sweeper settled %d expired session(s)", len(settled))
-                if isinstance(gateway.replay, LedgerReplayGuard):
-                    await gateway.replay.prune()
+                await gateway.replay.prune()
             except Exception:  # noqa: BLE001 - the sweeper must outlive a database blip
                 log.exception("sweeper failed; retrying")
 

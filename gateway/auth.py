@@ -283,6 +283,10 @@ class ReplayGuard(Protocol):
 
     async def release(self, signature_id: str, body_hash: str) -> None: ...
 
+    async def prune(self) -> int:
+        """Forget the ids whose window has passed (the sweeper calls it); how many."""
+        ...
+
 
 class MemoryReplayGuard:
     """In-process guard. Memory stays bounded: an entry is dropped once its timestamp is out of the
@@ -298,13 +302,18 @@ class MemoryReplayGuard:
         self._prune()
         return len(self._entries)
 
-    def _prune(self) -> None:
-        now = self._clock()
+    def _prune(self) -> int:
+        now, pruned = self._clock(), 0
         while self._expiry and self._expiry[0][0] < now:
             expires_at, sig = heapq.heappop(self._expiry)
             entry = self._entries.get(sig)
             if entry is not None and entry.expires_at == expires_at:
                 del self._entries[sig]
+                pruned += 1
+        return pruned
+
+    async def prune(self) -> int:
+        return self._prune()
 
     async def is_used(self, signature_id: str) -> bool:
         self._prune()

@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from registry.loadreport import BadReport, parse, verify
+from registry.loadreport import BadReport, LoadReport, parse, verify
 from registry.program import NodeAccount
 
 log = logging.getLogger(__name__)
@@ -77,14 +77,10 @@ class LoadBoard:
         """Keep a report the supervisor has already checked (signature, registry, age): only
         the order is checked again, as relayed datagrams may overtake each other."""
         report, _, _ = parse(datagram)
-        key = bytes(report.node)
-        last = self._last.get(key)
-        if last is not None and report.seq <= last.seq:
+        if not self._newer(report):
             return None
-        live = LiveLoad(report.load, report.capacity, report.version, report.seq, self._clock())
-        self._last[key] = live
         self.accepted += 1
-        return live
+        return self._keep(report)
 
     def _check(self, datagram: bytes, nodes: Mapping[bytes, NodeAccount]) -> LiveLoad:
         report, body, signature = parse(datagram)
@@ -102,12 +98,19 @@ class LoadBoard:
             raise BadReport("stale", f"report of node {report.node} is {age:.1f}s old")
         if age < -MAX_FUTURE_SECONDS:
             raise BadReport("future", f"report of node {report.node} is {-age:.1f}s ahead")
-        last = self._last.get(key)
-        if last is not None and report.seq <= last.seq:
-            raise BadReport("replayed", f"seq {report.seq} of node {report.node} <= {last.seq}")
+        if not self._newer(report):
+            raise BadReport("replayed", f"seq {report.seq} of node {report.node} is not new")
         verify(report, body, signature)
+        return self._keep(report)
+
+    def _newer(self, report: LoadReport) -> bool:
+        """Whether ``report`` comes after the last one kept from its node (its ``seq``)."""
+        last = self._last.get(bytes(report.node))
+        return last is None or report.seq > last.seq
+
+    def _keep(self, report: LoadReport) -> LiveLoad:
         live = LiveLoad(report.load, report.capacity, report.version, report.seq, self._clock())
-        self._last[key] = live
+        self._last[bytes(report.node)] = live
         return live
 
     def record(self, node: bytes, load: int, capacity: int, version: str = "") -> None:

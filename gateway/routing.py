@@ -341,6 +341,11 @@ class NodeDirectory:
         """The node's last load report if it is fresh."""
         return self.board.fresh(bytes(node.owner))
 
+    def serving(self, node: NodeAccount) -> LiveLoad | None:
+        """The node's fresh report if the registry also lets it serve: a live node (full or
+        not)."""
+        return self.live(node) if _static_reason(node) is None else None
+
     def reason(self, node: NodeAccount) -> str | None:
         """Why ``node`` takes no new session now, or None (``unhealthy_reason`` with its live
         load, and how long it has been silent when its last report is too old)."""
@@ -365,11 +370,7 @@ class NodeDirectory:
         out: dict[str, dict[str, int]] = {}
         for service, role in SERVICE_ROLES.items():
             mine = [n for n in nodes if n.role == role]
-            live = [
-                (n, report)
-                for n in mine
-                if _static_reason(n) is None and (report := self.live(n)) is not None
-            ]
+            live = [(n, report) for n in mine if (report := self.serving(n)) is not None]
             out[service] = {
                 "total": len(mine),
                 "healthy": sum(1 for n in mine if self.reason(n) is None),

@@ -65,7 +65,7 @@ def serve_workers(config: GatewayConfig, workers: int) -> None:
     fork = multiprocessing.get_context("fork")
     procs = []
     for i, (_, theirs) in enumerate(pairs):
-        closed = [udp, *(ours for ours, _ in pairs)]
+        closed = [udp, *(s for pair in pairs for s in pair if s is not theirs)]
         proc = fork.Process(
             target=_worker, args=(config, Relay(theirs, port), closed), name=f"gateway-worker-{i}"
         )
@@ -84,7 +84,7 @@ def serve_workers(config: GatewayConfig, workers: int) -> None:
 
 
 def _worker(config: GatewayConfig, relay: Relay, close: list[socket.socket]) -> None:
-    for sock in close:  # the supervisor's: a worker reads only its end of its pair
+    for sock in close:  # the supervisor's and the other workers': it reads only its own end
         sock.close()
     uvloop.run(serve(config, relay=relay, reuse_port=True))
 

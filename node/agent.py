@@ -257,10 +257,8 @@ class NodeAgent:
     def _load_now(self) -> tuple[int, int]:
         """What the load reports say: the live load and capacity, or full while not serving (a
         draining node takes no new session)."""
-        load, capacity = self.role.load(), self.role.capacity
-        if self.state != "serving":
-            return load, load
-        return min(load, capacity), capacity
+        load = self.role.load()
+        return (load, self.role.capacity) if self.state == "serving" else (load, load)
 
     @property
     def poll_interval(self) -> float:

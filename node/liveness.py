@@ -27,6 +27,8 @@ from registry.program import Role
 log = logging.getLogger("node.liveness")
 
 DEFAULT_INTERVAL = 5.0
+# what a gateway that is down, or answers nonsense, makes asking it raise
+_UNANSWERED = (aiohttp.ClientError, TimeoutError, OSError, ValueError, KeyError, TypeError)
 LoadNow = Callable[[], tuple[int, int]]  # (load, capacity) as the role has them now
 
 
@@ -143,33 +145,38 @@ class LoadReporter:
             self.report_now()
 
     async def _discover(self) -> None:
-        """Ask every gateway not yet found; the ones that do not answer stay pending."""
+        """Ask every gateway not yet found, all at once (one that does not answer costs the
+        timeout once, not once per gateway behind it); those that fail stay pending."""
+        pending = list(self._pending)
         timeout = aiohttp.ClientTimeout(total=self._timeout)
         async with aiohttp.ClientSession(timeout=timeout) as http:
-            for url in list(self._pending):
-                try:
-                    target = await self._ask(http, url)
-                except (aiohttp.ClientError, TimeoutError, OSError, ValueError, KeyError) as exc:
-                    level = logging.DEBUG if url in self._failing else logging.WARNING
-                    self._failing.add(url)
-                    log.log(
-                        level,
-                        "cannot ask %s where to send load reports (%s); retrying every %.0fs",
-                        url,
-                        exc,
-                        self.interval,
-                    )
-                    continue
-                self._pending.remove(url)
-                self._failing.discard(url)
-                self.targets.append(target)
-                log.info(
-                    "load reports to %s: udp %s:%d every %gs",
+            answers = await asyncio.gather(
+                *(self._ask(http, url) for url in pending), return_exceptions=True
+            )
+        for url, answer in zip(pending, answers, strict=True):
+            if isinstance(answer, _UNANSWERED):
+                level = logging.DEBUG if url in self._failing else logging.WARNING
+                self._failing.add(url)
+                log.log(
+                    level,
+                    "cannot ask %s where to send load reports (%s); retrying every %.0fs",
                     url,
-                    target.address[0],
-                    target.address[1],
+                    answer,
                     self.interval,
                 )
+                continue
+            if isinstance(answer, BaseException):
+                raise answer
+            self._pending.remove(url)
+            self._failing.discard(url)
+            self.targets.append(answer)
+            log.info(
+                "load reports to %s: udp %s:%d every %gs",
+                url,
+                answer.address[0],
+                answer.address[1],
+                self.interval,
+            )
 
     async def _ask(self, http: aiohttp.ClientSession, url: str) -> Target:
         async with http.get(url + "/v1/liveness") as response:

@@ -51,14 +51,17 @@ class StaleProgram(Exception):
     """A ledger's deployed program is not the one this checkout ships."""
 
 
-def deployed_is(target: SvmTarget, program_id: Pubkey, elf: bytes) -> bool:
-    """Whether the program at ``program_id`` runs exactly ``elf`` (its ProgramData account holds
-    a header, then the ELF, zero-padded to the account's size)."""
+def _another_build(target: SvmTarget, program_id: Pubkey, so: Path) -> bool:
+    """Whether a program runs at ``program_id`` that is not exactly ``so`` (its ProgramData
+    account holds a header, then the ELF, zero-padded to the account's size)."""
+    if not is_deployed(target, program_id) or not so.is_file():
+        return False
     data = target.get_account(programdata_address(program_id))
     if data is None:
-        return False
+        return True
+    elf = so.read_bytes()
     body = bytes(data.data)[PROGRAMDATA_METADATA_SIZE:]
-    return body[: len(elf)] == elf and not any(body[len(elf) :])
+    return body[: len(elf)] != elf or any(body[len(elf) :])
 
 
 def holds_another_build(ledger_dir: Path, programs: Sequence[ProgramSpec]) -> bool:
@@ -69,14 +72,9 @@ def holds_another_build(ledger_dir: Path, programs: Sequence[ProgramSpec]) -> bo
     svm = LocalSvm(Path(ledger_dir))
     try:
         target = SvmTarget(svm)
-        for so_path, kp_path in programs:
-            program_id = load_keypair(kp_path).pubkey()
-            so = Path(so_path)
-            if is_deployed(target, program_id) and not deployed_is(
-                target, program_id, so.read_bytes()
-            ):
-                return True
-        return False
+        return any(
+            _another_build(target, load_keypair(kp).pubkey(), Path(so)) for so, kp in programs
+        )
     finally:
         svm.close()
 
@@ -94,13 +92,13 @@ def deploy_programs(
     for so_path, kp_path in programs:
         kp = load_keypair(kp_path)
         so = Path(so_path)
+        if _another_build(target, kp.pubkey(), so):
+            raise StaleProgram(
+                f"this ledger holds another build of {so.name} at {kp.pubkey()} than {so}: its "
+                "accounts may not fit this one. Remove the ledger directory to start a fresh "
+                "local chain (on `make up`: .local/ledger)"
+            )
         if is_deployed(target, kp.pubkey()):
-            if so.is_file() and not deployed_is(target, kp.pubkey(), so.read_bytes()):
-                raise StaleProgram(
-                    f"this ledger holds an older build of {so.name} at {kp.pubkey()} than "
-                    f"{so}: its accounts may not fit the new one. Remove the ledger directory "
-                    "to start a fresh local chain (on `make up`: .local/ledger)"
-                )
             continue
         if not so.is_file():
             raise FileNotFoundError(

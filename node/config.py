@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -103,6 +104,18 @@ class NodeConfig(BaseModel):
                 "6 hours)"
             )
         return data
+
+    @field_validator("gateway_url", "report_to")
+    @classmethod
+    def _gateway_urls(cls, v: str | list[str] | None) -> str | list[str] | None:
+        for url in [v] if isinstance(v, str) else v or []:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(
+                    f"{url!r} is not a gateway URL: give its http:// or https:// address, "
+                    "e.g. https://gateway.example.net (http://127.0.0.1:8402 on this machine)"
+                )
+        return v
 
     @field_validator("public_url")
     @classmethod

@@ -63,6 +63,22 @@ def _role(value: str) -> p.Role:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+MAX_PRESENCE_TTL_HOURS = 24 * 365
+
+
+def _presence_ttl(value: str) -> int:
+    """``--presence-ttl-hours``: a number of hours, as the registry's seconds."""
+    try:
+        hours = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of hours") from None
+    if not 1 / 3600 <= hours <= MAX_PRESENCE_TTL_HOURS:  # also false for nan
+        raise argparse.ArgumentTypeError(
+            f"--presence-ttl-hours {value} is outside 1 second .. {MAX_PRESENCE_TTL_HOURS} hours"
+        )
+    return round(hours * 3600)
+
+
 def _policy(value: str) -> p.Policy:
     try:
         return p.Policy.parse(value)
@@ -108,9 +124,7 @@ async def cmd_init(args: argparse.Namespace, client: RegistryClient) -> None:
             f"presence TTL {_hours(existing.heartbeat_ttl)}, policy {existing.policy.label}"
         )
         return
-    ttl = round(args.presence_ttl_hours * 3600)
-    if ttl < 1:
-        raise CliError(f"--presence-ttl-hours {args.presence_ttl_hours} is under a second")
+    ttl = args.presence_ttl
     await client.ensure_funded(authority)
     try:
         sig = await client.initialize_registry(authority, ttl, args.policy)
@@ -330,8 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     keypair(sp)
     sp.add_argument(
         "--presence-ttl-hours",
-        type=float,
-        default=DEFAULT_PRESENCE_TTL_HOURS,
+        dest="presence_ttl",
+        type=_presence_ttl,
+        default=round(DEFAULT_PRESENCE_TTL_HOURS * 3600),
         help="how long a node's presence renewal counts; nodes renew every 6 hours by default "
         f"(default {DEFAULT_PRESENCE_TTL_HOURS:g}: one renewal may fail)",
     )

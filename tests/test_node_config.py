@@ -45,6 +45,30 @@ def test_bad_values_are_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "line",
+    [
+        "gateway_url: 127.0.0.1:8402",
+        "gateway_url: ftp://gw.example",
+        "report_to: [https://gw.example, gw2.example]",
+        "report_to: ['http://']",
+    ],
+)
+def test_a_gateway_url_that_is_not_one_is_named(tmp_path: Path, line: str) -> None:
+    with pytest.raises(ConfigError, match="is not a gateway URL.*https://"):
+        text = BASE.replace("gateway_url: http://127.0.0.1:8402", line)
+        load_config(write(tmp_path, text), "stt")
+
+
+def test_gateway_urls_are_accepted(tmp_path: Path) -> None:
+    text = BASE + "report_to: [https://gw.example:8443]\n"
+    config = load_config(write(tmp_path, text), "stt")
+    assert (config.gateway_url, config.report_to) == (
+        "http://127.0.0.1:8402",
+        ["https://gw.example:8443"],
+    )
+
+
+@pytest.mark.parametrize(
     "url",
     [
         "http://stt.example.net:8001",

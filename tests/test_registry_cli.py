@@ -256,6 +256,10 @@ def test_bad_input_is_one_line(chain: Chain) -> None:
     proc = registry("nodes", "--rpc", nobody, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert f"JSON-RPC at {nobody} did not answer" in proc.stderr and "--rpc" in proc.stderr
+    for ttl in ("0", "-3", "nan", "inf", "1e9", "soon"):  # refused before any transaction
+        proc = registry("init", "--rpc", chain.url, "--presence-ttl-hours", ttl, check=False)
+        assert proc.returncode == 2 and "--presence-ttl-hours" in proc.stderr, (ttl, proc.stderr)
+        assert "Traceback" not in proc.stderr
 
 
 def test_init_policy_and_approve(tmp_path: Path) -> None:

@@ -212,21 +212,6 @@ class SessionService:
             **fields,
         )
 
-    async def _create(self, account: Account, spec: SessionSpec) -> SessionRecord:
-        return await self.ledger.create_session(
-            account.id,
-            spec.service,
-            spec.reserve_microcredits,
-            spec.limit_units,
-            spec.token_expires_at,
-            spec.node_pubkey,
-            spec.server_url,
-            room_name=spec.room_name,
-            participant_identity=spec.participant_identity,
-            metadata=spec.metadata,
-            session_id=spec.session_id,
-        )
-
     # ------------------------------------------------------------ pushes to the SFU
 
     def push_refresh(self, record: SessionRecord, token: str) -> None:
@@ -279,8 +264,8 @@ class SessionService:
         seconds = minutes_to_seconds(body.duration_minutes)
         expires = datetime.now(UTC) + timedelta(seconds=seconds)
         placement = await self.place("webrtc", client_ip, seconds, expires)
-        record = await self._create(
-            account,
+        record = await self.ledger.open_session(
+            account.id,
             self._spec(
                 placement,
                 room_name=body.room_name,
@@ -331,8 +316,8 @@ class SessionService:
         placement = await self.place(
             "stt", client_ip, seconds, datetime.now(UTC) + timedelta(seconds=seconds)
         )
-        record = await self._create(
-            account,
+        record = await self.ledger.open_session(
+            account.id,
             self._spec(placement, metadata={"language": body.language, "identity": address}),
         )
         return self._service_view(record)
@@ -354,8 +339,8 @@ class SessionService:
     ) -> dict[str, Any]:
         account = await self.account(chain, address)
         placement = await self.place("tts", client_ip, body.max_characters, self._tts_expiry())
-        record = await self._create(
-            account,
+        record = await self.ledger.open_session(
+            account.id,
             self._spec(placement, metadata={"language": body.language, "identity": address}),
         )
         return self._service_view(record)

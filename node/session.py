@@ -21,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from node.outbox import Outbox, SessionStore
 from node.roles import RoleContext
@@ -70,7 +70,13 @@ async def verify_session_key(context: RoleContext, token: Any) -> Claims:
 @dataclass
 class Session:
     """One token session on this node: its limit and expiry (raised by ``extend``), its open
-    sockets and what was reported. Subclasses define :meth:`used` (the billed units)."""
+    sockets and what was reported. Subclasses define :meth:`used` (the billed units) and name
+    what they meter: ``unit``, the usage key of the gateway's event; ``table`` and ``store``, where
+    the node keeps the counts across restarts."""
+
+    unit: ClassVar[str]
+    table: ClassVar[str]
+    store: ClassVar[str]
 
     session_id: str
     limit: float
@@ -125,9 +131,8 @@ S = TypeVar("S", bound=Session)
 class Sessions(Generic[S]):
     """Every session this node serves, their usage reports and their settling.
 
-    ``meter`` builds a new session; ``unit`` is the usage key of the gateway's event
-    (``duration_seconds``, ``used_characters``); ``store`` the SQLite file of the counts
-    (``RoleContext.state_file``), None to keep nothing."""
+    ``meter`` builds a new session and names its unit; ``store`` the SQLite file of the counts,
+    None to keep nothing."""
 
     def __init__(
         self,
@@ -135,19 +140,30 @@ class Sessions(Generic[S]):
         store: Path | None,
         *,
         meter: type[S],
-        unit: str,
-        table: str,
         reconnect_grace: float,
         report_interval: float,
     ) -> None:
         self.outbox = outbox
         self.sessions: dict[str, S] = {}
         self.meter = meter
-        self.unit = unit
+        self.unit = meter.unit
         self.reconnect_grace = reconnect_grace
         self.report_interval = report_interval
-        self._store = SessionStore(store, table=table)
+        self._store = SessionStore(store, table=meter.table)
         self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def of(
+        cls, context: RoleContext, meter: type[S], reconnect_grace: float, report_interval: float
+    ) -> Sessions[S]:
+        """A role's sessions, kept in its state directory and reported through its outbox."""
+        return cls(
+            context.outbox,
+            context.state_file(meter.store),
+            meter=meter,
+            reconnect_grace=reconnect_grace,
+            report_interval=report_interval,
+        )
 
     def attach(self, claims: Claims) -> S:
         """The session of a newly authenticated socket (its counts so far, if it had one); a

@@ -51,6 +51,9 @@ class BadReport(Exception):
 
 @dataclass(frozen=True)
 class LoadReport:
+    """What a node says of itself every few seconds: signed by its node key, so any gateway can
+    route on it without a chain read; ``seq`` and ``time_ms`` make a replay useless."""
+
     node: Pubkey
     role: Role
     load: int

@@ -347,8 +347,6 @@ def test_session_clock_survives_a_node_restart(tmp_path) -> None:
             outbox,
             tmp_path / "clocks.sqlite",
             meter=SessionClock,
-            unit="duration_seconds",
-            table="clocks",
             reconnect_grace=5,
             report_interval=15,
         )

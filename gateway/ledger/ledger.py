@@ -556,13 +556,20 @@ class Ledger:
             metadata,
             session_id,
         )
+        return await self.open_session(account_id, spec, bundle_id)
+
+    async def open_session(
+        self, account_id: str, spec: SessionSpec, bundle_id: str | None = None
+    ) -> SessionRecord:
+        """``create_session`` for a spec the caller already holds (the gateway builds one per
+        placement)."""
         if self.db.is_postgres and bundle_id is None:  # the common case in one round trip
             (row,) = self._session_rows(account_id, [spec], None)
             params = {
                 **row,
-                "reserve": reserve_microcredits,
+                "reserve": spec.reserve_microcredits,
                 "new": 1,
-                "memo": _opening_memo(service),
+                "memo": _opening_memo(spec.service),
             }
             if await self.db.statement(_OPEN_ONE, params, reads_only=False):
                 return _session(row)

@@ -51,6 +51,9 @@ class PaymentStateError(LedgerError):
 
 @dataclass(frozen=True)
 class PaymentRecord:
+    """One row of ``payments``: a wallet's transfer as the chain and the ledger last saw it, kept
+    from first sight so that a crash between settling and crediting loses nothing."""
+
     id: str
     chain: str
     signature: str

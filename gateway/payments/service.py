@@ -68,6 +68,8 @@ class SettlementPending(Exception):
 
 @dataclass(frozen=True)
 class Purchase:
+    """A settled, credited purchase: what the buyer is told (credits, amount, transaction)."""
+
     account_id: str
     credited_microcredits: int
     amount_usd: Decimal

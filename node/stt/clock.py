@@ -16,6 +16,10 @@ from node.session import Session
 
 @dataclass
 class SessionClock(Session):
+    unit = "duration_seconds"
+    table = "clocks"
+    store = "stt-clocks"
+
     connected_since: float | None = None  # monotonic; ``units`` holds finished connections
 
     def used(self, now: float | None = None) -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -94,11 +95,7 @@ class Engine(Protocol):
     def load(self) -> None: ...
 
     def transcribe(
-        self,
-        audio: np.ndarray,
-        language: str,
-        word_timestamps: bool = False,
-        prompt: str | None = None,
+        self, audio: np.ndarray, language: str, word_timestamps: bool = False
     ) -> EngineResult: ...
 
 
@@ -224,14 +221,8 @@ class WhisperEngine:
             )
 
     def transcribe(
-        self,
-        audio: np.ndarray,
-        language: str,
-        word_timestamps: bool = False,
-        prompt: str | None = None,
+        self, audio: np.ndarray, language: str, word_timestamps: bool = False
     ) -> EngineResult:
-        import time
-
         i = self._index(language)
         if i is None:
             raise EngineUnavailable(f"no configured Whisper model transcribes {language!r}")
@@ -248,7 +239,6 @@ class WhisperEngine:
                 vad_filter=False,
                 word_timestamps=word_timestamps,
                 without_timestamps=not word_timestamps,
-                initial_prompt=prompt,
             )
             segs = list(segments)
         finally:
@@ -295,13 +285,8 @@ class ParakeetEngine:
             "remove `parakeet:` from the stt config (Whisper serves every language)"
         )
 
-    def transcribe(
-        self,
-        audio: np.ndarray,
-        language: str,
-        word_timestamps: bool = False,
-        prompt: str | None = None,
-    ) -> EngineResult:
+    def transcribe(self, audio: np.ndarray, language: str, **options: object) -> EngineResult:
+        """Never reached: ``load`` refuses a config that names Parakeet."""
         raise EngineUnavailable("Parakeet is not available in this build")
 
 

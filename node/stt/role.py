@@ -68,14 +68,8 @@ class STTRole:
         self.pools: dict[str, InferencePool] = {}
         self._capacity = context.capacity  # until start() measured it
         self.frontend_pool: ThreadPoolExecutor | None = None
-        self.sessions = Sessions(
-            context.outbox,
-            context.state_file("stt-clocks"),
-            meter=SessionClock,
-            unit="duration_seconds",
-            table="clocks",
-            reconnect_grace=s.reconnect_grace,
-            report_interval=s.usage_report_interval,
+        self.sessions = Sessions.of(
+            context, SessionClock, s.reconnect_grace, s.usage_report_interval
         )
         self.live: dict[str, Connection] = {}
         self.by_session: dict[str, Connection] = {}

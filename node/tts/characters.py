@@ -16,6 +16,10 @@ from node.session import Session
 
 @dataclass
 class CharacterCount(Session):
+    unit = "used_characters"
+    table = "tts_usage"
+    store = "tts-usage"
+
     reserved: float = 0  # accepted characters of every socket (queued + started)
 
     def remaining(self) -> float:

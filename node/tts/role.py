@@ -57,15 +57,8 @@ class TtsRole:
         self.scheduler = Scheduler(self.settings.workers)
         self._capacity = context.capacity  # until start() measured it
         self.streams: set[Connection] = set()
-        self.sessions = Sessions(
-            context.outbox,
-            context.state_file("tts-usage"),
-            meter=CharacterCount,
-            unit="used_characters",
-            table="tts_usage",
-            reconnect_grace=self.settings.reconnect_grace,
-            report_interval=self.settings.usage_interval,
-        )
+        s = self.settings
+        self.sessions = Sessions.of(context, CharacterCount, s.reconnect_grace, s.usage_interval)
         self.draining = False
         self.started_at = time.time()
         # underruns: times a playing text ran dry because the engine fell behind (CPU starved)

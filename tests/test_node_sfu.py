@@ -86,6 +86,11 @@ async def connect(setup: Setup, token: str) -> lk.Room:
     return room
 
 
+async def connect_as(setup: Setup, room: lk.Room, identity: str, name: str) -> None:
+    """Join ``room`` to the node's room ``name`` as ``identity`` with a token minted for it."""
+    await asyncio.wait_for(room.connect(setup.ws_url, setup.token(identity, room=name)), 20)
+
+
 def tone_frames(freq: float = 440.0) -> Any:
     n = 0
     while True:
@@ -212,6 +217,95 @@ async def test_livekit_sdk_hears_the_tone_gets_data_and_speakers_and_is_billed(s
     assert record.status == "completed", "room_finished settled the session"
 
 
+def paint(width: int, height: int, rgb: tuple[int, int, int]) -> lk.VideoFrame:
+    """One RGBA frame of a single colour."""
+    data = np.empty((height, width, 4), np.uint8)
+    data[...] = (*rgb, 255)
+    return lk.VideoFrame(width, height, lk.VideoBufferType.RGBA, data.tobytes())
+
+
+async def film(source: lk.VideoSource, rgb: tuple[int, int, int]) -> None:
+    """A camera at 15 frames a second that shows one colour."""
+    frame = paint(320, 240, rgb)
+    while True:
+        source.capture_frame(frame)
+        await asyncio.sleep(1 / 15)
+
+
+def watch(room: lk.Room) -> asyncio.Future[lk.Track]:
+    """The first video track ``room`` subscribes to."""
+    got: asyncio.Future[lk.Track] = asyncio.get_running_loop().create_future()
+
+    def on_subscribed(track: lk.Track, pub: Any, part: Any) -> None:
+        if track.kind == lk.TrackKind.KIND_VIDEO and not got.done():
+            got.set_result(track)
+
+    room.on("track_subscribed", on_subscribed)
+    return got
+
+
+async def seen(track: lk.Track, frames: int = 5) -> tuple[int, int, np.ndarray]:
+    """Width, height and mean RGB of the ``frames``-th decoded frame a subscriber sees."""
+    n = 0
+    async for event in lk.VideoStream(track, format=lk.VideoBufferType.RGBA):
+        n += 1
+        if n >= frames:
+            f = event.frame
+            rgba = np.frombuffer(bytes(f.data), np.uint8).reshape(f.height, f.width, 4)
+            return f.width, f.height, rgba[..., :3].reshape(-1, 3).mean(axis=0)
+    raise AssertionError("the video stream ended")
+
+
+@pytest.mark.parametrize("codec", ["VP8", "H264"])
+async def test_livekit_sdk_sees_video_forwarded_without_a_decode(sfu: Setup, codec: str) -> None:
+    room_name = f"video-{codec}-{uuid.uuid4().hex[:6]}"
+    cam, early, late = lk.Room(), lk.Room(), lk.Room()
+    early_track, late_track = watch(early), watch(late)
+    camera = None
+    try:
+        await connect_as(sfu, cam, "cam", room_name)
+        await connect_as(sfu, early, "early", room_name)
+        source = lk.VideoSource(320, 240)
+        track = lk.LocalVideoTrack.create_video_track("camera", source)
+        camera = asyncio.ensure_future(film(source, (200, 40, 40)))
+        options = lk.TrackPublishOptions(
+            source=lk.TrackSource.SOURCE_CAMERA,
+            video_codec=getattr(lk.VideoCodec, codec),
+            simulcast=False,
+        )
+        publication = await cam.local_participant.publish_track(track, options)
+
+        width, height, rgb = await asyncio.wait_for(
+            seen(await asyncio.wait_for(early_track, 15)), 20
+        )
+        assert (width, height) == (320, 240)
+        assert np.abs(rgb - (200, 40, 40)).max() < 30, f"the viewer saw {rgb}, not the red frame"
+        remote = early.remote_participants["cam"].track_publications[publication.sid]
+        assert remote.kind == lk.TrackKind.KIND_VIDEO
+        assert remote.mime_type.lower() == f"video/{codec.lower()}"
+
+        published = sfu.role.rooms[next(iter(n for n in sfu.role.rooms if n.startswith(room_name)))]
+        published = published.find_track(publication.sid)
+        assert published.kind == "video" and published.mime_type == f"video/{codec.lower()}"
+        requests = published.keyframe_requests
+        assert requests >= 1, "a new subscriber makes the SFU ask the publisher for a keyframe"
+
+        # A viewer joining a running stream can decode only from a keyframe: the camera sends one
+        # because the SFU asked for it (libwebrtc sends none on its own for minutes).
+        await connect_as(sfu, late, "late", room_name)
+        width, height, rgb = await asyncio.wait_for(
+            seen(await asyncio.wait_for(late_track, 15)), 20
+        )
+        assert (width, height) == (320, 240) and np.abs(rgb - (200, 40, 40)).max() < 30
+        assert published.keyframe_requests > requests
+        assert all(f.dropped == 0 for f in published.subscribers.values())
+    finally:
+        if camera is not None:
+            camera.cancel()
+        for room in (late, early, cam):
+            await room.disconnect()
+
+
 # ---------------------------------------------------------------- refusals
 
 
@@ -310,6 +404,33 @@ async def test_protocol_level_refusals_and_malformed_frames(sfu: Setup) -> None:
             5,
             "leave",
         )
+    finally:
+        await client.ws.close()
+
+
+async def test_add_track_of_an_unknown_type_or_absurd_size(sfu: Setup) -> None:
+    """A data "track" or a type no SDK sends is refused by name; a video track's claimed size is
+    bounded before it reaches anyone's ParticipantInfo."""
+    client, _ = await raw_join(sfu, sfu.token("odd", room="odd-tracks"))
+    try:
+        await client.next("offer")
+        for kind in (models.TrackType.DATA, 99):
+            await client.send(
+                rtc.SignalRequest(add_track=rtc.AddTrackRequest(cid=f"c{kind}", type=kind))
+            )
+            refused = (await client.next("request_response")).request_response
+            assert refused.reason == rtc.RequestResponse.Reason.UNSUPPORTED_TYPE
+            assert f"not track type {int(kind)}" in refused.message
+        big = rtc.AddTrackRequest(
+            cid="cam", name="cam", type=models.TrackType.VIDEO, width=10**9, height=10**9
+        )
+        await client.send(rtc.SignalRequest(add_track=big))
+        published = (await client.next("track_published")).track_published
+        assert published.track.type == models.TrackType.VIDEO
+        assert (published.track.width, published.track.height) == (16384, 16384)
+        assert published.track.source == models.TrackSource.CAMERA
+        # announced, but no media came: nothing is in the room for anyone to subscribe to
+        assert sfu.role.rooms["odd-tracks"].by_identity("odd").tracks == {}
     finally:
         await client.ws.close()
 

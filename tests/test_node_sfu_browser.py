@@ -23,7 +23,7 @@ import pytest_asyncio
 from livekit import rtc as lk
 from solders.keypair import Keypair
 
-from gateway.client import GatewayClient
+from gateway.client import GatewayClient, WebrtcSession
 from tests.conftest import Chain
 from tests.support.audio import tone_hz
 from tests.support.browser import chromium, console_log, page_site, write_tone_wav
@@ -55,6 +55,37 @@ async function join(url, token) {
   await room.connect(url, token);
   await room.localParticipant.setMicrophoneEnabled(true);
   document.getElementById('state').textContent = room.state;
+  return room.state;
+}
+
+// A camera page: Chromium's fake camera, published with the client's defaults (VP8, simulcast
+// offered; the SFU's answer takes one layer).
+async function joinCamera(url, token) {
+  const room = new LK.Room();
+  window.room = room;
+  await room.connect(url, token);
+  await room.localParticipant.setCameraEnabled(true);
+  return room.state;
+}
+
+// A viewer page: plays the first video track it gets and counts the frames it shows.
+window.video = {frames: 0, width: 0, height: 0};
+async function joinViewer(url, token) {
+  const room = new LK.Room();
+  window.room = room;
+  room.on(LK.RoomEvent.TrackSubscribed, (track) => {
+    if (track.kind !== 'video') return;
+    const element = track.attach();
+    element.muted = true;
+    document.body.appendChild(element);
+    const count = () => {
+      window.video = {frames: window.video.frames + 1,
+                      width: element.videoWidth, height: element.videoHeight};
+      element.requestVideoFrameCallback(count);
+    };
+    element.requestVideoFrameCallback(count);
+  });
+  await room.connect(url, token);
   return room.state;
 }
 
@@ -122,15 +153,22 @@ async def record_first_audio(room: lk.Room, identity: str, seconds: float) -> np
     return np.concatenate(chunks)
 
 
+async def bought_sessions(
+    net: SfuNet, prefix: str, *identities: str
+) -> tuple[str, list[WebrtcSession]]:
+    """A fresh room's name and one 5-minute WebRTC session per identity, bought from the real
+    gateway by a new wallet with granted credits."""
+    wallet = Keypair()
+    await net.ledger.grant("solana", str(wallet.pubkey()), 2_000_000, memo=f"{prefix} test")
+    room_name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    async with GatewayClient(net.gateway_url, wallet, session=net.http) as gw:
+        return room_name, [await gw.create_webrtc_token(room_name, i, 5) for i in identities]
+
+
 async def test_stock_client_joins_with_default_options_and_audio_flows_both_ways(
     net: SfuNet, tmp_path: Path
 ) -> None:
-    wallet = Keypair()
-    await net.ledger.grant("solana", str(wallet.pubkey()), 2_000_000, memo="browser test")
-    room_name = f"browser-{uuid.uuid4().hex[:6]}"
-    async with GatewayClient(net.gateway_url, wallet, session=net.http) as gw:
-        page_s = await gw.create_webrtc_token(room_name, "browser", 5)
-        sdk_s = await gw.create_webrtc_token(room_name, "python", 5)
+    room_name, (page_s, sdk_s) = await bought_sessions(net, "browser", "browser", "python")
     assert page_s.ws_url == net.ws_url, "the gateway routed the page's session to our node"
 
     sdk = lk.Room()
@@ -193,3 +231,32 @@ async def test_stock_client_joins_with_default_options_and_audio_flows_both_ways
     finally:
         player.cancel()
         await sdk.disconnect()
+
+
+async def test_stock_client_publishes_the_fake_camera_and_another_page_sees_it(
+    net: SfuNet, tmp_path: Path
+) -> None:
+    room_name, (camera_s, viewer_s) = await bought_sessions(net, "camera", "camera", "viewer")
+    async with chromium() as browser, page_site(PAGE) as site:
+        camera, viewer = await browser.new_page(), await browser.new_page()
+        logs = console_log(camera), console_log(viewer)
+        await camera.goto(site + "/")
+        await viewer.goto(site + "/")
+        args = [viewer_s.ws_url, viewer_s.token]
+        assert await viewer.evaluate("([u, t]) => joinViewer(u, t)", args) == "connected"
+        args = [camera_s.ws_url, camera_s.token]
+        assert await camera.evaluate("([u, t]) => joinCamera(u, t)", args) == "connected"
+
+        # The viewer's <video> shows frames the SFU forwarded as they came (VP8, not decoded).
+        await viewer.wait_for_function("window.video.frames >= 30", timeout=30_000)
+        shown = await viewer.evaluate("window.video")
+        assert shown["width"] > 0 and shown["height"] > 0, (shown, logs)
+        room = next(r for n, r in net.role.rooms.items() if n.startswith(room_name))
+        owner = room.by_identity("camera")
+        assert owner is not None
+        (track,) = [t for t in owner.tracks.values() if t.kind == "video"]
+        assert track.mime_type == "video/vp8" and track.frames >= 30
+        print(f"viewer showed {shown['frames']} frames at {shown['width']}x{shown['height']}")
+        await viewer.screenshot(path=str(tmp_path / "viewer.png"))
+        for page in (camera, viewer):
+            await page.evaluate("window.room.disconnect()")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import fractions
 import time
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -131,19 +132,22 @@ async def test_forward_track_drops_oldest_when_a_subscriber_stalls() -> None:
 
 
 @pytest.mark.fast
-def test_direct_queue_delivers_opus_and_passes_the_stop_signal() -> None:
+def test_direct_queue_delivers_opus_and_video_and_passes_the_stop_signal() -> None:
     got: list[av.Packet] = []
     q = forward._DirectQueue(got.append)
 
-    class Codec:
-        def __init__(self, mime: str) -> None:
-            self.mimeType = mime
-
+    from aiortc import RTCRtpCodecParameters
     from aiortc.jitterbuffer import JitterFrame
 
-    q.put((Codec("audio/opus"), JitterFrame(b"\x01\x02", 960)))
-    q.put((Codec("audio/PCMU"), JitterFrame(b"\x03", 160)))
-    assert len(got) == 1 and bytes(got[0]) == b"\x01\x02" and got[0].pts == 960
+    def codec(mime: str, rate: int) -> RTCRtpCodecParameters:
+        return RTCRtpCodecParameters(mimeType=mime, clockRate=rate, payloadType=96)
+
+    q.put((codec("audio/opus", 48000), JitterFrame(b"\x01\x02", 960)))
+    q.put((codec("audio/PCMU", 8000), JitterFrame(b"\x03", 160)))  # not forwarded: no packer
+    q.put((codec("video/VP8", 90000), JitterFrame(b"\x04\x05\x06", 3000)))
+    assert [bytes(p) for p in got] == [b"\x01\x02", b"\x04\x05\x06"]
+    assert (got[0].pts, got[0].time_base) == (960, Fraction(1, 48000))
+    assert (got[1].pts, got[1].time_base) == (3000, Fraction(1, 90000))
     q.put(None)
     assert q.get() is None  # the idle decoder thread wakes up and ends
 

@@ -1,4 +1,4 @@
-"""Opus forwarding without decoding: the one module that leans on aiortc (1.16) internals.
+"""Opus and video forwarding without decoding: the one module that leans on aiortc (1.16) internals.
 
 aiortc's receive path is packet -> jitter buffer -> decoder thread -> ``RemoteStreamTrack``, and its
 send path is ``track.recv()`` -> encoder -> packetiser. An SFU wants neither the decode nor the
@@ -12,6 +12,10 @@ encode, nor the jitter buffer's prefetch (four 20 ms frames, i.e. 80 ms of added
   the stop signal);
 * ``_handle_rtp_packet`` by a wrapper that reads the RTP audio-level header extension (RFC 6464)
   first, since the level is lost once the payload leaves the packet.
+
+Video keeps aiortc's jitter buffer: it reassembles a frame from its RTP packets (and asks the
+publisher for the missing ones with NACKs, and for a keyframe with a PLI when a frame is lost),
+and the direct queue hands on the whole encoded frame (VP8, or H.264 as Annex B).
 
 On a *sender* we give ``ForwardTrack``, whose ``recv()`` returns ``av.Packet`` objects: aiortc's
 sender then only calls ``encoder.pack()`` (no encode). RTCP, NACK handling and statistics stay
@@ -29,7 +33,8 @@ connection the SFU makes comes from ``peer_connection``, which applies it.
 
 What breaks if aiortc changes: the private names ``_RTCRtpReceiver__jitter_buffer``,
 ``_RTCRtpReceiver__decoder_queue`` and ``_RTCPeerConnection__connect``, the ``decoder_worker``
-contract (``input_q.get()``; ``None`` stops), the sender's ``isinstance(data, Frame)`` switch.
+contract (``input_q.get()``; ``None`` stops), the sender's ``isinstance(data, Frame)`` switch and
+``_send_keyframe``, the receiver's ``_send_rtcp_pli`` and the transceiver's negotiated ``_codecs``.
 ``check_compatible()`` asserts those, and tests/test_node_sfu_forward.py exercises them end to
 end.
 """
@@ -45,16 +50,27 @@ from fractions import Fraction
 from typing import Any
 
 import av
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver
+from aiortc import (
+    RTCBundlePolicy,
+    RTCConfiguration,
+    RTCIceCandidate,
+    RTCPeerConnection,
+    RTCRtpReceiver,
+    RTCRtpSender,
+    RTCRtpTransceiver,
+)
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 OPUS_CLOCK = 48000
 TIME_BASE = Fraction(1, OPUS_CLOCK)
+# what passes through: the codecs whose encoded frames aiortc's senders can packetise again
+FORWARDED = frozenset(("audio/opus", "video/vp8", "video/h264"))
 _JB = "_RTCRtpReceiver__jitter_buffer"
 _DQ = "_RTCRtpReceiver__decoder_queue"
 _CONNECT = "_RTCPeerConnection__connect"
 
+MAX_SSRCS = 4  # a track's media and retransmission sources; more is a client's noise
 FrameSink = Callable[[av.Packet], None]
 LevelSink = Callable[[int], None]
 
@@ -68,6 +84,10 @@ def check_compatible() -> None:
         raise RuntimeError("aiortc RTCRtpReceiver internals changed: forwarding needs aiortc 1.16")
     if not callable(getattr(RTCPeerConnection, _CONNECT, None)):
         raise RuntimeError("aiortc RTCPeerConnection internals changed: the SFU needs aiortc 1.16")
+    if not callable(getattr(RTCRtpReceiver, "_send_rtcp_pli", None)) or not callable(
+        getattr(RTCRtpSender, "_send_keyframe", None)
+    ):
+        raise RuntimeError("aiortc keyframe requests changed: video forwarding needs aiortc 1.16")
 
 
 class _PassThroughBuffer:
@@ -95,11 +115,11 @@ class _DirectQueue:
             self._stop.put(None)
             return
         codec, frame = task
-        if codec.mimeType.lower() != "audio/opus":
+        if codec.mimeType.lower() not in FORWARDED:
             return
         packet = av.Packet(frame.data)
         packet.pts = frame.timestamp
-        packet.time_base = TIME_BASE
+        packet.time_base = Fraction(1, codec.clockRate)
         try:
             self._on_frame(packet)
         except Exception:  # one subscriber's fault must not kill the receive path
@@ -112,22 +132,29 @@ class _DirectQueue:
 
 
 def install_passthrough(
-    receiver: RTCRtpReceiver, on_frame: FrameSink, on_level: LevelSink | None = None
+    receiver: RTCRtpReceiver,
+    on_frame: FrameSink,
+    on_level: LevelSink | None = None,
+    ssrcs: set[int] | None = None,
 ) -> None:
-    """Make ``receiver`` hand each Opus frame, still encoded, to ``on_frame``; call before the
-    receiver starts (i.e. from the peer connection's ``track`` event)."""
+    """Make ``receiver`` hand each frame, still encoded, to ``on_frame``; call before the receiver
+    starts (i.e. from the peer connection's ``track`` event). ``on_level`` gets an audio track's
+    RFC 6464 levels; ``ssrcs`` collects the sources seen (a keyframe request names them)."""
     if getattr(receiver, "_sfu_passthrough", False):
         return
     if not hasattr(receiver, _JB) or not hasattr(receiver, _DQ):
         raise RuntimeError("aiortc RTCRtpReceiver internals changed: forwarding needs aiortc 1.16")
-    setattr(receiver, _JB, _PassThroughBuffer())
+    if receiver.track.kind == "audio":
+        setattr(receiver, _JB, _PassThroughBuffer())
     setattr(receiver, _DQ, _DirectQueue(on_frame))
-    if on_level is not None:
+    if on_level is not None or ssrcs is not None:
         original = receiver._handle_rtp_packet
 
         async def handle(packet: Any, arrival_time_ms: int) -> None:
+            if ssrcs is not None and len(ssrcs) < MAX_SSRCS:
+                ssrcs.add(packet.ssrc)
             level = packet.extensions.audio_level
-            if level is not None:
+            if on_level is not None and level is not None:
                 on_level(int(level[1]))  # (voice flag, -dBov 0..127)
             await original(packet, arrival_time_ms)
 
@@ -135,12 +162,67 @@ def install_passthrough(
     receiver._sfu_passthrough = True  # type: ignore[attr-defined]
 
 
+def negotiated_mime(receiver: RTCRtpReceiver, pc: RTCPeerConnection) -> str:
+    """The codec the publisher sends on ``receiver`` (the first one negotiated), lower case."""
+    transceiver = next(t for t in pc.getTransceivers() if t.receiver is receiver)
+    codecs = [c for c in transceiver._codecs if not c.mimeType.lower().endswith("/rtx")]
+    return codecs[0].mimeType.lower() if codecs else ""
+
+
+def prefer_codec(transceiver: RTCRtpTransceiver, mime: str) -> None:
+    """Offer a subscriber only the publisher's codec (and its retransmissions): the frames go
+    out as they came in, so the subscriber must decode what the publisher encoded."""
+    kind = mime.split("/")[0]
+    caps = RTCRtpSender.getCapabilities(kind).codecs
+    transceiver.setCodecPreferences(
+        [c for c in caps if c.mimeType.lower() in (mime, f"{kind}/rtx")]
+    )
+
+
+async def request_keyframe(receiver: RTCRtpReceiver, ssrcs: set[int]) -> None:
+    """Ask the publisher behind ``receiver`` for a keyframe (RTCP PLI to each of its sources)."""
+    for ssrc in list(ssrcs):
+        await receiver._send_rtcp_pli(ssrc)
+
+
+def on_keyframe_request(sender: RTCRtpSender, callback: Callable[[], None]) -> None:
+    """Call ``callback`` when the subscriber behind ``sender`` asks for a keyframe (PLI/FIR)
+    instead of aiortc's answer (encode one: there is no encoder here)."""
+    sender._send_keyframe = callback  # type: ignore[method-assign]
+
+
 def peer_connection() -> RTCPeerConnection:
-    """A peer connection as the SFU uses them: no STUN/TURN of its own (host candidates), and
-    tracks negotiated during the handshake started (``start_late_transceivers``)."""
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    """A peer connection as the SFU uses them: no STUN/TURN of its own (host candidates), every
+    m-line on one transport (max-bundle, as LiveKit clients offer; aiortc's default "balanced"
+    policy leaves the second and later video m-lines of an offer on a transport it then stops, so
+    their RTP is never routed), and tracks negotiated during the handshake started
+    (``start_late_transceivers``)."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[], bundlePolicy=RTCBundlePolicy.MAX_BUNDLE))
     start_late_transceivers(pc)
     return pc
+
+
+async def add_candidate(pc: RTCPeerConnection, candidate: RTCIceCandidate) -> None:
+    """Give a client's trickled candidate to the one ICE transport of a max-bundle connection.
+    aiortc hands a remote candidate only to the m-line it names when that m-line owns its
+    transport, and a client names the first m-line of its BUNDLE group, which here may share the
+    data channel's transport: the candidate would be dropped."""
+    transceivers = pc.getTransceivers()
+    owner = transceivers[0].receiver.transport if transceivers else None
+    if owner is None and pc.sctp is not None:
+        owner = pc.sctp.transport
+    if owner is None:
+        await pc.addIceCandidate(candidate)
+    else:
+        await owner.transport.addRemoteCandidate(candidate)
+
+
+def bundle_data_channels(pc: RTCPeerConnection) -> None:
+    """Call once the SFU's own data channels exist on ``pc`` (before any track): their transport
+    is the one every m-line shares. Unless it is marked bundled, aiortc stops it when the client's
+    answer names a track's m-line first in its BUNDLE group, and the connection never comes up."""
+    assert pc.sctp is not None, "create the data channels first"
+    pc.sctp._bundled = True
 
 
 def start_late_transceivers(pc: RTCPeerConnection) -> None:
@@ -154,15 +236,20 @@ def start_late_transceivers(pc: RTCPeerConnection) -> None:
 
 
 class ForwardTrack(MediaStreamTrack):
-    """An outgoing audio track fed with encoded Opus ``av.Packet`` s; the sender only packetises.
+    """An outgoing track fed with encoded ``av.Packet`` s (Opus, VP8 or H.264 frames); the
+    sender only packetises.
 
     ``push`` never blocks: past ``max_queue`` frames the oldest are dropped (counted in
-    ``dropped``). ``paused`` frames are dropped too (a subscription switched off)."""
+    ``dropped``; ``on_gap`` is called, since a video decoder then needs a keyframe). ``paused``
+    frames are dropped too (a subscription switched off)."""
 
     kind = "audio"
 
-    def __init__(self, track_id: str | None = None, max_queue: int = 10) -> None:
+    def __init__(
+        self, track_id: str | None = None, max_queue: int = 10, kind: str = "audio"
+    ) -> None:
         super().__init__()
+        self.kind = kind  # type: ignore[misc]
         if track_id is not None:
             self._id = track_id
         self._frames: deque[tuple[av.Packet, float]] = deque(maxlen=max_queue)
@@ -171,12 +258,15 @@ class ForwardTrack(MediaStreamTrack):
         self.dropped = 0
         self.forwarded = 0
         self.on_sent: Callable[[float], None] | None = None  # gets the seconds spent queued
+        self.on_gap: Callable[[], None] | None = None
 
     def push(self, packet: av.Packet) -> None:
         if self.readyState != "live" or self.paused:
             return
         if len(self._frames) == self._frames.maxlen:
             self.dropped += 1
+            if self.on_gap is not None:
+                self.on_gap()
         self._frames.append((packet, time.perf_counter()))
         self._ready.set()
 

@@ -8,7 +8,7 @@ nodes the link is one participant (``relay-<node>``) that is visible to clients 
 only attaches tracks of a participant it knows) but is neither billed nor counted as load.
 Media stays encoded end to end (passthrough in, ``ForwardTrack`` out); data packets cross too,
 keeping their original sender. Tracks that arrived over a relay are never relayed again, so two
-linked nodes cannot loop.
+linked nodes cannot loop. Only audio crosses: video stays on the node it was published to.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 from livekit.protocol import models
 
 from node.sfu.client import LiveKitClient
-from node.sfu.forward import ForwardTrack, install_passthrough
+from node.sfu.forward import ForwardTrack
 from node.sfu.rtc import PublishedTrack, Room, new_sid
 
 log = logging.getLogger("node.sfu.relay")
@@ -90,6 +90,8 @@ class RelayParticipant:
     def subscribe(self, track: PublishedTrack) -> None:
         if track.owner is self or track.owner.remote or track.sid in self._outgoing:
             return
+        if track.kind != "audio":  # the link publishes Opus tracks only (for now)
+            return
         forward = ForwardTrack(
             track_id=f"relay-{track.sid}", max_queue=self.room.settings.subscriber_queue
         )
@@ -116,8 +118,7 @@ class RelayParticipant:
         owner = self.client.participants.get(owner_sid)
         name = f"{owner.identity if owner else 'peer'}/{track_sid}"
         published = PublishedTrack(sid=new_sid("TR"), cid=track_sid, name=name, owner=self)  # type: ignore[arg-type]
-        install_passthrough(receiver, published.on_frame, published.on_level)
-        published.receiving = True
+        published.receive(receiver, "audio/opus")
         self.room.publish(self, published)  # type: ignore[arg-type]
 
     def _on_peer_data(self, label: str, payload: bytes) -> None:

@@ -1,7 +1,7 @@
 """Rooms and participants: LiveKit's signal protocol on aiortc.
 
 One ``Participant`` per signal WebSocket. It owns two peer connections, as LiveKit clients expect:
-the *publisher* (the client offers; its audio tracks and data channels come in) and the
+the *publisher* (the client offers; its audio and video tracks and data channels come in) and the
 *subscriber* (this server offers; the other participants' tracks and the server's ``_reliable`` /
 ``_lossy`` data channels go out). We join with ``subscriber_primary = true``, so the subscriber is
 offered right after the JoinResponse. Media is forwarded without transcoding (``forward.py``).
@@ -31,9 +31,15 @@ from common import jsonsafe
 from node.protocol import BadMessage, json_object
 from node.sfu.forward import (
     ForwardTrack,
+    add_candidate,
+    bundle_data_channels,
     install_passthrough,
     level_to_unit,
+    negotiated_mime,
+    on_keyframe_request,
     peer_connection,
+    prefer_codec,
+    request_keyframe,
 )
 from node.sfu.settings import SfuSettings
 from registry.tokens import Claims
@@ -43,6 +49,8 @@ log = logging.getLogger("node.sfu")
 PROTOCOL_VERSION = 16
 MAX_PENDING_TRACKS = 32  # add_track requests awaiting their media, per participant
 SERVER_VERSION = "1.9.0-voicenet"
+KEYFRAME_INTERVAL = 0.5  # seconds between two keyframe requests to one publisher's track
+KINDS = {models.TrackType.AUDIO: "audio", models.TrackType.VIDEO: "video"}
 
 
 def new_sid(prefix: str) -> str:
@@ -58,24 +66,56 @@ class PublishedTrack:
     source: int = models.TrackSource.MICROPHONE
     muted: bool = False
     mid: str = ""
+    kind: str = "audio"
     mime_type: str = "audio/opus"
+    width: int = 0
+    height: int = 0
     receiving: bool = False  # the media arrived and the passthrough is installed
     subscribers: dict[str, ForwardTrack] = field(default_factory=dict)  # participant sid -> track
     level_dbov: int = 127
     level_at: float = 0.0
     frames: int = 0
+    receiver: Any = None  # the publisher's RTCRtpReceiver, once the media arrived
+    ssrcs: set[int] = field(default_factory=set)
+    keyframe_requests: int = 0
+    _keyframe_at: float = -KEYFRAME_INTERVAL
 
     def info(self) -> models.TrackInfo:
         return models.TrackInfo(
             sid=self.sid,
-            type=models.TrackType.AUDIO,
+            type=models.TrackType.VIDEO if self.kind == "video" else models.TrackType.AUDIO,
             name=self.name,
             muted=self.muted,
             source=self.source,
             mime_type=self.mime_type,
             mid=self.mid,
             stereo=False,
+            width=self.width,
+            height=self.height,
         )
+
+    def receive(self, receiver: Any, mime_type: str) -> None:
+        """The publisher's media arrived on ``receiver``: forward it from now on."""
+        self.receiver = receiver
+        if mime_type:
+            self.mime_type = mime_type
+        on_level = self.on_level if self.kind == "audio" else None
+        install_passthrough(receiver, self.on_frame, on_level, self.ssrcs)
+        self.receiving = True
+
+    def request_keyframe(self) -> None:
+        """Ask the publisher for a keyframe (a subscriber joined, lost a frame or asked), at most
+        once per ``KEYFRAME_INTERVAL``: every subscriber's request is answered by the same one."""
+        now = time.monotonic()
+        if (
+            self.kind != "video"
+            or self.receiver is None
+            or now - self._keyframe_at < KEYFRAME_INTERVAL
+        ):
+            return
+        self._keyframe_at = now
+        self.keyframe_requests += 1
+        self.owner.spawn(request_keyframe(self.receiver, self.ssrcs))
 
     def on_frame(self, packet: Any) -> None:
         self.frames += 1
@@ -223,12 +263,19 @@ class Participant:
             published = self._pending_cids.get(track.id)
             if published is None:
                 # A client that did not send add_track for this cid: take the oldest pending one.
-                published = next((p for p in self._pending_cids.values() if not p.receiving), None)
-            if receiver is not None and published is None and track.kind == "audio":
+                published = next(
+                    (
+                        p
+                        for p in self._pending_cids.values()
+                        if not p.receiving and p.kind == track.kind
+                    ),
+                    None,
+                )
+            if receiver is not None and published is None:
                 if len(self._unannounced) < MAX_PENDING_TRACKS:
                     self._unannounced[track.id] = receiver  # add_track may still come
                 return
-            if receiver is None or published is None or track.kind != "audio":
+            if receiver is None or published is None or track.kind != published.kind:
                 log.info(
                     "%s sent an unannounced %s track %s; ignored",
                     self.identity,
@@ -240,8 +287,7 @@ class Participant:
                 t for t in self.publisher.getTransceivers() if t.receiver is receiver
             )
             published.mid = transceiver.mid or ""
-            install_passthrough(receiver, published.on_frame, published.on_level)
-            published.receiving = True
+            published.receive(receiver, negotiated_mime(receiver, self.publisher))
 
         @self.publisher.on("datachannel")
         def on_datachannel(channel: RTCDataChannel) -> None:
@@ -272,6 +318,8 @@ class Participant:
             @channel.on("open")
             def on_open() -> None:
                 self._flush_data()
+
+        bundle_data_channels(self.subscriber)
 
     def send_data(self, label: str, payload: bytes) -> None:
         channel = self._sub_channels.get(label) or self._sub_channels["_reliable"]
@@ -349,11 +397,19 @@ class Participant:
             or track.owner is self
         ):
             return
-        forward = ForwardTrack(track_id=track.sid, max_queue=self.settings.subscriber_queue)
+        forward = ForwardTrack(
+            track_id=track.sid, max_queue=self.settings.subscriber_queue, kind=track.kind
+        )
         sender = self.subscriber.addTrack(forward)
         # LiveKit clients attach a subscribed track by its msid stream id: PA_<owner>|TR_<track>.
         sender._stream_id = f"{track.owner.sid}|{track.sid}"
         transceiver = next(t for t in self.subscriber.getTransceivers() if t.sender is sender)
+        if track.kind == "video":
+            prefer_codec(transceiver, track.mime_type)
+            # a video decoder starts at a keyframe and needs a new one after a gap
+            on_keyframe_request(sender, track.request_keyframe)
+            forward.on_gap = track.request_keyframe
+            track.request_keyframe()
         self._subscribed_transceivers[track.sid] = transceiver
         track.subscribers[self.sid] = forward
 
@@ -456,12 +512,12 @@ class Participant:
             if len(self._early_candidates[id(pc)]) < 64:
                 self._early_candidates[id(pc)].append(candidate)
             return
-        await pc.addIceCandidate(candidate)
+        await add_candidate(pc, candidate)
 
     async def _add_early_candidates(self, pc: RTCPeerConnection) -> None:
         early, self._early_candidates[id(pc)] = self._early_candidates[id(pc)], []
         for candidate in early:
-            await pc.addIceCandidate(candidate)
+            await add_candidate(pc, candidate)
 
     def _on_add_track(self, req: rtc.AddTrackRequest) -> None:
         if not self.can_publish:
@@ -473,11 +529,11 @@ class Participant:
             )
             log.info("refused add_track from %s: no canPublish", self.identity)
             return
-        if req.type != models.TrackType.AUDIO:
+        if req.type not in KINDS:
             self.request_response(
                 0,
                 rtc.RequestResponse.Reason.UNSUPPORTED_TYPE,
-                "this SFU forwards audio (and data) only",
+                f"this SFU forwards audio, video and data; not track type {req.type}",
                 add_track=req,
             )
             return
@@ -499,13 +555,21 @@ class Participant:
             )
             return
         else:
+            kind = KINDS[req.type]
+            default_source = (
+                models.TrackSource.CAMERA if kind == "video" else models.TrackSource.MICROPHONE
+            )
             published = PublishedTrack(
                 sid=new_sid("TR"),
                 cid=req.cid,
                 name=req.name,
                 owner=self,
-                source=req.source or models.TrackSource.MICROPHONE,
+                source=req.source or default_source,
                 muted=req.muted,
+                kind=kind,
+                mime_type="video/vp8" if kind == "video" else "audio/opus",
+                width=min(max(req.width, 0), 16384),
+                height=min(max(req.height, 0), 16384),
             )
             self._pending_cids[req.cid] = published
         self.send(
@@ -515,8 +579,15 @@ class Participant:
         )
         receiver = self._unannounced.pop(req.cid, None)
         if receiver is not None and not published.receiving:  # the media came first
-            install_passthrough(receiver, published.on_frame, published.on_level)
-            published.receiving = True
+            if receiver.track.kind != published.kind:
+                log.info(
+                    "%s announced %s but sent %s",
+                    self.identity,
+                    published.kind,
+                    receiver.track.kind,
+                )
+                return
+            published.receive(receiver, negotiated_mime(receiver, self.publisher))
             self._pending_cids.pop(req.cid, None)
             self.room.publish(self, published)
 
@@ -670,7 +741,11 @@ class Room:
             max_participants=self.settings.max_participants,
             num_participants=len(self.visible()),
             num_publishers=sum(1 for p in self.visible() if p.tracks),
-            enabled_codecs=[models.Codec(mime="audio/opus")],
+            enabled_codecs=[
+                models.Codec(mime="audio/opus"),
+                models.Codec(mime="video/VP8"),
+                models.Codec(mime="video/H264"),
+            ],
         )
 
     def visible(self) -> list[Participant]:
@@ -898,7 +973,7 @@ class Room:
         if track is not None:
             body["track"] = {
                 "sid": track.sid,
-                "type": "AUDIO",
+                "type": track.kind.upper(),
                 "name": track.name,
                 "mimeType": track.mime_type,
             }

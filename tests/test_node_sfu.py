@@ -306,6 +306,48 @@ async def test_livekit_sdk_sees_video_forwarded_without_a_decode(sfu: Setup, cod
             await room.disconnect()
 
 
+async def test_a_viewer_without_auto_subscribe_gets_only_the_track_it_asks_for(sfu: Setup) -> None:
+    room_name = f"ask-{uuid.uuid4().hex[:6]}"
+    cam, viewer = lk.Room(), lk.Room()
+    got = watch(viewer)
+    camera = None
+    try:
+        await connect_as(sfu, cam, "cam", room_name)
+        token = sfu.token("viewer", room=room_name)
+        await asyncio.wait_for(
+            viewer.connect(sfu.ws_url, token, lk.RoomOptions(auto_subscribe=False)), 20
+        )
+        source = lk.VideoSource(320, 240)
+        camera = asyncio.ensure_future(film(source, (40, 40, 200)))
+        publication = await cam.local_participant.publish_track(
+            lk.LocalVideoTrack.create_video_track("camera", source),
+            lk.TrackPublishOptions(source=lk.TrackSource.SOURCE_CAMERA, simulcast=False),
+        )
+        await wait_for(
+            lambda: publication.sid in viewer.remote_participants["cam"].track_publications,
+            10,
+            "the viewer learns of the track",
+        )
+        room = sfu.role.rooms[next(n for n in sfu.role.rooms if n.startswith(room_name))]
+        track = room.find_track(publication.sid)
+        me = room.by_identity("viewer")
+        await asyncio.sleep(1.0)
+        assert me.sid not in track.subscribers and not got.done(), "nothing unasked is sent"
+
+        remote = viewer.remote_participants["cam"].track_publications[publication.sid]
+        remote.set_subscribed(True)
+        width, height, rgb = await asyncio.wait_for(seen(await asyncio.wait_for(got, 15)), 20)
+        assert (width, height) == (320, 240) and np.abs(rgb - (40, 40, 200)).max() < 30
+        forward = track.subscribers[me.sid]
+        remote.set_subscribed(False)
+        await wait_for(lambda: forward.paused, 10, "the subscription switched off")
+    finally:
+        if camera is not None:
+            camera.cancel()
+        for r in (viewer, cam):
+            await r.disconnect()
+
+
 # ---------------------------------------------------------------- refusals
 
 
@@ -553,6 +595,70 @@ async def test_room_service_under_room_admin(sfu: Setup) -> None:
     finally:
         await a.disconnect()
         await b.disconnect()
+
+
+async def test_a_moderator_updates_a_participant_live(sfu: Setup) -> None:
+    admin = sfu.token("server", room="mod", room_admin=True)
+    a = await connect(sfu, sfu.token("ann", room="mod"))
+    b = await connect(sfu, sfu.token("ben", room="mod"))
+    gone: list[str] = []
+    b.on("track_unpublished", lambda pub, part: gone.append(pub.sid))
+    try:
+        pub = await a.local_participant.publish_track(
+            lk.LocalAudioTrack.create_audio_track("mic", lk.AudioSource(48000, 1)),
+            lk.TrackPublishOptions(source=lk.TrackSource.SOURCE_MICROPHONE),
+        )
+        room = sfu.role.rooms["mod"]
+        await wait_for(lambda: room.find_track(pub.sid), 10, "ann's track in the room")
+        ann = room.by_identity("ann")
+
+        # Refused updates change nothing (checked whole before anything is applied).
+        for body in (
+            {"metadata": "x" * 70_000},
+            {"attributes": {f"k{i}": "v" for i in range(65)}, "metadata": "half"},
+            {"name": "n" * 300},
+        ):
+            status, answer = await twirp(
+                sfu, "UpdateParticipant", {"room": "mod", "identity": "ann", **body}, admin
+            )
+            assert status == 400 and answer["code"] == "invalid_argument", answer
+        assert (ann.metadata, ann.attributes, ann.can_publish) == ("", {}, True)
+        ben_token = sfu.token("ben", room="mod")
+        status, _ = await twirp(
+            sfu, "UpdateParticipant", {"room": "mod", "identity": "ann"}, ben_token
+        )
+        assert status == 403
+        status, _ = await twirp(
+            sfu, "UpdateParticipant", {"room": "mod", "identity": "nobody"}, admin
+        )
+        assert status == 404
+
+        update = {
+            "room": "mod",
+            "identity": "ann",
+            "metadata": "speaker",
+            "attributes": {"hand": "up"},
+            "permission": {"canSubscribe": True, "canPublish": False, "canPublishData": True},
+        }
+        status, info = await twirp(sfu, "UpdateParticipant", update, admin)
+        assert status == 200, info
+        assert info["metadata"] == "speaker" and info["attributes"] == {"hand": "up"}
+        assert not info["permission"].get("canPublish", False)
+        # Ben sees the new metadata and attributes, and ann's track go away.
+        seen_ann = b.remote_participants["ann"]
+        await wait_for(lambda: seen_ann.metadata == "speaker", 10, "ben sees the metadata")
+        await wait_for(lambda: seen_ann.attributes == {"hand": "up"}, 10, "and the attributes")
+        await wait_for(lambda: pub.sid in gone, 10, "ben sees ann's track unpublished")
+        assert room.find_track(pub.sid) is None and ann.tracks == {}
+        events = [e["event"] for e in sfu.role.events if e["room"]["name"] == "mod"]
+        assert "track_unpublished" in events
+        # An empty value deletes an attribute.
+        update = {"room": "mod", "identity": "ann", "attributes": {"hand": ""}}
+        status, info = await twirp(sfu, "UpdateParticipant", update, admin)
+        assert status == 200 and info.get("attributes", {}) == {}
+    finally:
+        await b.disconnect()
+        await a.disconnect()
 
 
 async def test_heartbeat_load_is_the_participant_count(sfu: Setup) -> None:

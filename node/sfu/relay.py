@@ -32,6 +32,7 @@ class RelayParticipant:
 
     remote = True
     can_subscribe = True
+    auto_subscribe = True  # every local track crosses the link (audio, see ``subscribe``)
     can_publish = True
     can_publish_data = True
 

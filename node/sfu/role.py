@@ -242,7 +242,14 @@ class SfuRole:
             room = self.rooms[room_name] = Room(room_name, self.settings, self._emit)
         relay = request.query.get("relay") == "1" and bool(claims.grant.get("roomAdmin"))
         participant = Participant(
-            room, claims, ws, self.settings, name=str(claims.raw.get("name", "")), remote=relay
+            room,
+            claims,
+            ws,
+            self.settings,
+            name=str(claims.raw.get("name", "")),
+            remote=relay,
+            # the SDKs' RoomOptions.autoSubscribe: false = only the tracks it asks for
+            auto_subscribe=relay or request.query.get("auto_subscribe", "1") != "0",
         )
         log.info("%s joins room %s as %s", claims.identity, room_name, participant.sid)
         await room.join(participant)
@@ -336,6 +343,7 @@ class SfuRole:
             "GetParticipant": (room_pb.RoomParticipantIdentity, self._get_participant),
             "RemoveParticipant": (room_pb.RoomParticipantIdentity, self._remove_participant),
             "MutePublishedTrack": (room_pb.MuteRoomTrackRequest, self._mute_track),
+            "UpdateParticipant": (room_pb.UpdateParticipantRequest, self._update_participant),
             "SendData": (room_pb.SendDataRequest, self._send_data),
             "DeleteRoom": (room_pb.DeleteRoomRequest, self._delete_room),
         }.get(method)
@@ -375,6 +383,8 @@ class SfuRole:
             result = await fn(req, admin_room)
         except LookupError as exc:
             return _twirp_error(404, "not_found", str(exc))
+        except ValueError as exc:
+            return _twirp_error(400, "invalid_argument", str(exc))
         if as_json:
             return web.Response(
                 body=json_format.MessageToJson(result), content_type="application/json"
@@ -423,6 +433,34 @@ class SfuRole:
         p.room.set_muted(p, track.sid, req.muted)
         p.send(rtc.SignalResponse(mute=rtc.MuteTrackRequest(sid=track.sid, muted=req.muted)))
         return room_pb.MuteRoomTrackResponse(track=track.info())
+
+    async def _update_participant(self, req: room_pb.UpdateParticipantRequest, _: str) -> Message:
+        """Metadata, name, attributes and permissions of a live participant; everyone in the room
+        (the participant too) gets the new ParticipantInfo."""
+        p = self._participant(req.room, req.identity)
+        attributes = dict(p.attributes)
+        for key, value in req.attributes.items():
+            if value:
+                attributes[key] = value
+            else:
+                attributes.pop(key, None)  # LiveKit: an empty value deletes the attribute
+        # checked whole before anything changes: a refused update leaves the participant as it was
+        for field, value, limit in (("metadata", req.metadata, 64 * 1024), ("name", req.name, 256)):
+            if len(value.encode()) > limit:
+                raise ValueError(f"{field} is {len(value.encode())} bytes; at most {limit}")
+        if len(attributes) > 64:
+            raise ValueError(f"{len(attributes)} attributes; at most 64")
+        if any(len(k.encode()) + len(v.encode()) > 4096 for k, v in attributes.items()):
+            raise ValueError("an attribute's key and value exceed 4096 bytes")
+        if req.metadata:
+            p.metadata = req.metadata
+        if req.name:
+            p.name = req.name
+        p.attributes = attributes
+        if req.HasField("permission"):
+            p.set_permission(req.permission)
+        p.room.broadcast_update([p])
+        return p.info()
 
     async def _send_data(self, req: room_pb.SendDataRequest, _: str) -> Message:
         room = self._room(req.room)

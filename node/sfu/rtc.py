@@ -142,6 +142,7 @@ class Participant:
         settings: SfuSettings,
         name: str = "",
         remote: bool = False,
+        auto_subscribe: bool = True,
     ) -> None:
         self.room = room
         self.claims = claims
@@ -159,6 +160,9 @@ class Participant:
         self.can_subscribe = bool(grant.get("canSubscribe", True))
         self.can_publish_data = bool(grant.get("canPublishData", True))
         self.remote = remote  # a relay from a peer SFU node: visible, but not billed or counted
+        self.auto_subscribe = auto_subscribe  # else only the tracks its UpdateSubscription names
+        self.metadata = str(claims.raw.get("metadata", "")) if claims.raw else ""
+        self.attributes: dict[str, str] = {}
         self.tracks: dict[str, PublishedTrack] = {}  # sid -> track
         self._pending_cids: dict[str, PublishedTrack] = {}
         self._unannounced: dict[str, Any] = {}  # cid -> receiver of media sent before add_track
@@ -202,6 +206,8 @@ class Participant:
             joined_at_ms=int(self.joined_at * 1000),
             version=1,
             permission=perm,
+            metadata=self.metadata,
+            attributes=self.attributes,
             is_publisher=bool(self.tracks),
             region=self.settings.region,
         )
@@ -388,6 +394,26 @@ class Participant:
                 track.owner.send(
                     rtc.SignalResponse(track_subscribed=rtc.TrackSubscribed(track_sid=sid))
                 )
+
+    def set_permission(self, permission: models.ParticipantPermission) -> None:
+        """A moderator's new permissions, live: revoking ``canPublish`` unpublishes the
+        participant's tracks, revoking ``canSubscribe`` stops what it receives, granting it back
+        (with auto-subscription) starts it again."""
+        could_subscribe = self.can_subscribe
+        self.can_publish = permission.can_publish
+        self.can_subscribe = permission.can_subscribe
+        self.can_publish_data = permission.can_publish_data
+        if not self.can_publish:
+            for track in list(self.tracks.values()):
+                self.room.unpublish(self, track)
+        others = [t for p in self.room.participants.values() for t in p.tracks.values()]
+        if could_subscribe and not self.can_subscribe:
+            if any([self.unsubscribe(t) for t in others]):
+                self.spawn(self.negotiate_subscriber())
+        elif self.can_subscribe and not could_subscribe and self.auto_subscribe:
+            for track in others:
+                self.subscribe(track)
+            self.spawn(self.negotiate_subscriber())
 
     def subscribe(self, track: PublishedTrack) -> None:
         """Start forwarding ``track`` to this participant (renegotiation is the caller's)."""
@@ -592,14 +618,22 @@ class Participant:
             self.room.publish(self, published)
 
     def _on_subscription(self, sub: rtc.UpdateSubscription) -> None:
+        """Pause or resume a subscribed track (its m-line stays: resuming costs no offer), or
+        start forwarding one this participant did not get by auto-subscription."""
         sids = list(sub.track_sids) + [s for pt in sub.participant_tracks for s in pt.track_sids]
-        for sid in sids:
+        added = False
+        for sid in sids[: MAX_PENDING_TRACKS * 8]:
             track = self.room.find_track(sid)
             if track is None:
                 continue
             forward = track.subscribers.get(self.sid)
             if forward is not None:
                 forward.paused = not sub.subscribe
+            elif sub.subscribe and track.owner is not self:
+                self.subscribe(track)
+                added = added or track.sid in self._subscribed_transceivers
+        if added:
+            self.spawn(self.negotiate_subscriber())
 
     # ------------------------------------------------------------ lifecycle
 
@@ -796,7 +830,7 @@ class Room:
             self._event("participant_joined", participant)
         for other in self.participants.values():
             for track in other.tracks.values():
-                if not (participant.remote and track.owner.remote):
+                if participant.auto_subscribe and not (participant.remote and track.owner.remote):
                     participant.subscribe(track)
         await participant.negotiate_subscriber()
         self.broadcast_update([participant], exclude=participant)
@@ -816,12 +850,7 @@ class Room:
                 track.frames,
                 sent,
             )
-            for sub in list(self.participants.values()):
-                if sub.unsubscribe(track):
-                    sub.spawn(sub.negotiate_subscriber())
-            for forward in track.subscribers.values():
-                forward.stop()
-            track.subscribers.clear()
+            self._drop(track)
         for other in self.participants.values():
             for track in other.tracks.values():
                 forward = track.subscribers.pop(participant.sid, None)
@@ -841,10 +870,33 @@ class Room:
         if not self.visible() and self._empty_since is None:
             self._empty_since = time.monotonic()
 
+    def _drop(self, track: PublishedTrack) -> None:
+        """Stop forwarding ``track`` to anyone (its publisher left or may no longer publish)."""
+        for sub in list(self.participants.values()):
+            if sub.unsubscribe(track):
+                sub.spawn(sub.negotiate_subscriber())
+        for forward in track.subscribers.values():
+            forward.stop()
+        track.subscribers.clear()
+
+    def unpublish(self, owner: Participant, track: PublishedTrack) -> None:
+        """Take ``track`` out of the room (a moderator revoked its owner's ``canPublish``)."""
+        if owner.tracks.pop(track.sid, None) is None:
+            return
+        self._drop(track)
+        self.broadcast_update([owner])
+        if not owner.remote:
+            self._event("track_unpublished", owner, track)
+
     def publish(self, owner: Participant, track: PublishedTrack) -> None:
         owner.tracks[track.sid] = track
         for sub in self.participants.values():
-            if sub is not owner and not sub.closed.is_set() and not (sub.remote and owner.remote):
+            if (
+                sub is not owner
+                and sub.auto_subscribe
+                and not sub.closed.is_set()
+                and not (sub.remote and owner.remote)
+            ):
                 sub.subscribe(track)
                 sub.spawn(sub.negotiate_subscriber())
         self.broadcast_update([owner], exclude=owner)

@@ -18,6 +18,7 @@ import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.codecs import opus
 from aiortc.mediastreams import MediaStreamTrack
+from aiortc.rtp import RtpPacket
 
 from node.sfu import forward
 from node.sfu.forward import ForwardTrack, install_passthrough, level_to_unit
@@ -191,3 +192,60 @@ async def test_a_track_negotiated_during_the_handshake_still_flows() -> None:
     finally:
         await client.close()
         await sfu.close()
+
+
+def rtp(seq: int, ts: int, marker: bool, data: bytes) -> RtpPacket:
+    """A depayloaded video packet as aiortc's receiver hands it to its jitter buffer."""
+    packet = RtpPacket(payload_type=96, sequence_number=seq, timestamp=ts, marker=marker)
+    packet._data = data  # type: ignore[attr-defined]
+    return packet
+
+
+def feed(fa: forward.FrameAssembler, packet: RtpPacket) -> tuple[bool, list[tuple[bytes, int]]]:
+    """aiortc's call, then what the receiver wrapper hands on: (PLI flag, [(data, pts)])."""
+    pli, none = fa.add(packet)
+    assert none is None, "frames leave only through take()"
+    return pli, [(f.data, f.timestamp) for f in fa.take()]
+
+
+@pytest.mark.fast
+def test_frame_assembler_hands_on_a_frame_at_its_marker() -> None:
+    """aiortc's buffer would hold each frame until the next one's first packet came."""
+    fa = forward.FrameAssembler()
+    # joined mid-frame: the tail of a frame is skipped, the next starts after its marker
+    assert feed(fa, rtp(65533, 4294967000, True, b"tail")) == (False, [])
+    assert feed(fa, rtp(65534, 4294967000 + 3000 - 2**32, False, b"a")) == (False, [])
+    # a frame at its marker, its timestamp from 0; across both wraps (sequence and timestamp)
+    assert feed(fa, rtp(65535, 2704, True, b"b")) == (False, [(b"ab", 0)])
+    assert feed(fa, rtp(0, 5704, True, b"c")) == (False, [(b"c", 3000)])
+
+
+@pytest.mark.fast
+def test_frame_assembler_waits_for_a_retransmission_then_gives_up() -> None:
+    fa = forward.FrameAssembler()
+    feed(fa, rtp(9, 0, True, b""))
+    assert feed(fa, rtp(10, 3000, False, b"a")) == (False, [])
+    # 11 lost; 12 closes frame 3000, 13 is all of frame 6000: both wait for 11
+    assert feed(fa, rtp(12, 3000, True, b"c")) == (False, [])
+    assert feed(fa, rtp(13, 6000, True, b"d")) == (False, [])
+    # the NACKed copy arrives: both frames go out at once, in order
+    assert feed(fa, rtp(11, 3000, False, b"b")) == (False, [(b"abc", 0), (b"d", 3000)])
+    assert feed(fa, rtp(13, 6000, True, b"d")) == (False, []), "a late copy is ignored"
+    # a frame whose marker packet was lost ends where the next timestamp begins
+    feed(fa, rtp(14, 9000, False, b"e"))
+    assert feed(fa, rtp(15, 12000, True, b"f")) == (False, [(b"e", 6000), (b"f", 9000)])
+    # 16 lost for good: what waits behind it is dropped with a PLI after MAX_WAIT packets
+    seq, ts, out = 17, 15000, []
+    while seq < 400:
+        pli, frames = feed(fa, rtp(seq, ts, True, b"x"))
+        out += frames
+        seq, ts = seq + 1, ts + 3000
+        if pli:
+            break
+    assert (
+        pli and fa.given_up == 1 and out == [] and seq - 16 <= forward.FrameAssembler.MAX_WAIT + 1
+    )
+    # then it starts again after the next marker, each frame out at its marker
+    assert feed(fa, rtp(seq, ts, True, b"y")) == (False, [])
+    # (timestamps stay counted from the first frame: the stream a subscriber sees is continuous)
+    assert feed(fa, rtp(seq + 1, ts + 3000, True, b"z"))[1] == [(b"z", ts + 3000 - 3000)]

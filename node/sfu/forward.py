@@ -13,9 +13,10 @@ encode, nor the jitter buffer's prefetch (four 20 ms frames, i.e. 80 ms of added
 * ``_handle_rtp_packet`` by a wrapper that reads the RTP audio-level header extension (RFC 6464)
   first, since the level is lost once the payload leaves the packet.
 
-Video keeps aiortc's jitter buffer: it reassembles a frame from its RTP packets (and asks the
-publisher for the missing ones with NACKs, and for a keyframe with a PLI when a frame is lost),
-and the direct queue hands on the whole encoded frame (VP8, or H.264 as Annex B).
+For video the jitter buffer is ``FrameAssembler``: it hands on a frame the moment its last packet
+is in (aiortc's waits for the next frame's first packet), while aiortc still asks the publisher
+for missing packets with NACKs; the direct queue hands on the whole encoded frame (VP8, or H.264 as
+Annex B).
 
 On a *sender* we give ``ForwardTrack``, whose ``recv()`` returns ``av.Packet`` objects: aiortc's
 sender then only calls ``encoder.pack()`` (no encode). RTCP, NACK handling and statistics stay
@@ -64,6 +65,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 OPUS_CLOCK = 48000
 TIME_BASE = Fraction(1, OPUS_CLOCK)
+VIDEO_TIME_BASE = Fraction(1, 90000)  # every video codec's RTP clock
 # what passes through: the codecs whose encoded frames aiortc's senders can packetise again
 FORWARDED = frozenset(("audio/opus", "video/vp8", "video/h264"))
 _JB = "_RTCRtpReceiver__jitter_buffer"
@@ -102,6 +104,87 @@ class _PassThroughBuffer:
         pass
 
 
+class FrameAssembler:
+    """Stands in for aiortc's video JitterBuffer, which hands a frame on only once the first packet
+    of the *next* frame arrives (one frame interval, 33-66 ms, of latency at every hop), and only
+    one frame per packet (frames completed together by a retransmission would stay behind for
+    good). Here a frame is complete as soon as its last packet (the RTP marker bit) is in and
+    every packet since the previous frame's last one is present; ``take`` hands on every complete
+    frame, its timestamp unwrapped to start at 0.
+
+    A gap waits for the publisher's retransmission (aiortc's receiver NACKs it). A gap still open
+    ``MAX_WAIT`` packets later is given up: what waits behind it cannot be decoded without a
+    keyframe, so it is dropped, ``add`` returns the PLI flag (aiortc then asks the publisher for a
+    keyframe) and assembly starts again after the next marker, as it does when joining a stream."""
+
+    capacity = 256  # aiortc's receiver only reads it
+    MAX_WAIT = 128
+
+    def __init__(self) -> None:
+        self._packets: dict[int, Any] = {}  # sequence number -> RtpPacket (depayloaded)
+        self._start: int | None = None  # the next frame's first sequence number
+        self._ready: list[JitterFrame] = []
+        self._prev_ts: int | None = None  # the last frame's RTP timestamp
+        self._pts_now = 0  # its timestamp unwrapped, from 0
+        self.given_up = 0  # gaps never filled
+
+    def add(self, packet: Any) -> tuple[bool, JitterFrame | None]:
+        """aiortc's call: the PLI flag, and never a frame (frames leave through ``take``)."""
+        seq = packet.sequence_number
+        if self._start is None:
+            if packet.marker:
+                self._start = (seq + 1) & 0xFFFF
+            return False, None
+        if (seq - self._start) & 0xFFFF >= 0x8000:  # behind: a late copy of what went out
+            return False, None
+        self._packets[seq] = packet
+        self._collect()
+        if (
+            self._packets
+            and max((s - self._start) & 0xFFFF for s in self._packets) >= self.MAX_WAIT
+        ):
+            self.given_up += 1
+            self._packets.clear()
+            self._start = None
+            return True, None
+        return False, None
+
+    def take(self) -> list[JitterFrame]:
+        ready, self._ready = self._ready, []
+        return ready
+
+    def remove(self, count: int) -> None:  # pragma: no cover - aiortc does not call it for us
+        pass
+
+    def _collect(self) -> None:
+        """Move every complete frame at the head to ``_ready``."""
+        while self._start is not None:
+            run: list[Any] = []
+            seq = self._start
+            while seq in self._packets:
+                packet = self._packets[seq]
+                if run and packet.timestamp != run[0].timestamp:
+                    break  # a new frame began: the one before lost its marker bit
+                run.append(packet)
+                if packet.marker:
+                    break
+                seq = (seq + 1) & 0xFFFF
+            else:
+                return  # a gap, or the frame is not all in yet
+            for p in run:
+                del self._packets[p.sequence_number]
+            self._ready.append(JitterFrame(b"".join(p._data for p in run), self._pts(run[0])))
+            self._start = (run[-1].sequence_number + 1) & 0xFFFF
+
+    def _pts(self, packet: Any) -> int:
+        """The RTP timestamp counted from the first frame, across 32-bit wraps."""
+        prev = packet.timestamp if self._prev_ts is None else self._prev_ts
+        step = (packet.timestamp - prev) & 0xFFFFFFFF
+        self._pts_now += step - (1 << 32) if step >= 0x80000000 else step
+        self._prev_ts = packet.timestamp
+        return self._pts_now
+
+
 class _DirectQueue:
     """Stands in for the decoder queue: ``put`` delivers to ``on_frame`` on the event loop; the
     decoder thread's ``get`` only ever returns the stop signal."""
@@ -115,11 +198,14 @@ class _DirectQueue:
             self._stop.put(None)
             return
         codec, frame = task
-        if codec.mimeType.lower() not in FORWARDED:
-            return
+        if codec.mimeType.lower() in FORWARDED:
+            self.deliver(frame, Fraction(1, codec.clockRate))
+
+    def deliver(self, frame: JitterFrame, time_base: Fraction) -> None:
+        """``frame``, still encoded, to ``on_frame`` as an ``av.Packet``."""
         packet = av.Packet(frame.data)
         packet.pts = frame.timestamp
-        packet.time_base = Fraction(1, codec.clockRate)
+        packet.time_base = time_base
         try:
             self._on_frame(packet)
         except Exception:  # one subscriber's fault must not kill the receive path
@@ -144,21 +230,28 @@ def install_passthrough(
         return
     if not hasattr(receiver, _JB) or not hasattr(receiver, _DQ):
         raise RuntimeError("aiortc RTCRtpReceiver internals changed: forwarding needs aiortc 1.16")
+    assembler = None
     if receiver.track.kind == "audio":
         setattr(receiver, _JB, _PassThroughBuffer())
-    setattr(receiver, _DQ, _DirectQueue(on_frame))
-    if on_level is not None or ssrcs is not None:
-        original = receiver._handle_rtp_packet
+    else:
+        assembler = FrameAssembler()
+        setattr(receiver, _JB, assembler)
+    queue = _DirectQueue(on_frame)
+    setattr(receiver, _DQ, queue)
+    original = receiver._handle_rtp_packet
 
-        async def handle(packet: Any, arrival_time_ms: int) -> None:
-            if ssrcs is not None and len(ssrcs) < MAX_SSRCS:
-                ssrcs.add(packet.ssrc)
-            level = packet.extensions.audio_level
-            if on_level is not None and level is not None:
-                on_level(int(level[1]))  # (voice flag, -dBov 0..127)
-            await original(packet, arrival_time_ms)
+    async def handle(packet: Any, arrival_time_ms: int) -> None:
+        if ssrcs is not None and len(ssrcs) < MAX_SSRCS:
+            ssrcs.add(packet.ssrc)
+        level = packet.extensions.audio_level
+        if on_level is not None and level is not None:
+            on_level(int(level[1]))  # (voice flag, -dBov 0..127)
+        await original(packet, arrival_time_ms)
+        if assembler is not None:
+            for frame in assembler.take():
+                queue.deliver(frame, VIDEO_TIME_BASE)
 
-        receiver._handle_rtp_packet = handle  # type: ignore[method-assign]
+    receiver._handle_rtp_packet = handle  # type: ignore[method-assign]
     receiver._sfu_passthrough = True  # type: ignore[attr-defined]
 
 

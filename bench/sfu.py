@@ -1,4 +1,4 @@
-"""How many audio subscribers one core of the SFU forwards to without loss, and the latency it adds.
+"""How many subscribers one core of the SFU forwards to without loss, and the latency it adds.
 
 Method
 ------
@@ -15,6 +15,11 @@ Method
   publisher's hand-off to its RTP sender until the subscriber's receiver saw the packet.
 * Latency through the node is compared with the same publisher streaming directly to one
   subscriber (no SFU): the difference of the percentiles is the latency the node adds.
+* ``--video``: the publisher sends one video track instead: ``--video-kbps`` (1500) at 30 frames
+  a second, each frame a numbered, timestamped payload that aiortc packetises as VP8 (about five
+  RTP packets a frame at 1.5 Mbps); loss and latency are counted per frame, end to end (the SFU
+  reassembles each frame, forwards it whole, and each subscriber's receiver reassembles it again).
+  No simulcast: the node takes one layer.
 * Steps of N run one after another; the answer is the largest N with zero lost packets while the
   SFU process stayed under ``--max-cpu`` of one core, and streams/core = N / (SFU CPU fraction).
 
@@ -57,6 +62,7 @@ from registry.tokens import Grant, mint_token  # noqa: E402
 
 PAYLOAD = 80
 PPS = 50
+VIDEO_FPS = 30
 HEADER = struct.Struct("!IQ")
 
 
@@ -108,21 +114,25 @@ async def serve(port: int, issuer: str, capacity: int, calibrate: bool) -> None:
 
 
 class Pacer:
-    """Feeds a ForwardTrack with numbered packets at 50/s (what an Opus publisher sends)."""
+    """Feeds a ForwardTrack with numbered frames: 50/s of 80 bytes (what an Opus publisher sends),
+    or ``video_kbps`` at 30 frames a second."""
 
-    def __init__(self, track: ForwardTrack) -> None:
+    def __init__(self, track: ForwardTrack, video_kbps: int = 0) -> None:
         self.track, self.seq = track, 0
+        self.rate = VIDEO_FPS if video_kbps else PPS
+        self.size = video_kbps * 1000 // 8 // VIDEO_FPS if video_kbps else PAYLOAD
+        self.clock = 90000 if video_kbps else 48000
 
     async def run(self) -> None:
         start = time.monotonic()
-        pad = bytes(PAYLOAD - HEADER.size)
+        pad = bytes(self.size - HEADER.size)
         while True:
             self.seq += 1
             packet = av.Packet(HEADER.pack(self.seq, time.monotonic_ns()) + pad)
-            packet.pts = self.seq * 960
-            packet.time_base = Fraction(1, 48000)
+            packet.pts = self.seq * self.clock // self.rate
+            packet.time_base = Fraction(1, self.clock)
             self.track.push(packet)
-            delay = start + self.seq / PPS - time.monotonic()
+            delay = start + self.seq / self.rate - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
 
@@ -195,12 +205,12 @@ async def subscribers(url: str, tokens: list[str], settle: float, seconds: float
 # ---------------------------------------------------------------- direct baseline
 
 
-async def direct_baseline(seconds: float) -> list[float]:
+async def direct_baseline(seconds: float, video_kbps: int) -> list[float]:
     from aiortc import RTCConfiguration, RTCPeerConnection
 
     cfg = RTCConfiguration(iceServers=[])
     pub, sub = RTCPeerConnection(cfg), RTCPeerConnection(cfg)
-    track = ForwardTrack(max_queue=50)
+    track = ForwardTrack(max_queue=50, kind="video" if video_kbps else "audio")
     recorder = Recorder()
 
     @sub.on("track")
@@ -213,7 +223,7 @@ async def direct_baseline(seconds: float) -> list[float]:
     await sub.setRemoteDescription(pub.localDescription)
     await sub.setLocalDescription(await sub.createAnswer())
     await pub.setRemoteDescription(sub.localDescription)
-    pacer = asyncio.ensure_future(Pacer(track).run())
+    pacer = asyncio.ensure_future(Pacer(track, video_kbps).run())
     await asyncio.sleep(2)
     recorder.window = (time.monotonic(), time.monotonic() + seconds)
     await asyncio.sleep(seconds)
@@ -277,17 +287,19 @@ async def run(args: argparse.Namespace) -> None:
         )
     url = f"ws://127.0.0.1:{port}"
     room = "bench"
-    base = await direct_baseline(args.seconds)
+    kbps = args.video_kbps if args.video else 0
+    base = await direct_baseline(args.seconds, kbps)
     base50, base95 = pct(base, 50), pct(base, 95)
     print(json.dumps({"baseline_direct_ms": {"p50": base50, "p95": base95}}), flush=True)
 
-    track = ForwardTrack(track_id="bench-tone", max_queue=50)
+    kind = "video" if kbps else "audio"
+    track = ForwardTrack(track_id=f"bench-{kind}", max_queue=50, kind=kind)
     publisher = LiveKitClient(
         url, mint_token(issuer, "publisher", Grant("webrtc", room=room), 3600, audience=node_key)
     )
     await publisher.connect()
-    await publisher.publish(track, "tone")
-    pacer = asyncio.ensure_future(Pacer(track).run())
+    await publisher.publish(track, kind)
+    pacer = asyncio.ensure_future(Pacer(track, kbps).run())
     summary = []
     try:
         for n in args.steps:
@@ -345,9 +357,10 @@ async def run(args: argparse.Namespace) -> None:
                 results.append(json.loads(await proc.stdout.readline()))
                 await proc.wait()
             lat = [x for r in results for x in r["latency_ms"]]
-            expected = n * PPS * args.seconds
+            expected = n * (VIDEO_FPS if kbps else PPS) * args.seconds
             packets = sum(r["packets"] for r in results)
             step = {
+                "media": f"video {kbps} kbps, {VIDEO_FPS} fps" if kbps else "audio 50 pps",
                 "subscribers": n,
                 "receiving": sum(r["receiving"] for r in results),
                 # Fewer packets than sent inside the window (or seconds of latency) means the
@@ -433,6 +446,8 @@ def main() -> None:
         help="calibrate the node and fill it to what it advertises (see the docstring)",
     )
     parser.add_argument("--capacity", type=int, default=16, help="the config's bound")
+    parser.add_argument("--video", action="store_true", help="one video publisher (see above)")
+    parser.add_argument("--video-kbps", type=int, default=1500)
     args = parser.parse_args()
     if args.cmd == "serve":
         asyncio.run(serve(args.port, args.issuer, args.capacity, args.calibrate))

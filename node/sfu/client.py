@@ -20,7 +20,7 @@ from aiortc import RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 from livekit.protocol import models, rtc
 
-from node.sfu.forward import peer_connection
+from node.sfu.forward import bundle_data_channels, peer_connection
 
 log = logging.getLogger("node.sfu.client")
 
@@ -61,6 +61,7 @@ class LiveKitClient:
             "_reliable": self.publisher.createDataChannel("_reliable", ordered=True),
             "_lossy": self.publisher.createDataChannel("_lossy", ordered=False, maxRetransmits=0),
         }
+        bundle_data_channels(self.publisher)
         self.participants: dict[str, models.ParticipantInfo] = {}
         self._published: dict[str, asyncio.Future[models.TrackInfo]] = {}
         self._answer: asyncio.Future[str] | None = None
@@ -183,15 +184,17 @@ class LiveKitClient:
     ) -> models.TrackInfo:
         """``add_track`` -> ``track_published``, then (re)negotiate the publisher connection."""
         async with self._publish_lock:
-            cid = track.id
+            cid, video = track.id, track.kind == "video"
             future = self._published[cid] = asyncio.get_running_loop().create_future()
             await self.send(
                 rtc.SignalRequest(
                     add_track=rtc.AddTrackRequest(
                         cid=cid,
                         name=name,
-                        type=models.TrackType.AUDIO,
-                        source=models.TrackSource.MICROPHONE,
+                        type=models.TrackType.VIDEO if video else models.TrackType.AUDIO,
+                        source=(
+                            models.TrackSource.CAMERA if video else models.TrackSource.MICROPHONE
+                        ),
                     )
                 )
             )

@@ -299,6 +299,23 @@ async def test_livekit_sdk_sees_video_forwarded_without_a_decode(sfu: Setup, cod
         assert (width, height) == (320, 240) and np.abs(rgb - (200, 40, 40)).max() < 30
         assert published.keyframe_requests > requests
         assert all(f.dropped == 0 for f in published.subscribers.values())
+
+        # Muted, nothing more goes out; unmuted, it flows again (from a keyframe it asks for).
+        track.mute()
+        await wait_for(lambda: published.muted and remote.muted, 10, "the mute, at both ends")
+        await asyncio.sleep(0.3)  # what was on the wire arrives
+        sent = sum(f.forwarded for f in published.subscribers.values())
+        await asyncio.sleep(1.0)
+        assert sum(f.forwarded for f in published.subscribers.values()) == sent
+        requests = published.keyframe_requests
+        track.unmute()
+        await wait_for(lambda: not published.muted and not remote.muted, 10, "the unmute")
+        await wait_for(
+            lambda: sum(f.forwarded for f in published.subscribers.values()) > sent + 10,
+            10,
+            "frames flow again",
+        )
+        assert published.keyframe_requests > requests
     finally:
         if camera is not None:
             camera.cancel()

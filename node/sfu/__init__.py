@@ -1,4 +1,5 @@
-"""The SFU role (``node --role sfu``): WebRTC audio rooms that LiveKit client SDKs can join.
+"""The SFU role (``node --role sfu``): WebRTC rooms (audio, video, data) that LiveKit client SDKs
+can join.
 
 ``create_role`` (``node.sfu.role``) is what the node agent loads. See node/sfu/README.md for the
 operator's and the client's pages.

@@ -1,6 +1,6 @@
 """The SFU role (``create_role``): HTTP routes (signal WebSocket, validate, refresh, revoke,
 Twirp RoomService), the room table, webhooks through the agent's durable outbox, and the load
-and measured capacity (``calibration.py``) the heartbeat reports."""
+and measured capacity (``calibration.py``) the load reports carry."""
 
 from __future__ import annotations
 

@@ -909,6 +909,8 @@ class Room:
         if track is None:
             return
         track.muted = muted
+        if not muted:
+            track.request_keyframe()  # viewers resume mid-stream: they decode from a keyframe
         self.broadcast_update([owner])
 
     def broadcast_update(

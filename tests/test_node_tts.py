@@ -146,6 +146,22 @@ def test_planner_cuts_first_clause_short_and_respects_limits(engine) -> None:
     assert " ".join(s.text for s in segs).split() == long_es.split()
 
 
+def test_the_cost_model_keeps_one_thread_and_all_core_inferences_apart(engine) -> None:
+    """Under load the scheduler runs each inference on one thread, which takes about twice what
+    one on every core takes. Planned with the all-core figure, a shared node's second segment
+    once asked for 66 characters with 1.15 s of audio buffered: 1.6 s of silence."""
+    assert engine.threads > 1, "the development machines have 2 cores or more"
+    voice = VoiceSpec.parse("af_heart")
+    wide, narrow = engine.estimate("a"), engine.estimate("a", narrow=True)
+    engine.synthesize("A sentence that one thread synthesizes.", voice, 1.0, threads=1)
+    assert engine.estimate("a")[:2] == wide[:2], "a one-thread run leaves the all-core figure"
+    assert engine.estimate("a", narrow=True)[:2] != narrow[:2]
+    narrow = engine.estimate("a", narrow=True)
+    engine.synthesize("And one that every core synthesizes.", voice, 1.0)
+    assert engine.estimate("a", narrow=True)[:2] == narrow[:2]
+    assert engine.estimate("a")[:2] != wide[:2]
+
+
 @pytest.mark.fast
 def test_settings_reject_unknown_keys_and_bad_values() -> None:
     assert load_settings({}).voice == "af_heart"

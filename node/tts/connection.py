@@ -478,6 +478,7 @@ class Connection:
             item.text,
             cut_first=self.buffered_seconds() < 1.0,
             first_words=self.settings.first_clause_words,
+            narrow=self._shared(),
         )
         resampler = Resampler(engine.sample_rate)
         while segments:
@@ -494,6 +495,7 @@ class Connection:
                     item,
                     " ".join(x.text for x in segments),
                     ahead_seconds=self._ahead_seconds(),
+                    narrow=self._shared(),
                 )
         tail = resampler.push(np.zeros(0, dtype=np.float32), last=True)
         item.frames.extend(tail)
@@ -565,8 +567,15 @@ class Connection:
         """The audio buffered now, as this stream's share of the workers sees it: a segment slower
         than planned (load) shrinks the next one instead of leaving a gap; a faster engine grows
         them sooner. Streams synthesizing at once share the workers."""
-        sharing = sum(1 for st in self.role.streams if st.producing)
-        return self.buffered_seconds() / max(1.0, sharing / self.role.scheduler.workers)
+        return self.buffered_seconds() / max(1.0, self._sharing() / self.role.scheduler.workers)
+
+    def _sharing(self) -> int:
+        """Streams synthesizing now, this one included."""
+        return sum(1 for st in self.role.streams if st.producing)
+
+    def _shared(self) -> bool:
+        """Other streams synthesize too: the scheduler runs this one's jobs on one thread."""
+        return self._sharing() > 1 and self.role.scheduler.workers > 1
 
     @property
     def producing(self) -> bool:

@@ -108,15 +108,22 @@ class KokoroOnnxEngine:
         self._voices = {n: np.asarray(self._k.voices[n], dtype=np.float32) for n in self._k.voices}
         self._blends: dict[tuple[str, ...], np.ndarray] = {}
         self._lock = threading.Lock()
-        self._cost_scale = 1.0  # measured / modelled synthesis time, smoothed
+        # measured / modelled synthesis time, smoothed, per session: a one-thread inference beside
+        # others takes about twice what one on every core takes, and a plan made with the wide
+        # figure under load asks for segments the buffer cannot cover
+        self._cost_scale = {"wide": 1.0, "narrow": 1.0}
         # audio seconds per character of text at speed 1, per language, smoothed over segments
         self._audio_per_char: dict[str, float] = {}
 
-    def estimate(self, lang_code: str | None = None) -> tuple[float, float, float]:
+    def estimate(
+        self, lang_code: str | None = None, narrow: bool = False
+    ) -> tuple[float, float, float]:
         """(seconds per call, seconds per character, audio seconds per character at speed 1)
-        as measured lately (the audio rate for ``lang_code`` once one segment of it was heard)."""
+        as measured lately (the audio rate for ``lang_code`` once one segment of it was heard);
+        ``narrow``: for one-thread inferences (the scheduler's choice when streams share the node).
+        """
         fixed, per_char, audio = DEFAULT_COST
-        k = min(max(self._cost_scale, 0.3), 4.0)
+        k = min(max(self._cost_scale["narrow" if narrow else "wide"], 0.3), 4.0)
         return fixed * k, per_char * k, self._audio_per_char.get(lang_code or "", audio)
 
     def voices(self) -> list[str]:
@@ -147,7 +154,8 @@ class KokoroOnnxEngine:
         if not phonemes:
             return np.zeros(0, dtype=np.float32)
         style = self._style(voice)
-        model = self._narrow if threads == 1 else self._k
+        narrow = threads == 1 and self._narrow is not self._k
+        model = self._narrow if narrow else self._k
         parts = []
         t0 = time.perf_counter()
         batches = split_phonemes(phonemes, MAX_PHONEMES)
@@ -156,7 +164,8 @@ class KokoroOnnxEngine:
             parts.append(np.asarray(audio, dtype=np.float32))
         fixed, per_char, _ = DEFAULT_COST
         ratio = (time.perf_counter() - t0) / (fixed * len(batches) + per_char * len(text))
-        self._cost_scale = 0.7 * self._cost_scale + 0.3 * ratio
+        mode = "narrow" if narrow else "wide"
+        self._cost_scale[mode] = 0.7 * self._cost_scale[mode] + 0.3 * ratio
         out = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
         if len(text) >= 20:  # a few words say little about the rate (edge trimming, one long word)
             rate = len(out) / self.sample_rate * speed / len(text)

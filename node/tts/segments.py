@@ -134,6 +134,7 @@ def plan_segments(
     lead_seconds: float = 0.1,
     min_chars: int = 30,
     ahead_seconds: float | None = None,
+    narrow: bool = False,
 ) -> list[Segment]:
     """Segments to synthesize in order: a short first one, then ones sized so each is ready
     before the audio ahead of it runs out, growing to whole sentences within the model limits.
@@ -147,7 +148,8 @@ def plan_segments(
 
     ``ahead_seconds``: re-plan the rest of a text mid-way: that much audio is already buffered
     ahead of the listener, so even the first segment is sized to be ready before it runs out
-    (no first-clause cut).
+    (no first-clause cut). ``narrow``: the node is shared, so segments are sized with the
+    engine's one-thread cost.
     """
     limit, measure = _context_limit(lang_code, engine)
     atoms: deque[str] = deque(
@@ -164,7 +166,10 @@ def plan_segments(
         if rest:
             atoms.insert(1, rest)
     budget = _Budget(
-        *_cost_model(engine, lang_code), speed=speed, lead=lead_seconds, played=ahead_seconds or 0.0
+        *_cost_model(engine, lang_code, narrow),
+        speed=speed,
+        lead=lead_seconds,
+        played=ahead_seconds or 0.0,
     )
     segments: list[Segment] = []
     if ahead_seconds is None:  # the first segment plays while the next ones are synthesized
@@ -257,11 +262,8 @@ def _take(
 BUDGET_MARGIN = 0.8
 
 
-def _cost_model(engine: Engine | None, lang_code: str | None = None) -> tuple[float, float, float]:
+def _cost_model(
+    engine: Engine | None, lang_code: str | None = None, narrow: bool = False
+) -> tuple[float, float, float]:
     est = getattr(engine, "estimate", None)
-    if not callable(est):
-        return DEFAULT_COST
-    try:
-        return est(lang_code)
-    except TypeError:  # an engine whose estimate() takes no language
-        return est()
+    return est(lang_code, narrow=narrow) if callable(est) else DEFAULT_COST

@@ -323,6 +323,49 @@ async def test_livekit_sdk_sees_video_forwarded_without_a_decode(sfu: Setup, cod
             await room.disconnect()
 
 
+async def test_a_hidden_track_is_not_forwarded_until_shown_again(sfu: Setup) -> None:
+    """UpdateTrackSettings ``disabled``, as a client with adaptive stream sends it for a video
+    element nobody sees."""
+    room_name = f"hidden-{uuid.uuid4().hex[:6]}"
+    cam = lk.Room()
+    camera = None
+    client, _ = await raw_join(sfu, sfu.token("viewer", room=room_name))
+    try:
+        await connect_as(sfu, cam, "cam", room_name)
+        source = lk.VideoSource(320, 240)
+        camera = asyncio.ensure_future(film(source, (40, 200, 40)))
+        publication = await cam.local_participant.publish_track(
+            lk.LocalVideoTrack.create_video_track("camera", source),
+            lk.TrackPublishOptions(source=lk.TrackSource.SOURCE_CAMERA, simulcast=False),
+        )
+        room = sfu.role.rooms[next(n for n in sfu.role.rooms if n.startswith(room_name))]
+        await wait_for(lambda: room.find_track(publication.sid), 10, "the track in the room")
+        track = room.find_track(publication.sid)
+        viewer = room.by_identity("viewer")
+        await wait_for(lambda: viewer.sid in track.subscribers, 10, "the viewer subscribed")
+        forward = track.subscribers[viewer.sid]
+
+        def setting(disabled: bool) -> rtc.SignalRequest:
+            return rtc.SignalRequest(
+                track_setting=rtc.UpdateTrackSettings(
+                    track_sids=[publication.sid, "TR_unknown"], disabled=disabled
+                )
+            )
+
+        await client.send(setting(True))
+        await wait_for(lambda: forward.paused, 5, "forwarding stops")
+        await asyncio.sleep(0.6)  # past the keyframe request interval
+        requests = track.keyframe_requests
+        await client.send(setting(False))
+        await wait_for(lambda: not forward.paused, 5, "forwarding resumes")
+        assert track.keyframe_requests == requests + 1, "from a keyframe"
+    finally:
+        if camera is not None:
+            camera.cancel()
+        await cam.disconnect()
+        await client.ws.close()
+
+
 async def test_a_viewer_without_auto_subscribe_gets_only_the_track_it_asks_for(sfu: Setup) -> None:
     room_name = f"ask-{uuid.uuid4().hex[:6]}"
     cam, viewer = lk.Room(), lk.Room()

@@ -469,6 +469,8 @@ class Participant:
             self.room.set_muted(self, request.mute.sid, request.mute.muted)
         elif kind == "subscription":
             self._on_subscription(request.subscription)
+        elif kind == "track_setting":
+            self._on_track_setting(request.track_setting)
         elif kind == "ping_req":
             self.last_ping = time.monotonic()
             now_ms = int(time.time() * 1000)
@@ -485,7 +487,6 @@ class Participant:
         elif kind == "leave":
             await self.close(models.DisconnectReason.CLIENT_INITIATED, send_leave=False)
         elif kind in (
-            "track_setting",
             "update_layers",
             "subscription_permission",
             "sync_state",
@@ -634,6 +635,20 @@ class Participant:
                 added = added or track.sid in self._subscribed_transceivers
         if added:
             self.spawn(self.negotiate_subscriber())
+
+    def _on_track_setting(self, setting: rtc.UpdateTrackSettings) -> None:
+        """``disabled``: the client shows the track nowhere (adaptive stream: its element is
+        hidden), so nothing is forwarded; enabled again, the video resumes from a keyframe.
+        Quality and size would pick a simulcast layer; the node receives one."""
+        for sid in list(setting.track_sids)[: MAX_PENDING_TRACKS * 8]:
+            track = self.room.find_track(sid)
+            forward = track.subscribers.get(self.sid) if track is not None else None
+            if forward is None:
+                continue
+            resumed = forward.paused and not setting.disabled
+            forward.paused = setting.disabled
+            if resumed:
+                track.request_keyframe()
 
     # ------------------------------------------------------------ lifecycle
 

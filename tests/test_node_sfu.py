@@ -316,6 +316,14 @@ async def test_livekit_sdk_sees_video_forwarded_without_a_decode(sfu: Setup, cod
             "frames flow again",
         )
         assert published.keyframe_requests > requests
+
+        # Unpublished (the client renegotiates the m-line inactive), it leaves the room.
+        gone: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        early.on("track_unpublished", lambda pub, part: gone.done() or gone.set_result(pub.sid))
+        await cam.local_participant.unpublish_track(publication.sid)
+        assert await asyncio.wait_for(gone, 10) == publication.sid
+        room = sfu.role.rooms[next(n for n in sfu.role.rooms if n.startswith(room_name))]
+        assert room.find_track(publication.sid) is None
     finally:
         if camera is not None:
             camera.cancel()

@@ -289,11 +289,7 @@ class Participant:
                     track.id,
                 )
                 return
-            transceiver = next(
-                t for t in self.publisher.getTransceivers() if t.receiver is receiver
-            )
-            published.mid = transceiver.mid or ""
-            published.receive(receiver, negotiated_mime(receiver, self.publisher))
+            self._receive(published, receiver)
 
         @self.publisher.on("datachannel")
         def on_datachannel(channel: RTCDataChannel) -> None:
@@ -326,6 +322,12 @@ class Participant:
                 self._flush_data()
 
         bundle_data_channels(self.subscriber)
+
+    def _receive(self, published: PublishedTrack, receiver: Any) -> None:
+        """``published``'s media arrived on ``receiver``: note its m-line and codec, forward it."""
+        transceiver = next(t for t in self.publisher.getTransceivers() if t.receiver is receiver)
+        published.mid = transceiver.mid or ""
+        published.receive(receiver, negotiated_mime(receiver, self.publisher))
 
     def send_data(self, label: str, payload: bytes) -> None:
         channel = self._sub_channels.get(label) or self._sub_channels["_reliable"]
@@ -515,6 +517,16 @@ class Participant:
             if published.receiving:
                 self._pending_cids.pop(published.cid, None)
                 self.room.publish(self, published)
+        # a client unpublishes by renegotiating its track's m-line to inactive: take it out of
+        # the room, or viewers keep a frozen tile (or a silent track) for the rest of the call
+        receiving = {
+            t.mid
+            for t in self.publisher.getTransceivers()
+            if t.currentDirection in ("recvonly", "sendrecv")
+        }
+        for track in list(self.tracks.values()):
+            if track.mid and track.mid not in receiving:
+                self.room.unpublish(self, track)
 
     async def _on_trickle(self, trickle: rtc.TrickleRequest) -> None:
         pc = self.publisher if trickle.target == rtc.SignalTarget.PUBLISHER else self.subscriber
@@ -614,7 +626,7 @@ class Participant:
                     receiver.track.kind,
                 )
                 return
-            published.receive(receiver, negotiated_mime(receiver, self.publisher))
+            self._receive(published, receiver)
             self._pending_cids.pop(req.cid, None)
             self.room.publish(self, published)
 

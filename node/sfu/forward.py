@@ -135,18 +135,16 @@ class FrameAssembler:
             if packet.marker:
                 self._start = (seq + 1) & 0xFFFF
             return False, None
-        if (seq - self._start) & 0xFFFF >= 0x8000:  # behind: a late copy of what went out
+        ahead = (seq - self._start) & 0xFFFF
+        if ahead >= 0x8000:  # behind: a late copy of what went out
             return False, None
-        self._packets[seq] = packet
-        self._collect()
-        if (
-            self._packets
-            and max((s - self._start) & 0xFFFF for s in self._packets) >= self.MAX_WAIT
-        ):
+        if ahead >= self.MAX_WAIT:  # the head frame has waited this long for a packet
             self.given_up += 1
             self._packets.clear()
             self._start = None
             return True, None
+        self._packets[seq] = packet
+        self._collect()
         return False, None
 
     def take(self) -> list[JitterFrame]:
@@ -255,9 +253,8 @@ def install_passthrough(
     receiver._sfu_passthrough = True  # type: ignore[attr-defined]
 
 
-def negotiated_mime(receiver: RTCRtpReceiver, pc: RTCPeerConnection) -> str:
-    """The codec the publisher sends on ``receiver`` (the first one negotiated), lower case."""
-    transceiver = next(t for t in pc.getTransceivers() if t.receiver is receiver)
+def negotiated_mime(transceiver: RTCRtpTransceiver) -> str:
+    """The codec the publisher sends on ``transceiver`` (the first one negotiated), lower case."""
     codecs = [c for c in transceiver._codecs if not c.mimeType.lower().endswith("/rtx")]
     return codecs[0].mimeType.lower() if codecs else ""
 

@@ -327,7 +327,7 @@ class Participant:
         """``published``'s media arrived on ``receiver``: note its m-line and codec, forward it."""
         transceiver = next(t for t in self.publisher.getTransceivers() if t.receiver is receiver)
         published.mid = transceiver.mid or ""
-        published.receive(receiver, negotiated_mime(receiver, self.publisher))
+        published.receive(receiver, negotiated_mime(transceiver))
 
     def send_data(self, label: str, payload: bytes) -> None:
         channel = self._sub_channels.get(label) or self._sub_channels["_reliable"]
@@ -417,14 +417,15 @@ class Participant:
                 self.subscribe(track)
             self.spawn(self.negotiate_subscriber())
 
-    def subscribe(self, track: PublishedTrack) -> None:
-        """Start forwarding ``track`` to this participant (renegotiation is the caller's)."""
+    def subscribe(self, track: PublishedTrack) -> bool:
+        """Start forwarding ``track`` to this participant (renegotiation is the caller's); False
+        when it may not subscribe or already does."""
         if (
             not self.can_subscribe
             or track.sid in self._subscribed_transceivers
             or track.owner is self
         ):
-            return
+            return False
         forward = ForwardTrack(
             track_id=track.sid, max_queue=self.settings.subscriber_queue, kind=track.kind
         )
@@ -440,6 +441,7 @@ class Participant:
             track.request_keyframe()
         self._subscribed_transceivers[track.sid] = transceiver
         track.subscribers[self.sid] = forward
+        return True
 
     def unsubscribe(self, track: PublishedTrack) -> bool:
         """Stop forwarding ``track``; aiortc 1.16 has no removeTrack: the m-line goes inactive."""
@@ -643,8 +645,7 @@ class Participant:
             if forward is not None:
                 forward.paused = not sub.subscribe
             elif sub.subscribe and track.owner is not self:
-                self.subscribe(track)
-                added = added or track.sid in self._subscribed_transceivers
+                added = self.subscribe(track) or added
         if added:
             self.spawn(self.negotiate_subscriber())
 

@@ -224,9 +224,11 @@ def paint(width: int, height: int, rgb: tuple[int, int, int]) -> lk.VideoFrame:
     return lk.VideoFrame(width, height, lk.VideoBufferType.RGBA, data.tobytes())
 
 
-async def film(source: lk.VideoSource, rgb: tuple[int, int, int]) -> None:
+async def film(
+    source: lk.VideoSource, rgb: tuple[int, int, int], width: int = 320, height: int = 240
+) -> None:
     """A camera at 15 frames a second that shows one colour."""
-    frame = paint(320, 240, rgb)
+    frame = paint(width, height, rgb)
     while True:
         source.capture_frame(frame)
         await asyncio.sleep(1 / 15)
@@ -329,6 +331,77 @@ async def test_livekit_sdk_sees_video_forwarded_without_a_decode(sfu: Setup, cod
             camera.cancel()
         for room in (late, early, cam):
             await room.disconnect()
+
+
+def frame_sizes(track: lk.Track) -> tuple[list[tuple[int, int]], asyncio.Future[None]]:
+    """The size of every frame a subscriber decodes, as they come, until cancelled."""
+    sizes: list[tuple[int, int]] = []
+
+    async def read() -> None:
+        async for event in lk.VideoStream(track):
+            sizes.append((event.frame.width, event.frame.height))
+
+    return sizes, asyncio.ensure_future(read())
+
+
+async def test_simulcast_viewers_get_the_layer_they_ask_for(sfu: Setup) -> None:
+    """A 720p camera publishes simulcast (the SDK's three layers); each viewer gets one layer,
+    the one it asks for, and moves between layers on request without a break in its stream."""
+    room_name = f"simulcast-{uuid.uuid4().hex[:6]}"
+    cam, one, two = lk.Room(), lk.Room(), lk.Room()
+    one_track, two_track = watch(one), watch(two)
+    camera = readers = None
+    try:
+        for room, identity in ((cam, "cam"), (one, "one"), (two, "two")):
+            await connect_as(sfu, room, identity, room_name)
+        source = lk.VideoSource(1280, 720)
+        camera = asyncio.ensure_future(film(source, (220, 200, 40), 1280, 720))
+        publication = await cam.local_participant.publish_track(
+            lk.LocalVideoTrack.create_video_track("camera", source),
+            lk.TrackPublishOptions(
+                source=lk.TrackSource.SOURCE_CAMERA, video_codec=lk.VideoCodec.VP8, simulcast=True
+            ),
+        )
+        room = sfu.role.rooms[next(n for n in sfu.role.rooms if n.startswith(room_name))]
+        await wait_for(lambda: room.find_track(publication.sid), 10, "the track in the room")
+        track = room.find_track(publication.sid)
+        assert track.rids == ("q", "h", "f")
+        assert [(v.quality, v.width, v.height) for v in track.layers] == [
+            (0, 320, 180),
+            (1, 640, 360),
+            (2, 1280, 720),
+        ]
+        one_sizes, one_reader = frame_sizes(await asyncio.wait_for(one_track, 15))
+        two_sizes, two_reader = frame_sizes(await asyncio.wait_for(two_track, 15))
+        readers = (one_reader, two_reader)
+        await wait_for(lambda: one_sizes and two_sizes, 20, "both viewers decode")
+        me_one, me_two = room.by_identity("one"), room.by_identity("two")
+        one_fwd, two_fwd = track.subscribers[me_one.sid], track.subscribers[me_two.sid]
+
+        def flowing(sizes: list[tuple[int, int]], size: tuple[int, int]) -> bool:
+            """The viewer decodes a run of frames of ``size``: it moved, and its stream goes on."""
+            return len(sizes) >= 15 and all(s == size for s in sizes[-15:])
+
+        one_pub = one.remote_participants["cam"].track_publications[publication.sid]
+        two_pub = two.remote_participants["cam"].track_publications[publication.sid]
+        one_pub.set_video_quality(lk.VideoQuality.VIDEO_QUALITY_LOW)
+        two_pub.set_video_quality(lk.VideoQuality.VIDEO_QUALITY_MEDIUM)
+        await wait_for(lambda: flowing(one_sizes, (320, 180)), 20, "viewer one on the low layer")
+        await wait_for(lambda: flowing(two_sizes, (640, 360)), 20, "viewer two on the middle one")
+        assert (one_fwd.layer, two_fwd.layer) == (0, 1), "one track, two layers at once"
+
+        one_pub.set_video_quality(lk.VideoQuality.VIDEO_QUALITY_HIGH)
+        await wait_for(lambda: flowing(one_sizes, (1280, 720)), 30, "viewer one moves up")
+        one_pub.set_video_quality(lk.VideoQuality.VIDEO_QUALITY_LOW)
+        await wait_for(lambda: flowing(one_sizes, (320, 180)), 20, "and down again")
+        assert flowing(two_sizes, (640, 360)), "the other viewer stayed where it was"
+        assert one_fwd.switches >= 3 and one_fwd.dropped == 0 and two_fwd.dropped == 0
+    finally:
+        for task in (camera, *(readers or ())):
+            if task is not None:
+                task.cancel()
+        for r in (two, one, cam):
+            await r.disconnect()
 
 
 async def test_a_hidden_track_is_not_forwarded_until_shown_again(sfu: Setup) -> None:

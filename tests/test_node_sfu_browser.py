@@ -58,8 +58,8 @@ async function join(url, token) {
   return room.state;
 }
 
-// A camera page: Chromium's fake camera, published with the client's defaults (VP8, simulcast
-// offered; the SFU's answer takes one layer).
+// A camera page: Chromium's fake camera, published with the client's defaults (VP8, three
+// simulcast layers).
 async function joinCamera(url, token) {
   const room = new LK.Room();
   window.room = room;
@@ -73,8 +73,9 @@ window.video = {frames: 0, width: 0, height: 0};
 async function joinViewer(url, token) {
   const room = new LK.Room();
   window.room = room;
-  room.on(LK.RoomEvent.TrackSubscribed, (track) => {
+  room.on(LK.RoomEvent.TrackSubscribed, (track, publication) => {
     if (track.kind !== 'video') return;
+    window.publication = publication;
     const element = track.attach();
     element.muted = true;
     document.body.appendChild(element);
@@ -257,6 +258,13 @@ async def test_stock_client_publishes_the_fake_camera_and_another_page_sees_it(
         (track,) = [t for t in owner.tracks.values() if t.kind == "video"]
         assert track.mime_type == "video/vp8" and track.frames >= 30
         print(f"viewer showed {shown['frames']} frames at {shown['width']}x{shown['height']}")
+        # Simulcast: the stock client sends three layers; the viewer moves between them on asking.
+        assert track.rids == ("q", "h", "f"), track.rids
+        for quality, width in (("MEDIUM", 640), ("LOW", 320)):
+            await viewer.evaluate(f"window.publication.setVideoQuality(LK.VideoQuality.{quality})")
+            await viewer.wait_for_function(f"window.video.width === {width}", timeout=30_000)
+        (forward,) = track.subscribers.values()
+        assert forward.layer == 0 and forward.switches >= 2
         await viewer.screenshot(path=str(tmp_path / "viewer.png"))
         for page in (camera, viewer):
             await page.evaluate("window.room.disconnect()")

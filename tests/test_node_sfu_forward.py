@@ -249,3 +249,156 @@ def test_frame_assembler_waits_for_a_retransmission_then_gives_up() -> None:
     assert feed(fa, rtp(seq, ts, True, b"y")) == (False, [])
     # (timestamps stay counted from the first frame: the stream a subscriber sees is continuous)
     assert feed(fa, rtp(seq + 1, ts + 3000, True, b"z"))[1] == [(b"z", ts + 3000 - 3000)]
+
+
+@pytest.mark.fast
+def test_frame_assembler_skips_padding_between_frames() -> None:
+    """A simulcast publisher pads its layers with payload-less packets (bandwidth probes) on the
+    media stream: they hold sequence numbers, and a frame made of one would break the viewer's
+    decoder until the next keyframe."""
+    fa = forward.FrameAssembler()
+    feed(fa, rtp(1, 0, True, b"k"))
+    assert feed(fa, rtp(2, 3000, True, b"a")) == (False, [(b"a", 0)])
+    assert feed(fa, rtp(3, 3000, False, b"")) == (False, [])
+    assert feed(fa, rtp(5, 6000, True, b"b")) == (False, []), "4 is missing"
+    assert feed(fa, rtp(4, 3000, False, b"")) == (False, [(b"b", 3000)])
+
+
+# libwebrtc's offer for a camera with three simulcast layers (the lines that matter, as sent)
+SIMULCAST_OFFER = "\r\n".join(
+    [
+        "v=0",
+        "o=- 1 2 IN IP4 127.0.0.1",
+        "s=-",
+        "t=0 0",
+        "a=group:BUNDLE 0 1",
+        "m=application 9 UDP/DTLS/SCTP webrtc-datachannel",
+        "a=mid:0",
+        "m=video 9 UDP/TLS/RTP/SAVPF 96 97",
+        "a=mid:1",
+        "a=extmap:4 urn:ietf:params:rtp-hdrext:sdes:mid",
+        "a=extmap:10 urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id",
+        "a=extmap:11/sendonly urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id",
+        "a=sendonly",
+        "a=rid:f send",
+        "a=rid:q send",
+        "a=rid:h send",
+        "a=simulcast:send f;~q,x;h",
+        "",
+    ]
+)
+
+
+@pytest.mark.fast
+def test_simulcast_is_read_from_the_offer_and_answered() -> None:
+    offered = forward.read_simulcast(SIMULCAST_OFFER)
+    assert list(offered) == ["1"]
+    assert offered["1"].rids == ("q", "h", "f"), "lowest first, a paused layer included"
+    assert {(e.id, e.uri) for e in offered["1"].extensions} == {
+        (10, forward.RID_URI),
+        (11, forward.REPAIRED_RID_URI),
+    }
+    # no rid header extension: the layers could not be told apart, so no simulcast
+    assert forward.read_simulcast(SIMULCAST_OFFER.replace("sdes:rtp-stream-id", "x")) == {}
+    # one layer, or rids that are not tokens, is no simulcast either
+    assert forward.read_simulcast(SIMULCAST_OFFER.replace("f;~q,x;h", "q")) == {}
+    odd = SIMULCAST_OFFER.replace("f;~q,x;h", "a b;c\x00;" + "z" * 40)
+    assert forward.read_simulcast(odd) == {}
+    many = forward.read_simulcast(SIMULCAST_OFFER.replace("f;~q,x;h", "a;b;c;d;e"))
+    assert many["1"].rids == ("a", "b", "c"), "at most three layers"
+
+    answer = "\r\n".join(["v=0", "m=application 9 X", "a=mid:0", "m=video 9 X 96", "a=mid:1", ""])
+    munged = forward.answer_simulcast(answer, offered)
+    video = munged.split("m=video")[1]
+    assert "a=rid:q recv\r\na=rid:h recv\r\na=rid:f recv\r\na=simulcast:recv q;h;f\r\n" in video
+    assert "a=rid" not in munged.split("m=video")[0]
+    rejected = answer.replace("m=video 9 X 96", "m=video 0 X 96")
+    assert forward.answer_simulcast(rejected, offered) == rejected
+
+
+@pytest.mark.fast
+def test_keyframes_are_recognised() -> None:
+    assert forward.is_keyframe("video/vp8", b"\x10\x02\x00\x9d\x01\x2a")
+    assert not forward.is_keyframe("video/vp8", b"\x11\x02\x00")
+    assert forward.is_keyframe("video/h264", b"\x00\x00\x00\x01\x67\x42\x00\x00\x00\x01\x65\x88")
+    assert not forward.is_keyframe("video/h264", b"\x00\x00\x00\x01\x41\x9a")
+    assert not forward.is_keyframe("video/vp8", b"")
+    assert not forward.is_keyframe("video/h264", b"\x00\x00\x01")
+
+
+def frame(pts: int) -> av.Packet:
+    packet = av.Packet(b"f")
+    packet.pts, packet.time_base = pts, Fraction(1, 90000)
+    return packet
+
+
+@pytest.mark.fast
+async def test_a_viewer_moves_layer_at_a_keyframe_and_its_timestamps_run_on() -> None:
+    track = ForwardTrack(kind="video", max_queue=100)
+    track.want = 0
+    sent: list[int] = []
+
+    async def drain() -> None:
+        while track._frames:
+            sent.append((await track.recv()).pts)
+
+    # layer 1 is not wanted; layer 0 waits for its keyframe
+    track.push_layer(frame(1000), 1, True)
+    track.push_layer(frame(500), 0, False)
+    track.push_layer(frame(3500), 0, True)
+    track.push_layer(frame(6500), 0, False)
+    await drain()
+    assert sent == [3500, 6500] and track.layer == 0
+    # asked to move up: layer 0 goes on until layer 1's keyframe; its own clock differs
+    track.want = 1
+    track.push_layer(frame(90_000), 1, False)
+    track.push_layer(frame(9500), 0, False)
+    track.push_layer(frame(93_000), 1, True)
+    track.push_layer(frame(12_500), 0, True)
+    track.push_layer(frame(96_000), 1, False)
+    await drain()
+    assert sent[2:] == [9500, 12_500, 15_500], "one frame step on, whatever the layer's clock"
+    assert track.layer == 1 and track.switches == 2
+
+
+@pytest.mark.fast
+def test_a_viewer_is_given_the_best_arriving_layer_at_or_below_its_ask() -> None:
+    """The layer choice of node/sfu/rtc.py: what the viewer asks (quality, or its element's size),
+    bounded by what the publisher is sending now (it stops top layers when short of bandwidth)."""
+    from livekit.protocol import models
+    from livekit.protocol import rtc as signal
+
+    from node.sfu.rtc import PublishedTrack, announced_layers
+
+    asked = [
+        models.VideoLayer(quality=2, width=1280, height=720),
+        models.VideoLayer(quality=0, width=320, height=180),
+        models.VideoLayer(quality=1, width=640, height=360),
+        models.VideoLayer(quality=1, width=9, height=9),  # a second MEDIUM: ignored
+        models.VideoLayer(quality=7, width=99999, height=5),  # no such quality
+    ]
+    layers = announced_layers(asked)
+    assert [(v.quality, v.width) for v in layers] == [(0, 320), (1, 640), (2, 1280)]
+    track = PublishedTrack("TR_x", "c", "cam", owner=None, kind="video", layers=layers)  # type: ignore[arg-type]
+    track.rids, track.layer_at = ("q", "h", "f"), [0.0, 0.0, 0.0]
+
+    def quality(**kw: int) -> int:
+        return track.quality_for(signal.UpdateTrackSettings(**kw))
+
+    assert quality(quality=0) == 0 and quality(quality=2) == 2 and quality(quality=3) == 2
+    assert quality(width=300, height=170) == 0, "the smallest layer that fills the element"
+    assert quality(width=321, height=100) == 1
+    assert quality(width=4000, height=4000) == 2
+
+    viewer = ForwardTrack(kind="video")
+    now = time.monotonic()
+    track.layer_at = [now, now, 0.0]  # the top layer is not arriving
+    viewer.asked = 2
+    track.pick_layer(viewer)
+    assert viewer.want == 1, "the best layer arriving"
+    viewer.asked = 0
+    track.pick_layer(viewer)
+    assert viewer.want == 0
+    track.layer_at = [0.0, 0.0, now]
+    track.pick_layer(viewer)
+    assert viewer.want == 2, "only the top one arrives: better than nothing"

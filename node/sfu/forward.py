@@ -43,10 +43,13 @@ end.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
+import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
@@ -56,12 +59,15 @@ from aiortc import (
     RTCConfiguration,
     RTCIceCandidate,
     RTCPeerConnection,
+    RTCRtpHeaderExtensionParameters,
+    RTCRtpParameters,
     RTCRtpReceiver,
     RTCRtpSender,
     RTCRtpTransceiver,
 )
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtcrtpreceiver import NackGenerator
 
 OPUS_CLOCK = 48000
 TIME_BASE = Fraction(1, OPUS_CLOCK)
@@ -71,10 +77,14 @@ FORWARDED = frozenset(("audio/opus", "video/vp8", "video/h264"))
 _JB = "_RTCRtpReceiver__jitter_buffer"
 _DQ = "_RTCRtpReceiver__decoder_queue"
 _CONNECT = "_RTCPeerConnection__connect"
+_NACK = "_RTCRtpReceiver__nack_generator"
+_RTX = "_RTCRtpReceiver__rtx_ssrc"
 
 MAX_SSRCS = 4  # a track's media and retransmission sources; more is a client's noise
 FrameSink = Callable[[av.Packet], None]
+LayerSink = Callable[[av.Packet, int], None]  # a frame and its simulcast layer (0 = lowest)
 LevelSink = Callable[[int], None]
+log = logging.getLogger("node.sfu.forward")
 
 
 def check_compatible() -> None:
@@ -159,6 +169,10 @@ class FrameAssembler:
         while self._start is not None:
             run: list[Any] = []
             seq = self._start
+            while seq in self._packets and not self._packets[seq]._data:
+                # padding (bandwidth probes): it fills a sequence number, not a frame
+                del self._packets[seq]
+                seq = self._start = (seq + 1) & 0xFFFF
             while seq in self._packets:
                 packet = self._packets[seq]
                 if run and packet.timestamp != run[0].timestamp:
@@ -201,18 +215,25 @@ class _DirectQueue:
 
     def deliver(self, frame: JitterFrame, time_base: Fraction) -> None:
         """``frame``, still encoded, to ``on_frame`` as an ``av.Packet``."""
-        packet = av.Packet(frame.data)
-        packet.pts = frame.timestamp
-        packet.time_base = time_base
-        try:
-            self._on_frame(packet)
-        except Exception:  # one subscriber's fault must not kill the receive path
-            import logging
-
-            logging.getLogger("node.sfu.forward").exception("forwarding a frame failed")
+        _hand_on(self._on_frame, encoded(frame, time_base))
 
     def get(self, *args: Any, **kwargs: Any) -> None:
         return self._stop.get()
+
+
+def encoded(frame: JitterFrame, time_base: Fraction) -> av.Packet:
+    """An assembled frame as the ``av.Packet`` a sender packetises again."""
+    packet = av.Packet(frame.data)
+    packet.pts = frame.timestamp
+    packet.time_base = time_base
+    return packet
+
+
+def _hand_on(sink: Callable[..., None], *args: Any) -> None:
+    try:
+        sink(*args)
+    except Exception:  # one subscriber's fault must not kill the receive path
+        log.exception("forwarding a frame failed")
 
 
 def install_passthrough(
@@ -251,6 +272,149 @@ def install_passthrough(
 
     receiver._handle_rtp_packet = handle  # type: ignore[method-assign]
     receiver._sfu_passthrough = True  # type: ignore[attr-defined]
+
+
+RID_URI = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id"
+REPAIRED_RID_URI = "urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id"
+MAX_LAYERS = 3
+_RID = re.compile(r"[A-Za-z0-9_-]{1,16}")
+_RID_RANK = {"q": 0, "h": 1, "f": 2}  # LiveKit clients' rids, lowest layer first
+
+
+@dataclass(frozen=True)
+class Simulcast:
+    """An offered m-line's simulcast: its layers' rids, lowest first, and the RTP header
+    extensions that name a packet's layer (aiortc neither offers nor answers them)."""
+
+    rids: tuple[str, ...]
+    extensions: tuple[RTCRtpHeaderExtensionParameters, ...]
+
+
+def read_simulcast(sdp: str) -> dict[str, Simulcast]:
+    """The m-lines of a publisher's offer that send simulcast (``a=simulcast:send q;h;f``), by
+    mid. At most ``MAX_LAYERS`` layers; an m-line without the rid header extension is left out
+    (its packets could not be told apart)."""
+    found: dict[str, Simulcast] = {}
+    for section in re.split(r"\r?\n(?=m=)", sdp)[1:]:
+        mid, rids, extensions = "", [], []
+        for line in section.splitlines():
+            if line.startswith("a=mid:"):
+                mid = line[len("a=mid:") :].strip()
+            elif line.startswith("a=simulcast:send "):
+                spec = line[len("a=simulcast:send ") :].split()
+                for alternatives in spec[0].split(";") if spec else []:
+                    rid = alternatives.split(",")[0].lstrip("~")
+                    if _RID.fullmatch(rid) and rid not in rids:
+                        rids.append(rid)
+            elif line.startswith("a=extmap:"):
+                head, _, rest = line[len("a=extmap:") :].partition(" ")
+                ext_id, uri = head.split("/")[0], rest.split(" ")[0].strip()
+                if uri in (RID_URI, REPAIRED_RID_URI) and ext_id.isdigit() and 0 < int(ext_id) < 15:
+                    extensions.append(RTCRtpHeaderExtensionParameters(id=int(ext_id), uri=uri))
+        if mid and len(rids) > 1 and any(e.uri == RID_URI for e in extensions):
+            ordered = sorted(rids[:MAX_LAYERS], key=lambda r: _RID_RANK.get(r, len(_RID_RANK)))
+            found[mid] = Simulcast(tuple(ordered), tuple(extensions))
+    return found
+
+
+def accept_simulcast(pc: RTCPeerConnection, offered: dict[str, Simulcast]) -> None:
+    """After ``setRemoteDescription``: negotiate the rid header extensions of the simulcast
+    m-lines (aiortc's answer then carries them) and have the transport parse them now (a
+    receiver already started keeps the map it was given)."""
+    for transceiver in pc.getTransceivers():
+        simulcast = offered.get(transceiver.mid or "")
+        if simulcast is None:
+            continue
+        known = {e.uri for e in transceiver._headerExtensions}
+        transceiver._headerExtensions += [e for e in simulcast.extensions if e.uri not in known]
+        transport = transceiver.receiver.transport
+        transport._rtp_header_extensions_map.configure(
+            RTCRtpParameters(headerExtensions=list(simulcast.extensions))
+        )
+
+
+def answer_simulcast(sdp: str, offered: dict[str, Simulcast]) -> str:
+    """aiortc's answer, with ``a=rid:… recv`` and ``a=simulcast:recv …`` on each simulcast
+    m-line it accepted: without them the publisher falls back to sending one layer."""
+    sections = re.split(r"(?<=\r\n)(?=m=)", sdp)
+    for i, section in enumerate(sections):
+        mid = re.search(r"^a=mid:(\S+)", section, re.M)
+        simulcast = offered.get(mid.group(1)) if mid else None
+        if simulcast is None or section.startswith("m=video 0 "):
+            continue
+        lines = [f"a=rid:{rid} recv" for rid in simulcast.rids]
+        lines.append("a=simulcast:recv " + ";".join(simulcast.rids))
+        sections[i] = section + "\r\n".join(lines) + "\r\n"
+    return "".join(sections)
+
+
+def install_simulcast(
+    receiver: RTCRtpReceiver, rids: Sequence[str], on_frame: LayerSink, sources: list[set[int]]
+) -> None:
+    """Make ``receiver`` take a simulcast publisher's layers, each its own RTP stream named by
+    the rid header extension, and hand each layer's frames, still encoded, to
+    ``on_frame(packet, layer)``. aiortc's receiver knows one stream: each packet is run through
+    it with the packet's layer's NACK state and frame assembler swapped in (packets are handled
+    one at a time), so statistics, receiver reports, NACKs, retransmissions and PLIs stay
+    aiortc's, per layer. ``sources[layer]`` holds the layer's media SSRC once known."""
+    if getattr(receiver, "_sfu_passthrough", False):
+        return
+    if not all(hasattr(receiver, name) for name in (_JB, _DQ, _NACK, _RTX)):
+        raise RuntimeError("aiortc RTCRtpReceiver internals changed: simulcast needs aiortc 1.16")
+    index = {rid: i for i, rid in enumerate(rids[:MAX_LAYERS])}
+    assemblers = [FrameAssembler() for _ in index]
+    nacks = [NackGenerator() for _ in index]
+    layer_of: dict[int, int] = {}  # media SSRC -> layer
+    repairs: dict[int, int] = getattr(receiver, _RTX)  # aiortc's RTX SSRC -> media SSRC
+    setattr(receiver, _DQ, _DirectQueue(lambda packet: None))  # nothing reaches it
+    original = receiver._handle_rtp_packet
+
+    def learn(packet: Any) -> None:
+        """A packet that names its layer (the first of each stream do) maps its SSRC."""
+        rid, repaired = packet.extensions.rtp_stream_id, packet.extensions.repaired_rtp_stream_id
+        if rid in index and packet.ssrc not in layer_of:
+            layer = index[rid]
+            for ssrc in [s for s, v in layer_of.items() if v == layer]:  # the layer restarted
+                del layer_of[ssrc]
+            layer_of[packet.ssrc] = layer
+            sources[layer].clear()
+            sources[layer].add(packet.ssrc)
+            assemblers[layer], nacks[layer] = FrameAssembler(), NackGenerator()
+        elif repaired in index and packet.ssrc not in repairs and sources[index[repaired]]:
+            media = next(iter(sources[index[repaired]]))
+            for ssrc in [s for s, v in repairs.items() if v == media]:
+                del repairs[ssrc]
+            repairs[packet.ssrc] = media
+
+    async def handle(packet: Any, arrival_time_ms: int) -> None:
+        learn(packet)
+        layer = layer_of.get(repairs.get(packet.ssrc, packet.ssrc))
+        if layer is None:
+            return  # a stream not yet named by its rid: nothing to assemble it with
+        setattr(receiver, _JB, assemblers[layer])
+        setattr(receiver, _NACK, nacks[layer])
+        await original(packet, arrival_time_ms)
+        for frame in assemblers[layer].take():
+            _hand_on(on_frame, encoded(frame, VIDEO_TIME_BASE), layer)
+
+    receiver._handle_rtp_packet = handle  # type: ignore[method-assign]
+    receiver._sfu_passthrough = True  # type: ignore[attr-defined]
+
+
+def is_keyframe(mime: str, frame: bytes) -> bool:
+    """Whether an encoded frame decodes on its own: a VP8 key frame (RFC 6386, frame tag bit 0
+    clear) or an H.264 access unit with an IDR slice (NAL type 5)."""
+    if not frame:
+        return False
+    if mime == "video/vp8":
+        return not frame[0] & 1
+    if mime == "video/h264":
+        at = frame.find(b"\x00\x00\x01")
+        while at != -1 and at + 3 < len(frame):
+            if frame[at + 3] & 0x1F == 5:
+                return True
+            at = frame.find(b"\x00\x00\x01", at + 3)
+    return False
 
 
 def negotiated_mime(transceiver: RTCRtpTransceiver) -> str:
@@ -331,7 +495,11 @@ class ForwardTrack(MediaStreamTrack):
 
     ``push`` never blocks: past ``max_queue`` frames the oldest are dropped (counted in
     ``dropped``; ``on_gap`` is called, since a video decoder then needs a keyframe). ``paused``
-    frames are dropped too (a subscription switched off)."""
+    frames are dropped too (a subscription switched off).
+
+    A simulcast track's frames come through ``push_layer``: the viewer gets one layer, and moves
+    to ``want`` at that layer's next keyframe, its timestamps shifted to carry on where the
+    last layer's stopped (the sender numbers the packets, so the viewer sees one stream)."""
 
     kind = "audio"
 
@@ -342,23 +510,48 @@ class ForwardTrack(MediaStreamTrack):
         self.kind = kind  # type: ignore[misc]
         if track_id is not None:
             self._id = track_id
-        self._frames: deque[tuple[av.Packet, float]] = deque(maxlen=max_queue)
+        self._frames: deque[tuple[av.Packet, int | None, float]] = deque(maxlen=max_queue)
         self._ready = asyncio.Event()
         self.paused = False
         self.dropped = 0
         self.forwarded = 0
         self.on_sent: Callable[[float], None] | None = None  # gets the seconds spent queued
         self.on_gap: Callable[[], None] | None = None
+        # simulcast: the quality asked for, the layer to move to, the layer sent now
+        self.asked = MAX_LAYERS - 1
+        self.want = 0
+        self.layer: int | None = None
+        self.switches = 0
+        self._shift = 0  # added to the layer's timestamps
+        self._last_pts: int | None = None
+        self._step = 3000  # one frame at 30 fps, in 90 kHz ticks, until measured
 
-    def push(self, packet: av.Packet) -> None:
+    def push(self, packet: av.Packet, pts: int | None = None) -> None:
+        """Queue ``packet`` to send (with ``pts`` in place of its own, when given)."""
         if self.readyState != "live" or self.paused:
             return
         if len(self._frames) == self._frames.maxlen:
             self.dropped += 1
             if self.on_gap is not None:
                 self.on_gap()
-        self._frames.append((packet, time.perf_counter()))
+        self._frames.append((packet, pts, time.perf_counter()))
         self._ready.set()
+
+    def push_layer(self, packet: av.Packet, layer: int, keyframe: bool) -> None:
+        """A frame of simulcast ``layer``: sent if it is this viewer's layer, or if it is the
+        keyframe of the layer it moves to."""
+        if layer != self.layer:
+            if layer != self.want or not keyframe or self.paused:
+                return
+            if self._last_pts is not None:
+                self._shift = self._last_pts + self._step - packet.pts
+            self.layer = layer
+            self.switches += 1
+        pts = packet.pts + self._shift
+        if self._last_pts is not None and 0 < pts - self._last_pts <= 90000:
+            self._step = pts - self._last_pts
+        self._last_pts = pts
+        self.push(packet, pts)
 
     async def recv(self) -> av.Packet:  # type: ignore[override]
         while not self._frames:
@@ -366,7 +559,9 @@ class ForwardTrack(MediaStreamTrack):
                 raise MediaStreamError
             self._ready.clear()
             await self._ready.wait()
-        packet, queued_at = self._frames.popleft()
+        packet, pts, queued_at = self._frames.popleft()
+        if pts is not None:  # a simulcast frame shared by viewers: the sender reads it at once
+            packet.pts = pts
         self.forwarded += 1
         if self.on_sent is not None:
             self.on_sent(time.perf_counter() - queued_at)

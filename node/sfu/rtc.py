@@ -30,15 +30,22 @@ from livekit.protocol import models, rtc
 from common import jsonsafe
 from node.protocol import BadMessage, json_object
 from node.sfu.forward import (
+    MAX_LAYERS,
     ForwardTrack,
+    Simulcast,
+    accept_simulcast,
     add_candidate,
+    answer_simulcast,
     bundle_data_channels,
     install_passthrough,
+    install_simulcast,
+    is_keyframe,
     level_to_unit,
     negotiated_mime,
     on_keyframe_request,
     peer_connection,
     prefer_codec,
+    read_simulcast,
     request_keyframe,
 )
 from node.sfu.settings import SfuSettings
@@ -50,6 +57,7 @@ PROTOCOL_VERSION = 16
 MAX_PENDING_TRACKS = 32  # add_track requests awaiting their media, per participant
 SERVER_VERSION = "1.9.0-voicenet"
 KEYFRAME_INTERVAL = 0.5  # seconds between two keyframe requests to one publisher's track
+LAYER_IDLE = 1.0  # seconds without a frame after which a simulcast layer counts as paused
 KINDS = {models.TrackType.AUDIO: "audio", models.TrackType.VIDEO: "video"}
 
 
@@ -70,6 +78,8 @@ class PublishedTrack:
     mime_type: str = "audio/opus"
     width: int = 0
     height: int = 0
+    # the simulcast layers the publisher announced (quality, size), lowest first
+    layers: list[models.VideoLayer] = field(default_factory=list)
     receiving: bool = False  # the media arrived and the passthrough is installed
     subscribers: dict[str, ForwardTrack] = field(default_factory=dict)  # participant sid -> track
     level_dbov: int = 127
@@ -77,8 +87,12 @@ class PublishedTrack:
     frames: int = 0
     receiver: Any = None  # the publisher's RTCRtpReceiver, once the media arrived
     ssrcs: set[int] = field(default_factory=set)
+    rids: tuple[str, ...] = ()  # the simulcast layers received, lowest first; () for one stream
+    sources: list[set[int]] = field(default_factory=list)  # each layer's media SSRC
+    layer_at: list[float] = field(default_factory=list)  # each layer's last frame (monotonic)
     keyframe_requests: int = 0
-    _keyframe_at: float = -KEYFRAME_INTERVAL
+    _keyframe_at: dict[int, float] = field(default_factory=dict)  # per layer
+    _picked_at: float = 0.0
 
     def info(self) -> models.TrackInfo:
         return models.TrackInfo(
@@ -92,30 +106,45 @@ class PublishedTrack:
             stereo=False,
             width=self.width,
             height=self.height,
+            simulcast=len(self.layers) > 1,
+            layers=self.layers,
         )
 
-    def receive(self, receiver: Any, mime_type: str) -> None:
+    def receive(self, receiver: Any, mime_type: str, simulcast: Simulcast | None = None) -> None:
         """The publisher's media arrived on ``receiver``: forward it from now on."""
         self.receiver = receiver
         if mime_type:
             self.mime_type = mime_type
-        on_level = self.on_level if self.kind == "audio" else None
-        install_passthrough(receiver, self.on_frame, on_level, self.ssrcs)
+        if self.kind == "video" and simulcast is not None:
+            self.rids = simulcast.rids
+            self.sources = [set() for _ in self.rids]
+            self.layer_at = [0.0 for _ in self.rids]
+            install_simulcast(receiver, self.rids, self.on_layer_frame, self.sources)
+        else:
+            on_level = self.on_level if self.kind == "audio" else None
+            install_passthrough(receiver, self.on_frame, on_level, self.ssrcs)
         self.receiving = True
 
-    def request_keyframe(self) -> None:
-        """Ask the publisher for a keyframe (a subscriber joined, lost a frame or asked), at most
-        once per ``KEYFRAME_INTERVAL``: every subscriber's request is answered by the same one."""
-        now = time.monotonic()
-        if (
-            self.kind != "video"
-            or self.receiver is None
-            or now - self._keyframe_at < KEYFRAME_INTERVAL
-        ):
+    def request_keyframe(self, layer: int | None = None) -> None:
+        """Ask the publisher for a keyframe of ``layer`` (every layer when None): a subscriber
+        joined, lost a frame, asked, or moves there. At most once per ``KEYFRAME_INTERVAL`` a
+        layer: every subscriber's request is answered by the same one."""
+        if self.kind != "video" or self.receiver is None:
             return
-        self._keyframe_at = now
-        self.keyframe_requests += 1
-        self.owner.spawn(request_keyframe(self.receiver, self.ssrcs))
+        now = time.monotonic()
+        for n in range(len(self.rids) or 1) if layer is None else (layer,):
+            if now - self._keyframe_at.get(n, -KEYFRAME_INTERVAL) < KEYFRAME_INTERVAL:
+                continue
+            self._keyframe_at[n] = now
+            self.keyframe_requests += 1
+            sources = self.sources[n] if self.rids else self.ssrcs
+            self.owner.spawn(request_keyframe(self.receiver, sources))
+
+    def keyframe_for(self, forward: ForwardTrack) -> Callable[[], None]:
+        """A viewer's keyframe request: for the layer it gets (or moves to)."""
+        return lambda: self.request_keyframe(
+            (forward.layer if forward.layer is not None else forward.want) if self.rids else None
+        )
 
     def on_frame(self, packet: Any) -> None:
         self.frames += 1
@@ -124,9 +153,68 @@ class PublishedTrack:
         for track in list(self.subscribers.values()):
             track.push(packet)
 
+    def on_layer_frame(self, packet: Any, layer: int) -> None:
+        self.frames += 1
+        now = time.monotonic()
+        self.layer_at[layer] = now
+        if self.muted:
+            return
+        if now - self._picked_at > LAYER_IDLE:  # a layer may have paused or come back
+            self._picked_at = now
+            for forward in list(self.subscribers.values()):
+                self.pick_layer(forward)
+        keyframe = is_keyframe(self.mime_type, bytes(packet))
+        for forward in list(self.subscribers.values()):
+            forward.push_layer(packet, layer, keyframe)
+
+    def quality_for(self, setting: rtc.UpdateTrackSettings) -> int:
+        """The layer a viewer's ``UpdateTrackSettings`` asks for: the smallest announced layer
+        at least as large as its element (``width``/``height``, adaptive stream), else its
+        ``quality`` (LOW 0, MEDIUM 1, HIGH 2; OFF counts as the top, pausing is ``disabled``)."""
+        top = max(len(self.rids), 1) - 1
+        if setting.width > 0 or setting.height > 0:
+            sizes = sorted((layer.quality, layer.width, layer.height) for layer in self.layers)
+            for quality, width, height in sizes:
+                if width >= setting.width and height >= setting.height:
+                    return min(quality, top)
+            return top
+        return min(setting.quality, top)
+
+    def pick_layer(self, forward: ForwardTrack) -> None:
+        """Point ``forward`` at the best layer now arriving at or below what it asked for (the
+        lowest arriving one when none is that low), and ask for that layer's keyframe until it
+        is there. A publisher short of bandwidth stops its top layers; a viewer then steps down.
+        Called on a viewer's request and for every viewer once per ``LAYER_IDLE``."""
+        if not self.rids:
+            return
+        now = time.monotonic()
+        arriving = [n for n, at in enumerate(self.layer_at) if now - at < LAYER_IDLE]
+        below = [n for n in arriving if n <= forward.asked]
+        want = max(below) if below else min(arriving, default=forward.asked)
+        forward.want = want
+        if want != forward.layer:
+            # again at every pick until it comes: libwebrtc drops a request that follows another
+            # of the same camera within 300 ms, whatever the layer
+            self.request_keyframe(want)
+
     def on_level(self, dbov: int) -> None:
         self.level_dbov = dbov
         self.level_at = time.monotonic()
+
+
+def announced_layers(layers: Any) -> list[models.VideoLayer]:
+    """The simulcast layers an ``AddTrackRequest`` announces, as the room shows them: at most
+    one per quality (LOW, MEDIUM, HIGH), sizes bounded, lowest first."""
+    kept: dict[int, models.VideoLayer] = {}
+    for layer in list(layers)[: MAX_LAYERS * 4]:
+        if 0 <= layer.quality < MAX_LAYERS and layer.quality not in kept:
+            kept[layer.quality] = models.VideoLayer(
+                quality=layer.quality,
+                width=min(max(layer.width, 0), 16384),
+                height=min(max(layer.height, 0), 16384),
+                bitrate=min(max(layer.bitrate, 0), 100_000_000),
+            )
+    return [kept[q] for q in sorted(kept)]
 
 
 class SignalError(Exception):
@@ -165,6 +253,7 @@ class Participant:
         self.attributes: dict[str, str] = {}
         self.tracks: dict[str, PublishedTrack] = {}  # sid -> track
         self._pending_cids: dict[str, PublishedTrack] = {}
+        self._simulcast: dict[str, Simulcast] = {}  # mid -> the layers its last offer sends
         self._unannounced: dict[str, Any] = {}  # cid -> receiver of media sent before add_track
         self.publisher = peer_connection()
         self.subscriber = peer_connection()
@@ -327,7 +416,8 @@ class Participant:
         """``published``'s media arrived on ``receiver``: note its m-line and codec, forward it."""
         transceiver = next(t for t in self.publisher.getTransceivers() if t.receiver is receiver)
         published.mid = transceiver.mid or ""
-        published.receive(receiver, negotiated_mime(transceiver))
+        simulcast = self._simulcast.get(published.mid)
+        published.receive(receiver, negotiated_mime(transceiver), simulcast)
 
     def send_data(self, label: str, payload: bytes) -> None:
         channel = self._sub_channels.get(label) or self._sub_channels["_reliable"]
@@ -436,9 +526,12 @@ class Participant:
         if track.kind == "video":
             prefer_codec(transceiver, track.mime_type)
             # a video decoder starts at a keyframe and needs a new one after a gap
-            on_keyframe_request(sender, track.request_keyframe)
-            forward.on_gap = track.request_keyframe
-            track.request_keyframe()
+            on_keyframe_request(sender, track.keyframe_for(forward))
+            forward.on_gap = track.keyframe_for(forward)
+            if track.rids:
+                track.pick_layer(forward)
+            else:
+                track.request_keyframe()
         self._subscribed_transceivers[track.sid] = transceiver
         track.subscribers[self.sid] = forward
         return True
@@ -504,16 +597,16 @@ class Participant:
             raise SignalError(f"unsupported request {kind!r}")
 
     async def _on_publisher_offer(self, offer: rtc.SessionDescription) -> None:
+        # read first: a new track's receiver is set up inside setRemoteDescription
+        self._simulcast = read_simulcast(offer.sdp)
         await self.publisher.setRemoteDescription(RTCSessionDescription(offer.sdp, "offer"))
+        accept_simulcast(self.publisher, self._simulcast)
         await self._add_early_candidates(self.publisher)
         answer = await self.publisher.createAnswer()
         await self.publisher.setLocalDescription(answer)
+        sdp = answer_simulcast(self.publisher.localDescription.sdp, self._simulcast)
         self.send(
-            rtc.SignalResponse(
-                answer=rtc.SessionDescription(
-                    type="answer", sdp=self.publisher.localDescription.sdp, id=offer.id
-                )
-            )
+            rtc.SignalResponse(answer=rtc.SessionDescription(type="answer", sdp=sdp, id=offer.id))
         )
         for published in list(self._pending_cids.values()):
             if published.receiving:
@@ -611,6 +704,7 @@ class Participant:
                 mime_type="video/vp8" if kind == "video" else "audio/opus",
                 width=min(max(req.width, 0), 16384),
                 height=min(max(req.height, 0), 16384),
+                layers=announced_layers(req.layers) if kind == "video" else [],
             )
             self._pending_cids[req.cid] = published
         self.send(
@@ -652,7 +746,7 @@ class Participant:
     def _on_track_setting(self, setting: rtc.UpdateTrackSettings) -> None:
         """``disabled``: the client shows the track nowhere (adaptive stream: its element is
         hidden), so nothing is forwarded; enabled again, the video resumes from a keyframe.
-        Quality and size would pick a simulcast layer; the node receives one."""
+        ``quality`` or ``width``/``height`` pick a simulcast track's layer."""
         for sid in list(setting.track_sids)[: MAX_PENDING_TRACKS * 8]:
             track = self.room.find_track(sid)
             forward = track.subscribers.get(self.sid) if track is not None else None
@@ -660,8 +754,11 @@ class Participant:
                 continue
             resumed = forward.paused and not setting.disabled
             forward.paused = setting.disabled
+            if track.rids and not setting.disabled:
+                forward.asked = track.quality_for(setting)
+                track.pick_layer(forward)
             if resumed:
-                track.request_keyframe()
+                track.keyframe_for(forward)()
 
     # ------------------------------------------------------------ lifecycle
 

@@ -19,7 +19,12 @@ Method
   a second, each frame a numbered, timestamped payload that aiortc packetises as VP8 (about five
   RTP packets a frame at 1.5 Mbps); loss and latency are counted per frame, end to end (the SFU
   reassembles each frame, forwards it whole, and each subscriber's receiver reassembles it again).
-  No simulcast: the node takes one layer.
+* ``--simulcast`` (with ``--video``): the publisher sends three layers instead, rids q/h/f at a
+  ninth, a third and all of ``--video-kbps``, as a camera's simulcast does (aiortc sends no
+  simulcast: ``SimulcastPublisher`` adds the rids to its offer, two more senders to the track's
+  transport and the rid header extension to every packet). Subscribers take the top layer (a
+  viewer's default), so the node receives all three and forwards one; every frame counts as a
+  keyframe (the payload's first byte is even), so a viewer starts at once.
 * Steps of N run one after another; the answer is the largest N with zero lost packets while the
   SFU process stayed under ``--max-cpu`` of one core, and streams/core = N / (SFU CPU fraction).
 
@@ -54,10 +59,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from aiortc import RTCRtpSender, RTCSessionDescription  # noqa: E402
+from aiortc.rtcrtpparameters import (  # noqa: E402
+    RTCRtpHeaderExtensionParameters,
+    RTCRtpParameters,
+    RTCRtpSendParameters,
+)
+from aiortc.rtp import HeaderExtensionsMap, RtpPacket, is_rtcp  # noqa: E402
+from aiortc.sdp import SessionDescription  # noqa: E402
+from livekit.protocol import rtc  # noqa: E402
 from solders.keypair import Keypair  # noqa: E402
 
 from node.sfu.client import LiveKitClient  # noqa: E402
-from node.sfu.forward import ForwardTrack, install_passthrough  # noqa: E402
+from node.sfu.forward import REPAIRED_RID_URI, RID_URI, ForwardTrack, install_passthrough  # noqa: E402
 from registry.tokens import Grant, mint_token  # noqa: E402
 
 PAYLOAD = 80
@@ -114,27 +128,107 @@ async def serve(port: int, issuer: str, capacity: int, calibrate: bool) -> None:
 
 
 class Pacer:
-    """Feeds a ForwardTrack with numbered frames: 50/s of 80 bytes (what an Opus publisher sends),
-    or ``video_kbps`` at 30 frames a second."""
+    """Feeds ForwardTracks with numbered frames: 50/s of 80 bytes (what an Opus publisher sends),
+    or 30 frames a second of each track's ``kbps`` (simulcast layers share the numbers)."""
 
-    def __init__(self, track: ForwardTrack, video_kbps: int = 0) -> None:
-        self.track, self.seq = track, 0
-        self.rate = VIDEO_FPS if video_kbps else PPS
-        self.size = video_kbps * 1000 // 8 // VIDEO_FPS if video_kbps else PAYLOAD
-        self.clock = 90000 if video_kbps else 48000
+    def __init__(self, tracks: list[tuple[ForwardTrack, int]]) -> None:
+        self.tracks, self.seq = tracks, 0
+        video = tracks[0][1] > 0
+        self.rate = VIDEO_FPS if video else PPS
+        self.clock = 90000 if video else 48000
 
     async def run(self) -> None:
         start = time.monotonic()
-        pad = bytes(self.size - HEADER.size)
+        pads = [
+            bytes((k * 1000 // 8 // VIDEO_FPS if k else PAYLOAD) - HEADER.size)
+            for _, k in self.tracks
+        ]
         while True:
             self.seq += 1
-            packet = av.Packet(HEADER.pack(self.seq, time.monotonic_ns()) + pad)
-            packet.pts = self.seq * self.clock // self.rate
-            packet.time_base = Fraction(1, self.clock)
-            self.track.push(packet)
+            head = HEADER.pack(self.seq, time.monotonic_ns())
+            for (track, _), pad in zip(self.tracks, pads, strict=True):
+                packet = av.Packet(head + pad)
+                packet.pts = self.seq * self.clock // self.rate
+                packet.time_base = Fraction(1, self.clock)
+                track.push(packet)
             delay = start + self.seq / self.rate - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
+
+
+class SimulcastPublisher(LiveKitClient):
+    """A simulcast camera made of aiortc, which sends none: the video m-line of the offer gets
+    ``a=rid`` q/h/f and ``a=simulcast:send``, two more senders join the track's transport, and
+    each packet leaves with its layer's rid (and a retransmission with its repaired rid)."""
+
+    RIDS = ("q", "h", "f")
+    RID_ID, REPAIRED_ID = 10, 11  # header extension ids no aiortc extension uses
+
+    async def publish_layers(self, layers: list[ForwardTrack], timeout: float = 10.0) -> None:
+        """``layers`` lowest first; the last is the track the SFU announces."""
+        self._layers = layers
+        await self.publish(layers[-1], "video", timeout)
+
+    async def _negotiate_publisher(self, timeout: float) -> None:
+        self._answer = asyncio.get_running_loop().create_future()
+        await self.publisher.setLocalDescription(await self.publisher.createOffer())
+        self._offer_id += 1
+        offer = self.publisher.localDescription.sdp
+        video = offer.index("m=video")
+        end = offer.find("m=", video + 1)
+        end = len(offer) if end == -1 else end
+        lines = [
+            f"a=extmap:{self.RID_ID} {RID_URI}",
+            f"a=extmap:{self.REPAIRED_ID} {REPAIRED_RID_URI}",
+            *(f"a=rid:{r} send" for r in self.RIDS),
+            f"a=simulcast:send {';'.join(self.RIDS)}",
+        ]
+        sdp = offer[:end] + "".join(line + "\r\n" for line in lines) + offer[end:]
+        await self.send(
+            rtc.SignalRequest(
+                offer=rtc.SessionDescription(type="offer", sdp=sdp, id=self._offer_id)
+            )
+        )
+        answer = await asyncio.wait_for(self._answer, timeout)
+        assert "a=simulcast:recv q;h;f" in answer, "the node refused simulcast"
+        await self.publisher.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        await self._start_layers(SessionDescription.parse(answer))
+
+    async def _start_layers(self, answer: SessionDescription) -> None:
+        (transceiver,) = [t for t in self.publisher.getTransceivers() if t.kind == "video"]
+        main = transceiver.sender
+        extensions = transceiver._headerExtensions + [
+            RTCRtpHeaderExtensionParameters(id=self.RID_ID, uri=RID_URI),
+            RTCRtpHeaderExtensionParameters(id=self.REPAIRED_ID, uri=REPAIRED_RID_URI),
+        ]
+        stamp: dict[int, tuple[str, str]] = {}
+        senders = [main]
+        for track in self._layers[:-1]:
+            sender = RTCRtpSender(track, main.transport)
+            params = RTCRtpSendParameters(
+                codecs=transceiver._codecs, headerExtensions=extensions, muxId=transceiver.mid
+            )
+            params.rtcp.cname, params.rtcp.ssrc, params.rtcp.mux = "bench", sender._ssrc, True
+            await sender.send(params)
+            senders.insert(-1, sender)
+        for rid, sender in zip(self.RIDS, senders, strict=True):
+            stamp[sender._ssrc] = ("rtp_stream_id", rid)
+            stamp[sender._rtx_ssrc] = ("repaired_rtp_stream_id", rid)
+        names = HeaderExtensionsMap()
+        names.configure(RTCRtpParameters(headerExtensions=extensions))
+        dtls = main.transport
+        send_rtp = dtls._send_rtp
+
+        async def stamped(data: bytes) -> None:
+            if not is_rtcp(data):
+                packet = RtpPacket.parse(data, names)
+                field, rid = stamp.get(packet.ssrc, ("", ""))
+                if field:
+                    setattr(packet.extensions, field, rid)
+                    data = packet.serialize(names)
+            await send_rtp(data)
+
+        dtls._send_rtp = stamped
 
 
 class Recorder:
@@ -143,13 +237,16 @@ class Recorder:
         self.seqs: list[int] = []
         self.latency_ms: list[float] = []
         self.total = 0
+        self.bytes = 0  # inside the window: which simulcast layer a subscriber got
 
     def on_frame(self, packet: av.Packet) -> None:
         self.total += 1
         now = time.monotonic()
         if self.window is None or not self.window[0] <= now < self.window[1]:
             return
-        seq, sent = HEADER.unpack_from(bytes(packet))
+        data = bytes(packet)
+        seq, sent = HEADER.unpack_from(data)
+        self.bytes += len(data)
         self.seqs.append(seq)
         self.latency_ms.append((time.monotonic_ns() - sent) / 1e6)
 
@@ -195,6 +292,7 @@ async def subscribers(url: str, tokens: list[str], settle: float, seconds: float
         "lost": sum(max(0, r.lost()) for r in recorders),
         "silent": sum(1 for r in recorders if not r.seqs),
         "packets": sum(len(r.seqs) for r in recorders),
+        "kbps": [round(r.bytes * 8 / seconds / 1000) for r in recorders],
         "latency_ms": [x for r in recorders for x in r.latency_ms[::5]],
     }
     for c in clients:
@@ -223,7 +321,7 @@ async def direct_baseline(seconds: float, video_kbps: int) -> list[float]:
     await sub.setRemoteDescription(pub.localDescription)
     await sub.setLocalDescription(await sub.createAnswer())
     await pub.setRemoteDescription(sub.localDescription)
-    pacer = asyncio.ensure_future(Pacer(track, video_kbps).run())
+    pacer = asyncio.ensure_future(Pacer([(track, video_kbps)]).run())
     await asyncio.sleep(2)
     recorder.window = (time.monotonic(), time.monotonic() + seconds)
     await asyncio.sleep(seconds)
@@ -293,13 +391,18 @@ async def run(args: argparse.Namespace) -> None:
     print(json.dumps({"baseline_direct_ms": {"p50": base50, "p95": base95}}), flush=True)
 
     kind = "video" if kbps else "audio"
-    track = ForwardTrack(track_id=f"bench-{kind}", max_queue=50, kind=kind)
-    publisher = LiveKitClient(
-        url, mint_token(issuer, "publisher", Grant("webrtc", room=room), 3600, audience=node_key)
-    )
-    await publisher.connect()
-    await publisher.publish(track, kind)
-    pacer = asyncio.ensure_future(Pacer(track, kbps).run())
+    token = mint_token(issuer, "publisher", Grant("webrtc", room=room), 3600, audience=node_key)
+    if kbps and args.simulcast:
+        layers = [(ForwardTrack(max_queue=50, kind=kind), kbps // d) for d in (9, 3, 1)]
+        publisher: LiveKitClient = SimulcastPublisher(url, token)
+        await publisher.connect()
+        await publisher.publish_layers([track for track, _ in layers])
+    else:
+        layers = [(ForwardTrack(track_id=f"bench-{kind}", max_queue=50, kind=kind), kbps)]
+        publisher = LiveKitClient(url, token)
+        await publisher.connect()
+        await publisher.publish(layers[0][0], kind)
+    pacer = asyncio.ensure_future(Pacer(layers).run())
     summary = []
     try:
         for n in args.steps:
@@ -360,7 +463,16 @@ async def run(args: argparse.Namespace) -> None:
             expected = n * (VIDEO_FPS if kbps else PPS) * args.seconds
             packets = sum(r["packets"] for r in results)
             step = {
-                "media": f"video {kbps} kbps, {VIDEO_FPS} fps" if kbps else "audio 50 pps",
+                "media": (
+                    f"video {kbps} kbps, {VIDEO_FPS} fps"
+                    + (
+                        f", simulcast {'/'.join(str(k) for _, k in layers)} kbps"
+                        if len(layers) > 1
+                        else ""
+                    )
+                    if kbps
+                    else "audio 50 pps"
+                ),
                 "subscribers": n,
                 "receiving": sum(r["receiving"] for r in results),
                 # Fewer packets than sent inside the window (or seconds of latency) means the
@@ -370,6 +482,7 @@ async def run(args: argparse.Namespace) -> None:
                 "silent": sum(r["silent"] for r in results),
                 "lost_packets": sum(r["lost"] for r in results),
                 "packets": packets,
+                "kbps_per_subscriber": pct([k for r in results for k in r["kbps"]], 50),
                 "sfu_cpu_core_fraction": round(cpu, 3),
                 "streams_per_core": round(n / cpu) if cpu > 0 else None,
                 "latency_ms": {"p50": pct(lat, 50), "p95": pct(lat, 95)},
@@ -448,6 +561,7 @@ def main() -> None:
     parser.add_argument("--capacity", type=int, default=16, help="the config's bound")
     parser.add_argument("--video", action="store_true", help="one video publisher (see above)")
     parser.add_argument("--video-kbps", type=int, default=1500)
+    parser.add_argument("--simulcast", action="store_true", help="three layers (see above)")
     args = parser.parse_args()
     if args.cmd == "serve":
         asyncio.run(serve(args.port, args.issuer, args.capacity, args.calibrate))

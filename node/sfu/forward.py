@@ -16,7 +16,9 @@ encode, nor the jitter buffer's prefetch (four 20 ms frames, i.e. 80 ms of added
 For video the jitter buffer is ``FrameAssembler``: it hands on a frame the moment its last packet
 is in (aiortc's waits for the next frame's first packet), while aiortc still asks the publisher
 for missing packets with NACKs; the direct queue hands on the whole encoded frame (VP8, or H.264 as
-Annex B).
+Annex B). A simulcast publisher's layers share one receiver: ``install_simulcast`` gives each
+layer its own assembler and NACK state, swapped in per packet, and ``ForwardTrack.push_layer``
+moves a viewer between layers at a keyframe.
 
 On a *sender* we give ``ForwardTrack``, whose ``recv()`` returns ``av.Packet`` objects: aiortc's
 sender then only calls ``encoder.pack()`` (no encode). RTCP, NACK handling and statistics stay
@@ -33,7 +35,9 @@ connect step again once the connection is up (every step in it is idempotent); e
 connection the SFU makes comes from ``peer_connection``, which applies it.
 
 What breaks if aiortc changes: the private names ``_RTCRtpReceiver__jitter_buffer``,
-``_RTCRtpReceiver__decoder_queue`` and ``_RTCPeerConnection__connect``, the ``decoder_worker``
+``_RTCRtpReceiver__decoder_queue``, ``_RTCRtpReceiver__nack_generator``,
+``_RTCRtpReceiver__rtx_ssrc``, ``_RTCPeerConnection__connect``, the transceiver's
+``_headerExtensions`` and the DTLS transport's ``_rtp_header_extensions_map``, the ``decoder_worker``
 contract (``input_q.get()``; ``None`` stops), the sender's ``isinstance(data, Frame)`` switch and
 ``_send_keyframe``, the receiver's ``_send_rtcp_pli`` and the transceiver's negotiated ``_codecs``.
 ``check_compatible()`` asserts those, and tests/test_node_sfu_forward.py exercises them end to

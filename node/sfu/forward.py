@@ -37,7 +37,8 @@ connection the SFU makes comes from ``peer_connection``, which applies it.
 What breaks if aiortc changes: the private names ``_RTCRtpReceiver__jitter_buffer``,
 ``_RTCRtpReceiver__decoder_queue``, ``_RTCRtpReceiver__nack_generator``,
 ``_RTCRtpReceiver__rtx_ssrc``, ``_RTCPeerConnection__connect``, the transceiver's
-``_headerExtensions`` and the DTLS transport's ``_rtp_header_extensions_map``, the ``decoder_worker``
+``_headerExtensions`` and the DTLS transport's ``_rtp_header_extensions_map``, the
+``decoder_worker``
 contract (``input_q.get()``; ``None`` stops), the sender's ``isinstance(data, Frame)`` switch and
 ``_send_keyframe``, the receiver's ``_send_rtcp_pli`` and the transceiver's negotiated ``_codecs``.
 ``check_compatible()`` asserts those, and tests/test_node_sfu_forward.py exercises them end to
@@ -96,7 +97,8 @@ def check_compatible() -> None:
     import inspect
 
     source = inspect.getsource(RTCRtpReceiver.__init__)
-    if "self.__jitter_buffer" not in source or "self.__decoder_queue" not in source:
+    names = ("__jitter_buffer", "__decoder_queue", "__nack_generator", "__rtx_ssrc")
+    if not all(f"self.{name}" in source for name in names):
         raise RuntimeError("aiortc RTCRtpReceiver internals changed: forwarding needs aiortc 1.16")
     if not callable(getattr(RTCPeerConnection, _CONNECT, None)):
         raise RuntimeError("aiortc RTCPeerConnection internals changed: the SFU needs aiortc 1.16")

@@ -382,6 +382,8 @@ def install_simulcast(
             layer = index[rid]
             for ssrc in [s for s, v in layer_of.items() if v == layer]:  # the layer restarted
                 del layer_of[ssrc]
+                for rtx in [r for r, media in repairs.items() if media == ssrc]:
+                    del repairs[rtx]
             layer_of[packet.ssrc] = layer
             sources[layer].clear()
             sources[layer].add(packet.ssrc)

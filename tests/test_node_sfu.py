@@ -638,6 +638,94 @@ async def test_sdk_without_can_publish_cannot_publish(sfu: Setup) -> None:
         await room.disconnect()
 
 
+# ---------------------------------------------------------------- resume
+
+
+async def test_a_dropped_signal_socket_is_resumed_without_a_new_join(sfu: Setup) -> None:
+    """The SDK's resume: its signal socket drops, it reconnects with ``reconnect=1`` and its
+    participant sid, and the node hands it the same participant, tracks and peer connections:
+    no ``participant_left`` (no billing gap), the other side never sees it leave, the audio
+    goes on. A resume after the grace is told to start over; a stranger cannot resume it."""
+    room_name = f"resume-{uuid.uuid4().hex[:6]}"
+    talker, listener = lk.Room(), lk.Room()
+    gone: list[str] = []
+    listener.on("participant_disconnected", lambda p: gone.append(p.identity))
+    resumed = asyncio.Event()
+    talker.on("reconnected", resumed.set)
+    player = recorder = None
+    samples: list[np.ndarray] = []
+    try:
+        await connect_as(sfu, talker, "talker", room_name)
+        await connect_as(sfu, listener, "listener", room_name)
+        heard = asyncio.get_running_loop().create_future()
+        listener.on("track_subscribed", lambda t, pub, part: heard.done() or heard.set_result(t))
+        source = lk.AudioSource(48000, 1)
+        await talker.local_participant.publish_track(
+            lk.LocalAudioTrack.create_audio_track("mic", source),
+            lk.TrackPublishOptions(source=lk.TrackSource.SOURCE_MICROPHONE),
+        )
+        player = asyncio.ensure_future(play(source, 523.0))
+        recorder = record_audio(await asyncio.wait_for(heard, 15), samples)
+        room = sfu.role.rooms[room_name]
+        me = room.by_identity("talker")
+        await wait_for(lambda: len(samples) > 50, 10, "the listener hears the talker")
+
+        await talker.simulate_scenario(lk.SimulateScenarioKind.SIMULATE_SIGNAL_RECONNECT)
+        await asyncio.wait_for(resumed.wait(), 20)
+        assert room.by_identity("talker") is me and me.resumes == 1
+        before = len(samples)
+        await wait_for(lambda: len(samples) > before + 100, 10, "the audio goes on")
+        assert tone_hz(np.concatenate(samples[-100:])) == pytest.approx(523, abs=15)
+        # the resumed socket carries signalling: a mute reaches the node and the listener
+        publication = next(iter(talker.local_participant.track_publications.values()))
+        publication.track.mute()
+        await wait_for(lambda: all(t.muted for t in me.tracks.values()), 10, "the mute")
+        assert not gone
+        events = [
+            e["event"]
+            for e in sfu.role.events
+            if e["room"]["name"] == room_name
+            and e.get("participant", {}).get("identity") == "talker"
+        ]
+        assert "participant_left" not in events and events.count("participant_joined") == 1
+
+        # A stranger (another identity) naming the talker's sid gets no resume.
+        url = f"{sfu.ws_url}/rtc?reconnect=1&sid={me.sid}"
+        headers = {"Authorization": f"Bearer {sfu.token('mallory', room=room_name)}"}
+        async with sfu.http.ws_connect(url, headers=headers) as ws:
+            reply = rtc.SignalResponse.FromString((await ws.receive(timeout=10)).data)
+        assert reply.WhichOneof("message") == "leave"
+        assert reply.leave.action == rtc.LeaveRequest.Action.RECONNECT
+        assert room.by_identity("talker") is me and me.resumes == 1
+
+        # A client that never comes back leaves when the grace runs out, and is told to start
+        # over if it tries later.
+        grace, sfu.role.settings.resume_grace = sfu.role.settings.resume_grace, 1.0
+        try:
+            client, join = await raw_join(sfu, sfu.token("dropper", room=room_name))
+            await client.ws.close()  # no leave request: a dead network
+            await asyncio.sleep(0.3)
+            assert room.by_identity("dropper") is not None, "it waits for a resume"
+            await wait_for(lambda: room.by_identity("dropper") is None, 10, "gone after the grace")
+        finally:
+            sfu.role.settings.resume_grace = grace
+        assert any(
+            e["event"] == "participant_left" and e["participant"]["identity"] == "dropper"
+            for e in sfu.role.events
+        )
+        url = f"{sfu.ws_url}/rtc?reconnect=1&sid={join.participant.sid}"
+        headers = {"Authorization": f"Bearer {sfu.token('dropper', room=room_name)}"}
+        async with sfu.http.ws_connect(url, headers=headers) as ws:
+            reply = rtc.SignalResponse.FromString((await ws.receive(timeout=10)).data)
+        assert reply.leave.action == rtc.LeaveRequest.Action.RECONNECT
+    finally:
+        for task in (player, recorder):
+            if task is not None:
+                task.cancel()
+        for r in (listener, talker):
+            await r.disconnect()
+
+
 # ---------------------------------------------------------------- token lifetime
 
 

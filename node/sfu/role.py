@@ -15,6 +15,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from livekit.protocol import models
 from livekit.protocol import room as room_pb
+from livekit.protocol import rtc as rtc_pb
 
 from common import jsonsafe
 from common.settings import validate_settings
@@ -131,7 +132,12 @@ class SfuRole:
 
     # ------------------------------------------------------------ authorisation
 
-    async def authorise(self, token: str | None, room_hint: str | None = None) -> Claims:
+    async def authorise(
+        self, token: str | None, room_hint: str | None = None, resuming: str | None = None
+    ) -> Claims:
+        """The claims of a token that may join now, or the ``Refusal`` a client is told. A
+        participant resuming (``resuming``: its sid) is in the room already, so the room and
+        node limits, and draining, do not apply to it."""
         if not token:
             raise Refusal(
                 401,
@@ -155,6 +161,8 @@ class SfuRole:
             raise Refusal(403, "no_room_join", "the token does not grant roomJoin to a room")
         if room_hint and room_hint != room:
             raise Refusal(403, "wrong_room", f"the token is for room {room!r}, not {room_hint!r}")
+        if resuming and self.resumable(claims, resuming) is not None:
+            return claims
         if self.draining:
             raise Refusal(503, "draining", "this node is draining; ask the gateway for another")
         existing = self.rooms.get(room)
@@ -228,14 +236,48 @@ class SfuRole:
             return web.Response(status=exc.status, text=f"{exc.code}: {exc}", headers=CROSS_ORIGIN)
         return web.Response(text="success", headers=CROSS_ORIGIN)
 
+    def resumable(self, claims: Claims, sid: str) -> Participant | None:
+        """The participant ``sid`` in the token's room, if this token may resume it: the same
+        identity and session, and not gone."""
+        room = self.rooms.get(claims.grant.get("room", ""))
+        participant = room.participants.get(sid) if room is not None else None
+        if (
+            participant is None
+            or participant.closed.is_set()
+            or participant.remote
+            or participant.identity != claims.identity
+            or participant.session_id != claims.session_id
+        ):
+            return None
+        return participant
+
     async def rtc(self, request: web.Request) -> web.StreamResponse:
+        resuming = request.query.get("sid") if request.query.get("reconnect") == "1" else None
         try:
-            claims = await self.authorise(bearer(request), request.query.get("room"))
+            claims = await self.authorise(bearer(request), request.query.get("room"), resuming)
         except Refusal as exc:
             log.info("refused a join: %s", exc)
             return web.Response(status=exc.status, text=f"{exc.code}: {exc}")
         ws = web.WebSocketResponse(max_msg_size=1 << 20, heartbeat=None)
         await ws.prepare(request)
+        if resuming:
+            participant = self.resumable(claims, resuming)
+            if participant is not None:
+                await participant.resume(ws)
+            else:  # gone (its grace ran out), or not this token's: start over, a fresh join
+                log.info(
+                    "%s cannot resume %s: no such participant of this identity and session here",
+                    claims.identity,
+                    resuming,
+                )
+                leave = rtc_pb.LeaveRequest(
+                    can_reconnect=True,
+                    reason=models.DisconnectReason.STATE_MISMATCH,
+                    action=rtc_pb.LeaveRequest.Action.RECONNECT,
+                )
+                await ws.send_bytes(rtc_pb.SignalResponse(leave=leave).SerializeToString())
+                await ws.close()
+            return ws
         room_name = claims.grant["room"]
         room = self.rooms.get(room_name)
         if room is None:

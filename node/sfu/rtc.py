@@ -274,6 +274,9 @@ class Participant:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.last_ping = time.monotonic()
         self.closed = asyncio.Event()
+        self.signal_up = asyncio.Event()  # a signal socket is attached (clear: awaiting resume)
+        self.resumes = 0
+        self._grace: asyncio.Task[None] | None = None
         self.disconnect_reason = models.DisconnectReason.CLIENT_INITIATED
         self._wire_peer_connections()
 
@@ -316,10 +319,12 @@ class Participant:
             self.spawn(self.close(models.DisconnectReason.STATE_MISMATCH))
 
     async def _write_loop(self) -> None:
+        """Send the queue in order; while the socket is down (awaiting a resume) it waits."""
         while True:
             data = await self._out.get()
             if data is None:
                 return
+            await self.signal_up.wait()
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "%s <- %s",
@@ -329,7 +334,7 @@ class Participant:
             try:
                 await self.ws.send_bytes(data)
             except (ConnectionError, RuntimeError):
-                return
+                pass  # the socket died under the message: the read side notices
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -763,11 +768,53 @@ class Participant:
     # ------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
-        """Serve the signal socket until the client leaves, is removed or its token expires."""
+        """Serve the signal socket until the client leaves, is removed or its token expires; a
+        socket that drops leaves the participant in the room for ``resume_grace`` seconds, for
+        the client's resume (``resume``) to pick up."""
         self._writer = asyncio.ensure_future(self._write_loop())
         self.spawn(self._watchdog())
+        await self._serve(self.ws)
+
+    async def resume(self, ws: web.WebSocketResponse) -> None:
+        """The client's reconnect (``reconnect=1&sid=…``): the same participant, tracks,
+        subscriptions and peer connections, on a new signal socket. The client hears
+        ``ReconnectResponse`` first, then what was queued while it was away, the room as it is
+        now, and the subscriber offer it may have missed."""
+        old, self.ws = self.ws, ws
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+        if not old.closed:
+            await old.close()  # a client that reconnects gave up on it
+        self.resumes += 1
+        self.last_ping = time.monotonic()
+        log.info("%s resumed in %s (resume %d)", self.identity, self.room.name, self.resumes)
+        s = self.settings
+        reconnect = rtc.ReconnectResponse(
+            ice_servers=[
+                rtc.ICEServer(urls=i.urls, username=i.username, credential=i.credential)
+                for i in s.ice_servers
+            ]
+        )
+        await ws.send_bytes(rtc.SignalResponse(reconnect=reconnect).SerializeToString())
+        self.signal_up.set()
+        others = [p.info() for p in self.room.participants.values() if p is not self]
+        self.send(rtc.SignalResponse(update=rtc.ParticipantUpdate(participants=others)))
+        if self._awaiting_answer and self.subscriber.localDescription is not None:
+            self.send(
+                rtc.SignalResponse(
+                    offer=rtc.SessionDescription(
+                        type="offer", sdp=self.subscriber.localDescription.sdp, id=self._offer_id
+                    )
+                )
+            )
+        await self._serve(ws)
+
+    async def _serve(self, ws: web.WebSocketResponse) -> None:
+        self.signal_up.set()
+        left = False
         try:
-            async for msg in self.ws:
+            async for msg in ws:
                 if msg.type == web.WSMsgType.BINARY:
                     await self._dispatch(msg.data)
                 elif msg.type == web.WSMsgType.TEXT:
@@ -776,15 +823,27 @@ class Participant:
                     break
                 if self.closed.is_set():
                     break
+            left = True
         finally:
-            reason = (
-                self.disconnect_reason
-                if self.closed.is_set()
-                else models.DisconnectReason.SIGNAL_CLOSE
-                if not self.ws.closed
-                else models.DisconnectReason.CLIENT_INITIATED
+            if ws is not self.ws or self.closed.is_set():
+                pass  # a newer socket took over, or the participant is gone already
+            elif left and self.settings.resume_grace > 0 and not self.remote:
+                self.signal_up.clear()
+                self._grace = self.spawn(self._await_resume())
+            else:  # cancelled (the node stops), or resuming is off
+                await self.close(models.DisconnectReason.SIGNAL_CLOSE, send_leave=False)
+
+    async def _await_resume(self) -> None:
+        grace = self.settings.resume_grace
+        log.info(
+            "%s lost its signal socket in %s; %ss to resume", self.identity, self.room.name, grace
+        )
+        await asyncio.sleep(grace)
+        if not self.signal_up.is_set():
+            log.info(
+                "%s did not resume within %ss; it leaves %s", self.identity, grace, self.room.name
             )
-            await self.close(reason, send_leave=False)
+            await self.close(models.DisconnectReason.SIGNAL_CLOSE, send_leave=False)
 
     async def _dispatch(self, data: bytes) -> None:
         request = rtc.SignalRequest()
@@ -830,7 +889,9 @@ class Participant:
                 log.info("token of %s in %s expired; disconnecting", self.identity, self.room.name)
                 await self.close(models.DisconnectReason.PARTICIPANT_REMOVED)
                 return
-            if time.monotonic() - self.last_ping > self.settings.ping_timeout:
+            if not self.signal_up.is_set():
+                self.last_ping = time.monotonic()  # the resume grace is the bound meanwhile
+            elif time.monotonic() - self.last_ping > self.settings.ping_timeout:
                 log.info(
                     "%s missed pings for %ss; disconnecting",
                     self.identity,
@@ -862,6 +923,7 @@ class Participant:
         self.state = models.ParticipantInfo.State.DISCONNECTED
         self.room.leave(self)
         self._out.put_nowait(None) if not self._out.full() else None
+        self.signal_up.set()  # a writer waiting for a resume drains and stops
         for task in list(self._tasks):
             if task is not asyncio.current_task():
                 task.cancel()

@@ -31,6 +31,12 @@ class SfuSettings(BaseModel):
     ping_timeout: int = Field(
         default=15, ge=2, description="seconds without a ping: drop the client"
     )
+    resume_grace: float = Field(
+        default=10.0,
+        ge=0,
+        description="seconds a participant whose signal socket dropped stays in its room, for "
+        "the client's resume (reconnect=1); 0: it leaves at once",
+    )
     empty_timeout: float = Field(
         default=20.0, ge=0, description="seconds an empty room lives before room_finished"
     )

@@ -416,6 +416,37 @@ async def test_postgresql_connections_closed_by_the_server_are_replaced(pg_db_ur
         await lg.close()
 
 
+async def test_postgresql_a_transaction_left_idle_gives_its_locks_back(pg_db_url: str) -> None:
+    """One of the ledger's connections left idle inside a transaction that locked an account
+    (a bug, or a process stopped mid-way) would make every later write to that account wait for
+    ever. The server ends that session after ``idle_transaction_timeout``: the waiting write
+    goes through, and the pool replaces the dead connection."""
+    lg = Ledger(pg_db_url, pool_size=2, idle_transaction_timeout=1.0)
+    await lg.migrate()
+    try:
+        aid = await funded(lg, 100_000)
+        pooled = await lg.db.engine.raw_connection()
+        try:
+            stuck = pooled.driver_connection
+            await stuck.execute("BEGIN")
+            await stuck.execute(f"SELECT 1 FROM accounts WHERE id = '{aid}' FOR UPDATE")
+            started = asyncio.get_running_loop().time()
+            await asyncio.wait_for(open_session(lg, aid), 30)
+            assert asyncio.get_running_loop().time() - started >= 0.5, "it waited for the lock"
+            for _ in range(50):  # the client hears the server hang up on its next read
+                if stuck.is_closed():
+                    break
+                await asyncio.sleep(0.1)
+            assert stuck.is_closed(), "the server ended the idle transaction's session"
+        finally:
+            pooled.invalidate()
+        await asyncio.gather(*(open_session(lg, aid) for _ in range(3)))
+        assert len(await lg.list_sessions(aid, status="active")) == 4
+        await check_invariants(lg, aid)
+    finally:
+        await lg.close()
+
+
 async def test_postgresql_open_refused_then_waits_for_the_account_and_sees_its_commit(
     pg_db_url: str,
 ) -> None:

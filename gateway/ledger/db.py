@@ -172,6 +172,7 @@ class Database:
         *,
         sqlite_busy_timeout: float = 30.0,
         pool_size: int = 16,
+        idle_transaction_timeout: float = 60.0,
         echo: bool = False,
     ) -> None:
         self.url = normalize_url(url)
@@ -189,6 +190,18 @@ class Database:
             if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
                 raise ValueError(f"pool_size must be a positive int, got {pool_size!r}")
             kwargs.update(pool_size=pool_size, max_overflow=0, isolation_level="AUTOCOMMIT")
+            # A connection left idle inside a transaction (a bug, a process stopped mid-way)
+            # would hold its row locks for good, and every later write to those accounts would
+            # wait for ever: the server ends such a session instead (the pool then replaces the
+            # connection, as after a restart). The ledger's transactions never idle that long.
+            if not idle_transaction_timeout > 0:
+                raise ValueError(
+                    f"idle_transaction_timeout must be > 0 s, got {idle_transaction_timeout!r}"
+                )
+            idle_ms = str(max(1, round(idle_transaction_timeout * 1000)))
+            kwargs["connect_args"] = {
+                "server_settings": {"idle_in_transaction_session_timeout": idle_ms}
+            }
         else:
             db = u.database
             if not db or db == ":memory:" or u.query.get("mode") == "memory":

@@ -285,10 +285,15 @@ class Ledger:
         clock: Callable[[], datetime] | None = None,
         sqlite_busy_timeout: float = 30.0,
         pool_size: int = 16,
+        idle_transaction_timeout: float = 60.0,
         echo: bool = False,
     ) -> None:
         self.db = Database(
-            url, sqlite_busy_timeout=sqlite_busy_timeout, pool_size=pool_size, echo=echo
+            url,
+            sqlite_busy_timeout=sqlite_busy_timeout,
+            pool_size=pool_size,
+            idle_transaction_timeout=idle_transaction_timeout,
+            echo=echo,
         )
         self.url = self.db.url
         self.backend = self.db.backend

@@ -940,7 +940,8 @@ async def test_a_room_spans_two_nodes(sfu: Setup, tmp_path: Path) -> None:
         "data_received",
         lambda p: data.append((p.data, p.participant.identity if p.participant else "")),
     )
-    player = reader = None
+    bob_video = watch(bob)
+    player = reader = camera = None
     try:
         await alice.connect(sfu.ws_url, sfu.token("alice", room="span"))  # on node A
         key_b = str(node_b.pubkey)
@@ -990,8 +991,19 @@ async def test_a_room_spans_two_nodes(sfu: Setup, tmp_path: Path) -> None:
         # name (alice is behind the relay participant), so it reports no sender object.
         assert data[0][0] == b"across"
         assert node_b.role.load() == 1 and sfu.role.load() == 1, "relays are not load"
+
+        # Video crosses too: bob on node B decodes alice's camera on node A (VP8, as it came).
+        video = lk.VideoSource(320, 240)
+        camera = asyncio.ensure_future(film(video, (30, 160, 220)))
+        await alice.local_participant.publish_track(
+            lk.LocalVideoTrack.create_video_track("camera", video),
+            lk.TrackPublishOptions(source=lk.TrackSource.SOURCE_CAMERA, simulcast=False),
+        )
+        width, height, rgb = await asyncio.wait_for(seen(await asyncio.wait_for(bob_video, 20)), 20)
+        assert (width, height) == (320, 240)
+        assert np.abs(rgb - (30, 160, 220)).max() < 30, f"bob saw {rgb}, not alice's camera"
     finally:
-        for task in (player, reader):
+        for task in (player, reader, camera):
             if task is not None:
                 task.cancel()
         await alice.disconnect()

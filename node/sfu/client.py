@@ -20,7 +20,12 @@ from aiortc import RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 from livekit.protocol import models, rtc
 
-from node.sfu.forward import bundle_data_channels, peer_connection
+from node.sfu.forward import (
+    bundle_data_channels,
+    on_keyframe_request,
+    peer_connection,
+    prefer_codec,
+)
 
 log = logging.getLogger("node.sfu.client")
 
@@ -180,9 +185,17 @@ class LiveKitClient:
         )
 
     async def publish(
-        self, track: MediaStreamTrack, name: str = "audio", timeout: float = 10.0
+        self,
+        track: MediaStreamTrack,
+        name: str = "audio",
+        timeout: float = 10.0,
+        *,
+        mime: str = "",
+        on_keyframe: Callable[[], None] | None = None,
     ) -> models.TrackInfo:
-        """``add_track`` -> ``track_published``, then (re)negotiate the publisher connection."""
+        """``add_track`` -> ``track_published``, then (re)negotiate the publisher connection.
+        A video track of encoded frames offers only its ``mime`` codec and hands the SFU's
+        keyframe requests to ``on_keyframe`` (there is no encoder to make one)."""
         async with self._publish_lock:
             cid, video = track.id, track.kind == "video"
             future = self._published[cid] = asyncio.get_running_loop().create_future()
@@ -199,7 +212,15 @@ class LiveKitClient:
                 )
             )
             info = await asyncio.wait_for(future, timeout)
-            self.publisher.addTrack(track)
+            sender = self.publisher.addTrack(track)
+            if video:
+                transceiver = next(
+                    t for t in self.publisher.getTransceivers() if t.sender is sender
+                )
+                if mime:
+                    prefer_codec(transceiver, mime)
+                if on_keyframe is not None:
+                    on_keyframe_request(sender, on_keyframe)
             await self._negotiate_publisher(timeout)
             return info
 

@@ -8,7 +8,8 @@ nodes the link is one participant (``relay-<node>``) that is visible to clients 
 only attaches tracks of a participant it knows) but is neither billed nor counted as load.
 Media stays encoded end to end (passthrough in, ``ForwardTrack`` out); data packets cross too,
 keeping their original sender. Tracks that arrived over a relay are never relayed again, so two
-linked nodes cannot loop. Only audio crosses: video stays on the node it was published to.
+linked nodes cannot loop. Audio and video cross (a simulcast track as its top layer arriving);
+keyframe requests from the far side reach the publisher.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 from livekit.protocol import models
 
 from node.sfu.client import LiveKitClient
-from node.sfu.forward import ForwardTrack
+from node.sfu.forward import ForwardTrack, negotiated_mime
 from node.sfu.rtc import PublishedTrack, Room, new_sid
 
 log = logging.getLogger("node.sfu.relay")
@@ -32,7 +33,7 @@ class RelayParticipant:
 
     remote = True
     can_subscribe = True
-    auto_subscribe = True  # every local track crosses the link (audio, see ``subscribe``)
+    auto_subscribe = True  # every local track crosses the link
     can_publish = True
     can_publish_data = True
 
@@ -91,18 +92,29 @@ class RelayParticipant:
     def subscribe(self, track: PublishedTrack) -> None:
         if track.owner is self or track.owner.remote or track.sid in self._outgoing:
             return
-        if track.kind != "audio":  # the link publishes Opus tracks only (for now)
-            return
         forward = ForwardTrack(
-            track_id=f"relay-{track.sid}", max_queue=self.room.settings.subscriber_queue
+            track_id=f"relay-{track.sid}",
+            max_queue=self.room.settings.subscriber_queue,
+            kind=track.kind,
         )
         self._outgoing[track.sid] = forward
         track.subscribers[self.sid] = forward
-        self.spawn(self._publish(forward, f"{track.owner.identity}/{track.name}"))
+        keyframe = None
+        if track.kind == "video":
+            # the far side's viewers ask for keyframes through the link (and after a gap)
+            keyframe = forward.on_gap = track.keyframe_for(forward)
+            track.pick_layer(forward)
+        self.spawn(
+            self._publish(
+                forward, f"{track.owner.identity}/{track.name}", track.mime_type, keyframe
+            )
+        )
 
-    async def _publish(self, forward: ForwardTrack, name: str) -> None:
+    async def _publish(
+        self, forward: ForwardTrack, name: str, mime: str, keyframe: Any = None
+    ) -> None:
         try:
-            await self.client.publish(forward, name)
+            await self.client.publish(forward, name, mime=mime, on_keyframe=keyframe)
         except Exception as exc:
             log.warning("relay of %s to %s failed: %s", name, self.peer_url, exc)
 
@@ -118,8 +130,21 @@ class RelayParticipant:
     def _on_peer_track(self, track_sid: str, owner_sid: str, receiver: Any) -> None:
         owner = self.client.participants.get(owner_sid)
         name = f"{owner.identity if owner else 'peer'}/{track_sid}"
-        published = PublishedTrack(sid=new_sid("TR"), cid=track_sid, name=name, owner=self)  # type: ignore[arg-type]
-        published.receive(receiver, "audio/opus")
+        kind = receiver.track.kind
+        transceiver = next(
+            (t for t in self.client.subscriber.getTransceivers() if t.receiver is receiver), None
+        )
+        mime = negotiated_mime(transceiver) if transceiver is not None else ""
+        published = PublishedTrack(
+            sid=new_sid("TR"),
+            cid=track_sid,
+            name=name,
+            owner=self,  # type: ignore[arg-type]
+            kind=kind,
+            mime_type=mime or "audio/opus",
+            source=models.TrackSource.CAMERA if kind == "video" else models.TrackSource.MICROPHONE,
+        )
+        published.receive(receiver, mime)
         self.room.publish(self, published)  # type: ignore[arg-type]
 
     def _on_peer_data(self, label: str, payload: bytes) -> None:

@@ -931,10 +931,14 @@ async def test_a_room_spans_two_nodes(sfu: Setup, tmp_path: Path) -> None:
     url_b = f"ws://127.0.0.1:{port}"
     alice, bob = lk.Room(), lk.Room()
     subscribed: asyncio.Future[lk.Track] = asyncio.get_running_loop().create_future()
-    bob.on(
-        "track_subscribed",
-        lambda track, pub, part: subscribed.done() or subscribed.set_result(track),
-    )
+    owners: list[str] = []
+
+    def on_subscribed(track: lk.Track, pub: Any, part: Any) -> None:
+        owners.append(part.identity)
+        if not subscribed.done():
+            subscribed.set_result(track)
+
+    bob.on("track_subscribed", on_subscribed)
     data: list[tuple[bytes, str]] = []
     bob.on(
         "data_received",
@@ -985,12 +989,22 @@ async def test_a_room_spans_two_nodes(sfu: Setup, tmp_path: Path) -> None:
         await wait_for(lambda: sum(len(s) for s in samples) > 48000, 15, "audio over the relay")
         audio = np.concatenate(samples)[-24000:]
         assert abs(tone_hz(audio) - 440) < 5, "bob on node B hears alice on node A"
+        # Each side sees the other's people by identity, not the link: bob hears alice's track
+        # as alice's, and the data she sends comes from her.
+        assert set(bob.remote_participants) == {"alice"} and owners == ["alice"]
+        await wait_for(lambda: set(alice.remote_participants) == {"bob"}, 10, "alice sees bob")
         await alice.local_participant.publish_data(b"across", reliable=True)
         await wait_for(lambda: data, 10, "data over the relay")
-        # The packet keeps participant_identity "alice"; B's SDK knows no participant of that
-        # name (alice is behind the relay participant), so it reports no sender object.
-        assert data[0][0] == b"across"
+        assert data[0] == (b"across", "alice")
         assert node_b.role.load() == 1 and sfu.role.load() == 1, "relays are not load"
+        # what a moderator changes on A is what B shows
+        status, _ = await twirp(
+            sfu, "UpdateParticipant", {"room": "span", "identity": "alice", "metadata": "hi"}, admin
+        )
+        assert status == 200
+        await wait_for(
+            lambda: bob.remote_participants["alice"].metadata == "hi", 10, "the metadata on B"
+        )
 
         # Video crosses too: bob on node B decodes alice's camera on node A (VP8, as it came).
         video = lk.VideoSource(320, 240)
@@ -1002,6 +1016,11 @@ async def test_a_room_spans_two_nodes(sfu: Setup, tmp_path: Path) -> None:
         width, height, rgb = await asyncio.wait_for(seen(await asyncio.wait_for(bob_video, 20)), 20)
         assert (width, height) == (320, 240)
         assert np.abs(rgb - (30, 160, 220)).max() < 30, f"bob saw {rgb}, not alice's camera"
+        assert owners == ["alice", "alice"]
+
+        # alice leaves node A: bob sees her leave node B
+        await alice.disconnect()
+        await wait_for(lambda: not bob.remote_participants, 10, "alice gone from B")
     finally:
         for task in (player, reader, camera):
             if task is not None:

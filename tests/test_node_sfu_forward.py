@@ -402,3 +402,33 @@ def test_a_viewer_is_given_the_best_arriving_layer_at_or_below_its_ask() -> None
     track.layer_at = [0.0, 0.0, now]
     track.pick_layer(viewer)
     assert viewer.want == 2, "only the top one arrives: better than nothing"
+
+
+@pytest.mark.fast
+def test_a_roster_from_a_linked_node_is_checked() -> None:
+    """node/sfu/mirror.py: what a link announces is read back as sent; anything else is refused
+    whole (the room then keeps the mirrors it had)."""
+    from types import SimpleNamespace
+
+    from livekit.protocol import models
+
+    from node.sfu.mirror import MAX_FIELD, ROSTER_TOPIC, read_roster, roster_packet
+
+    ann = SimpleNamespace(identity="ann", name="Ann", metadata="m", attributes={"a": "1"})
+    packet = models.DataPacket.FromString(roster_packet([ann]))
+    assert packet.user.topic == ROSTER_TOPIC
+    assert read_roster(packet.user.payload) == [
+        {"identity": "ann", "name": "Ann", "metadata": "m", "attributes": {"a": "1"}}
+    ]
+    for bad in (
+        b"{}",
+        b"[1]",
+        b'[{"name": "no identity"}]',
+        b'[{"identity": "x", "attributes": {"a": 1}}]',
+        b'[{"identity": "x", "metadata": 5}]',
+        b'[{"identity": "x", "metadata": "' + b"m" * (MAX_FIELD + 1) + b'"}]',
+        b"not json",
+        b"\xff\xfe",
+    ):
+        with pytest.raises(ValueError):
+            read_roster(bad)

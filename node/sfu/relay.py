@@ -4,8 +4,8 @@ Node A links its room R to node B (``POST /relay/link`` on A, under a roomAdmin 
 the gateway's issuer signed, so B trusts it too). A then joins R on B *as a LiveKit client*
 (``client.LiveKitClient``, with ``?relay=1``): everything published in R on A is published to B
 over that one WebRTC link, and everything B forwards to it is published into R on A. On both
-nodes the link is one participant (``relay-<node>``) that is visible to clients (a LiveKit client
-only attaches tracks of a participant it knows) but is neither billed nor counted as load.
+nodes the link is one participant (``relay-<node>``), neither billed nor counted as load, that
+clients are not told of: the people behind it are shown one by one (``mirror.py``).
 Media stays encoded end to end (passthrough in, ``ForwardTrack`` out); data packets cross too,
 keeping their original sender. Tracks that arrived over a relay are never relayed again, so two
 linked nodes cannot loop. Audio and video cross (a simulcast track as its top layer arriving);
@@ -129,7 +129,9 @@ class RelayParticipant:
 
     def _on_peer_track(self, track_sid: str, owner_sid: str, receiver: Any) -> None:
         owner = self.client.participants.get(owner_sid)
-        name = f"{owner.identity if owner else 'peer'}/{track_sid}"
+        info = next((t for t in owner.tracks if t.sid == track_sid), None) if owner else None
+        # "<identity>/<name>": the room shows the track as its far-side owner's (a mirror)
+        name = f"{owner.identity}/{info.name if info else track_sid}" if owner else track_sid
         kind = receiver.track.kind
         transceiver = next(
             (t for t in self.client.subscriber.getTransceivers() if t.receiver is receiver), None
@@ -159,7 +161,7 @@ class RelayParticipant:
         for other in list(self.room.participants.values()):
             for track in list(other.tracks.values()):
                 self.subscribe(track)
-        self.room.broadcast_update([self])  # type: ignore[list-item]
+        self.room.send_roster(force=True)  # the far side learns who is here
         self.spawn(self._watch())
 
     async def _watch(self) -> None:

@@ -48,6 +48,7 @@ from node.sfu.forward import (
     read_simulcast,
     request_keyframe,
 )
+from node.sfu.mirror import ROSTER_TOPIC, Mirror, read_roster, roster_packet
 from node.sfu.settings import SfuSettings
 from registry.tokens import Claims
 
@@ -200,6 +201,12 @@ class PublishedTrack:
     def on_level(self, dbov: int) -> None:
         self.level_dbov = dbov
         self.level_at = time.monotonic()
+
+
+def listed(participant: Any) -> bool:
+    """Whether clients are told of ``participant``: everyone but a link to another node (the
+    people behind it are listed one by one, as mirrors)."""
+    return not participant.remote or getattr(participant, "mirror", False)
 
 
 def announced_layers(layers: Any) -> list[models.VideoLayer]:
@@ -951,6 +958,8 @@ class Room:
         self.finished = False
         self.data_packets = 0
         self.issuer: str | None = None  # of the first participant's token
+        self.mirrors: dict[str, dict[str, Mirror]] = {}  # link sid -> identity -> mirror
+        self._roster_sent = b""
 
     def info(self) -> models.Room:
         return models.Room(
@@ -992,7 +1001,9 @@ class Room:
         if not participant.remote:
             self._empty_since = None
         participant.state = models.ParticipantInfo.State.JOINED
-        others = [p.info() for p in self.participants.values() if p is not participant]
+        others = [
+            p.info() for p in self.participants.values() if p is not participant and listed(p)
+        ]
         s = self.settings
         join = rtc.JoinResponse(
             room=self.info(),
@@ -1021,12 +1032,18 @@ class Room:
                     participant.subscribe(track)
         await participant.negotiate_subscriber()
         self.broadcast_update([participant], exclude=participant)
+        self.send_roster(force=participant.remote)  # a new link hears who is here
         if self._speaker_task is None:
             self._speaker_task = asyncio.ensure_future(self._speaker_loop())
 
     def leave(self, participant: Participant) -> None:
         if self.participants.pop(participant.sid, None) is None:
             return
+        for mirror in list(self.mirrors.pop(participant.sid, {}).values()):
+            mirror.state = models.ParticipantInfo.State.DISCONNECTED
+            self.leave(mirror)  # type: ignore[arg-type]
+        if getattr(participant, "mirror", False):
+            self.mirrors.get(participant.link.sid, {}).pop(participant.identity, None)
         for track in participant.tracks.values():
             sent = {sid: (f.forwarded, f.dropped) for sid, f in track.subscribers.items()}
             log.info(  # what a "they never heard me" report needs first
@@ -1054,6 +1071,7 @@ class Room:
         self.broadcast_update([participant])
         if not participant.remote:
             self._event("participant_left", participant)
+            self.send_roster()
         if not self.visible() and self._empty_since is None:
             self._empty_since = time.monotonic()
 
@@ -1076,6 +1094,10 @@ class Room:
             self._event("track_unpublished", owner, track)
 
     def publish(self, owner: Participant, track: PublishedTrack) -> None:
+        if owner.remote and not getattr(owner, "mirror", False) and "/" in track.name:
+            # a track the link carries for one of the far side's people: theirs, not the link's
+            identity, _, track.name = track.name.partition("/")
+            owner = track.owner = self.mirror_for(owner, identity)  # type: ignore[assignment]
         owner.tracks[track.sid] = track
         for sub in self.participants.values():
             if (
@@ -1103,11 +1125,65 @@ class Room:
     def broadcast_update(
         self, changed: list[Participant], exclude: Participant | None = None
     ) -> None:
-        infos = [p.info() for p in changed]
+        infos = [p.info() for p in changed if listed(p)]
+        if any(not p.remote for p in changed):
+            self.send_roster()
+        if not infos:
+            return
         message = rtc.SignalResponse(update=rtc.ParticipantUpdate(participants=infos))
         for p in list(self.participants.values()):
             if p is not exclude:
                 p.send(message)
+
+    # ------------------------------------------------------------ the far side of a link
+
+    def send_roster(self, force: bool = False) -> None:
+        """Tell every link who is here (the local participants), when that changed."""
+        packet = roster_packet([p for p in self.participants.values() if not p.remote])
+        if packet == self._roster_sent and not force:
+            return
+        self._roster_sent = packet
+        for p in list(self.participants.values()):
+            if p.remote and not getattr(p, "mirror", False):
+                p.send_data("_reliable", packet)
+
+    def mirror_for(self, link: Participant, identity: str) -> Mirror:
+        """The far side's participant ``identity`` behind ``link``, shown here as itself."""
+        mine = self.mirrors.setdefault(link.sid, {})
+        mirror = mine.get(identity)
+        if mirror is None:
+            mirror = mine[identity] = Mirror(self, link, new_sid("PA"), identity)
+            self.participants[mirror.sid] = mirror  # type: ignore[assignment]
+            self.broadcast_update([mirror])  # type: ignore[list-item]
+        return mirror
+
+    def apply_roster(self, link: Participant, payload: bytes) -> None:
+        """The far side's people, as ``link``'s node announced them: new ones join here, changed
+        ones are updated, missing ones leave. An identity that is also here locally stays the
+        local participant's."""
+        try:
+            entries = read_roster(payload)
+        except ValueError as exc:
+            log.info("ignored a malformed roster from link %s: %s", link.identity, exc)
+            return
+        local = {p.identity for p in self.participants.values() if not p.remote}
+        mine = self.mirrors.setdefault(link.sid, {})
+        seen: set[str] = set()
+        changed: list[Any] = []
+        for entry in entries:
+            identity = entry["identity"]
+            if identity in local or identity in seen:
+                continue
+            seen.add(identity)
+            mirror = self.mirror_for(link, identity)
+            if mirror.update(entry):
+                changed.append(mirror)
+        for identity in [i for i in mine if i not in seen]:
+            gone = mine.pop(identity)
+            gone.state = models.ParticipantInfo.State.DISCONNECTED
+            self.leave(gone)  # type: ignore[arg-type]
+        if changed:
+            self.broadcast_update(changed)
 
     # ------------------------------------------------------------ data
 
@@ -1124,6 +1200,9 @@ class Room:
         if packet.WhichOneof("value") is None:
             return
         if sender.remote:  # relayed from a peer node, which already stamped the sender
+            if packet.HasField("user") and packet.user.topic == ROSTER_TOPIC:
+                self.apply_roster(sender, packet.user.payload)
+                return
             self.send_data(packet, label, set(packet.destination_identities), exclude=sender)
             return
         # The SFU, not the client, says who sent it.

@@ -945,6 +945,8 @@ async def test_a_room_spans_two_nodes(sfu: Setup, tmp_path: Path) -> None:
         lambda p: data.append((p.data, p.participant.identity if p.participant else "")),
     )
     bob_video = watch(bob)
+    speaking: list[list[str]] = []
+    bob.on("active_speakers_changed", lambda ps: speaking.append([p.identity for p in ps]))
     player = reader = camera = None
     try:
         await alice.connect(sfu.ws_url, sfu.token("alice", room="span"))  # on node A
@@ -992,6 +994,7 @@ async def test_a_room_spans_two_nodes(sfu: Setup, tmp_path: Path) -> None:
         # Each side sees the other's people by identity, not the link: bob hears alice's track
         # as alice's, and the data she sends comes from her.
         assert set(bob.remote_participants) == {"alice"} and owners == ["alice"]
+        await wait_for(lambda: ["alice"] in speaking, 10, "bob sees alice speak")
         await wait_for(lambda: set(alice.remote_participants) == {"bob"}, 10, "alice sees bob")
         await alice.local_participant.publish_data(b"across", reliable=True)
         await wait_for(lambda: data, 10, "data over the relay")

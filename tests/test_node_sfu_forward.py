@@ -412,7 +412,14 @@ def test_a_roster_from_a_linked_node_is_checked() -> None:
 
     from livekit.protocol import models
 
-    from node.sfu.mirror import MAX_FIELD, ROSTER_TOPIC, read_roster, roster_packet
+    from node.sfu.mirror import (
+        MAX_FIELD,
+        ROSTER_TOPIC,
+        read_roster,
+        read_speakers,
+        roster_packet,
+        speakers_packet,
+    )
 
     ann = SimpleNamespace(identity="ann", name="Ann", metadata="m", attributes={"a": "1"})
     packet = models.DataPacket.FromString(roster_packet([ann]))
@@ -432,3 +439,8 @@ def test_a_roster_from_a_linked_node_is_checked() -> None:
     ):
         with pytest.raises(ValueError):
             read_roster(bad)
+    said = models.DataPacket.FromString(speakers_packet({"ann": 30}))
+    assert read_speakers(said.user.payload) == {"ann": 30}
+    for bad in (b"[]", b'{"ann": 128}', b'{"ann": "loud"}', b'{"ann": -1}', b"{"):
+        with pytest.raises(ValueError):
+            read_speakers(bad)

@@ -2,8 +2,9 @@
 
 Two nodes that share a room (``relay.py``) tell each other who is in it: each side of the link
 sends the other its *local* participants (identity, name, metadata, attributes) as a data packet
-on the link, ``ROSTER_TOPIC``, whenever that list changes. The receiving room shows each of them
-as a ``Mirror``: a participant of its own, with its own sid, that owns the tracks the link
+on the link, ``ROSTER_TOPIC``, whenever that list changes. Who speaks crosses the same way
+(``SPEAKERS_TOPIC``, at every speaker check while someone speaks). The receiving room shows each
+of them as a ``Mirror``: a participant of its own, with its own sid, that owns the tracks the link
 carries for it (a relayed track is named ``<identity>/<name>``). Clients see the far side's
 people by identity, with their tracks and metadata; the link itself is not listed.
 
@@ -21,6 +22,7 @@ from typing import Any
 from livekit.protocol import models
 
 ROSTER_TOPIC = "lk.relay.roster"
+SPEAKERS_TOPIC = "lk.relay.speakers"  # {identity: RFC 6464 level} of who speaks, every check
 MAX_ROSTER = 1000  # participants one link may announce
 MAX_FIELD = 64 * 1024  # bytes of metadata (or of all attributes) per announced participant
 
@@ -40,6 +42,26 @@ def roster_packet(participants: list[Any]) -> bytes:
         user=models.UserPacket(topic=ROSTER_TOPIC, payload=json.dumps(entries).encode())
     )
     return packet.SerializeToString()
+
+
+def speakers_packet(levels: dict[str, int]) -> bytes:
+    """Who speaks here, by identity, with the level (-dBov) the speaker check saw."""
+    payload = json.dumps(levels).encode()
+    return models.DataPacket(
+        user=models.UserPacket(topic=SPEAKERS_TOPIC, payload=payload)
+    ).SerializeToString()
+
+
+def read_speakers(payload: bytes) -> dict[str, int]:
+    """A speakers packet's levels, checked (``ValueError`` otherwise)."""
+    levels = json.loads(payload)
+    if not isinstance(levels, dict) or len(levels) > MAX_ROSTER:
+        raise ValueError(f"speakers are a map of at most {MAX_ROSTER} identities")
+    if not all(
+        isinstance(k, str) and isinstance(v, int) and 0 <= v <= 127 for k, v in levels.items()
+    ):
+        raise ValueError("speakers map identities to levels 0..127")
+    return levels
 
 
 def read_roster(payload: bytes) -> list[dict[str, Any]]:

@@ -48,7 +48,15 @@ from node.sfu.forward import (
     read_simulcast,
     request_keyframe,
 )
-from node.sfu.mirror import ROSTER_TOPIC, Mirror, read_roster, roster_packet
+from node.sfu.mirror import (
+    ROSTER_TOPIC,
+    SPEAKERS_TOPIC,
+    Mirror,
+    read_roster,
+    read_speakers,
+    roster_packet,
+    speakers_packet,
+)
 from node.sfu.settings import SfuSettings
 from registry.tokens import Claims
 
@@ -960,6 +968,7 @@ class Room:
         self.issuer: str | None = None  # of the first participant's token
         self.mirrors: dict[str, dict[str, Mirror]] = {}  # link sid -> identity -> mirror
         self._roster_sent = b""
+        self._speakers_sent = False  # the last speakers packet named someone
 
     def info(self) -> models.Room:
         return models.Room(
@@ -1185,6 +1194,30 @@ class Room:
         if changed:
             self.broadcast_update(changed)
 
+    def apply_speakers(self, link: Participant, payload: bytes) -> None:
+        """Who speaks on the far side: their mirrors' audio tracks take the level, so this
+        room's speaker check counts them as it counts its own."""
+        try:
+            levels = read_speakers(payload)
+        except ValueError as exc:
+            log.info("ignored malformed speakers from link %s: %s", link.identity, exc)
+            return
+        now = time.monotonic()
+        for identity, dbov in levels.items():
+            mirror = self.mirrors.get(link.sid, {}).get(identity)
+            for track in mirror.tracks.values() if mirror is not None else ():
+                if track.kind == "audio":
+                    track.level_dbov, track.level_at = dbov, now
+
+    def _tell_links_who_speaks(self, levels: dict[str, int]) -> None:
+        if not levels and not self._speakers_sent:
+            return
+        self._speakers_sent = bool(levels)
+        packet = speakers_packet(levels)
+        for p in list(self.participants.values()):
+            if p.remote and not getattr(p, "mirror", False):
+                p.send_data("_lossy", packet)
+
     # ------------------------------------------------------------ data
 
     def on_data(self, sender: Participant, label: str, payload: bytes) -> None:
@@ -1202,6 +1235,9 @@ class Room:
         if sender.remote:  # relayed from a peer node, which already stamped the sender
             if packet.HasField("user") and packet.user.topic == ROSTER_TOPIC:
                 self.apply_roster(sender, packet.user.payload)
+                return
+            if packet.HasField("user") and packet.user.topic == SPEAKERS_TOPIC:
+                self.apply_speakers(sender, packet.user.payload)
                 return
             self.send_data(packet, label, set(packet.destination_identities), exclude=sender)
             return
@@ -1242,6 +1278,7 @@ class Room:
             await asyncio.sleep(self.settings.speaker_interval)
             now = time.monotonic()
             active: dict[str, float] = {}
+            local: dict[str, int] = {}  # what the links hear: who speaks here, by identity
             for p in self.participants.values():
                 levels = [
                     t.level_dbov
@@ -1250,6 +1287,9 @@ class Room:
                 ]
                 if levels:
                     active[p.sid] = level_to_unit(min(levels))
+                    if not p.remote:
+                        local[p.identity] = min(levels)
+            self._tell_links_who_speaks(local)
             if set(active) == set(self._speakers):
                 self._speakers = active
                 continue

@@ -1148,13 +1148,15 @@ class Room:
 
     def send_roster(self, force: bool = False) -> None:
         """Tell every link who is here (the local participants), when that changed."""
+        links = [p for p in self.participants.values() if p.remote and not getattr(p, "mirror", 0)]
+        if not links:
+            return  # a room on one node (the usual case) builds no roster
         packet = roster_packet([p for p in self.participants.values() if not p.remote])
         if packet == self._roster_sent and not force:
             return
         self._roster_sent = packet
-        for p in list(self.participants.values()):
-            if p.remote and not getattr(p, "mirror", False):
-                p.send_data("_reliable", packet)
+        for link in links:
+            link.send_data("_reliable", packet)
 
     def mirror_for(self, link: Participant, identity: str) -> Mirror:
         """The far side's participant ``identity`` behind ``link``, shown here as itself."""

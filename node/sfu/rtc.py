@@ -795,6 +795,9 @@ class Participant:
         subscriptions and peer connections, on a new signal socket. The client hears
         ``ReconnectResponse`` first, then what was queued while it was away, the room as it is
         now, and the subscriber offer it may have missed."""
+        if self.closed.is_set():  # it left between the lookup and now: start over
+            await ws.close()
+            return
         old, self.ws = self.ws, ws
         if self._grace is not None:
             self._grace.cancel()

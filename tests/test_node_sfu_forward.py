@@ -403,6 +403,36 @@ def test_a_viewer_is_given_the_best_arriving_layer_at_or_below_its_ask() -> None
     track.pick_layer(viewer)
     assert viewer.want == 2, "only the top one arrives: better than nothing"
 
+    # The viewer's own link: an estimate (RTCP REMB) well under its layer's rate, at two picks a
+    # second apart, holds it one layer lower; a one-off dip does not; the cap lifts after a while.
+    track.layer_at, track.layer_bps = [now] * 3, [150e3, 500e3, 1500e3]
+    viewer.asked, viewer.layer = 2, 2
+    viewer.note_estimate(2_000_000)
+    track.pick_layer(viewer)
+    assert viewer.want == 2 and viewer.cap is None
+
+    def said(bps: int, at: float) -> None:  # the viewer's REMB, as note_estimate keeps it
+        viewer.estimate_bps, viewer.estimate_at = bps, at
+
+    said(600_000, now)
+    track.step_down(viewer, now)
+    track.step_down(viewer, now + 0.5)
+    assert viewer.cap is None, "half a second of a low estimate is not congestion"
+    said(2_000_000, now + 1.0)
+    track.step_down(viewer, now + 1.0)
+    said(600_000, now + 2.0)
+    track.step_down(viewer, now + 2.0)
+    track.step_down(viewer, now + 3.0)
+    assert viewer.cap == 1
+    track.pick_layer(viewer)
+    assert viewer.want == 1, "stepped down"
+    viewer.layer = 1
+    said(600_000, now + 4.0)  # fine for the middle layer
+    track.step_down(viewer, now + 4.0)
+    assert viewer.cap == 1
+    track.step_down(viewer, now + 3.0 + 10.5)  # RETRY_UP later
+    assert viewer.cap is None
+
 
 @pytest.mark.fast
 def test_a_roster_from_a_linked_node_is_checked() -> None:

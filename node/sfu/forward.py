@@ -73,6 +73,7 @@ from aiortc import (
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcrtpreceiver import NackGenerator
+from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, unpack_remb_fci
 
 OPUS_CLOCK = 48000
 TIME_BASE = Fraction(1, OPUS_CLOCK)
@@ -453,6 +454,24 @@ def on_keyframe_request(sender: RTCRtpSender, callback: Callable[[], None]) -> N
     sender._send_keyframe = callback  # type: ignore[method-assign]
 
 
+def on_bandwidth_estimate(sender: RTCRtpSender, callback: Callable[[int], None]) -> None:
+    """Call ``callback(bits per second)`` with each estimate (RTCP REMB) the subscriber behind
+    ``sender`` reports of its own link; aiortc goes on handling the packet as before."""
+    original = sender._handle_rtcp_packet
+
+    async def handle(packet: Any) -> None:
+        if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+            try:
+                bitrate, _ = unpack_remb_fci(packet.fci)
+            except ValueError:
+                pass
+            else:
+                callback(bitrate)
+        await original(packet)
+
+    sender._handle_rtcp_packet = handle  # type: ignore[method-assign]
+
+
 def peer_connection() -> RTCPeerConnection:
     """A peer connection as the SFU uses them: no STUN/TURN of its own (host candidates), every
     m-line on one transport (max-bundle, as LiveKit clients offer; aiortc's default "balanced"
@@ -530,6 +549,11 @@ class ForwardTrack(MediaStreamTrack):
         self.want = 0
         self.layer: int | None = None
         self.switches = 0
+        self.estimate_bps = 0  # what the viewer last said its link carries (REMB), 0: unknown
+        self.estimate_at = 0.0
+        self.cap: int | None = None  # the highest layer its link was seen to carry
+        self.capped_at = 0.0
+        self.congested_since: float | None = None
         self._shift = 0  # added to the layer's timestamps
         self._last_pts: int | None = None
         self._step = 3000  # one frame at 30 fps, in 90 kHz ticks, until measured
@@ -544,6 +568,9 @@ class ForwardTrack(MediaStreamTrack):
                 self.on_gap()
         self._frames.append((packet, pts, time.perf_counter()))
         self._ready.set()
+
+    def note_estimate(self, bps: int) -> None:
+        self.estimate_bps, self.estimate_at = bps, time.monotonic()
 
     def push_layer(self, packet: av.Packet, layer: int, keyframe: bool) -> None:
         """A frame of simulcast ``layer``: sent if it is this viewer's layer, or if it is the

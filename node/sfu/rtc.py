@@ -42,6 +42,7 @@ from node.sfu.forward import (
     is_keyframe,
     level_to_unit,
     negotiated_mime,
+    on_bandwidth_estimate,
     on_keyframe_request,
     peer_connection,
     prefer_codec,
@@ -67,6 +68,8 @@ MAX_PENDING_TRACKS = 32  # add_track requests awaiting their media, per particip
 SERVER_VERSION = "1.9.0-voicenet"
 KEYFRAME_INTERVAL = 0.5  # seconds between two keyframe requests to one publisher's track
 LAYER_IDLE = 1.0  # seconds without a frame after which a simulcast layer counts as paused
+CONGESTED = 0.7  # a viewer whose estimate stays under this share of its layer's rate steps down
+RETRY_UP = 10.0  # seconds a stepped-down viewer stays down before it tries its layer again
 KINDS = {models.TrackType.AUDIO: "audio", models.TrackType.VIDEO: "video"}
 
 
@@ -101,6 +104,8 @@ class PublishedTrack:
     layer_at: list[float] = field(default_factory=list)  # each layer's last frame (monotonic)
     keyframe_requests: int = 0
     _keyframe_at: dict[int, float] = field(default_factory=dict)  # per layer
+    layer_bps: list[float] = field(default_factory=list)  # each layer's rate, last second
+    _layer_bytes: list[int] = field(default_factory=list)
     _picked_at: float = 0.0
 
     def info(self) -> models.TrackInfo:
@@ -128,6 +133,8 @@ class PublishedTrack:
             self.rids = simulcast.rids
             self.sources = [set() for _ in self.rids]
             self.layer_at = [0.0 for _ in self.rids]
+            self.layer_bps = [0.0 for _ in self.rids]
+            self._layer_bytes = [0 for _ in self.rids]
             install_simulcast(receiver, self.rids, self.on_layer_frame, self.sources)
         else:
             on_level = self.on_level if self.kind == "audio" else None
@@ -166,9 +173,13 @@ class PublishedTrack:
         self.frames += 1
         now = time.monotonic()
         self.layer_at[layer] = now
+        self._layer_bytes[layer] += packet.size
         if self.muted:
             return
         if now - self._picked_at > LAYER_IDLE:  # a layer may have paused or come back
+            elapsed = now - self._picked_at if self._picked_at else LAYER_IDLE
+            self.layer_bps = [8 * b / elapsed for b in self._layer_bytes]
+            self._layer_bytes = [0 for _ in self._layer_bytes]
             self._picked_at = now
             for forward in list(self.subscribers.values()):
                 self.pick_layer(forward)
@@ -193,18 +204,41 @@ class PublishedTrack:
         """Point ``forward`` at the best layer now arriving at or below what it asked for (the
         lowest arriving one when none is that low), and ask for that layer's keyframe until it
         is there. A publisher short of bandwidth stops its top layers; a viewer then steps down.
+        A viewer whose own link is short (``step_down``) is held below its layer for a while.
         Called on a viewer's request and for every viewer once per ``LAYER_IDLE``."""
         if not self.rids:
             return
         now = time.monotonic()
+        self.step_down(forward, now)
         arriving = [n for n, at in enumerate(self.layer_at) if now - at < LAYER_IDLE]
-        below = [n for n in arriving if n <= forward.asked]
+        ceiling = forward.asked if forward.cap is None else min(forward.asked, forward.cap)
+        below = [n for n in arriving if n <= ceiling]
         want = max(below) if below else min(arriving, default=forward.asked)
         forward.want = want
         if want != forward.layer:
             # again at every pick until it comes: libwebrtc drops a request that follows another
             # of the same camera within 300 ms, whatever the layer
             self.request_keyframe(want)
+
+    def step_down(self, forward: ForwardTrack, now: float) -> None:
+        """The viewer's estimate of its link (RTCP REMB, fresh) under ``CONGESTED`` of what its
+        layer carries, at two picks running (a second apart; uncongested, libwebrtc's estimate
+        is 1.1-3 times the rate it receives): cap it one layer lower. aiortc's sender does not
+        probe, so a link that recovers is not seen: after ``RETRY_UP`` the cap goes and the
+        viewer tries again."""
+        if forward.cap is not None and now - forward.capped_at > RETRY_UP:
+            forward.cap = None
+        layer = forward.layer
+        if layer is None or layer == 0 or now - forward.estimate_at > 2 * LAYER_IDLE:
+            forward.congested_since = None
+            return
+        rate = self.layer_bps[layer] if layer < len(self.layer_bps) else 0.0
+        if not (rate > 0 and forward.estimate_bps < CONGESTED * rate):
+            forward.congested_since = None
+        elif forward.congested_since is None:
+            forward.congested_since = now
+        elif now - forward.congested_since >= LAYER_IDLE * 0.9:
+            forward.cap, forward.capped_at, forward.congested_since = layer - 1, now, None
 
     def on_level(self, dbov: int) -> None:
         self.level_dbov = dbov
@@ -549,6 +583,7 @@ class Participant:
             on_keyframe_request(sender, track.keyframe_for(forward))
             forward.on_gap = track.keyframe_for(forward)
             if track.rids:
+                on_bandwidth_estimate(sender, forward.note_estimate)
                 track.pick_layer(forward)
             else:
                 track.request_keyframe()

@@ -338,8 +338,12 @@ def frame_sizes(track: lk.Track) -> tuple[list[tuple[int, int]], asyncio.Future[
     sizes: list[tuple[int, int]] = []
 
     async def read() -> None:
-        async for event in lk.VideoStream(track):
-            sizes.append((event.frame.width, event.frame.height))
+        stream = lk.VideoStream(track)
+        try:
+            async for event in stream:
+                sizes.append((event.frame.width, event.frame.height))
+        finally:  # closed, not left to the interpreter's exit (the SDK's native side panics)
+            await stream.aclose()
 
     return sizes, asyncio.ensure_future(read())
 
@@ -396,6 +400,9 @@ async def test_simulcast_viewers_get_the_layer_they_ask_for(sfu: Setup) -> None:
         await wait_for(lambda: flowing(one_sizes, (320, 180)), 20, "and down again")
         assert flowing(two_sizes, (640, 360)), "the other viewer stayed where it was"
         assert one_fwd.switches >= 3 and one_fwd.dropped == 0 and two_fwd.dropped == 0
+        # each viewer's own link estimate (RTCP REMB) reaches the node; uncongested, no cap
+        assert one_fwd.estimate_bps > 0 and two_fwd.estimate_bps > 0
+        assert one_fwd.cap is None and two_fwd.cap is None
     finally:
         for task in (camera, *(readers or ())):
             if task is not None:

@@ -95,6 +95,26 @@ def read_roster(payload: bytes) -> list[dict[str, Any]]:
     return kept
 
 
+def far_side_info(participant: Any, **extra: Any) -> models.ParticipantInfo:
+    """A participant of another node (a link, or one of the people behind it) as a room lists
+    it: it may do everything there; its own node enforces what its token grants."""
+    return models.ParticipantInfo(
+        sid=participant.sid,
+        identity=participant.identity,
+        name=participant.name,
+        state=participant.state,
+        tracks=[t.info() for t in participant.tracks.values()],
+        joined_at=int(participant.joined_at),
+        joined_at_ms=int(participant.joined_at * 1000),
+        version=1,
+        permission=models.ParticipantPermission(
+            can_subscribe=True, can_publish=True, can_publish_data=True
+        ),
+        is_publisher=bool(participant.tracks),
+        **extra,
+    )
+
+
 class Mirror:
     """A participant of the linked node, in this room (see the module docstring)."""
 
@@ -128,22 +148,7 @@ class Mirror:
         return True
 
     def info(self) -> models.ParticipantInfo:
-        return models.ParticipantInfo(
-            sid=self.sid,
-            identity=self.identity,
-            name=self.name,
-            state=self.state,
-            tracks=[t.info() for t in self.tracks.values()],
-            joined_at=int(self.joined_at),
-            joined_at_ms=int(self.joined_at * 1000),
-            version=1,
-            metadata=self.metadata,
-            attributes=self.attributes,
-            permission=models.ParticipantPermission(
-                can_subscribe=True, can_publish=True, can_publish_data=True
-            ),
-            is_publisher=bool(self.tracks),
-        )
+        return far_side_info(self, metadata=self.metadata, attributes=self.attributes)
 
     def send(self, response: Any) -> None:
         pass  # the far side's clients hear from their own node

@@ -23,6 +23,7 @@ from livekit.protocol import models
 
 from node.sfu.client import LiveKitClient
 from node.sfu.forward import ForwardTrack, negotiated_mime
+from node.sfu.mirror import far_side_info
 from node.sfu.rtc import PublishedTrack, Room, new_sid
 
 log = logging.getLogger("node.sfu.relay")
@@ -61,18 +62,7 @@ class RelayParticipant:
     # ------------------------------------------------------------ the Participant surface
 
     def info(self) -> models.ParticipantInfo:
-        return models.ParticipantInfo(
-            sid=self.sid,
-            identity=self.identity,
-            name=self.name,
-            state=self.state,
-            tracks=[t.info() for t in self.tracks.values()],
-            joined_at=int(self.joined_at),
-            permission=models.ParticipantPermission(
-                can_subscribe=True, can_publish=True, can_publish_data=True
-            ),
-            is_publisher=bool(self.tracks),
-        )
+        return far_side_info(self)
 
     def send(self, response: Any) -> None:
         pass  # the peer learns about the room from its own node's signalling

@@ -410,7 +410,7 @@ def install_simulcast(
     receiver._sfu_passthrough = True  # type: ignore[attr-defined]
 
 
-def is_keyframe(mime: str, frame: bytes) -> bool:
+def is_keyframe(mime: str, frame: bytes | memoryview) -> bool:
     """Whether an encoded frame decodes on its own: a VP8 key frame (RFC 6386, frame tag bit 0
     clear) or an H.264 access unit with an IDR slice (NAL type 5)."""
     if not frame:
@@ -418,6 +418,7 @@ def is_keyframe(mime: str, frame: bytes) -> bool:
     if mime == "video/vp8":
         return not frame[0] & 1
     if mime == "video/h264":
+        frame = bytes(frame)  # VP8 needs one byte; H.264 is searched for its NAL units
         at = frame.find(b"\x00\x00\x01")
         while at != -1 and at + 3 < len(frame):
             if frame[at + 3] & 0x1F == 5:

@@ -33,6 +33,7 @@ class RelayParticipant:
     """The peer node's side of a room, as a participant of the local room."""
 
     remote = True
+    mirror = False
     can_subscribe = True
     auto_subscribe = True  # every local track crosses the link
     can_publish = True

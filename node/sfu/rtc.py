@@ -183,7 +183,7 @@ class PublishedTrack:
             self._picked_at = now
             for forward in list(self.subscribers.values()):
                 self.pick_layer(forward)
-        keyframe = is_keyframe(self.mime_type, bytes(packet))
+        keyframe = is_keyframe(self.mime_type, memoryview(packet))
         for forward in list(self.subscribers.values()):
             forward.push_layer(packet, layer, keyframe)
 
@@ -245,10 +245,18 @@ class PublishedTrack:
         self.level_at = time.monotonic()
 
 
+def ice_servers(settings: SfuSettings) -> list[rtc.ICEServer]:
+    """The STUN/TURN servers a client is handed (in its JoinResponse, or on resume)."""
+    return [
+        rtc.ICEServer(urls=i.urls, username=i.username, credential=i.credential)
+        for i in settings.ice_servers
+    ]
+
+
 def listed(participant: Any) -> bool:
     """Whether clients are told of ``participant``: everyone but a link to another node (the
     people behind it are listed one by one, as mirrors)."""
-    return not participant.remote or getattr(participant, "mirror", False)
+    return not participant.remote or participant.mirror
 
 
 def announced_layers(layers: Any) -> list[models.VideoLayer]:
@@ -271,6 +279,8 @@ class SignalError(Exception):
 
 
 class Participant:
+    mirror = False  # one of a linked node's people (``mirror.Mirror``), not a connection here
+
     def __init__(
         self,
         room: Room,
@@ -843,12 +853,7 @@ class Participant:
         self.last_ping = time.monotonic()
         log.info("%s resumed in %s (resume %d)", self.identity, self.room.name, self.resumes)
         s = self.settings
-        reconnect = rtc.ReconnectResponse(
-            ice_servers=[
-                rtc.ICEServer(urls=i.urls, username=i.username, credential=i.credential)
-                for i in s.ice_servers
-            ]
-        )
+        reconnect = rtc.ReconnectResponse(ice_servers=ice_servers(s))
         await ws.send_bytes(rtc.SignalResponse(reconnect=reconnect).SerializeToString())
         self.signal_up.set()
         others = [p.info() for p in self.room.participants.values() if p is not self]
@@ -1060,10 +1065,7 @@ class Room:
             subscriber_primary=True,
             ping_interval=s.ping_interval,
             ping_timeout=s.ping_timeout,
-            ice_servers=[
-                rtc.ICEServer(urls=i.urls, username=i.username, credential=i.credential)
-                for i in s.ice_servers
-            ],
+            ice_servers=ice_servers(s),
             server_info=models.ServerInfo(
                 version=SERVER_VERSION, protocol=PROTOCOL_VERSION, region=s.region
             ),
@@ -1089,7 +1091,7 @@ class Room:
         for mirror in list(self.mirrors.pop(participant.sid, {}).values()):
             mirror.state = models.ParticipantInfo.State.DISCONNECTED
             self.leave(mirror)  # type: ignore[arg-type]
-        if getattr(participant, "mirror", False):
+        if participant.mirror:
             self.mirrors.get(participant.link.sid, {}).pop(participant.identity, None)
         for track in participant.tracks.values():
             sent = {sid: (f.forwarded, f.dropped) for sid, f in track.subscribers.items()}
@@ -1141,7 +1143,7 @@ class Room:
             self._event("track_unpublished", owner, track)
 
     def publish(self, owner: Participant, track: PublishedTrack) -> None:
-        if owner.remote and not getattr(owner, "mirror", False) and "/" in track.name:
+        if owner in self.links() and "/" in track.name:
             # a track the link carries for one of the far side's people: theirs, not the link's
             identity, _, track.name = track.name.partition("/")
             owner = track.owner = self.mirror_for(owner, identity)  # type: ignore[assignment]
@@ -1184,9 +1186,13 @@ class Room:
 
     # ------------------------------------------------------------ the far side of a link
 
+    def links(self) -> list[Participant]:
+        """The participants that are links to other nodes (not the people behind them)."""
+        return [p for p in self.participants.values() if p.remote and not p.mirror]
+
     def send_roster(self, force: bool = False) -> None:
         """Tell every link who is here (the local participants), when that changed."""
-        links = [p for p in self.participants.values() if p.remote and not getattr(p, "mirror", 0)]
+        links = self.links()
         if not links:
             return  # a room on one node (the usual case) builds no roster
         packet = roster_packet([p for p in self.participants.values() if not p.remote])
@@ -1254,9 +1260,8 @@ class Room:
             return
         self._speakers_sent = bool(levels)
         packet = speakers_packet(levels)
-        for p in list(self.participants.values()):
-            if p.remote and not getattr(p, "mirror", False):
-                p.send_data("_lossy", packet)
+        for link in self.links():
+            link.send_data("_lossy", packet)
 
     # ------------------------------------------------------------ data
 

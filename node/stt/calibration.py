@@ -1,6 +1,6 @@
 """What one real-time STT stream costs on this machine, measured with the node's own models.
 
-A stream costs its front end (Silero VAD and the GTCRN denoiser) on every second of audio, and a
+A stream costs its Silero VAD on every second of audio, the GTCRN denoiser on its speech, and a
 Whisper final per utterance. The calibration clip is 3.7 s of real speech (Kokoro-82M, af_heart,
 16 kHz, shipped beside this module) ending in 0.5 s of silence; a conversational caller is taken to
 pause ``PAUSE_SECONDS`` between such utterances, as bench/stt.py streams them. Interim results
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import wave
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -40,19 +41,32 @@ def stream_cost(
     vad: VadConfig,
     whisper: WhisperEngine,
     word_timestamps: bool,
+    parallel: int = 1,
 ) -> float:
-    """Core-seconds of CPU per second of one real-time stream (blocking; process CPU time, so
-    Whisper's own threads count)."""
+    """Core-seconds of CPU per second of one real-time stream, ``parallel`` streams at once
+    (blocking; process CPU time, so Whisper's own threads count).
+
+    A full node runs a stream on every core, and its cores slow each other down: the front end
+    cost 0.053 core-s/s alone and 0.071-0.079 beside a second one on the 2-core machine, so a
+    stream measured alone promised 23 streams where 16 kept real time. The node therefore
+    measures ``parallel`` = its cores at once.
+    """
     audio = read_clip()
-    seconds = len(audio) / SAMPLE_RATE
-    front = FrontEnd(silero, gtcrn, vad, interim_interval_ms=None, speculative=False)
-    c0 = time.process_time()
-    for i in range(0, len(audio), FRAME):
-        front.feed(audio[i : i + FRAME])
-    front.flush()
-    front_cost = (time.process_time() - c0) / seconds
+    pause = np.zeros(int(PAUSE_SECONDS * SAMPLE_RATE), dtype=np.float32)
     language = "en" if whisper.supports("en") else "auto"
+
+    def one_utterance() -> None:
+        front = FrontEnd(silero, gtcrn, vad, interim_interval_ms=None, speculative=False)
+        for i in range(0, len(audio), FRAME):
+            front.feed(audio[i : i + FRAME])
+        front.flush()
+        for i in range(0, len(pause), FRAME):  # the pause costs the VAD alone: nothing to denoise
+            front.feed(pause[i : i + FRAME])
+        whisper.transcribe(audio, language, word_timestamps=word_timestamps)
+
     c0 = time.process_time()
-    whisper.transcribe(audio, language, word_timestamps=word_timestamps)
-    final_cost = time.process_time() - c0
-    return front_cost + final_cost / (seconds + PAUSE_SECONDS)
+    with ThreadPoolExecutor(parallel, thread_name_prefix="stt-calibration") as pool:
+        for done in [pool.submit(one_utterance) for _ in range(parallel)]:
+            done.result()
+    used = time.process_time() - c0
+    return used / (parallel * (len(audio) + len(pause)) / SAMPLE_RATE)

@@ -8,27 +8,17 @@ Output lags input by one hop (16 ms); ``flush()`` returns the tail. About 1 ms o
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
+
+from node.stt.onnx import OnnxModel
 
 N_FFT = 512
 HOP = 256
 WINDOW = np.sqrt(0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
 
 
-class GTCRNModel:
-    def __init__(self, path: Path, threads: int = 1) -> None:
-        import onnxruntime
-
-        opts = onnxruntime.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 4
-        opts.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-        self.session = onnxruntime.InferenceSession(
-            str(path), providers=["CPUExecutionProvider"], sess_options=opts
-        )
+class GTCRNModel(OnnxModel):
+    """The model, with a session per thread (node/stt/onnx.py); each stream keeps its caches."""
 
     def stream(self) -> Denoiser:
         return Denoiser(self)

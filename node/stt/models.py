@@ -23,6 +23,7 @@ class Models:
             s.whisper.beam_size,
             s.model_cache,
             s.whisper.encoder_window,
+            s.whisper.workers,
         )
         self.parakeet: ParakeetEngine | None = None
         if s.parakeet is not None:

@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from common.settings import SettingsError
+from node.capacity import usable_cores
 from node.models.whisper import ModelMissing
 from node.roles import RoleContext
 from node.session import Sessions
@@ -111,8 +112,11 @@ class STTRole:
         m = self.models
         self._capacity = await self.context.measured_capacity(
             f"whisper:{','.join(s.whisper.models)}:{m.whisper.device}:{m.whisper.compute_type}:"
-            f"threads={s.whisper.cpu_threads}:denoise={s.denoise}",
-            lambda: stream_cost(m.silero, m.gtcrn, self.vad_config, m.whisper, s.word_timestamps),
+            f"threads={s.whisper.cpu_threads}:workers={s.whisper.workers}:denoise={s.denoise}:"
+            "parallel",
+            lambda: stream_cost(
+                m.silero, m.gtcrn, self.vad_config, m.whisper, s.word_timestamps, usable_cores()
+            ),
         )
         self.sessions.start()
         log.info(

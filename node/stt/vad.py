@@ -12,9 +12,10 @@ utterance grows (long turns rarely pause for long), and a forced end at ``max_ut
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
+
+from node.stt.onnx import OnnxModel
 
 SAMPLE_RATE = 16000
 WINDOW = 512
@@ -22,23 +23,8 @@ CONTEXT = 64
 WINDOW_MS = WINDOW * 1000 / SAMPLE_RATE  # 32 ms
 
 
-def _session(path: Path):
-    import onnxruntime
-
-    opts = onnxruntime.SessionOptions()
-    opts.inter_op_num_threads = 1
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 4
-    return onnxruntime.InferenceSession(
-        str(path), providers=["CPUExecutionProvider"], sess_options=opts
-    )
-
-
-class SileroModel:
-    """The shared ONNX session (thread-safe to ``run``); each stream keeps its own state."""
-
-    def __init__(self, path: Path) -> None:
-        self.session = _session(path)
+class SileroModel(OnnxModel):
+    """The model, with a session per thread (node/stt/onnx.py); each stream keeps its own state."""
 
     def stream(self) -> SileroVAD:
         return SileroVAD(self)

@@ -13,8 +13,9 @@ One answer at a time. Caller speech during an answer is judged as a person would
 * a backchannel ("mhm", "yeah", "okay", a cough: a final or interim made only of
   ``backchannel_words`` or of bracketed noises) does nothing;
 * an interim or final with other words stops the agent at once (barge-in), and so does speech
-  that goes on for ``min_interruption`` without a ``speech_end`` (the node's VAD says
-  ``speech_end`` only after its own end-of-utterance silence, so a short sound ends before that);
+  that goes on for ``min_interruption`` (the node's VAD says ``speech_end`` only after its own
+  end-of-utterance silence, so the agent waits that silence more before it judges a sound
+  without words long);
 * the interrupting speech becomes the next turn. If nothing of the cut answer had been heard
   yet, the new words join the question it was answering (the caller had not finished): speech
   that starts before any of the answer was heard drops it at once, and the question is asked
@@ -53,6 +54,9 @@ from agents.plugins import (
 )
 
 log = logging.getLogger("agents.pipeline")
+
+# the STT node's end-of-utterance silence when the agent asks for none (node/stt/README.md)
+NODE_END_OF_UTTERANCE = 0.5
 
 BACKCHANNELS = frozenset(
     {
@@ -485,7 +489,12 @@ class Pipeline:
             return True
 
     async def _interrupt_after(self, caller: _Caller) -> None:
-        await asyncio.sleep(self.config.min_interruption)
+        """Speech without words interrupts once it lasted ``min_interruption``. The node says
+        ``speech_end`` only after its end-of-utterance silence, so a short sound ("Mhm", 0.6 s)
+        still counts as speaking for that silence after it ended: the wait covers it too, or a
+        backchannel would stop the agent whenever its speech_end came a little late."""
+        eou = self.config.end_of_utterance or NODE_END_OF_UTTERANCE
+        await asyncio.sleep(self.config.min_interruption + eou)
         if caller.speaking and self.speaking:
             await self.interrupt(
                 f"{caller.identity} spoke for {self.config.min_interruption} s", time.monotonic()

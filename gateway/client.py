@@ -333,10 +333,8 @@ class GatewayClient:
         self, session_id: str, additional_minutes: float
     ) -> WebrtcSession:
         return WebrtcSession.of(
-            await self.request(
-                "POST",
-                "/v1/webrtc/token/extend",
-                {"session_id": session_id, "additional_minutes": additional_minutes},
+            await self._extend(
+                "/v1/webrtc/token/extend", session_id, additional_minutes=additional_minutes
             )
         )
 
@@ -355,10 +353,8 @@ class GatewayClient:
         self, session_id: str, additional_minutes: float
     ) -> ServiceSession:
         return ServiceSession.of(
-            await self.request(
-                "POST",
-                "/v1/stt/session/extend",
-                {"session_id": session_id, "additional_minutes": additional_minutes},
+            await self._extend(
+                "/v1/stt/session/extend", session_id, additional_minutes=additional_minutes
             )
         )
 
@@ -377,12 +373,14 @@ class GatewayClient:
         self, session_id: str, additional_characters: int
     ) -> ServiceSession:
         return ServiceSession.of(
-            await self.request(
-                "POST",
-                "/v1/tts/session/extend",
-                {"session_id": session_id, "additional_characters": additional_characters},
+            await self._extend(
+                "/v1/tts/session/extend", session_id, additional_characters=additional_characters
             )
         )
+
+    async def _extend(self, path: str, session_id: str, **more: float) -> dict[str, Any]:
+        """POST an extension: the session and what it adds (minutes or characters)."""
+        return await self.request("POST", path, {"session_id": session_id, **more})
 
     async def create_agent_session(
         self,

@@ -54,53 +54,37 @@ class Metrics:
 
     def __init__(self, role: str) -> None:
         self.registry = CollectorRegistry()
-        labels = {"role": role}
-        self.load = Gauge(
-            "voicenet_node_load", "Live sessions", registry=self.registry, labelnames=["role"]
-        ).labels(**labels)
-        self.capacity = Gauge(
+        self.role = role
+        self.load = self._gauge("voicenet_node_load", "Live sessions")
+        self.capacity = self._gauge(
             "voicenet_node_capacity",
             "Advertised capacity (measured at start, at most the configured)",
-            registry=self.registry,
-            labelnames=["role"],
-        ).labels(**labels)
-        self.capacity_configured = Gauge(
-            "voicenet_node_capacity_configured",
-            "The config's capacity: the upper bound",
-            registry=self.registry,
-            labelnames=["role"],
-        ).labels(**labels)
-        self.unit_cost = Gauge(
+        )
+        self.capacity_configured = self._gauge(
+            "voicenet_node_capacity_configured", "The config's capacity: the upper bound"
+        )
+        self.unit_cost = self._gauge(
             "voicenet_node_unit_cost_core_seconds",
             "Measured core-seconds per second of one unit of work (0: not calibrated)",
-            registry=self.registry,
-            labelnames=["role"],
-        ).labels(**labels)
-        self.draining = Gauge(
-            "voicenet_node_draining",
-            "1 while draining",
-            registry=self.registry,
-            labelnames=["role"],
-        ).labels(**labels)
+        )
+        self.draining = self._gauge("voicenet_node_draining", "1 while draining")
         self.presence_renewals = Counter(
             "voicenet_node_presence_renewals",
             "Presence renewals sent to the chain (one transaction each)",
             registry=self.registry,
             labelnames=["role", "result"],
         )
-        self.last_presence = Gauge(
+        self.last_presence = self._gauge(
             "voicenet_node_last_presence_timestamp_seconds",
             "Unix time of the last confirmed presence renewal",
-            registry=self.registry,
-            labelnames=["role"],
-        ).labels(**labels)
-        self.load_reports = Gauge(
-            "voicenet_node_load_reports",
-            "Signed load reports sent (each to every gateway found)",
-            registry=self.registry,
-            labelnames=["role"],
-        ).labels(**labels)
-        self.role = role
+        )
+        self.load_reports = self._gauge(
+            "voicenet_node_load_reports", "Signed load reports sent (each to every gateway found)"
+        )
+
+    def _gauge(self, name: str, doc: str) -> Gauge:
+        """A gauge of this agent's registry, labelled with its role."""
+        return Gauge(name, doc, registry=self.registry, labelnames=["role"]).labels(role=self.role)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -98,13 +98,16 @@ async def one_more(srv: RoleServer, http: aiohttp.ClientSession) -> str:
     return f"NOT refused: {msg}"
 
 
-async def stream_trial(srv: RoleServer, k: int, text: str) -> tuple[int, float, list[float], str]:
-    """K simultaneous streams and, once they play, one more; returns (underruns, stall seconds,
-    TTFAs, what the extra client got)."""
+async def stream_trial(
+    srv: RoleServer, k: int, text: str, stagger: float = 0.0
+) -> tuple[int, float, list[float], str]:
+    """K streams, the i-th starting ``i * stagger`` seconds after the first, and, once they all
+    play, one more; returns (underruns, stall seconds, TTFAs, what the extra client got)."""
     before = dict(srv.role.stats)
     async with aiohttp.ClientSession() as http:
 
-        async def one() -> float:
+        async def one(delay: float) -> float:
+            await asyncio.sleep(delay)
             ws = await http.ws_connect(srv.url)
             await ws.send_json({"session_key": srv.token()})
             await ws.receive()
@@ -120,7 +123,7 @@ async def stream_trial(srv: RoleServer, k: int, text: str) -> tuple[int, float, 
             await ws.close()
             return ttfa or float("nan")
 
-        streams = [asyncio.ensure_future(one()) for _ in range(k)]
+        streams = [asyncio.ensure_future(one(i * stagger)) for i in range(k)]
         while srv.role.load() < k and not any(t.done() for t in streams):
             await asyncio.sleep(0.05)
         extra = await one_more(srv, http)
@@ -233,12 +236,13 @@ async def main_async(args: argparse.Namespace) -> None:
         print(f"  load average now {os.getloadavg()[0]:.1f} on {cores} cores")
 
         k = srv.role.capacity
+        start = f"{args.stagger:g} s apart" if args.stagger else "started together"
         print(
             f"\nat the advertised capacity: {k} real-time streams (each ~25 s of speech, "
-            "started together), and one more client while they play"
+            f"{start}), and one more client while they play"
         )
         wide = srv.role.scheduler.wide_jobs
-        under, stall, ttfas, extra = await stream_trial(srv, k, LONG)
+        under, stall, ttfas, extra = await stream_trial(srv, k, LONG, args.stagger)
         print(
             f"  {k} streams: underruns {under}, stalled {stall:.2f} s, first audio p50 "
             f"{pct(ttfas, 50) * 1000:.0f} ms max {max(ttfas) * 1000:.0f} ms -> "
@@ -261,6 +265,12 @@ def main() -> None:
         help="the config's capacity: the upper bound of what the node advertises",
     )
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = all cores)")
+    ap.add_argument(
+        "--stagger",
+        type=float,
+        default=0.0,
+        help="seconds between the capacity streams' starts (0: together, the worst case)",
+    )
     asyncio.run(main_async(ap.parse_args()))
 
 

@@ -241,13 +241,14 @@ async def main_async(args: argparse.Namespace) -> None:
             f"\nat the advertised capacity: {k} real-time streams (each ~25 s of speech, "
             f"{start}), and one more client while they play"
         )
-        wide = srv.role.scheduler.wide_jobs
+        wide, preempted = srv.role.scheduler.wide_jobs, srv.role.scheduler.preempted
         under, stall, ttfas, extra = await stream_trial(srv, k, LONG, args.stagger)
         print(
             f"  {k} streams: underruns {under}, stalled {stall:.2f} s, first audio p50 "
             f"{pct(ttfas, 50) * 1000:.0f} ms max {max(ttfas) * 1000:.0f} ms -> "
             f"{'no stream underran' if under == 0 else 'GAPS'}; jobs on every core "
-            f"{srv.role.scheduler.wide_jobs - wide}"
+            f"{srv.role.scheduler.wide_jobs - wide}, jobs stopped for a more urgent one "
+            f"{srv.role.scheduler.preempted - preempted}"
         )
         print(f"  stream {k + 1}: {extra}")
         print(f"  load average now {os.getloadavg()[0]:.1f} on {cores} cores")

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from common.settings import SettingsError
 from node.models.kokoro import ALL_VOICES, LANGUAGES, VOICES, KokoroFiles, ensure_kokoro
 from node.tts.engine import DEFAULT_COST, MAX_PHONEMES
 from node.tts.harness import RoleServer
+from node.tts.scheduler import Stop, Stopped
 from node.tts.segments import BUDGET_MARGIN, OTHER_MAX_CHARS, first_cut, plan_segments
 from node.tts.settings import load_settings
 from node.tts.voices import EngineError, VoiceSpec
@@ -160,6 +162,31 @@ def test_the_cost_model_keeps_one_thread_and_all_core_inferences_apart(engine) -
     engine.synthesize("And one that every core synthesizes.", voice, 1.0)
     assert engine.estimate("a", narrow=True)[:2] == narrow[:2]
     assert engine.estimate("a")[:2] != wide[:2]
+
+
+def test_a_synthesis_stops_when_the_scheduler_asks_and_the_engine_goes_on(engine) -> None:
+    voice = VoiceSpec.parse("af_heart")
+    text = "A long sentence that the scheduler stops halfway, for a listener who hears nothing yet."
+    stop = Stop()
+    outcome: list[object] = []
+    estimate = engine.estimate("a", narrow=True)
+
+    def run() -> None:
+        try:
+            outcome.append(engine.synthesize(text, voice, 1.0, threads=1, stop=stop))
+        except Stopped as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(0.3)
+    stop.stop()
+    thread.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], Stopped), outcome
+    assert engine.estimate("a", narrow=True) == estimate  # a stopped run teaches the cost nothing
+    audio = engine.synthesize(text, voice, 1.0, threads=1)  # the same session, run to the end
+    assert len(audio) / engine.sample_rate > 3
+    assert engine.estimate("a", narrow=True) != estimate
 
 
 @pytest.mark.fast

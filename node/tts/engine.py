@@ -17,11 +17,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from node.models.kokoro import ALL_VOICES, LANGUAGES, SAMPLE_RATE, KokoroFiles, ensure_kokoro
+from node.tts.scheduler import Stop, Stopped
 from node.tts.voices import VoiceSpec
 
 MAX_PHONEMES = 510  # English: the model's context
@@ -45,16 +46,41 @@ class Engine(Protocol):
         """How long ``text`` is in the unit the model's context is measured in."""
 
     def synthesize(
-        self, text: str, voice: VoiceSpec, speed: float, threads: int | None = None
+        self,
+        text: str,
+        voice: VoiceSpec,
+        speed: float,
+        threads: int | None = None,
+        stop: Stop | None = None,
     ) -> np.ndarray:
         """Blocking: float32 mono audio at ``sample_rate`` for one segment, edge silence trimmed.
-        ``threads``: a hint from the scheduler (1 under load); engines may ignore it."""
+        ``threads``: a hint from the scheduler (1 under load); engines may ignore it. ``stop``:
+        the scheduler may stop the call for a more urgent one (raise :class:`Stopped`); engines
+        that cannot stop mid-call ignore it and finish."""
 
     def word_weights(self, text: str, lang_code: str) -> list[tuple[str, float]] | None:
         """Words of ``text`` with relative durations, for approximate alignment; None if unknown."""
 
 
 # --------------------------------------------------------------------------- kokoro-onnx
+
+_run = threading.local()  # the RunOptions of the synthesis this thread runs (see _Stoppable)
+
+
+class _Stoppable:
+    """An onnxruntime session whose runs carry the calling thread's ``RunOptions``, so that the
+    scheduler can stop one (``terminate``) between two of the model's operators. kokoro-onnx calls
+    ``session.run(None, inputs)`` and has no place for options."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+    def run(self, output_names: Any, input_feed: Any, run_options: Any = None) -> Any:
+        options = run_options or getattr(_run, "options", None)
+        return self._session.run(output_names, input_feed, options)
 
 
 class KokoroOnnxEngine:
@@ -101,9 +127,11 @@ class KokoroOnnxEngine:
         self.threads = threads or (os.cpu_count() or 1)
         wide = session(self.threads)
         self.providers = wide.get_providers()
-        self._k = Kokoro.from_session(wide, str(files.voices))
+        self._k = Kokoro.from_session(_Stoppable(wide), str(files.voices))
         self._narrow = (
-            Kokoro.from_session(session(1), str(files.voices)) if self.threads > 1 else self._k
+            Kokoro.from_session(_Stoppable(session(1)), str(files.voices))
+            if self.threads > 1
+            else self._k
         )
         self._voices = {n: np.asarray(self._k.voices[n], dtype=np.float32) for n in self._k.voices}
         self._blends: dict[tuple[str, ...], np.ndarray] = {}
@@ -144,10 +172,33 @@ class KokoroOnnxEngine:
         return len(self.phonemize(text, lang_code))
 
     def synthesize(
-        self, text: str, voice: VoiceSpec, speed: float, threads: int | None = None
+        self,
+        text: str,
+        voice: VoiceSpec,
+        speed: float,
+        threads: int | None = None,
+        stop: Stop | None = None,
     ) -> np.ndarray:
         """``threads=1``: the narrow session (one inference per core under load); otherwise
         the wide one (all of ``self.threads`` on this inference)."""
+        import onnxruntime as rt
+
+        options = rt.RunOptions()
+        if stop is not None:
+            stop.on_stop(lambda: setattr(options, "terminate", True))
+        _run.options = options
+        try:
+            return self._synthesize(text, voice, speed, threads)
+        except Exception as exc:
+            if stop is not None and stop.stopped:
+                raise Stopped(f"stopped for a more urgent job: {text[:40]!r}") from exc
+            raise
+        finally:
+            _run.options = None
+
+    def _synthesize(
+        self, text: str, voice: VoiceSpec, speed: float, threads: int | None
+    ) -> np.ndarray:
         from kokoro_onnx.chunker import split_phonemes
 
         phonemes = self.phonemize(text, voice.lang_code)
@@ -218,7 +269,12 @@ class KokoroTorchEngine:
         return len(text)
 
     def synthesize(
-        self, text: str, voice: VoiceSpec, speed: float, threads: int | None = None
+        self,
+        text: str,
+        voice: VoiceSpec,
+        speed: float,
+        threads: int | None = None,
+        stop: Stop | None = None,
     ) -> np.ndarray:
         pipe = self._pipeline(voice.lang_code)
         parts = [
@@ -247,7 +303,12 @@ class MlxEngine(KokoroTorchEngine):
         self._mlx = load_model(repo_id)
 
     def synthesize(
-        self, text: str, voice: VoiceSpec, speed: float, threads: int | None = None
+        self,
+        text: str,
+        voice: VoiceSpec,
+        speed: float,
+        threads: int | None = None,
+        stop: Stop | None = None,
     ) -> np.ndarray:
         parts = [
             np.asarray(r.audio, dtype=np.float32)

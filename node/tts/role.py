@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
@@ -36,15 +37,24 @@ CALIBRATION_TEXT = (
 )
 
 
-def stream_cost(engine: Engine, spec: VoiceSpec) -> float:
-    """Core-seconds of CPU per second of speech, synthesized as under load (one thread per
-    inference, the scheduler's choice when streams share the node): the cost of one real-time
-    stream. Blocking; process CPU time, so threads the engine spawns are counted too."""
+def stream_cost(engine: Engine, spec: VoiceSpec, parallel: int = 1) -> float:
+    """Core-seconds of CPU per second of speech, synthesized as a full node does (one thread per
+    inference, ``parallel`` inferences at once): the cost of one real-time stream. Blocking;
+    process CPU time, so threads the engine spawns are counted too.
+
+    A full node runs an inference on every core, and its cores slow each other down: one
+    inference alone measured 0.53-0.71 core-s per second of speech on the 2-core machine, so the
+    node sometimes advertised 3 streams where 2 is what holds.
+    """
     engine.synthesize("Warm up.", spec, 1.0, threads=1)
     c0 = time.process_time()
-    audio = engine.synthesize(CALIBRATION_TEXT, spec, 1.0, threads=1)
+    with ThreadPoolExecutor(parallel, thread_name_prefix="tts-calibration") as pool:
+        runs = [
+            pool.submit(engine.synthesize, CALIBRATION_TEXT, spec, 1.0, 1) for _ in range(parallel)
+        ]
+        samples = sum(len(run.result()) for run in runs)
     cpu = time.process_time() - c0
-    return cpu / max(len(audio) / engine.sample_rate, 1e-3)
+    return cpu / max(samples / engine.sample_rate, 1e-3)
 
 
 class TtsRole:
@@ -91,9 +101,9 @@ class TtsRole:
         spec = VoiceSpec.parse(self.settings.voice, self.settings.lang_code)
         if self.settings.warmup:
             await loop.run_in_executor(None, self.engine.synthesize, "Ready.", spec, 1.0)
-        model = f"{self.engine.name}:{self.settings.provider}:{spec.label}"
+        model = f"{self.engine.name}:{self.settings.provider}:{spec.label}:parallel"
         self._capacity = await self.context.measured_capacity(
-            model, lambda: stream_cost(self.engine, spec)
+            model, lambda: stream_cost(self.engine, spec, self.scheduler.workers)
         )
         self.scheduler.start()
         self.sessions.start()

@@ -10,6 +10,13 @@ e.g. the first clause of the only stream), a job that shares the node gets one t
 (``threads=1``), so under load every core runs its own inference: on 2 cores that gave more
 audio per core-second than both cores on each inference in turn, which is what lets two streams
 play without gaps.
+
+A stream that is seconds ahead can wait; a listener who hears nothing yet cannot. So a job due
+within ``PREEMPT_SLACK`` seconds that finds the cores held (every worker busy, or one job on
+every core) stops the running job whose stream has the most audio buffered, if that is more than
+``PREEMPT_SLACK``; the stopped job runs again later, from the start. While one job runs on every
+core, jobs that can wait that long do wait, so the urgent one keeps every core: a call that
+starts while another stream speaks gets its first clause as fast as if it were alone.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,20 +33,62 @@ from typing import Any
 from common.tasks import stop_tasks
 from node.capacity import usable_cores
 
+# seconds of buffered audio a stream may wait with: a job due later may be stopped or held back
+# for one due sooner
+PREEMPT_SLACK = 3.0
+
+
+class Stopped(Exception):
+    """The scheduler stopped this job for a more urgent one; it runs again later."""
+
+
+class Stop:
+    """How the scheduler asks a running job to stop: the job's engine registers what stopping
+    means for it (onnxruntime: ``RunOptions.terminate``) and raises :class:`Stopped`."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+        self._hooks: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+
+    def on_stop(self, hook: Callable[[], None]) -> None:
+        with self._lock:
+            if not self.stopped:
+                self._hooks.append(hook)
+                return
+        hook()
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopped = True
+            hooks, self._hooks = self._hooks, []
+        for hook in hooks:
+            hook()
+
+
+Job = Callable[[int | None, Stop], Any]
+
+
+class _Running:
+    def __init__(self, deadline: float, wide: bool) -> None:
+        self.deadline, self.wide, self.stop = deadline, wide, Stop()
+
 
 class Scheduler:
     def __init__(self, workers: int = 0) -> None:
         """``workers``: inferences at once; 0 = one per core this process may use."""
         self.workers = workers or usable_cores()
-        self._heap: list[tuple[float, int, Callable[[int | None], Any], asyncio.Future[Any]]] = []
+        self._heap: list[tuple[float, int, Job, asyncio.Future[Any]]] = []
         self._seq = itertools.count()
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="tts-synth")
+        self._running: list[_Running] = []
         self.busy_seconds = 0.0
         self.jobs = 0
         self.running = 0
         self.wide_jobs = 0  # jobs that ran alone on every core
+        self.preempted = 0  # jobs stopped for a more urgent one (and run again)
 
     def start(self) -> None:
         self._wake = asyncio.Event()
@@ -54,9 +104,11 @@ class Scheduler:
         while self.running or self._heap:
             await asyncio.sleep(0.01)
 
-    async def run(self, fn: Callable[[int | None], Any], deadline: float) -> Any:
-        """Run blocking ``fn(threads)`` on a worker thread; more urgent (earlier) deadlines go
-        first. ``threads`` is None when the job runs alone (use every core), else 1.
+    async def run(self, fn: Job, deadline: float) -> Any:
+        """Run blocking ``fn(threads, stop)`` on a worker thread; more urgent (earlier) deadlines
+        go first. ``threads`` is None when the job runs alone (use every core), else 1; ``stop``
+        is how the scheduler may stop it for a more urgent job (``fn`` then raises
+        :class:`Stopped` and is called again later).
 
         Cancelling the caller drops a queued job; a job already running finishes on its thread and
         its result is discarded.
@@ -64,26 +116,67 @@ class Scheduler:
         assert self._wake is not None, "scheduler not started"
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._heap, (deadline, next(self._seq), fn, fut))
+        self._preempt_for(deadline)
         self._wake.set()
         return await fut
+
+    def _preempt_for(self, deadline: float) -> None:
+        """Stop the running job with the most slack if an urgent job finds the cores held."""
+        now = time.monotonic()
+        if deadline - now >= PREEMPT_SLACK or not self._running:
+            return
+        held = len(self._running) >= self.workers or any(r.wide for r in self._running)
+        if not held:
+            return
+        lazy = max(self._running, key=lambda r: r.deadline)
+        if lazy.deadline - now > PREEMPT_SLACK and not lazy.stop.stopped:
+            lazy.stop.stop()
+
+    def _can_wait(self, deadline: float, now: float) -> bool:
+        return deadline - now > PREEMPT_SLACK
+
+    async def _next(self) -> tuple[float, int, Job, asyncio.Future[Any]]:
+        """The most urgent job, once it may start: one that can wait does not start beside a job
+        that runs on every core."""
+        assert self._wake is not None
+        while True:
+            if not self._heap:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            now = time.monotonic()
+            deadline = self._heap[0][0]
+            if any(r.wide for r in self._running) and self._can_wait(deadline, now):
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), deadline - PREEMPT_SLACK - now + 0.01)
+                except TimeoutError:
+                    pass
+                continue
+            return heapq.heappop(self._heap)
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
         assert self._wake is not None
         while True:
-            while not self._heap:
-                self._wake.clear()
-                await self._wake.wait()
-            _, _, fn, fut = heapq.heappop(self._heap)
+            deadline, seq, fn, fut = await self._next()
             if fut.cancelled():
                 continue
             t0 = time.monotonic()
-            alone = self.running == 0 and not self._heap
+            alone = all(r.stop.stopped for r in self._running) and all(
+                self._can_wait(d, t0) for d, *_ in self._heap
+            )
             threads = None if alone or self.workers == 1 else 1
             self.wide_jobs += threads is None
+            job = _Running(deadline, wide=threads is None and self.workers > 1)
+            self._running.append(job)
             self.running += 1
             try:
-                result = await loop.run_in_executor(self._pool, fn, threads)
+                result = await loop.run_in_executor(self._pool, fn, threads, job.stop)
+            except Stopped:
+                self.preempted += 1
+                if not fut.done():
+                    heapq.heappush(self._heap, (deadline, seq, fn, fut))
             except Exception as exc:  # handed to the stream that asked
                 if not fut.done():
                     fut.set_exception(exc)
@@ -91,6 +184,8 @@ class Scheduler:
                 if not fut.done():
                     fut.set_result(result)
             finally:
+                self._running.remove(job)
                 self.running -= 1
                 self.busy_seconds += time.monotonic() - t0
                 self.jobs += 1
+                self._wake.set()

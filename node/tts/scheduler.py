@@ -15,8 +15,9 @@ A stream that is seconds ahead can wait; a listener who hears nothing yet cannot
 within ``PREEMPT_SLACK`` seconds that finds the cores held (every worker busy, or one job on
 every core) stops the running job whose stream has the most audio buffered, if that is more than
 ``PREEMPT_SLACK``; the stopped job runs again later, from the start. While one job runs on every
-core, jobs that can wait that long do wait, so the urgent one keeps every core: a call that
-starts while another stream speaks gets its first clause as fast as if it were alone.
+core, jobs that can wait that long do wait, so the urgent one keeps every core. A call that
+starts while another stream is far enough ahead then gets its first clause as fast as if it
+were alone; one that starts within seconds of another still shares the cores (node/tts/README.md).
 """
 
 from __future__ import annotations

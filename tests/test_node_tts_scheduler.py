@@ -4,8 +4,10 @@ core when the others can wait, and an urgent job stopping one whose stream is se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -35,6 +37,16 @@ class Recorder:
         return run
 
 
+@contextlib.asynccontextmanager
+async def running(workers: int) -> AsyncIterator[Scheduler]:
+    sched = Scheduler(workers=workers)
+    sched.start()
+    try:
+        yield sched
+    finally:
+        await sched.stop()
+
+
 async def started(event: threading.Event) -> None:
     for _ in range(500):
         if event.is_set():
@@ -45,9 +57,7 @@ async def started(event: threading.Event) -> None:
 
 @pytest.mark.fast
 async def test_an_urgent_job_stops_one_that_can_wait_and_gets_every_core() -> None:
-    sched = Scheduler(workers=2)
-    sched.start()
-    try:
+    async with running(2) as sched:
         r = Recorder()
         ahead = asyncio.ensure_future(
             sched.run(r.job("ahead", holding=True), time.monotonic() + PREEMPT_SLACK + 5)
@@ -59,15 +69,11 @@ async def test_an_urgent_job_stops_one_that_can_wait_and_gets_every_core() -> No
         # alone on every core, then the new stream's clause on every core (the stopped job
         # waited instead of taking a core beside it), then the stopped job again, alone
         assert r.calls == [("ahead", None), ("first clause", None), ("ahead", None)]
-    finally:
-        await sched.stop()
 
 
 @pytest.mark.fast
 async def test_a_job_that_cannot_wait_is_not_stopped() -> None:
-    sched = Scheduler(workers=2)
-    sched.start()
-    try:
+    async with running(2) as sched:
         r = Recorder()
         due = asyncio.ensure_future(sched.run(r.job("due", holding=True), time.monotonic() + 1))
         await started(r.started)
@@ -77,15 +83,11 @@ async def test_a_job_that_cannot_wait_is_not_stopped() -> None:
         assert await due == "due"
         assert sched.preempted == 0
         assert r.calls == [("due", None), ("other", 1)]
-    finally:
-        await sched.stop()
 
 
 @pytest.mark.fast
 async def test_earliest_deadline_first_and_a_failure_goes_to_its_caller() -> None:
-    sched = Scheduler(workers=1)
-    sched.start()
-    try:
+    async with running(1) as sched:
         r = Recorder()
         blocker = asyncio.ensure_future(
             sched.run(r.job("blocker", holding=True), time.monotonic() + 1)
@@ -105,5 +107,3 @@ async def test_earliest_deadline_first_and_a_failure_goes_to_its_caller() -> Non
         with pytest.raises(RuntimeError, match="model crashed"):
             await failing
         assert [c[0] for c in r.calls] == ["blocker", "soon", "late"]
-    finally:
-        await sched.stop()

@@ -124,13 +124,13 @@ class Scheduler:
     def _preempt_for(self, deadline: float) -> None:
         """Stop the running job with the most slack if an urgent job finds the cores held."""
         now = time.monotonic()
-        if deadline - now >= PREEMPT_SLACK or not self._running:
+        if self._can_wait(deadline, now) or not self._running:
             return
         held = len(self._running) >= self.workers or any(r.wide for r in self._running)
         if not held:
             return
         lazy = max(self._running, key=lambda r: r.deadline)
-        if lazy.deadline - now > PREEMPT_SLACK and not lazy.stop.stopped:
+        if self._can_wait(lazy.deadline, now) and not lazy.stop.stopped:
             lazy.stop.stop()
 
     def _can_wait(self, deadline: float, now: float) -> bool:

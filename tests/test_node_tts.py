@@ -22,13 +22,22 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+import onnx
 import pytest
 import yaml
 from aiohttp import web
 from solders.keypair import Keypair
 
 from common.settings import SettingsError
-from node.models.kokoro import ALL_VOICES, LANGUAGES, VOICES, KokoroFiles, ensure_kokoro
+from node.models.kokoro import (
+    ALL_VOICES,
+    FAST_MODEL_NAME,
+    LANGUAGES,
+    MODEL_NAME,
+    VOICES,
+    KokoroFiles,
+    ensure_kokoro,
+)
 from node.tts.engine import DEFAULT_COST, MAX_PHONEMES
 from node.tts.harness import RoleServer
 from node.tts.scheduler import Stop, Stopped
@@ -66,7 +75,10 @@ def pcm(events: list[Event]) -> np.ndarray:
 
 
 def test_offline_pack_has_model_and_all_54_voices(kokoro_files: KokoroFiles) -> None:
-    assert kokoro_files.model.stat().st_size == 92_361_271
+    assert (kokoro_files.model.parent / MODEL_NAME).stat().st_size == 92_361_271  # joined, checked
+    assert kokoro_files.model.name == FAST_MODEL_NAME  # what the engine runs: float convolutions
+    ops = {n.op_type for n in onnx.load(str(kokoro_files.model)).graph.node}
+    assert "Conv" in ops and "ConvInteger" not in ops
     voices = np.load(kokoro_files.voices)
     assert sorted(voices.files) == sorted(ALL_VOICES) and len(ALL_VOICES) == 54
     assert all(voices[v].shape == (510, 1, 256) for v in ("af_heart", "zm_yunyang"))

@@ -13,7 +13,10 @@ Kokoro-82M int8 weights, and prints, in the same run:
   config's upper bound) and advertises what it measured; then as many clients as it advertises
   speak ~25 s each at once, and one more client tries to join while they play. It prints the
   underruns (a frame that ran late after the first) and whether the extra client got
-  ``server_full``: the advertised capacity is true when there are none and it did.
+  ``server_full``: the advertised capacity is true when there are none and it did;
+* conversations: as many streams as it advertises, started together, each speaking ``--turns``
+  replies of one or two sentences with 1-3 s of listening between (an agent's side of a call):
+  underruns, and each stream's time to first audio over its replies.
 
 The CPU is shared on dev machines: run it on a quiet box for numbers you quote.
 """
@@ -136,6 +139,52 @@ async def stream_trial(
     )
 
 
+REPLIES = [*SHORT, *(f"{a} {b}" for a, b in zip(SHORT, SHORT[1:], strict=False))]
+
+
+async def conversation_trial(
+    srv: RoleServer, k: int, turns: int, seed: int = 1
+) -> tuple[int, float, list[list[float]]]:
+    """K streams started together, each an agent's side of a conversation: a reply of one or two
+    sentences, played to the end, then 1-3 s of listening, ``turns`` times. Returns (underruns,
+    stall seconds, each stream's TTFAs)."""
+    import random
+
+    before = dict(srv.role.stats)
+    rng = random.Random(seed)
+    plans = [
+        [(rng.choice(REPLIES), rng.uniform(1.0, 3.0)) for _ in range(turns)] for _ in range(k)
+    ]
+    async with aiohttp.ClientSession() as http:
+
+        async def one(plan: list[tuple[str, float]]) -> list[float]:
+            ws = await http.ws_connect(srv.url)
+            await ws.send_json({"session_key": srv.token()})
+            await ws.receive()
+            ttfas = []
+            for text, listen in plan:
+                t0 = time.perf_counter()
+                await ws.send_json({"text": text})
+                ttfa = None
+                while True:
+                    m = await ws.receive(timeout=300)
+                    if m.type == aiohttp.WSMsgType.BINARY:
+                        ttfa = ttfa or time.perf_counter() - t0
+                    elif json.loads(m.data)["type"] == "done":
+                        break
+                ttfas.append(ttfa or float("nan"))
+                await asyncio.sleep(listen)
+            await ws.close()
+            return ttfas
+
+        per_stream = await asyncio.gather(*(one(p) for p in plans))
+    return (
+        int(srv.role.stats["underruns"] - before["underruns"]),
+        srv.role.stats["stall_seconds"] - before["stall_seconds"],
+        list(per_stream),
+    )
+
+
 async def main_async(args: argparse.Namespace) -> None:
     cores = os.cpu_count() or 1
     t = time.perf_counter()
@@ -253,6 +302,21 @@ async def main_async(args: argparse.Namespace) -> None:
         print(f"  stream {k + 1}: {extra}")
         print(f"  load average now {os.getloadavg()[0]:.1f} on {cores} cores")
 
+        print(
+            f"\nat the advertised capacity, conversations: {k} streams started together, each "
+            f"{args.turns} replies of one or two sentences with 1-3 s of listening between"
+        )
+        under, stall, per_stream = await conversation_trial(srv, k, args.turns)
+        for i, ttfas in enumerate(per_stream):
+            print(
+                f"  stream {i + 1}: first audio p50 {pct(ttfas, 50) * 1000:.0f} ms, p95 "
+                f"{pct(ttfas, 95) * 1000:.0f} ms, first reply {ttfas[0] * 1000:.0f} ms"
+            )
+        print(
+            f"  underruns {under}, stalled {stall:.2f} s -> "
+            f"{'no stream underran' if under == 0 else 'GAPS'}"
+        )
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(
@@ -266,6 +330,7 @@ def main() -> None:
         help="the config's capacity: the upper bound of what the node advertises",
     )
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = all cores)")
+    ap.add_argument("--turns", type=int, default=12, help="replies per stream in the conversations")
     ap.add_argument(
         "--stagger",
         type=float,

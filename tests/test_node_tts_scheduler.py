@@ -107,3 +107,20 @@ async def test_earliest_deadline_first_and_a_failure_goes_to_its_caller() -> Non
         with pytest.raises(RuntimeError, match="model crashed"):
             await failing
         assert [c[0] for c in r.calls] == ["blocker", "soon", "late"]
+
+
+@pytest.mark.fast
+async def test_a_long_job_that_could_not_be_redone_in_time_is_not_stopped() -> None:
+    """Due in 8 s, but 7 s of work: stopped for a first clause and run again from the start, it
+    would end after its deadline (a 2 s gap once). It finishes; the urgent job takes a core."""
+    async with running(2) as sched:
+        r = Recorder()
+        long = asyncio.ensure_future(
+            sched.run(r.job("long", holding=True), time.monotonic() + 8, cost=7)
+        )
+        await started(r.started)
+        assert await sched.run(r.job("first clause"), time.monotonic(), cost=0.5) == "first clause"
+        r.release.set()
+        assert await long == "long"
+        assert sched.preempted == 0
+        assert r.calls == [("long", None), ("first clause", 1)]

@@ -40,7 +40,7 @@ from node.tts.characters import CharacterCount
 from node.tts.engine import Engine
 from node.tts.frames import FRAME_SECONDS, FrameClock, Resampler
 from node.tts.scheduler import Scheduler, Stop
-from node.tts.segments import Segment, plan_segments
+from node.tts.segments import Segment, plan_segments, synthesis_cost
 from node.tts.settings import TtsSettings
 from node.tts.voices import EngineError, VoiceSpec, check_speed
 from registry.tokens import Claims
@@ -478,7 +478,7 @@ class Connection:
             item.text,
             cut_first=self.buffered_seconds() < 1.0,
             first_words=self.settings.first_clause_words,
-            narrow=self._shared(),
+            narrow=self._one_thread(),
         )
         resampler = Resampler(engine.sample_rate)
         while segments:
@@ -495,7 +495,7 @@ class Connection:
                     item,
                     " ".join(x.text for x in segments),
                     ahead_seconds=self._ahead_seconds(),
-                    narrow=self._shared(),
+                    narrow=self._one_thread(),
                 )
         tail = resampler.push(np.zeros(0, dtype=np.float32), last=True)
         item.frames.extend(tail)
@@ -538,7 +538,8 @@ class Connection:
             return audio, took, engine.word_weights(seg.text, spec.lang_code) if align else None
 
         deadline = time.monotonic() + self.buffered_seconds()
-        audio, engine_s, words = await self.role.scheduler.run(job, deadline)
+        cost = synthesis_cost(engine, seg.text, spec.lang_code, narrow=self._one_thread())
+        audio, engine_s, words = await self.role.scheduler.run(job, deadline, cost)
         if item.first_engine_s is None:
             item.first_engine_s = engine_s
         return audio, words
@@ -573,9 +574,12 @@ class Connection:
         """Streams synthesizing now, this one included."""
         return sum(1 for st in self.role.streams if st.producing)
 
-    def _shared(self) -> bool:
-        """Other streams synthesize too: the scheduler runs this one's jobs on one thread."""
-        return self._sharing() > 1 and self.role.scheduler.workers > 1
+    def _one_thread(self) -> bool:
+        """Plan with the one-thread cost: the scheduler picks a job's threads when it starts, and
+        a stream that starts meanwhile makes it one thread (a segment planned for every core,
+        then run on one, was a 2 s gap). Alone, the job runs on every core and the buffer grows,
+        so the next segments grow."""
+        return self.role.scheduler.workers > 1
 
     @property
     def producing(self) -> bool:

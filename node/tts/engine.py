@@ -26,10 +26,21 @@ from node.tts.scheduler import Stop, Stopped
 from node.tts.voices import VoiceSpec
 
 MAX_PHONEMES = 510  # English: the model's context
-# Kokoro int8 on 2 CPU cores (measured): ~0.42 s per call plus ~16 ms per character; speech
-# at speed 1.0 is ~52 ms per character of English text (af_heart, sentences of 30-190 characters;
-# the engine refines it per language from what it synthesizes).
-DEFAULT_COST = (0.42, 0.016, 0.052)
+# Kokoro synthesizes a clause with ~0.6 s of silence around it (trimmed after), and its time is in
+# proportion to that whole length: seconds of synthesis per second of audio, on 2 cores (float
+# convolutions, measured on clauses of 0.7-4.5 s): 0.25 on every core, 0.42 on one thread alone,
+# ~0.47 on one thread beside another inference. The engine refines both from what it synthesizes.
+PAD_SECONDS = 0.6
+DEFAULT_RATE = {"wide": 0.25, "narrow": 0.47}
+# speech at speed 1.0 is ~52 ms per character of English text (af_heart, sentences of 30-190
+# characters; the engine refines it per language from what it synthesizes)
+AUDIO_PER_CHAR = 0.052
+# (seconds per call, seconds per character, audio seconds per character): the planner's model
+DEFAULT_COST = (
+    DEFAULT_RATE["wide"] * PAD_SECONDS,
+    DEFAULT_RATE["wide"] * AUDIO_PER_CHAR,
+    AUDIO_PER_CHAR,
+)
 
 
 class EngineUnavailable(RuntimeError):
@@ -136,10 +147,11 @@ class KokoroOnnxEngine:
         self._voices = {n: np.asarray(self._k.voices[n], dtype=np.float32) for n in self._k.voices}
         self._blends: dict[tuple[str, ...], np.ndarray] = {}
         self._lock = threading.Lock()
-        # measured / modelled synthesis time, smoothed, per session: a one-thread inference beside
-        # others takes about twice what one on every core takes, and a plan made with the wide
-        # figure under load asks for segments the buffer cannot cover
-        self._cost_scale = {"wide": 1.0, "narrow": 1.0}
+        # seconds of synthesis per second of audio (silence around it included), smoothed, per
+        # session: a one-thread inference beside others takes about twice what one on every core
+        # takes, and a plan made with the wide figure under load asks for segments the buffer
+        # cannot cover
+        self._rate = dict(DEFAULT_RATE)
         # audio seconds per character of text at speed 1, per language, smoothed over segments
         self._audio_per_char: dict[str, float] = {}
 
@@ -150,9 +162,9 @@ class KokoroOnnxEngine:
         as measured lately (the audio rate for ``lang_code`` once one segment of it was heard);
         ``narrow``: for one-thread inferences (the scheduler's choice when streams share the node).
         """
-        fixed, per_char, audio = DEFAULT_COST
-        k = min(max(self._cost_scale["narrow" if narrow else "wide"], 0.3), 4.0)
-        return fixed * k, per_char * k, self._audio_per_char.get(lang_code or "", audio)
+        rate = self._rate["narrow" if narrow else "wide"]
+        audio = self._audio_per_char.get(lang_code or "", AUDIO_PER_CHAR)
+        return rate * PAD_SECONDS, rate * audio, audio
 
     def voices(self) -> list[str]:
         return sorted(self._voices)
@@ -213,11 +225,12 @@ class KokoroOnnxEngine:
         for batch in batches:
             audio, _ = model._create_batch(batch, style, speed, True, 0.0)
             parts.append(np.asarray(audio, dtype=np.float32))
-        fixed, per_char, _ = DEFAULT_COST
-        ratio = (time.perf_counter() - t0) / (fixed * len(batches) + per_char * len(text))
-        mode = "narrow" if narrow else "wide"
-        self._cost_scale[mode] = 0.7 * self._cost_scale[mode] + 0.3 * ratio
+        took = time.perf_counter() - t0
         out = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+        made = len(out) / self.sample_rate + len(batches) * PAD_SECONDS / speed
+        rate = min(max(took / made, 0.02), 5.0)
+        mode = "narrow" if narrow else "wide"
+        self._rate[mode] = 0.7 * self._rate[mode] + 0.3 * rate
         if len(text) >= 20:  # a few words say little about the rate (edge trimming, one long word)
             rate = len(out) / self.sample_rate * speed / len(text)
             old = self._audio_per_char.get(voice.lang_code)

@@ -25,34 +25,45 @@ from node.tts.characters import CharacterCount
 from node.tts.connection import Connection
 from node.tts.engine import Engine, create_engine
 from node.tts.scheduler import Scheduler
+from node.tts.segments import plan_segments
 from node.tts.settings import TtsSettings, load_settings
 from node.tts.voices import VoiceSpec
 
 log = logging.getLogger("node.tts")
 
-# ~6 s of speech: long enough that the fixed cost of a call weighs as it does in a stream
-CALIBRATION_TEXT = (
+# An agent's replies, to be planned into segments as the node plans them (a short first clause,
+# then longer pieces). Each call synthesizes ~0.6 s of silence beside its speech, and a stream's
+# short segments pay that more often than one long sentence does: priced on one 6 s sentence,
+# the node advertised 3 streams where 3 stalled and 2 held.
+CALIBRATION_REPLIES = (
+    "Sure, I can help you with that right away.",
     "I have looked at your account, and everything seems to be in order. "
-    "Your last payment arrived on the fifth, and the next one is due soon."
+    "Your last payment arrived on the fifth, and the next one is due soon.",
 )
 
 
 def stream_cost(engine: Engine, spec: VoiceSpec, parallel: int = 1) -> float:
-    """Core-seconds of CPU per second of speech, synthesized as a full node does (one thread per
-    inference, ``parallel`` inferences at once): the cost of one real-time stream. Blocking;
-    process CPU time, so threads the engine spawns are counted too.
+    """Core-seconds of CPU per second of speech, synthesized as a full node does (the replies
+    planned into segments, one thread per inference, ``parallel`` streams at once): the cost of
+    one real-time stream. Blocking; process CPU time, so threads the engine spawns are counted.
 
     A full node runs an inference on every core, and its cores slow each other down: one
     inference alone measured 0.53-0.71 core-s per second of speech on the 2-core machine, so the
     node sometimes advertised 3 streams where 2 is what holds.
     """
+    segments = [
+        seg.text
+        for reply in CALIBRATION_REPLIES
+        for seg in plan_segments(reply, spec.lang_code, engine, narrow=True)
+    ]
+
+    def speak() -> int:
+        return sum(len(engine.synthesize(text, spec, 1.0, threads=1)) for text in segments)
+
     engine.synthesize("Warm up.", spec, 1.0, threads=1)
     c0 = time.process_time()
     with ThreadPoolExecutor(parallel, thread_name_prefix="tts-calibration") as pool:
-        runs = [
-            pool.submit(engine.synthesize, CALIBRATION_TEXT, spec, 1.0, 1) for _ in range(parallel)
-        ]
-        samples = sum(len(run.result()) for run in runs)
+        samples = sum(run.result() for run in [pool.submit(speak) for _ in range(parallel)])
     cpu = time.process_time() - c0
     return cpu / max(samples / engine.sample_rate, 1e-3)
 
@@ -101,7 +112,7 @@ class TtsRole:
         spec = VoiceSpec.parse(self.settings.voice, self.settings.lang_code)
         if self.settings.warmup:
             await loop.run_in_executor(None, self.engine.synthesize, "Ready.", spec, 1.0)
-        model = f"{self.engine.name}:{self.settings.provider}:{spec.label}:parallel"
+        model = f"{self.engine.name}:{self.settings.provider}:{spec.label}:replies"
         self._capacity = await self.context.measured_capacity(
             model, lambda: stream_cost(self.engine, spec, self.scheduler.workers)
         )

@@ -11,13 +11,16 @@ e.g. the first clause of the only stream), a job that shares the node gets one t
 audio per core-second than both cores on each inference in turn, which is what lets two streams
 play without gaps.
 
-A stream that is seconds ahead can wait; a listener who hears nothing yet cannot. So a job due
-within ``PREEMPT_SLACK`` seconds that finds the cores held (every worker busy, or one job on
-every core) stops the running job whose stream has the most audio buffered, if that is more than
-``PREEMPT_SLACK``; the stopped job runs again later, from the start. While one job runs on every
-core, jobs that can wait that long do wait, so the urgent one keeps every core. A call that
-starts while another stream is far enough ahead then gets its first clause as fast as if it
-were alone; one that starts within seconds of another still shares the cores (node/tts/README.md).
+A stream that is seconds ahead can wait; a listener who hears nothing yet cannot. Each job comes
+with its deadline and what it costs on one thread (the planner's estimate); its *spare* time is
+what is left of the time to its deadline once it ran. A job with no more than ``PREEMPT_SLACK``
+seconds to spare that finds the cores held (every worker busy, or one job on every core) stops
+the running job with the most to spare, if that is more than ``PREEMPT_SLACK``; the stopped job
+runs again later, from the start (its spare time counts its whole cost again, so a long segment
+that could not be redone in time is left to finish). While one job runs on every core, jobs that
+can spare that long do wait, so the urgent one keeps every core. A call that starts while another
+stream is far enough ahead then gets its first clause as fast as if it were alone; one that
+starts within seconds of another still shares the cores (node/tts/README.md).
 """
 
 from __future__ import annotations
@@ -34,9 +37,9 @@ from typing import Any
 from common.tasks import stop_tasks
 from node.capacity import usable_cores
 
-# seconds of buffered audio a stream may wait with: a job due later may be stopped or held back
-# for one due sooner
-PREEMPT_SLACK = 3.0
+# seconds a job must have to spare (time to its deadline less its one-thread cost) to be stopped
+# or held back for a more urgent one: about what a new stream's first clause takes on one thread
+PREEMPT_SLACK = 1.5
 
 
 class Stopped(Exception):
@@ -71,15 +74,19 @@ Job = Callable[[int | None, Stop], Any]
 
 
 class _Running:
-    def __init__(self, deadline: float, wide: bool) -> None:
-        self.deadline, self.wide, self.stop = deadline, wide, Stop()
+    def __init__(self, deadline: float, cost: float, wide: bool) -> None:
+        self.deadline, self.cost, self.wide, self.stop = deadline, cost, wide, Stop()
+
+    def spare(self, now: float) -> float:
+        """Seconds to spare were it run again from the start now."""
+        return self.deadline - now - self.cost
 
 
 class Scheduler:
     def __init__(self, workers: int = 0) -> None:
         """``workers``: inferences at once; 0 = one per core this process may use."""
         self.workers = workers or usable_cores()
-        self._heap: list[tuple[float, int, Job, asyncio.Future[Any]]] = []
+        self._heap: list[tuple[float, int, float, Job, asyncio.Future[Any]]] = []
         self._seq = itertools.count()
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -105,9 +112,9 @@ class Scheduler:
         while self.running or self._heap:
             await asyncio.sleep(0.01)
 
-    async def run(self, fn: Job, deadline: float) -> Any:
+    async def run(self, fn: Job, deadline: float, cost: float = 0.0) -> Any:
         """Run blocking ``fn(threads, stop)`` on a worker thread; more urgent (earlier) deadlines
-        go first. ``threads`` is None when the job runs alone (use every core), else 1; ``stop``
+        go first. ``cost``: the seconds it is expected to take on one thread. ``threads`` is None when the job runs alone (use every core), else 1; ``stop``
         is how the scheduler may stop it for a more urgent job (``fn`` then raises
         :class:`Stopped` and is called again later).
 
@@ -116,27 +123,28 @@ class Scheduler:
         """
         assert self._wake is not None, "scheduler not started"
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._heap, (deadline, next(self._seq), fn, fut))
-        self._preempt_for(deadline)
+        heapq.heappush(self._heap, (deadline, next(self._seq), cost, fn, fut))
+        self._preempt_for(deadline - cost)
         self._wake.set()
         return await fut
 
-    def _preempt_for(self, deadline: float) -> None:
-        """Stop the running job with the most slack if an urgent job finds the cores held."""
+    def _preempt_for(self, latest_start: float) -> None:
+        """Stop the running job with the most to spare if an urgent job (one that must start by
+        ``latest_start``) finds the cores held."""
         now = time.monotonic()
-        if self._can_wait(deadline, now) or not self._running:
+        if self._can_wait(latest_start - now) or not self._running:
             return
         held = len(self._running) >= self.workers or any(r.wide for r in self._running)
         if not held:
             return
-        lazy = max(self._running, key=lambda r: r.deadline)
-        if self._can_wait(lazy.deadline, now) and not lazy.stop.stopped:
+        lazy = max(self._running, key=lambda r: r.spare(now))
+        if self._can_wait(lazy.spare(now)) and not lazy.stop.stopped:
             lazy.stop.stop()
 
-    def _can_wait(self, deadline: float, now: float) -> bool:
-        return deadline - now > PREEMPT_SLACK
+    def _can_wait(self, spare: float) -> bool:
+        return spare > PREEMPT_SLACK
 
-    async def _next(self) -> tuple[float, int, Job, asyncio.Future[Any]]:
+    async def _next(self) -> tuple[float, int, float, Job, asyncio.Future[Any]]:
         """The most urgent job, once it may start: one that can wait does not start beside a job
         that runs on every core."""
         assert self._wake is not None
@@ -146,11 +154,11 @@ class Scheduler:
                 await self._wake.wait()
                 continue
             now = time.monotonic()
-            deadline = self._heap[0][0]
-            if any(r.wide for r in self._running) and self._can_wait(deadline, now):
+            spare = self._heap[0][0] - self._heap[0][2] - now
+            if any(r.wide for r in self._running) and self._can_wait(spare):
                 self._wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), deadline - PREEMPT_SLACK - now + 0.01)
+                    await asyncio.wait_for(self._wake.wait(), spare - PREEMPT_SLACK + 0.01)
                 except TimeoutError:
                     pass
                 continue
@@ -160,16 +168,16 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         assert self._wake is not None
         while True:
-            deadline, seq, fn, fut = await self._next()
+            deadline, seq, cost, fn, fut = await self._next()
             if fut.cancelled():
                 continue
             t0 = time.monotonic()
             alone = all(r.stop.stopped for r in self._running) and all(
-                self._can_wait(d, t0) for d, *_ in self._heap
+                self._can_wait(d - c - t0) for d, _, c, *_ in self._heap
             )
             threads = None if alone or self.workers == 1 else 1
             self.wide_jobs += threads is None
-            job = _Running(deadline, wide=threads is None and self.workers > 1)
+            job = _Running(deadline, cost, wide=threads is None and self.workers > 1)
             self._running.append(job)
             self.running += 1
             try:
@@ -177,7 +185,7 @@ class Scheduler:
             except Stopped:
                 self.preempted += 1
                 if not fut.done():
-                    heapq.heappush(self._heap, (deadline, seq, fn, fut))
+                    heapq.heappush(self._heap, (deadline, seq, cost, fn, fut))
             except Exception as exc:  # handed to the stream that asked
                 if not fut.done():
                     fut.set_exception(exc)

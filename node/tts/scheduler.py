@@ -114,9 +114,9 @@ class Scheduler:
 
     async def run(self, fn: Job, deadline: float, cost: float = 0.0) -> Any:
         """Run blocking ``fn(threads, stop)`` on a worker thread; more urgent (earlier) deadlines
-        go first. ``cost``: the seconds it is expected to take on one thread. ``threads`` is None when the job runs alone (use every core), else 1; ``stop``
-        is how the scheduler may stop it for a more urgent job (``fn`` then raises
-        :class:`Stopped` and is called again later).
+        go first. ``cost``: the seconds it is expected to take on one thread. ``threads`` is None
+        when the job runs alone (use every core), else 1; ``stop`` is how the scheduler may stop
+        it for a more urgent job (``fn`` then raises :class:`Stopped` and is called again later).
 
         Cancelling the caller drops a queued job; a job already running finishes on its thread and
         its result is discarded.

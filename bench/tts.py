@@ -152,9 +152,7 @@ async def conversation_trial(
 
     before = dict(srv.role.stats)
     rng = random.Random(seed)
-    plans = [
-        [(rng.choice(REPLIES), rng.uniform(1.0, 3.0)) for _ in range(turns)] for _ in range(k)
-    ]
+    plans = [[(rng.choice(REPLIES), rng.uniform(1.0, 3.0)) for _ in range(turns)] for _ in range(k)]
     async with aiohttp.ClientSession() as http:
 
         async def one(plan: list[tuple[str, float]]) -> list[float]:

@@ -2,8 +2,9 @@
 
 :func:`plan_segments` cuts a text so that the first segment is short (a few words at a natural
 break: first audio comes fast) and later segments grow geometrically (each is synthesized while the
-audio before it plays) up to the spec's limits: 510 phonemes for English, about 400 characters
-for the other languages, always at sentence boundaries when the text allows.
+audio before it plays) up to ~8 s of speech (``SEGMENT_CHARS``) and the spec's limits: 510
+phonemes for English, about 400 characters for the other languages, always at sentence boundaries
+when the text allows. The first cut is the shortest natural one whose rest can be ready in time.
 """
 
 from __future__ import annotations
@@ -137,7 +138,8 @@ def plan_segments(
     narrow: bool = False,
 ) -> list[Segment]:
     """Segments to synthesize in order: a short first one, then ones sized so each is ready
-    before the audio ahead of it runs out, growing to whole sentences within the model limits.
+    before the audio ahead of it runs out, growing to whole sentences within the model limits
+    and ``SEGMENT_CHARS``.
 
     The size of segment k comes from the engine's cost model (``engine.estimate``: fixed cost per
     call plus cost per character, scaled by what it measured lately): its synthesis must fit in
@@ -253,10 +255,10 @@ class _Budget:
         # plan each call to finish with a margin to spare: the cost model is an average, and
         # one late segment is an audible gap
         budget = (self.played + self.lead) * BUDGET_MARGIN - self.synth
-        # never below min_chars: each call costs a fixed ~0.4 s, so slicing finer only adds calls
-        # (and breaks prosody); a gap, if any, falls at a natural break instead
+        # never below min_chars: each call also synthesizes ~0.6 s of silence, so slicing finer
+        # adds calls (and breaks prosody); a gap, if any, falls at a natural break instead
         max_chars = int((budget - self.fixed) / self.per_char)
-        return max_chars if max_chars >= min_chars else 0
+        return min(max_chars, SEGMENT_CHARS) if max_chars >= min_chars else 0
 
 
 def _take(
@@ -293,6 +295,10 @@ def _take(
 
 # a segment's planned synthesis must fit in this share of the audio buffered ahead of it
 BUDGET_MARGIN = 0.8
+# at most ~8 s of speech per segment: the longer the job, the less sure its cost (one of 215
+# characters ran 25% over its estimate beside another stream's: a gap), and the longer a new
+# stream's first clause may have to share the cores with it
+SEGMENT_CHARS = 160
 
 
 def synthesis_cost(engine: Engine | None, text: str, lang_code: str, narrow: bool) -> float:

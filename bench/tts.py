@@ -101,6 +101,19 @@ async def one_more(srv: RoleServer, http: aiohttp.ClientSession) -> str:
     return f"NOT refused: {msg}"
 
 
+async def speak(ws: aiohttp.ClientWebSocketResponse, text: str) -> float:
+    """Send ``text`` and play it to ``done``; the time from sending it to its first audio frame."""
+    t0 = time.perf_counter()
+    await ws.send_json({"text": text})
+    ttfa = None
+    while True:
+        m = await ws.receive(timeout=300)
+        if m.type == aiohttp.WSMsgType.BINARY:
+            ttfa = ttfa or time.perf_counter() - t0
+        elif json.loads(m.data)["type"] == "done":
+            return ttfa or float("nan")
+
+
 async def stream_trial(
     srv: RoleServer, k: int, text: str, stagger: float = 0.0
 ) -> tuple[int, float, list[float], str]:
@@ -114,17 +127,9 @@ async def stream_trial(
             ws = await http.ws_connect(srv.url)
             await ws.send_json({"session_key": srv.token()})
             await ws.receive()
-            t0 = time.perf_counter()
-            await ws.send_json({"text": text})
-            ttfa = None
-            while True:
-                m = await ws.receive(timeout=300)
-                if m.type == aiohttp.WSMsgType.BINARY:
-                    ttfa = ttfa or time.perf_counter() - t0
-                elif json.loads(m.data)["type"] == "done":
-                    break
+            ttfa = await speak(ws, text)
             await ws.close()
-            return ttfa or float("nan")
+            return ttfa
 
         streams = [asyncio.ensure_future(one(i * stagger)) for i in range(k)]
         while srv.role.load() < k and not any(t.done() for t in streams):
@@ -161,16 +166,7 @@ async def conversation_trial(
             await ws.receive()
             ttfas = []
             for text, listen in plan:
-                t0 = time.perf_counter()
-                await ws.send_json({"text": text})
-                ttfa = None
-                while True:
-                    m = await ws.receive(timeout=300)
-                    if m.type == aiohttp.WSMsgType.BINARY:
-                        ttfa = ttfa or time.perf_counter() - t0
-                    elif json.loads(m.data)["type"] == "done":
-                        break
-                ttfas.append(ttfa or float("nan"))
+                ttfas.append(await speak(ws, text))
                 await asyncio.sleep(listen)
             await ws.close()
             return ttfas

@@ -13,8 +13,6 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from node.models.float_convs import float_convs
 
-pytestmark = pytest.mark.fast
-
 
 def conv_net(weights: list[np.ndarray], bias: list[np.ndarray | None]) -> onnx.ModelProto:
     """x [1, C, T] through 1-D convolutions (dilated, padded, one without bias) and a LeakyRelu."""
@@ -89,6 +87,7 @@ def test_quantized_convs_become_float_2d_convs_with_the_dequantized_weights(
     assert np.abs(out - run(quantized, x)).max() < 0.1 * np.abs(out).max()
 
 
+@pytest.mark.fast
 def test_a_graph_not_quantized_dynamically_is_refused_by_name() -> None:
     w = numpy_helper.from_array(np.zeros((4, 4, 3), dtype=np.int8), "w")
     graph = helper.make_graph(

@@ -83,8 +83,9 @@ def test_quantized_convs_become_float_2d_convs_with_the_dequantized_weights(
     out = run(rewritten, x)
     assert out.shape == (1, 8, 200)
     np.testing.assert_allclose(out, run(reference, x), rtol=1e-4, atol=1e-5)
-    # and the int8 graph itself agrees up to its activation quantization
-    assert np.abs(out - run(quantized, x)).max() < 0.1 * np.abs(out).max()
+    # and the float graph that was quantized agrees up to the weights' 8-bit rounding
+    original = run(conv_net(weights, bias), x)
+    assert np.abs(out - original).max() < 0.05 * np.abs(original).max()
 
 
 @pytest.mark.fast

@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -153,8 +154,6 @@ async def conversation_trial(
     """K streams started together, each an agent's side of a conversation: a reply of one or two
     sentences, played to the end, then 1-3 s of listening, ``turns`` times. Returns (underruns,
     stall seconds, each stream's TTFAs)."""
-    import random
-
     before = dict(srv.role.stats)
     rng = random.Random(seed)
     plans = [[(rng.choice(REPLIES), rng.uniform(1.0, 3.0)) for _ in range(turns)] for _ in range(k)]

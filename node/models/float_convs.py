@@ -9,7 +9,7 @@ dequantized (the same int8 values times their scale: nothing the pack does not h
 as a float 2-D convolution of height 1 between an ``Unsqueeze`` and a ``Squeeze``; onnxruntime then
 lays it out NCHWc. The activations are no longer quantized on the way in, so the output is not
 bit-identical to the int8 graph's (it is closer to the float model's). Measured on the 2-core
-machine, one thread: 2.55 -> 2.06 s for 4.5 s of speech; the weights take 256 MB instead of 92.
+machine, one thread: 2.55 -> 2.13 s for 4.5 s of speech; the weights take 256 MB instead of 92.
 """
 
 from __future__ import annotations

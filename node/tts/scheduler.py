@@ -73,13 +73,14 @@ class Stop:
 Job = Callable[[int | None, Stop], Any]
 
 
+def _spare(deadline: float, cost: float, now: float) -> float:
+    """Seconds a job due at ``deadline`` that takes ``cost`` has to spare, were it started now."""
+    return deadline - now - cost
+
+
 class _Running:
     def __init__(self, deadline: float, cost: float, wide: bool) -> None:
         self.deadline, self.cost, self.wide, self.stop = deadline, cost, wide, Stop()
-
-    def spare(self, now: float) -> float:
-        """Seconds to spare were it run again from the start now."""
-        return self.deadline - now - self.cost
 
 
 class Scheduler:
@@ -124,21 +125,20 @@ class Scheduler:
         assert self._wake is not None, "scheduler not started"
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._heap, (deadline, next(self._seq), cost, fn, fut))
-        self._preempt_for(deadline - cost)
+        self._preempt_for(deadline, cost)
         self._wake.set()
         return await fut
 
-    def _preempt_for(self, latest_start: float) -> None:
-        """Stop the running job with the most to spare if an urgent job (one that must start by
-        ``latest_start``) finds the cores held."""
+    def _preempt_for(self, deadline: float, cost: float) -> None:
+        """Stop the running job with the most to spare if an urgent job finds the cores held."""
         now = time.monotonic()
-        if self._can_wait(latest_start - now) or not self._running:
+        if self._can_wait(_spare(deadline, cost, now)) or not self._running:
             return
         held = len(self._running) >= self.workers or any(r.wide for r in self._running)
         if not held:
             return
-        lazy = max(self._running, key=lambda r: r.spare(now))
-        if self._can_wait(lazy.spare(now)) and not lazy.stop.stopped:
+        lazy = max(self._running, key=lambda r: _spare(r.deadline, r.cost, now))
+        if self._can_wait(_spare(lazy.deadline, lazy.cost, now)) and not lazy.stop.stopped:
             lazy.stop.stop()
 
     def _can_wait(self, spare: float) -> bool:
@@ -154,7 +154,8 @@ class Scheduler:
                 await self._wake.wait()
                 continue
             now = time.monotonic()
-            spare = self._heap[0][0] - self._heap[0][2] - now
+            deadline, _, cost, *_ = self._heap[0]
+            spare = _spare(deadline, cost, now)
             if any(r.wide for r in self._running) and self._can_wait(spare):
                 self._wake.clear()
                 try:
@@ -173,7 +174,7 @@ class Scheduler:
                 continue
             t0 = time.monotonic()
             alone = all(r.stop.stopped for r in self._running) and all(
-                self._can_wait(d - c - t0) for d, _, c, *_ in self._heap
+                self._can_wait(_spare(d, c, t0)) for d, _, c, *_ in self._heap
             )
             threads = None if alone or self.workers == 1 else 1
             self.wide_jobs += threads is None

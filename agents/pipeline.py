@@ -492,12 +492,17 @@ class Pipeline:
         """Speech without words interrupts once it lasted ``min_interruption``. The node says
         ``speech_end`` only after its end-of-utterance silence, so a short sound ("Mhm", 0.6 s)
         still counts as speaking for that silence after it ended: the wait covers it too, or a
-        backchannel would stop the agent whenever its speech_end came a little late."""
+        backchannel would stop the agent whenever its speech_end came a little late. Once it
+        interrupts, the stop is shielded: the speech_end that cancels this timer may arrive while
+        the stop is under way, and a stop cut short would lose the interrupted turn's record."""
         eou = self.config.end_of_utterance or NODE_END_OF_UTTERANCE
         await asyncio.sleep(self.config.min_interruption + eou)
         if caller.speaking and self.speaking:
-            await self.interrupt(
-                f"{caller.identity} spoke for {self.config.min_interruption} s", time.monotonic()
+            await asyncio.shield(
+                self.interrupt(
+                    f"{caller.identity} spoke for {self.config.min_interruption} s",
+                    time.monotonic(),
+                )
             )
 
     def _schedule_commit(self, caller: _Caller) -> None:

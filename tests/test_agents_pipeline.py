@@ -97,6 +97,8 @@ class ToneTTSStream:
     """Each word is WORD_SECONDS of a tone, in 20 ms chunks, with its timing; an empty chunk
     marks a piece's end. Synthesis takes no time, so the output's pacing is the clock."""
 
+    clear_seconds = 0.0  # how long clear() takes (a network TTS answers after a round trip)
+
     def __init__(self) -> None:
         self.queue: asyncio.Queue[SpeechAudio | None] = asyncio.Queue()
         self.pieces: list[str] = []
@@ -123,6 +125,7 @@ class ToneTTSStream:
             yield chunk
 
     async def clear(self) -> None:
+        await asyncio.sleep(self.clear_seconds)
         self.cleared += 1
         while not self.queue.empty():
             self.queue.get_nowait()
@@ -418,6 +421,28 @@ async def test_long_speech_without_words_yet_interrupts() -> None:
         await until(lambda: s.output.flushes >= 1, 10, "the interruption")
         assert not s.pipeline.speaking
         mic.emit("speech_end")
+        mic.emit("final", "Sorry, one question.")
+        await s.answered(2)
+        assert s.pipeline.history[-2].content == "Sorry, one question."
+
+
+async def test_speech_end_during_the_interruption_keeps_the_interrupted_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The node's speech_end cancels the wait for min_interruption; arriving while that wait's
+    interruption is still clearing the TTS, it must not cut the stop short."""
+    monkeypatch.setattr(ToneTTSStream, "clear_seconds", 0.3)
+    async with Setup([LONG, "Go ahead."], min_interruption=0.5) as s:
+        mic = await s.caller()
+        s.ask(mic, "Tell me about the museum.")
+        await s.playing()
+        mic.emit("speech_start")
+        await until(lambda: s.output.flushes >= 1, 10, "the interruption")
+        mic.emit("speech_end")  # while the TTS is being cleared
+        await until(lambda: s.tts.streams[0].cleared >= 1, 10, "the TTS cleared")
+        await until(lambda: len(s.pipeline.turns) >= 1, 10, "the interrupted turn")
+        assert s.pipeline.turns[0].outcome == "interrupted"
+        assert s.pipeline.history[-1].role == "assistant"
         mic.emit("final", "Sorry, one question.")
         await s.answered(2)
         assert s.pipeline.history[-2].content == "Sorry, one question."

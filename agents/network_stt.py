@@ -10,7 +10,6 @@ session, a draining node) end the stream with an ``error`` event instead.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
@@ -18,8 +17,9 @@ from typing import Any
 
 import aiohttp
 
-from agents.node_socket import END, NodeStream, end_queue, parse_message, stream_url
+from agents.node_socket import NodeProvider, NodeStream, parse_message
 from agents.plugins import SpeechEvent
+from agents.queues import until_end
 
 log = logging.getLogger("agents.stt")
 
@@ -45,7 +45,7 @@ class STTConnectError(Exception):
         self.code = code
 
 
-class NetworkSTT:
+class NetworkSTT(NodeProvider):
     """STT provider for our nodes: one ``stream()`` per remote participant."""
 
     def __init__(
@@ -67,23 +67,21 @@ class NetworkSTT:
                 f"end_of_utterance {end_of_utterance!r}: give seconds from 0.1 to "
                 "5.0, or None for the node's own"
             )
-        self.url = stream_url(server_url)
-        self.session_key = session_key
+        super().__init__(
+            server_url,
+            session_key,
+            reconnect_tries=reconnect_tries,
+            backoff_seconds=backoff_seconds,
+            ping_interval=ping_interval,
+        )
         self.language = language
         self.end_of_utterance = end_of_utterance
-        self.reconnect_tries = reconnect_tries
-        self.backoff_seconds = backoff_seconds
-        self.ping_interval = ping_interval
         self.event_queue_size = event_queue_size
 
     async def stream(self, language: str | None = None) -> NetworkSTTStream:
         stream = NetworkSTTStream(self, language or self.language)
         await stream.start()
         return stream
-
-    async def extend(self, session_key: str) -> None:
-        """The key new streams (and reconnects of this provider's streams) use from now on."""
-        self.session_key = session_key
 
 
 class NetworkSTTStream(NodeStream):
@@ -93,14 +91,12 @@ class NetworkSTTStream(NodeStream):
     connect_error = STTConnectError
 
     def __init__(self, owner: NetworkSTT, language: str) -> None:
-        super().__init__(owner)
+        super().__init__(owner, owner.event_queue_size)
         self.owner: NetworkSTT = owner
         self.language = language
-        self.events_queue: asyncio.Queue[Any] = asyncio.Queue(owner.event_queue_size)
         self.remaining_seconds: float | None = None
         self._pending: deque[bytes] = deque()  # audio pushed while reconnecting (at most 1 s)
         self._pending_bytes = 0
-        self._ended = False
 
     # ------------------------------------------------------------ life
 
@@ -154,13 +150,6 @@ class NetworkSTTStream(NodeStream):
     def _finished(self) -> None:
         self._end()
 
-    def _end(self) -> None:
-        """Tell ``events()`` there is nothing more (never blocks: drops the oldest if full)."""
-        if self._ended:
-            return
-        self._ended = True
-        end_queue(self.events_queue)
-
     # ------------------------------------------------------------ the STTStream interface
 
     async def push(self, pcm16: bytes) -> None:
@@ -190,12 +179,8 @@ class NetworkSTTStream(NodeStream):
             self._pending_bytes -= len(self._pending.popleft())
 
     async def events(self) -> AsyncIterator[SpeechEvent]:
-        while True:
-            item = await self.events_queue.get()
-            if item is END:
-                self.events_queue.put_nowait(END)  # later readers end too
-                return
-            yield item
+        async for event in until_end(self._output):
+            yield event
 
     async def extend(self, session_key: str) -> None:
         self.session_key = session_key
@@ -244,7 +229,7 @@ class NetworkSTTStream(NodeStream):
         )
 
     async def _emit(self, event: SpeechEvent) -> None:
-        await self.events_queue.put(event)
+        await self._output.put(event)
 
     def _event(self, text: str) -> SpeechEvent | None:
         """A node message as a SpeechEvent; None for messages the agent has no use for and for

@@ -26,8 +26,9 @@ from typing import Any
 
 import aiohttp
 
-from agents.node_socket import END, NodeStream, end_queue, parse_message, stream_url
+from agents.node_socket import NodeProvider, NodeStream, parse_message
 from agents.plugins import SpeechAudio, WordTiming
+from agents.queues import drop_until_end, until_end
 
 log = logging.getLogger("agents.tts")
 
@@ -79,7 +80,7 @@ def kokoro_lang_code(language: str) -> str:
     )
 
 
-class NetworkTTS:
+class NetworkTTS(NodeProvider):
     """TTS provider for our nodes."""
 
     def __init__(
@@ -100,13 +101,15 @@ class NetworkTTS:
             raise ValueError(
                 f"max_in_flight={max_in_flight}: the node holds at most 8 open contexts; use 1-7"
             )
-        self.url = stream_url(server_url)
-        self.session_key = session_key
+        super().__init__(
+            server_url,
+            session_key,
+            reconnect_tries=reconnect_tries,
+            backoff_seconds=backoff_seconds,
+            ping_interval=ping_interval,
+        )
         self.voice, self.lang_code, self.speed = voice, lang_code, speed
         self.max_in_flight = max_in_flight
-        self.reconnect_tries = reconnect_tries
-        self.backoff_seconds = backoff_seconds
-        self.ping_interval = ping_interval
         self.audio_queue_frames = audio_queue_frames
 
     async def stream(
@@ -121,9 +124,6 @@ class NetworkTTS:
         await stream.start()
         return stream
 
-    async def extend(self, session_key: str) -> None:
-        self.session_key = session_key
-
 
 class NetworkTTSStream(NodeStream):
     """One TTS WebSocket: pieces of text in, ``SpeechAudio`` out in order."""
@@ -132,7 +132,7 @@ class NetworkTTSStream(NodeStream):
     connect_error = TTSConnectError
 
     def __init__(self, owner: NetworkTTS, config: dict[str, Any]) -> None:
-        super().__init__(owner)
+        super().__init__(owner, owner.audio_queue_frames)
         self.owner: NetworkTTS = owner
         self.config = config
         self.limit_characters: int | None = token_character_limit(self.session_key)
@@ -147,8 +147,6 @@ class NetworkTTSStream(NodeStream):
         self._epoch = 0  # bumped by clear: older audio is stale
         self._clearing: asyncio.Event | None = None
         self._extended: asyncio.Future[dict[str, Any]] | None = None
-        self._audio: asyncio.Queue[Any] = asyncio.Queue(owner.audio_queue_frames)
-        self._ended = False
 
     # ------------------------------------------------------------ life
 
@@ -188,12 +186,6 @@ class NetworkTTSStream(NodeStream):
             self._finish(piece, "the TTS stream ended")
         self._end()
 
-    def _end(self) -> None:
-        if self._ended:
-            return
-        self._ended = True
-        end_queue(self._audio)
-
     # ------------------------------------------------------------ the TTSStream interface
 
     @property
@@ -216,12 +208,7 @@ class NetworkTTSStream(NodeStream):
         return piece
 
     async def audio(self) -> AsyncIterator[SpeechAudio]:
-        while True:
-            item = await self._audio.get()
-            if item is END:
-                self._audio.put_nowait(END)
-                return
-            epoch, chunk = item
+        async for epoch, chunk in until_end(self._output):
             if epoch == self._epoch:
                 yield chunk
 
@@ -232,11 +219,7 @@ class NetworkTTSStream(NodeStream):
             self._finish(piece, "cleared")
         self._backlog.clear()
         self._current, self._words = None, []
-        while not self._audio.empty():
-            item = self._audio.get_nowait()
-            if item is END:
-                self._audio.put_nowait(END)
-                break
+        drop_until_end(self._output)
         if not await self._send({"type": "clear"}):
             self._clearing = None
             return
@@ -318,7 +301,7 @@ class NetworkTTSStream(NodeStream):
             return
         chunk = SpeechAudio(frame, self._current, tuple(self._words))
         self._words = []
-        await self._audio.put((self._epoch, chunk))
+        await self._output.put((self._epoch, chunk))
 
     async def _message(self, text: str) -> None:
         data = parse_message(text, "TTS")
@@ -354,7 +337,7 @@ class NetworkTTSStream(NodeStream):
                 if piece in self._in_flight:
                     self._finish(piece, None)
                     # in order after the piece's audio: the reader knows it heard all of it
-                    await self._audio.put((self._epoch, SpeechAudio(b"", piece)))
+                    await self._output.put((self._epoch, SpeechAudio(b"", piece)))
                     await self._send_backlog()
             elif kind == "error":
                 self._on_error(piece, str(data.get("message", "")))

@@ -1,21 +1,21 @@
-"""What the STT and TTS providers share about a node's WebSocket: its URL, its JSON messages, and
-a stream's life (``NodeStream``: connect, a reader and a keepalive task, reconnect with the same
-session key after a drop, close)."""
+"""What the STT and TTS providers share about a node's WebSocket: its URL, its JSON messages, the
+provider's part (``NodeProvider``: the node, the session key, the reconnect and keepalive
+settings) and a stream's life (``NodeStream``: connect, a reader and a keepalive task, reconnect
+with the same session key after a drop, close)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 
+from agents.queues import end_queue
 from common import jsonsafe
 from common.tasks import stop_tasks
 
 log = logging.getLogger("agents.node_socket")
-
-END = object()  # the last item of a stream's queue: nothing more will come
 
 
 def stream_url(server_url: str) -> str:
@@ -54,21 +54,29 @@ def parse_message(text: str, node: str) -> dict[str, Any] | None:
     return data
 
 
-def end_queue(queue: asyncio.Queue[Any]) -> None:
-    """Put ``END`` on a stream's queue without blocking (the oldest item goes if it is full)."""
-    if queue.full():
-        queue.get_nowait()
-    queue.put_nowait(END)
+class NodeProvider:
+    """A provider of streams to one node: where the node is, the session key that new streams
+    and reconnects present, and how a stream keeps its socket. The STT and TTS providers add
+    what their streams ask the node for."""
 
+    def __init__(
+        self,
+        server_url: str,
+        session_key: str,
+        *,
+        reconnect_tries: int,
+        backoff_seconds: float,
+        ping_interval: float,
+    ) -> None:
+        self.url = stream_url(server_url)
+        self.session_key = session_key
+        self.reconnect_tries = reconnect_tries
+        self.backoff_seconds = backoff_seconds
+        self.ping_interval = ping_interval
 
-class StreamOwner(Protocol):
-    """What a stream reads from its provider: where the node is and how to keep it."""
-
-    url: str
-    session_key: str
-    reconnect_tries: int
-    backoff_seconds: float
-    ping_interval: float
+    async def extend(self, session_key: str) -> None:
+        """The key new streams (and reconnects of this provider's streams) use from now on."""
+        self.session_key = session_key
 
 
 class NodeStream:
@@ -80,8 +88,11 @@ class NodeStream:
     kind = "node"  # "STT" or "TTS", in logs and task names
     connect_error: type[Exception] = Exception  # what ``_connect`` raises when refused
 
-    def __init__(self, owner: StreamOwner) -> None:
+    def __init__(self, owner: NodeProvider, queue_size: int) -> None:
         self.owner = owner
+        # what the stream's reader takes (events, audio), ending with END (``_end``)
+        self._output: asyncio.Queue[Any] = asyncio.Queue(queue_size)
+        self._ended = False
         self.session_key = owner.session_key
         self.session_id: str | None = None
         self.reconnects = 0
@@ -115,6 +126,13 @@ class NodeStream:
         """The stream ended (not by ``aclose``): nothing more will come."""
 
     # ------------------------------------------------------------ life
+
+    def _end(self) -> None:
+        """Tell the reader there is nothing more (never blocks: drops the oldest if full)."""
+        if self._ended:
+            return
+        self._ended = True
+        end_queue(self._output)
 
     async def start(self) -> None:
         try:

@@ -29,6 +29,7 @@ from typing import Any, Literal
 from livekit import rtc
 
 from agents.plugins import STT_SAMPLE_RATE, TTS_SAMPLE_RATE, SpeechAudio
+from agents.queues import end_queue, until_end
 from common.tasks import stop_tasks
 
 log = logging.getLogger("agents.room")
@@ -107,7 +108,7 @@ class AgentRoom:
         self.source: rtc.AudioSource | None = None
         self.playout = Playout()
         self.ready_listeners: set[str] = set()
-        self._events: asyncio.Queue[RoomEvent | None] = asyncio.Queue(event_queue_size)
+        self._events: asyncio.Queue[RoomEvent | object] = asyncio.Queue(event_queue_size)
         self._audio_ready: dict[str, asyncio.Event] = {}
         self._listener = asyncio.Event()
         self._readers: dict[str, set[asyncio.Queue[bytes | None]]] = {}
@@ -205,11 +206,7 @@ class AgentRoom:
 
     async def events(self) -> AsyncIterator[RoomEvent]:
         """Room events in order, until ``aclose``."""
-        while True:
-            event = await self._events.get()
-            if event is None:
-                self._events.put_nowait(None)
-                return
+        async for event in until_end(self._events):
             yield event
 
     async def wait_for_listener(self, timeout: float) -> bool:
@@ -340,9 +337,7 @@ class AgentRoom:
         if self.source is not None:
             await self.source.aclose()
         self._closed = True
-        if self._events.full():
-            self._events.get_nowait()
-        self._events.put_nowait(None)
+        end_queue(self._events)
         for event in self._audio_ready.values():
             event.set()  # audio_frames waiters end
         self._end_audio()

@@ -205,7 +205,7 @@ def _micro(value: int) -> str:
 
 async def account_handler(request: web.Request) -> web.Response:
     chain, address = wallet_of(request)
-    view = await gw(request).ledger.account_view(chain, address)
+    view = await gw(request).ledger.get_account(chain, address)
     if view is None:
         return error(
             404, f"no account for {chain} wallet {address}: purchase or be granted credits"

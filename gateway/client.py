@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Self
 import aiohttp
 from solders.keypair import Keypair
 
+from common.closing import AsyncClosing
 from gateway.auth import sign_request
 from registry.keys import load_keypair
 
@@ -188,7 +189,7 @@ class AccountInfo:
         )
 
 
-class GatewayClient:
+class GatewayClient(AsyncClosing):
     """``key`` is a solders ``Keypair`` (chain ``solana``) or an EVM private key (chain ``evm``)."""
 
     def __init__(
@@ -231,12 +232,6 @@ class GatewayClient:
     async def close(self) -> None:
         if self._own_session:
             await self._session.close()
-
-    async def __aenter__(self) -> GatewayClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     async def request(
         self,

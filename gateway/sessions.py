@@ -280,8 +280,14 @@ class SessionService:
             "expires_at": iso(record.token_expires_at),
         }
 
-    async def _extend_time(self, record: SessionRecord, minutes: float) -> SessionRecord:
-        seconds = minutes_to_seconds(minutes)
+    async def _extend_time(
+        self, chain: str, address: str, body: schemas.SessionExtend, service: str
+    ) -> SessionRecord:
+        """A timed session (WebRTC or STT) the caller owns, extended by ``additional_minutes``:
+        from now where its token has already expired, so the time bought is time usable."""
+        account = await self.account(chain, address)
+        record = await self.owned(account, body.session_id, service)
+        seconds = minutes_to_seconds(body.additional_minutes)
         return await self.ledger.extend(
             record.session_id,
             seconds,
@@ -292,10 +298,7 @@ class SessionService:
     async def webrtc_extend(
         self, chain: str, address: str, body: schemas.SessionExtend
     ) -> dict[str, Any]:
-        account = await self.account(chain, address)
-        record = await self._extend_time(
-            await self.owned(account, body.session_id, "webrtc"), body.additional_minutes
-        )
+        record = await self._extend_time(chain, address, body, "webrtc")
         token = self.token_for(record)
         self.push_refresh(record, token)
         return {
@@ -325,10 +328,7 @@ class SessionService:
     async def stt_extend(
         self, chain: str, address: str, body: schemas.SessionExtend
     ) -> dict[str, Any]:
-        account = await self.account(chain, address)
-        record = await self._extend_time(
-            await self.owned(account, body.session_id, "stt"), body.additional_minutes
-        )
+        record = await self._extend_time(chain, address, body, "stt")
         return {**self._service_view(record), "new_expires_at": iso(record.token_expires_at)}
 
     def _tts_expiry(self) -> datetime:

@@ -31,6 +31,7 @@ from solders.pubkey import Pubkey
 from solders.signature import Signature
 from solders.transaction import Transaction
 
+from common.closing import AsyncClosing
 from registry import program as p
 
 DEFAULT_RPC_URL = "http://127.0.0.1:8899"
@@ -64,7 +65,7 @@ def program_error_from(
     return None
 
 
-class RegistryClient:
+class RegistryClient(AsyncClosing):
     """Typed calls for every instruction plus the reads the gateway and nodes need."""
 
     def __init__(
@@ -80,12 +81,6 @@ class RegistryClient:
 
     async def close(self) -> None:
         await self.rpc.close()
-
-    async def __aenter__(self) -> RegistryClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     # ------------------------------------------------------------ transactions
 

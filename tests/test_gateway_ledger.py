@@ -366,7 +366,7 @@ async def test_upgrade_from_revision_1_keeps_data(db_url: str) -> None:
     try:
         await lg.migrate()
         assert await lg.schema_revision() == HEAD
-        view = await lg.account_view("solana", "OldWallet")
+        view = await lg.get_account("solana", "OldWallet")
         assert view is not None and view.id == aid
         assert (view.credit_balance, view.available_balance) == (97_000, 85_000)
         await check_invariants(lg, aid)
@@ -609,7 +609,7 @@ def test_session_ids_are_time_ordered_uuid7() -> None:
 
 async def test_unknown_wallet_has_no_account(ledger: Ledger) -> None:
     assert await ledger.get_account("solana", "nobody") is None
-    assert await ledger.account_view("evm", "0xnobody") is None
+    assert await ledger.get_account("evm", "0xnobody") is None
     with pytest.raises(AccountNotFound):
         await open_session(ledger, str(uuid.uuid4()))
 
@@ -625,7 +625,7 @@ async def test_grant_creates_the_account_and_the_view(ledger: Ledger) -> None:
     )
     again = await ledger.grant("evm", "0xabcdef", 50_000)  # EVM addresses ignore case
     assert again.account_id == tx.account_id
-    view = await ledger.account_view("evm", "0xABCDEF")
+    view = await ledger.get_account("evm", "0xABCDEF")
     assert view is not None
     assert (view.id, view.wallet_address, view.wallet_chain) == (tx.account_id, "0xabcdef", "evm")
     assert (view.credit_balance, view.available_balance) == (300_000, 300_000)

@@ -56,6 +56,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from common.closing import AsyncClosing
+
 from . import pricing
 from .db import Database, Row
 from .errors import (
@@ -72,7 +74,6 @@ from .models import accounts, node_events, sessions, transactions
 from .prepared import Prepared, PreparedInsert
 from .records import (
     Account,
-    AccountView,
     Audit,
     Bundle,
     Extension,
@@ -270,7 +271,7 @@ class _Acct:
         return self.credit - self.held
 
 
-class Ledger:
+class Ledger(AsyncClosing):
     """``Ledger(url)``; ``await migrate()`` at startup; ``await close()`` at shutdown.
 
     ``url``: ``sqlite:///path/to/ledger.db`` or ``postgresql://user@host/db`` (see ``db.py``);
@@ -301,12 +302,6 @@ class Ledger:
 
     async def close(self) -> None:
         await self.db.close()
-
-    async def __aenter__(self) -> Ledger:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     # ---------------------------------------------------------------- schema
 
@@ -980,12 +975,6 @@ class Ledger:
     async def get_account_by_id(self, account_id: str) -> Account | None:
         row = await self.db.first(_ACCOUNT_BY_ID, {"account_id": account_id})
         return _account(row) if row else None
-
-    async def account_view(self, wallet_chain: str, wallet_address: str) -> AccountView | None:
-        a = await self.get_account(wallet_chain, wallet_address)
-        if a is None:
-            return None
-        return from_row(AccountView, vars(a), available_balance=a.available_balance)
 
     async def list_transactions(
         self, account_id: str, limit: int = 50, offset: int = 0

@@ -35,20 +35,6 @@ class Account:
 
 
 @dataclass(frozen=True)
-class AccountView:
-    """GET /v1/account (the HTTP layer turns the balances into strings)."""
-
-    id: str
-    wallet_address: str
-    wallet_chain: str
-    credit_balance: int
-    available_balance: int
-    max_concurrent_sessions: int
-    max_api_rate: int
-    created_at: datetime
-
-
-@dataclass(frozen=True)
 class Transaction:
     id: int
     account_id: str

@@ -67,13 +67,7 @@ class NetworkSTT(NodeProvider):
                 f"end_of_utterance {end_of_utterance!r}: give seconds from 0.1 to "
                 "5.0, or None for the node's own"
             )
-        super().__init__(
-            server_url,
-            session_key,
-            reconnect_tries=reconnect_tries,
-            backoff_seconds=backoff_seconds,
-            ping_interval=ping_interval,
-        )
+        super().__init__(server_url, session_key, reconnect_tries, backoff_seconds, ping_interval)
         self.language = language
         self.end_of_utterance = end_of_utterance
         self.event_queue_size = event_queue_size

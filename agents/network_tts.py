@@ -101,13 +101,7 @@ class NetworkTTS(NodeProvider):
             raise ValueError(
                 f"max_in_flight={max_in_flight}: the node holds at most 8 open contexts; use 1-7"
             )
-        super().__init__(
-            server_url,
-            session_key,
-            reconnect_tries=reconnect_tries,
-            backoff_seconds=backoff_seconds,
-            ping_interval=ping_interval,
-        )
+        super().__init__(server_url, session_key, reconnect_tries, backoff_seconds, ping_interval)
         self.voice, self.lang_code, self.speed = voice, lang_code, speed
         self.max_in_flight = max_in_flight
         self.audio_queue_frames = audio_queue_frames

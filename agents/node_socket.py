@@ -63,7 +63,6 @@ class NodeProvider:
         self,
         server_url: str,
         session_key: str,
-        *,
         reconnect_tries: int,
         backoff_seconds: float,
         ping_interval: float,

@@ -244,6 +244,16 @@ class Setup:
             f"{count} turns",
         )
 
+    async def interrupted_by_speech(self, question: str) -> ScriptedSTTStream:
+        """A caller asks, the answer plays, and the caller speaks without words until the
+        agent stops (its first flush); the caller's mic is returned, still speaking."""
+        mic = await self.caller()
+        self.ask(mic, question)
+        await self.playing()
+        mic.emit("speech_start")
+        await until(lambda: self.output.flushes >= 1, 10, "the interruption")
+        return mic
+
     async def playing(self) -> None:
         await until(lambda: sum(self.output.played.values()) > 0, 10, "the agent's voice")
 
@@ -414,11 +424,7 @@ async def test_a_backchannel_does_not_stop_the_agent() -> None:
 
 async def test_long_speech_without_words_yet_interrupts() -> None:
     async with Setup([LONG, "Go ahead."], min_interruption=0.5) as s:
-        mic = await s.caller()
-        s.ask(mic, "Tell me about the museum.")
-        await s.playing()
-        mic.emit("speech_start")
-        await until(lambda: s.output.flushes >= 1, 10, "the interruption")
+        mic = await s.interrupted_by_speech("Tell me about the museum.")
         assert not s.pipeline.speaking
         mic.emit("speech_end")
         mic.emit("final", "Sorry, one question.")
@@ -433,11 +439,7 @@ async def test_speech_end_during_the_interruption_keeps_the_interrupted_turn(
     interruption is still clearing the TTS, it must not cut the stop short."""
     monkeypatch.setattr(ToneTTSStream, "clear_seconds", 0.3)
     async with Setup([LONG, "Go ahead."], min_interruption=0.5) as s:
-        mic = await s.caller()
-        s.ask(mic, "Tell me about the museum.")
-        await s.playing()
-        mic.emit("speech_start")
-        await until(lambda: s.output.flushes >= 1, 10, "the interruption")
+        mic = await s.interrupted_by_speech("Tell me about the museum.")
         mic.emit("speech_end")  # while the TTS is being cleared
         await until(lambda: s.tts.streams[0].cleared >= 1, 10, "the TTS cleared")
         await until(lambda: len(s.pipeline.turns) >= 1, 10, "the interrupted turn")

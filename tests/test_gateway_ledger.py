@@ -86,8 +86,7 @@ async def open_session(
     node: str = NODE,
     bundle_id: str | None = None,
 ):
-    return await lg.create_session(
-        account_id,
+    spec = SessionSpec(
         service,
         pricing.reservation_for_minutes(service, minutes),
         minutes * 60,
@@ -96,8 +95,8 @@ async def open_session(
         "https://node.example",
         room_name="room",
         participant_identity="agent",
-        bundle_id=bundle_id,
     )
+    return await lg.open_session(account_id, spec, bundle_id)
 
 
 def _missing() -> Account:
@@ -681,7 +680,7 @@ async def test_set_limits(ledger: Ledger) -> None:
 # ------------------------------------------------------------------------------------ sessions
 
 
-async def test_create_session_holds_the_reservation(ledger: Ledger) -> None:
+async def test_open_session_holds_the_reservation(ledger: Ledger) -> None:
     aid = await funded(ledger, 100_000)
     s = await open_session(ledger, aid, minutes=2)
     assert (s.status, s.reserved_microcredits, s.charged_microcredits, s.limit_units) == (
@@ -720,19 +719,22 @@ async def test_session_arguments_are_validated(ledger: Ledger) -> None:
     aid = await funded(ledger, 100_000)
     exp = now() + timedelta(minutes=1)
     with pytest.raises(ValueError):
-        await ledger.create_session(aid, "video", 1000, 60, exp, NODE, "https://n")
+        await ledger.open_session(aid, SessionSpec("video", 1000, 60, exp, NODE, "https://n"))
     with pytest.raises(ValueError):
-        await ledger.create_session(aid, "stt", 0, 60, exp, NODE, "https://n")
+        await ledger.open_session(aid, SessionSpec("stt", 0, 60, exp, NODE, "https://n"))
     with pytest.raises(ValueError):  # naive datetime
-        await ledger.create_session(aid, "stt", 6000, 60, datetime.now(), NODE, "https://n")
+        await ledger.open_session(
+            aid, SessionSpec("stt", 6000, 60, datetime.now(), NODE, "https://n")
+        )
 
 
 async def test_timestamps_are_timezone_aware_utc(ledger: Ledger) -> None:
     aid = await funded(ledger, 100_000)
     plus2 = timezone(timedelta(hours=2))
     expires = datetime(2031, 5, 6, 12, 30, 15, 123456, tzinfo=plus2)
-    s = await ledger.create_session(
-        aid, "tts", 8000, 1000, expires, NODE, "https://n", metadata={"voice": "af_heart"}
+    s = await ledger.open_session(
+        aid,
+        SessionSpec("tts", 8000, 1000, expires, NODE, "https://n", metadata={"voice": "af_heart"}),
     )
     got = await ledger.get_session(s.session_id)
     assert got is not None
@@ -781,8 +783,8 @@ async def test_final_report_settles_exactly_once(
     else:
         reserve = pricing.reservation_for_minutes(service, minutes_or_chars)
         limit = minutes_or_chars * 60
-    s = await ledger.create_session(
-        aid, service, reserve, limit, now() + timedelta(minutes=5), NODE, "https://n"
+    s = await ledger.open_session(
+        aid, SessionSpec(service, reserve, limit, now() + timedelta(minutes=5), NODE, "https://n")
     )
     r = await ledger.record_usage(s.session_id, NODE, used, final=True)
     assert (r.settled, r.changed, r.status) == (True, True, "completed")

@@ -524,45 +524,15 @@ class Ledger(AsyncClosing):
 
     # ---------------------------------------------------------------- sessions
 
-    async def create_session(
-        self,
-        account_id: str,
-        service: str,
-        reserve_microcredits: int,
-        limit_units: int,
-        token_expires_at: datetime,
-        node_pubkey: str,
-        server_url: str,
-        room_name: str | None = None,
-        participant_identity: str | None = None,
-        bundle_id: str | None = None,
-        metadata: Any = None,
-        session_id: str | None = None,
+    async def open_session(
+        self, account_id: str, spec: SessionSpec, bundle_id: str | None = None
     ) -> SessionRecord:
-        """Reserve ``reserve_microcredits`` and open an active session.
+        """Reserve the spec's ``reserve_microcredits`` and open an active session (the gateway
+        builds one spec per placement; ``create_bundle`` opens several at once).
 
         Raises InsufficientCredits (reservation above the available balance), ConcurrencyLimit
         (the account's active sessions -- a bundle counts once -- would exceed its limit),
         AccountNotFound."""
-        spec = SessionSpec(
-            service,
-            reserve_microcredits,
-            limit_units,
-            token_expires_at,
-            node_pubkey,
-            server_url,
-            room_name,
-            participant_identity,
-            metadata,
-            session_id,
-        )
-        return await self.open_session(account_id, spec, bundle_id)
-
-    async def open_session(
-        self, account_id: str, spec: SessionSpec, bundle_id: str | None = None
-    ) -> SessionRecord:
-        """``create_session`` for a spec the caller already holds (the gateway builds one per
-        placement)."""
         if self.db.is_postgres and bundle_id is None:  # the common case in one round trip
             (row,) = self._session_rows(account_id, [spec], None)
             params = {

@@ -91,7 +91,7 @@ class SessionRecord:
 
 @dataclass(frozen=True)
 class SessionSpec:
-    """One session of ``Ledger.create_bundle`` (the arguments of ``create_session``)."""
+    """What a session is opened with (``Ledger.open_session``; several: ``create_bundle``)."""
 
     service: str
     reserve_microcredits: int

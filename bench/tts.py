@@ -32,6 +32,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -66,13 +67,29 @@ def pct(xs: list[float], p: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
+async def open_stream(
+    srv: RoleServer, http: aiohttp.ClientSession
+) -> tuple[aiohttp.ClientWebSocketResponse, dict[str, Any]]:
+    """A socket to the node with a fresh session key sent; the node's answer (``ready``, or an
+    error such as ``server_full``)."""
+    ws = await http.ws_connect(srv.url)
+    await ws.send_json({"session_key": srv.token()})
+    return ws, json.loads((await ws.receive(timeout=30)).data)
+
+
+def gaps_since(srv: RoleServer, before: dict[str, float]) -> tuple[int, float]:
+    """(underruns, stall seconds) since the node's stats were ``before``."""
+    now = srv.role.stats
+    underruns = int(now["underruns"] - before["underruns"])
+    return underruns, now["stall_seconds"] - before["stall_seconds"]
+
+
 async def first_audio(
     srv: RoleServer, http: aiohttp.ClientSession, text: str
 ) -> tuple[float, float]:
     """(time to first audio frame, audio seconds) for one text on a fresh socket."""
-    ws = await http.ws_connect(srv.url)
-    await ws.send_json({"session_key": srv.token()})
-    assert json.loads((await ws.receive()).data)["type"] == "ready"
+    ws, answer = await open_stream(srv, http)
+    assert answer["type"] == "ready"
     t0 = time.perf_counter()
     await ws.send_json({"text": text})
     ttfa = None
@@ -92,9 +109,7 @@ async def first_audio(
 
 async def one_more(srv: RoleServer, http: aiohttp.ClientSession) -> str:
     """Try to open one more stream; what the node answered."""
-    ws = await http.ws_connect(srv.url)
-    await ws.send_json({"session_key": srv.token()})
-    msg = json.loads((await ws.receive(timeout=30)).data)
+    ws, msg = await open_stream(srv, http)
     closing = await ws.receive(timeout=10)
     await ws.close()
     if msg.get("error") == "server_full":
@@ -125,9 +140,7 @@ async def stream_trial(
 
         async def one(delay: float) -> float:
             await asyncio.sleep(delay)
-            ws = await http.ws_connect(srv.url)
-            await ws.send_json({"session_key": srv.token()})
-            await ws.receive()
+            ws, _ = await open_stream(srv, http)
             ttfa = await speak(ws, text)
             await ws.close()
             return ttfa
@@ -137,12 +150,7 @@ async def stream_trial(
             await asyncio.sleep(0.05)
         extra = await one_more(srv, http)
         ttfas = await asyncio.gather(*streams)
-    return (
-        int(srv.role.stats["underruns"] - before["underruns"]),
-        srv.role.stats["stall_seconds"] - before["stall_seconds"],
-        list(ttfas),
-        extra,
-    )
+    return (*gaps_since(srv, before), list(ttfas), extra)
 
 
 REPLIES = [*SHORT, *(f"{a} {b}" for a, b in zip(SHORT, SHORT[1:], strict=False))]
@@ -160,9 +168,7 @@ async def conversation_trial(
     async with aiohttp.ClientSession() as http:
 
         async def one(plan: list[tuple[str, float]]) -> list[float]:
-            ws = await http.ws_connect(srv.url)
-            await ws.send_json({"session_key": srv.token()})
-            await ws.receive()
+            ws, _ = await open_stream(srv, http)
             ttfas = []
             for text, listen in plan:
                 ttfas.append(await speak(ws, text))
@@ -171,11 +177,7 @@ async def conversation_trial(
             return ttfas
 
         per_stream = await asyncio.gather(*(one(p) for p in plans))
-    return (
-        int(srv.role.stats["underruns"] - before["underruns"]),
-        srv.role.stats["stall_seconds"] - before["stall_seconds"],
-        list(per_stream),
-    )
+    return (*gaps_since(srv, before), list(per_stream))
 
 
 async def main_async(args: argparse.Namespace) -> None:

@@ -205,21 +205,21 @@ def _micro(value: int) -> str:
 
 async def account_handler(request: web.Request) -> web.Response:
     chain, address = wallet_of(request)
-    view = await gw(request).ledger.get_account(chain, address)
-    if view is None:
+    account = await gw(request).ledger.get_account(chain, address)
+    if account is None:
         return error(
             404, f"no account for {chain} wallet {address}: purchase or be granted credits"
         )
     return web.json_response(
         {
-            "id": view.id,
-            "wallet_address": view.wallet_address,
-            "wallet_chain": view.wallet_chain,
-            "credit_balance": _micro(view.credit_balance),
-            "available_balance": _micro(view.available_balance),
-            "max_concurrent_sessions": view.max_concurrent_sessions,
-            "max_api_rate": view.max_api_rate,
-            "created_at": iso(view.created_at),
+            "id": account.id,
+            "wallet_address": account.wallet_address,
+            "wallet_chain": account.wallet_chain,
+            "credit_balance": _micro(account.credit_balance),
+            "available_balance": _micro(account.available_balance),
+            "max_concurrent_sessions": account.max_concurrent_sessions,
+            "max_api_rate": account.max_api_rate,
+            "created_at": iso(account.created_at),
         }
     )
 

@@ -38,9 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
-
-from node.models.float_convs import float_convs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -262,6 +259,12 @@ def _build_fast_model(cache: Path, source: Path) -> Path:
     target = cache / FAST_MODEL_NAME
     if _stamped(target):
         return target
+    # imported here: the graph library takes ~0.6 s to import, and every start but the first
+    # finds the graph built
+    import onnx
+
+    from node.models.float_convs import float_convs
+
     model = onnx.load(str(source))
     float_convs(model)
     with tempfile.NamedTemporaryFile(dir=cache, prefix=".kokoro-fast-", delete=False) as out:

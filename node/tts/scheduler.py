@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from common.tasks import stop_tasks
@@ -73,21 +74,32 @@ class Stop:
 Job = Callable[[int | None, Stop], Any]
 
 
-def _spare(deadline: float, cost: float, now: float) -> float:
-    """Seconds a job due at ``deadline`` that takes ``cost`` has to spare, were it started now."""
-    return deadline - now - cost
+@dataclass(order=True)
+class _Queued:
+    """A job in the heap: earliest deadline first, then first come."""
+
+    deadline: float
+    seq: int
+    # the latest start that still meets the deadline (deadline less its one-thread cost): what
+    # is left of the time to it is the job's time to spare
+    start_by: float = field(compare=False)
+    fn: Job = field(compare=False)
+    fut: asyncio.Future[Any] = field(compare=False)
+
+    def can_wait(self, now: float) -> bool:
+        return self.start_by - now > PREEMPT_SLACK
 
 
 class _Running:
-    def __init__(self, deadline: float, cost: float, wide: bool) -> None:
-        self.deadline, self.cost, self.wide, self.stop = deadline, cost, wide, Stop()
+    def __init__(self, queued: _Queued, wide: bool) -> None:
+        self.queued, self.wide, self.stop = queued, wide, Stop()
 
 
 class Scheduler:
     def __init__(self, workers: int = 0) -> None:
         """``workers``: inferences at once; 0 = one per core this process may use."""
         self.workers = workers or usable_cores()
-        self._heap: list[tuple[float, int, float, Job, asyncio.Future[Any]]] = []
+        self._heap: list[_Queued] = []
         self._seq = itertools.count()
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -124,27 +136,25 @@ class Scheduler:
         """
         assert self._wake is not None, "scheduler not started"
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._heap, (deadline, next(self._seq), cost, fn, fut))
-        self._preempt_for(deadline, cost)
+        queued = _Queued(deadline, next(self._seq), deadline - cost, fn, fut)
+        heapq.heappush(self._heap, queued)
+        self._preempt_for(queued)
         self._wake.set()
         return await fut
 
-    def _preempt_for(self, deadline: float, cost: float) -> None:
+    def _preempt_for(self, urgent: _Queued) -> None:
         """Stop the running job with the most to spare if an urgent job finds the cores held."""
         now = time.monotonic()
-        if self._can_wait(_spare(deadline, cost, now)) or not self._running:
+        if urgent.can_wait(now) or not self._running:
             return
         held = len(self._running) >= self.workers or any(r.wide for r in self._running)
         if not held:
             return
-        lazy = max(self._running, key=lambda r: _spare(r.deadline, r.cost, now))
-        if self._can_wait(_spare(lazy.deadline, lazy.cost, now)) and not lazy.stop.stopped:
+        lazy = max(self._running, key=lambda r: r.queued.start_by)
+        if lazy.queued.can_wait(now) and not lazy.stop.stopped:
             lazy.stop.stop()
 
-    def _can_wait(self, spare: float) -> bool:
-        return spare > PREEMPT_SLACK
-
-    async def _next(self) -> tuple[float, int, float, Job, asyncio.Future[Any]]:
+    async def _next(self) -> _Queued:
         """The most urgent job, once it may start: one that can wait does not start beside a job
         that runs on every core."""
         assert self._wake is not None
@@ -154,12 +164,13 @@ class Scheduler:
                 await self._wake.wait()
                 continue
             now = time.monotonic()
-            deadline, _, cost, *_ = self._heap[0]
-            spare = _spare(deadline, cost, now)
-            if any(r.wide for r in self._running) and self._can_wait(spare):
+            first = self._heap[0]
+            if any(r.wide for r in self._running) and first.can_wait(now):
                 self._wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), spare - PREEMPT_SLACK + 0.01)
+                    await asyncio.wait_for(
+                        self._wake.wait(), first.start_by - now - PREEMPT_SLACK + 0.01
+                    )
                 except TimeoutError:
                     pass
                 continue
@@ -169,30 +180,30 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         assert self._wake is not None
         while True:
-            deadline, seq, cost, fn, fut = await self._next()
-            if fut.cancelled():
+            queued = await self._next()
+            if queued.fut.cancelled():
                 continue
             t0 = time.monotonic()
             alone = all(r.stop.stopped for r in self._running) and all(
-                self._can_wait(_spare(d, c, t0)) for d, _, c, *_ in self._heap
+                q.can_wait(t0) for q in self._heap
             )
             threads = None if alone or self.workers == 1 else 1
             self.wide_jobs += threads is None
-            job = _Running(deadline, cost, wide=threads is None and self.workers > 1)
+            job = _Running(queued, wide=threads is None and self.workers > 1)
             self._running.append(job)
             self.running += 1
             try:
-                result = await loop.run_in_executor(self._pool, fn, threads, job.stop)
+                result = await loop.run_in_executor(self._pool, queued.fn, threads, job.stop)
             except Stopped:
                 self.preempted += 1
-                if not fut.done():
-                    heapq.heappush(self._heap, (deadline, seq, cost, fn, fut))
+                if not queued.fut.done():
+                    heapq.heappush(self._heap, queued)
             except Exception as exc:  # handed to the stream that asked
-                if not fut.done():
-                    fut.set_exception(exc)
+                if not queued.fut.done():
+                    queued.fut.set_exception(exc)
             else:
-                if not fut.done():
-                    fut.set_result(result)
+                if not queued.fut.done():
+                    queued.fut.set_result(result)
             finally:
                 self._running.remove(job)
                 self.running -= 1

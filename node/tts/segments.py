@@ -13,6 +13,7 @@ import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from node.tts.engine import DEFAULT_COST, MAX_PHONEMES, Engine
 
@@ -164,7 +165,7 @@ def plan_segments(
     cost = _cost_model(engine, lang_code, narrow)
 
     def plan(atoms: deque[str]) -> tuple[list[Segment], int]:
-        budget = _Budget(*cost, speed=speed, lead=lead_seconds, played=ahead_seconds or 0.0)
+        budget = _Budget(cost, speed=speed, lead=lead_seconds, played=ahead_seconds or 0.0)
         return _segments(atoms, budget, ahead_seconds is None, limit, measure, spaced, min_chars)
 
     spaced = lang_code not in ("j", "z")
@@ -231,23 +232,33 @@ def _segment(text: str) -> Segment:
     return Segment(text, _pause_for(text))
 
 
+class _Cost(NamedTuple):
+    """The engine's cost model (``Engine.estimate``) for one language and kind of inference."""
+
+    fixed: float  # seconds per engine call
+    per_char: float  # synthesis seconds per character
+    audio_per_char: float  # audio seconds per character at speed 1
+
+    def seconds(self, text: str) -> float:
+        """Synthesis seconds ``text`` is expected to take."""
+        return self.fixed + self.per_char * len(text)
+
+
 @dataclass
 class _Budget:
     """A plan's running account: the audio planned so far against the synthesis it costs."""
 
-    fixed: float  # seconds per engine call
-    per_char: float  # synthesis seconds per character
-    audio_per_char: float
+    cost: _Cost
     speed: float
     lead: float
     played: float = 0.0  # audio seconds planned (or buffered ahead) so far
     synth: float = 0.0  # synthesis seconds of the segments after the first
 
     def hear(self, seg: Segment) -> None:
-        self.played += self.audio_per_char * len(seg.text) / self.speed + seg.pause_after
+        self.played += self.cost.audio_per_char * len(seg.text) / self.speed + seg.pause_after
 
     def synthesize(self, seg: Segment) -> None:
-        self.synth += self.fixed + self.per_char * len(seg.text)
+        self.synth += self.cost.seconds(seg.text)
 
     def max_chars(self, min_chars: int) -> int:
         """The longest next segment that is ready before the audio ahead of it runs out; 0 when
@@ -257,7 +268,7 @@ class _Budget:
         budget = (self.played + self.lead) * BUDGET_MARGIN - self.synth
         # never below min_chars: each call also synthesizes ~0.6 s of silence, so slicing finer
         # adds calls (and breaks prosody); a gap, if any, falls at a natural break instead
-        max_chars = int((budget - self.fixed) / self.per_char)
+        max_chars = int((budget - self.cost.fixed) / self.cost.per_char)
         return min(max_chars, SEGMENT_CHARS) if max_chars >= min_chars else 0
 
 
@@ -304,12 +315,9 @@ SEGMENT_CHARS = 160
 def synthesis_cost(engine: Engine | None, text: str, lang_code: str, narrow: bool) -> float:
     """Seconds ``engine`` is expected to take for ``text`` (on one thread when ``narrow``): what
     the scheduler weighs when it decides which job may wait."""
-    fixed, per_char, _ = _cost_model(engine, lang_code, narrow)
-    return fixed + per_char * len(text)
+    return _cost_model(engine, lang_code, narrow).seconds(text)
 
 
-def _cost_model(
-    engine: Engine | None, lang_code: str | None = None, narrow: bool = False
-) -> tuple[float, float, float]:
+def _cost_model(engine: Engine | None, lang_code: str | None = None, narrow: bool = False) -> _Cost:
     est = getattr(engine, "estimate", None)
-    return est(lang_code, narrow=narrow) if callable(est) else DEFAULT_COST
+    return _Cost(*(est(lang_code, narrow=narrow) if callable(est) else DEFAULT_COST))

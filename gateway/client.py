@@ -302,6 +302,10 @@ class GatewayClient(AsyncClosing):
 
     # ------------------------------------------------------------ sessions
 
+    async def _post(self, path: str, **fields: Any) -> dict[str, Any]:
+        """A signed POST of ``fields`` (those that are None left out)."""
+        return await self.request("POST", path, self._body(**fields))
+
     async def create_webrtc_token(
         self,
         room_name: str,
@@ -310,72 +314,55 @@ class GatewayClient(AsyncClosing):
         metadata: str | None = None,
         client_ip: str | None = None,
     ) -> WebrtcSession:
-        return WebrtcSession.of(
-            await self.request(
-                "POST",
-                "/v1/webrtc/token",
-                self._body(
-                    room_name=room_name,
-                    participant_identity=participant_identity,
-                    duration_minutes=duration_minutes,
-                    metadata=metadata,
-                    client_ip=client_ip,
-                ),
-            )
+        data = await self._post(
+            "/v1/webrtc/token",
+            room_name=room_name,
+            participant_identity=participant_identity,
+            duration_minutes=duration_minutes,
+            metadata=metadata,
+            client_ip=client_ip,
         )
+        return WebrtcSession.of(data)
 
     async def extend_webrtc_token(
         self, session_id: str, additional_minutes: float
     ) -> WebrtcSession:
-        return WebrtcSession.of(
-            await self._extend(
-                "/v1/webrtc/token/extend", session_id, additional_minutes=additional_minutes
-            )
+        data = await self._post(
+            "/v1/webrtc/token/extend", session_id=session_id, additional_minutes=additional_minutes
         )
+        return WebrtcSession.of(data)
 
     async def create_stt_session(
         self, duration_minutes: float, language: str | None = None
     ) -> ServiceSession:
-        return ServiceSession.of(
-            await self.request(
-                "POST",
-                "/v1/stt/session",
-                self._body(duration_minutes=duration_minutes, language=language),
-            )
+        data = await self._post(
+            "/v1/stt/session", duration_minutes=duration_minutes, language=language
         )
+        return ServiceSession.of(data)
 
     async def extend_stt_session(
         self, session_id: str, additional_minutes: float
     ) -> ServiceSession:
-        return ServiceSession.of(
-            await self._extend(
-                "/v1/stt/session/extend", session_id, additional_minutes=additional_minutes
-            )
+        data = await self._post(
+            "/v1/stt/session/extend", session_id=session_id, additional_minutes=additional_minutes
         )
+        return ServiceSession.of(data)
 
     async def create_tts_session(
         self, max_characters: int, language: str | None = None
     ) -> ServiceSession:
-        return ServiceSession.of(
-            await self.request(
-                "POST",
-                "/v1/tts/session",
-                self._body(max_characters=max_characters, language=language),
-            )
-        )
+        data = await self._post("/v1/tts/session", max_characters=max_characters, language=language)
+        return ServiceSession.of(data)
 
     async def extend_tts_session(
         self, session_id: str, additional_characters: int
     ) -> ServiceSession:
-        return ServiceSession.of(
-            await self._extend(
-                "/v1/tts/session/extend", session_id, additional_characters=additional_characters
-            )
+        data = await self._post(
+            "/v1/tts/session/extend",
+            session_id=session_id,
+            additional_characters=additional_characters,
         )
-
-    async def _extend(self, path: str, session_id: str, **more: float) -> dict[str, Any]:
-        """POST an extension: the session and what it adds (minutes or characters)."""
-        return await self.request("POST", path, {"session_id": session_id, **more})
+        return ServiceSession.of(data)
 
     async def create_agent_session(
         self,
@@ -388,22 +375,18 @@ class GatewayClient(AsyncClosing):
         client_ip: str | None = None,
         client_identity: str | None = None,
     ) -> AgentSession:
-        return AgentSession.of(
-            await self.request(
-                "POST",
-                "/v1/agent-session",
-                self._body(
-                    room_name=room_name,
-                    participant_identity=participant_identity,
-                    duration_minutes=duration_minutes,
-                    language=language,
-                    tts_max_characters=tts_max_characters,
-                    metadata=metadata,
-                    client_ip=client_ip,
-                    client_identity=client_identity,
-                ),
-            )
+        data = await self._post(
+            "/v1/agent-session",
+            room_name=room_name,
+            participant_identity=participant_identity,
+            duration_minutes=duration_minutes,
+            language=language,
+            tts_max_characters=tts_max_characters,
+            metadata=metadata,
+            client_ip=client_ip,
+            client_identity=client_identity,
         )
+        return AgentSession.of(data)
 
     async def extend_agent_session(
         self,
@@ -411,14 +394,11 @@ class GatewayClient(AsyncClosing):
         additional_minutes: float,
         additional_tts_characters: int | None = None,
     ) -> AgentSession:
-        data = await self.request(
-            "POST",
+        data = await self._post(
             "/v1/agent-session/extend",
-            self._body(
-                bundle_id=bundle_id,
-                additional_minutes=additional_minutes,
-                additional_tts_characters=additional_tts_characters,
-            ),
+            bundle_id=bundle_id,
+            additional_minutes=additional_minutes,
+            additional_tts_characters=additional_tts_characters,
         )
         return AgentSession.of(data, bundle_id)
 

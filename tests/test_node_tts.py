@@ -40,7 +40,7 @@ from node.models.kokoro import (
 )
 from node.tts.engine import DEFAULT_COST, MAX_PHONEMES
 from node.tts.harness import RoleServer
-from node.tts.scheduler import Stop, Stopped
+from node.tts.scheduler import ONE_THREAD, Run, Stop, Stopped
 from node.tts.segments import BUDGET_MARGIN, OTHER_MAX_CHARS, first_cut, plan_segments
 from node.tts.settings import load_settings
 from node.tts.voices import EngineError, VoiceSpec
@@ -193,7 +193,7 @@ def test_the_cost_model_keeps_one_thread_and_all_core_inferences_apart(engine) -
     assert engine.threads > 1, "the development machines have 2 cores or more"
     voice = VoiceSpec.parse("af_heart")
     wide, narrow = engine.estimate("a"), engine.estimate("a", narrow=True)
-    engine.synthesize("A sentence that one thread synthesizes.", voice, 1.0, threads=1)
+    engine.synthesize("A sentence that one thread synthesizes.", voice, 1.0, ONE_THREAD)
     assert engine.estimate("a")[0] == wide[0], "a one-thread run leaves the all-core figure"
     assert engine.estimate("a", narrow=True)[0] != narrow[0]
     narrow = engine.estimate("a", narrow=True)
@@ -211,7 +211,7 @@ def test_a_synthesis_stops_when_the_scheduler_asks_and_the_engine_goes_on(engine
 
     def run() -> None:
         try:
-            outcome.append(engine.synthesize(text, voice, 1.0, threads=1, stop=stop))
+            outcome.append(engine.synthesize(text, voice, 1.0, Run(threads=1, stop=stop)))
         except Stopped as exc:
             outcome.append(exc)
 
@@ -222,7 +222,7 @@ def test_a_synthesis_stops_when_the_scheduler_asks_and_the_engine_goes_on(engine
     thread.join(30)
     assert len(outcome) == 1 and isinstance(outcome[0], Stopped), outcome
     assert engine.estimate("a", narrow=True) == estimate  # a stopped run teaches the cost nothing
-    audio = engine.synthesize(text, voice, 1.0, threads=1)  # the same session, run to the end
+    audio = engine.synthesize(text, voice, 1.0, ONE_THREAD)  # the same session, run to the end
     assert len(audio) / engine.sample_rate > 3
     assert engine.estimate("a", narrow=True) != estimate
 

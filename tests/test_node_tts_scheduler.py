@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from node.tts.scheduler import PREEMPT_SLACK, Scheduler, Stop, Stopped
+from node.tts.scheduler import PREEMPT_SLACK, Run, Scheduler, Stopped
 
 
 class Recorder:
@@ -24,8 +24,10 @@ class Recorder:
         self.release = threading.Event()
 
     def job(self, name: str, holding: bool = False) -> Any:
-        def run(threads: int | None, stop: Stop) -> str:
-            self.calls.append((name, threads))
+        def call(run: Run) -> str:
+            self.calls.append((name, run.threads))
+            stop = run.stop
+            assert stop is not None, "the scheduler can stop every job it runs"
             if holding and len([c for c in self.calls if c[0] == name]) == 1:
                 stop.on_stop(self.release.set)
                 self.started.set()
@@ -34,7 +36,7 @@ class Recorder:
                     raise Stopped(name)
             return name
 
-        return run
+        return call
 
 
 @contextlib.asynccontextmanager
@@ -97,7 +99,7 @@ async def test_earliest_deadline_first_and_a_failure_goes_to_its_caller() -> Non
         late = asyncio.ensure_future(sched.run(r.job("late"), now + 2.5))
         soon = asyncio.ensure_future(sched.run(r.job("soon"), now + 2))
 
-        def broken(threads: int | None, stop: Stop) -> str:
+        def broken(run: Run) -> str:
             raise RuntimeError("model crashed")
 
         failing = asyncio.ensure_future(sched.run(broken, now + 2.2))

@@ -39,7 +39,7 @@ from node.session import SessionRefused, Sessions, verify_session_key
 from node.tts.characters import CharacterCount
 from node.tts.engine import Engine
 from node.tts.frames import FRAME_SECONDS, FrameClock, Resampler
-from node.tts.scheduler import Scheduler, Stop
+from node.tts.scheduler import Run, Scheduler
 from node.tts.segments import Segment, plan_segments, synthesis_cost
 from node.tts.settings import TtsSettings
 from node.tts.voices import EngineError, VoiceSpec, check_speed
@@ -531,9 +531,9 @@ class Connection:
         audio and its word weights for alignment."""
         spec, speed, align = item.voice.spec, item.voice.speed, self.settings.alignment
 
-        def job(threads: int | None, stop: Stop) -> tuple[np.ndarray, float, Any]:
+        def job(run: Run) -> tuple[np.ndarray, float, Any]:
             t0 = time.perf_counter()
-            audio = engine.synthesize(seg.text, spec, speed, threads=threads, stop=stop)
+            audio = engine.synthesize(seg.text, spec, speed, run)
             took = time.perf_counter() - t0
             return audio, took, engine.word_weights(seg.text, spec.lang_code) if align else None
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import numpy as np
 
 from node.models.kokoro import ALL_VOICES, LANGUAGES, SAMPLE_RATE, KokoroFiles, ensure_kokoro
-from node.tts.scheduler import Stop, Stopped
+from node.tts.scheduler import ALONE, Run, Stopped
 from node.tts.voices import VoiceSpec
 
 MAX_PHONEMES = 510  # English: the model's context
@@ -56,21 +57,20 @@ class Engine(Protocol):
     def phoneme_length(self, text: str, lang_code: str) -> int:
         """How long ``text`` is in the unit the model's context is measured in."""
 
-    def synthesize(
-        self,
-        text: str,
-        voice: VoiceSpec,
-        speed: float,
-        threads: int | None = None,
-        stop: Stop | None = None,
-    ) -> np.ndarray:
+    def synthesize(self, text: str, voice: VoiceSpec, speed: float, run: Run = ALONE) -> np.ndarray:
         """Blocking: float32 mono audio at ``sample_rate`` for one segment, edge silence trimmed.
-        ``threads``: a hint from the scheduler (1 under load); engines may ignore it. ``stop``:
-        the scheduler may stop the call for a more urgent one (raise :class:`Stopped`); engines
-        that cannot stop mid-call ignore it and finish."""
+        ``run.threads``: a hint from the scheduler (1 under load); engines may ignore it.
+        ``run.stop``: the scheduler may stop the call for a more urgent one (raise
+        :class:`Stopped`); engines that cannot stop mid-call ignore it and finish."""
 
     def word_weights(self, text: str, lang_code: str) -> list[tuple[str, float]] | None:
         """Words of ``text`` with relative durations, for approximate alignment; None if unknown."""
+
+
+def _joined(chunks: Iterable[Any]) -> np.ndarray:
+    """One float32 array of a model's audio chunks (None where a chunk has no audio)."""
+    parts = [np.asarray(c, dtype=np.float32) for c in chunks if c is not None]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- kokoro-onnx
@@ -183,24 +183,18 @@ class KokoroOnnxEngine:
     def phoneme_length(self, text: str, lang_code: str) -> int:
         return len(self.phonemize(text, lang_code))
 
-    def synthesize(
-        self,
-        text: str,
-        voice: VoiceSpec,
-        speed: float,
-        threads: int | None = None,
-        stop: Stop | None = None,
-    ) -> np.ndarray:
-        """``threads=1``: the narrow session (one inference per core under load); otherwise
+    def synthesize(self, text: str, voice: VoiceSpec, speed: float, run: Run = ALONE) -> np.ndarray:
+        """``run.threads=1``: the narrow session (one inference per core under load); otherwise
         the wide one (all of ``self.threads`` on this inference)."""
         import onnxruntime as rt
 
         options = rt.RunOptions()
+        stop = run.stop
         if stop is not None:
             stop.on_stop(lambda: setattr(options, "terminate", True))
         _run.options = options
         try:
-            return self._synthesize(text, voice, speed, threads)
+            return self._synthesize(text, voice, speed, run.threads)
         except Exception as exc:
             if stop is not None and stop.stopped:
                 raise Stopped(f"stopped for a more urgent job: {text[:40]!r}") from exc
@@ -219,14 +213,10 @@ class KokoroOnnxEngine:
         style = self._style(voice)
         narrow = threads == 1 and self._narrow is not self._k
         model = self._narrow if narrow else self._k
-        parts = []
         t0 = time.perf_counter()
         batches = split_phonemes(phonemes, MAX_PHONEMES)
-        for batch in batches:
-            audio, _ = model._create_batch(batch, style, speed, True, 0.0)
-            parts.append(np.asarray(audio, dtype=np.float32))
+        out = _joined(model._create_batch(batch, style, speed, True, 0.0)[0] for batch in batches)
         took = time.perf_counter() - t0
-        out = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
         made = len(out) / self.sample_rate + len(batches) * PAD_SECONDS / speed
         rate = min(max(took / made, 0.02), 5.0)
         mode = "narrow" if narrow else "wide"
@@ -281,21 +271,9 @@ class KokoroTorchEngine:
     def phoneme_length(self, text: str, lang_code: str) -> int:
         return len(text)
 
-    def synthesize(
-        self,
-        text: str,
-        voice: VoiceSpec,
-        speed: float,
-        threads: int | None = None,
-        stop: Stop | None = None,
-    ) -> np.ndarray:
+    def synthesize(self, text: str, voice: VoiceSpec, speed: float, run: Run = ALONE) -> np.ndarray:
         pipe = self._pipeline(voice.lang_code)
-        parts = [
-            np.asarray(r.audio, dtype=np.float32)
-            for r in pipe(text, voice=voice.label, speed=speed)
-            if r.audio is not None
-        ]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+        return _joined(r.audio for r in pipe(text, voice=voice.label, speed=speed))
 
     def word_weights(self, text: str, lang_code: str) -> list[tuple[str, float]] | None:
         return [(w, float(len(w))) for w in text.split()] or None
@@ -315,21 +293,11 @@ class MlxEngine(KokoroTorchEngine):
             ) from exc
         self._mlx = load_model(repo_id)
 
-    def synthesize(
-        self,
-        text: str,
-        voice: VoiceSpec,
-        speed: float,
-        threads: int | None = None,
-        stop: Stop | None = None,
-    ) -> np.ndarray:
-        parts = [
-            np.asarray(r.audio, dtype=np.float32)
-            for r in self._mlx.generate(
-                text=text, voice=voice.label, speed=speed, lang_code=voice.lang_code
-            )
-        ]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+    def synthesize(self, text: str, voice: VoiceSpec, speed: float, run: Run = ALONE) -> np.ndarray:
+        said = self._mlx.generate(
+            text=text, voice=voice.label, speed=speed, lang_code=voice.lang_code
+        )
+        return _joined(r.audio for r in said)
 
 
 def create_engine(

@@ -24,7 +24,7 @@ from node.session import Sessions
 from node.tts.characters import CharacterCount
 from node.tts.connection import Connection
 from node.tts.engine import Engine, create_engine
-from node.tts.scheduler import Scheduler
+from node.tts.scheduler import ONE_THREAD, Scheduler
 from node.tts.segments import plan_segments
 from node.tts.settings import TtsSettings, load_settings
 from node.tts.voices import VoiceSpec
@@ -58,9 +58,9 @@ def stream_cost(engine: Engine, spec: VoiceSpec, parallel: int = 1) -> float:
     ]
 
     def speak() -> int:
-        return sum(len(engine.synthesize(text, spec, 1.0, threads=1)) for text in segments)
+        return sum(len(engine.synthesize(text, spec, 1.0, ONE_THREAD)) for text in segments)
 
-    engine.synthesize("Warm up.", spec, 1.0, threads=1)
+    engine.synthesize("Warm up.", spec, 1.0, ONE_THREAD)
     c0 = time.process_time()
     with ThreadPoolExecutor(parallel, thread_name_prefix="tts-calibration") as pool:
         samples = sum(run.result() for run in [pool.submit(speak) for _ in range(parallel)])

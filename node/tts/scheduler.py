@@ -71,7 +71,20 @@ class Stop:
             hook()
 
 
-Job = Callable[[int | None, Stop], Any]
+@dataclass(frozen=True)
+class Run:
+    """The scheduler's terms for one call of a job, handed on to the engine: ``threads`` None
+    runs it on every core (it runs alone), 1 on one thread (it shares the node); ``stop``, when
+    set, is how the scheduler may stop it for a more urgent job."""
+
+    threads: int | None = None
+    stop: Stop | None = None
+
+
+ALONE = Run()  # a call outside the scheduler: every core, never stopped
+ONE_THREAD = Run(threads=1)  # as under load, never stopped (calibration, tests)
+
+Job = Callable[[Run], Any]
 
 
 @dataclass(order=True)
@@ -91,8 +104,9 @@ class _Queued:
 
 
 class _Running:
-    def __init__(self, queued: _Queued, wide: bool) -> None:
+    def __init__(self, queued: _Queued, threads: int | None, wide: bool) -> None:
         self.queued, self.wide, self.stop = queued, wide, Stop()
+        self.run = Run(threads, self.stop)
 
 
 class Scheduler:
@@ -126,9 +140,9 @@ class Scheduler:
             await asyncio.sleep(0.01)
 
     async def run(self, fn: Job, deadline: float, cost: float = 0.0) -> Any:
-        """Run blocking ``fn(threads, stop)`` on a worker thread; more urgent (earlier) deadlines
-        go first. ``cost``: the seconds it is expected to take on one thread. ``threads`` is None
-        when the job runs alone (use every core), else 1; ``stop`` is how the scheduler may stop
+        """Run blocking ``fn(run)`` on a worker thread; more urgent (earlier) deadlines go first.
+        ``cost``: the seconds it is expected to take on one thread. ``run.threads`` is None when
+        the job runs alone (use every core), else 1; ``run.stop`` is how the scheduler may stop
         it for a more urgent job (``fn`` then raises :class:`Stopped` and is called again later).
 
         Cancelling the caller drops a queued job; a job already running finishes on its thread and
@@ -189,11 +203,11 @@ class Scheduler:
             )
             threads = None if alone or self.workers == 1 else 1
             self.wide_jobs += threads is None
-            job = _Running(queued, wide=threads is None and self.workers > 1)
+            job = _Running(queued, threads, wide=threads is None and self.workers > 1)
             self._running.append(job)
             self.running += 1
             try:
-                result = await loop.run_in_executor(self._pool, queued.fn, threads, job.stop)
+                result = await loop.run_in_executor(self._pool, queued.fn, job.run)
             except Stopped:
                 self.preempted += 1
                 if not queued.fut.done():

@@ -2,8 +2,9 @@
 
 The public surface: ``VoiceAgent`` (one agent in one room, paid by one agent-session bundle), the
 plug-in interfaces ``STT``, ``LLM`` and ``TTS`` (``agents.plugins``), the providers for our nodes
-(``NetworkSTT``, ``NetworkTTS``), the room (``AgentRoom``), the LLMs (``OpenAICompatibleLLM``,
-``EmbeddedLLM``) and the text chunker (``agents.text``).
+(``NetworkSTT``, ``NetworkTTS``, and ``Reconnect``: how their streams keep a socket), the room
+(``AgentRoom``), the LLMs (``OpenAICompatibleLLM``, ``EmbeddedLLM``) and the text chunker
+(``agents.text``).
 
 Imports ``gateway.client`` (the SDK an agent developer uses anyway) and never the gateway's
 server side nor ``node/``.
@@ -14,6 +15,7 @@ from agents.agent import VoiceAgent
 from agents.llm import EmbeddedLLM, OpenAICompatibleLLM
 from agents.network_stt import NetworkSTT
 from agents.network_tts import NetworkTTS
+from agents.node_socket import Reconnect
 from agents.pipeline import Pipeline, PipelineConfig
 from agents.plugins import (
     LLM,
@@ -40,6 +42,7 @@ __all__ = [
     "OpenAICompatibleLLM",
     "Pipeline",
     "PipelineConfig",
+    "Reconnect",
     "SpeechAudio",
     "SpeechEvent",
     "VoiceAgent",

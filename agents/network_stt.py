@@ -17,11 +17,14 @@ from typing import Any
 
 import aiohttp
 
-from agents.node_socket import NodeProvider, NodeStream, parse_message
+from agents.node_socket import NodeProvider, NodeStream, Reconnect, parse_message
 from agents.plugins import SpeechEvent
 from agents.queues import until_end
 
 log = logging.getLogger("agents.stt")
+
+# 6 tries: 0.5 + 1 + 2 + 4 + 5 + 5 s, about 17 s for a listener to find its node again
+STT_RECONNECT = Reconnect(tries=6)
 
 # Errors after which the node closes the socket and reconnecting with the same key cannot help.
 FATAL_CODES = frozenset(
@@ -55,9 +58,7 @@ class NetworkSTT(NodeProvider):
         *,
         language: str = "en",
         end_of_utterance: float | None = None,
-        reconnect_tries: int = 6,
-        backoff_seconds: float = 0.5,
-        ping_interval: float = 15.0,
+        reconnect: Reconnect = STT_RECONNECT,
         event_queue_size: int = 256,
     ) -> None:
         """``end_of_utterance``: the silence (seconds) after which the node says ``speech_end``,
@@ -67,7 +68,7 @@ class NetworkSTT(NodeProvider):
                 f"end_of_utterance {end_of_utterance!r}: give seconds from 0.1 to "
                 "5.0, or None for the node's own"
             )
-        super().__init__(server_url, session_key, reconnect_tries, backoff_seconds, ping_interval)
+        super().__init__(server_url, session_key, reconnect)
         self.language = language
         self.end_of_utterance = end_of_utterance
         self.event_queue_size = event_queue_size

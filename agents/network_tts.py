@@ -26,11 +26,14 @@ from typing import Any
 
 import aiohttp
 
-from agents.node_socket import NodeProvider, NodeStream, parse_message
+from agents.node_socket import NodeProvider, NodeStream, Reconnect, parse_message
 from agents.plugins import SpeechAudio, WordTiming
 from agents.queues import drop_until_end, until_end
 
 log = logging.getLogger("agents.tts")
+
+# 4 tries: 0.5 + 1 + 2 + 4 s, about 7 s before a reply is given up
+TTS_RECONNECT = Reconnect(tries=4)
 
 
 class TTSConnectError(Exception):
@@ -92,16 +95,14 @@ class NetworkTTS(NodeProvider):
         lang_code: str | None = None,
         speed: float | None = None,
         max_in_flight: int = 6,
-        reconnect_tries: int = 4,
-        backoff_seconds: float = 0.5,
-        ping_interval: float = 15.0,
+        reconnect: Reconnect = TTS_RECONNECT,
         audio_queue_frames: int = 500,
     ) -> None:
         if not 1 <= max_in_flight <= 7:
             raise ValueError(
                 f"max_in_flight={max_in_flight}: the node holds at most 8 open contexts; use 1-7"
             )
-        super().__init__(server_url, session_key, reconnect_tries, backoff_seconds, ping_interval)
+        super().__init__(server_url, session_key, reconnect)
         self.voice, self.lang_code, self.speed = voice, lang_code, speed
         self.max_in_flight = max_in_flight
         self.audio_queue_frames = audio_queue_frames

@@ -1,12 +1,13 @@
 """What the STT and TTS providers share about a node's WebSocket: its URL, its JSON messages, the
-provider's part (``NodeProvider``: the node, the session key, the reconnect and keepalive
-settings) and a stream's life (``NodeStream``: connect, a reader and a keepalive task, reconnect
-with the same session key after a drop, close)."""
+provider's part (``NodeProvider``: the node, the session key, and ``Reconnect``: how a stream
+keeps its socket) and a stream's life (``NodeStream``: connect, a reader and a keepalive task,
+reconnect with the same session key after a drop, close)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -54,24 +55,33 @@ def parse_message(text: str, node: str) -> dict[str, Any] | None:
     return data
 
 
+@dataclass(frozen=True)
+class Reconnect:
+    """How a stream keeps its socket to a node: after a drop it reconnects with the same session
+    key up to ``tries`` times, waiting ``backoff_seconds`` before the first try and twice as long
+    before each next one (at most 5 s); it pings every ``ping_interval`` seconds so that a dead
+    socket is noticed."""
+
+    tries: int = 4
+    backoff_seconds: float = 0.5
+    ping_interval: float = 15.0
+
+    def __post_init__(self) -> None:
+        if self.tries < 0 or self.backoff_seconds < 0 or self.ping_interval <= 0:
+            raise ValueError(
+                f"{self!r}: tries and backoff_seconds must be 0 or more, ping_interval above 0"
+            )
+
+
 class NodeProvider:
     """A provider of streams to one node: where the node is, the session key that new streams
     and reconnects present, and how a stream keeps its socket. The STT and TTS providers add
     what their streams ask the node for."""
 
-    def __init__(
-        self,
-        server_url: str,
-        session_key: str,
-        reconnect_tries: int,
-        backoff_seconds: float,
-        ping_interval: float,
-    ) -> None:
+    def __init__(self, server_url: str, session_key: str, reconnect: Reconnect) -> None:
         self.url = stream_url(server_url)
         self.session_key = session_key
-        self.reconnect_tries = reconnect_tries
-        self.backoff_seconds = backoff_seconds
-        self.ping_interval = ping_interval
+        self.reconnect = reconnect
 
     async def extend(self, session_key: str) -> None:
         """The key new streams (and reconnects of this provider's streams) use from now on."""
@@ -165,7 +175,7 @@ class NodeStream:
 
     async def _ping_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.owner.ping_interval)
+            await asyncio.sleep(self.owner.reconnect.ping_interval)
             await self._send({"type": "ping"})
 
     async def _read_loop(self) -> None:
@@ -184,15 +194,15 @@ class NodeStream:
                 self._finished()
 
     async def _reconnect(self) -> bool:
-        backoff = self.owner.backoff_seconds
-        for attempt in range(1, self.owner.reconnect_tries + 1):
+        tries, backoff = self.owner.reconnect.tries, self.owner.reconnect.backoff_seconds
+        for attempt in range(1, tries + 1):
             self.log.warning(
                 "%s socket to %s dropped; reconnecting with the same session key "
                 "(try %d of %d, in %.1f s)",
                 self.kind,
                 self.owner.url,
                 attempt,
-                self.owner.reconnect_tries,
+                tries,
                 backoff,
             )
             await asyncio.sleep(backoff)
@@ -218,7 +228,7 @@ class NodeStream:
             "%s node %s unreachable after %d tries; ending the stream",
             self.kind,
             self.owner.url,
-            self.owner.reconnect_tries,
+            tries,
         )
         await self._unreachable()
         return False

@@ -17,7 +17,7 @@ import pytest
 
 from agents.network_stt import NetworkSTT, NetworkSTTStream
 from agents.network_tts import NetworkTTS, NetworkTTSStream, kokoro_lang_code
-from agents.node_socket import stream_url
+from agents.node_socket import Reconnect, stream_url
 from agents.plugins import SpeechAudio, SpeechEvent
 from tests.support.agents_network import Network  # the `network` fixture: a conftest plugin
 from tests.support.agents_proxy import WSProxy
@@ -80,7 +80,7 @@ async def test_stt_reconnects_with_the_same_key_after_a_drop_and_skips_malformed
     caplog.set_level(logging.INFO, logger="agents.stt")
     bundle = await network.agent_session()
     async with WSProxy(stream_url(network.url("stt"))) as proxy:
-        stream = await NetworkSTT(proxy.url, bundle.stt.token, backoff_seconds=0.2).stream()
+        stream = await NetworkSTT(proxy.url, bundle.stt.token, reconnect=Reconnect(6, 0.2)).stream()
         try:
             for bad in (
                 "not json {",
@@ -121,7 +121,7 @@ async def test_stt_survives_a_killed_and_restarted_node(
     caplog.set_level(logging.INFO, logger="agents.stt")
     bundle = await network.agent_session()
     stream = await NetworkSTT(
-        bundle.stt.server_url, bundle.stt.token, reconnect_tries=8, backoff_seconds=0.5
+        bundle.stt.server_url, bundle.stt.token, reconnect=Reconnect(tries=8)
     ).stream()
     try:
         network.kill("stt")
@@ -298,7 +298,7 @@ async def test_tts_skips_malformed_messages_and_reconnects_after_a_drop(
     caplog.set_level(logging.INFO, logger="agents.tts")
     bundle = await network.agent_session()
     async with WSProxy(stream_url(network.url("tts"))) as proxy:
-        stream = await NetworkTTS(proxy.url, bundle.tts.token, backoff_seconds=0.2).stream()
+        stream = await NetworkTTS(proxy.url, bundle.tts.token, reconnect=Reconnect(4, 0.2)).stream()
         listener = Listener(stream)
         try:
             piece = await stream.say(FIRST)

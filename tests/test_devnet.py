@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from scripts.devnet import Child, retire_another_build, supervise
+from tests.support.program_builds import another_build
 
 PY = sys.executable
 
@@ -81,12 +82,10 @@ def test_a_local_chain_of_another_build_is_moved_aside_not_lost(
     from registry import program as p
     from registry.localnet import LocalSvm, deploy_programs
 
-    other = bytearray(p.SO_PATH.read_bytes())
-    other[len(other) // 2] ^= 0xFF
-    (tmp_path / "other.so").write_bytes(bytes(other))
+    other = another_build(tmp_path / "other.so")
     ledger = tmp_path / "ledger"
     svm = LocalSvm(ledger)
-    deploy_programs(svm, [(tmp_path / "other.so", p.PROGRAM_KEYPAIR_PATH)])
+    deploy_programs(svm, [(other, p.PROGRAM_KEYPAIR_PATH)])
     svm.close()
     retire_another_build(ledger)
     [aside] = tmp_path.glob("ledger-other-build-*")

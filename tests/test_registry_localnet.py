@@ -43,6 +43,7 @@ from registry.localnet.deploy import (
 )
 from registry.localnet.rpc import MAX_AIRDROP_LAMPORTS, MAX_BATCH_REQUESTS
 from tests.support.clock import Clock
+from tests.support.program_builds import another_build
 
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRY_SO = ROOT / "programs" / "registry" / "registry.so"
@@ -683,11 +684,9 @@ def test_a_ledger_with_another_build_of_the_program_is_refused_with_the_fix(
     svm = LocalSvm(ledger)
     assert deploy_programs(svm, [(p.SO_PATH, p.PROGRAM_KEYPAIR_PATH)]) == [str(p.PROGRAM_ID)]
     assert deploy_programs(svm, [(p.SO_PATH, p.PROGRAM_KEYPAIR_PATH)]) == []  # same build
-    other = bytearray(p.SO_PATH.read_bytes())
-    other[len(other) // 2] ^= 0xFF
-    (tmp_path / "other.so").write_bytes(bytes(other))
+    other = another_build(tmp_path / "other.so")
     with pytest.raises(StaleProgram, match="Remove the ledger directory"):
-        deploy_programs(svm, [(tmp_path / "other.so", p.PROGRAM_KEYPAIR_PATH)])
+        deploy_programs(svm, [(other, p.PROGRAM_KEYPAIR_PATH)])
     svm.close()
 
 
@@ -697,11 +696,9 @@ def test_a_ledger_of_another_build_is_told_apart(tmp_path: Path) -> None:
 
     programs = [(p.SO_PATH, p.PROGRAM_KEYPAIR_PATH)]
     assert not holds_another_build(tmp_path / "none", programs)
-    other = bytearray(p.SO_PATH.read_bytes())
-    other[len(other) // 2] ^= 0xFF
-    (tmp_path / "other.so").write_bytes(bytes(other))
+    other = another_build(tmp_path / "other.so")
     svm = LocalSvm(tmp_path / "ledger")
-    deploy_programs(svm, [(tmp_path / "other.so", p.PROGRAM_KEYPAIR_PATH)])
+    deploy_programs(svm, [(other, p.PROGRAM_KEYPAIR_PATH)])
     svm.close()
     assert holds_another_build(tmp_path / "ledger", programs)
-    assert not holds_another_build(tmp_path / "ledger", [(tmp_path / "other.so", programs[0][1])])
+    assert not holds_another_build(tmp_path / "ledger", [(other, programs[0][1])])

@@ -405,6 +405,57 @@ static u64 close_account(u8 *rec, u8 *dest) {
     return 0;
 }
 
+/* A member of the registry (a node or an issuer): an account at the canonical PDA of
+ * (prefix, key), counted in the registry's counter at `count_at`. The count moves with the
+ * accounts: +1 when one is created, -1 when one is closed. */
+typedef struct {
+    u8 *registry;
+    u64 count_at;
+    u8 *payer;
+    u8 *target;
+    u8 *system;
+    const char *prefix;
+    u64 prefix_len;
+    const Key *key;
+} Member;
+
+/* The checks of every instruction that adds or removes a member: the signer pays or takes the
+ * rent (so it is writable), the registry's count and the member's account change (writable),
+ * and the registry is this program's. */
+static u64 load_member_accounts(const Ctx *c, const u8 *reg, const u8 *member, const u8 *signer) {
+    TRY(need_signer(signer));
+    TRY(need_writable(signer));
+    TRY(need_writable(reg));
+    TRY(need_writable(member));
+    return load_registry(c, reg);
+}
+
+/* Create the member's account, rent-exempt with `space` bytes, paid by the payer: it must not
+ * exist yet. Returns its bump. */
+static u64 add_member(const Ctx *c, const Member *m, u64 space, u8 *bump) {
+    SolSeed s[3];
+    seeds2(s, m->prefix, m->prefix_len, m->key);
+    s[2].addr = bump;
+    s[2].len = 1;
+    TRY(find_pda(c, m->target, s, 2, bump));
+    TRY(need_absent(m->target));
+    u64 *count = &FIELD(u64, ACC_DATA(m->registry), m->count_at);
+    if (*count == U64_MAX) FAIL(Overflow);
+    Create cr = {m->payer, m->target, m->system, s, 3, space, &c->program_id};
+    TRY(create_pda(&cr));
+    *count += 1;
+    return 0;
+}
+
+/* Close a member's account (its rent to `dest`) and count it out. */
+static u64 remove_member(u8 *registry, u64 count_at, u8 *target, u8 *dest) {
+    u64 *count = &FIELD(u64, ACC_DATA(registry), count_at);
+    if (*count == 0) FAIL(Overflow);
+    TRY(close_account(target, dest));
+    *count -= 1;
+    return 0;
+}
+
 /* ---------------------------------------------------------------- node fields */
 
 static int printable(u8 ch) { return ch >= 0x21 && ch <= 0x7e; }
@@ -590,26 +641,14 @@ static u64 add_issuer(const Ctx *c) {
     if (c->data_len != 44 + url_len) FAIL(InvalidInstruction);
     TRY(validate_url(c->data + 44, url_len));
     u8 *reg = c->acc[0], *iss = c->acc[1], *auth = c->acc[2], *sys = c->acc[3];
-    TRY(need_signer(auth));
-    TRY(need_writable(auth));
-    TRY(need_writable(reg));
-    TRY(need_writable(iss));
+    TRY(load_member_accounts(c, reg, iss, auth));
     TRY(need_system_program(sys));
-    TRY(load_registry(c, reg));
     TRY(need_authority(reg, auth));
     Key key;
     for (int i = 0; i < 4; i++) key.w[i] = rd_u64(c->data + 8 + 8 * i);
     u8 bump;
-    SolSeed s[3];
-    seeds2(s, SEED_ISSUER, sizeof(SEED_ISSUER) - 1, &key);
-    s[2].addr = &bump;
-    s[2].len = 1;
-    TRY(find_pda(c, iss, s, 2, &bump));
-    TRY(need_absent(iss));
-    u64 count = FIELD(u64, ACC_DATA(reg), REG_ISSUER_COUNT);
-    if (count == U64_MAX) FAIL(Overflow);
-    Create cr = {auth, iss, sys, s, 3, ISSUER_SIZE, &c->program_id};
-    TRY(create_pda(&cr));
+    Member m = {reg, REG_ISSUER_COUNT, auth, iss, sys, SEED_ISSUER, sizeof(SEED_ISSUER) - 1, &key};
+    TRY(add_member(c, &m, ISSUER_SIZE, &bump));
     SolClock clock;
     sol_get_clock_sysvar(&clock);
     u8 *d = ACC_DATA(iss);
@@ -618,7 +657,6 @@ static u64 add_issuer(const Ctx *c) {
     FIELD(i64, d, ISS_ADDED_AT) = clock.unix_timestamp;
     d[ISS_BUMP] = bump;
     write_url(d, ISS_URL_LEN, ISS_URL, c->data + 44, url_len);
-    FIELD(u64, ACC_DATA(reg), REG_ISSUER_COUNT) = count + 1;
     return 0;
 }
 
@@ -626,18 +664,10 @@ static u64 add_issuer(const Ctx *c) {
 static u64 remove_issuer(const Ctx *c) {
     if (c->num_accounts != 3 || c->data_len != 8) FAIL(InvalidInstruction);
     u8 *reg = c->acc[0], *iss = c->acc[1], *auth = c->acc[2];
-    TRY(need_signer(auth));
-    TRY(need_writable(auth));
-    TRY(need_writable(reg));
-    TRY(need_writable(iss));
-    TRY(load_registry(c, reg));
+    TRY(load_member_accounts(c, reg, iss, auth));
     TRY(need_authority(reg, auth));
     TRY(load_issuer(c, iss));
-    u64 count = FIELD(u64, ACC_DATA(reg), REG_ISSUER_COUNT);
-    if (count == 0) FAIL(Overflow);
-    TRY(close_account(iss, auth));
-    FIELD(u64, ACC_DATA(reg), REG_ISSUER_COUNT) = count - 1;
-    return 0;
+    return remove_member(reg, REG_ISSUER_COUNT, iss, auth);
 }
 
 /* update_issuer(url: string): [registry, issuer w, authority s]. A gateway that moves keeps its
@@ -664,27 +694,16 @@ static u64 register_node(const Ctx *c) {
     u64 url_len = rd_u32(c->data + 9);
     if (c->data_len != 13 + url_len + FIELDS_TAIL) FAIL(InvalidInstruction);
     u8 *reg = c->acc[0], *node = c->acc[1], *owner = c->acc[2], *sys = c->acc[3];
-    TRY(need_signer(owner));
-    TRY(need_writable(owner));
-    TRY(need_writable(reg));
-    TRY(need_writable(node));
+    TRY(load_member_accounts(c, reg, node, owner));
     TRY(need_system_program(sys));
-    TRY(load_registry(c, reg));
     u8 role = c->data[8];
     if (role > ROLE_MAX) FAIL(InvalidRole);
     const u8 *url = c->data + 13;
     TRY(validate_fields(url, url_len));
     u8 bump;
-    SolSeed s[3];
-    seeds2(s, SEED_NODE, sizeof(SEED_NODE) - 1, ACC_KEY(owner));
-    s[2].addr = &bump;
-    s[2].len = 1;
-    TRY(find_pda(c, node, s, 2, &bump));
-    TRY(need_absent(node));
-    u64 count = FIELD(u64, ACC_DATA(reg), REG_NODE_COUNT);
-    if (count == U64_MAX) FAIL(Overflow);
-    Create cr = {owner, node, sys, s, 3, NODE_SIZE, &c->program_id};
-    TRY(create_pda(&cr));
+    Member m = {reg, REG_NODE_COUNT, owner, node, sys, SEED_NODE, sizeof(SEED_NODE) - 1,
+                ACC_KEY(owner)};
+    TRY(add_member(c, &m, NODE_SIZE, &bump));
     SolClock clock;
     sol_get_clock_sysvar(&clock);
     u8 *d = ACC_DATA(node);
@@ -698,7 +717,6 @@ static u64 register_node(const Ctx *c) {
     d[NODE_STATUS] = ACC_DATA(reg)[REG_POLICY] == POLICY_OPEN ? STATUS_ACTIVE : STATUS_PENDING;
     d[NODE_BUMP] = bump;
     write_fields(d, url, url_len);
-    FIELD(u64, ACC_DATA(reg), REG_NODE_COUNT) = count + 1;
     return 0;
 }
 
@@ -749,18 +767,10 @@ static u64 update_node(const Ctx *c) {
 static u64 deregister_node(const Ctx *c) {
     if (c->num_accounts != 3 || c->data_len != 8) FAIL(InvalidInstruction);
     u8 *reg = c->acc[0], *node = c->acc[1], *owner = c->acc[2];
-    TRY(need_signer(owner));
-    TRY(need_writable(owner));
-    TRY(need_writable(reg));
-    TRY(need_writable(node));
-    TRY(load_registry(c, reg));
+    TRY(load_member_accounts(c, reg, node, owner));
     TRY(load_own_node(c, node, owner));
     if (ACC_DATA(node)[NODE_STATUS] == STATUS_SUSPENDED) FAIL(NodeSuspended);
-    u64 count = FIELD(u64, ACC_DATA(reg), REG_NODE_COUNT);
-    if (count == 0) FAIL(Overflow);
-    TRY(close_account(node, owner));
-    FIELD(u64, ACC_DATA(reg), REG_NODE_COUNT) = count - 1;
-    return 0;
+    return remove_member(reg, REG_NODE_COUNT, node, owner);
 }
 
 /* The checks of an authority instruction on a node, [registry, node w, authority s]: the

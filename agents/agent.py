@@ -2,10 +2,11 @@
 
 It takes a bundle from ``gateway.client`` (or buys one), joins the room with the agent's token,
 listens to every remote participant through ``NetworkSTT`` and speaks through ``NetworkTTS`` on
-the bundle's STT/TTS sessions, and keeps the bundle alive: it extends it before it runs out (on
-the STT node's ``session_expiring``, ``extend_before`` seconds before ``expires_at``, and when the
-TTS characters left fall under ``min_characters``), hands the new tokens to the providers, and
-tops credits up first (``ensure_credits``) when ``top_up_usd`` is set. It ends when the last
+the bundle's STT/TTS sessions, and keeps the bundle alive as its ``Budget`` says: it extends it
+before it runs out (on the STT node's ``session_expiring``, ``extend_before`` seconds before
+``expires_at``, and when the TTS characters left fall under ``min_characters``), hands the new
+tokens to the providers, and tops credits up first (``ensure_credits``) when ``top_up_usd`` is
+set. It ends when the last
 person leaves (or none came within ``join_timeout``): STT and TTS sockets closed, the room left, so
 the nodes report and the gateway settles the bundle (used part charged, the rest refunded).
 """
@@ -19,6 +20,7 @@ import time
 from datetime import datetime
 from typing import Any, Self
 
+from agents.budget import Budget
 from agents.pipeline import Chunker, Pipeline, PipelineConfig
 from agents.plugins import LLM, STT, TTS, SpeechEvent
 from gateway.client import AgentSession, DualWebrtc, GatewayClient, GatewayError, WebrtcSession
@@ -26,6 +28,7 @@ from gateway.client import AgentSession, DualWebrtc, GatewayClient, GatewayError
 log = logging.getLogger("agents.agent")
 
 TRANSCRIPT_TOPIC = "transcript"
+DEFAULT_BUDGET = Budget()
 
 
 class VoiceAgent:
@@ -43,15 +46,7 @@ class VoiceAgent:
         client_identity: str | None = "caller",
         instructions: str | None = None,
         config: PipelineConfig | None = None,
-        duration_minutes: float = 5,
-        tts_characters: int = 4000,
-        extend_minutes: float = 5,
-        extend_characters: int = 4000,
-        extend_before: float = 60,
-        min_characters: int = 600,
-        auto_extend: bool = True,
-        top_up_usd: float | None = None,
-        min_credits: int = 100_000,
+        budget: Budget = DEFAULT_BUDGET,
         join_timeout: float = 120,
         voice: str = "af_heart",
         language: str = "en",
@@ -75,11 +70,7 @@ class VoiceAgent:
         self.config.agent_identity = identity
         self.config.language = self.config.language or language
         self.config.voice = self.config.voice or voice
-        self.duration_minutes, self.tts_characters = duration_minutes, tts_characters
-        self.extend_minutes, self.extend_characters = extend_minutes, extend_characters
-        self.extend_before, self.min_characters = extend_before, min_characters
-        self.auto_extend = auto_extend
-        self.top_up_usd, self.min_credits = top_up_usd, min_credits
+        self.budget = budget
         self.join_timeout = join_timeout
         self.voice, self.language = voice, language
         self._stt, self._tts = stt, tts
@@ -116,27 +107,28 @@ class VoiceAgent:
         self.session = await self.gateway.create_agent_session(
             self.room_name,
             self.identity,
-            self.duration_minutes,
+            self.budget.duration_minutes,
             language=self.language,
-            tts_max_characters=self.tts_characters,
+            tts_max_characters=self.budget.tts_characters,
             client_identity=self.client_identity,
         )
         log.info(
             "agent session %s bought: room %r, %s minutes, %d TTS characters",
             self.session.bundle_id,
             self.room_name,
-            self.duration_minutes,
-            self.tts_characters,
+            self.budget.duration_minutes,
+            self.budget.tts_characters,
         )
         return self.session
 
     async def _top_up(self) -> None:
-        if self.gateway is None or self.top_up_usd is None:
+        top_up = self.budget.top_up_usd
+        if self.gateway is None or top_up is None:
             return
         try:
-            bought = await self.gateway.ensure_credits(self.min_credits, self.top_up_usd)
+            bought = await self.gateway.ensure_credits(self.budget.min_credits, top_up)
         except GatewayError as exc:
-            log.warning("credit top-up of $%s failed: %s", self.top_up_usd, exc)
+            log.warning("credit top-up of $%s failed: %s", top_up, exc)
             return
         if bought is not None:
             log.info("credits topped up: %s", bought.get("credited_microcredits"))
@@ -157,7 +149,9 @@ class VoiceAgent:
             await self._top_up()
             try:
                 more = await self.gateway.extend_agent_session(
-                    self.session.bundle_id, self.extend_minutes, self.extend_characters
+                    self.session.bundle_id,
+                    self.budget.extend_minutes,
+                    self.budget.extend_characters,
                 )
             except GatewayError as exc:
                 log.error(
@@ -178,8 +172,8 @@ class VoiceAgent:
                 "agent session %s extended (%s): +%s minutes, +%d characters",
                 self.session.bundle_id,
                 why,
-                self.extend_minutes,
-                self.extend_characters,
+                self.budget.extend_minutes,
+                self.budget.extend_characters,
             )
             await self._hand_over(more.stt.token, more.tts.token)
             return True
@@ -200,15 +194,15 @@ class VoiceAgent:
             "%s session expiring (%s s left)%s",
             service,
             event.remaining_seconds,
-            "" if self.auto_extend else "; not extended (auto_extend=False)",
+            "" if self.budget.auto_extend else "; not extended (auto_extend=False)",
         )
-        if self.auto_extend:
+        if self.budget.auto_extend:
             self._tasks.append(asyncio.create_task(self.extend(f"{service} session expiring")))
 
     async def _on_characters(self, left: int, needed: int) -> None:
         """Before each piece: extend first when it would leave fewer than ``min_characters``
         (a piece past the limit would be refused by the node, a gap in the answer)."""
-        if self.auto_extend and left - needed < self.min_characters:
+        if self.budget.auto_extend and left - needed < self.budget.min_characters:
             await self.extend(f"{left} TTS characters left, {needed} needed")
 
     async def _watch_session(self) -> None:
@@ -221,9 +215,9 @@ class VoiceAgent:
                 if self.pipeline and self.pipeline.voice
                 else None
             )
-            if left is not None and left < self.extend_before:
+            if left is not None and left < self.budget.extend_before:
                 await self.extend(f"{left:.0f} s left")
-            elif chars is not None and chars < self.min_characters:
+            elif chars is not None and chars < self.budget.min_characters:
                 await self.extend(f"{chars} TTS characters left")
 
     # ------------------------------------------------------------ life
@@ -269,7 +263,7 @@ class VoiceAgent:
             asyncio.create_task(self._follow_room(), name="agent-room"),
             asyncio.create_task(self._await_caller(), name="agent-join"),
         ]
-        if self.auto_extend:
+        if self.budget.auto_extend:
             self._tasks.append(asyncio.create_task(self._watch_session(), name="agent-session"))
         log.info("agent %r in room %r", self.identity, self.room_name or self.room.room.name)
 

@@ -20,6 +20,7 @@ import signal
 import sys
 
 from agents.agent import VoiceAgent
+from agents.budget import Budget
 from agents.pipeline import PipelineConfig
 from agents.plugins import LLM
 from gateway.client import GatewayClient, GatewayError, load_wallet
@@ -89,9 +90,8 @@ async def run(args: argparse.Namespace) -> int:
             identity=args.identity,
             client_identity=args.client_identity,
             instructions=args.instructions,
-            duration_minutes=args.minutes,
+            budget=Budget(duration_minutes=args.minutes, top_up_usd=args.top_up_usd),
             voice=args.voice,
-            top_up_usd=args.top_up_usd,
         )
         try:
             await agent.create_session()

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from agents import VoiceAgent
+from agents import Budget, VoiceAgent
 from agents.pipeline import PipelineConfig
 from agents.plugins import ChatMessage
 from gateway.client import AgentSession, DualWebrtc, GatewayClient
@@ -182,7 +182,7 @@ async def test_extension_a_stalled_llm_and_the_caller_leaving(
         ScriptedLLM(stall=True),
         minutes=1.1,
         config=PipelineConfig(llm_timeout=3),
-        extend_minutes=2,
+        budget=Budget(extend_minutes=2),
     )
     assert agent.session is not None
     bundle = agent.session
@@ -217,7 +217,10 @@ async def test_extension_a_stalled_llm_and_the_caller_leaving(
 async def test_the_bundle_is_extended_before_the_tts_characters_run_out(network: Network) -> None:
     question = speak("Tell me about the history of the museum.")
     agent, caller, gw = await start(
-        network, ScriptedLLM(), tts_max_characters=150, min_characters=100, extend_characters=1000
+        network,
+        ScriptedLLM(),
+        tts_max_characters=150,
+        budget=Budget(min_characters=100, extend_characters=1000),
     )
     try:
         pipeline = agent.pipeline
@@ -237,7 +240,9 @@ async def test_the_bundle_is_extended_before_the_tts_characters_run_out(network:
 
 async def test_the_caller_leaving_settles_the_whole_bundle(network: Network) -> None:
     question = speak("How much are the tickets?")
-    agent, caller, gw = await start(network, ScriptedLLM(), minutes=0.5, auto_extend=False)
+    agent, caller, gw = await start(
+        network, ScriptedLLM(), minutes=0.5, budget=Budget(auto_extend=False)
+    )
     bundle = agent.session
     assert bundle is not None
     try:

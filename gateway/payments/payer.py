@@ -15,7 +15,9 @@ import os
 import time
 from typing import Any
 
-import aiohttp
+from solana.rpc.async_api import AsyncClient
+from solana.rpc.commitment import Confirmed
+from solders.compute_budget import set_compute_unit_limit, set_compute_unit_price
 from solders.hash import Hash
 from solders.instruction import AccountMeta, Instruction
 from solders.keypair import Keypair
@@ -23,32 +25,26 @@ from solders.message import MessageV0, to_bytes_versioned
 from solders.pubkey import Pubkey
 from solders.signature import Signature
 from solders.transaction import VersionedTransaction
+from spl.token.instructions import TransferCheckedParams, transfer_checked
 
 from registry.usdc import ata
 
-from .svm import COMPUTE_BUDGET, MEMO_PROGRAM
+from .svm import MEMO_PROGRAM
+
+MINT_DECIMALS_AT = 44  # the byte of an SPL mint account that holds its decimals
 
 
-async def _rpc(url: str, method: str, *params: Any) -> Any:
-    async with aiohttp.ClientSession() as s:
-        async with s.post(
-            url, json={"jsonrpc": "2.0", "id": 1, "method": method, "params": list(params)}
-        ) as r:
-            data = await r.json(content_type=None)
-    if "error" in data:
-        raise RuntimeError(f"{method}: {data['error']}")
-    return data["result"]
-
-
-async def mint_info(rpc_url: str, mint: Pubkey) -> tuple[Pubkey, int]:
-    value = (await _rpc(rpc_url, "getAccountInfo", str(mint), {"encoding": "base64"}))["value"]
-    if value is None:
-        raise RuntimeError(f"mint {mint} not found at {rpc_url}")
-    return Pubkey.from_string(value["owner"]), base64.b64decode(value["data"][0])[44]
-
-
-async def latest_blockhash(rpc_url: str) -> Hash:
-    return Hash.from_string((await _rpc(rpc_url, "getLatestBlockhash"))["value"]["blockhash"])
+async def _chain_facts(
+    rpc_url: str, mint: Pubkey, blockhash: Hash | None
+) -> tuple[Pubkey, int, Hash]:
+    """The mint's token program and decimals, and a recent blockhash (unless given)."""
+    async with AsyncClient(rpc_url, commitment=Confirmed) as client:
+        account = (await client.get_account_info(mint)).value
+        if account is None:
+            raise RuntimeError(f"mint {mint} not found at {rpc_url}")
+        if blockhash is None:
+            blockhash = (await client.get_latest_blockhash()).value.blockhash
+    return account.owner, account.data[MINT_DECIMALS_AT], blockhash
 
 
 async def svm_transaction(
@@ -72,26 +68,26 @@ async def svm_transaction(
     fee_payer = Pubkey.from_string(requirement["extra"]["feePayer"])
     mint = mint or Pubkey.from_string(requirement["asset"])
     pay_to = pay_to or Pubkey.from_string(requirement["payTo"])
-    token_program, decimals = await mint_info(rpc_url, mint)
+    token_program, decimals, blockhash = await _chain_facts(rpc_url, mint, blockhash)
     amount = (
         int(requirement.get("amount") or requirement["maxAmountRequired"])
         if amount is None
         else amount
     )
     authority = authority or payer.pubkey()
+    transfer = TransferCheckedParams(
+        program_id=token_program,
+        source=ata(authority, mint, token_program),
+        mint=mint,
+        dest=ata(pay_to, mint, token_program),
+        owner=authority,
+        amount=amount,
+        decimals=decimals,
+    )
     ixs = [
-        Instruction(COMPUTE_BUDGET, bytes([2]) + cu_limit.to_bytes(4, "little"), []),
-        Instruction(COMPUTE_BUDGET, bytes([3]) + cu_price.to_bytes(8, "little"), []),
-        Instruction(
-            token_program,
-            bytes([12]) + amount.to_bytes(8, "little") + bytes([decimals]),
-            [
-                AccountMeta(ata(authority, mint, token_program), False, True),
-                AccountMeta(mint, False, False),
-                AccountMeta(ata(pay_to, mint, token_program), False, True),
-                AccountMeta(authority, True, False),
-            ],
-        ),
+        set_compute_unit_limit(cu_limit),
+        set_compute_unit_price(cu_price),
+        transfer_checked(transfer),
         Instruction(
             MEMO_PROGRAM,
             memo if memo is not None else os.urandom(16).hex().encode(),
@@ -99,7 +95,6 @@ async def svm_transaction(
         ),
         *(extra_instructions or []),
     ]
-    blockhash = blockhash or await latest_blockhash(rpc_url)
     message = MessageV0.try_compile(fee_payer, ixs, [], blockhash)
     data = to_bytes_versioned(message)
     signers = {payer.pubkey(): payer, **{k.pubkey(): k for k in extra_signers or []}}

@@ -302,7 +302,7 @@ async def bench(net: Network, args: argparse.Namespace) -> None:
     if args.turns and not args.skip_embedded:
         from agents.llm import EmbeddedLLM
 
-        llm = EmbeddedLLM(max_tokens=60)
+        llm = EmbeddedLLM(options={"max_tokens": 60})
         await llm.load()
         print("embedded LLM (SmolLM2-135M, llama-cpp-python):", flush=True)
         await latency_run(net, llm, args.turns, "embedded SmolLM2", questions)

@@ -55,7 +55,7 @@ def llm_factory(kind: str) -> Callable[[], LLM]:
     if kind == "embedded":
         from agents.llm import EmbeddedLLM
 
-        return lambda: EmbeddedLLM(max_tokens=60)
+        return lambda: EmbeddedLLM(options={"max_tokens": 60})
     return lambda: InstantLLM(INSTANT_ANSWER)
 
 

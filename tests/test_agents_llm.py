@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 
 from agents.llm import EmbeddedLLM, OpenAICompatibleLLM, bundled_model
+from agents.llm.embedded import DEFAULT_OPTIONS
 from agents.plugins import ChatMessage, LLMError
 from tests.conftest import free_port
 from tests.support.serving import serve
@@ -349,7 +350,7 @@ async def test_bad_settings_name_the_value() -> None:
 
 
 async def test_embedded_streams_answers_and_stops_when_asked() -> None:
-    llm = EmbeddedLLM(max_tokens=120)
+    llm = EmbeddedLLM(options={"max_tokens": 120})
     try:
         started = time.perf_counter()
         await llm.load()
@@ -398,7 +399,7 @@ async def test_embedded_streams_answers_and_stops_when_asked() -> None:
 
 
 async def test_embedded_first_token_timeout_is_an_error_and_frees_the_model() -> None:
-    llm = EmbeddedLLM(timeout=0.001, max_tokens=50)
+    llm = EmbeddedLLM(timeout=0.001, options={"max_tokens": 50})
     try:
         await llm.load()
         with pytest.raises(LLMError, match="gave no first token within 0.001 s"):
@@ -415,6 +416,15 @@ async def test_embedded_first_token_timeout_is_an_error_and_frees_the_model() ->
 def test_embedded_with_a_wrong_model_path_names_it() -> None:
     with pytest.raises(LLMError, match="'/nonexistent/smol.gguf' is not a file"):
         EmbeddedLLM("/nonexistent/smol.gguf")
+
+
+def test_embedded_bad_settings_name_the_value() -> None:
+    with pytest.raises(ValueError, match=r"options \['max_token'\]: not create_chat_completion"):
+        EmbeddedLLM(options={"max_token": 50})
+    with pytest.raises(ValueError, match="stall_timeout=0"):
+        EmbeddedLLM(stall_timeout=0)
+    llm = EmbeddedLLM(options={"temperature": 0.7, "seed": 3})
+    assert llm.options == {**DEFAULT_OPTIONS, "temperature": 0.7, "seed": 3}
 
 
 async def test_embedded_model_errors_become_llm_errors(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import inspect
 import logging
 import os
 import threading
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agents.llm.openai_compatible import openai_messages
+from agents.llm.openai_compatible import check_timeouts, openai_messages
 from agents.plugins import ChatMessage, LLMError
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,30 @@ _INSTALL_HINT = (
     "0.3.36 built with the CMAKE_ARGS in the Makefile)"
 )
 _END = object()
+# short spoken answers, near-greedy, without loops (SmolLM2 repeats itself when sampled hot)
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "max_tokens": 200,
+    "temperature": 0.2,
+    "top_p": 0.9,
+    "repeat_penalty": 1.1,
+}
+# what create_chat_completion takes from the agent itself, not from ``options``
+_OWN_ARGUMENTS = {"self", "messages", "stream"}
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    """Unknown option names are refused now, not as a TypeError in the middle of a call."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return  # loading says what to install
+    known = set(inspect.signature(Llama.create_chat_completion).parameters) - _OWN_ARGUMENTS
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(
+            f"options {unknown}: not create_chat_completion arguments of llama-cpp-python; "
+            f"use {sorted(known & {*DEFAULT_OPTIONS, 'top_k', 'min_p', 'seed', 'stop'})} ..."
+        )
 
 
 def bundled_model() -> Path:
@@ -76,7 +101,9 @@ class EmbeddedLLM:
     """SmolLM2-135M-Instruct (or any chat GGUF at ``model_path``) through llama-cpp-python.
 
     ``timeout``: the longest wait for the first token (a waiting earlier answer included);
-    ``stall_timeout``: the longest gap between tokens. The model loads on first use, or on
+    ``stall_timeout``: the longest gap between tokens. ``options`` go to llama.cpp's
+    ``create_chat_completion`` over ``DEFAULT_OPTIONS`` (``max_tokens``, ``temperature`` ...), as
+    ``OpenAICompatibleLLM``'s go into the request body. The model loads on first use, or on
     ``await load()`` to have it ready before the first caller speaks.
     """
 
@@ -86,12 +113,9 @@ class EmbeddedLLM:
         *,
         n_ctx: int = 4096,
         n_threads: int | None = None,
-        max_tokens: int = 200,
-        temperature: float = 0.2,
-        top_p: float = 0.9,
-        repeat_penalty: float = 1.1,
         timeout: float = 30.0,
         stall_timeout: float = 10.0,
+        options: dict[str, Any] | None = None,
     ) -> None:
         self.model_path = Path(model_path) if model_path is not None else bundled_model()
         if not self.model_path.is_file():
@@ -99,6 +123,8 @@ class EmbeddedLLM:
                 f"model_path {str(self.model_path)!r} is not a file: give a chat GGUF, "
                 "or leave it out for the bundled SmolLM2"
             )
+        check_timeouts(timeout, stall_timeout)
+        _check_options(options or {})
         self.n_ctx = n_ctx
         # Generation on one thread: SmolLM2 writes ~45 tokens/s on one core of the development
         # machine, ten times faster than speech, and llama.cpp's spinning threads would take the
@@ -106,12 +132,7 @@ class EmbeddedLLM:
         # read on up to four.
         self.n_threads = n_threads or 1
         self.n_threads_batch = max(self.n_threads, min(4, os.cpu_count() or 1))
-        self.sampling = {
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "top_p": top_p,
-            "repeat_penalty": repeat_penalty,
-        }
+        self.options = {**DEFAULT_OPTIONS, **(options or {})}
         self.timeout = timeout
         self.stall_timeout = stall_timeout
         self.tokens_generated = 0  # every token of every answer (stops growing when stopped)
@@ -226,7 +247,7 @@ class EmbeddedLLM:
             if stop.is_set():  # stopped while it waited behind the previous answer
                 put(_END)
                 return
-            stream = self._llama.create_chat_completion(messages, stream=True, **self.sampling)
+            stream = self._llama.create_chat_completion(messages, stream=True, **self.options)
             try:
                 for chunk in stream:
                     if stop.is_set():

@@ -28,6 +28,13 @@ _MAX_LINE = 1 << 20  # one SSE line (an event) above this is not a chat delta
 _MAX_ERROR_BODY = 4096
 
 
+def check_timeouts(timeout: float, stall_timeout: float) -> None:
+    """Both LLMs wait for a first token at most ``timeout`` and between tokens at most
+    ``stall_timeout`` seconds: an answer that never comes must end as an error."""
+    if timeout <= 0 or stall_timeout <= 0:
+        raise ValueError(f"timeout={timeout} and stall_timeout={stall_timeout} must be > 0")
+
+
 def openai_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
     """The OpenAI wire form of ``messages``.
 
@@ -67,8 +74,7 @@ class OpenAICompatibleLLM:
                 f"base_url {base_url!r} is not an http(s) URL: give the API root, "
                 "e.g. http://127.0.0.1:8000/v1"
             )
-        if timeout <= 0 or stall_timeout <= 0:
-            raise ValueError(f"timeout={timeout} and stall_timeout={stall_timeout} must be > 0")
+        check_timeouts(timeout, stall_timeout)
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.api_key = api_key

@@ -50,8 +50,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -76,6 +77,7 @@ from .records import (
     Account,
     Audit,
     Bundle,
+    Credit,
     Extension,
     SessionRecord,
     SessionSpec,
@@ -83,6 +85,8 @@ from .records import (
     UsageResult,
     from_row,
 )
+
+T = TypeVar("T")
 
 WALLET_CHAINS = ("solana", "evm")
 SESSION_STATUSES = ("active", "completed", "expired")
@@ -416,7 +420,9 @@ class Ledger(AsyncClosing):
         self, wallet_chain: str, wallet_address: str, microcredits: int, memo: str | None = None
     ) -> Transaction:
         """Operator credit; creates the account if needed."""
-        return await self._credit("grant", wallet_chain, wallet_address, microcredits, None, memo)
+        return await self._credit(
+            Credit("grant", wallet_chain, wallet_address, microcredits, memo=memo)
+        )
 
     async def credit_purchase(
         self,
@@ -430,53 +436,39 @@ class Ledger(AsyncClosing):
         signature or hash) raises DuplicatePayment and changes nothing."""
         if not isinstance(reference, str) or not reference:
             raise ValueError("a purchase needs its payment reference")
-        return await self._credit(
-            "purchase", wallet_chain, wallet_address, microcredits, reference, memo
-        )
+        credit = Credit("purchase", wallet_chain, wallet_address, microcredits, reference, memo)
+        return await self._credit(credit)
 
-    async def _credit(
-        self,
-        kind: str,
-        chain: str,
-        address: str,
-        amount: int,
-        reference: str | None,
-        memo: str | None,
-    ) -> Transaction:
-        chain, address = wallet(chain, address)
-        _positive("microcredits", amount)
+    async def _credit(self, credit: Credit) -> Transaction:
+        chain, address = wallet(credit.wallet_chain, credit.wallet_address)
+        _positive("microcredits", credit.amount)
+        credit = replace(credit, wallet_chain=chain, wallet_address=address)
         now = self.now()
 
         def body(conn: sa.Connection) -> Transaction:
-            return self.post_credit(
-                conn, kind, chain, address, amount, now, reference=reference, memo=memo
-            )
+            return self.post_credit(conn, credit, now)
 
+        return await self.write_credit(body, credit.reference)
+
+    async def write_credit(self, body: Callable[[sa.Connection], T], reference: str | None) -> T:
+        """``db.write(body)`` for a transaction that posts a credit: a purchase whose
+        ``reference`` another transaction credited meanwhile (the unique index refused it) is
+        DuplicatePayment, as one credited before is."""
         try:
             return await self.db.write(body)
-        except IntegrityError as e:  # the same reference credited to another wallet concurrently
+        except IntegrityError as e:
             if reference is not None and "reference" in str(e.orig).lower():
                 raise DuplicatePayment(reference) from None
             raise
 
-    def post_credit(
-        self,
-        conn: sa.Connection,
-        kind: str,
-        chain: str,
-        address: str,
-        amount: int,
-        now: datetime,
-        *,
-        reference: str | None = None,
-        memo: str | None = None,
-    ) -> Transaction:
-        """Inside a write transaction (``db.write``): credit ``amount`` to the wallet's account
-        (created if needed) as a ``grant`` or ``purchase`` row. So that a payment record can
-        change its status in the same transaction as the credit it pays for. A purchase whose
-        ``reference`` was credited before raises DuplicatePayment; ``chain`` and ``address`` are
-        checked (``wallet``) by the caller."""
-        acct = self._ensure_account(conn, chain, address, now)
+    def post_credit(self, conn: sa.Connection, credit: Credit, now: datetime) -> Transaction:
+        """Inside a write transaction (``write_credit``): credit the wallet's account (created if
+        needed) with a ``grant`` or ``purchase`` row. So that a payment record can change its
+        status in the same transaction as the credit it pays for. A purchase whose ``reference``
+        was credited before raises DuplicatePayment; the wallet is checked (``wallet``) by the
+        caller."""
+        reference = credit.reference
+        acct = self._ensure_account(conn, credit.wallet_chain, credit.wallet_address, now)
         if reference is not None:
             seen = conn.scalar(
                 sa.select(transactions.c.id).where(
@@ -485,9 +477,10 @@ class Ledger(AsyncClosing):
             )
             if seen is not None:
                 raise DuplicatePayment(reference)
-        tx = self._post(
-            conn, self._movement(acct, kind, now, amount=amount, reference=reference, memo=memo)
+        movement = self._movement(
+            acct, credit.kind, now, amount=credit.amount, reference=reference, memo=credit.memo
         )
+        tx = self._post(conn, movement)
         self._save(conn, acct)
         return tx
 

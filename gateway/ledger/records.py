@@ -90,6 +90,20 @@ class SessionRecord:
 
 
 @dataclass(frozen=True)
+class Credit:
+    """Credits that come in to a wallet's account: an operator's ``grant``, or a ``purchase``
+    that a payment paid for (its ``reference``, the payment's signature or hash, is credited
+    once)."""
+
+    kind: str  # "grant" | "purchase"
+    wallet_chain: str
+    wallet_address: str
+    amount: int
+    reference: str | None = None
+    memo: str | None = None
+
+
+@dataclass(frozen=True)
 class SessionSpec:
     """What a session is opened with (``Ledger.open_session``; several: ``create_bundle``)."""
 

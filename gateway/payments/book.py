@@ -32,7 +32,7 @@ from gateway.ledger import DuplicatePayment, Ledger, LedgerError, Transaction
 from gateway.ledger.ledger import wallet
 from gateway.ledger.models import payments
 from gateway.ledger.prepared import Prepared
-from gateway.ledger.records import from_row
+from gateway.ledger.records import Credit, from_row
 
 PENDING, CONFIRMED, CREDITED, FAILED = "pending", "confirmed", "credited", "failed"
 UNSETTLED = (PENDING, CONFIRMED)
@@ -199,16 +199,15 @@ class PaymentBook:
                 raise DuplicatePayment(signature)
             if row["status"] not in UNSETTLED:
                 raise PaymentStateError(signature, row["status"], CREDITED)
-            tx = ledger.post_credit(
-                conn,
+            credit = Credit(
                 "purchase",
                 row["chain"],
                 row["wallet_address"],
                 row["amount_microcredits"],
-                now,
-                reference=signature,
-                memo=memo,
+                signature,
+                memo,
             )
+            tx = ledger.post_credit(conn, credit, now)
             new = (
                 conn.execute(
                     sa.update(payments)
@@ -221,12 +220,7 @@ class PaymentBook:
             )
             return _record(new), tx
 
-        try:
-            return await ledger.db.write(body)
-        except IntegrityError as exc:  # the purchase reference, credited concurrently
-            if "reference" in str(exc.orig).lower():
-                raise DuplicatePayment(signature) from None
-            raise
+        return await ledger.write_credit(body, signature)
 
     async def unsettled(
         self, older_than: timedelta | None = None, limit: int = 500

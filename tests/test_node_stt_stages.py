@@ -58,6 +58,17 @@ def test_offline_models_resolve_and_base_is_assembled(tmp_path: Path) -> None:
     assert (base / "model.bin").stat().st_mtime_ns == mtime
     assert wm.resolve_whisper(str(tiny)) == tiny  # a path works too
     assert wm.silero_vad_path().name == "silero_vad_v6.onnx"
+
+
+@pytest.mark.fast
+def test_a_whisper_model_speaks_the_languages_of_its_own_vocabulary(tmp_path: Path) -> None:
+    assert wm.whisper_languages(wm.resolve_whisper("tiny.en")) == {"en"}
+    base = wm.whisper_languages(wm.resolve_whisper("base", tmp_path))
+    assert len(base) == 99 and {"en", "de", "ja", "haw", "sw"} <= base
+    assert "yue" not in base  # Cantonese came with large-v3, not in base's vocabulary
+    engine = WhisperEngine(["tiny.en", "base"], cache_dir=tmp_path, device="cpu")
+    assert engine.model_name("en") == "tiny.en" and engine.model_name("auto") == "base"
+    assert engine.model_name("de") == "base" and not engine.supports("yue")
     assert wm.gtcrn_path().name == "gtcrn_simple.onnx"
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,25 @@ def english_only(path: Path) -> bool:
         return size < 51865
     except (OSError, ValueError, KeyError):
         return path.name.endswith(".en")
+
+
+# a language token of Whisper's vocabulary: <|en|>, <|haw|> (the special tokens are longer words)
+_LANGUAGE_TOKEN = re.compile(r"<\|([a-z]{2,3})\|>")
+
+
+def whisper_languages(path: Path) -> frozenset[str]:
+    """The languages a Whisper model transcribes: ``en`` for an English-only one, else its
+    vocabulary's language tokens (whisper-base has 99; large-v3 adds Cantonese, ``yue``)."""
+    if english_only(path):
+        return frozenset({"en"})
+    vocab = path / "vocabulary.txt"
+    if vocab.is_file():
+        tokens = vocab.read_text(encoding="utf-8").splitlines()
+    else:
+        tokenizer = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+        tokens = [t["content"] for t in tokenizer.get("added_tokens", [])]
+        tokens += list(tokenizer["model"]["vocab"])
+    return frozenset(m.group(1) for t in tokens if (m := _LANGUAGE_TOKEN.fullmatch(t)))
 
 
 def resolve_whisper(name_or_path: str, cache_dir: Path | None = None) -> Path:

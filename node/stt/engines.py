@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from node.models.whisper import english_only, resolve_whisper
+from node.models.whisper import resolve_whisper, whisper_languages
 
 log = logging.getLogger("node.stt.engines")
 
@@ -54,13 +54,6 @@ PARAKEET_LANGUAGES = frozenset(
         "sl",
     ]
 )
-# Whisper's language codes (faster-whisper's tokenizer list).
-try:
-    from faster_whisper.tokenizer import _LANGUAGE_CODES as _WHISPER_CODES
-
-    WHISPER_LANGUAGES = frozenset(_WHISPER_CODES)
-except Exception:  # pragma: no cover - faster-whisper missing: the engine cannot load anyway
-    WHISPER_LANGUAGES = frozenset()
 
 
 class EngineUnavailable(Exception):
@@ -189,7 +182,7 @@ class WhisperEngine:
         self.workers = workers  # CTranslate2 replicas: the inferences that run at once
         self.beam_size = beam_size
         self.paths = [resolve_whisper(m, cache_dir) for m in models]  # raises ModelMissing
-        self.english = [english_only(p) for p in self.paths]
+        self.languages = [whisper_languages(p) for p in self.paths]
         self._models: dict[int, object] = {}
         self._lock = threading.Lock()
 
@@ -197,10 +190,9 @@ class WhisperEngine:
         return self._index(language) is not None
 
     def _index(self, language: str) -> int | None:
-        for i, eng in enumerate(self.english):
-            if eng and language == "en":
-                return i
-            if not eng and (language == "auto" or language in WHISPER_LANGUAGES):
+        for i, languages in enumerate(self.languages):
+            # "auto": the model detects the language, which an English-only one cannot
+            if language in languages or (language == "auto" and len(languages) > 1):
                 return i
         return None
 
@@ -234,7 +226,7 @@ class WhisperEngine:
             self._model(i).transcribe(
                 np.zeros(8000, dtype=np.float32),
                 beam_size=1,
-                language="en" if self.english[i] else None,
+                language="en" if self.languages[i] == {"en"} else None,
             )
 
     def transcribe(

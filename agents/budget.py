@@ -39,4 +39,10 @@ class Budget:
                 raise ValueError(f"Budget {f.name}={value!r}: give a number {least}")
 
 
-_POSITIVE = {"duration_minutes", "tts_characters", "extend_minutes", "extend_characters"}
+_POSITIVE = {
+    "duration_minutes",
+    "tts_characters",
+    "extend_minutes",
+    "extend_characters",
+    "top_up_usd",
+}

@@ -65,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--llm needs --model (the name the server serves, e.g. 'gpt-4o-mini')")
     if args.model and not args.llm:
         p.error("--model goes with --llm URL; without --llm the embedded SmolLM2 answers")
+    try:
+        args.budget = Budget(duration_minutes=args.minutes, top_up_usd=args.top_up_usd)
+    except ValueError as exc:
+        p.error(f"--minutes / --top-up-usd: {exc}")
     return args
 
 
@@ -90,7 +94,7 @@ async def run(args: argparse.Namespace) -> int:
             identity=args.identity,
             client_identity=args.client_identity,
             instructions=args.instructions,
-            budget=Budget(duration_minutes=args.minutes, top_up_usd=args.top_up_usd),
+            budget=args.budget,
             voice=args.voice,
         )
         try:

@@ -1,11 +1,13 @@
-"""The agent's option objects (``Budget``, ``Reconnect``): a bad value is refused when the object
-is made, with a message that names it, not later in the middle of a call."""
+"""The agent's option objects (``Budget``, ``Reconnect``) and the ``agent`` command's budget: a bad
+value is refused when it is given, with a message that names it, not later in the middle of a
+call."""
 
 from __future__ import annotations
 
 import pytest
 
 from agents import Budget, Reconnect
+from agents.cli import parse_args
 
 
 @pytest.mark.fast
@@ -16,7 +18,7 @@ from agents import Budget, Reconnect
         ("tts_characters", -5, "tts_characters=-5: give a number above 0"),
         ("extend_before", -1, "extend_before=-1: give a number 0 or more"),
         ("min_characters", -1, "min_characters=-1: give a number 0 or more"),
-        ("top_up_usd", -0.5, "top_up_usd=-0.5: give a number 0 or more"),
+        ("top_up_usd", 0, "top_up_usd=0: give a number above 0"),
     ],
 )
 def test_a_budget_refuses_a_bad_number_by_name(field: str, value: float, message: str) -> None:
@@ -36,3 +38,14 @@ def test_a_budget_takes_what_it_is_given() -> None:
 def test_reconnect_refuses_a_bad_setting(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="ping_interval above 0"):
         Reconnect(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.fast
+def test_the_agent_command_refuses_a_bad_budget_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    required = ["--gateway", "http://127.0.0.1:8402", "--wallet", "w.json", "--room", "r"]
+    with pytest.raises(SystemExit) as exit_:
+        parse_args([*required, "--minutes", "0"])
+    assert exit_.value.code == 2
+    assert "duration_minutes=0.0: give a number above 0" in capsys.readouterr().err
+    args = parse_args([*required, "--minutes", "2.5", "--top-up-usd", "1"])
+    assert args.budget == Budget(duration_minutes=2.5, top_up_usd=1.0)

@@ -6,9 +6,9 @@ the bundle's STT/TTS sessions, and keeps the bundle alive as its ``Budget`` says
 before it runs out (on the STT node's ``session_expiring``, ``extend_before`` seconds before
 ``expires_at``, and when the TTS characters left fall under ``min_characters``), hands the new
 tokens to the providers, and tops credits up first (``ensure_credits``) when ``top_up_usd`` is
-set. It ends when the last
-person leaves (or none came within ``join_timeout``): STT and TTS sockets closed, the room left, so
-the nodes report and the gateway settles the bundle (used part charged, the rest refunded).
+set. It ends when the last person leaves (or none came within ``join_timeout``): STT and TTS
+sockets closed, the room left, so the nodes report and the gateway settles the bundle (used part
+charged, the rest refunded).
 """
 
 from __future__ import annotations

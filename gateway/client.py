@@ -267,10 +267,6 @@ class GatewayClient(AsyncClosing):
                 raise error_for(resp.status, message or resp.reason or "", data)
             return data
 
-    @staticmethod
-    def _body(**fields: Any) -> dict[str, Any]:
-        return {k: v for k, v in fields.items() if v is not None}
-
     # ------------------------------------------------------------ public
 
     async def pricing(self) -> dict[str, Any]:
@@ -304,7 +300,8 @@ class GatewayClient(AsyncClosing):
 
     async def _post(self, path: str, **fields: Any) -> dict[str, Any]:
         """A signed POST of ``fields`` (those that are None left out)."""
-        return await self.request("POST", path, self._body(**fields))
+        body = {k: v for k, v in fields.items() if v is not None}
+        return await self.request("POST", path, body)
 
     async def create_webrtc_token(
         self,

@@ -60,8 +60,8 @@ def _check_options(options: dict[str, Any]) -> None:
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(
-            f"options {unknown}: not create_chat_completion arguments of llama-cpp-python; "
-            f"use {sorted(known & {*DEFAULT_OPTIONS, 'top_k', 'min_p', 'seed', 'stop'})} ..."
+            f"options {unknown}: not create_chat_completion arguments of llama-cpp-python "
+            "(for example max_tokens, temperature, top_p, top_k, repeat_penalty, seed, stop)"
         )
 
 

@@ -85,18 +85,28 @@ def is_whisper_dir(path: Path) -> bool:
     return (path / "model.bin").is_file() and (path / "config.json").is_file()
 
 
-def english_only(path: Path) -> bool:
-    """English-only Whisper models have a 51864-token vocabulary, multilingual ones 51865+
-    (the rule CTranslate2's ``is_multilingual`` applies)."""
+def _vocabulary(path: Path) -> list[str] | None:
+    """A Whisper model's tokens: ``vocabulary.txt``, else ``tokenizer.json``'s vocabulary and
+    added tokens; None when neither can be read."""
     vocab = path / "vocabulary.txt"
     if vocab.is_file():
-        return len(vocab.read_text(encoding="utf-8").splitlines()) < 51865
+        return vocab.read_text(encoding="utf-8").splitlines()
     try:
         tokenizer = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
-        size = len(tokenizer["model"]["vocab"]) + len(tokenizer.get("added_tokens", []))
-        return size < 51865
-    except (OSError, ValueError, KeyError):
-        return path.name.endswith(".en")
+        added = [t["content"] for t in tokenizer.get("added_tokens", [])]
+        return [*tokenizer["model"]["vocab"], *added]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _english(path: Path, tokens: list[str] | None) -> bool:
+    """English-only Whisper models have a 51864-token vocabulary, multilingual ones 51865+
+    (the rule CTranslate2's ``is_multilingual`` applies); without one, the ``.en`` name says."""
+    return len(tokens) < 51865 if tokens is not None else path.name.endswith(".en")
+
+
+def english_only(path: Path) -> bool:
+    return _english(path, _vocabulary(path))
 
 
 # a language token of Whisper's vocabulary: <|en|>, <|haw|> (the special tokens are longer words)
@@ -106,16 +116,10 @@ _LANGUAGE_TOKEN = re.compile(r"<\|([a-z]{2,3})\|>")
 def whisper_languages(path: Path) -> frozenset[str]:
     """The languages a Whisper model transcribes: ``en`` for an English-only one, else its
     vocabulary's language tokens (whisper-base has 99; large-v3 adds Cantonese, ``yue``)."""
-    if english_only(path):
+    tokens = _vocabulary(path)
+    if _english(path, tokens):
         return frozenset({"en"})
-    vocab = path / "vocabulary.txt"
-    if vocab.is_file():
-        tokens = vocab.read_text(encoding="utf-8").splitlines()
-    else:
-        tokenizer = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
-        tokens = [t["content"] for t in tokenizer.get("added_tokens", [])]
-        tokens += list(tokenizer["model"]["vocab"])
-    return frozenset(m.group(1) for t in tokens if (m := _LANGUAGE_TOKEN.fullmatch(t)))
+    return frozenset(m.group(1) for t in tokens or () if (m := _LANGUAGE_TOKEN.fullmatch(t)))
 
 
 def resolve_whisper(name_or_path: str, cache_dir: Path | None = None) -> Path:

@@ -95,9 +95,51 @@ def decode_transaction(b64: object) -> VersionedTransaction:
 
 def verify(tx: VersionedTransaction, r: SvmRules) -> SvmPayment:
     """Every rule above, or PaymentInvalid naming the first one broken."""
-    msg = tx.message
-    keys = list(msg.account_keys)
-    header = msg.header
+    shape = _Shape(tx)
+    _check_envelope(shape, r)
+    _check_compute_budget(shape, r)
+    transfer = _check_transfer(shape, r)
+    _check_trailing(shape)
+    message = to_bytes_versioned(tx.message)
+    payer_sig: Signature = tx.signatures[1]
+    if not payer_sig.verify(shape.keys[1], message):
+        raise PaymentInvalid(
+            f"{P}_signature",
+            f"the signature of {shape.keys[1]} does not verify over the transaction",
+        )
+    return SvmPayment(
+        tx=tx,
+        payer=transfer.authority,
+        source=transfer.source,
+        amount=transfer.amount,
+        message_hash=hashlib.sha256(message).hexdigest(),
+    )
+
+
+class _Shape:
+    """The parts of a transaction the rules read: its accounts and its instructions."""
+
+    def __init__(self, tx: VersionedTransaction) -> None:
+        self.tx = tx
+        self.message = tx.message
+        self.keys = list(tx.message.account_keys)
+        self.ixs = list(tx.message.instructions)
+
+    def program(self, i: int) -> Pubkey:
+        return self.keys[self.ixs[i].program_id_index]
+
+
+@dataclass(frozen=True)
+class _Transfer:
+    source: Pubkey
+    authority: Pubkey
+    amount: int
+
+
+def _check_envelope(shape: _Shape, r: SvmRules) -> None:
+    """No lookup tables, our fee payer first and in no instruction, 3 to 6 instructions, two
+    signers."""
+    msg, keys, ixs = shape.message, shape.keys, shape.ixs
     if isinstance(msg, MessageV0) and msg.address_table_lookups:
         raise PaymentInvalid(
             f"{P}_address_lookup_tables",
@@ -109,15 +151,10 @@ def verify(tx: VersionedTransaction, r: SvmRules) -> SvmPayment:
             f"the transaction's fee payer must be {r.fee_payer} "
             f"(extra.feePayer), not {keys[0] if keys else 'nothing'}",
         )
-    ixs = list(msg.instructions)
     if not 3 <= len(ixs) <= 6:
         raise PaymentInvalid(
             f"{P}_transaction_instructions_length", f"expected 3 to 6 instructions, got {len(ixs)}"
         )
-
-    def program(i: int) -> Pubkey:
-        return keys[ixs[i].program_id_index]
-
     # SECURITY: the signature we add must authorise nothing but the fee.
     for n, ix in enumerate(ixs):
         if ix.program_id_index == 0 or 0 in bytes(ix.accounts):
@@ -126,37 +163,24 @@ def verify(tx: VersionedTransaction, r: SvmRules) -> SvmPayment:
                 f"instruction {n} uses the fee payer {r.fee_payer}: the fee payer "
                 "may only pay the network fee",
             )
-
-    if header.num_required_signatures != 2 or len(tx.signatures) != 2:
+    signers = msg.header.num_required_signatures
+    if signers != 2 or len(shape.tx.signatures) != 2:
         raise PaymentInvalid(
             f"{P}_signers",
             "the transaction must have exactly two signers: the fee payer and "
-            f"the payer (it has {header.num_required_signatures})",
+            f"the payer (it has {signers})",
         )
 
-    def compute_budget(i: int, tag: int, size: int, code: str, name: str) -> int:
-        """The little-endian argument of ComputeBudget instruction ``i`` (``tag``, ``size``
-        bytes), which must take no accounts."""
-        data = bytes(ixs[i].data)
-        if (
-            program(i) != COMPUTE_BUDGET
-            or len(data) != 1 + size
-            or data[0] != tag
-            or bytes(ixs[i].accounts)
-        ):
-            raise PaymentInvalid(
-                f"{P}_transaction_instructions_{code}",
-                f"instruction {i} must be ComputeBudget {name}",
-            )
-        return int.from_bytes(data[1:], "little")
 
-    limit = compute_budget(0, 2, 4, "compute_limit_instruction", "SetComputeUnitLimit")
+def _check_compute_budget(shape: _Shape, r: SvmRules) -> None:
+    """Instructions 0 and 1 set the compute-unit limit and price, each under its cap."""
+    limit = _compute_budget(shape, 0, 2, 4, "compute_limit_instruction", "SetComputeUnitLimit")
     if limit > r.max_cu_limit:
         raise PaymentInvalid(
             f"{P}_transaction_instructions_compute_limit_instruction_too_high",
             f"compute unit limit {limit} is above the cap {r.max_cu_limit}",
         )
-    price = compute_budget(1, 3, 8, "compute_price_instruction", "SetComputeUnitPrice")
+    price = _compute_budget(shape, 1, 3, 8, "compute_price_instruction", "SetComputeUnitPrice")
     if price > r.max_cu_price_microlamports:
         raise PaymentInvalid(
             f"{P}_transaction_instructions_compute_price_instruction_too_high",
@@ -165,10 +189,32 @@ def verify(tx: VersionedTransaction, r: SvmRules) -> SvmPayment:
             f"({r.max_cu_price_microlamports / 1e6:g} lamports/CU)",
         )
 
-    t = ixs[2]
-    data, accts = bytes(t.data), bytes(t.accounts)
+
+def _compute_budget(shape: _Shape, i: int, tag: int, size: int, code: str, name: str) -> int:
+    """The little-endian argument of ComputeBudget instruction ``i`` (``tag``, ``size`` bytes),
+    which must take no accounts."""
+    ix = shape.ixs[i]
+    data = bytes(ix.data)
     if (
-        program(2) not in (TOKEN_PROGRAM, TOKEN_2022_PROGRAM)
+        shape.program(i) != COMPUTE_BUDGET
+        or len(data) != 1 + size
+        or data[0] != tag
+        or bytes(ix.accounts)
+    ):
+        raise PaymentInvalid(
+            f"{P}_transaction_instructions_{code}",
+            f"instruction {i} must be ComputeBudget {name}",
+        )
+    return int.from_bytes(data[1:], "little")
+
+
+def _check_transfer(shape: _Shape, r: SvmRules) -> _Transfer:
+    """Instruction 2 is one TransferChecked of exactly ``r.amount`` of ``r.mint`` to the payTo's
+    token account, by an authority that signs the transaction."""
+    keys, program = shape.keys, shape.program(2)
+    data, accts = bytes(shape.ixs[2].data), bytes(shape.ixs[2].accounts)
+    if (
+        program not in (TOKEN_PROGRAM, TOKEN_2022_PROGRAM)
         or len(data) != 10
         or data[0] != 12
         or len(accts) != 4
@@ -180,10 +226,10 @@ def verify(tx: VersionedTransaction, r: SvmRules) -> SvmPayment:
         )
     source, mint, dest, authority = (keys[i] for i in accts)
     amount = int.from_bytes(data[1:9], "little")
-    if program(2) != r.token_program or mint != r.mint:
+    if program != r.token_program or mint != r.mint:
         raise PaymentInvalid(
             f"{P}_mint_mismatch",
-            f"the transfer is of mint {mint} (program {program(2)}); this "
+            f"the transfer is of mint {mint} (program {program}); this "
             f"purchase is paid in {r.mint}",
         )
     if data[9] != r.decimals:
@@ -203,30 +249,20 @@ def verify(tx: VersionedTransaction, r: SvmRules) -> SvmPayment:
             f"{P}_amount_mismatch",
             f"the transfer is {amount} base units; this purchase is exactly {r.amount}",
         )
-    if accts[3] >= header.num_required_signatures:
+    if accts[3] >= shape.message.header.num_required_signatures:
         raise PaymentInvalid(
             f"{P}_authority_not_signer",
             f"the transfer authority {authority} does not sign the transaction",
         )
+    return _Transfer(source=source, authority=authority, amount=amount)
 
-    for n in range(3, len(ixs)):
-        if program(n) not in OPTIONAL_PROGRAMS:
+
+def _check_trailing(shape: _Shape) -> None:
+    """Only Memo (or Lighthouse) instructions may follow the transfer."""
+    for n in range(3, len(shape.ixs)):
+        if shape.program(n) not in OPTIONAL_PROGRAMS:
             raise PaymentInvalid(
                 f"{P}_unknown_instruction",
-                f"instruction {n} calls {program(n)}: only Memo (or Lighthouse) "
+                f"instruction {n} calls {shape.program(n)}: only Memo (or Lighthouse) "
                 "instructions may follow the transfer",
             )
-
-    message = to_bytes_versioned(msg)
-    payer_sig: Signature = tx.signatures[1]
-    if not payer_sig.verify(keys[1], message):
-        raise PaymentInvalid(
-            f"{P}_signature", f"the signature of {keys[1]} does not verify over the transaction"
-        )
-    return SvmPayment(
-        tx=tx,
-        payer=authority,
-        source=source,
-        amount=amount,
-        message_hash=hashlib.sha256(message).hexdigest(),
-    )

@@ -134,11 +134,19 @@ def _uint(v: Any, name: str) -> int:
 
 
 def verify(payload: dict[str, Any], r: EvmRules, now: float | None = None) -> EvmPayment:
-    from eth_account import Account
-    from eth_account.messages import encode_typed_data
+    """The authorization in ``payload``, if it pays exactly this purchase, is valid now and is
+    signed by its ``from``; PaymentInvalid naming the first rule broken otherwise."""
+    payment = _parse(payload)
+    _check_terms(payment, r, time.time() if now is None else now)
+    _check_signer(payment, r)
+    return payment
+
+
+def _parse(payload: dict[str, Any]) -> EvmPayment:
+    """The authorization's fields, each of its type: 0x addresses, uint256s, a 32-byte nonce and
+    a 65-byte (r, s, v) signature."""
     from eth_utils import is_hex_address, to_checksum_address
 
-    now = time.time() if now is None else now
     auth, sig_text = payload.get("authorization"), payload.get("signature")
     if not isinstance(auth, dict) or not isinstance(sig_text, str):
         raise PaymentInvalid(
@@ -175,47 +183,60 @@ def verify(payload: dict[str, Any], r: EvmRules, now: float | None = None) -> Ev
             "signature must be 65 bytes of 0x-hex (r, s, v); smart-wallet "
             "signatures are not accepted",
         )
-    if to.lower() != r.pay_to.lower():
-        raise PaymentInvalid(
-            f"{P}_recipient_mismatch", f"the authorization pays {to}; this purchase pays {r.pay_to}"
-        )
-    if value != r.amount:
-        raise PaymentInvalid(
-            f"{P}_amount_mismatch",
-            f"the authorization is for {value} base units; this purchase is exactly {r.amount}",
-        )
-    if after > now:
-        raise PaymentInvalid(
-            f"{P}_authorization_valid_after",
-            f"the authorization is not valid before {after} (now {int(now)})",
-        )
-    if before < now + MIN_VALIDITY_LEFT:
-        raise PaymentInvalid(
-            f"{P}_authorization_valid_before",
-            f"the authorization expired or expires too soon (validBefore {before}, now {int(now)})",
-        )
-    message = {
-        "from": to_checksum_address(frm),
-        "to": to_checksum_address(to),
-        "value": value,
-        "validAfter": after,
-        "validBefore": before,
-        "nonce": nonce,
-    }
-    try:
-        signable = encode_typed_data(full_message=typed_data(r, message))
-        signer = Account.recover_message(signable, signature=sig)
-    except Exception as exc:  # noqa: BLE001 - eth_keys raises assorted types for bad r/s/v
-        raise PaymentInvalid(f"{P}_signature", f"the signature does not recover: {exc}") from None
-    if signer.lower() != frm.lower():
-        raise PaymentInvalid(
-            f"{P}_signature",
-            f"the authorization is signed by {signer}, not by {frm} (wrong chain, "
-            "token or amount signed?)",
-        )
     return EvmPayment(
         to_checksum_address(frm), to_checksum_address(to), value, after, before, nonce, sig
     )
+
+
+def _check_terms(p: EvmPayment, r: EvmRules, now: float) -> None:
+    """It pays exactly this purchase to our address, and is valid from now until settled."""
+    if p.to.lower() != r.pay_to.lower():
+        raise PaymentInvalid(
+            f"{P}_recipient_mismatch",
+            f"the authorization pays {p.to}; this purchase pays {r.pay_to}",
+        )
+    if p.value != r.amount:
+        raise PaymentInvalid(
+            f"{P}_amount_mismatch",
+            f"the authorization is for {p.value} base units; this purchase is exactly {r.amount}",
+        )
+    if p.valid_after > now:
+        raise PaymentInvalid(
+            f"{P}_authorization_valid_after",
+            f"the authorization is not valid before {p.valid_after} (now {int(now)})",
+        )
+    if p.valid_before < now + MIN_VALIDITY_LEFT:
+        raise PaymentInvalid(
+            f"{P}_authorization_valid_before",
+            "the authorization expired or expires too soon "
+            f"(validBefore {p.valid_before}, now {int(now)})",
+        )
+
+
+def _check_signer(p: EvmPayment, r: EvmRules) -> None:
+    """The EIP-712 signature over this chain's and token's domain recovers to ``from``."""
+    from eth_account import Account
+    from eth_account.messages import encode_typed_data
+
+    message = {
+        "from": p.payer,
+        "to": p.to,
+        "value": p.value,
+        "validAfter": p.valid_after,
+        "validBefore": p.valid_before,
+        "nonce": p.nonce,
+    }
+    try:
+        signable = encode_typed_data(full_message=typed_data(r, message))
+        signer = Account.recover_message(signable, signature=p.signature)
+    except Exception as exc:  # noqa: BLE001 - eth_keys raises assorted types for bad r/s/v
+        raise PaymentInvalid(f"{P}_signature", f"the signature does not recover: {exc}") from None
+    if signer.lower() != p.payer.lower():
+        raise PaymentInvalid(
+            f"{P}_signature",
+            f"the authorization is signed by {signer}, not by {p.payer} (wrong chain, "
+            "token or amount signed?)",
+        )
 
 
 def transfer_calldata(p: EvmPayment) -> bytes:

@@ -28,6 +28,7 @@ from solders.keypair import Keypair
 from gateway.client import GatewayClient
 from node.agent import NodeAgent
 from node.config import Location, NodeConfig
+from node.sfu.client import LiveKitClient
 from registry.client import RegistryClient
 from registry.keys import load_keypair
 from registry.tokens import Grant, mint_token
@@ -734,6 +735,40 @@ async def test_a_dropped_signal_socket_is_resumed_without_a_new_join(sfu: Setup)
                 task.cancel()
         for r in (listener, talker):
             await r.disconnect()
+
+
+async def test_a_client_that_closed_its_peer_connection_is_not_held_for_a_resume(
+    sfu: Setup,
+) -> None:
+    """A client whose ``leave`` is lost with its socket, but which closed its peer connections
+    (their DTLS close_notify arrives), has left: it is not held for the resume grace. The client
+    is the node's own aiortc LiveKit client; the grace is long, so only the close can end it."""
+    client = LiveKitClient(sfu.ws_url, sfu.token("closer", room="closing"), http=sfu.http)
+    grace, sfu.role.settings.resume_grace = sfu.role.settings.resume_grace, 600.0
+    try:
+        join = await client.connect()
+        room = sfu.role.rooms["closing"]
+        me = room.by_identity("closer")
+        assert me is not None and me.sid == join.participant.sid
+        await wait_for(
+            lambda: me.subscriber.connectionState == "connected", 15, "the media connected"
+        )
+        assert client.ws is not None
+        await client.ws.close()  # the socket drops and no leave arrives ...
+        await wait_for(lambda: not me.signal_up.is_set(), 10, "the socket gone")
+        assert room.by_identity("closer") is me, "a socket alone that drops waits for a resume"
+        await client.subscriber.close()  # ... but the client closed its peer connections
+        await client.publisher.close()
+        await wait_for(lambda: me.closed.is_set(), 30, "the participant gone")
+        assert "closing" not in sfu.role.rooms or room.by_identity("closer") is None
+        assert me.disconnect_reason == models.DisconnectReason.CLIENT_INITIATED
+    finally:
+        sfu.role.settings.resume_grace = grace
+        await client.close()
+    assert any(
+        e["event"] == "participant_left" and e["participant"]["identity"] == "closer"
+        for e in sfu.role.events
+    )
 
 
 # ---------------------------------------------------------------- token lifetime

@@ -454,13 +454,11 @@ class Participant:
 
         @self.publisher.on("connectionstatechange")
         async def on_pub_state() -> None:
-            if self.publisher.connectionState == "failed":
-                await self.close(models.DisconnectReason.MEDIA_FAILURE)
+            await self._on_media_state(self.publisher.connectionState)
 
         @self.subscriber.on("connectionstatechange")
         async def on_sub_state() -> None:
-            if self.subscriber.connectionState == "failed":
-                await self.close(models.DisconnectReason.MEDIA_FAILURE)
+            await self._on_media_state(self.subscriber.connectionState)
             self._announce_subscriptions()
 
         for label, options in (
@@ -613,6 +611,16 @@ class Participant:
         transceiver.sender.replaceTrack(None)
         transceiver.direction = "inactive"
         return True
+
+    async def _on_media_state(self, state: str) -> None:
+        """A failed peer connection ends the participant. So does one the client closed (its DTLS
+        close_notify): a client closes its peer connections only when it leaves, so it is gone
+        even when its ``leave`` was lost with its socket, and is not held for a resume."""
+        if state == "failed":
+            await self.close(models.DisconnectReason.MEDIA_FAILURE)
+        elif state == "closed" and not self.closed.is_set():
+            log.info("%s closed its peer connection; it leaves %s", self.identity, self.room.name)
+            await self.close(models.DisconnectReason.CLIENT_INITIATED, send_leave=False)
 
     # ------------------------------------------------------------ signal in
 

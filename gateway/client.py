@@ -442,33 +442,14 @@ class GatewayClient(AsyncClosing):
                 self._raise_for(resp.status, data, resp.reason)
                 return data
             version, accepts = payer.requirements_from_402(resp.headers, data)
-        want = "solana:" if self.chain == "solana" else "eip155:"
-        v1_names = (
-            ("solana", "solana-devnet", "solana-testnet")
-            if self.chain == "solana"
-            else ("base", "base-sepolia")
-        )
-        offer = next(
-            (
-                a
-                for a in accepts
-                if a.get("scheme") == "exact"
-                and (str(a.get("network", "")).startswith(want) or a.get("network") in v1_names)
-            ),
-            None,
-        )
+        offer = payer.pick_offer(accepts, self.chain)
         if offer is None:
             raise InsufficientCredits(
                 402, f"the gateway offers no x402 payment on {self.chain}", data
             )
-        if self.chain == "solana":
-            assert isinstance(self.key, Keypair)
-            tx = await payer.svm_transaction(self.key, offer, rpc_url or DEFAULT_PAYMENT_RPC)
-            payload: dict[str, Any] = {"transaction": tx}
-        else:
-            network = str(offer.get("network", ""))
-            chain_id = int(network.split(":")[1]) if network.startswith("eip155:") else evm_chain_id
-            payload = payer.evm_authorization(self.key, offer, chain_id)  # type: ignore[arg-type]
+        payload = await payer.payment_payload(
+            self.key, offer, rpc_url or DEFAULT_PAYMENT_RPC, evm_chain_id
+        )
         name, value = payer.payment_header(version, offer, payload, self.base_url + path)
         async with self._session.post(
             self.base_url + path, json=body, headers={**auth, name: value}

@@ -13,6 +13,7 @@ from typing import Any
 
 from eth_account import Account
 
+from gateway.client import GatewayClient
 from gateway.payments import evm, payer
 from gateway.payments.book import PaymentBook
 from tests.support.evm_chain import (
@@ -45,6 +46,22 @@ async def test_evm_purchase_settles_on_chain(evm_gw: Pay, evm_chain: EvmChain) -
     status, body = await post(evm_gw, header)
     assert status == 402 and "replayed payment" in body["error"], body
     assert await state(evm_gw, evm_chain) == before
+
+
+async def test_the_sdk_buys_credits_with_an_evm_wallet(evm_gw: Pay, evm_chain: EvmChain) -> None:
+    """``GatewayClient.purchase_credits`` with an EVM key: it picks the offer on its chain (the
+    v2 header's ``eip155:<id>``), signs the authorization for that chain id, and is credited."""
+    async with GatewayClient(evm_gw.url, PAYER_KEY, chain="evm", session=evm_gw.http) as gw:
+        out = await gw.purchase_credits(1.5)
+        assert out["credited_microcredits"] == "1500000"
+        assert out["payment_response"]["payer"].lower() == PAYER.lower()
+        assert (await gw.account()).available_balance == 1_500_000
+    assert await state(evm_gw, evm_chain) == {
+        "payer": 8_500_000,
+        "pay_to": 1_500_000,
+        "payments": {"credited": 1},
+        "credits": (1_500_000, 1_500_000),
+    }
 
 
 async def test_front_run_in_the_mempool_is_still_credited(evm_gw: Pay, evm_chain: EvmChain) -> None:

@@ -107,7 +107,7 @@ async def svm_transaction(
 
 
 def evm_authorization(
-    key: str,
+    key: str | bytes,
     requirement: dict[str, Any],
     chain_id: int,
     *,
@@ -180,6 +180,35 @@ def payment_header(
         }
         name = "PAYMENT-SIGNATURE"
     return name, base64.b64encode(json.dumps(body).encode()).decode()
+
+
+def pick_offer(accepts: list[dict[str, Any]], chain: str) -> dict[str, Any] | None:
+    """The ``exact`` offer a wallet on ``chain`` (``solana`` or ``evm``) can pay: its network
+    named as in x402 v2 (CAIP-2: ``solana:…``, ``eip155:…``) or in v1 (``solana-devnet``,
+    ``base``…)."""
+    prefix, v1_names = (
+        ("solana:", ("solana", "solana-devnet", "solana-testnet"))
+        if chain == "solana"
+        else ("eip155:", ("base", "base-sepolia"))
+    )
+    for offer in accepts:
+        network = str(offer.get("network", ""))
+        if offer.get("scheme") == "exact" and (network.startswith(prefix) or network in v1_names):
+            return offer
+    return None
+
+
+async def payment_payload(
+    key: Keypair | str | bytes, offer: dict[str, Any], rpc_url: str, evm_chain_id: int = 8453
+) -> dict[str, Any]:
+    """The x402 ``payload`` that pays ``offer`` from ``key``: a Solana key's partially signed
+    transaction (blockhash and mint read from ``rpc_url``), or an EVM key's signed authorization
+    (for the offer's chain id; ``evm_chain_id`` where a v1 offer names none)."""
+    if isinstance(key, Keypair):
+        return {"transaction": await svm_transaction(key, offer, rpc_url)}
+    network = str(offer.get("network", ""))
+    chain_id = int(network.split(":")[1]) if network.startswith("eip155:") else evm_chain_id
+    return evm_authorization(key, offer, chain_id)
 
 
 def requirements_from_402(headers: Any, body: Any) -> tuple[int, list[dict[str, Any]]]:

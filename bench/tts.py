@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import random
+import resource
 import statistics
 import sys
 import time
@@ -311,6 +312,9 @@ async def main_async(args: argparse.Namespace) -> None:
             f"  underruns {under}, stalled {stall:.2f} s -> "
             f"{'no stream underran' if under == 0 else 'GAPS'}"
         )
+    # the node's memory: weights, both sessions and their working memory at the largest input
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\npeak RSS of the process (node and clients): {peak_mb:.0f} MB")
 
 
 def main() -> None:

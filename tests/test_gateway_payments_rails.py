@@ -170,6 +170,20 @@ def test_evm_verify_unit_and_calldata() -> None:
         evm.verify({**payer.evm_authorization(KEY, req, 8453), "signature": "0x1234"}, rules)
 
 
+@pytest.mark.fast
+def test_a_wallet_picks_the_exact_offer_on_its_own_chain() -> None:
+    """The SDK's payer reads networks as x402 v2 names them (CAIP-2) and as v1 does."""
+    solana_v2 = {"scheme": "exact", "network": "solana:EtWTRABZaYq6iMfeYKouRu166VU2xqa1"}
+    base_v2 = {"scheme": "exact", "network": "eip155:8453"}
+    base_v1 = {"scheme": "exact", "network": "base"}
+    other_scheme = {"scheme": "upto", "network": "eip155:8453"}
+    assert payer.pick_offer([base_v2, solana_v2], "solana") is solana_v2
+    assert payer.pick_offer([solana_v2, other_scheme, base_v1], "evm") is base_v1
+    assert payer.pick_offer([{"scheme": "exact", "network": "solana-devnet"}], "solana")
+    assert payer.pick_offer([other_scheme, solana_v2], "evm") is None
+    assert payer.pick_offer([], "solana") is None
+
+
 # ---------------------------------------------------------------- MPP
 
 

@@ -24,8 +24,8 @@ from solders.signature import Signature
 from solders.system_program import TransferParams, transfer
 from solders.transaction import VersionedTransaction
 from spl.token.constants import TOKEN_PROGRAM_ID
-from spl.token.instructions import TransferCheckedParams, transfer_checked
 
+from gateway.payments.payer import token_transfer
 from gateway.payments.svm import MEMO_PROGRAM, P, SvmRules, verify
 from gateway.payments.x402 import PaymentInvalid
 from registry.usdc import ata
@@ -54,18 +54,7 @@ def transfer_ix(
     decimals: int = 6,
     owner: Pubkey | None = None,
 ) -> Instruction:
-    owner = owner or PAYER.pubkey()
-    return transfer_checked(
-        TransferCheckedParams(
-            program_id=TOKEN_PROGRAM_ID,
-            source=ata(owner, mint, TOKEN_PROGRAM_ID),
-            mint=mint,
-            dest=ata(pay_to, mint, TOKEN_PROGRAM_ID),
-            owner=owner,
-            amount=amount,
-            decimals=decimals,
-        )
-    )
+    return token_transfer(owner or PAYER.pubkey(), pay_to, mint, amount, decimals, TOKEN_PROGRAM_ID)
 
 
 def memo_ix(*accounts: AccountMeta) -> Instruction:

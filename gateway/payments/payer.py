@@ -47,6 +47,24 @@ async def _chain_facts(
     return account.owner, account.data[MINT_DECIMALS_AT], blockhash
 
 
+def token_transfer(
+    owner: Pubkey, pay_to: Pubkey, mint: Pubkey, amount: int, decimals: int, token_program: Pubkey
+) -> Instruction:
+    """TransferChecked of ``amount`` base units of ``mint`` from ``owner``'s associated token
+    account to ``pay_to``'s: the instruction an x402 exact payment on Solana makes."""
+    return transfer_checked(
+        TransferCheckedParams(
+            program_id=token_program,
+            source=ata(owner, mint, token_program),
+            mint=mint,
+            dest=ata(pay_to, mint, token_program),
+            owner=owner,
+            amount=amount,
+            decimals=decimals,
+        )
+    )
+
+
 async def svm_transaction(
     payer: Keypair,
     requirement: dict[str, Any],
@@ -75,19 +93,10 @@ async def svm_transaction(
         else amount
     )
     authority = authority or payer.pubkey()
-    transfer = TransferCheckedParams(
-        program_id=token_program,
-        source=ata(authority, mint, token_program),
-        mint=mint,
-        dest=ata(pay_to, mint, token_program),
-        owner=authority,
-        amount=amount,
-        decimals=decimals,
-    )
     ixs = [
         set_compute_unit_limit(cu_limit),
         set_compute_unit_price(cu_price),
-        transfer_checked(transfer),
+        token_transfer(authority, pay_to, mint, amount, decimals, token_program),
         Instruction(
             MEMO_PROGRAM,
             memo if memo is not None else os.urandom(16).hex().encode(),

@@ -4,7 +4,8 @@
 (SetComputeUnitLimit, SetComputeUnitPrice, TransferChecked to ATA(payTo), a random Memo; v0
 message, fee payer = ``extra.feePayer`` left unsigned in slot 0). Keyword overrides exist so tests
 can build the hostile variants the gateway must refuse. ``evm_authorization`` signs an EIP-3009
-TransferWithAuthorization as x402's EVM client does.
+TransferWithAuthorization as x402's EVM client does. ``pick_offer`` and ``payment_payload`` choose
+the offer a wallet can pay among a 402's ``accepts`` and build its payload for either chain.
 """
 
 from __future__ import annotations

@@ -184,6 +184,24 @@ def test_a_wallet_picks_the_exact_offer_on_its_own_chain() -> None:
     assert payer.pick_offer([], "solana") is None
 
 
+@pytest.mark.fast
+async def test_a_malformed_402_or_offer_is_a_clear_error_for_the_payer() -> None:
+    """What a broken or hostile gateway answers reaches the SDK's caller as a ValueError that
+    says what is wrong, not as a decoding error from deep inside."""
+    with pytest.raises(ValueError, match="not base64 JSON"):
+        payer.requirements_from_402({"PAYMENT-REQUIRED": "%%%"}, None)
+    not_object = base64.b64encode(b"[1, 2]").decode()
+    with pytest.raises(ValueError, match="not a JSON object"):
+        payer.requirements_from_402({"PAYMENT-REQUIRED": not_object}, None)
+    with pytest.raises(ValueError, match="'accepts' is str, not a list"):
+        payer.requirements_from_402({}, {"x402Version": 1, "accepts": "exact"})
+    mixed = {"x402Version": 1, "accepts": ["exact", 7, {"scheme": "exact", "network": "base"}]}
+    assert payer.requirements_from_402({}, mixed) == (1, [{"scheme": "exact", "network": "base"}])
+    offer = {"scheme": "exact", "network": "eip155:base", "payTo": PAY_TO, "asset": USDC_BASE}
+    with pytest.raises(ValueError, match="eip155:<decimal chain id>"):
+        await payer.payment_payload(KEY, offer, "http://127.0.0.1:9")
+
+
 # ---------------------------------------------------------------- MPP
 
 

@@ -217,16 +217,33 @@ async def payment_payload(
     if isinstance(key, Keypair):
         return {"transaction": await svm_transaction(key, offer, rpc_url)}
     network = str(offer.get("network", ""))
-    chain_id = int(network.split(":")[1]) if network.startswith("eip155:") else evm_chain_id
-    return evm_authorization(key, offer, chain_id)
+    if network.startswith("eip155:"):
+        reference = network.removeprefix("eip155:")
+        if not reference.isdigit():
+            raise ValueError(f"offer network {network!r}: expected eip155:<decimal chain id>")
+        evm_chain_id = int(reference)
+    return evm_authorization(key, offer, evm_chain_id)
 
 
 def requirements_from_402(headers: Any, body: Any) -> tuple[int, list[dict[str, Any]]]:
     """(version, accepts) from a 402: the v2 header when present, else the v1 body."""
     header = headers.get("PAYMENT-REQUIRED") if headers is not None else None
     if header:
-        data = json.loads(base64.b64decode(header))
-        return 2, list(data.get("accepts") or [])
+        try:
+            data = json.loads(base64.b64decode(header))
+        except ValueError:  # binascii.Error and JSONDecodeError are ValueErrors
+            raise ValueError("the 402's PAYMENT-REQUIRED header is not base64 JSON") from None
+        return 2, _offers(data)
     if isinstance(body, dict) and body.get("x402Version") == 1:
-        return 1, list(body.get("accepts") or [])
+        return 1, _offers(body)
     raise ValueError("the 402 carries no x402 payment requirements")
+
+
+def _offers(requirements: Any) -> list[dict[str, Any]]:
+    """The entries of ``accepts`` that are objects (an offer of another shape cannot be paid)."""
+    if not isinstance(requirements, dict):
+        raise ValueError("the 402's payment requirements are not a JSON object")
+    accepts = requirements.get("accepts") or []
+    if not isinstance(accepts, list):
+        raise ValueError(f"the 402's 'accepts' is {type(accepts).__name__}, not a list")
+    return [offer for offer in accepts if isinstance(offer, dict)]

@@ -100,7 +100,7 @@ def verify(tx: VersionedTransaction, r: SvmRules) -> SvmPayment:
     _check_compute_budget(shape, r)
     transfer = _check_transfer(shape, r)
     _check_trailing(shape)
-    message = to_bytes_versioned(tx.message)
+    message = to_bytes_versioned(shape.message)
     payer_sig: Signature = tx.signatures[1]
     if not payer_sig.verify(shape.keys[1], message):
         raise PaymentInvalid(
